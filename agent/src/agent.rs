@@ -1,0 +1,209 @@
+//! `portcullis agent`: start-up checks, enforcement, proxy, control socket, and the
+//! drain on SIGTERM. Start-up order is what makes it fail closed: listeners are bound
+//! before the programs redirect anything, and READY=1 is sent only once they are attached.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditEvent, AuditLog, EventKind};
+use crate::config::Config;
+use crate::control::{self, ControlState};
+use crate::ebpf::{self, Enforcement};
+use crate::proxy::{self, Proxy};
+
+pub fn run(
+    config: Config,
+    targets: Vec<crate::config::ProtectedTarget>,
+    source: &Path,
+) -> anyhow::Result<()> {
+    let cgroup_root = ebpf::preflight(&config)?;
+    let cgroup = ebpf::attach_cgroup(&config, &cgroup_root)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("portcullis-proxy")
+        .build()
+        .context("starting the async runtime")?;
+    let _enter = runtime.enter();
+
+    // Bound before anything is redirected to them.
+    let listeners = proxy::bind_listeners(&config)?;
+    let host_netns = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").context("probe socket")?;
+        crate::sys::netns_cookie(std::os::fd::AsFd::as_fd(&probe)).context(
+            "reading the host network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14)",
+        )?
+    };
+    let audit = Arc::new(AuditLog::open(&config.events_path())?);
+    let (enforcement, logger) = Enforcement::attach(&config, &targets, &cgroup, host_netns)?;
+    tracing::info!(
+        config = %source.display(),
+        cgroup = %cgroup.display(),
+        pins = %enforcement.pin_dir.display(),
+        targets = targets.len(),
+        "enforcement attached"
+    );
+
+    let config = Arc::new(config);
+    let proxy = Proxy::new(
+        Arc::clone(&config),
+        Arc::new(targets),
+        Arc::new(enforcement),
+        Arc::clone(&audit),
+    );
+    let shutdown = CancellationToken::new();
+
+    runtime.block_on(async {
+        if let Some(logger) = logger {
+            match crate::sys::async_kernel_log(logger) {
+                Ok(fd) => {
+                    proxy
+                        .tasks
+                        .spawn(pump_kernel_logs(fd, proxy.close_all.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "kernel program logs are unavailable"),
+            }
+        }
+        for listener in listeners {
+            proxy.tasks.spawn(Arc::clone(&proxy).serve(listener));
+        }
+    });
+
+    let control_listener = control::bind(&config.control.socket)?;
+    let state = Arc::new(ControlState {
+        proxy: Arc::clone(&proxy),
+        started_ms: crate::audit::now_ms(),
+        shutdown: shutdown.clone(),
+    });
+    let control_thread = std::thread::Builder::new()
+        .name("portcullis-control".into())
+        .spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(control_listener)?;
+                control::serve(listener, state).await;
+                anyhow::Ok(())
+            })
+        })
+        .context("starting the control thread")?;
+
+    audit.record(&AuditEvent::new(EventKind::AgentStarted).reason(format!(
+        "pid {}, cgroup {}, pins {}",
+        std::process::id(),
+        proxy.enforcement().cgroup.display(),
+        proxy.enforcement().pin_dir.display()
+    )));
+    notify_systemd("READY=1");
+    tracing::info!(socket = %config.control.socket.display(), "agent ready");
+
+    let drain = Duration::from_secs(config.proxy.drain_timeout_secs);
+    runtime.block_on(async {
+        wait_for_stop(&shutdown).await;
+        notify_systemd("STOPPING=1");
+        shutdown.cancel();
+        proxy.stop_accepting.cancel();
+        let open = proxy.registry.len();
+        tracing::info!(
+            open,
+            drain_secs = drain.as_secs(),
+            "draining: no new connections"
+        );
+        // The log pump is tracked too; it ends with `close_all`.
+        if tokio::time::timeout(drain, wait_for_connections(&proxy))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = proxy.registry.len(),
+                "drain timeout: closing what is still open"
+            );
+        }
+        proxy.close_all.cancel();
+        proxy.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), proxy.tasks.wait()).await;
+    });
+    audit.record(&AuditEvent::new(EventKind::AgentStopped).reason("enforcement stays attached"));
+    if let Ok(Err(e)) = control_thread.join() {
+        tracing::warn!(error = %e, "control thread ended with an error");
+    }
+    let _ = std::fs::remove_file(&config.control.socket);
+    tracing::info!("agent stopped; enforcement stays attached (protected connections are refused until it runs again)");
+    Ok(())
+}
+
+async fn wait_for_connections(proxy: &Proxy) {
+    while proxy.registry.len() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for_stop(shutdown: &CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                () = shutdown.cancelled() => {}
+            }
+        }
+        _ => {
+            tracing::error!(
+                "cannot install signal handlers; only a control request stops the agent"
+            );
+            shutdown.cancelled().await;
+        }
+    }
+}
+
+async fn pump_kernel_logs(
+    mut fd: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let guard = tokio::select! {
+            () = stop.cancelled() => return,
+            g = fd.readable_mut() => g,
+        };
+        match guard {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel log reader failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Tells systemd about our state when it started us with Type=notify.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = %path, "cannot notify systemd");
+    }
+}

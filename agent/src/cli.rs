@@ -1,0 +1,213 @@
+//! Command-line parsing and the client-side subcommands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEMO_CONFIG};
+use crate::control::{self, Request, Response, StatusReport};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Identity-aware access proxy for bastion hosts, driven by eBPF"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (root): attach the kernel redirect and serve the proxy.
+    Agent {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Use the embedded demo configuration instead of a file.
+        #[arg(long, conflicts_with = "config")]
+        demo: bool,
+        /// Remove enforcement (root only): unpin the programs and stop a running agent.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Show the agent, its programs, the protected targets and open connections.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Inspect configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file (exit code 0 when valid).
+    Check {
+        #[arg(default_value = DEFAULT_CONFIG_PATH)]
+        path: PathBuf,
+    },
+    /// Print the effective configuration, defaults filled in.
+    Show {
+        #[arg(default_value = DEFAULT_CONFIG_PATH)]
+        path: PathBuf,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Agent {
+            config,
+            demo,
+            detach,
+        } => {
+            let (cfg, targets, source) = if demo {
+                let (c, t) = Config::parse(Path::new("<embedded demo config>"), DEMO_CONFIG)?;
+                (c, t, PathBuf::from("<embedded demo config>"))
+            } else {
+                let (c, t) = Config::load(&config)?;
+                (c, t, config)
+            };
+            if detach {
+                detach_enforcement(&cfg)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            crate::agent::run(cfg, targets, &source)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json, socket } => {
+            let report =
+                match control::request(&socket, &Request::Status).map_err(anyhow::Error::msg)? {
+                    Response::Status(r) => r,
+                    Response::Error { message } => bail!("the agent refused: {message}"),
+                    other => bail!("unexpected answer from the agent: {other:?}"),
+                };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render_status(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config { command } => match command {
+            ConfigCommand::Check { path } => {
+                let (_, targets) = Config::load(&path)?;
+                println!("{}: valid, {} target(s)", path.display(), targets.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            ConfigCommand::Show { path } => {
+                let (cfg, _) = Config::load(&path)?;
+                print!(
+                    "{}",
+                    toml::to_string_pretty(&cfg).context("rendering the config")?
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+    }
+}
+
+fn detach_enforcement(cfg: &Config) -> anyhow::Result<()> {
+    if crate::sys::effective_uid() != 0 {
+        bail!("only root may detach enforcement");
+    }
+    // A running agent removes its pins itself, records the event and stops.
+    match control::request(&cfg.control.socket, &Request::Detach) {
+        Ok(Response::Detached { pin_dir }) => {
+            println!(
+                "enforcement detached ({} removed); the agent is stopping",
+                pin_dir.display()
+            );
+            return Ok(());
+        }
+        Ok(Response::Error { message }) => bail!("the agent refused to detach: {message}"),
+        Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
+        Err(_) => {}
+    }
+    let pin_dir = cfg.pin_dir();
+    if crate::ebpf::detach(&pin_dir)? {
+        println!("enforcement detached ({} removed)", pin_dir.display());
+    } else {
+        println!("nothing to detach: {} does not exist", pin_dir.display());
+    }
+    Ok(())
+}
+
+fn render_status(r: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let uptime = crate::audit::now_ms().saturating_sub(r.started_ms) / 1000;
+    let _ = writeln!(
+        out,
+        "agent        pid {}, version {}, up {}s",
+        r.agent_pid, r.version, uptime
+    );
+    let _ = writeln!(out, "cgroup       {}", r.cgroup.display());
+    let _ = writeln!(out, "pins         {}", r.pin_dir.display());
+    let names: Vec<&str> = r.programs.iter().map(|p| p.hook.as_str()).collect();
+    let _ = writeln!(out, "programs     {}", names.join(", "));
+    let c = &r.counters;
+    let _ = writeln!(
+        out,
+        "kernel       redirected {}, published {}, refused: foreign netns {}, non-TCP {}, no storage {}; agent's own {}",
+        c.redirected, c.published, c.denied_foreign_netns, c.denied_protocol, c.denied_no_storage, c.exempt_agent
+    );
+    let _ = writeln!(
+        out,
+        "pending      {} origin record(s) not yet accepted",
+        r.pending_origins
+    );
+    let _ = writeln!(out, "\ntargets ({})", r.targets.len());
+    let _ = writeln!(
+        out,
+        "  {:<20} {:<9} {:<24} {:<6} UPSTREAM",
+        "NAME", "PROTOCOL", "ADDRESS", "PORT"
+    );
+    for t in &r.targets {
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<9} {:<24} {:<6} {}",
+            t.name,
+            t.protocol,
+            t.address,
+            t.port,
+            t.upstream.as_deref().unwrap_or("(original destination)")
+        );
+    }
+    let scope = if r.viewer_uid == 0 {
+        String::new()
+    } else {
+        format!(", showing uid {} only", r.viewer_uid)
+    };
+    let _ = writeln!(out, "\nconnections ({} open{scope})", r.open_connections);
+    if !r.connections.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<6} {:<8} {:<12} {:<16} {:<20} {:<24} {:>10} {:>10}",
+            "ID", "PID", "USER", "COMM", "TARGET", "DESTINATION", "SENT", "RECEIVED"
+        );
+    }
+    for c in &r.connections {
+        let user = c.user.clone().unwrap_or_else(|| format!("uid {}", c.uid));
+        let _ = writeln!(
+            out,
+            "  {:<6} {:<8} {:<12} {:<16} {:<20} {:<24} {:>10} {:>10}",
+            c.id,
+            c.pid,
+            user,
+            c.comm,
+            c.target,
+            c.destination.to_string(),
+            c.bytes_client_to_upstream,
+            c.bytes_upstream_to_client
+        );
+    }
+    out
+}

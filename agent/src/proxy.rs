@@ -1,0 +1,464 @@
+//! The listeners that receive redirected connections, the origin lookup that says who
+//! made each one and where it was going, and the dispatch to a protocol handler.
+//!
+//! A connection without a published origin is refused: it did not come through the
+//! kernel redirect (someone dialled the listener directly), so nothing about it can be
+//! trusted. The proxy never makes a decision from anything the client says about itself.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portcullis_common::OriginRecord;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::audit::{now_ms, AuditEvent, AuditLog, EventKind};
+use crate::config::{canonical_ip, Config, ProtectedTarget, Protocol};
+use crate::ebpf::Enforcement;
+use crate::identity::{self, Identity};
+
+/// The origin record, as events and `portcullis status` show it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Origin {
+    /// Process id (thread group id) in the host's pid namespace.
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub socket_cookie: u64,
+    /// Where the client was going.
+    pub destination: SocketAddr,
+    pub target_id: u32,
+}
+
+impl Origin {
+    pub fn from_record(r: &OriginRecord) -> Self {
+        let ip = std::net::Ipv6Addr::from(r.orig_addr);
+        let ip = canonical_ip(IpAddr::V6(ip));
+        let end = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
+        let comm = String::from_utf8_lossy(r.comm.get(..end).unwrap_or_default()).into_owned();
+        Self {
+            pid: r.tgid,
+            tid: r.pid,
+            uid: r.uid,
+            gid: r.gid,
+            comm,
+            cgroup_id: r.cgroup_id,
+            netns_cookie: r.netns_cookie,
+            socket_cookie: r.socket_cookie,
+            destination: SocketAddr::new(ip, r.orig_port),
+            target_id: r.target_id,
+        }
+    }
+}
+
+/// Live byte counters of one connection, shared with `portcullis status`.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub client_to_upstream: AtomicU64,
+    pub upstream_to_client: AtomicU64,
+}
+
+/// One open proxied connection.
+#[derive(Debug)]
+pub struct Connection {
+    pub id: u64,
+    pub started_ms: u64,
+    pub protocol: Protocol,
+    pub target: String,
+    pub origin: Origin,
+    pub identity: Identity,
+    pub client: SocketAddr,
+    pub upstream: SocketAddr,
+    pub bytes: ByteCounters,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ConnectionView {
+    pub id: u64,
+    pub started_ms: u64,
+    pub protocol: String,
+    pub target: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub user: Option<String>,
+    pub comm: String,
+    pub destination: SocketAddr,
+    pub client: SocketAddr,
+    pub upstream: SocketAddr,
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+}
+
+impl Connection {
+    pub fn view(&self) -> ConnectionView {
+        ConnectionView {
+            id: self.id,
+            started_ms: self.started_ms,
+            protocol: self.protocol.to_string(),
+            target: self.target.clone(),
+            pid: self.origin.pid,
+            uid: self.origin.uid,
+            user: self.identity.user.clone(),
+            comm: self.origin.comm.clone(),
+            destination: self.origin.destination,
+            client: self.client,
+            upstream: self.upstream,
+            bytes_client_to_upstream: self.bytes.client_to_upstream.load(Ordering::Relaxed),
+            bytes_upstream_to_client: self.bytes.upstream_to_client.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Open connections, for status and for closing a user's connections later.
+#[derive(Default)]
+pub struct Registry {
+    open: Mutex<BTreeMap<u64, Arc<Connection>>>,
+}
+
+impl Registry {
+    fn insert(&self, c: Arc<Connection>) {
+        self.lock().insert(c.id, c);
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    pub fn views(&self, uid_filter: Option<u32>) -> Vec<ConnectionView> {
+        self.lock()
+            .values()
+            .filter(|c| uid_filter.is_none_or(|uid| c.origin.uid == uid))
+            .map(|c| c.view())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Connection>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes the connection from the registry and writes its `connection.closed` event
+/// however the handler ends: returned, failed, or cancelled at shutdown.
+struct OpenGuard {
+    conn: Arc<Connection>,
+    registry: Arc<Registry>,
+    audit: Arc<AuditLog>,
+    started: Instant,
+    reason: String,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.registry.remove(self.conn.id);
+        let mut ev = connection_event(EventKind::ConnectionClosed, &self.conn);
+        ev.bytes_client_to_upstream =
+            Some(self.conn.bytes.client_to_upstream.load(Ordering::Relaxed));
+        ev.bytes_upstream_to_client =
+            Some(self.conn.bytes.upstream_to_client.load(Ordering::Relaxed));
+        ev.duration_ms =
+            Some(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        ev.reason = Some(std::mem::take(&mut self.reason));
+        self.audit.record(&ev);
+        tracing::info!(
+            up = ev.bytes_client_to_upstream,
+            down = ev.bytes_upstream_to_client,
+            reason = ev.reason.as_deref().unwrap_or(""),
+            "connection closed"
+        );
+    }
+}
+
+fn connection_event(kind: EventKind, c: &Connection) -> AuditEvent {
+    let mut ev = AuditEvent::new(kind);
+    ev.connection_id = Some(c.id);
+    ev.protocol = Some(c.protocol.to_string());
+    ev.target = Some(c.target.clone());
+    ev.identity = Some(c.identity.clone());
+    ev.origin = Some(c.origin.clone());
+    ev.client = Some(c.client.to_string());
+    ev.upstream = Some(c.upstream.to_string());
+    ev
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Proxy {
+    config: Arc<Config>,
+    targets: Arc<Vec<ProtectedTarget>>,
+    enforcement: Arc<Enforcement>,
+    audit: Arc<AuditLog>,
+    pub registry: Arc<Registry>,
+    next_id: AtomicU64,
+    limit: Arc<Semaphore>,
+    /// Cancelled on shutdown: stop accepting.
+    pub stop_accepting: CancellationToken,
+    /// Cancelled when draining is over: close what is still open.
+    pub close_all: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// Binds the proxy listeners. IPv4 is required; IPv6 is used when the host has it
+/// (without it, IPv6 redirects meet a closed port: refused, never let through).
+pub fn bind_listeners(config: &Config) -> Result<Vec<TcpListener>, ProxyError> {
+    let v4 = SocketAddr::new(IpAddr::V4(config.proxy.listen_ipv4), config.proxy.port);
+    let v6 = SocketAddr::new(IpAddr::V6(config.proxy.listen_ipv6), config.proxy.port);
+    let mut out = vec![listen(v4).map_err(|source| ProxyError::Listen { addr: v4, source })?];
+    match listen(v6) {
+        Ok(l) => out.push(l),
+        Err(e) => {
+            tracing::warn!(addr = %v6, error = %e, "no IPv6 listener; IPv6 redirects will be refused")
+        }
+    }
+    Ok(out)
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        targets: Arc<Vec<ProtectedTarget>>,
+        enforcement: Arc<Enforcement>,
+        audit: Arc<AuditLog>,
+    ) -> Arc<Self> {
+        let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
+        Arc::new(Self {
+            config,
+            targets,
+            enforcement,
+            audit,
+            registry: Arc::default(),
+            next_id: AtomicU64::new(1),
+            limit,
+            stop_accepting: CancellationToken::new(),
+            close_all: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Accepts until `stop_accepting` is cancelled. Each connection runs as a tracked task.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                () = self.stop_accepting.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = Arc::clone(&self);
+            self.tasks
+                .spawn(async move { this.handle(stream, peer).await });
+        }
+    }
+
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let local = match client.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepted socket has no local address");
+                return;
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let Some(record) = self.enforcement.take_origin(peer, local) else {
+            let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(
+                "no origin record: the connection did not come through the kernel redirect",
+            );
+            ev.connection_id = Some(id);
+            ev.client = Some(peer.to_string());
+            self.audit.record(&ev);
+            tracing::warn!(%peer, "refused a connection without an origin record");
+            return;
+        };
+        let origin = Origin::from_record(&record);
+        let identity = identity::lookup(origin.uid, origin.gid);
+        let span = tracing::info_span!("conn", id, uid = origin.uid, pid = origin.pid, comm = %origin.comm, dst = %origin.destination);
+        self.handle_origin(id, client, peer, origin, identity)
+            .instrument(span)
+            .await;
+    }
+
+    async fn handle_origin(
+        self: Arc<Self>,
+        id: u64,
+        client: TcpStream,
+        peer: SocketAddr,
+        origin: Origin,
+        identity: Identity,
+    ) {
+        let refuse = |reason: String, target: Option<&ProtectedTarget>| {
+            let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(reason.clone());
+            ev.connection_id = Some(id);
+            ev.client = Some(peer.to_string());
+            ev.identity = Some(identity.clone());
+            ev.origin = Some(origin.clone());
+            ev.target = target.map(|t| t.name.clone());
+            ev.protocol = target.map(|t| t.protocol.to_string());
+            self.audit.record(&ev);
+            tracing::warn!(%reason, "connection refused");
+        };
+        let target = match self.targets.iter().find(|t| t.id == origin.target_id) {
+            Some(t)
+                if t.port == origin.destination.port()
+                    && t.address.contains(origin.destination.ip()) =>
+            {
+                t
+            }
+            _ => {
+                refuse(
+                    format!(
+                        "destination {} matches no configured target",
+                        origin.destination
+                    ),
+                    None,
+                );
+                return;
+            }
+        };
+        let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+            refuse(
+                format!(
+                    "connection limit of {} reached",
+                    self.config.proxy.max_connections
+                ),
+                Some(target),
+            );
+            return;
+        };
+        let upstream_addr = target.upstream.unwrap_or(origin.destination);
+        if upstream_addr.port() == self.config.proxy.port
+            && self.is_own_listener(upstream_addr.ip())
+        {
+            refuse("the upstream is the proxy itself".into(), Some(target));
+            return;
+        }
+        let upstream = match self.connect_upstream(upstream_addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                refuse(
+                    format!("upstream {upstream_addr} unreachable: {e}"),
+                    Some(target),
+                );
+                return;
+            }
+        };
+        if let Err(e) = client.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on the client socket");
+        }
+        let conn = Arc::new(Connection {
+            id,
+            started_ms: now_ms(),
+            protocol: target.protocol,
+            target: target.name.clone(),
+            origin,
+            identity,
+            client: peer,
+            upstream: upstream_addr,
+            bytes: ByteCounters::default(),
+        });
+        self.registry.insert(Arc::clone(&conn));
+        self.audit
+            .record(&connection_event(EventKind::ConnectionOpened, &conn));
+        tracing::info!(target = %conn.target, upstream = %upstream_addr, "connection opened");
+        let mut guard = OpenGuard {
+            conn: Arc::clone(&conn),
+            registry: Arc::clone(&self.registry),
+            audit: Arc::clone(&self.audit),
+            started: Instant::now(),
+            reason: "agent shutdown".into(),
+        };
+        let idle = Duration::from_secs(self.config.proxy.idle_timeout_secs);
+        let end = match target.protocol {
+            Protocol::Tcp => {
+                crate::protocol::tcp::forward(
+                    client,
+                    upstream,
+                    &conn.bytes,
+                    idle,
+                    self.close_all.clone(),
+                )
+                .await
+            }
+        };
+        guard.reason = end.to_string();
+        drop(guard);
+        drop(permit);
+    }
+
+    fn is_own_listener(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        ip == IpAddr::V4(self.config.proxy.listen_ipv4)
+            || ip == IpAddr::V6(self.config.proxy.listen_ipv6)
+            || ip.is_unspecified()
+    }
+
+    /// Connects with the exempt mark, so the kernel programs leave this socket alone.
+    async fn connect_upstream(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket2::SockRef::from(&socket).set_mark(self.config.proxy.upstream_mark)?;
+        socket.set_nodelay(true)?;
+        let timeout = Duration::from_secs(self.config.proxy.connect_timeout_secs);
+        match tokio::time::timeout(timeout, socket.connect(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )),
+        }
+    }
+
+    pub fn targets(&self) -> &[ProtectedTarget] {
+        &self.targets
+    }
+
+    pub fn enforcement(&self) -> &Enforcement {
+        &self.enforcement
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+}
