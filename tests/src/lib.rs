@@ -1,1 +1,487 @@
+//! Harness for the end-to-end suites: a test cgroup, a real agent process attached to
+//! it, a loopback echo server, and the probe client run as unprivileged users.
+//!
+//! Isolation: each test gets its own child cgroup, bpffs pin directory, proxy port and
+//! loopback addresses, so tests run in parallel without seeing each other. Every
+//! destination is on loopback.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test harness: a failure is a test failure"
+)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Whether the end-to-end suite can run here. Under `cargo xtask test` (and in CI) it
+/// must: a missing prerequisite is a failure, never a silent skip.
+pub fn e2e_enabled() -> bool {
+    let required = std::env::var_os("PORTCULLIS_E2E").is_some() || std::env::var_os("CI").is_some();
+    let problem = if !is_root() {
+        Some("the end-to-end tests need root (they attach eBPF programs)")
+    } else if cgroup2_root().is_none() {
+        Some("no cgroup2 hierarchy is mounted")
+    } else if !agent_bin().is_file() {
+        Some("the agent binary is missing; run `cargo xtask test` (it builds it)")
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(p) if required => panic!("end-to-end prerequisites missing: {p}"),
+        Some(p) => {
+            eprintln!(
+                "skipping end-to-end test: {p} (set PORTCULLIS_E2E=required to make this an error)"
+            );
+            false
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("PORTCULLIS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/debug/portcullis"))
+}
+
+pub fn probe_bin() -> PathBuf {
+    // Built next to the agent by `cargo xtask test`; cargo also builds it for this crate's tests.
+    option_env!("CARGO_BIN_EXE_portcullis-probe")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/debug/portcullis-probe"))
+}
+
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// A child cgroup for one test. Removing it kills whatever is left inside.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let path = cgroup2_root().unwrap().join("portcullis-e2e").join(name);
+        if path.exists() {
+            kill_cgroup(&path);
+        }
+        std::fs::create_dir_all(&path).unwrap();
+        Self { path }
+    }
+}
+
+fn kill_cgroup(path: &Path) {
+    let kill = path.join("cgroup.kill");
+    if kill.exists() {
+        let _ = std::fs::write(&kill, "1");
+    } else if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
+        for pid in procs.split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+    for _ in 0..100 {
+        if std::fs::remove_dir(path).is_ok() || !path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        kill_cgroup(&self.path);
+    }
+}
+
+/// The loopback addresses and ports one test owns.
+#[derive(Clone, Copy, Debug)]
+pub struct Slot {
+    /// Second octet of the test's 127.x.0.0/16 block.
+    pub net: u8,
+    pub proxy_port: u16,
+    pub server_port: u16,
+}
+
+impl Slot {
+    pub fn new(n: u8) -> Self {
+        Self {
+            net: 100 + n,
+            proxy_port: 900 + u16::from(n),
+            server_port: 47000 + u16::from(n),
+        }
+    }
+
+    pub fn v4(&self, host: u8) -> SocketAddr {
+        format!("127.{}.0.{host}:{}", self.net, self.server_port)
+            .parse()
+            .unwrap()
+    }
+
+    pub fn v4_in(&self, third: u8, host: u8) -> SocketAddr {
+        format!("127.{}.{third}.{host}:{}", self.net, self.server_port)
+            .parse()
+            .unwrap()
+    }
+
+    pub fn mapped(&self, host: u8) -> SocketAddr {
+        format!("[::ffff:127.{}.0.{host}]:{}", self.net, self.server_port)
+            .parse()
+            .unwrap()
+    }
+
+    pub fn v6_loopback(&self) -> SocketAddr {
+        format!("[::1]:{}", self.server_port).parse().unwrap()
+    }
+
+    pub fn proxy_v4(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.proxy_port).parse().unwrap()
+    }
+}
+
+/// An echo server that answers `peer=<address it saw>\n` and then echoes; it counts
+/// what it accepted, so a test can prove that nothing reached it.
+pub struct EchoServer {
+    pub accepted: Arc<AtomicUsize>,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl EchoServer {
+    pub fn start(addrs: &[SocketAddr]) -> Self {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        for addr in addrs {
+            let listener = bind_listener(*addr);
+            let accepted = Arc::clone(&accepted);
+            let peers = Arc::clone(&peers);
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { continue };
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let peer = stream.peer_addr().unwrap();
+                    peers.lock().unwrap().push(peer);
+                    std::thread::spawn(move || {
+                        let _ = writeln!(stream, "peer={peer}");
+                        let mut reader = BufReader::new(stream.try_clone().unwrap());
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                            let _ = stream.write_all(line.as_bytes());
+                            line.clear();
+                        }
+                    });
+                }
+            });
+        }
+        Self { accepted, peers }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> TcpListener {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    if addr.is_ipv6() {
+        s.set_only_v6(true).unwrap();
+    }
+    s.set_reuse_address(true).unwrap();
+    s.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+    s.listen(4096).unwrap();
+    s.into()
+}
+
+/// A running `portcullis agent`, started inside the test cgroup so that its own
+/// upstream connections pass the kernel hooks (and must be exempted by the mark).
+pub struct Agent {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    cgroup: PathBuf,
+}
+
+pub struct Target<'a> {
+    pub name: &'a str,
+    pub address: &'a str,
+    pub port: u16,
+    pub upstream: Option<SocketAddr>,
+}
+
+impl Agent {
+    pub fn config_text(
+        dir: &Path,
+        name: &str,
+        slot: Slot,
+        cgroup: &Path,
+        targets: &[Target<'_>],
+    ) -> String {
+        let mut text = format!(
+            "state_dir = \"{state}\"\n[control]\nsocket = \"{sock}\"\n[proxy]\nport = {port}\ndrain_timeout_secs = 5\n\
+             [bpf]\ncgroup = \"{cg}\"\npin_dir = \"/sys/fs/bpf/portcullis-e2e-{name}\"\n",
+            state = dir.join("state").display(),
+            sock = dir.join("control.sock").display(),
+            port = slot.proxy_port,
+            cg = cgroup.display(),
+        );
+        for t in targets {
+            text.push_str(&format!(
+                "[[target]]\nname = \"{}\"\nprotocol = \"tcp\"\naddress = \"{}\"\nport = {}\n",
+                t.name, t.address, t.port
+            ));
+            if let Some(u) = t.upstream {
+                text.push_str(&format!("upstream = \"{u}\"\n"));
+            }
+        }
+        text
+    }
+
+    pub fn start(name: &str, slot: Slot, cgroup: &TestCgroup, targets: &[Target<'_>]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("portcullis.toml");
+        std::fs::write(
+            &config,
+            Self::config_text(dir.path(), name, slot, &cgroup.path, targets),
+        )
+        .unwrap();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/portcullis-e2e-{name}"));
+        // A crashed earlier run must not leave enforcement behind.
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let mut agent = Self {
+            child: None,
+            socket: dir.path().join("control.sock"),
+            dir,
+            config,
+            pin_dir,
+            cgroup: cgroup.path.clone(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts (or restarts) the agent process and waits until it answers `status`.
+    pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let procs = self.cgroup.join("cgroup.procs");
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["agent", "--config"])
+            .arg(&self.config)
+            .env("PORTCULLIS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // The agent joins the test cgroup before exec, like a unit's cgroup in production.
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure only writes a file; it allocates nothing shared with the parent.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
+        }
+        let child = cmd.spawn().unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.try_status().is_some() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready in 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn try_status(&self) -> Option<Value> {
+        let out = Command::new(agent_bin())
+            .args(["status", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("status failed:\n{}", self.log()))
+    }
+
+    /// `portcullis status --json` run as another uid.
+    pub fn status_as(&self, uid: u32) -> Value {
+        use std::os::unix::process::CommandExt;
+        let out = Command::new(agent_bin())
+            .args(["status", "--json", "--socket"])
+            .arg(&self.socket)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status as uid {uid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn sigterm(&mut self) -> Child {
+        let c = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        c
+    }
+
+    pub fn detach(&self) -> Output {
+        Command::new(agent_bin())
+            .args(["agent", "--detach", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("state/events.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn events_of(&self, kind: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect()
+    }
+
+    /// Waits until `n` events of `kind` are written (events are written when connections end).
+    pub fn wait_events(&self, kind: &str, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ev = self.events_of(kind);
+            if ev.len() >= n || Instant::now() > deadline {
+                return ev;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// How the probe runs.
+pub struct Probe<'a> {
+    pub cgroup: &'a TestCgroup,
+    pub uid: u32,
+    pub netns: Option<&'a str>,
+}
+
+impl Probe<'_> {
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(probe_bin());
+        c.arg("--cgroup").arg(&self.cgroup.path);
+        c.args([
+            "--uid",
+            &self.uid.to_string(),
+            "--gid",
+            &self.uid.to_string(),
+        ]);
+        if let Some(ns) = self.netns {
+            c.args(["--netns", ns]);
+        }
+        c.args(args).stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a scenario and returns its JSON lines.
+    pub fn run(&self, args: &[&str]) -> Vec<Value> {
+        let out = self.command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "probe {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn connect(&self, target: SocketAddr, extra: &[&str]) -> Value {
+        let t = target.to_string();
+        let mut args = vec!["connect", t.as_str()];
+        args.extend_from_slice(extra);
+        self.run(&args).into_iter().next().unwrap()
+    }
+}
+
+pub const ECONNREFUSED: i64 = libc::ECONNREFUSED as i64;
+pub const EPERM: i64 = libc::EPERM as i64;

@@ -1,0 +1,735 @@
+//! The kernel redirect end to end: real eBPF programs attached to a test cgroup, the real
+//! agent binary, an unchanged client run as an unprivileged uid, loopback servers only.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests: a failure is a test failure"
+)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::{
+    e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup, ECONNREFUSED, EPERM,
+};
+use serde_json::Value;
+
+fn canonical(a: &str) -> String {
+    let a: SocketAddr = a.parse().unwrap();
+    SocketAddr::new(a.ip().to_canonical(), a.port()).to_string()
+}
+
+fn assert_via_proxy(r: &Value, what: &str) {
+    assert_eq!(r["ok"], true, "{what}: {r}");
+    assert_eq!(
+        r["via_proxy"], true,
+        "{what} should have gone through the proxy: {r}"
+    );
+}
+
+#[test]
+fn protected_v4_v6_and_v4_mapped_connections_go_through_the_proxy_with_their_origin() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(1);
+    let cg = TestCgroup::new("origin");
+    let _server = EchoServer::start(&[slot.v4(1), slot.v6_loopback()]);
+    let v4 = slot.v4(1).ip().to_string();
+    let agent = Agent::start(
+        "origin",
+        slot,
+        &cg,
+        &[
+            Target {
+                name: "echo4",
+                address: &v4,
+                port: slot.server_port,
+                upstream: None,
+            },
+            Target {
+                name: "echo6",
+                address: "::1",
+                port: slot.server_port,
+                upstream: None,
+            },
+        ],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41001,
+        netns: None,
+    };
+    let dialled = [slot.v4(1), slot.v6_loopback(), slot.mapped(1)];
+    let mut results = Vec::new();
+    for addr in dialled {
+        let r = probe.connect(addr, &[]);
+        assert_via_proxy(&r, &addr.to_string());
+        results.push(r);
+    }
+    let opened = agent.wait_events("connection.opened", 3);
+    assert_eq!(opened.len(), 3, "events: {:?}", agent.events());
+    for (i, addr) in dialled.iter().enumerate() {
+        let r = &results[i];
+        let local = r["local"].as_str().unwrap();
+        let ev = opened
+            .iter()
+            .find(|e| canonical(e["client"].as_str().unwrap()) == local)
+            .unwrap_or_else(|| panic!("no opened event for client {local}: {opened:?}"));
+        let origin = &ev["origin"];
+        assert_eq!(origin["uid"], 41001);
+        assert_eq!(origin["gid"], 41001);
+        assert_eq!(origin["pid"], r["pid"], "{ev}");
+        assert_eq!(
+            origin["comm"], "portcullis-prob",
+            "comm is the kernel's 15-character task name"
+        );
+        assert_eq!(
+            origin["destination"].as_str().unwrap(),
+            canonical(&addr.to_string())
+        );
+        assert_eq!(ev["identity"]["uid"], 41001);
+        assert!(origin["cgroup_id"].as_u64().unwrap() > 0);
+        assert!(origin["socket_cookie"].as_u64().unwrap() > 0);
+    }
+    let status = agent.status();
+    // The agent runs in the same cgroup: its own upstream connects met the hooks and were exempt.
+    assert!(
+        status["counters"]["exempt_agent"].as_u64().unwrap() >= 3,
+        "{status}"
+    );
+    assert_eq!(status["counters"]["redirected"], 3);
+}
+
+#[test]
+fn client_getpeername_reports_the_dialled_destination() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(2);
+    let cg = TestCgroup::new("peername");
+    let _server = EchoServer::start(&[slot.v4(7), slot.v6_loopback()]);
+    let v4 = slot.v4(7).ip().to_string();
+    let _agent = Agent::start(
+        "peername",
+        slot,
+        &cg,
+        &[
+            Target {
+                name: "a",
+                address: &v4,
+                port: slot.server_port,
+                upstream: None,
+            },
+            Target {
+                name: "b",
+                address: "::1",
+                port: slot.server_port,
+                upstream: None,
+            },
+        ],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41002,
+        netns: None,
+    };
+    for addr in [slot.v4(7), slot.v6_loopback(), slot.mapped(7)] {
+        let r = probe.connect(addr, &[]);
+        assert_via_proxy(&r, &addr.to_string());
+        assert_eq!(
+            r["peer"].as_str().unwrap(),
+            addr.to_string(),
+            "getpeername must show what was dialled"
+        );
+        assert_ne!(
+            r["server_saw"].as_str().unwrap(),
+            r["local"].as_str().unwrap(),
+            "the server saw the proxy, not the client"
+        );
+    }
+}
+
+#[test]
+fn unprotected_destinations_are_untouched() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(3);
+    let cg = TestCgroup::new("untouched");
+    let other_port: SocketAddr = format!("127.{}.0.1:{}", slot.net, slot.server_port + 100)
+        .parse()
+        .unwrap();
+    let _server = EchoServer::start(&[slot.v4(1), slot.v4(2), other_port]);
+    let v4 = slot.v4(1).ip().to_string();
+    let agent = Agent::start(
+        "untouched",
+        slot,
+        &cg,
+        &[Target {
+            name: "only",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41003,
+        netns: None,
+    };
+    for addr in [slot.v4(2), other_port] {
+        let r = probe.connect(addr, &[]);
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["via_proxy"], false, "{addr} is not protected: {r}");
+        assert_eq!(r["peer"].as_str().unwrap(), addr.to_string());
+    }
+    assert!(agent.events_of("connection.opened").is_empty());
+    assert_eq!(agent.status()["counters"]["redirected"], 0);
+}
+
+#[test]
+fn killed_agent_fails_closed_restart_readopts_and_detach_goes_direct() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(4);
+    let cg = TestCgroup::new("failclosed");
+    let server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let mut agent = Agent::start(
+        "failclosed",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41004,
+        netns: None,
+    };
+    assert_via_proxy(&probe.connect(slot.v4(1), &[]), "before the crash");
+
+    agent.kill9();
+    let seen_before = server.accepted();
+    for extra in [&[][..], &["--nonblocking"][..]] {
+        let r = probe.connect(slot.v4(1), extra);
+        assert_eq!(
+            r["ok"], false,
+            "a protected connect must fail while the agent is down: {r}"
+        );
+        assert_eq!(r["errno"], ECONNREFUSED, "{r}");
+    }
+    assert_eq!(
+        server.accepted(),
+        seen_before,
+        "nothing may reach the real server while the agent is down"
+    );
+    assert!(
+        agent.pin_dir.join("v1/portcullis_connect4").exists(),
+        "the pins outlive the agent"
+    );
+
+    agent.spawn();
+    assert_via_proxy(&probe.connect(slot.v4(1), &[]), "after the restart");
+
+    let out = agent.detach();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = agent.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not stop after --detach"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!agent.pin_dir.join("v1").exists());
+    let r = probe.connect(slot.v4(1), &[]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["via_proxy"], false,
+        "after --detach connections go direct: {r}"
+    );
+    assert!(
+        agent.events_of("agent.detached").len() == 1,
+        "{:?}",
+        agent.events()
+    );
+}
+
+#[test]
+fn normal_user_cannot_bypass_the_redirect() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(5);
+    let cg = TestCgroup::new("bypass");
+    let alias = slot.v4_in(200, 9);
+    let _server = EchoServer::start(&[slot.v4(1), alias]);
+    let cidr = format!("127.{}.0.0/16", slot.net);
+    let agent = Agent::start(
+        "bypass",
+        slot,
+        &cg,
+        &[Target {
+            name: "net",
+            address: &cidr,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41005,
+        netns: None,
+    };
+    let bind = format!("127.{}.99.1:0", slot.net);
+    let cases: Vec<(&str, SocketAddr, Vec<&str>)> = vec![
+        (
+            "another loopback alias in the protected CIDR",
+            alias,
+            vec![],
+        ),
+        ("IPv4-mapped IPv6", slot.mapped(1), vec![]),
+        (
+            "IPv4-mapped alias",
+            format!("[::ffff:{}]:{}", alias.ip(), alias.port())
+                .parse()
+                .unwrap(),
+            vec![],
+        ),
+        ("bind before connect", slot.v4(1), vec!["--bind", &bind]),
+        ("non-blocking connect", alias, vec!["--nonblocking"]),
+        (
+            "TCP Fast Open (sendto MSG_FASTOPEN)",
+            slot.v4(1),
+            vec!["--fastopen"],
+        ),
+        (
+            "TCP Fast Open over IPv4-mapped IPv6",
+            slot.mapped(1),
+            vec!["--fastopen"],
+        ),
+    ];
+    for (what, addr, extra) in &cases {
+        assert_via_proxy(&probe.connect(*addr, extra), what);
+    }
+    let opened = agent.wait_events("connection.opened", cases.len());
+    assert_eq!(opened.len(), cases.len());
+    assert!(opened.iter().all(|e| e["origin"]["uid"] == 41005));
+
+    // The exemption mark cannot be set without CAP_NET_ADMIN.
+    let mark = probe.run(&["setmark"]);
+    assert_eq!(mark[0]["ok"], false);
+    assert_eq!(mark[0]["errno"], EPERM);
+    // Nor can the user leave the cgroup the programs are attached to.
+    let root = portcullis_e2e::cgroup2_root().unwrap();
+    for dest in [root.clone(), root.join("portcullis-e2e")] {
+        let moved = probe.run(&["move-cgroup", dest.to_str().unwrap()]);
+        assert_eq!(
+            moved[0]["ok"],
+            false,
+            "moving to {} must fail: {}",
+            dest.display(),
+            moved[0]
+        );
+    }
+}
+
+#[test]
+fn direct_connection_to_the_proxy_listener_is_refused() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(6);
+    let cg = TestCgroup::new("direct");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let agent = Agent::start(
+        "direct",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41006,
+        netns: None,
+    };
+    let r = probe.connect(slot.proxy_v4(), &[]);
+    assert_eq!(r["ok"], false, "no origin record, so no service: {r}");
+    let refused = agent.wait_events("connection.refused", 1);
+    assert_eq!(refused.len(), 1);
+    assert!(refused[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no origin record"));
+}
+
+/// Number of entries in a pinned map, read with bpftool (works while no agent runs).
+fn pinned_entries(path: &std::path::Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(7);
+    let cg = TestCgroup::new("attribution");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let dead = slot.v4(2).ip().to_string();
+    // A second target whose upstream is down: the client's connection is accepted by the
+    // proxy and then refused, a failed connection from the user's point of view.
+    let mut agent = Agent::start(
+        "attribution",
+        slot,
+        &cg,
+        &[
+            Target {
+                name: "db",
+                address: &v4,
+                port: slot.server_port,
+                upstream: None,
+            },
+            Target {
+                name: "down",
+                address: &dead,
+                port: slot.server_port,
+                upstream: None,
+            },
+        ],
+    );
+    let target = slot.v4(1).to_string();
+    let children: Vec<_> = (0..50u32)
+        .map(|i| {
+            let probe = Probe {
+                cgroup: &cg,
+                uid: 42000 + i,
+                netns: None,
+            };
+            probe
+                .command(&["connect", &target, "--count", "20", "--hold-ms", "1500"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut owner: HashMap<String, (u32, u64)> = HashMap::new();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let r: Value = serde_json::from_str(line).unwrap();
+            assert_via_proxy(&r, "held connection");
+            let uid = 42000 + u32::try_from(i).unwrap();
+            owner.insert(
+                r["local"].as_str().unwrap().to_string(),
+                (uid, r["pid"].as_u64().unwrap()),
+            );
+        }
+    }
+    assert_eq!(owner.len(), 1000, "1,000 distinct client connections");
+    let closed = agent.wait_events("connection.closed", 1000);
+    assert_eq!(closed.len(), 1000);
+    for ev in &closed {
+        let client = canonical(ev["client"].as_str().unwrap());
+        let (uid, pid) = owner[&client];
+        assert_eq!(ev["origin"]["uid"], uid, "misattributed: {ev}");
+        assert_eq!(ev["origin"]["pid"], pid, "misattributed: {ev}");
+    }
+
+    // Churn: many short connections, half of them to a target whose upstream is down.
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 42100,
+        netns: None,
+    };
+    let ok = probe.run(&["churn", &target, "--count", "2000"]);
+    assert_eq!(ok[0]["ok"], 2000);
+    let down = probe.run(&["churn", &slot.v4(2).to_string(), "--count", "2000"]);
+    assert_eq!(
+        down[0]["ok"], 2000,
+        "the proxy accepts, then refuses for the dead upstream"
+    );
+    agent.wait_events("connection.refused", 2000);
+    let status = agent.status();
+    assert_eq!(status["pending_origins"], 0, "{status}");
+    assert_eq!(status["open_connections"], 0, "{status}");
+    assert_eq!(
+        status["counters"]["published"],
+        status["counters"]["redirected"]
+    );
+    assert_eq!(status["counters"]["publish_failed"], 0);
+
+    // Connects that fail outright (no agent) leave nothing behind either.
+    agent.kill9();
+    let failed = probe.run(&["churn", &target, "--count", "2000"]);
+    assert_eq!(failed[0]["failed"], 2000);
+    let pending = agent.pin_dir.join("v1/maps/PORTCULLIS_PENDING_ORIGINS");
+    assert_eq!(
+        pinned_entries(&pending),
+        0,
+        "the pending-origin map returns to empty"
+    );
+}
+
+#[test]
+fn foreign_network_namespace_connects_are_refused() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(8);
+    let cg = TestCgroup::new("netns");
+    let ns = "portcullis-e2e-8";
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    assert!(Command::new("ip")
+        .args(["netns", "add", ns])
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("ip")
+        .args(["-n", ns, "link", "set", "lo", "up"])
+        .status()
+        .unwrap()
+        .success());
+    struct DropNs(&'static str);
+    impl Drop for DropNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", self.0]).status();
+        }
+    }
+    let _ns = DropNs(ns);
+    let server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let agent = Agent::start(
+        "netns",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41008,
+        netns: Some(ns),
+    };
+    let r = probe.connect(slot.v4(1), &[]);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(
+        r["errno"], EPERM,
+        "refused by the kernel program, not redirected: {r}"
+    );
+    // An unprotected destination in that namespace is left alone (nothing listens there).
+    let other: SocketAddr = format!("127.{}.0.9:{}", slot.net, slot.server_port)
+        .parse()
+        .unwrap();
+    let r = probe.connect(other, &[]);
+    assert_eq!(r["errno"], ECONNREFUSED, "{r}");
+    assert_eq!(server.accepted(), 0);
+    assert_eq!(agent.status()["counters"]["denied_foreign_netns"], 1);
+}
+
+#[test]
+fn sigterm_drains_open_connections_and_refuses_new_ones() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(9);
+    let cg = TestCgroup::new("drain");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let mut agent = Agent::start(
+        "drain",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41009,
+        netns: None,
+    };
+    let mut session = probe
+        .command(&["session", &slot.v4(1).to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = session.stdin.take().unwrap();
+    let mut output = BufReader::new(session.stdout.take().unwrap());
+    let mut read = || {
+        let mut l = String::new();
+        output.read_line(&mut l).unwrap();
+        serde_json::from_str::<Value>(&l).unwrap()
+    };
+    assert_eq!(read()["ok"], true);
+    writeln!(input, "before").unwrap();
+    assert_eq!(read()["reply"], "before");
+
+    let mut child = agent.sigterm();
+    std::thread::sleep(Duration::from_millis(300));
+    writeln!(input, "during the drain").unwrap();
+    assert_eq!(
+        read()["reply"],
+        "during the drain",
+        "open connections keep working while draining"
+    );
+    let r = probe.connect(slot.v4(1), &[]);
+    assert_eq!(r["ok"], false, "no new connections while draining: {r}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent waits for the open connection"
+    );
+
+    drop(input);
+    session.wait().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let closed = agent.events_of("connection.closed");
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0]["reason"], "closed");
+    assert_eq!(agent.events_of("agent.stopped").len(), 1);
+}
+
+#[test]
+fn status_shows_a_normal_user_only_their_own_connections() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(10);
+    let cg = TestCgroup::new("status");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let agent = Agent::start(
+        "status",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 43001,
+        netns: None,
+    };
+    let mut session = probe
+        .command(&["session", &slot.v4(1).to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = session.stdin.take().unwrap();
+    let mut output = BufReader::new(session.stdout.take().unwrap());
+    let mut line = String::new();
+    output.read_line(&mut line).unwrap();
+    let pid = serde_json::from_str::<Value>(&line).unwrap()["pid"].clone();
+    writeln!(input, "twelve bytes").unwrap();
+    line.clear();
+    output.read_line(&mut line).unwrap();
+
+    let root_view = agent.status();
+    let conns = root_view["connections"].as_array().unwrap();
+    assert_eq!(conns.len(), 1, "{root_view}");
+    assert_eq!(conns[0]["uid"], 43001);
+    assert_eq!(conns[0]["pid"], pid);
+    assert_eq!(conns[0]["comm"], "portcullis-prob");
+    assert_eq!(conns[0]["target"], "db");
+    assert_eq!(conns[0]["bytes_client_to_upstream"], 13);
+    assert_eq!(root_view["programs"].as_array().unwrap().len(), 5);
+    assert_eq!(root_view["targets"][0]["name"], "db");
+
+    let owner_view = agent.status_as(43001);
+    assert_eq!(owner_view["connections"].as_array().unwrap().len(), 1);
+    let other_view = agent.status_as(43002);
+    assert_eq!(
+        other_view["connections"].as_array().unwrap().len(),
+        0,
+        "{other_view}"
+    );
+    assert_eq!(other_view["viewer_uid"], 43002);
+    drop(input);
+    session.wait().unwrap();
+}
+
+#[test]
+fn agent_rejects_a_malformed_config_naming_file_and_line() {
+    let bin = portcullis_e2e::agent_bin();
+    if !bin.is_file() {
+        assert!(
+            !e2e_enabled(),
+            "the agent binary must exist under cargo xtask test"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, "[proxy]\nport = 940\n\n[[target]]\nname = \"db\"\nprotocol = \"tcp\"\naddress = \"127.0.0.300\"\nport = 5432\n").unwrap();
+    let out = Command::new(&bin)
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:7:", path.display())), "{err}");
+    assert!(err.contains("target[0].address"), "{err}");
+    std::fs::write(&path, "[proxy]\nprot = 940\n").unwrap();
+    let out = Command::new(&bin)
+        .args(["agent", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:2:", path.display())) && err.contains("unknown field `prot`"),
+        "{err}"
+    );
+}

@@ -1,0 +1,266 @@
+//! A test client: joins a cgroup (and optionally a network namespace) as root, drops to
+//! an unprivileged uid, then connects the way a real client or an attacker would, and
+//! prints one JSON line per connection with what it observed.
+//!
+//! The echo server in the harness answers `peer=<address it saw>`: when that differs
+//! from the probe's own local address, the connection went through the proxy.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test client: a failure is a test failure"
+)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use serde_json::json;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+struct Args {
+    cgroup: Option<String>,
+    netns: Option<String>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    scenario: String,
+    target: String,
+    bind: Option<SocketAddr>,
+    nonblocking: bool,
+    fastopen: bool,
+    count: usize,
+    hold_ms: u64,
+}
+
+fn parse() -> Args {
+    let mut a = Args {
+        cgroup: None,
+        netns: None,
+        uid: None,
+        gid: None,
+        scenario: String::new(),
+        target: String::new(),
+        bind: None,
+        nonblocking: false,
+        fastopen: false,
+        count: 1,
+        hold_ms: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    let mut positional = Vec::new();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--cgroup" => a.cgroup = it.next(),
+            "--netns" => a.netns = it.next(),
+            "--uid" => a.uid = it.next().map(|v| v.parse().unwrap()),
+            "--gid" => a.gid = it.next().map(|v| v.parse().unwrap()),
+            "--bind" => a.bind = it.next().map(|v| v.parse().unwrap()),
+            "--nonblocking" => a.nonblocking = true,
+            "--fastopen" => a.fastopen = true,
+            "--count" => a.count = it.next().unwrap().parse().unwrap(),
+            "--hold-ms" => a.hold_ms = it.next().unwrap().parse().unwrap(),
+            _ => positional.push(arg),
+        }
+    }
+    a.scenario = positional.first().cloned().unwrap_or_default();
+    a.target = positional.get(1).cloned().unwrap_or_default();
+    a
+}
+
+fn main() {
+    let args = parse();
+    if let Some(cg) = &args.cgroup {
+        std::fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())
+            .expect("joining the cgroup");
+    }
+    if let Some(ns) = &args.netns {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("opening the netns");
+        // SAFETY: f is an open netns file for the call.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+    if let (Some(uid), Some(gid)) = (args.uid, args.gid) {
+        // SAFETY: plain syscalls on integers; order matters (groups and gid before uid).
+        unsafe {
+            assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
+            assert_eq!(libc::setgid(gid), 0);
+            assert_eq!(libc::setuid(uid), 0);
+        }
+    }
+    match args.scenario.as_str() {
+        "connect" => connect_many(&args),
+        "setmark" => {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            let r = s.set_mark(0x5043_4c53);
+            println!(
+                "{}",
+                json!({"ok": r.is_ok(), "errno": r.err().and_then(|e| e.raw_os_error())})
+            );
+        }
+        "session" => session(&args),
+        "churn" => churn(&args),
+        "move-cgroup" => {
+            let r = std::fs::write(
+                format!("{}/cgroup.procs", args.target),
+                std::process::id().to_string(),
+            );
+            println!(
+                "{}",
+                json!({"ok": r.is_ok(), "errno": r.err().and_then(|e| e.raw_os_error())})
+            );
+        }
+        other => panic!("unknown scenario `{other}`"),
+    }
+}
+
+fn connect_many(args: &Args) {
+    let target: SocketAddr = args.target.parse().expect("target address");
+    // Open every connection first, so `count` of them are held at once.
+    let mut streams = Vec::with_capacity(args.count);
+    for _ in 0..args.count {
+        streams.push(open(args, target));
+    }
+    for s in streams.iter_mut() {
+        let line = match s {
+            Ok((stream, sent_already)) => exchange(stream, *sent_already),
+            Err(e) => json!({"ok": false, "errno": e.raw_os_error(), "error": e.to_string()}),
+        };
+        println!("{line}");
+    }
+    std::io::stdout().flush().unwrap();
+    if args.hold_ms > 0 {
+        std::thread::sleep(Duration::from_millis(args.hold_ms));
+    }
+}
+
+/// Connects as asked. Returns the stream and whether the greeting went out with the SYN.
+fn open(args: &Args, target: SocketAddr) -> std::io::Result<(TcpStream, bool)> {
+    let s = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if let Some(b) = args.bind {
+        s.bind(&b.into())?;
+    }
+    let addr = SockAddr::from(target);
+    if args.fastopen {
+        const MSG_FASTOPEN: libc::c_int = 0x2000_0000;
+        s.send_to_with_flags(b"hello\n", &addr, MSG_FASTOPEN)?;
+        return Ok((s.into(), true));
+    }
+    if args.nonblocking {
+        s.set_nonblocking(true)?;
+        match s.connect(&addr) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                wait_writable(&s)?;
+                if let Some(e) = s.take_error()? {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        s.set_nonblocking(false)?;
+    } else {
+        s.connect(&addr)?;
+    }
+    Ok((s.into(), false))
+}
+
+fn wait_writable(s: &Socket) -> std::io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: pfd is a valid pollfd for one entry.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn exchange(stream: &mut TcpStream, sent_already: bool) -> serde_json::Value {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port()).to_string();
+    let peer = stream.peer_addr().map(|a| a.to_string()).ok();
+    let local = stream.local_addr().map(canonical).ok();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    if !sent_already {
+        if let Err(e) = stream.write_all(b"hello\n") {
+            return json!({"ok": false, "errno": e.raw_os_error(), "error": e.to_string(), "peer": peer, "local": local});
+        }
+    }
+    let mut reply = String::new();
+    match BufReader::new(&*stream).read_line(&mut reply) {
+        Ok(0) => {
+            json!({"ok": false, "error": "closed without a reply", "peer": peer, "local": local})
+        }
+        Ok(_) => {
+            let seen = reply
+                .trim()
+                .strip_prefix("peer=")
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map(canonical);
+            let via_proxy = seen.as_deref() != local.as_deref();
+            json!({"ok": true, "peer": peer, "local": local, "server_saw": seen, "via_proxy": via_proxy, "pid": std::process::id()})
+        }
+        Err(e) => {
+            json!({"ok": false, "errno": e.raw_os_error(), "error": e.to_string(), "peer": peer, "local": local})
+        }
+    }
+}
+
+/// One connection driven from stdin: each line is sent, each reply printed as JSON.
+fn session(args: &Args) {
+    let target: SocketAddr = args.target.parse().expect("target address");
+    let (mut stream, _) = match open(args, target) {
+        Ok(s) => s,
+        Err(e) => {
+            println!(
+                "{}",
+                json!({"ok": false, "errno": e.raw_os_error(), "error": e.to_string()})
+            );
+            return;
+        }
+    };
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap();
+    println!(
+        "{}",
+        json!({"ok": true, "greeting": greeting.trim(), "pid": std::process::id()})
+    );
+    std::io::stdout().flush().unwrap();
+    for line in std::io::stdin().lines() {
+        let line = line.unwrap();
+        let sent = stream.write_all(format!("{line}\n").as_bytes());
+        let mut reply = String::new();
+        let got = sent.and_then(|()| reader.read_line(&mut reply));
+        let out = match got {
+            Ok(n) if n > 0 => json!({"ok": true, "reply": reply.trim()}),
+            Ok(_) => json!({"ok": false, "error": "closed"}),
+            Err(e) => json!({"ok": false, "errno": e.raw_os_error(), "error": e.to_string()}),
+        };
+        println!("{out}");
+        std::io::stdout().flush().unwrap();
+    }
+}
+
+/// Opens and closes `count` connections one after another; counts the outcomes.
+fn churn(args: &Args) {
+    let target: SocketAddr = args.target.parse().expect("target address");
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for _ in 0..args.count {
+        match open(args, target) {
+            Ok(_) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    println!("{}", json!({"ok": ok, "failed": failed}));
+}

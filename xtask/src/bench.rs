@@ -1,0 +1,291 @@
+//! `cargo xtask bench`: ratios against the direct path, measured in one run.
+//!
+//! `redirect`: this process joins a bench cgroup, so its own connects go through the
+//! kernel programs; a server on loopback answers both on a protected address (through
+//! the agent) and an unprotected one (direct). Loops are bounded in count and time.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{root, step};
+
+const PROTECTED: &str = "127.0.0.90:9001";
+const DIRECT: &str = "127.0.0.91:9001";
+const BENCH_DIR: &str = "/tmp/portcullis-bench";
+const CONFIG: &str = r#"
+state_dir = "/tmp/portcullis-bench/state"
+[control]
+socket = "/tmp/portcullis-bench/control.sock"
+[proxy]
+port = 943
+[bpf]
+cgroup = "portcullis-bench"
+pin_dir = "/sys/fs/bpf/portcullis-bench"
+[[target]]
+name = "bench"
+protocol = "tcp"
+address = "127.0.0.90"
+port = 9001
+"#;
+
+pub fn run(which: &str) -> Result<()> {
+    match which {
+        "redirect" => redirect(),
+        "policy" => policy(),
+        "all" => {
+            redirect()?;
+            policy()
+        }
+        other => bail!("unknown benchmark `{other}` (redirect, policy, all)"),
+    }
+}
+
+fn policy() -> Result<()> {
+    step("policy decision latency and throughput (10, 100, 1,000 policies)");
+    crate::cargo(&["bench", "-p", "portcullis-policy", "--bench", "decide"])
+}
+
+fn redirect() -> Result<()> {
+    if !crate::setup::is_root() {
+        bail!("the redirect benchmark attaches eBPF programs and needs root");
+    }
+    let bin = root().join("target/release/portcullis");
+    let _ = std::fs::remove_dir_all(BENCH_DIR);
+    std::fs::create_dir_all(BENCH_DIR)?;
+    let config = PathBuf::from(BENCH_DIR).join("portcullis.toml");
+    std::fs::write(&config, CONFIG)?;
+    let cgroup = crate::cgroup2_root()?.join("portcullis-bench");
+    std::fs::create_dir_all(&cgroup)?;
+    // Leftovers of an interrupted run must not enforce: start from nothing attached.
+    let _ = Command::new(&bin)
+        .args(["agent", "--detach", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .status();
+
+    for addr in [PROTECTED, DIRECT] {
+        let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        std::thread::spawn(move || serve(l));
+    }
+    // From here on this process's connects pass through the bench cgroup's programs.
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .context("joining the bench cgroup")?;
+    let result = measure(&bin, &config);
+    let _ = Command::new(&bin)
+        .args(["agent", "--detach", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .status();
+    // Leave the cgroup so it can be removed.
+    if let Some(parent) = cgroup.parent() {
+        let _ = std::fs::write(parent.join("cgroup.procs"), std::process::id().to_string());
+    }
+    let _ = std::fs::remove_dir(&cgroup);
+    result
+}
+
+fn measure(bin: &Path, config: &Path) -> Result<()> {
+    let unprotected: SocketAddr = DIRECT.parse()?;
+    let protected: SocketAddr = PROTECTED.parse()?;
+
+    step("connect+close to an unprotected port, programs detached");
+    let detached = connect_rate(unprotected, 20_000, Duration::from_secs(20))?;
+
+    let mut agent = start_agent(bin, config)?;
+    let outcome = (|| -> Result<Vec<(String, f64, f64, &'static str)>> {
+        step("connect+close to an unprotected port, programs attached");
+        let attached = connect_rate(unprotected, 20_000, Duration::from_secs(20))?;
+        step("request/response round trips (64 bytes), through the proxy and direct");
+        let rr_proxy = round_trips(protected, 20_000, Duration::from_secs(20))?;
+        let rr_direct = round_trips(unprotected, 20_000, Duration::from_secs(20))?;
+        step("bulk transfer (256 MiB), through the proxy and direct");
+        let bulk_proxy = bulk(protected, 256 << 20)?;
+        let bulk_direct = bulk(unprotected, 256 << 20)?;
+        step("new protected connections per second (connect, one round trip, close)");
+        let new_proxy = new_connection_rate(protected, 5_000, Duration::from_secs(20))?;
+        let new_direct = new_connection_rate(unprotected, 5_000, Duration::from_secs(20))?;
+        step("agent memory, idle and with 1,000 open proxied connections");
+        let rss_idle = rss_kib(agent.id())?;
+        let held: Vec<TcpStream> = (0..1000)
+            .map(|_| TcpStream::connect(protected))
+            .collect::<Result<_, _>>()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let rss_busy = rss_kib(agent.id())?;
+        drop(held);
+        Ok(vec![
+            (
+                "connect+close, unprotected port (per s)".into(),
+                attached,
+                detached,
+                "attached / detached",
+            ),
+            (
+                "round trips, 64 B (per s)".into(),
+                rr_proxy,
+                rr_direct,
+                "proxy / direct",
+            ),
+            (
+                "bulk throughput (MiB/s)".into(),
+                bulk_proxy,
+                bulk_direct,
+                "proxy / direct",
+            ),
+            (
+                "new connections with 1 round trip (per s)".into(),
+                new_proxy,
+                new_direct,
+                "proxy / direct",
+            ),
+            (
+                "agent RSS (KiB): 1,000 open vs idle".into(),
+                rss_busy as f64,
+                rss_idle as f64,
+                "busy / idle",
+            ),
+        ])
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+    let rows = outcome?;
+    println!(
+        "\n{:<46} {:>14} {:>14} {:>8}  ratio of",
+        "measure", "value", "baseline", "ratio"
+    );
+    for (name, value, base, what) in rows {
+        let ratio = if base > 0.0 { value / base } else { 0.0 };
+        println!("{name:<46} {value:>14.1} {base:>14.1} {ratio:>8.3}  {what}");
+    }
+    Ok(())
+}
+
+fn start_agent(bin: &Path, config: &Path) -> Result<Child> {
+    let log = std::fs::File::create(PathBuf::from(BENCH_DIR).join("agent.log"))?;
+    let mut child = Command::new(bin)
+        .args(["agent", "--config"])
+        .arg(config)
+        .env("PORTCULLIS_LOG", "warn")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let socket = Path::new(BENCH_DIR).join("control.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if child.try_wait()?.is_some() || Instant::now() > deadline {
+            bail!("the agent did not start; see {BENCH_DIR}/agent.log");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+fn connect_rate(addr: SocketAddr, count: u32, limit: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let mut done = 0u32;
+    while done < count && start.elapsed() < limit {
+        drop(TcpStream::connect(addr)?);
+        done += 1;
+    }
+    Ok(f64::from(done) / start.elapsed().as_secs_f64())
+}
+
+fn round_trips(addr: SocketAddr, count: u32, limit: Duration) -> Result<f64> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.write_all(b"E")?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let start = Instant::now();
+    let mut done = 0u32;
+    while done < count && start.elapsed() < limit {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        done += 1;
+    }
+    Ok(f64::from(done) / start.elapsed().as_secs_f64())
+}
+
+fn new_connection_rate(addr: SocketAddr, count: u32, limit: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let mut done = 0u32;
+    let mut back = [0u8; 8];
+    while done < count && start.elapsed() < limit {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.write_all(b"E12345678")?;
+        s.read_exact(&mut back)?;
+        done += 1;
+    }
+    Ok(f64::from(done) / start.elapsed().as_secs_f64())
+}
+
+fn bulk(addr: SocketAddr, bytes: usize) -> Result<f64> {
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(b"S")?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while sent < bytes {
+        s.write_all(&chunk)?;
+        sent += chunk.len();
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut ack = Vec::new();
+    s.read_to_end(&mut ack)?;
+    let secs = start.elapsed().as_secs_f64();
+    let counted: usize = String::from_utf8_lossy(&ack).trim().parse().unwrap_or(0);
+    if counted != sent {
+        bail!("the server counted {counted} bytes of {sent}");
+    }
+    Ok(sent as f64 / (1024.0 * 1024.0) / secs)
+}
+
+/// `E`: echo everything back. `S`: swallow until EOF, then answer the byte count.
+fn serve(listener: TcpListener) {
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = handle(stream);
+        });
+    }
+}
+
+fn handle(mut s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    if s.read(&mut mode)? == 0 {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0usize;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+        if mode == *b"E" {
+            s.write_all(buf.get(..n).unwrap_or_default())?;
+        }
+    }
+    if mode == *b"S" {
+        s.write_all(total.to_string().as_bytes())?;
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}

@@ -1,0 +1,194 @@
+//! `cargo xtask demo`: the main job on embedded defaults. A small web server listens on
+//! 127.0.0.80:8080, the agent protects that address, and an unchanged `curl` run as the
+//! unprivileged user `nobody` is redirected through the proxy without knowing it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::step;
+
+const DEMO_DIR: &str = "/tmp/portcullis-demo";
+const SOCKET: &str = "/tmp/portcullis-demo/control.sock";
+const SERVER: &str = "127.0.0.80:8080";
+const CGROUP: &str = "portcullis-demo";
+
+pub fn run(bin: &Path) -> Result<()> {
+    if !crate::setup::is_root() {
+        bail!("the demo attaches eBPF programs and needs root");
+    }
+    let cgroup = crate::cgroup2_root()?.join(CGROUP);
+    let _ = std::fs::remove_dir_all(DEMO_DIR);
+    std::fs::create_dir_all(DEMO_DIR)?;
+
+    step(&format!(
+        "starting a small web server on {SERVER} (the protected destination)"
+    ));
+    let listener = TcpListener::bind(SERVER).with_context(|| format!("binding {SERVER}"))?;
+    std::thread::spawn(move || serve_http(listener));
+
+    step("starting the agent with its embedded demo config (`portcullis agent --demo`)");
+    let log_path = PathBuf::from(DEMO_DIR).join("agent.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut agent = Command::new(bin)
+        .args(["agent", "--demo"])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the agent")?;
+    let result = demo_steps(bin, &cgroup, &mut agent, &log_path);
+
+    step("cleaning up: stopping the agent and detaching enforcement");
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+    let _ = Command::new(bin)
+        .args(["agent", "--demo", "--detach"])
+        .status();
+    let _ = std::fs::remove_dir(&cgroup);
+    result
+}
+
+fn demo_steps(bin: &Path, cgroup: &Path, agent: &mut Child, log_path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Path::new(SOCKET).exists() {
+        if let Some(status) = agent.try_wait()? {
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
+            bail!("the agent exited with {status}:\n{log}");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not become ready in 20 s; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    step(&format!(
+        "as user `nobody`, unchanged: curl http://{SERVER}/hello"
+    ));
+    let out = as_nobody_in(
+        cgroup,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{SERVER}/hello"),
+        ],
+    )
+    .output()
+    .context("running curl")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("curl failed with {}", out.status);
+    }
+
+    step("a slower download stays open while we ask the agent what it sees (`portcullis status`)");
+    let mut slow = as_nobody_in(
+        cgroup,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            &format!("http://{SERVER}/slow"),
+        ],
+    )
+    .spawn()
+    .context("running curl")?;
+    std::thread::sleep(Duration::from_millis(1200));
+    crate::run(Command::new(bin).args(["status", "--socket", SOCKET]))?;
+    let _ = slow.wait();
+
+    step("what the agent recorded (connection events in the state directory)");
+    let events = std::fs::read_to_string(PathBuf::from(DEMO_DIR).join("state/events.jsonl"))
+        .unwrap_or_default();
+    for line in events.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let kind = v["event"].as_str().unwrap_or("?");
+        if !kind.starts_with("connection.") {
+            continue;
+        }
+        println!(
+            "  {:<18} user {} (uid {}) pid {} comm {:<6} -> {} [{}] sent {} received {} {}",
+            kind,
+            v["identity"]["user"].as_str().unwrap_or("?"),
+            v["origin"]["uid"],
+            v["origin"]["pid"],
+            v["origin"]["comm"].as_str().unwrap_or("?"),
+            v["origin"]["destination"].as_str().unwrap_or("?"),
+            v["target"].as_str().unwrap_or("?"),
+            v["bytes_client_to_upstream"]
+                .as_u64()
+                .map_or("-".into(), |b| b.to_string()),
+            v["bytes_upstream_to_client"]
+                .as_u64()
+                .map_or("-".into(), |b| b.to_string()),
+            v["reason"].as_str().unwrap_or(""),
+        );
+    }
+    println!("\nThe client never knew: it dialled {SERVER}, and its getpeername() still says so.");
+    Ok(())
+}
+
+/// A command that joins the demo cgroup and drops to `nobody` before exec'ing the client.
+fn as_nobody_in(cgroup: &Path, argv: &[&str]) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec setpriv --reuid=65534 --regid=65534 --clear-groups -- \"$@\"")
+        .arg(cgroup)
+        .args(argv)
+        .stdin(Stdio::null());
+    c
+}
+
+fn serve_http(listener: TcpListener) {
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = answer(stream);
+        });
+    }
+}
+
+fn answer(mut stream: TcpStream) -> std::io::Result<()> {
+    let peer = stream.peer_addr()?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    if request_line.contains("/slow") {
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\nConnection: close\r\n\r\n")?;
+        for _ in 0..3 {
+            stream.write_all(&[b'.'; 1000])?;
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        return Ok(());
+    }
+    let body = format!(
+        "hello from the protected server; it sees the connection coming from {peer} (the agent)\n"
+    );
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Installs what the project needs, idempotently: Debian packages, the nightly's
+//! rust-src, and bpf-linker built against the nightly's own libLLVM in `.tools/`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{root, run, step};
+
+/// Debian packages the build, the tests and the demo use.
+const PACKAGES: &[&str] = &[
+    "iproute2", // ip netns: the foreign-namespace test
+    "curl",     // the demo's unchanged client
+    "procps",   // kill/ps for the demo and tests
+    "bpftool",  // the tests read pinned maps with it while no agent runs
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn all() -> Result<()> {
+    debian_packages(PACKAGES)?;
+    ebpf_toolchain()
+}
+
+pub fn ebpf_toolchain() -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()
+}
+
+fn output(c: &mut Command) -> Result<String> {
+    let out = c.output().with_context(|| format!("running {c:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{c:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${db:Status-Abbrev}", p])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).starts_with("ii"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("==> Debian packages: all present ({})", packages.join(", "));
+        return Ok(());
+    }
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(", ")
+    ));
+    if !is_root() {
+        bail!(
+            "packages {} are missing and installing them needs root",
+            missing.join(", ")
+        );
+    }
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(std::process::Stdio::null()))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        bail!(
+            "no nightly toolchain is installed; the kernel programs need one \
+             (`rustup toolchain install nightly --component rust-src`)"
+        );
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("==> nightly rust-src: present");
+        return Ok(());
+    }
+    step("installing rust-src for the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn tools_dir() -> PathBuf {
+    root().join(".tools/bpf-linker")
+}
+
+pub fn bpf_linker_bin_dir() -> PathBuf {
+    tools_dir().join("bin")
+}
+
+/// bpf-linker must use the same LLVM as the nightly rustc; it links against the
+/// nightly's own libLLVM. The stamp records what it was built against.
+fn bpf_linker() -> Result<()> {
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm_major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV printed no LLVM version")?
+        .to_string();
+    let commit = version
+        .lines()
+        .find_map(|l| l.strip_prefix("commit-hash: "))
+        .unwrap_or("unknown")
+        .to_string();
+    let stamp_text = format!("bpf-linker {BPF_LINKER_VERSION} llvm-{llvm_major} rustc {commit}\n");
+    let dir = tools_dir();
+    let stamp = dir.join("stamp");
+    let bin = bpf_linker_bin_dir().join("bpf-linker");
+    if bin.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(stamp_text.as_str())
+    {
+        println!(
+            "==> bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm_major}): present in {}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major} into {} (about a minute)",
+        dir.display()
+    ));
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let nightly_lib = PathBuf::from(sysroot.trim()).join("lib");
+    let libllvm = std::fs::read_dir(&nightly_lib)
+        .with_context(|| format!("reading {}", nightly_lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so"))
+        })
+        .with_context(|| {
+            format!(
+                "the nightly toolchain ships no libLLVM in {}",
+                nightly_lib.display()
+            )
+        })?;
+    let lib_dir = dir.join("lib");
+    std::fs::create_dir_all(&lib_dir)?;
+    let link = lib_dir.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
+    run(Command::new("cargo")
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
+        .arg("--root")
+        .arg(&dir)
+        .env("LLVM_PREFIX", &dir)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO"))?;
+    std::fs::write(&stamp, stamp_text)?;
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
