@@ -129,12 +129,18 @@ pub fn run(
         proxy.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), proxy.tasks.wait()).await;
     });
-    audit.record(&AuditEvent::new(EventKind::AgentStopped).reason("enforcement stays attached"));
+    let still_enforcing = proxy.enforcement().pin_dir.exists();
+    let outcome = if still_enforcing {
+        "enforcement stays attached: protected connections are refused until the agent runs again"
+    } else {
+        "enforcement was detached"
+    };
+    audit.record(&AuditEvent::new(EventKind::AgentStopped).reason(outcome));
     if let Ok(Err(e)) = control_thread.join() {
         tracing::warn!(error = %e, "control thread ended with an error");
     }
     let _ = std::fs::remove_file(&config.control.socket);
-    tracing::info!("agent stopped; enforcement stays attached (protected connections are refused until it runs again)");
+    tracing::info!("agent stopped; {outcome}");
     Ok(())
 }
 
