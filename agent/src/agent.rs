@@ -171,10 +171,7 @@ async fn wait_for_stop(shutdown: &CancellationToken) {
     }
 }
 
-async fn pump_kernel_logs(
-    mut fd: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    stop: CancellationToken,
-) {
+async fn pump_kernel_logs(mut fd: AsyncFd<crate::ebpf::KernelLogger>, stop: CancellationToken) {
     loop {
         let guard = tokio::select! {
             () = stop.cancelled() => return,

@@ -26,6 +26,9 @@ use serde::Serialize;
 
 use crate::config::{Config, ProtectedTarget, TargetAddress};
 
+/// Reads what the kernel programs log (aya-log) into our tracing output.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PORTCULLIS_EBPF_OBJECT_PATH"));
 
 /// Oldest kernel with everything used here (cgroup bpf links, socket-local storage
@@ -248,7 +251,7 @@ impl Enforcement {
         targets: &[ProtectedTarget],
         cgroup: &Path,
         host_netns_cookie: u64,
-    ) -> Result<(Self, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), EbpfError> {
+    ) -> Result<(Self, Option<KernelLogger>), EbpfError> {
         let pin_dir = config.pin_dir();
         std::fs::create_dir_all(&pin_dir)
             .map_err(io_err(format!("creating {}", pin_dir.display())))?;

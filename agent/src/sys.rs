@@ -109,8 +109,8 @@ pub fn effective_uid() -> u32 {
 
 /// Registers the kernel log reader with the tokio reactor.
 pub fn async_kernel_log(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-) -> io::Result<tokio::io::unix::AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>> {
+    logger: crate::ebpf::KernelLogger,
+) -> io::Result<tokio::io::unix::AsyncFd<crate::ebpf::KernelLogger>> {
     // SAFETY: the logger owns its ring buffer map fd for its whole lifetime and
     // `as_raw_fd` always returns that same fd; the AsyncFd owns the logger.
     unsafe { tokio::io::unix::AsyncFd::register(logger) }.map_err(|e| e.into_parts().1)

@@ -54,6 +54,10 @@ pub fn run(bin: &Path) -> Result<()> {
     result
 }
 
+#[allow(
+    clippy::indexing_slicing,
+    reason = "serde_json::Value indexing yields Null, it never panics"
+)]
 fn demo_steps(bin: &Path, cgroup: &Path, agent: &mut Child, log_path: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !Path::new(SOCKET).exists() {
