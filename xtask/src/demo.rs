@@ -84,6 +84,8 @@ fn demo_steps(bin: &Path, cgroup: &Path, agent: &mut Child, log_path: &Path) -> 
             "-sS",
             "--max-time",
             "10",
+            "-w",
+            "curl (getpeername) says it is connected to %{remote_ip}:%{remote_port}\n",
             &format!("http://{SERVER}/hello"),
         ],
     )
@@ -115,8 +117,19 @@ fn demo_steps(bin: &Path, cgroup: &Path, agent: &mut Child, log_path: &Path) -> 
     let _ = slow.wait();
 
     step("what the agent recorded (connection events in the state directory)");
-    let events = std::fs::read_to_string(PathBuf::from(DEMO_DIR).join("state/events.jsonl"))
-        .unwrap_or_default();
+    let events_path = PathBuf::from(DEMO_DIR).join("state/events.jsonl");
+    // A connection's closed event is written once both directions have finished.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut events = String::new();
+    while Instant::now() < deadline {
+        events = std::fs::read_to_string(&events_path).unwrap_or_default();
+        if events.matches("connection.opened").count()
+            == events.matches("connection.closed").count()
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for line in events.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
