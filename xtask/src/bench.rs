@@ -16,6 +16,9 @@ use crate::{root, step};
 
 const PROTECTED: &str = "127.0.0.90:9001";
 const DIRECT: &str = "127.0.0.91:9001";
+/// Closes every connection as soon as it is accepted, so TIME_WAIT stays on the server
+/// side and the client's connect rate measures the connect path, not port reuse.
+const CLOSER: &str = "127.0.0.91:9002";
 const BENCH_DIR: &str = "/tmp/portcullis-bench";
 const CONFIG: &str = r#"
 state_dir = "/tmp/portcullis-bench/state"
@@ -72,6 +75,12 @@ fn redirect() -> Result<()> {
         let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         std::thread::spawn(move || serve(l));
     }
+    let closer = TcpListener::bind(CLOSER).with_context(|| format!("binding {CLOSER}"))?;
+    std::thread::spawn(move || {
+        for s in closer.incoming() {
+            drop(s);
+        }
+    });
     // From here on this process's connects pass through the bench cgroup's programs.
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
         .context("joining the bench cgroup")?;
@@ -92,14 +101,15 @@ fn redirect() -> Result<()> {
 fn measure(bin: &Path, config: &Path) -> Result<()> {
     let unprotected: SocketAddr = DIRECT.parse()?;
     let protected: SocketAddr = PROTECTED.parse()?;
+    let closer: SocketAddr = CLOSER.parse()?;
 
     step("connect+close to an unprotected port, programs detached");
-    let detached = connect_rate(unprotected, 20_000, Duration::from_secs(20))?;
+    let detached = connect_rate(closer, 20_000, Duration::from_secs(20))?;
 
     let mut agent = start_agent(bin, config)?;
     let outcome = (|| -> Result<Vec<(String, f64, f64, &'static str)>> {
         step("connect+close to an unprotected port, programs attached");
-        let attached = connect_rate(unprotected, 20_000, Duration::from_secs(20))?;
+        let attached = connect_rate(closer, 20_000, Duration::from_secs(20))?;
         step("request/response round trips (64 bytes), through the proxy and direct");
         let rr_proxy = round_trips(protected, 20_000, Duration::from_secs(20))?;
         let rr_direct = round_trips(unprotected, 20_000, Duration::from_secs(20))?;
@@ -189,8 +199,11 @@ fn start_agent(bin: &Path, config: &Path) -> Result<Child> {
 fn connect_rate(addr: SocketAddr, count: u32, limit: Duration) -> Result<f64> {
     let start = Instant::now();
     let mut done = 0u32;
+    let mut eof = [0u8; 1];
     while done < count && start.elapsed() < limit {
-        drop(TcpStream::connect(addr)?);
+        // The server closes at once; waiting for its FIN keeps TIME_WAIT off our ports.
+        let mut s = TcpStream::connect(addr)?;
+        let _ = s.read(&mut eof);
         done += 1;
     }
     Ok(f64::from(done) / start.elapsed().as_secs_f64())
@@ -219,8 +232,11 @@ fn new_connection_rate(addr: SocketAddr, count: u32, limit: Duration) -> Result<
     while done < count && start.elapsed() < limit {
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
-        s.write_all(b"E12345678")?;
+        s.write_all(b"N12345678")?;
         s.read_exact(&mut back)?;
+        // The server closes first; waiting for its FIN keeps TIME_WAIT off our ports.
+        let mut rest = [0u8; 1];
+        let _ = s.read(&mut rest);
         done += 1;
     }
     Ok(f64::from(done) / start.elapsed().as_secs_f64())
@@ -248,6 +264,7 @@ fn bulk(addr: SocketAddr, bytes: usize) -> Result<f64> {
 }
 
 /// `E`: echo everything back. `S`: swallow until EOF, then answer the byte count.
+/// `N`: answer the next 8 bytes, then close.
 fn serve(listener: TcpListener) {
     for stream in listener.incoming().flatten() {
         std::thread::spawn(move || {
@@ -261,6 +278,11 @@ fn handle(mut s: TcpStream) -> std::io::Result<()> {
     let mut mode = [0u8; 1];
     if s.read(&mut mode)? == 0 {
         return Ok(());
+    }
+    if mode == *b"N" {
+        let mut eight = [0u8; 8];
+        s.read_exact(&mut eight)?;
+        return s.write_all(&eight);
     }
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0usize;
