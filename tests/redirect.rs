@@ -565,6 +565,19 @@ fn foreign_network_namespace_connects_are_refused() {
     assert_eq!(r["errno"], ECONNREFUSED, "{r}");
     assert_eq!(server.accepted(), 0);
     assert_eq!(agent.status()["counters"]["denied_foreign_netns"], 1);
+    // The kernel program's own log line reaches the agent's log through aya-log.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent
+        .log()
+        .contains("refused connect to a protected target from network namespace")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no kernel log line in the agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -731,5 +744,161 @@ fn agent_rejects_a_malformed_config_naming_file_and_line() {
     assert!(
         err.contains(&format!("{}:2:", path.display())) && err.contains("unknown field `prot`"),
         "{err}"
+    );
+}
+
+#[test]
+fn agent_notifies_systemd_ready_only_once_enforcement_is_attached() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(11);
+    let cg = TestCgroup::new("notify");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let v4 = slot.v4(1).ip().to_string();
+    let path = notify_path.to_str().unwrap().to_string();
+    // The agent is ready (it answers status) before start_with_env returns; the datagram
+    // was sent before that, so it is waiting in the socket.
+    let agent = Agent::start_with_env(
+        "notify",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        &[("NOTIFY_SOCKET", &path)],
+    );
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    let log = agent.log();
+    let attached = log.find("enforcement attached").expect("attach logged");
+    let ready = log.find("agent ready").expect("ready logged");
+    assert!(
+        attached < ready,
+        "READY=1 comes after the programs are attached:\n{log}"
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41011,
+        netns: None,
+    };
+    assert_via_proxy(&probe.connect(slot.v4(1), &[]), "after READY=1");
+}
+
+#[test]
+fn agent_without_privileges_exits_with_a_clear_error() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(12);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = dir.path().join("portcullis.toml");
+    let cg = portcullis_e2e::cgroup2_root().unwrap();
+    std::fs::write(
+        &config,
+        Agent::config_text(dir.path(), "unprivileged", slot, &cg, &[]),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(portcullis_e2e::agent_bin())
+        .args(["agent", "--config"])
+        .arg(&config)
+        .uid(41012)
+        .gid(41012)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing capability CAP_NET_ADMIN"), "{err}");
+    assert!(!std::path::Path::new("/sys/fs/bpf/portcullis-e2e-unprivileged").exists());
+}
+
+#[test]
+fn restart_under_load_never_lets_a_connection_go_direct() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(13);
+    let cg = TestCgroup::new("restart");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let mut agent = Agent::start(
+        "restart",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let target = slot.v4(1).to_string();
+    let load = {
+        let stop = std::sync::Arc::clone(&stop);
+        let cgroup = cg.path.clone();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            // Bounded: at most 200 rounds of 20 connections.
+            for _ in 0..200 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let out = Command::new(portcullis_e2e::probe_bin())
+                    .arg("--cgroup")
+                    .arg(&cgroup)
+                    .args([
+                        "--uid", "41013", "--gid", "41013", "connect", &target, "--count", "20",
+                    ])
+                    .output()
+                    .unwrap();
+                for l in String::from_utf8_lossy(&out.stdout).lines() {
+                    lines.push(serde_json::from_str::<Value>(l).unwrap());
+                }
+            }
+            lines
+        })
+    };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        agent.spawn();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lines = load.join().unwrap();
+    let direct: Vec<_> = lines
+        .iter()
+        .filter(|l| l["ok"] == true && l["via_proxy"] != true)
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "connections went direct during restarts: {direct:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l["ok"] == true),
+        "some connections succeeded"
+    );
+    assert!(
+        lines.iter().any(|l| l["errno"] == ECONNREFUSED),
+        "some were refused while the agent was down"
     );
 }

@@ -109,14 +109,7 @@ pub fn preflight(config: &Config) -> Result<PathBuf, EbpfError> {
             "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)".into(),
         )
     })?;
-    let bpffs_root = config
-        .bpf
-        .pin_dir
-        .ancestors()
-        .find(|p| p.parent() == Some(Path::new("/sys/fs")) || p.parent() == Some(Path::new("/")))
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"));
-    ensure_bpffs(&bpffs_root)?;
+    ensure_bpffs(&mountinfo, &config.bpf.pin_dir)?;
     Ok(cgroup_root)
 }
 
@@ -149,13 +142,57 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
-fn ensure_bpffs(root: &Path) -> Result<(), EbpfError> {
-    std::fs::create_dir_all(root).map_err(io_err(format!("creating {}", root.display())))?;
-    if crate::sys::is_bpffs(root).map_err(io_err(format!("statfs {}", root.display())))? {
-        return Ok(());
+/// The default bpffs mount point, which the agent mounts when the boot did not.
+const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
+
+/// What to do so that `pin_dir` is on bpffs.
+#[derive(Debug, PartialEq, Eq)]
+enum BpffsAction {
+    Ready,
+    Mount(PathBuf),
+}
+
+/// Decides from mountinfo: the pin directory's closest mount must be bpffs; the only
+/// thing we mount ourselves is bpffs at its standard place, never over anything else.
+fn bpffs_action(mountinfo: &str, pin_dir: &Path) -> Result<BpffsAction, String> {
+    if !pin_dir.is_absolute() {
+        return Err(format!(
+            "bpf.pin_dir `{}` must be an absolute path",
+            pin_dir.display()
+        ));
     }
-    tracing::info!(path = %root.display(), "bpffs is not mounted; mounting it");
-    crate::sys::mount_bpffs(root).map_err(io_err(format!("mounting bpffs at {}", root.display())))
+    let closest = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = PathBuf::from(left.split_whitespace().nth(4)?);
+            let fstype = right.split_whitespace().next()?.to_string();
+            pin_dir.starts_with(&point).then_some((point, fstype))
+        })
+        .max_by_key(|(point, _)| point.components().count());
+    match closest {
+        Some((_, fstype)) if fstype == "bpf" => Ok(BpffsAction::Ready),
+        _ if pin_dir.starts_with(BPFFS_DEFAULT) => {
+            Ok(BpffsAction::Mount(PathBuf::from(BPFFS_DEFAULT)))
+        }
+        _ => Err(format!(
+            "bpf.pin_dir `{}` is not on a bpf filesystem; use a directory below {BPFFS_DEFAULT}",
+            pin_dir.display()
+        )),
+    }
+}
+
+fn ensure_bpffs(mountinfo: &str, pin_dir: &Path) -> Result<(), EbpfError> {
+    match bpffs_action(mountinfo, pin_dir).map_err(EbpfError::Preflight)? {
+        BpffsAction::Ready => Ok(()),
+        BpffsAction::Mount(root) => {
+            std::fs::create_dir_all(&root)
+                .map_err(io_err(format!("creating {}", root.display())))?;
+            tracing::info!(path = %root.display(), "bpffs is not mounted; mounting it");
+            crate::sys::mount_bpffs(&root)
+                .map_err(io_err(format!("mounting bpffs at {}", root.display())))
+        }
+    }
 }
 
 /// The cgroup the programs attach to: the configured one (relative paths are below the
@@ -527,6 +564,22 @@ mod tests {
             cgroup2_mount("25 1 0:23 / /sys/fs/cgroup ro - tmpfs tmpfs ro\n"),
             None
         );
+    }
+
+    #[test]
+    fn bpffs_is_mounted_only_at_its_standard_place() {
+        let without = "22 1 0:21 / /sys rw - sysfs sysfs rw\n23 1 0:22 / / rw - ext4 /dev/vda rw\n";
+        let with = format!("{without}50 22 0:40 / /sys/fs/bpf rw - bpf bpf rw\n");
+        let pins = Path::new("/sys/fs/bpf/portcullis");
+        assert_eq!(bpffs_action(&with, pins), Ok(BpffsAction::Ready));
+        assert_eq!(
+            bpffs_action(without, pins),
+            Ok(BpffsAction::Mount(PathBuf::from("/sys/fs/bpf")))
+        );
+        assert!(bpffs_action(without, Path::new("/tmp/pins"))
+            .unwrap_err()
+            .contains("not on a bpf filesystem"));
+        assert!(bpffs_action(&with, Path::new("relative")).is_err());
     }
 
     #[test]

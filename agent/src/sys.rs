@@ -6,8 +6,6 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 
-/// Magic number of bpffs in `statfs.f_type`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `SO_NETNS_COOKIE` (Linux 5.14); not in every libc crate version.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
@@ -30,23 +28,6 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-/// Whether `path` is on a bpf filesystem.
-pub fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = path_cstring(path)?;
-    // SAFETY: statfs is plain data; zeroed is a valid initial value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid NUL-terminated path; st is valid for writes.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(
-        clippy::unnecessary_cast,
-        reason = "f_type's width differs between libc targets"
-    )]
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
 /// Mounts bpffs at `path` (like other eBPF daemons do when the boot did not).

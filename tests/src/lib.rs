@@ -234,6 +234,7 @@ pub struct Agent {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     cgroup: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 pub struct Target<'a> {
@@ -272,6 +273,16 @@ impl Agent {
     }
 
     pub fn start(name: &str, slot: Slot, cgroup: &TestCgroup, targets: &[Target<'_>]) -> Self {
+        Self::start_with_env(name, slot, cgroup, targets, &[])
+    }
+
+    pub fn start_with_env(
+        name: &str,
+        slot: Slot,
+        cgroup: &TestCgroup,
+        targets: &[Target<'_>],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("portcullis.toml");
         std::fs::write(
@@ -289,6 +300,10 @@ impl Agent {
             config,
             pin_dir,
             cgroup: cgroup.path.clone(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
         };
         agent.spawn();
         agent
@@ -307,6 +322,7 @@ impl Agent {
         cmd.args(["agent", "--config"])
             .arg(&self.config)
             .env("PORTCULLIS_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
