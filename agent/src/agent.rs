@@ -14,6 +14,7 @@ use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::Config;
 use crate::control::{self, ControlState};
 use crate::ebpf::{self, Enforcement};
+use crate::identity::IdentityService;
 use crate::proxy::{self, Proxy};
 
 pub fn run(
@@ -49,12 +50,29 @@ pub fn run(
         "enforcement attached"
     );
 
+    let registry = Arc::new(crate::proxy::Registry::default());
+    let identity = IdentityService::new(
+        &config,
+        &cgroup_root,
+        Arc::clone(&audit),
+        Arc::clone(&registry),
+    )?;
+    if config.identity.issuer.is_none()
+        && config.identity.trusted_issuers.is_empty()
+        && !config.insecure.unix_identity_only
+    {
+        tracing::warn!(
+            "no identity provider is configured: every protected connection will be refused"
+        );
+    }
     let config = Arc::new(config);
     let proxy = Proxy::new(
         Arc::clone(&config),
         Arc::new(targets),
         Arc::new(enforcement),
         Arc::clone(&audit),
+        Arc::clone(&identity),
+        registry,
     );
     let shutdown = CancellationToken::new();
 
@@ -72,11 +90,16 @@ pub fn run(
         for listener in listeners {
             proxy.tasks.spawn(Arc::clone(&proxy).serve(listener));
         }
+        proxy
+            .tasks
+            .spawn(Arc::clone(&identity).maintain(proxy.close_all.clone()));
     });
 
     let control_listener = control::bind(&config.control.socket)?;
     let state = Arc::new(ControlState {
         proxy: Arc::clone(&proxy),
+        identity: Arc::clone(&identity),
+        data_plane: runtime.handle().clone(),
         started_ms: crate::audit::now_ms(),
         shutdown: shutdown.clone(),
     });
@@ -125,6 +148,7 @@ pub fn run(
                 "drain timeout: closing what is still open"
             );
         }
+        identity.cancel_pending();
         proxy.close_all.cancel();
         proxy.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), proxy.tasks.wait()).await;

@@ -32,6 +32,18 @@ pub enum EventKind {
     ConnectionClosed,
     #[serde(rename = "connection.refused")]
     ConnectionRefused,
+    #[serde(rename = "login.succeeded")]
+    LoginSucceeded,
+    #[serde(rename = "login.failed")]
+    LoginFailed,
+    #[serde(rename = "login.refresh_failed")]
+    LoginRefreshFailed,
+    #[serde(rename = "login.expired")]
+    LoginExpired,
+    #[serde(rename = "logout")]
+    Logout,
+    #[serde(rename = "login.revoked")]
+    LoginRevoked,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.

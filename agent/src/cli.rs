@@ -40,11 +40,52 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
+    /// Log in with your identity provider (device flow); your tools then act as you.
+    Login {
+        /// Print the code and the address, then return; the agent keeps waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Log in with a workload token (CI) from this file, or `-` for standard input.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show who you are logged in as.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+    /// End your login: revoke it at the issuer and close your proxied connections.
+    Logout {
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Manage every user's logins (root).
+    Logins {
+        #[command(subcommand)]
+        command: LoginsCommand,
+        #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
     /// Inspect configuration.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum LoginsCommand {
+    /// List all logins.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// End the logins of a uid or an OIDC subject.
+    Revoke { selector: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +137,73 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Login {
+            no_wait,
+            token_file,
+            socket,
+        } => login(&socket, no_wait, token_file.as_deref()),
+        Command::Whoami { json, socket } => match ask(&socket, &Request::Whoami)? {
+            Response::Whoami { session: Some(s) } if json => {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Whoami { session: Some(s) } => {
+                println!("{}", describe(&s));
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Whoami { session: None } => {
+                eprintln!("not logged in: run `portcullis login`");
+                Ok(ExitCode::FAILURE)
+            }
+            other => unexpected(other),
+        },
+        Command::Logout { socket } => match ask(&socket, &Request::Logout)? {
+            Response::LoggedOut {
+                revoked,
+                closed_connections,
+            } => {
+                println!(
+                    "logged out{}; {closed_connections} open connection(s) closed",
+                    if revoked {
+                        ", refresh token revoked at the issuer"
+                    } else {
+                        ""
+                    }
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            other => unexpected(other),
+        },
+        Command::Logins { command, socket } => match command {
+            LoginsCommand::List { json } => match ask(&socket, &Request::LoginsList)? {
+                Response::Logins { sessions } if json => {
+                    println!("{}", serde_json::to_string_pretty(&sessions)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Response::Logins { sessions } => {
+                    for s in &sessions {
+                        println!("{}", describe(s));
+                    }
+                    if sessions.is_empty() {
+                        println!("no logins");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => unexpected(other),
+            },
+            LoginsCommand::Revoke { selector } => {
+                match ask(&socket, &Request::LoginsRevoke { selector })? {
+                    Response::Revoked {
+                        uids,
+                        closed_connections,
+                    } => {
+                        println!("revoked the logins of uid(s) {uids:?}; {closed_connections} connection(s) closed");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    other => unexpected(other),
+                }
+            }
+        },
         Command::Config { command } => match command {
             ConfigCommand::Check { path } => {
                 let (_, targets) = Config::load(&path)?;
@@ -111,6 +219,102 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+    }
+}
+
+/// Sends a request; an agent-side refusal becomes an error with the agent's words.
+fn ask(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    match control::request(socket, req).map_err(anyhow::Error::msg)? {
+        Response::Error { message } => bail!("{message}"),
+        other => Ok(other),
+    }
+}
+
+fn unexpected(r: Response) -> anyhow::Result<ExitCode> {
+    bail!("unexpected answer from the agent: {r:?}")
+}
+
+fn describe(s: &crate::identity::SessionView) -> String {
+    let who = match (&s.name, &s.email) {
+        (Some(n), Some(e)) => format!("{n} <{e}>"),
+        (None, Some(e)) => e.clone(),
+        (Some(n), None) => n.clone(),
+        (None, None) => s.subject.clone(),
+    };
+    let user = s.user.clone().unwrap_or_else(|| format!("uid {}", s.uid));
+    let groups = if s.groups.is_empty() {
+        "none".to_string()
+    } else {
+        s.groups.join(", ")
+    };
+    let left = s.expires_at.saturating_sub(crate::audit::now_ms() / 1000);
+    format!(
+        "{who} (subject {}, {:?} login via {}) for {user} (uid {}); groups: {groups}; expires in {}m{}s{}",
+        s.subject,
+        s.kind,
+        s.issuer,
+        s.uid,
+        left / 60,
+        left % 60,
+        if s.refresh_failing { "; refresh is failing" } else { "" }
+    )
+}
+
+fn login(socket: &Path, no_wait: bool, token_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    if let Some(file) = token_file {
+        let token = if file == Path::new("-") {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+                .context("reading the token from standard input")?;
+            t
+        } else {
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading the token from {}", file.display()))?
+        };
+        return match ask(
+            socket,
+            &Request::LoginToken {
+                token: token.trim().to_string(),
+            },
+        )? {
+            Response::LoggedIn(s) => {
+                println!("logged in as {}", describe(&s));
+                Ok(ExitCode::SUCCESS)
+            }
+            other => unexpected(other),
+        };
+    }
+    let started = match ask(socket, &Request::LoginStart)? {
+        Response::LoginStarted(s) => s,
+        other => return unexpected(other),
+    };
+    println!(
+        "To log in, open this address in a browser:\n\n    {}\n",
+        started.verification_uri
+    );
+    println!("and enter the code:  {}\n", started.user_code);
+    if let Some(complete) = &started.verification_uri_complete {
+        println!("(or open {complete} directly)");
+    }
+    println!("The code expires in {} minutes.", started.expires_in / 60);
+    if no_wait {
+        println!("Not waiting: `portcullis whoami` shows the result once you are done.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Waiting for you to finish (Ctrl-C cancels)...");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    match ask(
+        socket,
+        &Request::LoginWait {
+            login_id: started.login_id,
+        },
+    )? {
+        Response::LoggedIn(s) => {
+            println!("Logged in as {}", describe(&s));
+            Ok(ExitCode::SUCCESS)
+        }
+        other => unexpected(other),
     }
 }
 

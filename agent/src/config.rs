@@ -45,6 +45,152 @@ pub struct Config {
     pub bpf: BpfConfig,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// Settings that weaken security, for labs and tests; the name says so.
+    #[serde(default)]
+    pub insecure: InsecureConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The OpenID Provider users log in with (`portcullis login`). https, or http on loopback.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The agent's client at the issuer: a public client allowed the device grant.
+    #[serde(default = "defaults::client_id")]
+    pub client_id: String,
+    /// Expected `aud` of ID tokens; default: the client id.
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default = "defaults::scopes")]
+    pub scopes: Vec<String>,
+    /// Signature algorithms accepted; asymmetric only (no `none`, no HMAC).
+    #[serde(default = "defaults::algorithms")]
+    pub algorithms: Vec<String>,
+    #[serde(default = "defaults::leeway_secs")]
+    pub leeway_secs: u64,
+    #[serde(default = "defaults::groups_claim")]
+    pub groups_claim: String,
+    /// Refresh a session this long before it expires.
+    #[serde(default = "defaults::refresh_before_secs")]
+    pub refresh_before_secs: u64,
+    /// What happens to a user's open connections when their session ends.
+    #[serde(default)]
+    pub on_session_end: OnSessionEnd,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceIdentityConfig>,
+    #[serde(default, rename = "trusted_issuer")]
+    pub trusted_issuers: Vec<TrustedIssuerConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSessionEnd {
+    #[default]
+    Close,
+    Keep,
+}
+
+/// A non-human identity: processes of `uid`, or of systemd unit `unit`, act as this
+/// OIDC client (client-credentials grant at the main issuer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceIdentityConfig {
+    pub name: String,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub unit: Option<String>,
+    pub client_id: String,
+    /// Root-only file holding the client secret.
+    pub client_secret_file: PathBuf,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// An issuer of workload tokens (CI pipelines) accepted by `portcullis login --token-file`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuerConfig {
+    pub issuer: String,
+    pub audience: String,
+    /// Claims that must equal these values (e.g. `repository = "acme/infra"`).
+    #[serde(default)]
+    pub required_claims: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InsecureConfig {
+    /// Attribute connections to the Unix account alone, without an OIDC login.
+    #[serde(default)]
+    pub unix_identity_only: bool,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            client_id: defaults::client_id(),
+            audience: None,
+            scopes: defaults::scopes(),
+            algorithms: defaults::algorithms(),
+            leeway_secs: defaults::leeway_secs(),
+            groups_claim: defaults::groups_claim(),
+            refresh_before_secs: defaults::refresh_before_secs(),
+            on_session_end: OnSessionEnd::Close,
+            services: Vec::new(),
+            trusted_issuers: Vec::new(),
+        }
+    }
+}
+
+/// Accepts https, and plain http only on loopback where nothing crosses a network.
+pub fn check_issuer_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("issuer `{url}` must be an https URL"));
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "issuer `{url}` must use https (plain http is accepted on loopback only)"
+        ))
+    }
+}
+
+pub fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, String> {
+    use jsonwebtoken::Algorithm::*;
+    let alg = match name {
+        "RS256" => RS256,
+        "RS384" => RS384,
+        "RS512" => RS512,
+        "PS256" => PS256,
+        "PS384" => PS384,
+        "PS512" => PS512,
+        "ES256" => ES256,
+        "ES384" => ES384,
+        "EdDSA" => EdDSA,
+        "HS256" | "HS384" | "HS512" => {
+            return Err(format!(
+            "`{name}` is an HMAC algorithm; ID tokens must be signed with the issuer's private key"
+        ))
+        }
+        other => return Err(format!("unknown signature algorithm `{other}`")),
+    };
+    Ok(alg)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +368,28 @@ mod defaults {
     pub fn pin_dir() -> PathBuf {
         PathBuf::from("/sys/fs/bpf/portcullis")
     }
+    pub fn client_id() -> String {
+        "portcullis".into()
+    }
+    pub fn scopes() -> Vec<String> {
+        ["openid", "email", "profile", "groups", "offline_access"]
+            .map(String::from)
+            .to_vec()
+    }
+    pub fn algorithms() -> Vec<String> {
+        ["RS256", "PS256", "ES256", "EdDSA"]
+            .map(String::from)
+            .to_vec()
+    }
+    pub fn leeway_secs() -> u64 {
+        60
+    }
+    pub fn groups_claim() -> String {
+        "groups".into()
+    }
+    pub fn refresh_before_secs() -> u64 {
+        120
+    }
 }
 
 impl Default for ControlConfig {
@@ -342,10 +510,46 @@ impl Config {
                 upstream,
             });
         }
+        self.validate_identity()?;
         if self.proxy.upstream_mark == 0 {
             return Err((0..0, "proxy.upstream_mark must not be 0".to_string()));
         }
         Ok(out)
+    }
+
+    fn validate_identity(&self) -> Result<(), (std::ops::Range<usize>, String)> {
+        let id = &self.identity;
+        let whole = 0..0;
+        if let Some(issuer) = &id.issuer {
+            check_issuer_url(issuer)
+                .map_err(|m| (whole.clone(), format!("identity.issuer: {m}")))?;
+        }
+        for alg in &id.algorithms {
+            parse_algorithm(alg)
+                .map_err(|m| (whole.clone(), format!("identity.algorithms: {m}")))?;
+        }
+        for (i, svc) in id.services.iter().enumerate() {
+            if svc.uid.is_none() == svc.unit.is_none() {
+                return Err((
+                    whole.clone(),
+                    format!(
+                        "identity.service[{i}] (`{}`): set exactly one of `uid` or `unit`",
+                        svc.name
+                    ),
+                ));
+            }
+            if id.issuer.is_none() {
+                return Err((
+                    whole.clone(),
+                    format!("identity.service[{i}]: service identities need identity.issuer"),
+                ));
+            }
+        }
+        for (i, t) in id.trusted_issuers.iter().enumerate() {
+            check_issuer_url(&t.issuer)
+                .map_err(|m| (whole.clone(), format!("identity.trusted_issuer[{i}]: {m}")))?;
+        }
+        Ok(())
     }
 
     /// The directory where this layout version's pins live.

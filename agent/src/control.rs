@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditEvent, EventKind};
 use crate::ebpf::{AttachedProgram, Counters};
+use crate::identity::{IdentityService, LoginStarted, SessionView};
 use crate::proxy::{ConnectionView, Proxy};
 
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -26,14 +27,52 @@ pub enum Request {
     Status,
     /// Remove enforcement and stop the agent (root only).
     Detach,
+    /// Start a device-grant login for the caller's uid.
+    LoginStart,
+    /// Wait for a login the caller started; closing the connection cancels it.
+    LoginWait {
+        login_id: u64,
+    },
+    /// Log in with a workload token from a trusted issuer.
+    LoginToken {
+        token: String,
+    },
+    Whoami,
+    Logout,
+    /// All sessions (root only).
+    LoginsList,
+    /// End the sessions of a uid or subject (root only).
+    LoginsRevoke {
+        selector: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<StatusReport>),
-    Detached { pin_dir: PathBuf },
-    Error { message: String },
+    Detached {
+        pin_dir: PathBuf,
+    },
+    LoginStarted(LoginStarted),
+    LoggedIn(SessionView),
+    Whoami {
+        session: Option<SessionView>,
+    },
+    LoggedOut {
+        revoked: bool,
+        closed_connections: usize,
+    },
+    Logins {
+        sessions: Vec<SessionView>,
+    },
+    Revoked {
+        uids: Vec<u32>,
+        closed_connections: usize,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +146,9 @@ pub struct TargetView {
 /// Everything the control server answers from.
 pub struct ControlState {
     pub proxy: Arc<Proxy>,
+    pub identity: Arc<IdentityService>,
+    /// The data plane's runtime: identity work (HTTP to the issuer) runs there.
+    pub data_plane: tokio::runtime::Handle,
     pub started_ms: u64,
     /// Cancelled to make the agent drain and exit.
     pub shutdown: CancellationToken,
@@ -177,7 +219,7 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
             message: format!("cannot read request: {e}"),
         },
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => respond(req, uid, state),
+            Ok(req) => respond(req, uid, state).await,
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),
             },
@@ -189,8 +231,86 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
     write.shutdown().await
 }
 
-fn respond(req: Request, uid: u32, state: &ControlState) -> Response {
+async fn respond(req: Request, uid: u32, state: &ControlState) -> Response {
+    let identity = Arc::clone(&state.identity);
+    let root_only = || Response::Error {
+        message: "only root may do this".into(),
+    };
     match req {
+        Request::LoginStart => {
+            on_data_plane(&state.data_plane, async move {
+                match identity.login_start(uid).await {
+                    Ok(s) => Response::LoginStarted(s),
+                    Err(message) => Response::Error { message },
+                }
+            })
+            .await
+        }
+        Request::LoginWait { login_id } => {
+            // Awaited here, on the control runtime: if the CLI goes away, this future is
+            // dropped and the login is cancelled.
+            match identity.login_wait(uid, login_id).await {
+                Ok(s) => Response::LoggedIn(s),
+                Err(message) => Response::Error { message },
+            }
+        }
+        Request::LoginToken { token } => {
+            on_data_plane(&state.data_plane, async move {
+                match identity.login_token(uid, &token).await {
+                    Ok(s) => Response::LoggedIn(s),
+                    Err(message) => Response::Error { message },
+                }
+            })
+            .await
+        }
+        Request::Whoami => Response::Whoami {
+            session: identity.whoami(uid),
+        },
+        Request::Logout => {
+            on_data_plane(&state.data_plane, async move {
+                match identity
+                    .end_session(uid, EventKind::Logout, "logged out")
+                    .await
+                {
+                    Some((revoked, closed_connections)) => Response::LoggedOut {
+                        revoked,
+                        closed_connections,
+                    },
+                    None => Response::Error {
+                        message: "you are not logged in".into(),
+                    },
+                }
+            })
+            .await
+        }
+        Request::LoginsList if uid == 0 => Response::Logins {
+            sessions: identity.list(),
+        },
+        Request::LoginsRevoke { selector } if uid == 0 => {
+            on_data_plane(&state.data_plane, async move {
+                let uids = identity.select(&selector);
+                if uids.is_empty() {
+                    return Response::Error {
+                        message: format!("no session matches `{selector}`"),
+                    };
+                }
+                let mut closed = 0;
+                for u in &uids {
+                    if let Some((_, c)) = identity
+                        .end_session(*u, EventKind::LoginRevoked, "revoked by root")
+                        .await
+                    {
+                        closed += c;
+                    }
+                }
+                Response::Revoked {
+                    uids,
+                    closed_connections: closed,
+                }
+            })
+            .await
+        }
+        Request::LoginsList | Request::LoginsRevoke { .. } => root_only(),
         Request::Status => Response::Status(Box::new(status(uid, state))),
         Request::Detach => {
             if uid != 0 {
@@ -215,6 +335,19 @@ fn respond(req: Request, uid: u32, state: &ControlState) -> Response {
             state.shutdown.cancel();
             Response::Detached { pin_dir }
         }
+    }
+}
+
+/// Runs identity work on the data plane's runtime, where the HTTP client lives.
+async fn on_data_plane<F>(handle: &tokio::runtime::Handle, fut: F) -> Response
+where
+    F: std::future::Future<Output = Response> + Send + 'static,
+{
+    match handle.spawn(fut).await {
+        Ok(r) => r,
+        Err(e) => Response::Error {
+            message: format!("internal error: {e}"),
+        },
     }
 }
 
@@ -257,8 +390,13 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, String> {
             socket.display()
         )
     })?;
+    // Waiting for a login lasts as long as the user takes in the browser.
+    let timeout = match req {
+        Request::LoginWait { .. } => None,
+        _ => Some(Duration::from_secs(30)),
+    };
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(timeout)
         .map_err(|e| e.to_string())?;
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::audit::{now_ms, AuditEvent, AuditLog, EventKind};
 use crate::config::{canonical_ip, Config, ProtectedTarget, Protocol};
 use crate::ebpf::Enforcement;
-use crate::identity::{self, Identity};
+use crate::identity::{Identity, IdentityService};
 
 /// The origin record, as events and `portcullis status` show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -81,6 +81,9 @@ pub struct Connection {
     pub client: SocketAddr,
     pub upstream: SocketAddr,
     pub bytes: ByteCounters,
+    /// Cancelled to close this one connection (logout, session end, shutdown).
+    pub cancel: CancellationToken,
+    pub close_reason: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -147,6 +150,18 @@ impl Registry {
         self.lock().len()
     }
 
+    /// Closes every open connection of `uid`; returns how many.
+    pub fn close_uid(&self, uid: u32, reason: &str) -> usize {
+        let open = self.lock();
+        let mut n = 0;
+        for c in open.values().filter(|c| c.origin.uid == uid) {
+            *c.close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+            c.cancel.cancel();
+            n += 1;
+        }
+        n
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Connection>>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -209,6 +224,7 @@ pub struct Proxy {
     targets: Arc<Vec<ProtectedTarget>>,
     enforcement: Arc<Enforcement>,
     audit: Arc<AuditLog>,
+    identity: Arc<IdentityService>,
     pub registry: Arc<Registry>,
     next_id: AtomicU64,
     limit: Arc<Semaphore>,
@@ -253,6 +269,8 @@ impl Proxy {
         targets: Arc<Vec<ProtectedTarget>>,
         enforcement: Arc<Enforcement>,
         audit: Arc<AuditLog>,
+        identity: Arc<IdentityService>,
+        registry: Arc<Registry>,
     ) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
         Arc::new(Self {
@@ -260,7 +278,8 @@ impl Proxy {
             targets,
             enforcement,
             audit,
-            registry: Arc::default(),
+            identity,
+            registry,
             next_id: AtomicU64::new(1),
             limit,
             stop_accepting: CancellationToken::new(),
@@ -311,8 +330,26 @@ impl Proxy {
             return;
         };
         let origin = Origin::from_record(&record);
-        let identity = identity::lookup(origin.uid, origin.gid);
         let span = tracing::info_span!("conn", id, uid = origin.uid, pid = origin.pid, comm = %origin.comm, dst = %origin.destination);
+        let identity = match self.identity.resolve(&origin) {
+            Ok(i) => i,
+            Err(reason) => {
+                let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(reason.clone());
+                ev.connection_id = Some(id);
+                ev.client = Some(peer.to_string());
+                ev.origin = Some(origin.clone());
+                ev.target = self
+                    .targets
+                    .iter()
+                    .find(|t| t.id == origin.target_id)
+                    .map(|t| t.name.clone());
+                self.audit.record(&ev);
+                let _enter = span.enter();
+                // Plain TCP has no way to say why; protocol handlers send their own errors.
+                tracing::warn!(%reason, "connection refused: no identity");
+                return;
+            }
+        };
         self.handle_origin(id, client, peer, origin, identity)
             .instrument(span)
             .await;
@@ -395,6 +432,8 @@ impl Proxy {
             client: peer,
             upstream: upstream_addr,
             bytes: ByteCounters::default(),
+            cancel: self.close_all.child_token(),
+            close_reason: Mutex::new(None),
         });
         self.registry.insert(Arc::clone(&conn));
         self.audit
@@ -415,12 +454,20 @@ impl Proxy {
                     upstream,
                     &conn.bytes,
                     idle,
-                    self.close_all.clone(),
+                    conn.cancel.clone(),
                 )
                 .await
             }
         };
-        guard.reason = end.to_string();
+        let closed_by = conn
+            .close_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        guard.reason = match (&end, closed_by) {
+            (crate::protocol::tcp::End::Shutdown, Some(why)) => why,
+            _ => end.to_string(),
+        };
         drop(guard);
         drop(permit);
     }
