@@ -12,6 +12,8 @@
     reason = "test harness: a failure is a test failure"
 )]
 
+pub mod oidc;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -245,6 +247,8 @@ pub struct Target<'a> {
 }
 
 impl Agent {
+    /// A config for one test. Without identity settings the agent attributes
+    /// connections to the Unix account alone.
     pub fn config_text(
         dir: &Path,
         name: &str,
@@ -252,13 +256,33 @@ impl Agent {
         cgroup: &Path,
         targets: &[Target<'_>],
     ) -> String {
+        Self::config_text_with(
+            dir,
+            name,
+            slot,
+            cgroup,
+            targets,
+            "[insecure]\nunix_identity_only = true\n",
+        )
+    }
+
+    /// `extra` is appended as is (identity settings).
+    pub fn config_text_with(
+        dir: &Path,
+        name: &str,
+        slot: Slot,
+        cgroup: &Path,
+        targets: &[Target<'_>],
+        extra: &str,
+    ) -> String {
         let mut text = format!(
             "state_dir = \"{state}\"\n[control]\nsocket = \"{sock}\"\n[proxy]\nport = {port}\ndrain_timeout_secs = 5\n\
-             [bpf]\ncgroup = \"{cg}\"\npin_dir = \"/sys/fs/bpf/portcullis-e2e-{name}\"\n",
+             [bpf]\ncgroup = \"{cg}\"\npin_dir = \"/sys/fs/bpf/portcullis-e2e-{name}\"\n{extra}",
             state = dir.join("state").display(),
             sock = dir.join("control.sock").display(),
             port = slot.proxy_port,
             cg = cgroup.display(),
+            extra = extra,
         );
         for t in targets {
             text.push_str(&format!(
@@ -283,13 +307,27 @@ impl Agent {
         targets: &[Target<'_>],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_with(name, slot, cgroup, targets, None, env)
+    }
+
+    /// `extra`: config appended to the generated one (None: Unix identity only).
+    pub fn start_with(
+        name: &str,
+        slot: Slot,
+        cgroup: &TestCgroup,
+        targets: &[Target<'_>],
+        extra: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("portcullis.toml");
-        std::fs::write(
-            &config,
-            Self::config_text(dir.path(), name, slot, &cgroup.path, targets),
-        )
-        .unwrap();
+        let text = match extra {
+            Some(extra) => {
+                Self::config_text_with(dir.path(), name, slot, &cgroup.path, targets, extra)
+            }
+            None => Self::config_text(dir.path(), name, slot, &cgroup.path, targets),
+        };
+        std::fs::write(&config, text).unwrap();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/portcullis-e2e-{name}"));
         // A crashed earlier run must not leave enforcement behind.
         let _ = std::fs::remove_dir_all(&pin_dir);
@@ -501,3 +539,10 @@ impl Probe<'_> {
 
 pub const ECONNREFUSED: i64 = libc::ECONNREFUSED as i64;
 pub const EPERM: i64 = libc::EPERM as i64;
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

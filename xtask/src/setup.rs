@@ -20,7 +20,46 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn all() -> Result<()> {
     debian_packages(PACKAGES)?;
-    ebpf_toolchain()
+    ebpf_toolchain()?;
+    oidc_provider()
+}
+
+/// The test OpenID Provider (tests/oidc): `npm ci` from the committed lock, again only
+/// when the installed oidc-provider is not the locked version.
+pub fn oidc_provider() -> Result<()> {
+    let dir = root().join("tests/oidc");
+    let lock_path = dir.join("package-lock.json");
+    let lock: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&lock_path)
+            .with_context(|| format!("reading {}", lock_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", lock_path.display()))?;
+    let locked = lock
+        .pointer("/packages/node_modules~1oidc-provider/version")
+        .and_then(serde_json::Value::as_str)
+        .with_context(|| format!("{} does not lock oidc-provider", lock_path.display()))?
+        .to_string();
+    let installed = std::fs::read_to_string(dir.join("node_modules/oidc-provider/package.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|package| package.get("version")?.as_str().map(str::to_string));
+    if installed.as_deref() == Some(locked.as_str()) {
+        println!(
+            "==> oidc-provider {locked}: present in {}",
+            dir.join("node_modules").display()
+        );
+        return Ok(());
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        bail!("`node` is missing; the test OpenID Provider needs Node.js 20 or later and npm");
+    }
+    step(&format!(
+        "installing oidc-provider {locked} for the test OpenID Provider (npm ci in {})",
+        dir.display()
+    ));
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir))
 }
 
 pub fn ebpf_toolchain() -> Result<()> {
