@@ -394,18 +394,19 @@ fn render_status(r: &StatusReport) -> String {
     if !r.connections.is_empty() {
         let _ = writeln!(
             out,
-            "  {:<6} {:<8} {:<12} {:<16} {:<20} {:<24} {:>10} {:>10}",
-            "ID", "PID", "USER", "COMM", "TARGET", "DESTINATION", "SENT", "RECEIVED"
+            "  {:<6} {:<8} {:<12} {:<24} {:<16} {:<20} {:<24} {:>10} {:>10}",
+            "ID", "PID", "USER", "IDENTITY", "COMM", "TARGET", "DESTINATION", "SENT", "RECEIVED"
         );
     }
     for c in &r.connections {
         let user = c.user.clone().unwrap_or_else(|| format!("uid {}", c.uid));
         let _ = writeln!(
             out,
-            "  {:<6} {:<8} {:<12} {:<16} {:<20} {:<24} {:>10} {:>10}",
+            "  {:<6} {:<8} {:<12} {:<24} {:<16} {:<20} {:<24} {:>10} {:>10}",
             c.id,
             c.pid,
             user,
+            c.subject.as_deref().unwrap_or("-"),
             c.comm,
             c.target,
             c.destination.to_string(),

@@ -95,6 +95,8 @@ pub struct ConnectionView {
     pub pid: u32,
     pub uid: u32,
     pub user: Option<String>,
+    /// The OIDC subject (or service name) the connection acts as.
+    pub subject: Option<String>,
     pub comm: String,
     pub destination: SocketAddr,
     pub client: SocketAddr,
@@ -113,6 +115,11 @@ impl Connection {
             pid: self.origin.pid,
             uid: self.origin.uid,
             user: self.identity.user.clone(),
+            subject: self
+                .identity
+                .email
+                .clone()
+                .or_else(|| self.identity.subject.clone()),
             comm: self.origin.comm.clone(),
             destination: self.origin.destination,
             client: self.client,

@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::step;
 
+const DEMO_CONFIG: &str = include_str!("../../packaging/demo.toml");
+
 const DEMO_DIR: &str = "/tmp/portcullis-demo";
 const SOCKET: &str = "/tmp/portcullis-demo/control.sock";
 const SERVER: &str = "127.0.0.80:8080";
@@ -31,16 +33,32 @@ pub fn run(bin: &Path) -> Result<()> {
     let listener = TcpListener::bind(SERVER).with_context(|| format!("binding {SERVER}"))?;
     std::thread::spawn(move || serve_http(listener));
 
-    step("starting the agent with its embedded demo config (`portcullis agent --demo`)");
+    step("starting a local OpenID Provider (oidc-provider under Node.js; users alice and bob)");
+    let provider =
+        portcullis_e2e::oidc::OidcProvider::start(portcullis_e2e::oidc::OidcOptions::default());
+    println!("issuer: {}", provider.issuer());
+
+    step("starting the agent with the demo config, the local provider as its issuer");
+    // The embedded demo config, with the provider's address instead of Unix-only identity.
+    let demo = DEMO_CONFIG
+        .split("[insecure]")
+        .next()
+        .unwrap_or(DEMO_CONFIG);
+    let config_path = PathBuf::from(DEMO_DIR).join("portcullis.toml");
+    std::fs::write(
+        &config_path,
+        format!("{demo}\n[identity]\nissuer = \"{}\"\n", provider.issuer()),
+    )?;
     let log_path = PathBuf::from(DEMO_DIR).join("agent.log");
     let log = std::fs::File::create(&log_path)?;
     let mut agent = Command::new(bin)
-        .args(["agent", "--demo"])
+        .args(["agent", "--config"])
+        .arg(&config_path)
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .context("starting the agent")?;
-    let result = demo_steps(bin, &cgroup, &mut agent, &log_path);
+    let result = demo_steps(bin, &cgroup, &mut agent, &log_path, &provider);
 
     step("cleaning up: stopping the agent and detaching enforcement");
     let _ = Command::new("kill")
@@ -58,7 +76,13 @@ pub fn run(bin: &Path) -> Result<()> {
     clippy::indexing_slicing,
     reason = "serde_json::Value indexing yields Null, it never panics"
 )]
-fn demo_steps(bin: &Path, cgroup: &Path, agent: &mut Child, log_path: &Path) -> Result<()> {
+fn demo_steps(
+    bin: &Path,
+    cgroup: &Path,
+    agent: &mut Child,
+    log_path: &Path,
+    provider: &portcullis_e2e::oidc::OidcProvider,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !Path::new(SOCKET).exists() {
         if let Some(status) = agent.try_wait()? {
@@ -75,7 +99,70 @@ fn demo_steps(bin: &Path, cgroup: &Path, agent: &mut Child, log_path: &Path) -> 
     }
 
     step(&format!(
-        "as user `nobody`, unchanged: curl http://{SERVER}/hello"
+        "as user `nobody`, not logged in yet: curl http://{SERVER}/hello"
+    ));
+    let out = as_nobody_in(
+        cgroup,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{SERVER}/hello"),
+        ],
+    )
+    .output()
+    .context("running curl")?;
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        bail!("a connection without a login went through");
+    }
+    let events = std::fs::read_to_string(PathBuf::from(DEMO_DIR).join("state/events.jsonl"))
+        .unwrap_or_default();
+    if let Some(reason) = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "connection.refused")
+        .find_map(|v| v["reason"].as_str().map(str::to_string))
+    {
+        println!("the agent refused it: {reason}");
+    }
+
+    step("`nobody` runs `portcullis login` (OAuth device flow), exactly what a user sees:");
+    let bin_str = bin.to_string_lossy().into_owned();
+    let mut login = as_nobody_in(cgroup, &[&bin_str, "login", "--socket", SOCKET])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running portcullis login")?;
+    let mut lines = BufReader::new(login.stdout.take().context("login output")?).lines();
+    for line in lines.by_ref() {
+        let line = line?;
+        println!("  | {line}");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix("(or open ")
+            .map(|r| r.trim_end_matches(" directly)").to_string())
+        {
+            println!(
+                "  (the demo now plays the browser: it opens that page and signs in as alice)"
+            );
+            provider.complete_device_flow(&url, "alice")?;
+            break;
+        }
+    }
+    for line in lines {
+        println!("  | {}", line?);
+    }
+    if !login.wait()?.success() {
+        bail!("portcullis login failed");
+    }
+
+    step(&format!(
+        "as user `nobody`, logged in, unchanged: curl http://{SERVER}/hello"
     ));
     let out = as_nobody_in(
         cgroup,
@@ -139,9 +226,10 @@ fn demo_steps(bin: &Path, cgroup: &Path, agent: &mut Child, log_path: &Path) -> 
             continue;
         }
         println!(
-            "  {:<18} user {} (uid {}) pid {} comm {:<6} -> {} [{}] sent {} received {} {}",
+            "  {:<18} user {} as {} (uid {}) pid {} comm {:<6} -> {} [{}] sent {} received {} {}",
             kind,
-            v["identity"]["user"].as_str().unwrap_or("?"),
+            v["identity"]["user"].as_str().unwrap_or("-"),
+            v["identity"]["email"].as_str().unwrap_or("-"),
             v["origin"]["uid"],
             v["origin"]["pid"],
             v["origin"]["comm"].as_str().unwrap_or("?"),
@@ -156,6 +244,11 @@ fn demo_steps(bin: &Path, cgroup: &Path, agent: &mut Child, log_path: &Path) -> 
             v["reason"].as_str().unwrap_or(""),
         );
     }
+    step("`portcullis whoami`, as nobody");
+    crate::run(&mut as_nobody_in(
+        cgroup,
+        &[&bin_str, "whoami", "--socket", SOCKET],
+    ))?;
     println!("\nThe client never knew: it dialled {SERVER}, and its getpeername() still says so.");
     Ok(())
 }
