@@ -679,3 +679,47 @@ fn root_lists_and_revokes_logins() {
     assert_eq!(alice.connect(w.slot.v4(1), &[])["ok"], false);
     assert_eq!(w.agent.events_of("login.revoked").len(), 1);
 }
+
+#[test]
+fn ctrl_c_during_login_cancels_it_at_the_agent() {
+    if !enabled() {
+        return;
+    }
+    let provider = OidcProvider::start(OidcOptions::default());
+    let w = world("id-cancel", 30, &provider, "");
+    let mut child = cli(&w.agent, 45101, &["login"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
+        if let Some(rest) = line.trim().strip_prefix("(or open ") {
+            break rest.trim_end_matches(" directly)").to_string();
+        }
+    };
+    // Wait until the CLI is blocked waiting, then press Ctrl-C.
+    let mut line = String::new();
+    while !line.contains("Waiting") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0);
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(!child.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(500));
+    // The user finishing in the browser afterwards logs nobody in: the agent stopped polling.
+    provider.complete_device_flow(&url, "alice").unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    let whoami = cli(&w.agent, 45101, &["whoami"]).output().unwrap();
+    assert!(!whoami.status.success(), "{}", text(&whoami));
+    let alice = Probe {
+        cgroup: &w.cg,
+        uid: 45101,
+        netns: None,
+    };
+    assert_eq!(alice.connect(w.slot.v4(1), &[])["ok"], false);
+}

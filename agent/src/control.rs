@@ -219,7 +219,15 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
             message: format!("cannot read request: {e}"),
         },
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => respond(req, uid, state).await,
+            Ok(req) => {
+                // The client sends nothing after its request: a read that ends means it went
+                // away (Ctrl-C), and dropping `respond` then cancels what it was waiting for.
+                let mut probe = [0u8; 1];
+                tokio::select! {
+                    r = respond(req, uid, state) => r,
+                    _ = tokio::io::AsyncReadExt::read(&mut limited, &mut probe) => return Ok(()),
+                }
+            }
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),
             },
