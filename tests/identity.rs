@@ -723,3 +723,45 @@ fn ctrl_c_during_login_cancels_it_at_the_agent() {
     };
     assert_eq!(alice.connect(w.slot.v4(1), &[])["ok"], false);
 }
+
+#[test]
+fn service_identity_for_a_unit_matches_its_cgroup() {
+    if !enabled() {
+        return;
+    }
+    let provider = OidcProvider::start(OidcOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("backup.secret");
+    std::fs::write(&secret, oidc::SERVICE_CLIENT_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // A unit is matched by its cgroup; a path with a slash names a cgroup below the cgroup2
+    // root, which lets the test use its own cgroup in place of system.slice/<unit>.
+    let extra = format!(
+        "\n[[identity.service]]\nname = \"unit-job\"\nunit = \"portcullis-e2e/id-unit\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",
+        oidc::SERVICE_CLIENT_ID,
+        secret.display()
+    );
+    let w = world("id-unit", 31, &provider, &extra);
+    // Any uid in that cgroup acts as the unit's identity.
+    let job = Probe {
+        cgroup: &w.cg,
+        uid: 45111,
+        netns: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = job.connect(w.slot.v4(1), &[]);
+        if via_proxy(&r) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no token for the unit: {r}\n{}",
+            w.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let opened = w.agent.wait_events("connection.opened", 1);
+    assert_eq!(opened[0]["identity"]["kind"], "service");
+    assert_eq!(opened[0]["identity"]["name"], "unit-job");
+}
