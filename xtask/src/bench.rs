@@ -29,6 +29,9 @@ port = 943
 [bpf]
 cgroup = "portcullis-bench"
 pin_dir = "/sys/fs/bpf/portcullis-bench"
+# The data path is measured here, not the login: attribute to the Unix account.
+[insecure]
+unix_identity_only = true
 [[target]]
 name = "bench"
 protocol = "tcp"

@@ -47,6 +47,28 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The Unix account name of a uid, cached for a minute: NSS lookups read files (or ask
+/// a directory) and every connection needs one.
+fn account_name(uid: u32) -> Option<String> {
+    use std::time::Instant;
+    const TTL: Duration = Duration::from_secs(60);
+    static CACHE: std::sync::OnceLock<Mutex<HashMap<u32, (Option<String>, Instant)>>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some((name, at)) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&uid) {
+        if at.elapsed() < TTL {
+            return name.clone();
+        }
+    }
+    let name = crate::sys::user_name(uid);
+    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if c.len() > 10_000 {
+        c.clear();
+    }
+    c.insert(uid, (name.clone(), Instant::now()));
+    name
+}
+
 pub fn now_secs() -> u64 {
     crate::audit::now_ms() / 1000
 }
@@ -125,7 +147,7 @@ impl Session {
     fn view(&self) -> SessionView {
         SessionView {
             uid: self.uid,
-            user: crate::sys::user_name(self.uid),
+            user: account_name(self.uid),
             kind: self.kind,
             subject: self.subject.clone(),
             email: self.email.clone(),
@@ -302,7 +324,7 @@ impl IdentityService {
             kind,
             uid: origin.uid,
             gid: origin.gid,
-            user: crate::sys::user_name(origin.uid),
+            user: account_name(origin.uid),
             subject: None,
             email: None,
             name: None,
@@ -351,8 +373,7 @@ impl IdentityService {
         if self.unix_only {
             return Ok(unix(IdentityKind::Unix));
         }
-        let who =
-            crate::sys::user_name(origin.uid).unwrap_or_else(|| format!("uid {}", origin.uid));
+        let who = account_name(origin.uid).unwrap_or_else(|| format!("uid {}", origin.uid));
         Err(format!("no valid login for {who}: run `portcullis login`"))
     }
 
@@ -762,7 +783,7 @@ fn unix_identity(uid: u32) -> Identity {
         kind: IdentityKind::Unix,
         uid,
         gid: 0,
-        user: crate::sys::user_name(uid),
+        user: account_name(uid),
         subject: None,
         email: None,
         name: None,
@@ -776,7 +797,7 @@ fn session_identity(s: &Session) -> Identity {
         kind: s.kind,
         uid: s.uid,
         gid: 0,
-        user: crate::sys::user_name(s.uid),
+        user: account_name(s.uid),
         subject: Some(s.subject.clone()),
         email: s.email.clone(),
         name: s.name.clone(),
