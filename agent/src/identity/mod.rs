@@ -52,8 +52,8 @@ impl fmt::Debug for Secret {
 fn account_name(uid: u32) -> Option<String> {
     use std::time::Instant;
     const TTL: Duration = Duration::from_secs(60);
-    static CACHE: std::sync::OnceLock<Mutex<HashMap<u32, (Option<String>, Instant)>>> =
-        std::sync::OnceLock::new();
+    type NameCache = Mutex<HashMap<u32, (Option<String>, Instant)>>;
+    static CACHE: std::sync::OnceLock<NameCache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     if let Some((name, at)) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&uid) {
         if at.elapsed() < TTL {
