@@ -1,0 +1,28 @@
+//! The Portcullis policy engine: a pure function from a [`Request`] (who, what, where, under
+//! which circumstances) to a [`Decision`] (allow, deny or require approval, with obligations
+//! such as masking, the policies that decided and the reason).
+//!
+//! Policies are [Cedar](https://www.cedarpolicy.com) files validated against the schema in
+//! `schema/portcullis.cedarschema`; effects beyond allow/deny are annotations on `permit`
+//! policies (`@approval`, `@approvals`, `@mask`), with masking profiles and approval defaults in
+//! TOML next to the policies. The crate does no I/O: the caller reads the policy directory and
+//! passes `(path, contents)` pairs to [`PolicySet::load`]. See `README.md` for the policy
+//! language as Portcullis uses it.
+
+mod decision;
+mod engine;
+mod error;
+mod live;
+mod load;
+mod request;
+mod settings;
+
+pub use decision::{
+    Decision, Effect, Explanation, Obligation, PolicyEffect, PolicyId, PolicyOutcome, PolicyVerdict,
+};
+pub use engine::{PolicyInfo, PolicySet, RequiredApproval};
+pub use error::{LoadError, LoadWarning, Location, Problem};
+pub use live::LivePolicySet;
+pub use load::{is_policy_set_file, APPROVALS_FILE, MASKING_FILE, SCHEMA};
+pub use request::{Action, Context, Principal, PrincipalKind, Request, Target, STATEMENT_CLASSES};
+pub use settings::{ApprovalSettings, ColumnMatcher, MaskKind, MaskRule, MaskingProfile};

@@ -1,0 +1,191 @@
+//! What the agent asks: who wants to do what, where, and under which circumstances.
+//!
+//! The agent builds one [`Request`] per decision, for every protocol, from facts it established
+//! itself (the kernel's origin record, the OIDC session, the protocol handler's parse of the
+//! client's message). Nothing here is read from the client unverified.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Whether the principal is a person or automation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrincipalKind {
+    /// A person signed in through OIDC (`Portcullis::User` in policies).
+    User,
+    /// A non-human identity from the agent config (`Portcullis::ServiceIdentity`).
+    Service,
+}
+
+/// The identity a connection is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub kind: PrincipalKind,
+    /// The OIDC subject for a user, the configured name for a service identity. Policies name
+    /// principals by this id, so it must be the claim that never changes, not the email.
+    pub id: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    /// Group names; each becomes a `Portcullis::Group` the principal is `in`.
+    pub groups: Vec<String>,
+}
+
+/// A protected destination as configured in the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    /// `tcp`, `postgres` or `ssh`.
+    pub protocol: String,
+    /// Free-form labels such as `environment = "production"`; Cedar tags on the target.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What the principal is trying to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Open a connection to the target at all.
+    Connect,
+    /// Run one PostgreSQL statement; its class is `Context::statement_class`.
+    Query,
+    /// An interactive SSH shell.
+    SshShell,
+    /// An SSH exec request; the command is `Context::command_line`.
+    SshExec,
+    /// The SSH `sftp` subsystem (scp in its modern form uses it too).
+    SshSftp,
+    /// SSH TCP port forwarding (local or remote).
+    SshPortForward,
+    /// SSH agent forwarding.
+    SshAgentForward,
+}
+
+impl Action {
+    /// Every action, in the order the engine indexes them.
+    pub const ALL: [Action; 7] = [
+        Action::Connect,
+        Action::Query,
+        Action::SshShell,
+        Action::SshExec,
+        Action::SshSftp,
+        Action::SshPortForward,
+        Action::SshAgentForward,
+    ];
+
+    /// The action's id in the Cedar schema: `Portcullis::Action::"<cedar_name>"`.
+    pub fn cedar_name(self) -> &'static str {
+        match self {
+            Action::Connect => "connect",
+            Action::Query => "query",
+            Action::SshShell => "ssh_shell",
+            Action::SshExec => "ssh_exec",
+            Action::SshSftp => "ssh_sftp",
+            Action::SshPortForward => "ssh_port_forward",
+            Action::SshAgentForward => "ssh_agent_forward",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Action::Connect => 0,
+            Action::Query => 1,
+            Action::SshShell => 2,
+            Action::SshExec => 3,
+            Action::SshSftp => 4,
+            Action::SshPortForward => 5,
+            Action::SshAgentForward => 6,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.cedar_name())
+    }
+}
+
+/// The statement classes the PostgreSQL classifier produces, as policies spell them in
+/// `context.statement_class`. The schema file documents what falls into each.
+pub const STATEMENT_CLASSES: [&str; 8] = [
+    "read",
+    "write",
+    "ddl",
+    "dcl",
+    "admin",
+    "drop_database",
+    "truncate",
+    "other",
+];
+
+/// The circumstances of a request. Which fields an action uses is fixed by the schema: `query`
+/// needs `statement_class`, `db_user` and `db_name`; `ssh_exec` needs `command_line`. A field an
+/// action does not use is ignored; a field it needs but is `None` makes the request
+/// unevaluable, and so denied.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Context {
+    /// Seconds since the Unix epoch. The engine never reads a clock: the agent passes the time
+    /// so a decision can be replayed and tested.
+    pub unix_time: i64,
+    /// 0..=23, in the agent's policy time zone.
+    pub hour: u8,
+    /// 1..=7, ISO 8601 (1 = Monday, 7 = Sunday), in the same time zone.
+    pub weekday: u8,
+    /// The client process name from the kernel (`comm`).
+    pub source_comm: String,
+    /// The Unix uid of the client process.
+    pub source_uid: u32,
+    /// One of [`STATEMENT_CLASSES`].
+    pub statement_class: Option<String>,
+    pub tables: Vec<String>,
+    pub functions: Vec<String>,
+    pub command_line: Option<String>,
+    pub db_user: Option<String>,
+    pub db_name: Option<String>,
+}
+
+/// One question to the policy engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub principal: Principal,
+    pub action: Action,
+    pub target: Target,
+    pub context: Context,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.principal.kind {
+            PrincipalKind::User => "user",
+            PrincipalKind::Service => "service",
+        };
+        write!(f, "{kind} `{}`", self.principal.id)?;
+        if let Some(email) = &self.principal.email {
+            write!(f, " <{email}>")?;
+        }
+        if !self.principal.groups.is_empty() {
+            write!(f, " (groups: {})", self.principal.groups.join(", "))?;
+        }
+        write!(
+            f,
+            " wants {} on target `{}` ({}",
+            self.action, self.target.name, self.target.protocol
+        )?;
+        for (key, value) in &self.target.labels {
+            write!(f, ", {key}={value}")?;
+        }
+        f.write_str(")")?;
+        let c = &self.context;
+        if let Some(class) = &c.statement_class {
+            write!(f, ", statement class `{class}`")?;
+        }
+        if !c.tables.is_empty() {
+            write!(f, ", tables {}", c.tables.join(", "))?;
+        }
+        if let Some(command) = &c.command_line {
+            write!(f, ", command `{command}`")?;
+        }
+        write!(
+            f,
+            ", from `{}` uid {} at hour {} weekday {}",
+            c.source_comm, c.source_uid, c.hour, c.weekday
+        )
+    }
+}

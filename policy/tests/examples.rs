@@ -1,0 +1,307 @@
+//! The example policy sets in `examples/` make the decisions their comments promise.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests fail loudly"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use portcullis_policy::{Action, Effect, MaskKind, Obligation, PolicySet, Request};
+
+fn load_example(name: &str) -> PolicySet {
+    let set = PolicySet::load(read_policy_dir(&example_dir(name)))
+        .unwrap_or_else(|e| panic!("example {name}: {e}"));
+    assert!(
+        set.warnings().is_empty(),
+        "example {name} loads with warnings: {:?}",
+        set.warnings()
+    );
+    set
+}
+
+struct Row {
+    name: &'static str,
+    request: Request,
+    effect: Effect,
+    matched: &'static [&'static str],
+    masks: &'static [&'static str],
+}
+
+fn allow(name: &'static str, request: Request, matched: &'static [&'static str]) -> Row {
+    Row {
+        name,
+        request,
+        effect: Effect::Allow,
+        matched,
+        masks: &[],
+    }
+}
+
+fn deny(name: &'static str, request: Request, matched: &'static [&'static str]) -> Row {
+    Row {
+        name,
+        request,
+        effect: Effect::Deny,
+        matched,
+        masks: &[],
+    }
+}
+
+fn check(example: &str, rows: Vec<Row>) {
+    let set = load_example(example);
+    let mut failures = Vec::new();
+    for row in rows {
+        let decision = set.decide(&row.request);
+        let matched: Vec<&str> = decision.matched.iter().map(|id| id.as_str()).collect();
+        let masks: Vec<&str> = decision
+            .obligations
+            .iter()
+            .map(|Obligation::Mask { profile }| profile.as_str())
+            .collect();
+        if decision.effect != row.effect || matched != row.matched || masks != row.masks {
+            failures.push(format!(
+                "{}: got {:?} matched {matched:?} masks {masks:?}: {}",
+                row.name, decision.effect, decision.reason
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{example}:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn analysts_read_masked_and_compliance_reads_in_clear() {
+    let analyst = || user("alice", &["analysts"]);
+    let officer = || user("olga", &["compliance"]);
+    check(
+        "analysts",
+        vec![
+            allow(
+                "analyst connects to a database",
+                request(analyst(), Action::Connect, production_db()),
+                &["analysts-connect"],
+            ),
+            deny(
+                "analyst cannot open an ssh target",
+                request(analyst(), Action::Connect, ssh_host()),
+                &[],
+            ),
+            Row {
+                masks: &["pii"],
+                ..allow(
+                    "analyst reads, masked",
+                    query(analyst(), production_db(), "read"),
+                    &["analysts-read"],
+                )
+            },
+            deny(
+                "analyst cannot write",
+                query(analyst(), staging_db(), "write"),
+                &[],
+            ),
+            deny(
+                "analyst cannot change schemas",
+                query(analyst(), staging_db(), "ddl"),
+                &[],
+            ),
+            allow(
+                "compliance reads in clear",
+                query(officer(), production_db(), "read"),
+                &["compliance-read"],
+            ),
+            allow(
+                "an analyst in compliance reads in clear",
+                query(
+                    user("ann", &["analysts", "compliance"]),
+                    production_db(),
+                    "read",
+                ),
+                &["compliance-read"],
+            ),
+            deny(
+                "compliance cannot write",
+                query(officer(), production_db(), "write"),
+                &[],
+            ),
+            deny(
+                "nobody else reads",
+                query(user("eve", &["sales"]), production_db(), "read"),
+                &[],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn analysts_masking_profile_covers_card_numbers_and_emails() {
+    let set = load_example("analysts");
+    let pii = set.masking_profile("pii").expect("pii profile");
+    let mask_of = |column: &str| pii.rule_for_column(column).map(|rule| rule.mask.clone());
+    let partial = Some(MaskKind::Partial {
+        keep_first: 0,
+        keep_last: 4,
+    });
+    assert_eq!(mask_of("card_number"), partial);
+    assert_eq!(mask_of("CC_NUM"), partial);
+    assert_eq!(mask_of("pan"), partial);
+    assert_eq!(mask_of("email"), Some(MaskKind::Hash));
+    assert_eq!(mask_of("E_Mail_Address"), Some(MaskKind::Hash));
+    assert_eq!(mask_of("name"), None);
+    assert_eq!(mask_of("card_holder"), None);
+}
+
+#[test]
+fn production_changes_need_approval_windows_and_never_drop() {
+    let engineer = || user("eli", &["engineers"]);
+    let dba = || user("dora", &["dba", "engineers"]);
+    check(
+        "production-changes",
+        vec![
+            allow(
+                "engineer reads production",
+                query(engineer(), production_db(), "read"),
+                &["engineers-read"],
+            ),
+            allow(
+                "engineer writes to staging",
+                query(engineer(), staging_db(), "write"),
+                &["engineers-write-staging"],
+            ),
+            Row {
+                effect: Effect::RequireApproval {
+                    approver_group: "dba-leads".to_owned(),
+                    approvals: 2,
+                },
+                ..allow(
+                    "engineer writes to production after two approvals",
+                    query(engineer(), production_db(), "write"),
+                    &["engineers-write-production"],
+                )
+            },
+            deny(
+                "engineer cannot change schemas",
+                query(engineer(), staging_db(), "ddl"),
+                &[],
+            ),
+            allow(
+                "dba changes staging schemas at any time",
+                at(query(dba(), staging_db(), "ddl"), 3, 3),
+                &["dba-ddl-staging"],
+            ),
+            allow(
+                "dba changes production schemas in the window",
+                at(query(dba(), production_db(), "ddl"), 2, 19),
+                &["dba-ddl-change-window"],
+            ),
+            allow(
+                "the window includes Thursday 18:00",
+                at(query(dba(), production_db(), "ddl"), 4, 18),
+                &["dba-ddl-change-window"],
+            ),
+            deny(
+                "the window ends at 22:00",
+                at(query(dba(), production_db(), "ddl"), 2, 22),
+                &[],
+            ),
+            deny(
+                "no window on Wednesday",
+                at(query(dba(), production_db(), "ddl"), 3, 19),
+                &[],
+            ),
+            deny(
+                "nobody drops a production database, not even a dba in the window",
+                at(query(dba(), production_db(), "drop_database"), 2, 19),
+                &["no-drop-database-production"],
+            ),
+            deny(
+                "nobody truncates a production table",
+                query(engineer(), production_db(), "truncate"),
+                &["no-truncate-production"],
+            ),
+            deny(
+                "truncating staging is simply not permitted",
+                query(engineer(), staging_db(), "truncate"),
+                &[],
+            ),
+            allow(
+                "engineer connects",
+                request(engineer(), Action::Connect, production_db()),
+                &["engineers-connect"],
+            ),
+        ],
+    );
+    let set = load_example("production-changes");
+    assert_eq!(set.approval_settings().timeout, Duration::from_secs(1800));
+}
+
+#[test]
+fn ci_service_runs_deploys_but_gets_no_shell() {
+    let ci = || service("ci-deployer");
+    let sre = || user("sam", &["sre"]);
+    check(
+        "ci-ssh",
+        vec![
+            allow(
+                "ci connects to an ssh target",
+                request(ci(), Action::Connect, ssh_host()),
+                &["ci-connect"],
+            ),
+            allow(
+                "ci runs the deploy script",
+                exec(ci(), ssh_host(), "/opt/deploy/bin/release --tag v1.2"),
+                &["ci-exec-deploy"],
+            ),
+            deny(
+                "ci runs nothing else",
+                exec(ci(), ssh_host(), "bash -i"),
+                &[],
+            ),
+            deny(
+                "ci gets no interactive shell",
+                request(ci(), Action::SshShell, ssh_host()),
+                &["no-interactive-services"],
+            ),
+            deny(
+                "ci gets no sftp",
+                request(ci(), Action::SshSftp, ssh_host()),
+                &["no-interactive-services"],
+            ),
+            deny(
+                "ci forwards no agent",
+                request(ci(), Action::SshAgentForward, ssh_host()),
+                &["no-interactive-services"],
+            ),
+            deny(
+                "ci cannot reach a database",
+                request(ci(), Action::Connect, production_db()),
+                &[],
+            ),
+            deny(
+                "another service cannot deploy",
+                exec(service("backup"), ssh_host(), "/opt/deploy/bin/release"),
+                &[],
+            ),
+            allow(
+                "sre gets a shell",
+                request(sre(), Action::SshShell, ssh_host()),
+                &["sre-ssh"],
+            ),
+            allow(
+                "sre runs any command",
+                exec(sre(), ssh_host(), "journalctl -u nginx"),
+                &["sre-ssh"],
+            ),
+            allow(
+                "sre forwards a port",
+                request(sre(), Action::SshPortForward, ssh_host()),
+                &["sre-ssh"],
+            ),
+        ],
+    );
+}
