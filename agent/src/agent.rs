@@ -41,6 +41,10 @@ pub fn run(
         )?
     };
     let audit = Arc::new(AuditLog::open(&config.events_path())?);
+    // Everything that can be wrong with the configuration is found before the programs are
+    // attached, so a bad start leaves the previous enforcement (or none) as it was.
+    let policies = crate::policy::Policies::load(&config.policy.dir, Arc::clone(&audit))
+        .map_err(anyhow::Error::msg)?;
     let (enforcement, logger) = Enforcement::attach(&config, &targets, &cgroup, host_netns)?;
     tracing::info!(
         config = %source.display(),
@@ -72,6 +76,7 @@ pub fn run(
         Arc::new(enforcement),
         Arc::clone(&audit),
         Arc::clone(&identity),
+        Arc::clone(&policies),
         registry,
     );
     let shutdown = CancellationToken::new();
@@ -93,12 +98,16 @@ pub fn run(
         proxy
             .tasks
             .spawn(Arc::clone(&identity).maintain(proxy.close_all.clone()));
+        proxy
+            .tasks
+            .spawn(Arc::clone(&policies).watch(proxy.close_all.clone()));
     });
 
     let control_listener = control::bind(&config.control.socket)?;
     let state = Arc::new(ControlState {
         proxy: Arc::clone(&proxy),
         identity: Arc::clone(&identity),
+        policies: Arc::clone(&policies),
         data_plane: runtime.handle().clone(),
         started_ms: crate::audit::now_ms(),
         shutdown: shutdown.clone(),

@@ -44,6 +44,10 @@ pub enum EventKind {
     Logout,
     #[serde(rename = "login.revoked")]
     LoginRevoked,
+    #[serde(rename = "policy.reloaded")]
+    PolicyReloaded,
+    #[serde(rename = "policy.reload_failed")]
+    PolicyReloadFailed,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -77,6 +81,11 @@ pub struct AuditEvent {
     pub duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The policy decision behind this event: allow, deny or approval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policy_ids: Vec<String>,
 }
 
 impl AuditEvent {
@@ -97,6 +106,8 @@ impl AuditEvent {
             bytes_upstream_to_client: None,
             duration_ms: None,
             reason: None,
+            decision: None,
+            policy_ids: Vec::new(),
         }
     }
 

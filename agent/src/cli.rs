@@ -70,11 +70,71 @@ enum Command {
         #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
+    /// Validate and explain policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Inspect configuration.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy directory offline (exit code 0 when valid, 1 otherwise).
+    Check {
+        #[arg(default_value = "/etc/portcullis/policies")]
+        dir: PathBuf,
+    },
+    /// Show the decision for a request, the policies that matched and why.
+    Explain(Box<ExplainArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExplainArgs {
+    /// The agent's config: the target's protocol and labels, and the policy directory.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Use this policy directory instead of the config's.
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    /// OIDC subject of a user (or `unix:<uid>` in lab mode).
+    #[arg(long, conflicts_with = "service")]
+    user: Option<String>,
+    /// Name of a service identity.
+    #[arg(long)]
+    service: Option<String>,
+    #[arg(long)]
+    email: Option<String>,
+    /// A group of the principal; repeat for several.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Target name from the config.
+    #[arg(long)]
+    target: String,
+    /// connect, query, ssh_shell, ssh_exec, ssh_sftp, ssh_port_forward, ssh_agent_forward
+    #[arg(long, default_value = "connect")]
+    action: String,
+    #[arg(long, default_value = "psql")]
+    comm: String,
+    #[arg(long, default_value_t = 1000)]
+    uid: u32,
+    /// Unix time of the request (default: now).
+    #[arg(long)]
+    time: Option<i64>,
+    #[arg(long)]
+    statement_class: Option<String>,
+    #[arg(long = "table")]
+    tables: Vec<String>,
+    #[arg(long)]
+    db_user: Option<String>,
+    #[arg(long)]
+    db_name: Option<String>,
+    #[arg(long)]
+    command_line: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,6 +264,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         },
+        Command::Policy { command } => policy_command(command),
         Command::Config { command } => match command {
             ConfigCommand::Check { path } => {
                 let (_, targets) = Config::load(&path)?;
@@ -219,6 +280,89 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+    }
+}
+
+fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { dir } => match crate::policy::load_dir(&dir) {
+            Ok(set) => {
+                for w in set.warnings() {
+                    println!("warning: {w}");
+                }
+                println!("{}: valid, {} policies", dir.display(), set.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(problems) => {
+                eprintln!("{}: invalid\n{problems}", dir.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        PolicyCommand::Explain(args) => {
+            let ExplainArgs {
+                config,
+                policy_dir,
+                user,
+                service,
+                email,
+                groups,
+                target,
+                action,
+                comm,
+                uid,
+                time,
+                statement_class,
+                tables,
+                db_user,
+                db_name,
+                command_line,
+            } = *args;
+            let (cfg, targets) = Config::load(&config)?;
+            let dir = policy_dir.unwrap_or(cfg.policy.dir);
+            let set = crate::policy::load_dir(&dir)
+                .map_err(|e| anyhow::anyhow!("{}: invalid\n{e}", dir.display()))?;
+            let t = targets
+                .iter()
+                .find(|t| t.name == target)
+                .with_context(|| format!("no target named `{target}` in {}", config.display()))?;
+            let action = portcullis_policy::Action::ALL
+                .into_iter()
+                .find(|a| a.cedar_name() == action)
+                .with_context(|| format!("unknown action `{action}`"))?;
+            let principal = match (user, service) {
+                (_, Some(name)) => portcullis_policy::Principal {
+                    kind: portcullis_policy::PrincipalKind::Service,
+                    id: name.clone(),
+                    email: None,
+                    name: Some(name),
+                    groups,
+                },
+                (Some(subject), None) => portcullis_policy::Principal {
+                    kind: portcullis_policy::PrincipalKind::User,
+                    id: subject,
+                    email,
+                    name: None,
+                    groups,
+                },
+                (None, None) => bail!("name the principal with --user or --service"),
+            };
+            let now =
+                time.unwrap_or_else(|| i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0));
+            let mut context = crate::policy::base_context(&comm, uid, now);
+            context.statement_class = statement_class;
+            context.tables = tables;
+            context.db_user = db_user;
+            context.db_name = db_name;
+            context.command_line = command_line;
+            let request = portcullis_policy::Request {
+                principal,
+                action,
+                target: crate::policy::target(t),
+                context,
+            };
+            print!("{}", set.explain(&request));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -368,6 +512,20 @@ fn render_status(r: &StatusReport) -> String {
         "pending      {} origin record(s) not yet accepted",
         r.pending_origins
     );
+    let p = &r.policy;
+    let _ = writeln!(
+        out,
+        "policy       {} policies from {} (generation {})",
+        p.policies,
+        p.dir.display(),
+        p.generation
+    );
+    if let Some(e) = &p.last_error {
+        let _ = writeln!(
+            out,
+            "             LAST RELOAD REFUSED, the previous set is in force:\n{e}"
+        );
+    }
     let _ = writeln!(out, "\ntargets ({})", r.targets.len());
     let _ = writeln!(
         out,

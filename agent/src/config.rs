@@ -47,6 +47,8 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     #[serde(default)]
     pub identity: IdentityConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// Settings that weaken security, for labs and tests; the name says so.
     #[serde(default)]
     pub insecure: InsecureConfig,
@@ -83,6 +85,23 @@ pub struct IdentityConfig {
     pub services: Vec<ServiceIdentityConfig>,
     #[serde(default, rename = "trusted_issuer")]
     pub trusted_issuers: Vec<TrustedIssuerConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Cedar policies (`*.cedar`) plus `masking.toml` and `approvals.toml`. Reloaded on
+    /// SIGHUP and when the files change; a missing or empty directory denies everything.
+    #[serde(default = "defaults::policy_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: defaults::policy_dir(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +285,9 @@ pub struct TargetConfig {
     /// Where to connect instead of the original destination (`ip:port`).
     #[serde(default)]
     pub upstream: Option<Spanned<String>>,
+    /// Labels policies can test (`environment = "production"`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What a `[[target]]` protects, parsed.
@@ -320,6 +342,7 @@ pub struct ProtectedTarget {
     pub address: TargetAddress,
     pub port: u16,
     pub upstream: Option<SocketAddr>,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 addresses for every decision we make.
@@ -367,6 +390,9 @@ mod defaults {
     }
     pub fn pin_dir() -> PathBuf {
         PathBuf::from("/sys/fs/bpf/portcullis")
+    }
+    pub fn policy_dir() -> PathBuf {
+        PathBuf::from("/etc/portcullis/policies")
     }
     pub fn client_id() -> String {
         "portcullis".into()
@@ -508,6 +534,7 @@ impl Config {
                 address,
                 port,
                 upstream,
+                labels: t.labels.clone(),
             });
         }
         self.validate_identity()?;

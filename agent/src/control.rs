@@ -90,6 +90,7 @@ pub struct StatusReport {
     pub targets: Vec<TargetView>,
     pub open_connections: usize,
     pub connections: Vec<ConnectionView>,
+    pub policy: crate::policy::PolicyStatus,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,6 +148,7 @@ pub struct TargetView {
 pub struct ControlState {
     pub proxy: Arc<Proxy>,
     pub identity: Arc<IdentityService>,
+    pub policies: Arc<crate::policy::Policies>,
     /// The data plane's runtime: identity work (HTTP to the issuer) runs there.
     pub data_plane: tokio::runtime::Handle,
     pub started_ms: u64,
@@ -386,6 +388,7 @@ fn status(uid: u32, state: &ControlState) -> StatusReport {
             .collect(),
         open_connections: proxy.registry.len(),
         connections: proxy.registry.views(filter),
+        policy: state.policies.status(),
     }
 }
 

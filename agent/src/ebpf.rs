@@ -597,6 +597,7 @@ mod tests {
             address: TargetAddress::parse(address).unwrap(),
             port: 5432,
             upstream: None,
+            labels: Default::default(),
         }
     }
 

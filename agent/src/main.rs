@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod ebpf;
 mod identity;
+mod policy;
 mod protocol;
 mod proxy;
 mod sys;

@@ -232,6 +232,7 @@ pub struct Proxy {
     enforcement: Arc<Enforcement>,
     audit: Arc<AuditLog>,
     identity: Arc<IdentityService>,
+    policies: Arc<crate::policy::Policies>,
     pub registry: Arc<Registry>,
     next_id: AtomicU64,
     limit: Arc<Semaphore>,
@@ -277,6 +278,7 @@ impl Proxy {
         enforcement: Arc<Enforcement>,
         audit: Arc<AuditLog>,
         identity: Arc<IdentityService>,
+        policies: Arc<crate::policy::Policies>,
         registry: Arc<Registry>,
     ) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
@@ -286,6 +288,7 @@ impl Proxy {
             enforcement,
             audit,
             identity,
+            policies,
             registry,
             next_id: AtomicU64::new(1),
             limit,
@@ -370,8 +373,13 @@ impl Proxy {
         origin: Origin,
         identity: Identity,
     ) {
-        let refuse = |reason: String, target: Option<&ProtectedTarget>| {
+        let refuse_with = |reason: String,
+                           decision: &str,
+                           policy_ids: &[String],
+                           target: Option<&ProtectedTarget>| {
             let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(reason.clone());
+            ev.decision = Some(decision.to_string());
+            ev.policy_ids = policy_ids.to_vec();
             ev.connection_id = Some(id);
             ev.client = Some(peer.to_string());
             ev.identity = Some(identity.clone());
@@ -380,6 +388,9 @@ impl Proxy {
             ev.protocol = target.map(|t| t.protocol.to_string());
             self.audit.record(&ev);
             tracing::warn!(%reason, "connection refused");
+        };
+        let refuse = |reason: String, target: Option<&ProtectedTarget>| {
+            refuse_with(reason, "error", &[], target)
         };
         let target = match self.targets.iter().find(|t| t.id == origin.target_id) {
             Some(t)
@@ -399,6 +410,42 @@ impl Proxy {
                 return;
             }
         };
+        let decision = self
+            .policies
+            .decide(&crate::policy::connect_request(&identity, target, &origin));
+        let policy_ids: Vec<String> = decision
+            .matched
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect();
+        match &decision.effect {
+            portcullis_policy::Effect::Allow => {}
+            portcullis_policy::Effect::Deny => {
+                refuse_with(
+                    format!("denied by policy: {}", decision.reason),
+                    "deny",
+                    &policy_ids,
+                    Some(target),
+                );
+                return;
+            }
+            portcullis_policy::Effect::RequireApproval {
+                approver_group,
+                approvals,
+            } => {
+                // Approvals arrive with the approval workflow; until then waiting means no.
+                refuse_with(
+                    format!(
+                        "requires {approvals} approval(s) from `{approver_group}`, and approvals are not available yet: {}",
+                        decision.reason
+                    ),
+                    "approval",
+                    &policy_ids,
+                    Some(target),
+                );
+                return;
+            }
+        }
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
             refuse(
                 format!(
@@ -443,8 +490,10 @@ impl Proxy {
             close_reason: Mutex::new(None),
         });
         self.registry.insert(Arc::clone(&conn));
-        self.audit
-            .record(&connection_event(EventKind::ConnectionOpened, &conn));
+        let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
+        opened.decision = Some("allow".into());
+        opened.policy_ids = policy_ids;
+        self.audit.record(&opened);
         tracing::info!(target = %conn.target, upstream = %upstream_addr, "connection opened");
         let mut guard = OpenGuard {
             conn: Arc::clone(&conn),

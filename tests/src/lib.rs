@@ -277,12 +277,14 @@ impl Agent {
     ) -> String {
         let mut text = format!(
             "state_dir = \"{state}\"\n[control]\nsocket = \"{sock}\"\n[proxy]\nport = {port}\ndrain_timeout_secs = 5\n\
-             [bpf]\ncgroup = \"{cg}\"\npin_dir = \"/sys/fs/bpf/portcullis-e2e-{name}\"\n{extra}",
+             [bpf]\ncgroup = \"{cg}\"\npin_dir = \"/sys/fs/bpf/portcullis-e2e-{name}\"\n\
+             [policy]\ndir = \"{policies}\"\n{extra}",
             state = dir.join("state").display(),
             sock = dir.join("control.sock").display(),
             port = slot.proxy_port,
             cg = cgroup.display(),
             extra = extra,
+            policies = dir.join("policies").display(),
         );
         for t in targets {
             text.push_str(&format!(
@@ -321,6 +323,12 @@ impl Agent {
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("portcullis.toml");
+        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+        std::fs::write(
+            dir.path().join("policies").join("e2e.cedar"),
+            ALLOW_CONNECT_POLICY,
+        )
+        .unwrap();
         let text = match extra {
             Some(extra) => {
                 Self::config_text_with(dir.path(), name, slot, &cgroup.path, targets, extra)
@@ -490,6 +498,9 @@ impl Drop for Agent {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
+
+/// The policy every test agent starts with; policy tests replace it.
+pub const ALLOW_CONNECT_POLICY: &str = "@id(\"e2e-allow-connect\")\npermit (principal, action == Portcullis::Action::\"connect\", resource);\n";
 
 /// How the probe runs.
 pub struct Probe<'a> {

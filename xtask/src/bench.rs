@@ -32,6 +32,8 @@ pin_dir = "/sys/fs/bpf/portcullis-bench"
 # The data path is measured here, not the login: attribute to the Unix account.
 [insecure]
 unix_identity_only = true
+[policy]
+dir = "/tmp/portcullis-bench/policies"
 [[target]]
 name = "bench"
 protocol = "tcp"
@@ -65,6 +67,11 @@ fn redirect() -> Result<()> {
     std::fs::create_dir_all(BENCH_DIR)?;
     let config = PathBuf::from(BENCH_DIR).join("portcullis.toml");
     std::fs::write(&config, CONFIG)?;
+    std::fs::create_dir_all(PathBuf::from(BENCH_DIR).join("policies"))?;
+    std::fs::write(
+        PathBuf::from(BENCH_DIR).join("policies/bench.cedar"),
+        "@id(\"bench-connect\")\npermit (principal, action == Portcullis::Action::\"connect\", resource);\n",
+    )?;
     let cgroup = crate::cgroup2_root()?.join("portcullis-bench");
     std::fs::create_dir_all(&cgroup)?;
     // Leftovers of an interrupted run must not enforce: start from nothing attached.

@@ -13,6 +13,15 @@ use anyhow::{bail, Context, Result};
 use crate::step;
 
 const DEMO_CONFIG: &str = include_str!("../../packaging/demo.toml");
+const DEMO_POLICY: &str = r#"@id("engineers-reach-demo")
+@description("Engineers may connect to the demo targets")
+permit (
+    principal in Portcullis::Group::"engineering",
+    action == Portcullis::Action::"connect",
+    resource
+)
+when { resource.hasTag("environment") && resource.getTag("environment") == "demo" };
+"#;
 
 const DEMO_DIR: &str = "/tmp/portcullis-demo";
 const SOCKET: &str = "/tmp/portcullis-demo/control.sock";
@@ -44,6 +53,13 @@ pub fn run(bin: &Path) -> Result<()> {
         .split("[insecure]")
         .next()
         .unwrap_or(DEMO_CONFIG);
+    let policies = PathBuf::from(DEMO_DIR).join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("demo.cedar"), DEMO_POLICY)?;
+    println!(
+        "policy ({}):\n{DEMO_POLICY}",
+        policies.join("demo.cedar").display()
+    );
     let config_path = PathBuf::from(DEMO_DIR).join("portcullis.toml");
     std::fs::write(
         &config_path,

@@ -1,0 +1,313 @@
+//! The agent's side of the policy engine: reading the policy directory, building the one
+//! request shape every protocol uses, deciding, and reloading (SIGHUP and file changes).
+//! A policy set that fails to load never replaces the one in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use portcullis_policy::{
+    Action, Context, Decision, LivePolicySet, PolicySet, Principal, PrincipalKind, Request, Target,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditEvent, AuditLog, EventKind};
+use crate::config::ProtectedTarget;
+use crate::identity::{Identity, IdentityKind};
+use crate::proxy::Origin;
+
+/// Reads every file of the policy directory the engine wants (`*.cedar`, `*.toml`).
+/// A missing directory is an empty policy set: everything is denied.
+pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(format!(
+                "cannot read policy directory {}: {e}",
+                dir.display()
+            ))
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| format!("reading {}: {e}", dir.display()))?
+            .path();
+        if path.is_file() && portcullis_policy::is_policy_set_file(&path) {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            files.push((path, text));
+        }
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(files)
+}
+
+/// Loads a directory offline (`portcullis policy check`, start-up).
+pub fn load_dir(dir: &Path) -> Result<PolicySet, String> {
+    let files = read_dir(dir)?;
+    PolicySet::load(files).map_err(|e| {
+        e.problems()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// Names, sizes and modification times: changes when a file is edited, added or removed.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    Some((e.path(), m.len(), m.modified().ok()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub dir: PathBuf,
+    pub policies: usize,
+    pub generation: u64,
+    pub loaded_at_ms: u64,
+    /// Why the last reload was refused; the set in force is the previous one.
+    pub last_error: Option<String>,
+}
+
+pub struct Policies {
+    dir: PathBuf,
+    live: LivePolicySet,
+    status: Mutex<PolicyStatus>,
+    seen: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+    audit: Arc<AuditLog>,
+}
+
+impl Policies {
+    pub fn load(dir: &Path, audit: Arc<AuditLog>) -> Result<Arc<Self>, String> {
+        let seen = fingerprint(dir);
+        let set = load_dir(dir)
+            .map_err(|e| format!("the policy set in {} is invalid:\n{e}", dir.display()))?;
+        if set.is_empty() {
+            tracing::warn!(dir = %dir.display(), "no policies: every protected connection is denied");
+        }
+        for w in set.warnings() {
+            tracing::warn!(warning = %w, "policy");
+        }
+        let status = PolicyStatus {
+            dir: dir.to_path_buf(),
+            policies: set.len(),
+            generation: 1,
+            loaded_at_ms: crate::audit::now_ms(),
+            last_error: None,
+        };
+        Ok(Arc::new(Self {
+            dir: dir.to_path_buf(),
+            live: LivePolicySet::new(set),
+            status: Mutex::new(status),
+            seen: Mutex::new(seen),
+            audit,
+        }))
+    }
+
+    pub fn decide(&self, request: &Request) -> Decision {
+        self.live.decide(request)
+    }
+
+    pub fn status(&self) -> PolicyStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reloads the directory; on any error the set in force stays and the error is kept
+    /// for `portcullis status`.
+    pub fn reload(&self, why: &str) -> Result<usize, String> {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = fingerprint(&self.dir);
+        let result = read_dir(&self.dir).and_then(|files| {
+            self.live.reload(files).map(|set| set.len()).map_err(|e| {
+                e.problems()
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        });
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(n) => {
+                status.policies = *n;
+                status.generation += 1;
+                status.loaded_at_ms = crate::audit::now_ms();
+                status.last_error = None;
+                tracing::info!(policies = n, generation = status.generation, %why, "policy set reloaded");
+                self.audit
+                    .record(&AuditEvent::new(EventKind::PolicyReloaded).reason(format!(
+                        "{why}: {n} policies, generation {}",
+                        status.generation
+                    )));
+            }
+            Err(e) => {
+                status.last_error = Some(e.clone());
+                tracing::error!(error = %e, %why, "policy reload refused; the previous set stays in force");
+                self.audit.record(
+                    &AuditEvent::new(EventKind::PolicyReloadFailed).reason(format!(
+                        "{why}: {e}; generation {} stays in force",
+                        status.generation
+                    )),
+                );
+            }
+        }
+        result
+    }
+
+    /// Reloads on SIGHUP and when the directory's files change.
+    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler; policy files are still watched");
+                None
+            }
+        };
+        loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = hangup => {
+                    let _ = self.reload("SIGHUP");
+                }
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let changed = *self.seen.lock().unwrap_or_else(|p| p.into_inner()) != fingerprint(&self.dir);
+                    if changed {
+                        let _ = self.reload("policy files changed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The principal a policy sees for an identity. A Unix-only identity (lab mode) is the
+/// user `unix:<uid>`.
+pub fn principal(identity: &Identity) -> Principal {
+    match identity.kind {
+        IdentityKind::Service => Principal {
+            kind: PrincipalKind::Service,
+            id: identity
+                .name
+                .clone()
+                .or_else(|| identity.subject.clone())
+                .unwrap_or_default(),
+            email: None,
+            name: identity.name.clone(),
+            groups: identity.groups.clone(),
+        },
+        IdentityKind::User | IdentityKind::Workload => Principal {
+            kind: PrincipalKind::User,
+            id: identity.subject.clone().unwrap_or_default(),
+            email: identity.email.clone(),
+            name: identity.name.clone(),
+            groups: identity.groups.clone(),
+        },
+        IdentityKind::Unix => Principal {
+            kind: PrincipalKind::User,
+            id: format!("unix:{}", identity.uid),
+            email: None,
+            name: identity.user.clone(),
+            groups: Vec::new(),
+        },
+    }
+}
+
+pub fn target(t: &ProtectedTarget) -> Target {
+    Target {
+        name: t.name.clone(),
+        protocol: t.protocol.to_string(),
+        labels: t.labels.clone(),
+    }
+}
+
+/// Context fields every action has: the time (UTC) and the client process.
+pub fn base_context(comm: &str, uid: u32, unix_time: i64) -> Context {
+    let days = unix_time.div_euclid(86_400);
+    let secs = unix_time.rem_euclid(86_400);
+    // 1970-01-01 was a Thursday (ISO weekday 4).
+    let weekday = u8::try_from((days + 3).rem_euclid(7) + 1).unwrap_or(1);
+    Context {
+        unix_time,
+        hour: u8::try_from(secs / 3600).unwrap_or(0),
+        weekday,
+        source_comm: comm.to_string(),
+        source_uid: uid,
+        statement_class: None,
+        tables: Vec::new(),
+        functions: Vec::new(),
+        command_line: None,
+        db_user: None,
+        db_name: None,
+    }
+}
+
+pub fn connect_request(identity: &Identity, t: &ProtectedTarget, origin: &Origin) -> Request {
+    let now = i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0);
+    Request {
+        principal: principal(identity),
+        action: Action::Connect,
+        target: target(t),
+        context: base_context(&origin.comm, origin.uid, now),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_hour_and_iso_weekday() {
+        // 2026-11-23 10:30:00 UTC is a Monday.
+        let c = base_context("psql", 1000, 1_795_429_800);
+        assert_eq!((c.hour, c.weekday), (10, 1));
+        // 1970-01-01 00:00 was a Thursday.
+        assert_eq!(base_context("x", 0, 0).weekday, 4);
+        // 1970-01-04 was a Sunday (7).
+        assert_eq!(base_context("x", 0, 3 * 86_400).weekday, 7);
+    }
+
+    #[test]
+    fn a_missing_policy_directory_is_an_empty_set() {
+        let set = load_dir(Path::new("/nonexistent/portcullis/policies")).unwrap();
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn a_broken_directory_reports_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("bad.cedar"),
+            "@id(\"x\")\npermit(principal, action, resource)\nwhen { nope };\n",
+        )
+        .unwrap();
+        let err = load_dir(dir.path()).unwrap_err();
+        assert!(err.contains("bad.cedar"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+}
