@@ -1,0 +1,166 @@
+//! The directory layout: which files are segments, in what order, the prune anchor, and the
+//! fsyncs that make a create, rename or delete survive a crash.
+
+use crate::error::StoreError;
+use crate::format::{encode_seal_line, parse_line, Line, Seal};
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const SEGMENT_PREFIX: &str = "segment-";
+const SEGMENT_SUFFIX: &str = ".jsonl";
+/// Twenty digits hold any u64, so names sort in sequence order as plain strings too.
+const SEQ_DIGITS: usize = 20;
+pub(crate) const ANCHOR_FILE: &str = "anchor.jsonl";
+const ANCHOR_TMP_FILE: &str = "anchor.jsonl.tmp";
+pub(crate) const LOCK_FILE: &str = "lock";
+/// A seal line is under 400 bytes; this window always holds the whole of it.
+const SEAL_TAIL_WINDOW: u64 = 1024;
+
+pub fn segment_file_name(first_seq: u64) -> String {
+    format!("{SEGMENT_PREFIX}{first_seq:0SEQ_DIGITS$}{SEGMENT_SUFFIX}")
+}
+
+/// The first sequence number a segment file name declares, if the name is one of ours.
+pub fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let digits = name
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != SEQ_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentFile {
+    pub first_seq: u64,
+    pub path: PathBuf,
+    pub name: String,
+}
+
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, StoreError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(StoreError::io(dir, "list directory"))? {
+        let entry = entry.map_err(StoreError::io(dir, "list directory"))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if let Some(first_seq) = parse_segment_file_name(&name) {
+            out.push(SegmentFile {
+                first_seq,
+                path: entry.path(),
+                name,
+            });
+        }
+    }
+    out.sort_by_key(|s| s.first_seq);
+    Ok(out)
+}
+
+/// Makes creates, renames and deletes in `dir` durable; fsync of a file covers only its data.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io(dir, "fsync directory"))
+}
+
+/// The seal of the last segment pruned away: where the oldest kept segment must chain from.
+pub(crate) fn read_anchor(dir: &Path) -> Result<Option<Seal>, StoreError> {
+    let path = dir.join(ANCHOR_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(StoreError::Io {
+                path,
+                op: "read anchor",
+                source: e,
+            })
+        }
+    };
+    let corrupt = |reason: String| StoreError::Corrupt {
+        segment: path.clone(),
+        line: Some(1),
+        reason,
+    };
+    let line = bytes
+        .strip_suffix(b"\n")
+        .ok_or_else(|| corrupt("anchor is not one complete line".into()))?;
+    match parse_line(line) {
+        Ok(Line::Seal(seal)) => Ok(Some(seal)),
+        Ok(Line::Record(_)) => Err(corrupt("anchor holds a record, not a seal".into())),
+        Err(e) => Err(corrupt(e.to_string())),
+    }
+}
+
+/// Replaces the anchor atomically: a crash leaves the old one or the new one, never half.
+pub(crate) fn write_anchor(dir: &Path, seal: &Seal) -> Result<(), StoreError> {
+    let tmp = dir.join(ANCHOR_TMP_FILE);
+    let mut line = Vec::new();
+    encode_seal_line(&mut line, seal);
+    let mut file = File::create(&tmp).map_err(StoreError::io(&tmp, "create anchor"))?;
+    file.write_all(&line)
+        .and_then(|()| file.sync_all())
+        .map_err(StoreError::io(&tmp, "write anchor"))?;
+    let path = dir.join(ANCHOR_FILE);
+    fs::rename(&tmp, &path).map_err(StoreError::io(&path, "rename anchor"))?;
+    sync_dir(dir)
+}
+
+/// The seal at the end of a segment, if its last line is one. Reads only the tail.
+pub(crate) fn read_tail_seal(path: &Path) -> Result<Option<Seal>, StoreError> {
+    let mut file = File::open(path).map_err(StoreError::io(path, "open segment"))?;
+    let len = file
+        .metadata()
+        .map_err(StoreError::io(path, "stat segment"))?
+        .len();
+    let start = len.saturating_sub(SEAL_TAIL_WINDOW);
+    file.seek(SeekFrom::Start(start))
+        .map_err(StoreError::io(path, "seek segment"))?;
+    let mut tail = Vec::new();
+    file.take(SEAL_TAIL_WINDOW)
+        .read_to_end(&mut tail)
+        .map_err(StoreError::io(path, "read segment"))?;
+    let Some(body) = tail.strip_suffix(b"\n") else {
+        return Ok(None);
+    };
+    let last_line = match body.iter().rposition(|b| *b == b'\n') {
+        Some(nl) => body.get(nl.saturating_add(1)..).unwrap_or_default(),
+        // The whole window is one line: only a seal if the window reached the file start.
+        None if start == 0 => body,
+        None => return Ok(None),
+    };
+    match parse_line(last_line) {
+        Ok(Line::Seal(seal)) => Ok(Some(seal)),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip_and_sort_by_seq() {
+        assert_eq!(segment_file_name(17), "segment-00000000000000000017.jsonl");
+        for seq in [0, 1, 17, u64::MAX] {
+            assert_eq!(parse_segment_file_name(&segment_file_name(seq)), Some(seq));
+        }
+        assert!(segment_file_name(9) < segment_file_name(10));
+        for bad in [
+            "segment-17.jsonl",
+            "segment-0000000000000000001a.jsonl",
+            "segment-00000000000000000017.jsonl.bak",
+            "torn-00000000000000000017.bin",
+            "segment-+0000000000000000017.jsonl",
+        ] {
+            assert_eq!(parse_segment_file_name(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_segment_file_name("segment-99999999999999999999.jsonl"),
+            None
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! The local audit store of a Portcullis agent: append-only, hash-chained, tamper-evident.
+//!
+//! Events are JSON lines in segment files; each record carries the hash of the one before, so
+//! editing, deleting, reordering or truncating anything breaks the chain at a place
+//! [`verify`] names. Segments rotate by size and age and are closed by a seal line carrying the
+//! final hash, signed with Ed25519 when a key is configured. `append` returns only once the
+//! record is fsynced; `append_batch` group-commits. After a crash, [`Store::open`] cuts a torn
+//! tail and reports it. Retention never deletes what the central store has not acknowledged.
+//!
+//! Pure and synchronous (std, no async runtime): the agent wraps it on a blocking thread.
+//! `README.md` describes the on-disk format and the guarantees.
+
+mod dir;
+mod error;
+pub mod format;
+mod lines;
+mod reader;
+mod store;
+mod verify;
+
+pub use dir::{parse_segment_file_name, segment_file_name};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use error::StoreError;
+pub use format::{ChainHash, Seal};
+pub use reader::{Reader, Record};
+pub use store::{
+    Clock, IntegrityNote, PruneReport, RecordRef, Retention, Store, StoreOptions, SystemClock,
+};
+pub use verify::{
+    check_segment_bytes, verify, BreakKind, ChainBreak, SegmentSummary, VerifyReport,
+};

@@ -1,0 +1,831 @@
+//! The writer: appending with fsync, rotation and sealing, recovery of a torn tail on open, and
+//! retention. One `Store` per directory, enforced by a lock file.
+
+use crate::dir::{
+    list_segments, read_anchor, read_tail_seal, segment_file_name, sync_dir, write_anchor,
+    SegmentFile, LOCK_FILE,
+};
+use crate::error::StoreError;
+use crate::format::{
+    encode_record_line, encode_seal_line, parse_line, record_hash, ChainHash, Line, RecordView,
+    Seal, MAX_EVENT_BYTES, MAX_LINE_BYTES,
+};
+use crate::lines::{LineReader, RawLine};
+use crate::verify::{BreakKind, ChainState, SegmentChecker};
+use ed25519_dalek::SigningKey;
+use std::fmt;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch. Injected so that rotation by age can be tested.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> u64;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+impl<F: Fn() -> u64 + Send + Sync> Clock for F {
+    fn now_ms(&self) -> u64 {
+        self()
+    }
+}
+
+/// How the store writes. `Default` documents the defaults.
+pub struct StoreOptions {
+    /// A segment is sealed before a record would take it past this size (a record larger than
+    /// this gets a segment of its own). Default 64 MiB.
+    pub max_segment_bytes: u64,
+    /// A segment is sealed once its first record is this old. Default one hour.
+    pub max_segment_age_ms: u64,
+    /// Largest event accepted by `append`. Default 1 MiB, at most 16 MiB.
+    pub max_event_bytes: usize,
+    /// Signs each seal when set; `verify` then needs the matching public key.
+    pub signing_key: Option<SigningKey>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_segment_bytes: 64 * 1024 * 1024,
+            max_segment_age_ms: 60 * 60 * 1000,
+            max_event_bytes: 1024 * 1024,
+            signing_key: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("max_segment_bytes", &self.max_segment_bytes)
+            .field("max_segment_age_ms", &self.max_segment_age_ms)
+            .field("max_event_bytes", &self.max_event_bytes)
+            .field(
+                "signing_key",
+                &self.signing_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreOptions {
+    fn validate(&self) -> Result<(), StoreError> {
+        if self.max_event_bytes == 0 || self.max_event_bytes > MAX_EVENT_BYTES {
+            return Err(StoreError::BadOptions {
+                option: "max_event_bytes",
+                reason: format!("{} is outside 1..={MAX_EVENT_BYTES}", self.max_event_bytes),
+            });
+        }
+        if self.max_segment_bytes == 0 {
+            return Err(StoreError::BadOptions {
+                option: "max_segment_bytes",
+                reason: "must be above zero".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What `append` acknowledges: the record is on disk under this seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef {
+    pub seq: u64,
+    pub hash: ChainHash,
+}
+
+/// Something `open` found and repaired; the caller records each as an audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntegrityNote {
+    /// The newest segment ended in bytes that do not extend its chain (a torn write after a
+    /// crash, usually) and was cut back to its last good line. When the cut bytes held complete
+    /// lines they were first copied to `quarantined`, since that is not what a torn write
+    /// leaves and may be evidence.
+    Recovered {
+        segment: PathBuf,
+        line: u64,
+        truncated_bytes: u64,
+        quarantined: Option<PathBuf>,
+        reason: String,
+    },
+    /// The newest segment held no complete record (crash right after it was created).
+    RemovedEmptySegment { segment: PathBuf },
+    /// A prune interrupted by a crash was finished.
+    PruneCompleted { segment: PathBuf },
+}
+
+impl fmt::Display for IntegrityNote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IntegrityNote::Recovered {
+                segment,
+                line,
+                truncated_bytes,
+                quarantined,
+                reason,
+            } => {
+                write!(
+                    f,
+                    "{} line {line}: cut {truncated_bytes} bytes of torn tail ({reason})",
+                    segment.display()
+                )?;
+                if let Some(q) = quarantined {
+                    write!(f, "; the cut bytes are kept in {}", q.display())?;
+                }
+                Ok(())
+            }
+            IntegrityNote::RemovedEmptySegment { segment } => {
+                write!(
+                    f,
+                    "{}: removed, it held no complete record",
+                    segment.display()
+                )
+            }
+            IntegrityNote::PruneCompleted { segment } => {
+                write!(
+                    f,
+                    "{}: removed, finishing an interrupted prune",
+                    segment.display()
+                )
+            }
+        }
+    }
+}
+
+/// When old segments may go. Either limit alone or both; `None` means no limit of that kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// Delete sealed segments sealed longer ago than this.
+    pub max_age_ms: Option<u64>,
+    /// Delete the oldest sealed segments while the store is larger than this.
+    pub max_total_bytes: Option<u64>,
+}
+
+/// What `prune` did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PruneReport {
+    pub deleted: Vec<PathBuf>,
+    pub freed_bytes: u64,
+    pub kept_bytes: u64,
+    /// Retention wanted to delete more but the next segment holds records not yet shipped:
+    /// the store grows until shipping catches up, which the caller should alert on.
+    pub blocked_by_unshipped: bool,
+}
+
+#[derive(Debug)]
+struct SegmentMeta {
+    path: PathBuf,
+    bytes: u64,
+    seal: Option<Seal>,
+}
+
+#[derive(Debug)]
+struct OpenSegment {
+    file: File,
+    path: PathBuf,
+    first_seq: u64,
+    first_time_ms: u64,
+    records: u64,
+    bytes: u64,
+}
+
+/// The writer of one audit directory.
+pub struct Store {
+    dir: PathBuf,
+    opts: StoreOptions,
+    /// Held for its lock: two writers on one chain would fork it.
+    _lock: File,
+    chain: ChainState,
+    /// Oldest first; while a segment is open it is the last one.
+    segments: Vec<SegmentMeta>,
+    open: Option<OpenSegment>,
+    /// Set when a write or fsync failed: the page cache may no longer match the disk (the
+    /// PostgreSQL fsync lesson), so only a reopen, which re-reads the disk, may continue.
+    poisoned: bool,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("next_seq", &self.chain.next_seq)
+            .field("segments", &self.segments.len())
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Newest {
+    Removed,
+    Sealed(SegmentMeta),
+    Open(SegmentMeta, OpenSegment, ChainState),
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, repairing a torn tail left by a crash.
+    /// The notes say what was repaired; the caller should record each as an audit event.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<IntegrityNote>), StoreError> {
+        opts.validate()?;
+        fs::create_dir_all(dir).map_err(StoreError::io(dir, "create directory"))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(StoreError::io(&lock_path, "open lock file"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(StoreError::Locked { path: lock_path }),
+            Err(TryLockError::Error(e)) => {
+                return Err(StoreError::Io {
+                    path: lock_path,
+                    op: "lock",
+                    source: e,
+                })
+            }
+        }
+
+        let mut notes = Vec::new();
+        let anchor = read_anchor(dir)?;
+        let all = list_segments(dir)?;
+        let kept = skip_pruned(&all, anchor.as_ref());
+        let pruned = all.len().saturating_sub(kept.len());
+        for segment in all.iter().take(pruned) {
+            remove_if_present(&segment.path)?;
+            notes.push(IntegrityNote::PruneCompleted {
+                segment: segment.path.clone(),
+            });
+        }
+        if pruned > 0 {
+            sync_dir(dir)?;
+        }
+
+        let mut chain = match &anchor {
+            Some(anchor) => ChainState::after(anchor).ok_or(StoreError::SequenceExhausted)?,
+            None => ChainState::START,
+        };
+        let (older, newest) = match kept.split_last() {
+            Some((newest, older)) => (older, Some(newest)),
+            None => (kept, None),
+        };
+        let mut segments = Vec::with_capacity(kept.len().saturating_add(1));
+        for segment in older {
+            let seal = read_tail_seal(&segment.path)?.ok_or_else(|| StoreError::Corrupt {
+                segment: segment.path.clone(),
+                line: None,
+                reason: "segment is not the newest but does not end with a seal".into(),
+            })?;
+            chain = ChainState::after(&seal).ok_or(StoreError::SequenceExhausted)?;
+            segments.push(SegmentMeta {
+                path: segment.path.clone(),
+                bytes: file_len(&segment.path)?,
+                seal: Some(seal),
+            });
+        }
+        let mut open = None;
+        if let Some(newest) = newest {
+            match recover_newest(dir, newest, opts.clock.now_ms(), &mut notes)? {
+                Newest::Removed => {}
+                Newest::Sealed(meta) => {
+                    if let Some(seal) = &meta.seal {
+                        chain = ChainState::after(seal).ok_or(StoreError::SequenceExhausted)?;
+                    }
+                    segments.push(meta);
+                }
+                Newest::Open(meta, segment, state) => {
+                    chain = state;
+                    segments.push(meta);
+                    open = Some(segment);
+                }
+            }
+        }
+        let store = Store {
+            dir: dir.to_path_buf(),
+            opts,
+            _lock: lock,
+            chain,
+            segments,
+            open,
+            poisoned: false,
+        };
+        Ok((store, notes))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The seq the next appended event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.chain.next_seq
+    }
+
+    /// The hash of the last record written (`ChainHash::GENESIS` for an empty store).
+    pub fn last_hash(&self) -> ChainHash {
+        self.chain.prev
+    }
+
+    /// The segment new records go to, if one is open.
+    pub fn open_segment(&self) -> Option<&Path> {
+        self.open.as_ref().map(|o| o.path.as_path())
+    }
+
+    /// Appends one event (serialized JSON, stored byte for byte) and returns once it is on disk.
+    pub fn append(&mut self, event_json: &[u8]) -> Result<RecordRef, StoreError> {
+        let mut refs = self.append_batch(&[event_json])?;
+        // One event in, one ref out; an empty result would be a bug, reported, not panicked on.
+        refs.pop().ok_or(StoreError::Poisoned)
+    }
+
+    /// Appends events in order with one fsync for the whole batch (group commit). Either every
+    /// event is rejected before anything is written, or all are on disk when this returns.
+    pub fn append_batch(&mut self, events: &[&[u8]]) -> Result<Vec<RecordRef>, StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        for (index, event) in events.iter().enumerate() {
+            check_event(event, self.opts.max_event_bytes)
+                .map_err(|reason| StoreError::EventRejected { index, reason })?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.opts.clock.now_ms();
+        let written = self.write_batch(events, now);
+        if written.is_err() {
+            self.poisoned = true;
+        }
+        written
+    }
+
+    /// Seals the open segment if it is over its size or age limit. Call it from a timer so an
+    /// idle segment is sealed (and signed) on time even when no event arrives.
+    pub fn rotate_if_due(&mut self, now_ms: u64) -> Result<Option<Seal>, StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        let due = self.open.as_ref().is_some_and(|open| {
+            open.records > 0
+                && (open.bytes >= self.opts.max_segment_bytes
+                    || now_ms.saturating_sub(open.first_time_ms) >= self.opts.max_segment_age_ms)
+        });
+        if !due {
+            return Ok(None);
+        }
+        self.seal_at(now_ms)
+    }
+
+    /// Seals the open segment now (e.g. on clean shutdown or before shipping it whole).
+    /// Returns `None` when no segment is open.
+    pub fn seal_current(&mut self) -> Result<Option<Seal>, StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        let now = self.opts.clock.now_ms();
+        self.seal_at(now)
+    }
+
+    /// Deletes the oldest sealed segments that retention allows, oldest first, but never one
+    /// holding a record above `shipped_upto` (the highest seq the central store has), never the
+    /// newest segment, and never out of order, so what is kept is always one unbroken chain.
+    pub fn prune(
+        &mut self,
+        policy: &Retention,
+        shipped_upto: u64,
+        now_ms: u64,
+    ) -> Result<PruneReport, StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        let total: u64 = self.segments.iter().map(|s| s.bytes).sum();
+        let mut report = PruneReport {
+            kept_bytes: total,
+            ..PruneReport::default()
+        };
+        let mut doomed = 0usize;
+        let mut last_doomed_seal = None;
+        for segment in self
+            .segments
+            .iter()
+            .take(self.segments.len().saturating_sub(1))
+        {
+            let Some(seal) = &segment.seal else {
+                break;
+            };
+            let too_old = policy
+                .max_age_ms
+                .is_some_and(|max| now_ms.saturating_sub(seal.time_ms) > max);
+            let too_big = policy
+                .max_total_bytes
+                .is_some_and(|max| report.kept_bytes > max);
+            if !too_old && !too_big {
+                break;
+            }
+            if seal.last_seq > shipped_upto {
+                report.blocked_by_unshipped = true;
+                break;
+            }
+            doomed = doomed.saturating_add(1);
+            report.kept_bytes = report.kept_bytes.saturating_sub(segment.bytes);
+            report.freed_bytes = report.freed_bytes.saturating_add(segment.bytes);
+            last_doomed_seal = Some(seal.clone());
+        }
+        let Some(anchor) = last_doomed_seal else {
+            return Ok(report);
+        };
+        // The anchor goes first: a crash part-way leaves segments the anchor already covers,
+        // which `open` deletes and `verify` skips, never a chain with its start missing.
+        write_anchor(&self.dir, &anchor)?;
+        for segment in self.segments.drain(..doomed) {
+            remove_if_present(&segment.path)?;
+            report.deleted.push(segment.path);
+        }
+        sync_dir(&self.dir)?;
+        Ok(report)
+    }
+
+    fn seal_at(&mut self, now_ms: u64) -> Result<Option<Seal>, StoreError> {
+        let sealed = self.write_out(Vec::new(), 0, Some(now_ms));
+        if sealed.is_err() {
+            self.poisoned = true;
+        }
+        sealed
+    }
+
+    fn write_batch(&mut self, events: &[&[u8]], now: u64) -> Result<Vec<RecordRef>, StoreError> {
+        let mut refs = Vec::with_capacity(events.len());
+        let mut pending = Vec::new();
+        let mut pending_records = 0u64;
+        let mut line = Vec::new();
+        for event in events {
+            let seq = self.chain.next_seq;
+            let hash = record_hash(&self.chain.prev, seq, now, event);
+            line.clear();
+            encode_record_line(
+                &mut line,
+                &RecordView {
+                    seq,
+                    time_ms: now,
+                    prev: self.chain.prev,
+                    hash,
+                    event,
+                },
+            );
+            if let Some(open) = &self.open {
+                let records = open.records.saturating_add(pending_records);
+                let size = open
+                    .bytes
+                    .saturating_add(len_u64(&pending))
+                    .saturating_add(len_u64(&line));
+                let full = size > self.opts.max_segment_bytes;
+                let old = now.saturating_sub(open.first_time_ms) >= self.opts.max_segment_age_ms;
+                if records > 0 && (full || old) {
+                    self.write_out(std::mem::take(&mut pending), pending_records, Some(now))?;
+                    pending_records = 0;
+                }
+            }
+            if self.open.is_none() {
+                self.create_segment(seq, now)?;
+            }
+            pending.extend_from_slice(&line);
+            pending_records = pending_records.saturating_add(1);
+            self.chain = ChainState {
+                next_seq: seq.checked_add(1).ok_or(StoreError::SequenceExhausted)?,
+                prev: hash,
+            };
+            refs.push(RecordRef { seq, hash });
+        }
+        self.write_out(pending, pending_records, None)?;
+        Ok(refs)
+    }
+
+    /// Writes `bytes` (holding `records` records) to the open segment, adds a seal when
+    /// `seal_time` is given, and fsyncs once.
+    fn write_out(
+        &mut self,
+        mut bytes: Vec<u8>,
+        records: u64,
+        seal_time: Option<u64>,
+    ) -> Result<Option<Seal>, StoreError> {
+        let Some(open) = self.open.as_mut() else {
+            return Ok(None);
+        };
+        let total_records = open.records.saturating_add(records);
+        let seal = match seal_time {
+            Some(time_ms) if total_records > 0 => {
+                let mut seal = Seal {
+                    first_seq: open.first_seq,
+                    last_seq: self.chain.next_seq.saturating_sub(1),
+                    count: total_records,
+                    time_ms,
+                    final_hash: self.chain.prev,
+                    sig: None,
+                };
+                if let Some(key) = &self.opts.signing_key {
+                    seal.sign(key);
+                }
+                encode_seal_line(&mut bytes, &seal);
+                Some(seal)
+            }
+            _ => None,
+        };
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        open.file
+            .write_all(&bytes)
+            .map_err(StoreError::io(&open.path, "write segment"))?;
+        open.file
+            .sync_data()
+            .map_err(StoreError::io(&open.path, "fsync segment"))?;
+        open.records = total_records;
+        open.bytes = open.bytes.saturating_add(len_u64(&bytes));
+        if let Some(meta) = self.segments.last_mut() {
+            meta.bytes = open.bytes;
+            if seal.is_some() {
+                meta.seal.clone_from(&seal);
+            }
+        }
+        if seal.is_some() {
+            self.open = None;
+        }
+        Ok(seal)
+    }
+
+    fn create_segment(&mut self, first_seq: u64, now: u64) -> Result<(), StoreError> {
+        let path = self.dir.join(segment_file_name(first_seq));
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(StoreError::io(&path, "create segment"))?;
+        // The new name must be durable before any record in it is acknowledged.
+        sync_dir(&self.dir)?;
+        self.segments.push(SegmentMeta {
+            path: path.clone(),
+            bytes: 0,
+            seal: None,
+        });
+        self.open = Some(OpenSegment {
+            file,
+            path,
+            first_seq,
+            first_time_ms: now,
+            records: 0,
+            bytes: 0,
+        });
+        Ok(())
+    }
+}
+
+/// The segments still in the chain once those the prune anchor already covers are left out
+/// (they exist only when a crash interrupted a prune).
+pub(crate) fn skip_pruned<'a>(
+    segments: &'a [SegmentFile],
+    anchor: Option<&Seal>,
+) -> &'a [SegmentFile] {
+    let Some(anchor) = anchor else {
+        return segments;
+    };
+    let boundary = anchor.last_seq.saturating_add(1);
+    // Segment i ends where segment i+1 begins, so it is covered when i+1 starts at or before
+    // the first seq after the anchor.
+    let covered = segments
+        .iter()
+        .skip(1)
+        .take_while(|next| next.first_seq <= boundary)
+        .count();
+    segments.get(covered..).unwrap_or_default()
+}
+
+/// Rejects what could not be read back byte for byte, before anything is written.
+fn check_event(event: &[u8], max: usize) -> Result<(), String> {
+    if event.is_empty() {
+        return Err("event is empty".into());
+    }
+    if event.len() > max {
+        return Err(format!(
+            "event is {} bytes, over the {max}-byte limit",
+            event.len()
+        ));
+    }
+    if event.contains(&b'\n') || event.contains(&b'\r') {
+        return Err("event contains a line break; serialize it as compact JSON".into());
+    }
+    if event.first().is_some_and(u8::is_ascii_whitespace)
+        || event.last().is_some_and(u8::is_ascii_whitespace)
+    {
+        return Err("event starts or ends with whitespace".into());
+    }
+    serde_json::from_slice::<&serde_json::value::RawValue>(event)
+        .map_err(|e| format!("event is not valid JSON: {e}"))?;
+    // The framing parser nests the event one level deeper; a round trip through the real line
+    // format is the only proof that what is written is what `verify` will read.
+    let mut line = Vec::with_capacity(event.len().saturating_add(200));
+    encode_record_line(
+        &mut line,
+        &RecordView {
+            seq: 1,
+            time_ms: 0,
+            prev: ChainHash::GENESIS,
+            hash: ChainHash::GENESIS,
+            event,
+        },
+    );
+    let framed = line.strip_suffix(b"\n").unwrap_or_default();
+    match parse_line(framed) {
+        Ok(Line::Record(record)) if record.event == event => Ok(()),
+        Ok(_) => Err("event does not read back unchanged from a record line".into()),
+        Err(e) => Err(format!("event does not read back from a record line: {e}")),
+    }
+}
+
+/// Scans the newest segment and cuts it back to the last line that extends its chain.
+fn recover_newest(
+    dir: &Path,
+    segment: &SegmentFile,
+    now_ms: u64,
+    notes: &mut Vec<IntegrityNote>,
+) -> Result<Newest, StoreError> {
+    let path = &segment.path;
+    let file = File::open(path).map_err(StoreError::io(path, "open segment"))?;
+    let len = file
+        .metadata()
+        .map_err(StoreError::io(path, "stat segment"))?
+        .len();
+    // Only what a crash can do is judged here: the segment's own lines. The link to the
+    // previous segment and seal signatures are `verify`'s business (a store that has just been
+    // given a key must not have its older, unsigned seal cut off).
+    let mut checker = SegmentChecker::new(Some(segment.first_seq), None, None);
+    let mut lines = LineReader::new(BufReader::new(file), MAX_LINE_BYTES);
+    let mut first_time_ms = None;
+    let mut bad = None;
+    while let Some(line) = lines
+        .next_line()
+        .map_err(StoreError::io(path, "read segment"))?
+    {
+        match line {
+            RawLine::TooLong { offset, number } => {
+                bad = Some((offset, number, "line over the length limit".to_owned()));
+                break;
+            }
+            RawLine::Line {
+                terminated: false,
+                offset,
+                number,
+                bytes,
+            } => {
+                bad = Some((
+                    offset,
+                    number,
+                    format!("partial line of {} bytes without newline", bytes.len()),
+                ));
+                break;
+            }
+            RawLine::Line {
+                bytes,
+                offset,
+                number,
+                ..
+            } => match checker.accept(bytes) {
+                Ok(Line::Record(record)) => {
+                    first_time_ms.get_or_insert(record.time_ms);
+                }
+                Ok(Line::Seal(_)) => {}
+                Err(rejected) if rejected.kind == BreakKind::SegmentOutOfPlace => {
+                    // Not what a crash leaves: refuse rather than cut away someone's evidence.
+                    return Err(StoreError::Corrupt {
+                        segment: path.clone(),
+                        line: Some(number),
+                        reason: rejected.message,
+                    });
+                }
+                Err(rejected) => {
+                    bad = Some((offset, number, rejected.message));
+                    break;
+                }
+            },
+        }
+    }
+    drop(lines);
+
+    let mut kept_len = len;
+    if let Some((offset, line, reason)) = bad {
+        let quarantined = quarantine_tail(dir, path, segment.first_seq, offset, now_ms)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(StoreError::io(path, "open segment for repair"))?;
+        file.set_len(offset)
+            .and_then(|()| file.sync_all())
+            .map_err(StoreError::io(path, "truncate torn tail"))?;
+        notes.push(IntegrityNote::Recovered {
+            segment: path.clone(),
+            line,
+            truncated_bytes: len.saturating_sub(offset),
+            quarantined,
+            reason,
+        });
+        kept_len = offset;
+    }
+
+    let state = checker.state();
+    let (Some(state), Some(first_time_ms)) = (state, first_time_ms) else {
+        remove_if_present(path)?;
+        sync_dir(dir)?;
+        notes.push(IntegrityNote::RemovedEmptySegment {
+            segment: path.clone(),
+        });
+        return Ok(Newest::Removed);
+    };
+    let meta = SegmentMeta {
+        path: path.clone(),
+        bytes: kept_len,
+        seal: checker.seal().cloned(),
+    };
+    if meta.seal.is_some() {
+        return Ok(Newest::Sealed(meta));
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(StoreError::io(path, "open segment for append"))?;
+    let open = OpenSegment {
+        file,
+        path: path.clone(),
+        first_seq: segment.first_seq,
+        first_time_ms,
+        records: checker.records(),
+        bytes: kept_len,
+    };
+    Ok(Newest::Open(meta, open, state))
+}
+
+/// Copies the bytes about to be cut to a side file when they hold a complete line: a torn
+/// write leaves at most one partial line, so anything more is kept for an investigator.
+fn quarantine_tail(
+    dir: &Path,
+    path: &Path,
+    first_seq: u64,
+    offset: u64,
+    now_ms: u64,
+) -> Result<Option<PathBuf>, StoreError> {
+    let mut file = File::open(path).map_err(StoreError::io(path, "open segment"))?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(StoreError::io(path, "seek segment"))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)
+        .map_err(StoreError::io(path, "read torn tail"))?;
+    if !tail.contains(&b'\n') {
+        return Ok(None);
+    }
+    let side = dir.join(format!("torn-{first_seq:020}-{offset}-{now_ms}.bin"));
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&side)
+        .map_err(StoreError::io(&side, "create quarantine file"))?;
+    out.write_all(&tail)
+        .and_then(|()| out.sync_all())
+        .map_err(StoreError::io(&side, "write quarantine file"))?;
+    sync_dir(dir)?;
+    Ok(Some(side))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            op: "remove segment",
+            source: e,
+        }),
+    }
+}
+
+fn file_len(path: &Path) -> Result<u64, StoreError> {
+    fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(StoreError::io(path, "stat segment"))
+}
+
+fn len_u64(bytes: &[u8]) -> u64 {
+    u64::try_from(bytes.len()).unwrap_or(u64::MAX)
+}
