@@ -233,8 +233,12 @@ fn logged_in_user_connects_as_themselves_and_another_uid_is_refused() {
     assert_eq!(me["subject"], "alice");
     assert_eq!(me["uid"], 45001);
     // The session file holds the refresh token; it is root-only and never in an event.
-    let events = std::fs::read_to_string(w.agent.dir.path().join("state/events.jsonl")).unwrap();
+    let events = serde_json::to_string(&w.agent.events()).unwrap();
     assert!(!events.contains("refresh_token"));
+    assert!(
+        w.agent.verify_audit().status.success(),
+        "the audit chain verifies"
+    );
 }
 
 #[test]

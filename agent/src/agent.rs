@@ -40,7 +40,12 @@ pub fn run(
             "reading the host network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14)",
         )?
     };
-    let audit = Arc::new(AuditLog::open(&config.events_path())?);
+    let (audit, repairs) = AuditLog::open(&config.audit, &config.audit_dir())?;
+    let audit = Arc::new(audit);
+    for note in repairs {
+        tracing::warn!(%note, "the audit store was repaired at start");
+        audit.record(&AuditEvent::new(EventKind::AuditIntegrity).reason(note));
+    }
     // Everything that can be wrong with the configuration is found before the programs are
     // attached, so a bad start leaves the previous enforcement (or none) as it was.
     let policies = crate::policy::Policies::load(&config.policy.dir, Arc::clone(&audit))
@@ -169,6 +174,7 @@ pub fn run(
         "enforcement was detached"
     };
     audit.record(&AuditEvent::new(EventKind::AgentStopped).reason(outcome));
+    audit.flush();
     if let Ok(Err(e)) = control_thread.join() {
         tracing::warn!(error = %e, "control thread ended with an error");
     }

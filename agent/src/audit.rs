@@ -1,14 +1,10 @@
 //! Audit events: one event type for every protocol and every decision.
 //!
-//! Until the tamper-evident store lands, events are JSON lines appended to
-//! `<state_dir>/events.jsonl`, each written with one `write(2)` under a lock and flushed,
-//! so a reader never sees half a line and a crash loses at most the event being written.
+//! Events are stored in the tamper-evident, hash-chained store of `portcullis-audit-store`
+//! under `<state_dir>/audit` (see `audit-store/README.md`); `portcullis audit verify` checks
+//! it and `portcullis audit export` prints it as NDJSON.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -48,6 +44,9 @@ pub enum EventKind {
     PolicyReloaded,
     #[serde(rename = "policy.reload_failed")]
     PolicyReloadFailed,
+    /// The store was repaired at start (a torn tail from a crash was cut and kept aside).
+    #[serde(rename = "audit.integrity")]
+    AuditIntegrity,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -135,52 +134,221 @@ fn hostname() -> String {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("audit log {path}: {source}")]
-pub struct AuditError {
-    path: PathBuf,
-    source: std::io::Error,
+pub enum AuditError {
+    #[error("audit store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        source: portcullis_audit_store::StoreError,
+    },
+    #[error("audit signing key {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("the audit writer has stopped")]
+    WriterGone,
+    #[error("the audit store refused the event: {0}")]
+    Write(String),
 }
 
-/// Append-only JSON-lines sink.
+/// How many events one fsync may cover: bounds the latency a waiting caller sees.
+const BATCH: usize = 256;
+/// Events waiting for the writer; a full queue makes callers wait (backpressure).
+const QUEUE: usize = 65_536;
+
+enum Job {
+    Event {
+        line: Vec<u8>,
+        done: Option<tokio::sync::oneshot::Sender<Result<u64, String>>>,
+    },
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// The audit trail: events go to the hash-chained store (`portcullis-audit-store`) through
+/// one writer thread that group-commits: every event waiting when a batch starts shares one
+/// fsync. `record_durable` returns only once its event is on disk; gating events (a
+/// connection about to be forwarded) use it, so nothing is forwarded that was not recorded.
 pub struct AuditLog {
-    path: PathBuf,
-    file: Mutex<File>,
+    dir: PathBuf,
+    tx: std::sync::mpsc::SyncSender<Job>,
 }
 
 impl AuditLog {
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
-        let err = |source| AuditError {
-            path: path.to_path_buf(),
+    /// Opens (and if needed repairs) the store. Repairs are returned for the caller to
+    /// record as integrity events.
+    pub fn open(
+        config: &crate::config::AuditConfig,
+        dir: &Path,
+    ) -> Result<(Self, Vec<String>), AuditError> {
+        let store_err = |source| AuditError::Store {
+            path: dir.to_path_buf(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(err)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file: Mutex::new(file),
-        })
+        let signing_key = match &config.signing_key_file {
+            Some(path) => Some(read_signing_key(path)?),
+            None => None,
+        };
+        let opts = portcullis_audit_store::StoreOptions {
+            max_segment_bytes: config.max_segment_bytes,
+            max_segment_age_ms: config.max_segment_age_secs.saturating_mul(1000),
+            signing_key,
+            ..Default::default()
+        };
+        std::fs::create_dir_all(dir).map_err(|e| {
+            store_err(portcullis_audit_store::StoreError::Io {
+                path: dir.to_path_buf(),
+                op: "creating the directory",
+                source: e,
+            })
+        })?;
+        let (mut store, notes) =
+            portcullis_audit_store::Store::open(dir, opts).map_err(store_err)?;
+        let notes = notes.iter().map(ToString::to_string).collect();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
+        let path = dir.to_path_buf();
+        std::thread::Builder::new()
+            .name("portcullis-audit".into())
+            .spawn(move || write_loop(&mut store, &rx, &path))
+            .map_err(|e| AuditError::Write(format!("starting the audit writer: {e}")))?;
+        Ok((
+            Self {
+                dir: dir.to_path_buf(),
+                tx,
+            },
+            notes,
+        ))
     }
 
-    /// Records one event. A failure is logged, never silently dropped.
-    pub fn record(&self, event: &AuditEvent) {
-        let mut line = match serde_json::to_vec(event) {
-            Ok(l) => l,
+    fn line(event: &AuditEvent) -> Option<Vec<u8>> {
+        match serde_json::to_vec(event) {
+            Ok(l) => Some(l),
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialize an audit event");
-                return;
+                None
             }
-        };
-        line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = file.write_all(&line) {
-            tracing::error!(path = %self.path.display(), error = %e, "cannot write an audit event");
         }
     }
+
+    /// Queues an event; it is on disk with the next batch (milliseconds).
+    pub fn record(&self, event: &AuditEvent) {
+        let Some(line) = Self::line(event) else {
+            return;
+        };
+        if self.tx.send(Job::Event { line, done: None }).is_err() {
+            tracing::error!(dir = %self.dir.display(), "the audit writer has stopped; an event was not recorded");
+        }
+    }
+
+    /// Records an event and waits until it is durable. An error means it is not recorded:
+    /// the caller must not perform what the event gates.
+    pub async fn record_durable(&self, event: &AuditEvent) -> Result<u64, AuditError> {
+        let line =
+            Self::line(event).ok_or_else(|| AuditError::Write("unserializable event".into()))?;
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        // The queue may be full: wait for room without blocking the async worker.
+        tokio::task::spawn_blocking(move || {
+            tx.send(Job::Event {
+                line,
+                done: Some(done),
+            })
+        })
+        .await
+        .map_err(|_| AuditError::WriterGone)?
+        .map_err(|_| AuditError::WriterGone)?;
+        wait.await
+            .map_err(|_| AuditError::WriterGone)?
+            .map_err(AuditError::Write)
+    }
+
+    /// Waits until everything queued so far is on disk (shutdown).
+    pub fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Job::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(10));
+        }
+    }
+}
+
+fn write_loop(
+    store: &mut portcullis_audit_store::Store,
+    rx: &std::sync::mpsc::Receiver<Job>,
+    dir: &Path,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let first = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = store.rotate_if_due(now_ms()) {
+                    tracing::error!(dir = %dir.display(), error = %e, "sealing an audit segment failed");
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut lines: Vec<&[u8]> = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            if let Job::Event { line, .. } = job {
+                lines.push(line);
+            }
+        }
+        let result = if lines.is_empty() {
+            Ok(Vec::new())
+        } else {
+            store.append_batch(&lines)
+        };
+        if let Err(e) = &result {
+            tracing::error!(dir = %dir.display(), error = %e, "writing audit events failed");
+        }
+        let mut refs = result.as_ref().ok().map(|r| r.iter());
+        for job in jobs {
+            match job {
+                Job::Event { done, .. } => {
+                    let outcome = match refs.as_mut().and_then(Iterator::next) {
+                        Some(r) => Ok(r.seq),
+                        None => Err(result
+                            .as_ref()
+                            .err()
+                            .map_or_else(|| "not written".to_string(), ToString::to_string)),
+                    };
+                    if let Some(done) = done {
+                        let _ = done.send(outcome);
+                    }
+                }
+                Job::Flush(ack) => {
+                    let _ = ack.send(());
+                }
+            }
+        }
+        if let Err(e) = store.rotate_if_due(now_ms()) {
+            tracing::error!(dir = %dir.display(), error = %e, "sealing an audit segment failed");
+        }
+    }
+}
+
+/// An Ed25519 seed as 64 hex characters in a root-only file.
+fn read_signing_key(path: &Path) -> Result<portcullis_audit_store::SigningKey, AuditError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |reason: String| AuditError::Key {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(err(format!(
+            "readable by others (mode {:o}); make it 0600",
+            meta.mode() & 0o777
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let bytes = hex::decode(text.trim()).map_err(|e| err(format!("not hex: {e}")))?;
+    let seed: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| err("expected 32 bytes (64 hex characters)".into()))?;
+    Ok(portcullis_audit_store::SigningKey::from_bytes(&seed))
 }

@@ -75,10 +75,42 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Verify and export the audit trail (root).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Inspect configuration.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the whole hash chain; says exactly where it breaks (exit 1 if it does).
+    Verify {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The store directory (default: from the config).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Ed25519 public key (64 hex characters) that signed the seals.
+        #[arg(long)]
+        public_key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the events as NDJSON, oldest first.
+    Export {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Start at this sequence number.
+        #[arg(long, default_value_t = 1)]
+        from_seq: u64,
     },
 }
 
@@ -265,6 +297,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Policy { command } => policy_command(command),
+        Command::Audit { command } => audit_command(command),
         Command::Config { command } => match command {
             ConfigCommand::Check { path } => {
                 let (_, targets) = Config::load(&path)?;
@@ -280,6 +313,95 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+    }
+}
+
+fn audit_dir(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match dir {
+        Some(d) => Ok(d),
+        None => Ok(Config::load(config)?.0.audit_dir()),
+    }
+}
+
+fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Verify {
+            config,
+            dir,
+            public_key,
+            json,
+        } => {
+            let dir = audit_dir(&config, dir)?;
+            let key = match public_key {
+                Some(hex_key) => {
+                    let bytes: [u8; 32] = hex::decode(hex_key.trim())
+                        .context("--public-key is not hex")?
+                        .try_into()
+                        .map_err(|_| {
+                            anyhow::anyhow!("--public-key must be 32 bytes (64 hex characters)")
+                        })?;
+                    Some(
+                        portcullis_audit_store::VerifyingKey::from_bytes(&bytes)
+                            .context("--public-key")?,
+                    )
+                }
+                None => None,
+            };
+            let report = portcullis_audit_store::verify(&dir, key.as_ref());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ok": report.ok,
+                        "segments": report.segments,
+                        "records": report.records,
+                        "first_seq": report.first_seq,
+                        "last_seq": report.last_seq,
+                        "signatures_checked": report.signatures_checked,
+                        "break": report.first_break.as_ref().map(ToString::to_string),
+                    })
+                );
+            } else if let Some(b) = &report.first_break {
+                println!("{}: the chain is BROKEN\n{b}", dir.display());
+            } else {
+                println!(
+                    "{}: intact, {} records in {} segments (seq {}..{}){}",
+                    dir.display(),
+                    report.records,
+                    report.segments,
+                    report.first_seq.unwrap_or(0),
+                    report.last_seq.unwrap_or(0),
+                    if report.signatures_checked {
+                        ", seals signed"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        AuditCommand::Export {
+            config,
+            dir,
+            from_seq,
+        } => {
+            use std::io::Write;
+            let dir = audit_dir(&config, dir)?;
+            let reader = portcullis_audit_store::Reader::from_seq(&dir, from_seq)
+                .with_context(|| format!("reading {}", dir.display()))?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            for record in reader {
+                let record = record.with_context(|| format!("reading {}", dir.display()))?;
+                writeln!(out, "{}", record.event)?;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

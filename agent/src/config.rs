@@ -49,6 +49,8 @@ pub struct Config {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Settings that weaken security, for labs and tests; the name says so.
     #[serde(default)]
     pub insecure: InsecureConfig,
@@ -85,6 +87,32 @@ pub struct IdentityConfig {
     pub services: Vec<ServiceIdentityConfig>,
     #[serde(default, rename = "trusted_issuer")]
     pub trusted_issuers: Vec<TrustedIssuerConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The hash-chained store; default `<state_dir>/audit`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default = "defaults::max_segment_bytes")]
+    pub max_segment_bytes: u64,
+    #[serde(default = "defaults::max_segment_age_secs")]
+    pub max_segment_age_secs: u64,
+    /// Root-only file with an Ed25519 seed (64 hex characters): signs each sealed segment.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_segment_bytes: defaults::max_segment_bytes(),
+            max_segment_age_secs: defaults::max_segment_age_secs(),
+            signing_key_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -391,6 +419,12 @@ mod defaults {
     pub fn pin_dir() -> PathBuf {
         PathBuf::from("/sys/fs/bpf/portcullis")
     }
+    pub fn max_segment_bytes() -> u64 {
+        64 * 1024 * 1024
+    }
+    pub fn max_segment_age_secs() -> u64 {
+        3600
+    }
     pub fn policy_dir() -> PathBuf {
         PathBuf::from("/etc/portcullis/policies")
     }
@@ -586,8 +620,11 @@ impl Config {
             .join(format!("v{}", portcullis_common::PIN_LAYOUT_VERSION))
     }
 
-    pub fn events_path(&self) -> PathBuf {
-        self.state_dir.join("events.jsonl")
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit"))
     }
 }
 
@@ -668,6 +705,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn shipped_default_config_is_valid() {
+        let text = include_str!("../../packaging/portcullis.toml");
+        Config::parse(Path::new("portcullis.toml"), text).unwrap();
+    }
+
+    #[test]
+    fn hmac_algorithms_and_plain_http_issuers_are_refused() {
+        let err = parse("[identity]\nissuer = \"http://idp.example\"\n").unwrap_err();
+        assert!(err.contains("must use https"), "{err}");
+        assert!(parse("[identity]\nissuer = \"http://127.0.0.1:8080\"\n").is_ok());
+        let err = parse("[identity]\nalgorithms = [\"HS256\"]\n").unwrap_err();
+        assert!(err.contains("HMAC"), "{err}");
     }
 
     #[test]

@@ -489,11 +489,15 @@ impl Proxy {
             cancel: self.close_all.child_token(),
             close_reason: Mutex::new(None),
         });
-        self.registry.insert(Arc::clone(&conn));
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
         opened.decision = Some("allow".into());
         opened.policy_ids = policy_ids;
-        self.audit.record(&opened);
+        // The opened event gates the connection: nothing is forwarded that is not on disk.
+        if let Err(e) = self.audit.record_durable(&opened).await {
+            tracing::error!(error = %e, "cannot record the connection; refusing it");
+            return;
+        }
+        self.registry.insert(Arc::clone(&conn));
         tracing::info!(target = %conn.target, upstream = %upstream_addr, "connection opened");
         let mut guard = OpenGuard {
             conn: Arc::clone(&conn),

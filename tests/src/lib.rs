@@ -464,12 +464,40 @@ impl Agent {
             .unwrap()
     }
 
+    /// Every event in the agent's audit store, oldest first (read straight from the
+    /// segments; a line still being written is skipped).
     pub fn events(&self) -> Vec<Value> {
-        let text =
-            std::fs::read_to_string(self.dir.path().join("state/events.jsonl")).unwrap_or_default();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        let dir = self.dir.path().join("state/audit");
+        let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        segments.retain(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("segment-"))
+        });
+        segments.sort();
+        let mut out = Vec::new();
+        for seg in segments {
+            let text = std::fs::read_to_string(&seg).unwrap_or_default();
+            for line in text.lines() {
+                if let Ok(v) = serde_json::from_str::<Value>(line) {
+                    if let Some(e) = v.get("event") {
+                        out.push(e.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `portcullis audit verify` on this agent's store.
+    pub fn verify_audit(&self) -> Output {
+        Command::new(agent_bin())
+            .args(["audit", "verify", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap()
     }
 
     pub fn events_of(&self, kind: &str) -> Vec<Value> {

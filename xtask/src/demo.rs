@@ -137,8 +137,7 @@ fn demo_steps(
     if out.status.success() {
         bail!("a connection without a login went through");
     }
-    let events = std::fs::read_to_string(PathBuf::from(DEMO_DIR).join("state/events.jsonl"))
-        .unwrap_or_default();
+    let events = export_events(bin);
     if let Some(reason) = events
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -220,12 +219,11 @@ fn demo_steps(
     let _ = slow.wait();
 
     step("what the agent recorded (connection events in the state directory)");
-    let events_path = PathBuf::from(DEMO_DIR).join("state/events.jsonl");
     // A connection's closed event is written once both directions have finished.
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut events = String::new();
     while Instant::now() < deadline {
-        events = std::fs::read_to_string(&events_path).unwrap_or_default();
+        events = export_events(bin);
         if events.matches("connection.opened").count()
             == events.matches("connection.closed").count()
         {
@@ -260,6 +258,14 @@ fn demo_steps(
             v["reason"].as_str().unwrap_or(""),
         );
     }
+    step("the audit trail is hash-chained: `portcullis audit verify`");
+    crate::run(Command::new(bin).args([
+        "audit",
+        "verify",
+        "--dir",
+        &format!("{DEMO_DIR}/state/audit"),
+    ]))?;
+
     step("`portcullis whoami`, as nobody");
     crate::run(&mut as_nobody_in(
         cgroup,
@@ -267,6 +273,20 @@ fn demo_steps(
     ))?;
     println!("\nThe client never knew: it dialled {SERVER}, and its getpeername() still says so.");
     Ok(())
+}
+
+/// The agent's audit trail as NDJSON (`portcullis audit export`).
+fn export_events(bin: &Path) -> String {
+    Command::new(bin)
+        .args([
+            "audit",
+            "export",
+            "--dir",
+            &format!("{DEMO_DIR}/state/audit"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// A command that joins the demo cgroup and drops to `nobody` before exec'ing the client.
