@@ -290,7 +290,9 @@ impl Proxy {
             identity,
             policies,
             registry,
-            next_id: AtomicU64::new(1),
+            // Connection ids stay unique across restarts (they name sessions in the audit
+            // trail): the start time in seconds, shifted past any plausible per-run count.
+            next_id: AtomicU64::new((now_ms() / 1000) << 24),
             limit,
             stop_accepting: CancellationToken::new(),
             close_all: CancellationToken::new(),
