@@ -198,3 +198,104 @@ fn kill9_under_load_loses_no_event_of_a_forwarded_connection() {
         missing.len()
     );
 }
+
+#[test]
+fn search_and_sessions_read_the_trail_back() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(52);
+    let cg = TestCgroup::new("audit-search");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let agent = Agent::start(
+        "audit-search",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 47201,
+        netns: None,
+    };
+    probe.run(&["connect", &slot.v4(1).to_string(), "--count", "3"]);
+    let other = Probe {
+        cgroup: &cg,
+        uid: 47202,
+        netns: None,
+    };
+    other.connect(slot.proxy_v4(), &[]);
+    agent.wait_events("connection.closed", 3);
+    agent.wait_events("connection.refused", 1);
+
+    let cli = |args: &[&str]| -> Vec<Value> {
+        let out = Command::new(portcullis_e2e::agent_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&agent.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let opened = cli(&[
+        "audit",
+        "search",
+        "--user",
+        "47201",
+        "--type",
+        "connection.opened",
+        "--json",
+    ]);
+    assert_eq!(opened.len(), 3);
+    assert!(opened.iter().all(|e| e["decision"] == "allow"));
+    assert_eq!(
+        cli(&[
+            "audit",
+            "search",
+            "--type",
+            "connection",
+            "--user",
+            "47201",
+            "--json"
+        ])
+        .len(),
+        6
+    );
+    assert_eq!(
+        cli(&["audit", "search", "--type", "connection.refused", "--json"]).len(),
+        1
+    );
+    assert_eq!(
+        cli(&["audit", "search", "--since", "10m", "--target", "db", "--json"]).len(),
+        6
+    );
+    assert!(cli(&["audit", "search", "--until", "1970-01-02", "--json"]).is_empty());
+
+    let sessions = cli(&["sessions", "list", "--json"]);
+    assert_eq!(sessions.len(), 3);
+    assert!(sessions.iter().all(|s| s["closed"]["reason"].is_string()), "{sessions:?}");
+    let id = sessions[0]["opened"]["connection_id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let timeline = cli(&["sessions", "show", &id, "--json"]);
+    let kinds: Vec<&str> = timeline
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["connection.opened", "connection.closed"]);
+}

@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Recorded connection sessions (root).
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
     /// Verify and export the audit trail (root).
     Audit {
         #[command(subcommand)]
@@ -102,6 +107,8 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Find events: by time, user, target, type, decision or text.
+    Search(Box<SearchArgs>),
     /// Print the events as NDJSON, oldest first.
     Export {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
@@ -111,6 +118,63 @@ enum AuditCommand {
         /// Start at this sequence number.
         #[arg(long, default_value_t = 1)]
         from_seq: u64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct SearchArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// From this time: 30m, 2h, 7d ago, Unix seconds, or 2026-11-23T10:00 (UTC).
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+    /// Unix account, uid, OIDC subject or email.
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    target: Option<String>,
+    /// Event type (`connection.refused`) or family (`connection`, `login`, `policy`).
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// allow, deny, approval
+    #[arg(long)]
+    decision: Option<String>,
+    /// Any text in the event.
+    #[arg(long)]
+    text: Option<String>,
+    /// NDJSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsCommand {
+    /// Recorded connections, newest last.
+    List {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One connection's timeline: every event about it, in order.
+    Show {
+        id: u64,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -298,6 +362,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Policy { command } => policy_command(command),
         Command::Audit { command } => audit_command(command),
+        Command::Sessions { command } => sessions_command(command),
         Command::Config { command } => match command {
             ConfigCommand::Check { path } => {
                 let (_, targets) = Config::load(&path)?;
@@ -384,6 +449,51 @@ fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        AuditCommand::Search(args) => {
+            let SearchArgs {
+                config,
+                dir,
+                since,
+                until,
+                user,
+                target,
+                kind,
+                decision,
+                text,
+                json,
+            } = *args;
+            let now = crate::audit::now_ms();
+            let time = |t: Option<String>| {
+                t.map(|t| crate::audit::query::parse_time(&t, now))
+                    .transpose()
+            };
+            let filter = crate::audit::query::Filter {
+                since_ms: time(since).map_err(anyhow::Error::msg)?,
+                until_ms: time(until).map_err(anyhow::Error::msg)?,
+                user,
+                target,
+                kind,
+                decision,
+                text,
+                connection_id: None,
+            };
+            let dir = audit_dir(&config, dir)?;
+            let mut found = 0usize;
+            for_each_event(&dir, |event, raw| {
+                if filter.matches(event, raw) {
+                    found += 1;
+                    if json {
+                        println!("{raw}");
+                    } else {
+                        println!("{}", crate::audit::query::summary(event));
+                    }
+                }
+            })?;
+            if !json {
+                eprintln!("{found} event(s)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Export {
             config,
             dir,
@@ -400,6 +510,116 @@ fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 writeln!(out, "{}", record.event)?;
             }
             out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Calls `f` with every event of the store, oldest first.
+fn for_each_event(dir: &Path, mut f: impl FnMut(&serde_json::Value, &str)) -> anyhow::Result<()> {
+    let reader = portcullis_audit_store::Reader::from_seq(dir, 1)
+        .with_context(|| format!("reading {}", dir.display()))?;
+    for record in reader {
+        let record = record.with_context(|| format!("reading {}", dir.display()))?;
+        match serde_json::from_str::<serde_json::Value>(&record.event) {
+            Ok(event) => f(&event, &record.event),
+            Err(e) => eprintln!("record {} is not an event: {e}", record.seq),
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::indexing_slicing, reason = "serde_json::Value indexing yields Null, it never panics")]
+fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
+    use crate::audit::query::{format_time, summary, Filter};
+    match command {
+        SessionsCommand::List {
+            config,
+            dir,
+            user,
+            target,
+            json,
+        } => {
+            let dir = audit_dir(&config, dir)?;
+            let filter = Filter {
+                user,
+                target,
+                kind: Some("connection.opened".into()),
+                ..Default::default()
+            };
+            let mut opened: Vec<serde_json::Value> = Vec::new();
+            let mut closed: std::collections::HashMap<u64, serde_json::Value> =
+                std::collections::HashMap::new();
+            for_each_event(&dir, |event, raw| {
+                if filter.matches(event, raw) {
+                    opened.push(event.clone());
+                } else if event["event"] == "connection.closed" {
+                    if let Some(id) = event["connection_id"].as_u64() {
+                        closed.insert(id, event.clone());
+                    }
+                }
+            })?;
+            for o in &opened {
+                let id = o["connection_id"].as_u64().unwrap_or(0);
+                let c = closed.get(&id);
+                if json {
+                    println!("{}", serde_json::json!({"opened": o, "closed": c}));
+                    continue;
+                }
+                let who = o["identity"]["email"]
+                    .as_str()
+                    .or(o["identity"]["subject"].as_str())
+                    .unwrap_or("-");
+                let end = c.map_or_else(
+                    || "open (or the agent stopped)".to_string(),
+                    |c| {
+                        format!(
+                            "{} ms, sent {}, received {}, {}",
+                            c["duration_ms"],
+                            c["bytes_client_to_upstream"],
+                            c["bytes_upstream_to_client"],
+                            c["reason"].as_str().unwrap_or("")
+                        )
+                    },
+                );
+                println!(
+                    "{id}  {}  {} ({}) pid {} {} -> {} [{}]: {end}",
+                    format_time(o["time_ms"].as_u64().unwrap_or(0)),
+                    o["identity"]["user"].as_str().unwrap_or("-"),
+                    who,
+                    o["origin"]["pid"],
+                    o["origin"]["comm"].as_str().unwrap_or("-"),
+                    o["origin"]["destination"].as_str().unwrap_or("-"),
+                    o["target"].as_str().unwrap_or("-"),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionsCommand::Show {
+            id,
+            config,
+            dir,
+            json,
+        } => {
+            let dir = audit_dir(&config, dir)?;
+            let filter = Filter {
+                connection_id: Some(id),
+                ..Default::default()
+            };
+            let mut n = 0;
+            for_each_event(&dir, |event, raw| {
+                if filter.matches(event, raw) {
+                    n += 1;
+                    if json {
+                        println!("{raw}");
+                    } else {
+                        println!("{}", summary(event));
+                    }
+                }
+            })?;
+            if n == 0 {
+                bail!("no session {id} in {}", dir.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

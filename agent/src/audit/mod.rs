@@ -4,6 +4,8 @@
 //! under `<state_dir>/audit` (see `audit-store/README.md`); `portcullis audit verify` checks
 //! it and `portcullis audit export` prints it as NDJSON.
 
+pub mod query;
+
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 

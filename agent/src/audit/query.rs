@@ -1,0 +1,334 @@
+//! Reading the audit trail back: filters for `portcullis audit search` and the session
+//! timelines of `portcullis sessions`. Pure functions over parsed events; the CLI reads the
+//! store with `portcullis_audit_store::Reader`.
+
+use serde_json::Value;
+
+/// What `audit search` keeps. Every set field must match.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+    /// Unix account name, uid, OIDC subject or email.
+    pub user: Option<String>,
+    pub target: Option<String>,
+    /// An event type (`connection.refused`) or its family (`connection`).
+    pub kind: Option<String>,
+    pub decision: Option<String>,
+    /// A substring of the event as stored.
+    pub text: Option<String>,
+    pub connection_id: Option<u64>,
+}
+
+impl Filter {
+    pub fn matches(&self, event: &Value, raw: &str) -> bool {
+        let time = event.get("time_ms").and_then(Value::as_u64).unwrap_or(0);
+        if self.since_ms.is_some_and(|s| time < s) || self.until_ms.is_some_and(|u| time > u) {
+            return false;
+        }
+        let field =
+            |path: &[&str]| -> Option<&Value> { path.iter().try_fold(event, |v, k| v.get(*k)) };
+        let str_at = |path: &[&str]| field(path).and_then(Value::as_str);
+        if let Some(user) = &self.user {
+            let uid = field(&["identity", "uid"])
+                .or_else(|| field(&["origin", "uid"]))
+                .and_then(Value::as_u64);
+            let hit = [
+                ["identity", "user"],
+                ["identity", "subject"],
+                ["identity", "email"],
+            ]
+            .iter()
+            .any(|p| str_at(p) == Some(user.as_str()))
+                || user.parse::<u64>().ok().is_some_and(|u| Some(u) == uid);
+            if !hit {
+                return false;
+            }
+        }
+        if let Some(t) = &self.target {
+            if str_at(&["target"]) != Some(t.as_str()) {
+                return false;
+            }
+        }
+        if let Some(k) = &self.kind {
+            let kind = str_at(&["event"]).unwrap_or("");
+            if kind != k && !kind.starts_with(&format!("{k}.")) {
+                return false;
+            }
+        }
+        if let Some(d) = &self.decision {
+            if str_at(&["decision"]) != Some(d.as_str()) {
+                return false;
+            }
+        }
+        if let Some(id) = self.connection_id {
+            if field(&["connection_id"]).and_then(Value::as_u64) != Some(id) {
+                return false;
+            }
+        }
+        if let Some(text) = &self.text {
+            if !raw.contains(text.as_str()) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Parses a point in time: `30m`, `2h`, `7d` ago; Unix seconds; or a UTC date
+/// `YYYY-MM-DD` / `YYYY-MM-DDTHH:MM[:SS]`. Returns Unix milliseconds.
+pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
+    let s = s.trim();
+    let bad = || {
+        format!("`{s}` is not a time: use 30m, 2h, 7d, Unix seconds, or 2026-11-23T10:00:00 (UTC)")
+    };
+    if let Some(unit) = s.chars().last().filter(|c| "smhd".contains(*c)) {
+        if let Ok(n) = s.get(..s.len() - 1).unwrap_or("").parse::<u64>() {
+            let secs = match unit {
+                's' => n,
+                'm' => n.saturating_mul(60),
+                'h' => n.saturating_mul(3600),
+                _ => n.saturating_mul(86_400),
+            };
+            return Ok(now_ms.saturating_sub(secs.saturating_mul(1000)));
+        }
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(secs.saturating_mul(1000));
+    }
+    let (date, time) = s.split_once(['T', ' ']).unwrap_or((s, "00:00:00"));
+    let mut d = date.split('-').map(str::parse::<i64>);
+    let (Some(Ok(y)), Some(Ok(m)), Some(Ok(day)), None) = (d.next(), d.next(), d.next(), d.next())
+    else {
+        return Err(bad());
+    };
+    let mut t = time.split(':').map(str::parse::<i64>);
+    let (hh, mm, ss) = match (t.next(), t.next(), t.next()) {
+        (Some(Ok(h)), Some(Ok(m)), None) => (h, m, 0),
+        (Some(Ok(h)), Some(Ok(m)), Some(Ok(s))) => (h, m, s),
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || !(0..24).contains(&hh)
+        || !(0..60).contains(&mm)
+        || !(0..61).contains(&ss)
+    {
+        return Err(bad());
+    }
+    let days = days_from_civil(y, m, day);
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    u64::try_from(secs).map(|s| s * 1000).map_err(|_| bad())
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for Unix milliseconds.
+pub fn format_time(ms: u64) -> String {
+    let secs = i64::try_from(ms / 1000).unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// One line of `audit search`: time, type, who, target, decision, reason.
+pub fn summary(event: &Value) -> String {
+    let s = |path: &[&str]| -> String {
+        path.iter()
+            .try_fold(event, |v, k| v.get(*k))
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .unwrap_or_else(|| "-".into())
+    };
+    let who = match (s(&["identity", "email"]), s(&["identity", "subject"])) {
+        (e, _) if e != "-" => e,
+        (_, sub) => sub,
+    };
+    let user = match s(&["identity", "user"]) {
+        u if u != "-" => u,
+        _ => s(&["origin", "uid"]),
+    };
+    format!(
+        "{}  {:<20} {:<12} {:<24} {:<16} {:<8} {}",
+        format_time(event.get("time_ms").and_then(Value::as_u64).unwrap_or(0)),
+        s(&["event"]),
+        user,
+        who,
+        s(&["target"]),
+        s(&["decision"]),
+        s(&["reason"]),
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn times_parse_and_format_in_utc() {
+        let now = 1_795_429_800_000; // 2026-11-23 10:30:00 UTC
+        assert_eq!(format_time(now), "2026-11-23 10:30:00");
+        assert_eq!(parse_time("2026-11-23T10:30:00", now).unwrap(), now);
+        assert_eq!(parse_time("2026-11-23 10:30", now).unwrap(), now);
+        assert_eq!(parse_time("2026-11-23", now).unwrap(), now - 37_800_000);
+        assert_eq!(parse_time("30m", now).unwrap(), now - 1_800_000);
+        assert_eq!(parse_time("1795429800", now).unwrap(), now);
+        assert_eq!(format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00");
+        for bad in ["yesterday", "2026-13-01", "2026-11-23T25:00", "5x", ""] {
+            assert!(parse_time(bad, now).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_filter_field_narrows_the_search() {
+        let ev = json!({
+            "time_ms": 1000, "event": "connection.refused", "target": "billing-db", "decision": "deny",
+            "connection_id": 7,
+            "identity": {"uid": 1001, "user": "alice", "subject": "alice-id", "email": "alice@example.com"},
+        });
+        let raw = ev.to_string();
+        let table: Vec<(Filter, bool)> = vec![
+            (Filter::default(), true),
+            (
+                Filter {
+                    user: Some("alice".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    user: Some("alice@example.com".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    user: Some("1001".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    user: Some("bob".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    target: Some("billing-db".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    target: Some("other".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    kind: Some("connection".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    kind: Some("connection.refused".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    kind: Some("conn".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    decision: Some("deny".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    decision: Some("allow".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    since_ms: Some(1001),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    until_ms: Some(999),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    text: Some("billing".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    connection_id: Some(7),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    connection_id: Some(8),
+                    ..Default::default()
+                },
+                false,
+            ),
+        ];
+        for (i, (f, want)) in table.iter().enumerate() {
+            assert_eq!(f.matches(&ev, &raw), *want, "row {i}: {f:?}");
+        }
+    }
+}
