@@ -287,7 +287,10 @@ fn search_and_sessions_read_the_trail_back() {
 
     let sessions = cli(&["sessions", "list", "--json"]);
     assert_eq!(sessions.len(), 3);
-    assert!(sessions.iter().all(|s| s["closed"]["reason"].is_string()), "{sessions:?}");
+    assert!(
+        sessions.iter().all(|s| s["closed"]["reason"].is_string()),
+        "{sessions:?}"
+    );
     let id = sessions[0]["opened"]["connection_id"]
         .as_u64()
         .unwrap()

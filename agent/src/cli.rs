@@ -529,7 +529,10 @@ fn for_each_event(dir: &Path, mut f: impl FnMut(&serde_json::Value, &str)) -> an
     Ok(())
 }
 
-#[allow(clippy::indexing_slicing, reason = "serde_json::Value indexing yields Null, it never panics")]
+#[allow(
+    clippy::indexing_slicing,
+    reason = "serde_json::Value indexing yields Null, it never panics"
+)]
 fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
     use crate::audit::query::{format_time, summary, Filter};
     match command {
