@@ -703,12 +703,8 @@ fn ctrl_c_during_login_cancels_it_at_the_agent() {
             break rest.trim_end_matches(" directly)").to_string();
         }
     };
-    // Wait until the CLI is blocked waiting, then press Ctrl-C.
-    let mut line = String::new();
-    while !line.contains("Waiting") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0);
-    }
+    // Ctrl-C as soon as the code is shown: the login is one conversation with the agent,
+    // so there is no moment in which the CLI is gone but the agent keeps polling.
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -768,4 +764,41 @@ fn service_identity_for_a_unit_matches_its_cgroup() {
     let opened = w.agent.wait_events("connection.opened", 1);
     assert_eq!(opened[0]["identity"]["kind"], "service");
     assert_eq!(opened[0]["identity"]["name"], "unit-job");
+}
+
+#[test]
+fn login_no_wait_returns_at_once_and_the_agent_finishes_the_login() {
+    if !enabled() {
+        return;
+    }
+    let provider = OidcProvider::start(OidcOptions::default());
+    let w = world("id-nowait", 32, &provider, "");
+    let out = cli(&w.agent, 45121, &["login", "--no-wait"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = text(&out);
+    assert!(shown.contains("Not waiting"), "{shown}");
+    let url = shown
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("(or open ")
+                .map(|r| r.trim_end_matches(" directly)").to_string())
+        })
+        .unwrap();
+    provider.complete_device_flow(&url, "bob").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let whoami = cli(&w.agent, 45121, &["whoami"]).output().unwrap();
+        if whoami.status.success() {
+            assert!(text(&whoami).contains("Bob"), "{}", text(&whoami));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never finished the login"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

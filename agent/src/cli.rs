@@ -773,7 +773,17 @@ fn login(socket: &Path, no_wait: bool, token_file: Option<&Path>) -> anyhow::Res
             other => unexpected(other),
         };
     }
-    let started = match ask(socket, &Request::LoginStart)? {
+    let mut answers = control::conversation(socket, &Request::Login { wait: !no_wait })
+        .map_err(anyhow::Error::msg)?;
+    let mut next = || -> anyhow::Result<Response> {
+        match answers.next() {
+            Some(Ok(Response::Error { message })) => bail!("{message}"),
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) => bail!("{e}"),
+            None => bail!("the agent ended the login without an answer"),
+        }
+    };
+    let started = match next()? {
         Response::LoginStarted(s) => s,
         other => return unexpected(other),
     };
@@ -793,12 +803,7 @@ fn login(socket: &Path, no_wait: bool, token_file: Option<&Path>) -> anyhow::Res
     println!("Waiting for you to finish (Ctrl-C cancels)...");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    match ask(
-        socket,
-        &Request::LoginWait {
-            login_id: started.login_id,
-        },
-    )? {
+    match next()? {
         Response::LoggedIn(s) => {
             println!("Logged in as {}", describe(&s));
             Ok(ExitCode::SUCCESS)

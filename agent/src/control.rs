@@ -27,11 +27,11 @@ pub enum Request {
     Status,
     /// Remove enforcement and stop the agent (root only).
     Detach,
-    /// Start a device-grant login for the caller's uid.
-    LoginStart,
-    /// Wait for a login the caller started; closing the connection cancels it.
-    LoginWait {
-        login_id: u64,
+    /// Start a device-grant login for the caller's uid. The agent answers `LoginStarted`
+    /// at once and, with `wait`, the result on a second line; the client closing the
+    /// connection before that (Ctrl-C) cancels the login.
+    Login {
+        wait: bool,
     },
     /// Log in with a workload token from a trusted issuer.
     LoginToken {
@@ -221,6 +221,9 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
             message: format!("cannot read request: {e}"),
         },
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Request::Login { wait }) => {
+                return login(wait, uid, state, &mut limited, write).await
+            }
             Ok(req) => {
                 // The client sends nothing after its request: a read that ends means it went
                 // away (Ctrl-C), and dropping `respond` then cancels what it was waiting for.
@@ -241,29 +244,68 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
     write.shutdown().await
 }
 
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+/// The device login, as one conversation: the code and address at once, then (if the
+/// client waits) the result. The client going away at any point cancels the login.
+async fn login<R>(
+    wait: bool,
+    uid: u32,
+    state: &ControlState,
+    read: &mut R,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let identity = Arc::clone(&state.identity);
+    let started = on_data_plane(&state.data_plane, async move {
+        match identity.login_start(uid).await {
+            Ok(s) => Response::LoginStarted(s),
+            Err(message) => Response::Error { message },
+        }
+    })
+    .await;
+    let login_id = match &started {
+        Response::LoginStarted(s) => s.login_id,
+        _ => return send(&mut write, &started).await,
+    };
+    if let Err(e) = send(&mut write, &started).await {
+        state.identity.cancel_login(login_id);
+        return Err(e);
+    }
+    if !wait {
+        return write.shutdown().await;
+    }
+    let mut probe = [0u8; 1];
+    let result = tokio::select! {
+        r = state.identity.login_wait(uid, login_id) => match r {
+            Ok(s) => Response::LoggedIn(s),
+            Err(message) => Response::Error { message },
+        },
+        // Dropping `login_wait` cancels the login.
+        _ = tokio::io::AsyncReadExt::read(read, &mut probe) => return Ok(()),
+    };
+    send(&mut write, &result).await?;
+    write.shutdown().await
+}
+
 async fn respond(req: Request, uid: u32, state: &ControlState) -> Response {
     let identity = Arc::clone(&state.identity);
     let root_only = || Response::Error {
         message: "only root may do this".into(),
     };
     match req {
-        Request::LoginStart => {
-            on_data_plane(&state.data_plane, async move {
-                match identity.login_start(uid).await {
-                    Ok(s) => Response::LoginStarted(s),
-                    Err(message) => Response::Error { message },
-                }
-            })
-            .await
-        }
-        Request::LoginWait { login_id } => {
-            // Awaited here, on the control runtime: if the CLI goes away, this future is
-            // dropped and the login is cancelled.
-            match identity.login_wait(uid, login_id).await {
-                Ok(s) => Response::LoggedIn(s),
-                Err(message) => Response::Error { message },
-            }
-        }
+        Request::Login { .. } => Response::Error {
+            message: "internal error: a login is a conversation".into(),
+        },
         Request::LoginToken { token } => {
             on_data_plane(&state.data_plane, async move {
                 match identity.login_token(uid, &token).await {
@@ -394,6 +436,17 @@ fn status(uid: u32, state: &ControlState) -> StatusReport {
 
 /// Client side: sends one request and reads the answer.
 pub fn request(socket: &Path, req: &Request) -> Result<Response, String> {
+    let mut answers = conversation(socket, req)?;
+    answers
+        .next()
+        .unwrap_or_else(|| Err("the agent closed the connection without an answer".into()))
+}
+
+/// Client side: sends one request and yields each answer line as it arrives.
+pub fn conversation(
+    socket: &Path,
+    req: &Request,
+) -> Result<impl Iterator<Item = Result<Response, String>>, String> {
     use std::io::{BufRead, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
         format!(
@@ -403,7 +456,7 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, String> {
     })?;
     // Waiting for a login lasts as long as the user takes in the browser.
     let timeout = match req {
-        Request::LoginWait { .. } => None,
+        Request::Login { wait: true } => None,
         _ => Some(Duration::from_secs(30)),
     };
     stream
@@ -414,9 +467,9 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, String> {
     stream
         .write_all(&line)
         .map_err(|e| format!("sending the request: {e}"))?;
-    let mut answer = String::new();
-    std::io::BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|e| format!("reading the agent's answer: {e}"))?;
-    serde_json::from_str(answer.trim()).map_err(|e| format!("malformed answer from the agent: {e}"))
+    let lines = std::io::BufReader::new(stream).lines();
+    Ok(lines.map(|l| {
+        let l = l.map_err(|e| format!("reading the agent's answer: {e}"))?;
+        serde_json::from_str(l.trim()).map_err(|e| format!("malformed answer from the agent: {e}"))
+    }))
 }

@@ -766,6 +766,18 @@ impl IdentityService {
         }
     }
 
+    /// Cancels one pending login (its client went away before waiting).
+    pub fn cancel_login(&self, login_id: u64) {
+        if let Some(p) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&login_id)
+        {
+            p.cancel.cancel();
+        }
+    }
+
     pub fn cancel_pending(&self) {
         for p in self
             .pending
