@@ -106,6 +106,8 @@ pub fn run(
         proxy
             .tasks
             .spawn(Arc::clone(&policies).watch(proxy.close_all.clone()));
+        // Stopped by `close_all`, after the drain, so the drain's events still get shipped.
+        crate::audit::central::start(&config, &audit, &proxy.tasks, proxy.close_all.clone());
     });
 
     let control_listener = control::bind(&config.control.socket)?;

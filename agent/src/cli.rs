@@ -109,6 +109,29 @@ enum AuditCommand {
     },
     /// Find events: by time, user, target, type, decision or text.
     Search(Box<SearchArgs>),
+    /// Create or upgrade the central store's schema, as its admin (once per fleet).
+    CentralMigrate {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// An admin role's URL (postgres://admin@db/portcullis); not the agent's insert-only role.
+        #[arg(long)]
+        admin_url: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Verify one bastion's chain from the central copy (exit 1 if it breaks).
+    CentralVerify {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// A role that may read every column (the agent's role may not).
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The bastion to verify (default: this host's `host_name`).
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Print the events as NDJSON, oldest first.
     Export {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
@@ -388,8 +411,74 @@ fn audit_dir(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
+fn central_config(config: &Path) -> anyhow::Result<crate::config::CentralConfig> {
+    Config::load(config)?
+        .0
+        .audit
+        .central
+        .with_context(|| format!("{} has no [audit.central] section", config.display()))
+}
+
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    Ok(rt.block_on(f))
+}
+
 fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
     match command {
+        AuditCommand::CentralMigrate {
+            config,
+            admin_url,
+            password_file,
+        } => {
+            let central = central_config(&config)?;
+            let version = block_on(crate::audit::central::migrate(
+                &central,
+                &admin_url,
+                password_file.as_deref(),
+            ))??;
+            println!("central store schema at version {version}");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::CentralVerify {
+            config,
+            url,
+            password_file,
+            host,
+        } => {
+            let central = central_config(&config)?;
+            let host = host.unwrap_or_else(|| {
+                central
+                    .host_name
+                    .clone()
+                    .unwrap_or_else(crate::audit::hostname)
+            });
+            let report = block_on(crate::audit::central::verify_central(
+                &central,
+                &url,
+                password_file.as_deref(),
+                &host,
+            ))??;
+            if report.ok() {
+                println!(
+                    "{host}: central copy intact, {} records (seq {}..{})",
+                    report.records,
+                    report.first_seq.unwrap_or(0),
+                    report.last_seq.unwrap_or(0)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(b) = &report.first_break {
+                println!(
+                    "{host}: the central copy is BROKEN at seq {}: {}",
+                    b.seq, b.reason
+                );
+            }
+            Ok(ExitCode::FAILURE)
+        }
         AuditCommand::Verify {
             config,
             dir,

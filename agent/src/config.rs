@@ -102,6 +102,9 @@ pub struct AuditConfig {
     /// Root-only file with an Ed25519 seed (64 hex characters): signs each sealed segment.
     #[serde(default)]
     pub signing_key_file: Option<PathBuf>,
+    /// Optional central PostgreSQL the local store is shipped to (`docs/audit-central.md`).
+    #[serde(default)]
+    pub central: Option<CentralConfig>,
 }
 
 impl Default for AuditConfig {
@@ -111,8 +114,63 @@ impl Default for AuditConfig {
             max_segment_bytes: defaults::max_segment_bytes(),
             max_segment_age_secs: defaults::max_segment_age_secs(),
             signing_key_file: None,
+            central: None,
         }
     }
+}
+
+/// `[audit.central]`: where the fleet's audit trail is collected. The local store is the
+/// spool, so an outage delays shipping but loses nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CentralConfig {
+    /// `postgres://user@host:port/db`, without a password (use `password_file`).
+    pub url: String,
+    /// Root-only file holding the role's password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: CentralTls,
+    /// PEM CA bundle that signs the server's certificate; default: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Records per transaction.
+    #[serde(default = "defaults::central_batch_size")]
+    pub batch_size: usize,
+    /// Unshipped records the local store may hold before `on_spool_full` applies.
+    #[serde(default = "defaults::spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    #[serde(default)]
+    pub on_spool_full: OnSpoolFull,
+    /// This bastion's name in the central table; default: the kernel hostname.
+    #[serde(default)]
+    pub host_name: Option<String>,
+    /// A role allowed to run DDL: when set, the agent creates or migrates the schema at start.
+    /// Without it an administrator runs the migration (`docs/audit-central.md`).
+    #[serde(default)]
+    pub migrate_url: Option<String>,
+    #[serde(default)]
+    pub migrate_password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CentralTls {
+    /// TLS with the certificate and the host name verified (libpq's `verify-full`).
+    #[default]
+    Require,
+    /// Plain TCP or a Unix socket; accepted for loopback hosts only.
+    Disable,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSpoolFull {
+    /// Keep proxying and recording locally; alert once per episode (`audit.spool_full`).
+    #[default]
+    KeepEnforcing,
+    /// Fail closed: refuse new connections until the backlog is under the bound again.
+    RefuseConnections,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -450,6 +508,12 @@ mod defaults {
     pub fn refresh_before_secs() -> u64 {
         120
     }
+    pub fn central_batch_size() -> usize {
+        500
+    }
+    pub fn spool_max_bytes() -> u64 {
+        1024 * 1024 * 1024
+    }
 }
 
 impl Default for ControlConfig {
@@ -572,6 +636,9 @@ impl Config {
             });
         }
         self.validate_identity()?;
+        if let Some(central) = &self.audit.central {
+            validate_central(central).map_err(|m| (0..0, format!("audit.central.{m}")))?;
+        }
         if self.proxy.upstream_mark == 0 {
             return Err((0..0, "proxy.upstream_mark must not be 0".to_string()));
         }
@@ -626,6 +693,60 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("audit"))
     }
+}
+
+/// Errors start with the key they are about (the caller prefixes `audit.central.`).
+fn validate_central(c: &CentralConfig) -> Result<(), String> {
+    check_central_url(&c.url, c.tls).map_err(|m| format!("url: {m}"))?;
+    if let Some(url) = &c.migrate_url {
+        check_central_url(url, c.tls).map_err(|m| format!("migrate_url: {m}"))?;
+    }
+    if c.batch_size == 0 || c.batch_size > 10_000 {
+        return Err(format!("batch_size: {} must be 1-10000", c.batch_size));
+    }
+    if c.spool_max_bytes == 0 {
+        return Err("spool_max_bytes: must be above 0".into());
+    }
+    if let Some(name) = &c.host_name {
+        if name.trim().is_empty() || name.len() > 255 {
+            return Err("host_name: must be 1-255 characters".into());
+        }
+    }
+    Ok(())
+}
+
+/// A PostgreSQL URL without an inline password, and plain text only where nothing crosses
+/// a network.
+pub fn check_central_url(url: &str, tls: CentralTls) -> Result<(), String> {
+    use tokio_postgres::config::Host;
+    // The parser's own message may quote the URL, password included: never repeat it.
+    let parsed: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| "not a valid postgres:// URL".to_string())?;
+    if parsed.get_password().is_some() {
+        return Err("holds a password; put it in `password_file` (root-only) instead".into());
+    }
+    if parsed.get_user().is_none() {
+        return Err("names no user (postgres://USER@host/db)".into());
+    }
+    if parsed.get_hosts().is_empty() {
+        return Err("names no host".into());
+    }
+    if tls == CentralTls::Disable {
+        let all_local = parsed.get_hosts().iter().all(|h| match h {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost" || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+        }) && parsed.get_hostaddrs().iter().all(IpAddr::is_loopback);
+        if !all_local {
+            return Err(
+                "tls = \"disable\" is accepted for loopback hosts only; use tls = \"require\""
+                    .into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

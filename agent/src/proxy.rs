@@ -412,6 +412,13 @@ impl Proxy {
                 return;
             }
         };
+        if self.audit.over_bound() {
+            refuse(
+                "the central audit backlog is over audit.central.spool_max_bytes (on_spool_full = \"refuse_connections\")".into(),
+                Some(target),
+            );
+            return;
+        }
         let decision = self
             .policies
             .decide(&crate::policy::connect_request(&identity, target, &origin));

@@ -13,6 +13,7 @@
 )]
 
 pub mod oidc;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};

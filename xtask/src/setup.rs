@@ -10,10 +10,11 @@ use crate::{root, run, step};
 
 /// Debian packages the build, the tests and the demo use.
 const PACKAGES: &[&str] = &[
-    "iproute2", // ip netns: the foreign-namespace test
-    "curl",     // the demo's unchanged client
-    "procps",   // kill/ps for the demo and tests
-    "bpftool",  // the tests read pinned maps with it while no agent runs
+    "iproute2",   // ip netns: the foreign-namespace test
+    "curl",       // the demo's unchanged client
+    "procps",     // kill/ps for the demo and tests
+    "bpftool",    // the tests read pinned maps with it while no agent runs
+    "postgresql", // the central audit store tests run a real PostgreSQL (as user postgres)
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -4,6 +4,7 @@
 //! under `<state_dir>/audit` (see `audit-store/README.md`); `portcullis audit verify` checks
 //! it and `portcullis audit export` prints it as NDJSON.
 
+pub mod central;
 pub mod query;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,12 @@ pub enum EventKind {
     /// The store was repaired at start (a torn tail from a crash was cut and kept aside).
     #[serde(rename = "audit.integrity")]
     AuditIntegrity,
+    /// The records not yet in the central store passed `audit.central.spool_max_bytes`.
+    #[serde(rename = "audit.spool_full")]
+    AuditSpoolFull,
+    /// The backlog is under the bound again.
+    #[serde(rename = "audit.spool_drained")]
+    AuditSpoolDrained,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -125,7 +132,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HOST.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -170,6 +177,9 @@ enum Job {
 pub struct AuditLog {
     dir: PathBuf,
     tx: std::sync::mpsc::SyncSender<Job>,
+    /// The highest seq written; the central shipper measures its backlog against it.
+    last_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    spool: central::SpoolState,
 }
 
 impl AuditLog {
@@ -205,17 +215,42 @@ impl AuditLog {
         let notes = notes.iter().map(ToString::to_string).collect();
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
         let path = dir.to_path_buf();
+        let last_seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            store.next_seq().saturating_sub(1),
+        ));
+        let written = std::sync::Arc::clone(&last_seq);
         std::thread::Builder::new()
             .name("portcullis-audit".into())
-            .spawn(move || write_loop(&mut store, &rx, &path))
+            .spawn(move || write_loop(&mut store, &rx, &path, &written))
             .map_err(|e| AuditError::Write(format!("starting the audit writer: {e}")))?;
         Ok((
             Self {
                 dir: dir.to_path_buf(),
                 tx,
+                last_seq,
+                spool: central::SpoolState::default(),
             },
             notes,
         ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The highest seq on disk (0 for an empty store).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn spool(&self) -> &central::SpoolState {
+        &self.spool
+    }
+
+    /// Fail-closed backpressure from the central shipper (`on_spool_full =
+    /// "refuse_connections"`): new connections must be refused while this is true.
+    pub fn over_bound(&self) -> bool {
+        self.spool.refusing()
     }
 
     fn line(event: &AuditEvent) -> Option<Vec<u8>> {
@@ -273,6 +308,7 @@ fn write_loop(
     store: &mut portcullis_audit_store::Store,
     rx: &std::sync::mpsc::Receiver<Job>,
     dir: &Path,
+    written: &std::sync::atomic::AtomicU64,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
     loop {
@@ -304,8 +340,15 @@ fn write_loop(
         } else {
             store.append_batch(&lines)
         };
-        if let Err(e) = &result {
-            tracing::error!(dir = %dir.display(), error = %e, "writing audit events failed");
+        match &result {
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "writing audit events failed")
+            }
+            Ok(refs) => {
+                if let Some(last) = refs.last() {
+                    written.store(last.seq, std::sync::atomic::Ordering::Release);
+                }
+            }
         }
         let mut refs = result.as_ref().ok().map(|r| r.iter());
         for job in jobs {

@@ -144,6 +144,29 @@ pub struct SessionView {
 }
 
 impl Session {
+    fn new(
+        uid: u32,
+        kind: IdentityKind,
+        claims: jwt::VerifiedClaims,
+        refresh_token: Option<Secret>,
+    ) -> Self {
+        let now = now_secs();
+        Self {
+            uid,
+            kind,
+            subject: claims.subject,
+            email: claims.email,
+            name: claims.name,
+            groups: claims.groups,
+            issuer: claims.issuer,
+            expires_at: claims.expires_at,
+            logged_in_at: now,
+            refresh_token,
+            last_refresh_attempt: now,
+            refresh_failing: false,
+        }
+    }
+
     fn view(&self) -> SessionView {
         SessionView {
             uid: self.uid,
@@ -464,22 +487,12 @@ impl IdentityService {
             .validate(id_token.expose(), &expect)
             .await
             .map_err(|e| e.to_string())?;
-        let now = now_secs();
-        let session = Session {
+        self.store(Session::new(
             uid,
-            kind: IdentityKind::User,
-            subject: claims.subject,
-            email: claims.email,
-            name: claims.name,
-            groups: claims.groups,
-            issuer: claims.issuer,
-            expires_at: claims.expires_at,
-            logged_in_at: now,
-            refresh_token: tokens.refresh_token,
-            last_refresh_attempt: now,
-            refresh_failing: false,
-        };
-        self.store(session)
+            IdentityKind::User,
+            claims,
+            tokens.refresh_token,
+        ))
     }
 
     fn store(&self, session: Session) -> Result<SessionView, String> {
@@ -550,21 +563,7 @@ impl IdentityService {
                 return Err(e.to_string());
             }
         };
-        let now = now_secs();
-        self.store(Session {
-            uid,
-            kind: IdentityKind::Workload,
-            subject: claims.subject,
-            email: claims.email,
-            name: claims.name,
-            groups: claims.groups,
-            issuer: claims.issuer,
-            expires_at: claims.expires_at,
-            logged_in_at: now,
-            refresh_token: None,
-            last_refresh_attempt: now,
-            refresh_failing: false,
-        })
+        self.store(Session::new(uid, IdentityKind::Workload, claims, None))
     }
 
     pub fn whoami(&self, uid: u32) -> Option<SessionView> {
