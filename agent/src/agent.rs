@@ -40,7 +40,15 @@ pub fn run(
             "reading the host network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14)",
         )?
     };
-    let (audit, repairs) = AuditLog::open(&config.audit, &config.audit_dir())?;
+    let (audit, repairs) = AuditLog::open(
+        &config.audit,
+        &config.audit_dir(),
+        config
+            .audit
+            .central
+            .as_ref()
+            .map(|_| config.audit_shipped_path()),
+    )?;
     let audit = Arc::new(audit);
     for note in repairs {
         tracing::warn!(%note, "the audit store was repaired at start");

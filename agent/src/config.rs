@@ -102,6 +102,12 @@ pub struct AuditConfig {
     /// Root-only file with an Ed25519 seed (64 hex characters): signs each sealed segment.
     #[serde(default)]
     pub signing_key_file: Option<PathBuf>,
+    /// Delete sealed segments older than this many days (never what is not shipped yet).
+    #[serde(default)]
+    pub retention_days: Option<u64>,
+    /// Delete the oldest sealed segments while the store is larger than this.
+    #[serde(default)]
+    pub retention_max_bytes: Option<u64>,
     /// Optional central PostgreSQL the local store is shipped to (`docs/audit-central.md`).
     #[serde(default)]
     pub central: Option<CentralConfig>,
@@ -114,6 +120,8 @@ impl Default for AuditConfig {
             max_segment_bytes: defaults::max_segment_bytes(),
             max_segment_age_secs: defaults::max_segment_age_secs(),
             signing_key_file: None,
+            retention_days: None,
+            retention_max_bytes: None,
             central: None,
         }
     }
@@ -685,6 +693,11 @@ impl Config {
         self.bpf
             .pin_dir
             .join(format!("v{}", portcullis_common::PIN_LAYOUT_VERSION))
+    }
+
+    /// How far the central shipper got (the last seq the central store committed).
+    pub fn audit_shipped_path(&self) -> PathBuf {
+        self.state_dir.join("audit-shipped")
     }
 
     pub fn audit_dir(&self) -> PathBuf {

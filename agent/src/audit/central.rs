@@ -114,7 +114,7 @@ pub fn start(config: &Config, audit: &Arc<AuditLog>, tasks: &TaskTracker, stop: 
     };
     let shipper = Shipper {
         host: host_name(&central),
-        progress: config.state_dir.join("audit-shipped"),
+        progress: config.audit_shipped_path(),
         dir: audit.dir().to_path_buf(),
         audit: Arc::clone(audit),
         tasks: tasks.clone(),
@@ -387,7 +387,7 @@ fn backlog_bytes(dir: &Path, shipped_upto: u64, last_seq: u64) -> u64 {
     total
 }
 
-fn read_progress(path: &Path) -> Result<u64, CentralError> {
+pub(crate) fn read_progress(path: &Path) -> Result<u64, CentralError> {
     match std::fs::read_to_string(path) {
         Ok(text) => text.trim().parse().map_err(|_| CentralError::Progress {
             path: path.to_path_buf(),

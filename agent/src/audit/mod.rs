@@ -185,9 +185,12 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens (and if needed repairs) the store. Repairs are returned for the caller to
     /// record as integrity events.
+    /// `shipped_progress`: where the central shipper records how far it got; retention never
+    /// deletes past it. None when nothing ships (retention then deletes by age and size).
     pub fn open(
         config: &crate::config::AuditConfig,
         dir: &Path,
+        shipped_progress: Option<PathBuf>,
     ) -> Result<(Self, Vec<String>), AuditError> {
         let store_err = |source| AuditError::Store {
             path: dir.to_path_buf(),
@@ -219,9 +222,17 @@ impl AuditLog {
             store.next_seq().saturating_sub(1),
         ));
         let written = std::sync::Arc::clone(&last_seq);
+        let mut pruning = Pruning {
+            retention: portcullis_audit_store::Retention {
+                max_age_ms: config.retention_days.map(|d| d.saturating_mul(86_400_000)),
+                max_total_bytes: config.retention_max_bytes,
+            },
+            shipped_progress,
+            last: None,
+        };
         std::thread::Builder::new()
             .name("portcullis-audit".into())
-            .spawn(move || write_loop(&mut store, &rx, &path, &written))
+            .spawn(move || write_loop(&mut store, &rx, &path, &written, &mut pruning))
             .map_err(|e| AuditError::Write(format!("starting the audit writer: {e}")))?;
         Ok((
             Self {
@@ -304,11 +315,59 @@ impl AuditLog {
     }
 }
 
+/// Retention, applied by the writer (the only one who may delete) once a minute.
+struct Pruning {
+    retention: portcullis_audit_store::Retention,
+    shipped_progress: Option<PathBuf>,
+    last: Option<std::time::Instant>,
+}
+
+impl Pruning {
+    fn run_if_due(&mut self, store: &mut portcullis_audit_store::Store, dir: &Path) {
+        if self.retention.max_age_ms.is_none() && self.retention.max_total_bytes.is_none() {
+            return;
+        }
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let shipped_upto = match &self.shipped_progress {
+            None => u64::MAX,
+            Some(path) => match central::read_progress(path) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the shipping progress; nothing is pruned");
+                    return;
+                }
+            },
+        };
+        match store.prune(&self.retention, shipped_upto, now_ms()) {
+            Ok(report) => {
+                if !report.deleted.is_empty() {
+                    tracing::info!(
+                        segments = report.deleted.len(),
+                        freed = report.freed_bytes,
+                        "audit retention pruned old segments"
+                    );
+                }
+                if report.blocked_by_unshipped {
+                    tracing::warn!(dir = %dir.display(), "audit retention is waiting for the central store: unshipped records are kept");
+                }
+            }
+            Err(e) => tracing::error!(dir = %dir.display(), error = %e, "audit retention failed"),
+        }
+    }
+}
+
 fn write_loop(
     store: &mut portcullis_audit_store::Store,
     rx: &std::sync::mpsc::Receiver<Job>,
     dir: &Path,
     written: &std::sync::atomic::AtomicU64,
+    pruning: &mut Pruning,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
     loop {
@@ -318,6 +377,7 @@ fn write_loop(
                 if let Err(e) = store.rotate_if_due(now_ms()) {
                     tracing::error!(dir = %dir.display(), error = %e, "sealing an audit segment failed");
                 }
+                pruning.run_if_due(store, dir);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return,
