@@ -361,3 +361,74 @@ fn retention_deletes_old_segments_and_the_chain_still_verifies() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn sealed_segments_are_signed_and_verify_only_with_the_right_key() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(54);
+    let cg = TestCgroup::new("audit-signed");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let keys = tempfile::tempdir().unwrap();
+    let seed = [7u8; 32];
+    let key_file = keys.path().join("audit.key");
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    std::fs::write(&key_file, hex(&seed)).unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let public = portcullis_audit_store::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    let other = portcullis_audit_store::SigningKey::from_bytes(&[8u8; 32])
+        .verifying_key()
+        .to_bytes();
+    let extra = format!(
+        "[insecure]\nunix_identity_only = true\n[audit]\nmax_segment_bytes = 4096\nsigning_key_file = \"{}\"\n",
+        key_file.display()
+    );
+    let agent = Agent::start_with(
+        "audit-signed",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        Some(&extra),
+        &[],
+    );
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 47401,
+        netns: None,
+    };
+    probe.run(&["connect", &slot.v4(1).to_string(), "--count", "20"]);
+    agent.wait_events("connection.closed", 20);
+    let verify = |key: &[u8]| {
+        Command::new(portcullis_e2e::agent_bin())
+            .args(["audit", "verify", "--config"])
+            .arg(&agent.config)
+            .args(["--public-key", &hex(key)])
+            .output()
+            .unwrap()
+    };
+    let out = verify(&public);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("seals signed"));
+    let out = verify(&other);
+    assert!(
+        !out.status.success(),
+        "another key must not verify the seals"
+    );
+}

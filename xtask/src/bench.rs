@@ -43,13 +43,15 @@ port = 9001
 
 pub fn run(which: &str) -> Result<()> {
     match which {
-        "redirect" => redirect(),
+        "redirect" => in_bench_cgroup(measure),
         "policy" => policy(),
+        "audit" => audit(),
         "all" => {
-            redirect()?;
-            policy()
+            in_bench_cgroup(measure)?;
+            policy()?;
+            audit()
         }
-        other => bail!("unknown benchmark `{other}` (redirect, policy, all)"),
+        other => bail!("unknown benchmark `{other}` (redirect, policy, audit, all)"),
     }
 }
 
@@ -58,7 +60,61 @@ fn policy() -> Result<()> {
     crate::cargo(&["bench", "-p", "portcullis-policy", "--bench", "decide"])
 }
 
-fn redirect() -> Result<()> {
+fn audit() -> Result<()> {
+    step("audit store: events/s with an fsync per event and per batch (group commit)");
+    crate::cargo(&["bench", "-p", "portcullis-audit-store", "--bench", "append"])?;
+    in_bench_cgroup(measure_gated)
+}
+
+/// Every proxied connection waits for its `connection.opened` event to be on disk: the
+/// latency it adds shows in connection setup, measured here against the direct path.
+fn measure_gated(bin: &Path, config: &Path) -> Result<()> {
+    let unprotected: SocketAddr = DIRECT.parse()?;
+    let protected: SocketAddr = PROTECTED.parse()?;
+    let mut agent = start_agent(bin, config)?;
+    let outcome = (|| -> Result<()> {
+        step("connection setup with one round trip: through the proxy (audited) and direct");
+        let (p50, p99, rate) = setup_latency(protected, 3_000, Duration::from_secs(30))?;
+        let (d50, d99, _) = setup_latency(unprotected, 3_000, Duration::from_secs(30))?;
+        println!("\n{:<52} {:>10} {:>10}", "connection setup (µs)", "p50", "p99");
+        println!("{:<52} {p50:>10.0} {p99:>10.0}", "through the proxy (opened event durable first)");
+        println!("{:<52} {d50:>10.0} {d99:>10.0}", "direct");
+        println!("{:<52} {:>10.0} {:>10.0}", "added by the proxy, identity, policy and audit", p50 - d50, p99 - d99);
+        println!(
+            "audited events sustained: {:.0}/s (2 per connection at {rate:.0} connections/s)",
+            rate * 2.0
+        );
+        Ok(())
+    })();
+    let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
+    let _ = agent.wait();
+    outcome
+}
+
+/// p50 and p99 in µs of connect + one 8-byte round trip + close, and the rate achieved.
+fn setup_latency(addr: SocketAddr, count: u32, limit: Duration) -> Result<(f64, f64, f64)> {
+    let mut samples = Vec::with_capacity(count as usize);
+    let start = Instant::now();
+    let mut back = [0u8; 8];
+    while samples.len() < count as usize && start.elapsed() < limit {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.write_all(b"N12345678")?;
+        s.read_exact(&mut back)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+        let mut rest = [0u8; 1];
+        let _ = s.read(&mut rest);
+    }
+    let rate = samples.len() as f64 / start.elapsed().as_secs_f64();
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0.0);
+    Ok((at(0.5), at(0.99), rate))
+}
+
+/// Runs `f` with an agent config for the bench, this process in the bench cgroup (so its
+/// own connects pass the programs) and the bench servers listening; cleans up after.
+fn in_bench_cgroup(f: fn(&Path, &Path) -> Result<()>) -> Result<()> {
     if !crate::setup::is_root() {
         bail!("the redirect benchmark attaches eBPF programs and needs root");
     }
@@ -94,7 +150,7 @@ fn redirect() -> Result<()> {
     // From here on this process's connects pass through the bench cgroup's programs.
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
         .context("joining the bench cgroup")?;
-    let result = measure(&bin, &config);
+    let result = f(&bin, &config);
     let _ = Command::new(&bin)
         .args(["agent", "--detach", "--config"])
         .arg(&config)
