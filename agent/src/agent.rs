@@ -43,11 +43,7 @@ pub fn run(
     let (audit, repairs) = AuditLog::open(
         &config.audit,
         &config.audit_dir(),
-        config
-            .audit
-            .central
-            .as_ref()
-            .map(|_| config.audit_shipped_path()),
+        config.audit_progress_paths(),
     )?;
     let audit = Arc::new(audit);
     for note in repairs {
@@ -116,6 +112,7 @@ pub fn run(
             .spawn(Arc::clone(&policies).watch(proxy.close_all.clone()));
         // Stopped by `close_all`, after the drain, so the drain's events still get shipped.
         crate::audit::central::start(&config, &audit, &proxy.tasks, proxy.close_all.clone());
+        crate::audit::siem::start(&config, &audit, &proxy.tasks, proxy.close_all.clone());
     });
 
     let control_listener = control::bind(&config.control.socket)?;

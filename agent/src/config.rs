@@ -111,6 +111,12 @@ pub struct AuditConfig {
     /// Optional central PostgreSQL the local store is shipped to (`docs/audit-central.md`).
     #[serde(default)]
     pub central: Option<CentralConfig>,
+    /// Optional RFC 5424 syslog stream to a SIEM (`docs/audit-siem.md`).
+    #[serde(default)]
+    pub syslog: Option<SyslogConfig>,
+    /// Optional HTTP(S) webhook receiving NDJSON batches (`docs/audit-siem.md`).
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
 }
 
 impl Default for AuditConfig {
@@ -123,6 +129,8 @@ impl Default for AuditConfig {
             retention_days: None,
             retention_max_bytes: None,
             central: None,
+            syslog: None,
+            webhook: None,
         }
     }
 }
@@ -169,6 +177,56 @@ pub enum CentralTls {
     Require,
     /// Plain TCP or a Unix socket; accepted for loopback hosts only.
     Disable,
+}
+
+/// `[audit.syslog]`: RFC 5424 over TCP (octet-counting framing), TLS by default. The local
+/// store is the spool, as for `[audit.central]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    /// `host:port` (`[v6]:port` for an IPv6 literal).
+    pub address: String,
+    #[serde(default)]
+    pub tls: SyslogTls,
+    /// PEM CA bundle that signs the receiver's certificate; default: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The name the certificate must carry; default: the host part of `address`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// RFC 5424 facility name (`authpriv`, `local0`..`local7`, ...).
+    #[serde(default = "defaults::syslog_facility")]
+    pub facility: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyslogTls {
+    /// RFC 5425: TLS with the certificate and the host name verified.
+    #[default]
+    Require,
+    /// Plain TCP; accepted for loopback addresses only.
+    Disable,
+}
+
+/// `[audit.webhook]`: NDJSON batches POSTed to a SIEM's HTTP collector.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// https, or plain http on a loopback host only.
+    pub url: String,
+    /// Root-only (0600) file with a bearer token; never logged.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Records per request.
+    #[serde(default = "defaults::webhook_batch_size")]
+    pub batch_size: usize,
+    /// Body bytes per request (a single larger record is still sent, alone).
+    #[serde(default = "defaults::webhook_max_batch_bytes")]
+    pub max_batch_bytes: usize,
+    /// A request without a response after this long is retried.
+    #[serde(default = "defaults::webhook_timeout_secs")]
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -522,6 +580,18 @@ mod defaults {
     pub fn spool_max_bytes() -> u64 {
         1024 * 1024 * 1024
     }
+    pub fn syslog_facility() -> String {
+        "authpriv".into()
+    }
+    pub fn webhook_batch_size() -> usize {
+        100
+    }
+    pub fn webhook_max_batch_bytes() -> usize {
+        1024 * 1024
+    }
+    pub fn webhook_timeout_secs() -> u64 {
+        10
+    }
 }
 
 impl Default for ControlConfig {
@@ -647,6 +717,12 @@ impl Config {
         if let Some(central) = &self.audit.central {
             validate_central(central).map_err(|m| (0..0, format!("audit.central.{m}")))?;
         }
+        if let Some(syslog) = &self.audit.syslog {
+            validate_syslog(syslog).map_err(|m| (0..0, format!("audit.syslog.{m}")))?;
+        }
+        if let Some(webhook) = &self.audit.webhook {
+            validate_webhook(webhook).map_err(|m| (0..0, format!("audit.webhook.{m}")))?;
+        }
         if self.proxy.upstream_mark == 0 {
             return Err((0..0, "proxy.upstream_mark must not be 0".to_string()));
         }
@@ -700,6 +776,31 @@ impl Config {
         self.state_dir.join("audit-shipped")
     }
 
+    /// How far the syslog forwarder got (the last seq written and flushed to the receiver).
+    pub fn audit_syslog_shipped_path(&self) -> PathBuf {
+        self.state_dir.join("audit-syslog-shipped")
+    }
+
+    /// How far the webhook forwarder got (the last seq of a batch answered with 2xx).
+    pub fn audit_webhook_shipped_path(&self) -> PathBuf {
+        self.state_dir.join("audit-webhook-shipped")
+    }
+
+    /// The progress file of every configured shipper: retention keeps what any has not sent.
+    pub fn audit_progress_paths(&self) -> Vec<PathBuf> {
+        let mut paths = Vec::new();
+        if self.audit.central.is_some() {
+            paths.push(self.audit_shipped_path());
+        }
+        if self.audit.syslog.is_some() {
+            paths.push(self.audit_syslog_shipped_path());
+        }
+        if self.audit.webhook.is_some() {
+            paths.push(self.audit_webhook_shipped_path());
+        }
+        paths
+    }
+
     pub fn audit_dir(&self) -> PathBuf {
         self.audit
             .dir
@@ -726,6 +827,131 @@ fn validate_central(c: &CentralConfig) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Splits `host:port` (`[v6]:port`); the host comes back without brackets.
+pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{address}` is not `host:port`"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(':') && host.parse::<IpAddr>().is_err() {
+        return Err(format!(
+            "`{address}` is not `host:port` (write an IPv6 address as `[v6]:port`)"
+        ));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("`{address}`: the port must be 1-65535"))?;
+    Ok((host.to_string(), port))
+}
+
+/// RFC 5424 §6.2.1 facility names and codes.
+pub const SYSLOG_FACILITIES: &[(&str, u8)] = &[
+    ("kern", 0),
+    ("user", 1),
+    ("mail", 2),
+    ("daemon", 3),
+    ("auth", 4),
+    ("syslog", 5),
+    ("lpr", 6),
+    ("news", 7),
+    ("uucp", 8),
+    ("cron", 9),
+    ("authpriv", 10),
+    ("ftp", 11),
+    ("local0", 16),
+    ("local1", 17),
+    ("local2", 18),
+    ("local3", 19),
+    ("local4", 20),
+    ("local5", 21),
+    ("local6", 22),
+    ("local7", 23),
+];
+
+pub fn syslog_facility_code(name: &str) -> Option<u8> {
+    SYSLOG_FACILITIES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, c)| *c)
+}
+
+/// Errors start with the key they are about (the caller prefixes `audit.syslog.`).
+fn validate_syslog(c: &SyslogConfig) -> Result<(), String> {
+    let (host, _) = split_host_port(&c.address).map_err(|m| format!("address: {m}"))?;
+    if c.tls == SyslogTls::Disable && !is_loopback_host(&host) {
+        return Err(format!(
+            "tls: \"disable\" is accepted for loopback addresses only (`{host}` is not); use tls = \"require\""
+        ));
+    }
+    if syslog_facility_code(&c.facility).is_none() {
+        let names: Vec<&str> = SYSLOG_FACILITIES.iter().map(|(n, _)| *n).collect();
+        return Err(format!(
+            "facility: `{}` is not one of {}",
+            c.facility,
+            names.join(", ")
+        ));
+    }
+    if let Some(name) = &c.server_name {
+        if name.trim().is_empty() {
+            return Err("server_name: must not be empty".into());
+        }
+    }
+    Ok(())
+}
+
+/// Errors start with the key they are about (the caller prefixes `audit.webhook.`).
+fn validate_webhook(c: &WebhookConfig) -> Result<(), String> {
+    check_webhook_url(&c.url).map_err(|m| format!("url: {m}"))?;
+    if c.batch_size == 0 || c.batch_size > 10_000 {
+        return Err(format!("batch_size: {} must be 1-10000", c.batch_size));
+    }
+    if c.max_batch_bytes < 1024 {
+        return Err(format!(
+            "max_batch_bytes: {} is below the minimum of 1024",
+            c.max_batch_bytes
+        ));
+    }
+    if c.timeout_secs == 0 || c.timeout_secs > 300 {
+        return Err(format!("timeout_secs: {} must be 1-300", c.timeout_secs));
+    }
+    Ok(())
+}
+
+/// https, or plain http only where nothing crosses a network; no credentials in the URL.
+pub fn check_webhook_url(url: &str) -> Result<(), String> {
+    // The parser's own message may quote the URL, credentials included: never repeat it.
+    let parsed = reqwest::Url::parse(url).map_err(|_| "not a valid http(s) URL".to_string())?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(
+            "holds credentials; put a bearer token in `token_file` (root-only) instead".into(),
+        );
+    }
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| "names no host".to_string())?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let loopback = is_loopback_host(host);
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err("must use https (plain http is accepted on loopback only)".into()),
+        other => Err(format!("scheme `{other}` is not http or https")),
+    }
 }
 
 /// A PostgreSQL URL without an inline password, and plain text only where nothing crosses

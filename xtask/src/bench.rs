@@ -76,17 +76,30 @@ fn measure_gated(bin: &Path, config: &Path) -> Result<()> {
         step("connection setup with one round trip: through the proxy (audited) and direct");
         let (p50, p99, rate) = setup_latency(protected, 3_000, Duration::from_secs(30))?;
         let (d50, d99, _) = setup_latency(unprotected, 3_000, Duration::from_secs(30))?;
-        println!("\n{:<52} {:>10} {:>10}", "connection setup (µs)", "p50", "p99");
-        println!("{:<52} {p50:>10.0} {p99:>10.0}", "through the proxy (opened event durable first)");
+        println!(
+            "\n{:<52} {:>10} {:>10}",
+            "connection setup (µs)", "p50", "p99"
+        );
+        println!(
+            "{:<52} {p50:>10.0} {p99:>10.0}",
+            "through the proxy (opened event durable first)"
+        );
         println!("{:<52} {d50:>10.0} {d99:>10.0}", "direct");
-        println!("{:<52} {:>10.0} {:>10.0}", "added by the proxy, identity, policy and audit", p50 - d50, p99 - d99);
+        println!(
+            "{:<52} {:>10.0} {:>10.0}",
+            "added by the proxy, identity, policy and audit",
+            p50 - d50,
+            p99 - d99
+        );
         println!(
             "audited events sustained: {:.0}/s (2 per connection at {rate:.0} connections/s)",
             rate * 2.0
         );
         Ok(())
     })();
-    let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
     let _ = agent.wait();
     outcome
 }
@@ -108,7 +121,12 @@ fn setup_latency(addr: SocketAddr, count: u32, limit: Duration) -> Result<(f64, 
     }
     let rate = samples.len() as f64 / start.elapsed().as_secs_f64();
     samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0.0);
+    let at = |q: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
     Ok((at(0.5), at(0.99), rate))
 }
 

@@ -13,6 +13,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",   // ip netns: the foreign-namespace test
     "curl",       // the demo's unchanged client
     "procps",     // kill/ps for the demo and tests
+    "openssl",    // test keys for the OpenID Provider and the syslog TLS receiver
     "bpftool",    // the tests read pinned maps with it while no agent runs
     "postgresql", // the central audit store tests run a real PostgreSQL (as user postgres)
 ];

@@ -6,6 +6,7 @@
 
 pub mod central;
 pub mod query;
+pub mod siem;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -185,12 +186,13 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens (and if needed repairs) the store. Repairs are returned for the caller to
     /// record as integrity events.
-    /// `shipped_progress`: where the central shipper records how far it got; retention never
-    /// deletes past it. None when nothing ships (retention then deletes by age and size).
+    /// `shipped_progress`: where each shipper (central, syslog, webhook) records how far it
+    /// got; retention never deletes past the least advanced. Empty when nothing ships
+    /// (retention then deletes by age and size).
     pub fn open(
         config: &crate::config::AuditConfig,
         dir: &Path,
-        shipped_progress: Option<PathBuf>,
+        shipped_progress: Vec<PathBuf>,
     ) -> Result<(Self, Vec<String>), AuditError> {
         let store_err = |source| AuditError::Store {
             path: dir.to_path_buf(),
@@ -318,7 +320,7 @@ impl AuditLog {
 /// Retention, applied by the writer (the only one who may delete) once a minute.
 struct Pruning {
     retention: portcullis_audit_store::Retention,
-    shipped_progress: Option<PathBuf>,
+    shipped_progress: Vec<PathBuf>,
     last: Option<std::time::Instant>,
 }
 
@@ -334,16 +336,16 @@ impl Pruning {
             return;
         }
         self.last = Some(std::time::Instant::now());
-        let shipped_upto = match &self.shipped_progress {
-            None => u64::MAX,
-            Some(path) => match central::read_progress(path) {
-                Ok(seq) => seq,
+        let mut shipped_upto = u64::MAX;
+        for path in &self.shipped_progress {
+            match central::read_progress(path) {
+                Ok(seq) => shipped_upto = shipped_upto.min(seq),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot read the shipping progress; nothing is pruned");
+                    tracing::error!(error = %e, "cannot read a shipping progress file; nothing is pruned");
                     return;
                 }
-            },
-        };
+            }
+        }
         match store.prune(&self.retention, shipped_upto, now_ms()) {
             Ok(report) => {
                 if !report.deleted.is_empty() {
@@ -354,7 +356,7 @@ impl Pruning {
                     );
                 }
                 if report.blocked_by_unshipped {
-                    tracing::warn!(dir = %dir.display(), "audit retention is waiting for the central store: unshipped records are kept");
+                    tracing::warn!(dir = %dir.display(), "audit retention is waiting for a shipper (central, syslog or webhook): unshipped records are kept");
                 }
             }
             Err(e) => tracing::error!(dir = %dir.display(), error = %e, "audit retention failed"),
