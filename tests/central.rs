@@ -1,6 +1,6 @@
 //! The central audit store end to end: a real agent ships its hash-chained store into a real
 //! PostgreSQL (run as user `postgres` on 127.0.0.1). Every event arrives exactly once and in
-//! order, through a 12-second outage and a kill -9; the agent's role can only insert; the
+//! order, through a one-minute outage and a kill -9; the agent's role can only insert; the
 //! chain verifies from the central copy and an admin's edit is found; the spool bound does
 //! what `on_spool_full` says.
 #![allow(
@@ -357,12 +357,12 @@ fn outage_and_kill9_lose_nothing_and_duplicate_nothing() {
     s.agent.wait_events("connection.closed", 10);
     s.central.assert_matches_local(&s.agent);
 
-    // A 12-second outage (the issue asks for a minute; shortened for the suite) with
-    // connections flowing the whole time.
+    // A one-minute outage with connections flowing the whole time (bounded: 5 every half
+    // second).
     s.central.pg.stop_server();
     let outage = Instant::now();
     let mut during = 0;
-    while outage.elapsed() < Duration::from_secs(12) {
+    while outage.elapsed() < Duration::from_secs(60) {
         s.connect_ok(5);
         during += 5;
         std::thread::sleep(Duration::from_millis(500));
