@@ -43,11 +43,11 @@ port = 9001
 
 pub fn run(which: &str) -> Result<()> {
     match which {
-        "redirect" => in_bench_cgroup(measure),
+        "redirect" => in_bench_cgroup(&[measure]),
         "policy" => policy(),
         "audit" => audit(),
         "all" => {
-            in_bench_cgroup(measure)?;
+            in_bench_cgroup(&[measure])?;
             policy()?;
             audit()
         }
@@ -63,7 +63,79 @@ fn policy() -> Result<()> {
 fn audit() -> Result<()> {
     step("audit store: events/s with an fsync per event and per batch (group commit)");
     crate::cargo(&["bench", "-p", "portcullis-audit-store", "--bench", "append"])?;
-    in_bench_cgroup(measure_gated)
+    in_bench_cgroup(&[measure_gated, measure_central])
+}
+
+/// Catch-up rate to the central store: events written while PostgreSQL is down are
+/// shipped when it returns; the time until the central copy holds them all gives events/s.
+fn measure_central(bin: &Path, config: &Path) -> Result<()> {
+    use portcullis_e2e::postgres::{Postgres, SUPERUSER_PASSWORD};
+    const DB: &str = "portcullis";
+    let pg = Postgres::start(DB);
+    let pw = PathBuf::from(BENCH_DIR).join("central.pw");
+    std::fs::write(&pw, SUPERUSER_PASSWORD)?;
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let url = format!("postgres://postgres@127.0.0.1:{}/{DB}", pg.port);
+    let central = PathBuf::from(BENCH_DIR).join("central.toml");
+    let base = std::fs::read_to_string(config)?;
+    // The bench's config ends with its target; the central section goes before it.
+    let (head, tail) = base
+        .split_once("[[target]]")
+        .context("bench config has no target")?;
+    std::fs::write(
+        &central,
+        format!(
+            "{head}[audit.central]\nurl = \"{url}\"\npassword_file = \"{pw}\"\ntls = \"disable\"\n\
+             migrate_url = \"{url}\"\nmigrate_password_file = \"{pw}\"\nhost_name = \"bench\"\n\n[[target]]{tail}",
+            pw = pw.display()
+        ),
+    )?;
+    let mut agent = start_agent(bin, &central)?;
+    let outcome = (|| -> Result<()> {
+        let count = || -> u64 {
+            pg.psql(DB, "SELECT count(*) FROM portcullis_audit_events")
+                .trim()
+                .parse()
+                .unwrap_or(0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while count() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        step("central store: 5,000 connections (10,000 events) while PostgreSQL is down, then catch-up");
+        let before = count();
+        pg.stop_server();
+        let protected: SocketAddr = PROTECTED.parse()?;
+        new_connection_rate(protected, 5_000, Duration::from_secs(60))?;
+        let report = Command::new(bin)
+            .args(["audit", "verify", "--json", "--config"])
+            .arg(&central)
+            .output()?;
+        let last = serde_json::from_slice::<serde_json::Value>(&report.stdout)?
+            .get("last_seq")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let start = Instant::now();
+        pg.start_server();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut now = count();
+        while now < last && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            now = count();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "\ncentral catch-up: {} events in {secs:.2} s = {:.0} events/s (backoff delay included)",
+            now.saturating_sub(before),
+            now.saturating_sub(before) as f64 / secs
+        );
+        Ok(())
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+    outcome
 }
 
 /// Every proxied connection waits for its `connection.opened` event to be on disk: the
@@ -132,7 +204,7 @@ fn setup_latency(addr: SocketAddr, count: u32, limit: Duration) -> Result<(f64, 
 
 /// Runs `f` with an agent config for the bench, this process in the bench cgroup (so its
 /// own connects pass the programs) and the bench servers listening; cleans up after.
-fn in_bench_cgroup(f: fn(&Path, &Path) -> Result<()>) -> Result<()> {
+fn in_bench_cgroup(measures: &[fn(&Path, &Path) -> Result<()>]) -> Result<()> {
     if !crate::setup::is_root() {
         bail!("the redirect benchmark attaches eBPF programs and needs root");
     }
@@ -168,7 +240,7 @@ fn in_bench_cgroup(f: fn(&Path, &Path) -> Result<()>) -> Result<()> {
     // From here on this process's connects pass through the bench cgroup's programs.
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
         .context("joining the bench cgroup")?;
-    let result = f(&bin, &config);
+    let result = measures.iter().try_for_each(|m| m(&bin, &config));
     let _ = Command::new(&bin)
         .args(["agent", "--detach", "--config"])
         .arg(&config)
