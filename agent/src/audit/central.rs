@@ -259,7 +259,7 @@ impl Shipper {
                 .await
                 .map_err(|_| CentralError::Timeout(BATCH_TIMEOUT))??;
             let path = self.progress.clone();
-            tokio::task::spawn_blocking(move || write_progress(&path, last))
+            tokio::task::spawn_blocking(move || super::spool::write_progress(&path, last))
                 .await
                 .map_err(|e| CentralError::Config(format!("progress task failed: {e}")))?
                 .map_err(|source| CentralError::Progress {
@@ -275,28 +275,7 @@ impl Shipper {
     }
 
     async fn open_reader(&mut self) -> Result<Option<Reader>, CentralError> {
-        let dir = self.dir.clone();
-        let from = self.shipped_upto.saturating_add(1);
-        let opened = tokio::task::spawn_blocking(move || Reader::from_seq(&dir, from))
-            .await
-            .map_err(|e| CentralError::Config(format!("reader task failed: {e}")))?;
-        match opened {
-            Ok(r) => Ok(Some(r)),
-            // Retention never deletes an unshipped record, so a pruned start means the
-            // progress file was lost after those records were shipped.
-            Err(StoreError::Pruned {
-                first_available, ..
-            }) => {
-                tracing::warn!(
-                    from,
-                    first_available,
-                    "records before {first_available} were pruned after shipping; resuming there"
-                );
-                self.shipped_upto = first_available.saturating_sub(1);
-                Ok(None)
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(super::spool::open_reader(&self.dir, &mut self.shipped_upto, "central").await?)
     }
 
     fn update_spool(&self) {
@@ -399,21 +378,6 @@ pub(crate) fn read_progress(path: &Path) -> Result<u64, CentralError> {
             source,
         }),
     }
-}
-
-/// Temp file, fsync, rename, fsync the directory: after a crash the file holds the old or
-/// the new seq, never a torn one.
-fn write_progress(path: &Path, seq: u64) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    writeln!(file, "{seq}")?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }
 
 const INSERT: &str = r"
@@ -904,8 +868,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit-shipped");
         assert_eq!(read_progress(&path).unwrap(), 0);
-        write_progress(&path, 41).unwrap();
-        write_progress(&path, 42).unwrap();
+        crate::audit::spool::write_progress(&path, 41).unwrap();
+        crate::audit::spool::write_progress(&path, 42).unwrap();
         assert_eq!(read_progress(&path).unwrap(), 42);
         assert!(!path.with_extension("tmp").exists());
     }

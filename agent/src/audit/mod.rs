@@ -7,6 +7,7 @@
 pub mod central;
 pub mod query;
 pub mod siem;
+mod spool;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};

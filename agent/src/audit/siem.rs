@@ -240,7 +240,7 @@ impl Forwarder {
                     .await
                     .map_err(|_| SiemError::Timeout(WRITE_TIMEOUT))??;
                 let path = self.progress.clone();
-                tokio::task::spawn_blocking(move || write_progress(&path, last))
+                tokio::task::spawn_blocking(move || super::spool::write_progress(&path, last))
                     .await
                     .map_err(|e| SiemError::Config(format!("progress task failed: {e}")))?
                     .map_err(|source| SiemError::Progress {
@@ -256,29 +256,7 @@ impl Forwarder {
     }
 
     async fn open_reader(&mut self) -> Result<Option<Reader>, SiemError> {
-        let dir = self.dir.clone();
-        let from = self.shipped_upto.saturating_add(1);
-        let opened = tokio::task::spawn_blocking(move || Reader::from_seq(&dir, from))
-            .await
-            .map_err(|e| SiemError::Config(format!("reader task failed: {e}")))?;
-        match opened {
-            Ok(r) => Ok(Some(r)),
-            // Retention never deletes what this forwarder has not sent, so a pruned start
-            // means its progress file was lost after those records were sent.
-            Err(StoreError::Pruned {
-                first_available, ..
-            }) => {
-                tracing::warn!(
-                    sink = self.sink.name(),
-                    from,
-                    first_available,
-                    "records before {first_available} were pruned after forwarding; resuming there"
-                );
-                self.shipped_upto = first_available.saturating_sub(1);
-                Ok(None)
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(super::spool::open_reader(&self.dir, &mut self.shipped_upto, self.sink.name()).await?)
     }
 }
 
@@ -307,21 +285,6 @@ fn split_by_bytes(
         rest = tail;
     }
     chunks
-}
-
-/// Temp file, fsync, rename, fsync the directory: after a crash the file holds the old or
-/// the new seq, never a torn one.
-fn write_progress(path: &Path, seq: u64) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    writeln!(file, "{seq}")?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
