@@ -11,6 +11,7 @@ mod policy;
 mod protocol;
 mod proxy;
 mod sys;
+mod tls;
 
 use std::process::ExitCode;
 

@@ -560,40 +560,8 @@ where
 fn tls_connector(
     ca_file: Option<&Path>,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, CentralError> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| CentralError::Tls(format!("ca_file {}: {e}", path.display())))?;
-            for cert in certs {
-                let cert = cert
-                    .map_err(|e| CentralError::Tls(format!("ca_file {}: {e}", path.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| CentralError::Tls(format!("ca_file {}: {e}", path.display())))?;
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            for cert in native.certs {
-                // One unusable system root must not disable all the others.
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    if roots.is_empty() {
-        return Err(CentralError::Tls(
-            "no CA certificates: set audit.central.ca_file".into(),
-        ));
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| CentralError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config =
+        crate::tls::client_config(ca_file, "audit.central.ca_file").map_err(CentralError::Tls)?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 

@@ -408,39 +408,8 @@ fn peer_closed(conn: &mut Box<dyn Connection>) -> bool {
 }
 
 fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, SiemError> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let ca_err = |e: &dyn std::fmt::Display| {
-                SiemError::Tls(format!("audit.syslog.ca_file {}: {e}", path.display()))
-            };
-            let certs = CertificateDer::pem_file_iter(path).map_err(|e| ca_err(&e))?;
-            for cert in certs {
-                roots
-                    .add(cert.map_err(|e| ca_err(&e))?)
-                    .map_err(|e| ca_err(&e))?;
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                // One unusable system root must not disable all the others.
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    if roots.is_empty() {
-        return Err(SiemError::Tls(
-            "no CA certificates: set audit.syslog.ca_file".into(),
-        ));
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| SiemError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config =
+        crate::tls::client_config(ca_file, "audit.syslog.ca_file").map_err(SiemError::Tls)?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
