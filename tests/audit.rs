@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup};
+use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Fixture, Probe, Slot, Target, TestCgroup};
 use serde_json::Value;
 
 fn canonical(a: &str) -> String {
@@ -27,21 +27,12 @@ fn the_chain_verifies_after_traffic_and_names_where_it_was_tampered_with() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(50);
-    let cg = TestCgroup::new("audit-tamper");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let mut agent = Agent::start(
-        "audit-tamper",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        mut agent,
+    } = Fixture::new("audit-tamper", 50);
     let probe = Probe {
         cgroup: &cg,
         uid: 47001,
@@ -111,21 +102,12 @@ fn kill9_under_load_loses_no_event_of_a_forwarded_connection() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(51);
-    let cg = TestCgroup::new("audit-kill");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let mut agent = Agent::start(
-        "audit-kill",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        mut agent,
+    } = Fixture::new("audit-kill", 51);
     let target = slot.v4(1).to_string();
     let cgroup = cg.path.clone();
     // Bounded load: 8 clients, each up to 40 rounds of 10 connections.
@@ -204,21 +186,12 @@ fn search_and_sessions_read_the_trail_back() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(52);
-    let cg = TestCgroup::new("audit-search");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let agent = Agent::start(
-        "audit-search",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        agent,
+    } = Fixture::new("audit-search", 52);
     let probe = Probe {
         cgroup: &cg,
         uid: 47201,

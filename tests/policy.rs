@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup};
+use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Fixture, Probe, Slot, Target, TestCgroup};
 use serde_json::Value;
 
 /// Replaces the policy files without a moment in which a half-written set is visible:
@@ -204,21 +204,12 @@ fn reload_on_sighup_and_on_file_change_keeps_open_connections() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(41);
-    let cg = TestCgroup::new("policy-reload");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let agent = Agent::start(
-        "policy-reload",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        agent,
+    } = Fixture::new("policy-reload", 41);
     let only = |uid: u32| {
         format!("@id(\"only-{uid}\")\npermit (principal == Portcullis::User::\"unix:{uid}\", action == Portcullis::Action::\"connect\", resource);\n")
     };
@@ -286,21 +277,12 @@ fn a_bad_policy_file_never_replaces_the_good_set() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(42);
-    let cg = TestCgroup::new("policy-bad");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let agent = Agent::start(
-        "policy-bad",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        agent,
+    } = Fixture::new("policy-bad", 42);
     let user = Probe {
         cgroup: &cg,
         uid: 46021,

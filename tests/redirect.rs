@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::{
-    e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup, ECONNREFUSED, EPERM,
+    e2e_enabled, Agent, EchoServer, Fixture, Probe, Slot, Target, TestCgroup, ECONNREFUSED, EPERM,
 };
 use serde_json::Value;
 
@@ -198,21 +198,12 @@ fn killed_agent_fails_closed_restart_readopts_and_detach_goes_direct() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(4);
-    let cg = TestCgroup::new("failclosed");
-    let server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let mut agent = Agent::start(
-        "failclosed",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server,
+        mut agent,
+    } = Fixture::new("failclosed", 4);
     let probe = Probe {
         cgroup: &cg,
         uid: 41004,
@@ -356,21 +347,12 @@ fn direct_connection_to_the_proxy_listener_is_refused() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(6);
-    let cg = TestCgroup::new("direct");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let agent = Agent::start(
-        "direct",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        agent,
+    } = Fixture::new("direct", 6);
     let probe = Probe {
         cgroup: &cg,
         uid: 41006,
@@ -585,21 +567,12 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(9);
-    let cg = TestCgroup::new("drain");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let mut agent = Agent::start(
-        "drain",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        mut agent,
+    } = Fixture::new("drain", 9);
     let probe = Probe {
         cgroup: &cg,
         uid: 41009,
@@ -652,21 +625,12 @@ fn status_shows_a_normal_user_only_their_own_connections() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(10);
-    let cg = TestCgroup::new("status");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let agent = Agent::start(
-        "status",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        agent,
+    } = Fixture::new("status", 10);
     let probe = Probe {
         cgroup: &cg,
         uid: 43001,
@@ -834,21 +798,12 @@ fn restart_under_load_never_lets_a_connection_go_direct() {
     if !e2e_enabled() {
         return;
     }
-    let slot = Slot::new(13);
-    let cg = TestCgroup::new("restart");
-    let _server = EchoServer::start(&[slot.v4(1)]);
-    let v4 = slot.v4(1).ip().to_string();
-    let mut agent = Agent::start(
-        "restart",
+    let Fixture {
         slot,
-        &cg,
-        &[Target {
-            name: "db",
-            address: &v4,
-            port: slot.server_port,
-            upstream: None,
-        }],
-    );
+        cg,
+        server: _server,
+        mut agent,
+    } = Fixture::new("restart", 13);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let target = slot.v4(1).to_string();
     let load = {

@@ -531,6 +531,42 @@ impl Drop for Agent {
 /// The policy every test agent starts with; policy tests replace it.
 pub const ALLOW_CONNECT_POLICY: &str = "@id(\"e2e-allow-connect\")\npermit (principal, action == Portcullis::Action::\"connect\", resource);\n";
 
+/// The shape most tests share: their own cgroup, an echo server on `slot.v4(1)`, and an
+/// agent protecting that address as target `db`. Fields drop in order: the agent (and its
+/// pins) before the cgroup.
+pub struct Fixture {
+    pub slot: Slot,
+    pub agent: Agent,
+    pub server: EchoServer,
+    pub cg: TestCgroup,
+}
+
+impl Fixture {
+    pub fn new(name: &str, n: u8) -> Self {
+        let slot = Slot::new(n);
+        let cg = TestCgroup::new(name);
+        let server = EchoServer::start(&[slot.v4(1)]);
+        let v4 = slot.v4(1).ip().to_string();
+        let agent = Agent::start(
+            name,
+            slot,
+            &cg,
+            &[Target {
+                name: "db",
+                address: &v4,
+                port: slot.server_port,
+                upstream: None,
+            }],
+        );
+        Self {
+            slot,
+            agent,
+            server,
+            cg,
+        }
+    }
+}
+
 /// How the probe runs.
 pub struct Probe<'a> {
     pub cgroup: &'a TestCgroup,
