@@ -79,6 +79,13 @@ fn cli(agent: &Agent, uid: u32, args: &[&str]) -> Command {
     c
 }
 
+/// The address with the code filled in, from the line `portcullis login` prints for it.
+fn complete_uri(line: &str) -> Option<String> {
+    line.trim()
+        .strip_prefix("(or open ")
+        .map(|rest| rest.trim_end_matches(" directly)").to_string())
+}
+
 /// Runs `portcullis login` as `uid` and finishes the device flow in "the browser" as `user`.
 fn login(agent: &Agent, provider: &OidcProvider, uid: u32, user: &str) -> Output {
     let mut child = cli(agent, uid, &["login"])
@@ -98,8 +105,8 @@ fn login(agent: &Agent, provider: &OidcProvider, uid: u32, user: &str) -> Output
             );
         }
         shown.push_str(&line);
-        if let Some(rest) = line.trim().strip_prefix("(or open ") {
-            break rest.trim_end_matches(" directly)").to_string();
+        if let Some(url) = complete_uri(&line) {
+            break url;
         }
     };
     provider.complete_device_flow(&url, user).unwrap();
@@ -605,32 +612,26 @@ fn keep_setting_leaves_open_connections_after_expiry() {
     );
 }
 
-#[test]
-fn service_identity_for_a_cron_uid_uses_client_credentials() {
-    if !enabled() {
-        return;
-    }
-    let provider = OidcProvider::start(OidcOptions::default());
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("backup.secret");
+/// A `[[identity.service]]` for the test provider's confidential client, mapped by
+/// `mapping` (`uid = …` or `unit = "…"`), with its secret in a 0600 file under `dir`.
+fn service_config(dir: &std::path::Path, name: &str, mapping: &str) -> String {
+    let secret = dir.join("service.secret");
     std::fs::write(&secret, oidc::SERVICE_CLIENT_SECRET).unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let extra = format!(
-        "\n[[identity.service]]\nname = \"nightly-backup\"\nuid = 45081\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",
+    format!(
+        "\n[[identity.service]]\nname = \"{name}\"\n{mapping}\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",
         oidc::SERVICE_CLIENT_ID,
         secret.display()
-    );
-    let w = world("id-service", 28, &provider, &extra);
-    let cron = Probe {
-        cgroup: &w.cg,
-        uid: 45081,
-        netns: None,
-    };
+    )
+}
+
+/// The service token arrives shortly after start: retry until the connection goes through.
+fn connect_once_the_service_has_a_token(probe: &Probe<'_>, w: &World) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let r = cron.connect(w.slot.v4(1), &[]);
+        let r = probe.connect(w.slot.v4(1), &[]);
         if via_proxy(&r) {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -639,6 +640,23 @@ fn service_identity_for_a_cron_uid_uses_client_credentials() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+#[test]
+fn service_identity_for_a_cron_uid_uses_client_credentials() {
+    if !enabled() {
+        return;
+    }
+    let provider = OidcProvider::start(OidcOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let extra = service_config(dir.path(), "nightly-backup", "uid = 45081");
+    let w = world("id-service", 28, &provider, &extra);
+    let cron = Probe {
+        cgroup: &w.cg,
+        uid: 45081,
+        netns: None,
+    };
+    connect_once_the_service_has_a_token(&cron, &w);
     let opened = w.agent.wait_events("connection.opened", 1);
     assert_eq!(opened[0]["identity"]["kind"], "service");
     assert_eq!(opened[0]["identity"]["subject"], oidc::SERVICE_CLIENT_ID);
@@ -699,8 +717,8 @@ fn ctrl_c_during_login_cancels_it_at_the_agent() {
     let url = loop {
         let mut line = String::new();
         assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
-        if let Some(rest) = line.trim().strip_prefix("(or open ") {
-            break rest.trim_end_matches(" directly)").to_string();
+        if let Some(url) = complete_uri(&line) {
+            break url;
         }
     };
     // Ctrl-C as soon as the code is shown: the login is one conversation with the agent,
@@ -731,16 +749,9 @@ fn service_identity_for_a_unit_matches_its_cgroup() {
     }
     let provider = OidcProvider::start(OidcOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("backup.secret");
-    std::fs::write(&secret, oidc::SERVICE_CLIENT_SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     // A unit is matched by its cgroup; a path with a slash names a cgroup below the cgroup2
     // root, which lets the test use its own cgroup in place of system.slice/<unit>.
-    let extra = format!(
-        "\n[[identity.service]]\nname = \"unit-job\"\nunit = \"portcullis-e2e/id-unit\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",
-        oidc::SERVICE_CLIENT_ID,
-        secret.display()
-    );
+    let extra = service_config(dir.path(), "unit-job", "unit = \"portcullis-e2e/id-unit\"");
     let w = world("id-unit", 31, &provider, &extra);
     // Any uid in that cgroup acts as the unit's identity.
     let job = Probe {
@@ -748,19 +759,7 @@ fn service_identity_for_a_unit_matches_its_cgroup() {
         uid: 45111,
         netns: None,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = job.connect(w.slot.v4(1), &[]);
-        if via_proxy(&r) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no token for the unit: {r}\n{}",
-            w.agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    connect_once_the_service_has_a_token(&job, &w);
     let opened = w.agent.wait_events("connection.opened", 1);
     assert_eq!(opened[0]["identity"]["kind"], "service");
     assert_eq!(opened[0]["identity"]["name"], "unit-job");
@@ -779,14 +778,7 @@ fn login_no_wait_returns_at_once_and_the_agent_finishes_the_login() {
     assert!(out.status.success(), "{}", text(&out));
     let shown = text(&out);
     assert!(shown.contains("Not waiting"), "{shown}");
-    let url = shown
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("(or open ")
-                .map(|r| r.trim_end_matches(" directly)").to_string())
-        })
-        .unwrap();
+    let url = shown.lines().find_map(complete_uri).unwrap();
     provider.complete_device_flow(&url, "bob").unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
