@@ -25,19 +25,37 @@ pub struct MaskingProfile {
 }
 
 impl MaskingProfile {
-    /// The rule that masks `column`, if any.
+    /// The first rule that selects a column by its name alone (`column` or `column_regex`).
+    /// Rules by `table_column` and content detectors need more than a name; the proxy decides
+    /// with [`crate::Masker::plan_column`].
     pub fn rule_for_column(&self, column: &str) -> Option<&MaskRule> {
-        self.rules.iter().find(|rule| rule.columns.matches(column))
+        self.rules.iter().find(|rule| match &rule.selector {
+            Selector::Column(matcher) => matcher.matches(column),
+            Selector::TableColumn(_) | Selector::Content(_) => false,
+        })
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct MaskRule {
-    pub columns: ColumnMatcher,
+    pub selector: Selector,
     pub mask: MaskKind,
 }
 
-/// Which result columns a rule applies to.
+/// What a rule masks: whole columns (by name or by table and column), or the parts of any
+/// textual value that a content detector finds.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// `column` or `column_regex`: the whole value of every result column so named.
+    Column(ColumnMatcher),
+    /// `table_column`: the whole value of a result column that comes straight from that table
+    /// column (the proxy resolves RowDescription's table OID and attribute number).
+    TableColumn(TableColumn),
+    /// `detector`: only the matched spans, in every textual value.
+    Content(Detector),
+}
+
+/// Which result columns a rule applies to by name.
 #[derive(Debug, Clone)]
 pub enum ColumnMatcher {
     /// An exact column name, compared ASCII case-insensitively because PostgreSQL folds
@@ -57,15 +75,124 @@ impl ColumnMatcher {
     }
 }
 
+/// A table column, `schema.table.column`; written `table.column` it is in schema `public`.
+/// Names are compared ASCII case-insensitively, like [`ColumnMatcher::Name`]; quoted
+/// identifiers that contain a `.` cannot be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableColumn {
+    pub schema: String,
+    pub table: String,
+    pub column: String,
+}
+
+impl TableColumn {
+    /// Whether `qualified`, a `schema.table.column` as the proxy resolved it, is this column.
+    pub fn matches(&self, qualified: &str) -> bool {
+        let mut rest = qualified;
+        for (index, part) in [&self.schema, &self.table, &self.column]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(head) = rest.get(..part.len()) else {
+                return false;
+            };
+            if !head.eq_ignore_ascii_case(part) {
+                return false;
+            }
+            rest = rest.get(part.len()..).unwrap_or_default();
+            if index < 2 {
+                match rest.strip_prefix('.') {
+                    Some(after) => rest = after,
+                    None => return false,
+                }
+            }
+        }
+        rest.is_empty()
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let parts: Vec<&str> = text.split('.').collect();
+        let valid = |part: &&str| !part.is_empty() && !part.chars().any(char::is_whitespace);
+        if !parts.iter().all(valid) {
+            return None;
+        }
+        let (schema, table, column) = match parts.as_slice() {
+            [table, column] => ("public", *table, *column),
+            [schema, table, column] => (*schema, *table, *column),
+            _ => return None,
+        };
+        Some(TableColumn {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            column: column.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for TableColumn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.schema, self.table, self.column)
+    }
+}
+
+/// A content detector: finds sensitive data inside a textual value wherever it appears. What
+/// each one matches, and what keeps it from firing on look-alikes, is in `README.md`
+/// ("Content detectors") and in `mask::detect`.
+#[derive(Debug, Clone)]
+pub enum Detector {
+    /// 13 to 19 digits, optionally grouped by single spaces or single dashes, Luhn-valid.
+    CardNumber,
+    /// `local@domain.tld`, a pragmatic ASCII subset of RFC 5322 `addr-spec`.
+    Email,
+    /// US Social Security numbers, `AAA-GG-SSSS`, without the ranges never issued.
+    NationalId,
+    /// IBANs, compact or in groups of four, with a valid ISO 13616 mod-97 checksum.
+    Iban,
+    /// E.164 (`+` and 8 to 15 digits) and North American `(NNN) NNN-NNNN` numbers.
+    Phone,
+    /// Every non-empty match of an operator's regular expression.
+    Regex(Regex),
+}
+
+impl Detector {
+    /// The name used in `masking.toml`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Detector::CardNumber => "card_number",
+            Detector::Email => "email",
+            Detector::NationalId => "national_id",
+            Detector::Iban => "iban",
+            Detector::Phone => "phone",
+            Detector::Regex(_) => "regex",
+        }
+    }
+
+    /// The fewest letters and digits a match has, so a `partial` mask that keeps more would
+    /// show whole values; `None` when unknown (operator patterns).
+    fn shortest_match(&self) -> Option<(u32, &'static str)> {
+        match self {
+            Detector::CardNumber => Some((13, "a card number (13 to 19 digits)")),
+            Detector::Email => Some((4, "an email address (as short as a@b.co)")),
+            Detector::NationalId => Some((9, "a US SSN (9 digits)")),
+            Detector::Iban => Some((15, "an IBAN (15 to 34 characters)")),
+            Detector::Phone => Some((8, "a phone number (8 to 15 digits)")),
+            Detector::Regex(_) => None,
+        }
+    }
+}
+
 /// How a matched value is masked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MaskKind {
     /// Replace the whole value.
     Redact { replacement: String },
     /// Keep the first and last characters, replace the rest with `*` (card numbers: keep_last 4).
+    /// A value too short to hide anything is masked entirely. In a detector's match only
+    /// letters and digits count and are replaced; separators stay (`**** **** **** 1111`).
     Partial { keep_first: u32, keep_last: u32 },
     /// Replace by a keyed hash, so equal values stay joinable without being readable. The key
-    /// is the agent's secret, not part of the policy set.
+    /// is the agent's secret, not part of the policy set: `h:` and the first 16 hex digits of
+    /// HMAC-SHA256(key, value), see [`crate::Masker`].
     Hash,
 }
 
@@ -119,6 +246,9 @@ struct ProfileEntry {
 struct RuleEntry {
     column: Option<Spanned<String>>,
     column_regex: Option<Spanned<String>>,
+    table_column: Option<Spanned<String>>,
+    detector: Option<Spanned<DetectorName>>,
+    pattern: Option<Spanned<String>>,
     mask: Spanned<MaskKindName>,
     keep_first: Option<Spanned<u32>>,
     keep_last: Option<Spanned<u32>>,
@@ -131,6 +261,17 @@ enum MaskKindName {
     Redact,
     Partial,
     Hash,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum DetectorName {
+    CardNumber,
+    Email,
+    NationalId,
+    Iban,
+    Phone,
+    Regex,
 }
 
 #[derive(Deserialize)]
@@ -252,39 +393,89 @@ pub(crate) fn parse_masking(
 
 fn mask_rule(file: &mut SettingsFile<'_>, profile: &str, rule: RuleEntry) -> Option<MaskRule> {
     let rule_span = rule.mask.span();
-    let columns = match (rule.column, rule.column_regex) {
-        (Some(column), None) => {
-            if column.get_ref().is_empty() {
-                file.report(column.span(), "key `column`: empty column name".to_owned());
-                return None;
-            }
-            ColumnMatcher::Name(column.into_inner())
-        }
-        (None, Some(pattern)) => match Regex::new(pattern.get_ref()) {
-            Ok(regex) => ColumnMatcher::Pattern(regex),
-            Err(error) => {
-                // The regex crate draws a caret under the pattern over several lines; its last
-                // line says what is wrong, and the location already points at the pattern.
-                let text = error.to_string();
-                let what = text
-                    .lines()
-                    .rev()
-                    .find(|line| !line.trim().is_empty())
-                    .map_or(text.as_str(), |line| line.trim_start_matches("error: "));
-                let message = format!("key `column_regex`: not a valid regular expression: {what}");
-                file.report(pattern.span(), message);
-                return None;
-            }
-        },
-        (Some(_), Some(_)) | (None, None) => {
+    let given: Vec<&str> = [
+        ("`column`", rule.column.is_some()),
+        ("`column_regex`", rule.column_regex.is_some()),
+        ("`table_column`", rule.table_column.is_some()),
+        ("`detector`", rule.detector.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(key, present)| present.then_some(key))
+    .collect();
+    if given.len() != 1 {
+        let message = match given.as_slice() {
+            [] => format!(
+                "a rule of masking profile `{profile}` selects nothing; give it one of `column`, `column_regex`, `table_column` or `detector`"
+            ),
+            [init @ .., last] => format!(
+                "a rule of masking profile `{profile}` needs exactly one of {} and {last}; a rule selects by one of `column`, `column_regex`, `table_column` or `detector`",
+                init.join(", ")
+            ),
+        };
+        file.report(rule_span, message);
+        return None;
+    }
+    if let Some(pattern) = &rule.pattern {
+        if rule.detector.as_ref().map(Spanned::get_ref) != Some(&DetectorName::Regex) {
             file.report(
-                rule_span,
-                format!(
-                    "a rule of masking profile `{profile}` needs exactly one of `column` and `column_regex`"
-                ),
+                pattern.span(),
+                "key `pattern`: only `detector = \"regex\"` takes a pattern".to_owned(),
             );
             return None;
         }
+    }
+    let selector = if let Some(column) = rule.column {
+        if column.get_ref().is_empty() {
+            file.report(column.span(), "key `column`: empty column name".to_owned());
+            return None;
+        }
+        Selector::Column(ColumnMatcher::Name(column.into_inner()))
+    } else if let Some(pattern) = rule.column_regex {
+        Selector::Column(ColumnMatcher::Pattern(compile(
+            file,
+            "column_regex",
+            &pattern,
+        )?))
+    } else if let Some(qualified) = rule.table_column {
+        let Some(column) = TableColumn::parse(qualified.get_ref()) else {
+            file.report(
+                qualified.span(),
+                format!(
+                    "key `table_column`: `{}` is not `table.column` or `schema.table.column`",
+                    qualified.get_ref()
+                ),
+            );
+            return None;
+        };
+        Selector::TableColumn(column)
+    } else if let Some(detector) = rule.detector {
+        Selector::Content(match detector.get_ref() {
+            DetectorName::CardNumber => Detector::CardNumber,
+            DetectorName::Email => Detector::Email,
+            DetectorName::NationalId => Detector::NationalId,
+            DetectorName::Iban => Detector::Iban,
+            DetectorName::Phone => Detector::Phone,
+            DetectorName::Regex => {
+                let Some(pattern) = rule.pattern else {
+                    file.report(
+                        detector.span(),
+                        "key `detector`: the `regex` detector needs a `pattern`".to_owned(),
+                    );
+                    return None;
+                };
+                let regex = compile(file, "pattern", &pattern)?;
+                if regex.is_match("") {
+                    file.report(
+                        pattern.span(),
+                        "key `pattern`: matches the empty string, so it would match everywhere; require at least one character".to_owned(),
+                    );
+                    return None;
+                }
+                Detector::Regex(regex)
+            }
+        })
+    } else {
+        return None;
     };
     let kind = *rule.mask.get_ref();
     if kind != MaskKindName::Partial {
@@ -316,13 +507,41 @@ fn mask_rule(file: &mut SettingsFile<'_>, profile: &str, rule: RuleEntry) -> Opt
         },
         MaskKindName::Hash => MaskKind::Hash,
         MaskKindName::Partial => {
-            let keep_first = rule.keep_first.map_or(0, Spanned::into_inner);
-            let keep_last = rule.keep_last.map_or(0, Spanned::into_inner);
+            let keep_first = rule.keep_first.as_ref().map_or(0, |n| *n.get_ref());
+            let keep_last = rule.keep_last.as_ref().map_or(0, |n| *n.get_ref());
             if keep_first == 0 && keep_last == 0 {
                 file.report(
                     rule_span,
                     "key `mask`: a `partial` mask needs `keep_first` or `keep_last` (use `redact` to hide everything)"
                         .to_owned(),
+                );
+                return None;
+            }
+            let kept = keep_first.saturating_add(keep_last);
+            if let Selector::Content(detector) = &selector {
+                if let Some((shortest, what)) = detector.shortest_match() {
+                    if kept >= shortest {
+                        let span = rule
+                            .keep_last
+                            .as_ref()
+                            .or(rule.keep_first.as_ref())
+                            .map_or(rule_span, Spanned::span);
+                        file.report(
+                            span,
+                            format!(
+                                "keys `keep_first` + `keep_last`: keeping {kept} characters of {what} would show whole values; keep fewer than {shortest}"
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            }
+            if kept > MAX_KEPT_CHARACTERS {
+                file.report(
+                    rule_span,
+                    format!(
+                        "keys `keep_first` + `keep_last`: keeping {kept} characters is not masking; keep at most {MAX_KEPT_CHARACTERS}"
+                    ),
                 );
                 return None;
             }
@@ -332,7 +551,29 @@ fn mask_rule(file: &mut SettingsFile<'_>, profile: &str, rule: RuleEntry) -> Opt
             }
         }
     };
-    Some(MaskRule { columns, mask })
+    Some(MaskRule { selector, mask })
+}
+
+/// A `partial` mask that keeps more than this shows most values whole.
+const MAX_KEPT_CHARACTERS: u32 = 64;
+
+fn compile(file: &mut SettingsFile<'_>, key: &str, pattern: &Spanned<String>) -> Option<Regex> {
+    match Regex::new(pattern.get_ref()) {
+        Ok(regex) => Some(regex),
+        Err(error) => {
+            // The regex crate draws a caret under the pattern over several lines; its last
+            // line says what is wrong, and the location already points at the pattern.
+            let text = error.to_string();
+            let what = text
+                .lines()
+                .rev()
+                .find(|line| !line.trim().is_empty())
+                .map_or(text.as_str(), |line| line.trim_start_matches("error: "));
+            let message = format!("key `{key}`: not a valid regular expression: {what}");
+            file.report(pattern.span(), message);
+            None
+        }
+    }
 }
 
 pub(crate) fn parse_approvals(

@@ -1,0 +1,696 @@
+//! The masking engine: applies a [`MaskingProfile`] to result values as the PostgreSQL proxy
+//! forwards them. Pure: no I/O, no allocation for values it leaves alone.
+//!
+//! The proxy plans each result column once per RowDescription ([`Masker::plan_column`]) and
+//! then masks every value of the column with that plan ([`Masker::mask_value`]). Free text that
+//! belongs to no column (NOTIFY payloads, error and notice DETAIL fields, COPY fields) goes
+//! through the content detectors alone ([`Masker::mask_text`]).
+//!
+//! Fail closed: a value that a whole-column rule selects but that cannot be masked in its
+//! format (a binary `int4`, say) is an [`Unmaskable`] error, and the proxy must not send the
+//! row. Wire formats are those of the PostgreSQL protocol (chapter 55, "Formats and Format
+//! Codes"): 0 is text, 1 is binary.
+
+mod detect;
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::settings::{ColumnMatcher, Detector, MaskKind, MaskingProfile, Selector, TableColumn};
+
+/// The text wire format (format code 0).
+pub const FORMAT_TEXT: i16 = 0;
+/// The binary wire format (format code 1).
+pub const FORMAT_BINARY: i16 = 1;
+
+/// How the values of one result column are masked; decided once per RowDescription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnPlan {
+    /// A column rule selects the column: every value is replaced as a whole by the mask of
+    /// rule `rule` (an index into the profile's rules, in file order).
+    Whole { rule: usize },
+    /// No column rule selects the column, but the profile has content detectors: textual
+    /// values are scanned and only what the detectors find is masked.
+    ContentOnly,
+    /// Nothing in the profile can apply: values pass unchanged at no cost.
+    Untouched,
+}
+
+/// A value a profile selects that cannot be masked in the format the client asked for. The
+/// proxy must not send the row; the reason is for the client's error and the audit event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Unmaskable {
+    pub reason: String,
+}
+
+/// A masking profile compiled for the data path. Built once per profile (and key) and shared
+/// by every connection: it is `Send + Sync` and masking takes `&self`.
+///
+/// `hash` masks are `h:` followed by the first 16 hex digits (64 bits) of
+/// HMAC-SHA256(`hash_key`, value), where the value is its text as sent (the UTF-8 text of a
+/// binary textual value, without the jsonb version byte; the contents of a JSON string). Equal
+/// values give equal hashes across runs and agents that share the key, so they stay joinable;
+/// without the key they cannot be recovered or confirmed by guessing.
+pub struct Masker {
+    profile: String,
+    rules: Vec<CompiledRule>,
+    detectors: Vec<CompiledDetector>,
+    /// Whether a detector's prefilter needs the number of digits in a value (a value with
+    /// too few cannot hold a card number, SSN, IBAN or phone number).
+    counts_digits: bool,
+    table_columns: bool,
+    /// HMAC-SHA256 keyed once; cloned for every value.
+    mac: Option<Hmac<Sha256>>,
+}
+
+struct CompiledRule {
+    selector: RuleTarget,
+    mask: MaskKind,
+}
+
+enum RuleTarget {
+    Column(ColumnMatcher),
+    TableColumn(TableColumn),
+    Content,
+}
+
+struct CompiledDetector {
+    rule: usize,
+    scanner: Scanner,
+}
+
+enum Scanner {
+    CardNumber,
+    Email,
+    NationalId,
+    Iban,
+    Phone,
+    /// `None` if the pattern does not compile for bytes (never expected, as byte patterns are
+    /// a superset of text patterns): then every value it scans is masked whole.
+    Custom(Option<regex::bytes::Regex>),
+}
+
+impl fmt::Debug for Masker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Masker")
+            .field("profile", &self.profile)
+            .field("rules", &self.rules.len())
+            .field("detectors", &self.detectors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A match of a detector: bytes `start..end`, masked by the rule with index `rule`.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: usize,
+    end: usize,
+    rule: usize,
+}
+
+/// How a type's values look on the wire, for masking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TypeClass {
+    /// text, varchar, bpchar, name, unknown: the binary format is the text itself.
+    Text,
+    /// json: binary is the JSON text.
+    Json,
+    /// jsonb: binary is a version byte (1) and the JSON text.
+    Jsonb,
+    /// Built-in types whose values cannot hold free text (numbers, dates, uuid, bytea, ...):
+    /// detectors skip them in either format; whole-column masks work in text format only.
+    NonTextual,
+    /// Everything else (arrays, records, xml, extension types such as citext, enums): in text
+    /// format masked as text; in binary format their layout is unknown, so a whole-column mask
+    /// or a detector match is [`Unmaskable`].
+    Opaque,
+}
+
+fn type_class(oid: u32) -> TypeClass {
+    match oid {
+        19 | 25 | 705 | 1042 | 1043 => TypeClass::Text,
+        114 => TypeClass::Json,
+        3802 => TypeClass::Jsonb,
+        // bool, bytea, "char", int8, int2, int4, oid, tid, xid, cid, geometric types, cidr,
+        // float4, float8, circle, macaddr8, money, macaddr, inet, date, time, timestamp,
+        // timestamptz, interval, timetz, bit, varbit, numeric, uuid, pg_lsn, xid8.
+        16
+        | 17
+        | 18
+        | 20
+        | 21
+        | 23
+        | 26..=29
+        | 600..=604
+        | 628
+        | 650
+        | 700
+        | 701
+        | 718
+        | 774
+        | 790
+        | 829
+        | 869
+        | 1082
+        | 1083
+        | 1114
+        | 1184
+        | 1186
+        | 1266
+        | 1560
+        | 1562
+        | 1700
+        | 2950
+        | 3220
+        | 5069 => TypeClass::NonTextual,
+        _ => TypeClass::Opaque,
+    }
+}
+
+impl Masker {
+    pub fn new(profile: &MaskingProfile, hash_key: &[u8]) -> Self {
+        let mut detectors = Vec::new();
+        let rules = profile
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| {
+                let selector = match &rule.selector {
+                    Selector::Column(matcher) => RuleTarget::Column(matcher.clone()),
+                    Selector::TableColumn(column) => RuleTarget::TableColumn(column.clone()),
+                    Selector::Content(detector) => {
+                        let scanner = match detector {
+                            Detector::CardNumber => Scanner::CardNumber,
+                            Detector::Email => Scanner::Email,
+                            Detector::NationalId => Scanner::NationalId,
+                            Detector::Iban => Scanner::Iban,
+                            Detector::Phone => Scanner::Phone,
+                            Detector::Regex(regex) => {
+                                Scanner::Custom(regex::bytes::Regex::new(regex.as_str()).ok())
+                            }
+                        };
+                        detectors.push(CompiledDetector {
+                            rule: index,
+                            scanner,
+                        });
+                        RuleTarget::Content
+                    }
+                };
+                CompiledRule {
+                    selector,
+                    mask: rule.mask.clone(),
+                }
+            })
+            .collect::<Vec<_>>();
+        let table_columns = rules
+            .iter()
+            .any(|rule| matches!(rule.selector, RuleTarget::TableColumn(_)));
+        let counts_digits = detectors
+            .iter()
+            .any(|detector| !matches!(detector.scanner, Scanner::Custom(_) | Scanner::Email));
+        Masker {
+            profile: profile.name.clone(),
+            rules,
+            detectors,
+            counts_digits,
+            table_columns,
+            mac: keyed_mac(hash_key),
+        }
+    }
+
+    /// Whether a rule selects by `table_column`, so the proxy must resolve each result column's
+    /// table OID and attribute number to `schema.table.column` before planning.
+    pub fn needs_table_columns(&self) -> bool {
+        self.table_columns
+    }
+
+    /// Whether the profile has content detectors (so [`Masker::mask_text`] can change text).
+    pub fn has_detectors(&self) -> bool {
+        !self.detectors.is_empty()
+    }
+
+    /// Whether a rule selects whole columns (by name, pattern or table column), which output
+    /// without column names (COPY) cannot honour.
+    pub fn has_column_rules(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|rule| !matches!(rule.selector, RuleTarget::Content))
+    }
+
+    /// Decide how a result column is masked, once per RowDescription. `name` is the column's
+    /// name as the client sees it; `qualified` is `schema.table.column` when the column comes
+    /// straight from a table column and the proxy resolved it. The first column rule (by
+    /// `column`, `column_regex` or `table_column`) that selects it, in file order, wins;
+    /// detector rules never select a whole column.
+    pub fn plan_column(&self, name: &str, qualified: Option<&str>) -> ColumnPlan {
+        let selected = self.rules.iter().position(|rule| match &rule.selector {
+            RuleTarget::Column(matcher) => matcher.matches(name),
+            RuleTarget::TableColumn(column) => qualified.is_some_and(|q| column.matches(q)),
+            RuleTarget::Content => false,
+        });
+        match selected {
+            Some(rule) => ColumnPlan::Whole { rule },
+            None if self.detectors.is_empty() => ColumnPlan::Untouched,
+            None => ColumnPlan::ContentOnly,
+        }
+    }
+
+    /// Mask one non-NULL value of a column planned with [`Masker::plan_column`]. `format` is
+    /// the wire format (0 text, 1 binary) and `type_oid` the column's type from RowDescription.
+    ///
+    /// `Ok(None)`: forward the value unchanged. `Ok(Some(bytes))`: send these bytes instead.
+    /// `Err(Unmaskable)`: the value must not be sent; end the row with an error.
+    pub fn mask_value(
+        &self,
+        plan: &ColumnPlan,
+        format: i16,
+        type_oid: u32,
+        value: &[u8],
+    ) -> Result<Option<Vec<u8>>, Unmaskable> {
+        if format != FORMAT_TEXT && format != FORMAT_BINARY {
+            return Err(self.unmaskable(format!("unknown wire format code {format}")));
+        }
+        let binary = format == FORMAT_BINARY;
+        match *plan {
+            ColumnPlan::Untouched => Ok(None),
+            ColumnPlan::Whole { rule } => {
+                let Some(rule) = self.rules.get(rule) else {
+                    return Err(self.unmaskable(format!(
+                        "column plan names rule {rule}, which this profile does not have"
+                    )));
+                };
+                self.mask_whole(&rule.mask, binary, type_oid, value)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        self.unmaskable(format!(
+                            "a column of type {} selected for whole-value masking was requested in binary format, which cannot be masked; request text format for it",
+                            type_name(type_oid)
+                        ))
+                    })
+            }
+            ColumnPlan::ContentOnly => self.mask_content(binary, type_oid, value),
+        }
+    }
+
+    /// The content detectors alone, for text that is not a column value: NOTIFY payloads,
+    /// error and notice DETAIL fields, COPY fields. `None` if nothing was found.
+    pub fn mask_text(&self, text: &str) -> Option<String> {
+        let masked = self.mask_found(text.as_bytes(), false)?;
+        Some(match String::from_utf8(masked) {
+            Ok(text) => text,
+            // Only an operator pattern that matches inside a UTF-8 sequence gets here.
+            Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
+        })
+    }
+
+    fn unmaskable(&self, what: String) -> Unmaskable {
+        Unmaskable {
+            reason: format!("masking profile `{}`: {what}", self.profile),
+        }
+    }
+
+    /// The whole replacement for a value, or `None` if its type cannot be rewritten in binary.
+    fn mask_whole(
+        &self,
+        mask: &MaskKind,
+        binary: bool,
+        type_oid: u32,
+        value: &[u8],
+    ) -> Option<Vec<u8>> {
+        let class = type_class(type_oid);
+        let mut out = Vec::with_capacity(value.len().max(18).saturating_add(2));
+        match (class, binary) {
+            (TypeClass::Json, _) | (TypeClass::Jsonb, false) => {
+                self.mask_json_whole(mask, value, &mut out);
+            }
+            (TypeClass::Jsonb, true) => {
+                let text = match value.split_first() {
+                    Some((&JSONB_VERSION, text)) => text,
+                    _ => value,
+                };
+                out.push(JSONB_VERSION);
+                self.mask_json_whole(mask, text, &mut out);
+            }
+            (TypeClass::Text, _) | (_, false) => self.mask_plain(mask, value, &mut out),
+            (TypeClass::NonTextual | TypeClass::Opaque, true) => return None,
+        }
+        Some(out)
+    }
+
+    /// A whole JSON value becomes a JSON string, so the client can still parse it. A JSON
+    /// string is masked by its contents (when it has no escapes), so it hashes like the text.
+    fn mask_json_whole(&self, mask: &MaskKind, json: &[u8], out: &mut Vec<u8>) {
+        let trimmed = json.trim_ascii();
+        let inner = trimmed
+            .strip_prefix(b"\"")
+            .and_then(|rest| rest.strip_suffix(b"\""))
+            .filter(|inner| !inner.contains(&b'\\') && !inner.contains(&b'"'));
+        let mut masked = Vec::new();
+        self.mask_plain(mask, inner.unwrap_or(json), &mut masked);
+        out.push(b'"');
+        json_escape(&masked, out);
+        out.push(b'"');
+    }
+
+    fn mask_plain(&self, mask: &MaskKind, value: &[u8], out: &mut Vec<u8>) {
+        match mask {
+            MaskKind::Redact { replacement } => out.extend_from_slice(replacement.as_bytes()),
+            MaskKind::Hash => self.hash(value, out),
+            MaskKind::Partial {
+                keep_first,
+                keep_last,
+            } => partial(value, *keep_first, *keep_last, |_| true, out),
+        }
+    }
+
+    fn hash(&self, value: &[u8], out: &mut Vec<u8>) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.extend_from_slice(b"h:");
+        let Some(mut mac) = self.mac.clone() else {
+            out.extend_from_slice(b"????????????????");
+            return;
+        };
+        mac.update(value);
+        let digest = mac.finalize().into_bytes();
+        for byte in digest.iter().take(8) {
+            for nibble in [byte >> 4, byte & 0x0f] {
+                out.push(HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'));
+            }
+        }
+    }
+
+    fn mask_content(
+        &self,
+        binary: bool,
+        type_oid: u32,
+        value: &[u8],
+    ) -> Result<Option<Vec<u8>>, Unmaskable> {
+        match (type_class(type_oid), binary) {
+            (TypeClass::NonTextual, _) => Ok(None),
+            (TypeClass::Text | TypeClass::Opaque, false) | (TypeClass::Text, true) => {
+                Ok(self.mask_found(value, false))
+            }
+            (TypeClass::Json, _) | (TypeClass::Jsonb, false) => Ok(self.mask_found(value, true)),
+            (TypeClass::Jsonb, true) => match value.split_first() {
+                Some((&JSONB_VERSION, text)) => Ok(self.mask_found(text, true).map(|masked| {
+                    let mut out = Vec::with_capacity(masked.len().saturating_add(1));
+                    out.push(JSONB_VERSION);
+                    out.extend_from_slice(&masked);
+                    out
+                })),
+                _ => self.refuse_if_found(type_oid, value),
+            },
+            (TypeClass::Opaque, true) => self.refuse_if_found(type_oid, value),
+        }
+    }
+
+    /// A binary value whose layout is unknown: it passes if no detector finds anything in its
+    /// bytes; otherwise masking would corrupt it and passing it would leak, so it is refused.
+    fn refuse_if_found(&self, type_oid: u32, value: &[u8]) -> Result<Option<Vec<u8>>, Unmaskable> {
+        match self.find(value).first() {
+            None => Ok(None),
+            Some(span) => {
+                let detector = self
+                    .detectors
+                    .iter()
+                    .find(|d| d.rule == span.rule)
+                    .map_or("a detector", |d| d.scanner.name());
+                Err(self.unmaskable(format!(
+                    "a binary value of type {} contains what {detector} detects and cannot be masked in binary format; request text format for it",
+                    type_name(type_oid)
+                )))
+            }
+        }
+    }
+
+    /// Every detector match, sorted, overlapping matches merged (a merged match is masked by
+    /// the first rule among those that found it).
+    fn find(&self, text: &[u8]) -> Vec<Span> {
+        let mut spans = Vec::new();
+        if self.detectors.is_empty() {
+            return spans;
+        }
+        // One vectorised pass counts digits; the other prefilters search for one byte.
+        let digits = if self.counts_digits {
+            text.iter().filter(|byte| byte.is_ascii_digit()).count()
+        } else {
+            0
+        };
+        for detector in &self.detectors {
+            let rule = detector.rule;
+            let mut found = |range: std::ops::Range<usize>| {
+                spans.push(Span {
+                    start: range.start,
+                    end: range.end,
+                    rule,
+                });
+            };
+            match &detector.scanner {
+                Scanner::CardNumber if digits >= 13 => detect::card_numbers(text, &mut found),
+                Scanner::Email if text.contains(&b'@') => detect::emails(text, &mut found),
+                Scanner::NationalId if digits >= 9 && text.contains(&b'-') => {
+                    detect::us_social_security_numbers(text, &mut found);
+                }
+                Scanner::Iban
+                    if digits >= 2
+                        && text.len() >= 15
+                        && text.iter().any(u8::is_ascii_uppercase) =>
+                {
+                    detect::ibans(text, &mut found);
+                }
+                Scanner::Phone if digits >= 10 || (digits >= 8 && text.contains(&b'+')) => {
+                    detect::phone_numbers(text, &mut found);
+                }
+                Scanner::Custom(Some(regex)) => {
+                    for m in regex.find_iter(text).filter(|m| !m.is_empty()) {
+                        found(m.range());
+                    }
+                }
+                Scanner::Custom(None) if !text.is_empty() => found(0..text.len()),
+                _ => {}
+            }
+        }
+        if spans.len() > 1 {
+            spans.sort_unstable_by_key(|span| (span.start, span.rule));
+            let mut merged: Vec<Span> = Vec::with_capacity(spans.len());
+            for span in spans {
+                match merged.last_mut() {
+                    Some(last) if span.start < last.end => {
+                        last.end = last.end.max(span.end);
+                        last.rule = last.rule.min(span.rule);
+                    }
+                    _ => merged.push(span),
+                }
+            }
+            spans = merged;
+        }
+        spans
+    }
+
+    /// The text with every detector match masked, or `None` if there was none. In JSON, a
+    /// replacement inside a string is escaped and one outside a string (a bare number) becomes
+    /// a string, so the client can still parse the document.
+    fn mask_found(&self, text: &[u8], json: bool) -> Option<Vec<u8>> {
+        let spans = self.find(text);
+        if spans.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(text.len().saturating_add(16));
+        let mut strings = JsonStrings::default();
+        let mut copied = 0;
+        let mut replacement = Vec::new();
+        for span in spans {
+            out.extend_from_slice(text.get(copied..span.start).unwrap_or_default());
+            let matched = text.get(span.start..span.end).unwrap_or_default();
+            let Some(rule) = self.rules.get(span.rule) else {
+                // Unreachable: spans carry indices of this profile's rules. Hide it anyway.
+                out.extend(std::iter::repeat_n(b'*', matched.len()));
+                copied = span.end;
+                continue;
+            };
+            replacement.clear();
+            match &rule.mask {
+                MaskKind::Partial {
+                    keep_first,
+                    keep_last,
+                } => partial(
+                    matched,
+                    *keep_first,
+                    *keep_last,
+                    significant,
+                    &mut replacement,
+                ),
+                mask => self.mask_plain(mask, matched, &mut replacement),
+            }
+            if json {
+                if strings.inside(text, span.start) {
+                    json_escape(&replacement, &mut out);
+                } else {
+                    out.push(b'"');
+                    json_escape(&replacement, &mut out);
+                    out.push(b'"');
+                }
+            } else {
+                out.extend_from_slice(&replacement);
+            }
+            copied = span.end;
+        }
+        out.extend_from_slice(text.get(copied..).unwrap_or_default());
+        Some(out)
+    }
+}
+
+impl Scanner {
+    fn name(&self) -> &'static str {
+        match self {
+            Scanner::CardNumber => "the card_number detector",
+            Scanner::Email => "the email detector",
+            Scanner::NationalId => "the national_id detector",
+            Scanner::Iban => "the iban detector",
+            Scanner::Phone => "the phone detector",
+            Scanner::Custom(_) => "a regex detector",
+        }
+    }
+}
+
+const JSONB_VERSION: u8 = 1;
+
+/// HMAC takes keys of any length (RFC 2104), so keying never fails; if the crate ever
+/// refused a key, hashes would hide values without a key rather than expose them.
+fn keyed_mac(key: &[u8]) -> Option<Hmac<Sha256>> {
+    <Hmac<Sha256> as Mac>::new_from_slice(key).ok()
+}
+
+/// Which positions of a JSON text are inside a string, walking forward once over all matches.
+#[derive(Default)]
+struct JsonStrings {
+    position: usize,
+    inside: bool,
+    escaped: bool,
+}
+
+impl JsonStrings {
+    fn inside(&mut self, text: &[u8], until: usize) -> bool {
+        for &byte in text.get(self.position..until).unwrap_or_default() {
+            if self.escaped {
+                self.escaped = false;
+            } else if self.inside && byte == b'\\' {
+                self.escaped = true;
+            } else if byte == b'"' {
+                self.inside = !self.inside;
+            }
+        }
+        self.position = self.position.max(until);
+        self.inside
+    }
+}
+
+fn json_escape(text: &[u8], out: &mut Vec<u8>) {
+    for &byte in text {
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                for nibble in [byte >> 4, byte & 0x0f] {
+                    out.push(HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'));
+                }
+            }
+            _ => out.push(byte),
+        }
+    }
+}
+
+/// In a detector's match, letters and digits (and any non-ASCII character) are what a partial
+/// mask counts and hides; ASCII spaces and punctuation stay, so the shape remains readable.
+fn significant(character: &[u8]) -> bool {
+    match character {
+        [byte] => !(byte.is_ascii_whitespace() || byte.is_ascii_punctuation()),
+        _ => true,
+    }
+}
+
+/// Keep the first `keep_first` and last `keep_last` counted characters and replace every other
+/// counted character by one `*`. Characters are UTF-8 characters; text that is not UTF-8 (a
+/// single-byte client encoding) is taken a byte at a time. A value with no more counted
+/// characters than are kept is hidden entirely, so a partial mask never shows a whole value.
+fn partial(
+    text: &[u8],
+    keep_first: u32,
+    keep_last: u32,
+    counted: impl Fn(&[u8]) -> bool,
+    out: &mut Vec<u8>,
+) {
+    let total = characters(text).filter(|c| counted(c)).count();
+    let keep_first = usize::try_from(keep_first).unwrap_or(usize::MAX);
+    let keep_last = usize::try_from(keep_last).unwrap_or(usize::MAX);
+    let hide_all = total <= keep_first.saturating_add(keep_last);
+    let mut index = 0;
+    for character in characters(text) {
+        if !counted(character) {
+            out.extend_from_slice(character);
+            continue;
+        }
+        let kept = !hide_all && (index < keep_first || index >= total.saturating_sub(keep_last));
+        if kept {
+            out.extend_from_slice(character);
+        } else {
+            out.push(b'*');
+        }
+        index += 1;
+    }
+}
+
+/// The characters of `text` as byte slices: UTF-8 characters if it is UTF-8, else bytes.
+fn characters(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let utf8 = std::str::from_utf8(text).is_ok();
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        let first = *rest.first()?;
+        let len = if utf8 { utf8_len(first) } else { 1 };
+        let (character, tail) = rest.split_at_checked(len).unwrap_or((rest, &[]));
+        rest = tail;
+        Some(character)
+    })
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0xf0..=0xff => 4,
+        0xe0..=0xef => 3,
+        0xc0..=0xdf => 2,
+        _ => 1,
+    }
+}
+
+fn type_name(oid: u32) -> String {
+    let name = match oid {
+        16 => "bool",
+        17 => "bytea",
+        18 => "\"char\"",
+        20 => "int8",
+        21 => "int2",
+        23 => "int4",
+        26 => "oid",
+        700 => "float4",
+        701 => "float8",
+        790 => "money",
+        869 => "inet",
+        1082 => "date",
+        1083 => "time",
+        1114 => "timestamp",
+        1184 => "timestamptz",
+        1186 => "interval",
+        1700 => "numeric",
+        2950 => "uuid",
+        _ => return format!("OID {oid}"),
+    };
+    format!("{name} (OID {oid})")
+}
