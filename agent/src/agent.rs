@@ -54,6 +54,9 @@ pub fn run(
     // attached, so a bad start leaves the previous enforcement (or none) as it was.
     let policies = crate::policy::Policies::load(&config.policy.dir, Arc::clone(&audit))
         .map_err(anyhow::Error::msg)?;
+    let postgres = crate::protocol::postgres::Shared::new(&config, &targets)
+        .context("preparing the PostgreSQL targets")?
+        .map(Arc::new);
     let (enforcement, logger) = Enforcement::attach(&config, &targets, &cgroup, host_netns)?;
     tracing::info!(
         config = %source.display(),
@@ -86,6 +89,7 @@ pub fn run(
         Arc::clone(&audit),
         Arc::clone(&identity),
         Arc::clone(&policies),
+        postgres,
         registry,
     );
     let shutdown = CancellationToken::new();

@@ -416,14 +416,57 @@ pub struct BpfConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
+    Postgres,
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Postgres => f.write_str("postgres"),
         }
     }
+}
+
+/// How the agent protects its connection to a PostgreSQL server. Anything other than
+/// `verify-full` is named `insecure-…` on purpose: it belongs in a lab, not in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum UpstreamTls {
+    /// TLS, the server's certificate verified against `ca_file` (or the system roots) and
+    /// its name (`server_name`, or the upstream IP address).
+    #[default]
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+    /// TLS without verifying the certificate: encrypted, but anyone on the path can pose
+    /// as the server and learn the injected credential (SCRAM excepted).
+    #[serde(rename = "insecure-skip-verify")]
+    InsecureSkipVerify,
+    /// No TLS at all: the credential exchange and every row cross the network in clear.
+    #[serde(rename = "insecure-plaintext")]
+    InsecurePlaintext,
+}
+
+/// `[target.postgres]`: how the agent terminates PostgreSQL clients and reaches the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresTargetConfig {
+    /// Host names clients use for this target; they go into the certificate the agent's
+    /// local CA issues, so `sslmode=verify-full` works with `psql -h <name>`.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// CA certificates (PEM) that sign the server's certificate; default: the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The name the server's certificate must carry; default: the upstream IP address.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Root-only TOML file with the upstream passwords: `[roles.<role>] password = "…"`.
+    pub credentials_file: Spanned<PathBuf>,
+    /// Largest protocol message accepted from either side; a larger one ends the session.
+    #[serde(default = "defaults::max_message_bytes")]
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -440,6 +483,9 @@ pub struct TargetConfig {
     /// Labels policies can test (`environment = "production"`).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Required for `protocol = "postgres"`, refused for others.
+    #[serde(default)]
+    pub postgres: Option<PostgresTargetConfig>,
 }
 
 /// What a `[[target]]` protects, parsed.
@@ -495,6 +541,8 @@ pub struct ProtectedTarget {
     pub port: u16,
     pub upstream: Option<SocketAddr>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Set exactly when `protocol` is `Postgres`.
+    pub postgres: Option<std::sync::Arc<PostgresTargetConfig>>,
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 addresses for every decision we make.
@@ -542,6 +590,9 @@ mod defaults {
     }
     pub fn pin_dir() -> PathBuf {
         PathBuf::from("/sys/fs/bpf/portcullis")
+    }
+    pub fn max_message_bytes() -> usize {
+        64 * 1024 * 1024
     }
     pub fn max_segment_bytes() -> u64 {
         64 * 1024 * 1024
@@ -703,6 +754,26 @@ impl Config {
             };
             let id =
                 u32::try_from(i).map_err(|_| (t.name.span(), "too many targets".to_string()))?;
+            let postgres = match (t.protocol, &t.postgres) {
+                (Protocol::Postgres, Some(pg)) => {
+                    validate_postgres_target(pg)
+                        .map_err(|(span, m)| (span, format!("target[{i}].postgres.{m}")))?;
+                    Some(std::sync::Arc::new(pg.clone()))
+                }
+                (Protocol::Postgres, None) => {
+                    return Err((
+                        t.name.span(),
+                        format!("target[{i}] `{name}`: protocol = \"postgres\" needs a [target.postgres] section with credentials_file"),
+                    ))
+                }
+                (_, Some(_)) => {
+                    return Err((
+                        t.name.span(),
+                        format!("target[{i}] `{name}`: [target.postgres] is only for protocol = \"postgres\""),
+                    ))
+                }
+                (_, None) => None,
+            };
             out.push(ProtectedTarget {
                 id,
                 name: name.to_string(),
@@ -711,6 +782,7 @@ impl Config {
                 port,
                 upstream,
                 labels: t.labels.clone(),
+                postgres,
             });
         }
         self.validate_identity()?;
@@ -810,6 +882,29 @@ impl Config {
 }
 
 /// Errors start with the key they are about (the caller prefixes `audit.central.`).
+fn validate_postgres_target(
+    pg: &PostgresTargetConfig,
+) -> Result<(), (std::ops::Range<usize>, String)> {
+    if !pg.credentials_file.get_ref().is_absolute() {
+        return Err((
+            pg.credentials_file.span(),
+            "credentials_file: must be an absolute path".into(),
+        ));
+    }
+    for name in &pg.server_names {
+        if name.is_empty() || name.parse::<IpAddr>().is_ok() || name.contains(char::is_whitespace) {
+            return Err((
+                pg.credentials_file.span(),
+                format!("server_names: `{name}` is not a DNS name (IP addresses of the target are added on their own)"),
+            ));
+        }
+    }
+    if pg.max_message_bytes < 1024 {
+        return Err((0..0, "max_message_bytes: must be at least 1024".into()));
+    }
+    Ok(())
+}
+
 fn validate_central(c: &CentralConfig) -> Result<(), String> {
     check_central_url(&c.url, c.tls).map_err(|m| format!("url: {m}"))?;
     if let Some(url) = &c.migrate_url {

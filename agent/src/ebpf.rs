@@ -598,6 +598,7 @@ mod tests {
             port: 5432,
             upstream: None,
             labels: Default::default(),
+            postgres: None,
         }
     }
 

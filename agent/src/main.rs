@@ -2,6 +2,7 @@
 
 mod agent;
 mod audit;
+mod ca;
 mod cli;
 mod config;
 mod control;

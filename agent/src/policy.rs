@@ -119,6 +119,12 @@ impl Policies {
         }))
     }
 
+    /// The set in force now; one statement's decision and its masking profile come from
+    /// the same set even if a reload lands in between.
+    pub fn current(&self) -> Arc<portcullis_policy::PolicySet> {
+        self.live.current()
+    }
+
     pub fn decide(&self, request: &Request) -> Decision {
         self.live.decide(request)
     }
@@ -258,6 +264,7 @@ pub fn base_context(comm: &str, uid: u32, unix_time: i64) -> Context {
         source_comm: comm.to_string(),
         source_uid: uid,
         statement_class: None,
+        command: None,
         tables: Vec::new(),
         functions: Vec::new(),
         command_line: None,

@@ -182,6 +182,8 @@ struct OpenGuard {
     audit: Arc<AuditLog>,
     started: Instant,
     reason: String,
+    db_user: Option<String>,
+    db_name: Option<String>,
 }
 
 impl Drop for OpenGuard {
@@ -195,6 +197,8 @@ impl Drop for OpenGuard {
         ev.duration_ms =
             Some(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX));
         ev.reason = Some(std::mem::take(&mut self.reason));
+        ev.db_user = self.db_user.take();
+        ev.db_name = self.db_name.take();
         self.audit.record(&ev);
         tracing::info!(
             up = ev.bytes_client_to_upstream,
@@ -217,6 +221,57 @@ fn connection_event(kind: EventKind, c: &Connection) -> AuditEvent {
     ev
 }
 
+/// A redirected connection whose origin and target are known, before anything is decided.
+pub struct Incoming {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub origin: Origin,
+    pub target: ProtectedTarget,
+}
+
+/// What a refused connection's event says.
+pub struct Refusal<'a> {
+    pub incoming: &'a Incoming,
+    pub identity: Option<&'a Identity>,
+    pub reason: String,
+    /// allow, deny, approval or error.
+    pub decision: &'a str,
+    pub policy_ids: Vec<String>,
+    pub db_user: Option<&'a str>,
+    pub db_name: Option<&'a str>,
+}
+
+/// A connection a protocol handler is about to open.
+pub struct Opening<'a> {
+    pub incoming: &'a Incoming,
+    pub identity: &'a Identity,
+    pub upstream: SocketAddr,
+    pub policy_ids: Vec<String>,
+    pub db_user: Option<String>,
+    pub db_name: Option<String>,
+}
+
+/// An open, registered connection; dropping it records `connection.closed`.
+pub struct OpenSession {
+    pub conn: Arc<Connection>,
+    guard: OpenGuard,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl OpenSession {
+    /// How the session ended, for `connection.closed`; a close requested from outside
+    /// (logout, session end) wins over the handler's own reason.
+    pub fn set_end(&mut self, reason: String) {
+        let closed_by = self
+            .conn
+            .close_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.guard.reason = closed_by.unwrap_or(reason);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("cannot listen on {addr}: {source}")]
@@ -233,6 +288,7 @@ pub struct Proxy {
     audit: Arc<AuditLog>,
     identity: Arc<IdentityService>,
     policies: Arc<crate::policy::Policies>,
+    postgres: Option<Arc<crate::protocol::postgres::Shared>>,
     pub registry: Arc<Registry>,
     next_id: AtomicU64,
     limit: Arc<Semaphore>,
@@ -279,6 +335,7 @@ impl Proxy {
         audit: Arc<AuditLog>,
         identity: Arc<IdentityService>,
         policies: Arc<crate::policy::Policies>,
+        postgres: Option<Arc<crate::protocol::postgres::Shared>>,
         registry: Arc<Registry>,
     ) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
@@ -289,6 +346,7 @@ impl Proxy {
             audit,
             identity,
             policies,
+            postgres,
             registry,
             // Connection ids stay unique across restarts (they name sessions in the audit
             // trail): the start time in seconds, shifted past any plausible per-run count.
@@ -343,6 +401,23 @@ impl Proxy {
         };
         let origin = Origin::from_record(&record);
         let span = tracing::info_span!("conn", id, uid = origin.uid, pid = origin.pid, comm = %origin.comm, dst = %origin.destination);
+        if let Some(target) = self.target_for(&origin) {
+            if target.protocol == Protocol::Postgres {
+                // PostgreSQL answers every refusal in its own protocol, so it takes the
+                // connection before the identity is known to be missing.
+                let identity = self.identity.resolve(&origin);
+                let incoming = Incoming {
+                    id,
+                    peer,
+                    origin,
+                    target: target.clone(),
+                };
+                crate::protocol::postgres::serve(Arc::clone(&self), incoming, client, identity)
+                    .instrument(span)
+                    .await;
+                return;
+            }
+        }
         let identity = match self.identity.resolve(&origin) {
             Ok(i) => i,
             Err(reason) => {
@@ -394,14 +469,9 @@ impl Proxy {
         let refuse = |reason: String, target: Option<&ProtectedTarget>| {
             refuse_with(reason, "error", &[], target)
         };
-        let target = match self.targets.iter().find(|t| t.id == origin.target_id) {
-            Some(t)
-                if t.port == origin.destination.port()
-                    && t.address.contains(origin.destination.ip()) =>
-            {
-                t
-            }
-            _ => {
+        let target = match self.target_for(&origin) {
+            Some(t) => t,
+            None => {
                 refuse(
                     format!(
                         "destination {} matches no configured target",
@@ -514,6 +584,8 @@ impl Proxy {
             audit: Arc::clone(&self.audit),
             started: Instant::now(),
             reason: "agent shutdown".into(),
+            db_user: None,
+            db_name: None,
         };
         let idle = Duration::from_secs(self.config.proxy.idle_timeout_secs);
         let end = match target.protocol {
@@ -527,6 +599,8 @@ impl Proxy {
                 )
                 .await
             }
+            // Dispatched in `handle` before this point.
+            Protocol::Postgres => crate::protocol::tcp::End::Shutdown,
         };
         let closed_by = conn
             .close_reason
@@ -541,6 +615,103 @@ impl Proxy {
         drop(permit);
     }
 
+    /// The configured target the kernel matched, if the destination still fits it.
+    fn target_for(&self, origin: &Origin) -> Option<&ProtectedTarget> {
+        self.targets.iter().find(|t| {
+            t.id == origin.target_id
+                && t.port == origin.destination.port()
+                && t.address.contains(origin.destination.ip())
+        })
+    }
+
+    /// Records a refused connection of a protocol handler that answers in its own protocol.
+    pub fn record_refusal(&self, r: Refusal<'_>) {
+        let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(r.reason);
+        ev.decision = Some(r.decision.to_string());
+        ev.policy_ids = r.policy_ids;
+        ev.connection_id = Some(r.incoming.id);
+        ev.client = Some(r.incoming.peer.to_string());
+        ev.identity = r.identity.cloned();
+        ev.origin = Some(r.incoming.origin.clone());
+        ev.target = Some(r.incoming.target.name.clone());
+        ev.protocol = Some(r.incoming.target.protocol.to_string());
+        ev.db_user = r.db_user.map(str::to_string);
+        ev.db_name = r.db_name.map(str::to_string);
+        tracing::warn!(
+            reason = ev.reason.as_deref().unwrap_or(""),
+            "connection refused"
+        );
+        self.audit.record(&ev);
+    }
+
+    /// The central backlog bound, as a refusal reason when it applies.
+    pub fn over_audit_bound(&self) -> Option<String> {
+        self.audit.over_bound().then(|| {
+            "the central audit backlog is over audit.central.spool_max_bytes (on_spool_full = \"refuse_connections\")".to_string()
+        })
+    }
+
+    pub fn postgres(&self) -> Option<&crate::protocol::postgres::Shared> {
+        self.postgres.as_deref()
+    }
+
+    pub fn policies(&self) -> &crate::policy::Policies {
+        &self.policies
+    }
+
+    /// Admits a connection a protocol handler has authorized: takes a slot under the
+    /// connection limit and records `connection.opened` durably before any byte is forwarded.
+    pub async fn open(&self, o: Opening<'_>) -> Result<OpenSession, String> {
+        let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+            return Err(format!(
+                "connection limit of {} reached",
+                self.config.proxy.max_connections
+            ));
+        };
+        let conn = Arc::new(Connection {
+            id: o.incoming.id,
+            started_ms: now_ms(),
+            protocol: o.incoming.target.protocol,
+            target: o.incoming.target.name.clone(),
+            origin: o.incoming.origin.clone(),
+            identity: o.identity.clone(),
+            client: o.incoming.peer,
+            upstream: o.upstream,
+            bytes: ByteCounters::default(),
+            cancel: self.close_all.child_token(),
+            close_reason: Mutex::new(None),
+        });
+        let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
+        opened.decision = Some("allow".into());
+        opened.policy_ids = o.policy_ids;
+        opened.db_user = o.db_user.clone();
+        opened.db_name = o.db_name.clone();
+        self.audit.record_durable(&opened).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot record the connection; refusing it");
+            format!("the audit store cannot record the connection: {e}")
+        })?;
+        self.registry.insert(Arc::clone(&conn));
+        tracing::info!(target = %conn.target, upstream = %o.upstream, "connection opened");
+        let guard = OpenGuard {
+            conn: Arc::clone(&conn),
+            registry: Arc::clone(&self.registry),
+            audit: Arc::clone(&self.audit),
+            started: Instant::now(),
+            reason: "agent shutdown".into(),
+            db_user: o.db_user,
+            db_name: o.db_name,
+        };
+        Ok(OpenSession {
+            conn,
+            guard,
+            _permit: permit,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     fn is_own_listener(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         ip == IpAddr::V4(self.config.proxy.listen_ipv4)
@@ -548,8 +719,22 @@ impl Proxy {
             || ip.is_unspecified()
     }
 
+    /// Where a target's connections go: its configured upstream or the original destination;
+    /// refused when that is the proxy's own listener.
+    pub fn upstream_addr(
+        &self,
+        target: &ProtectedTarget,
+        origin: &Origin,
+    ) -> Result<SocketAddr, String> {
+        let addr = target.upstream.unwrap_or(origin.destination);
+        if addr.port() == self.config.proxy.port && self.is_own_listener(addr.ip()) {
+            return Err("the upstream is the proxy itself".into());
+        }
+        Ok(addr)
+    }
+
     /// Connects with the exempt mark, so the kernel programs leave this socket alone.
-    async fn connect_upstream(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    pub async fn connect_upstream(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
         let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,

@@ -114,6 +114,7 @@ fn request() -> Request {
             source_comm: "psql".to_owned(),
             source_uid: 1001,
             statement_class: Some("read".to_owned()),
+            command: Some("SELECT".to_owned()),
             tables: vec!["public.orders".to_owned(), "public.customers".to_owned()],
             functions: vec!["now".to_owned()],
             command_line: None,

@@ -477,6 +477,7 @@ impl PolicySet {
                     "statement_class".to_owned(),
                     required("statement_class", &context.statement_class)?,
                 ));
+                pairs.push(("command".to_owned(), required("command", &context.command)?));
                 pairs.push(("tables".to_owned(), strings(&context.tables)));
                 pairs.push(("functions".to_owned(), strings(&context.functions)));
                 pairs.push(("db_user".to_owned(), required("db_user", &context.db_user)?));
@@ -693,6 +694,7 @@ mod tests {
                 source_comm: "psql".to_owned(),
                 source_uid: u32::MAX,
                 statement_class: Some("read".to_owned()),
+                command: Some("SELECT".to_owned()),
                 tables: vec!["t".to_owned()],
                 functions: vec!["f".to_owned()],
                 command_line: Some("ls".to_owned()),

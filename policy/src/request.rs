@@ -44,7 +44,8 @@ pub struct Target {
 pub enum Action {
     /// Open a connection to the target at all.
     Connect,
-    /// Run one PostgreSQL statement; its class is `Context::statement_class`.
+    /// Run one PostgreSQL statement; its class is `Context::statement_class`, its command
+    /// `Context::command`.
     Query,
     /// An interactive SSH shell.
     SshShell,
@@ -102,21 +103,23 @@ impl fmt::Display for Action {
     }
 }
 
-/// The statement classes the PostgreSQL classifier produces, as policies spell them in
-/// `context.statement_class`. The schema file documents what falls into each.
-pub const STATEMENT_CLASSES: [&str; 8] = [
+/// The statement classes the PostgreSQL classifier (`portcullis-sql`) produces, as policies
+/// spell them in `context.statement_class`. The schema file documents what falls into each;
+/// `context.command` singles out one statement (`"DROP DATABASE"`, `"TRUNCATE"`).
+pub const STATEMENT_CLASSES: [&str; 9] = [
     "read",
     "write",
     "ddl",
     "dcl",
+    "transaction",
+    "utility",
     "admin",
-    "drop_database",
-    "truncate",
-    "other",
+    "call",
+    "do",
 ];
 
 /// The circumstances of a request. Which fields an action uses is fixed by the schema: `query`
-/// needs `statement_class`, `db_user` and `db_name`; `ssh_exec` needs `command_line`. A field an
+/// needs `statement_class`, `command`, `db_user` and `db_name`; `ssh_exec` needs `command_line`. A field an
 /// action does not use is ignored; a field it needs but is `None` makes the request
 /// unevaluable, and so denied.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -134,6 +137,9 @@ pub struct Context {
     pub source_uid: u32,
     /// One of [`STATEMENT_CLASSES`].
     pub statement_class: Option<String>,
+    /// The SQL command, upper case like PostgreSQL's command tags: `SELECT`, `DROP DATABASE`,
+    /// `TRUNCATE`, `CREATE TABLE` (`portcullis_sql::Statement::command`).
+    pub command: Option<String>,
     pub tables: Vec<String>,
     pub functions: Vec<String>,
     pub command_line: Option<String>,
@@ -175,6 +181,9 @@ impl fmt::Display for Request {
         let c = &self.context;
         if let Some(class) = &c.statement_class {
             write!(f, ", statement class `{class}`")?;
+        }
+        if let Some(command) = &c.command {
+            write!(f, ", SQL command `{command}`")?;
         }
         if !c.tables.is_empty() {
             write!(f, ", tables {}", c.tables.join(", "))?;

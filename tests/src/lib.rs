@@ -13,6 +13,7 @@
 )]
 
 pub mod oidc;
+pub mod pgbouncer;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader, Write};
@@ -322,6 +323,21 @@ impl Agent {
         extra: Option<&str>,
         env: &[(&str, &str)],
     ) -> Self {
+        let mut agent = Self::prepare(name, slot, cgroup, targets, extra, env);
+        agent.spawn();
+        agent
+    }
+
+    /// Writes the config and the allow-connect policy without starting the agent, so a
+    /// test can add files (policies, credentials) first; `spawn` starts it.
+    pub fn prepare(
+        name: &str,
+        slot: Slot,
+        cgroup: &TestCgroup,
+        targets: &[Target<'_>],
+        extra: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("portcullis.toml");
         std::fs::create_dir_all(dir.path().join("policies")).unwrap();
@@ -340,7 +356,7 @@ impl Agent {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/portcullis-e2e-{name}"));
         // A crashed earlier run must not leave enforcement behind.
         let _ = std::fs::remove_dir_all(&pin_dir);
-        let mut agent = Self {
+        Self {
             child: None,
             socket: dir.path().join("control.sock"),
             dir,
@@ -351,9 +367,7 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
                 .collect(),
-        };
-        agent.spawn();
-        agent
+        }
     }
 
     /// Starts (or restarts) the agent process and waits until it answers `status`.
@@ -621,4 +635,65 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Like `e2e_enabled`, for suites that need no agent: `problem` names the first missing
+/// prerequisite. Under `PORTCULLIS_E2E` or `CI` a missing one fails the test; elsewhere the
+/// test is skipped with a message.
+pub fn prerequisites_met(problem: Option<String>) -> bool {
+    let required = std::env::var_os("PORTCULLIS_E2E").is_some() || std::env::var_os("CI").is_some();
+    match problem {
+        None => true,
+        Some(p) if required => panic!("test prerequisites missing: {p}"),
+        Some(p) => {
+            eprintln!("skipping test: {p} (set PORTCULLIS_E2E=required to make this an error)");
+            false
+        }
+    }
+}
+
+/// Makes `cmd` join `cgroup` (so its connects meet the programs attached there) and then
+/// become `uid` (gid `uid`, no supplementary groups), in that order: an unprivileged uid
+/// could not move itself into the cgroup. `Command::uid` would switch before `pre_exec` runs.
+pub fn exec_in_cgroup_as(cmd: &mut Command, cgroup: Option<&Path>, uid: Option<u32>) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let procs = cgroup
+        .map(|cg| std::ffi::CString::new(cg.join("cgroup.procs").as_os_str().as_bytes()).unwrap());
+    if procs.is_none() && uid.is_none() {
+        return;
+    }
+    if uid.is_some() {
+        // Root's HOME would make libpq fail on ~/.postgresql (permission denied); the
+        // caller can still set another one.
+        cmd.env("HOME", "/nonexistent");
+    }
+    // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
+    // (open, write, close, setgroups, setgid, setuid) on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
+            }
+            if let Some(uid) = uid {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }

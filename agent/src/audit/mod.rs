@@ -58,6 +58,12 @@ pub enum EventKind {
     /// The backlog is under the bound again.
     #[serde(rename = "audit.spool_drained")]
     AuditSpoolDrained,
+    /// A database statement ran (or failed in the server); one per statement.
+    #[serde(rename = "statement.executed")]
+    StatementExecuted,
+    /// A database statement was refused before it reached the server.
+    #[serde(rename = "statement.denied")]
+    StatementDenied,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -96,6 +102,50 @@ pub struct AuditEvent {
     pub decision: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub policy_ids: Vec<String>,
+    /// The database role the session acts as upstream (PostgreSQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_name: Option<String>,
+    /// Statement events only; flattened so every field stays top-level.
+    #[serde(flatten)]
+    pub statement: Option<Box<StatementFields>>,
+}
+
+/// What a statement event says about the statement itself.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatementFields {
+    /// The statement's text as the client sent it (one statement of a multi-statement string).
+    pub statement: String,
+    /// Bound parameters in text form, masked per the session's profile; binary values are
+    /// shown as `\\x` hex.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parameters: Vec<Option<String>>,
+    /// read, write, ddl, dcl, transaction, utility, admin, call or do; absent when the
+    /// statement did not parse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statement_class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<String>,
+    /// Rows returned or affected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    /// The server's CommandComplete tag (`INSERT 0 3`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_tag: Option<String>,
+    /// The SQLSTATE of the error that ended the statement (ours for a denial: 42501).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqlstate: Option<String>,
+    /// Microseconds from forwarding the statement to its completion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
+    /// The masking profile applied to the results, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masking_profile: Option<String>,
 }
 
 impl AuditEvent {
@@ -118,6 +168,9 @@ impl AuditEvent {
             reason: None,
             decision: None,
             policy_ids: Vec::new(),
+            db_user: None,
+            db_name: None,
+            statement: None,
         }
     }
 

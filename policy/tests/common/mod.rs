@@ -78,12 +78,39 @@ pub fn request(principal: Principal, action: Action, target: Target) -> Request 
     }
 }
 
+/// A query of `class` with a typical command of that class (`SELECT` for `read`).
 pub fn query(principal: Principal, target: Target, class: &str) -> Request {
+    let command = match class {
+        "read" => "SELECT",
+        "write" => "INSERT",
+        "ddl" => "CREATE TABLE",
+        "dcl" => "GRANT",
+        "transaction" => "BEGIN",
+        "utility" => "SET",
+        "admin" => "VACUUM",
+        "call" => "CALL",
+        "do" => "DO",
+        _ => "UNKNOWN",
+    };
+    sql(principal, target, class, command)
+}
+
+/// A query of `class` running `command` (`"DROP DATABASE"`, `"TRUNCATE"`).
+pub fn sql(principal: Principal, target: Target, class: &str, command: &str) -> Request {
     let mut request = request(principal, Action::Query, target);
     request.context.statement_class = Some(class.to_owned());
+    request.context.command = Some(command.to_owned());
     request.context.db_user = Some("app".to_owned());
     request.context.db_name = Some("app".to_owned());
     request
+}
+
+pub fn drop_database(principal: Principal, target: Target) -> Request {
+    sql(principal, target, "ddl", "DROP DATABASE")
+}
+
+pub fn truncate(principal: Principal, target: Target) -> Request {
+    sql(principal, target, "ddl", "TRUNCATE")
 }
 
 pub fn exec(principal: Principal, target: Target, command: &str) -> Request {

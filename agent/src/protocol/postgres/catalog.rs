@@ -1,0 +1,154 @@
+//! Names of table columns for masking rules by `table_column`: a RowDescription carries each
+//! result column's table OID and attribute number, not its table's name; the catalog has it.
+//! Lookups go over a separate connection as the session's own role (so it learns nothing the
+//! session could not read) and are cached per target, database and table for a minute, so a
+//! renamed column is picked up soon after.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::PostgresTargetConfig;
+use crate::identity::Secret;
+
+const TTL: Duration = Duration::from_secs(60);
+/// Enough for every table a busy session touches; beyond it the cache starts over.
+const MAX_TABLES: usize = 65_536;
+
+/// One table's columns: attribute number → `schema.table.column`.
+pub struct TableColumns {
+    columns: HashMap<i16, String>,
+    fetched: Instant,
+}
+
+type Key = (u32, String, u32);
+
+#[derive(Default)]
+pub struct Catalog {
+    tables: Mutex<HashMap<Key, Arc<TableColumns>>>,
+}
+
+impl Catalog {
+    /// `schema.table.column` for a result column, if the table is cached and fresh.
+    pub fn qualified(
+        &self,
+        target_id: u32,
+        db: &str,
+        table_oid: u32,
+        attnum: i16,
+    ) -> Option<String> {
+        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let t = tables.get(&(target_id, db.to_string(), table_oid))?;
+        if t.fetched.elapsed() > TTL {
+            return None;
+        }
+        t.columns.get(&attnum).cloned()
+    }
+
+    pub fn is_fresh(&self, target_id: u32, db: &str, table_oid: u32) -> bool {
+        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        tables
+            .get(&(target_id, db.to_string(), table_oid))
+            .is_some_and(|t| t.fetched.elapsed() <= TTL)
+    }
+
+    /// Reads the columns of `oids` from the server and caches them.
+    #[allow(clippy::too_many_arguments, reason = "one connection's parameters")]
+    pub async fn fetch(
+        &self,
+        socket: tokio::net::TcpStream,
+        addr: SocketAddr,
+        target_id: u32,
+        target: &PostgresTargetConfig,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        db: &str,
+        role: &str,
+        password: &Secret,
+        oids: &[u32],
+    ) -> Result<(), String> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(role)
+            .dbname(db)
+            .password(password.expose())
+            .application_name("portcullis-catalog")
+            .connect_timeout(Duration::from_secs(10));
+        let query = "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname \
+                     FROM pg_catalog.pg_class c \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+                     WHERE c.oid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped";
+        let oids: Vec<tokio_postgres::types::Oid> = oids.to_vec();
+        let rows = match tls {
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let host = target
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| addr.ip().to_string());
+                let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                let connect =
+                    tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+                        &mut make, &host,
+                    )
+                    .map_err(|e| format!("server name `{host}`: {e}"))?;
+                let (client, connection) = config
+                    .connect_raw(socket, connect)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let task = tokio::spawn(connection);
+                let rows = client
+                    .query(query, &[&oids])
+                    .await
+                    .map_err(|e| e.to_string());
+                drop(client);
+                let _ = task.await;
+                rows?
+            }
+            None => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                let (client, connection) = config
+                    .connect_raw(socket, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let task = tokio::spawn(connection);
+                let rows = client
+                    .query(query, &[&oids])
+                    .await
+                    .map_err(|e| e.to_string());
+                drop(client);
+                let _ = task.await;
+                rows?
+            }
+        };
+        let mut found: HashMap<u32, HashMap<i16, String>> =
+            oids.iter().map(|o| (*o, HashMap::new())).collect();
+        for row in rows {
+            let oid: u32 = row.try_get(0).map_err(|e| e.to_string())?;
+            let schema: String = row.try_get(1).map_err(|e| e.to_string())?;
+            let table: String = row.try_get(2).map_err(|e| e.to_string())?;
+            let attnum: i16 = row.try_get(3).map_err(|e| e.to_string())?;
+            let column: String = row.try_get(4).map_err(|e| e.to_string())?;
+            found
+                .entry(oid)
+                .or_default()
+                .insert(attnum, format!("{schema}.{table}.{column}"));
+        }
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if tables.len() > MAX_TABLES {
+            tables.clear();
+        }
+        let now = Instant::now();
+        for (oid, columns) in found {
+            tables.insert(
+                (target_id, db.to_string(), oid),
+                Arc::new(TableColumns {
+                    columns,
+                    fetched: now,
+                }),
+            );
+        }
+        Ok(())
+    }
+}

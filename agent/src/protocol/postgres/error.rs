@@ -1,0 +1,157 @@
+//! The one place where a PostgreSQL session's failures become the client's wire errors.
+//! Messages say what happened and what to do; they never carry a credential.
+
+use portcullis_pgwire::ErrorFields;
+
+use super::upstream::UpstreamError;
+
+/// SQLSTATEs the agent itself reports (PostgreSQL docs, appendix "PostgreSQL Error Codes").
+pub mod sqlstate {
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const SYSTEM_ERROR: &str = "58000";
+}
+
+/// Why the agent refuses a session or a statement.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("{0}")]
+    NoIdentity(String),
+    #[error("connection denied by policy: {reason}")]
+    ConnectDenied {
+        reason: String,
+        policy_ids: Vec<String>,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("{0}")]
+    Capacity(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A statement the policy refused; the session continues.
+    #[error("statement denied by policy: {reason}")]
+    StatementDenied {
+        reason: String,
+        policy_ids: Vec<String>,
+    },
+    /// A statement that does not parse is never forwarded.
+    #[error("statement refused: it does not parse: {0}")]
+    Unparsable(String),
+    /// A value a masking profile selects could not be masked; the session ends.
+    #[error("{0}")]
+    Unmaskable(String),
+}
+
+impl PgError {
+    /// Whether the session ends with this error (FATAL) or only the statement fails (ERROR).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(
+            self,
+            PgError::StatementDenied { .. } | PgError::Unparsable(_)
+        )
+    }
+
+    pub fn sqlstate(&self) -> &'static str {
+        use sqlstate::*;
+        match self {
+            PgError::NoIdentity(_) => INVALID_AUTHORIZATION,
+            PgError::ConnectDenied { .. }
+            | PgError::StatementDenied { .. }
+            | PgError::Refused(_)
+            | PgError::Unmaskable(_) => INSUFFICIENT_PRIVILEGE,
+            PgError::Upstream(UpstreamError::NoCredential { .. })
+            | PgError::Upstream(UpstreamError::Credentials { .. }) => INVALID_AUTHORIZATION,
+            PgError::Upstream(_) => CONNECTION_FAILURE,
+            PgError::Capacity(_) => TOO_MANY_CONNECTIONS,
+            PgError::Internal(_) => SYSTEM_ERROR,
+            PgError::Protocol(_) => PROTOCOL_VIOLATION,
+            PgError::Unparsable(_) => SYNTAX_ERROR,
+        }
+    }
+
+    /// The ErrorResponse the client sees.
+    pub fn to_fields(&self) -> ErrorFields {
+        let severity = if self.is_fatal() { "FATAL" } else { "ERROR" };
+        match self {
+            // The server's own answer (unknown database, too many clients) is the most useful
+            // thing to show, except for a rejected credential, which is the operator's to fix.
+            PgError::Upstream(UpstreamError::Refused(fields))
+                if !matches!(fields.sqlstate(), Some("28P01" | "28000")) =>
+            {
+                let mut f = fields.clone();
+                f.set(b'S', "FATAL".into());
+                f.set(b'V', "FATAL".into());
+                f
+            }
+            PgError::Upstream(UpstreamError::Refused(_)) => ErrorFields::new(
+                severity,
+                sqlstate::INVALID_AUTHORIZATION,
+                "Portcullis: the server rejected the agent's credential for this role",
+            )
+            .with_hint("Ask an administrator to update the target's credentials file."),
+            PgError::NoIdentity(reason) => {
+                ErrorFields::new(severity, self.sqlstate(), format!("Portcullis: {reason}"))
+                    .with_hint("Run `portcullis login`, then connect again.")
+            }
+            PgError::ConnectDenied { policy_ids, .. }
+            | PgError::StatementDenied { policy_ids, .. } => {
+                let mut f =
+                    ErrorFields::new(severity, self.sqlstate(), format!("Portcullis: {self}"));
+                if !policy_ids.is_empty() {
+                    f = f.with_detail(format!("Policy: {}", policy_ids.join(", ")));
+                }
+                f.with_hint("`portcullis policy explain` shows which rule decided and why.")
+            }
+            _ => ErrorFields::new(severity, self.sqlstate(), format!("Portcullis: {self}")),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denials_are_errors_with_42501_and_name_the_policy() {
+        let e = PgError::StatementDenied {
+            reason: "forbid no-drop".into(),
+            policy_ids: vec!["no-drop".into()],
+        };
+        let f = e.to_fields();
+        assert_eq!(f.severity(), Some("ERROR"));
+        assert_eq!(f.sqlstate(), Some("42501"));
+        assert_eq!(f.detail(), Some("Policy: no-drop"));
+        assert!(!e.is_fatal());
+    }
+
+    #[test]
+    fn no_identity_is_fatal_28000_and_says_what_to_do() {
+        let f = PgError::NoIdentity("no login for uid 1000".into()).to_fields();
+        assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("28000")));
+        assert!(f.get(b'H').unwrap().contains("portcullis login"));
+    }
+
+    #[test]
+    fn a_rejected_credential_is_not_the_servers_message() {
+        let server = ErrorFields::new(
+            "FATAL",
+            "28P01",
+            "password authentication failed for user \"app\"",
+        );
+        let f = PgError::Upstream(UpstreamError::Refused(server)).to_fields();
+        assert_eq!(f.sqlstate(), Some("28000"));
+        assert!(!f.message().unwrap().contains("password authentication"));
+        let server = ErrorFields::new("FATAL", "3D000", "database \"nope\" does not exist");
+        let f = PgError::Upstream(UpstreamError::Refused(server)).to_fields();
+        assert_eq!(f.sqlstate(), Some("3D000"));
+    }
+}

@@ -1,0 +1,151 @@
+//! PostgreSQL: the agent terminates the unchanged client's protocol (TLS from the local CA,
+//! no password asked: the identity comes from the kernel and the OIDC session), opens its own
+//! session to the server with the target's credential, and then relays messages, deciding
+//! every statement with the policy engine, masking result values and recording each
+//! statement as an audit event.
+//!
+//! Protocol: PostgreSQL docs, chapter "Frontend/Backend Protocol" (55 in PostgreSQL 17).
+//! The codec is `portcullis-pgwire` (sans-IO); this module is the async glue and the session
+//! rules. Every refusal reaches the client as an ErrorResponse built in [`error`], the one
+//! place that turns a failure into a wire error.
+
+mod cancel;
+mod catalog;
+mod error;
+mod session;
+mod startup;
+mod stream;
+mod upstream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use portcullis_policy::{Masker, PolicySet};
+
+use crate::ca::LocalCa;
+use crate::config::{Config, ProtectedTarget, Protocol};
+use crate::identity::Identity;
+use crate::proxy::{Incoming, Proxy};
+
+pub use cancel::CancelMap;
+
+/// State every PostgreSQL session of this agent shares.
+pub struct Shared {
+    pub ca: LocalCa,
+    pub classifier: portcullis_sql::Classifier,
+    pub cancels: CancelMap,
+    pub catalog: catalog::Catalog,
+    /// Upstream TLS per target id (`None`: plaintext, by explicit configuration).
+    tls: HashMap<u32, Option<Arc<rustls::ClientConfig>>>,
+    /// The key of keyed-hash masks; stable across restarts so hashed values stay joinable.
+    mask_key: Vec<u8>,
+    maskers: Mutex<MaskerCache>,
+}
+
+#[derive(Default)]
+struct MaskerCache {
+    set: Weak<PolicySet>,
+    by_profile: HashMap<String, Arc<Masker>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Shared {
+    /// Built at start when any target speaks PostgreSQL; errors stop the agent before it
+    /// attaches anything.
+    pub fn new(config: &Config, targets: &[ProtectedTarget]) -> Result<Option<Self>, SetupError> {
+        if !targets.iter().any(|t| t.protocol == Protocol::Postgres) {
+            return Ok(None);
+        }
+        let ca = LocalCa::open_or_create(&config.state_dir.join("ca"))?;
+        let mut tls = HashMap::new();
+        for t in targets {
+            if let Some(pg) = &t.postgres {
+                let setting = format!("target `{}` postgres.ca_file", t.name);
+                let config = upstream::tls_config(pg, &setting)
+                    .map_err(|e| SetupError::Other(format!("target `{}`: {e}", t.name)))?;
+                tls.insert(t.id, config);
+            }
+        }
+        let mask_key = read_or_create_secret(&config.state_dir.join("masking.key"))
+            .map_err(|e| SetupError::Other(format!("masking key: {e}")))?;
+        Ok(Some(Self {
+            ca,
+            classifier: portcullis_sql::Classifier::new(16_384),
+            cancels: CancelMap::default(),
+            catalog: catalog::Catalog::default(),
+            tls,
+            mask_key,
+            maskers: Mutex::new(MaskerCache::default()),
+        }))
+    }
+
+    fn upstream_tls(&self, target_id: u32) -> Option<&Arc<rustls::ClientConfig>> {
+        self.tls.get(&target_id).and_then(Option::as_ref)
+    }
+
+    /// The compiled masker of a profile in the policy set that made the decision.
+    fn masker(&self, set: &Arc<PolicySet>, profile: &str) -> Option<Arc<Masker>> {
+        let mut cache = self.maskers.lock().unwrap_or_else(|p| p.into_inner());
+        if !std::ptr::eq(cache.set.as_ptr(), Arc::as_ptr(set)) {
+            cache.set = Arc::downgrade(set);
+            cache.by_profile.clear();
+        }
+        if let Some(m) = cache.by_profile.get(profile) {
+            return Some(Arc::clone(m));
+        }
+        let masker = Arc::new(Masker::new(set.masking_profile(profile)?, &self.mask_key));
+        cache
+            .by_profile
+            .insert(profile.to_string(), Arc::clone(&masker));
+        Some(masker)
+    }
+}
+
+/// Serves one redirected PostgreSQL connection to its end.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    incoming: Incoming,
+    client: tokio::net::TcpStream,
+    identity: Result<Identity, String>,
+) {
+    let Some(shared) = proxy.postgres() else {
+        tracing::error!("a PostgreSQL target without PostgreSQL state; refusing");
+        return;
+    };
+    startup::run(&proxy, shared, incoming, client, identity).await;
+}
+
+/// Reads a 32-byte secret, creating it (root, 0600, exclusively) on first use.
+fn read_or_create_secret(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(key) if key.len() >= 32 => return Ok(key),
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} is shorter than 32 bytes",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut key = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| std::io::Error::other("no randomness"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    Ok(key)
+}

@@ -1,0 +1,1492 @@
+//! One PostgreSQL session after start-up: relays messages both ways, classifies and decides
+//! every statement before the server sees it, masks result values, and records one audit
+//! event per statement.
+//!
+//! The session keeps a queue of the replies it still expects from the server (one entry per
+//! Parse, Bind, Describe, Execute, Close, Sync, Query), so each reply is matched to the
+//! statement it belongs to, also when the client pipelines.
+//!
+//! A denied statement is never sent. In its place the agent sends the server a message that
+//! fails at the same position (a Query or Parse of an invalid statement, a Bind of a statement
+//! that does not exist), then replaces the server's error with its own 42501. The server thus
+//! does what it would do for any error, in every protocol state: it skips to the next Sync,
+//! and inside a transaction block it fails the transaction. Client and server agree on the
+//! transaction state without the agent having to imitate it.
+//!
+//! Protocol: PostgreSQL docs, "Message Flow" → "Simple Query", "Extended Query",
+//! "Pipelining", "COPY Operations", "Function Call", "Asynchronous Operations".
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use portcullis_pgwire::{
+    decode_frame, encode_data_row, encode_error_response, encode_frontend, parse_backend,
+    parse_frontend, BackendMessage, ErrorFields, FieldDescription, FrontendMessage, RawMessage,
+    TransactionStatus,
+};
+use portcullis_policy::{Action, ColumnPlan, Effect, Masker, Obligation, PolicySet, Request};
+use tokio::io::AsyncWriteExt;
+
+use super::error::{sqlstate, PgError};
+use super::stream::{fill, Stream};
+use super::upstream::Upstream;
+use super::Shared;
+use crate::audit::{AuditEvent, EventKind, StatementFields};
+use crate::config::ProtectedTarget;
+use crate::identity::Identity;
+use crate::proxy::{Connection, Proxy};
+
+/// The injected statement text that fails in the server's parser; the name says why.
+const DENIED_MARKER: &str = "PORTCULLIS_DENIED_STATEMENT";
+
+/// What the policy said about one statement, kept with prepared statements so Bind can
+/// re-check it.
+#[derive(Clone)]
+struct Verdict {
+    policy_ids: Vec<String>,
+    masker: Option<(String, Arc<Masker>)>,
+}
+
+/// One statement as the audit trail sees it.
+#[derive(Clone)]
+struct StatementInfo {
+    text: String,
+    class: Option<String>,
+    command: Option<String>,
+    tables: Vec<String>,
+    functions: Vec<String>,
+}
+
+impl StatementInfo {
+    fn from_parsed(s: &portcullis_sql::Statement) -> Self {
+        Self {
+            text: s.text.clone(),
+            class: Some(s.class.as_str().to_string()),
+            command: Some(s.command.clone()),
+            tables: s.tables.clone(),
+            functions: s.functions.clone(),
+        }
+    }
+}
+
+/// A statement the client prepared with Parse.
+struct Prepared {
+    sql: String,
+    statements: Vec<StatementInfo>,
+    verdict: Verdict,
+}
+
+struct Portal {
+    prepared: Arc<Prepared>,
+    parameters: Vec<Option<String>>,
+}
+
+/// A statement the server is executing, until its completion.
+struct Running {
+    info: StatementInfo,
+    parameters: Vec<Option<String>>,
+    verdict: Verdict,
+    /// How each result column is masked; `None` until a RowDescription (or our own
+    /// Describe) says what the columns are.
+    plan: Option<RowPlan>,
+    started: Instant,
+}
+
+struct RowPlan {
+    columns: Vec<(ColumnPlan, i16, u32)>,
+    masks_anything: bool,
+}
+
+struct SimpleQuery {
+    statements: VecDeque<Running>,
+    failed: bool,
+}
+
+/// A reply the session still expects from the server.
+enum Expect {
+    ParseComplete,
+    BindComplete,
+    CloseComplete,
+    /// The client's own Describe: its answer goes to the client.
+    Describe,
+    /// The agent's Describe of a portal about to run with masking: answer kept, not sent.
+    InternalDescribe,
+    Execute(Box<Running>),
+    /// ReadyForQuery after Sync, or after a denied simple Query / FunctionCall.
+    Sync,
+    Query(Box<SimpleQuery>),
+    FunctionCall,
+    /// The failing message sent in place of a denied one; its error is replaced by this.
+    Denied(Box<PgError>),
+}
+
+pub struct Session<'a> {
+    proxy: &'a Proxy,
+    shared: &'a Shared,
+    conn: &'a Connection,
+    identity: &'a Identity,
+    target: &'a ProtectedTarget,
+    db_user: String,
+    db_name: String,
+    max_len: usize,
+    expect: VecDeque<Expect>,
+    prepared: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Portal>,
+    /// After a denial in the extended protocol, client messages up to Sync are dropped, as
+    /// the server drops them after an error.
+    skip_to_sync: bool,
+    copy_out: bool,
+    /// The last profile any statement of this session was masked with; it also masks
+    /// notifications, which belong to no statement.
+    session_masker: Option<Arc<Masker>>,
+    txn: TransactionStatus,
+}
+
+enum Flow {
+    Continue,
+    End(String),
+}
+
+impl<'a> Session<'a> {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the session's fixed context, passed once"
+    )]
+    pub fn new(
+        proxy: &'a Proxy,
+        shared: &'a Shared,
+        conn: &'a Connection,
+        identity: &'a Identity,
+        target: &'a ProtectedTarget,
+        db_user: &str,
+        db_name: &str,
+        max_len: usize,
+    ) -> Self {
+        Self {
+            proxy,
+            shared,
+            conn,
+            identity,
+            target,
+            db_user: db_user.to_string(),
+            db_name: db_name.to_string(),
+            max_len,
+            expect: VecDeque::new(),
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            skip_to_sync: false,
+            copy_out: false,
+            session_masker: None,
+            txn: TransactionStatus::Idle,
+        }
+    }
+
+    /// Relays until either side ends; returns why, for `connection.closed`.
+    pub async fn run(
+        mut self,
+        mut client: Stream,
+        mut cbuf: BytesMut,
+        upstream: Upstream,
+    ) -> String {
+        let Upstream {
+            stream: mut server,
+            buf: mut sbuf,
+            ..
+        } = upstream;
+        let idle = Duration::from_secs(self.proxy.config().proxy.idle_timeout_secs.max(1));
+        let cancel = self.conn.cancel.clone();
+        let mut to_server = BytesMut::new();
+        let mut to_client = BytesMut::new();
+        // Bytes that arrived with the start-up packet belong to the session.
+        if !cbuf.is_empty() {
+            if let Flow::End(why) = self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client)
+            {
+                return self.finish(&mut client, &to_client, why).await;
+            }
+        }
+        loop {
+            if !to_server.is_empty() {
+                if let Err(e) = server.write_all(&to_server).await {
+                    return format!("server write failed: {e}");
+                }
+                self.count_up(to_server.len());
+                to_server.clear();
+            }
+            if !to_client.is_empty() {
+                if let Err(e) = client.write_all(&to_client).await {
+                    return format!("client write failed: {e}");
+                }
+                self.count_down(to_client.len());
+                to_client.clear();
+            }
+            let flow = tokio::select! {
+                () = cancel.cancelled() => {
+                    let mut out = BytesMut::new();
+                    encode_error_response(
+                        &ErrorFields::new("FATAL", "57P01", "Portcullis: the session was closed by the agent (logout, session end or shutdown)"),
+                        &mut out,
+                    );
+                    let _ = client.write_all(&out).await;
+                    Flow::End("closed by the agent".into())
+                }
+                r = tokio::time::timeout(idle, fill(&mut client, &mut cbuf)) => match r {
+                    Err(_) => Flow::End("idle timeout".into()),
+                    Ok(Err(e)) => Flow::End(format!("client read failed: {e}")),
+                    Ok(Ok(0)) => Flow::End("client closed the connection".into()),
+                    Ok(Ok(_)) => self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client),
+                },
+                r = fill(&mut server, &mut sbuf) => match r {
+                    Err(e) => Flow::End(format!("server read failed: {e}")),
+                    Ok(0) => Flow::End("the server closed the connection".into()),
+                    Ok(_) => match self.resolve_table_columns(&sbuf).await {
+                        Ok(()) => self.on_server_bytes(&mut sbuf, &mut to_client),
+                        Err(e) => self.fatal(e, &mut to_client),
+                    },
+                },
+            };
+            if let Flow::End(why) = flow {
+                if !to_server.is_empty() {
+                    let _ = server.write_all(&to_server).await;
+                }
+                let _ = server.shutdown().await;
+                return self.finish(&mut client, &to_client, why).await;
+            }
+        }
+    }
+
+    async fn finish(&mut self, client: &mut Stream, pending: &[u8], why: String) -> String {
+        if !pending.is_empty() {
+            let _ = client.write_all(pending).await;
+        }
+        let _ = client.shutdown().await;
+        self.abandon_running(&why);
+        why
+    }
+
+    fn count_up(&self, n: usize) {
+        self.conn
+            .bytes
+            .client_to_upstream
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn count_down(&self, n: usize) {
+        self.conn
+            .bytes
+            .upstream_to_client
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Ends the session with a fatal error to the client (and an audit trail through the
+    /// connection's closing reason).
+    fn fatal(&mut self, e: PgError, to_client: &mut BytesMut) -> Flow {
+        encode_error_response(&e.to_fields(), to_client);
+        tracing::warn!(error = %e, "PostgreSQL session ended");
+        Flow::End(e.to_string())
+    }
+
+    // ----- client → server -------------------------------------------------------------
+
+    fn on_client_bytes(
+        &mut self,
+        buf: &mut BytesMut,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Flow {
+        loop {
+            let msg = match decode_frame(buf, self.max_len) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Flow::Continue,
+                Err(e) => {
+                    return self.fatal(
+                        PgError::Protocol(format!("from the client: {e}")),
+                        to_client,
+                    )
+                }
+            };
+            if let Flow::End(why) = self.on_client_message(msg, to_server, to_client) {
+                return Flow::End(why);
+            }
+        }
+    }
+
+    fn on_client_message(
+        &mut self,
+        msg: RawMessage,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Flow {
+        // COPY data is the bulk of a COPY FROM: forwarded without parsing.
+        if matches!(msg.tag, b'd' | b'c' | b'f') {
+            to_server.extend_from_slice(&msg.frame);
+            return Flow::Continue;
+        }
+        let parsed = match parse_frontend(&msg) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.fatal(
+                    PgError::Protocol(format!("from the client: {e}")),
+                    to_client,
+                )
+            }
+        };
+        if self.skip_to_sync
+            && !matches!(parsed, FrontendMessage::Sync | FrontendMessage::Terminate)
+        {
+            return Flow::Continue;
+        }
+        match parsed {
+            FrontendMessage::Query { sql } => {
+                self.on_query(&msg, &sql, to_server);
+            }
+            FrontendMessage::Parse { statement, sql, .. } => {
+                self.on_parse(&msg, statement, sql, to_server);
+            }
+            FrontendMessage::Bind {
+                portal,
+                statement,
+                param_formats,
+                params,
+                ..
+            } => self.on_bind(&msg, portal, &statement, &param_formats, &params, to_server),
+            FrontendMessage::Describe { .. } => {
+                self.expect.push_back(Expect::Describe);
+                to_server.extend_from_slice(&msg.frame);
+            }
+            FrontendMessage::Execute { portal, .. } => self.on_execute(&msg, &portal, to_server),
+            FrontendMessage::Close { target, name } => {
+                match target {
+                    portcullis_pgwire::DescribeTarget::Statement => {
+                        self.prepared.remove(&name);
+                    }
+                    portcullis_pgwire::DescribeTarget::Portal => {
+                        self.portals.remove(&name);
+                    }
+                }
+                self.expect.push_back(Expect::CloseComplete);
+                to_server.extend_from_slice(&msg.frame);
+            }
+            FrontendMessage::Sync => {
+                self.skip_to_sync = false;
+                // Unnamed portals do not outlive a transaction; named ones are closed by
+                // the client or by the transaction's end, which the server tracks.
+                self.expect.push_back(Expect::Sync);
+                to_server.extend_from_slice(&msg.frame);
+            }
+            FrontendMessage::Flush => to_server.extend_from_slice(&msg.frame),
+            FrontendMessage::FunctionCall { function_oid, .. } => {
+                self.on_function_call(&msg, function_oid, to_server);
+            }
+            FrontendMessage::Terminate => {
+                to_server.extend_from_slice(&msg.frame);
+                return Flow::End("the client ended the session".into());
+            }
+            FrontendMessage::CopyData(_)
+            | FrontendMessage::CopyDone
+            | FrontendMessage::CopyFail { .. } => {
+                to_server.extend_from_slice(&msg.frame);
+            }
+            FrontendMessage::PasswordLike(_) => {
+                return self.fatal(
+                    PgError::Protocol("a password message after authentication".into()),
+                    to_client,
+                )
+            }
+        }
+        Flow::Continue
+    }
+
+    fn on_query(&mut self, msg: &RawMessage, sql: &str, to_server: &mut BytesMut) {
+        let parsed = match self.shared.classifier.classify(sql) {
+            Ok(p) => p,
+            Err(e) => {
+                let info = unparsed(sql);
+                self.record_denied(&info, &[], "error", &[], &e.to_string());
+                self.inject_denied_query(PgError::Unparsable(e.to_string()), to_server);
+                return;
+            }
+        };
+        let set = self.proxy.policies().current();
+        let mut running = VecDeque::with_capacity(parsed.len());
+        for statement in parsed.iter() {
+            let info = StatementInfo::from_parsed(statement);
+            match self.decide(&set, &info) {
+                Ok(verdict) => running.push_back(Running {
+                    info,
+                    parameters: Vec::new(),
+                    verdict,
+                    plan: None,
+                    started: Instant::now(),
+                }),
+                Err((e, decision, ids)) => {
+                    // One denied statement refuses the whole string: PostgreSQL runs it as
+                    // one implicit transaction, so nothing of it may run.
+                    self.record_denied(&info, &[], decision, &ids, &e.to_string());
+                    for other in parsed.iter().filter(|o| !std::ptr::eq(*o, statement)) {
+                        self.record_denied(
+                            &StatementInfo::from_parsed(other),
+                            &[],
+                            "not_run",
+                            &[],
+                            "another statement of the same query string was denied",
+                        );
+                    }
+                    self.inject_denied_query(e, to_server);
+                    return;
+                }
+            }
+        }
+        self.expect.push_back(Expect::Query(Box::new(SimpleQuery {
+            statements: running,
+            failed: false,
+        })));
+        to_server.extend_from_slice(&msg.frame);
+    }
+
+    fn inject_denied_query(&mut self, e: PgError, to_server: &mut BytesMut) {
+        encode_frontend(
+            &FrontendMessage::Query {
+                sql: DENIED_MARKER.to_string(),
+            },
+            to_server,
+        );
+        self.expect.push_back(Expect::Denied(Box::new(e)));
+        self.expect.push_back(Expect::Sync);
+    }
+
+    fn on_parse(&mut self, msg: &RawMessage, name: String, sql: String, to_server: &mut BytesMut) {
+        let parsed = match self.shared.classifier.classify(&sql) {
+            Ok(p) => p,
+            Err(e) => {
+                self.record_denied(&unparsed(&sql), &[], "error", &[], &e.to_string());
+                self.inject_denied_parse(&name, PgError::Unparsable(e.to_string()), to_server);
+                return;
+            }
+        };
+        let set = self.proxy.policies().current();
+        let statements: Vec<StatementInfo> =
+            parsed.iter().map(StatementInfo::from_parsed).collect();
+        let mut verdict = Verdict {
+            policy_ids: Vec::new(),
+            masker: None,
+        };
+        for info in &statements {
+            match self.decide(&set, info) {
+                Ok(v) => {
+                    verdict.policy_ids.extend(v.policy_ids);
+                    if v.masker.is_some() {
+                        verdict.masker = v.masker;
+                    }
+                }
+                Err((e, decision, ids)) => {
+                    self.record_denied(info, &[], decision, &ids, &e.to_string());
+                    self.inject_denied_parse(&name, e, to_server);
+                    return;
+                }
+            }
+        }
+        verdict.policy_ids.sort();
+        verdict.policy_ids.dedup();
+        self.prepared.insert(
+            name,
+            Arc::new(Prepared {
+                sql,
+                statements,
+                verdict,
+            }),
+        );
+        self.expect.push_back(Expect::ParseComplete);
+        to_server.extend_from_slice(&msg.frame);
+    }
+
+    fn inject_denied_parse(&mut self, name: &str, e: PgError, to_server: &mut BytesMut) {
+        // The client's statement name is reused so that it stays undefined on the server,
+        // exactly as after a real failed Parse.
+        self.prepared.remove(name);
+        encode_frontend(
+            &FrontendMessage::Parse {
+                statement: name.to_string(),
+                sql: DENIED_MARKER.to_string(),
+                param_types: Vec::new(),
+            },
+            to_server,
+        );
+        self.expect.push_back(Expect::Denied(Box::new(e)));
+        self.skip_to_sync = true;
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "the fields of one Bind message")]
+    fn on_bind(
+        &mut self,
+        msg: &RawMessage,
+        portal: String,
+        statement: &str,
+        param_formats: &[i16],
+        params: &[Option<Bytes>],
+        to_server: &mut BytesMut,
+    ) {
+        let Some(prepared) = self.prepared.get(statement).cloned() else {
+            // Unknown to the agent, so unknown to the server too: it answers with its own
+            // error, and nothing runs.
+            self.expect.push_back(Expect::BindComplete);
+            to_server.extend_from_slice(&msg.frame);
+            return;
+        };
+        // Policies may have changed since Parse (a reload, the hour): decide again.
+        let set = self.proxy.policies().current();
+        let mut verdict = prepared.verdict.clone();
+        for info in &prepared.statements {
+            match self.decide(&set, info) {
+                Ok(v) => {
+                    if v.masker.is_some() {
+                        verdict.masker = v.masker;
+                    }
+                }
+                Err((e, decision, ids)) => {
+                    self.record_denied(info, &[], decision, &ids, &e.to_string());
+                    encode_frontend(
+                        &FrontendMessage::Bind {
+                            portal: portal.clone(),
+                            statement: DENIED_MARKER.to_string(),
+                            param_formats: Vec::new(),
+                            params: Vec::new(),
+                            result_formats: Vec::new(),
+                        },
+                        to_server,
+                    );
+                    self.expect.push_back(Expect::Denied(Box::new(e)));
+                    self.skip_to_sync = true;
+                    return;
+                }
+            }
+        }
+        let masker = verdict.masker.as_ref().map(|(_, m)| Arc::clone(m));
+        let parameters = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.as_ref().map(|v| {
+                    let format = match param_formats {
+                        [] => 0,
+                        [one] => *one,
+                        many => many.get(i).copied().unwrap_or(0),
+                    };
+                    audit_parameter(v, format, masker.as_deref())
+                })
+            })
+            .collect();
+        let prepared = Arc::new(Prepared {
+            sql: prepared.sql.clone(),
+            statements: prepared.statements.clone(),
+            verdict,
+        });
+        self.portals.insert(
+            portal,
+            Portal {
+                prepared,
+                parameters,
+            },
+        );
+        self.expect.push_back(Expect::BindComplete);
+        to_server.extend_from_slice(&msg.frame);
+    }
+
+    fn on_execute(&mut self, msg: &RawMessage, portal: &str, to_server: &mut BytesMut) {
+        let running = match self.portals.get(portal) {
+            Some(p) => Running {
+                info: StatementInfo {
+                    text: p.prepared.sql.clone(),
+                    ..p.prepared
+                        .statements
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| unparsed(&p.prepared.sql))
+                },
+                parameters: p.parameters.clone(),
+                verdict: p.prepared.verdict.clone(),
+                plan: None,
+                started: Instant::now(),
+            },
+            // A portal the agent did not see bound does not exist on the server either.
+            None => Running {
+                info: unparsed(""),
+                parameters: Vec::new(),
+                verdict: Verdict {
+                    policy_ids: Vec::new(),
+                    masker: None,
+                },
+                plan: None,
+                started: Instant::now(),
+            },
+        };
+        if running.verdict.masker.is_some() {
+            // The agent must know the result columns before the first row: its own
+            // Describe of the portal, answered to the agent only.
+            encode_frontend(
+                &FrontendMessage::Describe {
+                    target: portcullis_pgwire::DescribeTarget::Portal,
+                    name: portal.to_string(),
+                },
+                to_server,
+            );
+            self.expect.push_back(Expect::InternalDescribe);
+        }
+        self.expect.push_back(Expect::Execute(Box::new(running)));
+        to_server.extend_from_slice(&msg.frame);
+    }
+
+    fn on_function_call(&mut self, msg: &RawMessage, oid: u32, to_server: &mut BytesMut) {
+        // The fast-path function call runs a function by OID, bypassing SQL: decided as a
+        // `call` statement naming the function by its OID.
+        let info = StatementInfo {
+            text: format!("-- function call by OID {oid}"),
+            class: Some("call".into()),
+            command: Some("FUNCTION CALL".into()),
+            tables: Vec::new(),
+            functions: vec![format!("oid:{oid}")],
+        };
+        let set = self.proxy.policies().current();
+        match self.decide(&set, &info) {
+            Ok(_) => {
+                self.record_statement(
+                    &info,
+                    &[],
+                    None,
+                    "allow",
+                    &[],
+                    None,
+                    Some("FUNCTION CALL".into()),
+                    None,
+                    None,
+                );
+                self.expect.push_back(Expect::FunctionCall);
+                to_server.extend_from_slice(&msg.frame);
+            }
+            Err((e, decision, ids)) => {
+                self.record_denied(&info, &[], decision, &ids, &e.to_string());
+                self.inject_denied_query(e, to_server);
+            }
+        }
+    }
+
+    /// The policy decision for one statement; `Err` carries the wire error, the decision
+    /// word for the audit event and the deciding policies.
+    fn decide(
+        &self,
+        set: &Arc<PolicySet>,
+        info: &StatementInfo,
+    ) -> Result<Verdict, (PgError, &'static str, Vec<String>)> {
+        let request = self.query_request(info);
+        let decision = set.decide(&request);
+        let ids: Vec<String> = decision
+            .matched
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect();
+        match decision.effect {
+            Effect::Allow => {
+                let masker = decision.obligations.iter().find_map(|o| match o {
+                    Obligation::Mask { profile } => self
+                        .shared
+                        .masker(set, profile)
+                        .map(|m| (profile.clone(), m)),
+                });
+                Ok(Verdict {
+                    policy_ids: ids,
+                    masker,
+                })
+            }
+            Effect::Deny => Err((
+                PgError::StatementDenied {
+                    reason: decision.reason,
+                    policy_ids: ids.clone(),
+                },
+                "deny",
+                ids,
+            )),
+            Effect::RequireApproval {
+                approver_group,
+                approvals,
+            } => Err((
+                PgError::StatementDenied {
+                    reason: format!(
+                        "requires {approvals} approval(s) from `{approver_group}`, and approvals are not available yet"
+                    ),
+                    policy_ids: ids.clone(),
+                },
+                "approval",
+                ids,
+            )),
+        }
+    }
+
+    fn query_request(&self, info: &StatementInfo) -> Request {
+        let now = i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0);
+        let origin = &self.conn.origin;
+        let mut context = crate::policy::base_context(&origin.comm, origin.uid, now);
+        context.statement_class = info.class.clone();
+        context.command = info.command.clone();
+        context.tables = info.tables.clone();
+        context.functions = info.functions.clone();
+        context.db_user = Some(self.db_user.clone());
+        context.db_name = Some(self.db_name.clone());
+        Request {
+            principal: crate::policy::principal(self.identity),
+            action: Action::Query,
+            target: crate::policy::target(self.target),
+            context,
+        }
+    }
+
+    // ----- server → client -------------------------------------------------------------
+
+    /// Before rows are masked by `table_column` rules, the tables of the result columns
+    /// described in `buf` must be in the catalog cache; fetched here, outside the
+    /// synchronous message handling.
+    async fn resolve_table_columns(&self, buf: &[u8]) -> Result<(), PgError> {
+        let needed = self.expect.iter().any(|e| {
+            let masker = match e {
+                Expect::Execute(r) => r.verdict.masker.as_ref(),
+                Expect::Query(q) => q.statements.iter().find_map(|r| r.verdict.masker.as_ref()),
+                _ => None,
+            };
+            masker.is_some_and(|(_, m)| m.needs_table_columns())
+        });
+        if !needed {
+            return Ok(());
+        }
+        let mut oids: Vec<u32> = Vec::new();
+        let mut rest = buf;
+        while let (Some(&tag), Some(len)) = (rest.first(), rest.get(1..5)) {
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let Some(frame) = rest.get(..len + 1) else {
+                break;
+            };
+            if tag == b'T' {
+                let msg = RawMessage {
+                    tag,
+                    frame: Bytes::copy_from_slice(frame),
+                };
+                if let Ok(BackendMessage::RowDescription(fields)) = parse_backend(&msg) {
+                    oids.extend(fields.iter().map(|f| f.table_oid).filter(|&o| {
+                        o != 0
+                            && !self
+                                .shared
+                                .catalog
+                                .is_fresh(self.target.id, &self.db_name, o)
+                    }));
+                }
+            }
+            rest = rest.get(len + 1..).unwrap_or_default();
+        }
+        oids.sort_unstable();
+        oids.dedup();
+        if oids.is_empty() {
+            return Ok(());
+        }
+        let unresolved = |why: String| {
+            PgError::Unmaskable(format!(
+                "the masking profile selects columns by table, and the result's tables could not be looked up ({why}); the session is closed so no unmasked value leaves"
+            ))
+        };
+        let pg = self
+            .target
+            .postgres
+            .as_deref()
+            .ok_or_else(|| unresolved("no PostgreSQL settings".into()))?;
+        let password = super::upstream::credential(pg.credentials_file.get_ref(), &self.db_user)
+            .map_err(|e| unresolved(e.to_string()))?;
+        let socket = self
+            .proxy
+            .connect_upstream(self.conn.upstream)
+            .await
+            .map_err(|e| unresolved(e.to_string()))?;
+        self.shared
+            .catalog
+            .fetch(
+                socket,
+                self.conn.upstream,
+                self.target.id,
+                pg,
+                self.shared.upstream_tls(self.target.id),
+                &self.db_name,
+                &self.db_user,
+                &password,
+                &oids,
+            )
+            .await
+            .map_err(unresolved)
+    }
+
+    fn on_server_bytes(&mut self, buf: &mut BytesMut, to_client: &mut BytesMut) -> Flow {
+        loop {
+            let msg = match decode_frame(buf, self.max_len) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Flow::Continue,
+                Err(e) => {
+                    return self.fatal(
+                        PgError::Protocol(format!("from the server: {e}")),
+                        to_client,
+                    )
+                }
+            };
+            if let Flow::End(why) = self.on_server_message(msg, to_client) {
+                return Flow::End(why);
+            }
+        }
+    }
+
+    fn on_server_message(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
+        match msg.tag {
+            // Rows: the hot path. Unmasked rows are forwarded as they came.
+            b'D' => return self.on_data_row(msg, to_client),
+            b'd' if self.copy_out => return self.on_copy_out_data(msg, to_client),
+            b'd' | b'c' | b'S' => {
+                if msg.tag == b'c' {
+                    self.copy_out = false;
+                }
+                to_client.extend_from_slice(&msg.frame);
+                return Flow::Continue;
+            }
+            _ => {}
+        }
+        let parsed = match parse_backend(&msg) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.fatal(
+                    PgError::Protocol(format!("from the server: {e}")),
+                    to_client,
+                )
+            }
+        };
+        match parsed {
+            BackendMessage::ReadyForQuery { status } => {
+                self.txn = status;
+                match self.expect.pop_front() {
+                    Some(Expect::Sync | Expect::Query(_) | Expect::FunctionCall) => {}
+                    other => self.unexpected("ReadyForQuery", other),
+                }
+                to_client.extend_from_slice(&msg.frame);
+            }
+            BackendMessage::ParseComplete => {
+                self.pop_simple(Expect::ParseComplete, &msg, to_client)
+            }
+            BackendMessage::BindComplete => self.pop_simple(Expect::BindComplete, &msg, to_client),
+            BackendMessage::CloseComplete => {
+                self.pop_simple(Expect::CloseComplete, &msg, to_client)
+            }
+            BackendMessage::ParameterDescription(_) => to_client.extend_from_slice(&msg.frame),
+            BackendMessage::RowDescription(fields) => {
+                return self.on_row_description(&msg, &fields, to_client)
+            }
+            BackendMessage::NoData => match self.expect.front() {
+                Some(Expect::InternalDescribe) => {
+                    self.expect.pop_front();
+                    if let Some(Expect::Execute(r)) = self.expect.front_mut() {
+                        r.plan = Some(RowPlan {
+                            columns: Vec::new(),
+                            masks_anything: false,
+                        });
+                    }
+                }
+                _ => {
+                    if matches!(self.expect.front(), Some(Expect::Describe)) {
+                        self.expect.pop_front();
+                    }
+                    to_client.extend_from_slice(&msg.frame);
+                }
+            },
+            BackendMessage::CommandComplete { tag } => {
+                self.on_complete(Some(tag), None);
+                to_client.extend_from_slice(&msg.frame);
+            }
+            BackendMessage::EmptyQueryResponse => {
+                self.on_complete(None, None);
+                to_client.extend_from_slice(&msg.frame);
+            }
+            BackendMessage::PortalSuspended => {
+                self.on_complete(Some("(portal suspended)".into()), None);
+                to_client.extend_from_slice(&msg.frame);
+            }
+            BackendMessage::ErrorResponse(fields) => return self.on_error(fields, to_client),
+            BackendMessage::NoticeResponse(fields) => {
+                let masker = self.current_masker();
+                match masker.and_then(|m| mask_detail(&m, &fields)) {
+                    Some(masked) => portcullis_pgwire::encode_notice_response(&masked, to_client),
+                    None => to_client.extend_from_slice(&msg.frame),
+                }
+            }
+            BackendMessage::NotificationResponse {
+                process_id,
+                channel,
+                payload,
+            } => match self
+                .session_masker
+                .as_ref()
+                .and_then(|m| m.mask_text(&payload))
+            {
+                Some(masked) => portcullis_pgwire::encode_backend(
+                    &BackendMessage::NotificationResponse {
+                        process_id,
+                        channel,
+                        payload: masked,
+                    },
+                    to_client,
+                ),
+                None => to_client.extend_from_slice(&msg.frame),
+            },
+            BackendMessage::CopyOutResponse(ref r) | BackendMessage::CopyBothResponse(ref r) => {
+                if let Some(m) = self.current_masker() {
+                    if r.format != 0 {
+                        return self.fatal(
+                            PgError::Unmaskable(
+                                "binary COPY output cannot be masked; use COPY ... TO STDOUT in text or csv format".into(),
+                            ),
+                            to_client,
+                        );
+                    }
+                    if m.has_column_rules() {
+                        return self.fatal(
+                            PgError::Unmaskable(
+                                "COPY output has no column names to mask by; use SELECT, or a profile with content detectors only".into(),
+                            ),
+                            to_client,
+                        );
+                    }
+                    self.copy_out = true;
+                }
+                to_client.extend_from_slice(&msg.frame);
+            }
+            BackendMessage::CopyInResponse(_) => to_client.extend_from_slice(&msg.frame),
+            BackendMessage::FunctionCallResponse(_) => to_client.extend_from_slice(&msg.frame),
+            BackendMessage::BackendKeyData { .. } => {
+                // The server's key is never the client's business; the client has the agent's.
+            }
+            BackendMessage::Authentication(_) | BackendMessage::NegotiateProtocolVersion { .. } => {
+                return self.fatal(
+                    PgError::Protocol(
+                        "the server restarted authentication inside a session".into(),
+                    ),
+                    to_client,
+                )
+            }
+            BackendMessage::DataRow(_)
+            | BackendMessage::CopyData(_)
+            | BackendMessage::CopyDone
+            | BackendMessage::ParameterStatus { .. } => {
+                to_client.extend_from_slice(&msg.frame);
+            }
+        }
+        Flow::Continue
+    }
+
+    fn unexpected(&self, what: &str, front: Option<Expect>) {
+        let front = match front {
+            None => "nothing",
+            Some(Expect::ParseComplete) => "ParseComplete",
+            Some(Expect::BindComplete) => "BindComplete",
+            Some(Expect::CloseComplete) => "CloseComplete",
+            Some(Expect::Describe | Expect::InternalDescribe) => "a Describe answer",
+            Some(Expect::Execute(_)) => "Execute results",
+            Some(Expect::Sync) => "ReadyForQuery",
+            Some(Expect::Query(_)) => "Query results",
+            Some(Expect::FunctionCall) => "a function result",
+            Some(Expect::Denied(_)) => "a denial",
+        };
+        tracing::warn!(
+            what,
+            expected = front,
+            "the server's reply does not match the agent's queue"
+        );
+    }
+
+    fn pop_simple(&mut self, kind: Expect, msg: &RawMessage, to_client: &mut BytesMut) {
+        let matches = matches!(
+            (&kind, self.expect.front()),
+            (Expect::ParseComplete, Some(Expect::ParseComplete))
+                | (Expect::BindComplete, Some(Expect::BindComplete))
+                | (Expect::CloseComplete, Some(Expect::CloseComplete))
+        );
+        if matches {
+            self.expect.pop_front();
+        } else {
+            let front = self.expect.pop_front();
+            self.unexpected("a completion", front);
+        }
+        to_client.extend_from_slice(&msg.frame);
+    }
+
+    /// The masker of the statement whose results are arriving.
+    fn current_masker(&self) -> Option<Arc<Masker>> {
+        match self.expect.front() {
+            Some(Expect::Execute(r)) => r.verdict.masker.as_ref().map(|(_, m)| Arc::clone(m)),
+            Some(Expect::Query(q)) => q
+                .statements
+                .front()
+                .and_then(|r| r.verdict.masker.as_ref().map(|(_, m)| Arc::clone(m))),
+            _ => self.session_masker.clone(),
+        }
+    }
+
+    fn current_running(&mut self) -> Option<&mut Running> {
+        match self.expect.front_mut() {
+            Some(Expect::Execute(r)) => Some(r),
+            Some(Expect::Query(q)) => q.statements.front_mut(),
+            _ => None,
+        }
+    }
+
+    fn on_row_description(
+        &mut self,
+        msg: &RawMessage,
+        fields: &[FieldDescription],
+        to_client: &mut BytesMut,
+    ) -> Flow {
+        let internal = matches!(self.expect.front(), Some(Expect::InternalDescribe));
+        if internal || matches!(self.expect.front(), Some(Expect::Describe)) {
+            self.expect.pop_front();
+        }
+        // A description reaches a running statement from a simple Query or from a Describe
+        // of the portal about to execute (the agent's own when masking): both report the
+        // real result formats.
+        let masker = match self.current_running() {
+            Some(r) => r.verdict.masker.as_ref().map(|(_, m)| Arc::clone(m)),
+            None => {
+                if !internal {
+                    to_client.extend_from_slice(&msg.frame);
+                }
+                return Flow::Continue;
+            }
+        };
+        let plan = match masker {
+            None => None,
+            Some(masker) => {
+                let catalog = &self.shared.catalog;
+                let (target_id, db) = (self.target.id, self.db_name.as_str());
+                let qualify = |oid: u32, attnum: i16| catalog.qualified(target_id, db, oid, attnum);
+                match plan_rows(&masker, fields, qualify) {
+                    Ok(p) => Some(p),
+                    Err(e) => return self.fatal(e, to_client),
+                }
+            }
+        };
+        if let Some(r) = self.current_running() {
+            r.plan = plan;
+        }
+        if !internal {
+            to_client.extend_from_slice(&msg.frame);
+        }
+        Flow::Continue
+    }
+
+    fn on_data_row(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
+        let Some(running) = self.current_running() else {
+            to_client.extend_from_slice(&msg.frame);
+            return Flow::Continue;
+        };
+        let Some((_, masker)) = &running.verdict.masker else {
+            to_client.extend_from_slice(&msg.frame);
+            return Flow::Continue;
+        };
+        let masker = Arc::clone(masker);
+        let Some(plan) = &running.plan else {
+            // Rows before a description: nothing says which values are selected. Fail closed.
+            return self.fatal(
+                PgError::Unmaskable("result rows arrived without a row description; the session is closed so no unmasked value leaves".into()),
+                to_client,
+            );
+        };
+        if !plan.masks_anything {
+            to_client.extend_from_slice(&msg.frame);
+            return Flow::Continue;
+        }
+        let row = match parse_backend(&msg) {
+            Ok(BackendMessage::DataRow(row)) => row,
+            Ok(_) | Err(_) => {
+                return self.fatal(
+                    PgError::Protocol("a malformed DataRow from the server".into()),
+                    to_client,
+                )
+            }
+        };
+        let mut changed: Vec<Option<Vec<u8>>> = Vec::with_capacity(row.values.len());
+        let mut any = false;
+        for (i, value) in row.values.iter().enumerate() {
+            let masked = match (value, plan.columns.get(i)) {
+                (Some(v), Some((column, format, type_oid))) => {
+                    match masker.mask_value(column, *format, *type_oid, v) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            return self.fatal(
+                                PgError::Unmaskable(format!(
+                                    "column {} cannot be masked ({e}); the session is closed so no unmasked value leaves",
+                                    i + 1
+                                )),
+                                to_client,
+                            )
+                        }
+                    }
+                }
+                _ => None,
+            };
+            any |= masked.is_some();
+            changed.push(masked);
+        }
+        if !any {
+            to_client.extend_from_slice(&msg.frame);
+            return Flow::Continue;
+        }
+        let values: Vec<Option<&[u8]>> = row
+            .values
+            .iter()
+            .zip(&changed)
+            .map(|(orig, new)| match new {
+                Some(n) => Some(n.as_slice()),
+                None => orig.as_deref(),
+            })
+            .collect();
+        encode_data_row(&values, to_client);
+        Flow::Continue
+    }
+
+    /// COPY TO output under a detectors-only profile: each row's fields are scanned.
+    fn on_copy_out_data(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
+        let Some(masker) = self.current_masker() else {
+            to_client.extend_from_slice(&msg.frame);
+            return Flow::Continue;
+        };
+        let Ok(line) = std::str::from_utf8(msg.body()) else {
+            return self.fatal(
+                PgError::Unmaskable("COPY output that is not UTF-8 cannot be masked".into()),
+                to_client,
+            );
+        };
+        match masker.mask_text(line) {
+            None => to_client.extend_from_slice(&msg.frame),
+            Some(masked) => portcullis_pgwire::encode_backend(
+                &BackendMessage::CopyData(Bytes::from(masked.into_bytes())),
+                to_client,
+            ),
+        }
+        Flow::Continue
+    }
+
+    fn on_complete(&mut self, tag: Option<String>, sqlstate: Option<String>) {
+        let running = match self.expect.front_mut() {
+            Some(Expect::Execute(_)) => match self.expect.pop_front() {
+                Some(Expect::Execute(r)) => Some(*r),
+                _ => None,
+            },
+            Some(Expect::Query(q)) => q.statements.pop_front(),
+            _ => None,
+        };
+        if let Some(r) = running {
+            self.finish_statement(r, tag, sqlstate);
+        }
+    }
+
+    fn finish_statement(&mut self, r: Running, tag: Option<String>, sqlstate: Option<String>) {
+        if let Some((_, m)) = &r.verdict.masker {
+            self.session_masker = Some(Arc::clone(m));
+        }
+        let rows = tag
+            .as_deref()
+            .and_then(|t| t.rsplit(' ').next())
+            .and_then(|n| n.parse().ok());
+        let duration = u64::try_from(r.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.record_statement(
+            &r.info,
+            &r.parameters,
+            r.verdict.masker.as_ref().map(|(p, _)| p.clone()),
+            "allow",
+            &r.verdict.policy_ids,
+            rows,
+            tag,
+            sqlstate,
+            Some(duration),
+        );
+    }
+
+    fn on_error(&mut self, fields: ErrorFields, to_client: &mut BytesMut) -> Flow {
+        if let Some(Expect::Denied(_)) = self.expect.front() {
+            let Some(Expect::Denied(e)) = self.expect.pop_front() else {
+                return Flow::Continue;
+            };
+            if !fields.message().is_some_and(|m| m.contains(DENIED_MARKER))
+                && fields.sqlstate() != Some("26000")
+            {
+                tracing::warn!(
+                    server = fields.message().unwrap_or(""),
+                    "the server's answer to a denied statement was not the expected error"
+                );
+            }
+            encode_error_response(&e.to_fields(), to_client);
+            self.drop_until_sync();
+            return Flow::Continue;
+        }
+        let code = fields.sqlstate().map(str::to_string);
+        if fields.severity() == Some("FATAL") || fields.severity() == Some("PANIC") {
+            let masked = self.current_masker().and_then(|m| mask_detail(&m, &fields));
+            encode_error_response(masked.as_ref().unwrap_or(&fields), to_client);
+            return Flow::End(format!(
+                "the server ended the session: {}",
+                fields.message().unwrap_or("")
+            ));
+        }
+        let masked = self.current_masker().and_then(|m| mask_detail(&m, &fields));
+        encode_error_response(masked.as_ref().unwrap_or(&fields), to_client);
+        self.copy_out = false;
+        match self.expect.front_mut() {
+            Some(Expect::Query(q)) => {
+                q.failed = true;
+                if let Some(r) = q.statements.pop_front() {
+                    let rest: Vec<Running> = q.statements.drain(..).collect();
+                    self.finish_statement(r, None, code);
+                    for other in rest {
+                        self.record_statement(
+                            &other.info,
+                            &[],
+                            None,
+                            "not_run",
+                            &other.verdict.policy_ids,
+                            None,
+                            None,
+                            None,
+                            None,
+                        );
+                    }
+                }
+            }
+            Some(Expect::FunctionCall) => {}
+            _ => {
+                if let Some(Expect::Execute(_)) = self.expect.front() {
+                    if let Some(Expect::Execute(r)) = self.expect.pop_front() {
+                        self.finish_statement(*r, None, code);
+                    }
+                }
+                self.drop_until_sync();
+            }
+        }
+        Flow::Continue
+    }
+
+    /// After an error the server skips everything up to Sync; so do the expected replies.
+    fn drop_until_sync(&mut self) {
+        while let Some(front) = self.expect.front() {
+            match front {
+                Expect::Sync | Expect::Query(_) | Expect::FunctionCall => break,
+                Expect::Execute(_) => {
+                    if let Some(Expect::Execute(r)) = self.expect.pop_front() {
+                        self.record_statement(
+                            &r.info,
+                            &r.parameters,
+                            None,
+                            "not_run",
+                            &r.verdict.policy_ids,
+                            None,
+                            None,
+                            None,
+                            None,
+                        );
+                    }
+                }
+                _ => {
+                    self.expect.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Statements the server never finished because the session ended.
+    fn abandon_running(&mut self, why: &str) {
+        while let Some(e) = self.expect.pop_front() {
+            let running: Vec<Running> = match e {
+                Expect::Execute(r) => vec![*r],
+                Expect::Query(q) => q.statements.into_iter().collect(),
+                _ => Vec::new(),
+            };
+            for r in running {
+                let mut ev =
+                    self.statement_event(EventKind::StatementExecuted, &r.info, &r.parameters);
+                ev.decision = Some("allow".into());
+                ev.policy_ids = r.verdict.policy_ids.clone();
+                ev.reason = Some(format!("unfinished: {why}"));
+                self.proxy.audit().record(&ev);
+            }
+        }
+    }
+
+    fn statement_event(
+        &self,
+        kind: EventKind,
+        info: &StatementInfo,
+        parameters: &[Option<String>],
+    ) -> AuditEvent {
+        let c = self.conn;
+        let mut ev = AuditEvent::new(kind);
+        ev.connection_id = Some(c.id);
+        ev.protocol = Some(c.protocol.to_string());
+        ev.target = Some(c.target.clone());
+        ev.identity = Some(c.identity.clone());
+        ev.origin = Some(c.origin.clone());
+        ev.client = Some(c.client.to_string());
+        ev.upstream = Some(c.upstream.to_string());
+        ev.db_user = Some(self.db_user.clone());
+        ev.db_name = Some(self.db_name.clone());
+        ev.statement = Some(Box::new(StatementFields {
+            statement: info.text.clone(),
+            parameters: parameters.to_vec(),
+            statement_class: info.class.clone(),
+            command: info.command.clone(),
+            tables: info.tables.clone(),
+            functions: info.functions.clone(),
+            ..StatementFields::default()
+        }));
+        ev
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the fields of one statement event"
+    )]
+    fn record_statement(
+        &self,
+        info: &StatementInfo,
+        parameters: &[Option<String>],
+        masking_profile: Option<String>,
+        decision: &str,
+        policy_ids: &[String],
+        rows: Option<u64>,
+        tag: Option<String>,
+        sqlstate: Option<String>,
+        duration_us: Option<u64>,
+    ) {
+        let mut ev = self.statement_event(EventKind::StatementExecuted, info, parameters);
+        ev.decision = Some(decision.to_string());
+        ev.policy_ids = policy_ids.to_vec();
+        if decision == "not_run" {
+            ev.reason = Some("not run: an earlier statement or message failed".into());
+        }
+        if let Some(s) = ev.statement.as_mut() {
+            s.rows = rows;
+            s.command_tag = tag;
+            s.sqlstate = sqlstate;
+            s.duration_us = duration_us;
+            s.masking_profile = masking_profile;
+        }
+        self.proxy.audit().record(&ev);
+    }
+
+    fn record_denied(
+        &self,
+        info: &StatementInfo,
+        parameters: &[Option<String>],
+        decision: &str,
+        policy_ids: &[String],
+        reason: &str,
+    ) {
+        let mut ev = self.statement_event(EventKind::StatementDenied, info, parameters);
+        ev.decision = Some(decision.to_string());
+        ev.policy_ids = policy_ids.to_vec();
+        ev.reason = Some(reason.to_string());
+        if let Some(s) = ev.statement.as_mut() {
+            s.sqlstate = Some(
+                if decision == "error" {
+                    sqlstate::SYNTAX_ERROR
+                } else {
+                    sqlstate::INSUFFICIENT_PRIVILEGE
+                }
+                .to_string(),
+            );
+        }
+        tracing::info!(statement = %info.text, %decision, reason, "statement refused");
+        self.proxy.audit().record(&ev);
+    }
+}
+
+fn unparsed(sql: &str) -> StatementInfo {
+    StatementInfo {
+        text: sql.to_string(),
+        class: None,
+        command: None,
+        tables: Vec::new(),
+        functions: Vec::new(),
+    }
+}
+
+/// How each column of a result is masked; `qualify` names a table column
+/// (`schema.table.column`) from the catalog cache.
+fn plan_rows(
+    masker: &Masker,
+    fields: &[FieldDescription],
+    qualify: impl Fn(u32, i16) -> Option<String>,
+) -> Result<RowPlan, PgError> {
+    let mut columns = Vec::with_capacity(fields.len());
+    let mut masks_anything = false;
+    for f in fields {
+        let qualified = if masker.needs_table_columns() && f.table_oid != 0 {
+            // Resolved before this message was handled; a miss means the catalog did not
+            // know the column (dropped meanwhile): refuse rather than guess.
+            Some(qualify(f.table_oid, f.column_attr).ok_or_else(|| {
+                PgError::Unmaskable(format!(
+                    "the table of result column `{}` could not be resolved for masking; the session is closed so no unmasked value leaves",
+                    f.name
+                ))
+            })?)
+        } else {
+            None
+        };
+        let plan = masker.plan_column(&f.name, qualified.as_deref());
+        masks_anything |= !matches!(plan, ColumnPlan::Untouched);
+        columns.push((plan, f.format, f.type_oid));
+    }
+    Ok(RowPlan {
+        columns,
+        masks_anything,
+    })
+}
+
+/// A bound parameter as the audit trail shows it: text as text (content detectors of the
+/// session's profile applied), binary as hex.
+fn audit_parameter(value: &[u8], format: i16, masker: Option<&Masker>) -> String {
+    const MAX: usize = 4096;
+    if format == 0 {
+        if let Ok(text) = std::str::from_utf8(value) {
+            let text = masker
+                .and_then(|m| m.mask_text(text))
+                .unwrap_or_else(|| text.to_string());
+            return truncate(text, MAX);
+        }
+    }
+    if masker.is_some() {
+        return "[binary value withheld: masking is active]".into();
+    }
+    let mut s = String::from("\\x");
+    s.push_str(&hex::encode(value.get(..MAX / 2).unwrap_or(value)));
+    s
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// An error or notice with its DETAIL (which can quote row values, e.g. a unique violation's
+/// key) run through the content detectors; `None` when nothing changed.
+fn mask_detail(masker: &Masker, fields: &ErrorFields) -> Option<ErrorFields> {
+    let detail = fields.detail()?;
+    let masked = masker.mask_text(detail)?;
+    let mut out = fields.clone();
+    out.set(b'D', masked);
+    Some(out)
+}

@@ -1,0 +1,454 @@
+//! The client's start-up: SSLRequest answered `S` with a certificate from the local CA,
+//! GSSENCRequest answered `N`, CancelRequest routed, then the StartupMessage. The client is
+//! never asked for a password: once the identity and the connect policy allow the session,
+//! the agent authenticates upstream with the target's credential and answers AuthenticationOk.
+//!
+//! Protocol: PostgreSQL docs, "Message Flow" → "Start-up", "SSL Session Encryption",
+//! "Protocol versions" (NegotiateProtocolVersion).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use portcullis_pgwire::{
+    decode_startup, encode_backend, encode_cancel, encode_error_response, BackendMessage,
+    StartupMessage, StartupRequest, TransactionStatus,
+};
+use portcullis_policy::Effect;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::cancel::CancelTarget;
+use super::error::PgError;
+use super::session::Session;
+use super::stream::{fill, Stream};
+use super::upstream::{credential, establish};
+use super::Shared;
+use crate::identity::Identity;
+use crate::proxy::{Incoming, Opening, Proxy, Refusal};
+
+/// A client that has not finished its start-up by then is dropped.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Parameters a client may not pass through to the server: they would change who the
+/// session acts as without a statement the policy sees.
+const FORBIDDEN_OPTIONS: [&str; 2] = ["role", "session_authorization"];
+
+pub async fn run(
+    proxy: &Arc<Proxy>,
+    shared: &Shared,
+    incoming: Incoming,
+    client: TcpStream,
+    identity: Result<Identity, String>,
+) {
+    if let Err(e) = client.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY on the client socket");
+    }
+    let mut buf = BytesMut::new();
+    let started = tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        client_startup(proxy, shared, &incoming, Stream::Plain(client), &mut buf),
+    )
+    .await;
+    let (mut client, startup) = match started {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "PostgreSQL start-up failed");
+            record(
+                proxy,
+                &incoming,
+                None,
+                None,
+                format!("start-up failed: {e}"),
+                "error",
+                Vec::new(),
+            );
+            return;
+        }
+        Err(_) => {
+            record(
+                proxy,
+                &incoming,
+                None,
+                None,
+                "start-up timed out".into(),
+                "error",
+                Vec::new(),
+            );
+            return;
+        }
+    };
+    let db_user = startup.user().unwrap_or_default().to_string();
+    let db_name = startup.database().unwrap_or_default().to_string();
+    let result = admit(proxy, shared, &incoming, &mut client, &startup, identity).await;
+    let mut admitted = match result {
+        Ok(a) => a,
+        Err((e, identity, decision, policy_ids)) => {
+            record(
+                proxy,
+                &incoming,
+                identity.as_ref(),
+                Some((&db_user, &db_name)),
+                e.to_string(),
+                decision,
+                policy_ids,
+            );
+            send_error(&mut client, &e).await;
+            return;
+        }
+    };
+    let Some(pg) = incoming.target.postgres.as_deref() else {
+        return;
+    };
+    let session = Session::new(
+        proxy,
+        shared,
+        &admitted.open.conn,
+        &admitted.identity,
+        &incoming.target,
+        &db_user,
+        &db_name,
+        pg.max_message_bytes,
+    );
+    let end = session.run(client, buf, admitted.upstream).await;
+    admitted.open.set_end(end);
+    drop(admitted.cancel_key);
+}
+
+/// A session the server has accepted and the client has been told about.
+struct Admitted<'s> {
+    identity: Identity,
+    open: crate::proxy::OpenSession,
+    upstream: super::upstream::Upstream,
+    cancel_key: super::cancel::CancelKey<'s>,
+}
+
+type Refused = (PgError, Option<Identity>, &'static str, Vec<String>);
+
+/// Everything after the start-up packet: identity, policy, credential, upstream session,
+/// the opened event and the client's AuthenticationOk.
+async fn admit<'s>(
+    proxy: &Arc<Proxy>,
+    shared: &'s Shared,
+    incoming: &Incoming,
+    client: &mut Stream,
+    startup: &StartupMessage,
+    identity: Result<Identity, String>,
+) -> Result<Admitted<'s>, Refused> {
+    let identity =
+        identity.map_err(|reason| (PgError::NoIdentity(reason), None, "error", Vec::new()))?;
+    let fail = |e: PgError| (e, Some(identity.clone()), "error", Vec::new());
+    let (Some(db_user), Some(db_name)) = (startup.user(), startup.database()) else {
+        return Err(fail(PgError::Protocol(
+            "the start-up packet names no user".into(),
+        )));
+    };
+    if let Some(options) = startup.param("options") {
+        let lower = options.to_ascii_lowercase();
+        if FORBIDDEN_OPTIONS.iter().any(|o| lower.contains(o)) {
+            return Err(fail(PgError::Refused(
+                "start-up options may not set the role or session authorization; use SET ROLE, which policy decides".into(),
+            )));
+        }
+    }
+    if let Some(reason) = proxy.over_audit_bound() {
+        return Err(fail(PgError::Capacity(reason)));
+    }
+    let target = &incoming.target;
+    let Some(pg) = target.postgres.as_deref() else {
+        return Err(fail(PgError::Internal(
+            "target without [target.postgres]".into(),
+        )));
+    };
+    let mut request = crate::policy::connect_request(&identity, target, &incoming.origin);
+    request.context.db_user = Some(db_user.to_string());
+    request.context.db_name = Some(db_name.to_string());
+    let decision = proxy.policies().decide(&request);
+    let policy_ids: Vec<String> = decision
+        .matched
+        .iter()
+        .map(|p| p.as_str().to_string())
+        .collect();
+    match &decision.effect {
+        Effect::Allow => {}
+        Effect::Deny => {
+            return Err((
+                PgError::ConnectDenied {
+                    reason: decision.reason.clone(),
+                    policy_ids: policy_ids.clone(),
+                },
+                Some(identity.clone()),
+                "deny",
+                policy_ids,
+            ))
+        }
+        Effect::RequireApproval { approver_group, approvals } => {
+            return Err((
+                PgError::ConnectDenied {
+                    reason: format!(
+                        "requires {approvals} approval(s) from `{approver_group}`, and approvals are not available yet"
+                    ),
+                    policy_ids: policy_ids.clone(),
+                },
+                Some(identity.clone()),
+                "approval",
+                policy_ids,
+            ))
+        }
+    }
+    if startup.is_replication() {
+        return Err((
+            PgError::Refused("replication connections are not allowed through Portcullis".into()),
+            Some(identity.clone()),
+            "deny",
+            policy_ids,
+        ));
+    }
+    let password = credential(pg.credentials_file.get_ref(), db_user)
+        .map_err(|e| fail(PgError::Upstream(e)))?;
+    let upstream_addr = proxy
+        .upstream_addr(target, &incoming.origin)
+        .map_err(|e| fail(PgError::Internal(e)))?;
+    let tcp = proxy.connect_upstream(upstream_addr).await.map_err(|e| {
+        fail(PgError::Upstream(super::upstream::UpstreamError::Io(
+            std::io::Error::new(
+                e.kind(),
+                format!("upstream {upstream_addr} unreachable: {e}"),
+            ),
+        )))
+    })?;
+    let upstream_startup = upstream_startup(startup);
+    let upstream = establish(
+        tcp,
+        upstream_addr,
+        pg,
+        shared.upstream_tls(target.id),
+        &upstream_startup,
+        &password,
+        pg.max_message_bytes,
+    )
+    .await
+    .map_err(|e| fail(PgError::Upstream(e)))?;
+    drop(password);
+    let cancel_key = shared
+        .cancels
+        .register(CancelTarget {
+            uid: incoming.origin.uid,
+            target_id: target.id,
+            upstream: upstream_addr,
+            process_id: upstream.process_id,
+            secret_key: upstream.secret_key.clone(),
+        })
+        .map_err(|_| fail(PgError::Internal("no randomness for the cancel key".into())))?;
+    let mut open = proxy
+        .open(Opening {
+            incoming,
+            identity: &identity,
+            upstream: upstream_addr,
+            policy_ids,
+            db_user: Some(db_user.to_string()),
+            db_name: Some(db_name.to_string()),
+        })
+        .await
+        .map_err(|e| fail(PgError::Capacity(e)))?;
+    // The client's side of the start-up, now that the server has accepted the session.
+    let mut out = BytesMut::new();
+    let unrecognized: Vec<String> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if startup.minor > 0 || !unrecognized.is_empty() {
+        encode_backend(
+            &BackendMessage::NegotiateProtocolVersion {
+                newest_minor: 0,
+                unrecognized,
+            },
+            &mut out,
+        );
+    }
+    encode_backend(
+        &BackendMessage::Authentication(portcullis_pgwire::Authentication::Ok),
+        &mut out,
+    );
+    for (name, value) in &upstream.parameters {
+        encode_backend(
+            &BackendMessage::ParameterStatus {
+                name: name.clone(),
+                value: value.clone(),
+            },
+            &mut out,
+        );
+    }
+    encode_backend(
+        &BackendMessage::BackendKeyData {
+            process_id: cancel_key.process_id(),
+            secret_key: bytes::Bytes::copy_from_slice(&cancel_key.secret_key()),
+        },
+        &mut out,
+    );
+    portcullis_pgwire::encode_ready_for_query(TransactionStatus::Idle, &mut out);
+    if let Err(e) = client.write_all(&out).await {
+        // The session loop sees the dead client at once and records how it ended.
+        open.set_end(format!("client gone during start-up: {e}"));
+    }
+    Ok(Admitted {
+        identity,
+        open,
+        upstream,
+        cancel_key,
+    })
+}
+
+/// What the agent sends the server: the client's parameters (application_name,
+/// client_encoding, DateStyle, …) for the same user and database, protocol 3.0.
+fn upstream_startup(client: &StartupMessage) -> StartupMessage {
+    let params = client
+        .params
+        .iter()
+        .filter(|(k, _)| !k.starts_with("_pq_.") && k != "replication")
+        .cloned()
+        .collect();
+    StartupMessage::new(params)
+}
+
+/// Reads start-up requests until the StartupMessage; `None` when the connection was a
+/// cancel or the client went away.
+async fn client_startup(
+    proxy: &Proxy,
+    shared: &Shared,
+    incoming: &Incoming,
+    mut stream: Stream,
+    buf: &mut BytesMut,
+) -> Result<Option<(Stream, StartupMessage)>, PgError> {
+    loop {
+        let request = loop {
+            match decode_startup(buf).map_err(|e| PgError::Protocol(e.to_string()))? {
+                Some(r) => break r,
+                None => {
+                    let n = fill(&mut stream, buf)
+                        .await
+                        .map_err(|e| PgError::Protocol(e.to_string()))?;
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        match request {
+            StartupRequest::SslRequest => {
+                let Stream::Plain(mut tcp) = stream else {
+                    return Err(PgError::Protocol("SSLRequest inside TLS".into()));
+                };
+                if !buf.is_empty() {
+                    // Bytes sent after the SSLRequest before the answer would be outside
+                    // the TLS session: a known injection vector (CVE-2021-23222), refused.
+                    return Err(PgError::Protocol(
+                        "data after SSLRequest before the answer".into(),
+                    ));
+                }
+                let names = incoming
+                    .target
+                    .postgres
+                    .as_ref()
+                    .map(|p| p.server_names.clone())
+                    .unwrap_or_default();
+                let config = shared
+                    .ca
+                    .server_config(&names, &[incoming.origin.destination.ip()])
+                    .map_err(|e| PgError::Internal(e.to_string()))?;
+                tcp.write_all(b"S")
+                    .await
+                    .map_err(|e| PgError::Protocol(e.to_string()))?;
+                let tls = tokio_rustls::TlsAcceptor::from(config)
+                    .accept(tcp)
+                    .await
+                    .map_err(|e| PgError::Protocol(format!("TLS handshake: {e}")))?;
+                stream = Stream::ServerTls(Box::new(tls));
+            }
+            StartupRequest::GssEncRequest => {
+                stream
+                    .write_all(b"N")
+                    .await
+                    .map_err(|e| PgError::Protocol(e.to_string()))?;
+            }
+            StartupRequest::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                forward_cancel(proxy, shared, incoming, process_id, &secret_key).await;
+                return Ok(None);
+            }
+            StartupRequest::Startup(startup) => return Ok(Some((stream, startup))),
+        }
+    }
+}
+
+/// Sends the cancel upstream on a fresh connection when the key belongs to a session of the
+/// same uid; otherwise drops it. Either way the client hears nothing, as from PostgreSQL.
+async fn forward_cancel(
+    proxy: &Proxy,
+    shared: &Shared,
+    incoming: &Incoming,
+    process_id: u32,
+    secret_key: &[u8],
+) {
+    let Some(t) = shared
+        .cancels
+        .lookup(incoming.origin.uid, process_id, secret_key)
+    else {
+        tracing::info!(
+            uid = incoming.origin.uid,
+            "dropped a cancel request with an unknown key or from another uid"
+        );
+        return;
+    };
+    if t.target_id != incoming.target.id {
+        tracing::info!("dropped a cancel request aimed at another target");
+        return;
+    }
+    match proxy.connect_upstream(t.upstream).await {
+        Ok(mut tcp) => {
+            let mut out = BytesMut::new();
+            encode_cancel(t.process_id, &t.secret_key, &mut out);
+            if let Err(e) = tcp.write_all(&out).await {
+                tracing::warn!(error = %e, "forwarding a cancel request");
+            } else {
+                tracing::info!(upstream = %t.upstream, "forwarded a cancel request");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, upstream = %t.upstream, "cannot forward a cancel request")
+        }
+    }
+}
+
+fn record(
+    proxy: &Proxy,
+    incoming: &Incoming,
+    identity: Option<&Identity>,
+    db: Option<(&str, &str)>,
+    reason: String,
+    decision: &str,
+    policy_ids: Vec<String>,
+) {
+    proxy.record_refusal(Refusal {
+        incoming,
+        identity,
+        reason,
+        decision,
+        policy_ids,
+        db_user: db.map(|d| d.0),
+        db_name: db.map(|d| d.1),
+    });
+}
+
+async fn send_error(client: &mut Stream, e: &PgError) {
+    let mut out = BytesMut::new();
+    encode_error_response(&e.to_fields(), &mut out);
+    // Best effort: the client may already be gone.
+    let _ = client.write_all(&out).await;
+    let _ = client.shutdown().await;
+}

@@ -1,0 +1,442 @@
+//! What a SQL string does, in the terms Portcullis policies use: one [`Statement`] per statement,
+//! each with a [`StatementClass`], a command name, and the tables and functions it touches.
+//!
+//! The parser is PostgreSQL's own (libpg_query through the `pg_query` crate), so the classifier
+//! sees exactly the statements the server will run: no regex can be fooled by comments, dollar
+//! quoting, `U&"..."` identifiers or statements hidden in CTEs. Pure: no I/O, no async.
+//!
+//! ```
+//! use portcullis_sql::{Classifier, StatementClass};
+//!
+//! let classifier = Classifier::new(4096);
+//! let statements = classifier
+//!     .classify("WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone")
+//!     .unwrap();
+//! assert_eq!(statements[0].class, StatementClass::Write);
+//! assert_eq!(statements[0].tables, ["orders"]);
+//! ```
+//!
+//! # Classes
+//!
+//! A statement takes the class of the most dangerous statement anywhere in its tree
+//! (`read` < `utility` < `transaction` < `write` < `call` < `do` < `ddl` < `dcl` < `admin`):
+//!
+//! - `read`: SELECT, VALUES, TABLE, SHOW, FETCH, plain EXPLAIN (it plans without running),
+//!   COPY ... TO STDOUT; DECLARE CURSOR and PREPARE take the class of their query.
+//! - `write`: INSERT, UPDATE, DELETE, MERGE (also inside a CTE or under COPY (...) TO), SELECT
+//!   ... FOR UPDATE/SHARE (row locks), LOCK TABLE, COPY ... FROM STDIN, and EXECUTE: it runs a
+//!   statement PREPAREd earlier, which the classifier does not see, so it counts as a write.
+//! - `ddl`: CREATE, ALTER, DROP of objects (databases included), TRUNCATE, COMMENT, SECURITY
+//!   LABEL, REFRESH MATERIALIZED VIEW, CREATE TABLE AS, SELECT INTO.
+//! - `dcl`: GRANT, REVOKE, roles, ALTER DEFAULT PRIVILEGES, REASSIGN OWNED, DROP OWNED, ALTER
+//!   ... OWNER TO, SET/RESET ROLE, SET/RESET SESSION AUTHORIZATION.
+//! - `transaction`: BEGIN, START TRANSACTION, COMMIT, ROLLBACK, SAVEPOINT, RELEASE, PREPARE
+//!   TRANSACTION, COMMIT/ROLLBACK PREPARED, SET TRANSACTION, SET CONSTRAINTS.
+//! - `utility`: other SET and RESET, DISCARD, LISTEN, UNLISTEN, NOTIFY, DEALLOCATE, MOVE, CLOSE.
+//! - `admin`: VACUUM, ANALYZE, CLUSTER, REINDEX, CHECKPOINT, ALTER SYSTEM, LOAD, tablespaces,
+//!   publications, subscriptions, COPY to or from a server file or PROGRAM.
+//! - `call`: CALL; `do`: DO. Their bodies are opaque to the classifier.
+//! - `EXPLAIN ANALYZE` runs its statement and takes its class.
+//!
+//! `command` names the statement like PostgreSQL's command tags (`DROP DATABASE`, `TRUNCATE`,
+//! `CREATE TABLE`, `SET ROLE`) so policies can single one out.
+//!
+//! # What policies must know
+//!
+//! - Functions stay in `functions` and do not change the class: `SELECT pg_terminate_backend(..)`
+//!   and `SELECT set_config('role', ..)` are reads. Policies that care forbid the functions,
+//!   under both spellings (`set_config` and `pg_catalog.set_config`).
+//! - Names are as written, folded like PostgreSQL folds them: `Orders` is `orders`, `"Orders"`
+//!   stays `Orders`, `hr.payroll` stays qualified. The classifier cannot know the session's
+//!   `search_path`, so an unqualified `payroll` may be `hr.payroll`: match both.
+//! - What does not parse is an error, and so is a tree more than about 100 protobuf messages
+//!   deep (pg_query's decoder limit: roughly 20 nested subqueries, or 45 chained `||`): the
+//!   caller denies both (fail closed). Replication-protocol commands are not SQL and do not parse.
+
+mod cache;
+mod classify;
+mod tree;
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use pg_query::{FingerprintOptions, ParserOptions};
+
+/// The longest SQL string [`Classifier::new`] classifies (1 MiB); longer ones are refused.
+pub const DEFAULT_MAX_SQL_LEN: usize = 1024 * 1024;
+/// How many bytes of SQL and results a [`Classifier::new`] cache holds at most (32 MiB).
+pub const DEFAULT_MAX_CACHED_BYTES: usize = 32 * 1024 * 1024;
+
+/// One statement of a SQL string, as policies see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    /// This statement's own source text, trimmed (without the `;` that ends it).
+    pub text: String,
+    pub class: StatementClass,
+    /// Upper case, like PostgreSQL's command tags: `SELECT`, `INSERT`, `DROP DATABASE`,
+    /// `TRUNCATE`, `CREATE TABLE`, `CALL`, `DO`, `EXPLAIN`, `COPY`, `BEGIN`, `SET`.
+    pub command: String,
+    /// Every relation named anywhere in the statement (CTEs, subqueries, the statement under
+    /// EXPLAIN, COPY's table, the objects of DROP/COMMENT): `schema.table` when written so,
+    /// folded like PostgreSQL folds unquoted names, sorted, without duplicates. CTE names are
+    /// left out where they refer to the CTE.
+    pub tables: Vec<String>,
+    /// Every function called, including CALL's procedure: `schema.name` when written so,
+    /// sorted, without duplicates.
+    pub functions: Vec<String>,
+    /// pg_query's fingerprint of this statement (constants ignored; schema names, full table
+    /// names and aliases kept): the same query with other values has the same fingerprint.
+    /// For grouping in audit logs, never for decisions.
+    pub fingerprint: u64,
+}
+
+impl Statement {
+    fn approximate_size(&self) -> usize {
+        const OVERHEAD: usize = std::mem::size_of::<Statement>() + 24;
+        self.text.len()
+            + self.command.len()
+            + self
+                .tables
+                .iter()
+                .chain(&self.functions)
+                .map(|name| name.len() + 24)
+                .sum::<usize>()
+            + OVERHEAD
+    }
+}
+
+/// The statement classes, as policies spell them in `context.statement_class`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatementClass {
+    Read,
+    Write,
+    Ddl,
+    Dcl,
+    Transaction,
+    Utility,
+    Admin,
+    Call,
+    Do,
+}
+
+impl StatementClass {
+    pub const ALL: [StatementClass; 9] = [
+        StatementClass::Read,
+        StatementClass::Write,
+        StatementClass::Ddl,
+        StatementClass::Dcl,
+        StatementClass::Transaction,
+        StatementClass::Utility,
+        StatementClass::Admin,
+        StatementClass::Call,
+        StatementClass::Do,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementClass::Read => "read",
+            StatementClass::Write => "write",
+            StatementClass::Ddl => "ddl",
+            StatementClass::Dcl => "dcl",
+            StatementClass::Transaction => "transaction",
+            StatementClass::Utility => "utility",
+            StatementClass::Admin => "admin",
+            StatementClass::Call => "call",
+            StatementClass::Do => "do",
+        }
+    }
+
+    /// The order in which a statement's parts decide its class: the highest wins.
+    fn danger(self) -> u8 {
+        match self {
+            StatementClass::Read => 0,
+            StatementClass::Utility => 1,
+            StatementClass::Transaction => 2,
+            StatementClass::Write => 3,
+            StatementClass::Call => 4,
+            StatementClass::Do => 5,
+            StatementClass::Ddl => 6,
+            StatementClass::Dcl => 7,
+            StatementClass::Admin => 8,
+        }
+    }
+}
+
+impl fmt::Display for StatementClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a SQL string has no classification. The caller denies it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    /// PostgreSQL's parser rejects it. pg_query does not report where, so `position` (a byte
+    /// offset) is only known for errors "at end of input".
+    #[error("SQL syntax error: {message}")]
+    Syntax {
+        message: String,
+        position: Option<usize>,
+    },
+    #[error("SQL of {len} bytes is longer than the {max}-byte limit")]
+    TooLong { len: usize, max: usize },
+    /// The text contains a NUL byte, which no PostgreSQL query can.
+    #[error("SQL contains a NUL byte at byte {position}")]
+    NulByte { position: usize },
+    /// Nesting beyond what the parser or its decoder accepts (see the crate documentation).
+    #[error("SQL nests too deeply to classify: {message}")]
+    TooDeep { message: String },
+    /// A statement type these rules do not know; only a newer pg_query could produce one.
+    #[error("statement type `{node}` is not classified")]
+    Unsupported { node: String },
+    /// pg_query failed in a way that is not the SQL's fault.
+    #[error("SQL parser failure: {message}")]
+    Parser { message: String },
+}
+
+/// Classifies SQL strings and remembers the answers, shared by every connection.
+///
+/// Two bounded caches: exact SQL text to its statements (a hit costs a hash lookup), and
+/// normalized text (constants replaced by `$n`, see `pg_query::normalize`) to the statements'
+/// facts, so the same query with other constants skips the full parse (a hit costs a raw parse
+/// without the protobuf round trip, about a fifth of a classification). The second key is the
+/// whole normalized text, compared for equality: never a hash or fingerprint alone, which a
+/// client could make collide (and pg_query's fingerprint ignores schema names, aliases and
+/// anything nested deeper than 100 nodes).
+pub struct Classifier {
+    exact: cache::Cache<[Statement]>,
+    /// Statements with empty `text`; the text comes from the SQL being classified.
+    shapes: cache::Cache<[Statement]>,
+    max_sql_len: usize,
+}
+
+impl Classifier {
+    /// A classifier that caches up to `capacity` SQL strings (at least 2) and as many
+    /// normalized ones, each cache holding at most [`DEFAULT_MAX_CACHED_BYTES`], and refuses
+    /// SQL longer than [`DEFAULT_MAX_SQL_LEN`].
+    pub fn new(capacity: usize) -> Self {
+        Self::with_limits(capacity, DEFAULT_MAX_CACHED_BYTES, DEFAULT_MAX_SQL_LEN)
+    }
+
+    /// Like [`Classifier::new`], with the byte budget of each cache and the longest SQL
+    /// accepted. An entry larger than a cache shard's share of `max_cached_bytes` (1/32 of it
+    /// from a capacity of 256 on, half of it below) is classified but not cached.
+    pub fn with_limits(capacity: usize, max_cached_bytes: usize, max_sql_len: usize) -> Self {
+        Classifier {
+            exact: cache::Cache::new(capacity.max(2), max_cached_bytes),
+            shapes: cache::Cache::new(capacity.max(2), max_cached_bytes),
+            max_sql_len,
+        }
+    }
+
+    /// The statements of `sql`, in order; empty if it holds none (only whitespace, comments or
+    /// `;`). A repeated text comes from the cache: the same `Arc`, no parsing.
+    pub fn classify(&self, sql: &str) -> Result<Arc<[Statement]>, ClassifyError> {
+        if let Some(statements) = self.exact.get(sql) {
+            return Ok(statements);
+        }
+        check_input(sql, self.max_sql_len)?;
+        // A string that does not normalize does not parse either: the full path says why.
+        let normalized = guard(|| pg_query::normalize(sql)).ok();
+        if let Some(statements) = normalized
+            .as_deref()
+            .and_then(|normalized| self.shapes.get(normalized))
+            .and_then(|shape| with_texts(sql, &shape))
+        {
+            let statements: Arc<[Statement]> = statements.into();
+            self.exact
+                .insert(sql, statements.clone(), size_of_all(&statements));
+            return Ok(statements);
+        }
+
+        let (statements, shape_cacheable) = parse_and_classify(sql)?;
+        let statements: Arc<[Statement]> = statements.into();
+        self.exact
+            .insert(sql, statements.clone(), size_of_all(&statements));
+        if let Some(normalized) = normalized.filter(|_| shape_cacheable) {
+            // The texts of a later hit come from the scanner's split: only remember shapes
+            // whose split is the parser's, statement for statement.
+            let texts = guard(|| pg_query::split_with_scanner(sql)).ok();
+            let same_split = texts.is_some_and(|texts| {
+                texts.len() == statements.len()
+                    && texts
+                        .iter()
+                        .zip(statements.iter())
+                        .all(|(text, statement)| text.trim() == statement.text)
+            });
+            if same_split {
+                let shape: Arc<[Statement]> = statements
+                    .iter()
+                    .map(|statement| Statement {
+                        text: String::new(),
+                        ..statement.clone()
+                    })
+                    .collect();
+                let bytes = size_of_all(&shape);
+                self.shapes.insert(&normalized, shape, bytes);
+            }
+        }
+        Ok(statements)
+    }
+
+    /// How many SQL strings the exact-text cache holds now.
+    pub fn cached(&self) -> usize {
+        self.exact.len()
+    }
+
+    /// How many normalized texts the second cache holds now.
+    pub fn cached_shapes(&self) -> usize {
+        self.shapes.len()
+    }
+}
+
+impl fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Classifier")
+            .field("cached", &self.cached())
+            .field("cached_shapes", &self.cached_shapes())
+            .field("max_sql_len", &self.max_sql_len)
+            .finish()
+    }
+}
+
+/// Classifies without a cache (for one-off uses such as `portcullis policy explain`), refusing
+/// SQL longer than [`DEFAULT_MAX_SQL_LEN`].
+pub fn classify(sql: &str) -> Result<Vec<Statement>, ClassifyError> {
+    check_input(sql, DEFAULT_MAX_SQL_LEN)?;
+    Ok(parse_and_classify(sql)?.0)
+}
+
+fn check_input(sql: &str, max_sql_len: usize) -> Result<(), ClassifyError> {
+    if sql.len() > max_sql_len {
+        return Err(ClassifyError::TooLong {
+            len: sql.len(),
+            max: max_sql_len,
+        });
+    }
+    if let Some(position) = sql.find('\0') {
+        return Err(ClassifyError::NulByte { position });
+    }
+    Ok(())
+}
+
+/// The statements, and whether all of them may be remembered by their normalized text.
+fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError> {
+    let parsed =
+        guard(|| pg_query::parse(sql, ParserOptions::DEFAULT)).map_err(|error| match error {
+            // The one place pg_query's message pins down.
+            ClassifyError::Syntax { message, .. } if message.ends_with("at end of input") => {
+                ClassifyError::Syntax {
+                    message,
+                    position: Some(sql.len()),
+                }
+            }
+            other => other,
+        })?;
+    let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
+    let mut shape_cacheable = true;
+    for raw in &parsed.protobuf.stmts {
+        let text = statement_text(sql, raw.stmt_location, raw.stmt_len)?;
+        let tree = tree::Tree::build(&raw.stmt).map_err(|e| ClassifyError::TooDeep {
+            message: e.to_string(),
+        })?;
+        let facts = classify::facts(&tree)?;
+        shape_cacheable &= facts.shape_cacheable;
+        let fingerprint = guard(|| {
+            pg_query::fingerprint(
+                text,
+                ParserOptions::DEFAULT,
+                FingerprintOptions::RANGEVAR_PG17_COMPAT | FingerprintOptions::FULL_RELNAME,
+            )
+        })?
+        .value;
+        statements.push(Statement {
+            text: text.to_owned(),
+            class: facts.class,
+            command: facts.command,
+            tables: facts.tables,
+            functions: facts.functions,
+            fingerprint,
+        });
+    }
+    Ok((statements, shape_cacheable))
+}
+
+/// A remembered shape's statements with their texts from `sql`, if the scanner splits `sql`
+/// into as many statements.
+fn with_texts(sql: &str, shape: &[Statement]) -> Option<Vec<Statement>> {
+    let texts = guard(|| pg_query::split_with_scanner(sql)).ok()?;
+    if texts.len() != shape.len() {
+        return None;
+    }
+    Some(
+        texts
+            .iter()
+            .zip(shape)
+            .map(|(text, statement)| Statement {
+                text: text.trim().to_owned(),
+                ..statement.clone()
+            })
+            .collect(),
+    )
+}
+
+fn size_of_all(statements: &[Statement]) -> usize {
+    statements.iter().map(Statement::approximate_size).sum()
+}
+
+/// `stmt_location` and `stmt_len` are byte offsets into the string; a length of 0 means "to the
+/// end" (the last statement without a `;`).
+fn statement_text(sql: &str, location: i32, len: i32) -> Result<&str, ClassifyError> {
+    let range = usize::try_from(location)
+        .ok()
+        .zip(usize::try_from(len).ok())
+        .and_then(|(start, len)| {
+            let end = if len == 0 {
+                sql.len()
+            } else {
+                start.checked_add(len)?
+            };
+            sql.get(start..end)
+        });
+    range.map(str::trim).ok_or_else(|| ClassifyError::Parser {
+        message: format!("statement location {location}+{len} is outside the SQL"),
+    })
+}
+
+/// Runs a pg_query call, turning its errors, and a panic in its Rust wrapper (which indexes
+/// into the trees it builds), into a [`ClassifyError`].
+fn guard<T>(call: impl FnOnce() -> pg_query::Result<T>) -> Result<T, ClassifyError> {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(parser_error(error)),
+        Err(_) => Err(ClassifyError::Parser {
+            message: "pg_query panicked".to_owned(),
+        }),
+    }
+}
+
+fn parser_error(error: pg_query::Error) -> ClassifyError {
+    match error {
+        pg_query::Error::Parse(message)
+            if message.contains("stack depth limit exceeded")
+                || message.starts_with("memory exhausted") =>
+        {
+            ClassifyError::TooDeep { message }
+        }
+        pg_query::Error::Parse(message) => ClassifyError::Syntax {
+            message,
+            position: None,
+        },
+        pg_query::Error::Decode(_) => ClassifyError::TooDeep {
+            message: "the parse tree is more than 100 protobuf messages deep".to_owned(),
+        },
+        pg_query::Error::Conversion(error) => ClassifyError::NulByte {
+            position: error.nul_position(),
+        },
+        other => ClassifyError::Parser {
+            message: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,854 @@
+//! The PostgreSQL proxy end to end: a real PostgreSQL 15 (SCRAM, TLS) on loopback, the agent
+//! with a `protocol = "postgres"` target for the server's own address, and unchanged clients
+//! (psql, pgbench, pg_dump/pg_restore, psycopg, tokio-postgres) run inside the test cgroup, so
+//! their connects go through the real eBPF redirect. No client is given a password: the agent
+//! injects the target's credential.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use portcullis_e2e::postgres::{run_client, PasswordAuth, PgOptions, Postgres, RunAs};
+use portcullis_e2e::{e2e_enabled, Agent, Slot, TestCgroup};
+use serde_json::Value;
+
+const APP_PASSWORD: &str = "app-secret-never-shown";
+const ENGINEER: u32 = 4242;
+const READER: u32 = 65534;
+
+/// Everything allowed except DROP DATABASE; the reader uid may not write; the analyst uid
+/// reads through the `pii` masking profile.
+const POLICIES: &str = r#"
+@id("connect")
+permit (principal, action == Portcullis::Action::"connect", resource);
+
+@id("query")
+permit (principal, action == Portcullis::Action::"query", resource)
+unless { principal == Portcullis::User::"unix:4343" || principal == Portcullis::User::"unix:4444" };
+
+@id("analyst-read-masked")
+@mask("pii")
+permit (principal == Portcullis::User::"unix:4343", action == Portcullis::Action::"query", resource);
+
+@id("exporter-cards-masked")
+@mask("cards")
+permit (principal == Portcullis::User::"unix:4444", action == Portcullis::Action::"query", resource);
+
+@id("no-drop-database")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.command == "DROP DATABASE" };
+
+@id("reader-no-writes")
+forbid (principal == Portcullis::User::"unix:65534", action == Portcullis::Action::"query", resource)
+when { context.statement_class == "write" };
+"#;
+
+const MASKING: &str = r#"
+[profiles.pii]
+description = "Card numbers anywhere, email column redacted"
+
+[[profiles.pii.rules]]
+detector = "card_number"
+mask = "partial"
+keep_last = 4
+
+[[profiles.pii.rules]]
+column = "email"
+mask = "redact"
+replacement = "[redacted]"
+
+[profiles.cards]
+description = "Card numbers anywhere, nothing else"
+
+[[profiles.cards.rules]]
+detector = "card_number"
+mask = "partial"
+keep_last = 4
+
+# By table column, so an alias does not unmask it.
+[[profiles.pii.rules]]
+table_column = "public.customers.name"
+mask = "hash"
+"#;
+
+const ANALYST: u32 = 4343;
+const EXPORTER: u32 = 4444;
+
+struct PgFixture {
+    pg: Postgres,
+    cg: TestCgroup,
+    agent: Agent,
+    /// A world-readable copy of the agent's CA certificate for verify-full clients.
+    ca: PathBuf,
+    _files: tempfile::TempDir,
+}
+
+impl PgFixture {
+    fn new(name: &str, slot: u8) -> Self {
+        let pg = Postgres::start_with(PgOptions {
+            tls: true,
+            ..PgOptions::default()
+        });
+        pg.create_role("app", APP_PASSWORD, PasswordAuth::Scram);
+        pg.create_role("md5user", "md5-secret", PasswordAuth::Md5);
+        pg.create_role("clearuser", "clear-secret", PasswordAuth::Cleartext);
+        pg.create_database("app", Some("app"));
+        pg.psql(
+            "app",
+            "SET ROLE app; CREATE TABLE customers (id int PRIMARY KEY, name text, email text, card text, note text);
+             INSERT INTO customers VALUES
+               (1, 'Ada', 'ada@example.com', '4111 1111 1111 1111', 'paid with 4111111111111111 today'),
+               (2, 'Bob', 'bob@example.com', '5500-0000-0000-0004', 'no card here');
+             GRANT SELECT ON customers TO md5user, clearuser;",
+        );
+        let files = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            files.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let creds = files.path().join("credentials.toml");
+        std::fs::write(
+            &creds,
+            format!(
+                "[roles.app]\npassword = \"{APP_PASSWORD}\"\n[roles.md5user]\npassword = \"md5-secret\"\n[roles.clearuser]\npassword = \"clear-secret\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let cg = TestCgroup::new(name);
+        let extra = format!(
+            "[insecure]\nunix_identity_only = true\n\
+             [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+             [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\nmax_message_bytes = 1048576\n",
+            port = pg.port(),
+            ca = pg.ca_pem_path().display(),
+            creds = creds.display(),
+        );
+        let mut agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&extra), &[]);
+        let policies = agent.dir.path().join("policies");
+        std::fs::write(policies.join("pg.cedar"), POLICIES).unwrap();
+        std::fs::write(policies.join("masking.toml"), MASKING).unwrap();
+        agent.spawn();
+        let ca = files.path().join("agent-ca.pem");
+        std::fs::copy(agent.dir.path().join("state/ca/ca.pem"), &ca).unwrap();
+        std::fs::set_permissions(&ca, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        Self {
+            pg,
+            cg,
+            agent,
+            ca,
+            _files: files,
+        }
+    }
+
+    fn run_as(&self, uid: u32) -> RunAs<'_> {
+        RunAs {
+            uid: Some(uid),
+            cgroup: Some(&self.cg.path),
+        }
+    }
+
+    /// `psql` as `uid` through the redirect: user app, no password, the given sslmode.
+    fn psql(&self, uid: u32, user: &str, sslmode: &str, args: &[&str]) -> Output {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={user} dbname=app sslmode={sslmode} sslrootcert={}",
+            self.pg.port(),
+            self.ca.display()
+        );
+        let mut all = vec!["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo];
+        all.extend_from_slice(args);
+        run_client(
+            "psql",
+            &all,
+            &[("PGCONNECT_TIMEOUT", "10")],
+            self.run_as(uid),
+        )
+    }
+
+    fn conninfo(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=app sslmode=disable",
+            self.pg.port()
+        )
+    }
+
+    fn events_of(&self, kind: &str) -> Vec<Value> {
+        self.agent.events_of(kind)
+    }
+}
+
+/// A client program by path (not from PostgreSQL's bin directory), run as `run_as` says.
+fn client_at(program: PathBuf, run_as: RunAs<'_>) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    portcullis_e2e::exec_in_cgroup_as(&mut c, run_as.cgroup, run_as.uid);
+    c.stdin(std::process::Stdio::null());
+    c
+}
+
+fn pgclient_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_portcullis-pgclient"))
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn psql_connects_through_the_agent_with_verify_full_and_no_password() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-psql", 80);
+    for sslmode in ["verify-full", "require", "prefer", "disable"] {
+        let out = f.psql(
+            ENGINEER,
+            "app",
+            sslmode,
+            &[
+                "-c",
+                "SELECT current_user, (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "sslmode={sslmode}: {}{}\n{}",
+            stdout(&out),
+            stderr(&out),
+            f.agent.log()
+        );
+        // The agent's own session to the server always uses TLS (verify-full against the
+        // server's CA), whatever the client chose.
+        assert_eq!(stdout(&out).trim(), "app|t", "sslmode={sslmode}");
+    }
+    // md5 and cleartext upstream authentication with injected credentials.
+    for user in ["md5user", "clearuser"] {
+        let out = f.psql(
+            ENGINEER,
+            user,
+            "verify-full",
+            &["-c", "SELECT current_user, count(*) FROM customers"],
+        );
+        assert!(out.status.success(), "{user}: {}", stderr(&out));
+        assert_eq!(stdout(&out).trim(), format!("{user}|2"));
+    }
+    // No credential for the role: 28000 naming the role, and nothing of the file.
+    let out = f.psql(ENGINEER, "postgres", "verify-full", &["-c", "SELECT 1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no password for role `postgres`"),
+        "{}",
+        stderr(&out)
+    );
+
+    let opened = f.events_of("connection.opened");
+    assert!(opened
+        .iter()
+        .any(|e| e["db_user"] == "app" && e["db_name"] == "app" && e["origin"]["uid"] == ENGINEER));
+    let statements = f.events_of("statement.executed");
+    let select = statements
+        .iter()
+        .find(|e| {
+            e["statement"]
+                .as_str()
+                .is_some_and(|s| s.contains("pg_stat_ssl"))
+        })
+        .expect("a statement event for the SELECT");
+    assert_eq!(select["statement_class"], "read");
+    assert_eq!(select["decision"], "allow");
+    assert_eq!(select["command_tag"], "SELECT 1");
+    assert_eq!(select["rows"], 1);
+    assert!(select["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t == "pg_stat_ssl"));
+    let log = f.agent.log() + &serde_json::to_string(&f.agent.events()).unwrap();
+    assert!(
+        !log.contains(APP_PASSWORD),
+        "the credential leaked into the log or the audit trail"
+    );
+}
+
+#[test]
+fn denied_statements_return_42501_and_keep_the_session_usable() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-deny", 81);
+    let script = "DROP DATABASE app;
+SELECT 'after drop';
+BEGIN;
+SELECT 'in transaction';
+DROP DATABASE app;
+SELECT 'still in failed transaction';
+ROLLBACK;
+SELECT 'after rollback';
+SELEC broken;
+SELECT 'after syntax error';
+";
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &["-c", "DROP DATABASE app; SELECT 'after drop';"],
+    );
+    let text = stdout(&out);
+    let err = stderr(&out);
+    // psql -c with several statements sends one string: it is refused as a whole.
+    assert!(err.contains("42501"), "{err}");
+    assert!(!text.contains("after drop"));
+    // Statement by statement, as an interactive session or a script file would.
+    let file = f._files.path().join("script.sql");
+    std::fs::write(&file, format!("\\set VERBOSITY verbose\n{script}")).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = f.psql(ENGINEER, "app", "require", &["-f", file.to_str().unwrap()]);
+    let text = stdout(&out);
+    let err = stderr(&out);
+    assert!(
+        text.contains("after drop"),
+        "the session stays usable after a denial: {text}\n{err}"
+    );
+    assert!(
+        err.contains("42501") && err.contains("no-drop-database"),
+        "{err}"
+    );
+    assert!(text.contains("in transaction"));
+    assert!(
+        err.contains("current transaction is aborted"),
+        "a denial inside a transaction fails it, as PostgreSQL would: {err}"
+    );
+    assert!(!text.contains("still in failed transaction"));
+    assert!(text.contains("after rollback"));
+    assert!(err.contains("42601"), "unparsable SQL is refused: {err}");
+    assert!(text.contains("after syntax error"));
+    // The database still exists.
+    assert_eq!(
+        f.pg.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'app'"
+        )
+        .trim(),
+        "1"
+    );
+
+    // A write hidden in a CTE is a write.
+    let out = f.psql(
+        READER,
+        "app",
+        "require",
+        &[
+            "-c",
+            "WITH gone AS (DELETE FROM customers RETURNING *) SELECT count(*) FROM gone",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("reader-no-writes"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        f.pg.psql("app", "SELECT count(*) FROM customers").trim(),
+        "2"
+    );
+    let out = f.psql(
+        READER,
+        "app",
+        "require",
+        &["-c", "SELECT count(*) FROM customers"],
+    );
+    assert_eq!(stdout(&out).trim(), "2", "{}", stderr(&out));
+
+    let denied = f.events_of("statement.denied");
+    assert!(denied.iter().any(|e| e["command"] == "DROP DATABASE"
+        && e["policy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "no-drop-database")
+        && e["sqlstate"] == "42501"));
+    assert!(denied
+        .iter()
+        .any(|e| e["statement_class"] == "write" && e["origin"]["uid"] == READER));
+    assert!(denied.iter().any(|e| e["statement"]
+        .as_str()
+        .is_some_and(|s| s.contains("SELEC broken"))));
+}
+
+#[test]
+fn extended_protocol_is_enforced_at_parse_with_tokio_postgres() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-extended", 82);
+    let out = client_at(pgclient_bin(), f.run_as(READER))
+        .args([
+            f.conninfo("app").as_str(),
+            "SELECT id, name FROM customers ORDER BY id",
+            "DELETE FROM customers",
+            "SELECT count(*)::int4 FROM customers",
+            "SELEC nope",
+            "SELECT 'still here'::text",
+        ])
+        .output()
+        .unwrap();
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        lines[0]["rows"],
+        serde_json::json!([[1, "Ada"], [2, "Bob"]])
+    );
+    assert_eq!(lines[1]["code"], "42501", "{}", lines[1]);
+    assert_eq!(lines[2]["rows"], serde_json::json!([[2]]));
+    assert_eq!(lines[3]["code"], "42601");
+    assert_eq!(lines[4]["rows"], serde_json::json!([["still here"]]));
+}
+
+#[test]
+fn pgbench_runs_in_simple_extended_and_prepared_modes() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-pgbench", 83);
+    let conn = ["-h", "127.0.0.1", "-p"];
+    let port = f.pg.port().to_string();
+    let init = run_client(
+        "pgbench",
+        &[
+            &conn[..],
+            &[port.as_str(), "-U", "app", "-i", "-s", "1", "app"],
+        ]
+        .concat(),
+        &[("PGSSLMODE", "disable")],
+        f.run_as(ENGINEER),
+    );
+    assert!(init.status.success(), "{}", stderr(&init));
+    for mode in ["simple", "extended", "prepared"] {
+        let out = run_client(
+            "pgbench",
+            &[
+                &conn[..],
+                &[
+                    port.as_str(),
+                    "-U",
+                    "app",
+                    "-M",
+                    mode,
+                    "-c",
+                    "4",
+                    "-j",
+                    "2",
+                    "-t",
+                    "100",
+                    "app",
+                ],
+            ]
+            .concat(),
+            &[("PGSSLMODE", "require")],
+            f.run_as(ENGINEER),
+        );
+        let text = stdout(&out);
+        assert!(out.status.success(), "{mode}: {text}{}", stderr(&out));
+        assert!(
+            text.contains("number of transactions actually processed: 400/400"),
+            "{mode}: {text}"
+        );
+    }
+    assert!(f.events_of("statement.executed").len() > 1200);
+}
+
+#[test]
+fn pg_dump_and_pg_restore_round_trip() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-dump", 84);
+    f.pg.create_database("restored", Some("app"));
+    let dump = f._files.path().join("app.dump");
+    std::fs::File::create(&dump).unwrap();
+    std::os::unix::fs::chown(&dump, Some(ENGINEER), Some(ENGINEER)).unwrap();
+    let port = f.pg.port().to_string();
+    let base = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "app"];
+    let out = run_client(
+        "pg_dump",
+        &[&base[..], &["-Fc", "-f", dump.to_str().unwrap(), "app"]].concat(),
+        &[("PGSSLMODE", "require")],
+        f.run_as(ENGINEER),
+    );
+    assert!(out.status.success(), "pg_dump: {}", stderr(&out));
+    let out = run_client(
+        "pg_restore",
+        &[
+            &base[..],
+            &["-d", "restored", "--no-owner", dump.to_str().unwrap()],
+        ]
+        .concat(),
+        &[("PGSSLMODE", "require")],
+        f.run_as(ENGINEER),
+    );
+    assert!(out.status.success(), "pg_restore: {}", stderr(&out));
+    let checksum = |db: &str| {
+        f.pg.psql(
+            db,
+            "SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM customers c",
+        )
+    };
+    assert_eq!(checksum("app"), checksum("restored"));
+}
+
+#[test]
+fn cancel_of_pg_sleep_reaches_the_server_from_the_same_uid() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-cancel", 85);
+    let conninfo = format!(
+        "{} sslmode=require",
+        f.conninfo("app").replace(" sslmode=disable", "")
+    );
+    let script = format!(
+        "import psycopg, threading, time\n\
+         conn = psycopg.connect({conninfo:?}, autocommit=True)\n\
+         t = threading.Timer(1.0, conn.cancel)\n\
+         t.start()\n\
+         try:\n    conn.execute('SELECT pg_sleep(60)')\n    print('not cancelled')\n\
+         except psycopg.errors.QueryCanceled as e:\n    print('cancelled', e.sqlstate)\n\
+         print(conn.execute(\"SELECT 'usable'\").fetchone()[0])\n"
+    );
+    let out = client_at(portcullis_e2e::postgres::python(), f.run_as(ENGINEER))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("cancelled 57014"),
+        "{text}{}\n{}",
+        stderr(&out),
+        f.agent.log()
+    );
+    assert!(text.contains("usable"));
+}
+
+#[test]
+fn psycopg_listen_notify_pipeline_and_binary_results() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-psycopg", 86);
+    let conninfo = f.conninfo("app");
+    let script = format!(
+        "import psycopg\n\
+         listener = psycopg.connect({conninfo:?}, autocommit=True)\n\
+         listener.execute('LISTEN jobs')\n\
+         sender = psycopg.connect({conninfo:?}, autocommit=True)\n\
+         sender.execute(\"NOTIFY jobs, 'job 42'\")\n\
+         n = next(listener.notifies(timeout=10))\n\
+         print('notify', n.channel, n.payload)\n\
+         with sender.pipeline():\n\
+         \x20   c1 = sender.execute('SELECT %s::int + 1', [41])\n\
+         \x20   c2 = sender.execute('SELECT name FROM customers WHERE id = %s', [2])\n\
+         print('pipeline', c1.fetchone()[0], c2.fetchone()[0])\n\
+         cur = sender.cursor(binary=True)\n\
+         cur.execute('SELECT id, name FROM customers ORDER BY id')\n\
+         print('binary', cur.fetchall())\n"
+    );
+    let out = client_at(portcullis_e2e::postgres::python(), f.run_as(ENGINEER))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("notify jobs job 42"),
+        "{text}{}\n{}",
+        stderr(&out),
+        f.agent.log()
+    );
+    assert!(text.contains("pipeline 42 Bob"), "{text}");
+    assert!(text.contains("binary [(1, 'Ada'), (2, 'Bob')]"), "{text}");
+}
+
+#[test]
+fn copy_in_and_out_of_100_mb_keeps_every_byte() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-copy", 87);
+    f.pg.psql(
+        "app",
+        "SET ROLE app; CREATE TABLE blobs (id int, body text)",
+    );
+    let input = f._files.path().join("in.tsv");
+    {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+        let line: String = "x".repeat(1000);
+        for i in 0..100_000 {
+            writeln!(w, "{i}\t{line}{i}").unwrap();
+        }
+    }
+    std::fs::set_permissions(&input, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let output = f._files.path().join("out.tsv");
+    std::fs::File::create(&output).unwrap();
+    std::os::unix::fs::chown(&output, Some(ENGINEER), Some(ENGINEER)).unwrap();
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &["-c", &format!("\\copy blobs FROM '{}'", input.display())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &[
+            "-c",
+            &format!(
+                "\\copy (SELECT * FROM blobs ORDER BY id) TO '{}'",
+                output.display()
+            ),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = std::fs::read(&input).unwrap();
+    let b = std::fs::read(&output).unwrap();
+    assert!(a.len() > 100_000_000);
+    assert!(
+        a == b,
+        "COPY out differs from COPY in ({} vs {} bytes)",
+        a.len(),
+        b.len()
+    );
+    let copies = f.events_of("statement.executed");
+    assert!(copies
+        .iter()
+        .any(|e| e["command_tag"] == "COPY 100000" && e["statement_class"] == "write"));
+}
+
+#[test]
+fn card_numbers_are_masked_in_text_binary_and_copy() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-mask", 88);
+    let out = f.psql(
+        ANALYST,
+        "app",
+        "require",
+        &[
+            "-c",
+            "SELECT name, email, card, note FROM customers ORDER BY id",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !text.contains("4111 1111 1111 1111") && !text.contains("4111111111111111"),
+        "{text}"
+    );
+    assert!(!text.contains("ada@example.com"), "{text}");
+    assert!(
+        text.contains("[redacted]") && text.contains("1111"),
+        "{text}"
+    );
+    assert!(text.contains("no card here"));
+    // Binary result format (tokio-postgres asks for binary).
+    let out = client_at(pgclient_bin(), f.run_as(ANALYST))
+        .args([
+            f.conninfo("app").as_str(),
+            "SELECT card, email, id, note FROM customers ORDER BY id",
+        ])
+        .output()
+        .unwrap();
+    let line: Value = serde_json::from_str(stdout(&out).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    assert_eq!(
+        line["rows"],
+        serde_json::json!([
+            [
+                "**** **** **** 1111",
+                "[redacted]",
+                1,
+                "paid with ************1111 today"
+            ],
+            ["****-****-****-0004", "[redacted]", 2, "no card here"]
+        ]),
+        "{line}"
+    );
+    // COPY TO: a profile with column rules has no column names to go by in COPY output, so
+    // the session ends before a row leaves.
+    let out = f.psql(
+        ANALYST,
+        "app",
+        "require",
+        &["-c", "COPY customers TO STDOUT"],
+    );
+    assert!(!out.status.success());
+    assert!(!stdout(&out).contains("4111"), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("COPY output has no column names"),
+        "{}",
+        stderr(&out)
+    );
+    // A content-detector profile masks COPY output in text and csv.
+    for format in ["text", "csv"] {
+        let out = f.psql(
+            EXPORTER,
+            "app",
+            "require",
+            &["-c", &format!("COPY (SELECT id, card, note FROM customers ORDER BY id) TO STDOUT WITH (FORMAT {format})")],
+        );
+        let text = stdout(&out);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            !text.contains("4111")
+                && text.contains("**** **** **** 1111")
+                && text.contains("no card here"),
+            "{format}: {text}"
+        );
+    }
+    let out = f.psql(
+        EXPORTER,
+        "app",
+        "require",
+        &["-c", "COPY customers TO STDOUT WITH (FORMAT binary)"],
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("binary COPY output cannot be masked"),
+        "{}",
+        stderr(&out)
+    );
+    // The unmasked user sees the real values.
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &["-c", "SELECT card FROM customers WHERE id = 1"],
+    );
+    assert_eq!(stdout(&out).trim(), "4111 1111 1111 1111");
+    let executed = f.events_of("statement.executed");
+    assert!(executed
+        .iter()
+        .any(|e| e["masking_profile"] == "pii" && e["origin"]["uid"] == ANALYST));
+}
+
+#[test]
+fn malformed_and_oversized_messages_end_only_that_session() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-malformed", 89);
+    // A valid start-up, then garbage; then a message over max_message_bytes.
+    let script = format!(
+        "import socket, struct\n\
+         def startup():\n\
+         \x20   s = socket.create_connection(('127.0.0.1', {port}))\n\
+         \x20   body = struct.pack('!I', 196608) + b'user\\0app\\0database\\0app\\0\\0'\n\
+         \x20   s.sendall(struct.pack('!I', len(body) + 4) + body)\n\
+         \x20   data = b''\n\
+         \x20   while not data.endswith(b'Z\\0\\0\\0\\x05I'):\n\
+         \x20       chunk = s.recv(65536)\n\
+         \x20       if not chunk: break\n\
+         \x20       data += chunk\n\
+         \x20   return s\n\
+         s = startup()\n\
+         s.sendall(b'Q\\0\\0\\0\\x02')\n\
+         print('bad length answer', s.recv(65536)[:1])\n\
+         s = startup()\n\
+         s.sendall(b'Q' + struct.pack('!I', 50_000_000))\n\
+         print('oversized answer', s.recv(65536)[:1])\n\
+         s = startup()\n\
+         s.sendall(b'\\x01\\0\\0\\0\\x04')\n\
+         print('unknown tag answer', s.recv(65536)[:1])\n",
+        port = f.pg.port()
+    );
+    let out = client_at(PathBuf::from("/usr/bin/python3"), f.run_as(ENGINEER))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("bad length answer b'E'"),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert!(text.contains("oversized answer b'E'"), "{text}");
+    assert!(text.contains("unknown tag answer b'E'"), "{text}");
+    // The agent still serves others.
+    let out = f.psql(ENGINEER, "app", "require", &["-c", "SELECT 'alive'"]);
+    assert_eq!(stdout(&out).trim(), "alive", "{}", stderr(&out));
+    let closed = f.events_of("connection.closed");
+    let violations = closed
+        .iter()
+        .filter(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("protocol violation"))
+        })
+        .count();
+    assert_eq!(violations, 3, "{closed:#?}");
+}
+
+#[test]
+fn a_user_without_identity_gets_28000_and_the_login_hint() {
+    if !e2e_enabled() {
+        return;
+    }
+    let pg = Postgres::start_with(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    });
+    pg.create_role("app", APP_PASSWORD, PasswordAuth::Scram);
+    let files = tempfile::tempdir().unwrap();
+    let creds = files.path().join("credentials.toml");
+    std::fs::write(
+        &creds,
+        format!("[roles.app]\npassword = \"{APP_PASSWORD}\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cg = TestCgroup::new("pg-noident");
+    // No identity provider and no lab mode: nobody has an identity.
+    let extra = format!(
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {}\n\
+         [target.postgres]\nca_file = \"{}\"\ncredentials_file = \"{}\"\n",
+        pg.port(),
+        pg.ca_pem_path().display(),
+        creds.display()
+    );
+    let agent = Agent::start_with("pg-noident", Slot::new(90), &cg, &[], Some(&extra), &[]);
+    let out = run_client(
+        "psql",
+        &[
+            "-X",
+            "-d",
+            &format!(
+                "host=127.0.0.1 port={} user=app dbname=postgres sslmode=require",
+                pg.port()
+            ),
+            "-c",
+            "SELECT 1",
+        ],
+        &[],
+        RunAs {
+            uid: Some(ENGINEER),
+            cgroup: Some(&cg.path),
+        },
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("portcullis login"), "{err}\n{}", agent.log());
+    let refused = agent.events_of("connection.refused");
+    assert!(
+        refused.iter().any(|e| e["db_user"] == "app"),
+        "{refused:#?}"
+    );
+}
