@@ -119,8 +119,8 @@ pub const STATEMENT_CLASSES: [&str; 9] = [
 ];
 
 /// The circumstances of a request. Which fields an action uses is fixed by the schema: `query`
-/// needs `statement_class`, `command`, `db_user` and `db_name`; `ssh_exec` needs `command_line`. A field an
-/// action does not use is ignored; a field it needs but is `None` makes the request
+/// needs `statement_class`, `command`, `db_user` and `db_name`; `ssh_exec` needs `command_line`.
+/// A field an action does not use is ignored; a field it needs but is `None` makes the request
 /// unevaluable, and so denied.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Context {

@@ -110,6 +110,37 @@ fn analysts_read_masked_and_compliance_reads_in_clear() {
                 query(analyst(), staging_db(), "ddl"),
                 &[],
             ),
+            Row {
+                masks: &["pii"],
+                ..allow(
+                    "analyst opens a transaction",
+                    sql(analyst(), production_db(), "transaction", "BEGIN"),
+                    &["analysts-read"],
+                )
+            },
+            Row {
+                masks: &["pii"],
+                ..allow(
+                    "analyst sets a session setting",
+                    sql(analyst(), production_db(), "utility", "SET"),
+                    &["analysts-read"],
+                )
+            },
+            deny(
+                "analyst cannot switch roles",
+                sql(analyst(), production_db(), "dcl", "SET ROLE"),
+                &[],
+            ),
+            deny(
+                "analyst cannot run a DO block",
+                query(analyst(), production_db(), "do"),
+                &[],
+            ),
+            deny(
+                "analyst cannot call a procedure",
+                query(analyst(), production_db(), "call"),
+                &[],
+            ),
             allow(
                 "compliance reads in clear",
                 query(officer(), production_db(), "read"),
@@ -216,17 +247,37 @@ fn production_changes_need_approval_windows_and_never_drop() {
             ),
             deny(
                 "nobody drops a production database, not even a dba in the window",
-                at(query(dba(), production_db(), "drop_database"), 2, 19),
+                at(drop_database(dba(), production_db()), 2, 19),
                 &["no-drop-database-production"],
             ),
             deny(
-                "nobody truncates a production table",
-                query(engineer(), production_db(), "truncate"),
+                "nobody truncates a production table, not even a dba in the window",
+                at(truncate(dba(), production_db()), 4, 20),
                 &["no-truncate-production"],
             ),
             deny(
-                "truncating staging is simply not permitted",
-                query(engineer(), staging_db(), "truncate"),
+                "an engineer truncates nothing: it is ddl",
+                truncate(engineer(), staging_db()),
+                &[],
+            ),
+            allow(
+                "a dba may truncate staging: it is ddl",
+                truncate(dba(), staging_db()),
+                &["dba-ddl-staging"],
+            ),
+            allow(
+                "other ddl in the window is not caught by the guardrails",
+                at(sql(dba(), production_db(), "ddl", "DROP TABLE"), 2, 19),
+                &["dba-ddl-change-window"],
+            ),
+            allow(
+                "engineer commits a transaction on production without approval",
+                sql(engineer(), production_db(), "transaction", "COMMIT"),
+                &["engineers-read"],
+            ),
+            deny(
+                "engineer cannot grant",
+                sql(engineer(), staging_db(), "dcl", "GRANT"),
                 &[],
             ),
             allow(

@@ -12,7 +12,9 @@
 mod common;
 
 use common::*;
-use portcullis_policy::{Action, Effect, Obligation, PolicySet, Principal, Request};
+use portcullis_policy::{
+    Action, Effect, Obligation, PolicySet, Principal, Request, STATEMENT_CLASSES,
+};
 
 const MASKING: &str = r#"
 [profiles.pii]
@@ -60,7 +62,22 @@ permit (principal, action == Portcullis::Action::"query", resource);
 @id("no-drop")
 @description("Nobody drops a database")
 forbid (principal, action == Portcullis::Action::"query", resource)
-when { context.statement_class == "drop_database" };
+when { context.command == "DROP DATABASE" };
+"#;
+
+const DDL_BUT_NO_TRUNCATE: &str = r#"
+@id("ddl")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.statement_class == "ddl" };
+@id("no-truncate")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.command == "TRUNCATE" };
+"#;
+
+const SESSION_HOUSEKEEPING: &str = r#"
+@id("housekeeping")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { ["read", "transaction", "utility"].contains(context.statement_class) };
 "#;
 
 const PROD_LABEL: &str = r#"
@@ -142,6 +159,8 @@ fn rows() -> Vec<Row> {
     no_class.context.statement_class = None;
     let mut no_command = exec(service("ci"), ssh_host(), "x");
     no_command.context.command_line = None;
+    let mut no_sql_command = query(analyst(), staging_db(), "read");
+    no_sql_command.context.command = None;
     let mut no_db_user = query(analyst(), staging_db(), "read");
     no_db_user.context.db_user = None;
     let mut bad_hour = query(analyst(), staging_db(), "read");
@@ -338,7 +357,7 @@ fn rows() -> Vec<Row> {
         Row {
             name: "forbid wins over permit",
             policies: READ_BUT_NO_DROP,
-            request: query(analyst(), production_db(), "drop_database"),
+            request: drop_database(analyst(), production_db()),
             want: Want::Deny,
             matched: &["no-drop"],
             masks: &[],
@@ -352,6 +371,51 @@ fn rows() -> Vec<Row> {
             matched: &["everyone-query"],
             masks: &[],
             reason: "everyone-query",
+        },
+        Row {
+            name: "forbid by command does not reach other commands of the class",
+            policies: READ_BUT_NO_DROP,
+            request: sql(analyst(), production_db(), "ddl", "DROP TABLE"),
+            want: Want::Allow,
+            matched: &["everyone-query"],
+            masks: &[],
+            reason: "everyone-query",
+        },
+        Row {
+            name: "forbid by command singles out truncate",
+            policies: DDL_BUT_NO_TRUNCATE,
+            request: truncate(analyst(), production_db()),
+            want: Want::Deny,
+            matched: &["no-truncate"],
+            masks: &[],
+            reason: "forbidden by `no-truncate`",
+        },
+        Row {
+            name: "other ddl passes a truncate forbid",
+            policies: DDL_BUT_NO_TRUNCATE,
+            request: query(analyst(), production_db(), "ddl"),
+            want: Want::Allow,
+            matched: &["ddl"],
+            masks: &[],
+            reason: "ddl",
+        },
+        Row {
+            name: "a set of classes admits transaction control",
+            policies: SESSION_HOUSEKEEPING,
+            request: sql(analyst(), staging_db(), "transaction", "BEGIN"),
+            want: Want::Allow,
+            matched: &["housekeeping"],
+            masks: &[],
+            reason: "housekeeping",
+        },
+        Row {
+            name: "a set of classes does not admit a DO block",
+            policies: SESSION_HOUSEKEEPING,
+            request: query(analyst(), staging_db(), "do"),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "denied by default",
         },
         Row {
             name: "tables touched",
@@ -525,6 +589,15 @@ fn rows() -> Vec<Row> {
             reason: "lacks context `command_line`",
         },
         Row {
+            name: "missing SQL command is denied",
+            policies: r#"@id("all") permit (principal, action, resource);"#,
+            request: no_sql_command,
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "lacks context `command`",
+        },
+        Row {
             name: "missing database user is denied",
             policies: r#"@id("all") permit (principal, action, resource);"#,
             request: no_db_user,
@@ -541,6 +614,15 @@ fn rows() -> Vec<Row> {
             matched: &[],
             masks: &[],
             reason: "unknown statement class `select`",
+        },
+        Row {
+            name: "a retired statement class is unknown",
+            policies: r#"@id("all") permit (principal, action, resource);"#,
+            request: query(analyst(), staging_db(), "drop_database"),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "unknown statement class `drop_database`",
         },
         Row {
             name: "hour out of range is denied",
@@ -695,6 +777,39 @@ fn rule_shapes_decide_as_intended() {
 }
 
 #[test]
+fn every_statement_class_of_the_classifier_is_evaluable() {
+    let set =
+        load(r#"@id("all") permit (principal, action == Portcullis::Action::"query", resource);"#);
+    assert_eq!(
+        STATEMENT_CLASSES,
+        [
+            "read",
+            "write",
+            "ddl",
+            "dcl",
+            "transaction",
+            "utility",
+            "admin",
+            "call",
+            "do"
+        ]
+    );
+    for class in STATEMENT_CLASSES {
+        let decision = set.decide(&query(user("alice", &[]), staging_db(), class));
+        assert_eq!(
+            decision.effect,
+            Effect::Allow,
+            "{class}: {}",
+            decision.reason
+        );
+    }
+    for retired in ["drop_database", "truncate", "other"] {
+        let decision = set.decide(&query(user("alice", &[]), staging_db(), retired));
+        assert_eq!(decision.effect, Effect::Deny, "{retired}");
+    }
+}
+
+#[test]
 fn deciding_is_repeatable() {
     let set = load(TWO_APPROVALS);
     let request = query(user("alice", &[]), production_db(), "write");
@@ -717,7 +832,7 @@ permit (principal, action in Portcullis::Action::"ssh", resource);
 permit (principal, action == Portcullis::Action::"query", resource == Portcullis::Target::"db-prod");
 @id("no-drop")
 forbid (principal, action == Portcullis::Action::"query", resource)
-when { context.statement_class == "drop_database" };
+when { context.command == "DROP DATABASE" };
 @id("admins")
 permit (principal in Portcullis::Group::"admins", action, resource);
 "#,
@@ -731,15 +846,14 @@ permit (principal in Portcullis::Group::"admins", action, resource);
         "only-prod (rules/policies.cedar line 7, column 1): not applicable: its resource scope does not include Portcullis::Target::\"db-staging\"",
         "no-drop (rules/policies.cedar line 9, column 1): in scope, conditions not met",
         "admins (rules/policies.cedar line 12, column 1): not applicable: its principal scope does not include Portcullis::User::\"alice\"",
-        "statement class `write`",
+        "statement class `write`, SQL command `INSERT`",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
 
-    let explanation = set.explain(&query(
+    let explanation = set.explain(&drop_database(
         user("root", &["admins", "analysts"]),
         staging_db(),
-        "drop_database",
     ));
     let text = explanation.to_string();
     assert!(text.contains("forbid no-drop"), "{text}");

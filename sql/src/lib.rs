@@ -49,9 +49,11 @@
 //! - Names are as written, folded like PostgreSQL folds them: `Orders` is `orders`, `"Orders"`
 //!   stays `Orders`, `hr.payroll` stays qualified. The classifier cannot know the session's
 //!   `search_path`, so an unqualified `payroll` may be `hr.payroll`: match both.
-//! - What does not parse is an error, and so is a tree more than about 100 protobuf messages
-//!   deep (pg_query's decoder limit: roughly 20 nested subqueries, or 45 chained `||`): the
-//!   caller denies both (fail closed). Replication-protocol commands are not SQL and do not parse.
+//! - What does not parse is an error, and so is a tree more than 100 protobuf messages deep
+//!   (prost's decoder limit, which pg_query keeps: at most 15 nested scalar subqueries, 22 nested
+//!   FROM subqueries or CASEs, 46 chained binary operators such as `a || b || ...`; flat lists
+//!   such as `AND` chains and `IN (...)` are not limited): the caller denies both (fail closed).
+//!   Replication-protocol commands are not SQL and do not parse.
 
 mod cache;
 mod classify;
@@ -200,8 +202,8 @@ pub enum ClassifyError {
 /// Two bounded caches: exact SQL text to its statements (a hit costs a hash lookup), and
 /// normalized text (constants replaced by `$n`, see `pg_query::normalize`) to the statements'
 /// facts, so the same query with other constants skips the full parse (a hit costs a raw parse
-/// without the protobuf round trip, about a fifth of a classification). The second key is the
-/// whole normalized text, compared for equality: never a hash or fingerprint alone, which a
+/// without the protobuf round trip: about 9 µs against 45 µs, release build). The second key is
+/// the whole normalized text, compared for equality: never a hash or fingerprint alone, which a
 /// client could make collide (and pg_query's fingerprint ignores schema names, aliases and
 /// anything nested deeper than 100 nodes).
 pub struct Classifier {
