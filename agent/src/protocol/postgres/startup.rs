@@ -84,6 +84,10 @@ pub async fn run(
     let result = admit(proxy, shared, &incoming, &mut client, &startup, identity).await;
     let mut admitted = match result {
         Ok(a) => a,
+        Err((e, _, RECORDED, _)) => {
+            send_error(&mut client, &e).await;
+            return;
+        }
         Err((e, identity, decision, policy_ids)) => {
             record(
                 proxy,
@@ -124,7 +128,12 @@ struct Admitted<'s> {
     cancel_key: super::cancel::CancelKey<'s>,
 }
 
+/// The error, the identity, the decision word for the refusal event (or [`RECORDED`]) and
+/// the deciding policies.
 type Refused = (PgError, Option<Identity>, &'static str, Vec<String>);
+
+/// A failure after `connection.opened` was written: its `connection.closed` tells the end.
+const RECORDED: &str = "recorded";
 
 /// Everything after the start-up packet: identity, policy, credential, upstream session,
 /// the opened event and the client's AuthenticationOk.
@@ -210,48 +219,61 @@ async fn admit<'s>(
     let upstream_addr = proxy
         .upstream_addr(target, &incoming.origin)
         .map_err(|e| fail(PgError::Internal(e)))?;
-    let tcp = proxy.connect_upstream(upstream_addr).await.map_err(|e| {
-        fail(PgError::Upstream(super::upstream::UpstreamError::Io(
-            std::io::Error::new(
+    // The opened event's fsync and the server's start-up (TCP, TLS, SCRAM) overlap: both must
+    // be done before the client hears AuthenticationOk, so nothing is forwarded unrecorded.
+    let upstream_startup = upstream_startup(startup);
+    let server = async {
+        let tcp = proxy.connect_upstream(upstream_addr).await.map_err(|e| {
+            super::upstream::UpstreamError::Io(std::io::Error::new(
                 e.kind(),
                 format!("upstream {upstream_addr} unreachable: {e}"),
-            ),
-        )))
-    })?;
-    let upstream_startup = upstream_startup(startup);
-    let upstream = establish(
-        tcp,
-        upstream_addr,
-        pg,
-        shared.upstream_tls(target.id),
-        &upstream_startup,
-        &password,
-        pg.max_message_bytes,
-    )
-    .await
-    .map_err(|e| fail(PgError::Upstream(e)))?;
-    drop(password);
-    let cancel_key = shared
-        .cancels
-        .register(CancelTarget {
-            uid: incoming.origin.uid,
-            target_id: target.id,
-            upstream: upstream_addr,
-            process_id: upstream.process_id,
-            secret_key: upstream.secret_key.clone(),
-        })
-        .map_err(|_| fail(PgError::Internal("no randomness for the cancel key".into())))?;
-    let mut open = proxy
-        .open(Opening {
-            incoming,
-            identity: &identity,
-            upstream: upstream_addr,
-            policy_ids,
-            db_user: Some(db_user.to_string()),
-            db_name: Some(db_name.to_string()),
-        })
+            ))
+        })?;
+        establish(
+            tcp,
+            upstream_addr,
+            pg,
+            shared.upstream_tls(target.id),
+            &upstream_startup,
+            &password,
+            pg.max_message_bytes,
+        )
         .await
-        .map_err(|e| fail(PgError::Capacity(e)))?;
+    };
+    let opening = proxy.open(Opening {
+        incoming,
+        identity: &identity,
+        upstream: upstream_addr,
+        policy_ids,
+        db_user: Some(db_user.to_string()),
+        db_name: Some(db_name.to_string()),
+    });
+    let (open, upstream) = tokio::join!(opening, server);
+    drop(password);
+    let mut open = open.map_err(|e| fail(PgError::Capacity(e)))?;
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            // Already recorded as opened: its closed event says why, instead of a refusal.
+            let e = PgError::Upstream(e);
+            open.set_end(e.to_string());
+            return Err((e, Some(identity.clone()), RECORDED, Vec::new()));
+        }
+    };
+    let cancel_key = match shared.cancels.register(CancelTarget {
+        uid: incoming.origin.uid,
+        target_id: target.id,
+        upstream: upstream_addr,
+        process_id: upstream.process_id,
+        secret_key: upstream.secret_key.clone(),
+    }) {
+        Ok(k) => k,
+        Err(_) => {
+            let e = PgError::Internal("no randomness for the cancel key".into());
+            open.set_end(e.to_string());
+            return Err((e, Some(identity.clone()), RECORDED, Vec::new()));
+        }
+    };
     // The client's side of the start-up, now that the server has accepted the session.
     let mut out = BytesMut::new();
     let unrecognized: Vec<String> = startup
