@@ -382,6 +382,30 @@ fn policy_check_and_explain_work_offline() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("decision:"), "{text}");
     assert!(text.contains("policies considered"), "{text}");
+
+    // explain --sql classifies as the proxy does, one explanation per statement.
+    let out = Command::new(&bin)
+        .args(["policy", "explain", "--config"])
+        .arg(&cfg)
+        .arg("--policy-dir")
+        .arg(examples.join("production-changes"))
+        .args(["--user", "alice", "--group", "dba", "--target", "billing-db"])
+        .args(["--db-user", "app", "--db-name", "billing"])
+        .args(["--sql", "SELECT 1; DROP DATABASE billing"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("-- statement 2: DROP DATABASE billing"), "{text}");
+    assert!(text.contains("no-drop-database-production"), "{text}");
+    let out = Command::new(&bin)
+        .args(["policy", "explain", "--config"])
+        .arg(&cfg)
+        .args(["--user", "alice", "--target", "billing-db", "--sql", "SELEC 1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not parse"));
 }
 
 #[test]

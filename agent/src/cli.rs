@@ -246,6 +246,13 @@ struct ExplainArgs {
     time: Option<i64>,
     #[arg(long)]
     statement_class: Option<String>,
+    /// The statement's command, upper case (`SELECT`, `DROP DATABASE`).
+    #[arg(long)]
+    command: Option<String>,
+    /// A SQL string: classified as the proxy does (class, command, tables, functions), one
+    /// explanation per statement; implies `--action query`.
+    #[arg(long, conflicts_with_all = ["statement_class", "command", "tables"])]
+    sql: Option<String>,
     #[arg(long = "table")]
     tables: Vec<String>,
     #[arg(long)]
@@ -746,6 +753,8 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 uid,
                 time,
                 statement_class,
+                command,
+                sql,
                 tables,
                 db_user,
                 db_name,
@@ -759,10 +768,14 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 .iter()
                 .find(|t| t.name == target)
                 .with_context(|| format!("no target named `{target}` in {}", config.display()))?;
-            let action = portcullis_policy::Action::ALL
-                .into_iter()
-                .find(|a| a.cedar_name() == action)
-                .with_context(|| format!("unknown action `{action}`"))?;
+            let action = if sql.is_some() {
+                portcullis_policy::Action::Query
+            } else {
+                portcullis_policy::Action::ALL
+                    .into_iter()
+                    .find(|a| a.cedar_name() == action)
+                    .with_context(|| format!("unknown action `{action}`"))?
+            };
             let principal = match (user, service) {
                 (_, Some(name)) => portcullis_policy::Principal {
                     kind: portcullis_policy::PrincipalKind::Service,
@@ -784,17 +797,33 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 time.unwrap_or_else(|| i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0));
             let mut context = crate::policy::base_context(&comm, uid, now);
             context.statement_class = statement_class;
+            context.command = command;
             context.tables = tables;
             context.db_user = db_user;
             context.db_name = db_name;
             context.command_line = command_line;
-            let request = portcullis_policy::Request {
+            let mut request = portcullis_policy::Request {
                 principal,
                 action,
                 target: crate::policy::target(t),
                 context,
             };
-            print!("{}", set.explain(&request));
+            let Some(sql) = sql else {
+                print!("{}", set.explain(&request));
+                return Ok(ExitCode::SUCCESS);
+            };
+            let statements = portcullis_sql::classify(&sql)
+                .map_err(|e| anyhow::anyhow!("the SQL does not parse, so the proxy refuses it: {e}"))?;
+            for (i, statement) in statements.iter().enumerate() {
+                if statements.len() > 1 {
+                    println!("-- statement {}: {}", i + 1, statement.text);
+                }
+                request.context.statement_class = Some(statement.class.as_str().to_string());
+                request.context.command = Some(statement.command.clone());
+                request.context.tables = statement.tables.clone();
+                request.context.functions = statement.functions.clone();
+                print!("{}", set.explain(&request));
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
