@@ -33,6 +33,9 @@ permit (principal == Portcullis::User::"unix:4343", action == Portcullis::Action
 @mask("cards")
 permit (principal == Portcullis::User::"unix:4444", action == Portcullis::Action::"query", resource);
 
+@id("replicator-may-replicate")
+permit (principal == Portcullis::User::"unix:4545", action == Portcullis::Action::"replicate", resource);
+
 @id("no-drop-database")
 forbid (principal, action == Portcullis::Action::"query", resource)
 when { context.command == "DROP DATABASE" };
@@ -72,6 +75,7 @@ mask = "hash"
 
 const ANALYST: u32 = 4343;
 const EXPORTER: u32 = 4444;
+const REPLICATOR: u32 = 4545;
 
 struct PgFixture {
     pg: Postgres,
@@ -110,7 +114,7 @@ impl PgFixture {
         std::fs::write(
             &creds,
             format!(
-                "[roles.app]\npassword = \"{APP_PASSWORD}\"\n[roles.md5user]\npassword = \"md5-secret\"\n[roles.clearuser]\npassword = \"clear-secret\"\n"
+                "[roles.app]\npassword = \"{APP_PASSWORD}\"\n[roles.md5user]\npassword = \"md5-secret\"\n[roles.clearuser]\npassword = \"clear-secret\"\n[roles.repl]\npassword = \"repl-secret\"\n"
             ),
         )
         .unwrap();
@@ -1004,5 +1008,51 @@ fn an_interactive_psql_session_in_tmux_works_through_the_agent() {
             .as_str()
             .is_some_and(|s| s.contains("interactive"))
             && e["origin"]["comm"] == "psql"
+    });
+}
+
+#[test]
+fn replication_connections_need_a_replicate_permit() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-replication", 93);
+    f.pg.create_role("repl", "repl-secret", PasswordAuth::Scram);
+    f.pg.psql("postgres", "ALTER ROLE repl REPLICATION");
+    let hba = f.pg.psql("postgres", "SHOW hba_file");
+    let mut text = std::fs::read_to_string(hba.trim()).unwrap();
+    text.push_str("host replication repl 127.0.0.1/32 scram-sha-256\n");
+    std::fs::write(hba.trim(), text).unwrap();
+    f.pg.psql("postgres", "SELECT pg_reload_conf()");
+    let replication = |uid: u32| {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=repl dbname=app replication=database sslmode=require",
+            f.pg.port()
+        );
+        run_client(
+            "psql",
+            &["-X", "-A", "-t", "-d", &conninfo, "-c", "IDENTIFY_SYSTEM"],
+            &[],
+            f.run_as(uid),
+        )
+    };
+    // The engineer may connect and query, but nobody permitted replication.
+    let out = replication(ENGINEER);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("replicate"), "{}", stderr(&out));
+    // The replicator's walsender command runs, decided and recorded as an admin statement.
+    let out = replication(REPLICATOR);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), f.agent.log());
+    let system_id = f.pg.psql(
+        "postgres",
+        "SELECT system_identifier FROM pg_control_system()",
+    );
+    assert!(
+        stdout(&out).starts_with(system_id.trim()),
+        "{}",
+        stdout(&out)
+    );
+    f.wait_event("statement.executed", |e| {
+        e["command"] == "IDENTIFY_SYSTEM" && e["statement_class"] == "admin"
     });
 }

@@ -812,8 +812,9 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 print!("{}", set.explain(&request));
                 return Ok(ExitCode::SUCCESS);
             };
-            let statements = portcullis_sql::classify(&sql)
-                .map_err(|e| anyhow::anyhow!("the SQL does not parse, so the proxy refuses it: {e}"))?;
+            let statements = portcullis_sql::classify(&sql).map_err(|e| {
+                anyhow::anyhow!("the SQL does not parse, so the proxy refuses it: {e}")
+            })?;
             for (i, statement) in statements.iter().enumerate() {
                 if statements.len() > 1 {
                     println!("-- statement {}: {}", i + 1, statement.text);

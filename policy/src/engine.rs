@@ -457,7 +457,7 @@ impl PolicySet {
             ("source_uid".to_owned(), long(i64::from(context.source_uid))),
         ];
         match action {
-            Action::Connect => {
+            Action::Connect | Action::Replicate => {
                 for (field, value) in [("db_user", &context.db_user), ("db_name", &context.db_name)]
                 {
                     if let Some(value) = value {

@@ -44,6 +44,9 @@ pub struct Target {
 pub enum Action {
     /// Open a connection to the target at all.
     Connect,
+    /// Open a PostgreSQL replication connection (streaming WAL or logical changes); asked in
+    /// addition to `connect`, so a policy that permits `connect` does not permit it.
+    Replicate,
     /// Run one PostgreSQL statement; its class is `Context::statement_class`, its command
     /// `Context::command`.
     Query,
@@ -61,7 +64,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in the order the engine indexes them.
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 8] = [
         Action::Connect,
         Action::Query,
         Action::SshShell,
@@ -69,12 +72,14 @@ impl Action {
         Action::SshSftp,
         Action::SshPortForward,
         Action::SshAgentForward,
+        Action::Replicate,
     ];
 
     /// The action's id in the Cedar schema: `Portcullis::Action::"<cedar_name>"`.
     pub fn cedar_name(self) -> &'static str {
         match self {
             Action::Connect => "connect",
+            Action::Replicate => "replicate",
             Action::Query => "query",
             Action::SshShell => "ssh_shell",
             Action::SshExec => "ssh_exec",
@@ -93,6 +98,7 @@ impl Action {
             Action::SshSftp => 4,
             Action::SshPortForward => 5,
             Action::SshAgentForward => 6,
+            Action::Replicate => 7,
         }
     }
 }

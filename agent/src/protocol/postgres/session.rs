@@ -143,6 +143,9 @@ pub struct Session<'a> {
     /// notifications, which belong to no statement.
     session_masker: Option<Arc<Masker>>,
     txn: TransactionStatus,
+    /// A replication connection (policy permitted `replicate`): its walsender commands are
+    /// not SQL and are decided as `admin` statements named by their command.
+    replication: bool,
 }
 
 enum Flow {
@@ -164,6 +167,7 @@ impl<'a> Session<'a> {
         db_user: &str,
         db_name: &str,
         max_len: usize,
+        replication: bool,
     ) -> Self {
         Self {
             proxy,
@@ -181,6 +185,7 @@ impl<'a> Session<'a> {
             copy_out: false,
             session_masker: None,
             txn: TransactionStatus::Idle,
+            replication,
         }
     }
 
@@ -402,6 +407,39 @@ impl<'a> Session<'a> {
     fn on_query(&mut self, msg: &RawMessage, sql: &str, to_server: &mut BytesMut) {
         let parsed = match self.shared.classifier.classify(sql) {
             Ok(p) => p,
+            Err(_) if self.replication && replication_command(sql).is_some() => {
+                let command = replication_command(sql).unwrap_or_default();
+                let info = StatementInfo {
+                    text: sql.trim().to_string(),
+                    class: Some("admin".into()),
+                    command: Some(command.to_string()),
+                    tables: Vec::new(),
+                    functions: Vec::new(),
+                };
+                let set = self.proxy.policies().current();
+                match self.decide(&set, &info) {
+                    Ok(verdict) => {
+                        let mut statements = VecDeque::new();
+                        statements.push_back(Running {
+                            info,
+                            parameters: Vec::new(),
+                            verdict,
+                            plan: None,
+                            started: Instant::now(),
+                        });
+                        self.expect.push_back(Expect::Query(Box::new(SimpleQuery {
+                            statements,
+                            failed: false,
+                        })));
+                        to_server.extend_from_slice(&msg.frame);
+                    }
+                    Err((e, decision, ids)) => {
+                        self.record_denied(&info, &[], decision, &ids, &e.to_string());
+                        self.inject_denied_query(e, to_server);
+                    }
+                }
+                return;
+            }
             Err(e) => {
                 let info = unparsed(sql);
                 self.record_denied(&info, &[], "error", &[], &e.to_string());
@@ -1405,6 +1443,23 @@ impl<'a> Session<'a> {
         tracing::info!(statement = %info.text, %decision, reason, "statement refused");
         self.proxy.audit().record(&ev);
     }
+}
+
+/// The walsender command a replication connection sends (PostgreSQL docs, "Streaming
+/// Replication Protocol"), if `sql` is one.
+fn replication_command(sql: &str) -> Option<&'static str> {
+    const COMMANDS: [&str; 8] = [
+        "IDENTIFY_SYSTEM",
+        "TIMELINE_HISTORY",
+        "CREATE_REPLICATION_SLOT",
+        "READ_REPLICATION_SLOT",
+        "DROP_REPLICATION_SLOT",
+        "ALTER_REPLICATION_SLOT",
+        "START_REPLICATION",
+        "BASE_BACKUP",
+    ];
+    let first = sql.split_whitespace().next()?.trim_end_matches(';');
+    COMMANDS.into_iter().find(|c| c.eq_ignore_ascii_case(first))
 }
 
 fn unparsed(sql: &str) -> StatementInfo {

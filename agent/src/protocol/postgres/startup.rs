@@ -114,6 +114,7 @@ pub async fn run(
         &db_user,
         &db_name,
         pg.max_message_bytes,
+        startup.is_replication(),
     );
     let end = session.run(client, buf, admitted.upstream).await;
     admitted.open.set_end(end);
@@ -207,12 +208,28 @@ async fn admit<'s>(
         }
     }
     if startup.is_replication() {
-        return Err((
-            PgError::Refused("replication connections are not allowed through Portcullis".into()),
-            Some(identity.clone()),
-            "deny",
-            policy_ids,
-        ));
+        // Decided on top of connect: permitting connect does not permit replication.
+        request.action = portcullis_policy::Action::Replicate;
+        let decision = proxy.policies().decide(&request);
+        let ids: Vec<String> = decision
+            .matched
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect();
+        if decision.effect != Effect::Allow {
+            return Err((
+                PgError::ConnectDenied {
+                    reason: format!(
+                        "replication connections need a policy that permits action `replicate`: {}",
+                        decision.reason
+                    ),
+                    policy_ids: ids.clone(),
+                },
+                Some(identity.clone()),
+                "deny",
+                ids,
+            ));
+        }
     }
     let password = credential(pg.credentials_file.get_ref(), db_user)
         .map_err(|e| fail(PgError::Upstream(e)))?;
@@ -325,12 +342,13 @@ async fn admit<'s>(
 }
 
 /// What the agent sends the server: the client's parameters (application_name,
-/// client_encoding, DateStyle, …) for the same user and database, protocol 3.0.
+/// client_encoding, DateStyle, `replication` once policy allowed it, …) for the same user
+/// and database, protocol 3.0.
 fn upstream_startup(client: &StartupMessage) -> StartupMessage {
     let params = client
         .params
         .iter()
-        .filter(|(k, _)| !k.starts_with("_pq_.") && k != "replication")
+        .filter(|(k, _)| !k.starts_with("_pq_."))
         .cloned()
         .collect();
     StartupMessage::new(params)
