@@ -389,19 +389,40 @@ fn policy_check_and_explain_work_offline() {
         .arg(&cfg)
         .arg("--policy-dir")
         .arg(examples.join("production-changes"))
-        .args(["--user", "alice", "--group", "dba", "--target", "billing-db"])
+        .args([
+            "--user",
+            "alice",
+            "--group",
+            "dba",
+            "--target",
+            "billing-db",
+        ])
         .args(["--db-user", "app", "--db-name", "billing"])
         .args(["--sql", "SELECT 1; DROP DATABASE billing"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("-- statement 2: DROP DATABASE billing"), "{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("-- statement 2: DROP DATABASE billing"),
+        "{text}"
+    );
     assert!(text.contains("no-drop-database-production"), "{text}");
     let out = Command::new(&bin)
         .args(["policy", "explain", "--config"])
         .arg(&cfg)
-        .args(["--user", "alice", "--target", "billing-db", "--sql", "SELEC 1"])
+        .args([
+            "--user",
+            "alice",
+            "--target",
+            "billing-db",
+            "--sql",
+            "SELEC 1",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -4,6 +4,14 @@
 //! their connects go through the real eBPF redirect. No client is given a password: the agent
 //! injects the target's credential.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed expectation should stop the test loudly"
+)]
+
 use std::path::PathBuf;
 use std::process::Output;
 

@@ -328,6 +328,10 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 impl Proxy {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the agent's parts, wired once at start"
+    )]
     pub fn new(
         config: Arc<Config>,
         targets: Arc<Vec<ProtectedTarget>>,

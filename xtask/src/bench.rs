@@ -41,17 +41,26 @@ address = "127.0.0.90"
 port = 9001
 "#;
 
-pub fn run(which: &str) -> Result<()> {
+/// `args`: the benchmark's name (default `all`), then its options (`postgres` takes
+/// `--quick`, `--seconds N`, `--rounds N`; `all` passes them on to it).
+pub fn run(args: &[String]) -> Result<()> {
+    let (which, options) = match args.split_first() {
+        Some((first, rest)) if !first.starts_with("--") => (first.as_str(), rest),
+        _ => ("all", args),
+    };
     match which {
         "redirect" => in_bench_cgroup(&[measure]),
         "policy" => policy(),
         "audit" => audit(),
+        "postgres" => crate::bench_postgres::run(&crate::bench_postgres::Options::parse(options)?),
         "all" => {
+            let postgres = crate::bench_postgres::Options::parse(options)?;
             in_bench_cgroup(&[measure])?;
             policy()?;
-            audit()
+            audit()?;
+            crate::bench_postgres::run(&postgres)
         }
-        other => bail!("unknown benchmark `{other}` (redirect, policy, audit, all)"),
+        other => bail!("unknown benchmark `{other}` (redirect, policy, audit, postgres, all)"),
     }
 }
 

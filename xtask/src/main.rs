@@ -2,6 +2,7 @@
 //! parts to running the end-to-end suite. Every step is idempotent and says what it does.
 
 mod bench;
+mod bench_postgres;
 mod demo;
 mod setup;
 
@@ -19,8 +20,10 @@ commands:
   build        build-ebpf, then the agent (release)
   test         setup, build, fmt check, clippy (warnings denied), unit and end-to-end tests
   demo         build everything and show the redirect, the proxy and `portcullis status`
-  bench [redirect|policy|all]
-               measure against the direct path and report ratios";
+  bench [redirect|policy|audit|postgres|all] [--no-build] [--quick] [--seconds N] [--rounds N]
+               measure against the direct path (and pgbouncer for postgres) and report
+               ratios; --no-build measures the binaries already built; --quick, --seconds
+               and --rounds set the postgres bench's pgbench -T (3 s, default 10) and rounds";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,17 +51,25 @@ fn main() -> Result<()> {
             demo::run(&root().join("target/release/portcullis"))
         }
         "bench" => {
-            setup::all()?;
-            build_ebpf()?;
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "portcullis-agent",
-                "-p",
-                "portcullis-e2e",
-            ])?;
-            bench::run(rest.first().map_or("all", String::as_str))
+            let no_build = rest.iter().any(|a| a == "--no-build");
+            let args: Vec<String> = rest
+                .iter()
+                .filter(|a| *a != "--no-build")
+                .cloned()
+                .collect();
+            if !no_build {
+                setup::all()?;
+                build_ebpf()?;
+                cargo(&[
+                    "build",
+                    "--release",
+                    "-p",
+                    "portcullis-agent",
+                    "-p",
+                    "portcullis-e2e",
+                ])?;
+            }
+            bench::run(&args)
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

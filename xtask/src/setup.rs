@@ -1,5 +1,6 @@
 //! Installs what the project needs, idempotently: Debian packages, the nightly's
-//! rust-src, and bpf-linker built against the nightly's own libLLVM in `.tools/`.
+//! rust-src, bpf-linker built against the nightly's own libLLVM in `.tools/`, the test
+//! OpenID Provider's npm packages, and a Python venv with psycopg in `.tools/venv`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,15 +16,74 @@ const PACKAGES: &[&str] = &[
     "procps",     // kill/ps for the demo and tests
     "openssl",    // test keys for the OpenID Provider and the syslog TLS receiver
     "bpftool",    // the tests read pinned maps with it while no agent runs
-    "postgresql", // the central audit store tests run a real PostgreSQL (as user postgres)
+    "postgresql", // a real PostgreSQL (as user postgres) for the central store and proxy tests;
+    // its postgresql-15 pulls postgresql-client-15: psql, pg_dump, pg_restore for the tests
+    "libclang-dev", // bindgen, for the pg_query crate (the agent parses SQL with PostgreSQL's parser)
+    "pgbouncer",    // the PostgreSQL bench's peer: the agent is measured against it
+    "python3-venv", // .tools/venv with psycopg, a second real client for the proxy tests
+    "tmux",         // the interactive psql test drives a real terminal
 ];
+
+/// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).
+const PSYCOPG_VERSION: &str = "3.3.9";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn all() -> Result<()> {
     debian_packages(PACKAGES)?;
     ebpf_toolchain()?;
-    oidc_provider()
+    oidc_provider()?;
+    python_venv()
+}
+
+/// `.tools/venv` with psycopg[binary] at `PSYCOPG_VERSION`, made with Debian's Python (that
+/// is what python3-venv serves); rebuilt only when missing or holding another version.
+pub fn python_venv() -> Result<()> {
+    let venv = root().join(".tools/venv");
+    let python = venv.join("bin/python");
+    let installed = |python: &std::path::Path| {
+        output(Command::new(python).args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('psycopg'), m.version('psycopg-binary'))",
+        ]))
+        .ok()
+        .map(|v| v.trim().to_string())
+    };
+    let wanted = format!("{PSYCOPG_VERSION} {PSYCOPG_VERSION}");
+    if installed(&python).as_deref() == Some(wanted.as_str()) {
+        println!(
+            "==> psycopg {PSYCOPG_VERSION}: present in {}",
+            venv.display()
+        );
+        return Ok(());
+    }
+    if !python.exists() {
+        step(&format!("creating a Python venv in {}", venv.display()));
+        run(Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv))?;
+    }
+    step(&format!(
+        "installing psycopg[binary]=={PSYCOPG_VERSION} into {} (from PyPI)",
+        venv.display()
+    ));
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--only-binary",
+        ":all:",
+        &format!("psycopg[binary]=={PSYCOPG_VERSION}"),
+    ]))?;
+    match installed(&python) {
+        Some(v) if v == wanted => Ok(()),
+        other => bail!(
+            "after pip install, {} has psycopg {other:?}, not {PSYCOPG_VERSION}",
+            venv.display()
+        ),
+    }
 }
 
 /// The test OpenID Provider (tests/oidc): `npm ci` from the committed lock, again only

@@ -146,6 +146,19 @@ pub struct Session<'a> {
     /// A replication connection (policy permitted `replicate`): its walsender commands are
     /// not SQL and are decided as `admin` statements named by their command.
     replication: bool,
+    decisions: DecisionCache,
+}
+
+/// Statement shape: class, command, tables, functions.
+type ShapeKey = (Option<String>, Option<String>, Vec<String>, Vec<String>);
+
+const DECISION_CACHE_ENTRIES: usize = 256;
+
+#[derive(Default)]
+struct DecisionCache {
+    set: std::sync::Weak<PolicySet>,
+    second: i64,
+    allowed: HashMap<ShapeKey, Verdict>,
 }
 
 enum Flow {
@@ -186,6 +199,7 @@ impl<'a> Session<'a> {
             session_masker: None,
             txn: TransactionStatus::Idle,
             replication,
+            decisions: DecisionCache::default(),
         }
     }
 
@@ -205,6 +219,7 @@ impl<'a> Session<'a> {
         let cancel = self.conn.cancel.clone();
         let mut to_server = BytesMut::new();
         let mut to_client = BytesMut::new();
+        let mut deadline = tokio::time::Instant::now() + idle;
         // Bytes that arrived with the start-up packet belong to the session.
         if !cbuf.is_empty() {
             if let Flow::End(why) = self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client)
@@ -237,20 +252,35 @@ impl<'a> Session<'a> {
                     let _ = client.write_all(&out).await;
                     Flow::End("closed by the agent".into())
                 }
-                r = tokio::time::timeout(idle, fill(&mut client, &mut cbuf)) => match r {
-                    Err(_) => Flow::End("idle timeout".into()),
-                    Ok(Err(e)) => Flow::End(format!("client read failed: {e}")),
-                    Ok(Ok(0)) => Flow::End("client closed the connection".into()),
-                    Ok(Ok(_)) => self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client),
-                },
-                r = fill(&mut server, &mut sbuf) => match r {
-                    Err(e) => Flow::End(format!("server read failed: {e}")),
-                    Ok(0) => Flow::End("the server closed the connection".into()),
-                    Ok(_) => match self.resolve_table_columns(&sbuf).await {
-                        Ok(()) => self.on_server_bytes(&mut sbuf, &mut to_client),
-                        Err(e) => self.fatal(e, &mut to_client),
-                    },
-                },
+                () = tokio::time::sleep_until(deadline) => {
+                    // Idle means no traffic and nothing the server is still working on: a
+                    // long query is not an idle session.
+                    if self.expect.is_empty() {
+                        Flow::End("idle timeout".into())
+                    } else {
+                        deadline = tokio::time::Instant::now() + idle;
+                        Flow::Continue
+                    }
+                }
+                r = fill(&mut client, &mut cbuf) => {
+                    deadline = tokio::time::Instant::now() + idle;
+                    match r {
+                        Err(e) => Flow::End(format!("client read failed: {e}")),
+                        Ok(0) => Flow::End("client closed the connection".into()),
+                        Ok(_) => self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client),
+                    }
+                }
+                r = fill(&mut server, &mut sbuf) => {
+                    deadline = tokio::time::Instant::now() + idle;
+                    match r {
+                        Err(e) => Flow::End(format!("server read failed: {e}")),
+                        Ok(0) => Flow::End("the server closed the connection".into()),
+                        Ok(_) => match self.resolve_table_columns(&sbuf).await {
+                            Ok(()) => self.on_server_bytes(&mut sbuf, &mut to_client),
+                            Err(e) => self.fatal(e, &mut to_client),
+                        },
+                    }
+                }
             };
             if let Flow::End(why) = flow {
                 if !to_server.is_empty() {
@@ -713,11 +743,30 @@ impl<'a> Session<'a> {
     /// The policy decision for one statement; `Err` carries the wire error, the decision
     /// word for the audit event and the deciding policies.
     fn decide(
-        &self,
+        &mut self,
         set: &Arc<PolicySet>,
         info: &StatementInfo,
     ) -> Result<Verdict, (PgError, &'static str, Vec<String>)> {
-        let request = self.query_request(info);
+        let now = i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0);
+        // Within one second, under one policy set, the request for a statement of the same
+        // shape is the same request (principal, target, client and database are the
+        // session's): its allow is reused. Denials are always decided afresh.
+        let key = (
+            info.class.clone(),
+            info.command.clone(),
+            info.tables.clone(),
+            info.functions.clone(),
+        );
+        let cache = &mut self.decisions;
+        if !std::ptr::eq(cache.set.as_ptr(), Arc::as_ptr(set)) || cache.second != now {
+            cache.set = Arc::downgrade(set);
+            cache.second = now;
+            cache.allowed.clear();
+        }
+        if let Some(v) = cache.allowed.get(&key) {
+            return Ok(v.clone());
+        }
+        let request = self.query_request(info, now);
         let decision = set.decide(&request);
         let ids: Vec<String> = decision
             .matched
@@ -732,10 +781,15 @@ impl<'a> Session<'a> {
                         .masker(set, profile)
                         .map(|m| (profile.clone(), m)),
                 });
-                Ok(Verdict {
+                let verdict = Verdict {
                     policy_ids: ids,
                     masker,
-                })
+                };
+                if self.decisions.allowed.len() >= DECISION_CACHE_ENTRIES {
+                    self.decisions.allowed.clear();
+                }
+                self.decisions.allowed.insert(key, verdict.clone());
+                Ok(verdict)
             }
             Effect::Deny => Err((
                 PgError::StatementDenied {
@@ -761,8 +815,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn query_request(&self, info: &StatementInfo) -> Request {
-        let now = i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0);
+    fn query_request(&self, info: &StatementInfo, now: i64) -> Request {
         let origin = &self.conn.origin;
         let mut context = crate::policy::base_context(&origin.comm, origin.uid, now);
         context.statement_class = info.class.clone();
@@ -798,8 +851,8 @@ impl<'a> Session<'a> {
         }
         let mut oids: Vec<u32> = Vec::new();
         let mut rest = buf;
-        while let (Some(&tag), Some(len)) = (rest.first(), rest.get(1..5)) {
-            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        while let (Some(&tag), Some(&[a, b, c, d])) = (rest.first(), rest.get(1..5)) {
+            let len = u32::from_be_bytes([a, b, c, d]) as usize;
             let Some(frame) = rest.get(..len + 1) else {
                 break;
             };

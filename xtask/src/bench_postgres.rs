@@ -1,0 +1,732 @@
+//! `cargo xtask bench postgres`: what the agent's PostgreSQL proxy costs, measured in one
+//! run against the direct path and against pgbouncer (session pooling), on one PostgreSQL 15
+//! started for the run (`pgbench -i -s 10`, plaintext everywhere, loopback only).
+//!
+//! Three paths to the same server, interleaved within each case so they share the noise:
+//! - direct: pgbench to 127.0.0.1:<pg port> with the password;
+//! - pgbouncer: pgbench to pgbouncer's port with the password;
+//! - agent: pgbench inside the agent's cgroup to the server's own address with no password;
+//!   the kernel redirects the connect to the agent, which logs in upstream with the
+//!   credential from its root-only credentials file.
+//!
+//! Then connection setup latency (psycopg: connect, login, `SELECT 1`, close) per path and
+//! the agent's RSS with 1,000 idle sessions. Every loop is bounded in count and time.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use portcullis_e2e::pgbouncer::{Pgbouncer, PoolMode};
+use portcullis_e2e::postgres::{client_command, PasswordAuth, PgOptions, Postgres, RunAs};
+use portcullis_e2e::TestCgroup;
+
+use crate::{root, step};
+
+const ROLE: &str = "bench";
+const PASSWORD: &str = "bench-postgres-password";
+const DATABASE: &str = "bench";
+const SCALE: &str = "10";
+/// pgbench runs as this uid on every path (it needs no account).
+const CLIENT_UID: u32 = 42_990;
+/// Where the agent path keeps its config, credentials, state and log.
+const AGENT_DIR: &str = "/tmp/portcullis-bench-postgres";
+const AGENT_PIN_DIR: &str = "/sys/fs/bpf/portcullis-bench-postgres";
+/// The redirect bench uses 943.
+const AGENT_PROXY_PORT: u16 = 944;
+const LATENCY_SAMPLES: usize = 200;
+const IDLE_SESSIONS: usize = 1_000;
+
+pub struct Options {
+    /// pgbench `-T` for every run.
+    seconds: u32,
+    /// Runs of every case and path; the table shows the median.
+    rounds: usize,
+}
+
+impl Options {
+    /// `--quick` (-T 3), `--seconds N`, `--rounds N`.
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let mut o = Options {
+            seconds: 10,
+            rounds: 1,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |name: &str| -> Result<u64> {
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|v| *v > 0)
+                    .with_context(|| format!("{name} needs a positive number"))
+            };
+            match a.as_str() {
+                "--quick" => o.seconds = 3,
+                "--seconds" => o.seconds = u32::try_from(value("--seconds")?.min(600))?,
+                "--rounds" => o.rounds = usize::try_from(value("--rounds")?.min(9))?,
+                other => bail!(
+                    "unknown option `{other}` for the postgres bench (--quick, --seconds N, --rounds N)"
+                ),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// One pgbench workload.
+struct Case {
+    name: &'static str,
+    args: &'static [&'static str],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "-S -M simple -c1",
+        args: &["-S", "-M", "simple", "-c", "1", "-j", "1"],
+    },
+    Case {
+        name: "-S -M simple -c16 -j2",
+        args: &["-S", "-M", "simple", "-c", "16", "-j", "2"],
+    },
+    Case {
+        name: "-S -M prepared -c1",
+        args: &["-S", "-M", "prepared", "-c", "1", "-j", "1"],
+    },
+    Case {
+        name: "-S -M prepared -c16 -j2",
+        args: &["-S", "-M", "prepared", "-c", "16", "-j", "2"],
+    },
+    Case {
+        name: "TPC-B -M simple -c1",
+        args: &["-M", "simple", "-c", "1", "-j", "1"],
+    },
+    Case {
+        name: "TPC-B -M simple -c16 -j2",
+        args: &["-M", "simple", "-c", "16", "-j", "2"],
+    },
+    Case {
+        name: "TPC-B -M prepared -c1",
+        args: &["-M", "prepared", "-c", "1", "-j", "1"],
+    },
+    Case {
+        name: "TPC-B -M prepared -c16 -j2",
+        args: &["-M", "prepared", "-c", "16", "-j", "2"],
+    },
+    Case {
+        name: "-C -S -c4 -j2 (new connection per transaction)",
+        args: &["-C", "-S", "-M", "simple", "-c", "4", "-j", "2"],
+    },
+];
+
+/// How a client reaches the server on one path.
+struct Endpoint {
+    name: &'static str,
+    port: u16,
+    /// None: the client sends no password (the agent injects its own upstream).
+    password: Option<&'static str>,
+    /// The client runs inside this cgroup (the agent's), so its connects are redirected.
+    cgroup: Option<PathBuf>,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    if !crate::setup::is_root() {
+        bail!("the PostgreSQL bench runs the server as `postgres` and attaches eBPF programs: it needs root");
+    }
+    let scratch = tempdir()?;
+
+    step(&format!(
+        "PostgreSQL 15 for the bench (initdb, pgbench -i -s {SCALE}) and pgbouncer in session mode"
+    ));
+    let pg = Postgres::start_with(PgOptions {
+        log_connections: false,
+        ..PgOptions::default()
+    });
+    pg.create_role(ROLE, PASSWORD, PasswordAuth::Scram);
+    pg.create_database(DATABASE, Some(ROLE));
+    let direct = Endpoint {
+        name: "direct",
+        port: pg.port,
+        password: Some(PASSWORD),
+        cgroup: None,
+    };
+    let init = pgbench(
+        &direct,
+        &["-i", "-q", "-s", SCALE],
+        &scratch,
+        Duration::from_secs(300),
+    )?;
+    if !init.status.success() {
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+    let bouncer = Pgbouncer::start(&pg, PoolMode::Session, ROLE, PASSWORD);
+    let pooled = Endpoint {
+        name: "pgbouncer",
+        port: bouncer.port,
+        password: Some(PASSWORD),
+        cgroup: None,
+    };
+
+    step("the agent path: portcullis with a postgres target on the server's own address");
+    let agent = AgentPath::start(&agent_bin(), &pg);
+    let agent_endpoint = match &agent {
+        Ok(a) => Ok(a.endpoint(&pg)),
+        Err(e) => {
+            println!("agent path unavailable, its column is left out: {e:#}");
+            Err(format!("{e:#}"))
+        }
+    };
+
+    step(&format!(
+        "pgbench -T {} x {} round(s): direct, pgbouncer and agent interleaved per case",
+        options.seconds, options.rounds
+    ));
+    let mut rows = Vec::new();
+    for case in CASES {
+        let _ = pg.try_psql(DATABASE, "CHECKPOINT");
+        let mut runs: [Vec<f64>; 3] = Default::default();
+        for _ in 0..options.rounds {
+            let endpoints: [Result<&Endpoint, &String>; 3] =
+                [Ok(&direct), Ok(&pooled), agent_endpoint.as_ref()];
+            for (endpoint, samples) in endpoints.iter().zip(runs.iter_mut()) {
+                let Ok(endpoint) = endpoint else { continue };
+                match pgbench_tps(endpoint, case.args, options.seconds, &scratch) {
+                    Ok(tps) => {
+                        println!("  {:<48} {:<10} {tps:>10.0} tps", case.name, endpoint.name);
+                        samples.push(tps);
+                    }
+                    Err(e) => println!("  {:<48} {:<10} error: {e:#}", case.name, endpoint.name),
+                }
+            }
+        }
+        rows.push((case.name, runs.map(|r| median(&r))));
+    }
+
+    println!(
+        "\n| case | direct TPS | pgbouncer TPS | agent TPS | agent/direct | agent/pgbouncer |\n\
+         |---|---:|---:|---:|---:|---:|"
+    );
+    for (name, [d, b, a]) in &rows {
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            cell(*d),
+            cell(*b),
+            cell(*a),
+            ratio(*a, *d),
+            ratio(*a, *b)
+        );
+    }
+    if let Err(e) = &agent_endpoint {
+        println!("\nagent column: not measured: {e}");
+    }
+
+    step(&format!(
+        "connection setup: {LATENCY_SAMPLES} sequential connect + login + SELECT 1 + close (psycopg)"
+    ));
+    println!("\n| path | p50 ms | p99 ms | connections |\n|---|---:|---:|---:|");
+    for endpoint in [Ok(&direct), Ok(&pooled), agent_endpoint.as_ref()] {
+        let Ok(endpoint) = endpoint else {
+            println!("| agent | – | – | not measured |");
+            continue;
+        };
+        match connect_latency(endpoint, LATENCY_SAMPLES, Duration::from_secs(60), &scratch) {
+            Ok(l) => println!(
+                "| {} | {:.2} | {:.2} | {} |",
+                endpoint.name, l.p50_ms, l.p99_ms, l.count
+            ),
+            Err(e) => println!("| {} | – | – | error: {e:#} |", endpoint.name),
+        }
+    }
+
+    step(&format!(
+        "agent memory with {IDLE_SESSIONS} idle sessions through the agent"
+    ));
+    match (&agent, &agent_endpoint) {
+        (Ok(agent), Ok(endpoint)) => match agent.idle_sessions_rss(endpoint, &scratch) {
+            Ok(m) => println!(
+                "agent VmRSS: {} KiB idle, {} KiB with {} open sessions: {:.1} KiB per session",
+                m.before_kib,
+                m.after_kib,
+                m.sessions,
+                (m.after_kib as f64 - m.before_kib as f64) / m.sessions.max(1) as f64
+            ),
+            Err(e) => println!("agent VmRSS: not measured: {e:#}"),
+        },
+        (_, Err(e)) => println!("agent VmRSS: not measured: {e}"),
+        (Err(e), Ok(_)) => println!("agent VmRSS: not measured: {e:#}"),
+    }
+
+    drop(agent);
+    drop(bouncer);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or_else(|| "error".to_string(), |v| format!("{v:.0}"))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "–".to_string(),
+    }
+}
+
+fn median(samples: &[f64]) -> Option<f64> {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied()
+}
+
+/// The agent `cargo xtask bench` just built: `PORTCULLIS_BIN`, else release/portcullis in
+/// `CARGO_TARGET_DIR` (or `target/`).
+fn agent_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PORTCULLIS_BIN") {
+        return PathBuf::from(bin);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root().join(t) })
+        .unwrap_or_else(|| root().join("target"));
+    target.join("release/portcullis")
+}
+
+/// pgbench with its output in files (a failing run can print a line per transaction),
+/// killed if it outlives `limit`.
+fn pgbench(endpoint: &Endpoint, args: &[&str], scratch: &Path, limit: Duration) -> Result<Output> {
+    let out_path = scratch.join("pgbench.out");
+    let err_path = scratch.join("pgbench.err");
+    let port = endpoint.port.to_string();
+    let mut cmd = client_command(
+        "pgbench",
+        RunAs {
+            uid: Some(CLIENT_UID),
+            cgroup: endpoint.cgroup.as_deref(),
+        },
+    );
+    cmd.args(["-h", "127.0.0.1", "-p", &port, "-U", ROLE])
+        .args(args)
+        .arg(DATABASE)
+        .env("PGSSLMODE", "disable")
+        .env_remove("PGPASSWORD")
+        .stdout(File::create(&out_path)?)
+        .stderr(File::create(&err_path)?)
+        .current_dir("/");
+    if let Some(password) = endpoint.password {
+        cmd.env("PGPASSWORD", password);
+    }
+    let mut child = cmd.spawn().context("starting pgbench")?;
+    let status = wait_bounded(&mut child, limit)?;
+    Ok(Output {
+        status,
+        stdout: std::fs::read(&out_path)?,
+        stderr: std::fs::read(&err_path)?,
+    })
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("still running after {} s, killed", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn pgbench_tps(endpoint: &Endpoint, case: &[&str], seconds: u32, scratch: &Path) -> Result<f64> {
+    let t = seconds.to_string();
+    let args: Vec<&str> = ["-n", "-T", t.as_str()]
+        .iter()
+        .chain(case)
+        .copied()
+        .collect();
+    let out = pgbench(
+        endpoint,
+        &args,
+        scratch,
+        Duration::from_secs(u64::from(seconds) + 30),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first_error = || {
+        stderr
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no message")
+            .to_string()
+    };
+    if !out.status.success() {
+        bail!("pgbench exited with {}: {}", out.status, first_error());
+    }
+    if let Some(failed) = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of failed transactions: "))
+        .filter(|f| !f.starts_with('0'))
+    {
+        bail!("{failed} transactions failed: {}", first_error());
+    }
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no `tps = ` line in pgbench's output:\n{stdout}"))
+}
+
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    count: usize,
+}
+
+/// Sequential connect + login + `SELECT 1` + close, timed by the client. psycopg (libpq,
+/// built optimized) rather than tokio-postgres in this debug-built xtask, whose SCRAM key
+/// derivation alone takes tens of milliseconds.
+const LATENCY_SCRIPT: &str = r#"
+import sys, time, psycopg
+conninfo, count, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+samples = []
+start = time.monotonic()
+while len(samples) < count and time.monotonic() - start < limit:
+    t = time.perf_counter()
+    conn = psycopg.connect(conninfo, connect_timeout=10, autocommit=True)
+    conn.execute("SELECT 1").fetchone()
+    conn.close()
+    samples.append((time.perf_counter() - t) * 1000.0)
+print(" ".join("%.4f" % s for s in samples))
+"#;
+
+/// Opens `count` sessions (each answers one query), prints how many, holds them until a line
+/// arrives on stdin (or EOF), then closes them.
+const IDLE_SESSIONS_SCRIPT: &str = r#"
+import sys, time, psycopg
+conninfo, count, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+conns = []
+start = time.monotonic()
+while len(conns) < count:
+    if time.monotonic() - start > limit:
+        sys.exit("only %d sessions open after %d s" % (len(conns), limit))
+    conn = psycopg.connect(conninfo, connect_timeout=10, autocommit=True)
+    conn.execute("SELECT 1").fetchone()
+    conns.append(conn)
+print(len(conns), flush=True)
+sys.stdin.readline()
+for conn in conns:
+    conn.close()
+"#;
+
+/// The endpoint as a libpq connection string (the password, if any, goes in the environment).
+fn conninfo(endpoint: &Endpoint) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={ROLE} dbname={DATABASE} sslmode=disable",
+        endpoint.port
+    )
+}
+
+/// The venv's Python, run like pgbench: as `CLIENT_UID`, inside the endpoint's cgroup.
+fn python(endpoint: &Endpoint, script: &str, args: &[String]) -> Result<Command> {
+    let python = portcullis_e2e::postgres::python_if_installed()
+        .context("no .tools/venv with psycopg: run `cargo xtask setup`")?;
+    let mut cmd = Command::new(python);
+    portcullis_e2e::exec_in_cgroup_as(&mut cmd, endpoint.cgroup.as_deref(), Some(CLIENT_UID));
+    cmd.args(["-c", script])
+        .arg(conninfo(endpoint))
+        .args(args)
+        .env_remove("PGPASSWORD")
+        .current_dir("/");
+    if let Some(password) = endpoint.password {
+        cmd.env("PGPASSWORD", password);
+    }
+    Ok(cmd)
+}
+
+fn last_line(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("no message")
+        .to_string()
+}
+
+fn connect_latency(
+    endpoint: &Endpoint,
+    count: usize,
+    limit: Duration,
+    scratch: &Path,
+) -> Result<Latency> {
+    let out_path = scratch.join("latency.out");
+    let err_path = scratch.join("latency.err");
+    let mut child = python(
+        endpoint,
+        LATENCY_SCRIPT,
+        &[count.to_string(), limit.as_secs().to_string()],
+    )?
+    .stdin(Stdio::null())
+    .stdout(File::create(&out_path)?)
+    .stderr(File::create(&err_path)?)
+    .spawn()
+    .context("starting the latency client")?;
+    let status = wait_bounded(&mut child, limit + Duration::from_secs(30))?;
+    if !status.success() {
+        bail!("{status}: {}", last_line(&std::fs::read(&err_path)?));
+    }
+    let mut samples: Vec<f64> = std::fs::read_to_string(&out_path)?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if samples.is_empty() {
+        bail!("no sample: {}", last_line(&std::fs::read(&err_path)?));
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(Latency {
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        count: samples.len(),
+    })
+}
+
+struct IdleMemory {
+    before_kib: u64,
+    after_kib: u64,
+    sessions: usize,
+}
+
+/// The agent as the third path: its own cgroup, a `postgres` target on the server's own
+/// address and port, an allow-all policy and a root-only credentials file for `bench`.
+/// Everything agent-specific is here, so the path can change without touching the rest.
+struct AgentPath {
+    child: Child,
+    bin: PathBuf,
+    config: PathBuf,
+    cgroup: TestCgroup,
+}
+
+impl AgentPath {
+    fn start(bin: &Path, pg: &Postgres) -> Result<Self> {
+        if !bin.is_file() {
+            bail!(
+                "{} is missing (`cargo xtask bench` builds it)",
+                bin.display()
+            );
+        }
+        if crate::cgroup2_root().is_err() {
+            bail!("no cgroup2 hierarchy is mounted");
+        }
+        let dir = Path::new(AGENT_DIR);
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir.join("policies"))?;
+        std::fs::write(
+            dir.join("policies/bench.cedar"),
+            "// The bench measures the data path: every connection and every query is allowed.\n\
+             @id(\"bench-allow-all\")\npermit (principal, action, resource);\n",
+        )?;
+        let credentials = dir.join("credentials.toml");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&credentials)?;
+            writeln!(f, "[roles.{ROLE}]\npassword = \"{PASSWORD}\"")?;
+        }
+        let cgroup = TestCgroup::new("bench-postgres");
+        let config = dir.join("portcullis.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{state}\"\n\
+                 [control]\nsocket = \"{socket}\"\n\
+                 [proxy]\nport = {AGENT_PROXY_PORT}\ndrain_timeout_secs = 5\n\
+                 [bpf]\ncgroup = \"{cgroup}\"\npin_dir = \"{AGENT_PIN_DIR}\"\n\
+                 [policy]\ndir = \"{policies}\"\n\
+                 # The data path is measured here, not the login: attribute to the Unix account.\n\
+                 [insecure]\nunix_identity_only = true\n\n\
+                 [[target]]\nname = \"benchdb\"\nprotocol = \"postgres\"\n\
+                 # The server's own address: the kernel redirects connects to it.\n\
+                 address = \"127.0.0.1\"\nport = {port}\n\
+                 [target.postgres]\n\
+                 # Plaintext to the server, like pgbouncer in this bench.\n\
+                 tls = \"insecure-plaintext\"\n\
+                 credentials_file = \"{credentials}\"\n",
+                state = dir.join("state").display(),
+                socket = dir.join("control.sock").display(),
+                cgroup = cgroup.path.display(),
+                policies = dir.join("policies").display(),
+                port = pg.port,
+                credentials = credentials.display(),
+            ),
+        )?;
+        // Leftovers of an interrupted run must not enforce: start from nothing attached.
+        let _ = Command::new(bin)
+            .args(["agent", "--detach", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(AGENT_PIN_DIR);
+        let log = File::create(dir.join("agent.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["agent", "--config"])
+            .arg(&config)
+            .env("PORTCULLIS_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // Inside the cgroup it protects, like a unit's cgroup in production: its own
+        // upstream connects meet the hooks and must be exempted.
+        portcullis_e2e::exec_in_cgroup_as(&mut cmd, Some(&cgroup.path), None);
+        let child = cmd.spawn().context("starting the agent")?;
+        let mut agent = Self {
+            child,
+            bin: bin.to_path_buf(),
+            config,
+            cgroup,
+        };
+        let socket = dir.join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(bin)
+                .args(["status", "--json", "--socket"])
+                .arg(&socket)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "the agent exited with {status}: {}",
+                    log_tail(&dir.join("agent.log"))
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not answer `status` in 30 s: {}",
+                    log_tail(&dir.join("agent.log"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// pgbench and the latency client connect to the real server address from inside the
+    /// agent's cgroup, with no password: the agent supplies the credential upstream.
+    fn endpoint(&self, pg: &Postgres) -> Endpoint {
+        Endpoint {
+            name: "agent",
+            port: pg.port,
+            password: None,
+            cgroup: Some(self.cgroup.path.clone()),
+        }
+    }
+
+    /// VmRSS before and after `IDLE_SESSIONS` logged-in sessions are open through the agent
+    /// (a psycopg client in the agent's cgroup; 10 s per login, 180 s in all).
+    fn idle_sessions_rss(&self, endpoint: &Endpoint, scratch: &Path) -> Result<IdleMemory> {
+        use std::io::{BufRead, Write};
+        let pid = self.child.id();
+        let before_kib = rss_kib(pid)?;
+        let err_path = scratch.join("idle.err");
+        let mut client = python(
+            endpoint,
+            IDLE_SESSIONS_SCRIPT,
+            &[IDLE_SESSIONS.to_string(), "150".to_string()],
+        )?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&err_path)?)
+        .spawn()
+        .context("starting the idle-session client")?;
+        // The script gives up by itself after 150 s, so this read ends.
+        let mut line = String::new();
+        if let Some(stdout) = client.stdout.take() {
+            std::io::BufReader::new(stdout).read_line(&mut line)?;
+        }
+        let sessions: Option<usize> = line.trim().parse().ok();
+        let after_kib = rss_kib(pid);
+        if let Some(mut stdin) = client.stdin.take() {
+            let _ = stdin.write_all(b"done\n");
+        }
+        let status = wait_bounded(&mut client, Duration::from_secs(30))?;
+        let Some(sessions) = sessions else {
+            bail!("{status}: {}", last_line(&std::fs::read(&err_path)?));
+        };
+        Ok(IdleMemory {
+            before_kib,
+            after_kib: after_kib?,
+            sessions,
+        })
+    }
+}
+
+impl Drop for AgentPath {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        }
+        if wait_bounded(&mut self.child, Duration::from_secs(10)).is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = Command::new(&self.bin)
+            .args(["agent", "--detach", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(AGENT_PIN_DIR);
+        // `cgroup` drops next: it kills what is left inside and removes the group.
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines
+        .get(lines.len().saturating_sub(5)..)
+        .unwrap_or_default();
+    if tail.is_empty() {
+        format!("(nothing in {})", path.display())
+    } else {
+        format!("{} (see {})", tail.join(" / "), path.display())
+    }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
