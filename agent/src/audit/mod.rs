@@ -6,6 +6,7 @@
 
 pub mod central;
 pub mod query;
+mod queue;
 pub mod siem;
 mod spool;
 
@@ -231,7 +232,7 @@ enum Job {
 /// connection about to be forwarded) use it, so nothing is forwarded that was not recorded.
 pub struct AuditLog {
     dir: PathBuf,
-    tx: std::sync::mpsc::SyncSender<Job>,
+    queue: std::sync::Arc<queue::Queue<Job>>,
     /// The highest seq written; the central shipper measures its backlog against it.
     last_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
     spool: central::SpoolState,
@@ -272,7 +273,8 @@ impl AuditLog {
         let (mut store, notes) =
             portcullis_audit_store::Store::open(dir, opts).map_err(store_err)?;
         let notes = notes.iter().map(ToString::to_string).collect();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
+        let queue = std::sync::Arc::new(queue::Queue::new(QUEUE, BATCH));
+        let rx = std::sync::Arc::clone(&queue);
         let path = dir.to_path_buf();
         let last_seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
             store.next_seq().saturating_sub(1),
@@ -293,7 +295,7 @@ impl AuditLog {
         Ok((
             Self {
                 dir: dir.to_path_buf(),
-                tx,
+                queue,
                 last_seq,
                 spool: central::SpoolState::default(),
             },
@@ -335,7 +337,7 @@ impl AuditLog {
         let Some(line) = Self::line(event) else {
             return;
         };
-        if self.tx.send(Job::Event { line, done: None }).is_err() {
+        if !self.queue.push(Job::Event { line, done: None }, false) {
             tracing::error!(dir = %self.dir.display(), "the audit writer has stopped; an event was not recorded");
         }
     }
@@ -346,17 +348,22 @@ impl AuditLog {
         let line =
             Self::line(event).ok_or_else(|| AuditError::Write("unserializable event".into()))?;
         let (done, wait) = tokio::sync::oneshot::channel();
-        let tx = self.tx.clone();
-        // The queue may be full: wait for room without blocking the async worker.
-        tokio::task::spawn_blocking(move || {
-            tx.send(Job::Event {
-                line,
-                done: Some(done),
-            })
-        })
-        .await
-        .map_err(|_| AuditError::WriterGone)?
-        .map_err(|_| AuditError::WriterGone)?;
+        let job = Job::Event {
+            line,
+            done: Some(done),
+        };
+        let pushed = if self.queue.is_full() {
+            // Wait for room without blocking the async worker.
+            let queue = std::sync::Arc::clone(&self.queue);
+            tokio::task::spawn_blocking(move || queue.push(job, true))
+                .await
+                .map_err(|_| AuditError::WriterGone)?
+        } else {
+            self.queue.push(job, true)
+        };
+        if !pushed {
+            return Err(AuditError::WriterGone);
+        }
         wait.await
             .map_err(|_| AuditError::WriterGone)?
             .map_err(AuditError::Write)
@@ -365,9 +372,15 @@ impl AuditLog {
     /// Waits until everything queued so far is on disk (shutdown).
     pub fn flush(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.tx.send(Job::Flush(tx)).is_ok() {
+        if self.queue.push(Job::Flush(tx), true) {
             let _ = rx.recv_timeout(std::time::Duration::from_secs(10));
         }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.queue.close();
     }
 }
 
@@ -418,32 +431,51 @@ impl Pruning {
     }
 }
 
+/// How often the writer looks for events while they flow (nobody wakes it for each one).
+const TICK: std::time::Duration = std::time::Duration::from_millis(5);
+/// The longest an event nobody waits for stays written but not fsynced.
+const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn write_loop(
     store: &mut portcullis_audit_store::Store,
-    rx: &std::sync::mpsc::Receiver<Job>,
+    queue: &queue::Queue<Job>,
     dir: &Path,
     written: &std::sync::atomic::AtomicU64,
     pruning: &mut Pruning,
 ) {
-    use std::sync::mpsc::RecvTimeoutError;
+    let mut last_sync = std::time::Instant::now();
+    let mut active = false;
     loop {
-        let first = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
-            Ok(job) => job,
-            Err(RecvTimeoutError::Timeout) => {
-                if let Err(e) = store.rotate_if_due(now_ms()) {
-                    tracing::error!(dir = %dir.display(), error = %e, "sealing an audit segment failed");
-                }
-                pruning.run_if_due(store, dir);
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => return,
+        // Records nobody waits for are written within a tick and made durable within
+        // SYNC_EVERY: one fsync (or one wake-up) per statement would cost more than the
+        // statement.
+        let tick = if active {
+            Some(TICK)
+        } else if store.has_unsynced() {
+            Some(SYNC_EVERY.saturating_sub(last_sync.elapsed()))
+        } else {
+            None
         };
-        let mut jobs = vec![first];
-        while jobs.len() < BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+        let (jobs, closing) = match queue.pop_batch(tick) {
+            queue::Popped::Jobs(jobs) => (jobs, false),
+            queue::Popped::Closed(jobs) => (jobs, true),
+        };
+        active = !jobs.is_empty();
+        if jobs.is_empty() {
+            if store.has_unsynced() && (closing || last_sync.elapsed() >= SYNC_EVERY) {
+                if let Err(e) = store.sync() {
+                    tracing::error!(dir = %dir.display(), error = %e, "fsync of audit events failed");
+                }
+                last_sync = std::time::Instant::now();
             }
+            if closing {
+                return;
+            }
+            if let Err(e) = store.rotate_if_due(now_ms()) {
+                tracing::error!(dir = %dir.display(), error = %e, "sealing an audit segment failed");
+            }
+            pruning.run_if_due(store, dir);
+            continue;
         }
         let mut lines: Vec<&[u8]> = Vec::with_capacity(jobs.len());
         for job in &jobs {
@@ -451,11 +483,24 @@ fn write_loop(
                 lines.push(line);
             }
         }
+        // Someone waits for durability: an event that gates an action, or a flush.
+        let durable = jobs
+            .iter()
+            .any(|j| matches!(j, Job::Event { done: Some(_), .. } | Job::Flush(_)));
         let result = if lines.is_empty() {
-            Ok(Vec::new())
-        } else {
+            if durable {
+                store.sync().map(|()| Vec::new())
+            } else {
+                Ok(Vec::new())
+            }
+        } else if durable || closing || last_sync.elapsed() >= SYNC_EVERY {
             store.append_batch(&lines)
+        } else {
+            store.append_batch_buffered(&lines)
         };
+        if !store.has_unsynced() {
+            last_sync = std::time::Instant::now();
+        }
         match &result {
             Err(e) => {
                 tracing::error!(dir = %dir.display(), error = %e, "writing audit events failed")

@@ -46,8 +46,17 @@ const DENIED_MARKER: &str = "PORTCULLIS_DENIED_STATEMENT";
 /// re-check it.
 #[derive(Clone)]
 struct Verdict {
-    policy_ids: Vec<String>,
-    masker: Option<(String, Arc<Masker>)>,
+    policy_ids: Arc<[String]>,
+    masker: Option<(Arc<str>, Arc<Masker>)>,
+}
+
+impl Verdict {
+    fn none() -> Self {
+        Self {
+            policy_ids: Arc::from(Vec::new()),
+            masker: None,
+        }
+    }
 }
 
 /// One statement as the audit trail sees it.
@@ -74,20 +83,23 @@ impl StatementInfo {
 
 /// A statement the client prepared with Parse.
 struct Prepared {
-    sql: String,
+    /// The whole text with the first statement's classification, as Execute records it.
+    whole: Arc<StatementInfo>,
     statements: Vec<StatementInfo>,
     verdict: Verdict,
 }
 
 struct Portal {
     prepared: Arc<Prepared>,
-    parameters: Vec<Option<String>>,
+    /// The verdict at Bind, which may differ from Parse's (a reload, the time).
+    verdict: Verdict,
+    parameters: Arc<[Option<String>]>,
 }
 
 /// A statement the server is executing, until its completion.
 struct Running {
-    info: StatementInfo,
-    parameters: Vec<Option<String>>,
+    info: Arc<StatementInfo>,
+    parameters: Arc<[Option<String>]>,
     verdict: Verdict,
     /// How each result column is masked; `None` until a RowDescription (or our own
     /// Describe) says what the columns are.
@@ -451,8 +463,8 @@ impl<'a> Session<'a> {
                     Ok(verdict) => {
                         let mut statements = VecDeque::new();
                         statements.push_back(Running {
-                            info,
-                            parameters: Vec::new(),
+                            info: Arc::new(info),
+                            parameters: Arc::from(Vec::new()),
                             verdict,
                             plan: None,
                             started: Instant::now(),
@@ -483,8 +495,8 @@ impl<'a> Session<'a> {
             let info = StatementInfo::from_parsed(statement);
             match self.decide(&set, &info) {
                 Ok(verdict) => running.push_back(Running {
-                    info,
-                    parameters: Vec::new(),
+                    info: Arc::new(info),
+                    parameters: Arc::from(Vec::new()),
                     verdict,
                     plan: None,
                     started: Instant::now(),
@@ -537,16 +549,14 @@ impl<'a> Session<'a> {
         let set = self.proxy.policies().current();
         let statements: Vec<StatementInfo> =
             parsed.iter().map(StatementInfo::from_parsed).collect();
-        let mut verdict = Verdict {
-            policy_ids: Vec::new(),
-            masker: None,
-        };
+        let mut policy_ids: Vec<String> = Vec::new();
+        let mut masker = None;
         for info in &statements {
             match self.decide(&set, info) {
                 Ok(v) => {
-                    verdict.policy_ids.extend(v.policy_ids);
+                    policy_ids.extend(v.policy_ids.iter().cloned());
                     if v.masker.is_some() {
-                        verdict.masker = v.masker;
+                        masker = v.masker;
                     }
                 }
                 Err((e, decision, ids)) => {
@@ -556,14 +566,21 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        verdict.policy_ids.sort();
-        verdict.policy_ids.dedup();
+        policy_ids.sort();
+        policy_ids.dedup();
+        let whole = Arc::new(StatementInfo {
+            text: sql,
+            ..statements.first().cloned().unwrap_or_else(|| unparsed(""))
+        });
         self.prepared.insert(
             name,
             Arc::new(Prepared {
-                sql,
+                whole,
                 statements,
-                verdict,
+                verdict: Verdict {
+                    policy_ids: Arc::from(policy_ids),
+                    masker,
+                },
             }),
         );
         self.expect.push_back(Expect::ParseComplete);
@@ -646,15 +663,11 @@ impl<'a> Session<'a> {
                 })
             })
             .collect();
-        let prepared = Arc::new(Prepared {
-            sql: prepared.sql.clone(),
-            statements: prepared.statements.clone(),
-            verdict,
-        });
         self.portals.insert(
             portal,
             Portal {
                 prepared,
+                verdict,
                 parameters,
             },
         );
@@ -665,27 +678,17 @@ impl<'a> Session<'a> {
     fn on_execute(&mut self, msg: &RawMessage, portal: &str, to_server: &mut BytesMut) {
         let running = match self.portals.get(portal) {
             Some(p) => Running {
-                info: StatementInfo {
-                    text: p.prepared.sql.clone(),
-                    ..p.prepared
-                        .statements
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| unparsed(&p.prepared.sql))
-                },
-                parameters: p.parameters.clone(),
-                verdict: p.prepared.verdict.clone(),
+                info: Arc::clone(&p.prepared.whole),
+                parameters: Arc::clone(&p.parameters),
+                verdict: p.verdict.clone(),
                 plan: None,
                 started: Instant::now(),
             },
             // A portal the agent did not see bound does not exist on the server either.
             None => Running {
-                info: unparsed(""),
-                parameters: Vec::new(),
-                verdict: Verdict {
-                    policy_ids: Vec::new(),
-                    masker: None,
-                },
+                info: Arc::new(unparsed("")),
+                parameters: Arc::from(Vec::new()),
+                verdict: Verdict::none(),
                 plan: None,
                 started: Instant::now(),
             },
@@ -779,10 +782,10 @@ impl<'a> Session<'a> {
                     Obligation::Mask { profile } => self
                         .shared
                         .masker(set, profile)
-                        .map(|m| (profile.clone(), m)),
+                        .map(|m| (Arc::from(profile.as_str()), m)),
                 });
                 let verdict = Verdict {
-                    policy_ids: ids,
+                    policy_ids: Arc::from(ids),
                     masker,
                 };
                 if self.decisions.allowed.len() >= DECISION_CACHE_ENTRIES {
@@ -1291,7 +1294,7 @@ impl<'a> Session<'a> {
         self.record_statement(
             &r.info,
             &r.parameters,
-            r.verdict.masker.as_ref().map(|(p, _)| p.clone()),
+            r.verdict.masker.as_ref().map(|(p, _)| p.to_string()),
             "allow",
             &r.verdict.policy_ids,
             rows,
@@ -1403,7 +1406,7 @@ impl<'a> Session<'a> {
                 let mut ev =
                     self.statement_event(EventKind::StatementExecuted, &r.info, &r.parameters);
                 ev.decision = Some("allow".into());
-                ev.policy_ids = r.verdict.policy_ids.clone();
+                ev.policy_ids = r.verdict.policy_ids.to_vec();
                 ev.reason = Some(format!("unfinished: {why}"));
                 self.proxy.audit().record(&ev);
             }
