@@ -27,7 +27,24 @@ impl ChainHash {
     pub const GENESIS: ChainHash = ChainHash([0; 32]);
 
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        let mut out = String::with_capacity(64);
+        self.push_hex(&mut out);
+        out
+    }
+
+    /// Lower-case hex, appended; on the write path of every record, so a table, not `fmt`.
+    pub fn push_hex(&self, out: &mut String) {
+        fn digit(nibble: u8) -> char {
+            char::from(if nibble < 10 {
+                b'0' + nibble
+            } else {
+                b'a' + (nibble - 10)
+            })
+        }
+        for b in self.0 {
+            out.push(digit(b >> 4));
+            out.push(digit(b & 0x0f));
+        }
     }
 
     /// Accepts exactly 64 hex digits; case is checked by the canonical re-encode, not here.

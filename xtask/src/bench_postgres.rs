@@ -262,7 +262,10 @@ pub fn run(options: &Options) -> Result<()> {
     drop(bouncer);
     drop(pg);
     let _ = std::fs::remove_dir_all(&scratch);
-    Ok(())
+
+    // In-process, in release: the proxy applies the same Masker to every selected value.
+    step("masking throughput (policy/benches/mask.rs)");
+    crate::cargo(&["bench", "-q", "-p", "portcullis-policy", "--bench", "mask"])
 }
 
 fn tempdir() -> Result<PathBuf> {

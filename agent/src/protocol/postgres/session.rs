@@ -159,6 +159,9 @@ pub struct Session<'a> {
     /// not SQL and are decided as `admin` statements named by their command.
     replication: bool,
     decisions: DecisionCache,
+    /// Formatted once: every statement event carries them.
+    client_addr: String,
+    upstream_addr: String,
 }
 
 /// Statement shape: class, command, tables, functions.
@@ -212,6 +215,8 @@ impl<'a> Session<'a> {
             txn: TransactionStatus::Idle,
             replication,
             decisions: DecisionCache::default(),
+            client_addr: conn.client.to_string(),
+            upstream_addr: conn.upstream.to_string(),
         }
     }
 
@@ -1426,8 +1431,8 @@ impl<'a> Session<'a> {
         ev.target = Some(c.target.clone());
         ev.identity = Some(c.identity.clone());
         ev.origin = Some(c.origin.clone());
-        ev.client = Some(c.client.to_string());
-        ev.upstream = Some(c.upstream.to_string());
+        ev.client = Some(self.client_addr.clone());
+        ev.upstream = Some(self.upstream_addr.clone());
         ev.db_user = Some(self.db_user.clone());
         ev.db_name = Some(self.db_name.clone());
         ev.statement = Some(Box::new(StatementFields {
