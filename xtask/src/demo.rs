@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the main job on embedded defaults. A small web server listens on
-//! 127.0.0.80:8080, the agent protects that address, and an unchanged `curl` run as the
-//! unprivileged user `nobody` is redirected through the proxy without knowing it.
+//! 127.0.0.80:8080 and a PostgreSQL on a loopback port; the agent protects both, and an
+//! unchanged `curl` and `psql` run as the unprivileged user `nobody` are redirected through
+//! the proxy without knowing it: psql is never given a password, its statements are decided
+//! one by one, and card numbers are masked in its results.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,7 +23,33 @@ permit (
     resource
 )
 when { resource.hasTag("environment") && resource.getTag("environment") == "demo" };
+
+@id("engineers-query-demo-masked")
+@description("Engineers may run statements on the demo database; card numbers are masked")
+@mask("cards")
+permit (
+    principal in Portcullis::Group::"engineering",
+    action == Portcullis::Action::"query",
+    resource
+)
+when { resource.hasTag("environment") && resource.getTag("environment") == "demo" };
+
+@id("no-drop-database")
+@description("Nobody drops a database through the bastion")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.command == "DROP DATABASE" };
 "#;
+
+const DEMO_MASKING: &str = r#"[profiles.cards]
+description = "Card numbers wherever they appear"
+[[profiles.cards.rules]]
+detector = "card_number"
+mask = "partial"
+keep_last = 4
+"#;
+
+/// The demo database's role; its password lives only in the agent's credentials file.
+const DB_PASSWORD: &str = "demo-app-password";
 
 const DEMO_DIR: &str = "/tmp/portcullis-demo";
 const SOCKET: &str = "/tmp/portcullis-demo/control.sock";
@@ -42,6 +70,33 @@ pub fn run(bin: &Path) -> Result<()> {
     let listener = TcpListener::bind(SERVER).with_context(|| format!("binding {SERVER}"))?;
     std::thread::spawn(move || serve_http(listener));
 
+    step("starting a local PostgreSQL 15 (TLS, SCRAM) with a `customers` table");
+    let pg = portcullis_e2e::postgres::Postgres::start_with(portcullis_e2e::postgres::PgOptions {
+        tls: true,
+        ..Default::default()
+    });
+    pg.create_role(
+        "app",
+        DB_PASSWORD,
+        portcullis_e2e::postgres::PasswordAuth::Scram,
+    );
+    pg.create_database("app", Some("app"));
+    pg.psql(
+        "app",
+        "SET ROLE app; CREATE TABLE customers (id int PRIMARY KEY, name text, card text);
+         INSERT INTO customers VALUES (1, 'Ada', '4111 1111 1111 1111'), (2, 'Bob', '5500-0000-0000-0004');",
+    );
+    println!("PostgreSQL on 127.0.0.1:{}", pg.port());
+    let credentials = PathBuf::from(DEMO_DIR).join("credentials.toml");
+    std::fs::write(
+        &credentials,
+        format!("[roles.app]\npassword = \"{DB_PASSWORD}\"\n"),
+    )?;
+    std::fs::set_permissions(
+        &credentials,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+
     step("starting a local OpenID Provider (oidc-provider under Node.js; users alice and bob)");
     let provider =
         portcullis_e2e::oidc::OidcProvider::start(portcullis_e2e::oidc::OidcOptions::default());
@@ -56,6 +111,7 @@ pub fn run(bin: &Path) -> Result<()> {
     let policies = PathBuf::from(DEMO_DIR).join("policies");
     std::fs::create_dir_all(&policies)?;
     std::fs::write(policies.join("demo.cedar"), DEMO_POLICY)?;
+    std::fs::write(policies.join("masking.toml"), DEMO_MASKING)?;
     println!(
         "policy ({}):\n{DEMO_POLICY}",
         policies.join("demo.cedar").display()
@@ -63,7 +119,15 @@ pub fn run(bin: &Path) -> Result<()> {
     let config_path = PathBuf::from(DEMO_DIR).join("portcullis.toml");
     std::fs::write(
         &config_path,
-        format!("{demo}\n[identity]\nissuer = \"{}\"\n", provider.issuer()),
+        format!(
+            "{demo}\n[[target]]\nname = \"demo-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {}\nlabels = {{ environment = \"demo\" }}\n\
+             [target.postgres]\nca_file = \"{}\"\ncredentials_file = \"{}\"\n\
+             [identity]\nissuer = \"{}\"\n",
+            pg.port(),
+            pg.ca_pem_path().display(),
+            credentials.display(),
+            provider.issuer()
+        ),
     )?;
     let log_path = PathBuf::from(DEMO_DIR).join("agent.log");
     let log = std::fs::File::create(&log_path)?;
@@ -74,7 +138,7 @@ pub fn run(bin: &Path) -> Result<()> {
         .stderr(log)
         .spawn()
         .context("starting the agent")?;
-    let result = demo_steps(bin, &cgroup, &mut agent, &log_path, &provider);
+    let result = demo_steps(bin, &cgroup, &mut agent, &log_path, &provider, pg.port());
 
     step("cleaning up: stopping the agent and detaching enforcement");
     let _ = Command::new("kill")
@@ -98,6 +162,7 @@ fn demo_steps(
     agent: &mut Child,
     log_path: &Path,
     provider: &portcullis_e2e::oidc::OidcProvider,
+    pg_port: u16,
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !Path::new(SOCKET).exists() {
@@ -218,6 +283,53 @@ fn demo_steps(
     crate::run(Command::new(bin).args(["status", "--socket", SOCKET]))?;
     let _ = slow.wait();
 
+    step(&format!(
+        "as `nobody`, unchanged: psql -h 127.0.0.1 -p {pg_port} -U app app (no password given)"
+    ));
+    let ca = format!("{DEMO_DIR}/state/ca/ca.pem");
+    // nobody must be able to read the CA certificate a verifying client needs.
+    let public_ca = format!("{DEMO_DIR}/agent-ca.pem");
+    std::fs::copy(&ca, &public_ca)?;
+    std::fs::set_permissions(
+        &public_ca,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
+    let psql = portcullis_e2e::postgres::bin_dir().join("psql");
+    let psql = psql.to_string_lossy().into_owned();
+    let conninfo = format!(
+        "host=127.0.0.1 port={pg_port} user=app dbname=app sslmode=verify-full sslrootcert={public_ca}"
+    );
+    // One session, three statements (-e echoes each): the denial does not end the session.
+    let transcript_path = PathBuf::from(DEMO_DIR).join("psql.out");
+    let transcript = std::fs::File::create(&transcript_path)?;
+    let out = as_nobody_in(
+        cgroup,
+        &[
+            &psql,
+            "-X",
+            "-e",
+            "-d",
+            &conninfo,
+            "-c",
+            "SELECT current_user, name, card FROM customers ORDER BY id",
+            "-c",
+            "DROP DATABASE app",
+            "-c",
+            "SELECT 'the same session is still usable' AS after_the_denial",
+        ],
+    )
+    .env("HOME", "/nonexistent")
+    // Both streams into one file, so the error shows where psql met it.
+    .stdout(transcript.try_clone()?)
+    .stderr(transcript)
+    .status()
+    .context("running psql")?;
+    print!("{}", std::fs::read_to_string(&transcript_path)?);
+    if !out.success() {
+        bail!("psql failed with {out}");
+    }
+    println!("(psql verified the agent's certificate for 127.0.0.1 with verify-full; the card numbers were masked in the stream)");
+
     step("what the agent recorded (connection events in the state directory)");
     // A connection's closed event is written once both directions have finished.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -236,6 +348,25 @@ fn demo_steps(
             continue;
         };
         let kind = v["event"].as_str().unwrap_or("?");
+        if kind.starts_with("statement.") {
+            println!(
+                "  {:<18} user {} as {} (uid {}) comm {:<6} [{}] {} `{}` -> {} {}",
+                kind,
+                v["identity"]["user"].as_str().unwrap_or("-"),
+                v["identity"]["email"].as_str().unwrap_or("-"),
+                v["origin"]["uid"],
+                v["origin"]["comm"].as_str().unwrap_or("?"),
+                v["target"].as_str().unwrap_or("?"),
+                v["statement_class"].as_str().unwrap_or("?"),
+                v["statement"].as_str().unwrap_or("?"),
+                v["command_tag"]
+                    .as_str()
+                    .or(v["sqlstate"].as_str())
+                    .unwrap_or(""),
+                v["policy_ids"],
+            );
+            continue;
+        }
         if !kind.starts_with("connection.") {
             continue;
         }
