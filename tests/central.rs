@@ -251,12 +251,26 @@ impl Setup {
             &count.to_string(),
         ]);
         assert_eq!(results.len(), count);
-        assert!(
-            results
-                .iter()
-                .all(|r| r["via_proxy"] == true && r["ok"] == true),
-            "{results:?}"
-        );
+        if !results
+            .iter()
+            .all(|r| r["via_proxy"] == true && r["ok"] == true)
+        {
+            // A protected connect that went direct is a security failure: keep everything
+            // that can explain it.
+            let attached = std::process::Command::new("bpftool")
+                .args(["cgroup", "show"])
+                .arg(&self.cg.path)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let procs =
+                std::fs::read_to_string(self.cg.path.join("cgroup.procs")).unwrap_or_default();
+            panic!(
+                "{results:?}\nprograms attached to {}:\n{attached}\ncgroup.procs: {procs}\nagent log:\n{}",
+                self.cg.path.display(),
+                self.agent.log()
+            );
+        }
     }
 
     fn wait_event(&self, kind: &str, n: usize, secs: u64) -> usize {

@@ -207,8 +207,24 @@ fn exchange(stream: &mut TcpStream, sent_already: bool) -> serde_json::Value {
                 .strip_prefix("peer=")
                 .and_then(|a| a.parse::<SocketAddr>().ok())
                 .map(canonical);
-            let via_proxy = seen.as_deref() != local.as_deref();
-            json!({"ok": true, "peer": peer, "local": local, "server_saw": seen, "via_proxy": via_proxy, "pid": std::process::id()})
+            // The kernel's own record of the socket's remote end (the getpeername hook does
+            // not touch /proc/net/tcp): the proxy's listener when redirected, the server when
+            // direct. Comparing the server's view of the peer with our local address instead
+            // is ambiguous: the proxy's upstream socket may get the same ephemeral port.
+            let real = kernel_peer(stream).map(canonical);
+            let via_proxy = match (&real, &peer) {
+                (Some(real), Some(dialled)) => {
+                    dialled.parse::<SocketAddr>().ok().map(canonical).as_deref() != Some(real)
+                }
+                _ => seen.as_deref() != local.as_deref(),
+            };
+            let mut out = json!({"ok": true, "peer": peer, "local": local, "server_saw": seen, "real_peer": real, "via_proxy": via_proxy, "pid": std::process::id()});
+            if !via_proxy {
+                // Which cgroup the probe was in explains a connection that went direct.
+                out["cgroup"] =
+                    json!(std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+            }
+            out
         }
         Err(e) => {
             json!({"ok": false, "errno": e.raw_os_error(), "error": e.to_string(), "peer": peer, "local": local})
@@ -263,4 +279,48 @@ fn churn(args: &Args) {
         }
     }
     println!("{}", json!({"ok": ok, "failed": failed}));
+}
+
+/// The remote address of `stream` as /proc/net/tcp{,6} lists it, found by the socket's inode.
+fn kernel_peer(stream: &TcpStream) -> Option<SocketAddr> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(format!("/proc/self/fd/{}", stream.as_raw_fd()))
+        .ok()?
+        .ino()
+        .to_string();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(9) != Some(&inode.as_str()) {
+                continue;
+            }
+            return fields.get(2).and_then(|a| parse_proc_addr(a));
+        }
+    }
+    None
+}
+
+/// `0100007F:0050` (IPv4) or 32 hex digits `:port` (IPv6); each 32-bit word in host order.
+fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..addr.len() / 8)
+        .map(|i| {
+            addr.get(i * 8..i * 8 + 8)
+                .and_then(|w| u32::from_str_radix(w, 16).ok())
+        })
+        .collect::<Option<_>>()?;
+    let ip = match words.as_slice() {
+        [w] => std::net::IpAddr::V4(std::net::Ipv4Addr::from(w.swap_bytes())),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (i, w) in [a, b, c, d].into_iter().enumerate() {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&w.swap_bytes().to_be_bytes());
+            }
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
