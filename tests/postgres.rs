@@ -510,6 +510,27 @@ fn pg_dump_and_pg_restore_round_trip() {
     }
     let f = PgFixture::new("pg-dump", 84);
     f.pg.create_database("restored", Some("app"));
+    // A large object, imported with psql's \lo_import: libpq writes it with fast-path
+    // function calls, which the agent decides as `call` statements; pg_dump and pg_restore
+    // read and write it the same way.
+    let blob = f._files.path().join("blob.bin");
+    std::fs::write(
+        &blob,
+        (0..200_000u32)
+            .flat_map(|i| i.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    std::fs::set_permissions(&blob, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &["-c", &format!("\\lo_import '{}'", blob.display())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("lo_import"), "{}", stdout(&out));
+    f.wait_event("statement.executed", |e| e["command"] == "FUNCTION CALL");
     let dump = f._files.path().join("app.dump");
     std::fs::File::create(&dump).unwrap();
     std::os::unix::fs::chown(&dump, Some(ENGINEER), Some(ENGINEER)).unwrap();
@@ -540,6 +561,14 @@ fn pg_dump_and_pg_restore_round_trip() {
         )
     };
     assert_eq!(checksum("app"), checksum("restored"));
+    let blobs = |db: &str| {
+        f.pg.psql(
+            db,
+            "SELECT count(*), md5(string_agg(md5(lo_get(oid)), ',')) FROM pg_largeobject_metadata",
+        )
+    };
+    assert_eq!(blobs("app"), blobs("restored"));
+    assert!(blobs("app").starts_with("1|"), "{}", blobs("app"));
 }
 
 #[test]
@@ -762,6 +791,36 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         !out.status.success() && stderr(&out).contains("binary COPY output cannot be masked"),
         "{}",
         stderr(&out)
+    );
+    // Notifications and error DETAIL fields go through the detectors too: the analyst
+    // listens, notifies itself a card number, and trips a unique violation whose DETAIL
+    // quotes a key with a card number in it.
+    let script = format!(
+        "import psycopg\n\
+         c = psycopg.connect({conninfo:?}, autocommit=True)\n\
+         c.execute('LISTEN cards')\n\
+         c.execute(\"NOTIFY cards, 'refund to 4111 1111 1111 1111'\")\n\
+         n = next(c.notifies(timeout=10))\n\
+         print('notify', n.payload)\n\
+         c.execute('CREATE TEMP TABLE seen (card text UNIQUE)')\n\
+         c.execute(\"INSERT INTO seen VALUES ('4111 1111 1111 1111')\")\n\
+         try:\n    c.execute(\"INSERT INTO seen VALUES ('4111 1111 1111 1111')\")\n\
+         except psycopg.Error as e:\n    print('error', e.sqlstate, e.diag.message_detail)\n",
+        conninfo = f.conninfo("app")
+    );
+    let out = client_at(portcullis_e2e::postgres::python(), f.run_as(ANALYST))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("notify refund to **** **** **** 1111"),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert!(
+        text.contains("error 23505 Key (card)=(**** **** **** 1111) already exists."),
+        "{text}"
     );
     // The unmasked user sees the real values.
     let out = f.psql(
