@@ -133,7 +133,7 @@ fn detectors_mask_what_they_find_and_leave_look_alikes() {
             Some("x..<email>"),
         ),
         ("host without a dot", "root@localhost", None),
-        ("ip literal domain", "root@10.0.0.1", None),
+        ("ip literal domain", "root@192.0.2.1", None),
         ("no local part", "@example.com", None),
         ("spaced at sign", "a @ b.com", None),
         // US SSNs.
