@@ -229,9 +229,14 @@ pub struct Incoming {
     pub target: ProtectedTarget,
 }
 
-/// What a refused connection's event says.
+/// What a refused connection's event says; every protocol's refusals go through
+/// [`Proxy::record_refusal`].
 pub struct Refusal<'a> {
-    pub incoming: &'a Incoming,
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub origin: &'a Origin,
+    /// None when the destination matches no configured target.
+    pub target: Option<&'a ProtectedTarget>,
     pub identity: Option<&'a Identity>,
     pub reason: String,
     /// allow, deny, approval or error.
@@ -239,6 +244,24 @@ pub struct Refusal<'a> {
     pub policy_ids: Vec<String>,
     pub db_user: Option<&'a str>,
     pub db_name: Option<&'a str>,
+}
+
+impl<'a> Refusal<'a> {
+    /// A refusal of `incoming` before any policy decision (`decision: "error"`).
+    pub fn of(incoming: &'a Incoming, identity: Option<&'a Identity>, reason: String) -> Self {
+        Self {
+            id: incoming.id,
+            peer: incoming.peer,
+            origin: &incoming.origin,
+            target: Some(&incoming.target),
+            identity,
+            reason,
+            decision: "error",
+            policy_ids: Vec::new(),
+            db_user: None,
+            db_name: None,
+        }
+    }
 }
 
 /// A connection a protocol handler is about to open.
@@ -425,19 +448,20 @@ impl Proxy {
         let identity = match self.identity.resolve(&origin) {
             Ok(i) => i,
             Err(reason) => {
-                let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(reason.clone());
-                ev.connection_id = Some(id);
-                ev.client = Some(peer.to_string());
-                ev.origin = Some(origin.clone());
-                ev.target = self
-                    .targets
-                    .iter()
-                    .find(|t| t.id == origin.target_id)
-                    .map(|t| t.name.clone());
-                self.audit.record(&ev);
                 let _enter = span.enter();
                 // Plain TCP has no way to say why; protocol handlers send their own errors.
-                tracing::warn!(%reason, "connection refused: no identity");
+                self.record_refusal(Refusal {
+                    id,
+                    peer,
+                    origin: &origin,
+                    target: self.target_for(&origin),
+                    identity: None,
+                    reason,
+                    decision: "error",
+                    policy_ids: Vec::new(),
+                    db_user: None,
+                    db_name: None,
+                });
                 return;
             }
         };
@@ -458,17 +482,18 @@ impl Proxy {
                            decision: &str,
                            policy_ids: &[String],
                            target: Option<&ProtectedTarget>| {
-            let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(reason.clone());
-            ev.decision = Some(decision.to_string());
-            ev.policy_ids = policy_ids.to_vec();
-            ev.connection_id = Some(id);
-            ev.client = Some(peer.to_string());
-            ev.identity = Some(identity.clone());
-            ev.origin = Some(origin.clone());
-            ev.target = target.map(|t| t.name.clone());
-            ev.protocol = target.map(|t| t.protocol.to_string());
-            self.audit.record(&ev);
-            tracing::warn!(%reason, "connection refused");
+            self.record_refusal(Refusal {
+                id,
+                peer,
+                origin: &origin,
+                target,
+                identity: Some(&identity),
+                reason,
+                decision,
+                policy_ids: policy_ids.to_vec(),
+                db_user: None,
+                db_name: None,
+            });
         };
         let refuse = |reason: String, target: Option<&ProtectedTarget>| {
             refuse_with(reason, "error", &[], target)
@@ -633,12 +658,12 @@ impl Proxy {
         let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(r.reason);
         ev.decision = Some(r.decision.to_string());
         ev.policy_ids = r.policy_ids;
-        ev.connection_id = Some(r.incoming.id);
-        ev.client = Some(r.incoming.peer.to_string());
+        ev.connection_id = Some(r.id);
+        ev.client = Some(r.peer.to_string());
         ev.identity = r.identity.cloned();
-        ev.origin = Some(r.incoming.origin.clone());
-        ev.target = Some(r.incoming.target.name.clone());
-        ev.protocol = Some(r.incoming.target.protocol.to_string());
+        ev.origin = Some(r.origin.clone());
+        ev.target = r.target.map(|t| t.name.clone());
+        ev.protocol = r.target.map(|t| t.protocol.to_string());
         ev.db_user = r.db_user.map(str::to_string);
         ev.db_name = r.db_name.map(str::to_string);
         tracing::warn!(

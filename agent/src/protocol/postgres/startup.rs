@@ -475,13 +475,11 @@ fn record(
     policy_ids: Vec<String>,
 ) {
     proxy.record_refusal(Refusal {
-        incoming,
-        identity,
-        reason,
         decision,
         policy_ids,
         db_user: db.map(|d| d.0),
         db_name: db.map(|d| d.1),
+        ..Refusal::of(incoming, identity, reason)
     });
 }
 
