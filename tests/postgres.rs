@@ -95,7 +95,13 @@ struct PgFixture {
 }
 
 impl PgFixture {
+    /// Connections are attributed to the Unix account (lab mode).
     fn new(name: &str, slot: u8) -> Self {
+        Self::with_identity(name, slot, "[insecure]\nunix_identity_only = true\n")
+    }
+
+    /// `identity`: the agent's identity settings (empty: nobody has an identity).
+    fn with_identity(name: &str, slot: u8, identity: &str) -> Self {
         let pg = Postgres::start_with(PgOptions {
             tls: true,
             ..PgOptions::default()
@@ -130,7 +136,7 @@ impl PgFixture {
             .unwrap();
         let cg = TestCgroup::new(name);
         let extra = format!(
-            "[insecure]\nunix_identity_only = true\n\
+            "{identity}\
              [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
              [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\nmax_message_bytes = 1048576\n",
             port = pg.port(),
@@ -910,51 +916,13 @@ fn a_user_without_identity_gets_28000_and_the_login_hint() {
     if !e2e_enabled() {
         return;
     }
-    let pg = Postgres::start_with(PgOptions {
-        tls: true,
-        ..PgOptions::default()
-    });
-    pg.create_role("app", APP_PASSWORD, PasswordAuth::Scram);
-    let files = tempfile::tempdir().unwrap();
-    let creds = files.path().join("credentials.toml");
-    std::fs::write(
-        &creds,
-        format!("[roles.app]\npassword = \"{APP_PASSWORD}\"\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let cg = TestCgroup::new("pg-noident");
     // No identity provider and no lab mode: nobody has an identity.
-    let extra = format!(
-        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {}\n\
-         [target.postgres]\nca_file = \"{}\"\ncredentials_file = \"{}\"\n",
-        pg.port(),
-        pg.ca_pem_path().display(),
-        creds.display()
-    );
-    let agent = Agent::start_with("pg-noident", Slot::new(90), &cg, &[], Some(&extra), &[]);
-    let out = run_client(
-        "psql",
-        &[
-            "-X",
-            "-d",
-            &format!(
-                "host=127.0.0.1 port={} user=app dbname=postgres sslmode=require",
-                pg.port()
-            ),
-            "-c",
-            "SELECT 1",
-        ],
-        &[],
-        RunAs {
-            uid: Some(ENGINEER),
-            cgroup: Some(&cg.path),
-        },
-    );
+    let f = PgFixture::with_identity("pg-noident", 90, "");
+    let out = f.psql(ENGINEER, "app", "require", &["-c", "SELECT 1"]);
     let err = stderr(&out);
     assert!(!out.status.success());
-    assert!(err.contains("portcullis login"), "{err}\n{}", agent.log());
-    let refused = wait_event(&agent, "connection.refused", |e| e["db_user"] == "app");
+    assert!(err.contains("portcullis login"), "{err}\n{}", f.agent.log());
+    let refused = f.wait_event("connection.refused", |e| e["db_user"] == "app");
     assert!(
         refused.iter().any(|e| e["db_user"] == "app"),
         "{refused:#?}"

@@ -216,8 +216,9 @@ fn new_ca() -> Result<(KeyPair, String), String> {
 }
 
 /// Creates `path` exclusively with `mode`: an existing file (or a planted symlink) is an
-/// error rather than something to overwrite.
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+/// error rather than something to overwrite. Also used for the other state files the agent
+/// creates once (the masking key).
+pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -211,6 +211,15 @@ impl Policies {
     }
 }
 
+/// The ids of the policies that decided, as events and wire errors name them.
+pub fn policy_ids(decision: &Decision) -> Vec<String> {
+    decision
+        .matched
+        .iter()
+        .map(|p| p.as_str().to_string())
+        .collect()
+}
+
 /// The principal a policy sees for an identity. A Unix-only identity (lab mode) is the
 /// user `unix:<uid>`.
 pub fn principal(identity: &Identity) -> Principal {

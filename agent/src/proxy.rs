@@ -521,11 +521,7 @@ impl Proxy {
         let decision = self
             .policies
             .decide(&crate::policy::connect_request(&identity, target, &origin));
-        let policy_ids: Vec<String> = decision
-            .matched
-            .iter()
-            .map(|p| p.as_str().to_string())
-            .collect();
+        let policy_ids = crate::policy::policy_ids(&decision);
         match &decision.effect {
             portcullis_policy::Effect::Allow => {}
             portcullis_policy::Effect::Deny => {

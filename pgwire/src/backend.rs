@@ -257,6 +257,38 @@ pub enum BackendMessage {
     },
 }
 
+impl BackendMessage {
+    /// The message's name in the protocol documentation, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BackendMessage::Authentication(_) => "Authentication",
+            BackendMessage::BackendKeyData { .. } => "BackendKeyData",
+            BackendMessage::ParameterStatus { .. } => "ParameterStatus",
+            BackendMessage::ReadyForQuery { .. } => "ReadyForQuery",
+            BackendMessage::RowDescription(_) => "RowDescription",
+            BackendMessage::DataRow(_) => "DataRow",
+            BackendMessage::CommandComplete { .. } => "CommandComplete",
+            BackendMessage::EmptyQueryResponse => "EmptyQueryResponse",
+            BackendMessage::ErrorResponse(_) => "ErrorResponse",
+            BackendMessage::NoticeResponse(_) => "NoticeResponse",
+            BackendMessage::ParseComplete => "ParseComplete",
+            BackendMessage::BindComplete => "BindComplete",
+            BackendMessage::CloseComplete => "CloseComplete",
+            BackendMessage::NoData => "NoData",
+            BackendMessage::PortalSuspended => "PortalSuspended",
+            BackendMessage::ParameterDescription(_) => "ParameterDescription",
+            BackendMessage::CopyInResponse(_) => "CopyInResponse",
+            BackendMessage::CopyOutResponse(_) => "CopyOutResponse",
+            BackendMessage::CopyBothResponse(_) => "CopyBothResponse",
+            BackendMessage::CopyData(_) => "CopyData",
+            BackendMessage::CopyDone => "CopyDone",
+            BackendMessage::NotificationResponse { .. } => "NotificationResponse",
+            BackendMessage::FunctionCallResponse(_) => "FunctionCallResponse",
+            BackendMessage::NegotiateProtocolVersion { .. } => "NegotiateProtocolVersion",
+        }
+    }
+}
+
 /// Parses a server message framed by [`crate::decode_frame`].
 pub fn parse_backend(msg: &RawMessage) -> Result<BackendMessage, DecodeError> {
     let body = msg.body_bytes();

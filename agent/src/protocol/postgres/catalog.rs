@@ -74,11 +74,6 @@ impl Catalog {
             .password(password.expose())
             .application_name("portcullis-catalog")
             .connect_timeout(Duration::from_secs(10));
-        let query = "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname \
-                     FROM pg_catalog.pg_class c \
-                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
-                     WHERE c.oid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped";
         let oids: Vec<tokio_postgres::types::Oid> = oids.to_vec();
         let rows = match tls {
             Some(tls) => {
@@ -93,33 +88,11 @@ impl Catalog {
                         &mut make, &host,
                     )
                     .map_err(|e| format!("server name `{host}`: {e}"))?;
-                let (client, connection) = config
-                    .connect_raw(socket, connect)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let task = tokio::spawn(connection);
-                let rows = client
-                    .query(query, &[&oids])
-                    .await
-                    .map_err(|e| e.to_string());
-                drop(client);
-                let _ = task.await;
-                rows?
+                query_once(&config, socket, connect, &oids).await?
             }
             None => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                let (client, connection) = config
-                    .connect_raw(socket, tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let task = tokio::spawn(connection);
-                let rows = client
-                    .query(query, &[&oids])
-                    .await
-                    .map_err(|e| e.to_string());
-                drop(client);
-                let _ = task.await;
-                rows?
+                query_once(&config, socket, tokio_postgres::NoTls, &oids).await?
             }
         };
         let mut found: HashMap<u32, HashMap<i16, String>> =
@@ -151,4 +124,34 @@ impl Catalog {
         }
         Ok(())
     }
+}
+
+/// One connection, the column query, closed.
+async fn query_once<T>(
+    config: &tokio_postgres::Config,
+    socket: tokio::net::TcpStream,
+    tls: T,
+    oids: &[tokio_postgres::types::Oid],
+) -> Result<Vec<tokio_postgres::Row>, String>
+where
+    T: tokio_postgres::tls::TlsConnect<tokio::net::TcpStream>,
+    T::Stream: Send + 'static,
+{
+    const COLUMNS: &str = "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname \
+                           FROM pg_catalog.pg_class c \
+                           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                           JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+                           WHERE c.oid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped";
+    let (client, connection) = config
+        .connect_raw(socket, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let task = tokio::spawn(connection);
+    let rows = client
+        .query(COLUMNS, &[&oids])
+        .await
+        .map_err(|e| e.to_string());
+    drop(client);
+    let _ = task.await;
+    rows
 }

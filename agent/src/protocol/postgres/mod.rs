@@ -124,8 +124,6 @@ pub async fn serve(
 
 /// Reads a 32-byte secret, creating it (root, 0600, exclusively) on first use.
 fn read_or_create_secret(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     match std::fs::read(path) {
         Ok(key) if key.len() >= 32 => return Ok(key),
         Ok(_) => {
@@ -140,12 +138,6 @@ fn read_or_create_secret(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     let mut key = vec![0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| std::io::Error::other("no randomness"))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(&key)?;
-    f.sync_all()?;
+    crate::ca::write_new(path, &key, 0o600)?;
     Ok(key)
 }

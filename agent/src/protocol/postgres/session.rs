@@ -776,11 +776,7 @@ impl<'a> Session<'a> {
         }
         let request = self.query_request(info, now);
         let decision = set.decide(&request);
-        let ids: Vec<String> = decision
-            .matched
-            .iter()
-            .map(|p| p.as_str().to_string())
-            .collect();
+        let ids = crate::policy::policy_ids(&decision);
         match decision.effect {
             Effect::Allow => {
                 let masker = decision.obligations.iter().find_map(|o| match o {

@@ -175,11 +175,7 @@ async fn admit<'s>(
     request.context.db_user = Some(db_user.to_string());
     request.context.db_name = Some(db_name.to_string());
     let decision = proxy.policies().decide(&request);
-    let policy_ids: Vec<String> = decision
-        .matched
-        .iter()
-        .map(|p| p.as_str().to_string())
-        .collect();
+    let policy_ids = crate::policy::policy_ids(&decision);
     match &decision.effect {
         Effect::Allow => {}
         Effect::Deny => {
@@ -211,11 +207,7 @@ async fn admit<'s>(
         // Decided on top of connect: permitting connect does not permit replication.
         request.action = portcullis_policy::Action::Replicate;
         let decision = proxy.policies().decide(&request);
-        let ids: Vec<String> = decision
-            .matched
-            .iter()
-            .map(|p| p.as_str().to_string())
-            .collect();
+        let ids = crate::policy::policy_ids(&decision);
         if decision.effect != Effect::Allow {
             return Err((
                 PgError::ConnectDenied {

@@ -195,7 +195,7 @@ pub async fn establish(
             other => {
                 return Err(UpstreamError::Protocol(format!(
                     "unexpected {} during start-up",
-                    kind(&other)
+                    other.name()
                 )))
             }
         }
@@ -230,7 +230,7 @@ async fn authenticate(
             other => {
                 return Err(UpstreamError::Protocol(format!(
                     "unexpected {} during authentication",
-                    kind(&other)
+                    other.name()
                 )))
             }
         };
@@ -334,33 +334,4 @@ fn end_point_hash(der: &[u8]) -> Option<Vec<u8>> {
         _ => &ring::digest::SHA256,
     };
     Some(ring::digest::digest(algorithm, der).as_ref().to_vec())
-}
-
-pub fn kind(msg: &BackendMessage) -> &'static str {
-    match msg {
-        BackendMessage::Authentication(_) => "Authentication",
-        BackendMessage::BackendKeyData { .. } => "BackendKeyData",
-        BackendMessage::ParameterStatus { .. } => "ParameterStatus",
-        BackendMessage::ReadyForQuery { .. } => "ReadyForQuery",
-        BackendMessage::RowDescription(_) => "RowDescription",
-        BackendMessage::DataRow(_) => "DataRow",
-        BackendMessage::CommandComplete { .. } => "CommandComplete",
-        BackendMessage::EmptyQueryResponse => "EmptyQueryResponse",
-        BackendMessage::ErrorResponse(_) => "ErrorResponse",
-        BackendMessage::NoticeResponse(_) => "NoticeResponse",
-        BackendMessage::ParseComplete => "ParseComplete",
-        BackendMessage::BindComplete => "BindComplete",
-        BackendMessage::CloseComplete => "CloseComplete",
-        BackendMessage::NoData => "NoData",
-        BackendMessage::PortalSuspended => "PortalSuspended",
-        BackendMessage::ParameterDescription(_) => "ParameterDescription",
-        BackendMessage::CopyInResponse(_) => "CopyInResponse",
-        BackendMessage::CopyOutResponse(_) => "CopyOutResponse",
-        BackendMessage::CopyBothResponse(_) => "CopyBothResponse",
-        BackendMessage::CopyData(_) => "CopyData",
-        BackendMessage::CopyDone => "CopyDone",
-        BackendMessage::NotificationResponse { .. } => "NotificationResponse",
-        BackendMessage::FunctionCallResponse(_) => "FunctionCallResponse",
-        BackendMessage::NegotiateProtocolVersion { .. } => "NegotiateProtocolVersion",
-    }
 }
