@@ -48,7 +48,7 @@ pub fn run(
     let audit = Arc::new(audit);
     for note in repairs {
         tracing::warn!(%note, "the audit store was repaired at start");
-        audit.record(&AuditEvent::new(EventKind::AuditIntegrity).reason(note));
+        audit.record(AuditEvent::new(EventKind::AuditIntegrity).reason(note));
     }
     // Everything that can be wrong with the configuration is found before the programs are
     // attached, so a bad start leaves the previous enforcement (or none) as it was.
@@ -142,7 +142,7 @@ pub fn run(
         })
         .context("starting the control thread")?;
 
-    audit.record(&AuditEvent::new(EventKind::AgentStarted).reason(format!(
+    audit.record(AuditEvent::new(EventKind::AgentStarted).reason(format!(
         "pid {}, cgroup {}, pins {}",
         std::process::id(),
         proxy.enforcement().cgroup.display(),
@@ -184,7 +184,7 @@ pub fn run(
     } else {
         "enforcement was detached"
     };
-    audit.record(&AuditEvent::new(EventKind::AgentStopped).reason(outcome));
+    audit.record(AuditEvent::new(EventKind::AgentStopped).reason(outcome));
     audit.flush();
     if let Ok(Err(e)) = control_thread.join() {
         tracing::warn!(error = %e, "control thread ended with an error");

@@ -380,7 +380,7 @@ async fn respond(req: Request, uid: u32, state: &ControlState) -> Response {
             state
                 .proxy
                 .audit()
-                .record(&AuditEvent::new(EventKind::AgentDetached).reason(format!(
+                .record(AuditEvent::new(EventKind::AgentDetached).reason(format!(
                     "detached by uid 0; pins removed from {}",
                     pin_dir.display()
                 )));

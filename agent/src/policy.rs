@@ -158,7 +158,7 @@ impl Policies {
                 status.last_error = None;
                 tracing::info!(policies = n, generation = status.generation, %why, "policy set reloaded");
                 self.audit
-                    .record(&AuditEvent::new(EventKind::PolicyReloaded).reason(format!(
+                    .record(AuditEvent::new(EventKind::PolicyReloaded).reason(format!(
                         "{why}: {n} policies, generation {}",
                         status.generation
                     )));
@@ -167,7 +167,7 @@ impl Policies {
                 status.last_error = Some(e.clone());
                 tracing::error!(error = %e, %why, "policy reload refused; the previous set stays in force");
                 self.audit.record(
-                    &AuditEvent::new(EventKind::PolicyReloadFailed).reason(format!(
+                    AuditEvent::new(EventKind::PolicyReloadFailed).reason(format!(
                         "{why}: {e}; generation {} stays in force",
                         status.generation
                     )),

@@ -199,13 +199,13 @@ impl Drop for OpenGuard {
         ev.reason = Some(std::mem::take(&mut self.reason));
         ev.db_user = self.db_user.take();
         ev.db_name = self.db_name.take();
-        self.audit.record(&ev);
         tracing::info!(
             up = ev.bytes_client_to_upstream,
             down = ev.bytes_upstream_to_client,
             reason = ev.reason.as_deref().unwrap_or(""),
             "connection closed"
         );
+        self.audit.record(ev);
     }
 }
 
@@ -422,7 +422,7 @@ impl Proxy {
             );
             ev.connection_id = Some(id);
             ev.client = Some(peer.to_string());
-            self.audit.record(&ev);
+            self.audit.record(ev);
             tracing::warn!(%peer, "refused a connection without an origin record");
             return;
         };
@@ -666,7 +666,7 @@ impl Proxy {
             reason = ev.reason.as_deref().unwrap_or(""),
             "connection refused"
         );
-        self.audit.record(&ev);
+        self.audit.record(ev);
     }
 
     /// The central backlog bound, as a refusal reason when it applies.

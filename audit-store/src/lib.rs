@@ -11,6 +11,7 @@
 //! `README.md` describes the on-disk format and the guarantees.
 
 mod dir;
+mod encoded;
 mod error;
 pub mod format;
 mod lines;
@@ -20,6 +21,7 @@ mod verify;
 
 pub use dir::{parse_segment_file_name, segment_file_name};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use encoded::{EncodedEvent, EventBytes};
 pub use error::StoreError;
 pub use format::{ChainHash, Seal};
 pub use reader::{Reader, Record};

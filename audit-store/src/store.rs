@@ -5,6 +5,7 @@ use crate::dir::{
     list_segments, read_anchor, read_tail_seal, segment_file_name, sync_dir, write_anchor,
     SegmentFile, LOCK_FILE,
 };
+use crate::encoded::EventBytes;
 use crate::error::StoreError;
 use crate::format::{
     encode_record_line, encode_seal_line, record_hash, ChainHash, Line, RecordView, Seal,
@@ -360,16 +361,19 @@ impl Store {
 
     /// Appends events in order with one fsync for the whole batch (group commit). Either every
     /// event is rejected before anything is written, or all are on disk when this returns.
-    pub fn append_batch(&mut self, events: &[&[u8]]) -> Result<Vec<RecordRef>, StoreError> {
+    pub fn append_batch<E: EventBytes>(
+        &mut self,
+        events: &[E],
+    ) -> Result<Vec<RecordRef>, StoreError> {
         self.append_events(events, true)
     }
 
     /// Appends like [`Store::append_batch`] but leaves the fsync to a later [`Store::sync`] (or
     /// the next synced append or seal): the records are in the file, so they survive a crash of
     /// the process, not yet a power loss. For events that gate nothing, at high rates.
-    pub fn append_batch_buffered(
+    pub fn append_batch_buffered<E: EventBytes>(
         &mut self,
-        events: &[&[u8]],
+        events: &[E],
     ) -> Result<Vec<RecordRef>, StoreError> {
         self.append_events(events, false)
     }
@@ -394,9 +398,9 @@ impl Store {
         self.open.as_ref().is_some_and(|o| o.unsynced)
     }
 
-    fn append_events(
+    fn append_events<E: EventBytes>(
         &mut self,
-        events: &[&[u8]],
+        events: &[E],
         sync: bool,
     ) -> Result<Vec<RecordRef>, StoreError> {
         self.sync_writes = sync;
@@ -404,7 +408,7 @@ impl Store {
             return Err(StoreError::Poisoned);
         }
         for (index, event) in events.iter().enumerate() {
-            check_event(event, self.opts.max_event_bytes)
+            check_event(event.bytes(), event.encoded(), self.opts.max_event_bytes)
                 .map_err(|reason| StoreError::EventRejected { index, reason })?;
         }
         if events.is_empty() {
@@ -512,12 +516,17 @@ impl Store {
         sealed
     }
 
-    fn write_batch(&mut self, events: &[&[u8]], now: u64) -> Result<Vec<RecordRef>, StoreError> {
+    fn write_batch<E: EventBytes>(
+        &mut self,
+        events: &[E],
+        now: u64,
+    ) -> Result<Vec<RecordRef>, StoreError> {
         let mut refs = Vec::with_capacity(events.len());
         let mut pending = Vec::new();
         let mut pending_records = 0u64;
         let mut line = Vec::new();
         for event in events {
+            let event = event.bytes();
             let seq = self.chain.next_seq;
             let hash = record_hash(&self.chain.prev, seq, now, event);
             line.clear();
@@ -664,8 +673,10 @@ pub(crate) fn skip_pruned<'a>(
     segments.get(covered..).unwrap_or_default()
 }
 
-/// Rejects what could not be read back byte for byte, before anything is written.
-fn check_event(event: &[u8], max: usize) -> Result<(), String> {
+/// Rejects what could not be read back byte for byte, before anything is written. An
+/// [`crate::EncodedEvent`] (`encoded`) is valid compact JSON by construction: only its size
+/// is checked.
+fn check_event(event: &[u8], encoded: bool, max: usize) -> Result<(), String> {
     if event.is_empty() {
         return Err("event is empty".into());
     }
@@ -674,6 +685,9 @@ fn check_event(event: &[u8], max: usize) -> Result<(), String> {
             "event is {} bytes, over the {max}-byte limit",
             event.len()
         ));
+    }
+    if encoded {
+        return Ok(());
     }
     if event.contains(&b'\n') || event.contains(&b'\r') {
         return Err("event contains a line break; serialize it as compact JSON".into());
@@ -694,7 +708,7 @@ fn check_event(event: &[u8], max: usize) -> Result<(), String> {
 }
 
 /// Far below serde_json's limit of 128 levels, which the record line adds one to.
-const MAX_EVENT_DEPTH: usize = 64;
+pub(crate) const MAX_EVENT_DEPTH: usize = 64;
 
 /// The deepest nesting of objects and arrays in valid JSON, strings skipped.
 fn json_depth(json: &[u8]) -> usize {

@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use portcullis_audit_store::format::{encode_record_line, parse_line, Line, RecordView};
 use portcullis_audit_store::{
-    verify, BreakKind, SigningKey, Store, StoreError, StoreOptions, VerifyReport,
+    verify, BreakKind, EncodedEvent, SigningKey, Store, StoreError, StoreOptions, VerifyReport,
 };
 use std::path::Path;
 
@@ -195,6 +195,40 @@ fn events_that_would_not_read_back_are_rejected_before_writing() {
     assert_eq!(store.append(b"{\"ok\":1}").unwrap().seq, 1);
     assert_eq!(store.append(b"[1, 2,\t3]").unwrap().seq, 2);
     assert_ok(&verify(dir.path(), None));
+}
+
+#[test]
+fn encoded_events_are_stored_byte_for_byte_and_still_size_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let opts = StoreOptions {
+        max_event_bytes: 96,
+        ..options(&clock, false)
+    };
+    let (mut store, _) = Store::open(dir.path(), opts).unwrap();
+    let events: Vec<EncodedEvent> = [
+        serde_json::json!({"event": "statement.executed", "statement": "SELECT 1;\n-- two lines"}),
+        serde_json::json!({"nested": [[{"a": null}]], "quote": "\"", "unicode": "é✓"}),
+    ]
+    .iter()
+    .map(|v| EncodedEvent::encode(v).unwrap())
+    .collect();
+    store.append_batch_buffered(&events).unwrap();
+    store.sync().unwrap();
+    let too_large = EncodedEvent::encode(&serde_json::json!({"x": "y".repeat(100)})).unwrap();
+    match store.append_batch(&[&events[0], &too_large]) {
+        Err(StoreError::EventRejected { index: 1, reason }) => {
+            assert!(reason.contains("limit"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_ok(&verify(dir.path(), None));
+    let read: Vec<Vec<u8>> = portcullis_audit_store::Reader::all(dir.path())
+        .unwrap()
+        .map(|r| r.unwrap().event.into_bytes())
+        .collect();
+    let written: Vec<Vec<u8>> = events.iter().map(|e| e.as_bytes().to_vec()).collect();
+    assert_eq!(read, written);
 }
 
 #[test]

@@ -8,6 +8,9 @@
 //! - agent: pgbench inside the agent's cgroup to the server's own address with no password;
 //!   the kernel redirects the connect to the agent, which logs in upstream with the
 //!   credential from its root-only credentials file.
+//! - agent tcp: the same redirect to a plain `tcp` target (the server's `::1` address, with
+//!   the password): the agent only forwards bytes. It is the floor under the agent's
+//!   PostgreSQL path, the cost of the extra hop alone.
 //!
 //! Then connection setup latency (psycopg: connect, login, `SELECT 1`, close) per path and
 //! the agent's RSS with 1,000 idle sessions. Every loop is bounded in count and time.
@@ -43,6 +46,11 @@ pub struct Options {
     seconds: u32,
     /// Runs of every case and path; the table shows the median.
     rounds: usize,
+    /// `--case TEXT`: only the cases whose name contains it, and nothing after the table.
+    case: Option<String>,
+    /// `--perf`: `perf record -a -g` during every run, into
+    /// `/tmp/portcullis-bench-perf/<case>.<path>.data`, to see where the CPU goes.
+    perf: bool,
 }
 
 impl Options {
@@ -51,6 +59,8 @@ impl Options {
         let mut o = Options {
             seconds: 10,
             rounds: 1,
+            case: None,
+            perf: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -64,8 +74,12 @@ impl Options {
                 "--quick" => o.seconds = 3,
                 "--seconds" => o.seconds = u32::try_from(value("--seconds")?.min(600))?,
                 "--rounds" => o.rounds = usize::try_from(value("--rounds")?.min(9))?,
+                "--case" => {
+                    o.case = Some(it.next().cloned().context("--case needs part of a case name")?)
+                }
+                "--perf" => o.perf = true,
                 other => bail!(
-                    "unknown option `{other}` for the postgres bench (--quick, --seconds N, --rounds N)"
+                    "unknown option `{other}` for the postgres bench (--quick, --seconds N, --rounds N, --case TEXT, --perf)"
                 ),
             }
         }
@@ -121,6 +135,7 @@ const CASES: &[Case] = &[
 /// How a client reaches the server on one path.
 struct Endpoint {
     name: &'static str,
+    host: &'static str,
     port: u16,
     /// None: the client sends no password (the agent injects its own upstream).
     password: Option<&'static str>,
@@ -145,6 +160,7 @@ pub fn run(options: &Options) -> Result<()> {
     pg.create_database(DATABASE, Some(ROLE));
     let direct = Endpoint {
         name: "direct",
+        host: "127.0.0.1",
         port: pg.port,
         password: Some(PASSWORD),
         cgroup: None,
@@ -164,6 +180,7 @@ pub fn run(options: &Options) -> Result<()> {
     let bouncer = Pgbouncer::start(&pg, PoolMode::Session, ROLE, PASSWORD);
     let pooled = Endpoint {
         name: "pgbouncer",
+        host: "127.0.0.1",
         port: bouncer.port,
         password: Some(PASSWORD),
         cgroup: None,
@@ -178,21 +195,43 @@ pub fn run(options: &Options) -> Result<()> {
             Err(format!("{e:#}"))
         }
     };
+    let forward_endpoint = match &agent {
+        Ok(a) => a.forward_endpoint(&pg),
+        Err(e) => Err(format!("{e:#}")),
+    };
 
     step(&format!(
-        "pgbench -T {} x {} round(s): direct, pgbouncer and agent interleaved per case",
+        "pgbench -T {} x {} round(s): direct, pgbouncer, agent and agent tcp interleaved per case",
         options.seconds, options.rounds
     ));
     let mut rows = Vec::new();
-    for case in CASES {
+    let selected = CASES.iter().filter(|c| {
+        options
+            .case
+            .as_deref()
+            .is_none_or(|part| c.name.contains(part))
+    });
+    for case in selected {
         let _ = pg.try_psql(DATABASE, "CHECKPOINT");
-        let mut runs: [Vec<f64>; 3] = Default::default();
+        let mut runs: [Vec<f64>; 4] = Default::default();
         for _ in 0..options.rounds {
-            let endpoints: [Result<&Endpoint, &String>; 3] =
-                [Ok(&direct), Ok(&pooled), agent_endpoint.as_ref()];
+            let endpoints: [Result<&Endpoint, &String>; 4] = [
+                Ok(&direct),
+                Ok(&pooled),
+                agent_endpoint.as_ref(),
+                forward_endpoint.as_ref(),
+            ];
             for (endpoint, samples) in endpoints.iter().zip(runs.iter_mut()) {
                 let Ok(endpoint) = endpoint else { continue };
-                match pgbench_tps(endpoint, case.args, options.seconds, &scratch) {
+                let perf = match options.perf {
+                    true => Some(PerfRecord::start(case.name, endpoint.name)?),
+                    false => None,
+                };
+                let tps = pgbench_tps(endpoint, case.args, options.seconds, &scratch);
+                if let Some(perf) = perf {
+                    perf.stop();
+                }
+                match tps {
                     Ok(tps) => {
                         println!("  {:<48} {:<10} {tps:>10.0} tps", case.name, endpoint.name);
                         samples.push(tps);
@@ -205,21 +244,30 @@ pub fn run(options: &Options) -> Result<()> {
     }
 
     println!(
-        "\n| case | direct TPS | pgbouncer TPS | agent TPS | agent/direct | agent/pgbouncer |\n\
-         |---|---:|---:|---:|---:|---:|"
+        "\n| case | direct TPS | pgbouncer TPS | agent TPS | agent tcp TPS | agent/direct | agent/pgbouncer | agent/agent tcp | agent tcp/direct |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    for (name, [d, b, a]) in &rows {
+    for (name, [d, b, a, f]) in &rows {
         println!(
-            "| {name} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(*d),
             cell(*b),
             cell(*a),
+            cell(*f),
             ratio(*a, *d),
-            ratio(*a, *b)
+            ratio(*a, *b),
+            ratio(*a, *f),
+            ratio(*f, *d)
         );
     }
     if let Err(e) = &agent_endpoint {
         println!("\nagent column: not measured: {e}");
+    }
+    if let Err(e) = &forward_endpoint {
+        println!("\nagent tcp column: not measured: {e}");
+    }
+    if options.case.is_some() {
+        return Ok(());
     }
 
     step(&format!(
@@ -266,6 +314,40 @@ pub fn run(options: &Options) -> Result<()> {
     // In-process, in release: the proxy applies the same Masker to every selected value.
     step("masking throughput (policy/benches/mask.rs)");
     crate::cargo(&["bench", "-q", "-p", "portcullis-policy", "--bench", "mask"])
+}
+
+/// `perf record -a -g` for the length of one run (`--perf`).
+struct PerfRecord {
+    child: Child,
+    path: PathBuf,
+}
+
+impl PerfRecord {
+    fn start(case: &str, path: &str) -> Result<Self> {
+        let dir = Path::new("/tmp/portcullis-bench-perf");
+        std::fs::create_dir_all(dir)?;
+        let file: String = case
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let path = dir.join(format!("{file}.{}.data", path.replace(' ', "-")));
+        let child = Command::new("perf")
+            .args(["record", "-q", "-a", "-g", "-F", "999", "-o"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf (Debian's linux-perf)")?;
+        Ok(Self { child, path })
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = wait_bounded(&mut self.child, Duration::from_secs(60));
+        println!("  perf data: {}", self.path.display());
+    }
 }
 
 fn tempdir() -> Result<PathBuf> {
@@ -318,7 +400,7 @@ fn pgbench(endpoint: &Endpoint, args: &[&str], scratch: &Path, limit: Duration) 
             cgroup: endpoint.cgroup.as_deref(),
         },
     );
-    cmd.args(["-h", "127.0.0.1", "-p", &port, "-U", ROLE])
+    cmd.args(["-h", endpoint.host, "-p", &port, "-U", ROLE])
         .args(args)
         .arg(DATABASE)
         .env("PGSSLMODE", "disable")
@@ -438,8 +520,8 @@ for conn in conns:
 /// The endpoint as a libpq connection string (the password, if any, goes in the environment).
 fn conninfo(endpoint: &Endpoint) -> String {
     format!(
-        "host=127.0.0.1 port={} user={ROLE} dbname={DATABASE} sslmode=disable",
-        endpoint.port
+        "host={} port={} user={ROLE} dbname={DATABASE} sslmode=disable",
+        endpoint.host, endpoint.port
     )
 }
 
@@ -575,13 +657,23 @@ impl AgentPath {
                  [target.postgres]\n\
                  # Plaintext to the server, like pgbouncer in this bench.\n\
                  tls = \"insecure-plaintext\"\n\
-                 credentials_file = \"{credentials}\"\n",
+                 credentials_file = \"{credentials}\"\n{forward}",
                 state = dir.join("state").display(),
                 socket = dir.join("control.sock").display(),
                 cgroup = cgroup.path.display(),
                 policies = dir.join("policies").display(),
                 port = pg.port,
                 credentials = credentials.display(),
+                forward = if pg.listens_on_v6() {
+                    format!(
+                        "\n# The floor: bytes forwarded, nothing parsed (pgbench logs in itself).\n\
+                         [[target]]\nname = \"benchdb-tcp\"\nprotocol = \"tcp\"\n\
+                         address = \"::1\"\nport = {port}\n",
+                        port = pg.port
+                    )
+                } else {
+                    String::new()
+                },
             ),
         )?;
         // Leftovers of an interrupted run must not enforce: start from nothing attached.
@@ -644,10 +736,26 @@ impl AgentPath {
     fn endpoint(&self, pg: &Postgres) -> Endpoint {
         Endpoint {
             name: "agent",
+            host: "127.0.0.1",
             port: pg.port,
             password: None,
             cgroup: Some(self.cgroup.path.clone()),
         }
+    }
+
+    /// The same redirect to the plain `tcp` target on the server's `::1` address: pgbench
+    /// logs in itself, the agent forwards bytes.
+    fn forward_endpoint(&self, pg: &Postgres) -> Result<Endpoint, String> {
+        if !pg.listens_on_v6() {
+            return Err("the server does not listen on ::1 (no IPv6 loopback)".into());
+        }
+        Ok(Endpoint {
+            name: "agent tcp",
+            host: "::1",
+            port: pg.port,
+            password: Some(PASSWORD),
+            cgroup: Some(self.cgroup.path.clone()),
+        })
     }
 
     /// VmRSS before and after `IDLE_SESSIONS` logged-in sessions are open through the agent

@@ -21,9 +21,12 @@ commands:
   test         setup, build, fmt check, clippy (warnings denied), unit and end-to-end tests
   demo         build everything and show the redirect, the proxy and `portcullis status`
   bench [redirect|policy|audit|postgres|all] [--no-build] [--quick] [--seconds N] [--rounds N]
+        [--case TEXT] [--perf]
                measure against the direct path (and pgbouncer for postgres) and report
                ratios; --no-build measures the binaries already built; --quick, --seconds
-               and --rounds set the postgres bench's pgbench -T (3 s, default 10) and rounds";
+               and --rounds set the postgres bench's pgbench -T (3 s, default 10) and rounds;
+               --case runs only the postgres cases whose name contains TEXT, --perf records
+               `perf record -a -g` during each run (needs Debian's linux-perf)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -308,7 +308,7 @@ impl Shipper {
                 max,
                 "unshipped audit records are over audit.central.spool_max_bytes; {mode}"
             );
-            self.audit.record(&AuditEvent::new(EventKind::AuditSpoolFull).reason(format!(
+            self.audit.record(AuditEvent::new(EventKind::AuditSpoolFull).reason(format!(
                 "about {backlog} bytes not yet in the central store (bound {max}, last shipped seq {}); {mode}",
                 self.shipped_upto
             )));
@@ -319,7 +319,7 @@ impl Shipper {
                 "the central audit backlog is under its bound again"
             );
             self.audit.record(
-                &AuditEvent::new(EventKind::AuditSpoolDrained).reason(format!(
+                AuditEvent::new(EventKind::AuditSpoolDrained).reason(format!(
                     "about {backlog} bytes not yet in the central store (bound {max})"
                 )),
             );

@@ -220,10 +220,19 @@ const QUEUE: usize = 65_536;
 
 enum Job {
     Event {
-        line: Vec<u8>,
+        line: Line,
         done: Option<tokio::sync::oneshot::Sender<Result<u64, String>>>,
     },
     Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// An event on its way to the writer. Events nobody waits for are serialized by the writer
+/// thread, off the connection's path (a statement event costs more to serialize than the
+/// proxy spends on the statement); a caller waiting for durability serializes its own, so it
+/// learns of an event that cannot be stored.
+enum Line {
+    Event(Box<AuditEvent>),
+    Encoded(portcullis_audit_store::EncodedEvent),
 }
 
 /// The audit trail: events go to the hash-chained store (`portcullis-audit-store`) through
@@ -322,8 +331,8 @@ impl AuditLog {
         self.spool.refusing()
     }
 
-    fn line(event: &AuditEvent) -> Option<Vec<u8>> {
-        match serde_json::to_vec(event) {
+    fn line(event: &AuditEvent) -> Option<portcullis_audit_store::EncodedEvent> {
+        match portcullis_audit_store::EncodedEvent::encode(event) {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialize an audit event");
@@ -333,10 +342,8 @@ impl AuditLog {
     }
 
     /// Queues an event; it is on disk with the next batch (milliseconds).
-    pub fn record(&self, event: &AuditEvent) {
-        let Some(line) = Self::line(event) else {
-            return;
-        };
+    pub fn record(&self, event: AuditEvent) {
+        let line = Line::Event(Box::new(event));
         if !self.queue.push(Job::Event { line, done: None }, false) {
             tracing::error!(dir = %self.dir.display(), "the audit writer has stopped; an event was not recorded");
         }
@@ -349,7 +356,7 @@ impl AuditLog {
             Self::line(event).ok_or_else(|| AuditError::Write("unserializable event".into()))?;
         let (done, wait) = tokio::sync::oneshot::channel();
         let job = Job::Event {
-            line,
+            line: Line::Encoded(line),
             done: Some(done),
         };
         let pushed = if self.queue.is_full() {
@@ -477,9 +484,28 @@ fn write_loop(
             pruning.run_if_due(store, dir);
             continue;
         }
-        let mut lines: Vec<&[u8]> = Vec::with_capacity(jobs.len());
+        // Serialize what the recorders left to the writer; an event that cannot be is logged
+        // and left out (its recorder waits for nothing).
+        let mut jobs = jobs;
+        jobs.retain_mut(|job| {
+            let Job::Event { line, .. } = job else {
+                return true;
+            };
+            if let Line::Event(event) = line {
+                match AuditLog::line(event) {
+                    Some(encoded) => *line = Line::Encoded(encoded),
+                    None => return false,
+                }
+            }
+            true
+        });
+        let mut lines: Vec<&portcullis_audit_store::EncodedEvent> = Vec::with_capacity(jobs.len());
         for job in &jobs {
-            if let Job::Event { line, .. } = job {
+            if let Job::Event {
+                line: Line::Encoded(line),
+                ..
+            } = job
+            {
                 lines.push(line);
             }
         }

@@ -455,7 +455,7 @@ impl IdentityService {
             if let Err(e) = &outcome {
                 let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.clone());
                 ev.identity = Some(unix_identity(uid));
-                this.audit.record(&ev);
+                this.audit.record(ev);
             }
             let _ = tx.send(Some(outcome));
             // Keep the result for a late waiter for a while, then forget the login.
@@ -503,7 +503,7 @@ impl IdentityService {
             session.kind, session.expires_at
         ));
         ev.identity = Some(session_identity(&session));
-        self.audit.record(&ev);
+        self.audit.record(ev);
         tracing::info!(uid = session.uid, subject = %session.subject, "logged in");
         self.lock_sessions().insert(session.uid, session);
         Ok(view)
@@ -544,7 +544,7 @@ impl IdentityService {
             let mut ev = AuditEvent::new(EventKind::LoginFailed)
                 .reason(format!("untrusted issuer `{issuer}`"));
             ev.identity = Some(unix_identity(uid));
-            self.audit.record(&ev);
+            self.audit.record(ev);
             return Err(format!(
                 "issuer `{issuer}` is not trusted for workload logins"
             ));
@@ -559,7 +559,7 @@ impl IdentityService {
             Err(e) => {
                 let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.to_string());
                 ev.identity = Some(unix_identity(uid));
-                self.audit.record(&ev);
+                self.audit.record(ev);
                 return Err(e.to_string());
             }
         };
@@ -599,7 +599,7 @@ impl IdentityService {
             "{why}; refresh token revoked: {revoked}; connections closed: {closed}"
         ));
         ev.identity = Some(session_identity(&session));
-        self.audit.record(&ev);
+        self.audit.record(ev);
         Some((revoked, closed))
     }
 
@@ -658,7 +658,7 @@ impl IdentityService {
             let mut ev = AuditEvent::new(EventKind::LoginExpired)
                 .reason(format!("session expired; connections closed: {closed}"));
             ev.identity = Some(session_identity(&session));
-            self.audit.record(&ev);
+            self.audit.record(ev);
             tracing::info!(uid, closed, "session expired");
         }
         for svc in &self.services {
@@ -727,7 +727,7 @@ impl IdentityService {
                     let mut ev = AuditEvent::new(EventKind::LoginRefreshFailed)
                         .reason(format!("{e}; the session lasts until {}", s.expires_at));
                     ev.identity = Some(session_identity(s));
-                    self.audit.record(&ev);
+                    self.audit.record(ev);
                 }
                 tracing::warn!(uid, error = %e, "refreshing the session failed; it lasts until it expires");
             }

@@ -173,7 +173,34 @@ const DECISION_CACHE_ENTRIES: usize = 256;
 struct DecisionCache {
     set: std::sync::Weak<PolicySet>,
     second: i64,
-    allowed: HashMap<ShapeKey, Verdict>,
+    /// By the hash of the shape; a hit is compared field by field, so a collision is a miss
+    /// (and replaces the entry), never another statement's verdict. Looking up builds no key.
+    allowed: HashMap<u64, (ShapeKey, Verdict)>,
+}
+
+impl StatementInfo {
+    fn shape_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&self.class, &self.command, &self.tables, &self.functions).hash(&mut h);
+        h.finish()
+    }
+
+    fn has_shape(&self, key: &ShapeKey) -> bool {
+        self.class == key.0
+            && self.command == key.1
+            && self.tables == key.2
+            && self.functions == key.3
+    }
+
+    fn shape(&self) -> ShapeKey {
+        (
+            self.class.clone(),
+            self.command.clone(),
+            self.tables.clone(),
+            self.functions.clone(),
+        )
+    }
 }
 
 enum Flow {
@@ -234,9 +261,17 @@ impl<'a> Session<'a> {
         } = upstream;
         let idle = Duration::from_secs(self.proxy.config().proxy.idle_timeout_secs.max(1));
         let cancel = self.conn.cancel.clone();
+        // Made once, not per message: a fresh cancellation future registers a waiter and a
+        // fresh timer goes through the timer wheel, on every turn of a loop that runs twice
+        // per statement. Traffic only moves `last_traffic`; the timer is re-armed from it
+        // when it fires.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(idle_timer);
+        let mut last_traffic = tokio::time::Instant::now();
         let mut to_server = BytesMut::new();
         let mut to_client = BytesMut::new();
-        let mut deadline = tokio::time::Instant::now() + idle;
         // Bytes that arrived with the start-up packet belong to the session.
         if !cbuf.is_empty() {
             if let Flow::End(why) = self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client)
@@ -260,7 +295,7 @@ impl<'a> Session<'a> {
                 to_client.clear();
             }
             let flow = tokio::select! {
-                () = cancel.cancelled() => {
+                () = &mut cancelled => {
                     let mut out = BytesMut::new();
                     encode_error_response(
                         &ErrorFields::new("FATAL", "57P01", "Portcullis: the session was closed by the agent (logout, session end or shutdown)"),
@@ -269,18 +304,22 @@ impl<'a> Session<'a> {
                     let _ = client.write_all(&out).await;
                     Flow::End("closed by the agent".into())
                 }
-                () = tokio::time::sleep_until(deadline) => {
+                () = &mut idle_timer => {
                     // Idle means no traffic and nothing the server is still working on: a
                     // long query is not an idle session.
-                    if self.expect.is_empty() {
+                    let now = tokio::time::Instant::now();
+                    if now < last_traffic + idle {
+                        idle_timer.as_mut().reset(last_traffic + idle);
+                        Flow::Continue
+                    } else if self.expect.is_empty() {
                         Flow::End("idle timeout".into())
                     } else {
-                        deadline = tokio::time::Instant::now() + idle;
+                        idle_timer.as_mut().reset(now + idle);
                         Flow::Continue
                     }
                 }
                 r = fill(&mut client, &mut cbuf) => {
-                    deadline = tokio::time::Instant::now() + idle;
+                    last_traffic = tokio::time::Instant::now();
                     match r {
                         Err(e) => Flow::End(format!("client read failed: {e}")),
                         Ok(0) => Flow::End("client closed the connection".into()),
@@ -288,7 +327,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 r = fill(&mut server, &mut sbuf) => {
-                    deadline = tokio::time::Instant::now() + idle;
+                    last_traffic = tokio::time::Instant::now();
                     match r {
                         Err(e) => Flow::End(format!("server read failed: {e}")),
                         Ok(0) => Flow::End("the server closed the connection".into()),
@@ -759,19 +798,14 @@ impl<'a> Session<'a> {
         // Within one second, under one policy set, the request for a statement of the same
         // shape is the same request (principal, target, client and database are the
         // session's): its allow is reused. Denials are always decided afresh.
-        let key = (
-            info.class.clone(),
-            info.command.clone(),
-            info.tables.clone(),
-            info.functions.clone(),
-        );
+        let hash = info.shape_hash();
         let cache = &mut self.decisions;
         if !std::ptr::eq(cache.set.as_ptr(), Arc::as_ptr(set)) || cache.second != now {
             cache.set = Arc::downgrade(set);
             cache.second = now;
             cache.allowed.clear();
         }
-        if let Some(v) = cache.allowed.get(&key) {
+        if let Some((_, v)) = cache.allowed.get(&hash).filter(|(k, _)| info.has_shape(k)) {
             return Ok(v.clone());
         }
         let request = self.query_request(info, now);
@@ -792,7 +826,9 @@ impl<'a> Session<'a> {
                 if self.decisions.allowed.len() >= DECISION_CACHE_ENTRIES {
                     self.decisions.allowed.clear();
                 }
-                self.decisions.allowed.insert(key, verdict.clone());
+                self.decisions
+                    .allowed
+                    .insert(hash, (info.shape(), verdict.clone()));
                 Ok(verdict)
             }
             Effect::Deny => Err((
@@ -1409,7 +1445,7 @@ impl<'a> Session<'a> {
                 ev.decision = Some("allow".into());
                 ev.policy_ids = r.verdict.policy_ids.to_vec();
                 ev.reason = Some(format!("unfinished: {why}"));
-                self.proxy.audit().record(&ev);
+                self.proxy.audit().record(ev);
             }
         }
     }
@@ -1472,7 +1508,7 @@ impl<'a> Session<'a> {
             s.duration_us = duration_us;
             s.masking_profile = masking_profile;
         }
-        self.proxy.audit().record(&ev);
+        self.proxy.audit().record(ev);
     }
 
     fn record_denied(
@@ -1498,7 +1534,7 @@ impl<'a> Session<'a> {
             );
         }
         tracing::info!(statement = %info.text, %decision, reason, "statement refused");
-        self.proxy.audit().record(&ev);
+        self.proxy.audit().record(ev);
     }
 }
 
