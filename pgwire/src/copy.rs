@@ -308,3 +308,133 @@ pub fn join_csv_row(fields: &[Option<Vec<u8>>], delimiter: u8, quote: u8, out: &
     }
     out.push(b'\n');
 }
+
+// ----- binary format -------------------------------------------------------------------------
+// Spec: https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4 (Binary Format).
+//
+// The server's COPY TO sends the file header together with the first tuple (or with the
+// trailer when there are no rows), then one tuple per CopyData, then the trailer (a field count
+// of -1) in its own message. [`split_binary`] reads one such payload.
+
+const BINARY: &str = "COPY binary-format data";
+
+/// The 11 bytes a binary COPY stream starts with.
+pub const BINARY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+
+/// One piece of a binary COPY payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BinaryPart<'a> {
+    /// The file header: signature, flags and the header extension, byte for byte.
+    Header(&'a [u8]),
+    /// One tuple's values; `None` is NULL.
+    Tuple(Vec<Option<&'a [u8]>>),
+    /// The end of the data (field count -1).
+    Trailer,
+}
+
+/// Splits one CopyData payload of a binary COPY into its header (when `expect_header`: the
+/// first payload), tuples and trailer. Every length is checked against what is there; flags
+/// with a bit PostgreSQL marks critical and unknown (bits 16-31, bit 16 being OIDs, which no
+/// server since 12 sends) are refused, as PostgreSQL's reader refuses them.
+pub fn split_binary(body: &[u8], expect_header: bool) -> Result<Vec<BinaryPart<'_>>, DecodeError> {
+    let mut parts = Vec::new();
+    let mut rest = body;
+    if expect_header {
+        let Some(after_signature) = rest.strip_prefix(BINARY_SIGNATURE.as_slice()) else {
+            return Err(invalid(
+                BINARY,
+                "the header does not start with PGCOPY's signature",
+            ));
+        };
+        let (flags, after_flags) = take_u32(after_signature, "header flags")?;
+        if flags & 0xffff_0000 != 0 {
+            return Err(invalid(
+                BINARY,
+                format!("header flags 0x{flags:08x} have critical bits set"),
+            ));
+        }
+        let (extension_len, after_len) = take_u32(after_flags, "header extension length")?;
+        let extension_len = usize::try_from(extension_len).unwrap_or(usize::MAX);
+        if after_len.len() < extension_len {
+            return Err(invalid(BINARY, "the header extension is cut short"));
+        }
+        let header_len = body.len() - after_len.len() + extension_len;
+        parts.push(BinaryPart::Header(
+            body.get(..header_len).unwrap_or_default(),
+        ));
+        rest = after_len.get(extension_len..).unwrap_or_default();
+    }
+    while !rest.is_empty() {
+        let (count, after_count) = take_i16(rest)?;
+        if count == -1 {
+            parts.push(BinaryPart::Trailer);
+            rest = after_count;
+            if !rest.is_empty() {
+                return Err(invalid(BINARY, "data after the trailer"));
+            }
+            break;
+        }
+        let count = usize::try_from(count)
+            .map_err(|_| invalid(BINARY, format!("negative field count {count}")))?;
+        let mut values = Vec::with_capacity(count.min(1600));
+        let mut cursor = after_count;
+        for _ in 0..count {
+            let (len, after_len) = take_u32(cursor, "field length")?;
+            if len == u32::MAX {
+                values.push(None);
+                cursor = after_len;
+                continue;
+            }
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            if len > i32::MAX as usize || after_len.len() < len {
+                return Err(invalid(BINARY, "a field is longer than the data left"));
+            }
+            let (value, after_value) = after_len.split_at(len);
+            values.push(Some(value));
+            cursor = after_value;
+        }
+        parts.push(BinaryPart::Tuple(values));
+        rest = cursor;
+    }
+    Ok(parts)
+}
+
+/// Appends one tuple in binary COPY format.
+pub fn join_binary_tuple(values: &[Option<&[u8]>], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    let count = i16::try_from(values.len()).map_err(|_| {
+        invalid(
+            BINARY,
+            format!("{} fields do not fit a tuple", values.len()),
+        )
+    })?;
+    out.extend_from_slice(&count.to_be_bytes());
+    for value in values {
+        match value {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                let len = i32::try_from(v.len())
+                    .map_err(|_| invalid(BINARY, "a field is longer than 2 GiB"))?;
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The trailer that ends binary COPY data.
+pub const BINARY_TRAILER: [u8; 2] = (-1i16).to_be_bytes();
+
+fn take_u32<'a>(bytes: &'a [u8], what: &str) -> Result<(u32, &'a [u8]), DecodeError> {
+    match bytes {
+        [a, b, c, d, rest @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), rest)),
+        _ => Err(invalid(BINARY, format!("the {what} is cut short"))),
+    }
+}
+
+fn take_i16(bytes: &[u8]) -> Result<(i16, &[u8]), DecodeError> {
+    match bytes {
+        [a, b, rest @ ..] => Ok((i16::from_be_bytes([*a, *b]), rest)),
+        _ => Err(invalid(BINARY, "the field count is cut short")),
+    }
+}

@@ -35,7 +35,10 @@ pub use backend::{
     encode_ready_for_query, parse_backend, Authentication, BackendMessage, CopyResponse, DataRow,
     ErrorFields, FieldDescription, TransactionStatus,
 };
-pub use copy::{join_csv_row, join_text_row, split_csv_row, split_text_row};
+pub use copy::{
+    join_binary_tuple, join_csv_row, join_text_row, split_binary, split_csv_row, split_text_row,
+    BinaryPart, BINARY_SIGNATURE, BINARY_TRAILER,
+};
 pub use error::{DecodeError, Side};
 pub use frame::{decode_frame, RawMessage};
 pub use frontend::{

@@ -258,3 +258,108 @@ fn random_bytes_never_panic_the_row_splitters() {
         let _ = split_csv_row(&line, *rng.pick(b",\t\""), *rng.pick(b"\"'"));
     }
 }
+
+/// The header PostgreSQL writes: signature, flags 0, no extension.
+fn binary_header() -> Vec<u8> {
+    let mut h = portcullis_pgwire::BINARY_SIGNATURE.to_vec();
+    h.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+    h
+}
+
+#[test]
+fn binary_payloads_split_into_header_tuples_and_trailer() {
+    use portcullis_pgwire::{join_binary_tuple, split_binary, BinaryPart, BINARY_TRAILER};
+    // First payload: header + one tuple (int4 1, text "ada", NULL).
+    let mut first = binary_header();
+    first.extend_from_slice(&[0, 3, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0, 0, 3, b'a', b'd', b'a']);
+    first.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    let parts = split_binary(&first, true).unwrap();
+    assert_eq!(
+        parts,
+        vec![
+            BinaryPart::Header(&binary_header()),
+            BinaryPart::Tuple(vec![Some(&[0, 0, 0, 1][..]), Some(&b"ada"[..]), None]),
+        ]
+    );
+    // A later payload: one tuple; the last: the trailer; no rows: header and trailer at once.
+    assert_eq!(
+        split_binary(&[0, 1, 0, 0, 0, 0], false).unwrap(),
+        vec![BinaryPart::Tuple(vec![Some(&b""[..])])]
+    );
+    assert_eq!(
+        split_binary(&BINARY_TRAILER, false).unwrap(),
+        vec![BinaryPart::Trailer]
+    );
+    let mut empty = binary_header();
+    empty.extend_from_slice(&BINARY_TRAILER);
+    assert_eq!(
+        split_binary(&empty, true).unwrap(),
+        vec![BinaryPart::Header(&binary_header()), BinaryPart::Trailer]
+    );
+    // A header extension is kept with the header.
+    let mut extended = portcullis_pgwire::BINARY_SIGNATURE.to_vec();
+    extended.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 2, 9, 9]);
+    assert_eq!(
+        split_binary(&extended, true).unwrap(),
+        vec![BinaryPart::Header(&extended)]
+    );
+    // Join writes what split reads.
+    let mut out = Vec::new();
+    join_binary_tuple(
+        &[Some(&[0, 0, 0, 1][..]), Some(&b"ada"[..]), None],
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(out, first[binary_header().len()..]);
+}
+
+#[test]
+fn malformed_binary_payloads_are_errors() {
+    use portcullis_pgwire::split_binary;
+    let header = binary_header();
+    let mut critical = header.clone();
+    critical[11] = 0x01; // flags bit 24: critical and unknown
+    let mut long_extension = portcullis_pgwire::BINARY_SIGNATURE.to_vec();
+    long_extension.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+    let mut after_trailer = header.clone();
+    after_trailer.extend_from_slice(&[0xff, 0xff, 0]);
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "no signature",
+            b"PGCOPX\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec(),
+            true,
+        ),
+        ("short header", header[..15].to_vec(), true),
+        ("critical flag", critical, true),
+        ("extension longer than the data", long_extension, true),
+        ("cut field count", vec![0], false),
+        ("negative field count", vec![0xff, 0xfe], false),
+        ("cut field length", vec![0, 1, 0, 0], false),
+        (
+            "field longer than the data",
+            vec![0, 1, 0, 0, 0, 5, 1, 2],
+            false,
+        ),
+        (
+            "negative field length other than -1",
+            vec![0, 1, 0xff, 0xff, 0xff, 0xfe],
+            false,
+        ),
+        ("data after the trailer", after_trailer, true),
+    ];
+    for (name, bytes, header) in cases {
+        assert!(
+            matches!(
+                split_binary(&bytes, header),
+                Err(DecodeError::Invalid { .. })
+            ),
+            "{name}"
+        );
+    }
+    // Every prefix of a good payload either splits or is an error, never a panic.
+    let mut good = binary_header();
+    good.extend_from_slice(&[0, 2, 0, 0, 0, 1, b'x', 0xff, 0xff, 0xff, 0xff]);
+    for end in 0..good.len() {
+        let _ = split_binary(&good[..end], true);
+    }
+}

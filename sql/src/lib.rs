@@ -57,7 +57,10 @@
 
 mod cache;
 mod classify;
+mod copy;
 mod tree;
+
+pub use copy::{CopyFormat, CopyOut, CopySource};
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -91,6 +94,8 @@ pub struct Statement {
     /// names and aliases kept): the same query with other values has the same fingerprint.
     /// For grouping in audit logs, never for decisions.
     pub fingerprint: u64,
+    /// For `COPY ... TO STDOUT`: what it reads and how its rows are spelled.
+    pub copy_out: Option<CopyOut>,
 }
 
 impl Statement {
@@ -98,6 +103,7 @@ impl Statement {
         const OVERHEAD: usize = std::mem::size_of::<Statement>() + 24;
         self.text.len()
             + self.command.len()
+            + self.copy_out.as_ref().map_or(0, |_| 128)
             + self
                 .tables
                 .iter()
@@ -344,7 +350,9 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
             message: e.to_string(),
         })?;
         let facts = classify::facts(&tree)?;
-        shape_cacheable &= facts.shape_cacheable;
+        let copy_out = copy::copy_out(&tree);
+        // COPY's options (`HEADER true`/`false`) may normalize alike.
+        shape_cacheable &= facts.shape_cacheable && tree.name() != Some("CopyStmt");
         let fingerprint = guard(|| {
             pg_query::fingerprint(
                 text,
@@ -360,6 +368,7 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
             tables: facts.tables,
             functions: facts.functions,
             fingerprint,
+            copy_out,
         });
     }
     Ok((statements, shape_cacheable))

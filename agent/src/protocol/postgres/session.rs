@@ -67,6 +67,8 @@ struct StatementInfo {
     command: Option<String>,
     tables: Vec<String>,
     functions: Vec<String>,
+    /// For `COPY ... TO STDOUT`: what it reads and how its rows are spelled.
+    copy: Option<Arc<portcullis_sql::CopyOut>>,
 }
 
 impl StatementInfo {
@@ -77,6 +79,7 @@ impl StatementInfo {
             command: Some(s.command.clone()),
             tables: s.tables.clone(),
             functions: s.functions.clone(),
+            copy: s.copy_out.clone().map(Arc::new),
         }
     }
 }
@@ -104,7 +107,51 @@ struct Running {
     /// How each result column is masked; `None` until a RowDescription (or our own
     /// Describe) says what the columns are.
     plan: Option<RowPlan>,
+    /// For a `COPY table TO STDOUT` masked by column: the columns it sends, as the agent's own
+    /// catalog query in the session found them (an error says why not).
+    copy_columns: Option<Result<Vec<CopyColumn>, String>>,
     started: Instant,
+}
+
+/// One column a `COPY table TO STDOUT` sends.
+struct CopyColumn {
+    name: String,
+    /// `schema.table.column`, as table-column masking rules name it.
+    qualified: String,
+    type_oid: u32,
+}
+
+/// The agent's own catalog query, sent on the session before a simple-query COPY whose rows
+/// it must mask by column: its answer never reaches the client.
+struct ColumnLookup {
+    /// Which statement of the query string that follows it is for.
+    statement: usize,
+    /// The COPY's column list; empty for all columns in table order.
+    wanted: Vec<String>,
+    rows: Vec<CopyColumn>,
+    error: Option<String>,
+}
+
+/// How the rows of a COPY TO STDOUT in progress are masked.
+enum CopyMask {
+    /// Content detectors over each whole row (text or CSV): no column rules apply.
+    Lines(Arc<Masker>),
+    /// Value by value, per column.
+    Fields {
+        masker: Arc<Masker>,
+        columns: Vec<(ColumnPlan, u32)>,
+        format: CopyRowFormat,
+        /// The next payload starts with a header: column names in text and CSV (passed as
+        /// they are), the file header in binary.
+        header_pending: bool,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum CopyRowFormat {
+    Text { delimiter: u8 },
+    Csv { delimiter: u8, quote: u8 },
+    Binary,
 }
 
 struct RowPlan {
@@ -126,6 +173,8 @@ enum Expect {
     Describe,
     /// The agent's Describe of a portal about to run with masking: answer kept, not sent.
     InternalDescribe,
+    /// The agent's own catalog query before a masked COPY: every reply kept, not sent.
+    ColumnLookup(Box<ColumnLookup>),
     Execute(Box<Running>),
     /// ReadyForQuery after Sync, or after a denied simple Query / FunctionCall.
     Sync,
@@ -150,7 +199,7 @@ pub struct Session<'a> {
     /// After a denial in the extended protocol, client messages up to Sync are dropped, as
     /// the server drops them after an error.
     skip_to_sync: bool,
-    copy_out: bool,
+    copy_out: Option<CopyMask>,
     /// The last profile any statement of this session was masked with; it also masks
     /// notifications, which belong to no statement.
     session_masker: Option<Arc<Masker>>,
@@ -237,7 +286,7 @@ impl<'a> Session<'a> {
             prepared: HashMap::new(),
             portals: HashMap::new(),
             skip_to_sync: false,
-            copy_out: false,
+            copy_out: None,
             session_masker: None,
             txn: TransactionStatus::Idle,
             replication,
@@ -501,6 +550,7 @@ impl<'a> Session<'a> {
                     command: Some(command.to_string()),
                     tables: Vec::new(),
                     functions: Vec::new(),
+                    copy: None,
                 };
                 let set = self.proxy.policies().current();
                 match self.decide(&set, &info) {
@@ -511,6 +561,7 @@ impl<'a> Session<'a> {
                             parameters: Arc::from(Vec::new()),
                             verdict,
                             plan: None,
+                            copy_columns: None,
                             started: Instant::now(),
                         });
                         self.expect.push_back(Expect::Query(Box::new(SimpleQuery {
@@ -543,6 +594,7 @@ impl<'a> Session<'a> {
                     parameters: Arc::from(Vec::new()),
                     verdict,
                     plan: None,
+                    copy_columns: None,
                     started: Instant::now(),
                 }),
                 Err((e, decision, ids)) => {
@@ -561,6 +613,22 @@ impl<'a> Session<'a> {
                     self.inject_denied_query(e, to_server);
                     return;
                 }
+            }
+        }
+        // A COPY of a table whose rows are masked by column (or in binary, where even content
+        // detectors need each value's type) needs its columns in output order: the agent asks
+        // the server first, in this session (same search_path, same transaction), and keeps
+        // the answer to itself.
+        for (statement, r) in running.iter().enumerate() {
+            if let Some((sql, wanted)) = copy_columns_query(r) {
+                encode_frontend(&FrontendMessage::Query { sql }, to_server);
+                self.expect
+                    .push_back(Expect::ColumnLookup(Box::new(ColumnLookup {
+                        statement,
+                        wanted,
+                        rows: Vec::new(),
+                        error: None,
+                    })));
             }
         }
         self.expect.push_back(Expect::Query(Box::new(SimpleQuery {
@@ -726,6 +794,7 @@ impl<'a> Session<'a> {
                 parameters: Arc::clone(&p.parameters),
                 verdict: p.verdict.clone(),
                 plan: None,
+                copy_columns: None,
                 started: Instant::now(),
             },
             // A portal the agent did not see bound does not exist on the server either.
@@ -734,6 +803,7 @@ impl<'a> Session<'a> {
                 parameters: Arc::from(Vec::new()),
                 verdict: Verdict::none(),
                 plan: None,
+                copy_columns: None,
                 started: Instant::now(),
             },
         };
@@ -762,6 +832,7 @@ impl<'a> Session<'a> {
             command: Some("FUNCTION CALL".into()),
             tables: Vec::new(),
             functions: vec![format!("oid:{oid}")],
+            copy: None,
         };
         let set = self.proxy.policies().current();
         match self.decide(&set, &info) {
@@ -971,13 +1042,16 @@ impl<'a> Session<'a> {
     }
 
     fn on_server_message(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
+        if let Some(Expect::ColumnLookup(_)) = self.expect.front() {
+            return self.on_lookup_message(msg, to_client);
+        }
         match msg.tag {
             // Rows: the hot path. Unmasked rows are forwarded as they came.
             b'D' => return self.on_data_row(msg, to_client),
-            b'd' if self.copy_out => return self.on_copy_out_data(msg, to_client),
+            b'd' if self.copy_out.is_some() => return self.on_copy_out_data(msg, to_client),
             b'd' | b'c' | b'S' => {
                 if msg.tag == b'c' {
-                    self.copy_out = false;
+                    self.copy_out = None;
                 }
                 to_client.extend_from_slice(&msg.frame);
                 return Flow::Continue;
@@ -1071,23 +1145,10 @@ impl<'a> Session<'a> {
             },
             BackendMessage::CopyOutResponse(ref r) | BackendMessage::CopyBothResponse(ref r) => {
                 if let Some(m) = self.current_masker() {
-                    if r.format != 0 {
-                        return self.fatal(
-                            PgError::Unmaskable(
-                                "binary COPY output cannot be masked; use COPY ... TO STDOUT in text or csv format".into(),
-                            ),
-                            to_client,
-                        );
+                    match self.copy_mask(m, r) {
+                        Ok(mask) => self.copy_out = Some(mask),
+                        Err(e) => return self.fatal(e, to_client),
                     }
-                    if m.has_column_rules() {
-                        return self.fatal(
-                            PgError::Unmaskable(
-                                "COPY output has no column names to mask by; use SELECT, or a profile with content detectors only".into(),
-                            ),
-                            to_client,
-                        );
-                    }
-                    self.copy_out = true;
                 }
                 to_client.extend_from_slice(&msg.frame);
             }
@@ -1121,6 +1182,7 @@ impl<'a> Session<'a> {
             Some(Expect::BindComplete) => "BindComplete",
             Some(Expect::CloseComplete) => "CloseComplete",
             Some(Expect::Describe | Expect::InternalDescribe) => "a Describe answer",
+            Some(Expect::ColumnLookup(_)) => "the column lookup",
             Some(Expect::Execute(_)) => "Execute results",
             Some(Expect::Sync) => "ReadyForQuery",
             Some(Expect::Query(_)) => "Query results",
@@ -1283,24 +1345,219 @@ impl<'a> Session<'a> {
         Flow::Continue
     }
 
-    /// COPY TO output under a detectors-only profile: each row's fields are scanned.
+    /// How the rows of the COPY TO STDOUT that starts now are masked. Content detectors alone
+    /// scan text and CSV rows whole; column rules, and binary rows, go value by value with the
+    /// columns the agent looked up before the COPY. What cannot be masked ends the session
+    /// before a row leaves.
+    fn copy_mask(
+        &mut self,
+        masker: Arc<Masker>,
+        response: &portcullis_pgwire::CopyResponse,
+    ) -> Result<CopyMask, PgError> {
+        use portcullis_sql::{CopyFormat, CopySource};
+        let binary = response.format != 0;
+        if !binary && !masker.has_column_rules() {
+            return Ok(CopyMask::Lines(masker));
+        }
+        let refuse = |why: String| {
+            PgError::Unmaskable(format!(
+                "{why}; the session is closed so no unmasked value leaves"
+            ))
+        };
+        let running = self.current_running();
+        let copy = running.as_ref().and_then(|r| r.info.copy.clone());
+        let Some(copy) = copy else {
+            return Err(refuse(
+                "this COPY output cannot be masked by column or in binary".into(),
+            ));
+        };
+        if copy.source == CopySource::Query {
+            return Err(refuse("the rows of COPY (query) TO STDOUT cannot be masked by column or in binary: their columns are not a table's; COPY the table, or SELECT".into()));
+        }
+        if !copy.unsupported.is_empty() {
+            return Err(refuse(format!(
+                "COPY option(s) {} cannot be kept when a masked row is written anew; leave them out",
+                copy.unsupported.join(", ")
+            )));
+        }
+        let looked_up = running.and_then(|r| r.copy_columns.take());
+        let columns = match looked_up {
+            Some(Ok(columns)) => columns,
+            Some(Err(e)) => {
+                return Err(refuse(format!(
+                    "the columns of the COPY could not be looked up ({e})"
+                )))
+            }
+            None => return Err(refuse("COPY sent with the extended protocol cannot be masked by column or in binary (the agent looks the columns up before a simple-query COPY, as psql, pg_dump and psycopg send it)".into())),
+        };
+        if columns.len() != response.column_formats.len() {
+            return Err(refuse(format!(
+                "the server sends {} columns where the catalog lists {}",
+                response.column_formats.len(),
+                columns.len()
+            )));
+        }
+        let format = match copy.format {
+            CopyFormat::Text => CopyRowFormat::Text {
+                delimiter: copy
+                    .delimiter
+                    .unwrap_or(portcullis_pgwire::copy::TEXT_DEFAULT_DELIMITER),
+            },
+            CopyFormat::Csv => CopyRowFormat::Csv {
+                delimiter: copy
+                    .delimiter
+                    .unwrap_or(portcullis_pgwire::copy::CSV_DEFAULT_DELIMITER),
+                quote: copy
+                    .quote
+                    .unwrap_or(portcullis_pgwire::copy::CSV_DEFAULT_QUOTE),
+            },
+            CopyFormat::Binary => CopyRowFormat::Binary,
+        };
+        if binary != matches!(format, CopyRowFormat::Binary) {
+            return Err(refuse(
+                "the server's COPY format is not the one the statement asked for".into(),
+            ));
+        }
+        let columns = columns
+            .iter()
+            .map(|c| (masker.plan_column(&c.name, Some(&c.qualified)), c.type_oid))
+            .collect();
+        Ok(CopyMask::Fields {
+            masker,
+            columns,
+            format,
+            header_pending: binary || copy.header,
+        })
+    }
+
+    /// One CopyData of COPY TO output while a mask applies.
     fn on_copy_out_data(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
-        let Some(masker) = self.current_masker() else {
-            to_client.extend_from_slice(&msg.frame);
-            return Flow::Continue;
+        let masked = match &mut self.copy_out {
+            None => Ok(None),
+            Some(CopyMask::Lines(masker)) => match std::str::from_utf8(msg.body()) {
+                Ok(line) => Ok(masker.mask_text(line).map(String::into_bytes)),
+                Err(_) => Err("COPY output that is not UTF-8 cannot be masked".to_string()),
+            },
+            Some(CopyMask::Fields {
+                masker,
+                columns,
+                format,
+                header_pending,
+            }) => {
+                let header = std::mem::take(header_pending);
+                mask_copy_payload(masker, columns, *format, header, msg.body())
+            }
         };
-        let Ok(line) = std::str::from_utf8(msg.body()) else {
-            return self.fatal(
-                PgError::Unmaskable("COPY output that is not UTF-8 cannot be masked".into()),
-                to_client,
-            );
-        };
-        match masker.mask_text(line) {
-            None => to_client.extend_from_slice(&msg.frame),
-            Some(masked) => portcullis_pgwire::encode_backend(
-                &BackendMessage::CopyData(Bytes::from(masked.into_bytes())),
+        match masked {
+            Ok(None) => to_client.extend_from_slice(&msg.frame),
+            Ok(Some(body)) => portcullis_pgwire::encode_backend(
+                &BackendMessage::CopyData(Bytes::from(body)),
                 to_client,
             ),
+            Err(why) => {
+                return self.fatal(
+                    PgError::Unmaskable(format!(
+                        "{why}; the session is closed so no unmasked value leaves"
+                    )),
+                    to_client,
+                )
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A reply to the agent's own column lookup: kept, except what the server may send at
+    /// any time (notifications, parameter changes), which is the client's.
+    fn on_lookup_message(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
+        let Some(Expect::ColumnLookup(lookup)) = self.expect.front_mut() else {
+            return Flow::Continue;
+        };
+        match msg.tag {
+            b'A' | b'S' => to_client.extend_from_slice(&msg.frame),
+            b'T' | b'C' | b'N' => {}
+            b'D' => match parse_backend(&msg) {
+                Ok(BackendMessage::DataRow(row)) => {
+                    let text = |i: usize| {
+                        row.values
+                            .get(i)
+                            .and_then(|v| v.as_deref())
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                    };
+                    match (text(0), text(1), text(2), text(3), text(4)) {
+                        (
+                            Some(schema),
+                            Some(table),
+                            Some(column),
+                            Some(type_oid),
+                            Some(generated),
+                        ) => {
+                            // Without a column list COPY leaves generated columns out.
+                            if !(lookup.wanted.is_empty() && generated == "t") {
+                                lookup.rows.push(CopyColumn {
+                                    name: column.to_string(),
+                                    qualified: format!("{schema}.{table}.{column}"),
+                                    type_oid: type_oid.parse().unwrap_or(0),
+                                });
+                            }
+                        }
+                        _ => lookup.error = Some("a malformed catalog row".into()),
+                    }
+                }
+                _ => lookup.error = Some("a malformed catalog row".into()),
+            },
+            b'E' => {
+                let why = match parse_backend(&msg) {
+                    Ok(BackendMessage::ErrorResponse(fields)) => {
+                        fields.message().unwrap_or("an error").to_string()
+                    }
+                    _ => "an error".to_string(),
+                };
+                lookup.error = Some(why);
+            }
+            b'Z' => {
+                let Some(Expect::ColumnLookup(lookup)) = self.expect.pop_front() else {
+                    return Flow::Continue;
+                };
+                let ColumnLookup {
+                    statement,
+                    wanted,
+                    rows,
+                    error,
+                } = *lookup;
+                let result = match error {
+                    Some(e) => Err(e),
+                    None if rows.is_empty() => Err("the table was not found".to_string()),
+                    None if wanted.is_empty() => Ok(rows),
+                    None => {
+                        let mut rows = rows;
+                        wanted
+                            .iter()
+                            .map(|name| {
+                                rows.iter()
+                                    .position(|r| &r.name == name)
+                                    .map(|i| rows.swap_remove(i))
+                                    .ok_or_else(|| format!("column `{name}` was not found"))
+                            })
+                            .collect()
+                    }
+                };
+                let query = self.expect.iter_mut().find_map(|e| match e {
+                    Expect::Query(q) => Some(q),
+                    _ => None,
+                });
+                if let Some(r) = query.and_then(|q| q.statements.get_mut(statement)) {
+                    r.copy_columns = Some(result);
+                }
+            }
+            other => {
+                return self.fatal(
+                    PgError::Protocol(format!(
+                        "the server answered the agent's column lookup with message `{}`",
+                        char::from(other)
+                    )),
+                    to_client,
+                )
+            }
         }
         Flow::Continue
     }
@@ -1369,7 +1626,7 @@ impl<'a> Session<'a> {
         }
         let masked = self.current_masker().and_then(|m| mask_detail(&m, &fields));
         encode_error_response(masked.as_ref().unwrap_or(&fields), to_client);
-        self.copy_out = false;
+        self.copy_out = None;
         match self.expect.front_mut() {
             Some(Expect::Query(q)) => {
                 q.failed = true;
@@ -1562,6 +1819,7 @@ fn unparsed(sql: &str) -> StatementInfo {
         command: None,
         tables: Vec::new(),
         functions: Vec::new(),
+        copy: None,
     }
 }
 
@@ -1637,4 +1895,134 @@ fn mask_detail(masker: &Masker, fields: &ErrorFields) -> Option<ErrorFields> {
     let mut out = fields.clone();
     out.set(b'D', masked);
     Some(out)
+}
+
+/// The agent's catalog query for a simple-query `COPY table TO STDOUT` whose rows it masks by
+/// column or in binary, and the COPY's column list; `None` when the statement needs none.
+/// The table name goes through `to_regclass`, so it resolves with the session's own
+/// search_path, exactly as the COPY will.
+fn copy_columns_query(r: &Running) -> Option<(String, Vec<String>)> {
+    use portcullis_sql::{CopyFormat, CopySource};
+    let copy = r.info.copy.as_ref()?;
+    let (_, masker) = r.verdict.masker.as_ref()?;
+    let CopySource::Table {
+        schema,
+        table,
+        columns,
+    } = &copy.source
+    else {
+        return None;
+    };
+    if !masker.has_column_rules() && copy.format != CopyFormat::Binary {
+        return None;
+    }
+    let ident = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let name = match schema {
+        Some(schema) => format!("{}.{}", ident(schema), ident(table)),
+        None => ident(table),
+    };
+    let literal = name.replace('\\', "\\\\").replace('\'', "''");
+    let sql = format!(
+        "SELECT n.nspname, c.relname, a.attname, a.atttypid::pg_catalog.int8, a.attgenerated <> '' \
+         FROM pg_catalog.pg_attribute a \
+         JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE a.attrelid = pg_catalog.to_regclass(E'{literal}') AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum /* portcullis: columns of a masked COPY */"
+    );
+    Some((sql, columns.clone()))
+}
+
+/// A row's values after masking (`None` is NULL).
+type MaskedRow = Vec<Option<Vec<u8>>>;
+
+/// Masks one CopyData payload of a COPY masked value by value: `Ok(None)` forwards it
+/// unchanged, `Ok(Some)` replaces it, `Err` says why it cannot be sent.
+fn mask_copy_payload(
+    masker: &Masker,
+    columns: &[(ColumnPlan, u32)],
+    format: CopyRowFormat,
+    header: bool,
+    body: &[u8],
+) -> Result<Option<Vec<u8>>, String> {
+    use portcullis_pgwire::BinaryPart;
+    let mask = |values: &mut dyn Iterator<Item = Option<&[u8]>>,
+                format_code: i16|
+     -> Result<(MaskedRow, bool), String> {
+        let mut out = Vec::with_capacity(columns.len());
+        let mut changed = false;
+        let mut count = 0;
+        for (i, value) in values.enumerate() {
+            count += 1;
+            let Some((plan, type_oid)) = columns.get(i) else {
+                return Err(format!(
+                    "a COPY row has more than the {} columns looked up",
+                    columns.len()
+                ));
+            };
+            let masked = match value {
+                None => None,
+                Some(v) => masker
+                    .mask_value(plan, format_code, *type_oid, v)
+                    .map_err(|e| format!("COPY column {} cannot be masked ({e})", i + 1))?,
+            };
+            changed |= masked.is_some();
+            out.push(masked.or_else(|| value.map(<[u8]>::to_vec)));
+        }
+        if count != columns.len() {
+            return Err(format!(
+                "a COPY row has {count} columns where {} were looked up",
+                columns.len()
+            ));
+        }
+        Ok((out, changed))
+    };
+    match format {
+        CopyRowFormat::Text { .. } | CopyRowFormat::Csv { .. } if header => Ok(None),
+        CopyRowFormat::Text { delimiter } => {
+            let fields = portcullis_pgwire::split_text_row(body, delimiter)
+                .map_err(|e| format!("a COPY row does not split: {e}"))?;
+            let (values, changed) = mask(&mut fields.iter().map(|f| f.as_deref()), 0)?;
+            if !changed {
+                return Ok(None);
+            }
+            let mut out = Vec::with_capacity(body.len());
+            portcullis_pgwire::join_text_row(&values, delimiter, &mut out);
+            Ok(Some(out))
+        }
+        CopyRowFormat::Csv { delimiter, quote } => {
+            let fields = portcullis_pgwire::split_csv_row(body, delimiter, quote)
+                .map_err(|e| format!("a COPY row does not split: {e}"))?;
+            let (values, changed) = mask(&mut fields.iter().map(|f| f.as_deref()), 0)?;
+            if !changed {
+                return Ok(None);
+            }
+            let mut out = Vec::with_capacity(body.len());
+            portcullis_pgwire::join_csv_row(&values, delimiter, quote, &mut out);
+            Ok(Some(out))
+        }
+        CopyRowFormat::Binary => {
+            let parts = portcullis_pgwire::split_binary(body, header)
+                .map_err(|e| format!("binary COPY data does not split: {e}"))?;
+            let mut out = Vec::with_capacity(body.len());
+            let mut any = false;
+            for part in parts {
+                match part {
+                    BinaryPart::Header(h) => out.extend_from_slice(h),
+                    BinaryPart::Trailer => {
+                        out.extend_from_slice(&portcullis_pgwire::BINARY_TRAILER)
+                    }
+                    BinaryPart::Tuple(values) => {
+                        let (values, changed) = mask(&mut values.into_iter(), 1)?;
+                        any |= changed;
+                        let refs: Vec<Option<&[u8]>> =
+                            values.iter().map(|v| v.as_deref()).collect();
+                        portcullis_pgwire::join_binary_tuple(&refs, &mut out)
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            Ok(any.then_some(out))
+        }
+    }
 }
