@@ -4,6 +4,7 @@
 mod bench;
 mod bench_postgres;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,11 @@ commands:
                bpf-linker in .tools/), idempotently
   build-ebpf   build the kernel programs (nightly, bpfel-unknown-none)
   build        build-ebpf, then the agent (release)
-  test         setup, build, fmt check, clippy (warnings denied), unit and end-to-end tests
+  test         setup, build, fmt check, clippy (warnings denied), every fuzz target briefly,
+               unit and end-to-end tests
+  fuzz [--seconds N]
+               build every cargo-fuzz target (nightly, libFuzzer coverage) and run each for
+               N seconds (default 60) from a fixed seed
   demo         build everything and show the redirect, the proxy and `portcullis status`
   bench [redirect|policy|audit|postgres|all] [--no-build] [--quick] [--seconds N] [--rounds N]
         [--case TEXT] [--perf]
@@ -47,6 +52,7 @@ fn main() -> Result<()> {
             cargo(&["build", "--release", "-p", "portcullis-agent"])
         }
         "test" => test(),
+        "fuzz" => fuzz::run_all(fuzz::parse_seconds(rest)?),
         "demo" => {
             setup::all()?;
             build_ebpf()?;
@@ -82,6 +88,9 @@ fn main() -> Result<()> {
     }
 }
 
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SMOKE_SECONDS: u64 = 8;
+
 fn test() -> Result<()> {
     setup::all()?;
     build_ebpf()?;
@@ -99,6 +108,8 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // Every fuzz target builds and runs a little, from a fixed seed.
+    fuzz::run_all(FUZZ_SMOKE_SECONDS)?;
     step("building the agent and the test clients");
     cargo(&["build", "-p", "portcullis-agent", "-p", "portcullis-e2e"])?;
     step("unit, integration and end-to-end tests");
