@@ -301,6 +301,55 @@ fn psql_connects_through_the_agent_with_verify_full_and_no_password() {
         .unwrap()
         .iter()
         .any(|t| t == "pg_stat_ssl"));
+    // A GSSENCRequest (libpq sends one when it has Kerberos credentials) is answered `N`, and
+    // the client goes on in plaintext on the same connection: a raw client proves the byte.
+    let script = format!(
+        "import socket, struct\n\
+         s = socket.create_connection(('127.0.0.1', {port}), timeout=10)\n\
+         s.sendall(struct.pack('!II', 8, 80877104))\n\
+         print('gssenc', s.recv(1))\n\
+         params = b'user\\x00app\\x00database\\x00app\\x00\\x00'\n\
+         s.sendall(struct.pack('!II', 8 + len(params), 196608) + params)\n\
+         buf = b''\n\
+         def message():\n    \
+             global buf\n    \
+             while True:\n        \
+                 if len(buf) >= 5:\n            \
+                     n = struct.unpack('!I', buf[1:5])[0]\n            \
+                     if len(buf) >= n + 1:\n                \
+                         m, buf = buf[:n + 1], buf[n + 1:]\n                \
+                         return m\n        \
+                 data = s.recv(65536)\n        \
+                 if not data:\n            \
+                     raise SystemExit('closed: ' + repr(buf))\n        \
+                 buf += data\n\
+         while True:\n    \
+             m = message()\n    \
+             if m[:1] == b'E':\n        \
+                 raise SystemExit('error: ' + repr(m))\n    \
+             if m[:1] == b'Z':\n        \
+                 break\n\
+         q = b'SELECT 40 + 2\\x00'\n\
+         s.sendall(b'Q' + struct.pack('!I', 4 + len(q)) + q)\n\
+         while True:\n    \
+             m = message()\n    \
+             if m[:1] == b'D':\n        \
+                 print('row', m[11:].decode())\n    \
+             if m[:1] == b'Z':\n        \
+                 break\n",
+        port = f.pg.port()
+    );
+    let out = client_at(portcullis_e2e::postgres::python(), f.run_as(ENGINEER))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&out),
+        "gssenc b'N'\nrow 42\n",
+        "{}{}",
+        stderr(&out),
+        f.agent.log()
+    );
     let log = f.agent.log() + &serde_json::to_string(&f.agent.events()).unwrap();
     assert!(
         !log.contains(APP_PASSWORD),
