@@ -301,6 +301,13 @@ fn psql_connects_through_the_agent_with_verify_full_and_no_password() {
         .unwrap()
         .iter()
         .any(|t| t == "pg_stat_ssl"));
+    // Upstream, over TLS, the agent chose SCRAM with channel binding, and the server (which
+    // checks the binding data) accepted it.
+    let log = f.agent.log();
+    assert!(
+        log.contains("logged in to the PostgreSQL server auth=\"SCRAM-SHA-256-PLUS\" tls=true"),
+        "{log}"
+    );
     // A GSSENCRequest (libpq sends one when it has Kerberos credentials) is answered `N`, and
     // the client goes on in plaintext on the same connection: a raw client proves the byte.
     let script = format!(

@@ -177,7 +177,13 @@ pub async fn establish(
     stream.write_all(&out).await?;
     let mut buf = BytesMut::new();
     let role = startup.user().unwrap_or_default();
-    authenticate(&mut stream, &mut buf, role, password, max_len).await?;
+    let auth = authenticate(&mut stream, &mut buf, role, password, max_len).await?;
+    tracing::info!(
+        auth,
+        tls = stream.is_tls(),
+        role,
+        "logged in to the PostgreSQL server"
+    );
     let mut parameters = Vec::new();
     let mut key = None;
     loop {
@@ -217,8 +223,10 @@ async fn authenticate(
     role: &str,
     password: &Secret,
     max_len: usize,
-) -> Result<(), UpstreamError> {
+) -> Result<&'static str, UpstreamError> {
     let mut scram: Option<ScramSha256> = None;
+    // How the agent proved the credential: what `Ok` reports.
+    let mut method = "trust";
     loop {
         let msg = read_message(stream, buf, max_len).await?;
         let auth = match parse_backend(&msg).map_err(|e| UpstreamError::Protocol(e.to_string()))? {
@@ -243,12 +251,13 @@ async fn authenticate(
                             .into(),
                     ));
                 }
-                return Ok(());
+                return Ok(method);
             }
             Authentication::CleartextPassword => {
                 // Without TLS here the operator chose `tls = "insecure-plaintext"`, and with
                 // it a channel where the password crosses in clear.
                 encode_password(password.expose().as_bytes(), &mut out);
+                method = "password";
             }
             Authentication::Md5Password { salt } => {
                 let hash = postgres_protocol::authentication::md5_hash(
@@ -257,6 +266,7 @@ async fn authenticate(
                     salt,
                 );
                 encode_password(hash.as_bytes(), &mut out);
+                method = "md5";
             }
             Authentication::Sasl { mechanisms } => {
                 let plus = mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
@@ -290,6 +300,7 @@ async fn authenticate(
                 let s = ScramSha256::new(password.expose().as_bytes(), binding);
                 encode_sasl_initial_response(mechanism, s.message(), &mut out);
                 scram = Some(s);
+                method = mechanism;
             }
             Authentication::SaslContinue(data) => {
                 let s = scram
