@@ -877,6 +877,40 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         );
         assert!(!stdout(&out).contains("4111"), "{}", stdout(&out));
     }
+    // pg_dump's data is COPY output: the analyst's dump holds masked values only.
+    let port = f.pg.port().to_string();
+    let out = run_client(
+        "pg_dump",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port.as_str(),
+            "-U",
+            "app",
+            "--data-only",
+            "-t",
+            "customers",
+            "app",
+        ],
+        &[("PGSSLMODE", "require")],
+        f.run_as(ANALYST),
+    );
+    let dump = stdout(&out);
+    assert!(out.status.success(), "pg_dump: {}", stderr(&out));
+    assert!(
+        dump.contains(&format!(
+            "1\t{}\t[redacted]\t**** **** **** 1111\t",
+            hashed[0]
+        )),
+        "{dump}"
+    );
+    assert!(
+        !dump.contains("4111 1111")
+            && !dump.contains("ada@example.com")
+            && !dump.contains("\tAda\t"),
+        "{dump}"
+    );
     // What cannot be masked by column ends the session before a row leaves: COPY of a query
     // (its columns are no table's) and an option the agent could not keep in a rewritten row.
     for sql in [

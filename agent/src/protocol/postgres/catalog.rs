@@ -137,11 +137,13 @@ where
     T: tokio_postgres::tls::TlsConnect<tokio::net::TcpStream>,
     T::Stream: Send + 'static,
 {
+    // System columns too (negative attnum: tableoid, ctid, xmin...), which results such as
+    // pg_dump's catalog queries select by name.
     const COLUMNS: &str = "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname \
                            FROM pg_catalog.pg_class c \
                            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                            JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
-                           WHERE c.oid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped";
+                           WHERE c.oid = ANY($1) AND NOT a.attisdropped";
     let (client, connection) = config
         .connect_raw(socket, tls)
         .await
