@@ -811,6 +811,53 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         ]),
         "{line}"
     );
+    // Values the query computes from masked columns are masked by what they come from:
+    // through functions, whole rows, subqueries, cursors and prepared statements; what uses
+    // no masked column is left alone.
+    for (sql, want) in [
+        (
+            "SELECT row_to_json(c) FROM customers c ORDER BY id",
+            // A whole json value masked is a json string.
+            "\"[redacted]\"\n\"[redacted]\"\n".to_string(),
+        ),
+        (
+            "SELECT lower(email), note || '' FROM customers ORDER BY id",
+            "[redacted]|paid with ************1111 today\n[redacted]|no card here\n".to_string(),
+        ),
+        (
+            "SELECT j FROM (SELECT row_to_json(c) AS j FROM customers c) s",
+            "\"[redacted]\"\n\"[redacted]\"\n".to_string(),
+        ),
+        (
+            "BEGIN; DECLARE k CURSOR FOR SELECT to_json(c.*) FROM customers c; FETCH ALL FROM k; COMMIT",
+            "BEGIN\nDECLARE CURSOR\n\"[redacted]\"\n\"[redacted]\"\nCOMMIT\n".to_string(),
+        ),
+        (
+            "PREPARE p AS SELECT upper(email) FROM customers; EXECUTE p",
+            "PREPARE\n[redacted]\n[redacted]\n".to_string(),
+        ),
+        (
+            "SELECT count(*), max(id) FROM customers WHERE email LIKE '%@example.com'",
+            "2|2\n".to_string(),
+        ),
+    ] {
+        let out = f.psql(ANALYST, "app", "require", &["-c", sql]);
+        assert!(out.status.success(), "{sql}: {}", stderr(&out));
+        assert_eq!(stdout(&out), want, "{sql}");
+    }
+    // upper(name) comes from the table column the profile hashes: hashed, not shown.
+    let out = f.psql(
+        ANALYST,
+        "app",
+        "require",
+        &["-c", "SELECT upper(name) FROM customers ORDER BY id"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).lines().all(|l| l.starts_with("h:")),
+        "{}",
+        stdout(&out)
+    );
     // COPY TO a profile with column rules: the agent looks the table's columns up in the
     // session first, then masks value by value, in text, csv (header kept) and binary.
     let names = f.psql(

@@ -258,6 +258,46 @@ impl Masker {
         }
     }
 
+    /// Decide how a computed result column is masked (one the server describes with no table:
+    /// `lower(email)`, `row_to_json(c)`), from what the query computes it from. `sources` are
+    /// `(table, column)` pairs: the table as written (`schema.table` or `table`, any schema),
+    /// `None` when unknown; the column `None` for a whole row. A column rule selects the value
+    /// when it could select any source: a name rule matches a named column and any whole row
+    /// (which may hold a column so named), a table-column rule matches its column of its table
+    /// or of an unknown one. The first such rule in file order masks the whole value; without
+    /// one, [`Masker::plan_column`] decides by the result column's own name.
+    pub fn plan_derived<'a>(
+        &self,
+        name: &str,
+        sources: impl IntoIterator<Item = (Option<&'a str>, Option<&'a str>)>,
+    ) -> ColumnPlan {
+        let mut selected: Option<usize> = None;
+        for (table, column) in sources {
+            let first = self.rules.iter().position(|rule| match &rule.selector {
+                RuleTarget::Column(matcher) => column.is_none_or(|c| matcher.matches(c)),
+                RuleTarget::TableColumn(tc) => {
+                    let table_matches = table.is_none_or(|t| match t.split_once('.') {
+                        Some((schema, table)) => {
+                            tc.schema.eq_ignore_ascii_case(schema)
+                                && tc.table.eq_ignore_ascii_case(table)
+                        }
+                        None => tc.table.eq_ignore_ascii_case(t),
+                    });
+                    table_matches && column.is_none_or(|c| tc.column.eq_ignore_ascii_case(c))
+                }
+                RuleTarget::Content => false,
+            });
+            selected = match (selected, first) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        match selected {
+            Some(rule) => ColumnPlan::Whole { rule },
+            None => self.plan_column(name, None),
+        }
+    }
+
     /// Mask one non-NULL value of a column planned with [`Masker::plan_column`]. `format` is
     /// the wire format (0 text, 1 binary) and `type_oid` the column's type from RowDescription.
     ///

@@ -757,3 +757,76 @@ fn bad_masking_rules_are_rejected_with_their_line() {
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
+
+#[test]
+fn computed_columns_are_masked_by_what_they_are_computed_from() {
+    let columns = masker(
+        r#"
+[[profiles.t.rules]]
+column = "email"
+mask = "redact"
+
+[[profiles.t.rules]]
+table_column = "public.customers.name"
+mask = "hash"
+
+[[profiles.t.rules]]
+detector = "card_number"
+mask = "redact"
+"#,
+    );
+    let email = ColumnPlan::Whole { rule: 0 };
+    let name = ColumnPlan::Whole { rule: 1 };
+    type Sources = Vec<(Option<&'static str>, Option<&'static str>)>;
+    let rows: Vec<(Sources, ColumnPlan)> = vec![
+        // lower(email), from any table.
+        (vec![(Some("orders"), Some("email"))], email),
+        (vec![(None, Some("Email"))], email),
+        // upper(name) from customers, written with or without schema, or from an unknown table.
+        (vec![(Some("customers"), Some("name"))], name),
+        (vec![(Some("public.customers"), Some("name"))], name),
+        (vec![(None, Some("name"))], name),
+        // Another table's name, another schema's customers: not selected.
+        (
+            vec![(Some("products"), Some("name"))],
+            ColumnPlan::ContentOnly,
+        ),
+        (
+            vec![(Some("archive.customers"), Some("name"))],
+            ColumnPlan::ContentOnly,
+        ),
+        // A whole row may hold an `email` column: the name rule, first in file order.
+        (vec![(Some("products"), None)], email),
+        (vec![(None, None)], email),
+        // Several sources: the first rule in file order that selects any of them.
+        (
+            vec![(Some("customers"), Some("name")), (None, Some("email"))],
+            email,
+        ),
+        // Nothing it uses is selected (count(*), now()): detectors only.
+        (vec![], ColumnPlan::ContentOnly),
+        (
+            vec![(Some("customers"), Some("id"))],
+            ColumnPlan::ContentOnly,
+        ),
+    ];
+    for (sources, want) in rows {
+        assert_eq!(
+            columns.plan_derived("computed", sources.iter().copied()),
+            want,
+            "{sources:?}"
+        );
+    }
+    // Without column rules a whole row selects nothing.
+    let detectors = masker(
+        r#"
+[[profiles.t.rules]]
+detector = "card_number"
+mask = "redact"
+"#,
+    );
+    assert_eq!(
+        detectors.plan_derived("x", [(None, None)]),
+        ColumnPlan::ContentOnly
+    );
+}

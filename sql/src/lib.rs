@@ -58,9 +58,11 @@
 mod cache;
 mod classify;
 mod copy;
+mod sources;
 mod tree;
 
 pub use copy::{CopyFormat, CopyOut, CopySource};
+pub use sources::{NamedQuery, ResultSources, SourceRef};
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -96,6 +98,11 @@ pub struct Statement {
     pub fingerprint: u64,
     /// For `COPY ... TO STDOUT`: what it reads and how its rows are spelled.
     pub copy_out: Option<CopyOut>,
+    /// For a statement that returns rows (a query, also under DECLARE CURSOR and PREPARE, a
+    /// RETURNING list): the columns and rows each result column may be computed from.
+    pub result_sources: Option<Arc<ResultSources>>,
+    /// DECLARE CURSOR, PREPARE, FETCH, EXECUTE: the name whose query is kept or run.
+    pub named_query: Option<NamedQuery>,
 }
 
 impl Statement {
@@ -104,6 +111,10 @@ impl Statement {
         self.text.len()
             + self.command.len()
             + self.copy_out.as_ref().map_or(0, |_| 128)
+            + self.result_sources.as_ref().map_or(0, |s| {
+                let refs = s.all.len() + s.columns.iter().flatten().map(Vec::len).sum::<usize>();
+                refs * 64
+            })
             + self
                 .tables
                 .iter()
@@ -351,6 +362,8 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
         })?;
         let facts = classify::facts(&tree)?;
         let copy_out = copy::copy_out(&tree);
+        let result_sources = sources::result_sources(&tree).map(Arc::new);
+        let named_query = sources::named_query(&tree);
         // COPY's options (`HEADER true`/`false`) may normalize alike.
         shape_cacheable &= facts.shape_cacheable && tree.name() != Some("CopyStmt");
         let fingerprint = guard(|| {
@@ -369,6 +382,8 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
             functions: facts.functions,
             fingerprint,
             copy_out,
+            result_sources,
+            named_query,
         });
     }
     Ok((statements, shape_cacheable))

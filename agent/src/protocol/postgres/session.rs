@@ -69,6 +69,10 @@ struct StatementInfo {
     functions: Vec<String>,
     /// For `COPY ... TO STDOUT`: what it reads and how its rows are spelled.
     copy: Option<Arc<portcullis_sql::CopyOut>>,
+    /// What each result column may be computed from (a query, a RETURNING list).
+    sources: Option<Arc<portcullis_sql::ResultSources>>,
+    /// DECLARE CURSOR, PREPARE, FETCH, EXECUTE: the name of the query kept or run.
+    named: Option<portcullis_sql::NamedQuery>,
 }
 
 impl StatementInfo {
@@ -80,6 +84,8 @@ impl StatementInfo {
             tables: s.tables.clone(),
             functions: s.functions.clone(),
             copy: s.copy_out.clone().map(Arc::new),
+            sources: s.result_sources.clone(),
+            named: s.named_query.clone(),
         }
     }
 }
@@ -131,6 +137,18 @@ struct ColumnLookup {
     rows: Vec<CopyColumn>,
     error: Option<String>,
 }
+
+/// What a result's computed columns may come from.
+enum Derived {
+    Known(Arc<portcullis_sql::ResultSources>),
+    /// FETCH or EXECUTE of a query the agent did not see defined: anything.
+    Unknown,
+    /// Not a query (SHOW, EXPLAIN): its computed columns go by their names.
+    NotAQuery,
+}
+
+/// How many cursor and prepared-statement names a session remembers the sources of.
+const MAX_NAMED_QUERIES: usize = 1024;
 
 /// How the rows of a COPY TO STDOUT in progress are masked.
 enum CopyMask {
@@ -208,6 +226,9 @@ pub struct Session<'a> {
     /// not SQL and are decided as `admin` statements named by their command.
     replication: bool,
     decisions: DecisionCache,
+    /// The result sources of the queries the session keeps under a name (SQL cursors and
+    /// prepared statements), for masking what FETCH and EXECUTE return.
+    named_sources: HashMap<(bool, String), Option<Arc<portcullis_sql::ResultSources>>>,
     /// Formatted once: every statement event carries them.
     client_addr: String,
     upstream_addr: String,
@@ -291,6 +312,7 @@ impl<'a> Session<'a> {
             txn: TransactionStatus::Idle,
             replication,
             decisions: DecisionCache::default(),
+            named_sources: HashMap::new(),
             client_addr: conn.client.to_string(),
             upstream_addr: conn.upstream.to_string(),
         }
@@ -551,6 +573,8 @@ impl<'a> Session<'a> {
                     tables: Vec::new(),
                     functions: Vec::new(),
                     copy: None,
+                    sources: None,
+                    named: None,
                 };
                 let set = self.proxy.policies().current();
                 match self.decide(&set, &info) {
@@ -614,6 +638,10 @@ impl<'a> Session<'a> {
                     return;
                 }
             }
+        }
+        for r in &running {
+            let info = Arc::clone(&r.info);
+            self.remember_named(&info);
         }
         // A COPY of a table whose rows are masked by column (or in binary, where even content
         // detectors need each value's type) needs its columns in output order: the agent asks
@@ -680,6 +708,9 @@ impl<'a> Session<'a> {
         }
         policy_ids.sort();
         policy_ids.dedup();
+        for info in &statements {
+            self.remember_named(info);
+        }
         let whole = Arc::new(StatementInfo {
             text: sql,
             ..statements.first().cloned().unwrap_or_else(|| unparsed(""))
@@ -833,6 +864,8 @@ impl<'a> Session<'a> {
             tables: Vec::new(),
             functions: vec![format!("oid:{oid}")],
             copy: None,
+            sources: None,
+            named: None,
         };
         let set = self.proxy.policies().current();
         match self.decide(&set, &info) {
@@ -1245,8 +1278,11 @@ impl<'a> Session<'a> {
         // A description reaches a running statement from a simple Query or from a Describe
         // of the portal about to execute (the agent's own when masking): both report the
         // real result formats.
-        let masker = match self.current_running() {
-            Some(r) => r.verdict.masker.as_ref().map(|(_, m)| Arc::clone(m)),
+        let (masker, info) = match self.current_running() {
+            Some(r) => (
+                r.verdict.masker.as_ref().map(|(_, m)| Arc::clone(m)),
+                Arc::clone(&r.info),
+            ),
             None => {
                 if !internal {
                     to_client.extend_from_slice(&msg.frame);
@@ -1257,10 +1293,11 @@ impl<'a> Session<'a> {
         let plan = match masker {
             None => None,
             Some(masker) => {
+                let derived = self.derived_sources(&info);
                 let catalog = &self.shared.catalog;
                 let (target_id, db) = (self.target.id, self.db_name.as_str());
                 let qualify = |oid: u32, attnum: i16| catalog.qualified(target_id, db, oid, attnum);
-                match plan_rows(&masker, fields, qualify) {
+                match plan_rows(&masker, fields, qualify, &derived) {
                     Ok(p) => Some(p),
                     Err(e) => return self.fatal(e, to_client),
                 }
@@ -1273,6 +1310,40 @@ impl<'a> Session<'a> {
             to_client.extend_from_slice(&msg.frame);
         }
         Flow::Continue
+    }
+
+    /// What the computed columns of `info`'s result may come from: its own query, or for
+    /// FETCH and EXECUTE the query kept under that name (anything, if the agent did not see
+    /// it kept).
+    fn derived_sources(&self, info: &StatementInfo) -> Derived {
+        use portcullis_sql::NamedQuery;
+        if let Some(sources) = &info.sources {
+            return Derived::Known(Arc::clone(sources));
+        }
+        let key = match &info.named {
+            Some(NamedQuery::FetchesFrom(name)) => (true, name.clone()),
+            Some(NamedQuery::Executes(name)) => (false, name.clone()),
+            _ => return Derived::NotAQuery,
+        };
+        match self.named_sources.get(&key) {
+            Some(Some(sources)) => Derived::Known(Arc::clone(sources)),
+            _ => Derived::Unknown,
+        }
+    }
+
+    /// Keeps the result sources of a cursor or SQL prepared statement being defined.
+    fn remember_named(&mut self, info: &StatementInfo) {
+        use portcullis_sql::NamedQuery;
+        let key = match &info.named {
+            Some(NamedQuery::DeclaresCursor(name)) => (true, name.clone()),
+            Some(NamedQuery::Prepares(name)) => (false, name.clone()),
+            _ => return,
+        };
+        if self.named_sources.len() >= MAX_NAMED_QUERIES && !self.named_sources.contains_key(&key) {
+            // Forgotten names mask as "anything", which is safe.
+            self.named_sources.clear();
+        }
+        self.named_sources.insert(key, info.sources.clone());
     }
 
     fn on_data_row(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
@@ -1820,6 +1891,8 @@ fn unparsed(sql: &str) -> StatementInfo {
         tables: Vec::new(),
         functions: Vec::new(),
         copy: None,
+        sources: None,
+        named: None,
     }
 }
 
@@ -1829,10 +1902,35 @@ fn plan_rows(
     masker: &Masker,
     fields: &[FieldDescription],
     qualify: impl Fn(u32, i16) -> Option<String>,
+    derived: &Derived,
 ) -> Result<RowPlan, PgError> {
     let mut columns = Vec::with_capacity(fields.len());
     let mut masks_anything = false;
-    for f in fields {
+    let column_rules = masker.has_column_rules();
+    for (i, f) in fields.iter().enumerate() {
+        if f.table_oid == 0 && column_rules {
+            // Computed by the query: masked by what it is computed from.
+            let plan = match derived {
+                Derived::Known(sources) => {
+                    let refs = match &sources.columns {
+                        Some(columns) if columns.len() == fields.len() => {
+                            columns.get(i).map_or(&sources.all, |c| c)
+                        }
+                        _ => &sources.all,
+                    };
+                    masker.plan_derived(
+                        &f.name,
+                        refs.iter()
+                            .map(|r| (r.table.as_deref(), r.column.as_deref())),
+                    )
+                }
+                Derived::Unknown => masker.plan_derived(&f.name, [(None, None)]),
+                Derived::NotAQuery => masker.plan_column(&f.name, None),
+            };
+            masks_anything |= !matches!(plan, ColumnPlan::Untouched);
+            columns.push((plan, f.format, f.type_oid));
+            continue;
+        }
         let qualified = if masker.needs_table_columns() && f.table_oid != 0 {
             // Resolved before this message was handled; a miss means the catalog did not
             // know the column (dropped meanwhile): refuse rather than guess.

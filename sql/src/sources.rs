@@ -1,0 +1,414 @@
+//! Where each result column of a query comes from, for masking values the server reports as
+//! computed (RowDescription gives them no table): `lower(email)`, `row_to_json(c)`,
+//! `name || ''`, a subquery's expression. Conservative by construction: a column reference
+//! this walk cannot place is a reference to "some table" (`table: None`), a reference to a
+//! FROM subquery, function or CTE stands for every column that item references, and a bare
+//! name that could be a column or a whole row counts as both.
+
+use crate::tree::Tree;
+
+/// A column (or a whole row) a result value is computed from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRef {
+    /// The table as written (`schema.table` or `table`), `None` when it cannot be told.
+    pub table: Option<String>,
+    /// The column, `None` for a whole row (`row_to_json(c)`, `c.*`).
+    pub column: Option<String>,
+}
+
+/// The sources of a query's result columns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResultSources {
+    /// One entry per result column, in order; `None` when the select list cannot be lined up
+    /// with the result (a `*` in it, a set operation such as UNION).
+    pub columns: Option<Vec<Vec<SourceRef>>>,
+    /// Every column the query references anywhere: what a result column that cannot be lined
+    /// up may come from.
+    pub all: Vec<SourceRef>,
+}
+
+/// A query kept under a name in the session, or a statement that runs one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedQuery {
+    /// DECLARE CURSOR (the cursor) or PREPARE (the statement): the name is cursor's or the
+    /// prepared statement's, in their own namespaces.
+    DeclaresCursor(String),
+    Prepares(String),
+    /// FETCH from a cursor, EXECUTE of a prepared statement: its rows are that query's.
+    FetchesFrom(String),
+    Executes(String),
+}
+
+pub(crate) fn named_query(stmt: &Tree) -> Option<NamedQuery> {
+    match stmt.name()? {
+        "DeclareCursorStmt" => Some(NamedQuery::DeclaresCursor(
+            stmt.str("portalname").to_owned(),
+        )),
+        "PrepareStmt" => Some(NamedQuery::Prepares(stmt.str("name").to_owned())),
+        "FetchStmt" if !stmt.bool("ismove") => {
+            Some(NamedQuery::FetchesFrom(stmt.str("portalname").to_owned()))
+        }
+        "ExecuteStmt" => Some(NamedQuery::Executes(stmt.str("name").to_owned())),
+        _ => None,
+    }
+}
+
+/// The sources of `stmt`'s result, when it is a query (also under DECLARE CURSOR, PREPARE
+/// and CREATE TABLE AS, and the RETURNING list of a write).
+pub(crate) fn result_sources(stmt: &Tree) -> Option<ResultSources> {
+    match stmt.name()? {
+        "SelectStmt" => Some(select_sources(stmt, &[], 0, true)),
+        "DeclareCursorStmt" | "PrepareStmt" => result_sources(stmt.field("query")),
+        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+            let returning = stmt.field("returning_clause").list("exprs");
+            if returning.is_empty() {
+                return None;
+            }
+            // The target table, and what UPDATE ... FROM / DELETE ... USING add.
+            let mut scope = Scope::of_relation(stmt.field("relation"));
+            for item in stmt
+                .list("from_clause")
+                .iter()
+                .chain(stmt.list("using_clause"))
+            {
+                scope.add(item, 1);
+            }
+            let all = scope.resolve_expr(stmt);
+            let columns = returning
+                .iter()
+                .map(|t| {
+                    if is_star(t.field("val")) {
+                        None
+                    } else {
+                        Some(scope.resolve_expr(t.field("val")))
+                    }
+                })
+                .collect();
+            Some(ResultSources { columns, all })
+        }
+        _ => None,
+    }
+}
+
+const MAX_DEPTH: usize = 256;
+
+/// "Anything": what a tree too deep to walk may reference.
+fn anything() -> SourceRef {
+    SourceRef {
+        table: None,
+        column: None,
+    }
+}
+
+type Ctes = [(String, Vec<SourceRef>)];
+
+/// `top_level`: no outer query's names are visible (the statement's own query, a branch of
+/// its UNION, a CTE or a non-LATERAL FROM subquery of such a query).
+fn select_sources(
+    select: &Tree,
+    outer_ctes: &Ctes,
+    depth: usize,
+    top_level: bool,
+) -> ResultSources {
+    if depth > MAX_DEPTH {
+        return ResultSources {
+            columns: None,
+            all: vec![anything()],
+        };
+    }
+    let ctes = with_ctes(select, outer_ctes, depth, top_level);
+    // SetOperation: 0 undefined, 1 none; anything else is UNION/INTERSECT/EXCEPT.
+    if select.int("op") > 1 {
+        let mut all = select_sources(select.field("larg"), &ctes, depth + 1, top_level).all;
+        all.extend(select_sources(select.field("rarg"), &ctes, depth + 1, top_level).all);
+        all.sort();
+        all.dedup();
+        return ResultSources { columns: None, all };
+    }
+    let mut scope = Scope {
+        items: Vec::new(),
+        ctes: ctes.clone(),
+        depth,
+        top_level,
+    };
+    for item in select.list("from_clause") {
+        scope.add(item, depth + 1);
+    }
+    let all = scope.resolve_fields(select);
+    let targets = select.list("target_list");
+    if !select.list("values_lists").is_empty() || targets.iter().any(|t| is_star(t.field("val"))) {
+        return ResultSources { columns: None, all };
+    }
+    let columns = targets
+        .iter()
+        .map(|t| scope.resolve_expr(t.field("val")))
+        .collect();
+    ResultSources {
+        columns: Some(columns),
+        all,
+    }
+}
+
+/// The CTEs visible in `select`: the outer ones and its own WITH list, each standing for
+/// every column its query references.
+fn with_ctes(
+    select: &Tree,
+    outer: &Ctes,
+    depth: usize,
+    top_level: bool,
+) -> Vec<(String, Vec<SourceRef>)> {
+    let mut ctes = outer.to_vec();
+    for cte in select.field("with_clause").list("ctes") {
+        let refs = query_refs(cte.field("ctequery"), &ctes, depth + 1, top_level);
+        ctes.push((cte.str("ctename").to_owned(), refs));
+    }
+    ctes
+}
+
+/// Every source a query's result may come from.
+fn query_refs(query: &Tree, ctes: &Ctes, depth: usize, top_level: bool) -> Vec<SourceRef> {
+    match query.name() {
+        Some("SelectStmt") => select_sources(query, ctes, depth + 1, top_level).all,
+        // A data-modifying CTE: its RETURNING list and everything it reads.
+        _ => {
+            let mut scope = Scope {
+                items: Vec::new(),
+                ctes: ctes.to_vec(),
+                depth,
+                top_level,
+            };
+            scope.add(query.field("relation"), depth + 1);
+            scope.resolve_expr(query)
+        }
+    }
+}
+
+/// A `*` or `alias.*` as a whole select-list entry: it expands to several result columns.
+fn is_star(val: &Tree) -> bool {
+    val.name() == Some("ColumnRef")
+        && val
+            .list("fields")
+            .last()
+            .is_some_and(|f| f.name() == Some("AStar"))
+}
+
+/// What the names in a FROM clause stand for.
+struct Scope {
+    /// (name a query may use: alias or table name, what it is)
+    items: Vec<(String, Item)>,
+    ctes: Vec<(String, Vec<SourceRef>)>,
+    depth: usize,
+    /// The statement's own query, not a subquery: no outer names are in scope.
+    top_level: bool,
+}
+
+enum Item {
+    /// A table or view, as written.
+    Table(String),
+    /// A subquery, function or CTE: its columns may come from any of these.
+    Opaque(Vec<SourceRef>),
+}
+
+impl Scope {
+    fn of_relation(relation: &Tree) -> Scope {
+        let mut scope = Scope {
+            items: Vec::new(),
+            ctes: Vec::new(),
+            depth: 0,
+            top_level: true,
+        };
+        scope.add(relation, 0);
+        scope
+    }
+
+    fn add(&mut self, item: &Tree, depth: usize) {
+        if depth > MAX_DEPTH {
+            self.items
+                .push((String::new(), Item::Opaque(vec![anything()])));
+            return;
+        }
+        let alias = item.field("alias").str("aliasname").to_owned();
+        match item.name() {
+            Some("RangeVar") => {
+                let relname = item.str("relname");
+                let schema = item.str("schemaname");
+                let cte = (schema.is_empty())
+                    .then(|| self.ctes.iter().find(|(name, _)| name == relname))
+                    .flatten();
+                let what = match cte {
+                    Some((_, refs)) => Item::Opaque(refs.clone()),
+                    None if schema.is_empty() => Item::Table(relname.to_owned()),
+                    None => Item::Table(format!("{schema}.{relname}")),
+                };
+                let name = if alias.is_empty() {
+                    relname.to_owned()
+                } else {
+                    alias
+                };
+                self.items.push((name, what));
+            }
+            Some("JoinExpr") => {
+                let before = self.items.len();
+                self.add(item.field("larg"), depth + 1);
+                self.add(item.field("rarg"), depth + 1);
+                if !alias.is_empty() {
+                    let mut refs = Vec::new();
+                    for (_, joined) in self.items.get(before..).unwrap_or_default() {
+                        self.whole(joined, &mut refs);
+                    }
+                    self.items.push((alias, Item::Opaque(refs)));
+                }
+            }
+            Some("RangeTableSample") => {
+                let before = self.items.len();
+                self.add(item.field("relation"), depth + 1);
+                if !alias.is_empty() {
+                    if let Some(entry) = self.items.get_mut(before) {
+                        entry.0 = alias;
+                    }
+                }
+            }
+            Some("RangeSubselect") => {
+                // LATERAL: the subquery also sees the FROM items before it.
+                let top_level = self.top_level && !item.bool("lateral");
+                let refs = query_refs(item.field("subquery"), &self.ctes, depth + 1, top_level);
+                self.items.push((alias, Item::Opaque(refs)));
+            }
+            _ => {
+                // A function, XMLTABLE, JSON_TABLE: its arguments, which may name earlier
+                // FROM items (LATERAL).
+                let refs = self.resolve_expr(item);
+                self.items.push((alias, Item::Opaque(refs)));
+            }
+        }
+    }
+
+    /// The sources of everything in a query's own clauses (not its FROM and WITH lists, which
+    /// are the scope already).
+    fn resolve_fields(&self, query: &Tree) -> Vec<SourceRef> {
+        let mut refs = Vec::new();
+        if let Tree::Struct { fields, .. } = query {
+            for (field, value) in fields {
+                if *field != "from_clause" && *field != "with_clause" {
+                    self.walk(value, &mut refs, self.depth + 1);
+                }
+            }
+        }
+        refs.sort();
+        refs.dedup();
+        refs
+    }
+
+    /// The sources of one expression, resolved against this scope.
+    fn resolve_expr(&self, expr: &Tree) -> Vec<SourceRef> {
+        let mut refs = Vec::new();
+        self.walk(expr, &mut refs, self.depth);
+        refs.sort();
+        refs.dedup();
+        refs
+    }
+
+    fn walk(&self, node: &Tree, out: &mut Vec<SourceRef>, depth: usize) {
+        if depth > MAX_DEPTH {
+            out.push(anything());
+            return;
+        }
+        match node {
+            Tree::Struct { name, fields } => {
+                match *name {
+                    "ColumnRef" => return self.column_ref(node, out),
+                    // A subquery in an expression: what it returns, in its own scope (which
+                    // sees this one's names too, for correlated references).
+                    "SelectStmt" => {
+                        out.extend(select_sources(node, &self.ctes, depth + 1, false).all);
+                        return;
+                    }
+                    // The FROM list is resolved into the scope already.
+                    _ => {}
+                }
+                for (field, value) in fields {
+                    if *field == "from_clause" || *field == "with_clause" {
+                        continue;
+                    }
+                    self.walk(value, out, depth + 1);
+                }
+            }
+            Tree::List(items) => {
+                for item in items {
+                    self.walk(item, out, depth + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn column_ref(&self, node: &Tree, out: &mut Vec<SourceRef>) {
+        let parts: Vec<Option<&str>> = node.list("fields").iter().map(|f| f.sval()).collect();
+        match parts.as_slice() {
+            // `*` inside an expression: every item's whole row.
+            [None] => {
+                for (_, item) in &self.items {
+                    self.whole(item, out);
+                }
+            }
+            [Some(name)] => {
+                // The whole row of an item so named, or a column of one of the items: both.
+                for (item_name, item) in &self.items {
+                    if item_name == name {
+                        self.whole(item, out);
+                    }
+                }
+                for (_, item) in &self.items {
+                    if let Item::Opaque(refs) = item {
+                        out.extend(refs.iter().cloned());
+                    }
+                }
+                let tables: Vec<&String> = self
+                    .items
+                    .iter()
+                    .filter_map(|(_, i)| match i {
+                        Item::Table(t) => Some(t),
+                        Item::Opaque(_) => None,
+                    })
+                    .collect();
+                // Only a top-level query's bare name is surely one of its own tables'; in a
+                // subquery it may be an outer query's column, so "some table".
+                let table = match tables.as_slice() {
+                    [only] if self.top_level => Some((*only).clone()),
+                    _ => None,
+                };
+                out.push(SourceRef {
+                    table,
+                    column: Some((*name).to_owned()),
+                });
+            }
+            [Some(qualifier), rest] => match self.items.iter().find(|(n, _)| n == qualifier) {
+                Some((_, Item::Table(t))) => out.push(SourceRef {
+                    table: Some(t.clone()),
+                    column: rest.map(str::to_owned),
+                }),
+                Some((_, Item::Opaque(refs))) => out.extend(refs.iter().cloned()),
+                // An outer query's item (a correlated reference): some table.
+                None => out.push(SourceRef {
+                    table: None,
+                    column: rest.map(str::to_owned),
+                }),
+            },
+            [Some(schema), Some(table), rest] => out.push(SourceRef {
+                table: Some(format!("{schema}.{table}")),
+                column: rest.map(str::to_owned),
+            }),
+            _ => out.push(anything()),
+        }
+    }
+
+    fn whole(&self, item: &Item, out: &mut Vec<SourceRef>) {
+        match item {
+            Item::Table(t) => out.push(SourceRef {
+                table: Some(t.clone()),
+                column: None,
+            }),
+            Item::Opaque(refs) => out.extend(refs.iter().cloned()),
+        }
+    }
+}
