@@ -840,6 +840,11 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
             "SELECT count(*), max(id) FROM customers WHERE email LIKE '%@example.com'",
             "2|2\n".to_string(),
         ),
+        // A whole row as one composite value.
+        (
+            "SELECT c FROM customers c",
+            "[redacted]\n[redacted]\n".to_string(),
+        ),
     ] {
         let out = f.psql(ANALYST, "app", "require", &["-c", sql]);
         assert!(out.status.success(), "{sql}: {}", stderr(&out));

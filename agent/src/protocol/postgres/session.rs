@@ -1908,8 +1908,9 @@ fn plan_rows(
     let mut masks_anything = false;
     let column_rules = masker.has_column_rules();
     for (i, f) in fields.iter().enumerate() {
-        if f.table_oid == 0 && column_rules {
-            // Computed by the query: masked by what it is computed from.
+        if (f.table_oid == 0 || f.column_attr == 0) && column_rules {
+            // Computed by the query, or a whole row (`SELECT c FROM t c`, attribute 0):
+            // masked by what it is computed from.
             let plan = match derived {
                 Derived::Known(sources) => {
                     let refs = match &sources.columns {
