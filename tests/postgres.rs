@@ -850,6 +850,29 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         assert!(out.status.success(), "{sql}: {}", stderr(&out));
         assert_eq!(stdout(&out), want, "{sql}");
     }
+    // Views: a view's column comes from what its definition computes it from, whether an
+    // administrator made the view or the analyst a temporary one.
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &["-c", "CREATE VIEW customer_names AS SELECT id, name AS who, lower(email) AS mail FROM customers"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for sql in [
+        "SELECT who, mail FROM customer_names ORDER BY id",
+        "CREATE TEMP VIEW mine AS SELECT id, name AS who, email AS mail FROM customers; SELECT who, mail FROM mine ORDER BY id",
+    ] {
+        let out = f.psql(ANALYST, "app", "require", &["-c", sql]);
+        assert!(out.status.success(), "{sql}: {}", stderr(&out));
+        let text = stdout(&out);
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains('|')).collect();
+        assert_eq!(rows.len(), 2, "{sql}: {text}");
+        for row in rows {
+            let (who, mail) = row.split_once('|').unwrap();
+            assert!(who.starts_with("h:") && mail == "[redacted]", "{sql}: {row}");
+        }
+    }
     // upper(name) comes from the table column the profile hashes: hashed, not shown.
     let out = f.psql(
         ANALYST,

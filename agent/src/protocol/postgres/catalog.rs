@@ -19,6 +19,9 @@ const MAX_TABLES: usize = 65_536;
 /// One table's columns: attribute number → `schema.table.column`.
 pub struct TableColumns {
     columns: HashMap<i16, String>,
+    /// For a view (or materialized view): what its columns are computed from, read from its
+    /// definition; `Some(None)` when the definition could not be read or parsed.
+    view: Option<Option<Arc<portcullis_sql::ResultSources>>>,
     fetched: Instant,
 }
 
@@ -44,6 +47,22 @@ impl Catalog {
             return None;
         }
         t.columns.get(&attnum).cloned()
+    }
+
+    /// For a cached, fresh view: what its columns are computed from (`Some(None)`: unknown).
+    /// `None` for a table, or when nothing fresh is cached.
+    pub fn view_sources(
+        &self,
+        target_id: u32,
+        db: &str,
+        table_oid: u32,
+    ) -> Option<Option<Arc<portcullis_sql::ResultSources>>> {
+        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let t = tables.get(&(target_id, db.to_string(), table_oid))?;
+        if t.fetched.elapsed() > TTL {
+            return None;
+        }
+        t.view.clone()
     }
 
     pub fn is_fresh(&self, target_id: u32, db: &str, table_oid: u32) -> bool {
@@ -95,29 +114,40 @@ impl Catalog {
                 query_once(&config, socket, tokio_postgres::NoTls, &oids).await?
             }
         };
-        let mut found: HashMap<u32, HashMap<i16, String>> =
-            oids.iter().map(|o| (*o, HashMap::new())).collect();
+        type Found = (HashMap<i16, String>, Option<Option<String>>);
+        let mut found: HashMap<u32, Found> =
+            oids.iter().map(|o| (*o, (HashMap::new(), None))).collect();
         for row in rows {
             let oid: u32 = row.try_get(0).map_err(|e| e.to_string())?;
             let schema: String = row.try_get(1).map_err(|e| e.to_string())?;
             let table: String = row.try_get(2).map_err(|e| e.to_string())?;
             let attnum: i16 = row.try_get(3).map_err(|e| e.to_string())?;
             let column: String = row.try_get(4).map_err(|e| e.to_string())?;
-            found
-                .entry(oid)
-                .or_default()
-                .insert(attnum, format!("{schema}.{table}.{column}"));
+            let is_view: bool = row.try_get(5).map_err(|e| e.to_string())?;
+            let definition: Option<String> = row.try_get(6).map_err(|e| e.to_string())?;
+            let entry = found.entry(oid).or_default();
+            entry.0.insert(attnum, format!("{schema}.{table}.{column}"));
+            if is_view {
+                // Only the row of the first column carries the definition.
+                match definition {
+                    Some(d) => entry.1 = Some(Some(d)),
+                    None if entry.1.is_none() => entry.1 = Some(None),
+                    None => {}
+                }
+            }
         }
         let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         if tables.len() > MAX_TABLES {
             tables.clear();
         }
         let now = Instant::now();
-        for (oid, columns) in found {
+        for (oid, (columns, view)) in found {
+            let view = view.map(|definition| view_sources(definition.as_deref()));
             tables.insert(
                 (target_id, db.to_string(), oid),
                 Arc::new(TableColumns {
                     columns,
+                    view,
                     fetched: now,
                 }),
             );
@@ -139,7 +169,10 @@ where
 {
     // System columns too (negative attnum: tableoid, ctid, xmin...), which results such as
     // pg_dump's catalog queries select by name.
-    const COLUMNS: &str = "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname \
+    const COLUMNS: &str = "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname, \
+                           c.relkind IN ('v', 'm'), \
+                           CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 \
+                                THEN pg_catalog.pg_get_viewdef(c.oid) END \
                            FROM pg_catalog.pg_class c \
                            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                            JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
@@ -156,4 +189,14 @@ where
     drop(client);
     let _ = task.await;
     rows
+}
+
+/// What a view's columns are computed from, from its definition (`pg_get_viewdef`); `None`
+/// when there is no definition or it does not parse as one query.
+fn view_sources(definition: Option<&str>) -> Option<Arc<portcullis_sql::ResultSources>> {
+    let statements = portcullis_sql::classify(definition?).ok()?;
+    match statements.as_slice() {
+        [one] => one.result_sources.clone(),
+        _ => None,
+    }
 }

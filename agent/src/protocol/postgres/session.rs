@@ -1297,7 +1297,8 @@ impl<'a> Session<'a> {
                 let catalog = &self.shared.catalog;
                 let (target_id, db) = (self.target.id, self.db_name.as_str());
                 let qualify = |oid: u32, attnum: i16| catalog.qualified(target_id, db, oid, attnum);
-                match plan_rows(&masker, fields, qualify, &derived) {
+                let view = |oid: u32| catalog.view_sources(target_id, db, oid);
+                match plan_rows(&masker, fields, qualify, view, &derived) {
                     Ok(p) => Some(p),
                     Err(e) => return self.fatal(e, to_client),
                 }
@@ -1902,6 +1903,7 @@ fn plan_rows(
     masker: &Masker,
     fields: &[FieldDescription],
     qualify: impl Fn(u32, i16) -> Option<String>,
+    view: impl Fn(u32) -> Option<Option<Arc<portcullis_sql::ResultSources>>>,
     derived: &Derived,
 ) -> Result<RowPlan, PgError> {
     let mut columns = Vec::with_capacity(fields.len());
@@ -1944,7 +1946,31 @@ fn plan_rows(
         } else {
             None
         };
-        let plan = masker.plan_column(&f.name, qualified.as_deref());
+        let mut plan = masker.plan_column(&f.name, qualified.as_deref());
+        if !matches!(plan, ColumnPlan::Whole { .. }) && masker.needs_table_columns() {
+            // A view's column comes from what its definition computes it from.
+            if let Some(sources) = view(f.table_oid) {
+                let anything = [portcullis_sql::SourceRef {
+                    table: None,
+                    column: None,
+                }];
+                let refs: &[portcullis_sql::SourceRef] = match &sources {
+                    None => &anything,
+                    Some(s) => {
+                        let index = usize::try_from(f.column_attr - 1).ok();
+                        match (&s.columns, index) {
+                            (Some(columns), Some(i)) => columns.get(i).unwrap_or(&s.all),
+                            _ => &s.all,
+                        }
+                    }
+                };
+                plan = masker.plan_derived(
+                    &f.name,
+                    refs.iter()
+                        .map(|r| (r.table.as_deref(), r.column.as_deref())),
+                );
+            }
+        }
         masks_anything |= !matches!(plan, ColumnPlan::Untouched);
         columns.push((plan, f.format, f.type_oid));
     }
