@@ -840,6 +840,12 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
             "SELECT count(*), max(id) FROM customers WHERE email LIKE '%@example.com'",
             "2|2\n".to_string(),
         ),
+        // count() reveals no value; a number computed from a masked column cannot carry the
+        // mask's text, so it is NULL (empty in psql), which every client can read.
+        (
+            "SELECT count(email), max(length(email)), max(id) FROM customers",
+            "2||2\n".to_string(),
+        ),
         // A whole row as one composite value.
         (
             "SELECT c FROM customers c",
@@ -873,6 +879,22 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
             assert!(who.starts_with("h:") && mail == "[redacted]", "{sql}: {row}");
         }
     }
+    // The same in binary format (tokio-postgres): a typed value computed from a masked
+    // column is NULL, not a session error.
+    let out = client_at(pgclient_bin(), f.run_as(ANALYST))
+        .args([
+            f.conninfo("app").as_str(),
+            "SELECT length(email), id, lower(email) FROM customers ORDER BY id",
+        ])
+        .output()
+        .unwrap();
+    let line: Value = serde_json::from_str(stdout(&out).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    assert_eq!(
+        line["rows"],
+        serde_json::json!([[null, 1, "[redacted]"], [null, 2, "[redacted]"]]),
+        "{line}"
+    );
     // upper(name) comes from the table column the profile hashes: hashed, not shown.
     let out = f.psql(
         ANALYST,

@@ -298,6 +298,13 @@ impl Masker {
         }
     }
 
+    /// Whether a value of this type can carry a mask's text (text, json and types unknown
+    /// here); numbers, booleans, dates and other typed values cannot. A computed value of
+    /// such a type that a rule selects is sent as NULL, which every type can hold.
+    pub fn holds_text(type_oid: u32) -> bool {
+        !matches!(type_class(type_oid), TypeClass::NonTextual)
+    }
+
     /// Mask one non-NULL value of a column planned with [`Masker::plan_column`]. `format` is
     /// the wire format (0 text, 1 binary) and `type_oid` the column's type from RowDescription.
     ///

@@ -317,6 +317,16 @@ impl Scope {
             Tree::Struct { name, fields } => {
                 match *name {
                     "ColumnRef" => return self.column_ref(node, out),
+                    // count() reveals how many, never a value: nothing it counts is a source.
+                    "FuncCall"
+                        if node
+                            .list("funcname")
+                            .last()
+                            .and_then(Tree::sval)
+                            .is_some_and(|f| f.eq_ignore_ascii_case("count")) =>
+                    {
+                        return
+                    }
                     // A subquery in an expression: what it returns, in its own scope (which
                     // sees this one's names too, for correlated references).
                     "SelectStmt" => {

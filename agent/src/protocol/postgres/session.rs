@@ -174,6 +174,8 @@ enum CopyRowFormat {
 
 struct RowPlan {
     columns: Vec<(ColumnPlan, i16, u32)>,
+    /// Computed columns a rule selects whose type cannot carry a mask: sent as NULL.
+    nulled: Vec<bool>,
     masks_anything: bool,
 }
 
@@ -1126,6 +1128,7 @@ impl<'a> Session<'a> {
                     if let Some(Expect::Execute(r)) = self.expect.front_mut() {
                         r.plan = Some(RowPlan {
                             columns: Vec::new(),
+                            nulled: Vec::new(),
                             masks_anything: false,
                         });
                     }
@@ -1380,6 +1383,12 @@ impl<'a> Session<'a> {
         let mut changed: Vec<Option<Vec<u8>>> = Vec::with_capacity(row.values.len());
         let mut any = false;
         for (i, value) in row.values.iter().enumerate() {
+            if plan.nulled.get(i).copied().unwrap_or(false) {
+                // Marked by an empty replacement, written as NULL below.
+                any |= value.is_some();
+                changed.push(value.as_ref().map(|_| Vec::new()));
+                continue;
+            }
             let masked = match (value, plan.columns.get(i)) {
                 (Some(v), Some((column, format, type_oid))) => {
                     match masker.mask_value(column, *format, *type_oid, v) {
@@ -1408,7 +1417,9 @@ impl<'a> Session<'a> {
             .values
             .iter()
             .zip(&changed)
-            .map(|(orig, new)| match new {
+            .enumerate()
+            .map(|(i, (orig, new))| match new {
+                _ if plan.nulled.get(i).copied().unwrap_or(false) => None,
                 Some(n) => Some(n.as_slice()),
                 None => orig.as_deref(),
             })
@@ -1907,8 +1918,13 @@ fn plan_rows(
     derived: &Derived,
 ) -> Result<RowPlan, PgError> {
     let mut columns = Vec::with_capacity(fields.len());
+    let mut nulled = Vec::with_capacity(fields.len());
     let mut masks_anything = false;
     let column_rules = masker.has_column_rules();
+    // A computed value a rule selects, of a type that cannot carry the mask's text.
+    let null_if_typed = |plan: &ColumnPlan, type_oid: u32| {
+        matches!(plan, ColumnPlan::Whole { .. }) && !Masker::holds_text(type_oid)
+    };
     for (i, f) in fields.iter().enumerate() {
         if (f.table_oid == 0 || f.column_attr == 0) && column_rules {
             // Computed by the query, or a whole row (`SELECT c FROM t c`, attribute 0):
@@ -1931,6 +1947,7 @@ fn plan_rows(
                 Derived::NotAQuery => masker.plan_column(&f.name, None),
             };
             masks_anything |= !matches!(plan, ColumnPlan::Untouched);
+            nulled.push(null_if_typed(&plan, f.type_oid));
             columns.push((plan, f.format, f.type_oid));
             continue;
         }
@@ -1947,6 +1964,7 @@ fn plan_rows(
             None
         };
         let mut plan = masker.plan_column(&f.name, qualified.as_deref());
+        let mut derived_plan = false;
         if !matches!(plan, ColumnPlan::Whole { .. }) && masker.needs_table_columns() {
             // A view's column comes from what its definition computes it from.
             if let Some(sources) = view(f.table_oid) {
@@ -1969,13 +1987,16 @@ fn plan_rows(
                     refs.iter()
                         .map(|r| (r.table.as_deref(), r.column.as_deref())),
                 );
+                derived_plan = true;
             }
         }
         masks_anything |= !matches!(plan, ColumnPlan::Untouched);
+        nulled.push(derived_plan && null_if_typed(&plan, f.type_oid));
         columns.push((plan, f.format, f.type_oid));
     }
     Ok(RowPlan {
         columns,
+        nulled,
         masks_anything,
     })
 }
