@@ -235,10 +235,21 @@ impl Scope {
                 let cte = (schema.is_empty())
                     .then(|| self.ctes.iter().find(|(name, _)| name == relname))
                     .flatten();
+                let table = if schema.is_empty() {
+                    relname.to_owned()
+                } else {
+                    format!("{schema}.{relname}")
+                };
+                // `customers c(i, x)` renames columns by position, which only the catalog
+                // knows: any column of it may be any column of the table.
+                let renamed = !item.field("alias").list("colnames").is_empty();
                 let what = match cte {
                     Some((_, refs)) => Item::Opaque(refs.clone()),
-                    None if schema.is_empty() => Item::Table(relname.to_owned()),
-                    None => Item::Table(format!("{schema}.{relname}")),
+                    None if renamed => Item::Opaque(vec![SourceRef {
+                        table: Some(table),
+                        column: None,
+                    }]),
+                    None => Item::Table(table),
                 };
                 let name = if alias.is_empty() {
                     relname.to_owned()

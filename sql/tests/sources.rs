@@ -87,6 +87,13 @@ fn computed_columns_name_their_sources() {
             0,
             r(None, Some("email")),
         ),
+        // Columns renamed in FROM: any column may be any of the table's.
+        ("SELECT lower(x) FROM customers c(i, x)", 0, r(c, None)),
+        (
+            "SELECT lower(c.x) FROM customers AS c (i, x)",
+            0,
+            r(c, None),
+        ),
         // A join alias.
         (
             "SELECT row_to_json(j) FROM (customers c JOIN orders o ON o.cid = c.id) j",
