@@ -134,15 +134,21 @@ fn select_sources(
     for item in select.list("from_clause") {
         scope.add(item, depth + 1);
     }
-    let all = scope.resolve_fields(select);
     let targets = select.list("target_list");
     if !select.list("values_lists").is_empty() || targets.iter().any(|t| is_star(t.field("val"))) {
+        let all = scope.resolve_fields(select, false);
         return ResultSources { columns: None, all };
     }
-    let columns = targets
+    // Each part walked once: a subquery is analyzed once per level, not once for its column
+    // and again for the whole (which would double the work at every level of nesting).
+    let columns: Vec<Vec<SourceRef>> = targets
         .iter()
         .map(|t| scope.resolve_expr(t.field("val")))
         .collect();
+    let mut all = scope.resolve_fields(select, true);
+    all.extend(columns.iter().flatten().cloned());
+    all.sort();
+    all.dedup();
     ResultSources {
         columns: Some(columns),
         all,
@@ -295,12 +301,14 @@ impl Scope {
     }
 
     /// The sources of everything in a query's own clauses (not its FROM and WITH lists, which
-    /// are the scope already).
-    fn resolve_fields(&self, query: &Tree) -> Vec<SourceRef> {
+    /// are the scope already; not its select list when `skip_targets`).
+    fn resolve_fields(&self, query: &Tree, skip_targets: bool) -> Vec<SourceRef> {
         let mut refs = Vec::new();
         if let Tree::Struct { fields, .. } = query {
             for (field, value) in fields {
-                if *field != "from_clause" && *field != "with_clause" {
+                let skip = matches!(*field, "from_clause" | "with_clause")
+                    || (skip_targets && *field == "target_list");
+                if !skip {
                     self.walk(value, &mut refs, self.depth + 1);
                 }
             }
