@@ -191,6 +191,18 @@ impl PgFixture {
         )
     }
 
+    /// The rows of one query through tokio-postgres (binary results) as `uid`, as the user
+    /// `app`.
+    fn pgclient_rows(&self, uid: u32, sql: &str) -> Value {
+        let out = client_at(pgclient_bin(), self.run_as(uid))
+            .args([self.conninfo("app").as_str(), sql])
+            .output()
+            .unwrap();
+        let line: Value = serde_json::from_str(stdout(&out).trim())
+            .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+        line["rows"].clone()
+    }
+
     /// Events of `kind` once one satisfies `pred` (events are written by the agent's writer
     /// thread a moment after the fact; closed events after the agent sees the client go).
     fn wait_event(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
@@ -789,17 +801,12 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
     );
     assert!(text.contains("no card here"));
     // Binary result format (tokio-postgres asks for binary).
-    let out = client_at(pgclient_bin(), f.run_as(ANALYST))
-        .args([
-            f.conninfo("app").as_str(),
-            "SELECT card, email, id, note FROM customers ORDER BY id",
-        ])
-        .output()
-        .unwrap();
-    let line: Value = serde_json::from_str(stdout(&out).trim())
-        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    let rows = f.pgclient_rows(
+        ANALYST,
+        "SELECT card, email, id, note FROM customers ORDER BY id",
+    );
     assert_eq!(
-        line["rows"],
+        rows,
         serde_json::json!([
             [
                 "**** **** **** 1111",
@@ -808,8 +815,7 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
                 "paid with ************1111 today"
             ],
             ["****-****-****-0004", "[redacted]", 2, "no card here"]
-        ]),
-        "{line}"
+        ])
     );
     // Values the query computes from masked columns are masked by what they come from:
     // through functions, whole rows, subqueries, cursors and prepared statements; what uses
@@ -881,19 +887,13 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
     }
     // The same in binary format (tokio-postgres): a typed value computed from a masked
     // column is NULL, not a session error.
-    let out = client_at(pgclient_bin(), f.run_as(ANALYST))
-        .args([
-            f.conninfo("app").as_str(),
-            "SELECT length(email), id, lower(email) FROM customers ORDER BY id",
-        ])
-        .output()
-        .unwrap();
-    let line: Value = serde_json::from_str(stdout(&out).trim())
-        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    let rows = f.pgclient_rows(
+        ANALYST,
+        "SELECT length(email), id, lower(email) FROM customers ORDER BY id",
+    );
     assert_eq!(
-        line["rows"],
-        serde_json::json!([[null, 1, "[redacted]"], [null, 2, "[redacted]"]]),
-        "{line}"
+        rows,
+        serde_json::json!([[null, 1, "[redacted]"], [null, 2, "[redacted]"]])
     );
     // upper(name) comes from the table column the profile hashes: hashed, not shown.
     let out = f.psql(
