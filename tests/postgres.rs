@@ -874,6 +874,10 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
     for sql in [
         "SELECT who, mail FROM customer_names ORDER BY id",
         "CREATE TEMP VIEW mine AS SELECT id, name AS who, email AS mail FROM customers; SELECT who, mail FROM mine ORDER BY id",
+        // A view over a view: the inner one is passed by column name.
+        "CREATE TEMP VIEW inner_v AS SELECT id, name, email FROM customers; \
+         CREATE TEMP VIEW outer_v AS SELECT id, name AS who, upper(email) AS mail FROM inner_v; \
+         SELECT who, mail FROM outer_v ORDER BY id",
     ] {
         let out = f.psql(ANALYST, "app", "require", &["-c", sql]);
         assert!(out.status.success(), "{sql}: {}", stderr(&out));

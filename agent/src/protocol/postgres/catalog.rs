@@ -4,7 +4,7 @@
 //! session could not read) and are cached per target, database and table for a minute, so a
 //! renamed column is picked up soon after.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,7 +94,7 @@ impl Catalog {
             .application_name("portcullis-catalog")
             .connect_timeout(Duration::from_secs(10));
         let oids: Vec<tokio_postgres::types::Oid> = oids.to_vec();
-        let rows = match tls {
+        let (rows, not_tables) = match tls {
             Some(tls) => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
                 let host = target
@@ -142,7 +142,9 @@ impl Catalog {
         }
         let now = Instant::now();
         for (oid, (columns, view)) in found {
-            let view = view.map(|definition| view_sources(definition.as_deref()));
+            let view = view.map(|definition| {
+                view_sources(definition.as_deref()).map(|s| through_views(s, &not_tables))
+            });
             tables.insert(
                 (target_id, db.to_string(), oid),
                 Arc::new(TableColumns {
@@ -156,13 +158,14 @@ impl Catalog {
     }
 }
 
-/// One connection, the column query, closed.
+/// One connection: the column query, then which relations the views' definitions name are
+/// not plain tables; closed.
 async fn query_once<T>(
     config: &tokio_postgres::Config,
     socket: tokio::net::TcpStream,
     tls: T,
     oids: &[tokio_postgres::types::Oid],
-) -> Result<Vec<tokio_postgres::Row>, String>
+) -> Result<(Vec<tokio_postgres::Row>, HashSet<String>), String>
 where
     T: tokio_postgres::tls::TlsConnect<tokio::net::TcpStream>,
     T::Stream: Send + 'static,
@@ -182,13 +185,102 @@ where
         .await
         .map_err(|e| e.to_string())?;
     let task = tokio::spawn(connection);
-    let rows = client
-        .query(COLUMNS, &[&oids])
-        .await
-        .map_err(|e| e.to_string());
+    let result = async {
+        let rows = client
+            .query(COLUMNS, &[&oids])
+            .await
+            .map_err(|e| db_error(&e))?;
+        // The relations the views read, as their definitions spell them (qualified where the
+        // default search_path would not find them, as `pg_get_viewdef` writes them).
+        let mut named: Vec<String> = rows
+            .iter()
+            .filter_map(|row| row.try_get::<_, Option<String>>(6).ok().flatten())
+            .filter_map(|definition| view_sources(Some(&definition)))
+            .flat_map(|sources| {
+                let mut tables: Vec<String> =
+                    sources.all.iter().filter_map(|r| r.table.clone()).collect();
+                tables.sort();
+                tables.dedup();
+                tables
+            })
+            .collect();
+        named.sort();
+        named.dedup();
+        // Another session's temporary relations (`pg_temp_N.v`) cannot be looked up from
+        // here: not known to be tables. Nor is anything, if the lookup fails.
+        let (temporary, named): (Vec<String>, Vec<String>) =
+            named.into_iter().partition(|n| n.starts_with("pg_temp"));
+        let mut not_tables: HashSet<String> = temporary.into_iter().collect();
+        if !named.is_empty() {
+            match client.query(RELATIONS, &[&named]).await {
+                Ok(found) => {
+                    for row in found {
+                        let name: String = row.try_get(0).map_err(|e| e.to_string())?;
+                        let plain: bool = row.try_get(1).map_err(|e| e.to_string())?;
+                        if !plain {
+                            not_tables.insert(name);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %db_error(&e), "looking up the relations views read");
+                    not_tables.extend(named);
+                }
+            }
+        }
+        Ok((rows, not_tables))
+    }
+    .await;
     drop(client);
     let _ = task.await;
-    rows
+    result
+}
+
+/// The server's own message for an error it reported (tokio-postgres says only "db error").
+fn db_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// Which names are plain tables (ordinary, partitioned, foreign): a name that is a view, or
+/// that does not resolve, is not.
+const RELATIONS: &str = "SELECT n, COALESCE(c.relkind IN ('r', 'p', 'f'), false) \
+                         FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n \
+                         LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(n)";
+
+/// A view's sources with every relation that is not a plain table (another view, a name that
+/// did not resolve) made "some table": a rule on a base table matches what an inner view
+/// passes on by column name, whatever the views in between are called.
+fn through_views(
+    sources: Arc<portcullis_sql::ResultSources>,
+    not_tables: &HashSet<String>,
+) -> Arc<portcullis_sql::ResultSources> {
+    let hides_a_view =
+        |r: &portcullis_sql::SourceRef| r.table.as_ref().is_some_and(|t| not_tables.contains(t));
+    if !sources.all.iter().any(hides_a_view) {
+        return sources;
+    }
+    let open = |refs: &Vec<portcullis_sql::SourceRef>| {
+        refs.iter()
+            .map(|r| portcullis_sql::SourceRef {
+                table: if hides_a_view(r) {
+                    None
+                } else {
+                    r.table.clone()
+                },
+                column: r.column.clone(),
+            })
+            .collect::<Vec<_>>()
+    };
+    Arc::new(portcullis_sql::ResultSources {
+        columns: sources
+            .columns
+            .as_ref()
+            .map(|columns| columns.iter().map(open).collect()),
+        all: open(&sources.all),
+    })
 }
 
 /// What a view's columns are computed from, from its definition (`pg_get_viewdef`); `None`
