@@ -94,7 +94,7 @@ impl Catalog {
             .application_name("portcullis-catalog")
             .connect_timeout(Duration::from_secs(10));
         let oids: Vec<tokio_postgres::types::Oid> = oids.to_vec();
-        let (rows, not_tables) = match tls {
+        let (rows, views) = match tls {
             Some(tls) => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
                 let host = target
@@ -114,37 +114,26 @@ impl Catalog {
                 query_once(&config, socket, tokio_postgres::NoTls, &oids).await?
             }
         };
-        type Found = (HashMap<i16, String>, Option<Option<String>>);
-        let mut found: HashMap<u32, Found> =
-            oids.iter().map(|o| (*o, (HashMap::new(), None))).collect();
+        let mut found: HashMap<u32, HashMap<i16, String>> =
+            oids.iter().map(|o| (*o, HashMap::new())).collect();
         for row in rows {
             let oid: u32 = row.try_get(0).map_err(|e| e.to_string())?;
             let schema: String = row.try_get(1).map_err(|e| e.to_string())?;
             let table: String = row.try_get(2).map_err(|e| e.to_string())?;
             let attnum: i16 = row.try_get(3).map_err(|e| e.to_string())?;
             let column: String = row.try_get(4).map_err(|e| e.to_string())?;
-            let is_view: bool = row.try_get(5).map_err(|e| e.to_string())?;
-            let definition: Option<String> = row.try_get(6).map_err(|e| e.to_string())?;
-            let entry = found.entry(oid).or_default();
-            entry.0.insert(attnum, format!("{schema}.{table}.{column}"));
-            if is_view {
-                // Only the row of the first column carries the definition.
-                match definition {
-                    Some(d) => entry.1 = Some(Some(d)),
-                    None if entry.1.is_none() => entry.1 = Some(None),
-                    None => {}
-                }
-            }
+            found
+                .entry(oid)
+                .or_default()
+                .insert(attnum, format!("{schema}.{table}.{column}"));
         }
         let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         if tables.len() > MAX_TABLES {
             tables.clear();
         }
         let now = Instant::now();
-        for (oid, (columns, view)) in found {
-            let view = view.map(|definition| {
-                view_sources(definition.as_deref()).map(|s| through_views(s, &not_tables))
-            });
+        for (oid, columns) in found {
+            let view = views.get(&oid).cloned();
             tables.insert(
                 (target_id, db.to_string(), oid),
                 Arc::new(TableColumns {
@@ -158,14 +147,17 @@ impl Catalog {
     }
 }
 
+/// What the views among the looked-up relations compute their columns from (`None`: unknown).
+type Views = HashMap<u32, Option<Arc<portcullis_sql::ResultSources>>>;
+
 /// One connection: the column query, then which relations the views' definitions name are
-/// not plain tables; closed.
+/// not plain tables; closed. Returns the column rows and the views' sources.
 async fn query_once<T>(
     config: &tokio_postgres::Config,
     socket: tokio::net::TcpStream,
     tls: T,
     oids: &[tokio_postgres::types::Oid],
-) -> Result<(Vec<tokio_postgres::Row>, HashSet<String>), String>
+) -> Result<(Vec<tokio_postgres::Row>, Views), String>
 where
     T: tokio_postgres::tls::TlsConnect<tokio::net::TcpStream>,
     T::Stream: Send + 'static,
@@ -190,19 +182,28 @@ where
             .query(COLUMNS, &[&oids])
             .await
             .map_err(|e| db_error(&e))?;
+        // Each view's definition, parsed once; only its first column's row carries it.
+        let mut views: Views = HashMap::new();
+        for row in &rows {
+            let oid: u32 = row.try_get(0).map_err(|e| e.to_string())?;
+            let is_view: bool = row.try_get(5).map_err(|e| e.to_string())?;
+            let definition: Option<String> = row.try_get(6).map_err(|e| e.to_string())?;
+            match (is_view, definition) {
+                (true, Some(d)) => {
+                    views.insert(oid, view_sources(Some(&d)));
+                }
+                (true, None) => {
+                    views.entry(oid).or_insert(None);
+                }
+                (false, _) => {}
+            }
+        }
         // The relations the views read, as their definitions spell them (qualified where the
         // default search_path would not find them, as `pg_get_viewdef` writes them).
-        let mut named: Vec<String> = rows
-            .iter()
-            .filter_map(|row| row.try_get::<_, Option<String>>(6).ok().flatten())
-            .filter_map(|definition| view_sources(Some(&definition)))
-            .flat_map(|sources| {
-                let mut tables: Vec<String> =
-                    sources.all.iter().filter_map(|r| r.table.clone()).collect();
-                tables.sort();
-                tables.dedup();
-                tables
-            })
+        let mut named: Vec<String> = views
+            .values()
+            .flatten()
+            .flat_map(|sources| sources.all.iter().filter_map(|r| r.table.clone()))
             .collect();
         named.sort();
         named.dedup();
@@ -228,7 +229,11 @@ where
                 }
             }
         }
-        Ok((rows, not_tables))
+        let views = views
+            .into_iter()
+            .map(|(oid, sources)| (oid, sources.map(|s| through_views(s, &not_tables))))
+            .collect();
+        Ok((rows, views))
     }
     .await;
     drop(client);
