@@ -27,6 +27,20 @@ pub struct ResultSources {
     pub all: Vec<SourceRef>,
 }
 
+impl ResultSources {
+    /// What result column `index` may be computed from: its own sources when the select list
+    /// lines up with the result (`width`, the result's column count, when known), else every
+    /// reference of the query.
+    pub fn of_column(&self, index: usize, width: Option<usize>) -> &[SourceRef] {
+        match &self.columns {
+            Some(columns) if width.is_none_or(|w| w == columns.len()) => {
+                columns.get(index).unwrap_or(&self.all)
+            }
+            _ => &self.all,
+        }
+    }
+}
+
 /// A query kept under a name in the session, or a statement that runs one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NamedQuery {

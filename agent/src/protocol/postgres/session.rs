@@ -641,7 +641,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        for r in &running {
+        for r in running.iter().filter(|r| r.info.named.is_some()) {
             let info = Arc::clone(&r.info);
             self.remember_named(&info);
         }
@@ -1931,19 +1931,9 @@ fn plan_rows(
             // masked by what it is computed from.
             let plan = match derived {
                 Derived::Known(sources) => {
-                    let refs = match &sources.columns {
-                        Some(columns) if columns.len() == fields.len() => {
-                            columns.get(i).map_or(&sources.all, |c| c)
-                        }
-                        _ => &sources.all,
-                    };
-                    masker.plan_derived(
-                        &f.name,
-                        refs.iter()
-                            .map(|r| (r.table.as_deref(), r.column.as_deref())),
-                    )
+                    plan_from_sources(masker, &f.name, Some(sources), i, Some(fields.len()))
                 }
-                Derived::Unknown => masker.plan_derived(&f.name, [(None, None)]),
+                Derived::Unknown => plan_from_sources(masker, &f.name, None, i, None),
                 Derived::NotAQuery => masker.plan_column(&f.name, None),
             };
             masks_anything |= !matches!(plan, ColumnPlan::Untouched);
@@ -1968,25 +1958,9 @@ fn plan_rows(
         if !matches!(plan, ColumnPlan::Whole { .. }) && masker.needs_table_columns() {
             // A view's column comes from what its definition computes it from.
             if let Some(sources) = view(f.table_oid) {
-                let anything = [portcullis_sql::SourceRef {
-                    table: None,
-                    column: None,
-                }];
-                let refs: &[portcullis_sql::SourceRef] = match &sources {
-                    None => &anything,
-                    Some(s) => {
-                        let index = usize::try_from(f.column_attr - 1).ok();
-                        match (&s.columns, index) {
-                            (Some(columns), Some(i)) => columns.get(i).unwrap_or(&s.all),
-                            _ => &s.all,
-                        }
-                    }
-                };
-                plan = masker.plan_derived(
-                    &f.name,
-                    refs.iter()
-                        .map(|r| (r.table.as_deref(), r.column.as_deref())),
-                );
+                // Attribute numbers of a view's columns start at 1.
+                let index = usize::try_from(f.column_attr - 1).unwrap_or(usize::MAX);
+                plan = plan_from_sources(masker, &f.name, sources.as_deref(), index, None);
                 derived_plan = true;
             }
         }
@@ -1999,6 +1973,26 @@ fn plan_rows(
         nulled,
         masks_anything,
     })
+}
+
+/// How a value computed from `sources` (column `index` of a result `width` wide; `None`
+/// sources: computed from anything) is masked.
+fn plan_from_sources(
+    masker: &Masker,
+    name: &str,
+    sources: Option<&portcullis_sql::ResultSources>,
+    index: usize,
+    width: Option<usize>,
+) -> ColumnPlan {
+    match sources {
+        Some(s) => masker.plan_derived(
+            name,
+            s.of_column(index, width)
+                .iter()
+                .map(|r| (r.table.as_deref(), r.column.as_deref())),
+        ),
+        None => masker.plan_derived(name, [(None, None)]),
+    }
 }
 
 /// A bound parameter as the audit trail shows it: text as text (content detectors of the
