@@ -141,6 +141,18 @@ struct Endpoint {
     password: Option<&'static str>,
     /// The client runs inside this cgroup (the agent's), so its connects are redirected.
     cgroup: Option<PathBuf>,
+    /// The process in the middle (pgbouncer, the agent), whose CPU time per transaction the
+    /// bench reports.
+    proxy: Option<u32>,
+}
+
+/// One pgbench run: its throughput and what it cost in CPU time.
+struct Run {
+    tps: f64,
+    /// CPU time of the process in the middle per transaction, in microseconds.
+    proxy_us: Option<f64>,
+    /// CPU time of the whole machine (every process, kernel included) per transaction.
+    machine_us: f64,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -164,6 +176,7 @@ pub fn run(options: &Options) -> Result<()> {
         port: pg.port,
         password: Some(PASSWORD),
         cgroup: None,
+        proxy: None,
     };
     let init = pgbench(
         &direct,
@@ -184,6 +197,7 @@ pub fn run(options: &Options) -> Result<()> {
         port: bouncer.port,
         password: Some(PASSWORD),
         cgroup: None,
+        proxy: Some(bouncer.pid()),
     };
 
     step("the agent path: portcullis with a postgres target on the server's own address");
@@ -213,7 +227,7 @@ pub fn run(options: &Options) -> Result<()> {
     });
     for case in selected {
         let _ = pg.try_psql(DATABASE, "CHECKPOINT");
-        let mut runs: [Vec<f64>; 4] = Default::default();
+        let mut runs: [Vec<Run>; 4] = Default::default();
         for _ in 0..options.rounds {
             let endpoints: [Result<&Endpoint, &String>; 4] = [
                 Ok(&direct),
@@ -227,37 +241,70 @@ pub fn run(options: &Options) -> Result<()> {
                     true => Some(PerfRecord::start(case.name, endpoint.name)?),
                     false => None,
                 };
-                let tps = pgbench_tps(endpoint, case.args, options.seconds, &scratch);
+                let run = pgbench_run(endpoint, case.args, options.seconds, &scratch);
                 if let Some(perf) = perf {
                     perf.stop();
                 }
-                match tps {
-                    Ok(tps) => {
-                        println!("  {:<48} {:<10} {tps:>10.0} tps", case.name, endpoint.name);
-                        samples.push(tps);
+                match run {
+                    Ok(run) => {
+                        println!(
+                            "  {:<48} {:<10} {:>10.0} tps {:>8} us CPU/txn in the middle {:>6.1} us CPU/txn in all",
+                            case.name,
+                            endpoint.name,
+                            run.tps,
+                            run.proxy_us.map_or("-".to_string(), |us| format!("{us:.1}")),
+                            run.machine_us
+                        );
+                        samples.push(run);
                     }
                     Err(e) => println!("  {:<48} {:<10} error: {e:#}", case.name, endpoint.name),
                 }
             }
         }
-        rows.push((case.name, runs.map(|r| median(&r))));
+        rows.push((case.name, runs));
     }
 
     println!(
         "\n| case | direct TPS | pgbouncer TPS | agent TPS | agent tcp TPS | agent/direct | agent/pgbouncer | agent/agent tcp | agent tcp/direct |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    for (name, [d, b, a, f]) in &rows {
+    for (name, runs) in &rows {
+        let [d, b, a, f] = runs
+            .each_ref()
+            .map(|r| median(&r.iter().map(|r| r.tps).collect::<Vec<_>>()));
         println!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            cell(*d),
-            cell(*b),
-            cell(*a),
-            cell(*f),
-            ratio(*a, *d),
-            ratio(*a, *b),
-            ratio(*a, *f),
-            ratio(*f, *d)
+            cell(d),
+            cell(b),
+            cell(a),
+            cell(f),
+            ratio(a, d),
+            ratio(a, b),
+            ratio(a, f),
+            ratio(f, d)
+        );
+    }
+    println!(
+        "\nCPU time per transaction (microseconds, median of the rounds): the process in the middle, and the whole machine\n\n\
+         | case | pgbouncer | agent | agent tcp | machine: direct | machine: pgbouncer | machine: agent | machine: agent tcp |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for (name, runs) in &rows {
+        let proxy = runs
+            .each_ref()
+            .map(|r| median(&r.iter().filter_map(|r| r.proxy_us).collect::<Vec<_>>()));
+        let machine = runs
+            .each_ref()
+            .map(|r| median(&r.iter().map(|r| r.machine_us).collect::<Vec<_>>()));
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            micros(proxy[1]),
+            micros(proxy[2]),
+            micros(proxy[3]),
+            micros(machine[0]),
+            micros(machine[1]),
+            micros(machine[2]),
+            micros(machine[3]),
         );
     }
     if let Err(e) = &agent_endpoint {
@@ -435,7 +482,87 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::process::Exit
     }
 }
 
-fn pgbench_tps(endpoint: &Endpoint, case: &[&str], seconds: u32, scratch: &Path) -> Result<f64> {
+fn micros(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), |v| format!("{v:.1}"))
+}
+
+/// One pgbench run with the CPU time it cost: the process in the middle's (utime + stime of
+/// all its threads) and the machine's (every non-idle tick of /proc/stat).
+fn pgbench_run(endpoint: &Endpoint, case: &[&str], seconds: u32, scratch: &Path) -> Result<Run> {
+    let proxy_before = endpoint.proxy.map(process_cpu_ticks).transpose()?;
+    let machine_before = machine_busy_ticks()?;
+    let (tps, transactions) = pgbench_tps(endpoint, case, seconds, scratch)?;
+    let machine_after = machine_busy_ticks()?;
+    let proxy_after = endpoint.proxy.map(process_cpu_ticks).transpose()?;
+    let per_txn =
+        |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / transactions.max(1) as f64;
+    Ok(Run {
+        tps,
+        proxy_us: proxy_before
+            .zip(proxy_after)
+            .map(|(b, a)| per_txn(a.saturating_sub(b))),
+        machine_us: per_txn(machine_after.saturating_sub(machine_before)),
+    })
+}
+
+/// utime + stime of a process and all its threads, in clock ticks (/proc/PID/stat).
+fn process_cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count from after its closing parenthesis,
+    // where field 3 starts; utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("no `)` in /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("field {n} of /proc/{pid}/stat"))
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+/// Non-idle clock ticks of all CPUs since boot (/proc/stat `cpu`: everything but idle and
+/// iowait).
+fn machine_busy_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no `cpu` line in /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already)
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    Ok(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// pgbench's `tps = ` and `number of transactions actually processed: `.
+fn pgbench_tps(
+    endpoint: &Endpoint,
+    case: &[&str],
+    seconds: u32,
+    scratch: &Path,
+) -> Result<(f64, u64)> {
     let t = seconds.to_string();
     let args: Vec<&str> = ["-n", "-T", t.as_str()]
         .iter()
@@ -467,12 +594,21 @@ fn pgbench_tps(endpoint: &Endpoint, case: &[&str], seconds: u32, scratch: &Path)
     {
         bail!("{failed} transactions failed: {}", first_error());
     }
-    stdout
+    let tps = stdout
         .lines()
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no `tps = ` line in pgbench's output:\n{stdout}"))
+        .with_context(|| format!("no `tps = ` line in pgbench's output:\n{stdout}"))?;
+    let transactions = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| {
+            format!("no `number of transactions actually processed` line in pgbench's output:\n{stdout}")
+        })?;
+    Ok((tps, transactions))
 }
 
 struct Latency {
@@ -740,6 +876,7 @@ impl AgentPath {
             port: pg.port,
             password: None,
             cgroup: Some(self.cgroup.path.clone()),
+            proxy: Some(self.child.id()),
         }
     }
 
@@ -755,6 +892,7 @@ impl AgentPath {
             port: pg.port,
             password: Some(PASSWORD),
             cgroup: Some(self.cgroup.path.clone()),
+            proxy: Some(self.child.id()),
         })
     }
 
