@@ -25,12 +25,15 @@ pub fn run(
     let cgroup_root = ebpf::preflight(&config)?;
     let cgroup = ebpf::attach_cgroup(&config, &cgroup_root)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Event loops of one thread each: a connection's wake-ups stay on its thread (a
+    // work-stealing pool spent more CPU waking its own workers than proxying, see
+    // docs/postgres.md). This thread runs the first; `proxy.threads` - 1 more are started.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("portcullis-proxy")
         .build()
         .context("starting the async runtime")?;
     let _enter = runtime.enter();
+    let loops = EventLoops::start(config.proxy.proxy_threads())?;
 
     // Bound before anything is redirected to them.
     let listeners = proxy::bind_listeners(&config)?;
@@ -91,6 +94,7 @@ pub fn run(
         Arc::clone(&policies),
         postgres,
         registry,
+        loops.handles(runtime.handle()),
     );
     let shutdown = CancellationToken::new();
 
@@ -178,6 +182,7 @@ pub fn run(
         proxy.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), proxy.tasks.wait()).await;
     });
+    loops.stop();
     let still_enforcing = proxy.enforcement().pin_dir.exists();
     let outcome = if still_enforcing {
         "enforcement stays attached: protected connections are refused until the agent runs again"
@@ -192,6 +197,63 @@ pub fn run(
     let _ = std::fs::remove_file(&config.control.socket);
     tracing::info!("agent stopped; {outcome}");
     Ok(())
+}
+
+/// The event loops beyond the main thread's, each a single-threaded runtime on its own
+/// thread, running until `stop`.
+struct EventLoops {
+    handles: Vec<tokio::runtime::Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl EventLoops {
+    /// `total` loops in all: the main thread's and `total - 1` started here.
+    fn start(total: usize) -> anyhow::Result<Self> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for i in 1..total {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting an event loop")?;
+            handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("portcullis-io-{i}"))
+                .spawn(move || runtime.block_on(stop.cancelled()))
+                .context("starting an event loop thread")?;
+            threads.push(thread);
+        }
+        Ok(Self {
+            handles,
+            threads,
+            stop,
+        })
+    }
+
+    /// Every loop connections may run on, the main thread's first.
+    fn handles(&self, main: &tokio::runtime::Handle) -> Vec<tokio::runtime::Handle> {
+        std::iter::once(main.clone())
+            .chain(self.handles.iter().cloned())
+            .collect()
+    }
+
+    /// Ends the loops once their connections are closed (after the drain).
+    fn stop(mut self) {
+        self.stop.cancel();
+        for thread in std::mem::take(&mut self.threads) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for EventLoops {
+    /// A start that fails half-way does not leave loops waiting forever.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 async fn wait_for_connections(proxy: &Proxy) {

@@ -398,6 +398,26 @@ pub struct ProxyConfig {
     /// Upper bound on concurrently proxied connections; beyond it new ones are refused.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Threads that run proxied connections, each with its own event loop; connections are
+    /// handed to them in turn. 0 (the default): half the CPUs, at least one, since a bastion's
+    /// clients run on the same machine and need the other half.
+    #[serde(default)]
+    pub threads: Option<Spanned<usize>>,
+}
+
+impl ProxyConfig {
+    /// The most `threads` may say: more event loops than that only add wake-ups.
+    pub const MAX_THREADS: usize = 256;
+
+    /// `threads`, with 0 resolved against this machine's CPUs.
+    pub fn proxy_threads(&self) -> usize {
+        match self.threads.as_ref().map_or(0, |t| *t.get_ref()) {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get() / 2)
+                .max(1),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -664,6 +684,7 @@ impl Default for ProxyConfig {
             idle_timeout_secs: defaults::idle_timeout_secs(),
             drain_timeout_secs: defaults::drain_timeout_secs(),
             max_connections: defaults::max_connections(),
+            threads: None,
         }
     }
 }
@@ -794,6 +815,18 @@ impl Config {
         }
         if let Some(webhook) = &self.audit.webhook {
             validate_webhook(webhook).map_err(|m| (0..0, format!("audit.webhook.{m}")))?;
+        }
+        if let Some(threads) = &self.proxy.threads {
+            if *threads.get_ref() > ProxyConfig::MAX_THREADS {
+                return Err((
+                    threads.span(),
+                    format!(
+                        "proxy.threads: {} is more than {}; 0 picks half the CPUs",
+                        threads.get_ref(),
+                        ProxyConfig::MAX_THREADS
+                    ),
+                ));
+            }
         }
         if self.proxy.upstream_mark == 0 {
             return Err((0..0, "proxy.upstream_mark must not be 0".to_string()));
@@ -1127,6 +1160,29 @@ mod tests {
         .unwrap_err();
         assert!(err.contains(":10:"), "{err}");
         assert!(err.contains("target[1].address"), "{err}");
+    }
+
+    #[test]
+    fn proxy_threads_default_to_half_the_cpus_and_are_bounded() {
+        let (config, _) =
+            Config::parse(Path::new("/etc/portcullis/portcullis.toml"), "[proxy]\n").unwrap();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(config.proxy.proxy_threads(), (cpus / 2).max(1));
+        let (config, _) = Config::parse(
+            Path::new("/etc/portcullis/portcullis.toml"),
+            "[proxy]\nthreads = 3\n",
+        )
+        .unwrap();
+        assert_eq!(config.proxy.proxy_threads(), 3);
+        let err = parse("[proxy]\nport = 940\nthreads = 1000\n").unwrap_err();
+        assert!(
+            err.starts_with("/etc/portcullis/portcullis.toml:3:"),
+            "{err}"
+        );
+        assert!(
+            err.contains("proxy.threads: 1000 is more than 256"),
+            "{err}"
+        );
     }
 
     #[test]

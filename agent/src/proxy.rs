@@ -320,6 +320,9 @@ pub struct Proxy {
     /// Cancelled when draining is over: close what is still open.
     pub close_all: CancellationToken,
     pub tasks: TaskTracker,
+    /// The event loops connections run on, handed out in turn (`proxy.threads`).
+    loops: Vec<tokio::runtime::Handle>,
+    next_loop: std::sync::atomic::AtomicUsize,
 }
 
 /// Binds the proxy listeners. IPv4 is required; IPv6 is used when the host has it
@@ -364,6 +367,7 @@ impl Proxy {
         policies: Arc<crate::policy::Policies>,
         postgres: Option<Arc<crate::protocol::postgres::Shared>>,
         registry: Arc<Registry>,
+        loops: Vec<tokio::runtime::Handle>,
     ) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
         Arc::new(Self {
@@ -382,6 +386,8 @@ impl Proxy {
             stop_accepting: CancellationToken::new(),
             close_all: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            loops,
+            next_loop: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -402,8 +408,35 @@ impl Proxy {
                 }
             };
             let this = Arc::clone(&self);
-            self.tasks
-                .spawn(async move { this.handle(stream, peer).await });
+            if self.loops.len() <= 1 {
+                self.tasks
+                    .spawn(async move { this.handle(stream, peer).await });
+                continue;
+            }
+            // A socket belongs to the event loop it was registered with: it leaves this
+            // one and joins the loop that runs its connection.
+            let n = self.next_loop.fetch_add(1, Ordering::Relaxed) % self.loops.len();
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "could not hand an accepted socket over");
+                    continue;
+                }
+            };
+            let Some(event_loop) = self.loops.get(n) else {
+                continue;
+            };
+            self.tasks.spawn_on(
+                async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => this.handle(stream, peer).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "could not take an accepted socket over")
+                        }
+                    }
+                },
+                event_loop,
+            );
         }
     }
 
