@@ -483,6 +483,98 @@ SELECT 'after syntax error';
         && e["sqlstate"] == "42601"));
 }
 
+/// With `standard_conforming_strings` off the server reads `\'` inside a string literal as an
+/// escaped quote, where the agent's parser (and PostgreSQL's own default) sees the end of the
+/// literal: text checked as a literal would run as SQL. The agent never lets it be turned off.
+#[test]
+fn string_literal_syntax_cannot_change_under_the_checker() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-scs", 94);
+    for change in [
+        "SET standard_conforming_strings = off",
+        "SELECT set_config('standard_conforming_strings', 'off', false)",
+    ] {
+        let out = f.psql(
+            ENGINEER,
+            "app",
+            "require",
+            &[
+                "-c",
+                change,
+                "-c",
+                "SELECT 'still here', current_setting('standard_conforming_strings')",
+            ],
+        );
+        let (text, err) = (stdout(&out), stderr(&out));
+        assert!(
+            err.contains("42501") && err.contains("standard_conforming_strings"),
+            "{change}: {err}"
+        );
+        assert_eq!(text.trim(), "still here|on", "{change}: {err}");
+    }
+    // Turning it on, or back to the session's value, is harmless.
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &[
+            "-c",
+            "SET standard_conforming_strings = on; RESET standard_conforming_strings; SELECT 'ok'",
+        ],
+    );
+    assert_eq!(stdout(&out).trim(), "SET\nRESET\nok", "{}", stderr(&out));
+
+    // Turned off where the agent cannot see it (a function body): the server reports the
+    // change and the session ends before another statement is checked.
+    f.pg.psql(
+        "app",
+        "CREATE FUNCTION public.flip() RETURNS text LANGUAGE plpgsql AS $$
+         BEGIN PERFORM set_config('standard_conforming_strings', 'off', false); RETURN 'flipped'; END $$",
+    );
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &["-c", "SELECT public.flip()", "-c", "SELECT 'after flip'"],
+    );
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(!text.contains("after flip"), "{text}\n{err}");
+    assert!(
+        err.contains("standard_conforming_strings = off"),
+        "{text}\n{err}"
+    );
+
+    // A role whose sessions start with it off is refused at start-up.
+    f.pg.psql(
+        "postgres",
+        "ALTER ROLE app SET standard_conforming_strings = off",
+    );
+    let out = f.psql(ENGINEER, "app", "require", &["-c", "SELECT 'in'"]);
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(
+        !out.status.success() && text.trim().is_empty(),
+        "{text}\n{err}"
+    );
+    assert!(err.contains("standard_conforming_strings = off"), "{err}");
+    f.pg.psql(
+        "postgres",
+        "ALTER ROLE app RESET standard_conforming_strings",
+    );
+    let out = f.psql(ENGINEER, "app", "require", &["-c", "SELECT 'back'"]);
+    assert_eq!(stdout(&out).trim(), "back", "{}", stderr(&out));
+
+    let denied = f.wait_event("statement.denied", |e| {
+        e["statement"]
+            .as_str()
+            .is_some_and(|s| s.contains("set_config"))
+    });
+    assert!(denied
+        .iter()
+        .all(|e| e["decision"] == "deny" && e["sqlstate"] == "42501"));
+}
+
 #[test]
 fn extended_protocol_is_enforced_at_parse_with_tokio_postgres() {
     if !e2e_enabled() {

@@ -27,6 +27,11 @@ pub(crate) struct Facts {
     pub(crate) shape_cacheable: bool,
 }
 
+/// The setting under which PostgreSQL's lexer and pg_query's read string literals alike.
+/// With it off, `'a\' ...'` ends somewhere else for the server than for the parser that
+/// checked it: text the checker took for a literal would run as SQL.
+const STRING_SYNTAX: &str = "standard_conforming_strings";
+
 pub(crate) fn facts(stmt: &Tree) -> Result<Facts, ClassifyError> {
     let name = stmt.name().unwrap_or("empty statement");
     let Some((_, command)) = describe(stmt) else {
@@ -40,8 +45,16 @@ pub(crate) fn facts(stmt: &Tree) -> Result<Facts, ClassifyError> {
         functions: BTreeSet::new(),
         ctes: Vec::new(),
         shape_cacheable: true,
+        refused: None,
     };
     walk.visit(stmt, "", "", true, 0)?;
+    if let Some(message) = walk
+        .refused
+        .take()
+        .or_else(|| string_syntax_set(stmt, &mut walk.shape_cacheable))
+    {
+        return Err(ClassifyError::Refused { message });
+    }
     let command = match (name, walk.class) {
         // `SELECT ... INTO new_table` (also in a UNION branch): the INTO is what makes it DDL.
         ("SelectStmt", StatementClass::Ddl) => "SELECT INTO".to_owned(),
@@ -63,6 +76,8 @@ struct Walk<'t> {
     /// The CTE names visible at this point of the walk, innermost scope last.
     ctes: Vec<Vec<&'t str>>,
     shape_cacheable: bool,
+    /// Why the statement may not run whatever the policy says (see [`STRING_SYNTAX`]).
+    refused: Option<String>,
 }
 
 impl<'t> Walk<'t> {
@@ -97,6 +112,13 @@ impl<'t> Walk<'t> {
             "FuncCall" => {
                 if let Some(function) = qualified_name(node.list("funcname")) {
                     self.functions.insert(function);
+                }
+                if let Some(message) = set_config_of_string_syntax(node) {
+                    self.refused.get_or_insert(message);
+                }
+                if is_set_config(node) {
+                    // Which setting it changes is a constant: `normalize` hides it.
+                    self.shape_cacheable = false;
                 }
             }
             "DefElem" if node.field("arg").name() == Some("String") => {
@@ -201,6 +223,106 @@ impl<'t> Walk<'t> {
         }
         self.tables.insert(name);
     }
+}
+
+/// `SET`/`SET LOCAL standard_conforming_strings` to anything but on. RESET and DEFAULT go
+/// back to the session's start-up value, which the agent checked was on.
+fn string_syntax_set(stmt: &Tree, shape_cacheable: &mut bool) -> Option<String> {
+    if stmt.name() != Some("VariableSetStmt")
+        || !stmt.str("name").eq_ignore_ascii_case(STRING_SYNTAX)
+    {
+        return None;
+    }
+    // `= on` and `= off` normalize alike.
+    *shape_cacheable = false;
+    let kind = VariableSetKind::try_from(i32::try_from(stmt.int("kind")).unwrap_or(0))
+        .unwrap_or(VariableSetKind::Undefined);
+    let turns_on = match kind {
+        VariableSetKind::VarReset
+        | VariableSetKind::VarResetAll
+        | VariableSetKind::VarSetDefault => true,
+        VariableSetKind::VarSetValue => {
+            matches!(stmt.list("args"), [value] if constant_is_on(value))
+        }
+        _ => false,
+    };
+    (!turns_on).then(|| {
+        format!("SET {STRING_SYNTAX} to anything but on is refused: the server would then read backslashes in string literals differently from the parser that checks each statement")
+    })
+}
+
+fn is_set_config(call: &Tree) -> bool {
+    call.list("funcname")
+        .last()
+        .and_then(Tree::sval)
+        .is_some_and(|f| f.eq_ignore_ascii_case("set_config"))
+}
+
+/// `set_config` of `standard_conforming_strings` (or of a setting named by an expression,
+/// which could be that one) to a value that could read as off: an expression, or a constant
+/// PostgreSQL's boolean parser reads as false. pg_dump's
+/// `set_config(name, 'view, foreign-table', false) FROM pg_settings` is not: that value is no
+/// boolean at all.
+fn set_config_of_string_syntax(call: &Tree) -> Option<String> {
+    if !is_set_config(call) {
+        return None;
+    }
+    let args = call.list("args");
+    let may_name_it = args
+        .first()
+        .and_then(constant_text)
+        .is_none_or(|name| name.trim().eq_ignore_ascii_case(STRING_SYNTAX));
+    let may_be_off = args.get(1).is_none_or(constant_could_be_off);
+    (may_name_it && may_be_off).then(|| {
+        format!("set_config of {STRING_SYNTAX} to a value that could be off is refused: the server would then read backslashes in string literals differently from the parser that checks each statement")
+    })
+}
+
+/// Whether a value could turn a boolean setting off: not a constant, or a constant that
+/// `parse_bool` reads as false (`f`, `fa`…`false`, `n`, `no`, `of`, `off`, `0`, `false`).
+fn constant_could_be_off(node: &Tree) -> bool {
+    let value = node.field("val");
+    match (node.name(), value.name()) {
+        (Some("AConst"), Some("Boolean")) => return !value.bool("boolval"),
+        (Some("AConst"), Some("Integer")) => return value.int("ival") == 0,
+        _ => {}
+    }
+    let Some(text) = constant_text(node) else {
+        return true;
+    };
+    let v = text.trim().to_ascii_lowercase();
+    !v.is_empty()
+        && ("false".starts_with(&v)
+            || "no".starts_with(&v)
+            || (v.len() >= 2 && "off".starts_with(&v))
+            || v == "0")
+}
+
+/// The text of a string constant (`'x'`, or `'x'::text`).
+fn constant_text(node: &Tree) -> Option<&str> {
+    match node.name()? {
+        "AConst" => node.field("val").sval(),
+        "TypeCast" => constant_text(node.field("arg")),
+        _ => None,
+    }
+}
+
+/// A constant PostgreSQL's boolean parser reads as true: on, true, yes, 1 (and their
+/// unambiguous prefixes it also accepts are not needed to stay safe: anything else is "not on").
+fn constant_is_on(node: &Tree) -> bool {
+    let value = node.field("val");
+    match (node.name(), value.name()) {
+        (Some("AConst"), Some("Boolean")) => return value.bool("boolval"),
+        (Some("AConst"), Some("Integer")) => return value.int("ival") == 1,
+        _ => {}
+    }
+    let value = constant_text(node);
+    value.is_some_and(|v| {
+        let v = v.trim();
+        ["on", "true", "yes", "1"]
+            .iter()
+            .any(|on| v.eq_ignore_ascii_case(on))
+    })
 }
 
 /// `a.b.c` from a list of `String` nodes; `None` if the list holds anything else (`*`).

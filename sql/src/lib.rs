@@ -209,6 +209,10 @@ pub enum ClassifyError {
     /// A statement type these rules do not know; only a newer pg_query could produce one.
     #[error("statement type `{node}` is not classified")]
     Unsupported { node: String },
+    /// A statement that parses but may never run through the agent, whatever the policy:
+    /// it would make the server read later statements differently from the agent.
+    #[error("{message}")]
+    Refused { message: String },
     /// pg_query failed in a way that is not the SQL's fault.
     #[error("SQL parser failure: {message}")]
     Parser { message: String },

@@ -45,6 +45,10 @@ pub enum PgError {
     /// A statement that does not parse is never forwarded.
     #[error("statement refused: it does not parse: {0}")]
     Unparsable(String),
+    /// A statement the agent never lets through, whatever the policy (it would change how
+    /// the server reads later statements); the session continues.
+    #[error("statement refused: {0}")]
+    Unsafe(String),
     /// A value a masking profile selects could not be masked; the session ends.
     #[error("{0}")]
     Unmaskable(String),
@@ -55,7 +59,7 @@ impl PgError {
     pub fn is_fatal(&self) -> bool {
         !matches!(
             self,
-            PgError::StatementDenied { .. } | PgError::Unparsable(_)
+            PgError::StatementDenied { .. } | PgError::Unparsable(_) | PgError::Unsafe(_)
         )
     }
 
@@ -66,6 +70,7 @@ impl PgError {
             PgError::ConnectDenied { .. }
             | PgError::StatementDenied { .. }
             | PgError::Refused(_)
+            | PgError::Unsafe(_)
             | PgError::Unmaskable(_) => INSUFFICIENT_PRIVILEGE,
             PgError::Upstream(UpstreamError::NoCredential { .. })
             | PgError::Upstream(UpstreamError::Credentials { .. }) => INVALID_AUTHORIZATION,

@@ -604,9 +604,9 @@ impl<'a> Session<'a> {
                 return;
             }
             Err(e) => {
-                let info = unparsed(sql);
-                self.record_denied(&info, &[], "error", &[], &e.to_string());
-                self.inject_denied_query(PgError::Unparsable(e.to_string()), to_server);
+                let (e, decision) = refusal(e);
+                self.record_denied(&unparsed(sql), &[], decision, &[], &e.to_string());
+                self.inject_denied_query(e, to_server);
                 return;
             }
         };
@@ -683,8 +683,9 @@ impl<'a> Session<'a> {
         let parsed = match self.shared.classifier.classify(&sql) {
             Ok(p) => p,
             Err(e) => {
-                self.record_denied(&unparsed(&sql), &[], "error", &[], &e.to_string());
-                self.inject_denied_parse(&name, PgError::Unparsable(e.to_string()), to_server);
+                let (e, decision) = refusal(e);
+                self.record_denied(&unparsed(&sql), &[], decision, &[], &e.to_string());
+                self.inject_denied_parse(&name, e, to_server);
                 return;
             }
         };
@@ -1084,7 +1085,7 @@ impl<'a> Session<'a> {
             // Rows: the hot path. Unmasked rows are forwarded as they came.
             b'D' => return self.on_data_row(msg, to_client),
             b'd' if self.copy_out.is_some() => return self.on_copy_out_data(msg, to_client),
-            b'd' | b'c' | b'S' => {
+            b'd' | b'c' => {
                 if msg.tag == b'c' {
                     self.copy_out = None;
                 }
@@ -1201,10 +1202,13 @@ impl<'a> Session<'a> {
                     to_client,
                 )
             }
-            BackendMessage::DataRow(_)
-            | BackendMessage::CopyData(_)
-            | BackendMessage::CopyDone
-            | BackendMessage::ParameterStatus { .. } => {
+            BackendMessage::ParameterStatus { name, value } => {
+                if let Some(e) = string_syntax_changed(&name, &value) {
+                    return self.fatal(e, to_client);
+                }
+                to_client.extend_from_slice(&msg.frame);
+            }
+            BackendMessage::DataRow(_) | BackendMessage::CopyData(_) | BackendMessage::CopyDone => {
                 to_client.extend_from_slice(&msg.frame);
             }
         }
@@ -1552,11 +1556,27 @@ impl<'a> Session<'a> {
     /// A reply to the agent's own column lookup: kept, except what the server may send at
     /// any time (notifications, parameter changes), which is the client's.
     fn on_lookup_message(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
+        if msg.tag == b'S' {
+            // Checked as anywhere else (standard_conforming_strings).
+            let changed = match parse_backend(&msg) {
+                Ok(BackendMessage::ParameterStatus { name, value }) => {
+                    string_syntax_changed(&name, &value)
+                }
+                Ok(_) | Err(_) => Some(PgError::Protocol(
+                    "from the server: a malformed ParameterStatus".into(),
+                )),
+            };
+            if let Some(e) = changed {
+                return self.fatal(e, to_client);
+            }
+            to_client.extend_from_slice(&msg.frame);
+            return Flow::Continue;
+        }
         let Some(Expect::ColumnLookup(lookup)) = self.expect.front_mut() else {
             return Flow::Continue;
         };
         match msg.tag {
-            b'A' | b'S' => to_client.extend_from_slice(&msg.frame),
+            b'A' => to_client.extend_from_slice(&msg.frame),
             b'T' | b'C' | b'N' => {}
             b'D' => match parse_backend(&msg) {
                 Ok(BackendMessage::DataRow(row)) => {
@@ -1875,6 +1895,27 @@ impl<'a> Session<'a> {
         }
         tracing::info!(statement = %info.text, %decision, reason, "statement refused");
         self.proxy.audit().record(ev);
+    }
+}
+
+/// A ParameterStatus saying `standard_conforming_strings` is now off: turned off where the
+/// agent cannot see it (a function's body), so the statements that follow would be read
+/// other than as checked. The session ends.
+fn string_syntax_changed(name: &str, value: &str) -> Option<PgError> {
+    (name == "standard_conforming_strings" && value != "on").then(|| {
+        PgError::Refused(format!(
+            "the server now reads string literals with standard_conforming_strings = {value}; the session is closed because its statements could run other than as checked"
+        ))
+    })
+}
+
+/// What the client is told, and the decision recorded, for SQL the classifier would not
+/// pass: a syntax error (or anything it cannot read) is an `error`; a statement refused
+/// whatever the policy is a `deny` with SQLSTATE 42501.
+fn refusal(e: portcullis_sql::ClassifyError) -> (PgError, &'static str) {
+    match e {
+        portcullis_sql::ClassifyError::Refused { message } => (PgError::Unsafe(message), "deny"),
+        other => (PgError::Unparsable(other.to_string()), "error"),
     }
 }
 

@@ -47,6 +47,10 @@ pub enum UpstreamError {
     UnsupportedAuth(String),
     #[error("SCRAM with the server failed: {0}")]
     Scram(String),
+    /// The server would read string literals differently from the parser that checks each
+    /// statement (`standard_conforming_strings` off for this role or database, or not said).
+    #[error("the server reports standard_conforming_strings = {0}: with backslashes read as escapes in string literals, statements could run other than as checked, so the session is refused (set it back to on for this role and database)")]
+    StringSyntax(String),
     /// The server refused the session (bad credential, unknown database, too many clients).
     #[error("the server refused the session: {}", .0.message().unwrap_or("no message"))]
     Refused(ErrorFields),
@@ -59,6 +63,20 @@ impl From<ReadError> for UpstreamError {
             ReadError::Decode(e) => UpstreamError::Protocol(e.to_string()),
             ReadError::Closed => UpstreamError::Protocol("the server closed the connection".into()),
         }
+    }
+}
+
+/// Every server since 8.1 reports `standard_conforming_strings`; the agent's parser reads
+/// literals as it does when the setting is on, so anything else ends the start-up.
+pub fn check_string_syntax(parameters: &[(String, String)]) -> Result<(), UpstreamError> {
+    match parameters
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "standard_conforming_strings")
+    {
+        Some((_, value)) if value == "on" => Ok(()),
+        Some((_, value)) => Err(UpstreamError::StringSyntax(value.clone())),
+        None => Err(UpstreamError::StringSyntax("(not reported)".into())),
     }
 }
 
@@ -208,6 +226,7 @@ pub async fn establish(
     }
     let (process_id, secret_key) =
         key.ok_or_else(|| UpstreamError::Protocol("no BackendKeyData during start-up".into()))?;
+    check_string_syntax(&parameters)?;
     Ok(Upstream {
         stream,
         buf,
