@@ -1,4 +1,4 @@
-//! A bounded, thread-safe map from a text (exact SQL, or normalized SQL) to what it classified as.
+//! A bounded, thread-safe map from a text (exact SQL, or a shape) to what it classified as.
 //!
 //! Two generations per shard: new entries go to the young map; when it is full it becomes the
 //! old map and the previous old map is dropped; a hit in the old map moves the entry back to

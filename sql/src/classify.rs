@@ -21,9 +21,9 @@ pub(crate) struct Facts {
     pub(crate) command: String,
     pub(crate) tables: Vec<String>,
     pub(crate) functions: Vec<String>,
-    /// Whether every statement whose text normalizes alike (only constants differ) has these
-    /// same facts. Not when an option's string argument was read: `pg_query::normalize` turns
-    /// `EXPLAIN (ANALYZE 'off')` and `(ANALYZE 'on')` into the same text.
+    /// Whether every statement of the same shape (only constant tokens differ, see
+    /// `shape.rs`) has these same facts. Not when an option's argument may have been read:
+    /// `EXPLAIN (ANALYZE 'off')` and `(ANALYZE 1)` have the shape of `(ANALYZE 'on')`.
     pub(crate) shape_cacheable: bool,
 }
 
@@ -117,11 +117,11 @@ impl<'t> Walk<'t> {
                     self.refused.get_or_insert(message);
                 }
                 if is_set_config(node) {
-                    // Which setting it changes is a constant: `normalize` hides it.
+                    // Which setting it changes is a constant: the shape hides it.
                     self.shape_cacheable = false;
                 }
             }
-            "DefElem" if node.field("arg").name() == Some("String") => {
+            "DefElem" if node.is_present("arg") => {
                 self.shape_cacheable = false;
             }
             _ => {}
@@ -233,7 +233,7 @@ fn string_syntax_set(stmt: &Tree, shape_cacheable: &mut bool) -> Option<String> 
     {
         return None;
     }
-    // `= on` and `= off` normalize alike.
+    // `= on` and `= off` have one shape.
     *shape_cacheable = false;
     let kind = VariableSetKind::try_from(i32::try_from(stmt.int("kind")).unwrap_or(0))
         .unwrap_or(VariableSetKind::Undefined);
