@@ -461,7 +461,7 @@ fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 central
                     .host_name
                     .clone()
-                    .unwrap_or_else(crate::audit::hostname)
+                    .unwrap_or_else(|| crate::audit::hostname().to_string())
             });
             let report = block_on(crate::audit::central::verify_central(
                 &central,

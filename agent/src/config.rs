@@ -439,6 +439,19 @@ pub enum Protocol {
     Postgres,
 }
 
+impl Protocol {
+    /// The name audit events carry, shared rather than allocated per event.
+    pub fn name(self) -> std::sync::Arc<str> {
+        static TCP: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+        static POSTGRES: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+        let (cell, name) = match self {
+            Protocol::Tcp => (&TCP, "tcp"),
+            Protocol::Postgres => (&POSTGRES, "postgres"),
+        };
+        std::sync::Arc::clone(cell.get_or_init(|| std::sync::Arc::from(name)))
+    }
+}
+
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -75,9 +75,10 @@ pub struct Connection {
     pub id: u64,
     pub started_ms: u64,
     pub protocol: Protocol,
-    pub target: String,
-    pub origin: Origin,
-    pub identity: Identity,
+    /// Shared with every event of the connection (one statement event per statement).
+    pub target: Arc<str>,
+    pub origin: Arc<Origin>,
+    pub identity: Arc<Identity>,
     pub client: SocketAddr,
     pub upstream: SocketAddr,
     pub bytes: ByteCounters,
@@ -111,7 +112,7 @@ impl Connection {
             id: self.id,
             started_ms: self.started_ms,
             protocol: self.protocol.to_string(),
-            target: self.target.clone(),
+            target: self.target.to_string(),
             pid: self.origin.pid,
             uid: self.origin.uid,
             user: self.identity.user.clone(),
@@ -197,8 +198,8 @@ impl Drop for OpenGuard {
         ev.duration_ms =
             Some(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX));
         ev.reason = Some(std::mem::take(&mut self.reason));
-        ev.db_user = self.db_user.take();
-        ev.db_name = self.db_name.take();
+        ev.db_user = self.db_user.take().map(Into::into);
+        ev.db_name = self.db_name.take().map(Into::into);
         tracing::info!(
             up = ev.bytes_client_to_upstream,
             down = ev.bytes_upstream_to_client,
@@ -212,12 +213,12 @@ impl Drop for OpenGuard {
 fn connection_event(kind: EventKind, c: &Connection) -> AuditEvent {
     let mut ev = AuditEvent::new(kind);
     ev.connection_id = Some(c.id);
-    ev.protocol = Some(c.protocol.to_string());
-    ev.target = Some(c.target.clone());
-    ev.identity = Some(c.identity.clone());
-    ev.origin = Some(c.origin.clone());
-    ev.client = Some(c.client.to_string());
-    ev.upstream = Some(c.upstream.to_string());
+    ev.protocol = Some(c.protocol.name());
+    ev.target = Some(Arc::clone(&c.target));
+    ev.identity = Some(Arc::clone(&c.identity));
+    ev.origin = Some(Arc::clone(&c.origin));
+    ev.client = Some(c.client.to_string().into());
+    ev.upstream = Some(c.upstream.to_string().into());
     ev
 }
 
@@ -454,7 +455,7 @@ impl Proxy {
                 "no origin record: the connection did not come through the kernel redirect",
             );
             ev.connection_id = Some(id);
-            ev.client = Some(peer.to_string());
+            ev.client = Some(peer.to_string().into());
             self.audit.record(ev);
             tracing::warn!(%peer, "refused a connection without an origin record");
             return;
@@ -617,9 +618,9 @@ impl Proxy {
             id,
             started_ms: now_ms(),
             protocol: target.protocol,
-            target: target.name.clone(),
-            origin,
-            identity,
+            target: target.name.as_str().into(),
+            origin: Arc::new(origin),
+            identity: Arc::new(identity),
             client: peer,
             upstream: upstream_addr,
             bytes: ByteCounters::default(),
@@ -688,13 +689,13 @@ impl Proxy {
         ev.decision = Some(r.decision.to_string());
         ev.policy_ids = r.policy_ids;
         ev.connection_id = Some(r.id);
-        ev.client = Some(r.peer.to_string());
-        ev.identity = r.identity.cloned();
-        ev.origin = Some(r.origin.clone());
-        ev.target = r.target.map(|t| t.name.clone());
-        ev.protocol = r.target.map(|t| t.protocol.to_string());
-        ev.db_user = r.db_user.map(str::to_string);
-        ev.db_name = r.db_name.map(str::to_string);
+        ev.client = Some(r.peer.to_string().into());
+        ev.identity = r.identity.cloned().map(Arc::new);
+        ev.origin = Some(r.origin.clone().into());
+        ev.target = r.target.map(|t| t.name.as_str().into());
+        ev.protocol = r.target.map(|t| t.protocol.to_string().into());
+        ev.db_user = r.db_user.map(Into::into);
+        ev.db_name = r.db_name.map(Into::into);
         tracing::warn!(
             reason = ev.reason.as_deref().unwrap_or(""),
             "connection refused"
@@ -730,9 +731,9 @@ impl Proxy {
             id: o.incoming.id,
             started_ms: now_ms(),
             protocol: o.incoming.target.protocol,
-            target: o.incoming.target.name.clone(),
-            origin: o.incoming.origin.clone(),
-            identity: o.identity.clone(),
+            target: o.incoming.target.name.as_str().into(),
+            origin: Arc::new(o.incoming.origin.clone()),
+            identity: Arc::new(o.identity.clone()),
             client: o.incoming.peer,
             upstream: o.upstream,
             bytes: ByteCounters::default(),
@@ -742,8 +743,8 @@ impl Proxy {
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
         opened.decision = Some("allow".into());
         opened.policy_ids = o.policy_ids;
-        opened.db_user = o.db_user.clone();
-        opened.db_name = o.db_name.clone();
+        opened.db_user = o.db_user.as_deref().map(Into::into);
+        opened.db_name = o.db_name.as_deref().map(Into::into);
         self.audit.record_durable(&opened).await.map_err(|e| {
             tracing::error!(error = %e, "cannot record the connection; refusing it");
             format!("the audit store cannot record the connection: {e}")

@@ -126,7 +126,10 @@ pub fn start(config: &Config, audit: &Arc<AuditLog>, tasks: &TaskTracker, stop: 
 }
 
 fn host_name(central: &CentralConfig) -> String {
-    central.host_name.clone().unwrap_or_else(super::hostname)
+    central
+        .host_name
+        .clone()
+        .unwrap_or_else(|| super::hostname().to_string())
 }
 
 struct Shipper {

@@ -11,6 +11,7 @@ pub mod siem;
 mod spool;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -73,23 +74,23 @@ pub struct AuditEvent {
     pub schema: u32,
     /// Unix time in milliseconds.
     pub time_ms: u64,
-    pub host: String,
+    pub host: Arc<str>,
     pub event: EventKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
+    pub protocol: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
+    pub target: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<Identity>,
+    pub identity: Option<Arc<Identity>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub origin: Option<Origin>,
+    pub origin: Option<Arc<Origin>>,
     /// The client's own address (its side of the redirected connection).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub client: Option<String>,
+    pub client: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
+    pub upstream: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_client_to_upstream: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,9 +106,9 @@ pub struct AuditEvent {
     pub policy_ids: Vec<String>,
     /// The database role the session acts as upstream (PostgreSQL).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub db_user: Option<String>,
+    pub db_user: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub db_name: Option<String>,
+    pub db_name: Option<Arc<str>>,
     /// Statement events only; flattened so every field stays top-level.
     #[serde(flatten)]
     pub statement: Option<Box<StatementFields>>,
@@ -188,12 +189,12 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn hostname() -> String {
-    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+pub fn hostname() -> Arc<str> {
+    static HOST: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
     HOST.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
+            .map(|s| s.trim().into())
+            .unwrap_or_else(|_| "".into())
     })
     .clone()
 }

@@ -81,7 +81,7 @@ pub fn start(config: &Config, audit: &Arc<AuditLog>, tasks: &TaskTracker, stop: 
         .central
         .as_ref()
         .and_then(|c| c.host_name.clone())
-        .unwrap_or_else(super::hostname);
+        .unwrap_or_else(|| super::hostname().to_string());
     if let Some(syslog) = &config.audit.syslog {
         let sink = Sink::Syslog(SyslogSink::new(syslog.clone(), host.clone()));
         let forwarder = Forwarder::new(

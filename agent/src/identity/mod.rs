@@ -454,7 +454,7 @@ impl IdentityService {
             };
             if let Err(e) = &outcome {
                 let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.clone());
-                ev.identity = Some(unix_identity(uid));
+                ev.identity = Some(unix_identity(uid).into());
                 this.audit.record(ev);
             }
             let _ = tx.send(Some(outcome));
@@ -502,7 +502,7 @@ impl IdentityService {
             "{:?} login until {}",
             session.kind, session.expires_at
         ));
-        ev.identity = Some(session_identity(&session));
+        ev.identity = Some(session_identity(&session).into());
         self.audit.record(ev);
         tracing::info!(uid = session.uid, subject = %session.subject, "logged in");
         self.lock_sessions().insert(session.uid, session);
@@ -543,7 +543,7 @@ impl IdentityService {
         else {
             let mut ev = AuditEvent::new(EventKind::LoginFailed)
                 .reason(format!("untrusted issuer `{issuer}`"));
-            ev.identity = Some(unix_identity(uid));
+            ev.identity = Some(unix_identity(uid).into());
             self.audit.record(ev);
             return Err(format!(
                 "issuer `{issuer}` is not trusted for workload logins"
@@ -558,7 +558,7 @@ impl IdentityService {
             Ok(c) => c,
             Err(e) => {
                 let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.to_string());
-                ev.identity = Some(unix_identity(uid));
+                ev.identity = Some(unix_identity(uid).into());
                 self.audit.record(ev);
                 return Err(e.to_string());
             }
@@ -598,7 +598,7 @@ impl IdentityService {
         let mut ev = AuditEvent::new(kind).reason(format!(
             "{why}; refresh token revoked: {revoked}; connections closed: {closed}"
         ));
-        ev.identity = Some(session_identity(&session));
+        ev.identity = Some(session_identity(&session).into());
         self.audit.record(ev);
         Some((revoked, closed))
     }
@@ -657,7 +657,7 @@ impl IdentityService {
             };
             let mut ev = AuditEvent::new(EventKind::LoginExpired)
                 .reason(format!("session expired; connections closed: {closed}"));
-            ev.identity = Some(session_identity(&session));
+            ev.identity = Some(session_identity(&session).into());
             self.audit.record(ev);
             tracing::info!(uid, closed, "session expired");
         }
@@ -726,7 +726,7 @@ impl IdentityService {
                     s.refresh_failing = true;
                     let mut ev = AuditEvent::new(EventKind::LoginRefreshFailed)
                         .reason(format!("{e}; the session lasts until {}", s.expires_at));
-                    ev.identity = Some(session_identity(s));
+                    ev.identity = Some(session_identity(s).into());
                     self.audit.record(ev);
                 }
                 tracing::warn!(uid, error = %e, "refreshing the session failed; it lasts until it expires");

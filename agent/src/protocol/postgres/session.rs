@@ -210,8 +210,8 @@ pub struct Session<'a> {
     conn: &'a Connection,
     identity: &'a Identity,
     target: &'a ProtectedTarget,
-    db_user: String,
-    db_name: String,
+    db_user: Arc<str>,
+    db_name: Arc<str>,
     max_len: usize,
     expect: VecDeque<Expect>,
     prepared: HashMap<String, Arc<Prepared>>,
@@ -232,8 +232,8 @@ pub struct Session<'a> {
     /// prepared statements), for masking what FETCH and EXECUTE return.
     named_sources: HashMap<(bool, String), Option<Arc<portcullis_sql::ResultSources>>>,
     /// Formatted once: every statement event carries them.
-    client_addr: String,
-    upstream_addr: String,
+    client_addr: Arc<str>,
+    upstream_addr: Arc<str>,
 }
 
 /// Statement shape: class, command, tables, functions.
@@ -302,8 +302,8 @@ impl<'a> Session<'a> {
             conn,
             identity,
             target,
-            db_user: db_user.to_string(),
-            db_name: db_name.to_string(),
+            db_user: db_user.into(),
+            db_name: db_name.into(),
             max_len,
             expect: VecDeque::new(),
             prepared: HashMap::new(),
@@ -315,8 +315,8 @@ impl<'a> Session<'a> {
             replication,
             decisions: DecisionCache::default(),
             named_sources: HashMap::new(),
-            client_addr: conn.client.to_string(),
-            upstream_addr: conn.upstream.to_string(),
+            client_addr: conn.client.to_string().into(),
+            upstream_addr: conn.upstream.to_string().into(),
         }
     }
 
@@ -969,8 +969,8 @@ impl<'a> Session<'a> {
         context.command = info.command.clone();
         context.tables = info.tables.clone();
         context.functions = info.functions.clone();
-        context.db_user = Some(self.db_user.clone());
-        context.db_name = Some(self.db_name.clone());
+        context.db_user = Some(self.db_user.to_string());
+        context.db_name = Some(self.db_name.to_string());
         Request {
             principal: crate::policy::principal(self.identity),
             action: Action::Query,
@@ -1302,7 +1302,7 @@ impl<'a> Session<'a> {
             Some(masker) => {
                 let derived = self.derived_sources(&info);
                 let catalog = &self.shared.catalog;
-                let (target_id, db) = (self.target.id, self.db_name.as_str());
+                let (target_id, db) = (self.target.id, &*self.db_name);
                 let qualify = |oid: u32, attnum: i16| catalog.qualified(target_id, db, oid, attnum);
                 let view = |oid: u32| catalog.view_sources(target_id, db, oid);
                 match plan_rows(&masker, fields, qualify, view, &derived) {
@@ -1819,14 +1819,14 @@ impl<'a> Session<'a> {
         let c = self.conn;
         let mut ev = AuditEvent::new(kind);
         ev.connection_id = Some(c.id);
-        ev.protocol = Some(c.protocol.to_string());
-        ev.target = Some(c.target.clone());
-        ev.identity = Some(c.identity.clone());
-        ev.origin = Some(c.origin.clone());
-        ev.client = Some(self.client_addr.clone());
-        ev.upstream = Some(self.upstream_addr.clone());
-        ev.db_user = Some(self.db_user.clone());
-        ev.db_name = Some(self.db_name.clone());
+        ev.protocol = Some(c.protocol.name());
+        ev.target = Some(Arc::clone(&c.target));
+        ev.identity = Some(Arc::clone(&c.identity));
+        ev.origin = Some(Arc::clone(&c.origin));
+        ev.client = Some(Arc::clone(&self.client_addr));
+        ev.upstream = Some(Arc::clone(&self.upstream_addr));
+        ev.db_user = Some(Arc::clone(&self.db_user));
+        ev.db_name = Some(Arc::clone(&self.db_name));
         ev.statement = Some(Box::new(StatementFields {
             statement: info.text.clone(),
             parameters: parameters.to_vec(),
