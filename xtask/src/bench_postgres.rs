@@ -314,6 +314,7 @@ pub fn run(options: &Options) -> Result<()> {
         println!("\nagent tcp column: not measured: {e}");
     }
     if options.case.is_some() {
+        let _ = std::fs::remove_dir_all(&scratch);
         return Ok(());
     }
 
