@@ -18,12 +18,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Statement events are built on a connection's thread and freed on the audit writer's:
-/// glibc's malloc serialised the two on one arena lock (a futex call every few statements);
-/// mimalloc frees across threads without a lock.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
