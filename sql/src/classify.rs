@@ -242,7 +242,7 @@ fn string_syntax_set(stmt: &Tree, shape_cacheable: &mut bool) -> Option<String> 
         | VariableSetKind::VarResetAll
         | VariableSetKind::VarSetDefault => true,
         VariableSetKind::VarSetValue => {
-            matches!(stmt.list("args"), [value] if constant_is_on(value))
+            matches!(stmt.list("args"), [value] if constant_bool(value) == Some(Some(true)))
         }
         _ => false,
     };
@@ -272,30 +272,45 @@ fn set_config_of_string_syntax(call: &Tree) -> Option<String> {
         .first()
         .and_then(constant_text)
         .is_none_or(|name| name.trim().eq_ignore_ascii_case(STRING_SYNTAX));
-    let may_be_off = args.get(1).is_none_or(constant_could_be_off);
+    let may_be_off = args
+        .get(1)
+        .is_none_or(|value| matches!(constant_bool(value), None | Some(Some(false))));
     (may_name_it && may_be_off).then(|| {
         format!("set_config of {STRING_SYNTAX} to a value that could be off is refused: the server would then read backslashes in string literals differently from the parser that checks each statement")
     })
 }
 
-/// Whether a value could turn a boolean setting off: not a constant, or a constant that
-/// `parse_bool` reads as false (`f`, `fa`…`false`, `n`, `no`, `of`, `off`, `0`, `false`).
-fn constant_could_be_off(node: &Tree) -> bool {
+/// A value as PostgreSQL's `parse_bool` reads it: `None` when it is not a constant,
+/// `Some(None)` when it is one but no boolean, else the boolean (`t`…`true`, `y`…`yes`, `on`,
+/// `1`; `f`…`false`, `n`, `no`, `of`, `off`, `0`; any case, surrounding blanks ignored).
+fn constant_bool(node: &Tree) -> Option<Option<bool>> {
     let value = node.field("val");
     match (node.name(), value.name()) {
-        (Some("AConst"), Some("Boolean")) => return !value.bool("boolval"),
-        (Some("AConst"), Some("Integer")) => return value.int("ival") == 0,
+        (Some("AConst"), Some("Boolean")) => return Some(Some(value.bool("boolval"))),
+        (Some("AConst"), Some("Integer")) => {
+            return Some(match value.int("ival") {
+                0 => Some(false),
+                1 => Some(true),
+                _ => None,
+            })
+        }
         _ => {}
     }
-    let Some(text) = constant_text(node) else {
-        return true;
-    };
-    let v = text.trim().to_ascii_lowercase();
-    !v.is_empty()
-        && ("false".starts_with(&v)
-            || "no".starts_with(&v)
-            || (v.len() >= 2 && "off".starts_with(&v))
-            || v == "0")
+    let v = constant_text(node)?.trim().to_ascii_lowercase();
+    let abbreviates = |word: &str, shortest: usize| v.len() >= shortest && word.starts_with(&v);
+    Some(
+        if abbreviates("true", 1) || abbreviates("yes", 1) || abbreviates("on", 2) || v == "1" {
+            Some(true)
+        } else if abbreviates("false", 1)
+            || abbreviates("no", 1)
+            || abbreviates("off", 2)
+            || v == "0"
+        {
+            Some(false)
+        } else {
+            None
+        },
+    )
 }
 
 /// The text of a string constant (`'x'`, or `'x'::text`).
@@ -305,24 +320,6 @@ fn constant_text(node: &Tree) -> Option<&str> {
         "TypeCast" => constant_text(node.field("arg")),
         _ => None,
     }
-}
-
-/// A constant PostgreSQL's boolean parser reads as true: on, true, yes, 1 (and their
-/// unambiguous prefixes it also accepts are not needed to stay safe: anything else is "not on").
-fn constant_is_on(node: &Tree) -> bool {
-    let value = node.field("val");
-    match (node.name(), value.name()) {
-        (Some("AConst"), Some("Boolean")) => return value.bool("boolval"),
-        (Some("AConst"), Some("Integer")) => return value.int("ival") == 1,
-        _ => {}
-    }
-    let value = constant_text(node);
-    value.is_some_and(|v| {
-        let v = v.trim();
-        ["on", "true", "yes", "1"]
-            .iter()
-            .any(|on| v.eq_ignore_ascii_case(on))
-    })
 }
 
 /// `a.b.c` from a list of `String` nodes; `None` if the list holds anything else (`*`).
