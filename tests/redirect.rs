@@ -396,7 +396,7 @@ fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
     let dead = slot.v4(2).ip().to_string();
     // A second target whose upstream is down: the client's connection is accepted by the
     // proxy and then refused, a failed connection from the user's point of view.
-    let mut agent = Agent::start(
+    let mut agent = Agent::prepare(
         "attribution",
         slot,
         &cg,
@@ -414,7 +414,25 @@ fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
                 upstream: None,
             },
         ],
+        None,
+        &[],
     );
+    // Three event loops: accepted sockets are handed from the accepting loop to the others,
+    // and every connection must still be attributed and closed.
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        config.replacen("[proxy]\n", "[proxy]\nthreads = 3\n", 1),
+    )
+    .unwrap();
+    agent.spawn();
+    let pid = agent.child.as_ref().unwrap().id();
+    let loops = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("portcullis-io-"))
+        .count();
+    assert_eq!(loops, 2, "two event loops besides the main thread's");
     let target = slot.v4(1).to_string();
     let children: Vec<_> = (0..50u32)
         .map(|i| {
