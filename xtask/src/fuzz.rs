@@ -19,6 +19,7 @@ const TARGETS: &[(&str, &[&str])] = &[
         &["frontend", "backend", "startup", "copy_binary"],
     ),
     ("audit-store/fuzz", &["segment_reader"]),
+    ("sql/fuzz", &["classify"]),
 ];
 
 /// The instrumentation `cargo fuzz build` passes (libFuzzer's inline 8-bit counters with
@@ -77,18 +78,31 @@ pub fn run_all(seconds: u64) -> Result<()> {
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("CARGO"))?;
         for target in *targets {
-            fuzz_one(&target_dir, target, seconds)?;
+            fuzz_one(
+                &target_dir,
+                &root().join(dir).join("seeds"),
+                target,
+                seconds,
+            )?;
         }
     }
     Ok(())
 }
 
-fn fuzz_one(target_dir: &Path, target: &str, seconds: u64) -> Result<()> {
+/// `seeds/<target>/` in the fuzz crate, if there is one, starts the corpus (a few valid
+/// inputs the mutations work from; the classifier's grammar is too large to find by chance).
+fn fuzz_one(target_dir: &Path, seeds: &Path, target: &str, seconds: u64) -> Result<()> {
     let bin = target_dir.join(TRIPLE).join("release").join(target);
     // A fresh corpus each time: what one run finds does not make the next differ.
     let corpus = target_dir.join("corpus").join(target);
     let _ = std::fs::remove_dir_all(&corpus);
     std::fs::create_dir_all(&corpus)?;
+    if let Ok(entries) = std::fs::read_dir(seeds.join(target)) {
+        for entry in entries {
+            let entry = entry?;
+            std::fs::copy(entry.path(), corpus.join(entry.file_name()))?;
+        }
+    }
     let artifacts = target_dir.join("artifacts").join(target);
     std::fs::create_dir_all(&artifacts)?;
     println!("  {target}: {seconds} s");
