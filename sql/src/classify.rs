@@ -48,11 +48,7 @@ pub(crate) fn facts(stmt: &Tree) -> Result<Facts, ClassifyError> {
         refused: None,
     };
     walk.visit(stmt, "", "", true, 0)?;
-    if let Some(message) = walk
-        .refused
-        .take()
-        .or_else(|| string_syntax_set(stmt, &mut walk.shape_cacheable))
-    {
+    if let Some(message) = walk.refused.take().or_else(|| string_syntax_set(stmt)) {
         return Err(ClassifyError::Refused { message });
     }
     let command = match (name, walk.class) {
@@ -113,12 +109,12 @@ impl<'t> Walk<'t> {
                 if let Some(function) = qualified_name(node.list("funcname")) {
                     self.functions.insert(function);
                 }
-                if let Some(message) = set_config_of_string_syntax(node) {
-                    self.refused.get_or_insert(message);
-                }
                 if is_set_config(node) {
                     // Which setting it changes is a constant: the shape hides it.
                     self.shape_cacheable = false;
+                    if let Some(message) = set_config_of_string_syntax(node) {
+                        self.refused.get_or_insert(message);
+                    }
                 }
             }
             "DefElem" if node.is_present("arg") => {
@@ -227,14 +223,12 @@ impl<'t> Walk<'t> {
 
 /// `SET`/`SET LOCAL standard_conforming_strings` to anything but on. RESET and DEFAULT go
 /// back to the session's start-up value, which the agent checked was on.
-fn string_syntax_set(stmt: &Tree, shape_cacheable: &mut bool) -> Option<String> {
+fn string_syntax_set(stmt: &Tree) -> Option<String> {
     if stmt.name() != Some("VariableSetStmt")
         || !stmt.str("name").eq_ignore_ascii_case(STRING_SYNTAX)
     {
         return None;
     }
-    // `= on` and `= off` have one shape.
-    *shape_cacheable = false;
     let kind = VariableSetKind::try_from(i32::try_from(stmt.int("kind")).unwrap_or(0))
         .unwrap_or(VariableSetKind::Undefined);
     let turns_on = match kind {
@@ -258,15 +252,12 @@ fn is_set_config(call: &Tree) -> bool {
         .is_some_and(|f| f.eq_ignore_ascii_case("set_config"))
 }
 
-/// `set_config` of `standard_conforming_strings` (or of a setting named by an expression,
+/// A `set_config` call of `standard_conforming_strings` (or of a setting named by an expression,
 /// which could be that one) to a value that could read as off: an expression, or a constant
 /// PostgreSQL's boolean parser reads as false. pg_dump's
 /// `set_config(name, 'view, foreign-table', false) FROM pg_settings` is not: that value is no
 /// boolean at all.
 fn set_config_of_string_syntax(call: &Tree) -> Option<String> {
-    if !is_set_config(call) {
-        return None;
-    }
     let args = call.list("args");
     let may_name_it = args
         .first()

@@ -68,7 +68,7 @@ impl From<ReadError> for UpstreamError {
 
 /// Every server since 8.1 reports `standard_conforming_strings`; the agent's parser reads
 /// literals as it does when the setting is on, so anything else ends the start-up.
-pub fn check_string_syntax(parameters: &[(String, String)]) -> Result<(), UpstreamError> {
+fn check_string_syntax(parameters: &[(String, String)]) -> Result<(), UpstreamError> {
     match parameters
         .iter()
         .rev()
