@@ -629,7 +629,7 @@ impl Proxy {
         });
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
         opened.decision = Some("allow".into());
-        opened.policy_ids = policy_ids;
+        opened.policy_ids = policy_ids.into();
         // The opened event gates the connection: nothing is forwarded that is not on disk.
         if let Err(e) = self.audit.record_durable(&opened).await {
             tracing::error!(error = %e, "cannot record the connection; refusing it");
@@ -686,8 +686,8 @@ impl Proxy {
     /// Records a refused connection of a protocol handler that answers in its own protocol.
     pub fn record_refusal(&self, r: Refusal<'_>) {
         let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(r.reason);
-        ev.decision = Some(r.decision.to_string());
-        ev.policy_ids = r.policy_ids;
+        ev.decision = Some(r.decision.to_string().into());
+        ev.policy_ids = r.policy_ids.into();
         ev.connection_id = Some(r.id);
         ev.client = Some(r.peer.to_string().into());
         ev.identity = r.identity.cloned().map(Arc::new);
@@ -742,7 +742,7 @@ impl Proxy {
         });
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
         opened.decision = Some("allow".into());
-        opened.policy_ids = o.policy_ids;
+        opened.policy_ids = o.policy_ids.into();
         opened.db_user = o.db_user.as_deref().map(Into::into);
         opened.db_name = o.db_name.as_deref().map(Into::into);
         self.audit.record_durable(&opened).await.map_err(|e| {

@@ -17,7 +17,7 @@ impl EncodedEvent {
     /// Serializes `event`; an error names why it cannot be stored (serde's own error, or
     /// nesting deeper than the record line allows).
     pub fn encode<T: Serialize + ?Sized>(event: &T) -> Result<Self, String> {
-        let mut out = Vec::with_capacity(512);
+        let mut out = Vec::with_capacity(1024);
         let mut depth = DepthCounting::default();
         event
             .serialize(&mut serde_json::Serializer::with_formatter(

@@ -32,18 +32,20 @@ impl ChainHash {
         out
     }
 
-    /// Lower-case hex, appended; on the write path of every record, so a table, not `fmt`.
+    /// Lower-case hex, appended.
     pub fn push_hex(&self, out: &mut String) {
-        fn digit(nibble: u8) -> char {
-            char::from(if nibble < 10 {
-                b'0' + nibble
-            } else {
-                b'a' + (nibble - 10)
-            })
-        }
         for b in self.0 {
-            out.push(digit(b >> 4));
-            out.push(digit(b & 0x0f));
+            out.push(char::from(hex_digit(b >> 4)));
+            out.push(char::from(hex_digit(b & 0x0f)));
+        }
+    }
+
+    /// Lower-case hex, appended to a record line being built; on the write path of every
+    /// record, so neither `fmt` nor an allocation.
+    fn push_hex_bytes(&self, out: &mut Vec<u8>) {
+        for b in self.0 {
+            out.push(hex_digit(b >> 4));
+            out.push(hex_digit(b & 0x0f));
         }
     }
 
@@ -64,6 +66,14 @@ impl fmt::Debug for ChainHash {
 impl fmt::Display for ChainHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())
+    }
+}
+
+fn hex_digit(nibble: u8) -> u8 {
+    if nibble < 10 {
+        b'0' + nibble
+    } else {
+        b'a' + (nibble - 10)
     }
 }
 
@@ -203,17 +213,21 @@ struct SealWire<'a> {
 
 const RECORD_PREFIX: &[u8] = b"{\"seq\":";
 const SEAL_PREFIX: &[u8] = b"{\"seal\":";
+/// The most a record line adds to its event: the keys, two 20-digit numbers, two hashes.
+pub const RECORD_LINE_OVERHEAD: usize = 80 + 2 * 20 + 2 * 64;
 
 /// Appends one record line, newline included. The event bytes are copied verbatim.
 pub fn encode_record_line(out: &mut Vec<u8>, record: &RecordView<'_>) {
+    let mut number = itoa::Buffer::new();
+    out.reserve(RECORD_LINE_OVERHEAD + record.event.len());
     out.extend_from_slice(RECORD_PREFIX);
-    out.extend_from_slice(record.seq.to_string().as_bytes());
+    out.extend_from_slice(number.format(record.seq).as_bytes());
     out.extend_from_slice(b",\"time_ms\":");
-    out.extend_from_slice(record.time_ms.to_string().as_bytes());
+    out.extend_from_slice(number.format(record.time_ms).as_bytes());
     out.extend_from_slice(b",\"prev\":\"");
-    out.extend_from_slice(record.prev.to_hex().as_bytes());
+    record.prev.push_hex_bytes(out);
     out.extend_from_slice(b"\",\"hash\":\"");
-    out.extend_from_slice(record.hash.to_hex().as_bytes());
+    record.hash.push_hex_bytes(out);
     out.extend_from_slice(b"\",\"event\":");
     out.extend_from_slice(record.event);
     out.extend_from_slice(b"}\n");

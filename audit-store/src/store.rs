@@ -9,7 +9,7 @@ use crate::encoded::EventBytes;
 use crate::error::StoreError;
 use crate::format::{
     encode_record_line, encode_seal_line, record_hash, ChainHash, Line, RecordView, Seal,
-    MAX_EVENT_BYTES, MAX_LINE_BYTES,
+    MAX_EVENT_BYTES, MAX_LINE_BYTES, RECORD_LINE_OVERHEAD,
 };
 use crate::lines::{LineReader, RawLine};
 use crate::verify::{BreakKind, ChainState, SegmentChecker};
@@ -522,16 +522,21 @@ impl Store {
         now: u64,
     ) -> Result<Vec<RecordRef>, StoreError> {
         let mut refs = Vec::with_capacity(events.len());
-        let mut pending = Vec::new();
+        // Each line is built in place, in the buffer the batch is written from.
+        let mut pending = Vec::with_capacity(
+            events
+                .iter()
+                .map(|e| e.bytes().len().saturating_add(RECORD_LINE_OVERHEAD))
+                .fold(0usize, usize::saturating_add),
+        );
         let mut pending_records = 0u64;
-        let mut line = Vec::new();
         for event in events {
             let event = event.bytes();
             let seq = self.chain.next_seq;
             let hash = record_hash(&self.chain.prev, seq, now, event);
-            line.clear();
+            let start = pending.len();
             encode_record_line(
-                &mut line,
+                &mut pending,
                 &RecordView {
                     seq,
                     time_ms: now,
@@ -542,21 +547,23 @@ impl Store {
             );
             if let Some(open) = &self.open {
                 let records = open.records.saturating_add(pending_records);
-                let size = open
-                    .bytes
-                    .saturating_add(len_u64(&pending))
-                    .saturating_add(len_u64(&line));
+                let size = open.bytes.saturating_add(len_u64(&pending));
                 let full = size > self.opts.max_segment_bytes;
                 let old = now.saturating_sub(open.first_time_ms) >= self.opts.max_segment_age_ms;
                 if records > 0 && (full || old) {
-                    self.write_out(std::mem::take(&mut pending), pending_records, Some(now))?;
+                    // The lines before this one close the segment; this one opens the next.
+                    let line = pending.split_off(start);
+                    self.write_out(
+                        std::mem::replace(&mut pending, line),
+                        pending_records,
+                        Some(now),
+                    )?;
                     pending_records = 0;
                 }
             }
             if self.open.is_none() {
                 self.create_segment(seq, now)?;
             }
-            pending.extend_from_slice(&line);
             pending_records = pending_records.saturating_add(1);
             self.chain = ChainState {
                 next_seq: seq.checked_add(1).ok_or(StoreError::SequenceExhausted)?,

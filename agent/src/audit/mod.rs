@@ -10,6 +10,7 @@ mod queue;
 pub mod siem;
 mod spool;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -101,9 +102,10 @@ pub struct AuditEvent {
     pub reason: Option<String>,
     /// The policy decision behind this event: allow, deny or approval.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub decision: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub policy_ids: Vec<String>,
+    pub decision: Option<Cow<'static, str>>,
+    /// Shared with the verdict it came from: a statement event copies no list.
+    #[serde(skip_serializing_if = "is_empty")]
+    pub policy_ids: Arc<[String]>,
     /// The database role the session acts as upstream (PostgreSQL).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub db_user: Option<Arc<str>>,
@@ -114,25 +116,28 @@ pub struct AuditEvent {
     pub statement: Option<Box<StatementFields>>,
 }
 
-/// What a statement event says about the statement itself.
+/// What a statement event says about the statement itself. What stays the same from one
+/// execution of a statement to the next (its text, classification, bound parameters) is
+/// shared with the session's own record of it, not copied: a prepared statement executed
+/// many thousand times a second must not allocate a dozen strings per execution.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StatementFields {
     /// The statement's text as the client sent it (one statement of a multi-statement string).
-    pub statement: String,
+    pub statement: Arc<str>,
     /// Bound parameters in text form, masked per the session's profile; binary values are
     /// shown as `\\x` hex.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub parameters: Vec<Option<String>>,
+    #[serde(skip_serializing_if = "is_empty")]
+    pub parameters: Arc<[Option<String>]>,
     /// read, write, ddl, dcl, transaction, utility, admin, call or do; absent when the
     /// statement did not parse.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub statement_class: Option<String>,
+    pub statement_class: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub command: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tables: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub functions: Vec<String>,
+    pub command: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "is_empty")]
+    pub tables: Arc<[String]>,
+    #[serde(skip_serializing_if = "is_empty")]
+    pub functions: Arc<[String]>,
     /// Rows returned or affected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows: Option<u64>,
@@ -147,7 +152,11 @@ pub struct StatementFields {
     pub duration_us: Option<u64>,
     /// The masking profile applied to the results, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub masking_profile: Option<String>,
+    pub masking_profile: Option<Arc<str>>,
+}
+
+fn is_empty<T>(list: &Arc<[T]>) -> bool {
+    list.is_empty()
 }
 
 impl AuditEvent {
@@ -169,7 +178,7 @@ impl AuditEvent {
             duration_ms: None,
             reason: None,
             decision: None,
-            policy_ids: Vec::new(),
+            policy_ids: Arc::from([]),
             db_user: None,
             db_name: None,
             statement: None,

@@ -62,11 +62,11 @@ impl Verdict {
 /// One statement as the audit trail sees it.
 #[derive(Clone)]
 struct StatementInfo {
-    text: String,
-    class: Option<String>,
-    command: Option<String>,
-    tables: Vec<String>,
-    functions: Vec<String>,
+    text: Arc<str>,
+    class: Option<&'static str>,
+    command: Option<Arc<str>>,
+    tables: Arc<[String]>,
+    functions: Arc<[String]>,
     /// For `COPY ... TO STDOUT`: what it reads and how its rows are spelled.
     copy: Option<Arc<portcullis_sql::CopyOut>>,
     /// What each result column may be computed from (a query, a RETURNING list).
@@ -78,11 +78,11 @@ struct StatementInfo {
 impl StatementInfo {
     fn from_parsed(s: &portcullis_sql::Statement) -> Self {
         Self {
-            text: s.text.clone(),
-            class: Some(s.class.as_str().to_string()),
-            command: Some(s.command.clone()),
-            tables: s.tables.clone(),
-            functions: s.functions.clone(),
+            text: s.text.as_str().into(),
+            class: Some(s.class.as_str()),
+            command: Some(s.command.as_str().into()),
+            tables: s.tables.as_slice().into(),
+            functions: s.functions.as_slice().into(),
             copy: s.copy_out.clone().map(Arc::new),
             sources: s.result_sources.clone(),
             named: s.named_query.clone(),
@@ -237,7 +237,12 @@ pub struct Session<'a> {
 }
 
 /// Statement shape: class, command, tables, functions.
-type ShapeKey = (Option<String>, Option<String>, Vec<String>, Vec<String>);
+type ShapeKey = (
+    Option<&'static str>,
+    Option<Arc<str>>,
+    Arc<[String]>,
+    Arc<[String]>,
+);
 
 const DECISION_CACHE_ENTRIES: usize = 256;
 
@@ -569,11 +574,11 @@ impl<'a> Session<'a> {
             Err(_) if self.replication && replication_command(sql).is_some() => {
                 let command = replication_command(sql).unwrap_or_default();
                 let info = StatementInfo {
-                    text: sql.trim().to_string(),
-                    class: Some("admin".into()),
-                    command: Some(command.to_string()),
-                    tables: Vec::new(),
-                    functions: Vec::new(),
+                    text: sql.trim().into(),
+                    class: Some("admin"),
+                    command: Some(command.into()),
+                    tables: Arc::from([]),
+                    functions: Arc::from([]),
                     copy: None,
                     sources: None,
                     named: None,
@@ -597,7 +602,7 @@ impl<'a> Session<'a> {
                         to_server.extend_from_slice(&msg.frame);
                     }
                     Err((e, decision, ids)) => {
-                        self.record_denied(&info, &[], decision, &ids, &e.to_string());
+                        self.record_denied(&info, decision, &ids, &e.to_string());
                         self.inject_denied_query(e, to_server);
                     }
                 }
@@ -605,7 +610,7 @@ impl<'a> Session<'a> {
             }
             Err(e) => {
                 let (e, decision) = refusal(e);
-                self.record_denied(&unparsed(sql), &[], decision, &[], &e.to_string());
+                self.record_denied(&unparsed(sql), decision, &[], &e.to_string());
                 self.inject_denied_query(e, to_server);
                 return;
             }
@@ -626,11 +631,10 @@ impl<'a> Session<'a> {
                 Err((e, decision, ids)) => {
                     // One denied statement refuses the whole string: PostgreSQL runs it as
                     // one implicit transaction, so nothing of it may run.
-                    self.record_denied(&info, &[], decision, &ids, &e.to_string());
+                    self.record_denied(&info, decision, &ids, &e.to_string());
                     for other in parsed.iter().filter(|o| !std::ptr::eq(*o, statement)) {
                         self.record_denied(
                             &StatementInfo::from_parsed(other),
-                            &[],
                             "not_run",
                             &[],
                             "another statement of the same query string was denied",
@@ -684,7 +688,7 @@ impl<'a> Session<'a> {
             Ok(p) => p,
             Err(e) => {
                 let (e, decision) = refusal(e);
-                self.record_denied(&unparsed(&sql), &[], decision, &[], &e.to_string());
+                self.record_denied(&unparsed(&sql), decision, &[], &e.to_string());
                 self.inject_denied_parse(&name, e, to_server);
                 return;
             }
@@ -703,7 +707,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 Err((e, decision, ids)) => {
-                    self.record_denied(info, &[], decision, &ids, &e.to_string());
+                    self.record_denied(info, decision, &ids, &e.to_string());
                     self.inject_denied_parse(&name, e, to_server);
                     return;
                 }
@@ -715,7 +719,7 @@ impl<'a> Session<'a> {
             self.remember_named(info);
         }
         let whole = Arc::new(StatementInfo {
-            text: sql,
+            text: sql.into(),
             ..statements.first().cloned().unwrap_or_else(|| unparsed(""))
         });
         self.prepared.insert(
@@ -777,7 +781,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 Err((e, decision, ids)) => {
-                    self.record_denied(info, &[], decision, &ids, &e.to_string());
+                    self.record_denied(info, decision, &ids, &e.to_string());
                     encode_frontend(
                         &FrontendMessage::Bind {
                             portal: portal.clone(),
@@ -861,24 +865,24 @@ impl<'a> Session<'a> {
         // The fast-path function call runs a function by OID, bypassing SQL: decided as a
         // `call` statement naming the function by its OID.
         let info = StatementInfo {
-            text: format!("-- function call by OID {oid}"),
-            class: Some("call".into()),
+            text: format!("-- function call by OID {oid}").into(),
+            class: Some("call"),
             command: Some("FUNCTION CALL".into()),
-            tables: Vec::new(),
-            functions: vec![format!("oid:{oid}")],
+            tables: Arc::from([]),
+            functions: Arc::from([format!("oid:{oid}")]),
             copy: None,
             sources: None,
             named: None,
         };
         let set = self.proxy.policies().current();
         match self.decide(&set, &info) {
-            Ok(_) => {
+            Ok(verdict) => {
                 self.record_statement(
                     &info,
-                    &[],
+                    &Arc::from([]),
                     None,
                     "allow",
-                    &[],
+                    &verdict.policy_ids,
                     None,
                     Some("FUNCTION CALL".into()),
                     None,
@@ -888,7 +892,7 @@ impl<'a> Session<'a> {
                 to_server.extend_from_slice(&msg.frame);
             }
             Err((e, decision, ids)) => {
-                self.record_denied(&info, &[], decision, &ids, &e.to_string());
+                self.record_denied(&info, decision, &ids, &e.to_string());
                 self.inject_denied_query(e, to_server);
             }
         }
@@ -965,10 +969,10 @@ impl<'a> Session<'a> {
     fn query_request(&self, info: &StatementInfo, now: i64) -> Request {
         let origin = &self.conn.origin;
         let mut context = crate::policy::base_context(&origin.comm, origin.uid, now);
-        context.statement_class = info.class.clone();
-        context.command = info.command.clone();
-        context.tables = info.tables.clone();
-        context.functions = info.functions.clone();
+        context.statement_class = info.class.map(str::to_string);
+        context.command = info.command.as_deref().map(str::to_string);
+        context.tables = info.tables.to_vec();
+        context.functions = info.functions.to_vec();
         context.db_user = Some(self.db_user.to_string());
         context.db_name = Some(self.db_name.to_string());
         Request {
@@ -1691,7 +1695,7 @@ impl<'a> Session<'a> {
         self.record_statement(
             &r.info,
             &r.parameters,
-            r.verdict.masker.as_ref().map(|(p, _)| p.to_string()),
+            r.verdict.masker.as_ref().map(|(p, _)| Arc::clone(p)),
             "allow",
             &r.verdict.policy_ids,
             rows,
@@ -1739,7 +1743,7 @@ impl<'a> Session<'a> {
                     for other in rest {
                         self.record_statement(
                             &other.info,
-                            &[],
+                            &Arc::from([]),
                             None,
                             "not_run",
                             &other.verdict.policy_ids,
@@ -1803,7 +1807,7 @@ impl<'a> Session<'a> {
                 let mut ev =
                     self.statement_event(EventKind::StatementExecuted, &r.info, &r.parameters);
                 ev.decision = Some("allow".into());
-                ev.policy_ids = r.verdict.policy_ids.to_vec();
+                ev.policy_ids = Arc::clone(&r.verdict.policy_ids);
                 ev.reason = Some(format!("unfinished: {why}"));
                 self.proxy.audit().record(ev);
             }
@@ -1814,7 +1818,7 @@ impl<'a> Session<'a> {
         &self,
         kind: EventKind,
         info: &StatementInfo,
-        parameters: &[Option<String>],
+        parameters: &Arc<[Option<String>]>,
     ) -> AuditEvent {
         let c = self.conn;
         let mut ev = AuditEvent::new(kind);
@@ -1828,12 +1832,12 @@ impl<'a> Session<'a> {
         ev.db_user = Some(Arc::clone(&self.db_user));
         ev.db_name = Some(Arc::clone(&self.db_name));
         ev.statement = Some(Box::new(StatementFields {
-            statement: info.text.clone(),
-            parameters: parameters.to_vec(),
-            statement_class: info.class.clone(),
+            statement: Arc::clone(&info.text),
+            parameters: Arc::clone(parameters),
+            statement_class: info.class,
             command: info.command.clone(),
-            tables: info.tables.clone(),
-            functions: info.functions.clone(),
+            tables: Arc::clone(&info.tables),
+            functions: Arc::clone(&info.functions),
             ..StatementFields::default()
         }));
         ev
@@ -1846,18 +1850,18 @@ impl<'a> Session<'a> {
     fn record_statement(
         &self,
         info: &StatementInfo,
-        parameters: &[Option<String>],
-        masking_profile: Option<String>,
-        decision: &str,
-        policy_ids: &[String],
+        parameters: &Arc<[Option<String>]>,
+        masking_profile: Option<Arc<str>>,
+        decision: &'static str,
+        policy_ids: &Arc<[String]>,
         rows: Option<u64>,
         tag: Option<String>,
         sqlstate: Option<String>,
         duration_us: Option<u64>,
     ) {
         let mut ev = self.statement_event(EventKind::StatementExecuted, info, parameters);
-        ev.decision = Some(decision.to_string());
-        ev.policy_ids = policy_ids.to_vec();
+        ev.decision = Some(decision.into());
+        ev.policy_ids = Arc::clone(policy_ids);
         if decision == "not_run" {
             ev.reason = Some("not run: an earlier statement or message failed".into());
         }
@@ -1874,14 +1878,13 @@ impl<'a> Session<'a> {
     fn record_denied(
         &self,
         info: &StatementInfo,
-        parameters: &[Option<String>],
-        decision: &str,
+        decision: &'static str,
         policy_ids: &[String],
         reason: &str,
     ) {
-        let mut ev = self.statement_event(EventKind::StatementDenied, info, parameters);
-        ev.decision = Some(decision.to_string());
-        ev.policy_ids = policy_ids.to_vec();
+        let mut ev = self.statement_event(EventKind::StatementDenied, info, &Arc::from([]));
+        ev.decision = Some(decision.into());
+        ev.policy_ids = policy_ids.into();
         ev.reason = Some(reason.to_string());
         if let Some(s) = ev.statement.as_mut() {
             s.sqlstate = Some(
@@ -1938,11 +1941,11 @@ fn replication_command(sql: &str) -> Option<&'static str> {
 
 fn unparsed(sql: &str) -> StatementInfo {
     StatementInfo {
-        text: sql.to_string(),
+        text: sql.into(),
         class: None,
         command: None,
-        tables: Vec::new(),
-        functions: Vec::new(),
+        tables: Arc::from([]),
+        functions: Arc::from([]),
         copy: None,
         sources: None,
         named: None,
