@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::audit::{now_ms, AuditEvent, AuditLog, EventKind};
+use crate::audit::{now_ms, AuditEvent, AuditLog, Encoded, EventKind};
 use crate::config::{canonical_ip, Config, ProtectedTarget, Protocol};
 use crate::ebpf::Enforcement;
 use crate::identity::{Identity, IdentityService};
@@ -77,8 +77,8 @@ pub struct Connection {
     pub protocol: Protocol,
     /// Shared with every event of the connection (one statement event per statement).
     pub target: Arc<str>,
-    pub origin: Arc<Origin>,
-    pub identity: Arc<Identity>,
+    pub origin: Arc<Encoded<Origin>>,
+    pub identity: Arc<Encoded<Identity>>,
     pub client: SocketAddr,
     pub upstream: SocketAddr,
     pub bytes: ByteCounters,
@@ -619,8 +619,8 @@ impl Proxy {
             started_ms: now_ms(),
             protocol: target.protocol,
             target: target.name.as_str().into(),
-            origin: Arc::new(origin),
-            identity: Arc::new(identity),
+            origin: origin.into(),
+            identity: identity.into(),
             client: peer,
             upstream: upstream_addr,
             bytes: ByteCounters::default(),
@@ -690,7 +690,7 @@ impl Proxy {
         ev.policy_ids = r.policy_ids.into();
         ev.connection_id = Some(r.id);
         ev.client = Some(r.peer.to_string().into());
-        ev.identity = r.identity.cloned().map(Arc::new);
+        ev.identity = r.identity.cloned().map(Into::into);
         ev.origin = Some(r.origin.clone().into());
         ev.target = r.target.map(|t| t.name.as_str().into());
         ev.protocol = r.target.map(|t| t.protocol.to_string().into());
@@ -732,8 +732,8 @@ impl Proxy {
             started_ms: now_ms(),
             protocol: o.incoming.target.protocol,
             target: o.incoming.target.name.as_str().into(),
-            origin: Arc::new(o.incoming.origin.clone()),
-            identity: Arc::new(o.identity.clone()),
+            origin: o.incoming.origin.clone().into(),
+            identity: o.identity.clone().into(),
             client: o.incoming.peer,
             upstream: o.upstream,
             bytes: ByteCounters::default(),

@@ -84,9 +84,9 @@ pub struct AuditEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<Arc<Identity>>,
+    pub identity: Option<Arc<Encoded<Identity>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub origin: Option<Arc<Origin>>,
+    pub origin: Option<Arc<Encoded<Origin>>>,
     /// The client's own address (its side of the redirected connection).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<Arc<str>>,
@@ -153,6 +153,57 @@ pub struct StatementFields {
     /// The masking profile applied to the results, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub masking_profile: Option<Arc<str>>,
+}
+
+/// A value serialized once, for every event that carries it: a connection's identity and
+/// origin are the same in each of its (possibly many thousand) statement events, and writing
+/// them out field by field, strings escaped and addresses formatted, cost the audit writer
+/// more than anything else it does per event. Reads go through to the value.
+///
+/// The JSON is serde_json's own compact output for the value, so it is valid and contains no
+/// newline; the values kept this way (an identity, an origin) nest two levels deep at most,
+/// far below what a record line allows.
+#[derive(Debug)]
+pub struct Encoded<T> {
+    value: T,
+    json: Box<serde_json::value::RawValue>,
+}
+
+impl<T: Serialize> Encoded<T> {
+    pub fn new(value: T) -> Self {
+        let json = serde_json::value::to_raw_value(&value).unwrap_or_else(|e| {
+            // Not reachable for the types kept this way (strings, numbers, addresses); if
+            // it were, the event would say so instead of claiming an empty value.
+            tracing::error!(error = %e, "cannot serialize a value for the audit trail");
+            serde_json::value::to_raw_value("unserializable").unwrap_or_default()
+        });
+        Self { value, json }
+    }
+}
+
+impl<T> std::ops::Deref for Encoded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> Serialize for Encoded<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(serializer)
+    }
+}
+
+impl From<Identity> for Arc<Encoded<Identity>> {
+    fn from(value: Identity) -> Self {
+        Arc::new(Encoded::new(value))
+    }
+}
+
+impl From<Origin> for Arc<Encoded<Origin>> {
+    fn from(value: Origin) -> Self {
+        Arc::new(Encoded::new(value))
+    }
 }
 
 fn is_empty<T>(list: &Arc<[T]>) -> bool {
@@ -228,21 +279,17 @@ const BATCH: usize = 256;
 /// Events waiting for the writer; a full queue makes callers wait (backpressure).
 const QUEUE: usize = 65_536;
 
+/// Work for the writer. Events arrive serialized: the thread that records an event encodes
+/// it, so encoding runs on every event loop at once and the one writer keeps only what must
+/// be serial (the hash chain and the file); an event handed over as a structure would also
+/// be freed on the writer's thread, far from where it was allocated, and every reference
+/// count it shares with its connection would bounce between the two.
 enum Job {
     Event {
-        line: Line,
+        line: portcullis_audit_store::EncodedEvent,
         done: Option<tokio::sync::oneshot::Sender<Result<u64, String>>>,
     },
     Flush(std::sync::mpsc::Sender<()>),
-}
-
-/// An event on its way to the writer. Events nobody waits for are serialized by the writer
-/// thread, off the connection's path (a statement event costs more to serialize than the
-/// proxy spends on the statement); a caller waiting for durability serializes its own, so it
-/// learns of an event that cannot be stored.
-enum Line {
-    Event(Box<AuditEvent>),
-    Encoded(portcullis_audit_store::EncodedEvent),
 }
 
 /// The audit trail: events go to the hash-chained store (`portcullis-audit-store`) through
@@ -351,9 +398,13 @@ impl AuditLog {
         }
     }
 
-    /// Queues an event; it is on disk with the next batch (milliseconds).
+    /// Queues an event; it is on disk with the next batch (milliseconds). An event that
+    /// cannot be serialized is logged and left out.
     pub fn record(&self, event: AuditEvent) {
-        let line = Line::Event(Box::new(event));
+        let Some(line) = Self::line(&event) else {
+            return;
+        };
+        drop(event);
         if !self.queue.push(Job::Event { line, done: None }, false) {
             tracing::error!(dir = %self.dir.display(), "the audit writer has stopped; an event was not recorded");
         }
@@ -366,7 +417,7 @@ impl AuditLog {
             Self::line(event).ok_or_else(|| AuditError::Write("unserializable event".into()))?;
         let (done, wait) = tokio::sync::oneshot::channel();
         let job = Job::Event {
-            line: Line::Encoded(line),
+            line,
             done: Some(done),
         };
         let pushed = if self.queue.is_full() {
@@ -494,28 +545,9 @@ fn write_loop(
             pruning.run_if_due(store, dir);
             continue;
         }
-        // Serialize what the recorders left to the writer; an event that cannot be is logged
-        // and left out (its recorder waits for nothing).
-        let mut jobs = jobs;
-        jobs.retain_mut(|job| {
-            let Job::Event { line, .. } = job else {
-                return true;
-            };
-            if let Line::Event(event) = line {
-                match AuditLog::line(event) {
-                    Some(encoded) => *line = Line::Encoded(encoded),
-                    None => return false,
-                }
-            }
-            true
-        });
         let mut lines: Vec<&portcullis_audit_store::EncodedEvent> = Vec::with_capacity(jobs.len());
         for job in &jobs {
-            if let Job::Event {
-                line: Line::Encoded(line),
-                ..
-            } = job
-            {
+            if let Job::Event { line, .. } = job {
                 lines.push(line);
             }
         }
@@ -593,4 +625,67 @@ fn read_signing_key(path: &Path) -> Result<portcullis_audit_store::SigningKey, A
         .try_into()
         .map_err(|_| err("expected 32 bytes (64 hex characters)".into()))?;
     Ok(portcullis_audit_store::SigningKey::from_bytes(&seed))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityKind;
+
+    fn identity() -> Identity {
+        Identity {
+            kind: IdentityKind::User,
+            uid: 1000,
+            gid: 1000,
+            user: Some("alice".into()),
+            subject: Some("sub-\"1\"\n".into()),
+            email: Some("alice@example.com".into()),
+            name: Some("Alice \u{e9}\u{1f600}\\".into()),
+            groups: vec!["dba".into(), "tab\there".into()],
+            issuer: Some("http://127.0.0.1:1/".into()),
+        }
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            pid: 42,
+            tid: 43,
+            uid: 1000,
+            gid: 1000,
+            comm: "psql\u{1}".into(),
+            cgroup_id: u64::MAX,
+            netns_cookie: 7,
+            socket_cookie: 8,
+            destination: "[::1]:5432".parse().unwrap(),
+            target_id: 3,
+        }
+    }
+
+    /// An event carrying pre-encoded parts is the same JSON as one serialized field by field,
+    /// and still a valid record for the store.
+    #[test]
+    fn encoded_parts_serialize_as_the_value_itself() {
+        let mut ev = AuditEvent::new(EventKind::StatementExecuted);
+        ev.identity = Some(identity().into());
+        ev.origin = Some(origin().into());
+        ev.policy_ids = Arc::from(["p1".to_string()]);
+        ev.statement = Some(Box::new(StatementFields {
+            statement: "SELECT $1".into(),
+            parameters: Arc::from([Some("x".to_string()), None]),
+            statement_class: Some("read"),
+            ..StatementFields::default()
+        }));
+        let got: serde_json::Value = serde_json::to_value(&ev).unwrap();
+        assert_eq!(got["identity"], serde_json::to_value(identity()).unwrap());
+        assert_eq!(got["origin"], serde_json::to_value(origin()).unwrap());
+        assert_eq!(got["policy_ids"], serde_json::json!(["p1"]));
+        assert_eq!(got["parameters"], serde_json::json!(["x", null]));
+        assert_eq!(got["statement_class"], "read");
+        assert!(got.get("tables").is_none(), "empty lists are left out");
+        let line = portcullis_audit_store::EncodedEvent::encode(&ev).unwrap();
+        let reparsed: serde_json::Value = serde_json::from_slice(line.as_bytes()).unwrap();
+        assert_eq!(reparsed, got);
+        assert!(!line.as_bytes().contains(&b'\n'));
+    }
 }

@@ -263,16 +263,24 @@ impl StatementInfo {
         h.finish()
     }
 
+    /// The key of a cached verdict is made of this statement's own parts when a prepared
+    /// statement runs again: those compare by address.
     fn has_shape(&self, key: &ShapeKey) -> bool {
+        fn same<T: ?Sized + PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+            Arc::ptr_eq(a, b) || a == b
+        }
         self.class == key.0
-            && self.command == key.1
-            && self.tables == key.2
-            && self.functions == key.3
+            && match (&self.command, &key.1) {
+                (Some(a), Some(b)) => same(a, b),
+                (a, b) => a == b,
+            }
+            && same(&self.tables, &key.2)
+            && same(&self.functions, &key.3)
     }
 
     fn shape(&self) -> ShapeKey {
         (
-            self.class.clone(),
+            self.class,
             self.command.clone(),
             self.tables.clone(),
             self.functions.clone(),
