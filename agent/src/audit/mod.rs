@@ -628,7 +628,7 @@ fn read_signing_key(path: &Path) -> Result<portcullis_audit_store::SigningKey, A
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "tests")]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
 mod tests {
     use super::*;
     use crate::identity::IdentityKind;
