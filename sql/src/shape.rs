@@ -28,11 +28,33 @@ const CONSTANTS: [Token; 6] = [
     Token::Xconst,
 ];
 
+/// The scanner's tokens, comments included; `None` when it rejects the string.
+///
+/// `scan_tokens` hands the tokens over as they are; `scan` encodes them as protobuf for the
+/// crate to decode and redirects stderr around the call (about ten system calls, and a lock:
+/// see `crate::redirecting`), which cost more than the rest of a cached statement's
+/// classification. But the crate's `scan_tokens` builds a slice from a null pointer when the
+/// scanner returns no tokens, which is undefined behaviour. The scanner returns no tokens
+/// only for input that is all whitespace to it (comments are tokens here), and input whose
+/// first character outside the scanner's whitespace cannot start a comment has a token there
+/// or a scanner error, never nothing: only such input takes `scan_tokens`. Anything else (a
+/// leading comment, blank input) takes `scan`.
+fn tokens(sql: &str) -> Option<Vec<pg_query::protobuf::ScanToken>> {
+    let first = sql
+        .bytes()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c));
+    match first {
+        Some(b) if b != b'-' && b != b'/' => pg_query::scan_tokens(sql).ok(),
+        _ => {
+            let _stderr = crate::stderr_lock();
+            pg_query::scan(sql).ok().map(|r| r.tokens)
+        }
+    }
+}
+
 /// `None` when the scanner rejects the string (the full parse then says why).
 pub(crate) fn shape(sql: &str) -> Option<Shape<'_>> {
-    // `scan`, not `scan_tokens`: the latter builds a slice from a null pointer when there are
-    // no tokens (undefined behaviour; a debug build aborts on it).
-    let tokens = pg_query::scan(sql).ok()?.tokens;
+    let tokens = tokens(sql)?;
     let mut key = String::with_capacity(sql.len());
     let mut texts = Vec::new();
     let mut copied = 0;
@@ -70,6 +92,42 @@ pub(crate) fn shape(sql: &str) -> Option<Shape<'_>> {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    /// The fast path reads the same tokens as the protobuf one, and input that could have
+    /// none never takes it.
+    #[test]
+    fn both_scanner_entry_points_agree_and_blank_input_takes_the_safe_one() {
+        for sql in [
+            "SELECT 1",
+            "  \n\tselect 'a''b', $1, 1.5e3, B'01', X'ff', U&'d\\0061' FROM t; -- end",
+            "(SELECT 1) UNION ALL (SELECT 2)",
+            "WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x",
+            "SELECT $$a ; b$$; SELECT /* c */ 2",
+            "\u{b}\u{c}SELECT 1",
+            "é",
+            "'unterminated",
+        ] {
+            let safe = pg_query::scan(sql).ok().map(|r| r.tokens);
+            assert_eq!(tokens(sql), safe, "{sql:?}");
+        }
+        for sql in [
+            "",
+            " \n\t\r\u{b}\u{c}",
+            "-- only a comment",
+            "/* only */",
+            "-1",
+            "/",
+        ] {
+            let safe = pg_query::scan(sql).ok().map(|r| r.tokens);
+            assert_eq!(tokens(sql), safe, "{sql:?}");
+        }
+        assert_eq!(tokens(" \n").map(|t| t.len()), Some(0));
+        assert_eq!(
+            tokens("-- c").map(|t| t.len()),
+            Some(1),
+            "comments are tokens"
+        );
+    }
 
     #[test]
     fn constants_become_one_nul_each_and_everything_else_stays() {
