@@ -820,9 +820,9 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                     println!("-- statement {}: {}", i + 1, statement.text);
                 }
                 request.context.statement_class = Some(statement.class.as_str().to_string());
-                request.context.command = Some(statement.command.clone());
-                request.context.tables = statement.tables.clone();
-                request.context.functions = statement.functions.clone();
+                request.context.command = Some(statement.command.to_string());
+                request.context.tables = statement.tables.to_vec();
+                request.context.functions = statement.functions.to_vec();
                 print!("{}", set.explain(&request));
             }
             Ok(ExitCode::SUCCESS)

@@ -13,7 +13,7 @@
 //!     .classify("WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone")
 //!     .unwrap();
 //! assert_eq!(statements[0].class, StatementClass::Write);
-//! assert_eq!(statements[0].tables, ["orders"]);
+//! assert_eq!(*statements[0].tables, ["orders"]);
 //! ```
 //!
 //! # Classes
@@ -80,19 +80,19 @@ pub const DEFAULT_MAX_CACHED_BYTES: usize = 32 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
     /// This statement's own source text, trimmed (without the `;` that ends it).
-    pub text: String,
+    pub text: Arc<str>,
     pub class: StatementClass,
     /// Upper case, like PostgreSQL's command tags: `SELECT`, `INSERT`, `DROP DATABASE`,
     /// `TRUNCATE`, `CREATE TABLE`, `CALL`, `DO`, `EXPLAIN`, `COPY`, `BEGIN`, `SET`.
-    pub command: String,
+    pub command: Arc<str>,
     /// Every relation named anywhere in the statement (CTEs, subqueries, the statement under
     /// EXPLAIN, COPY's table, the objects of DROP/COMMENT): `schema.table` when written so,
     /// folded like PostgreSQL folds unquoted names, sorted, without duplicates. CTE names are
     /// left out where they refer to the CTE.
-    pub tables: Vec<String>,
+    pub tables: Arc<[String]>,
     /// Every function called, including CALL's procedure: `schema.name` when written so,
     /// sorted, without duplicates.
-    pub functions: Vec<String>,
+    pub functions: Arc<[String]>,
     /// pg_query's fingerprint of this statement (constants ignored; schema names, full table
     /// names and aliases kept): the same query with other values has the same fingerprint.
     /// For grouping in audit logs, never for decisions.
@@ -119,7 +119,7 @@ impl Statement {
             + self
                 .tables
                 .iter()
-                .chain(&self.functions)
+                .chain(self.functions.iter())
                 .map(|name| name.len() + 24)
                 .sum::<usize>()
             + OVERHEAD
@@ -284,12 +284,12 @@ impl Classifier {
                     .texts
                     .iter()
                     .zip(statements.iter())
-                    .all(|(text, statement)| *text == statement.text);
+                    .all(|(text, statement)| **text == *statement.text);
             if same_split {
                 let remembered: Arc<[Statement]> = statements
                     .iter()
                     .map(|statement| Statement {
-                        text: String::new(),
+                        text: Arc::from(""),
                         ..statement.clone()
                     })
                     .collect();
@@ -385,11 +385,11 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
         })?
         .value;
         statements.push(Statement {
-            text: text.to_owned(),
+            text: text.into(),
             class: facts.class,
-            command: facts.command,
-            tables: facts.tables,
-            functions: facts.functions,
+            command: facts.command.into(),
+            tables: facts.tables.into(),
+            functions: facts.functions.into(),
             fingerprint,
             copy_out,
             result_sources,
@@ -406,7 +406,7 @@ fn with_texts(texts: &[&str], shape: &[Statement]) -> Option<Vec<Statement>> {
             .iter()
             .zip(shape)
             .map(|(text, statement)| Statement {
-                text: (*text).to_owned(),
+                text: (*text).into(),
                 ..statement.clone()
             })
             .collect()

@@ -78,11 +78,11 @@ struct StatementInfo {
 impl StatementInfo {
     fn from_parsed(s: &portcullis_sql::Statement) -> Self {
         Self {
-            text: s.text.as_str().into(),
+            text: Arc::clone(&s.text),
             class: Some(s.class.as_str()),
-            command: Some(s.command.as_str().into()),
-            tables: s.tables.as_slice().into(),
-            functions: s.functions.as_slice().into(),
+            command: Some(Arc::clone(&s.command)),
+            tables: Arc::clone(&s.tables),
+            functions: Arc::clone(&s.functions),
             copy: s.copy_out.clone().map(Arc::new),
             sources: s.result_sources.clone(),
             named: s.named_query.clone(),
