@@ -344,18 +344,16 @@ fn check_input(sql: &str, max_sql_len: usize) -> Result<(), ClassifyError> {
 /// The statements, and whether all of them may be remembered by their shape.
 fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError> {
     let parsed =
-        redirecting(|| pg_query::parse(sql, ParserOptions::DEFAULT)).map_err(
-            |error| match error {
-                // The one place pg_query's message pins down.
-                ClassifyError::Syntax { message, .. } if message.ends_with("at end of input") => {
-                    ClassifyError::Syntax {
-                        message,
-                        position: Some(sql.len()),
-                    }
+        guard(|| pg_query::parse(sql, ParserOptions::DEFAULT)).map_err(|error| match error {
+            // The one place pg_query's message pins down.
+            ClassifyError::Syntax { message, .. } if message.ends_with("at end of input") => {
+                ClassifyError::Syntax {
+                    message,
+                    position: Some(sql.len()),
                 }
-                other => other,
-            },
-        )?;
+            }
+            other => other,
+        })?;
     let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
     let mut shape_cacheable = true;
     for raw in &parsed.protobuf.stmts {
@@ -376,7 +374,7 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
                 tree.name(),
                 Some("SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt")
             );
-        let fingerprint = redirecting(|| {
+        let fingerprint = guard(|| {
             pg_query::fingerprint(
                 text,
                 ParserOptions::DEFAULT,
@@ -438,28 +436,6 @@ fn statement_text(sql: &str, location: i32, len: i32) -> Result<&str, ClassifyEr
 
 /// Runs a pg_query call, turning its errors, and a panic in its Rust wrapper (which indexes
 /// into the trees it builds), into a [`ClassifyError`].
-/// libpg_query's parse and scan entry points (not `scan_tokens`) point the process's stderr,
-/// file descriptor 2, at a pipe while they run, to catch the parser's own messages, and point
-/// it back afterwards. Two such calls at once, on two threads, can leave descriptor 2 pointing
-/// at a pipe nobody reads, for good; a line another thread writes to stderr meanwhile goes into
-/// the pipe and is lost. Every such call holds this lock, and so must every writer of stderr
-/// that must not lose lines (the agent's log: [`stderr_lock`]).
-static STDERR: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Held while writing to stderr: no libpg_query call has redirected it meanwhile. Never hold it
-/// while classifying (the classifier takes it).
-pub fn stderr_lock() -> std::sync::MutexGuard<'static, ()> {
-    STDERR
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// [`guard`] for a libpg_query call that redirects stderr.
-fn redirecting<T>(call: impl FnOnce() -> pg_query::Result<T>) -> Result<T, ClassifyError> {
-    let _stderr = stderr_lock();
-    guard(call)
-}
-
 fn guard<T>(call: impl FnOnce() -> pg_query::Result<T>) -> Result<T, ClassifyError> {
     match catch_unwind(AssertUnwindSafe(call)) {
         Ok(Ok(value)) => Ok(value),

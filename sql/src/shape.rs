@@ -30,9 +30,8 @@ const CONSTANTS: [Token; 6] = [
 
 /// The scanner's tokens, comments included; `None` when it rejects the string.
 ///
-/// `scan_tokens` hands the tokens over as they are; `scan` encodes them as protobuf for the
-/// crate to decode and redirects stderr around the call (about ten system calls, and a lock:
-/// see `crate::redirecting`), which cost more than the rest of a cached statement's
+/// `scan_tokens` hands the tokens over as they are; `scan` has libpg_query encode them as
+/// protobuf for the crate to decode, which cost more than the rest of a cached statement's
 /// classification. But the crate's `scan_tokens` builds a slice from a null pointer when the
 /// scanner returns no tokens, which is undefined behaviour. The scanner returns no tokens
 /// only for input that is all whitespace to it (comments are tokens here), and input whose
@@ -45,10 +44,7 @@ fn tokens(sql: &str) -> Option<Vec<pg_query::protobuf::ScanToken>> {
         .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c));
     match first {
         Some(b) if b != b'-' && b != b'/' => pg_query::scan_tokens(sql).ok(),
-        _ => {
-            let _stderr = crate::stderr_lock();
-            pg_query::scan(sql).ok().map(|r| r.tokens)
-        }
+        _ => pg_query::scan(sql).ok().map(|r| r.tokens),
     }
 }
 
