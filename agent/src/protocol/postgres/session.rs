@@ -73,6 +73,9 @@ struct StatementInfo {
     sources: Option<Arc<portcullis_sql::ResultSources>>,
     /// DECLARE CURSOR, PREPARE, FETCH, EXECUTE: the name of the query kept or run.
     named: Option<portcullis_sql::NamedQuery>,
+    /// The hash of the shape (class, command, tables, functions), once computed: a prepared
+    /// statement is decided again at every Bind.
+    shape_hash: std::sync::OnceLock<u64>,
 }
 
 impl StatementInfo {
@@ -86,6 +89,7 @@ impl StatementInfo {
             copy: s.copy_out.clone().map(Arc::new),
             sources: s.result_sources.clone(),
             named: s.named_query.clone(),
+            shape_hash: std::sync::OnceLock::new(),
         }
     }
 }
@@ -257,10 +261,12 @@ struct DecisionCache {
 
 impl StatementInfo {
     fn shape_hash(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&self.class, &self.command, &self.tables, &self.functions).hash(&mut h);
-        h.finish()
+        *self.shape_hash.get_or_init(|| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&self.class, &self.command, &self.tables, &self.functions).hash(&mut h);
+            h.finish()
+        })
     }
 
     /// The key of a cached verdict is made of this statement's own parts when a prepared
@@ -590,6 +596,7 @@ impl<'a> Session<'a> {
                     copy: None,
                     sources: None,
                     named: None,
+                    shape_hash: std::sync::OnceLock::new(),
                 };
                 let set = self.proxy.policies().current();
                 match self.decide(&set, &info) {
@@ -881,6 +888,7 @@ impl<'a> Session<'a> {
             copy: None,
             sources: None,
             named: None,
+            shape_hash: std::sync::OnceLock::new(),
         };
         let set = self.proxy.policies().current();
         match self.decide(&set, &info) {
@@ -1957,6 +1965,7 @@ fn unparsed(sql: &str) -> StatementInfo {
         copy: None,
         sources: None,
         named: None,
+        shape_hash: std::sync::OnceLock::new(),
     }
 }
 
