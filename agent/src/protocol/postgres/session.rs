@@ -31,7 +31,7 @@ use portcullis_policy::{Action, ColumnPlan, Effect, Masker, Obligation, PolicySe
 use tokio::io::AsyncWriteExt;
 
 use super::error::{sqlstate, PgError};
-use super::stream::{fill, Stream};
+use super::stream::{fill, write_out, Stream};
 use super::upstream::Upstream;
 use super::Shared;
 use crate::audit::{AuditEvent, EventKind, StatementFields};
@@ -373,14 +373,14 @@ impl<'a> Session<'a> {
         }
         loop {
             if !to_server.is_empty() {
-                if let Err(e) = server.write_all(&to_server).await {
+                if let Err(e) = write_out(&mut server, &to_server).await {
                     return format!("server write failed: {e}");
                 }
                 self.count_up(to_server.len());
                 to_server.clear();
             }
             if !to_client.is_empty() {
-                if let Err(e) = client.write_all(&to_client).await {
+                if let Err(e) = write_out(&mut client, &to_client).await {
                     return format!("client write failed: {e}");
                 }
                 self.count_down(to_client.len());
@@ -393,7 +393,7 @@ impl<'a> Session<'a> {
                         &ErrorFields::new("FATAL", "57P01", "Portcullis: the session was closed by the agent (logout, session end or shutdown)"),
                         &mut out,
                     );
-                    let _ = client.write_all(&out).await;
+                    let _ = write_out(&mut client, &out).await;
                     Flow::End("closed by the agent".into())
                 }
                 () = &mut idle_timer => {
@@ -432,7 +432,7 @@ impl<'a> Session<'a> {
             };
             if let Flow::End(why) = flow {
                 if !to_server.is_empty() {
-                    let _ = server.write_all(&to_server).await;
+                    let _ = write_out(&mut server, &to_server).await;
                 }
                 let _ = server.shutdown().await;
                 return self.finish(&mut client, &to_client, why).await;
@@ -442,7 +442,7 @@ impl<'a> Session<'a> {
 
     async fn finish(&mut self, client: &mut Stream, pending: &[u8], why: String) -> String {
         if !pending.is_empty() {
-            let _ = client.write_all(pending).await;
+            let _ = write_out(client, pending).await;
         }
         let _ = client.shutdown().await;
         self.abandon_running(&why);

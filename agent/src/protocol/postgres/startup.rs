@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use super::cancel::CancelTarget;
 use super::error::PgError;
 use super::session::Session;
-use super::stream::{fill, Stream};
+use super::stream::{fill, write_out, Stream};
 use super::upstream::{credential, establish};
 use super::Shared;
 use crate::identity::Identity;
@@ -321,7 +321,7 @@ async fn admit<'s>(
         &mut out,
     );
     portcullis_pgwire::encode_ready_for_query(TransactionStatus::Idle, &mut out);
-    if let Err(e) = client.write_all(&out).await {
+    if let Err(e) = write_out(client, &out).await {
         // The session loop sees the dead client at once and records how it ended.
         open.set_end(format!("client gone during start-up: {e}"));
     }
@@ -479,6 +479,6 @@ async fn send_error(client: &mut Stream, e: &PgError) {
     let mut out = BytesMut::new();
     encode_error_response(&e.to_fields(), &mut out);
     // Best effort: the client may already be gone.
-    let _ = client.write_all(&out).await;
+    let _ = write_out(client, &out).await;
     let _ = client.shutdown().await;
 }

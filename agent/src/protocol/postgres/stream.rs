@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use portcullis_pgwire::{decode_frame, DecodeError, RawMessage};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Read this much at a time; also the granularity of backpressure.
@@ -119,8 +119,85 @@ pub async fn read_message<S: AsyncRead + Unpin>(
     }
 }
 
+/// Writes all of `bytes`, then flushes. Over TLS, `write_all` can return with records still
+/// in the TLS layer's buffer (the socket was full when the last record was sealed), and
+/// nothing sends them until the next write or a flush; after a burst (the end of a COPY) the
+/// next write may never come, because the peer waits for an answer to what it did not get.
+/// So every write to a [`Stream`] goes through here.
+pub async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
 /// One read of up to [`READ_CHUNK`] bytes into `buf`; 0 at end of stream.
 pub async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
     buf.reserve(READ_CHUNK);
     stream.read_buf(buf).await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    use super::*;
+
+    fn tls_pair() -> (tokio_rustls::TlsConnector, tokio_rustls::TlsAcceptor) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        (
+            tokio_rustls::TlsConnector::from(Arc::new(client)),
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        )
+    }
+
+    /// The end of a burst over TLS reaches the peer although nothing is written after it:
+    /// through a 4 KiB pipe, most of a 48 KiB write is still sealed records in the TLS layer
+    /// when the write is accepted.
+    #[tokio::test]
+    async fn a_write_over_tls_reaches_the_peer_without_a_later_write() {
+        let (near, far) = tokio::io::duplex(4096);
+        let (connector, acceptor) = tls_pair();
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(connector.connect(name, near), acceptor.accept(far));
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let data: Vec<u8> = (0..48 * 1024).map(|i| (i % 251) as u8).collect();
+        let writer = async {
+            write_out(&mut client, &data).await.unwrap();
+            // Written out: from here on nothing polls the client stream.
+            std::future::pending::<()>().await;
+        };
+        let reader = async {
+            let mut got = vec![0u8; data.len()];
+            let read = tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got));
+            assert!(
+                matches!(read.await, Ok(Ok(_))),
+                "the peer did not get the whole write"
+            );
+            got
+        };
+        let got = tokio::select! {
+            got = reader => got,
+            () = writer => unreachable!(),
+        };
+        assert!(got == data);
+    }
 }

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::stream::{read_message, ReadError, Stream};
+use super::stream::{read_message, write_out, ReadError, Stream};
 use crate::config::{PostgresTargetConfig, UpstreamTls};
 use crate::identity::Secret;
 
@@ -192,7 +192,7 @@ pub async fn establish(
     };
     let mut out = BytesMut::new();
     encode_startup(startup, &mut out);
-    stream.write_all(&out).await?;
+    write_out(&mut stream, &out).await?;
     let mut buf = BytesMut::new();
     let role = startup.user().unwrap_or_default();
     let auth = authenticate(&mut stream, &mut buf, role, password, max_len).await?;
@@ -344,7 +344,7 @@ async fn authenticate(
                 )))
             }
         }
-        stream.write_all(&out).await?;
+        write_out(stream, &out).await?;
     }
 }
 
