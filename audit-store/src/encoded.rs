@@ -47,6 +47,128 @@ impl EncodedEvent {
     }
 }
 
+/// A key of an event object: ASCII letters, digits and `_`, written as it is (nothing to
+/// escape). `Key::new` is `const`: declared as a constant, a key that is not plain does not
+/// compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key(&'static str);
+
+impl Key {
+    pub const fn new(key: &'static str) -> Self {
+        let mut rest = key.as_bytes();
+        assert!(!rest.is_empty(), "an event key is not empty");
+        while let [c, tail @ ..] = rest {
+            assert!(
+                c.is_ascii_alphanumeric() || *c == b'_',
+                "an event key is ASCII letters, digits and _"
+            );
+            rest = tail;
+        }
+        Self(key)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+/// Writes one event object field by field, for events whose constant parts are kept
+/// encoded ([`Fields`]): what serde_json's compact output of a struct with these fields in
+/// this order would be, valid by construction, its nesting counted as it is written. A value
+/// that cannot be serialized makes [`ObjectWriter::finish`] an error.
+pub struct ObjectWriter {
+    out: Vec<u8>,
+    depth: DepthCounting,
+    first: bool,
+    failed: Option<String>,
+}
+
+impl ObjectWriter {
+    pub fn with_capacity(capacity: usize) -> Self {
+        let mut out = Vec::with_capacity(capacity);
+        out.push(b'{');
+        Self {
+            out,
+            depth: DepthCounting { depth: 1, max: 1 },
+            first: true,
+            failed: None,
+        }
+    }
+
+    fn separate(&mut self) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+    }
+
+    /// `"key":value`, the value as serde_json writes it.
+    pub fn field<T: Serialize + ?Sized>(&mut self, key: Key, value: &T) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.separate();
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.0.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        let written = value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut self.out,
+            Counting(&mut self.depth),
+        ));
+        if let Err(e) = written {
+            self.failed = Some(format!("cannot serialize `{}`: {e}", key.0));
+        }
+    }
+
+    /// Fields encoded earlier, copied as they are.
+    pub fn fields(&mut self, fields: &Fields) {
+        if fields.json.is_empty() {
+            return;
+        }
+        self.separate();
+        self.out.extend_from_slice(&fields.json);
+        self.depth.max = self.depth.max.max(fields.depth);
+    }
+
+    /// The event; an error names a value that could not be serialized, or nesting deeper
+    /// than the record line allows.
+    pub fn finish(mut self) -> Result<EncodedEvent, String> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        if self.depth.max > MAX_EVENT_DEPTH {
+            return Err(format!("event nests deeper than {MAX_EVENT_DEPTH} levels"));
+        }
+        self.out.push(b'}');
+        Ok(EncodedEvent(self.out))
+    }
+}
+
+/// Fields serialized once and copied into many events by [`ObjectWriter::fields`]: what a
+/// connection's events all say about the connection, for instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fields {
+    /// `"a":1,"b":"x"`: the fields without the object's braces; empty for none.
+    json: Box<[u8]>,
+    /// How deep they nest, counting the object they are written into as 1.
+    depth: usize,
+}
+
+impl Fields {
+    /// The fields `write` writes; an error as [`ObjectWriter::finish`] gives one.
+    pub fn encode(write: impl FnOnce(&mut ObjectWriter)) -> Result<Self, String> {
+        let mut writer = ObjectWriter::with_capacity(256);
+        write(&mut writer);
+        let depth = writer.depth.max;
+        let object = writer.finish()?.0;
+        let json = object
+            .get(1..object.len() - 1)
+            .map(Box::from)
+            .unwrap_or_default();
+        Ok(Self { json, depth })
+    }
+}
+
 /// What [`crate::Store`]'s append methods take: raw JSON bytes, checked in full before
 /// anything is written, or an [`EncodedEvent`], whose encoder already did.
 pub trait EventBytes: sealed::Sealed {
@@ -157,6 +279,89 @@ mod tests {
         let deep = serde_json::json!({ "x": ok });
         let err = EncodedEvent::encode(&deep).err().unwrap_or_default();
         assert!(err.contains("nests deeper"), "{err}");
+    }
+
+    #[derive(Serialize)]
+    struct Sample<'a> {
+        a: u64,
+        text: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        absent: Option<u8>,
+        list: &'a [Option<&'a str>],
+        nested: serde_json::Value,
+        last: bool,
+    }
+
+    /// Field by field, with some fields encoded earlier, the output is serde_json's for the
+    /// same struct: byte for byte, escapes included.
+    #[test]
+    fn an_object_written_field_by_field_is_serde_jsons_own() {
+        const A: Key = Key::new("a");
+        const TEXT: Key = Key::new("text");
+        const LIST: Key = Key::new("list");
+        const NESTED: Key = Key::new("nested");
+        const LAST: Key = Key::new("last");
+        let text = "quote \" backslash \\ newline \n tab \t nul \u{0} é \u{2028}";
+        let list = [Some("x\"y"), None, Some("")];
+        let nested = serde_json::json!({"k": [1, {"deep": "v"}], "s": "\u{1}"});
+        let sample = Sample {
+            a: u64::MAX,
+            text,
+            absent: None,
+            list: &list,
+            nested: nested.clone(),
+            last: true,
+        };
+        let expected = serde_json::to_vec(&sample).unwrap_or_default();
+        let kept = Fields::encode(|w| {
+            w.field(TEXT, text);
+            w.field(LIST, &list);
+        })
+        .unwrap_or_default();
+        let mut w = ObjectWriter::with_capacity(16);
+        w.field(A, &u64::MAX);
+        w.fields(&kept);
+        w.fields(&Fields::default());
+        w.field(NESTED, &nested);
+        w.field(LAST, &true);
+        let written = w.finish().unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(
+            String::from_utf8_lossy(written.as_bytes()),
+            String::from_utf8_lossy(&expected)
+        );
+        let empty = ObjectWriter::with_capacity(0)
+            .finish()
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(empty.as_bytes(), b"{}");
+    }
+
+    #[test]
+    fn written_objects_count_nesting_and_keep_errors() {
+        const X: Key = Key::new("x");
+        let mut ok = serde_json::json!(1);
+        for _ in 0..MAX_EVENT_DEPTH - 1 {
+            ok = serde_json::json!([ok]);
+        }
+        let mut w = ObjectWriter::with_capacity(0);
+        w.field(X, &ok);
+        assert!(w.finish().is_ok());
+        let deep = serde_json::json!([ok]);
+        let mut w = ObjectWriter::with_capacity(0);
+        w.field(X, &deep);
+        let err = w.finish().err().unwrap_or_default();
+        assert!(err.contains("nests deeper"), "{err}");
+        // Nesting kept in encoded fields counts where they are copied.
+        let kept = Fields::encode(|w| w.field(X, &deep))
+            .err()
+            .unwrap_or_default();
+        assert!(kept.contains("nests deeper"), "{kept}");
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(vec![1u8], 2);
+        let mut w = ObjectWriter::with_capacity(0);
+        w.field(X, &m);
+        w.field(X, &1);
+        let err = w.finish().err().unwrap_or_default();
+        assert!(err.contains("cannot serialize `x`"), "{err}");
     }
 
     #[test]

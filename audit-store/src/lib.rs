@@ -21,7 +21,7 @@ mod verify;
 
 pub use dir::{parse_segment_file_name, segment_file_name};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
-pub use encoded::{EncodedEvent, EventBytes};
+pub use encoded::{EncodedEvent, EventBytes, Fields, Key, ObjectWriter};
 pub use error::StoreError;
 pub use format::{ChainHash, Seal};
 pub use reader::{Reader, Record};

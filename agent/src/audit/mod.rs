@@ -155,6 +155,181 @@ pub struct StatementFields {
     pub masking_profile: Option<Arc<str>>,
 }
 
+/// The parts of a statement event that one session's statement events all share, encoded
+/// once: the host; the connection (id, protocol, target, identity, origin, client and
+/// upstream addresses); the database role and name. A statement event is then written field
+/// by field around them ([`StatementEventParts::encode`]), the same bytes serde writes for
+/// the [`AuditEvent`] with these fields: at tens of thousands of statements a second,
+/// building that event and serializing it key by key cost more than hashing and writing it.
+pub struct StatementEventParts {
+    host: portcullis_audit_store::Fields,
+    connection: portcullis_audit_store::Fields,
+    database: portcullis_audit_store::Fields,
+}
+
+/// What one statement event says about its statement. `statement` and `classification` are
+/// encoded once per statement the session knows ([`StatementEventParts::statement_fields`]),
+/// so a prepared statement executed again escapes its text again never.
+pub struct StatementRecord<'a> {
+    pub kind: EventKind,
+    pub time_ms: u64,
+    pub reason: Option<&'a str>,
+    pub decision: &'a str,
+    pub policy_ids: &'a [String],
+    pub statement: &'a StatementEncoded,
+    pub parameters: &'a [Option<String>],
+    pub rows: Option<u64>,
+    pub command_tag: Option<&'a str>,
+    pub sqlstate: Option<&'a str>,
+    pub duration_us: Option<u64>,
+    pub masking_profile: Option<&'a str>,
+}
+
+/// A statement's text and its classification (class, command, tables, functions), encoded.
+#[derive(Debug, Default, Clone)]
+pub struct StatementEncoded {
+    text: portcullis_audit_store::Fields,
+    classification: portcullis_audit_store::Fields,
+}
+
+/// The keys of the fields statement events write themselves, in [`AuditEvent`]'s order.
+mod key {
+    use portcullis_audit_store::Key;
+    pub const SCHEMA: Key = Key::new("schema");
+    pub const TIME_MS: Key = Key::new("time_ms");
+    pub const HOST: Key = Key::new("host");
+    pub const EVENT: Key = Key::new("event");
+    pub const CONNECTION_ID: Key = Key::new("connection_id");
+    pub const PROTOCOL: Key = Key::new("protocol");
+    pub const TARGET: Key = Key::new("target");
+    pub const IDENTITY: Key = Key::new("identity");
+    pub const ORIGIN: Key = Key::new("origin");
+    pub const CLIENT: Key = Key::new("client");
+    pub const UPSTREAM: Key = Key::new("upstream");
+    pub const REASON: Key = Key::new("reason");
+    pub const DECISION: Key = Key::new("decision");
+    pub const POLICY_IDS: Key = Key::new("policy_ids");
+    pub const DB_USER: Key = Key::new("db_user");
+    pub const DB_NAME: Key = Key::new("db_name");
+    pub const STATEMENT: Key = Key::new("statement");
+    pub const PARAMETERS: Key = Key::new("parameters");
+    pub const STATEMENT_CLASS: Key = Key::new("statement_class");
+    pub const COMMAND: Key = Key::new("command");
+    pub const TABLES: Key = Key::new("tables");
+    pub const FUNCTIONS: Key = Key::new("functions");
+    pub const ROWS: Key = Key::new("rows");
+    pub const COMMAND_TAG: Key = Key::new("command_tag");
+    pub const SQLSTATE: Key = Key::new("sqlstate");
+    pub const DURATION_US: Key = Key::new("duration_us");
+    pub const MASKING_PROFILE: Key = Key::new("masking_profile");
+}
+
+impl StatementEventParts {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the fields a session's statement events share"
+    )]
+    pub fn new(
+        connection_id: u64,
+        protocol: &str,
+        target: &str,
+        identity: &Encoded<Identity>,
+        origin: &Encoded<Origin>,
+        client: &str,
+        upstream: &str,
+        db_user: &str,
+        db_name: &str,
+    ) -> Result<Self, String> {
+        use portcullis_audit_store::Fields;
+        Ok(Self {
+            host: Fields::encode(|w| w.field(key::HOST, &*hostname()))?,
+            connection: Fields::encode(|w| {
+                w.field(key::CONNECTION_ID, &connection_id);
+                w.field(key::PROTOCOL, protocol);
+                w.field(key::TARGET, target);
+                w.field(key::IDENTITY, identity);
+                w.field(key::ORIGIN, origin);
+                w.field(key::CLIENT, client);
+                w.field(key::UPSTREAM, upstream);
+            })?,
+            database: Fields::encode(|w| {
+                w.field(key::DB_USER, db_user);
+                w.field(key::DB_NAME, db_name);
+            })?,
+        })
+    }
+
+    /// A statement's text and classification, encoded for its events; `class` and `command`
+    /// absent and the lists empty for a statement that did not parse.
+    pub fn statement_fields(
+        text: &str,
+        class: Option<&str>,
+        command: Option<&str>,
+        tables: &[String],
+        functions: &[String],
+    ) -> Result<StatementEncoded, String> {
+        use portcullis_audit_store::Fields;
+        Ok(StatementEncoded {
+            text: Fields::encode(|w| w.field(key::STATEMENT, text))?,
+            classification: Fields::encode(|w| {
+                if let Some(class) = class {
+                    w.field(key::STATEMENT_CLASS, class);
+                }
+                if let Some(command) = command {
+                    w.field(key::COMMAND, command);
+                }
+                if !tables.is_empty() {
+                    w.field(key::TABLES, tables);
+                }
+                if !functions.is_empty() {
+                    w.field(key::FUNCTIONS, functions);
+                }
+            })?,
+        })
+    }
+
+    pub fn encode(
+        &self,
+        r: &StatementRecord<'_>,
+    ) -> Result<portcullis_audit_store::EncodedEvent, String> {
+        let mut w = portcullis_audit_store::ObjectWriter::with_capacity(1024);
+        w.field(key::SCHEMA, &SCHEMA_VERSION);
+        w.field(key::TIME_MS, &r.time_ms);
+        w.fields(&self.host);
+        w.field(key::EVENT, &r.kind);
+        w.fields(&self.connection);
+        if let Some(reason) = r.reason {
+            w.field(key::REASON, reason);
+        }
+        w.field(key::DECISION, r.decision);
+        if !r.policy_ids.is_empty() {
+            w.field(key::POLICY_IDS, r.policy_ids);
+        }
+        w.fields(&self.database);
+        w.fields(&r.statement.text);
+        if !r.parameters.is_empty() {
+            w.field(key::PARAMETERS, r.parameters);
+        }
+        w.fields(&r.statement.classification);
+        if let Some(rows) = r.rows {
+            w.field(key::ROWS, &rows);
+        }
+        if let Some(tag) = r.command_tag {
+            w.field(key::COMMAND_TAG, tag);
+        }
+        if let Some(sqlstate) = r.sqlstate {
+            w.field(key::SQLSTATE, sqlstate);
+        }
+        if let Some(us) = r.duration_us {
+            w.field(key::DURATION_US, &us);
+        }
+        if let Some(profile) = r.masking_profile {
+            w.field(key::MASKING_PROFILE, profile);
+        }
+        w.finish()
+    }
+}
+
 /// A value serialized once, for every event that carries it: a connection's identity and
 /// origin are the same in each of its (possibly many thousand) statement events, and writing
 /// them out field by field, strings escaped and addresses formatted, cost the audit writer
@@ -405,6 +580,13 @@ impl AuditLog {
             return;
         };
         drop(event);
+        self.record_encoded(line);
+    }
+
+    /// Queues an event encoded by its protocol ([`StatementEventParts`]), like [`record`].
+    ///
+    /// [`record`]: AuditLog::record
+    pub fn record_encoded(&self, line: portcullis_audit_store::EncodedEvent) {
         if !self.queue.push(Job::Event { line, done: None }, false) {
             tracing::error!(dir = %self.dir.display(), "the audit writer has stopped; an event was not recorded");
         }
@@ -687,5 +869,118 @@ mod tests {
         let reparsed: serde_json::Value = serde_json::from_slice(line.as_bytes()).unwrap();
         assert_eq!(reparsed, got);
         assert!(!line.as_bytes().contains(&b'\n'));
+    }
+
+    /// A statement event written around its pre-encoded parts is, byte for byte, the
+    /// `AuditEvent` with the same fields as serde writes it: every optional field present and
+    /// absent, strings that need escaping everywhere.
+    #[test]
+    fn statement_events_written_from_parts_are_the_event_serde_writes() {
+        let identity: Arc<Encoded<Identity>> = identity().into();
+        let origin: Arc<Encoded<Origin>> = origin().into();
+        let parts = StatementEventParts::new(
+            u64::MAX - 1,
+            "postgres",
+            "db \"1\"",
+            &identity,
+            &origin,
+            "127.0.0.1:40000",
+            "[::1]:5432",
+            "app\u{1}",
+            "n\u{e9}\\",
+        )
+        .unwrap();
+        let tables: Arc<[String]> = Arc::from(["s.\"t\"".to_string(), "u".to_string()]);
+        let functions: Arc<[String]> = Arc::from(["f\n".to_string()]);
+        let parameters: Arc<[Option<String>]> =
+            Arc::from([Some("x\"\u{2028}".to_string()), None, Some(String::new())]);
+        let policy_ids: Arc<[String]> = Arc::from(["p\t1".to_string(), "p2".to_string()]);
+        for variant in 0..4 {
+            let full = variant % 2 == 0;
+            let parsed = variant < 2;
+            let text = "SELECT '\u{0}\\' -- \u{1f600}\r\n";
+            let mut ev = AuditEvent::new(if full {
+                EventKind::StatementExecuted
+            } else {
+                EventKind::StatementDenied
+            });
+            ev.time_ms = 1_795_431_950_112 + variant;
+            ev.connection_id = Some(u64::MAX - 1);
+            ev.protocol = Some("postgres".into());
+            ev.target = Some("db \"1\"".into());
+            ev.identity = Some(Arc::clone(&identity));
+            ev.origin = Some(Arc::clone(&origin));
+            ev.client = Some("127.0.0.1:40000".into());
+            ev.upstream = Some("[::1]:5432".into());
+            ev.reason = (!full).then(|| "not run: \"why\"".to_string());
+            ev.decision = Some(if full { "allow" } else { "not_run" }.into());
+            ev.policy_ids = if full {
+                Arc::clone(&policy_ids)
+            } else {
+                Arc::from([])
+            };
+            ev.db_user = Some("app\u{1}".into());
+            ev.db_name = Some("n\u{e9}\\".into());
+            ev.statement = Some(Box::new(StatementFields {
+                statement: text.into(),
+                parameters: if full {
+                    Arc::clone(&parameters)
+                } else {
+                    Arc::from([])
+                },
+                statement_class: parsed.then_some("read"),
+                command: parsed.then(|| "SELECT".into()),
+                tables: if parsed {
+                    Arc::clone(&tables)
+                } else {
+                    Arc::from([])
+                },
+                functions: if parsed {
+                    Arc::clone(&functions)
+                } else {
+                    Arc::from([])
+                },
+                rows: full.then_some(u64::MAX),
+                command_tag: full.then(|| "SELECT 1".to_string()),
+                sqlstate: (!full).then(|| "42501".to_string()),
+                duration_us: full.then_some(0),
+                masking_profile: full.then(|| "pii \"x\"".into()),
+            }));
+            let expected = portcullis_audit_store::EncodedEvent::encode(&ev).unwrap();
+            let statement = if parsed {
+                StatementEventParts::statement_fields(
+                    text,
+                    Some("read"),
+                    Some("SELECT"),
+                    &tables,
+                    &functions,
+                )
+            } else {
+                StatementEventParts::statement_fields(text, None, None, &[], &[])
+            }
+            .unwrap();
+            let st = ev.statement.as_deref().unwrap();
+            let written = parts
+                .encode(&StatementRecord {
+                    kind: ev.event,
+                    time_ms: ev.time_ms,
+                    reason: ev.reason.as_deref(),
+                    decision: ev.decision.as_deref().unwrap(),
+                    policy_ids: &ev.policy_ids,
+                    statement: &statement,
+                    parameters: &st.parameters,
+                    rows: st.rows,
+                    command_tag: st.command_tag.as_deref(),
+                    sqlstate: st.sqlstate.as_deref(),
+                    duration_us: st.duration_us,
+                    masking_profile: st.masking_profile.as_deref(),
+                })
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(written.as_bytes()),
+                String::from_utf8_lossy(expected.as_bytes()),
+                "variant {variant}"
+            );
+        }
     }
 }

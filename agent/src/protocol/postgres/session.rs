@@ -34,7 +34,9 @@ use super::error::{sqlstate, PgError};
 use super::stream::{fill, write_out, Stream};
 use super::upstream::Upstream;
 use super::Shared;
-use crate::audit::{AuditEvent, EventKind, StatementFields};
+use crate::audit::{
+    AuditEvent, EventKind, StatementEncoded, StatementEventParts, StatementFields, StatementRecord,
+};
 use crate::config::ProtectedTarget;
 use crate::identity::Identity;
 use crate::proxy::{Connection, Proxy};
@@ -76,6 +78,8 @@ struct StatementInfo {
     /// The hash of the shape (class, command, tables, functions), once computed: a prepared
     /// statement is decided again at every Bind.
     shape_hash: std::sync::OnceLock<u64>,
+    /// Its text and classification as its audit events write them, once encoded.
+    encoded: std::sync::OnceLock<Result<StatementEncoded, String>>,
 }
 
 impl StatementInfo {
@@ -90,6 +94,7 @@ impl StatementInfo {
             sources: s.result_sources.clone(),
             named: s.named_query.clone(),
             shape_hash: std::sync::OnceLock::new(),
+            encoded: std::sync::OnceLock::new(),
         }
     }
 }
@@ -238,6 +243,8 @@ pub struct Session<'a> {
     /// Formatted once: every statement event carries them.
     client_addr: Arc<str>,
     upstream_addr: Arc<str>,
+    /// What every statement event of the session says about it, encoded once.
+    event_parts: Result<StatementEventParts, String>,
 }
 
 /// Statement shape: class, command, tables, functions.
@@ -336,6 +343,17 @@ impl<'a> Session<'a> {
             named_sources: HashMap::new(),
             client_addr: conn.client.to_string().into(),
             upstream_addr: conn.upstream.to_string().into(),
+            event_parts: StatementEventParts::new(
+                conn.id,
+                &conn.protocol.name(),
+                &conn.target,
+                &conn.identity,
+                &conn.origin,
+                &conn.client.to_string(),
+                &conn.upstream.to_string(),
+                db_user,
+                db_name,
+            ),
         }
     }
 
@@ -597,6 +615,7 @@ impl<'a> Session<'a> {
                     sources: None,
                     named: None,
                     shape_hash: std::sync::OnceLock::new(),
+                    encoded: std::sync::OnceLock::new(),
                 };
                 let set = self.proxy.policies().current();
                 match self.decide(&set, &info) {
@@ -889,6 +908,7 @@ impl<'a> Session<'a> {
             sources: None,
             named: None,
             shape_hash: std::sync::OnceLock::new(),
+            encoded: std::sync::OnceLock::new(),
         };
         let set = self.proxy.policies().current();
         match self.decide(&set, &info) {
@@ -1875,12 +1895,46 @@ impl<'a> Session<'a> {
         sqlstate: Option<String>,
         duration_us: Option<u64>,
     ) {
+        let reason =
+            (decision == "not_run").then_some("not run: an earlier statement or message failed");
+        let statement = || {
+            info.encoded.get_or_init(|| {
+                StatementEventParts::statement_fields(
+                    &info.text,
+                    info.class,
+                    info.command.as_deref(),
+                    &info.tables,
+                    &info.functions,
+                )
+            })
+        };
+        let encoded = match (&self.event_parts, statement()) {
+            (Ok(parts), Ok(statement)) => parts.encode(&StatementRecord {
+                kind: EventKind::StatementExecuted,
+                time_ms: crate::audit::now_ms(),
+                reason,
+                decision,
+                policy_ids,
+                statement,
+                parameters,
+                rows,
+                command_tag: tag.as_deref(),
+                sqlstate: sqlstate.as_deref(),
+                duration_us,
+                masking_profile: masking_profile.as_deref(),
+            }),
+            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        };
+        match encoded {
+            Ok(line) => return self.proxy.audit().record_encoded(line),
+            // Not reachable for strings and numbers; if it were, the event goes the general
+            // way, which logs why it cannot be written.
+            Err(e) => tracing::error!(error = %e, "cannot write a statement event from its parts"),
+        }
         let mut ev = self.statement_event(EventKind::StatementExecuted, info, parameters);
         ev.decision = Some(decision.into());
         ev.policy_ids = Arc::clone(policy_ids);
-        if decision == "not_run" {
-            ev.reason = Some("not run: an earlier statement or message failed".into());
-        }
+        ev.reason = reason.map(Into::into);
         if let Some(s) = ev.statement.as_mut() {
             s.rows = rows;
             s.command_tag = tag;
@@ -1966,6 +2020,7 @@ fn unparsed(sql: &str) -> StatementInfo {
         sources: None,
         named: None,
         shape_hash: std::sync::OnceLock::new(),
+        encoded: std::sync::OnceLock::new(),
     }
 }
 
