@@ -954,6 +954,44 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         assert!(out.status.success(), "{sql}: {}", stderr(&out));
         assert_eq!(stdout(&out), want, "{sql}");
     }
+    // A SQL cursor is a portal too, and the protocol's Execute runs it as FETCH would: the
+    // agent did not bind it, so it refuses it rather than pass rows it cannot mask.
+    let script = format!(
+        "import socket, struct\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         body = struct.pack('!I', 196608) + b'user\\0app\\0database\\0app\\0\\0'\n\
+         s.sendall(struct.pack('!I', len(body) + 4) + body)\n\
+         def until_ready():\n\
+         \x20   data = b''\n\
+         \x20   while not (len(data) >= 6 and data[-6:-1] == b'Z\\0\\0\\0\\x05'):\n\
+         \x20       chunk = s.recv(65536)\n\
+         \x20       if not chunk: break\n\
+         \x20       data += chunk\n\
+         \x20   return data\n\
+         def msg(tag, payload): return tag + struct.pack('!I', len(payload) + 4) + payload\n\
+         until_ready()\n\
+         s.sendall(msg(b'Q', b'BEGIN; DECLARE c CURSOR FOR SELECT card, note FROM customers\\0'))\n\
+         print('declared', until_ready())\n\
+         s.sendall(msg(b'D', b'Pc\\0') + msg(b'E', b'c\\0' + struct.pack('!I', 0)) + msg(b'S', b''))\n\
+         print('executed', until_ready())\n",
+        port = f.pg.port()
+    );
+    let out = client_at(PathBuf::from("/usr/bin/python3"), f.run_as(ANALYST))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("executed b'"), "{text}{}", stderr(&out));
+    assert!(!text.contains("4111") && !text.contains("0004"), "{text}");
+    assert!(
+        text.contains("which this session did not create with Bind"),
+        "{text}"
+    );
+    let ours = |e: &Value| e["statement"] == "-- Execute of portal \"c\"";
+    let denied = f.wait_event("statement.denied", ours);
+    let event = denied.iter().find(|e| ours(e)).unwrap();
+    assert_eq!(event["sqlstate"], "42501", "{event:#?}");
+    assert_eq!(event["decision"], "deny", "{event:#?}");
     // Views: a view's column comes from what its definition computes it from, whether an
     // administrator made the view or the analyst a temporary one.
     let out = f.psql(

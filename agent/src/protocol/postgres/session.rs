@@ -52,15 +52,6 @@ struct Verdict {
     masker: Option<(Arc<str>, Arc<Masker>)>,
 }
 
-impl Verdict {
-    fn none() -> Self {
-        Self {
-            policy_ids: Arc::from(Vec::new()),
-            masker: None,
-        }
-    }
-}
-
 /// One statement as the audit trail sees it.
 #[derive(Clone)]
 struct StatementInfo {
@@ -112,6 +103,63 @@ struct Portal {
     /// The verdict at Bind, which may differ from Parse's (a reload, the time).
     verdict: Verdict,
     parameters: Arc<[Option<String>]>,
+}
+
+/// The portals the client bound, for as long as the server keeps them: a named portal until
+/// it is closed or its transaction ends, the unnamed one until the next Bind to it or the end
+/// of its transaction. The agent learns that a transaction ended from the status in
+/// ReadyForQuery, which answers a Sync or a simple query; the client may already have sent
+/// Binds for the next transaction behind it, so each portal keeps how many messages answered
+/// by ReadyForQuery went before its Bind. Without this, named portals the server had dropped
+/// at commit stayed in the agent for the whole session, one more per transaction.
+struct Portals<P> {
+    live: HashMap<String, (u64, P)>,
+    /// Messages forwarded that the server answers with ReadyForQuery.
+    ready_sent: u64,
+    /// ReadyForQuery replies received.
+    ready_received: u64,
+}
+
+impl<P> Portals<P> {
+    fn new() -> Self {
+        Self {
+            live: HashMap::new(),
+            ready_sent: 0,
+            ready_received: 0,
+        }
+    }
+
+    fn bind(&mut self, name: String, portal: P) {
+        self.live.insert(name, (self.ready_sent, portal));
+    }
+
+    fn get(&self, name: &str) -> Option<&P> {
+        self.live.get(name).map(|(_, p)| p)
+    }
+
+    fn close(&mut self, name: &str) {
+        self.live.remove(name);
+    }
+
+    /// A Sync, simple query or function call was forwarded.
+    fn ready_sent(&mut self) {
+        self.ready_sent += 1;
+    }
+
+    /// The server answered the oldest of them with ReadyForQuery; `idle`: no transaction is
+    /// open, so every portal bound before that message is gone.
+    fn ready_received(&mut self, idle: bool) {
+        self.ready_received += 1;
+        if idle && !self.live.is_empty() {
+            let answered = self.ready_received;
+            self.live.retain(|_, (before, _)| *before >= answered);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.live.len()
+    }
 }
 
 /// A statement the server is executing, until its completion.
@@ -224,7 +272,7 @@ pub struct Session<'a> {
     max_len: usize,
     expect: VecDeque<Expect>,
     prepared: HashMap<String, Arc<Prepared>>,
-    portals: HashMap<String, Portal>,
+    portals: Portals<Portal>,
     /// After a denial in the extended protocol, client messages up to Sync are dropped, as
     /// the server drops them after an error.
     skip_to_sync: bool,
@@ -333,7 +381,7 @@ impl<'a> Session<'a> {
             max_len,
             expect: VecDeque::new(),
             prepared: HashMap::new(),
-            portals: HashMap::new(),
+            portals: Portals::new(),
             skip_to_sync: false,
             copy_out: None,
             session_masker: None,
@@ -564,7 +612,7 @@ impl<'a> Session<'a> {
                         self.prepared.remove(&name);
                     }
                     portcullis_pgwire::DescribeTarget::Portal => {
-                        self.portals.remove(&name);
+                        self.portals.close(&name);
                     }
                 }
                 self.expect.push_back(Expect::CloseComplete);
@@ -572,9 +620,7 @@ impl<'a> Session<'a> {
             }
             FrontendMessage::Sync => {
                 self.skip_to_sync = false;
-                // Unnamed portals do not outlive a transaction; named ones are closed by
-                // the client or by the transaction's end, which the server tracks.
-                self.expect.push_back(Expect::Sync);
+                self.expect_ready(Expect::Sync);
                 to_server.extend_from_slice(&msg.frame);
             }
             FrontendMessage::Flush => to_server.extend_from_slice(&msg.frame),
@@ -629,7 +675,7 @@ impl<'a> Session<'a> {
                             copy_columns: None,
                             started: Instant::now(),
                         });
-                        self.expect.push_back(Expect::Query(Box::new(SimpleQuery {
+                        self.expect_ready(Expect::Query(Box::new(SimpleQuery {
                             statements,
                             failed: false,
                         })));
@@ -699,7 +745,7 @@ impl<'a> Session<'a> {
                     })));
             }
         }
-        self.expect.push_back(Expect::Query(Box::new(SimpleQuery {
+        self.expect_ready(Expect::Query(Box::new(SimpleQuery {
             statements: running,
             failed: false,
         })));
@@ -714,7 +760,13 @@ impl<'a> Session<'a> {
             to_server,
         );
         self.expect.push_back(Expect::Denied(Box::new(e)));
-        self.expect.push_back(Expect::Sync);
+        self.expect_ready(Expect::Sync);
+    }
+
+    /// Expects the reply to a message the server ends with ReadyForQuery.
+    fn expect_ready(&mut self, e: Expect) {
+        self.portals.ready_sent();
+        self.expect.push_back(e);
     }
 
     fn on_parse(&mut self, msg: &RawMessage, name: String, sql: String, to_server: &mut BytesMut) {
@@ -847,7 +899,7 @@ impl<'a> Session<'a> {
                 })
             })
             .collect();
-        self.portals.insert(
+        self.portals.bind(
             portal,
             Portal {
                 prepared,
@@ -860,24 +912,35 @@ impl<'a> Session<'a> {
     }
 
     fn on_execute(&mut self, msg: &RawMessage, portal: &str, to_server: &mut BytesMut) {
-        let running = match self.portals.get(portal) {
-            Some(p) => Running {
-                info: Arc::clone(&p.prepared.whole),
-                parameters: Arc::clone(&p.parameters),
-                verdict: p.verdict.clone(),
-                plan: None,
-                copy_columns: None,
-                started: Instant::now(),
-            },
-            // A portal the agent did not see bound does not exist on the server either.
-            None => Running {
-                info: Arc::new(unparsed("")),
-                parameters: Arc::from(Vec::new()),
-                verdict: Verdict::none(),
-                plan: None,
-                copy_columns: None,
-                started: Instant::now(),
-            },
+        let Some(p) = self.portals.get(portal) else {
+            // A portal this session did not bind: a SQL cursor (DECLARE makes a portal of
+            // that name, and Execute runs it as FETCH would), or none at all. Its rows would
+            // pass without the masking its query was decided with, and the audit trail would
+            // not know its statement: refused whatever the policy, as the server refuses a
+            // portal that does not exist. FETCH reads a cursor, checked and masked.
+            let e = PgError::Unsafe(format!(
+                "Execute of portal {portal:?}, which this session did not create with Bind, is refused (read a cursor with FETCH)"
+            ));
+            let info = unparsed(&format!("-- Execute of portal {portal:?}"));
+            self.record_denied(&info, "deny", &[], &e.to_string());
+            encode_frontend(
+                &FrontendMessage::Execute {
+                    portal: DENIED_MARKER.to_string(),
+                    max_rows: 0,
+                },
+                to_server,
+            );
+            self.expect.push_back(Expect::Denied(Box::new(e)));
+            self.skip_to_sync = true;
+            return;
+        };
+        let running = Running {
+            info: Arc::clone(&p.prepared.whole),
+            parameters: Arc::clone(&p.parameters),
+            verdict: p.verdict.clone(),
+            plan: None,
+            copy_columns: None,
+            started: Instant::now(),
         };
         if running.verdict.masker.is_some() {
             // The agent must know the result columns before the first row: its own
@@ -924,7 +987,7 @@ impl<'a> Session<'a> {
                     None,
                     None,
                 );
-                self.expect.push_back(Expect::FunctionCall);
+                self.expect_ready(Expect::FunctionCall);
                 to_server.extend_from_slice(&msg.frame);
             }
             Err((e, decision, ids)) => {
@@ -1147,7 +1210,9 @@ impl<'a> Session<'a> {
             BackendMessage::ReadyForQuery { status } => {
                 self.txn = status;
                 match self.expect.pop_front() {
-                    Some(Expect::Sync | Expect::Query(_) | Expect::FunctionCall) => {}
+                    Some(Expect::Sync | Expect::Query(_) | Expect::FunctionCall) => self
+                        .portals
+                        .ready_received(status == TransactionStatus::Idle),
                     other => self.unexpected("ReadyForQuery", other),
                 }
                 to_client.extend_from_slice(&msg.frame);
@@ -2280,5 +2345,54 @@ fn mask_copy_payload(
             }
             Ok(any.then_some(out))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Portals;
+
+    /// A portal lives until its transaction ends, as in the server, also when the client
+    /// pipelines the next transaction's Bind before the last one's ReadyForQuery arrived; a
+    /// session binding a new named portal in each of many transactions keeps only the live one.
+    #[test]
+    fn portals_end_with_their_transaction_even_when_pipelined() {
+        let mut portals = Portals::new();
+        // Implicit transaction: Bind, Execute, Sync, and the next Bind before the answer.
+        portals.bind("p1".to_string(), 1);
+        portals.ready_sent();
+        portals.bind("p2".to_string(), 2);
+        portals.ready_received(true);
+        assert_eq!(portals.get("p1"), None, "ended with its Sync");
+        assert_eq!(
+            portals.get("p2"),
+            Some(&2),
+            "bound after that Sync: still live"
+        );
+        portals.ready_sent();
+        portals.ready_received(true);
+        assert_eq!(portals.len(), 0);
+
+        // Explicit transaction: BEGIN, Bind + Sync inside, then COMMIT.
+        portals.ready_sent(); // BEGIN
+        portals.ready_received(false);
+        portals.bind("c1".to_string(), 3);
+        portals.ready_sent(); // Sync
+        portals.ready_received(false);
+        assert_eq!(portals.get("c1"), Some(&3), "the transaction is still open");
+        portals.ready_sent(); // COMMIT
+        portals.bind(String::new(), 4); // pipelined behind the COMMIT
+        portals.ready_received(true);
+        assert_eq!(portals.get("c1"), None, "ended at COMMIT");
+        assert_eq!(portals.get(""), Some(&4));
+        portals.close("");
+        assert_eq!(portals.len(), 0);
+
+        for i in 0..10_000 {
+            portals.bind(format!("cursor_{i}"), i);
+            portals.ready_sent();
+            portals.ready_received(true);
+        }
+        assert_eq!(portals.len(), 0, "no portal outlives its transaction");
     }
 }
