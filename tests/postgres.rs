@@ -955,7 +955,8 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         assert_eq!(stdout(&out), want, "{sql}");
     }
     // A SQL cursor is a portal too, and the protocol's Execute runs it as FETCH would: the
-    // agent did not bind it, so it refuses it rather than pass rows it cannot mask.
+    // agent did not bind it, so it refuses it rather than pass rows it cannot mask; the same
+    // for Bind of a statement made with SQL PREPARE.
     let script = format!(
         "import socket, struct\n\
          s = socket.create_connection(('127.0.0.1', {port}))\n\
@@ -973,7 +974,11 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
          s.sendall(msg(b'Q', b'BEGIN; DECLARE c CURSOR FOR SELECT card, note FROM customers\\0'))\n\
          print('declared', until_ready())\n\
          s.sendall(msg(b'D', b'Pc\\0') + msg(b'E', b'c\\0' + struct.pack('!I', 0)) + msg(b'S', b''))\n\
-         print('executed', until_ready())\n",
+         print('executed', until_ready())\n\
+         s.sendall(msg(b'Q', b'ROLLBACK; PREPARE p AS SELECT card, note FROM customers\\0'))\n\
+         print('prepared', until_ready())\n\
+         s.sendall(msg(b'B', b'\\0p\\0' + struct.pack('!hhh', 0, 0, 0)) + msg(b'E', b'\\0' + struct.pack('!I', 0)) + msg(b'S', b''))\n\
+         print('bound', until_ready())\n",
         port = f.pg.port()
     );
     let out = client_at(PathBuf::from("/usr/bin/python3"), f.run_as(ANALYST))
@@ -981,10 +986,16 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         .output()
         .unwrap();
     let text = stdout(&out);
-    assert!(text.contains("executed b'"), "{text}{}", stderr(&out));
+    assert!(text.contains("bound b'"), "{text}{}", stderr(&out));
     assert!(!text.contains("4111") && !text.contains("0004"), "{text}");
     assert!(
         text.contains("which this session did not create with Bind"),
+        "{text}"
+    );
+    // A statement made with SQL PREPARE shares the server's names with Parse: Bind of it
+    // is refused the same way (EXECUTE runs it, decided and masked).
+    assert!(
+        text.contains("which this session did not create with Parse"),
         "{text}"
     );
     let ours = |e: &Value| e["statement"] == "-- Execute of portal \"c\"";
@@ -992,6 +1003,9 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
     let event = denied.iter().find(|e| ours(e)).unwrap();
     assert_eq!(event["sqlstate"], "42501", "{event:#?}");
     assert_eq!(event["decision"], "deny", "{event:#?}");
+    let bound = |e: &Value| e["statement"] == "-- Bind of statement \"p\"";
+    let denied = f.wait_event("statement.denied", bound);
+    assert!(denied.iter().any(bound), "{denied:#?}");
     // Views: a view's column comes from what its definition computes it from, whether an
     // administrator made the view or the analyst a temporary one.
     let out = f.psql(

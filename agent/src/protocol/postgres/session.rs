@@ -850,10 +850,28 @@ impl<'a> Session<'a> {
         to_server: &mut BytesMut,
     ) {
         let Some(prepared) = self.prepared.get(statement).cloned() else {
-            // Unknown to the agent, so unknown to the server too: it answers with its own
-            // error, and nothing runs.
-            self.expect.push_back(Expect::BindComplete);
-            to_server.extend_from_slice(&msg.frame);
+            // A statement this session did not Parse: one made with SQL PREPARE (the two
+            // share the server's names), or none at all. Its portal would run without the
+            // decision and masking of its query: refused whatever the policy, as the server
+            // refuses a statement that does not exist. EXECUTE runs a PREPAREd statement,
+            // checked and masked.
+            let e = PgError::Unsafe(format!(
+                "Bind of statement {statement:?}, which this session did not create with Parse, is refused (run a PREPAREd statement with EXECUTE)"
+            ));
+            let info = unparsed(&format!("-- Bind of statement {statement:?}"));
+            self.record_denied(&info, "deny", &[], &e.to_string());
+            encode_frontend(
+                &FrontendMessage::Bind {
+                    portal,
+                    statement: DENIED_MARKER.to_string(),
+                    param_formats: Vec::new(),
+                    params: Vec::new(),
+                    result_formats: Vec::new(),
+                },
+                to_server,
+            );
+            self.expect.push_back(Expect::Denied(Box::new(e)));
+            self.skip_to_sync = true;
             return;
         };
         // Policies may have changed since Parse (a reload, the hour): decide again.
