@@ -978,7 +978,13 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
          s.sendall(msg(b'Q', b'ROLLBACK; PREPARE p AS SELECT card, note FROM customers\\0'))\n\
          print('prepared', until_ready())\n\
          s.sendall(msg(b'B', b'\\0p\\0' + struct.pack('!hhh', 0, 0, 0)) + msg(b'E', b'\\0' + struct.pack('!I', 0)) + msg(b'S', b''))\n\
-         print('bound', until_ready())\n",
+         print('bound', until_ready())\n\
+         s.sendall(msg(b'P', b'q\\0SELECT 1\\0' + struct.pack('!h', 0)) + msg(b'S', b''))\n\
+         print('parsed', until_ready())\n\
+         s.sendall(msg(b'Q', b'DEALLOCATE q; PREPARE q AS SELECT card, note FROM customers\\0'))\n\
+         print('replaced', until_ready())\n\
+         s.sendall(msg(b'B', b'\\0q\\0' + struct.pack('!hhh', 0, 0, 0)) + msg(b'E', b'\\0' + struct.pack('!I', 0)) + msg(b'S', b''))\n\
+         print('rebound', until_ready())\n",
         port = f.pg.port()
     );
     let out = client_at(PathBuf::from("/usr/bin/python3"), f.run_as(ANALYST))
@@ -986,16 +992,22 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         .output()
         .unwrap();
     let text = stdout(&out);
-    assert!(text.contains("bound b'"), "{text}{}", stderr(&out));
+    assert!(text.contains("rebound b'"), "{text}{}", stderr(&out));
     assert!(!text.contains("4111") && !text.contains("0004"), "{text}");
     assert!(
         text.contains("which this session did not create with Bind"),
         "{text}"
     );
     // A statement made with SQL PREPARE shares the server's names with Parse: Bind of it
-    // is refused the same way (EXECUTE runs it, decided and masked).
+    // is refused the same way (EXECUTE runs it, decided and masked), also when it took the
+    // name of a statement made with Parse and removed with DEALLOCATE.
     assert!(
         text.contains("which this session did not create with Parse"),
+        "{text}"
+    );
+    let rebound = text.split("rebound").nth(1).unwrap_or_default();
+    assert!(
+        rebound.contains("Bind of statement \"q\", which this session did not create"),
         "{text}"
     );
     let ours = |e: &Value| e["statement"] == "-- Execute of portal \"c\"";

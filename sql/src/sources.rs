@@ -51,7 +51,14 @@ pub enum NamedQuery {
     /// FETCH from a cursor, EXECUTE of a prepared statement: its rows are that query's.
     FetchesFrom(String),
     Executes(String),
+    /// DEALLOCATE of one prepared statement, or of all (`None`: DEALLOCATE ALL, DISCARD
+    /// ALL). SQL and the protocol's Parse share the server's statement names, so this also
+    /// removes statements the client made with Parse.
+    Deallocates(Option<String>),
 }
+
+/// `DiscardMode::DiscardAll` in libpg_query's protobuf.
+const DISCARD_ALL: i64 = 1;
 
 pub(crate) fn named_query(stmt: &Tree) -> Option<NamedQuery> {
     match stmt.name()? {
@@ -63,6 +70,14 @@ pub(crate) fn named_query(stmt: &Tree) -> Option<NamedQuery> {
             Some(NamedQuery::FetchesFrom(stmt.str("portalname").to_owned()))
         }
         "ExecuteStmt" => Some(NamedQuery::Executes(stmt.str("name").to_owned())),
+        "DeallocateStmt" => Some(NamedQuery::Deallocates(
+            Some(stmt.str("name"))
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned),
+        )),
+        // DISCARD ALL also deallocates every prepared statement; DISCARD PLANS, SEQUENCES
+        // and TEMP do not.
+        "DiscardStmt" if stmt.int("target") == DISCARD_ALL => Some(NamedQuery::Deallocates(None)),
         _ => None,
     }
 }

@@ -178,6 +178,15 @@ fn named_queries_are_recognised() {
         ("FETCH ALL IN \"K\"", Some(FetchesFrom("K".into()))),
         ("MOVE 5 IN k", None),
         ("EXECUTE p(1)", Some(Executes("p".into()))),
+        ("DEALLOCATE p", Some(Deallocates(Some("p".into())))),
+        (
+            "DEALLOCATE PREPARE \"P\"",
+            Some(Deallocates(Some("P".into()))),
+        ),
+        ("DEALLOCATE ALL", Some(Deallocates(None))),
+        ("DISCARD ALL", Some(Deallocates(None))),
+        ("DISCARD PLANS", None),
+        ("DISCARD TEMP", None),
         ("SELECT 1", None),
     ] {
         assert_eq!(classify(sql).unwrap()[0].named_query, want, "{sql}");

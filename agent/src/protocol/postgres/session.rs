@@ -1468,6 +1468,24 @@ impl<'a> Session<'a> {
         let key = match &info.named {
             Some(NamedQuery::DeclaresCursor(name)) => (true, name.clone()),
             Some(NamedQuery::Prepares(name)) => (false, name.clone()),
+            Some(NamedQuery::Deallocates(name)) => {
+                // SQL and Parse share the server's statement names: once this runs, a SQL
+                // PREPARE may take the name of a statement the client made with Parse, and
+                // a Bind of it must not run under the forgotten statement's verdict. The
+                // agent forgets it now (before the server, which is the safe side: a Bind
+                // in between is refused).
+                match name {
+                    Some(name) => {
+                        self.prepared.remove(name);
+                        self.named_sources.remove(&(false, name.clone()));
+                    }
+                    None => {
+                        self.prepared.clear();
+                        self.named_sources.retain(|(cursor, _), _| *cursor);
+                    }
+                }
+                return;
+            }
             _ => return,
         };
         if self.named_sources.len() >= MAX_NAMED_QUERIES && !self.named_sources.contains_key(&key) {
