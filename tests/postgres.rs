@@ -984,7 +984,15 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
          s.sendall(msg(b'Q', b'DEALLOCATE q; PREPARE q AS SELECT card, note FROM customers\\0'))\n\
          print('replaced', until_ready())\n\
          s.sendall(msg(b'B', b'\\0q\\0' + struct.pack('!hhh', 0, 0, 0)) + msg(b'E', b'\\0' + struct.pack('!I', 0)) + msg(b'S', b''))\n\
-         print('rebound', until_ready())\n",
+         print('rebound', until_ready())\n\
+         s.sendall(msg(b'Q', b'BEGIN\\0'))\n\
+         until_ready()\n\
+         s.sendall(msg(b'P', b'r\\0SELECT 1\\0' + struct.pack('!h', 0)) + msg(b'B', b'c2\\0r\\0' + struct.pack('!hhh', 0, 0, 0)) + msg(b'S', b''))\n\
+         print('bound c2', until_ready())\n\
+         s.sendall(msg(b'Q', b'CLOSE c2; DECLARE c2 CURSOR FOR SELECT card, note FROM customers\\0'))\n\
+         print('redeclared', until_ready())\n\
+         s.sendall(msg(b'E', b'c2\\0' + struct.pack('!I', 0)) + msg(b'S', b''))\n\
+         print('reexecuted', until_ready())\n",
         port = f.pg.port()
     );
     let out = client_at(PathBuf::from("/usr/bin/python3"), f.run_as(ANALYST))
@@ -992,7 +1000,7 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         .output()
         .unwrap();
     let text = stdout(&out);
-    assert!(text.contains("rebound b'"), "{text}{}", stderr(&out));
+    assert!(text.contains("reexecuted b'"), "{text}{}", stderr(&out));
     assert!(!text.contains("4111") && !text.contains("0004"), "{text}");
     assert!(
         text.contains("which this session did not create with Bind"),
@@ -1008,6 +1016,12 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
     let rebound = text.split("rebound").nth(1).unwrap_or_default();
     assert!(
         rebound.contains("Bind of statement \"q\", which this session did not create"),
+        "{text}"
+    );
+    // Likewise a cursor that took the name of a portal made with Bind and closed with CLOSE.
+    let reexecuted = text.split("reexecuted").nth(1).unwrap_or_default();
+    assert!(
+        reexecuted.contains("Execute of portal \"c2\", which this session did not create"),
         "{text}"
     );
     let ours = |e: &Value| e["statement"] == "-- Execute of portal \"c\"";

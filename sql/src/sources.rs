@@ -55,6 +55,9 @@ pub enum NamedQuery {
     /// ALL). SQL and the protocol's Parse share the server's statement names, so this also
     /// removes statements the client made with Parse.
     Deallocates(Option<String>),
+    /// CLOSE of one cursor, or of all (`None`: CLOSE ALL). Cursors and the protocol's
+    /// portals share the server's names, so this also closes portals made with Bind.
+    Closes(Option<String>),
 }
 
 /// `DiscardMode::DiscardAll` in libpg_query's protobuf.
@@ -72,6 +75,11 @@ pub(crate) fn named_query(stmt: &Tree) -> Option<NamedQuery> {
         "ExecuteStmt" => Some(NamedQuery::Executes(stmt.str("name").to_owned())),
         "DeallocateStmt" => Some(NamedQuery::Deallocates(
             Some(stmt.str("name"))
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned),
+        )),
+        "ClosePortalStmt" => Some(NamedQuery::Closes(
+            Some(stmt.str("portalname"))
                 .filter(|name| !name.is_empty())
                 .map(str::to_owned),
         )),

@@ -186,6 +186,8 @@ fn named_queries_are_recognised() {
         ("DEALLOCATE ALL", Some(Deallocates(None))),
         ("DISCARD ALL", Some(Deallocates(None))),
         ("DISCARD PLANS", None),
+        ("CLOSE k", Some(Closes(Some("k".into())))),
+        ("CLOSE ALL", Some(Closes(None))),
         ("DISCARD TEMP", None),
         ("SELECT 1", None),
     ] {

@@ -141,6 +141,10 @@ impl<P> Portals<P> {
         self.live.remove(name);
     }
 
+    fn close_all(&mut self) {
+        self.live.clear();
+    }
+
     /// A Sync, simple query or function call was forwarded.
     fn ready_sent(&mut self) {
         self.ready_sent += 1;
@@ -1482,6 +1486,21 @@ impl<'a> Session<'a> {
                     None => {
                         self.prepared.clear();
                         self.named_sources.retain(|(cursor, _), _| *cursor);
+                    }
+                }
+                return;
+            }
+            Some(NamedQuery::Closes(name)) => {
+                // Cursors and portals share the server's names: once this runs, DECLARE may
+                // take the name of a portal the client made with Bind.
+                match name {
+                    Some(name) => {
+                        self.portals.close(name);
+                        self.named_sources.remove(&(true, name.clone()));
+                    }
+                    None => {
+                        self.portals.close_all();
+                        self.named_sources.retain(|(cursor, _), _| !*cursor);
                     }
                 }
                 return;
