@@ -611,12 +611,16 @@ impl<'a> Session<'a> {
             }
             FrontendMessage::Execute { portal, .. } => self.on_execute(&msg, &portal, to_server),
             FrontendMessage::Close { target, name } => {
+                // SQL and the protocol share the server's names: what a SQL PREPARE or
+                // DECLARE of this name computed its columns from no longer applies either.
                 match target {
                     portcullis_pgwire::DescribeTarget::Statement => {
                         self.prepared.remove(&name);
+                        self.named_sources.remove(&(false, name));
                     }
                     portcullis_pgwire::DescribeTarget::Portal => {
                         self.portals.close(&name);
+                        self.named_sources.remove(&(true, name));
                     }
                 }
                 self.expect.push_back(Expect::CloseComplete);
@@ -812,6 +816,7 @@ impl<'a> Session<'a> {
             text: sql.into(),
             ..statements.first().cloned().unwrap_or_else(|| unparsed(""))
         });
+        self.named_sources.remove(&(false, name.clone()));
         self.prepared.insert(
             name,
             Arc::new(Prepared {
@@ -921,6 +926,9 @@ impl<'a> Session<'a> {
                 })
             })
             .collect();
+        if !self.named_sources.is_empty() {
+            self.named_sources.remove(&(true, portal.clone()));
+        }
         self.portals.bind(
             portal,
             Portal {
@@ -1469,9 +1477,19 @@ impl<'a> Session<'a> {
     /// Keeps the result sources of a cursor or SQL prepared statement being defined.
     fn remember_named(&mut self, info: &StatementInfo) {
         use portcullis_sql::NamedQuery;
+        // SQL and the protocol share the server's names, and a name can be freed where the
+        // agent does not see it (dynamic SQL in a function): a name SQL takes is forgotten
+        // as the protocol's (if the server refuses it as taken, a later Bind or Execute of
+        // it is refused too, the safe side), and the other way round in Parse and Bind.
         let key = match &info.named {
-            Some(NamedQuery::DeclaresCursor(name)) => (true, name.clone()),
-            Some(NamedQuery::Prepares(name)) => (false, name.clone()),
+            Some(NamedQuery::DeclaresCursor(name)) => {
+                self.portals.close(name);
+                (true, name.clone())
+            }
+            Some(NamedQuery::Prepares(name)) => {
+                self.prepared.remove(name);
+                (false, name.clone())
+            }
             Some(NamedQuery::Deallocates(name)) => {
                 // SQL and Parse share the server's statement names: once this runs, a SQL
                 // PREPARE may take the name of a statement the client made with Parse, and

@@ -1,0 +1,113 @@
+"""Statements and portals share the server's names with SQL: a SQL cursor is a portal, a
+statement made with SQL PREPARE can be bound, and DEALLOCATE, CLOSE and the protocol's Close
+free names for the other side to take. Speaks the protocol itself (no client library sends
+these sequences) and prints what each step got back, labelled, for the test to read.
+
+Usage: pg_shared_names.py PORT USER DATABASE
+"""
+import socket
+import struct
+import sys
+
+port, user, database = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3].encode()
+s = socket.create_connection(("127.0.0.1", port))
+body = struct.pack("!I", 196608) + b"user\0" + user + b"\0database\0" + database + b"\0\0"
+s.sendall(struct.pack("!I", len(body) + 4) + body)
+
+
+def until_ready():
+    data = b""
+    while not (len(data) >= 6 and data[-6:-1] == b"Z\0\0\0\x05"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def msg(tag, payload):
+    return tag + struct.pack("!I", len(payload) + 4) + payload
+
+
+def execute(portal):
+    return msg(b"E", portal + b"\0" + struct.pack("!I", 0))
+
+
+def bind(portal, statement):
+    return msg(b"B", portal + b"\0" + statement + b"\0" + struct.pack("!hhh", 0, 0, 0))
+
+
+def parse(statement, sql):
+    return msg(b"P", statement + b"\0" + sql + b"\0" + struct.pack("!h", 0))
+
+
+def query(sql):
+    return msg(b"Q", sql + b"\0")
+
+
+SYNC = msg(b"S", b"")
+
+
+def values(data):
+    """The values of the DataRows in `data`."""
+    out, i = [], 0
+    while i + 5 <= len(data):
+        tag, n = data[i : i + 1], struct.unpack("!I", data[i + 1 : i + 5])[0]
+        if tag == b"D":
+            row, j = data[i + 5 : i + 1 + n], 2
+            for _ in range(struct.unpack("!h", row[:2])[0]):
+                size = struct.unpack("!i", row[j : j + 4])[0]
+                j += 4
+                out.append(None if size < 0 else row[j : j + size].decode())
+                j += max(size, 0)
+        i += 1 + n
+    return out
+
+
+until_ready()
+# A SQL cursor run by the protocol's Execute.
+s.sendall(query(b"BEGIN; DECLARE c CURSOR FOR SELECT card, note FROM customers"))
+print("declared", until_ready())
+s.sendall(msg(b"D", b"Pc\0") + execute(b"c") + SYNC)
+print("executed", until_ready())
+# A statement made with SQL PREPARE, bound by the protocol.
+s.sendall(query(b"ROLLBACK; PREPARE p AS SELECT card, note FROM customers"))
+print("prepared", until_ready())
+s.sendall(bind(b"", b"p") + execute(b"") + SYNC)
+print("bound", until_ready())
+# A statement made with Parse, deallocated, its name taken by SQL PREPARE, bound again.
+s.sendall(parse(b"q", b"SELECT 1") + SYNC)
+print("parsed", until_ready())
+s.sendall(query(b"DEALLOCATE q; PREPARE q AS SELECT card, note FROM customers"))
+print("replaced", until_ready())
+s.sendall(bind(b"", b"q") + execute(b"") + SYNC)
+print("rebound", until_ready())
+# A portal made with Bind, closed by SQL, its name taken by DECLARE, executed again.
+s.sendall(query(b"BEGIN"))
+until_ready()
+s.sendall(parse(b"r", b"SELECT 1") + bind(b"c2", b"r") + SYNC)
+print("bound c2", until_ready())
+s.sendall(query(b"CLOSE c2; DECLARE c2 CURSOR FOR SELECT card, note FROM customers"))
+print("redeclared", until_ready())
+s.sendall(execute(b"c2") + SYNC)
+print("reexecuted", until_ready())
+# A statement made with SQL PREPARE, closed by the protocol, its name taken by Parse, run
+# by SQL EXECUTE: what its columns are computed from is the new statement's, not the old.
+s.sendall(query(b"ROLLBACK; PREPARE s1 AS SELECT 1 AS v"))
+until_ready()
+s.sendall(msg(b"C", b"Ss1\0") + SYNC)
+until_ready()
+s.sendall(parse(b"s1", b"SELECT length(email) FROM customers ORDER BY id") + SYNC)
+until_ready()
+s.sendall(query(b"EXECUTE s1"))
+print("lengths", values(until_ready()))
+# A cursor's name, freed when its transaction ended, taken by a portal made with Bind and
+# read with SQL FETCH: masked by the portal's statement, not by the old cursor's query.
+s.sendall(query(b"BEGIN; DECLARE k CURSOR FOR SELECT 1 AS v; COMMIT"))
+until_ready()
+s.sendall(query(b"BEGIN"))
+until_ready()
+s.sendall(parse(b"k1", b"SELECT length(email) FROM customers ORDER BY id") + bind(b"k", b"k1") + SYNC)
+until_ready()
+s.sendall(query(b"FETCH ALL FROM k"))
+print("fetched lengths", values(until_ready()))
