@@ -957,9 +957,13 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
     // A SQL cursor is a portal too, and the protocol's Execute runs it as FETCH would: the
     // agent did not bind it, so it refuses it rather than pass rows it cannot mask; the same
     // for Bind of a statement made with SQL PREPARE.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg_shared_names.py");
+    // Passed as text: the client runs as another user, who may not read the checkout.
+    let script = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg_shared_names.py"),
+    )
+    .unwrap();
     let out = client_at(PathBuf::from("/usr/bin/python3"), f.run_as(ANALYST))
-        .arg(&script)
+        .args(["-c", script.as_str()])
         .args([f.pg.port().to_string().as_str(), "app", "app"])
         .output()
         .unwrap();

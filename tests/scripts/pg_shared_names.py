@@ -3,7 +3,7 @@ statement made with SQL PREPARE can be bound, and DEALLOCATE, CLOSE and the prot
 free names for the other side to take. Speaks the protocol itself (no client library sends
 these sequences) and prints what each step got back, labelled, for the test to read.
 
-Usage: pg_shared_names.py PORT USER DATABASE
+Usage: pg_shared_names.py PORT USER DATABASE (the test passes it to `python3 -c`)
 """
 import socket
 import struct
