@@ -141,6 +141,15 @@ impl<P> Portals<P> {
         self.live.remove(name);
     }
 
+    /// Whether the server certainly still has this portal: bound since the last message that
+    /// could end its transaction, or every such message answered without ending it. (Bound
+    /// before a Sync still unanswered, it may be gone or not.)
+    fn certainly_live(&self, name: &str) -> bool {
+        self.live.get(name).is_some_and(|(before, _)| {
+            *before == self.ready_sent || self.ready_received == self.ready_sent
+        })
+    }
+
     fn close_all(&mut self) {
         self.live.clear();
     }
@@ -778,6 +787,17 @@ impl<'a> Session<'a> {
     }
 
     fn on_parse(&mut self, msg: &RawMessage, name: String, sql: String, to_server: &mut BytesMut) {
+        if !name.is_empty() && self.prepared.contains_key(&name) {
+            // The server refuses to redefine a named statement that was not closed, and keeps
+            // the one it has: the agent must not take the new text for it, or a Bind would be
+            // decided and recorded for a statement other than the one that runs.
+            let e = PgError::Unsafe(format!(
+                "Parse of statement {name:?}, which already exists in this session, is refused (close it first)"
+            ));
+            self.record_denied(&unparsed(&sql), "deny", &[], &e.to_string());
+            self.send_failing_parse(&name, e, to_server);
+            return;
+        }
         let parsed = match self.shared.classifier.classify(&sql) {
             Ok(p) => p,
             Err(e) => {
@@ -833,14 +853,37 @@ impl<'a> Session<'a> {
     }
 
     fn inject_denied_parse(&mut self, name: &str, e: PgError, to_server: &mut BytesMut) {
-        // The client's statement name is reused so that it stays undefined on the server,
-        // exactly as after a real failed Parse.
         self.prepared.remove(name);
+        self.send_failing_parse(name, e, to_server);
+    }
+
+    /// A Parse that fails in the server's parser in place of the client's, under the client's
+    /// statement name, so the server's state of that name is what a real failed Parse leaves:
+    /// undefined if it was, the statement it had if it had one.
+    fn send_failing_parse(&mut self, name: &str, e: PgError, to_server: &mut BytesMut) {
         encode_frontend(
             &FrontendMessage::Parse {
                 statement: name.to_string(),
                 sql: DENIED_MARKER.to_string(),
                 param_types: Vec::new(),
+            },
+            to_server,
+        );
+        self.expect.push_back(Expect::Denied(Box::new(e)));
+        self.skip_to_sync = true;
+    }
+
+    /// A Bind of a statement that does not exist in place of the client's: the server fails
+    /// it and skips to Sync, leaving the portal's name as it was; its error is replaced by
+    /// `e`.
+    fn send_failing_bind(&mut self, portal: String, e: PgError, to_server: &mut BytesMut) {
+        encode_frontend(
+            &FrontendMessage::Bind {
+                portal,
+                statement: DENIED_MARKER.to_string(),
+                param_formats: Vec::new(),
+                params: Vec::new(),
+                result_formats: Vec::new(),
             },
             to_server,
         );
@@ -858,6 +901,17 @@ impl<'a> Session<'a> {
         params: &[Option<Bytes>],
         to_server: &mut BytesMut,
     ) {
+        if !portal.is_empty() && self.portals.certainly_live(&portal) {
+            // The server refuses a second portal of a name and keeps the first: the agent
+            // must not take the new statement for it.
+            let e = PgError::Unsafe(format!(
+                "Bind of portal {portal:?}, which already exists in this session, is refused (close it first)"
+            ));
+            let info = unparsed(&format!("-- Bind of portal {portal:?}"));
+            self.record_denied(&info, "deny", &[], &e.to_string());
+            self.send_failing_bind(portal, e, to_server);
+            return;
+        }
         let Some(prepared) = self.prepared.get(statement).cloned() else {
             // A statement this session did not Parse: one made with SQL PREPARE (the two
             // share the server's names), or none at all. Its portal would run without the
@@ -869,18 +923,7 @@ impl<'a> Session<'a> {
             ));
             let info = unparsed(&format!("-- Bind of statement {statement:?}"));
             self.record_denied(&info, "deny", &[], &e.to_string());
-            encode_frontend(
-                &FrontendMessage::Bind {
-                    portal,
-                    statement: DENIED_MARKER.to_string(),
-                    param_formats: Vec::new(),
-                    params: Vec::new(),
-                    result_formats: Vec::new(),
-                },
-                to_server,
-            );
-            self.expect.push_back(Expect::Denied(Box::new(e)));
-            self.skip_to_sync = true;
+            self.send_failing_bind(portal, e, to_server);
             return;
         };
         // Policies may have changed since Parse (a reload, the hour): decide again.
@@ -895,18 +938,7 @@ impl<'a> Session<'a> {
                 }
                 Err((e, decision, ids)) => {
                     self.record_denied(info, decision, &ids, &e.to_string());
-                    encode_frontend(
-                        &FrontendMessage::Bind {
-                            portal: portal.clone(),
-                            statement: DENIED_MARKER.to_string(),
-                            param_formats: Vec::new(),
-                            params: Vec::new(),
-                            result_formats: Vec::new(),
-                        },
-                        to_server,
-                    );
-                    self.expect.push_back(Expect::Denied(Box::new(e)));
-                    self.skip_to_sync = true;
+                    self.send_failing_bind(portal, e, to_server);
                     return;
                 }
             }
@@ -2460,6 +2492,24 @@ mod tests {
         assert_eq!(portals.get(""), Some(&4));
         portals.close("");
         assert_eq!(portals.len(), 0);
+
+        // Whether the server still has a portal is certain only when no message that could
+        // end its transaction is unanswered since its Bind.
+        portals.ready_sent(); // BEGIN
+        portals.ready_received(false);
+        portals.bind("k".to_string(), 5);
+        assert!(portals.certainly_live("k"), "bound in this segment");
+        portals.ready_sent(); // Sync, unanswered
+        assert!(!portals.certainly_live("k"), "may have ended with the Sync");
+        portals.ready_received(false);
+        assert!(
+            portals.certainly_live("k"),
+            "the Sync left the transaction open"
+        );
+        assert!(!portals.certainly_live("other"));
+        portals.ready_sent(); // COMMIT
+        portals.ready_received(true);
+        assert!(!portals.certainly_live("k"));
 
         for i in 0..10_000 {
             portals.bind(format!("cursor_{i}"), i);
