@@ -14,6 +14,10 @@ pub mod sqlstate {
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const SYSTEM_ERROR: &str = "58000";
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+    pub const INVALID_CURSOR_NAME: &str = "34000";
+    pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+    pub const DUPLICATE_CURSOR: &str = "42P03";
 }
 
 /// Why the agent refuses a session or a statement.
@@ -49,6 +53,15 @@ pub enum PgError {
     /// the server reads later statements); the session continues.
     #[error("statement refused: {0}")]
     Unsafe(String),
+    /// A statement or portal name the session cannot use as the client asks: not one it
+    /// created through the protocol, or one that exists already. Carries the SQLSTATE the
+    /// server gives for that, so a driver recovers as from the server's own error (one
+    /// that re-prepares on 26000, for instance); the session continues.
+    #[error("statement refused: {message}")]
+    NameRefused {
+        sqlstate: &'static str,
+        message: String,
+    },
     /// A value a masking profile selects could not be masked; the session ends.
     #[error("{0}")]
     Unmaskable(String),
@@ -59,7 +72,10 @@ impl PgError {
     pub fn is_fatal(&self) -> bool {
         !matches!(
             self,
-            PgError::StatementDenied { .. } | PgError::Unparsable(_) | PgError::Unsafe(_)
+            PgError::StatementDenied { .. }
+                | PgError::Unparsable(_)
+                | PgError::Unsafe(_)
+                | PgError::NameRefused { .. }
         )
     }
 
@@ -79,6 +95,7 @@ impl PgError {
             PgError::Internal(_) => SYSTEM_ERROR,
             PgError::Protocol(_) => PROTOCOL_VIOLATION,
             PgError::Unparsable(_) => SYNTAX_ERROR,
+            PgError::NameRefused { sqlstate, .. } => sqlstate,
         }
     }
 
@@ -135,6 +152,18 @@ mod tests {
         assert_eq!(f.severity(), Some("ERROR"));
         assert_eq!(f.sqlstate(), Some("42501"));
         assert_eq!(f.detail(), Some("Policy: no-drop"));
+        assert!(!e.is_fatal());
+    }
+
+    #[test]
+    fn a_refused_name_carries_the_servers_sqlstate_and_the_session_goes_on() {
+        let e = PgError::NameRefused {
+            sqlstate: sqlstate::INVALID_CURSOR_NAME,
+            message: "Execute of portal \"c\" ...".into(),
+        };
+        let f = e.to_fields();
+        assert_eq!((f.severity(), f.sqlstate()), (Some("ERROR"), Some("34000")));
+        assert!(f.message().unwrap().contains("portal \"c\""));
         assert!(!e.is_fatal());
     }
 

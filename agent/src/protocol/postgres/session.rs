@@ -699,7 +699,7 @@ impl<'a> Session<'a> {
                         to_server.extend_from_slice(&msg.frame);
                     }
                     Err((e, decision, ids)) => {
-                        self.record_denied(&info, decision, &ids, &e.to_string());
+                        self.record_denied(&info, decision, &ids, &e.to_string(), e.sqlstate());
                         self.inject_denied_query(e, to_server);
                     }
                 }
@@ -707,7 +707,7 @@ impl<'a> Session<'a> {
             }
             Err(e) => {
                 let (e, decision) = refusal(e);
-                self.record_denied(&unparsed(sql), decision, &[], &e.to_string());
+                self.record_denied(&unparsed(sql), decision, &[], &e.to_string(), e.sqlstate());
                 self.inject_denied_query(e, to_server);
                 return;
             }
@@ -728,13 +728,14 @@ impl<'a> Session<'a> {
                 Err((e, decision, ids)) => {
                     // One denied statement refuses the whole string: PostgreSQL runs it as
                     // one implicit transaction, so nothing of it may run.
-                    self.record_denied(&info, decision, &ids, &e.to_string());
+                    self.record_denied(&info, decision, &ids, &e.to_string(), e.sqlstate());
                     for other in parsed.iter().filter(|o| !std::ptr::eq(*o, statement)) {
                         self.record_denied(
                             &StatementInfo::from_parsed(other),
                             "not_run",
                             &[],
                             "another statement of the same query string was denied",
+                            sqlstate::INSUFFICIENT_PRIVILEGE,
                         );
                     }
                     self.inject_denied_query(e, to_server);
@@ -791,10 +792,13 @@ impl<'a> Session<'a> {
             // The server refuses to redefine a named statement that was not closed, and keeps
             // the one it has: the agent must not take the new text for it, or a Bind would be
             // decided and recorded for a statement other than the one that runs.
-            let e = PgError::Unsafe(format!(
-                "Parse of statement {name:?}, which already exists in this session, is refused (close it first)"
-            ));
-            self.record_denied(&unparsed(&sql), "deny", &[], &e.to_string());
+            let e = PgError::NameRefused {
+                sqlstate: sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                message: format!(
+                    "Parse of statement {name:?}, which already exists in this session, is refused (close it first)"
+                ),
+            };
+            self.record_denied(&unparsed(&sql), "error", &[], &e.to_string(), e.sqlstate());
             self.send_failing_parse(&name, e, to_server);
             return;
         }
@@ -802,7 +806,7 @@ impl<'a> Session<'a> {
             Ok(p) => p,
             Err(e) => {
                 let (e, decision) = refusal(e);
-                self.record_denied(&unparsed(&sql), decision, &[], &e.to_string());
+                self.record_denied(&unparsed(&sql), decision, &[], &e.to_string(), e.sqlstate());
                 self.inject_denied_parse(&name, e, to_server);
                 return;
             }
@@ -821,7 +825,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 Err((e, decision, ids)) => {
-                    self.record_denied(info, decision, &ids, &e.to_string());
+                    self.record_denied(info, decision, &ids, &e.to_string(), e.sqlstate());
                     self.inject_denied_parse(&name, e, to_server);
                     return;
                 }
@@ -904,11 +908,14 @@ impl<'a> Session<'a> {
         if !portal.is_empty() && self.portals.certainly_live(&portal) {
             // The server refuses a second portal of a name and keeps the first: the agent
             // must not take the new statement for it.
-            let e = PgError::Unsafe(format!(
-                "Bind of portal {portal:?}, which already exists in this session, is refused (close it first)"
-            ));
+            let e = PgError::NameRefused {
+                sqlstate: sqlstate::DUPLICATE_CURSOR,
+                message: format!(
+                    "Bind of portal {portal:?}, which already exists in this session, is refused (close it first)"
+                ),
+            };
             let info = unparsed(&format!("-- Bind of portal {portal:?}"));
-            self.record_denied(&info, "deny", &[], &e.to_string());
+            self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
             self.send_failing_bind(portal, e, to_server);
             return;
         }
@@ -918,11 +925,14 @@ impl<'a> Session<'a> {
             // decision and masking of its query: refused whatever the policy, as the server
             // refuses a statement that does not exist. EXECUTE runs a PREPAREd statement,
             // checked and masked.
-            let e = PgError::Unsafe(format!(
-                "Bind of statement {statement:?}, which this session did not create with Parse, is refused (run a PREPAREd statement with EXECUTE)"
-            ));
+            let e = PgError::NameRefused {
+                sqlstate: sqlstate::INVALID_SQL_STATEMENT_NAME,
+                message: format!(
+                    "Bind of statement {statement:?}, which this session did not create with Parse, is refused (run a PREPAREd statement with EXECUTE)"
+                ),
+            };
             let info = unparsed(&format!("-- Bind of statement {statement:?}"));
-            self.record_denied(&info, "deny", &[], &e.to_string());
+            self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
             self.send_failing_bind(portal, e, to_server);
             return;
         };
@@ -937,7 +947,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 Err((e, decision, ids)) => {
-                    self.record_denied(info, decision, &ids, &e.to_string());
+                    self.record_denied(info, decision, &ids, &e.to_string(), e.sqlstate());
                     self.send_failing_bind(portal, e, to_server);
                     return;
                 }
@@ -980,11 +990,14 @@ impl<'a> Session<'a> {
             // pass without the masking its query was decided with, and the audit trail would
             // not know its statement: refused whatever the policy, as the server refuses a
             // portal that does not exist. FETCH reads a cursor, checked and masked.
-            let e = PgError::Unsafe(format!(
-                "Execute of portal {portal:?}, which this session did not create with Bind, is refused (read a cursor with FETCH)"
-            ));
+            let e = PgError::NameRefused {
+                sqlstate: sqlstate::INVALID_CURSOR_NAME,
+                message: format!(
+                    "Execute of portal {portal:?}, which this session did not create with Bind, is refused (read a cursor with FETCH)"
+                ),
+            };
             let info = unparsed(&format!("-- Execute of portal {portal:?}"));
-            self.record_denied(&info, "deny", &[], &e.to_string());
+            self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
             encode_frontend(
                 &FrontendMessage::Execute {
                     portal: DENIED_MARKER.to_string(),
@@ -1053,7 +1066,7 @@ impl<'a> Session<'a> {
                 to_server.extend_from_slice(&msg.frame);
             }
             Err((e, decision, ids)) => {
-                self.record_denied(&info, decision, &ids, &e.to_string());
+                self.record_denied(&info, decision, &ids, &e.to_string(), e.sqlstate());
                 self.inject_denied_query(e, to_server);
             }
         }
@@ -2121,20 +2134,14 @@ impl<'a> Session<'a> {
         decision: &'static str,
         policy_ids: &[String],
         reason: &str,
+        sqlstate: &str,
     ) {
         let mut ev = self.statement_event(EventKind::StatementDenied, info, &Arc::from([]));
         ev.decision = Some(decision.into());
         ev.policy_ids = policy_ids.into();
         ev.reason = Some(reason.to_string());
         if let Some(s) = ev.statement.as_mut() {
-            s.sqlstate = Some(
-                if decision == "error" {
-                    sqlstate::SYNTAX_ERROR
-                } else {
-                    sqlstate::INSUFFICIENT_PRIVILEGE
-                }
-                .to_string(),
-            );
+            s.sqlstate = Some(sqlstate.to_string());
         }
         tracing::info!(statement = %info.text, %decision, reason, "statement refused");
         self.proxy.audit().record(ev);
