@@ -622,16 +622,8 @@ impl<'a> Session<'a> {
             FrontendMessage::Close { target, name } => {
                 // SQL and the protocol share the server's names: what a SQL PREPARE or
                 // DECLARE of this name computed its columns from no longer applies either.
-                match target {
-                    portcullis_pgwire::DescribeTarget::Statement => {
-                        self.prepared.remove(&name);
-                        self.named_sources.remove(&(false, name));
-                    }
-                    portcullis_pgwire::DescribeTarget::Portal => {
-                        self.portals.close(&name);
-                        self.named_sources.remove(&(true, name));
-                    }
-                }
+                let cursor = matches!(target, portcullis_pgwire::DescribeTarget::Portal);
+                self.forget_names(cursor, Some(&name));
                 self.expect.push_back(Expect::CloseComplete);
                 to_server.extend_from_slice(&msg.frame);
             }
@@ -1535,39 +1527,14 @@ impl<'a> Session<'a> {
                 self.prepared.remove(name);
                 (false, name.clone())
             }
+            // Once these run, a SQL PREPARE may take the name of a statement the client made
+            // with Parse, a DECLARE the name of a portal it made with Bind: the agent forgets
+            // the names now (before the server, the safe side: a Bind or Execute of them in
+            // between is refused).
             Some(NamedQuery::Deallocates(name)) => {
-                // SQL and Parse share the server's statement names: once this runs, a SQL
-                // PREPARE may take the name of a statement the client made with Parse, and
-                // a Bind of it must not run under the forgotten statement's verdict. The
-                // agent forgets it now (before the server, which is the safe side: a Bind
-                // in between is refused).
-                match name {
-                    Some(name) => {
-                        self.prepared.remove(name);
-                        self.named_sources.remove(&(false, name.clone()));
-                    }
-                    None => {
-                        self.prepared.clear();
-                        self.named_sources.retain(|(cursor, _), _| *cursor);
-                    }
-                }
-                return;
+                return self.forget_names(false, name.as_deref())
             }
-            Some(NamedQuery::Closes(name)) => {
-                // Cursors and portals share the server's names: once this runs, DECLARE may
-                // take the name of a portal the client made with Bind.
-                match name {
-                    Some(name) => {
-                        self.portals.close(name);
-                        self.named_sources.remove(&(true, name.clone()));
-                    }
-                    None => {
-                        self.portals.close_all();
-                        self.named_sources.retain(|(cursor, _), _| !*cursor);
-                    }
-                }
-                return;
-            }
+            Some(NamedQuery::Closes(name)) => return self.forget_names(true, name.as_deref()),
             _ => return,
         };
         if self.named_sources.len() >= MAX_NAMED_QUERIES && !self.named_sources.contains_key(&key) {
@@ -1575,6 +1542,29 @@ impl<'a> Session<'a> {
             self.named_sources.clear();
         }
         self.named_sources.insert(key, info.sources.clone());
+    }
+
+    /// Forgets a portal (`cursor`) or prepared statement name, or all of them (`None`), and
+    /// what a SQL cursor or statement of that name computed its columns from.
+    fn forget_names(&mut self, cursor: bool, name: Option<&str>) {
+        match name {
+            Some(name) => {
+                if cursor {
+                    self.portals.close(name);
+                } else {
+                    self.prepared.remove(name);
+                }
+                self.named_sources.remove(&(cursor, name.to_string()));
+            }
+            None => {
+                if cursor {
+                    self.portals.close_all();
+                } else {
+                    self.prepared.clear();
+                }
+                self.named_sources.retain(|(kind, _), _| *kind != cursor);
+            }
+        }
     }
 
     fn on_data_row(&mut self, msg: RawMessage, to_client: &mut BytesMut) -> Flow {
