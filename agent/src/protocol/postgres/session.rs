@@ -383,6 +383,8 @@ impl<'a> Session<'a> {
         max_len: usize,
         replication: bool,
     ) -> Self {
+        let client_addr: Arc<str> = conn.client.to_string().into();
+        let upstream_addr: Arc<str> = conn.upstream.to_string().into();
         Self {
             proxy,
             shared,
@@ -402,19 +404,19 @@ impl<'a> Session<'a> {
             replication,
             decisions: DecisionCache::default(),
             named_sources: HashMap::new(),
-            client_addr: conn.client.to_string().into(),
-            upstream_addr: conn.upstream.to_string().into(),
             event_parts: StatementEventParts::new(
                 conn.id,
                 &conn.protocol.name(),
                 &conn.target,
                 &conn.identity,
                 &conn.origin,
-                &conn.client.to_string(),
-                &conn.upstream.to_string(),
+                &client_addr,
+                &upstream_addr,
                 db_user,
                 db_name,
             ),
+            client_addr,
+            upstream_addr,
         }
     }
 
@@ -832,7 +834,9 @@ impl<'a> Session<'a> {
             text: sql.into(),
             ..statements.first().cloned().unwrap_or_else(|| unparsed(""))
         });
-        self.named_sources.remove(&(false, name.clone()));
+        if !self.named_sources.is_empty() {
+            self.named_sources.remove(&(false, name.clone()));
+        }
         self.prepared.insert(
             name,
             Arc::new(Prepared {
