@@ -901,14 +901,19 @@ impl<'a> Session<'a> {
         params: &[Option<Bytes>],
         to_server: &mut BytesMut,
     ) {
-        if !portal.is_empty() && self.portals.certainly_live(&portal) {
+        if !portal.is_empty() && self.portals.get(&portal).is_some() {
             // The server refuses a second portal of a name and keeps the first: the agent
-            // must not take the new statement for it.
+            // must not take the new statement for it. Bound behind a Sync not answered yet,
+            // the first may be gone or not (a transaction block, where a savepoint can make
+            // it usable again after the refusal): the agent cannot tell, so it refuses too.
+            let message = if self.portals.certainly_live(&portal) {
+                format!("Bind of portal {portal:?}, which already exists in this session, is refused (close it first)")
+            } else {
+                format!("Bind of portal {portal:?}, which may still exist until the server answers the Sync before it, is refused (wait for the answer, or close it first)")
+            };
             let e = PgError::NameRefused {
                 sqlstate: sqlstate::DUPLICATE_CURSOR,
-                message: format!(
-                    "Bind of portal {portal:?}, which already exists in this session, is refused (close it first)"
-                ),
+                message,
             };
             let info = unparsed(&format!("-- Bind of portal {portal:?}"));
             self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
