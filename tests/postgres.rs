@@ -1018,6 +1018,37 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
             && pipelined.contains("Bind of portal \"pq\", which may still exist"),
         "{text}"
     );
+    // A session that prepares without end is refused past the agent's budget for one
+    // session, with 54000 and an audit event; the session goes on, and a Close makes room.
+    // (The session held some statements already, so fewer than 10,000 of these fit.)
+    let parsed: usize = text
+        .split("budget parsed ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!((9_990..10_000).contains(&parsed), "{parsed}: {text}");
+    assert!(text.contains("refused True"), "{text}");
+    assert!(
+        text.contains("the most the agent keeps for one session"),
+        "{text}"
+    );
+    let after = text.split("budget after close").nth(1).unwrap_or_default();
+    assert!(
+        after.contains("3\\x00\\x00\\x00\\x04")
+            && after.contains("1\\x00\\x00\\x00\\x04")
+            && !after.contains("C54000"),
+        "{text}"
+    );
+    let limited = |e: &Value| {
+        e["sqlstate"] == "54000"
+            && e["decision"] == "error"
+            && e["statement"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("SELECT "))
+    };
+    let denied = f.wait_event("statement.denied", limited);
+    assert!(denied.iter().any(limited), "{denied:#?}");
     let ours = |e: &Value| e["statement"] == "-- Execute of portal \"c\"";
     let denied = f.wait_event("statement.denied", ours);
     let event = denied.iter().find(|e| ours(e)).unwrap();

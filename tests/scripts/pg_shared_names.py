@@ -138,4 +138,14 @@ while answers.count(b"Z\0\0\0\x05") < 2:
     answers += until_ready()
 print("pipelined rebind", answers)
 s.sendall(query(b"ROLLBACK"))
+until_ready()
+# A client that prepares without end meets the agent's budget for one session (10,000
+# statements): refused with 54000, the session goes on, and closing one makes room.
+s.sendall(b"".join(parse(b"n%d" % i, b"SELECT %d" % i) for i in range(10_000)) + SYNC)
+answers = until_ready()
+print("budget parsed", answers.count(b"1\0\0\0\x04"), "refused", b"C54000" in answers)
+print("budget error", answers[answers.find(b"E\0"):])
+s.sendall(msg(b"C", b"Sn0\0") + parse(b"again", b"SELECT 1") + SYNC)
+print("budget after close", until_ready())
+s.sendall(query(b"SELECT 1"))
 print("end", until_ready())

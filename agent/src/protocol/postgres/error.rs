@@ -18,6 +18,7 @@ pub mod sqlstate {
     pub const INVALID_CURSOR_NAME: &str = "34000";
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     pub const DUPLICATE_CURSOR: &str = "42P03";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 }
 
 /// Why the agent refuses a session or a statement.
@@ -62,6 +63,10 @@ pub enum PgError {
         sqlstate: &'static str,
         message: String,
     },
+    /// The session keeps as many prepared statements or portals as the agent keeps for one
+    /// (a bound on the agent's memory); the session continues.
+    #[error("statement refused: {0}")]
+    Limit(String),
     /// A value a masking profile selects could not be masked; the session ends.
     #[error("{0}")]
     Unmaskable(String),
@@ -76,6 +81,7 @@ impl PgError {
                 | PgError::Unparsable(_)
                 | PgError::Unsafe(_)
                 | PgError::NameRefused { .. }
+                | PgError::Limit(_)
         )
     }
 
@@ -96,6 +102,7 @@ impl PgError {
             PgError::Protocol(_) => PROTOCOL_VIOLATION,
             PgError::Unparsable(_) => SYNTAX_ERROR,
             PgError::NameRefused { sqlstate, .. } => sqlstate,
+            PgError::Limit(_) => PROGRAM_LIMIT_EXCEEDED,
         }
     }
 

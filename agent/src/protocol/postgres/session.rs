@@ -98,11 +98,91 @@ struct Prepared {
     verdict: Verdict,
 }
 
+/// How much the agent keeps for one session's prepared statements, and for its portals: a
+/// client that prepares or binds without end would otherwise grow the agent, which serves
+/// everybody, where the server grows only its own backend. Past either limit Parse (or Bind)
+/// is refused with 54000 until the client closes some; the session goes on. A single
+/// statement is checked against the budget before it is added, so one statement as large as
+/// a message always fits.
+const MAX_KEPT_NAMES: usize = 10_000;
+const MAX_KEPT_BYTES: usize = 64 * 1024 * 1024;
+
+/// About what a kept entry costs beyond its strings (map slot, allocations, classification).
+const KEPT_OVERHEAD: usize = 256;
+
+impl Prepared {
+    fn kept_bytes(&self) -> usize {
+        let strings = |s: &StatementInfo| {
+            s.text.len()
+                + s.tables.iter().map(String::len).sum::<usize>()
+                + s.functions.iter().map(String::len).sum::<usize>()
+                + KEPT_OVERHEAD
+        };
+        strings(&self.whole) + self.statements.iter().map(strings).sum::<usize>()
+    }
+}
+
+/// The statements the client prepared with Parse, and what they cost.
+#[derive(Default)]
+struct PreparedStatements {
+    named: HashMap<String, Arc<Prepared>>,
+    bytes: usize,
+}
+
+impl PreparedStatements {
+    fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
+        self.named.get(name)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.named.contains_key(name)
+    }
+
+    /// Whether one more statement (replacing `name`'s if it has one) stays within the budget.
+    fn has_room_for(&self, name: &str) -> bool {
+        self.contains(name) || (self.named.len() < MAX_KEPT_NAMES && self.bytes < MAX_KEPT_BYTES)
+    }
+
+    fn insert(&mut self, name: String, prepared: Arc<Prepared>) {
+        self.bytes += prepared.kept_bytes();
+        if let Some(old) = self.named.insert(name, prepared) {
+            self.bytes -= old.kept_bytes();
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(old) = self.named.remove(name) {
+            self.bytes -= old.kept_bytes();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.named.clear();
+        self.bytes = 0;
+    }
+}
+
 struct Portal {
     prepared: Arc<Prepared>,
     /// The verdict at Bind, which may differ from Parse's (a reload, the time).
     verdict: Verdict,
     parameters: Arc<[Option<String>]>,
+}
+
+/// What a kept entry costs the agent, about.
+trait Kept {
+    fn kept_bytes(&self) -> usize;
+}
+
+impl Kept for Portal {
+    fn kept_bytes(&self) -> usize {
+        // The statement is counted with the prepared statements, where it stays or not.
+        self.parameters
+            .iter()
+            .map(|p| p.as_ref().map_or(0, String::len) + std::mem::size_of::<Option<String>>())
+            .sum::<usize>()
+            + KEPT_OVERHEAD
+    }
 }
 
 /// The portals the client bound, for as long as the server keeps them: a named portal until
@@ -114,31 +194,45 @@ struct Portal {
 /// at commit stayed in the agent for the whole session, one more per transaction.
 struct Portals<P> {
     live: HashMap<String, (u64, P)>,
+    /// What the live portals cost, by [`Kept`].
+    bytes: usize,
     /// Messages forwarded that the server answers with ReadyForQuery.
     ready_sent: u64,
     /// ReadyForQuery replies received.
     ready_received: u64,
 }
 
-impl<P> Portals<P> {
+impl<P: Kept> Portals<P> {
     fn new() -> Self {
         Self {
             live: HashMap::new(),
+            bytes: 0,
             ready_sent: 0,
             ready_received: 0,
         }
     }
 
     fn bind(&mut self, name: String, portal: P) {
-        self.live.insert(name, (self.ready_sent, portal));
+        self.bytes += portal.kept_bytes();
+        if let Some((_, old)) = self.live.insert(name, (self.ready_sent, portal)) {
+            self.bytes -= old.kept_bytes();
+        }
     }
 
     fn get(&self, name: &str) -> Option<&P> {
         self.live.get(name).map(|(_, p)| p)
     }
 
+    /// Whether one more portal (replacing `name`'s if it has one) stays within the budget.
+    fn has_room_for(&self, name: &str) -> bool {
+        self.live.contains_key(name)
+            || (self.live.len() < MAX_KEPT_NAMES && self.bytes < MAX_KEPT_BYTES)
+    }
+
     fn close(&mut self, name: &str) {
-        self.live.remove(name);
+        if let Some((_, old)) = self.live.remove(name) {
+            self.bytes -= old.kept_bytes();
+        }
     }
 
     /// Whether the server certainly still has this portal: bound since the last message that
@@ -152,6 +246,7 @@ impl<P> Portals<P> {
 
     fn close_all(&mut self) {
         self.live.clear();
+        self.bytes = 0;
     }
 
     /// A Sync, simple query or function call was forwarded.
@@ -165,7 +260,15 @@ impl<P> Portals<P> {
         self.ready_received += 1;
         if idle && !self.live.is_empty() {
             let answered = self.ready_received;
-            self.live.retain(|_, (before, _)| *before >= answered);
+            let mut freed = 0;
+            self.live.retain(|_, (before, p)| {
+                let keep = *before >= answered;
+                if !keep {
+                    freed += p.kept_bytes();
+                }
+                keep
+            });
+            self.bytes -= freed;
         }
     }
 
@@ -284,7 +387,7 @@ pub struct Session<'a> {
     db_name: Arc<str>,
     max_len: usize,
     expect: VecDeque<Expect>,
-    prepared: HashMap<String, Arc<Prepared>>,
+    prepared: PreparedStatements,
     portals: Portals<Portal>,
     /// After a denial in the extended protocol, client messages up to Sync are dropped, as
     /// the server drops them after an error.
@@ -395,7 +498,7 @@ impl<'a> Session<'a> {
             db_name: db_name.into(),
             max_len,
             expect: VecDeque::new(),
-            prepared: HashMap::new(),
+            prepared: PreparedStatements::default(),
             portals: Portals::new(),
             skip_to_sync: false,
             copy_out: None,
@@ -782,7 +885,7 @@ impl<'a> Session<'a> {
     }
 
     fn on_parse(&mut self, msg: &RawMessage, name: String, sql: String, to_server: &mut BytesMut) {
-        if !name.is_empty() && self.prepared.contains_key(&name) {
+        if !name.is_empty() && self.prepared.contains(&name) {
             // The server refuses to redefine a named statement that was not closed, and keeps
             // the one it has: the agent must not take the new text for it, or a Bind would be
             // decided and recorded for a statement other than the one that runs.
@@ -792,6 +895,16 @@ impl<'a> Session<'a> {
                     "Parse of statement {name:?}, which already exists in this session, is refused (close it first)"
                 ),
             };
+            self.record_denied(&unparsed(&sql), "error", &[], &e.to_string(), e.sqlstate());
+            self.send_failing_parse(&name, e, to_server);
+            return;
+        }
+        if !self.prepared.has_room_for(&name) {
+            let e = PgError::Limit(format!(
+                "Parse refused: this session keeps {} prepared statements ({} bytes), the most the agent keeps for one session (close some first)",
+                self.prepared.named.len(),
+                self.prepared.bytes
+            ));
             self.record_denied(&unparsed(&sql), "error", &[], &e.to_string(), e.sqlstate());
             self.send_failing_parse(&name, e, to_server);
             return;
@@ -915,6 +1028,17 @@ impl<'a> Session<'a> {
                 sqlstate: sqlstate::DUPLICATE_CURSOR,
                 message,
             };
+            let info = unparsed(&format!("-- Bind of portal {portal:?}"));
+            self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
+            self.send_failing_bind(portal, e, to_server);
+            return;
+        }
+        if !self.portals.has_room_for(&portal) {
+            let e = PgError::Limit(format!(
+                "Bind refused: this session keeps {} portals ({} bytes), the most the agent keeps for one session (close some or end the transaction first)",
+                self.portals.live.len(),
+                self.portals.bytes
+            ));
             let info = unparsed(&format!("-- Bind of portal {portal:?}"));
             self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
             self.send_failing_bind(portal, e, to_server);
@@ -2461,7 +2585,47 @@ fn mask_copy_payload(
 
 #[cfg(test)]
 mod tests {
-    use super::Portals;
+    use super::{Kept, Portals, MAX_KEPT_BYTES, MAX_KEPT_NAMES};
+
+    /// In these tests a portal is its own cost in bytes.
+    impl Kept for usize {
+        fn kept_bytes(&self) -> usize {
+            *self
+        }
+    }
+
+    /// What the portals cost follows every way one ends, so the budget frees as they go; past
+    /// the budget a new name has no room, while a name already kept may be bound again.
+    #[test]
+    fn portal_budget_follows_binds_closes_and_transaction_ends() {
+        let mut portals = Portals::new();
+        portals.bind("a".to_string(), 10);
+        portals.bind("b".to_string(), 20);
+        portals.bind("a".to_string(), 5);
+        assert_eq!(portals.bytes, 25, "rebinding replaces the cost");
+        portals.close("b");
+        assert_eq!(portals.bytes, 5);
+        portals.ready_sent();
+        portals.bind("c".to_string(), 7);
+        portals.ready_received(true);
+        assert_eq!(
+            portals.bytes, 7,
+            "a ended with its transaction, c was bound after"
+        );
+        portals.close_all();
+        assert_eq!((portals.bytes, portals.len()), (0, 0));
+
+        portals.bind("big".to_string(), MAX_KEPT_BYTES);
+        assert!(!portals.has_room_for("other"), "the bytes are spent");
+        assert!(portals.has_room_for("big"), "its own name replaces it");
+        portals.close("big");
+        for i in 0..MAX_KEPT_NAMES {
+            portals.bind(format!("p{i}"), 1);
+        }
+        assert!(!portals.has_room_for("one more"), "the names are spent");
+        portals.close("p0");
+        assert!(portals.has_room_for("one more"));
+    }
 
     /// A portal lives until its transaction ends, as in the server, also when the client
     /// pipelines the next transaction's Bind before the last one's ReadyForQuery arrived; a
