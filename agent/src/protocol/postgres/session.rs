@@ -169,12 +169,7 @@ struct Portal {
     parameters: Arc<[Option<String>]>,
 }
 
-/// What a kept entry costs the agent, about.
-trait Kept {
-    fn kept_bytes(&self) -> usize;
-}
-
-impl Kept for Portal {
+impl Portal {
     fn kept_bytes(&self) -> usize {
         // The statement is counted with the prepared statements, where it stays or not.
         self.parameters
@@ -193,8 +188,10 @@ impl Kept for Portal {
 /// by ReadyForQuery went before its Bind. Without this, named portals the server had dropped
 /// at commit stayed in the agent for the whole session, one more per transaction.
 struct Portals<P> {
-    live: HashMap<String, (u64, P)>,
-    /// What the live portals cost, by [`Kept`].
+    /// Each portal with how many ReadyForQuery-answered messages went before its Bind, and
+    /// what it costs the agent.
+    live: HashMap<String, (u64, usize, P)>,
+    /// What the live portals cost in all.
     bytes: usize,
     /// Messages forwarded that the server answers with ReadyForQuery.
     ready_sent: u64,
@@ -202,7 +199,7 @@ struct Portals<P> {
     ready_received: u64,
 }
 
-impl<P: Kept> Portals<P> {
+impl<P> Portals<P> {
     fn new() -> Self {
         Self {
             live: HashMap::new(),
@@ -212,15 +209,16 @@ impl<P: Kept> Portals<P> {
         }
     }
 
-    fn bind(&mut self, name: String, portal: P) {
-        self.bytes += portal.kept_bytes();
-        if let Some((_, old)) = self.live.insert(name, (self.ready_sent, portal)) {
-            self.bytes -= old.kept_bytes();
+    /// `cost`: about what keeping the portal costs the agent, in bytes.
+    fn bind(&mut self, name: String, portal: P, cost: usize) {
+        self.bytes += cost;
+        if let Some((_, old, _)) = self.live.insert(name, (self.ready_sent, cost, portal)) {
+            self.bytes -= old;
         }
     }
 
     fn get(&self, name: &str) -> Option<&P> {
-        self.live.get(name).map(|(_, p)| p)
+        self.live.get(name).map(|(_, _, p)| p)
     }
 
     /// Whether one more portal (replacing `name`'s if it has one) stays within the budget.
@@ -230,8 +228,8 @@ impl<P: Kept> Portals<P> {
     }
 
     fn close(&mut self, name: &str) {
-        if let Some((_, old)) = self.live.remove(name) {
-            self.bytes -= old.kept_bytes();
+        if let Some((_, old, _)) = self.live.remove(name) {
+            self.bytes -= old;
         }
     }
 
@@ -239,7 +237,7 @@ impl<P: Kept> Portals<P> {
     /// could end its transaction, or every such message answered without ending it. (Bound
     /// before a Sync still unanswered, it may be gone or not.)
     fn certainly_live(&self, name: &str) -> bool {
-        self.live.get(name).is_some_and(|(before, _)| {
+        self.live.get(name).is_some_and(|(before, _, _)| {
             *before == self.ready_sent || self.ready_received == self.ready_sent
         })
     }
@@ -261,10 +259,10 @@ impl<P: Kept> Portals<P> {
         if idle && !self.live.is_empty() {
             let answered = self.ready_received;
             let mut freed = 0;
-            self.live.retain(|_, (before, p)| {
+            self.live.retain(|_, (before, cost, _)| {
                 let keep = *before >= answered;
                 if !keep {
-                    freed += p.kept_bytes();
+                    freed += *cost;
                 }
                 keep
             });
@@ -1096,14 +1094,13 @@ impl<'a> Session<'a> {
         if !self.named_sources.is_empty() {
             self.named_sources.remove(&(true, portal.clone()));
         }
-        self.portals.bind(
-            portal,
-            Portal {
-                prepared,
-                verdict,
-                parameters,
-            },
-        );
+        let portal_record = Portal {
+            prepared,
+            verdict,
+            parameters,
+        };
+        let cost = portal_record.kept_bytes();
+        self.portals.bind(portal, portal_record, cost);
         self.expect.push_back(Expect::BindComplete);
         to_server.extend_from_slice(&msg.frame);
     }
@@ -2585,28 +2582,21 @@ fn mask_copy_payload(
 
 #[cfg(test)]
 mod tests {
-    use super::{Kept, Portals, MAX_KEPT_BYTES, MAX_KEPT_NAMES};
-
-    /// In these tests a portal is its own cost in bytes.
-    impl Kept for usize {
-        fn kept_bytes(&self) -> usize {
-            *self
-        }
-    }
+    use super::{Portals, MAX_KEPT_BYTES, MAX_KEPT_NAMES};
 
     /// What the portals cost follows every way one ends, so the budget frees as they go; past
     /// the budget a new name has no room, while a name already kept may be bound again.
     #[test]
     fn portal_budget_follows_binds_closes_and_transaction_ends() {
         let mut portals = Portals::new();
-        portals.bind("a".to_string(), 10);
-        portals.bind("b".to_string(), 20);
-        portals.bind("a".to_string(), 5);
+        portals.bind("a".to_string(), 10, 10);
+        portals.bind("b".to_string(), 20, 20);
+        portals.bind("a".to_string(), 5, 5);
         assert_eq!(portals.bytes, 25, "rebinding replaces the cost");
         portals.close("b");
         assert_eq!(portals.bytes, 5);
         portals.ready_sent();
-        portals.bind("c".to_string(), 7);
+        portals.bind("c".to_string(), 7, 7);
         portals.ready_received(true);
         assert_eq!(
             portals.bytes, 7,
@@ -2615,12 +2605,12 @@ mod tests {
         portals.close_all();
         assert_eq!((portals.bytes, portals.len()), (0, 0));
 
-        portals.bind("big".to_string(), MAX_KEPT_BYTES);
+        portals.bind("big".to_string(), MAX_KEPT_BYTES, MAX_KEPT_BYTES);
         assert!(!portals.has_room_for("other"), "the bytes are spent");
         assert!(portals.has_room_for("big"), "its own name replaces it");
         portals.close("big");
         for i in 0..MAX_KEPT_NAMES {
-            portals.bind(format!("p{i}"), 1);
+            portals.bind(format!("p{i}"), 1, 1);
         }
         assert!(!portals.has_room_for("one more"), "the names are spent");
         portals.close("p0");
@@ -2634,9 +2624,9 @@ mod tests {
     fn portals_end_with_their_transaction_even_when_pipelined() {
         let mut portals = Portals::new();
         // Implicit transaction: Bind, Execute, Sync, and the next Bind before the answer.
-        portals.bind("p1".to_string(), 1);
+        portals.bind("p1".to_string(), 1, 0);
         portals.ready_sent();
-        portals.bind("p2".to_string(), 2);
+        portals.bind("p2".to_string(), 2, 0);
         portals.ready_received(true);
         assert_eq!(portals.get("p1"), None, "ended with its Sync");
         assert_eq!(
@@ -2651,12 +2641,12 @@ mod tests {
         // Explicit transaction: BEGIN, Bind + Sync inside, then COMMIT.
         portals.ready_sent(); // BEGIN
         portals.ready_received(false);
-        portals.bind("c1".to_string(), 3);
+        portals.bind("c1".to_string(), 3, 0);
         portals.ready_sent(); // Sync
         portals.ready_received(false);
         assert_eq!(portals.get("c1"), Some(&3), "the transaction is still open");
         portals.ready_sent(); // COMMIT
-        portals.bind(String::new(), 4); // pipelined behind the COMMIT
+        portals.bind(String::new(), 4, 0); // pipelined behind the COMMIT
         portals.ready_received(true);
         assert_eq!(portals.get("c1"), None, "ended at COMMIT");
         assert_eq!(portals.get(""), Some(&4));
@@ -2667,7 +2657,7 @@ mod tests {
         // end its transaction is unanswered since its Bind.
         portals.ready_sent(); // BEGIN
         portals.ready_received(false);
-        portals.bind("k".to_string(), 5);
+        portals.bind("k".to_string(), 5, 0);
         assert!(portals.certainly_live("k"), "bound in this segment");
         portals.ready_sent(); // Sync, unanswered
         assert!(!portals.certainly_live("k"), "may have ended with the Sync");
@@ -2682,7 +2672,7 @@ mod tests {
         assert!(!portals.certainly_live("k"));
 
         for i in 0..10_000 {
-            portals.bind(format!("cursor_{i}"), i);
+            portals.bind(format!("cursor_{i}"), i, 0);
             portals.ready_sent();
             portals.ready_received(true);
         }
