@@ -969,7 +969,12 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         .unwrap();
     let text = stdout(&out);
     assert!(text.contains("end b'"), "{text}{}", stderr(&out));
-    assert!(!text.contains("4111") && !text.contains("0004"), "{text}");
+    // No card number at all before the function calls (those show the last four digits).
+    let before_calls = text.split("function call").next().unwrap_or_default();
+    assert!(
+        !before_calls.contains("4111") && !before_calls.contains("0004"),
+        "{text}"
+    );
     assert!(
         text.contains("which this session did not create with Bind"),
         "{text}"
@@ -1049,6 +1054,22 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
     };
     let denied = f.wait_event("statement.denied", limited);
     assert!(denied.iter().any(limited), "{denied:#?}");
+    // A fast-path function call's result is masked by the content detectors like a computed
+    // column's: query_to_xml() of the cards, called by OID, shows the last four digits only;
+    // in binary format (type unknown) a detected value closes the session instead.
+    let call = text.split("function call").nth(1).unwrap_or_default();
+    assert!(
+        call.contains("**** **** **** 1111") && !call.contains("4111"),
+        "{text}"
+    );
+    let binary = text
+        .split("binary function call")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        binary.contains("cannot be masked") && !binary.contains("4111"),
+        "{text}"
+    );
     let ours = |e: &Value| e["statement"] == "-- Execute of portal \"c\"";
     let denied = f.wait_event("statement.denied", ours);
     let event = denied.iter().find(|e| ours(e)).unwrap();

@@ -149,3 +149,28 @@ s.sendall(msg(b"C", b"Sn0\0") + parse(b"again", b"SELECT 1") + SYNC)
 print("budget after close", until_ready())
 s.sendall(query(b"SELECT 1"))
 print("end", until_ready())
+
+
+def function_call(oid, args, result_format):
+    body = struct.pack("!IhhH", oid, 1, 0, len(args))
+    for a in args:
+        body += struct.pack("!I", len(a)) + a
+    return msg(b"F", body + struct.pack("!h", result_format))
+
+
+# The fast-path function call runs a function by OID, outside SQL: its result is masked like
+# a computed column's (content detectors), in text format; in binary format, where the type
+# is not known, a detected value ends the session instead of passing.
+s.sendall(query(b"SELECT 'query_to_xml(text,boolean,boolean,text)'::regprocedure::oid"))
+oid = int(values(until_ready())[0])
+leak = [b"SELECT card FROM customers ORDER BY id", b"true", b"false", b""]
+s.sendall(function_call(oid, leak, 0))
+print("function call", until_ready())
+s.sendall(function_call(oid, leak, 1))
+answers = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    answers += chunk
+print("binary function call", answers)

@@ -370,7 +370,12 @@ enum Expect {
     /// ReadyForQuery after Sync, or after a denied simple Query / FunctionCall.
     Sync,
     Query(Box<SimpleQuery>),
-    FunctionCall,
+    /// A fast-path function call: its result is masked with the masker of the verdict that
+    /// allowed it, in the result format the call asked for.
+    FunctionCall {
+        masker: Option<Arc<Masker>>,
+        format: i16,
+    },
     /// The failing message sent in place of a denied one; its error is replaced by this.
     Denied(Box<PgError>),
 }
@@ -736,8 +741,12 @@ impl<'a> Session<'a> {
                 to_server.extend_from_slice(&msg.frame);
             }
             FrontendMessage::Flush => to_server.extend_from_slice(&msg.frame),
-            FrontendMessage::FunctionCall { function_oid, .. } => {
-                self.on_function_call(&msg, function_oid, to_server);
+            FrontendMessage::FunctionCall {
+                function_oid,
+                result_format,
+                ..
+            } => {
+                self.on_function_call(&msg, function_oid, result_format, to_server);
             }
             FrontendMessage::Terminate => {
                 to_server.extend_from_slice(&msg.frame);
@@ -1155,7 +1164,56 @@ impl<'a> Session<'a> {
         to_server.extend_from_slice(&msg.frame);
     }
 
-    fn on_function_call(&mut self, msg: &RawMessage, oid: u32, to_server: &mut BytesMut) {
+    /// A fast-path function's result, masked by the content detectors of the profile its
+    /// call was allowed with. Its type is not known here: in text format the detectors mask
+    /// what they find; in binary format a value in which they find anything cannot be masked
+    /// without corrupting it, so the session ends instead of passing it.
+    fn on_function_result(
+        &mut self,
+        msg: &RawMessage,
+        value: Option<Bytes>,
+        to_client: &mut BytesMut,
+    ) -> Flow {
+        let (masker, format) = match self.expect.front() {
+            Some(Expect::FunctionCall {
+                masker: Some(m),
+                format,
+            }) => (Arc::clone(m), *format),
+            _ => {
+                to_client.extend_from_slice(&msg.frame);
+                return Flow::Continue;
+            }
+        };
+        let Some(value) = value else {
+            to_client.extend_from_slice(&msg.frame);
+            return Flow::Continue;
+        };
+        const UNKNOWN_TYPE: u32 = 0;
+        match masker.mask_value(&ColumnPlan::ContentOnly, format, UNKNOWN_TYPE, &value) {
+            Ok(None) => to_client.extend_from_slice(&msg.frame),
+            Ok(Some(masked)) => portcullis_pgwire::encode_backend(
+                &BackendMessage::FunctionCallResponse(Some(masked.into())),
+                to_client,
+            ),
+            Err(e) => {
+                return self.fatal(
+                    PgError::Unmaskable(format!(
+                        "the function call's result cannot be masked ({e}); the session is closed so no unmasked value leaves"
+                    )),
+                    to_client,
+                )
+            }
+        }
+        Flow::Continue
+    }
+
+    fn on_function_call(
+        &mut self,
+        msg: &RawMessage,
+        oid: u32,
+        format: i16,
+        to_server: &mut BytesMut,
+    ) {
         // The fast-path function call runs a function by OID, bypassing SQL: decided as a
         // `call` statement naming the function by its OID.
         let info = StatementInfo {
@@ -1184,7 +1242,13 @@ impl<'a> Session<'a> {
                     None,
                     None,
                 );
-                self.expect_ready(Expect::FunctionCall);
+                // Its result is a computed value like any function's in SQL: the content
+                // detectors of the verdict's profile apply to it.
+                let masker = verdict.masker.map(|(_, m)| m);
+                if let Some(m) = &masker {
+                    self.session_masker = Some(Arc::clone(m));
+                }
+                self.expect_ready(Expect::FunctionCall { masker, format });
                 to_server.extend_from_slice(&msg.frame);
             }
             Err((e, decision, ids)) => {
@@ -1407,7 +1471,7 @@ impl<'a> Session<'a> {
             BackendMessage::ReadyForQuery { status } => {
                 self.txn = status;
                 match self.expect.pop_front() {
-                    Some(Expect::Sync | Expect::Query(_) | Expect::FunctionCall) => self
+                    Some(Expect::Sync | Expect::Query(_) | Expect::FunctionCall { .. }) => self
                         .portals
                         .ready_received(status == TransactionStatus::Idle),
                     other => self.unexpected("ReadyForQuery", other),
@@ -1492,7 +1556,9 @@ impl<'a> Session<'a> {
                 to_client.extend_from_slice(&msg.frame);
             }
             BackendMessage::CopyInResponse(_) => to_client.extend_from_slice(&msg.frame),
-            BackendMessage::FunctionCallResponse(_) => to_client.extend_from_slice(&msg.frame),
+            BackendMessage::FunctionCallResponse(value) => {
+                return self.on_function_result(&msg, value, to_client);
+            }
             BackendMessage::BackendKeyData { .. } => {
                 // The server's key is never the client's business; the client has the agent's.
             }
@@ -1528,7 +1594,7 @@ impl<'a> Session<'a> {
             Some(Expect::Execute(_)) => "Execute results",
             Some(Expect::Sync) => "ReadyForQuery",
             Some(Expect::Query(_)) => "Query results",
-            Some(Expect::FunctionCall) => "a function result",
+            Some(Expect::FunctionCall { .. }) => "a function result",
             Some(Expect::Denied(_)) => "a denial",
         };
         tracing::warn!(
@@ -2094,7 +2160,7 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            Some(Expect::FunctionCall) => {}
+            Some(Expect::FunctionCall { .. }) => {}
             _ => {
                 if let Some(Expect::Execute(_)) = self.expect.front() {
                     if let Some(Expect::Execute(r)) = self.expect.pop_front() {
@@ -2111,7 +2177,7 @@ impl<'a> Session<'a> {
     fn drop_until_sync(&mut self) {
         while let Some(front) = self.expect.front() {
             match front {
-                Expect::Sync | Expect::Query(_) | Expect::FunctionCall => break,
+                Expect::Sync | Expect::Query(_) | Expect::FunctionCall { .. } => break,
                 Expect::Execute(_) => {
                     if let Some(Expect::Execute(r)) = self.expect.pop_front() {
                         self.record_statement(
