@@ -48,6 +48,10 @@ permit (principal == Portcullis::User::"unix:4545", action == Portcullis::Action
 forbid (principal, action == Portcullis::Action::"query", resource)
 when { context.command == "DROP DATABASE" };
 
+@id("no-to-ascii")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.functions.contains("to_ascii") };
+
 @id("reader-no-writes")
 forbid (principal == Portcullis::User::"unix:65534", action == Portcullis::Action::"query", resource)
 when { context.statement_class == "write" };
@@ -1061,6 +1065,27 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
     assert!(
         call.contains("**** **** **** 1111") && !call.contains("4111"),
         "{text}"
+    );
+    // A policy that forbids a function by name forbids the fast-path call of it by OID.
+    let forbidden = text
+        .split("forbidden function call")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        forbidden.contains("C42501") && forbidden.contains("no-to-ascii"),
+        "{text}"
+    );
+    let by_oid = |e: &Value| {
+        e["statement"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("(pg_catalog.to_ascii)"))
+    };
+    let denied = f.wait_event("statement.denied", by_oid);
+    let event = denied.iter().find(|e| by_oid(e)).unwrap();
+    assert_eq!(
+        event["policy_ids"],
+        serde_json::json!(["no-to-ascii"]),
+        "{event:#?}"
     );
     let binary = text
         .split("binary function call")

@@ -166,6 +166,11 @@ oid = int(values(until_ready())[0])
 leak = [b"SELECT card FROM customers ORDER BY id", b"true", b"false", b""]
 s.sendall(function_call(oid, leak, 0))
 print("function call", until_ready())
+# A policy that forbids a function by name applies to the fast-path call of it by OID.
+s.sendall(query(b"SELECT 'to_ascii(text)'::regprocedure::oid"))
+to_ascii = int(values(until_ready())[0])
+s.sendall(function_call(to_ascii, [b"x"], 0))
+print("forbidden function call", until_ready())
 s.sendall(function_call(oid, leak, 1))
 answers = b""
 while True:

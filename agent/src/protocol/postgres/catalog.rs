@@ -1,8 +1,9 @@
 //! Names of table columns for masking rules by `table_column`: a RowDescription carries each
 //! result column's table OID and attribute number, not its table's name; the catalog has it.
+//! Likewise the names of functions a fast-path call runs by OID, for policies that name them.
 //! Lookups go over a separate connection as the session's own role (so it learns nothing the
-//! session could not read) and are cached per target, database and table for a minute, so a
-//! renamed column is picked up soon after.
+//! session could not read) and are cached per target, database and table (or function) for a
+//! minute, so a renamed column is picked up soon after.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -27,9 +28,23 @@ pub struct TableColumns {
 
 type Key = (u32, String, u32);
 
+/// A function's names as policies may spell them (`name`, `schema.name`), and when read.
+struct FunctionNames {
+    names: Arc<[String]>,
+    fetched: Instant,
+}
+
 #[derive(Default)]
 pub struct Catalog {
     tables: Mutex<HashMap<Key, Arc<TableColumns>>>,
+    functions: Mutex<HashMap<Key, FunctionNames>>,
+}
+
+/// What one lookup reads: the columns of tables, or the names of functions.
+#[derive(Clone, Copy)]
+pub enum Lookup<'a> {
+    Tables(&'a [u32]),
+    Functions(&'a [u32]),
 }
 
 impl Catalog {
@@ -65,6 +80,14 @@ impl Catalog {
         t.view.clone()
     }
 
+    /// A function's names (`name` and `schema.name`) if cached and fresh; empty when the
+    /// server has no function of that OID.
+    pub fn function_names(&self, target_id: u32, db: &str, oid: u32) -> Option<Arc<[String]>> {
+        let functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        let f = functions.get(&(target_id, db.to_string(), oid))?;
+        (f.fetched.elapsed() <= TTL).then(|| Arc::clone(&f.names))
+    }
+
     pub fn is_fresh(&self, target_id: u32, db: &str, table_oid: u32) -> bool {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         tables
@@ -72,7 +95,8 @@ impl Catalog {
             .is_some_and(|t| t.fetched.elapsed() <= TTL)
     }
 
-    /// Reads the columns of `oids` from the server and caches them.
+    /// Reads the columns of tables, or the names of functions, from the server and caches
+    /// them.
     #[allow(clippy::too_many_arguments, reason = "one connection's parameters")]
     pub async fn fetch(
         &self,
@@ -84,7 +108,7 @@ impl Catalog {
         db: &str,
         role: &str,
         password: &Secret,
-        oids: &[u32],
+        lookup: Lookup<'_>,
     ) -> Result<(), String> {
         let mut config = tokio_postgres::Config::new();
         config
@@ -93,7 +117,10 @@ impl Catalog {
             .password(password.expose())
             .application_name("portcullis-catalog")
             .connect_timeout(Duration::from_secs(10));
-        let oids: Vec<tokio_postgres::types::Oid> = oids.to_vec();
+        let (oids, functions) = match lookup {
+            Lookup::Tables(oids) => (oids.to_vec(), false),
+            Lookup::Functions(oids) => (oids.to_vec(), true),
+        };
         let (rows, views) = match tls {
             Some(tls) => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
@@ -107,13 +134,17 @@ impl Catalog {
                         &mut make, &host,
                     )
                     .map_err(|e| format!("server name `{host}`: {e}"))?;
-                query_once(&config, socket, connect, &oids).await?
+                query_once(&config, socket, connect, &oids, functions).await?
             }
             None => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                query_once(&config, socket, tokio_postgres::NoTls, &oids).await?
+                query_once(&config, socket, tokio_postgres::NoTls, &oids, functions).await?
             }
         };
+        if functions {
+            self.keep_function_names(target_id, db, &oids, &rows)?;
+            return Ok(());
+        }
         let mut found: HashMap<u32, HashMap<i16, String>> =
             oids.iter().map(|o| (*o, HashMap::new())).collect();
         for row in rows {
@@ -147,16 +178,55 @@ impl Catalog {
     }
 }
 
+impl Catalog {
+    fn keep_function_names(
+        &self,
+        target_id: u32,
+        db: &str,
+        oids: &[u32],
+        rows: &[tokio_postgres::Row],
+    ) -> Result<(), String> {
+        // An OID the server has no function for keeps no names: the call fails there anyway.
+        let mut found: HashMap<u32, Vec<String>> = oids.iter().map(|o| (*o, Vec::new())).collect();
+        for row in rows {
+            let oid: u32 = row.try_get(0).map_err(|e| e.to_string())?;
+            let schema: String = row.try_get(1).map_err(|e| e.to_string())?;
+            let name: String = row.try_get(2).map_err(|e| e.to_string())?;
+            found
+                .entry(oid)
+                .or_default()
+                .extend([format!("{schema}.{name}"), name]);
+        }
+        let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if functions.len() > MAX_TABLES {
+            functions.clear();
+        }
+        let now = Instant::now();
+        for (oid, names) in found {
+            functions.insert(
+                (target_id, db.to_string(), oid),
+                FunctionNames {
+                    names: names.into(),
+                    fetched: now,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
 /// What the views among the looked-up relations compute their columns from (`None`: unknown).
 type Views = HashMap<u32, Option<Arc<portcullis_sql::ResultSources>>>;
 
 /// One connection: the column query, then which relations the views' definitions name are
-/// not plain tables; closed. Returns the column rows and the views' sources.
+/// not plain tables; closed. Returns the column rows and the views' sources. With
+/// `functions`, the function-name query alone (no views).
 async fn query_once<T>(
     config: &tokio_postgres::Config,
     socket: tokio::net::TcpStream,
     tls: T,
     oids: &[tokio_postgres::types::Oid],
+    functions: bool,
 ) -> Result<(Vec<tokio_postgres::Row>, Views), String>
 where
     T: tokio_postgres::tls::TlsConnect<tokio::net::TcpStream>,
@@ -178,6 +248,13 @@ where
         .map_err(|e| e.to_string())?;
     let task = tokio::spawn(connection);
     let result = async {
+        if functions {
+            let rows = client
+                .query(FUNCTIONS, &[&oids])
+                .await
+                .map_err(|e| db_error(&e))?;
+            return Ok((rows, Views::new()));
+        }
         let rows = client
             .query(COLUMNS, &[&oids])
             .await
@@ -248,6 +325,12 @@ fn db_error(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// The functions a fast-path call may run, by OID: schema and name.
+const FUNCTIONS: &str = "SELECT p.oid, n.nspname, p.proname \
+                         FROM pg_catalog.pg_proc p \
+                         JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                         WHERE p.oid = ANY($1)";
 
 /// Which names are plain tables (ordinary, partitioned, foreign): a name that is a view, or
 /// that does not resolve, is not.

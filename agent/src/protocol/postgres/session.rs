@@ -412,6 +412,8 @@ pub struct Session<'a> {
     upstream_addr: Arc<str>,
     /// What every statement event of the session says about it, encoded once.
     event_parts: Result<StatementEventParts, String>,
+    /// Why the last lookup of fast-path functions' names failed.
+    function_lookup_error: Option<String>,
 }
 
 /// Statement shape: class, command, tables, functions.
@@ -523,6 +525,7 @@ impl<'a> Session<'a> {
             ),
             client_addr,
             upstream_addr,
+            function_lookup_error: None,
         }
     }
 
@@ -553,6 +556,7 @@ impl<'a> Session<'a> {
         let mut to_client = BytesMut::new();
         // Bytes that arrived with the start-up packet belong to the session.
         if !cbuf.is_empty() {
+            self.resolve_function_names(&cbuf).await;
             if let Flow::End(why) = self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client)
             {
                 return self.finish(&mut client, &to_client, why).await;
@@ -602,7 +606,10 @@ impl<'a> Session<'a> {
                     match r {
                         Err(e) => Flow::End(format!("client read failed: {e}")),
                         Ok(0) => Flow::End("client closed the connection".into()),
-                        Ok(_) => self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client),
+                        Ok(_) => {
+                            self.resolve_function_names(&cbuf).await;
+                            self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client)
+                        }
                     }
                 }
                 r = fill(&mut server, &mut sbuf) => {
@@ -1215,13 +1222,44 @@ impl<'a> Session<'a> {
         to_server: &mut BytesMut,
     ) {
         // The fast-path function call runs a function by OID, bypassing SQL: decided as a
-        // `call` statement naming the function by its OID.
+        // `call` statement naming the function by its names from the catalog (as SQL would
+        // name it, bare and schema-qualified) and by its OID. Without its names a policy
+        // that forbids the function by name could not apply: refused.
+        let Some(names) = self
+            .shared
+            .catalog
+            .function_names(self.target.id, &self.db_name, oid)
+        else {
+            let why = self
+                .function_lookup_error
+                .clone()
+                .unwrap_or_else(|| "not looked up".into());
+            let info = unparsed(&format!("-- function call by OID {oid}"));
+            let e = PgError::StatementDenied {
+                reason: format!(
+                    "the name of the function with OID {oid} could not be read from the catalog ({why}), so no policy can be applied to it"
+                ),
+                policy_ids: Vec::new(),
+            };
+            self.record_denied(&info, "deny", &[], &e.to_string(), e.sqlstate());
+            self.inject_denied_query(e, to_server);
+            return;
+        };
+        let functions: Vec<String> = names
+            .iter()
+            .cloned()
+            .chain(std::iter::once(format!("oid:{oid}")))
+            .collect();
+        let text = match names.first() {
+            Some(name) => format!("-- function call by OID {oid} ({name})"),
+            None => format!("-- function call by OID {oid}"),
+        };
         let info = StatementInfo {
-            text: format!("-- function call by OID {oid}").into(),
+            text: text.into(),
             class: Some("call"),
             command: Some("FUNCTION CALL".into()),
             tables: Arc::from([]),
-            functions: Arc::from([format!("oid:{oid}")]),
+            functions: functions.into(),
             copy: None,
             sources: None,
             named: None,
@@ -1394,18 +1432,26 @@ impl<'a> Session<'a> {
                 "the masking profile selects columns by table, and the result's tables could not be looked up ({why}); the session is closed so no unmasked value leaves"
             ))
         };
+        self.catalog_lookup(super::catalog::Lookup::Tables(&oids))
+            .await
+            .map_err(unresolved)
+    }
+
+    /// Reads what `lookup` asks from the catalog, over a connection of its own as the
+    /// session's role, into the shared cache.
+    async fn catalog_lookup(&self, lookup: super::catalog::Lookup<'_>) -> Result<(), String> {
         let pg = self
             .target
             .postgres
             .as_deref()
-            .ok_or_else(|| unresolved("no PostgreSQL settings".into()))?;
+            .ok_or_else(|| "no PostgreSQL settings".to_string())?;
         let password = super::upstream::credential(pg.credentials_file.get_ref(), &self.db_user)
-            .map_err(|e| unresolved(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         let socket = self
             .proxy
             .connect_upstream(self.conn.upstream)
             .await
-            .map_err(|e| unresolved(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         self.shared
             .catalog
             .fetch(
@@ -1417,10 +1463,44 @@ impl<'a> Session<'a> {
                 &self.db_name,
                 &self.db_user,
                 &password,
-                &oids,
+                lookup,
             )
             .await
-            .map_err(unresolved)
+    }
+
+    /// Looks up the names of the functions the fast-path calls in `buf` run (by OID), so the
+    /// policy decides them by name as it does the same call in SQL. What could not be looked
+    /// up is kept for `on_function_call`, which refuses those calls.
+    async fn resolve_function_names(&mut self, buf: &[u8]) {
+        let mut oids: Vec<u32> = Vec::new();
+        let mut rest = buf;
+        while let (Some(&tag), Some(&[a, b, c, d])) = (rest.first(), rest.get(1..5)) {
+            let len = u32::from_be_bytes([a, b, c, d]) as usize;
+            if rest.len() < len.saturating_add(1) {
+                break;
+            }
+            if let (b'F', Some(&[o1, o2, o3, o4])) = (tag, rest.get(5..9)) {
+                let oid = u32::from_be_bytes([o1, o2, o3, o4]);
+                let cached = self
+                    .shared
+                    .catalog
+                    .function_names(self.target.id, &self.db_name, oid)
+                    .is_some();
+                if !cached {
+                    oids.push(oid);
+                }
+            }
+            rest = rest.get(len + 1..).unwrap_or_default();
+        }
+        if oids.is_empty() {
+            return;
+        }
+        oids.sort_unstable();
+        oids.dedup();
+        self.function_lookup_error = self
+            .catalog_lookup(super::catalog::Lookup::Functions(&oids))
+            .await
+            .err();
     }
 
     fn on_server_bytes(&mut self, buf: &mut BytesMut, to_client: &mut BytesMut) -> Flow {
