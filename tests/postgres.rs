@@ -958,6 +958,26 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         assert!(out.status.success(), "{sql}: {}", stderr(&out));
         assert_eq!(stdout(&out), want, "{sql}");
     }
+    // A value can leave in an error's or notice's text instead of a row: the cast's error
+    // quotes the card number in its message, a RAISE in any field. The detectors mask them.
+    for sql in [
+        "SELECT card::int FROM customers ORDER BY id",
+        "DO $$ BEGIN RAISE NOTICE 'n %', (SELECT card FROM customers ORDER BY id LIMIT 1); \
+         RAISE EXCEPTION 'e %', (SELECT card FROM customers ORDER BY id LIMIT 1) \
+         USING DETAIL = (SELECT card FROM customers ORDER BY id LIMIT 1), \
+         HINT = (SELECT card FROM customers ORDER BY id LIMIT 1); END $$",
+    ] {
+        let out = f.psql(
+            ANALYST,
+            "app",
+            "require",
+            &["-v", "VERBOSITY=verbose", "-c", sql],
+        );
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{sql}: {err}");
+        assert!(!err.contains("4111"), "{sql}: {err}");
+        assert!(err.contains("**** **** **** 1111"), "{sql}: {err}");
+    }
     // A SQL cursor is a portal too, and the protocol's Execute runs it as FETCH would: the
     // agent did not bind it, so it refuses it rather than pass rows it cannot mask; the same
     // for Bind of a statement made with SQL PREPARE.

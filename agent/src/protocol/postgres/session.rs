@@ -1602,7 +1602,7 @@ impl<'a> Session<'a> {
             BackendMessage::ErrorResponse(fields) => return self.on_error(fields, to_client),
             BackendMessage::NoticeResponse(fields) => {
                 let masker = self.current_masker();
-                match masker.and_then(|m| mask_detail(&m, &fields)) {
+                match masker.and_then(|m| mask_error_text(&m, &fields)) {
                     Some(masked) => portcullis_pgwire::encode_notice_response(&masked, to_client),
                     None => to_client.extend_from_slice(&msg.frame),
                 }
@@ -2209,14 +2209,20 @@ impl<'a> Session<'a> {
         }
         let code = fields.sqlstate().map(str::to_string);
         if fields.severity() == Some("FATAL") || fields.severity() == Some("PANIC") {
-            let masked = self.current_masker().and_then(|m| mask_detail(&m, &fields));
-            encode_error_response(masked.as_ref().unwrap_or(&fields), to_client);
+            let masked = self
+                .current_masker()
+                .and_then(|m| mask_error_text(&m, &fields));
+            let shown = masked.as_ref().unwrap_or(&fields);
+            encode_error_response(shown, to_client);
+            // The audit trail gets the message as the client saw it, masked.
             return Flow::End(format!(
                 "the server ended the session: {}",
-                fields.message().unwrap_or("")
+                shown.message().unwrap_or("")
             ));
         }
-        let masked = self.current_masker().and_then(|m| mask_detail(&m, &fields));
+        let masked = self
+            .current_masker()
+            .and_then(|m| mask_error_text(&m, &fields));
         encode_error_response(masked.as_ref().unwrap_or(&fields), to_client);
         self.copy_out = None;
         match self.expect.front_mut() {
@@ -2586,14 +2592,22 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// An error or notice with its DETAIL (which can quote row values, e.g. a unique violation's
-/// key) run through the content detectors; `None` when nothing changed.
-fn mask_detail(masker: &Masker, fields: &ErrorFields) -> Option<ErrorFields> {
-    let detail = fields.detail()?;
-    let masked = masker.mask_text(detail)?;
-    let mut out = fields.clone();
-    out.set(b'D', masked);
-    Some(out)
+/// The fields of an error or notice that carry free text, where a value can leave instead of
+/// in a row (a cast's error quotes the value it could not read; RAISE puts anything in any of
+/// them): message, detail, hint, context, and the internal query.
+const TEXT_FIELDS: [u8; 5] = [b'M', b'D', b'H', b'W', b'q'];
+
+/// An error or notice with the content detectors applied to its free-text fields; `None` if
+/// they found nothing.
+fn mask_error_text(masker: &Masker, fields: &ErrorFields) -> Option<ErrorFields> {
+    let mut out: Option<ErrorFields> = None;
+    for code in TEXT_FIELDS {
+        let Some(masked) = fields.get(code).and_then(|text| masker.mask_text(text)) else {
+            continue;
+        };
+        out.get_or_insert_with(|| fields.clone()).set(code, masked);
+    }
+    out
 }
 
 /// The agent's catalog query for a simple-query `COPY table TO STDOUT` whose rows it masks by
