@@ -2190,6 +2190,64 @@ impl<'a> Session<'a> {
         );
     }
 
+    /// What the client is shown of a server error while a masking profile applies; `None`:
+    /// the error as it is. An error that may quote a value the statement read (a data
+    /// exception such as a failed cast, an integrity violation's key, a PL/pgSQL exception)
+    /// is withheld whole when the statement reads a column a rule of the profile selects:
+    /// rules select by column, not content, so nothing in the text could be told apart.
+    /// Otherwise the content detectors mask its free-text fields.
+    fn screen_error(&mut self, fields: &ErrorFields) -> Option<ErrorFields> {
+        let may_quote = fields
+            .sqlstate()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("P0"));
+        if may_quote {
+            if let Some(profile) = self.reads_selected_columns() {
+                let sqlstate = fields.sqlstate().unwrap_or_default();
+                let mut shown = ErrorFields::new(
+                    fields.severity().unwrap_or("ERROR"),
+                    sqlstate,
+                    format!(
+                        "Portcullis: the server's error {sqlstate} is withheld: the statement reads columns that masking profile `{profile}` selects, and the error's text may quote their values"
+                    ),
+                );
+                // Which table, column or constraint it concerns names no value.
+                for code in [b's', b't', b'c', b'd', b'n'] {
+                    if let Some(name) = fields.get(code) {
+                        shown.set(code, name.to_string());
+                    }
+                }
+                return Some(shown);
+            }
+        }
+        self.current_masker()
+            .and_then(|m| mask_error_text(&m, fields))
+    }
+
+    /// The masking profile of the statement running, if it has column rules and the statement
+    /// reads anything one of them could select: a column its parse tree references, else
+    /// any column of a table it touches (a write without RETURNING), else anything at all
+    /// (a `DO` block or a procedure, whose bodies the agent does not see).
+    fn reads_selected_columns(&mut self) -> Option<Arc<str>> {
+        let r = self.current_running()?;
+        let (profile, masker) = r.verdict.masker.as_ref()?;
+        if !masker.has_column_rules() {
+            return None;
+        }
+        let plan = match (&r.info.sources, r.info.class) {
+            (Some(s), _) => masker.plan_derived(
+                "",
+                s.all
+                    .iter()
+                    .map(|r| (r.table.as_deref(), r.column.as_deref())),
+            ),
+            (None, Some("do" | "call")) => masker.plan_derived("", [(None, None)]),
+            (None, _) => {
+                masker.plan_derived("", r.info.tables.iter().map(|t| (Some(t.as_str()), None)))
+            }
+        };
+        matches!(plan, ColumnPlan::Whole { .. }).then(|| Arc::clone(profile))
+    }
+
     fn on_error(&mut self, fields: ErrorFields, to_client: &mut BytesMut) -> Flow {
         if let Some(Expect::Denied(_)) = self.expect.front() {
             let Some(Expect::Denied(e)) = self.expect.pop_front() else {
@@ -2209,9 +2267,7 @@ impl<'a> Session<'a> {
         }
         let code = fields.sqlstate().map(str::to_string);
         if fields.severity() == Some("FATAL") || fields.severity() == Some("PANIC") {
-            let masked = self
-                .current_masker()
-                .and_then(|m| mask_error_text(&m, &fields));
+            let masked = self.screen_error(&fields);
             let shown = masked.as_ref().unwrap_or(&fields);
             encode_error_response(shown, to_client);
             // The audit trail gets the message as the client saw it, masked.
@@ -2220,9 +2276,7 @@ impl<'a> Session<'a> {
                 shown.message().unwrap_or("")
             ));
         }
-        let masked = self
-            .current_masker()
-            .and_then(|m| mask_error_text(&m, &fields));
+        let masked = self.screen_error(&fields);
         encode_error_response(masked.as_ref().unwrap_or(&fields), to_client);
         self.copy_out = None;
         match self.expect.front_mut() {
