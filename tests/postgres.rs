@@ -1112,6 +1112,25 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         call.contains("**** **** **** 1111") && !call.contains("4111"),
         "{text}"
     );
+    // The call is recorded with its function's name and its arguments, as a Bind is.
+    let called = |e: &Value| {
+        e["statement"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("(pg_catalog.query_to_xml)"))
+    };
+    let executed = f.wait_event("statement.executed", called);
+    let event = executed.iter().find(|e| called(e)).unwrap();
+    assert_eq!(
+        event["parameters"],
+        serde_json::json!([
+            "SELECT card FROM customers ORDER BY id",
+            "true",
+            "false",
+            ""
+        ]),
+        "{event:#?}"
+    );
+    assert_eq!(event["masking_profile"], "pii", "{event:#?}");
     // A policy that forbids a function by name forbids the fast-path call of it by OID.
     let forbidden = text
         .split("forbidden function call")

@@ -475,6 +475,14 @@ enum Flow {
     End(String),
 }
 
+/// The fields of a fast-path FunctionCall message the session uses.
+struct FunctionCall<'m> {
+    oid: u32,
+    arg_formats: &'m [i16],
+    args: &'m [Option<Bytes>],
+    result_format: i16,
+}
+
 impl<'a> Session<'a> {
     #[allow(
         clippy::too_many_arguments,
@@ -750,10 +758,17 @@ impl<'a> Session<'a> {
             FrontendMessage::Flush => to_server.extend_from_slice(&msg.frame),
             FrontendMessage::FunctionCall {
                 function_oid,
+                arg_formats,
+                args,
                 result_format,
-                ..
             } => {
-                self.on_function_call(&msg, function_oid, result_format, to_server);
+                let call = FunctionCall {
+                    oid: function_oid,
+                    arg_formats: &arg_formats,
+                    args: &args,
+                    result_format,
+                };
+                self.on_function_call(&msg, &call, to_server);
             }
             FrontendMessage::Terminate => {
                 to_server.extend_from_slice(&msg.frame);
@@ -1093,20 +1108,7 @@ impl<'a> Session<'a> {
             }
         }
         let masker = verdict.masker.as_ref().map(|(_, m)| Arc::clone(m));
-        let parameters = params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                p.as_ref().map(|v| {
-                    let format = match param_formats {
-                        [] => 0,
-                        [one] => *one,
-                        many => many.get(i).copied().unwrap_or(0),
-                    };
-                    audit_parameter(v, format, masker.as_deref())
-                })
-            })
-            .collect();
+        let parameters = audit_parameters(params, param_formats, masker.as_deref());
         if !self.named_sources.is_empty() {
             self.named_sources.remove(&(true, portal.clone()));
         }
@@ -1217,10 +1219,10 @@ impl<'a> Session<'a> {
     fn on_function_call(
         &mut self,
         msg: &RawMessage,
-        oid: u32,
-        format: i16,
+        call: &FunctionCall<'_>,
         to_server: &mut BytesMut,
     ) {
+        let oid = call.oid;
         // The fast-path function call runs a function by OID, bypassing SQL: decided as a
         // `call` statement naming the function by its names from the catalog (as SQL would
         // name it, bare and schema-qualified) and by its OID. Without its names a policy
@@ -1269,10 +1271,16 @@ impl<'a> Session<'a> {
         let set = self.proxy.policies().current();
         match self.decide(&set, &info) {
             Ok(verdict) => {
+                let (profile, masker) = match verdict.masker {
+                    Some((profile, masker)) => (Some(profile), Some(masker)),
+                    None => (None, None),
+                };
+                // Its arguments are recorded as a Bind's parameters are.
+                let arguments = audit_parameters(call.args, call.arg_formats, masker.as_deref());
                 self.record_statement(
                     &info,
-                    &Arc::from([]),
-                    None,
+                    &arguments,
+                    profile,
                     "allow",
                     &verdict.policy_ids,
                     None,
@@ -1282,11 +1290,13 @@ impl<'a> Session<'a> {
                 );
                 // Its result is a computed value like any function's in SQL: the content
                 // detectors of the verdict's profile apply to it.
-                let masker = verdict.masker.map(|(_, m)| m);
                 if let Some(m) = &masker {
                     self.session_masker = Some(Arc::clone(m));
                 }
-                self.expect_ready(Expect::FunctionCall { masker, format });
+                self.expect_ready(Expect::FunctionCall {
+                    masker,
+                    format: call.result_format,
+                });
                 to_server.extend_from_slice(&msg.frame);
             }
             Err((e, decision, ids)) => {
@@ -2612,6 +2622,29 @@ fn plan_from_sources(
         ),
         None => masker.plan_derived(name, [(None, None)]),
     }
+}
+
+/// The values of a Bind or a function call as the audit trail shows them; `formats` as the
+/// protocol gives them (none: all text, one: for all, else one per value).
+fn audit_parameters(
+    values: &[Option<Bytes>],
+    formats: &[i16],
+    masker: Option<&Masker>,
+) -> Arc<[Option<String>]> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            p.as_ref().map(|v| {
+                let format = match formats {
+                    [] => 0,
+                    [one] => *one,
+                    many => many.get(i).copied().unwrap_or(0),
+                };
+                audit_parameter(v, format, masker)
+            })
+        })
+        .collect()
 }
 
 /// A bound parameter as the audit trail shows it: text as text (content detectors of the
