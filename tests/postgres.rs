@@ -1112,6 +1112,14 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
         call.contains("**** **** **** 1111") && !call.contains("4111"),
         "{text}"
     );
+    // A setting the server reports after a statement set it from a masked column.
+    let reported = text.split("reported setting").nth(1).unwrap_or_default();
+    let reported = reported.split("function call").next().unwrap_or_default();
+    assert!(
+        reported.contains("application_name\\x00[withheld by Portcullis")
+            && !reported.contains("example.com"),
+        "{text}"
+    );
     // The call is recorded with its function's name and its arguments, as a Bind is.
     let called = |e: &Value| {
         e["statement"]

@@ -151,6 +151,11 @@ s.sendall(query(b"SELECT 1"))
 print("end", until_ready())
 
 
+# A setting the server reports (ParameterStatus) set from a masked column: withheld.
+s.sendall(query(b"SELECT set_config('application_name', email, false) FROM customers ORDER BY id LIMIT 1"))
+print("reported setting", until_ready())
+
+
 def function_call(oid, args, result_format):
     body = struct.pack("!IhhH", oid, 1, 0, len(args))
     for a in args:

@@ -414,6 +414,9 @@ pub struct Session<'a> {
     event_parts: Result<StatementEventParts, String>,
     /// Why the last lookup of fast-path functions' names failed.
     function_lookup_error: Option<String>,
+    /// A statement completed since the last ReadyForQuery read what a column rule of this
+    /// profile could select: the settings the server reports before the next one may carry it.
+    read_selected_since_ready: Option<Arc<str>>,
 }
 
 /// Statement shape: class, command, tables, functions.
@@ -534,6 +537,7 @@ impl<'a> Session<'a> {
             client_addr,
             upstream_addr,
             function_lookup_error: None,
+            read_selected_since_ready: None,
         }
     }
 
@@ -1560,6 +1564,7 @@ impl<'a> Session<'a> {
         match parsed {
             BackendMessage::ReadyForQuery { status } => {
                 self.txn = status;
+                self.read_selected_since_ready = None;
                 match self.expect.pop_front() {
                     Some(Expect::Sync | Expect::Query(_) | Expect::FunctionCall { .. }) => self
                         .portals
@@ -1664,7 +1669,13 @@ impl<'a> Session<'a> {
                 if let Some(e) = string_syntax_changed(&name, &value) {
                     return self.fatal(e, to_client);
                 }
-                to_client.extend_from_slice(&msg.frame);
+                match self.screen_parameter(&name, &value) {
+                    Some(value) => portcullis_pgwire::encode_backend(
+                        &BackendMessage::ParameterStatus { name, value },
+                        to_client,
+                    ),
+                    None => to_client.extend_from_slice(&msg.frame),
+                }
             }
             BackendMessage::DataRow(_) | BackendMessage::CopyData(_) | BackendMessage::CopyDone => {
                 to_client.extend_from_slice(&msg.frame);
@@ -2181,6 +2192,9 @@ impl<'a> Session<'a> {
     fn finish_statement(&mut self, r: Running, tag: Option<String>, sqlstate: Option<String>) {
         if let Some((_, m)) = &r.verdict.masker {
             self.session_masker = Some(Arc::clone(m));
+            if let Some(profile) = reads_selected_columns(&r) {
+                self.read_selected_since_ready = Some(profile);
+            }
         }
         let rows = tag
             .as_deref()
@@ -2233,29 +2247,27 @@ impl<'a> Session<'a> {
             .and_then(|m| mask_error_text(&m, fields))
     }
 
-    /// The masking profile of the statement running, if it has column rules and the statement
-    /// reads anything one of them could select: a column its parse tree references, else
-    /// any column of a table it touches (a write without RETURNING), else anything at all
-    /// (a `DO` block or a procedure, whose bodies the agent does not see).
+    /// [`reads_selected_columns`] of the statement running.
     fn reads_selected_columns(&mut self) -> Option<Arc<str>> {
-        let r = self.current_running()?;
-        let (profile, masker) = r.verdict.masker.as_ref()?;
-        if !masker.has_column_rules() {
+        reads_selected_columns(self.current_running()?)
+    }
+
+    /// A reported parameter's value as the client is shown it while a masking profile
+    /// applies; `None`: as it is. `SELECT set_config('application_name', email, false) FROM
+    /// customers` would report the value in a ParameterStatus, outside the result: free-text
+    /// settings go through the detectors, and are withheld after a statement that read what a
+    /// column rule could select (the server reports changes just before ReadyForQuery, when
+    /// that statement is complete). Other reported settings take only constrained values.
+    fn screen_parameter(&mut self, name: &str, value: &str) -> Option<String> {
+        if !matches!(name, "application_name" | "search_path") {
             return None;
         }
-        let plan = match (&r.info.sources, r.info.class) {
-            (Some(s), _) => masker.plan_derived(
-                "",
-                s.all
-                    .iter()
-                    .map(|r| (r.table.as_deref(), r.column.as_deref())),
-            ),
-            (None, Some("do" | "call")) => masker.plan_derived("", [(None, None)]),
-            (None, _) => {
-                masker.plan_derived("", r.info.tables.iter().map(|t| (Some(t.as_str()), None)))
-            }
-        };
-        matches!(plan, ColumnPlan::Whole { .. }).then(|| Arc::clone(profile))
+        if let Some(profile) = &self.read_selected_since_ready {
+            return Some(format!(
+                "[withheld by Portcullis: a statement read columns that masking profile {profile} selects]"
+            ));
+        }
+        self.current_masker().and_then(|m| m.mask_text(value))
     }
 
     fn on_error(&mut self, fields: ErrorFields, to_client: &mut BytesMut) -> Flow {
@@ -2645,6 +2657,30 @@ fn audit_parameters(
             })
         })
         .collect()
+}
+
+/// The masking profile of a statement, if it has column rules and the statement reads
+/// anything one of them could select: a column its parse tree references, else any column of
+/// a table it touches (a write without RETURNING), else anything at all (a `DO` block or a
+/// procedure, whose bodies the agent does not see).
+fn reads_selected_columns(r: &Running) -> Option<Arc<str>> {
+    let (profile, masker) = r.verdict.masker.as_ref()?;
+    if !masker.has_column_rules() {
+        return None;
+    }
+    let plan = match (&r.info.sources, r.info.class) {
+        (Some(s), _) => masker.plan_derived(
+            "",
+            s.all
+                .iter()
+                .map(|r| (r.table.as_deref(), r.column.as_deref())),
+        ),
+        (None, Some("do" | "call")) => masker.plan_derived("", [(None, None)]),
+        (None, _) => {
+            masker.plan_derived("", r.info.tables.iter().map(|t| (Some(t.as_str()), None)))
+        }
+    };
+    matches!(plan, ColumnPlan::Whole { .. }).then(|| Arc::clone(profile))
 }
 
 /// A bound parameter as the audit trail shows it: text as text (content detectors of the
