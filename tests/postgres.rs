@@ -1120,6 +1120,13 @@ fn card_numbers_are_masked_in_text_binary_and_copy() {
             && !reported.contains("example.com"),
         "{text}"
     );
+    // A notification sent from a masked column, delivered at the transaction's commit.
+    let notified = text.split("notification").nth(1).unwrap_or_default();
+    let notified = notified.split("function call").next().unwrap_or_default();
+    assert!(
+        notified.contains("c\\x00[withheld by Portcullis") && !notified.contains("example.com"),
+        "{text}"
+    );
     // The call is recorded with its function's name and its arguments, as a Bind is.
     let called = |e: &Value| {
         e["statement"]

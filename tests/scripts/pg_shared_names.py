@@ -154,6 +154,13 @@ print("end", until_ready())
 # A setting the server reports (ParameterStatus) set from a masked column: withheld.
 s.sendall(query(b"SELECT set_config('application_name', email, false) FROM customers ORDER BY id LIMIT 1"))
 print("reported setting", until_ready())
+# A notification the session sends itself from a masked column, delivered at commit.
+s.sendall(query(b"LISTEN c"))
+until_ready()
+s.sendall(query(b"BEGIN; SELECT pg_notify('c', email) FROM customers ORDER BY id LIMIT 1"))
+until_ready()
+s.sendall(query(b"COMMIT"))
+print("notification", until_ready())
 
 
 def function_call(oid, args, result_format):

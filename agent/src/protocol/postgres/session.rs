@@ -414,9 +414,10 @@ pub struct Session<'a> {
     event_parts: Result<StatementEventParts, String>,
     /// Why the last lookup of fast-path functions' names failed.
     function_lookup_error: Option<String>,
-    /// A statement completed since the last ReadyForQuery read what a column rule of this
-    /// profile could select: the settings the server reports before the next one may carry it.
-    read_selected_since_ready: Option<Arc<str>>,
+    /// A statement of the current transaction (or the last one, until ReadyForQuery says it
+    /// ended) read what a column rule of this profile could select: the settings the server
+    /// reports and the notifications it delivers at commit may carry those values.
+    read_selected_in_transaction: Option<Arc<str>>,
 }
 
 /// Statement shape: class, command, tables, functions.
@@ -537,7 +538,7 @@ impl<'a> Session<'a> {
             client_addr,
             upstream_addr,
             function_lookup_error: None,
-            read_selected_since_ready: None,
+            read_selected_in_transaction: None,
         }
     }
 
@@ -1564,7 +1565,9 @@ impl<'a> Session<'a> {
         match parsed {
             BackendMessage::ReadyForQuery { status } => {
                 self.txn = status;
-                self.read_selected_since_ready = None;
+                if status == TransactionStatus::Idle {
+                    self.read_selected_in_transaction = None;
+                }
                 match self.expect.pop_front() {
                     Some(Expect::Sync | Expect::Query(_) | Expect::FunctionCall { .. }) => self
                         .portals
@@ -1626,11 +1629,7 @@ impl<'a> Session<'a> {
                 process_id,
                 channel,
                 payload,
-            } => match self
-                .session_masker
-                .as_ref()
-                .and_then(|m| m.mask_text(&payload))
-            {
+            } => match self.screen_notification(&payload) {
                 Some(masked) => portcullis_pgwire::encode_backend(
                     &BackendMessage::NotificationResponse {
                         process_id,
@@ -2193,7 +2192,7 @@ impl<'a> Session<'a> {
         if let Some((_, m)) = &r.verdict.masker {
             self.session_masker = Some(Arc::clone(m));
             if let Some(profile) = reads_selected_columns(&r) {
-                self.read_selected_since_ready = Some(profile);
+                self.read_selected_in_transaction = Some(profile);
             }
         }
         let rows = tag
@@ -2255,19 +2254,30 @@ impl<'a> Session<'a> {
     /// A reported parameter's value as the client is shown it while a masking profile
     /// applies; `None`: as it is. `SELECT set_config('application_name', email, false) FROM
     /// customers` would report the value in a ParameterStatus, outside the result: free-text
-    /// settings go through the detectors, and are withheld after a statement that read what a
+    /// settings go through the detectors, and are withheld in a transaction that read what a
     /// column rule could select (the server reports changes just before ReadyForQuery, when
     /// that statement is complete). Other reported settings take only constrained values.
     fn screen_parameter(&mut self, name: &str, value: &str) -> Option<String> {
         if !matches!(name, "application_name" | "search_path") {
             return None;
         }
-        if let Some(profile) = &self.read_selected_since_ready {
-            return Some(format!(
-                "[withheld by Portcullis: a statement read columns that masking profile {profile} selects]"
-            ));
+        if let Some(profile) = &self.read_selected_in_transaction {
+            return Some(withheld_value(profile));
         }
         self.current_masker().and_then(|m| m.mask_text(value))
+    }
+
+    /// A notification's payload as the client is shown it: through the detectors of the
+    /// session's profile, and withheld while the transaction that may have sent it read what
+    /// a column rule could select (`SELECT pg_notify('c', email) FROM customers` in a session
+    /// that listens on `c` gets the notification at commit).
+    fn screen_notification(&self, payload: &str) -> Option<String> {
+        if let Some(profile) = &self.read_selected_in_transaction {
+            return Some(withheld_value(profile));
+        }
+        self.session_masker
+            .as_ref()
+            .and_then(|m| m.mask_text(payload))
     }
 
     fn on_error(&mut self, fields: ErrorFields, to_client: &mut BytesMut) -> Flow {
@@ -2681,6 +2691,14 @@ fn reads_selected_columns(r: &Running) -> Option<Arc<str>> {
         }
     };
     matches!(plan, ColumnPlan::Whole { .. }).then(|| Arc::clone(profile))
+}
+
+/// What the client gets in place of a value outside the rows that may carry what a column
+/// rule selects.
+fn withheld_value(profile: &str) -> String {
+    format!(
+        "[withheld by Portcullis: a statement read columns that masking profile {profile} selects]"
+    )
 }
 
 /// A bound parameter as the audit trail shows it: text as text (content detectors of the
