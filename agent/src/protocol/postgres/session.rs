@@ -1618,13 +1618,10 @@ impl<'a> Session<'a> {
                 to_client.extend_from_slice(&msg.frame);
             }
             BackendMessage::ErrorResponse(fields) => return self.on_error(fields, to_client),
-            BackendMessage::NoticeResponse(fields) => {
-                let masker = self.current_masker();
-                match masker.and_then(|m| mask_error_text(&m, &fields)) {
-                    Some(masked) => portcullis_pgwire::encode_notice_response(&masked, to_client),
-                    None => to_client.extend_from_slice(&msg.frame),
-                }
-            }
+            BackendMessage::NoticeResponse(fields) => match self.screen_error(&fields, true) {
+                Some(masked) => portcullis_pgwire::encode_notice_response(&masked, to_client),
+                None => to_client.extend_from_slice(&msg.frame),
+            },
             BackendMessage::NotificationResponse {
                 process_id,
                 channel,
@@ -2213,16 +2210,18 @@ impl<'a> Session<'a> {
         );
     }
 
-    /// What the client is shown of a server error while a masking profile applies; `None`:
-    /// the error as it is. An error that may quote a value the statement read (a data
-    /// exception such as a failed cast, an integrity violation's key, a PL/pgSQL exception)
-    /// is withheld whole when the statement reads a column a rule of the profile selects:
-    /// rules select by column, not content, so nothing in the text could be told apart.
-    /// Otherwise the content detectors mask its free-text fields.
-    fn screen_error(&mut self, fields: &ErrorFields) -> Option<ErrorFields> {
-        let may_quote = fields
-            .sqlstate()
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("P0"));
+    /// What the client is shown of a server error or notice while a masking profile applies;
+    /// `None`: as it is. An error that may quote a value the statement read (a data exception
+    /// such as a failed cast, an integrity violation's key, a PL/pgSQL exception), and any
+    /// notice (`RAISE NOTICE` puts anything in one), is withheld whole when the statement
+    /// reads a column a rule of the profile selects: rules select by column, not content, so
+    /// nothing in the text could be told apart. Otherwise the content detectors mask its
+    /// free-text fields.
+    fn screen_error(&mut self, fields: &ErrorFields, notice: bool) -> Option<ErrorFields> {
+        let may_quote = notice
+            || fields
+                .sqlstate()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("P0"));
         if may_quote {
             if let Some(profile) = self.reads_selected_columns() {
                 let sqlstate = fields.sqlstate().unwrap_or_default();
@@ -2230,7 +2229,8 @@ impl<'a> Session<'a> {
                     fields.severity().unwrap_or("ERROR"),
                     sqlstate,
                     format!(
-                        "Portcullis: the server's error {sqlstate} is withheld: the statement reads columns that masking profile `{profile}` selects, and the error's text may quote their values"
+                        "Portcullis: the server's {what} {sqlstate} is withheld: the statement reads columns that masking profile `{profile}` selects, and its text may quote their values",
+                        what = if notice { "notice" } else { "error" }
                     ),
                 );
                 // Which table, column or constraint it concerns names no value.
@@ -2299,7 +2299,7 @@ impl<'a> Session<'a> {
         }
         let code = fields.sqlstate().map(str::to_string);
         if fields.severity() == Some("FATAL") || fields.severity() == Some("PANIC") {
-            let masked = self.screen_error(&fields);
+            let masked = self.screen_error(&fields, false);
             let shown = masked.as_ref().unwrap_or(&fields);
             encode_error_response(shown, to_client);
             // The audit trail gets the message as the client saw it, masked.
@@ -2308,7 +2308,7 @@ impl<'a> Session<'a> {
                 shown.message().unwrap_or("")
             ));
         }
-        let masked = self.screen_error(&fields);
+        let masked = self.screen_error(&fields, false);
         encode_error_response(masked.as_ref().unwrap_or(&fields), to_client);
         self.copy_out = None;
         match self.expect.front_mut() {
