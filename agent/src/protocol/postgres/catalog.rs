@@ -47,6 +47,14 @@ pub enum Lookup<'a> {
     Functions(&'a [u32]),
 }
 
+impl<'a> Lookup<'a> {
+    fn oids(self) -> &'a [u32] {
+        match self {
+            Lookup::Tables(oids) | Lookup::Functions(oids) => oids,
+        }
+    }
+}
+
 impl Catalog {
     /// `schema.table.column` for a result column, if the table is cached and fresh.
     pub fn qualified(
@@ -117,10 +125,7 @@ impl Catalog {
             .password(password.expose())
             .application_name("portcullis-catalog")
             .connect_timeout(Duration::from_secs(10));
-        let (oids, functions) = match lookup {
-            Lookup::Tables(oids) => (oids.to_vec(), false),
-            Lookup::Functions(oids) => (oids.to_vec(), true),
-        };
+        let oids = lookup.oids();
         let (rows, views) = match tls {
             Some(tls) => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
@@ -134,15 +139,15 @@ impl Catalog {
                         &mut make, &host,
                     )
                     .map_err(|e| format!("server name `{host}`: {e}"))?;
-                query_once(&config, socket, connect, &oids, functions).await?
+                query_once(&config, socket, connect, lookup).await?
             }
             None => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                query_once(&config, socket, tokio_postgres::NoTls, &oids, functions).await?
+                query_once(&config, socket, tokio_postgres::NoTls, lookup).await?
             }
         };
-        if functions {
-            self.keep_function_names(target_id, db, &oids, &rows)?;
+        if let Lookup::Functions(oids) = lookup {
+            self.keep_function_names(target_id, db, oids, &rows)?;
             return Ok(());
         }
         let mut found: HashMap<u32, HashMap<i16, String>> =
@@ -219,14 +224,13 @@ impl Catalog {
 type Views = HashMap<u32, Option<Arc<portcullis_sql::ResultSources>>>;
 
 /// One connection: the column query, then which relations the views' definitions name are
-/// not plain tables; closed. Returns the column rows and the views' sources. With
-/// `functions`, the function-name query alone (no views).
+/// not plain tables; closed. Returns the column rows and the views' sources. For functions,
+/// the function-name query alone (no views).
 async fn query_once<T>(
     config: &tokio_postgres::Config,
     socket: tokio::net::TcpStream,
     tls: T,
-    oids: &[tokio_postgres::types::Oid],
-    functions: bool,
+    lookup: Lookup<'_>,
 ) -> Result<(Vec<tokio_postgres::Row>, Views), String>
 where
     T: tokio_postgres::tls::TlsConnect<tokio::net::TcpStream>,
@@ -247,8 +251,9 @@ where
         .await
         .map_err(|e| e.to_string())?;
     let task = tokio::spawn(connection);
+    let oids: &[tokio_postgres::types::Oid] = lookup.oids();
     let result = async {
-        if functions {
+        if let Lookup::Functions(_) = lookup {
             let rows = client
                 .query(FUNCTIONS, &[&oids])
                 .await

@@ -2257,7 +2257,7 @@ impl<'a> Session<'a> {
     /// settings go through the detectors, and are withheld in a transaction that read what a
     /// column rule could select (the server reports changes just before ReadyForQuery, when
     /// that statement is complete). Other reported settings take only constrained values.
-    fn screen_parameter(&mut self, name: &str, value: &str) -> Option<String> {
+    fn screen_parameter(&self, name: &str, value: &str) -> Option<String> {
         if !matches!(name, "application_name" | "search_path") {
             return None;
         }
