@@ -173,6 +173,68 @@ pub const fn as_v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
+/// `127.0.0.1`, network order.
+pub const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+/// `::1`, network order.
+pub const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Where an IPv4 `connect` really goes. The cgroup hook sees the address as typed, but the
+/// kernel routes a connect to `0.0.0.0` to the socket's bound source address, or, for an
+/// unbound socket, to `127.0.0.1` (`ip_route_output_key_hash_rcu`). Deciding on the typed
+/// address let `connect(0.0.0.0:5544)` from a socket bound to a protected address reach
+/// the target directly. `bound` is the socket's bound source (`0.0.0.0` when unbound).
+pub const fn effective_v4_destination(dest: [u8; 4], bound: [u8; 4]) -> [u8; 4] {
+    if !is_unspecified_v4(dest) {
+        dest
+    } else if !is_unspecified_v4(bound) {
+        bound
+    } else {
+        LOOPBACK_V4
+    }
+}
+
+/// Where an IPv6 `connect` really goes (`tcp_v6_connect`): `::` means loopback (`::1`, or
+/// `::ffff:127.0.0.1` for a socket bound to a v4-mapped address), and a v4-mapped
+/// `::ffff:0.0.0.0` takes the IPv4 path, where it means the bound IPv4 source or
+/// `127.0.0.1`. `bound` is the socket's bound source (`::` when unbound).
+pub const fn effective_v6_destination(dest: [u8; 16], bound: [u8; 16]) -> [u8; 16] {
+    if is_unspecified_v6(&dest) {
+        return match as_v4(&bound) {
+            Some(_) => v4_mapped(LOOPBACK_V4),
+            None => LOOPBACK_V6,
+        };
+    }
+    match as_v4(&dest) {
+        Some(v4) if is_unspecified_v4(v4) => {
+            let source = match as_v4(&bound) {
+                Some(b) => b,
+                None => [0; 4],
+            };
+            v4_mapped(effective_v4_destination(v4, source))
+        }
+        _ => dest,
+    }
+}
+
+const fn is_unspecified_v4(a: [u8; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0
+}
+
+#[allow(
+    clippy::indexing_slicing,
+    reason = "constant bounds within a 16-byte array"
+)]
+const fn is_unspecified_v6(a: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all four are `#[repr(C)]`, `Copy`, contain only integers and byte
@@ -188,7 +250,11 @@ mod user {
 }
 
 #[cfg(test)]
-#[allow(clippy::indexing_slicing, reason = "tests index fixed arrays")]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    reason = "tests index fixed arrays and parse constant addresses"
+)]
 mod tests {
     use super::*;
     use core::mem::{offset_of, size_of};
@@ -252,5 +318,48 @@ mod tests {
         let mut loopback6 = [0u8; 16];
         loopback6[15] = 1;
         assert_eq!(as_v4(&loopback6), None);
+    }
+
+    #[test]
+    fn unspecified_destinations_resolve_as_the_kernel_routes_them() {
+        let protected = [127, 0, 0, 66];
+        let v6 = |s: &str| -> [u8; 16] {
+            let mut out = [0u8; 16];
+            let ip: core::net::Ipv6Addr = s.parse().unwrap();
+            out.copy_from_slice(&ip.octets());
+            out
+        };
+        // (destination as typed, bound source, where the kernel connects)
+        let v4_cases = [
+            ([0, 0, 0, 0], [0, 0, 0, 0], LOOPBACK_V4),
+            ([0, 0, 0, 0], protected, protected),
+            ([127, 0, 0, 9], protected, [127, 0, 0, 9]),
+            ([10, 1, 2, 3], [0, 0, 0, 0], [10, 1, 2, 3]),
+        ];
+        for (dest, bound, want) in v4_cases {
+            assert_eq!(
+                effective_v4_destination(dest, bound),
+                want,
+                "{dest:?} bound {bound:?}"
+            );
+        }
+        let v6_cases = [
+            ("::", "::", "::1"),
+            ("::", "::1", "::1"),
+            ("::", "fe80::1", "::1"),
+            ("::", "::ffff:127.0.0.66", "::ffff:127.0.0.1"),
+            ("::ffff:0.0.0.0", "::", "::ffff:127.0.0.1"),
+            ("::ffff:0.0.0.0", "::ffff:127.0.0.66", "::ffff:127.0.0.66"),
+            ("::ffff:0.0.0.0", "::ffff:0.0.0.0", "::ffff:127.0.0.1"),
+            ("::1", "::ffff:127.0.0.66", "::1"),
+            ("::ffff:127.0.0.9", "::", "::ffff:127.0.0.9"),
+        ];
+        for (dest, bound, want) in v6_cases {
+            assert_eq!(
+                effective_v6_destination(v6(dest), v6(bound)),
+                v6(want),
+                "{dest} bound {bound}"
+            );
+        }
     }
 }

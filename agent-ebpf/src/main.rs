@@ -28,8 +28,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use portcullis_common::{
-    counter, target_key_data, v4_mapped, OriginRecord, RedirectConfig, TargetValue, TupleKey,
-    AF_INET, AF_INET6, CONFIG_ENABLED, MAX_PENDING_ORIGINS, MAX_TARGETS, TARGET_KEY_LEN,
+    counter, effective_v4_destination, effective_v6_destination, target_key_data, v4_mapped,
+    OriginRecord, RedirectConfig, TargetValue, TupleKey, AF_INET, AF_INET6, CONFIG_ENABLED,
+    MAX_PENDING_ORIGINS, MAX_TARGETS, TARGET_KEY_LEN,
 };
 
 /// A cgroup sock_addr program allows the operation with 1 and refuses it (EPERM) with 0.
@@ -126,6 +127,20 @@ fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: 
     let Some(target) = PORTCULLIS_TARGETS.get(&key) else {
         return Verdict::Untouched;
     };
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns != cfg.host_netns_cookie {
+        // The proxy's listener lives in the host namespace; a socket of another
+        // namespace (a container) cannot reach it, and must not reach the target.
+        // Checked before the exemption: whoever holds CAP_NET_ADMIN in their own
+        // namespace can set any mark there, so a mark proves nothing outside ours.
+        count(counter::DENIED_FOREIGN_NETNS);
+        warn!(
+            ctx,
+            "refused connect to a protected target from network namespace {}", netns
+        );
+        return Verdict::Refuse;
+    }
     let sk = sock_of(ctx);
     // SAFETY: sk is the ctx's socket, valid for this program run.
     let mark = unsafe { (*sk).mark };
@@ -137,18 +152,6 @@ fn classify(ctx: &SockAddrContext, cfg: &RedirectConfig, addr: &[u8; 16], port: 
         // MPTCP and other stream protocols would go around the TCP hooks: refuse.
         count(counter::DENIED_PROTOCOL);
         warn!(ctx, "refused non-TCP stream connect to a protected target");
-        return Verdict::Refuse;
-    }
-    // SAFETY: helper valid for cgroup sock_addr programs.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if netns != cfg.host_netns_cookie {
-        // The proxy's listener lives in the host namespace; a socket of another
-        // namespace (a container) cannot reach it, and must not reach the target.
-        count(counter::DENIED_FOREIGN_NETNS);
-        warn!(
-            ctx,
-            "refused connect to a protected target from network namespace {}", netns
-        );
         return Verdict::Refuse;
     }
     Verdict::Redirect(target.target_id)
@@ -202,7 +205,11 @@ pub fn portcullis_connect4(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: the verifier guarantees ctx points at a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let ip = sa.user_ip4.to_ne_bytes();
+    // Decide on where the connection will really go: the kernel routes 0.0.0.0 to the
+    // socket's bound address (or loopback) only after this hook has run.
+    // SAFETY: sk is the ctx's socket, valid for this program run.
+    let bound = unsafe { (*sock_of(&ctx)).src_ip4 }.to_ne_bytes();
+    let ip = effective_v4_destination(sa.user_ip4.to_ne_bytes(), bound);
     let port = u16::from_be(sa.user_port as u16);
     if ip == cfg.proxy_ip4 && port == cfg.proxy_port {
         // Straight to the proxy: never a redirect target, so no loop.
@@ -235,7 +242,11 @@ pub fn portcullis_connect6(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: the verifier guarantees ctx points at a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let addr = words_to_bytes(sa.user_ip6);
+    // `::` and `::ffff:0.0.0.0` are routed to loopback or the bound address after this
+    // hook has run: decide on that address, not the one typed.
+    // SAFETY: sk is the ctx's socket, valid for this program run.
+    let bound = words_to_bytes(unsafe { (*sock_of(&ctx)).src_ip6 });
+    let addr = effective_v6_destination(words_to_bytes(sa.user_ip6), bound);
     let port = u16::from_be(sa.user_port as u16);
     let mapped_v4 = portcullis_common::as_v4(&addr);
     let is_proxy = match mapped_v4 {
