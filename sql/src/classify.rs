@@ -126,7 +126,7 @@ impl<'t> Walk<'t> {
         if executes {
             if let Some((class, _)) = describe(node) {
                 self.raise(class);
-            } else if name.ends_with("Stmt") && !matches!(name, "ReturnStmt" | "PlassignStmt") {
+            } else if name.ends_with("Stmt") && !matches!(name, "ReturnStmt" | "PlAssignStmt") {
                 // A statement node this version of the rules does not know: fail closed.
                 self.raise(StatementClass::Admin);
             }
@@ -305,7 +305,7 @@ fn constant_bool(node: &Tree) -> Option<Option<bool>> {
 }
 
 /// The text of a string constant (`'x'`, or `'x'::text`).
-fn constant_text(node: &Tree) -> Option<&str> {
+pub(crate) fn constant_text(node: &Tree) -> Option<&str> {
     match node.name()? {
         "AConst" => node.field("val").sval(),
         "TypeCast" => constant_text(node.field("arg")),

@@ -35,7 +35,12 @@
 //! - `utility`: other SET and RESET, DISCARD, LISTEN, UNLISTEN, NOTIFY, DEALLOCATE, MOVE, CLOSE.
 //! - `admin`: VACUUM, ANALYZE, CLUSTER, REINDEX, CHECKPOINT, ALTER SYSTEM, LOAD, tablespaces,
 //!   publications, subscriptions, COPY to or from a server file or PROGRAM.
-//! - `call`: CALL; `do`: DO. Their bodies are opaque to the classifier.
+//! - `call`: CALL; `do`: DO. A procedure's body is opaque to the classifier. A `DO` block in
+//!   PL/pgSQL is read with PostgreSQL's own PL/pgSQL compiler: the statements it runs come back
+//!   in [`Statement::inner`], each classified like a top-level statement (`EXECUTE` of a
+//!   constant string included), and the `DO` keeps class `do`. What cannot be read before it
+//!   runs (`EXECUTE` of an expression, another language, a body the compiler rejects) sets
+//!   [`Statement::dynamic_sql`]. A function or procedure it calls stays opaque.
 //! - `EXPLAIN ANALYZE` runs its statement and takes its class.
 //!
 //! `command` names the statement like PostgreSQL's command tags (`DROP DATABASE`, `TRUNCATE`,
@@ -58,6 +63,7 @@
 mod cache;
 mod classify;
 mod copy;
+mod plpgsql;
 mod shape;
 mod sources;
 mod tree;
@@ -104,6 +110,17 @@ pub struct Statement {
     pub result_sources: Option<Arc<ResultSources>>,
     /// DECLARE CURSOR, PREPARE, FETCH, EXECUTE: the name whose query is kept or run.
     pub named_query: Option<NamedQuery>,
+    /// For `DO`: every statement its body runs, each classified like a top-level statement
+    /// (the SQL statements, queries of loops, cursors and `PERFORM`, `EXECUTE` of a constant
+    /// string, expressions that read a table or call a function; those of a `DO` inside it
+    /// follow that `DO`), each as often as it is written. Empty for every other statement. The `DO`
+    /// itself keeps class `do` and command `DO`; its `tables` and `functions` include these
+    /// statements' own.
+    pub inner: Arc<[Statement]>,
+    /// For `DO`: whether its body runs SQL the classifier cannot read before it runs
+    /// (`EXECUTE` of anything but one string constant), or is opaque (another language, a body
+    /// PostgreSQL's PL/pgSQL compiler rejects). Policies decide it as `context.dynamic_sql`.
+    pub dynamic_sql: bool,
 }
 
 impl Statement {
@@ -121,6 +138,11 @@ impl Statement {
                 .iter()
                 .chain(self.functions.iter())
                 .map(|name| name.len() + 24)
+                .sum::<usize>()
+            + self
+                .inner
+                .iter()
+                .map(Statement::approximate_size)
                 .sum::<usize>()
             + OVERHEAD
     }
@@ -343,6 +365,18 @@ fn check_input(sql: &str, max_sql_len: usize) -> Result<(), ClassifyError> {
 
 /// The statements, and whether all of them may be remembered by their shape.
 fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError> {
+    parse_and_classify_nested(sql, 0)
+}
+
+/// How deep `DO` blocks may nest (a `DO` run by a `DO`'s `EXECUTE` or body); deeper is refused
+/// rather than read with an unbounded recursion.
+const MAX_DO_NESTING: usize = 8;
+
+/// [`parse_and_classify`] of SQL that a `DO` block `depth` levels up runs.
+fn parse_and_classify_nested(
+    sql: &str,
+    depth: usize,
+) -> Result<(Vec<Statement>, bool), ClassifyError> {
     let parsed =
         guard(|| pg_query::parse(sql, ParserOptions::DEFAULT)).map_err(|error| match error {
             // The one place pg_query's message pins down.
@@ -361,7 +395,7 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
         let tree = tree::Tree::build(&raw.stmt).map_err(|e| ClassifyError::TooDeep {
             message: e.to_string(),
         })?;
-        let facts = classify::facts(&tree)?;
+        let mut facts = classify::facts(&tree)?;
         let copy_out = copy::copy_out(&tree);
         let result_sources = sources::result_sources(&tree).map(Arc::new);
         let named_query = sources::named_query(&tree);
@@ -374,6 +408,11 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
                 tree.name(),
                 Some("SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt")
             );
+        let (inner, dynamic_sql) = if tree.name() == Some("DoStmt") {
+            do_body(text, &tree, depth, &mut facts)?
+        } else {
+            (Vec::new(), false)
+        };
         let fingerprint = guard(|| {
             pg_query::fingerprint(
                 text,
@@ -392,9 +431,113 @@ fn parse_and_classify(sql: &str) -> Result<(Vec<Statement>, bool), ClassifyError
             copy_out,
             result_sources,
             named_query,
+            inner: inner.into(),
+            dynamic_sql,
         });
     }
     Ok((statements, shape_cacheable))
+}
+
+/// The statements a `DO` block runs (flattened: a nested `DO`'s follow it) and whether some
+/// SQL in it cannot be read; the block's tables and functions take in theirs.
+fn do_body(
+    text: &str,
+    tree: &tree::Tree,
+    depth: usize,
+    facts: &mut classify::Facts,
+) -> Result<(Vec<Statement>, bool), ClassifyError> {
+    if depth >= MAX_DO_NESTING {
+        return Err(ClassifyError::TooDeep {
+            message: format!("DO blocks nest more than {MAX_DO_NESTING} deep"),
+        });
+    }
+    let body = plpgsql::read_do(text, tree);
+    let mut dynamic = body.dynamic;
+    let mut inner = Vec::new();
+    for piece in &body.pieces {
+        let read = if piece.mode == ParserOptions::DEFAULT {
+            parse_and_classify_nested(&piece.text, depth + 1).map(|(statements, _)| statements)
+        } else {
+            classify_expression(&piece.text, piece.mode)
+        };
+        let statements = match read {
+            Ok(statements) => statements,
+            // What may never run through the agent may not run inside a DO either; what
+            // nests too deeply is refused as at the top level.
+            Err(e @ (ClassifyError::Refused { .. } | ClassifyError::TooDeep { .. })) => {
+                return Err(e)
+            }
+            // The server fails on SQL its parser rejects when (and if) it gets there; until
+            // then the block is not fully known.
+            Err(_) => {
+                dynamic = true;
+                continue;
+            }
+        };
+        for mut statement in statements {
+            let nested = std::mem::replace(&mut statement.inner, Arc::from([]));
+            dynamic |= statement.dynamic_sql;
+            statement.dynamic_sql = false;
+            inner.push(statement);
+            inner.extend(nested.iter().cloned());
+        }
+    }
+    let mut tables: std::collections::BTreeSet<String> = facts.tables.drain(..).collect();
+    let mut functions: std::collections::BTreeSet<String> = facts.functions.drain(..).collect();
+    for statement in &inner {
+        tables.extend(statement.tables.iter().cloned());
+        functions.extend(statement.functions.iter().cloned());
+    }
+    facts.tables = tables.into_iter().collect();
+    facts.functions = functions.into_iter().collect();
+    Ok((inner, dynamic))
+}
+
+/// A PL/pgSQL expression or assignment, parsed in its own grammar (`mode`): the query the
+/// server runs for it, as a `SELECT`. Left out when it reads no table and calls no function
+/// (`x > 1`, `'text'`): it runs nothing a policy could name.
+fn classify_expression(text: &str, mode: ParserOptions) -> Result<Vec<Statement>, ClassifyError> {
+    let parsed = guard(|| pg_query::parse(text, mode))?;
+    let mut statements = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        let tree = tree::Tree::build(&raw.stmt).map_err(|e| ClassifyError::TooDeep {
+            message: e.to_string(),
+        })?;
+        // `x := expr` parses as an assignment whose value is the query.
+        let query = match tree.name() {
+            Some("PlAssignStmt") => tree.field("val"),
+            _ => &tree,
+        };
+        let facts = classify::facts(query)?;
+        if facts.class == StatementClass::Read
+            && facts.tables.is_empty()
+            && facts.functions.is_empty()
+        {
+            continue;
+        }
+        let fingerprint = guard(|| {
+            pg_query::fingerprint(
+                text,
+                mode,
+                FingerprintOptions::RANGEVAR_PG17_COMPAT | FingerprintOptions::FULL_RELNAME,
+            )
+        })?
+        .value;
+        statements.push(Statement {
+            text: text.trim().into(),
+            class: facts.class,
+            command: facts.command.into(),
+            tables: facts.tables.into(),
+            functions: facts.functions.into(),
+            fingerprint,
+            copy_out: None,
+            result_sources: None,
+            named_query: None,
+            inner: Arc::from([]),
+            dynamic_sql: false,
+        });
+    }
+    Ok(statements)
 }
 
 /// A remembered shape's statements with the texts of the string being classified.

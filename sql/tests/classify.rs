@@ -407,7 +407,9 @@ const ROWS: &[Row] = &[
     // Opaque code.
     ("CALL archive_orders(30)", Call, "CALL", NONE, &["archive_orders"]),
     ("CALL hr.raise(now())", Call, "CALL", NONE, &["hr.raise", "now"]),
-    ("DO $$ BEGIN DELETE FROM orders; END $$", Do, "DO", NONE, NONE),
+    // A DO block keeps its class; the tables of the statements inside are its own too (each
+    // inner statement is checked in tests/do_blocks.rs).
+    ("DO $$ BEGIN DELETE FROM orders; END $$", Do, "DO", &["orders"], NONE),
     ("DO LANGUAGE plpgsql 'BEGIN NULL; END'", Do, "DO", NONE, NONE),
 ];
 
