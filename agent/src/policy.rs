@@ -276,6 +276,7 @@ pub fn base_context(comm: &str, uid: u32, unix_time: i64) -> Context {
         command: None,
         tables: Vec::new(),
         functions: Vec::new(),
+        dynamic_sql: false,
         command_line: None,
         db_user: None,
         db_name: None,

@@ -117,6 +117,7 @@ fn request() -> Request {
             command: Some("SELECT".to_owned()),
             tables: vec!["public.orders".to_owned(), "public.customers".to_owned()],
             functions: vec!["now".to_owned()],
+            dynamic_sql: false,
             command_line: None,
             db_user: Some("app".to_owned()),
             db_name: Some("app".to_owned()),

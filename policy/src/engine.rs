@@ -480,6 +480,10 @@ impl PolicySet {
                 pairs.push(("command".to_owned(), required("command", &context.command)?));
                 pairs.push(("tables".to_owned(), strings(&context.tables)));
                 pairs.push(("functions".to_owned(), strings(&context.functions)));
+                pairs.push((
+                    "dynamic_sql".to_owned(),
+                    cedar::RestrictedExpression::new_bool(context.dynamic_sql),
+                ));
                 pairs.push(("db_user".to_owned(), required("db_user", &context.db_user)?));
                 pairs.push(("db_name".to_owned(), required("db_name", &context.db_name)?));
             }
@@ -697,6 +701,7 @@ mod tests {
                 command: Some("SELECT".to_owned()),
                 tables: vec!["t".to_owned()],
                 functions: vec!["f".to_owned()],
+                dynamic_sql: true,
                 command_line: Some("ls".to_owned()),
                 db_user: Some("u".to_owned()),
                 db_name: Some("d".to_owned()),

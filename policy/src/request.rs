@@ -148,6 +148,11 @@ pub struct Context {
     pub command: Option<String>,
     pub tables: Vec<String>,
     pub functions: Vec<String>,
+    /// For `query`: the statement runs SQL the classifier cannot read before it runs, so the
+    /// other fields do not describe all of what it does: a `DO` block with `EXECUTE` of
+    /// anything but one string constant, in a language other than PL/pgSQL, or whose body
+    /// does not compile (`portcullis_sql::Statement::dynamic_sql`).
+    pub dynamic_sql: bool,
     pub command_line: Option<String>,
     pub db_user: Option<String>,
     pub db_name: Option<String>,
@@ -193,6 +198,9 @@ impl fmt::Display for Request {
         }
         if !c.tables.is_empty() {
             write!(f, ", tables {}", c.tables.join(", "))?;
+        }
+        if c.dynamic_sql {
+            f.write_str(", dynamic SQL")?;
         }
         if let Some(command) = &c.command_line {
             write!(f, ", command `{command}`")?;

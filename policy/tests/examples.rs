@@ -137,6 +137,24 @@ fn analysts_read_masked_and_compliance_reads_in_clear() {
                 &[],
             ),
             deny(
+                "no analyst runs SQL built at run time, whatever else is permitted",
+                {
+                    let mut request = query(analyst(), production_db(), "do");
+                    request.context.dynamic_sql = true;
+                    request
+                },
+                &["analysts-no-dynamic-sql"],
+            ),
+            deny(
+                "nor does compliance",
+                {
+                    let mut request = query(officer(), production_db(), "do");
+                    request.context.dynamic_sql = true;
+                    request
+                },
+                &["analysts-no-dynamic-sql"],
+            ),
+            deny(
                 "analyst cannot call a procedure",
                 query(analyst(), production_db(), "call"),
                 &[],
@@ -280,6 +298,31 @@ fn production_changes_need_approval_windows_and_never_drop() {
                 sql(engineer(), staging_db(), "dcl", "GRANT"),
                 &[],
             ),
+            allow(
+                "engineer runs a DO block on staging whose SQL the agent reads",
+                query(engineer(), staging_db(), "do"),
+                &["engineers-do-staging"],
+            ),
+            deny(
+                "engineer runs no DO block on production without approval",
+                query(engineer(), production_db(), "do"),
+                &[],
+            ),
+            Row {
+                effect: Effect::RequireApproval {
+                    approver_group: "dba-leads".to_owned(),
+                    approvals: 2,
+                },
+                ..allow(
+                    "a DO block with SQL built at run time waits for two approvals",
+                    {
+                        let mut request = query(engineer(), staging_db(), "do");
+                        request.context.dynamic_sql = true;
+                        request
+                    },
+                    &["engineers-dynamic-sql"],
+                )
+            },
             allow(
                 "engineer connects",
                 request(engineer(), Action::Connect, production_db()),

@@ -110,6 +110,23 @@ permit (principal, action == Portcullis::Action::"query", resource)
 when { context.statement_class == "write" };
 "#;
 
+const NO_DYNAMIC_SQL: &str = r#"
+@id("everyone-query")
+permit (principal, action == Portcullis::Action::"query", resource);
+@id("no-dynamic-sql")
+forbid (principal in Portcullis::Group::"analysts", action == Portcullis::Action::"query", resource)
+when { context.dynamic_sql };
+"#;
+
+const DYNAMIC_SQL_NEEDS_APPROVAL: &str = r#"
+@id("everyone-query")
+permit (principal, action == Portcullis::Action::"query", resource);
+@id("dynamic-sql-approved")
+@approval("dba-leads")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.dynamic_sql };
+"#;
+
 const APPROVAL_AND_PLAIN: &str = r#"
 @id("a-plain")
 permit (principal in Portcullis::Group::"admins", action == Portcullis::Action::"query", resource);
@@ -177,6 +194,11 @@ fn rows() -> Vec<Row> {
     root.context.source_uid = 0;
     let mut with_db = request(user("bob", &[]), Action::Connect, staging_db());
     with_db.context.db_name = Some("billing".to_owned());
+    let do_block = |dynamic_sql: bool| {
+        let mut request = sql(analyst(), staging_db(), "do", "DO");
+        request.context.dynamic_sql = dynamic_sql;
+        request
+    };
     let mut anonymous = request(user("bob", &[]), Action::Connect, staging_db());
     anonymous.principal.email = None;
 
@@ -725,6 +747,55 @@ fn rows() -> Vec<Row> {
             matched: &["all"],
             masks: &[],
             reason: "permitted by `all`",
+        },
+        Row {
+            name: "forbid on dynamic_sql denies a DO block whose SQL cannot be read",
+            policies: NO_DYNAMIC_SQL,
+            request: do_block(true),
+            want: Want::Deny,
+            matched: &["no-dynamic-sql"],
+            masks: &[],
+            reason: "no-dynamic-sql",
+        },
+        Row {
+            name: "forbid on dynamic_sql leaves a DO block it can read alone",
+            policies: NO_DYNAMIC_SQL,
+            request: do_block(false),
+            want: Want::Allow,
+            matched: &["everyone-query"],
+            masks: &[],
+            reason: "permitted by `everyone-query`",
+        },
+        Row {
+            name: "forbid on dynamic_sql applies only to its principals",
+            policies: NO_DYNAMIC_SQL,
+            request: {
+                let mut request = do_block(true);
+                request.principal = user("dba", &["dbas"]);
+                request
+            },
+            want: Want::Allow,
+            matched: &["everyone-query"],
+            masks: &[],
+            reason: "permitted by `everyone-query`",
+        },
+        Row {
+            name: "dynamic_sql can require approval despite a broader permit",
+            policies: DYNAMIC_SQL_NEEDS_APPROVAL,
+            request: do_block(true),
+            want: Want::Approval("dba-leads", 1),
+            matched: &["dynamic-sql-approved", "everyone-query"],
+            masks: &[],
+            reason: "needs 1 approval from group `dba-leads`",
+        },
+        Row {
+            name: "dynamic_sql is false for a statement without it",
+            policies: DYNAMIC_SQL_NEEDS_APPROVAL,
+            request: do_block(false),
+            want: Want::Allow,
+            matched: &["everyone-query"],
+            masks: &[],
+            reason: "permitted by `everyone-query`",
         },
     ]
 }
