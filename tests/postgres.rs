@@ -1691,3 +1691,141 @@ fn replication_connections_need_a_replicate_permit() {
         e["command"] == "IDENTIFY_SYSTEM" && e["statement_class"] == "admin"
     });
 }
+
+/// Policies added for the DO-block test: a command forbidden wherever it appears, and SQL
+/// that cannot be read before it runs.
+const DO_POLICIES: &str = r#"
+@id("no-drop-table")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.command == "DROP TABLE" };
+
+@id("no-dynamic-sql")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.dynamic_sql };
+"#;
+
+/// Issue 15, item 5: a statement hidden in a DO block is decided like one sent on its own.
+/// `DROP TABLE scratch` was denied while `DO $$ BEGIN EXECUTE 'DROP TABLE scratch'; END $$`
+/// (class `do`, allowed by the broad permit) dropped the table.
+#[test]
+fn statements_inside_do_blocks_are_decided_like_top_level_ones() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-do", 110);
+    f.pg.psql(
+        "app",
+        "SET ROLE app; CREATE TABLE scratch (id int); INSERT INTO scratch VALUES (1);",
+    );
+    let policy = &f.agent.status()["policy"];
+    let (generation, count) = (
+        policy["generation"].as_u64().unwrap(),
+        policy["policies"].as_u64().unwrap(),
+    );
+    let dir = f.agent.dir.path().join("policies");
+    std::fs::write(dir.join(".do.cedar.staged"), DO_POLICIES).unwrap();
+    std::fs::rename(dir.join(".do.cedar.staged"), dir.join("do.cedar")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let p = f.agent.status()["policy"].clone();
+        assert!(p["last_error"].is_null(), "{p}");
+        if p["generation"].as_u64().unwrap() > generation
+            && p["policies"].as_u64() == Some(count + 2)
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reload: {p}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let scratch_exists = || {
+        f.pg.psql("app", "SELECT to_regclass('public.scratch') IS NOT NULL")
+            .trim()
+            .to_owned()
+    };
+    let run = |sql: &str| f.psql(ENGINEER, "app", "require", &["-c", sql]);
+
+    // The statement on its own, then the same statement through EXECUTE of a constant, with
+    // the body in other quotings: each denied by the policy that names the command.
+    let out = run("DROP TABLE scratch");
+    assert!(stderr(&out).contains("42501"), "{}", stderr(&out));
+    for sql in [
+        "DO $$ BEGIN EXECUTE 'DROP TABLE scratch'; END $$",
+        "DO $body$ BEGIN IF true THEN BEGIN EXECUTE E'DROP TABLE \\x73cratch'; END; END IF; END $body$",
+        "DO LANGUAGE plpgsql 'BEGIN DROP TABLE scratch; EXCEPTION WHEN others THEN NULL; END'",
+    ] {
+        let out = run(sql);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{sql} ran");
+        assert!(
+            err.contains("42501") && err.contains("no-drop-table"),
+            "{sql}: {err}"
+        );
+        assert_eq!(scratch_exists(), "t", "{sql} dropped the table");
+    }
+
+    // A DO block that only reads runs, its notice included.
+    let out = run("DO $$ DECLARE n int; BEGIN PERFORM count(*) FROM scratch; \
+         SELECT count(*) INTO n FROM customers; RAISE NOTICE 'customers: %', n; END $$");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("customers: 2"), "{}", stderr(&out));
+
+    // SQL built at run time cannot be decided in advance: the policy forbidding it refuses it.
+    for sql in [
+        "DO $$ BEGIN EXECUTE 'DROP ' || 'TABLE scratch'; END $$",
+        "DO $$ BEGIN EXECUTE format('DROP TABLE %I', 'scratch'); END $$",
+    ] {
+        let out = run(sql);
+        let err = stderr(&out);
+        assert!(
+            err.contains("42501") && err.contains("no-dynamic-sql"),
+            "{sql}: {err}"
+        );
+        assert_eq!(scratch_exists(), "t", "{sql} dropped the table");
+    }
+
+    // The trail names the inner statements: the denied DROP TABLE on its own, the DO block
+    // refused with it, and the reads of the block that ran.
+    let denied = f.wait_event("statement.denied", |e| {
+        e["policy_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id == "no-dynamic-sql"))
+    });
+    assert!(
+        denied.iter().any(|e| e["command"] == "DROP TABLE"
+            && e["statement"] == "DROP TABLE scratch"
+            && e["statement_class"] == "ddl"
+            && e["sqlstate"] == "42501"),
+        "{denied:#?}"
+    );
+    assert!(
+        denied.iter().any(|e| e["command"] == "DO"
+            && e["statement_class"] == "do"
+            && e["statement"]
+                .as_str()
+                .is_some_and(|s| s.contains("EXECUTE 'DROP TABLE scratch'"))),
+        "{denied:#?}"
+    );
+    // PL/pgSQL blanks `INTO n` out of the query it runs.
+    let executed = f.wait_event("statement.executed", |e| {
+        e["command"] == "SELECT"
+            && e["statement"].as_str().is_some_and(|s| {
+                s.starts_with("SELECT count(*) ") && s.ends_with(" FROM customers")
+            })
+    });
+    assert!(
+        executed
+            .iter()
+            .any(|e| e["statement"] == "SELECT count(*) FROM scratch"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("inside the DO block"))),
+        "{executed:#?}"
+    );
+    assert!(
+        executed
+            .iter()
+            .any(|e| e["command"] == "DO"
+                && e["tables"] == serde_json::json!(["customers", "scratch"])),
+        "{executed:#?}"
+    );
+}

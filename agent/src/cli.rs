@@ -819,10 +819,24 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 if statements.len() > 1 {
                     println!("-- statement {}: {}", i + 1, statement.text);
                 }
+                // A DO block's statements are decided first, each on its own, as the proxy does.
+                for inner in statement.inner.iter() {
+                    println!("-- inside the DO block: {}", inner.text);
+                    request.context.statement_class = Some(inner.class.as_str().to_string());
+                    request.context.command = Some(inner.command.to_string());
+                    request.context.tables = inner.tables.to_vec();
+                    request.context.functions = inner.functions.to_vec();
+                    request.context.dynamic_sql = false;
+                    print!("{}", set.explain(&request));
+                }
+                if !statement.inner.is_empty() {
+                    println!("-- the DO block itself: {}", statement.text);
+                }
                 request.context.statement_class = Some(statement.class.as_str().to_string());
                 request.context.command = Some(statement.command.to_string());
                 request.context.tables = statement.tables.to_vec();
                 request.context.functions = statement.functions.to_vec();
+                request.context.dynamic_sql = statement.dynamic_sql;
                 print!("{}", set.explain(&request));
             }
             Ok(ExitCode::SUCCESS)

@@ -66,6 +66,11 @@ struct StatementInfo {
     sources: Option<Arc<portcullis_sql::ResultSources>>,
     /// DECLARE CURSOR, PREPARE, FETCH, EXECUTE: the name of the query kept or run.
     named: Option<portcullis_sql::NamedQuery>,
+    /// For a DO block: the statements its body runs, each decided as its own request before
+    /// the block itself (`portcullis_sql::Statement::inner`).
+    inner: Arc<[portcullis_sql::Statement]>,
+    /// For a DO block: it runs SQL that cannot be read before it runs (`context.dynamic_sql`).
+    dynamic_sql: bool,
     /// The hash of the shape (class, command, tables, functions), once computed: a prepared
     /// statement is decided again at every Bind.
     shape_hash: std::sync::OnceLock<u64>,
@@ -84,6 +89,8 @@ impl StatementInfo {
             copy: s.copy_out.clone().map(Arc::new),
             sources: s.result_sources.clone(),
             named: s.named_query.clone(),
+            inner: Arc::clone(&s.inner),
+            dynamic_sql: s.dynamic_sql,
             shape_hash: std::sync::OnceLock::new(),
             encoded: std::sync::OnceLock::new(),
         }
@@ -420,12 +427,13 @@ pub struct Session<'a> {
     read_selected_in_transaction: Option<Arc<str>>,
 }
 
-/// Statement shape: class, command, tables, functions.
+/// Statement shape: class, command, tables, functions, dynamic SQL.
 type ShapeKey = (
     Option<&'static str>,
     Option<Arc<str>>,
     Arc<[String]>,
     Arc<[String]>,
+    bool,
 );
 
 const DECISION_CACHE_ENTRIES: usize = 256;
@@ -444,7 +452,14 @@ impl StatementInfo {
         *self.shape_hash.get_or_init(|| {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (&self.class, &self.command, &self.tables, &self.functions).hash(&mut h);
+            (
+                &self.class,
+                &self.command,
+                &self.tables,
+                &self.functions,
+                self.dynamic_sql,
+            )
+                .hash(&mut h);
             h.finish()
         })
     }
@@ -462,6 +477,7 @@ impl StatementInfo {
             }
             && same(&self.tables, &key.2)
             && same(&self.functions, &key.3)
+            && self.dynamic_sql == key.4
     }
 
     fn shape(&self) -> ShapeKey {
@@ -470,6 +486,7 @@ impl StatementInfo {
             self.command.clone(),
             self.tables.clone(),
             self.functions.clone(),
+            self.dynamic_sql,
         )
     }
 }
@@ -808,6 +825,8 @@ impl<'a> Session<'a> {
                     copy: None,
                     sources: None,
                     named: None,
+                    inner: Arc::from([]),
+                    dynamic_sql: false,
                     shape_hash: std::sync::OnceLock::new(),
                     encoded: std::sync::OnceLock::new(),
                 };
@@ -1270,6 +1289,8 @@ impl<'a> Session<'a> {
             copy: None,
             sources: None,
             named: None,
+            inner: Arc::from([]),
+            dynamic_sql: false,
             shape_hash: std::sync::OnceLock::new(),
             encoded: std::sync::OnceLock::new(),
         };
@@ -1313,7 +1334,62 @@ impl<'a> Session<'a> {
 
     /// The policy decision for one statement; `Err` carries the wire error, the decision
     /// word for the audit event and the deciding policies.
+    ///
+    /// A DO block is decided as a multi-statement string is: every statement its body runs
+    /// is its own request (same shape as a top-level statement's, so `context.command ==
+    /// "DROP TABLE"` sees one inside a DO), then the block itself; one denial refuses the
+    /// block, and the denied inner statement gets its own `statement.denied` event. Inner
+    /// statements are decided before the block's cached verdict is looked up: two blocks with
+    /// the same tables may run different commands.
     fn decide(
+        &mut self,
+        set: &Arc<PolicySet>,
+        info: &StatementInfo,
+    ) -> Result<Verdict, (PgError, &'static str, Vec<String>)> {
+        let mut inner_ids: Vec<String> = Vec::new();
+        let mut inner_masker = None;
+        for statement in info.inner.iter() {
+            let inner = StatementInfo::from_parsed(statement);
+            match self.decide_one(set, &inner) {
+                Ok(v) => {
+                    inner_ids.extend(v.policy_ids.iter().cloned());
+                    inner_masker = inner_masker.or(v.masker);
+                }
+                Err((e, decision, ids)) => {
+                    self.record_denied(&inner, decision, &ids, &e.to_string(), e.sqlstate());
+                    let e = match e {
+                        PgError::StatementDenied { reason, policy_ids } => {
+                            PgError::StatementDenied {
+                                reason: format!(
+                                    "{reason} (statement inside the DO block: {})",
+                                    truncate(inner.text.to_string(), 200)
+                                ),
+                                policy_ids,
+                            }
+                        }
+                        other => other,
+                    };
+                    return Err((e, decision, ids));
+                }
+            }
+        }
+        let verdict = self.decide_one(set, info)?;
+        if inner_ids.is_empty() && inner_masker.is_none() {
+            return Ok(verdict);
+        }
+        // The block's notices and errors carry what its statements read: a profile one of
+        // them was given applies to the block when the block itself has none.
+        inner_ids.extend(verdict.policy_ids.iter().cloned());
+        inner_ids.sort();
+        inner_ids.dedup();
+        Ok(Verdict {
+            policy_ids: Arc::from(inner_ids),
+            masker: verdict.masker.or(inner_masker),
+        })
+    }
+
+    /// [`Self::decide`] of one request.
+    fn decide_one(
         &mut self,
         set: &Arc<PolicySet>,
         info: &StatementInfo,
@@ -1386,6 +1462,7 @@ impl<'a> Session<'a> {
         context.command = info.command.as_deref().map(str::to_string);
         context.tables = info.tables.to_vec();
         context.functions = info.functions.to_vec();
+        context.dynamic_sql = info.dynamic_sql;
         context.db_user = Some(self.db_user.to_string());
         context.db_name = Some(self.db_name.to_string());
         Request {
@@ -2197,6 +2274,7 @@ impl<'a> Session<'a> {
             .and_then(|t| t.rsplit(' ').next())
             .and_then(|n| n.parse().ok());
         let duration = u64::try_from(r.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.record_inner(&r.info, &r.verdict.policy_ids, sqlstate.as_deref());
         self.record_statement(
             &r.info,
             &r.parameters,
@@ -2208,6 +2286,32 @@ impl<'a> Session<'a> {
             sqlstate,
             Some(duration),
         );
+    }
+
+    /// One `statement.executed` event for each statement of a DO block that ran, before the
+    /// block's own: what the trail says ran is what policy was asked about. The server does
+    /// not report which of them the block reached (a branch not taken, an exception), so each
+    /// says so and carries the block's SQLSTATE.
+    fn record_inner(
+        &self,
+        block: &StatementInfo,
+        policy_ids: &Arc<[String]>,
+        sqlstate: Option<&str>,
+    ) {
+        for statement in block.inner.iter() {
+            let info = StatementInfo::from_parsed(statement);
+            let mut ev = self.statement_event(EventKind::StatementExecuted, &info, &Arc::from([]));
+            ev.decision = Some("allow".into());
+            ev.policy_ids = Arc::clone(policy_ids);
+            ev.reason = Some(format!(
+                "inside the DO block `{}`, decided with it; ran if the block reached it",
+                truncate(block.text.to_string(), 200)
+            ));
+            if let Some(s) = ev.statement.as_mut() {
+                s.sqlstate = sqlstate.map(str::to_string);
+            }
+            self.proxy.audit().record(ev);
+        }
     }
 
     /// What the client is shown of a server error or notice while a masking profile applies;
@@ -2554,6 +2658,8 @@ fn unparsed(sql: &str) -> StatementInfo {
         copy: None,
         sources: None,
         named: None,
+        inner: Arc::from([]),
+        dynamic_sql: false,
         shape_hash: std::sync::OnceLock::new(),
         encoded: std::sync::OnceLock::new(),
     }
