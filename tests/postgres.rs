@@ -1692,6 +1692,416 @@ fn replication_connections_need_a_replicate_permit() {
     });
 }
 
+/// A raw client (python3, no driver): sends a StartupMessage with the parameters given as a
+/// JSON list of pairs (order and duplicates kept), then one simple query. Prints one JSON
+/// line: `{"error": {field: value}}` for an ErrorResponse, or `{"key": [pid, secret],
+/// "rows": [...]}`.
+const RAW_STARTUP: &str = r#"
+import json, socket, struct, sys
+port, params, query = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+s = socket.create_connection(('127.0.0.1', port), timeout=20)
+body = b''.join(k.encode() + b'\0' + v.encode() + b'\0' for k, v in params) + b'\0'
+s.sendall(struct.pack('!II', 8 + len(body), 196608) + body)
+buf = b''
+def message():
+    global buf
+    while True:
+        if len(buf) >= 5:
+            n = struct.unpack('!I', buf[1:5])[0]
+            if len(buf) >= n + 1:
+                m, buf = buf[:n + 1], buf[n + 1:]
+                return m[:1], m[5:]
+        data = s.recv(65536)
+        if not data:
+            print(json.dumps({'closed': repr(buf)}))
+            sys.exit(0)
+        buf += data
+def fields(body):
+    return {chr(f[0]): f[1:].decode() for f in body.split(b'\0') if f}
+key = None
+while True:
+    t, b = message()
+    if t == b'E':
+        print(json.dumps({'error': fields(b)}))
+        sys.exit(0)
+    if t == b'K':
+        key = [struct.unpack('!I', b[:4])[0], b[4:].hex()]
+    if t == b'Z':
+        break
+q = query.encode() + b'\0'
+s.sendall(b'Q' + struct.pack('!I', 4 + len(q)) + q)
+rows = []
+while True:
+    t, b = message()
+    if t == b'E':
+        print(json.dumps({'error': fields(b), 'key': key}))
+        sys.exit(0)
+    if t == b'D':
+        off, row = 2, []
+        for _ in range(struct.unpack('!H', b[:2])[0]):
+            n = struct.unpack('!i', b[off:off + 4])[0]
+            off += 4
+            row.append(None if n < 0 else b[off:off + n].decode())
+            off += max(n, 0)
+        rows.append(row)
+    if t == b'Z':
+        break
+print(json.dumps({'key': key, 'rows': rows}))
+"#;
+
+/// Runs [`RAW_STARTUP`] as `uid` through the redirect.
+fn raw_startup(f: &PgFixture, uid: u32, params: &[(&str, &str)], query: &str) -> Value {
+    let params = serde_json::to_string(params).unwrap();
+    let out = client_at(portcullis_e2e::postgres::python(), f.run_as(uid))
+        .args(["-c", RAW_STARTUP, &f.pg.port().to_string(), &params, query])
+        .output()
+        .unwrap();
+    serde_json::from_str(stdout(&out).trim()).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {params}: {}{}\n{}",
+            stdout(&out),
+            stderr(&out),
+            f.agent.log()
+        )
+    })
+}
+
+#[test]
+fn startup_parameters_off_the_allowlist_are_refused_with_42501() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-startup", 100);
+    // A role `app` may become, with more rights than `app`: the start-up parameter `role`
+    // would have made it the session's role with no statement the policy sees.
+    f.pg.psql(
+        "app",
+        "CREATE ROLE admin_role NOLOGIN SUPERUSER; GRANT admin_role TO app",
+    );
+    let who = "SELECT current_user, current_setting('is_superuser')";
+    let base = [("user", "app"), ("database", "app")];
+    let refused: &[(&[(&str, &str)], &str)] = &[
+        (&[("role", "admin_role")], "`role`"),
+        (&[("ROLE", "admin_role")], "`ROLE`"),
+        (
+            &[("session_authorization", "postgres")],
+            "`session_authorization`",
+        ),
+        (
+            &[("options", "-c role=admin_role")],
+            "`role` (in `options`)",
+        ),
+        (&[("options", "-crole=admin_role")], "`role` (in `options`)"),
+        (&[("options", "--role=admin_role")], "`role` (in `options`)"),
+        (
+            &[("options", "-c search_path=public --ROLE=admin_role")],
+            "`ROLE` (in `options`)",
+        ),
+        (
+            &[("options", "-c session_authorization=postgres")],
+            "`session_authorization` (in `options`)",
+        ),
+        (
+            &[("options", "--Session-Authorization=postgres")],
+            "`Session_Authorization` (in `options`)",
+        ),
+        (
+            &[("options", r"-c\ session_authorization=postgres")],
+            "` session_authorization` (in `options`)",
+        ),
+        (
+            &[("session_replication_role", "replica")],
+            "`session_replication_role`",
+        ),
+        (
+            &[("options", "-c log_statement=none")],
+            "`log_statement` (in `options`)",
+        ),
+        (&[("no_such_setting", "1")], "`no_such_setting`"),
+        (&[("options", "-D /tmp")], "`options`"),
+        (&[("client_encoding", "SJIS")], "`client_encoding` = `SJIS`"),
+        (
+            &[("standard_conforming_strings", "off")],
+            "`standard_conforming_strings` = `off`",
+        ),
+    ];
+    for (extra, named) in refused {
+        let params: Vec<_> = base.iter().chain(extra.iter()).copied().collect();
+        let got = raw_startup(&f, ENGINEER, &params, who);
+        let error = &got["error"];
+        assert_eq!(error["C"], "42501", "{extra:?}: {got}");
+        assert_eq!(error["S"], "FATAL", "{extra:?}: {got}");
+        assert!(
+            error["M"].as_str().unwrap().contains(named),
+            "{extra:?} must name {named}: {got}"
+        );
+    }
+    // The parameters drivers send (pgjdbc's set, libpq's environment ones, `options` in
+    // every form) still connect, and the server applies them.
+    let got = raw_startup(
+        &f,
+        ENGINEER,
+        &[
+            ("user", "app"),
+            ("database", "app"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO"),
+            ("TimeZone", "UTC"),
+            ("extra_float_digits", "3"),
+            ("application_name", "raw client"),
+            ("search_path", "public"),
+            ("geqo", "on"),
+            ("options", r"-c statement_timeout=5000 --lock-timeout=2s -cidle_session_timeout=1h -c application_name=a\ b"),
+            ("_pq_.made_up", "1"),
+        ],
+        "SELECT current_user, current_setting('is_superuser'), current_setting('statement_timeout'), \
+         current_setting('lock_timeout'), current_setting('idle_session_timeout'), \
+         current_setting('application_name'), current_setting('TimeZone')",
+    );
+    assert_eq!(
+        got["rows"],
+        serde_json::json!([["app", "off", "5s", "2s", "1h", "raw client", "UTC"]]),
+        "{got}\n{}",
+        f.agent.log()
+    );
+    // postgres.js and asyncpg spell the encoding with quotes.
+    let got = raw_startup(
+        &f,
+        ENGINEER,
+        &[
+            ("user", "app"),
+            ("database", "app"),
+            ("client_encoding", "'utf-8'"),
+        ],
+        "SHOW client_encoding",
+    );
+    assert_eq!(got["rows"], serde_json::json!([["UTF8"]]), "{got}");
+
+    // psql with PGOPTIONS: settings pass, a role does not.
+    let psql_with = |options: &str, sql: &str| {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=app dbname=app sslmode=require",
+            f.pg.port()
+        );
+        run_client(
+            "psql",
+            &["-X", "-A", "-t", "-d", &conninfo, "-c", sql],
+            &[("PGCONNECT_TIMEOUT", "10"), ("PGOPTIONS", options)],
+            f.run_as(ENGINEER),
+        )
+    };
+    let out = psql_with(
+        "-c search_path=public -c statement_timeout=5000",
+        "SELECT current_setting('search_path'), current_setting('statement_timeout')",
+    );
+    assert_eq!(stdout(&out).trim(), "public|5s", "{}", stderr(&out));
+    let out = psql_with("-c role=admin_role", who);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("`role` (in `options`)"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A role whose sessions would start in an encoding that can hide a quote is refused
+    // too, though the client sent no encoding.
+    f.pg.psql("postgres", "ALTER ROLE app SET client_encoding = 'SJIS'");
+    let out = psql_with("", "SELECT 'in'");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("client_encoding = SJIS"),
+        "{}",
+        stderr(&out)
+    );
+    f.pg.psql("postgres", "ALTER ROLE app RESET client_encoding");
+    let out = psql_with("", "SELECT 'in'");
+    assert_eq!(stdout(&out).trim(), "in", "{}", stderr(&out));
+
+    // Each refusal is a connection.refused event naming the parameter, before any policy.
+    let refused = f.wait_event("connection.refused", |e| {
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("`Session_Authorization` (in `options`)"))
+    });
+    let role = refused
+        .iter()
+        .find(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("start-up parameter `role` is refused"))
+        })
+        .unwrap_or_else(|| panic!("{refused:#?}"));
+    assert_eq!(role["decision"], "deny", "{role}");
+    assert_eq!(role["db_user"], "app", "{role}");
+    assert_eq!(role["origin"]["uid"], ENGINEER, "{role}");
+    assert!(
+        !role.to_string().contains("admin_role"),
+        "the value is not echoed: {role}"
+    );
+}
+
+#[test]
+fn the_backend_pid_is_the_servers_and_cancels_still_check_uid_and_secret() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-backend-pid", 101);
+    // psycopg: a notification's pid, the pid in BackendKeyData (`info.backend_pid`) and
+    // `pg_backend_pid()` are one number, for the session's own NOTIFY and another's.
+    let conninfo = f.conninfo("app");
+    let script = format!(
+        "import json, time, psycopg\n\
+         conn = psycopg.connect({conninfo:?}, autocommit=True)\n\
+         other = psycopg.connect({conninfo:?}, autocommit=True)\n\
+         got = {{}}\n\
+         conn.add_notify_handler(lambda n: got.__setitem__(n.payload, n.pid))\n\
+         conn.execute('LISTEN c')\n\
+         conn.execute(\"NOTIFY c, 'self'\")\n\
+         other.execute(\"NOTIFY c, 'other'\")\n\
+         for _ in range(100):\n\
+         \x20   conn.execute('SELECT 1')\n\
+         \x20   if len(got) == 2:\n\
+         \x20       break\n\
+         \x20   time.sleep(0.1)\n\
+         print(json.dumps({{'notify': got, 'info': [conn.info.backend_pid, other.info.backend_pid],\n\
+         \x20   'backend': [conn.execute('SELECT pg_backend_pid()').fetchone()[0],\n\
+         \x20               other.execute('SELECT pg_backend_pid()').fetchone()[0]]}}))\n"
+    );
+    let out = client_at(portcullis_e2e::postgres::python(), f.run_as(ENGINEER))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let got: Value = serde_json::from_str(stdout(&out).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    assert_eq!(got["info"], got["backend"], "{got}");
+    assert_eq!(got["notify"]["self"], got["backend"][0], "{got}");
+    assert_eq!(got["notify"]["other"], got["backend"][1], "{got}");
+    assert_ne!(got["backend"][0], got["backend"][1], "{got}");
+
+    // A raw session to drive cancels by hand: its key, then statements one by one from
+    // stdin, each answered `sent` and then `ok <value>` or `error <sqlstate>`.
+    let session = format!(
+        "import json, socket, struct, sys\n{}",
+        r#"
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=60)
+body = b'user\0app\0database\0app\0\0'
+s.sendall(struct.pack('!II', 8 + len(body), 196608) + body)
+buf = b''
+def message():
+    global buf
+    while True:
+        if len(buf) >= 5:
+            n = struct.unpack('!I', buf[1:5])[0]
+            if len(buf) >= n + 1:
+                m, buf = buf[:n + 1], buf[n + 1:]
+                return m[:1], m[5:]
+        data = s.recv(65536)
+        if not data:
+            raise SystemExit('closed')
+        buf += data
+while True:
+    t, b = message()
+    if t == b'K':
+        print(json.dumps({'pid': struct.unpack('!I', b[:4])[0], 'secret': b[4:].hex()}), flush=True)
+    if t == b'Z':
+        break
+for line in sys.stdin:
+    q = line.strip().encode() + b'\0'
+    s.sendall(b'Q' + struct.pack('!I', 4 + len(q)) + q)
+    print('sent', flush=True)
+    outcome = 'ok'
+    while True:
+        t, b = message()
+        if t == b'E':
+            outcome = 'error ' + [f[1:].decode() for f in b.split(b'\0') if f[:1] == b'C'][0]
+        if t == b'D':
+            outcome = 'ok ' + b[6:].decode()
+        if t == b'Z':
+            break
+    print(outcome, flush=True)
+"#
+    );
+    let mut command = std::process::Command::new(portcullis_e2e::postgres::python());
+    portcullis_e2e::exec_in_cgroup_as(&mut command, Some(&f.cg.path), Some(ENGINEER));
+    let mut child = command
+        .args(["-c", &session, &f.pg.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut next = || lines.next().unwrap().unwrap();
+    let mut run = |sql: &str| {
+        use std::io::Write;
+        writeln!(stdin, "{sql}").unwrap();
+        stdin.flush().unwrap();
+    };
+    let key: Value = serde_json::from_str(&next()).unwrap();
+    let pid = key["pid"].as_u64().unwrap();
+    let secret = key["secret"].as_str().unwrap().to_string();
+    run("SELECT pg_backend_pid()");
+    assert_eq!(next(), "sent");
+    assert_eq!(
+        next(),
+        format!("ok {pid}"),
+        "BackendKeyData carries the server's pid"
+    );
+
+    let cancel = |uid: u32, secret: &str| {
+        let script = "import socket, struct, sys\n\
+             s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n\
+             s.sendall(struct.pack('!III', 16, 80877102, int(sys.argv[2])) + bytes.fromhex(sys.argv[3]))\n\
+             s.recv(1)\n";
+        let out = client_at(portcullis_e2e::postgres::python(), f.run_as(uid))
+            .args([
+                "-c",
+                script,
+                &f.pg.port().to_string(),
+                &pid.to_string(),
+                secret,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let dropped = || {
+        f.agent
+            .log()
+            .matches("dropped a cancel request with an unknown key or from another uid")
+            .count()
+    };
+    // From another uid with the right key, and from the same uid with another secret: the
+    // statement runs to its end.
+    let mut wrong = u32::from_str_radix(&secret, 16).unwrap() ^ 1;
+    if wrong == 0 {
+        wrong = 2;
+    }
+    run("SELECT pg_sleep(4)");
+    assert_eq!(next(), "sent");
+    cancel(READER, &secret);
+    cancel(ENGINEER, &format!("{wrong:08x}"));
+    assert_eq!(next(), "ok ", "a refused cancel reached the server");
+    for _ in 0..50 {
+        if dropped() >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(dropped(), 2, "{}", f.agent.log());
+    // From the same uid with the agent's secret: cancelled.
+    run("SELECT pg_sleep(60)");
+    assert_eq!(next(), "sent");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    cancel(ENGINEER, &secret);
+    assert_eq!(next(), "error 57014");
+    run("SELECT 'usable'");
+    assert_eq!(next(), "sent");
+    assert_eq!(next(), "ok usable");
+    drop(stdin);
+    child.wait().unwrap();
+}
+
 /// Policies added for the DO-block test: a command forbidden wherever it appears, and SQL
 /// that cannot be read before it runs.
 const DO_POLICIES: &str = r#"

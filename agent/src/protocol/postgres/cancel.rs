@@ -1,7 +1,14 @@
-//! CancelRequest: each client gets its own BackendKeyData from the agent, never the server's.
-//! A cancel arrives on a new (redirected) connection; it is forwarded upstream only when the
-//! key is known and the cancelling process runs as the same uid as the session's client.
-//! Anything else is dropped silently, as PostgreSQL itself answers nothing to a cancel.
+//! CancelRequest: the client's BackendKeyData carries the server's real process id (the one
+//! `pg_backend_pid()`, NOTIFY and `pg_stat_activity` show, which clients compare with their
+//! own) and a secret key of the agent's own, never the server's. A cancel arrives on a new
+//! (redirected) connection; it is forwarded upstream, with the server's own key, only when
+//! the process id and the agent's secret name a live session and the cancelling process
+//! runs as the same uid as the session's client. Anything else is dropped silently, as
+//! PostgreSQL itself answers nothing to a cancel.
+//!
+//! Two servers (two targets) can hand out the same process id, so the map is keyed by the
+//! pair (process id, agent secret); a secret that would make a pair already in use is drawn
+//! again.
 //!
 //! Protocol: PostgreSQL docs, "Message Flow" → "Canceling Requests in Progress".
 
@@ -27,8 +34,9 @@ pub struct CancelMap {
 }
 
 impl CancelMap {
-    /// Registers a session and returns the key the client gets; the guard unregisters it.
-    /// Fails only when the system has no randomness: a guessable key is never handed out.
+    /// Registers a session under the server's process id and a fresh secret and returns the
+    /// key the client gets; the guard unregisters it. Fails only when the system has no
+    /// randomness: a guessable secret is never handed out.
     pub fn register(
         &self,
         target: CancelTarget,
@@ -36,13 +44,12 @@ impl CancelMap {
         let rng = ring::rand::SystemRandom::new();
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let mut raw = [0u8; 8];
-            ring::rand::SecureRandom::fill(&rng, &mut raw)?;
-            let [a, b, c, d, e, f, g, h] = raw;
-            // Process ids are positive int32 on the wire.
-            let pid = u32::from_le_bytes([a, b, c, d & 0x7f]);
-            let key = (pid, [e, f, g, h]);
-            if pid != 0 && !map.contains_key(&key) {
+            let mut secret = [0u8; 4];
+            ring::rand::SecureRandom::fill(&rng, &mut secret)?;
+            let key = (target.process_id, secret);
+            // The server's own secret is never the client's, even by chance: a client that
+            // learnt it elsewhere must not be able to use it here.
+            if !map.contains_key(&key) && target.secret_key.as_ref() != secret {
                 map.insert(key, target);
                 return Ok(CancelKey { map: self, key });
             }
@@ -105,11 +112,58 @@ mod tests {
     }
 
     #[test]
+    fn the_client_gets_the_servers_pid_and_a_secret_of_the_agents_own() {
+        let map = CancelMap::default();
+        let key = map.register(target(1000)).unwrap();
+        assert_eq!(key.process_id(), 42);
+        assert_ne!(key.secret_key(), [1, 2, 3, 4]);
+        assert!(
+            map.lookup(1000, 42, &[1, 2, 3, 4]).is_none(),
+            "the server's own secret cancels nothing"
+        );
+        let found = map.lookup(1000, 42, &key.secret_key()).unwrap();
+        assert_eq!(
+            found.secret_key.as_ref(),
+            &[1, 2, 3, 4],
+            "forwarded with the server's key"
+        );
+    }
+
+    #[test]
+    fn one_pid_from_two_servers_keeps_two_sessions_apart() {
+        let map = CancelMap::default();
+        let mut other = target(1000);
+        other.target_id = 1;
+        other.upstream = "127.0.0.2:5432".parse().unwrap();
+        other.secret_key = Bytes::from_static(&[9, 9, 9, 9]);
+        // Many sessions under one pid: every pair is distinct, each finds its own session.
+        let keys: Vec<_> = (0..200)
+            .map(|i| {
+                let t = if i % 2 == 0 {
+                    target(1000)
+                } else {
+                    other.clone()
+                };
+                map.register(t).unwrap()
+            })
+            .collect();
+        assert_eq!(map.len(), 200);
+        for (i, key) in keys.iter().enumerate() {
+            assert_eq!(key.process_id(), 42);
+            let found = map.lookup(1000, 42, &key.secret_key()).unwrap();
+            assert_eq!(found.target_id, u32::from(i % 2 == 1), "session {i}");
+        }
+        drop(keys);
+        assert_eq!(map.len(), 0);
+    }
+
+    #[test]
     fn a_cancel_reaches_its_session_only_from_the_same_uid_and_key() {
         let map = CancelMap::default();
         let key = map.register(target(1000)).unwrap();
         let (pid, secret) = (key.process_id(), key.secret_key());
         assert_eq!(map.lookup(1000, pid, &secret).unwrap().process_id, 42);
+        assert!(map.lookup(1000, pid + 1, &secret).is_none(), "another pid");
         assert!(map.lookup(1001, pid, &secret).is_none(), "another uid");
         let mut wrong = secret;
         wrong[0] ^= 1;

@@ -33,6 +33,9 @@ pub enum PgError {
     },
     #[error("{0}")]
     Refused(String),
+    /// A start-up parameter off the agent's list, or a value it cannot check statements under.
+    #[error(transparent)]
+    Parameter(#[from] super::params::ParamError),
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
     #[error("{0}")]
@@ -92,6 +95,7 @@ impl PgError {
             PgError::ConnectDenied { .. }
             | PgError::StatementDenied { .. }
             | PgError::Refused(_)
+            | PgError::Parameter(_)
             | PgError::Unsafe(_)
             | PgError::Unmaskable(_) => INSUFFICIENT_PRIVILEGE,
             PgError::Upstream(UpstreamError::NoCredential { .. })
@@ -172,6 +176,17 @@ mod tests {
         assert_eq!((f.severity(), f.sqlstate()), (Some("ERROR"), Some("34000")));
         assert!(f.message().unwrap().contains("portal \"c\""));
         assert!(!e.is_fatal());
+    }
+
+    #[test]
+    fn a_refused_start_up_parameter_is_fatal_42501_naming_it() {
+        let e = PgError::from(super::super::params::ParamError::Identity {
+            name: "role".into(),
+            in_options: true,
+        });
+        let f = e.to_fields();
+        assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("42501")));
+        assert!(f.message().unwrap().contains("`role` (in `options`)"));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 mod cancel;
 mod catalog;
 mod error;
+mod params;
 mod session;
 mod startup;
 mod stream;

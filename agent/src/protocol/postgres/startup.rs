@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 
 use super::cancel::CancelTarget;
 use super::error::PgError;
+use super::params;
 use super::session::Session;
 use super::stream::{fill, write_out, Stream};
 use super::upstream::{credential, establish};
@@ -29,10 +30,6 @@ use crate::proxy::{Incoming, Opening, Proxy, Refusal};
 
 /// A client that has not finished its start-up by then is dropped.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Parameters a client may not pass through to the server: they would change who the
-/// session acts as without a statement the policy sees.
-const FORBIDDEN_OPTIONS: [&str; 2] = ["role", "session_authorization"];
 
 pub async fn run(
     proxy: &Arc<Proxy>,
@@ -154,14 +151,9 @@ async fn admit<'s>(
             "the start-up packet names no user".into(),
         )));
     };
-    if let Some(options) = startup.param("options") {
-        let lower = options.to_ascii_lowercase();
-        if FORBIDDEN_OPTIONS.iter().any(|o| lower.contains(o)) {
-            return Err(fail(PgError::Refused(
-                "start-up options may not set the role or session authorization; use SET ROLE, which policy decides".into(),
-            )));
-        }
-    }
+    // Before policy and before the server: a setting off the list never reaches either.
+    let settings = params::check(&startup.params)
+        .map_err(|e| (e.into(), Some(identity.clone()), "deny", Vec::new()))?;
     if let Some(reason) = proxy.over_audit_bound() {
         return Err(fail(PgError::Capacity(reason)));
     }
@@ -230,7 +222,7 @@ async fn admit<'s>(
         .map_err(|e| fail(PgError::Internal(e)))?;
     // The opened event's fsync and the server's start-up (TCP, TLS, SCRAM) overlap: both must
     // be done before the client hears AuthenticationOk, so nothing is forwarded unrecorded.
-    let upstream_startup = upstream_startup(startup);
+    let upstream_startup = upstream_startup(startup, &settings);
     let server = async {
         let tcp = proxy.connect_upstream(upstream_addr).await.map_err(|e| {
             super::upstream::UpstreamError::Io(std::io::Error::new(
@@ -285,12 +277,7 @@ async fn admit<'s>(
     };
     // The client's side of the start-up, now that the server has accepted the session.
     let mut out = BytesMut::new();
-    let unrecognized: Vec<String> = startup
-        .params
-        .iter()
-        .filter(|(k, _)| k.starts_with("_pq_."))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let unrecognized = settings.protocol_extensions;
     if startup.minor > 0 || !unrecognized.is_empty() {
         encode_backend(
             &BackendMessage::NegotiateProtocolVersion {
@@ -333,17 +320,20 @@ async fn admit<'s>(
     })
 }
 
-/// What the agent sends the server: the client's parameters (application_name,
-/// client_encoding, DateStyle, `replication` once policy allowed it, …) for the same user
-/// and database, protocol 3.0.
-fn upstream_startup(client: &StartupMessage) -> StartupMessage {
-    let params = client
+/// What the agent sends the server, protocol 3.0: the same user and database, `replication`
+/// once policy allowed it, and the checked settings, each as a parameter of its own (never
+/// the client's `options` string, which the server would parse again).
+fn upstream_startup(client: &StartupMessage, checked: &params::Checked) -> StartupMessage {
+    let protocol = client
         .params
         .iter()
-        .filter(|(k, _)| !k.starts_with("_pq_."))
-        .cloned()
-        .collect();
-    StartupMessage::new(params)
+        .filter(|(k, _)| matches!(k.as_str(), "user" | "database" | "replication"))
+        .cloned();
+    let settings = checked
+        .settings
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.clone()));
+    StartupMessage::new(protocol.chain(settings).collect())
 }
 
 /// Reads start-up requests until the StartupMessage; `None` when the connection was a

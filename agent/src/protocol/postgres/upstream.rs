@@ -51,6 +51,10 @@ pub enum UpstreamError {
     /// statement (`standard_conforming_strings` off for this role or database, or not said).
     #[error("the server reports standard_conforming_strings = {0}: with backslashes read as escapes in string literals, statements could run other than as checked, so the session is refused (set it back to on for this role and database)")]
     StringSyntax(String),
+    /// The session would start in an encoding whose characters can hide a quote or a
+    /// backslash from the parser that checks each statement (a role or database setting).
+    #[error("the server reports client_encoding = {0}: in it the server could read a statement other than as the agent checked it, so the session is refused (set the role's or database's client_encoding to UTF8, or connect with client_encoding=UTF8)")]
+    Encoding(String),
     /// The server refused the session (bad credential, unknown database, too many clients).
     #[error("the server refused the session: {}", .0.message().unwrap_or("no message"))]
     Refused(ErrorFields),
@@ -77,6 +81,21 @@ fn check_string_syntax(parameters: &[(String, String)]) -> Result<(), UpstreamEr
         Some((_, value)) if value == "on" => Ok(()),
         Some((_, value)) => Err(UpstreamError::StringSyntax(value.clone())),
         None => Err(UpstreamError::StringSyntax("(not reported)".into())),
+    }
+}
+
+/// Every server since 7.4 reports `client_encoding`; one the agent's parser cannot read
+/// safely (a role's `ALTER ROLE … SET client_encoding = 'SJIS'`) ends the start-up, as the
+/// same value sent by the client would have.
+fn check_encoding(parameters: &[(String, String)]) -> Result<(), UpstreamError> {
+    match parameters
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "client_encoding")
+    {
+        Some((_, value)) if super::params::is_ascii_safe_encoding(value) => Ok(()),
+        Some((_, value)) => Err(UpstreamError::Encoding(value.clone())),
+        None => Err(UpstreamError::Encoding("(not reported)".into())),
     }
 }
 
@@ -227,6 +246,7 @@ pub async fn establish(
     let (process_id, secret_key) =
         key.ok_or_else(|| UpstreamError::Protocol("no BackendKeyData during start-up".into()))?;
     check_string_syntax(&parameters)?;
+    check_encoding(&parameters)?;
     Ok(Upstream {
         stream,
         buf,
