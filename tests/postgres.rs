@@ -41,6 +41,10 @@ permit (principal == Portcullis::User::"unix:4343", action == Portcullis::Action
 @mask("cards")
 permit (principal == Portcullis::User::"unix:4444", action == Portcullis::Action::"query", resource);
 
+@id("card-column-masked")
+@mask("cardcol")
+permit (principal == Portcullis::User::"unix:4646", action == Portcullis::Action::"query", resource);
+
 @id("replicator-may-replicate")
 permit (principal == Portcullis::User::"unix:4545", action == Portcullis::Action::"replicate", resource);
 
@@ -83,11 +87,22 @@ keep_last = 4
 [[profiles.pii.rules]]
 table_column = "public.customers.name"
 mask = "hash"
+
+[profiles.cardcol]
+description = "The card column by name alone, no detector; query_to_xml allowed"
+allow_sql_text_functions = ["query_to_xml"]
+
+[[profiles.cardcol.rules]]
+column = "card"
+mask = "partial"
+keep_last = 4
 "#;
 
 const ANALYST: u32 = 4343;
 const EXPORTER: u32 = 4444;
 const REPLICATOR: u32 = 4545;
+/// Reads through `cardcol`: a name rule on `card` and no detector.
+const CARD_ANALYST: u32 = 4646;
 
 struct PgFixture {
     pg: Postgres,
@@ -2238,4 +2253,233 @@ fn statements_inside_do_blocks_are_decided_like_top_level_ones() {
                 && e["tables"] == serde_json::json!(["customers", "scratch"])),
         "{executed:#?}"
     );
+}
+
+/// Masking by column name follows the column a value is read from, not its label: aliases,
+/// subqueries, CTEs and their column lists, a table's column alias list, LATERAL, views,
+/// cursors, prepared statements and RETURNING lists. Functions that run SQL given as text
+/// are refused under column rules unless the profile allows them. One row per form, as the
+/// masked user (psql); every failing row is reported.
+#[test]
+fn masking_survives_renames_and_sql_in_text() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-mask-rename", 105);
+    let emails: &[&str] = &["ada@example.com", "bob@example.com"];
+    let cards: &[&str] = &["4111 1111 1111 1111", "5500-0000-0000-0004"];
+    let refused: &[&str] = &["42501"];
+    // (statement, uid, what must not appear in stdout or stderr, what must appear)
+    let rows: &[(&str, u32, &[&str], &[&str])] = &[
+        // The issue's table.
+        ("SELECT email FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT email AS y FROM customers", ANALYST, emails, &["[redacted]"]),
+        (
+            "SELECT x FROM (SELECT email AS x FROM customers) s",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "WITH s AS (SELECT email AS e FROM customers) SELECT * FROM s",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // customers is (id, name, email, card, note): the alias list renames by position.
+        (
+            "SELECT e FROM customers AS c(i, n, e)",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT k, e FROM customers AS c(i, n, k, e)",
+            ANALYST,
+            emails,
+            &["[redacted]|"],
+        ),
+        (
+            "SELECT card AS x FROM customers ORDER BY id",
+            CARD_ANALYST,
+            cards,
+            &["***************1111"],
+        ),
+        (
+            "SELECT table_to_xml('customers', true, true, '')",
+            ANALYST,
+            emails,
+            &["42501", "table_to_xml"],
+        ),
+        (
+            "SELECT query_to_xml('select email from customers', true, true, '')",
+            ANALYST,
+            emails,
+            &["42501", "query_to_xml", "allow_sql_text_functions"],
+        ),
+        // Found while attacking it.
+        ("SELECT c.email z FROM customers c JOIN customers d ON d.id = c.id", ANALYST, emails, &["[redacted]"]),
+        ("SELECT * FROM (SELECT email FROM customers) AS s(z)", ANALYST, emails, &["[redacted]"]),
+        ("WITH s(e) AS (SELECT email FROM customers) SELECT e FROM s", ANALYST, emails, &["[redacted]"]),
+        (
+            "WITH s AS (SELECT * FROM customers), t AS (SELECT email AS m FROM s) SELECT m AS q FROM t",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT x FROM customers c, LATERAL (SELECT c.email AS x) s",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT z FROM (VALUES (1)) v(i) JOIN (SELECT id, email AS z FROM customers) s ON s.id >= v.i",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT email AS z FROM customers UNION ALL SELECT 'x'",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT z FROM (SELECT email AS z FROM customers UNION SELECT name FROM customers) s",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        ("SELECT (c).email FROM customers c", ANALYST, emails, &["[redacted]"]),
+        ("SELECT (c).email AS z FROM customers c", ANALYST, emails, &["[redacted]"]),
+        ("SELECT email COLLATE \"C\" AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT email::varchar AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("TABLE customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT * FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT to_json(email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT jsonb_build_object('e', email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT string_agg(email, ',') AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT array_agg(email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT format('%s', email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT CASE WHEN id > 0 THEN email END AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT COALESCE(email, '') AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT unnest(array[email]) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT z FROM customers, unnest(array[email]) AS u(z)", ANALYST, emails, &["[redacted]"]),
+        (
+            "BEGIN; DECLARE k CURSOR FOR SELECT email AS z FROM customers; FETCH ALL FROM k; COMMIT",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "PREPARE p AS SELECT email AS z FROM customers; EXECUTE p",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "BEGIN; UPDATE customers SET note = note WHERE id = 1 RETURNING email AS z; ROLLBACK",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // Views the analyst made (below), read under other labels.
+        ("SELECT how FROM contacts", ANALYST, emails, &["[redacted]"]),
+        (
+            "SELECT how AS again FROM contacts2",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        ("SELECT x FROM card_view", CARD_ANALYST, cards, &["1111"]),
+        (
+            "SELECT * FROM customers c JOIN LATERAL (SELECT c.email AS z) s ON true",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // A name rule without a detector, through the same renames.
+        (
+            "SELECT x FROM (SELECT card AS x FROM customers) s ORDER BY 1",
+            CARD_ANALYST,
+            cards,
+            &["1111"],
+        ),
+        ("SELECT * FROM customers AS c(a, b, d, x)", CARD_ANALYST, cards, &["1111"]),
+        // SQL given as text, in every spelling.
+        (
+            "SELECT * FROM pg_catalog.query_to_xml('select email from customers', true, true, '')",
+            ANALYST,
+            emails,
+            refused,
+        ),
+        (
+            "SELECT query_to_xml_and_xmlschema('select email from customers', true, true, '')",
+            ANALYST,
+            emails,
+            refused,
+        ),
+        (
+            "BEGIN; DECLARE k CURSOR FOR SELECT email FROM customers; SELECT cursor_to_xml('k', 10, true, true, ''); COMMIT",
+            ANALYST,
+            emails,
+            &["42501", "cursor_to_xml"],
+        ),
+        ("SELECT schema_to_xml('public', true, true, '')", ANALYST, emails, refused),
+        ("SELECT database_to_xml(true, true, '')", ANALYST, emails, refused),
+        (
+            "SELECT word FROM ts_stat('select to_tsvector(''simple'', email) from customers')",
+            ANALYST,
+            emails,
+            &["42501", "ts_stat"],
+        ),
+        // Allowed by the profile: its result goes through the profile's other rules.
+        (
+            "SELECT query_to_xml('select id from customers', true, true, '')",
+            CARD_ANALYST,
+            cards,
+            &["<id>2</id>"],
+        ),
+        (
+            "SELECT table_to_xml('customers', true, true, '')",
+            CARD_ANALYST,
+            cards,
+            &["42501", "table_to_xml"],
+        ),
+    ];
+    // Committed before they are read: the agent looks views up over a connection of its own,
+    // which does not see another transaction's uncommitted view (it then fails closed).
+    let out = f.psql(
+        ANALYST,
+        "app",
+        "require",
+        &[
+            "-c",
+            "CREATE VIEW contacts (who, how) AS SELECT name, email FROM customers; \
+             CREATE VIEW contacts2 AS SELECT email AS how FROM customers; \
+             CREATE VIEW card_view (x) AS SELECT card FROM customers",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut failures = Vec::new();
+    for (sql, uid, absent, present) in rows {
+        let out = f.psql(*uid, "app", "require", &["-c", sql]);
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        let leaked: Vec<&&str> = absent.iter().filter(|a| all.contains(**a)).collect();
+        let missing: Vec<&&str> = present.iter().filter(|p| !all.contains(**p)).collect();
+        if !leaked.is_empty() || !missing.is_empty() {
+            failures.push(format!(
+                "{sql} (uid {uid}): showed {leaked:?}, lacked {missing:?}:\n{all}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    // A refusal is a statement.denied event naming the function.
+    f.wait_event("statement.denied", |e| {
+        e["origin"]["uid"] == ANALYST
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("`table_to_xml` runs SQL given as text"))
+    });
 }

@@ -38,6 +38,77 @@ pub enum ColumnPlan {
     Untouched,
 }
 
+/// The table column a result column is read from, as the catalog names it: RowDescription
+/// carries the table OID and attribute number of a column that is a plain reference to a
+/// table's column, through aliases, subqueries and CTEs alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnOrigin<'a> {
+    /// `schema.table.column`, as `table_column` rules name it.
+    pub qualified: &'a str,
+    /// The column's own name in its table, which no alias in a query changes.
+    pub column: &'a str,
+}
+
+/// Functions known to run SQL given to them as text, or to read a relation or cursor named
+/// by a value: what they return cannot be traced to the columns it is read from. A trailing
+/// `*` stands for every name that begins so. The built-in ones (PostgreSQL 13 to 17) and
+/// those of contrib modules (`dblink`, `tablefunc`, `xml2`).
+pub const SQL_TEXT_FUNCTIONS: &[&str] = &[
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+    "dblink*",
+    "crosstab*",
+    "connectby",
+    "xpath_table",
+];
+
+/// Whether `function` (`name` or `schema.name`, as a statement calls it) is one of
+/// [`SQL_TEXT_FUNCTIONS`]. Compared without regard to ASCII case or schema, so a quoted or
+/// qualified spelling is refused too (at worst a harmless function of the same name is).
+pub fn runs_sql_text(function: &str) -> bool {
+    let name = unqualified(function);
+    SQL_TEXT_FUNCTIONS
+        .iter()
+        .any(|known| match known.strip_suffix('*') {
+            Some(prefix) => name
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
+            None => name.eq_ignore_ascii_case(known),
+        })
+}
+
+/// Whether `function` is one of [`SQL_TEXT_FUNCTIONS`] whose first argument is the query it
+/// runs, as text (`query_to_xml` and its schema forms, `ts_stat`): when that argument is
+/// known (a fast-path call's parameter), the query can be read like a statement.
+pub fn takes_query_text(function: &str) -> bool {
+    [
+        "query_to_xml",
+        "query_to_xmlschema",
+        "query_to_xml_and_xmlschema",
+        "ts_stat",
+    ]
+    .iter()
+    .any(|known| unqualified(function).eq_ignore_ascii_case(known))
+}
+
+fn unqualified(function: &str) -> &str {
+    function.rsplit_once('.').map_or(function, |(_, name)| name)
+}
+
 /// A value a profile selects that cannot be masked in the format the client asked for. The
 /// proxy must not send the row; the reason is for the client's error and the audit event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,7 +132,8 @@ pub struct Masker {
     /// Whether a detector's prefilter needs the number of digits in a value (a value with
     /// too few cannot hold a card number, SSN, IBAN or phone number).
     counts_digits: bool,
-    table_columns: bool,
+    /// Functions that run SQL text which this profile allows despite its column rules.
+    allowed_sql_text: Vec<String>,
     /// HMAC-SHA256 keyed once; cloned for every value.
     mac: Option<Hmac<Sha256>>,
 }
@@ -205,9 +277,6 @@ impl Masker {
                 }
             })
             .collect::<Vec<_>>();
-        let table_columns = rules
-            .iter()
-            .any(|rule| matches!(rule.selector, RuleTarget::TableColumn(_)));
         let counts_digits = detectors
             .iter()
             .any(|detector| !matches!(detector.scanner, Scanner::Custom(_) | Scanner::Email));
@@ -216,15 +285,38 @@ impl Masker {
             rules,
             detectors,
             counts_digits,
-            table_columns,
+            allowed_sql_text: profile.allow_sql_text_functions.clone(),
             mac: keyed_mac(hash_key),
         }
     }
 
-    /// Whether a rule selects by `table_column`, so the proxy must resolve each result column's
-    /// table OID and attribute number to `schema.table.column` before planning.
-    pub fn needs_table_columns(&self) -> bool {
-        self.table_columns
+    /// Whether the proxy must learn where each result column the server reports as a table
+    /// column is read from (RowDescription's table OID and attribute number, resolved to
+    /// [`ColumnOrigin`] in the catalog) before planning: any column rule needs it, a name
+    /// rule because an alias (`email AS y`, a subquery's or CTE's column list, `AS c(i, e)`)
+    /// changes the label but not the column the value is read from.
+    pub fn needs_column_origins(&self) -> bool {
+        self.has_column_rules()
+    }
+
+    /// The first of `functions` (names as a statement calls them, `schema.name` or `name`)
+    /// that runs SQL given as text and that this profile does not allow, when the profile has
+    /// column rules: what such a function reads cannot be followed to its columns, so the
+    /// statement must be refused. `None` when nothing needs refusing.
+    pub fn refused_sql_text_function<'a>(
+        &self,
+        functions: impl IntoIterator<Item = &'a str>,
+    ) -> Option<&'a str> {
+        if !self.has_column_rules() {
+            return None;
+        }
+        functions.into_iter().find(|function| {
+            runs_sql_text(function)
+                && !self
+                    .allowed_sql_text
+                    .iter()
+                    .any(|allowed| allowed.eq_ignore_ascii_case(unqualified(function)))
+        })
     }
 
     /// Whether the profile has content detectors (so [`Masker::mask_text`] can change text).
@@ -240,15 +332,18 @@ impl Masker {
             .any(|rule| !matches!(rule.selector, RuleTarget::Content))
     }
 
-    /// Decide how a result column is masked, once per RowDescription. `name` is the column's
-    /// name as the client sees it; `qualified` is `schema.table.column` when the column comes
-    /// straight from a table column and the proxy resolved it. The first column rule (by
-    /// `column`, `column_regex` or `table_column`) that selects it, in file order, wins;
-    /// detector rules never select a whole column.
-    pub fn plan_column(&self, name: &str, qualified: Option<&str>) -> ColumnPlan {
+    /// Decide how a result column is masked, once per RowDescription. `label` is the column's
+    /// name as the client sees it; `origin` is the table column it is read from, when the
+    /// server reports it as one and the proxy resolved it. A name rule (`column`,
+    /// `column_regex`) selects by the label or by the origin's column name, so an alias does
+    /// not unmask a column; a `table_column` rule by the origin. The first column rule that
+    /// selects it, in file order, wins; detector rules never select a whole column.
+    pub fn plan_column(&self, label: &str, origin: Option<ColumnOrigin<'_>>) -> ColumnPlan {
         let selected = self.rules.iter().position(|rule| match &rule.selector {
-            RuleTarget::Column(matcher) => matcher.matches(name),
-            RuleTarget::TableColumn(column) => qualified.is_some_and(|q| column.matches(q)),
+            RuleTarget::Column(matcher) => {
+                matcher.matches(label) || origin.is_some_and(|o| matcher.matches(o.column))
+            }
+            RuleTarget::TableColumn(column) => origin.is_some_and(|o| column.matches(o.qualified)),
             RuleTarget::Content => false,
         });
         match selected {

@@ -22,6 +22,10 @@ pub struct MaskingProfile {
     pub description: Option<String>,
     /// Tried in file order; the first that matches a column decides how it is masked.
     pub rules: Vec<MaskRule>,
+    /// Functions that run SQL given as text (see [`crate::runs_sql_text`]) that statements
+    /// masked by this profile may call although it has column rules; lower case, as written
+    /// in `allow_sql_text_functions`. Their results are masked by the detectors alone.
+    pub allow_sql_text_functions: Vec<String>,
 }
 
 impl MaskingProfile {
@@ -239,6 +243,8 @@ struct ProfileEntry {
     description: Option<String>,
     #[serde(default)]
     rules: Vec<RuleEntry>,
+    #[serde(default)]
+    allow_sql_text_functions: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -379,12 +385,29 @@ pub(crate) fn parse_masking(
             .into_iter()
             .filter_map(|rule| mask_rule(&mut file, &name, rule))
             .collect();
+        let mut allow_sql_text_functions = Vec::new();
+        for function in entry.allow_sql_text_functions {
+            let span = function.span();
+            let function = function.into_inner().to_ascii_lowercase();
+            if crate::mask::runs_sql_text(&function) {
+                allow_sql_text_functions.push(function);
+            } else {
+                file.report(
+                    span,
+                    format!(
+                        "key `allow_sql_text_functions` of masking profile `{name}`: `{function}` is not a function known to run SQL given as text ({}); only those are refused, so only those can be allowed",
+                        crate::mask::SQL_TEXT_FUNCTIONS.join(", ")
+                    ),
+                );
+            }
+        }
         profiles.insert(
             name.clone(),
             MaskingProfile {
                 name,
                 description: entry.description,
                 rules,
+                allow_sql_text_functions,
             },
         );
     }

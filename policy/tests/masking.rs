@@ -14,7 +14,8 @@
 use std::path::Path;
 
 use portcullis_policy::{
-    ColumnPlan, Masker, MaskingProfile, PolicySet, Problem, FORMAT_BINARY, FORMAT_TEXT,
+    ColumnOrigin, ColumnPlan, Masker, MaskingProfile, PolicySet, Problem, FORMAT_BINARY,
+    FORMAT_TEXT,
 };
 
 const TEXT: u32 = 25;
@@ -512,7 +513,10 @@ mask = "redact"
 #[test]
 fn first_column_rule_that_selects_a_column_plans_it() {
     let masker = masker(PRECEDENCE);
-    assert!(masker.needs_table_columns());
+    assert!(masker.needs_column_origins());
+    // (label, the table column it is read from, plan). A name rule selects by the label or by
+    // the origin's column name, so rule 1 (`column = "email"`) comes before rule 2 for every
+    // column read from an `email` column, whatever its label.
     let rows: &[(&str, Option<&str>, ColumnPlan)] = &[
         (
             "email",
@@ -523,20 +527,36 @@ fn first_column_rule_that_selects_a_column_plans_it() {
         (
             "contact",
             Some("public.users.email"),
-            ColumnPlan::Whole { rule: 2 },
+            ColumnPlan::Whole { rule: 1 },
         ),
         (
             "contact",
             Some("PUBLIC.Users.EMAIL"),
-            ColumnPlan::Whole { rule: 2 },
+            ColumnPlan::Whole { rule: 1 },
         ),
         (
             "mailbox",
             Some("public.users.email"),
-            ColumnPlan::Whole { rule: 2 },
+            ColumnPlan::Whole { rule: 1 },
         ),
         ("mailbox", None, ColumnPlan::Whole { rule: 3 }),
-        ("contact", Some("crm.users.email"), ColumnPlan::ContentOnly),
+        // Another schema's email column: still an email by name.
+        (
+            "contact",
+            Some("crm.users.email"),
+            ColumnPlan::Whole { rule: 1 },
+        ),
+        // Read from a column the regex selects, under a label it does not.
+        (
+            "c",
+            Some("crm.users.mailbox"),
+            ColumnPlan::Whole { rule: 3 },
+        ),
+        (
+            "contact",
+            Some("crm.users.contact"),
+            ColumnPlan::ContentOnly,
+        ),
         ("contact", None, ColumnPlan::ContentOnly),
         // `users.phone` is in schema public.
         (
@@ -549,18 +569,27 @@ fn first_column_rule_that_selects_a_column_plans_it() {
     ];
     for (name, qualified, want) in rows {
         assert_eq!(
-            masker.plan_column(name, *qualified),
+            masker.plan_column(name, qualified.map(origin)),
             *want,
             "{name} {qualified:?}"
         );
     }
 }
 
+/// The origin of a result column read from `schema.table.column`.
+fn origin(qualified: &str) -> ColumnOrigin<'_> {
+    ColumnOrigin {
+        qualified,
+        column: qualified.rsplit('.').next().unwrap(),
+    }
+}
+
 #[test]
 fn columns_no_rule_can_touch_cost_nothing() {
     let masker = whole("mask = \"hash\"");
-    assert!(!masker.needs_table_columns());
-    let plan = masker.plan_column("name", Some("public.users.name"));
+    // A name rule may select a column under any label: where each is read from is needed.
+    assert!(masker.needs_column_origins());
+    let plan = masker.plan_column("name", Some(origin("public.users.name")));
     assert_eq!(plan, ColumnPlan::Untouched);
     assert_eq!(
         masker.mask_value(&plan, FORMAT_BINARY, INT4, &[0, 0, 0, 1]),
@@ -600,8 +629,8 @@ fn analysts_example_masks_tables_and_card_numbers_in_text() {
         .collect();
     let set = PolicySet::load(files).unwrap();
     let masker = Masker::new(set.masking_profile("pii").unwrap(), KEY);
-    assert!(masker.needs_table_columns());
-    let plan = masker.plan_column("ref", Some("billing.customers.tax_id"));
+    assert!(masker.needs_column_origins());
+    let plan = masker.plan_column("ref", Some(origin("billing.customers.tax_id")));
     assert_eq!(
         masker.mask_value(&plan, FORMAT_TEXT, TEXT, b"12-3456789"),
         Ok(Some(b"[tax id]".to_vec()))
@@ -829,4 +858,75 @@ mask = "redact"
         detectors.plan_derived("x", [(None, None)]),
         ColumnPlan::ContentOnly
     );
+}
+
+#[test]
+fn functions_that_run_sql_text_are_refused_under_column_rules_unless_allowed() {
+    let columns = masker(
+        r#"
+[profiles.t]
+allow_sql_text_functions = ["Table_To_Xml"]
+
+[[profiles.t.rules]]
+column = "email"
+mask = "redact"
+"#,
+    );
+    // (functions a statement calls, the one refused)
+    let rows: &[(&[&str], Option<&str>)] = &[
+        (&["lower", "count"], None),
+        (&["query_to_xml"], Some("query_to_xml")),
+        (
+            &["lower", "pg_catalog.QUERY_TO_XML"],
+            Some("pg_catalog.QUERY_TO_XML"),
+        ),
+        (
+            &["query_to_xml_and_xmlschema"],
+            Some("query_to_xml_and_xmlschema"),
+        ),
+        (&["cursor_to_xml"], Some("cursor_to_xml")),
+        (&["database_to_xmlschema"], Some("database_to_xmlschema")),
+        (&["schema_to_xml"], Some("schema_to_xml")),
+        (&["ts_stat"], Some("ts_stat")),
+        (&["public.dblink_exec"], Some("public.dblink_exec")),
+        (&["dblink"], Some("dblink")),
+        (&["crosstab3"], Some("crosstab3")),
+        (&["xpath_table"], Some("xpath_table")),
+        // Allowed by the profile, under any spelling of its name.
+        (&["table_to_xml"], None),
+        (&["pg_catalog.table_to_xml"], None),
+        // Only the function allowed: its schema forms are other functions.
+        (&["table_to_xmlschema"], Some("table_to_xmlschema")),
+        // Names that merely resemble one.
+        (&["xml", "query_to", "dblin"], None),
+    ];
+    for (functions, want) in rows {
+        assert_eq!(
+            columns.refused_sql_text_function(functions.iter().copied()),
+            *want,
+            "{functions:?}"
+        );
+    }
+    // Detectors alone select no column: nothing such a function returns escapes a rule.
+    let detectors = masker(
+        r#"
+[[profiles.t.rules]]
+detector = "card_number"
+mask = "redact"
+"#,
+    );
+    assert_eq!(detectors.refused_sql_text_function(["query_to_xml"]), None);
+}
+
+#[test]
+fn only_functions_that_run_sql_text_can_be_allowed() {
+    let text = "[profiles.t]\nallow_sql_text_functions = [\"query_to_xml\", \"lower\"]\n[[profiles.t.rules]]\ncolumn = \"email\"\nmask = \"hash\"\n";
+    let error = PolicySet::load([("p/masking.toml", text)]).expect_err("`lower` is refused");
+    let shown = error.to_string();
+    assert!(
+        shown.contains("line 2")
+            && shown.contains("`lower` is not a function known to run SQL given as text"),
+        "{shown}"
+    );
+    assert!(!shown.contains("`query_to_xml` is not"), "{shown}");
 }

@@ -1,5 +1,6 @@
-//! Names of table columns for masking rules by `table_column`: a RowDescription carries each
-//! result column's table OID and attribute number, not its table's name; the catalog has it.
+//! Names of table columns for masking rules: a RowDescription carries each result column's
+//! table OID and attribute number, not its table's or its column's name (its label may be an
+//! alias); the catalog has them.
 //! Likewise the names of functions a fast-path call runs by OID, for policies that name them.
 //! Lookups go over a separate connection as the session's own role (so it learns nothing the
 //! session could not read) and are cached per target, database and table (or function) for a
@@ -17,9 +18,27 @@ const TTL: Duration = Duration::from_secs(60);
 /// Enough for every table a busy session touches; beyond it the cache starts over.
 const MAX_TABLES: usize = 65_536;
 
-/// One table's columns: attribute number → `schema.table.column`.
+/// A table column as masking rules name it.
+#[derive(Clone)]
+pub struct ColumnName {
+    /// `schema.table.column`, for `table_column` rules.
+    pub qualified: String,
+    /// The column's own name, for `column` and `column_regex` rules.
+    pub column: String,
+}
+
+impl ColumnName {
+    pub fn origin(&self) -> portcullis_policy::ColumnOrigin<'_> {
+        portcullis_policy::ColumnOrigin {
+            qualified: &self.qualified,
+            column: &self.column,
+        }
+    }
+}
+
+/// One table's columns by attribute number.
 pub struct TableColumns {
-    columns: HashMap<i16, String>,
+    columns: HashMap<i16, ColumnName>,
     /// For a view (or materialized view): what its columns are computed from, read from its
     /// definition; `Some(None)` when the definition could not be read or parsed.
     view: Option<Option<Arc<portcullis_sql::ResultSources>>>,
@@ -56,14 +75,14 @@ impl<'a> Lookup<'a> {
 }
 
 impl Catalog {
-    /// `schema.table.column` for a result column, if the table is cached and fresh.
-    pub fn qualified(
+    /// The table column a result column is read from, if the table is cached and fresh.
+    pub fn column(
         &self,
         target_id: u32,
         db: &str,
         table_oid: u32,
         attnum: i16,
-    ) -> Option<String> {
+    ) -> Option<ColumnName> {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         let t = tables.get(&(target_id, db.to_string(), table_oid))?;
         if t.fetched.elapsed() > TTL {
@@ -150,7 +169,7 @@ impl Catalog {
             self.keep_function_names(target_id, db, oids, &rows)?;
             return Ok(());
         }
-        let mut found: HashMap<u32, HashMap<i16, String>> =
+        let mut found: HashMap<u32, HashMap<i16, ColumnName>> =
             oids.iter().map(|o| (*o, HashMap::new())).collect();
         for row in rows {
             let oid: u32 = row.try_get(0).map_err(|e| e.to_string())?;
@@ -158,10 +177,13 @@ impl Catalog {
             let table: String = row.try_get(2).map_err(|e| e.to_string())?;
             let attnum: i16 = row.try_get(3).map_err(|e| e.to_string())?;
             let column: String = row.try_get(4).map_err(|e| e.to_string())?;
-            found
-                .entry(oid)
-                .or_default()
-                .insert(attnum, format!("{schema}.{table}.{column}"));
+            found.entry(oid).or_default().insert(
+                attnum,
+                ColumnName {
+                    qualified: format!("{schema}.{table}.{column}"),
+                    column,
+                },
+            );
         }
         let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         if tables.len() > MAX_TABLES {

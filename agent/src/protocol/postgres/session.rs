@@ -1295,7 +1295,12 @@ impl<'a> Session<'a> {
             encoded: std::sync::OnceLock::new(),
         };
         let set = self.proxy.policies().current();
-        match self.decide(&set, &info) {
+        let decided = self.decide(&set, &info).and_then(|verdict| {
+            fast_path_sql_text(&verdict, &names, call)
+                .map(|()| verdict)
+                .map_err(|(e, ids)| (e, "deny", ids))
+        });
+        match decided {
             Ok(verdict) => {
                 let (profile, masker) = match verdict.masker {
                     Some((profile, masker)) => (Some(profile), Some(masker)),
@@ -1419,6 +1424,25 @@ impl<'a> Session<'a> {
                         .masker(set, profile)
                         .map(|m| (Arc::from(profile.as_str()), m)),
                 });
+                // What a function running SQL text reads cannot be followed to its columns,
+                // so no column rule could apply to its result. A fast-path call gives its
+                // query as a value, which `fast_path_sql_text` reads instead.
+                let fast_path = info.command.as_deref() == Some("FUNCTION CALL");
+                if let Some((profile, m)) = masker.as_ref().filter(|_| !fast_path) {
+                    let functions = info.functions.iter().map(String::as_str);
+                    if let Some(function) = m.refused_sql_text_function(functions) {
+                        return Err((
+                            PgError::StatementDenied {
+                                reason: format!(
+                                    "`{function}` runs SQL given as text, which masking profile `{profile}` cannot follow to the columns it reads; the profile may allow it with `allow_sql_text_functions`"
+                                ),
+                                policy_ids: ids.clone(),
+                            },
+                            "deny",
+                            ids,
+                        ));
+                    }
+                }
                 let verdict = Verdict {
                     policy_ids: Arc::from(ids),
                     masker,
@@ -1485,7 +1509,7 @@ impl<'a> Session<'a> {
                 Expect::Query(q) => q.statements.iter().find_map(|r| r.verdict.masker.as_ref()),
                 _ => None,
             };
-            masker.is_some_and(|(_, m)| m.needs_table_columns())
+            masker.is_some_and(|(_, m)| m.needs_column_origins())
         });
         if !needed {
             return Ok(());
@@ -1845,7 +1869,7 @@ impl<'a> Session<'a> {
                 let derived = self.derived_sources(&info);
                 let catalog = &self.shared.catalog;
                 let (target_id, db) = (self.target.id, &*self.db_name);
-                let qualify = |oid: u32, attnum: i16| catalog.qualified(target_id, db, oid, attnum);
+                let qualify = |oid: u32, attnum: i16| catalog.column(target_id, db, oid, attnum);
                 let view = |oid: u32| catalog.view_sources(target_id, db, oid);
                 match plan_rows(&masker, fields, qualify, view, &derived) {
                     Ok(p) => Some(p),
@@ -2090,7 +2114,13 @@ impl<'a> Session<'a> {
         }
         let columns = columns
             .iter()
-            .map(|c| (masker.plan_column(&c.name, Some(&c.qualified)), c.type_oid))
+            .map(|c| {
+                let origin = portcullis_policy::ColumnOrigin {
+                    qualified: &c.qualified,
+                    column: &c.name,
+                };
+                (masker.plan_column(&c.name, Some(origin)), c.type_oid)
+            })
             .collect();
         Ok(CopyMask::Fields {
             masker,
@@ -2665,12 +2695,70 @@ fn unparsed(sql: &str) -> StatementInfo {
     }
 }
 
-/// How each column of a result is masked; `qualify` names a table column
-/// (`schema.table.column`) from the catalog cache.
+/// A fast-path call of a function that runs SQL given as text (`names`: the function's), under
+/// a profile with column rules that does not allow it: let through only when the function's
+/// first argument is its query, sent as text, and that query reads nothing a column rule
+/// could select (read like a statement, whose every column reference counts). Its result
+/// then goes through the detectors, as a computed value's does. `Err`: the refusal and the
+/// policies that had allowed the call.
+fn fast_path_sql_text(
+    verdict: &Verdict,
+    names: &[String],
+    call: &FunctionCall<'_>,
+) -> Result<(), (PgError, Vec<String>)> {
+    let Some((profile, masker)) = &verdict.masker else {
+        return Ok(());
+    };
+    let Some(function) = masker.refused_sql_text_function(names.iter().map(String::as_str)) else {
+        return Ok(());
+    };
+    let text_format = match call.arg_formats {
+        [] => true,
+        [one, ..] => *one == 0,
+    };
+    let query = call
+        .args
+        .first()
+        .and_then(Option::as_ref)
+        .filter(|_| text_format && portcullis_policy::takes_query_text(function))
+        .and_then(|q| std::str::from_utf8(q).ok());
+    let readable = query
+        .and_then(|q| portcullis_sql::classify(q).ok())
+        .is_some_and(|statements| {
+            !statements.is_empty()
+                && statements.iter().all(|st| {
+                    st.result_sources.as_ref().is_some_and(|s| {
+                        let plan = masker.plan_derived(
+                            "",
+                            s.all
+                                .iter()
+                                .map(|r| (r.table.as_deref(), r.column.as_deref())),
+                        );
+                        !matches!(plan, ColumnPlan::Whole { .. })
+                    })
+                })
+        });
+    if readable {
+        return Ok(());
+    }
+    let ids = verdict.policy_ids.to_vec();
+    Err((
+        PgError::StatementDenied {
+            reason: format!(
+                "`{function}` runs SQL given as text, and its query reads what masking profile `{profile}` selects by column (or cannot be read); the profile may allow it with `allow_sql_text_functions`"
+            ),
+            policy_ids: ids.clone(),
+        },
+        ids,
+    ))
+}
+
+/// How each column of a result is masked; `qualify` names the table column a result column
+/// is read from, from the catalog cache.
 fn plan_rows(
     masker: &Masker,
     fields: &[FieldDescription],
-    qualify: impl Fn(u32, i16) -> Option<String>,
+    qualify: impl Fn(u32, i16) -> Option<super::catalog::ColumnName>,
     view: impl Fn(u32) -> Option<Option<Arc<portcullis_sql::ResultSources>>>,
     derived: &Derived,
 ) -> Result<RowPlan, PgError> {
@@ -2698,7 +2786,7 @@ fn plan_rows(
             columns.push((plan, f.format, f.type_oid));
             continue;
         }
-        let qualified = if masker.needs_table_columns() && f.table_oid != 0 {
+        let origin = if masker.needs_column_origins() && f.table_oid != 0 {
             // Resolved before this message was handled; a miss means the catalog did not
             // know the column (dropped meanwhile): refuse rather than guess.
             Some(qualify(f.table_oid, f.column_attr).ok_or_else(|| {
@@ -2710,9 +2798,10 @@ fn plan_rows(
         } else {
             None
         };
-        let mut plan = masker.plan_column(&f.name, qualified.as_deref());
+        // By its label and by the column it is read from: an alias does not unmask it.
+        let mut plan = masker.plan_column(&f.name, origin.as_ref().map(|o| o.origin()));
         let mut derived_plan = false;
-        if !matches!(plan, ColumnPlan::Whole { .. }) && masker.needs_table_columns() {
+        if !matches!(plan, ColumnPlan::Whole { .. }) && masker.needs_column_origins() {
             // A view's column comes from what its definition computes it from.
             if let Some(sources) = view(f.table_oid) {
                 // Attribute numbers of a view's columns start at 1.
