@@ -194,3 +194,130 @@ fn named_queries_are_recognised() {
         assert_eq!(classify(sql).unwrap()[0].named_query, want, "{sql}");
     }
 }
+
+/// A column read under another name keeps the column it is read from among its sources:
+/// what masking rules by name are matched against besides the label (the server reports a
+/// plain reference's table column too; these are the computed and unplaceable cases).
+#[test]
+fn renamed_columns_keep_their_sources() {
+    let c = Some("customers");
+    let email = || r(c, Some("email"));
+    // (statement, result column, a source it must have)
+    let rows: Vec<(&str, usize, SourceRef)> = vec![
+        ("SELECT email AS y FROM customers", 0, email()),
+        ("SELECT email y FROM customers", 0, email()),
+        (
+            "SELECT x FROM (SELECT email AS x FROM customers) s",
+            0,
+            email(),
+        ),
+        // Nested subqueries, each renaming.
+        (
+            "SELECT z FROM (SELECT y AS z FROM (SELECT email AS y FROM customers) a) b",
+            0,
+            email(),
+        ),
+        (
+            "WITH s AS (SELECT email AS e FROM customers) SELECT e FROM s",
+            0,
+            email(),
+        ),
+        // A CTE's column list renames its columns.
+        (
+            "WITH s(e) AS (SELECT email FROM customers) SELECT e FROM s",
+            0,
+            email(),
+        ),
+        // A CTE reading a CTE.
+        (
+            "WITH a AS (SELECT * FROM customers), b AS (SELECT email AS m FROM a) SELECT m AS q FROM b",
+            0,
+            r(c, None),
+        ),
+        // A table's column alias list: which column is which needs the catalog, so every
+        // column of the table (its whole row).
+        ("SELECT e FROM customers AS c(i, n, e)", 0, r(c, None)),
+        ("SELECT c.e FROM customers c(i, n, e)", 0, r(c, None)),
+        // A subquery's column alias list.
+        (
+            "SELECT z FROM (SELECT email FROM customers) AS s(z)",
+            0,
+            email(),
+        ),
+        // Joins with aliases on both sides.
+        (
+            "SELECT c.email z, o.total FROM customers c JOIN orders o ON o.cid = c.id",
+            0,
+            email(),
+        ),
+        (
+            "SELECT d.email FROM orders o LEFT JOIN customers AS d ON d.id = o.cid",
+            0,
+            email(),
+        ),
+        // LATERAL: the subquery names the outer item.
+        (
+            "SELECT x FROM customers c, LATERAL (SELECT c.email AS x) s",
+            0,
+            r(None, Some("email")),
+        ),
+        (
+            "SELECT s.x FROM customers c CROSS JOIN LATERAL (SELECT lower(c.email) AS x) s",
+            0,
+            r(None, Some("email")),
+        ),
+        // A VALUES list's alias list, joined with a renamed column.
+        (
+            "SELECT v.a, s.z FROM (VALUES (1)) AS v(a) JOIN (SELECT id, email AS z FROM customers) s ON s.id = v.a",
+            1,
+            email(),
+        ),
+        // A function in FROM with a column alias list, over a column.
+        (
+            "SELECT z FROM customers, unnest(array[email]) AS u(z)",
+            0,
+            email(),
+        ),
+        // A whole-row field, renamed.
+        ("SELECT (c).email AS z FROM customers c", 0, r(c, None)),
+        // Expressions that pass a value through.
+        ("SELECT email COLLATE \"C\" AS z FROM customers", 0, email()),
+        ("SELECT email::varchar AS z FROM customers", 0, email()),
+        (
+            "SELECT CASE WHEN id > 0 THEN email END AS z FROM customers",
+            0,
+            email(),
+        ),
+        ("SELECT COALESCE(email, '') AS z FROM customers", 0, email()),
+        (
+            "SELECT string_agg(email, ',') AS z FROM customers",
+            0,
+            email(),
+        ),
+        ("SELECT format('%s', email) AS z FROM customers", 0, email()),
+        // RETURNING under another name.
+        (
+            "UPDATE customers SET note = note RETURNING email AS z",
+            0,
+            email(),
+        ),
+    ];
+    for (sql, column, want) in rows {
+        let s = sources(sql);
+        assert!(has(&s, column, &want), "{sql}: {s:#?}");
+    }
+    // Lists that do not line up with the result (a set operation, `*`): every reference of
+    // the query, which holds the renamed column.
+    for sql in [
+        "SELECT email AS z FROM customers UNION ALL SELECT 'x'",
+        "SELECT z FROM customers c(i, n, z) UNION SELECT name FROM staff",
+        "WITH s AS (SELECT email AS e FROM customers) SELECT * FROM s",
+        "SELECT * FROM (SELECT email AS z FROM customers) s",
+    ] {
+        let s = sources(sql);
+        assert!(
+            s.all.contains(&email()) || s.all.contains(&r(c, None)),
+            "{sql}: {s:#?}"
+        );
+    }
+}
