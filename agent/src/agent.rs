@@ -70,11 +70,13 @@ pub fn run(
     );
 
     let registry = Arc::new(crate::proxy::Registry::default());
+    let limiter = crate::limits::Limiter::new(config.limits.clone());
     let identity = IdentityService::new(
         &config,
         &cgroup_root,
         Arc::clone(&audit),
         Arc::clone(&registry),
+        Arc::clone(&limiter),
     )?;
     if config.identity.issuer.is_none()
         && config.identity.trusted_issuers.is_empty()
@@ -95,6 +97,7 @@ pub fn run(
         postgres,
         registry,
         loops.handles(runtime.handle()),
+        limiter,
     );
     let shutdown = CancellationToken::new();
 
@@ -115,6 +118,7 @@ pub fn run(
         proxy
             .tasks
             .spawn(Arc::clone(&identity).maintain(proxy.close_all.clone()));
+        proxy.tasks.spawn(Arc::clone(&proxy).summarize_refusals());
         proxy
             .tasks
             .spawn(Arc::clone(&policies).watch(proxy.close_all.clone()));

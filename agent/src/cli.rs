@@ -1009,6 +1009,28 @@ fn render_status(r: &StatusReport) -> String {
             "             LAST RELOAD REFUSED, the previous set is in force:\n{e}"
         );
     }
+    let a = &r.audit;
+    if a.writable {
+        let _ = writeln!(
+            out,
+            "audit        writing (on write failure: {})",
+            a.on_write_failure
+        );
+    } else {
+        let consequence = if a.on_write_failure == "refuse" {
+            "new connections are refused and sessions end at their next statement"
+        } else {
+            "connections go on UNAUDITED (keep_enforcing)"
+        };
+        let _ = writeln!(out, "audit        CANNOT WRITE: {consequence}");
+        if let Some(f) = &a.failure {
+            let _ = writeln!(
+                out,
+                "             since {} ms, {} event(s) lost: {}",
+                f.since_ms, f.lost_events, f.error
+            );
+        }
+    }
     let _ = writeln!(out, "\ntargets ({})", r.targets.len());
     let _ = writeln!(
         out,

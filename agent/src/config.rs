@@ -51,6 +51,9 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// What one local user may hold of the agent (`[limits]`).
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Settings that weaken security, for labs and tests; the name says so.
     #[serde(default)]
     pub insecure: InsecureConfig,
@@ -89,9 +92,91 @@ pub struct IdentityConfig {
     pub trusted_issuers: Vec<TrustedIssuerConfig>,
 }
 
+/// `[limits]`: per-uid bounds, so one local user cannot exhaust the agent for everybody.
+/// The defaults are far above what a person or an application pool opens and well within
+/// what a flood reaches in a second. Past a limit a connection is refused (PostgreSQL
+/// clients read 53300 too_many_connections) and the refusals of each uid are summarized:
+/// the first of each `summary_interval_secs` is recorded in full, the rest as one
+/// `connection.refused` event with a `count`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections one uid may have open at once (start-up included).
+    #[serde(default = "defaults::max_open_per_uid")]
+    pub max_open_per_uid: usize,
+    /// Connections one uid may have in their protocol's start-up (a PostgreSQL client
+    /// that has not authenticated yet may hold one for 30 s).
+    #[serde(default = "defaults::max_startup_per_uid")]
+    pub max_startup_per_uid: usize,
+    /// `portcullis login` device flows one uid may have waiting at once.
+    #[serde(default = "defaults::max_pending_logins_per_uid")]
+    pub max_pending_logins_per_uid: usize,
+    /// New connections a second one uid may open, sustained...
+    #[serde(default = "defaults::new_connections_per_sec")]
+    pub new_connections_per_sec: u32,
+    /// ...and at once, after a pause (a pool opening its connections).
+    #[serde(default = "defaults::new_connections_burst")]
+    pub new_connections_burst: u32,
+    /// How often the count of refusals not recorded one by one is written.
+    #[serde(default = "defaults::summary_interval_secs")]
+    pub summary_interval_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_open_per_uid: defaults::max_open_per_uid(),
+            max_startup_per_uid: defaults::max_startup_per_uid(),
+            max_pending_logins_per_uid: defaults::max_pending_logins_per_uid(),
+            new_connections_per_sec: defaults::new_connections_per_sec(),
+            new_connections_burst: defaults::new_connections_burst(),
+            summary_interval_secs: defaults::summary_interval_secs(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// A limit of 0 would refuse every connection (or login) of every user: a typo, not a
+    /// policy; `policy` is where connections are denied.
+    fn validate(&self) -> Result<(), String> {
+        let zero = [
+            ("max_open_per_uid", self.max_open_per_uid == 0),
+            ("max_startup_per_uid", self.max_startup_per_uid == 0),
+            (
+                "max_pending_logins_per_uid",
+                self.max_pending_logins_per_uid == 0,
+            ),
+            ("new_connections_burst", self.new_connections_burst == 0),
+            ("summary_interval_secs", self.summary_interval_secs == 0),
+        ];
+        match zero.iter().find(|(_, z)| *z) {
+            Some((key, _)) => Err(format!("limits.{key} must be at least 1")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `audit.on_write_failure`: what the agent does while the audit store cannot be written
+/// (disk full, I/O error).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnWriteFailure {
+    /// Fail closed: new connections are refused and open PostgreSQL sessions end at their
+    /// next message, until a write succeeds again.
+    #[default]
+    Refuse,
+    /// Keep deciding and masking without a trail: connections open and statements run
+    /// although their events are lost (and counted).
+    KeepEnforcing,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
+    /// Fail closed (`refuse`, the default) or keep serving (`keep_enforcing`) while the
+    /// store cannot be written.
+    #[serde(default)]
+    pub on_write_failure: OnWriteFailure,
     /// The hash-chained store; default `<state_dir>/audit`.
     #[serde(default)]
     pub dir: Option<PathBuf>,
@@ -122,6 +207,7 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
+            on_write_failure: OnWriteFailure::Refuse,
             dir: None,
             max_segment_bytes: defaults::max_segment_bytes(),
             max_segment_age_secs: defaults::max_segment_age_secs(),
@@ -621,6 +707,24 @@ mod defaults {
     pub fn max_connections() -> usize {
         20_000
     }
+    pub fn max_open_per_uid() -> usize {
+        1_000
+    }
+    pub fn max_startup_per_uid() -> usize {
+        64
+    }
+    pub fn max_pending_logins_per_uid() -> usize {
+        4
+    }
+    pub fn new_connections_per_sec() -> u32 {
+        200
+    }
+    pub fn new_connections_burst() -> u32 {
+        400
+    }
+    pub fn summary_interval_secs() -> u64 {
+        10
+    }
     pub fn pin_dir() -> PathBuf {
         PathBuf::from("/sys/fs/bpf/portcullis")
     }
@@ -731,6 +835,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<Vec<ProtectedTarget>, (std::ops::Range<usize>, String)> {
+        self.limits.validate().map_err(|m| (0..0, m))?;
         let mut out: Vec<ProtectedTarget> = Vec::with_capacity(self.targets.len());
         if self.targets.len() > portcullis_common::MAX_TARGETS as usize {
             return Err((

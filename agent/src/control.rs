@@ -91,6 +91,18 @@ pub struct StatusReport {
     pub open_connections: usize,
     pub connections: Vec<ConnectionView>,
     pub policy: crate::policy::PolicyStatus,
+    /// Whether the audit trail is being written, and what the agent does while it is not.
+    #[serde(default)]
+    pub audit: AuditWriteStatus,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AuditWriteStatus {
+    pub writable: bool,
+    /// `refuse` or `keep_enforcing` (`audit.on_write_failure`).
+    pub on_write_failure: String,
+    /// Since when, why (root only: the error names paths), and how many events were lost.
+    pub failure: Option<crate::audit::WriteFailure>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -431,6 +443,19 @@ fn status(uid: u32, state: &ControlState) -> StatusReport {
         open_connections: proxy.registry.len(),
         connections: proxy.registry.views(filter),
         policy: state.policies.status(),
+        audit: {
+            let audit = proxy.audit();
+            let failure = audit.write_failure();
+            AuditWriteStatus {
+                writable: failure.is_none(),
+                on_write_failure: match audit.on_write_failure() {
+                    crate::config::OnWriteFailure::Refuse => "refuse",
+                    crate::config::OnWriteFailure::KeepEnforcing => "keep_enforcing",
+                }
+                .to_string(),
+                failure: failure.filter(|_| uid == 0),
+            }
+        },
     }
 }
 

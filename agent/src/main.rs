@@ -8,6 +8,7 @@ mod config;
 mod control;
 mod ebpf;
 mod identity;
+mod limits;
 mod policy;
 mod protocol;
 mod proxy;

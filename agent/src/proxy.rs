@@ -23,6 +23,7 @@ use crate::audit::{now_ms, AuditEvent, AuditLog, Encoded, EventKind};
 use crate::config::{canonical_ip, Config, ProtectedTarget, Protocol};
 use crate::ebpf::Enforcement;
 use crate::identity::{Identity, IdentityService};
+use crate::limits::{Admission, Limiter, Note, RefusalKey, RefusalSummaries};
 
 /// The origin record, as events and `portcullis status` show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -228,6 +229,8 @@ pub struct Incoming {
     pub peer: SocketAddr,
     pub origin: Origin,
     pub target: ProtectedTarget,
+    /// The connection's place under its uid's limits; [`Proxy::open`] ends its start-up.
+    pub admission: Admission,
 }
 
 /// What a refused connection's event says; every protocol's refusals go through
@@ -324,6 +327,19 @@ pub struct Proxy {
     /// The event loops connections run on, handed out in turn (`proxy.threads`).
     loops: Vec<tokio::runtime::Handle>,
     next_loop: std::sync::atomic::AtomicUsize,
+    /// Per-uid limits, consulted once per accepted connection (`[limits]`).
+    limiter: Arc<Limiter>,
+    /// Refusals the limits and the origin check count instead of recording one by one.
+    summaries: RefusalSummaries<RefusedDetail>,
+    /// The monotonic clock the limits run on.
+    epoch: Instant,
+}
+
+/// What a summary keeps of the last refusal it counted.
+#[derive(Debug, Clone)]
+pub struct RefusedDetail {
+    peer: SocketAddr,
+    origin: Option<Origin>,
 }
 
 /// Binds the proxy listeners. IPv4 is required; IPv6 is used when the host has it
@@ -369,8 +385,11 @@ impl Proxy {
         postgres: Option<Arc<crate::protocol::postgres::Shared>>,
         registry: Arc<Registry>,
         loops: Vec<tokio::runtime::Handle>,
+        limiter: Arc<Limiter>,
     ) -> Arc<Self> {
         let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
+        let summaries =
+            RefusalSummaries::new(config.limits.summary_interval_secs.saturating_mul(1000));
         Arc::new(Self {
             config,
             targets,
@@ -389,7 +408,107 @@ impl Proxy {
             tasks: TaskTracker::new(),
             loops,
             next_loop: std::sync::atomic::AtomicUsize::new(0),
+            limiter,
+            summaries,
+            epoch: Instant::now(),
         })
+    }
+
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Writes the summaries of refusals not recorded one by one, once per interval, and
+    /// forgets idle uids; at the end (after the drain) writes what is still counted.
+    pub async fn summarize_refusals(self: Arc<Self>) {
+        let every = Duration::from_millis((self.summaries.interval_ms() / 2).max(50));
+        loop {
+            tokio::select! {
+                () = self.close_all.cancelled() => break,
+                () = tokio::time::sleep(every) => {}
+            }
+            let now = self.clock_ms();
+            for s in self.summaries.due(now) {
+                self.record_summary(s);
+            }
+            self.limiter.sweep(now);
+        }
+        for s in self.summaries.drain(self.clock_ms()) {
+            self.record_summary(s);
+        }
+    }
+
+    fn record_summary(&self, s: crate::limits::Summary<RefusedDetail>) {
+        let who = match s.key {
+            RefusalKey::Uid(uid) => format!("uid {uid}"),
+            RefusalKey::NoOrigin => "connections without an origin record".to_string(),
+        };
+        let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(format!(
+            "{}: {} more refusal(s) of {who} in {} ms, not recorded one by one",
+            s.reason, s.count, s.interval_ms
+        ));
+        ev.decision = Some("error".into());
+        ev.count = Some(s.count);
+        ev.client = Some(s.last.peer.to_string().into());
+        ev.origin = s.last.origin.map(Into::into);
+        tracing::warn!(%who, count = s.count, "refusals summarized");
+        self.audit.record(ev);
+    }
+
+    /// Notes a refusal the summaries cover; true when it is the first of its interval and
+    /// must be recorded in full.
+    fn first_of_interval(&self, key: RefusalKey, reason: &str, detail: RefusedDetail) -> bool {
+        self.summaries.note(key, reason, detail, self.clock_ms()) == Note::RecordNow
+    }
+
+    /// Refuses a connection over its uid's limits: closed at once, with a PostgreSQL
+    /// client told 53300 (what the server says when it has no slot). Writing the error is
+    /// a non-blocking attempt: a flood must not hold a task per refusal.
+    fn refuse_limited(
+        &self,
+        id: u64,
+        client: TcpStream,
+        peer: SocketAddr,
+        origin: Origin,
+        why: String,
+    ) {
+        let target = self.target_for(&origin);
+        if target.is_some_and(|t| t.protocol == Protocol::Postgres) {
+            // Whatever the client sent first (SSLRequest, StartupMessage) is read, so the
+            // close is a FIN after the error, not a reset that could discard it.
+            let mut sink = [0u8; 1024];
+            let _ = client.try_read(&mut sink);
+            let mut out = bytes::BytesMut::new();
+            portcullis_pgwire::encode_error_response(
+                &portcullis_pgwire::ErrorFields::new(
+                    "FATAL",
+                    "53300",
+                    format!("Portcullis: {why}"),
+                ),
+                &mut out,
+            );
+            let _ = client.try_write(&out);
+        }
+        let detail = RefusedDetail {
+            peer,
+            origin: Some(origin.clone()),
+        };
+        if self.first_of_interval(RefusalKey::Uid(origin.uid), &why, detail) {
+            self.record_refusal(Refusal {
+                id,
+                peer,
+                origin: &origin,
+                target,
+                identity: None,
+                reason: why,
+                decision: "error",
+                policy_ids: Vec::new(),
+                db_user: None,
+                db_name: None,
+            });
+        } else {
+            tracing::debug!(%peer, uid = origin.uid, "refused over a per-uid limit");
+        }
     }
 
     /// Accepts until `stop_accepting` is cancelled. Each connection runs as a tracked task.
@@ -451,17 +570,34 @@ impl Proxy {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let Some(record) = self.enforcement.take_origin(peer, local) else {
-            let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(
-                "no origin record: the connection did not come through the kernel redirect",
-            );
-            ev.connection_id = Some(id);
-            ev.client = Some(peer.to_string().into());
-            self.audit.record(ev);
-            tracing::warn!(%peer, "refused a connection without an origin record");
+            // Anyone can dial the port, as often as they like, and nothing names them (no
+            // SO_PEERCRED for TCP): the refusals share one summary, so the trail grows by
+            // two events an interval however fast they come. The socket closes on return,
+            // after the refusal is counted.
+            let reason =
+                "no origin record: the connection did not come through the kernel redirect";
+            let detail = RefusedDetail { peer, origin: None };
+            if self.first_of_interval(RefusalKey::NoOrigin, reason, detail) {
+                let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(reason);
+                ev.connection_id = Some(id);
+                ev.client = Some(peer.to_string().into());
+                self.audit.record(ev);
+                tracing::warn!(%peer, "refused a connection without an origin record");
+            }
             return;
         };
         let origin = Origin::from_record(&record);
         let span = tracing::info_span!("conn", id, uid = origin.uid, pid = origin.pid, comm = %origin.comm, dst = %origin.destination);
+        // The one place the per-uid limits are enforced: before identity, policy or any
+        // protocol work, so a refused connection costs the agent an accept and a lookup.
+        let admission = match self.limiter.admit(origin.uid, self.clock_ms()) {
+            Ok(a) => a,
+            Err(limited) => {
+                let _enter = span.enter();
+                self.refuse_limited(id, client, peer, origin, limited.to_string());
+                return;
+            }
+        };
         if let Some(target) = self.target_for(&origin) {
             if target.protocol == Protocol::Postgres {
                 // PostgreSQL answers every refusal in its own protocol, so it takes the
@@ -472,6 +608,7 @@ impl Proxy {
                     peer,
                     origin,
                     target: target.clone(),
+                    admission,
                 };
                 crate::protocol::postgres::serve(Arc::clone(&self), incoming, client, identity)
                     .instrument(span)
@@ -499,7 +636,7 @@ impl Proxy {
                 return;
             }
         };
-        self.handle_origin(id, client, peer, origin, identity)
+        self.handle_origin(id, client, peer, origin, identity, admission)
             .instrument(span)
             .await;
     }
@@ -511,6 +648,7 @@ impl Proxy {
         peer: SocketAddr,
         origin: Origin,
         identity: Identity,
+        admission: Admission,
     ) {
         let refuse_with = |reason: String,
                            decision: &str,
@@ -545,11 +683,8 @@ impl Proxy {
                 return;
             }
         };
-        if self.audit.over_bound() {
-            refuse(
-                "the central audit backlog is over audit.central.spool_max_bytes (on_spool_full = \"refuse_connections\")".into(),
-                Some(target),
-            );
+        if let Some(reason) = self.audit.refusal_reason() {
+            refuse(reason, Some(target));
             return;
         }
         let decision = self
@@ -630,11 +765,16 @@ impl Proxy {
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
         opened.decision = Some("allow".into());
         opened.policy_ids = policy_ids.into();
-        // The opened event gates the connection: nothing is forwarded that is not on disk.
+        // The opened event gates the connection: nothing is forwarded that is not on disk,
+        // unless the operator chose availability over the trail (`keep_enforcing`).
         if let Err(e) = self.audit.record_durable(&opened).await {
-            tracing::error!(error = %e, "cannot record the connection; refusing it");
-            return;
+            if !self.audit.keeps_enforcing_unaudited() {
+                tracing::error!(error = %e, "cannot record the connection; refusing it");
+                return;
+            }
+            tracing::error!(error = %e, "cannot record the connection; opening it unaudited (audit.on_write_failure = \"keep_enforcing\")");
         }
+        admission.end_startup();
         self.registry.insert(Arc::clone(&conn));
         tracing::info!(target = %conn.target, upstream = %upstream_addr, "connection opened");
         let mut guard = OpenGuard {
@@ -672,6 +812,7 @@ impl Proxy {
         };
         drop(guard);
         drop(permit);
+        drop(admission);
     }
 
     /// The configured target the kernel matched, if the destination still fits it.
@@ -703,11 +844,10 @@ impl Proxy {
         self.audit.record(ev);
     }
 
-    /// The central backlog bound, as a refusal reason when it applies.
+    /// Why the audit trail forbids new connections now (the central backlog over its
+    /// bound, or the store failing to write), as a refusal reason.
     pub fn over_audit_bound(&self) -> Option<String> {
-        self.audit.over_bound().then(|| {
-            "the central audit backlog is over audit.central.spool_max_bytes (on_spool_full = \"refuse_connections\")".to_string()
-        })
+        self.audit.refusal_reason()
     }
 
     pub fn postgres(&self) -> Option<&crate::protocol::postgres::Shared> {
@@ -745,10 +885,14 @@ impl Proxy {
         opened.policy_ids = o.policy_ids.into();
         opened.db_user = o.db_user.as_deref().map(Into::into);
         opened.db_name = o.db_name.as_deref().map(Into::into);
-        self.audit.record_durable(&opened).await.map_err(|e| {
-            tracing::error!(error = %e, "cannot record the connection; refusing it");
-            format!("the audit store cannot record the connection: {e}")
-        })?;
+        if let Err(e) = self.audit.record_durable(&opened).await {
+            if !self.audit.keeps_enforcing_unaudited() {
+                tracing::error!(error = %e, "cannot record the connection; refusing it");
+                return Err(format!("the audit store cannot record the connection: {e}"));
+            }
+            tracing::error!(error = %e, "cannot record the connection; opening it unaudited (audit.on_write_failure = \"keep_enforcing\")");
+        }
+        o.incoming.admission.end_startup();
         self.registry.insert(Arc::clone(&conn));
         tracing::info!(target = %conn.target, upstream = %o.upstream, "connection opened");
         let guard = OpenGuard {

@@ -111,6 +111,10 @@ pub struct AuditEvent {
     pub db_user: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub db_name: Option<Arc<str>>,
+    /// How many occurrences this one event stands for, when more than one: the summary of
+    /// the refusals of one uid (or of connections without an origin) in one interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
     /// Statement events only; flattened so every field stays top-level.
     #[serde(flatten)]
     pub statement: Option<Box<StatementFields>>,
@@ -407,6 +411,7 @@ impl AuditEvent {
             policy_ids: Arc::from([]),
             db_user: None,
             db_name: None,
+            count: None,
             statement: None,
         }
     }
@@ -477,6 +482,64 @@ pub struct AuditLog {
     /// The highest seq written; the central shipper measures its backlog against it.
     last_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
     spool: central::SpoolState,
+    /// Set by the writer while the store cannot be written.
+    health: Arc<WriteHealth>,
+    on_write_failure: crate::config::OnWriteFailure,
+}
+
+/// Why the store cannot be written, since when, and what was lost meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct WriteFailure {
+    pub since_ms: u64,
+    pub error: String,
+    /// Events that could not be written since `since_ms`.
+    pub lost_events: u64,
+}
+
+/// The writer's health, shared with everything that must act on it. The flag is read on
+/// every admission and every PostgreSQL message: an atomic, not the lock.
+#[derive(Debug, Default)]
+pub struct WriteHealth {
+    failing: std::sync::atomic::AtomicBool,
+    failure: std::sync::Mutex<Option<WriteFailure>>,
+}
+
+impl WriteHealth {
+    pub fn failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn failure(&self) -> Option<WriteFailure> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<WriteFailure>> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes a failed write of `lost` events; returns true when the store was healthy
+    /// until now.
+    fn failed(&self, error: &str, lost: u64) -> bool {
+        let mut f = self.lock();
+        let first = f.is_none();
+        let entry = f.get_or_insert_with(|| WriteFailure {
+            since_ms: now_ms(),
+            error: error.to_string(),
+            lost_events: 0,
+        });
+        entry.error = error.to_string();
+        entry.lost_events = entry.lost_events.saturating_add(lost);
+        self.failing
+            .store(true, std::sync::atomic::Ordering::Release);
+        first
+    }
+
+    fn recovered(&self) -> Option<WriteFailure> {
+        let mut f = self.lock();
+        self.failing
+            .store(false, std::sync::atomic::Ordering::Release);
+        f.take()
+    }
 }
 
 impl AuditLog {
@@ -498,12 +561,17 @@ impl AuditLog {
             Some(path) => Some(read_signing_key(path)?),
             None => None,
         };
-        let opts = portcullis_audit_store::StoreOptions {
-            max_segment_bytes: config.max_segment_bytes,
-            max_segment_age_ms: config.max_segment_age_secs.saturating_mul(1000),
-            signing_key,
+        let (max_segment_bytes, max_segment_age_ms) = (
+            config.max_segment_bytes,
+            config.max_segment_age_secs.saturating_mul(1000),
+        );
+        let options = move || portcullis_audit_store::StoreOptions {
+            max_segment_bytes,
+            max_segment_age_ms,
+            signing_key: signing_key.clone(),
             ..Default::default()
         };
+        let opts = options();
         std::fs::create_dir_all(dir).map_err(|e| {
             store_err(portcullis_audit_store::StoreError::Io {
                 path: dir.to_path_buf(),
@@ -511,8 +579,7 @@ impl AuditLog {
                 source: e,
             })
         })?;
-        let (mut store, notes) =
-            portcullis_audit_store::Store::open(dir, opts).map_err(store_err)?;
+        let (store, notes) = portcullis_audit_store::Store::open(dir, opts).map_err(store_err)?;
         let notes = notes.iter().map(ToString::to_string).collect();
         let queue = std::sync::Arc::new(queue::Queue::new(QUEUE, BATCH));
         let rx = std::sync::Arc::clone(&queue);
@@ -529,9 +596,18 @@ impl AuditLog {
             shipped_progress,
             last: None,
         };
+        let health = Arc::new(WriteHealth::default());
+        let mut writer = Writer {
+            store: Some(store),
+            reopen: Box::new(move |dir: &Path| {
+                portcullis_audit_store::Store::open(dir, options()).map(|(store, _)| store)
+            }),
+            health: Arc::clone(&health),
+            last_reopen: None,
+        };
         std::thread::Builder::new()
             .name("portcullis-audit".into())
-            .spawn(move || write_loop(&mut store, &rx, &path, &written, &mut pruning))
+            .spawn(move || write_loop(&mut writer, &rx, &path, &written, &mut pruning))
             .map_err(|e| AuditError::Write(format!("starting the audit writer: {e}")))?;
         Ok((
             Self {
@@ -539,6 +615,8 @@ impl AuditLog {
                 queue,
                 last_seq,
                 spool: central::SpoolState::default(),
+                health,
+                on_write_failure: config.on_write_failure,
             },
             notes,
         ))
@@ -557,10 +635,45 @@ impl AuditLog {
         &self.spool
     }
 
-    /// Fail-closed backpressure from the central shipper (`on_spool_full =
-    /// "refuse_connections"`): new connections must be refused while this is true.
-    pub fn over_bound(&self) -> bool {
-        self.spool.refusing()
+    /// Why nothing may start now for want of an audit trail: the central backlog over its
+    /// bound (`on_spool_full = "refuse_connections"`), or the store failing to write
+    /// (`on_write_failure = "refuse"`). None while connections may open.
+    pub fn refusal_reason(&self) -> Option<String> {
+        if self.spool.refusing() {
+            return Some("the central audit backlog is over audit.central.spool_max_bytes (on_spool_full = \"refuse_connections\")".into());
+        }
+        self.write_refusal()
+    }
+
+    /// The write failure as a refusal reason, when `on_write_failure = "refuse"`: what ends
+    /// open sessions at their next message.
+    pub fn write_refusal(&self) -> Option<String> {
+        if self.on_write_failure != crate::config::OnWriteFailure::Refuse || !self.health.failing()
+        {
+            return None;
+        }
+        let error = self
+            .health
+            .failure()
+            .map_or_else(|| "unknown error".to_string(), |f| f.error);
+        Some(format!(
+            "the audit trail cannot be written ({error}); nothing is allowed until it can (audit.on_write_failure = \"refuse\")"
+        ))
+    }
+
+    /// Whether a connection may open although its `connection.opened` event was not
+    /// written (`on_write_failure = "keep_enforcing"` and the store failing).
+    pub fn keeps_enforcing_unaudited(&self) -> bool {
+        self.on_write_failure == crate::config::OnWriteFailure::KeepEnforcing
+            && self.health.failing()
+    }
+
+    pub fn write_failure(&self) -> Option<WriteFailure> {
+        self.health.failure()
+    }
+
+    pub fn on_write_failure(&self) -> crate::config::OnWriteFailure {
+        self.on_write_failure
     }
 
     fn line(event: &AuditEvent) -> Option<portcullis_audit_store::EncodedEvent> {
@@ -685,9 +798,77 @@ impl Pruning {
 const TICK: std::time::Duration = std::time::Duration::from_millis(5);
 /// The longest an event nobody waits for stays written but not fsynced.
 const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// While the store cannot be written, how often the writer reopens it to try again.
+const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+type Reopen = Box<
+    dyn Fn(&Path) -> Result<portcullis_audit_store::Store, portcullis_audit_store::StoreError>
+        + Send,
+>;
+
+/// The writer's store. A failed write or fsync poisons a store (its page cache may no
+/// longer match the disk), so the writer drops it and reopens the directory, which
+/// re-reads the disk and cuts a torn tail, at most once every `RETRY_EVERY`; what arrives
+/// in between is lost and counted, and the health flag makes the agent refuse what it
+/// cannot record (`audit.on_write_failure`).
+struct Writer {
+    store: Option<portcullis_audit_store::Store>,
+    reopen: Reopen,
+    health: Arc<WriteHealth>,
+    last_reopen: Option<std::time::Instant>,
+}
+
+impl Writer {
+    fn failed(&mut self, dir: &Path, error: &dyn std::fmt::Display, lost: u64) {
+        if self.health.failed(&error.to_string(), lost) {
+            tracing::error!(dir = %dir.display(), error = %error, "the audit store cannot be written; see audit.on_write_failure");
+        }
+    }
+
+    /// The store to write to, reopened first after a failure; None while it stays broken.
+    /// After a reopen, the first write is an `audit.integrity` event saying what was lost:
+    /// that write is the proof the store works again.
+    fn store(&mut self, dir: &Path) -> Option<&mut portcullis_audit_store::Store> {
+        if !self.health.failing() {
+            return self.store.as_mut();
+        }
+        if self.last_reopen.is_some_and(|t| t.elapsed() < RETRY_EVERY) {
+            return None;
+        }
+        self.last_reopen = Some(std::time::Instant::now());
+        // The old store holds the directory's lock: it goes first.
+        self.store = None;
+        match (self.reopen)(dir) {
+            Ok(store) => self.store = Some(store),
+            Err(e) => {
+                self.failed(dir, &e, 0);
+                return None;
+            }
+        }
+        let failure = self.health.failure()?;
+        let mut ev = AuditEvent::new(EventKind::AuditIntegrity).reason(format!(
+            "the audit store could not be written from {} ms until now ({}); {} event(s) were lost",
+            failure.since_ms, failure.error, failure.lost_events
+        ));
+        ev.count = Some(failure.lost_events);
+        let line = portcullis_audit_store::EncodedEvent::encode(&ev).ok()?;
+        let store = self.store.as_mut()?;
+        match store.append_batch(&[&line]) {
+            Ok(_) => {
+                self.health.recovered();
+                tracing::warn!(dir = %dir.display(), lost = failure.lost_events, "the audit store can be written again");
+                self.store.as_mut()
+            }
+            Err(e) => {
+                self.failed(dir, &e, 0);
+                None
+            }
+        }
+    }
+}
 
 fn write_loop(
-    store: &mut portcullis_audit_store::Store,
+    writer: &mut Writer,
     queue: &queue::Queue<Job>,
     dir: &Path,
     written: &std::sync::atomic::AtomicU64,
@@ -696,12 +877,15 @@ fn write_loop(
     let mut last_sync = std::time::Instant::now();
     let mut active = false;
     loop {
+        let unsynced = writer.store.as_ref().is_some_and(|s| s.has_unsynced());
         // Records nobody waits for are written within a tick and made durable within
         // SYNC_EVERY: one fsync (or one wake-up) per statement would cost more than the
-        // statement.
+        // statement. A broken store is retried while idle, so `status` sees it recover.
         let tick = if active {
             Some(TICK)
-        } else if store.has_unsynced() {
+        } else if writer.health.failing() {
+            Some(RETRY_EVERY)
+        } else if unsynced {
             Some(SYNC_EVERY.saturating_sub(last_sync.elapsed()))
         } else {
             None
@@ -712,17 +896,28 @@ fn write_loop(
         };
         active = !jobs.is_empty();
         if jobs.is_empty() {
-            if store.has_unsynced() && (closing || last_sync.elapsed() >= SYNC_EVERY) {
-                if let Err(e) = store.sync() {
-                    tracing::error!(dir = %dir.display(), error = %e, "fsync of audit events failed");
+            let Some(store) = writer.store(dir) else {
+                if closing {
+                    return;
                 }
+                continue;
+            };
+            if store.has_unsynced() && (closing || last_sync.elapsed() >= SYNC_EVERY) {
+                let synced = store.sync();
                 last_sync = std::time::Instant::now();
+                if let Err(e) = synced {
+                    writer.failed(dir, &e, 0);
+                }
             }
             if closing {
                 return;
             }
+            let Some(store) = writer.store(dir) else {
+                continue;
+            };
             if let Err(e) = store.rotate_if_due(now_ms()) {
-                tracing::error!(dir = %dir.display(), error = %e, "sealing an audit segment failed");
+                writer.failed(dir, &e, 0);
+                continue;
             }
             pruning.run_if_due(store, dir);
             continue;
@@ -737,28 +932,45 @@ fn write_loop(
         let durable = jobs
             .iter()
             .any(|j| matches!(j, Job::Event { done: Some(_), .. } | Job::Flush(_)));
-        let result = if lines.is_empty() {
-            if durable {
-                store.sync().map(|()| Vec::new())
-            } else {
-                Ok(Vec::new())
+        let result = match writer.store(dir) {
+            None => {
+                let error = writer.health.failure().map_or_else(
+                    || "the audit store cannot be written".to_string(),
+                    |f| f.error,
+                );
+                writer
+                    .health
+                    .failed(&error, u64::try_from(lines.len()).unwrap_or(u64::MAX));
+                Err(error)
             }
-        } else if durable || closing || last_sync.elapsed() >= SYNC_EVERY {
-            store.append_batch(&lines)
-        } else {
-            store.append_batch_buffered(&lines)
-        };
-        if !store.has_unsynced() {
-            last_sync = std::time::Instant::now();
-        }
-        match &result {
-            Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %e, "writing audit events failed")
-            }
-            Ok(refs) => {
-                if let Some(last) = refs.last() {
-                    written.store(last.seq, std::sync::atomic::Ordering::Release);
+            Some(store) => {
+                let r = if lines.is_empty() {
+                    if durable {
+                        store.sync().map(|()| Vec::new())
+                    } else {
+                        Ok(Vec::new())
+                    }
+                } else if durable || closing || last_sync.elapsed() >= SYNC_EVERY {
+                    store.append_batch(&lines)
+                } else {
+                    store.append_batch_buffered(&lines)
+                };
+                if !store.has_unsynced() {
+                    last_sync = std::time::Instant::now();
                 }
+                match r {
+                    Ok(refs) => Ok(refs),
+                    Err(e) => {
+                        let lost = u64::try_from(lines.len()).unwrap_or(u64::MAX);
+                        writer.failed(dir, &e, lost);
+                        Err(e.to_string())
+                    }
+                }
+            }
+        };
+        if let Ok(refs) = &result {
+            if let Some(last) = refs.last() {
+                written.store(last.seq, std::sync::atomic::Ordering::Release);
             }
         }
         let mut refs = result.as_ref().ok().map(|r| r.iter());
@@ -770,7 +982,8 @@ fn write_loop(
                         None => Err(result
                             .as_ref()
                             .err()
-                            .map_or_else(|| "not written".to_string(), ToString::to_string)),
+                            .cloned()
+                            .unwrap_or_else(|| "not written".to_string())),
                     };
                     if let Some(done) = done {
                         let _ = done.send(outcome);
@@ -781,8 +994,10 @@ fn write_loop(
                 }
             }
         }
-        if let Err(e) = store.rotate_if_due(now_ms()) {
-            tracing::error!(dir = %dir.display(), error = %e, "sealing an audit segment failed");
+        if let Some(store) = writer.store.as_mut().filter(|_| !writer.health.failing()) {
+            if let Err(e) = store.rotate_if_due(now_ms()) {
+                writer.failed(dir, &e, 0);
+            }
         }
     }
 }

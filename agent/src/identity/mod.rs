@@ -245,6 +245,10 @@ pub struct IdentityService {
     next_login: AtomicU64,
     audit: Arc<AuditLog>,
     registry: Arc<Registry>,
+    /// Bounds the device flows one uid may have pending (`limits.max_pending_logins_per_uid`).
+    limiter: Arc<crate::limits::Limiter>,
+    /// The monotonic clock of the limiter's rate buckets (logins use none, but share it).
+    epoch: std::time::Instant,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IdentityError {
@@ -258,6 +262,7 @@ impl IdentityService {
         cgroup_root: &Path,
         audit: Arc<AuditLog>,
         registry: Arc<Registry>,
+        limiter: Arc<crate::limits::Limiter>,
     ) -> Result<Arc<Self>, IdentityError> {
         let id = config.identity.clone();
         let provider = match &id.issuer {
@@ -318,6 +323,8 @@ impl IdentityService {
             next_login: AtomicU64::new(1),
             audit,
             registry,
+            limiter,
+            epoch: std::time::Instant::now(),
         }))
     }
 
@@ -418,6 +425,15 @@ impl IdentityService {
     /// Starts a device-grant login for `uid`; the agent polls in the background.
     pub async fn login_start(self: &Arc<Self>, uid: u32) -> Result<LoginStarted, String> {
         let provider = Arc::clone(self.issuer()?);
+        // Held by the polling task below: each pending flow costs the agent a task and the
+        // issuer a poll every few seconds until it expires.
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let permit = self.limiter.begin_login(uid, now).map_err(|limited| {
+            let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(limited.to_string());
+            ev.identity = Some(unix_identity(uid).into());
+            self.audit.record(ev);
+            format!("{limited}: finish or cancel a login first")
+        })?;
         let device = provider
             .start_device(&self.config.client_id, &self.config.scopes.join(" "))
             .await
@@ -452,6 +468,7 @@ impl IdentityService {
                 Ok(tokens) => this.finish_login(uid, &provider, tokens).await,
                 Err(e) => Err(e.to_string()),
             };
+            drop(permit);
             if let Err(e) = &outcome {
                 let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.clone());
                 ev.identity = Some(unix_identity(uid).into());

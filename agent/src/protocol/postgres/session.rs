@@ -636,6 +636,16 @@ impl<'a> Session<'a> {
                     match r {
                         Err(e) => Flow::End(format!("client read failed: {e}")),
                         Ok(0) => Flow::End("client closed the connection".into()),
+                        // Nothing more runs unaudited: the statement event of what the
+                        // client sends now could not be written (`on_write_failure`).
+                        Ok(_) if self.proxy.audit().write_refusal().is_some() => {
+                            let why = self.proxy.audit().write_refusal().unwrap_or_default();
+                            encode_error_response(
+                                &ErrorFields::new("FATAL", "58030", format!("Portcullis: {why}")),
+                                &mut to_client,
+                            );
+                            Flow::End(why)
+                        }
                         Ok(_) => {
                             self.resolve_function_names(&cbuf).await;
                             self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client)

@@ -1,0 +1,478 @@
+//! What one local user can take from everybody else, end to end with the real agent: the
+//! audit trail (a flood of direct connects to the proxy port), the agent's connections (a
+//! uid over its open-connection limit), and the trail's disk (a full filesystem under the
+//! audit store, and retention while a shipper is stalled). Slots 120-124.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed expectation should stop the test loudly"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::postgres::{PasswordAuth, PgOptions, Postgres};
+use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup};
+use serde_json::Value;
+
+/// How many connections one event stands for.
+fn count_of(ev: &Value) -> u64 {
+    ev["count"].as_u64().unwrap_or(1)
+}
+
+/// The `connection.refused` events whose origin is `uid`.
+fn refusals_of(agent: &Agent, uid: u32) -> Vec<Value> {
+    agent
+        .events_of("connection.refused")
+        .into_iter()
+        .filter(|e| e["origin"]["uid"] == uid)
+        .collect()
+}
+
+fn refusals_naming(agent: &Agent, needle: &str) -> Vec<Value> {
+    agent
+        .events_of("connection.refused")
+        .into_iter()
+        .filter(|e| e["reason"].as_str().is_some_and(|r| r.contains(needle)))
+        .collect()
+}
+
+/// Polls `f` until it returns Some, for at most 30 s (never a timing assertion: only how
+/// long to wait before giving up).
+fn wait_for<T>(what: &str, agent: &Agent, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting for {what}; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_flood_of_direct_connects_is_summarized_not_recorded_one_by_one() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(120);
+    let cg = TestCgroup::new("limits-flood");
+    // One interval for the whole test: the count is written when the agent stops, so the
+    // number of events does not depend on how fast the machine is.
+    let agent = Agent::start_with(
+        "limits-flood",
+        slot,
+        &cg,
+        &[],
+        Some("[insecure]\nunix_identity_only = true\n[limits]\nsummary_interval_secs = 3600\n"),
+        &[],
+    );
+    let mut agent = agent;
+    let proxy = slot.proxy_v4();
+    let before = agent.events().len();
+    // Four clients at once, 750 connects each, every one dialled straight at the proxy
+    // port (no origin record). Each waits for the agent to close it, so when they are done
+    // the agent has handled all 3,000.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..750 {
+                    let mut s = TcpStream::connect(proxy).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest);
+                    assert!(
+                        rest.is_empty(),
+                        "the agent sends nothing to a direct connect"
+                    );
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let during = agent.events().len() - before;
+    assert!(
+        during <= 2,
+        "3,000 refusals wrote {during} events while the interval was open"
+    );
+    let status = agent.sigterm().wait().unwrap();
+    assert!(status.success(), "agent stop: {status}\n{}", agent.log());
+    let refused = refusals_naming(&agent, "no origin record");
+    assert_eq!(
+        refused.len(),
+        2,
+        "one event in full and one summary: {refused:#?}"
+    );
+    assert!(refused[0].get("count").is_none(), "{}", refused[0]);
+    assert_eq!(refused[1]["count"], 2999, "{}", refused[1]);
+    assert!(
+        refused[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("2999 more refusal(s) of connections without an origin record"),
+        "{}",
+        refused[1]
+    );
+    assert_eq!(refused.iter().map(count_of).sum::<u64>(), 3000);
+    let verify = agent.verify_audit();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+#[test]
+fn a_uid_over_its_open_connection_limit_is_refused_while_others_connect() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(121);
+    let cg = TestCgroup::new("limits-open");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let agent = Agent::start_with(
+        "limits-open",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        Some(
+            "[insecure]\nunix_identity_only = true\n\
+             [limits]\nmax_open_per_uid = 3\nsummary_interval_secs = 1\n",
+        ),
+        &[],
+    );
+    let target = slot.v4(1).to_string();
+    let (greedy, other) = (43001u32, 43002u32);
+    let greedy_probe = Probe {
+        cgroup: &cg,
+        uid: greedy,
+        netns: None,
+    };
+    // Five connections at once, held until the probe is killed.
+    let mut held = greedy_probe
+        .command(&["connect", &target, "--count", "5", "--hold-ms", "120000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(held.stdout.take().unwrap()).lines();
+    let results: Vec<Value> = (0..5)
+        .map(|_| serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap())
+        .collect();
+    let ok = results.iter().filter(|r| r["ok"] == true).count();
+    assert_eq!(
+        ok, 3,
+        "three of five echo, the rest are closed: {results:#?}"
+    );
+    // Another uid is not affected by the greedy one's limit.
+    let r = Probe {
+        cgroup: &cg,
+        uid: other,
+        netns: None,
+    }
+    .connect(slot.v4(1), &[]);
+    assert_eq!(r["ok"], true, "uid {other} must still connect: {r}");
+    // The greedy uid is refused again while it holds three.
+    let r = greedy_probe.connect(slot.v4(1), &[]);
+    assert_eq!(r["ok"], false, "{r}");
+    // Three refusals: the first in full at once, the others in one summary an interval later.
+    let limited = wait_for("the summary of uid 43001's refusals", &agent, || {
+        let ev: Vec<Value> = refusals_of(&agent, greedy)
+            .into_iter()
+            .filter(|e| {
+                e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("limits.max_open_per_uid"))
+            })
+            .collect();
+        (ev.iter().map(count_of).sum::<u64>() == 3).then_some(ev)
+    });
+    assert!(limited.len() <= 3, "{limited:#?}");
+    assert!(limited[0].get("count").is_none(), "{}", limited[0]);
+    assert_eq!(limited[0]["origin"]["destination"], target);
+    assert!(refusals_of(&agent, other).is_empty());
+    // Closing frees the uid's slots.
+    held.kill().unwrap();
+    held.wait().unwrap();
+    wait_for("the held connections to close", &agent, || {
+        (agent
+            .events_of("connection.closed")
+            .iter()
+            .filter(|e| e["origin"]["uid"] == greedy)
+            .count()
+            == 3)
+            .then_some(())
+    });
+    let r = greedy_probe.connect(slot.v4(1), &[]);
+    assert_eq!(
+        r["ok"], true,
+        "uid {greedy} connects again once it holds less: {r}"
+    );
+}
+
+const APP_PASSWORD: &str = "app-secret-limits";
+const QUERY_POLICY: &str =
+    "@id(\"query\")\npermit (principal, action == Portcullis::Action::\"query\", resource);\n";
+
+/// A size-limited tmpfs the test mounts, unmounted when dropped (before the agent's
+/// directory is removed).
+struct SmallFilesystem {
+    dir: PathBuf,
+}
+
+impl SmallFilesystem {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Writes zeros until the filesystem refuses; returns the file.
+    fn fill(&self) -> PathBuf {
+        let path = self.dir.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 4096];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                    break;
+                }
+            }
+        }
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// A psycopg session driven line by line: each line of stdin is one statement, each answer
+/// one JSON line.
+struct PySession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl PySession {
+    fn start(conninfo: &str, uid: u32, cg: &TestCgroup) -> Self {
+        let script = format!(
+            "import json, sys, psycopg\n\
+             try:\n    conn = psycopg.connect({conninfo:?}, autocommit=True)\n\
+             except Exception as e:\n    print(json.dumps({{'connect_error': str(e), 'sqlstate': getattr(getattr(e, 'diag', None), 'sqlstate', None)}}), flush=True)\n    sys.exit(0)\n\
+             print(json.dumps({{'connected': True}}), flush=True)\n\
+             for line in sys.stdin:\n\
+             \x20   try:\n\
+             \x20       rows = conn.execute(line).fetchall()\n\
+             \x20       print(json.dumps({{'rows': [list(map(str, r)) for r in rows]}}), flush=True)\n\
+             \x20   except Exception as e:\n\
+             \x20       print(json.dumps({{'error': str(e), 'sqlstate': getattr(e, 'sqlstate', None)}}), flush=True)\n"
+        );
+        let mut cmd = Command::new(portcullis_e2e::postgres::python());
+        portcullis_e2e::exec_in_cgroup_as(&mut cmd, Some(&cg.path), Some(uid));
+        let mut child = cmd
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn next(&mut self) -> Value {
+        serde_json::from_str(&self.lines.next().unwrap().unwrap()).unwrap()
+    }
+
+    fn run(&mut self, sql: &str) -> Value {
+        writeln!(self.stdin, "{sql}").unwrap();
+        self.stdin.flush().unwrap();
+        self.next()
+    }
+}
+
+impl Drop for PySession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_full_audit_disk_refuses_connections_ends_sessions_and_recovers() {
+    if !e2e_enabled() {
+        return;
+    }
+    let pg = Postgres::start_with(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    });
+    pg.create_role("app", APP_PASSWORD, PasswordAuth::Scram);
+    pg.create_database("app", Some("app"));
+    pg.psql("app", "SET ROLE app; CREATE TABLE marks (m text)");
+    let files = tempfile::tempdir().unwrap();
+    let creds = files.path().join("credentials.toml");
+    std::fs::write(
+        &creds,
+        format!("[roles.app]\npassword = \"{APP_PASSWORD}\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cg = TestCgroup::new("limits-disk");
+    let extra = format!(
+        "[insecure]\nunix_identity_only = true\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+        port = pg.port(),
+        ca = pg.ca_pem_path().display(),
+        creds = creds.display(),
+    );
+    let mut agent = Agent::prepare("limits-disk", Slot::new(122), &cg, &[], Some(&extra), &[]);
+    std::fs::write(
+        agent.dir.path().join("policies").join("query.cedar"),
+        QUERY_POLICY,
+    )
+    .unwrap();
+    let disk = SmallFilesystem::mount(&agent.dir.path().join("state/audit"), "2m");
+    agent.spawn();
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable connect_timeout=10",
+        pg.port()
+    );
+    let uid = 4747;
+    let mut session = PySession::start(&conninfo, uid, &cg);
+    assert_eq!(session.next()["connected"], true);
+    assert_eq!(session.run("SELECT 'before'")["rows"][0][0], "before");
+    let status = agent.status();
+    assert_eq!(status["audit"]["writable"], true, "{status}");
+    assert_eq!(status["audit"]["on_write_failure"], "refuse");
+
+    let filler = disk.fill();
+    // A new connection must record its opening durably. The segment's last page may still
+    // hold an event or two (tmpfs allocates whole pages), so connections come until one
+    // is refused; the agent then knows the store cannot be written.
+    let refused_after = (0..20).find(|_| {
+        let mut s = PySession::start(&conninfo, uid + 1, &cg);
+        s.next()["connect_error"].is_string()
+    });
+    assert!(
+        refused_after.is_some(),
+        "no connection was refused on a full disk:\n{}",
+        agent.log()
+    );
+    let status = wait_for("status to show the audit failure", &agent, || {
+        let s = agent.status();
+        (s["audit"]["writable"] == false).then_some(s)
+    });
+    let failure = &status["audit"]["failure"];
+    assert!(
+        failure["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left")),
+        "{status}"
+    );
+    // An unprivileged viewer learns that it is failing, not the paths in the error.
+    let as_user = agent.status_as(65534);
+    assert_eq!(as_user["audit"]["writable"], false);
+    assert!(as_user["audit"]["failure"].is_null(), "{as_user}");
+    // While it fails, a new connection is refused with the reason...
+    let mut refused = PySession::start(&conninfo, uid + 1, &cg);
+    let r = refused.next();
+    assert!(
+        r["connect_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("audit trail cannot be written")),
+        "{r}"
+    );
+    // ...and the open session ends at its next statement, which never reaches the server.
+    let r = session.run("INSERT INTO marks VALUES ('while full') RETURNING m");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("audit trail cannot be written")),
+        "{r}"
+    );
+
+    // Space again: the writer reopens the store and says what was lost.
+    std::fs::remove_file(filler).unwrap();
+    wait_for(
+        "status to show the audit store writable again",
+        &agent,
+        || (agent.status()["audit"]["writable"] == true).then_some(()),
+    );
+    let integrity = agent.events_of("audit.integrity");
+    let lost = integrity
+        .iter()
+        .find(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("could not be written"))
+        })
+        .unwrap_or_else(|| panic!("no recovery event: {integrity:#?}"));
+    assert!(lost["count"].as_u64().is_some(), "{lost}");
+    let mut again = PySession::start(&conninfo, uid, &cg);
+    assert_eq!(again.next()["connected"], true);
+    assert_eq!(
+        again.run("SELECT count(*) FROM marks")["rows"][0][0],
+        "0",
+        "the statement refused while the trail could not be written never ran"
+    );
+    let verify = agent.verify_audit();
+    assert!(
+        verify.status.success(),
+        "the chain survives the failure: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    drop(again);
+    drop(session);
+    drop(refused);
+    agent.kill9();
+    drop(disk);
+}
