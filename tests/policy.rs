@@ -380,8 +380,14 @@ fn policy_check_and_explain_work_offline() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("decision:"), "{text}");
-    assert!(text.contains("policies considered"), "{text}");
+    let (decision, decided) = explained(&text);
+    assert_eq!(decision, "deny", "{text}");
+    assert!(text.contains("denied by default"), "{text}");
+    assert!(
+        decided.is_empty(),
+        "no policy decides a default deny: {text}"
+    );
+    assert!(text.contains("policies considered (9):"), "{text}");
 
     // explain --sql classifies as the proxy does, one explanation per statement.
     let out = Command::new(&bin)
@@ -394,6 +400,8 @@ fn policy_check_and_explain_work_offline() {
             "alice",
             "--group",
             "dba",
+            "--group",
+            "engineers",
             "--target",
             "billing-db",
         ])
@@ -407,11 +415,22 @@ fn policy_check_and_explain_work_offline() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        text.contains("-- statement 2: DROP DATABASE billing"),
+    // Each statement is decided on its own: the read by the engineers' permit, the DROP
+    // by the guardrail's forbid, which wins over the DBAs' change-window permit at any hour.
+    let (first, second) = text
+        .split_once("-- statement 2: DROP DATABASE billing\n")
+        .unwrap_or_else(|| panic!("two explanations: {text}"));
+    assert!(first.starts_with("-- statement 1: SELECT 1\n"), "{text}");
+    assert_eq!(
+        explained(first),
+        ("allow", vec!["engineers-read"]),
         "{text}"
     );
-    assert!(text.contains("no-drop-database-production"), "{text}");
+    assert_eq!(
+        explained(second),
+        ("deny", vec!["no-drop-database-production"]),
+        "{text}"
+    );
     let out = Command::new(&bin)
         .args(["policy", "explain", "--config"])
         .arg(&cfg)
@@ -427,6 +446,21 @@ fn policy_check_and_explain_work_offline() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not parse"));
+}
+
+/// The decision of one `policy explain` explanation and the ids of the policies that
+/// decided it (`satisfied; decided`).
+fn explained(text: &str) -> (&str, Vec<&str>) {
+    let decision = text
+        .lines()
+        .find_map(|l| l.strip_prefix("decision: "))
+        .unwrap_or_else(|| panic!("no decision line: {text}"));
+    let decided = text
+        .lines()
+        .filter(|l| l.ends_with("): satisfied; decided"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    (decision, decided)
 }
 
 #[test]

@@ -222,6 +222,19 @@ impl PgFixture {
         line["rows"].clone()
     }
 
+    /// The SQLSTATE of a refused login as `user` (tokio-postgres reads the ErrorResponse's
+    /// code field; psql prints no SQLSTATE for a failed connection, whatever its VERBOSITY).
+    fn login_sqlstate(&self, uid: u32, user: &str) -> Value {
+        let out = client_at(pgclient_bin(), self.run_as(uid))
+            .args([self.conninfo(user).as_str(), "SELECT 1"])
+            .output()
+            .unwrap();
+        let line: Value = serde_json::from_str(stdout(&out).trim())
+            .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+        assert!(line["connect_error"].is_string(), "must be refused: {line}");
+        line["code"].clone()
+    }
+
     /// Events of `kind` once one satisfies `pred` (events are written by the agent's writer
     /// thread a moment after the fact; closed events after the agent sees the client go).
     fn wait_event(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
@@ -306,6 +319,7 @@ fn psql_connects_through_the_agent_with_verify_full_and_no_password() {
         "{}",
         stderr(&out)
     );
+    assert_eq!(f.login_sqlstate(ENGINEER, "postgres"), "28000");
 
     f.wait_event("connection.opened", |e| {
         e["db_user"] == "app" && e["db_name"] == "app" && e["origin"]["uid"] == ENGINEER
@@ -1537,6 +1551,7 @@ fn a_user_without_identity_gets_28000_and_the_login_hint() {
     let err = stderr(&out);
     assert!(!out.status.success());
     assert!(err.contains("portcullis login"), "{err}\n{}", f.agent.log());
+    assert_eq!(f.login_sqlstate(ENGINEER, "app"), "28000");
     let refused = f.wait_event("connection.refused", |e| e["db_user"] == "app");
     assert!(
         refused.iter().any(|e| e["db_user"] == "app"),

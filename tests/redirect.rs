@@ -472,7 +472,42 @@ fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
         assert_eq!(ev["origin"]["pid"], pid, "misattributed: {ev}");
     }
 
+    // Connections held until the agent answers, to the target whose upstream is down:
+    // each one is refused by the agent for that reason, attributed to its uid.
+    let dead_addr = slot.v4(2).to_string();
+    let waiting = Probe {
+        cgroup: &cg,
+        uid: 42101,
+        netns: None,
+    };
+    let answers = waiting.run(&["connect", &dead_addr, "--count", "200"]);
+    assert_eq!(answers.len(), 200);
+    assert!(answers.iter().all(|r| r["ok"] == false), "{answers:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.refusals_of(42101).len() < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = agent.refusals_of(42101);
+    assert_eq!(
+        refused.len(),
+        200,
+        "one refusal per dead-upstream connection"
+    );
+    for ev in &refused {
+        assert_eq!(ev["origin"]["destination"], dead_addr.as_str(), "{ev}");
+        let reason = ev["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains(&format!("upstream {dead_addr} unreachable")),
+            "{ev}"
+        );
+    }
+    let ids: std::collections::HashSet<_> =
+        refused.iter().map(|e| e["connection_id"].clone()).collect();
+    assert_eq!(ids.len(), 200, "200 distinct refused connections");
+
     // Churn: many short connections, half of them to a target whose upstream is down.
+    // A churned client is gone before the agent reads most origins, so those refusals say
+    // "no origin record"; only the maps draining is asserted below.
     let probe = Probe {
         cgroup: &cg,
         uid: 42100,
@@ -480,12 +515,12 @@ fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
     };
     let ok = probe.run(&["churn", &target, "--count", "2000"]);
     assert_eq!(ok[0]["ok"], 2000);
-    let down = probe.run(&["churn", &slot.v4(2).to_string(), "--count", "2000"]);
+    let down = probe.run(&["churn", &dead_addr, "--count", "2000"]);
     assert_eq!(
         down[0]["ok"], 2000,
         "the proxy accepts, then refuses for the dead upstream"
     );
-    agent.wait_events("connection.refused", 2000);
+    agent.wait_events("connection.refused", 2200);
     let status = agent.status();
     assert_eq!(status["pending_origins"], 0, "{status}");
     assert_eq!(status["open_connections"], 0, "{status}");

@@ -522,6 +522,49 @@ impl Agent {
             .collect()
     }
 
+    /// The `connection.refused` events whose origin is `uid`, oldest first.
+    pub fn refusals_of(&self, uid: u32) -> Vec<Value> {
+        self.events_of("connection.refused")
+            .into_iter()
+            .filter(|e| e["origin"]["uid"] == uid)
+            .collect()
+    }
+
+    /// Connects as `probe`, which must fail, and returns the `connection.refused` event
+    /// the agent wrote for it, whose reason must contain `reason`. A connect that fails
+    /// because the agent crashed, hung or never saw it writes no event and fails here.
+    pub fn expect_refusal(&self, probe: &Probe<'_>, target: SocketAddr, reason: &str) -> Value {
+        let before = self.refusals_of(probe.uid).len();
+        let r = probe.connect(target, &[]);
+        assert_eq!(r["ok"], false, "uid {} must be refused: {r}", probe.uid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let event = loop {
+            if let Some(e) = self.refusals_of(probe.uid).get(before) {
+                break e.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no connection.refused event for uid {} ({r}); agent log:\n{}",
+                probe.uid,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            event["reason"]
+                .as_str()
+                .is_some_and(|why| why.contains(reason)),
+            "uid {}: expected a refusal naming {reason:?}, got {event}",
+            probe.uid
+        );
+        assert_eq!(
+            event["origin"]["destination"],
+            target.to_string(),
+            "{event}"
+        );
+        event
+    }
+
     /// Waits until `n` events of `kind` are written (events are written when connections end).
     pub fn wait_events(&self, kind: &str, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(30);
