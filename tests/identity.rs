@@ -307,11 +307,9 @@ fn logout_revokes_and_closes_open_connections() {
     let closed = w.agent.wait_events("connection.closed", 1);
     assert_eq!(closed[0]["reason"], "logged out");
     assert_eq!(w.agent.events_of("logout").len(), 1);
-    assert_eq!(
-        alice.connect(w.slot.v4(1), &[])["ok"],
-        false,
-        "no new connections after logout"
-    );
+    // No new connections after logout: refused by the agent, for want of a login.
+    w.agent
+        .expect_refusal(&alice, w.slot.v4(1), "run `portcullis login`");
 }
 
 #[test]
@@ -425,11 +423,9 @@ fn workload_tokens_are_validated_like_id_tokens() {
         uid: 45031,
         netns: None,
     };
-    assert_eq!(
-        ci.connect(w.slot.v4(1), &[])["ok"],
-        false,
-        "no rejected token logged anyone in"
-    );
+    // No rejected token logged anyone in: the agent refuses for want of a login.
+    w.agent
+        .expect_refusal(&ci, w.slot.v4(1), "run `portcullis login`");
 
     // The valid one, from standard input.
     let mut child = cli(&w.agent, 45031, &["login", "--token-file", "-"])
@@ -553,11 +549,9 @@ fn refresh_keeps_a_session_alive_and_a_failed_refresh_ends_it_at_expiry() {
     }
     let expired = w.agent.wait_events("login.expired", 1);
     assert_eq!(expired.len(), 1);
-    assert_eq!(
-        alice.connect(w.slot.v4(1), &[])["ok"],
-        false,
-        "expired: refused"
-    );
+    // Expired: refused by the agent for want of a login.
+    w.agent
+        .expect_refusal(&alice, w.slot.v4(1), "run `portcullis login`");
     assert_eq!(
         held.exchange("gone?")["ok"],
         false,
@@ -605,11 +599,9 @@ fn keep_setting_leaves_open_connections_after_expiry() {
         "kept",
         "on_session_end = keep"
     );
-    assert_eq!(
-        bob.connect(w.slot.v4(1), &[])["ok"],
-        false,
-        "but new connections are refused"
-    );
+    // But new connections are refused, by the agent, for want of a login.
+    w.agent
+        .expect_refusal(&bob, w.slot.v4(1), "run `portcullis login`");
 }
 
 /// A `[[identity.service]]` for the test provider's confidential client, mapped by
@@ -667,7 +659,10 @@ fn service_identity_for_a_cron_uid_uses_client_credentials() {
         uid: 45082,
         netns: None,
     };
-    assert_eq!(other.connect(w.slot.v4(1), &[])["ok"], false);
+    let refused = w
+        .agent
+        .expect_refusal(&other, w.slot.v4(1), "run `portcullis login`");
+    assert!(refused["identity"].is_null(), "{refused}");
 }
 
 #[test]
@@ -698,7 +693,8 @@ fn root_lists_and_revokes_logins() {
         uid: 45091,
         netns: None,
     };
-    assert_eq!(alice.connect(w.slot.v4(1), &[])["ok"], false);
+    w.agent
+        .expect_refusal(&alice, w.slot.v4(1), "run `portcullis login`");
     assert_eq!(w.agent.events_of("login.revoked").len(), 1);
 }
 
@@ -739,7 +735,8 @@ fn ctrl_c_during_login_cancels_it_at_the_agent() {
         uid: 45101,
         netns: None,
     };
-    assert_eq!(alice.connect(w.slot.v4(1), &[])["ok"], false);
+    w.agent
+        .expect_refusal(&alice, w.slot.v4(1), "run `portcullis login`");
 }
 
 #[test]

@@ -249,10 +249,13 @@ fn reload_on_sighup_and_on_file_change_keeps_open_connections() {
         netns: None,
     };
     assert_eq!(second.connect(slot.v4(1), &[])["via_proxy"], true);
+    // New decisions use the new set: 46011 is now refused by policy, by default deny.
+    let refused = agent.expect_refusal(&first, slot.v4(1), "denied by policy");
+    assert_eq!(refused["decision"], "deny", "{refused}");
     assert_eq!(
-        first.connect(slot.v4(1), &[])["ok"],
-        false,
-        "new decisions use the new set"
+        refused["policy_ids"],
+        Value::Null,
+        "nothing matched: {refused}"
     );
     writeln!(input, "still open").unwrap();
     assert_eq!(

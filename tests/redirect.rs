@@ -623,7 +623,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let Fixture {
         slot,
         cg,
-        server: _server,
+        server,
         mut agent,
     } = Fixture::new("drain", 9);
     let probe = Probe {
@@ -656,8 +656,19 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
         "during the drain",
         "open connections keep working while draining"
     );
+    // No new connections while draining: the agent closed its listener, so the redirected
+    // connect is refused at once (a hung agent would leave it in the accept queue, a
+    // crashed one would be caught below), and nothing reaches the server directly.
+    let accepted = server.accepted();
     let r = probe.connect(slot.v4(1), &[]);
     assert_eq!(r["ok"], false, "no new connections while draining: {r}");
+    assert_eq!(r["errno"], ECONNREFUSED, "refused, not timed out: {r}");
+    assert_eq!(server.accepted(), accepted, "nothing went direct");
+    assert!(
+        agent.log().contains("draining: no new connections"),
+        "{}",
+        agent.log()
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "the agent waits for the open connection"
