@@ -569,6 +569,12 @@ fn foreign_network_namespace_connects_are_refused() {
     }
     let _ns = DropNs(ns);
     let server = EchoServer::start(&[slot.v4(1)]);
+    // The same addresses served inside the namespace: a refused connect there is the
+    // kernel program's doing, and the unprotected one must reach its server directly.
+    let other: SocketAddr = format!("127.{}.0.9:{}", slot.net, slot.server_port)
+        .parse()
+        .unwrap();
+    let inside = EchoServer::start_in_netns(ns, &[slot.v4(1), other]);
     let v4 = slot.v4(1).ip().to_string();
     let agent = Agent::start(
         "netns",
@@ -592,12 +598,16 @@ fn foreign_network_namespace_connects_are_refused() {
         r["errno"], EPERM,
         "refused by the kernel program, not redirected: {r}"
     );
-    // An unprotected destination in that namespace is left alone (nothing listens there).
-    let other: SocketAddr = format!("127.{}.0.9:{}", slot.net, slot.server_port)
-        .parse()
-        .unwrap();
+    assert_eq!(
+        inside.accepted(),
+        0,
+        "the protected connect reached nothing"
+    );
+    // An unprotected destination in that namespace is left alone: reached directly.
     let r = probe.connect(other, &[]);
-    assert_eq!(r["errno"], ECONNREFUSED, "{r}");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["via_proxy"], false, "{r}");
+    assert_eq!(inside.accepted(), 1, "{r}");
     assert_eq!(server.accepted(), 0);
     assert_eq!(agent.status()["counters"]["denied_foreign_netns"], 1);
     // The kernel program's own log line reaches the agent's log through aya-log.

@@ -180,10 +180,32 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(addrs: &[SocketAddr]) -> Self {
+        Self::serve(addrs.iter().map(|a| bind_listener(*a)).collect())
+    }
+
+    /// An echo server whose sockets live in the named network namespace (`ip netns add`):
+    /// a thread joins it only to bind them, as a socket stays in the namespace it was
+    /// created in.
+    pub fn start_in_netns(ns: &str, addrs: &[SocketAddr]) -> Self {
+        let path = format!("/run/netns/{ns}");
+        let addrs = addrs.to_vec();
+        let listeners = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(&path).unwrap();
+            // SAFETY: f is an open netns file; setns changes only this short-lived thread.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            addrs.iter().map(|a| bind_listener(*a)).collect()
+        })
+        .join()
+        .unwrap();
+        Self::serve(listeners)
+    }
+
+    fn serve(listeners: Vec<TcpListener>) -> Self {
         let accepted = Arc::new(AtomicUsize::new(0));
         let peers = Arc::new(Mutex::new(Vec::new()));
-        for addr in addrs {
-            let listener = bind_listener(*addr);
+        for listener in listeners {
             let accepted = Arc::clone(&accepted);
             let peers = Arc::clone(&peers);
             std::thread::spawn(move || {
