@@ -2132,6 +2132,79 @@ for line in sys.stdin:
     child.wait().unwrap();
 }
 
+#[test]
+fn the_client_encoding_cannot_change_to_one_that_hides_quotes() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-encoding", 102);
+    // Read as UTF-8 (the agent), this is one SELECT of one literal; read as SJIS (the server
+    // after the change), `ā\` is two characters whose last byte was the backslash, the quote
+    // ends the literal and a write the reader may not make runs.
+    let hidden = "SELECT E'ā\\'; CREATE TABLE hidden_write (); --'";
+    for change in [
+        "SET client_encoding = 'SJIS'",
+        "SET NAMES 'sjis'",
+        "SET SESSION client_encoding TO big5",
+        "SELECT set_config('client_encoding', 'SJIS', false)",
+        "SELECT pg_catalog.set_config('CLIENT_ENCODING', 'GBK', false)",
+    ] {
+        let out = f.psql(READER, "app", "require", &["-c", change, "-c", hidden]);
+        let (text, err) = (stdout(&out), stderr(&out));
+        assert!(
+            err.contains("42501") && err.contains("client_encoding"),
+            "{change}: {text}\n{err}"
+        );
+        assert!(
+            text.contains("CREATE TABLE hidden_write"),
+            "{change}: {text}\n{err}"
+        );
+        assert_eq!(
+            f.pg.psql(
+                "app",
+                "SELECT count(*) FROM pg_class WHERE relname = 'hidden_write'"
+            )
+            .trim(),
+            "0",
+            "{change}: the hidden statement ran"
+        );
+    }
+    // Encodings the parser reads safely, and going back to the start-up value, pass.
+    let out = f.psql(
+        READER,
+        "app",
+        "require",
+        &[
+            "-c",
+            "SET client_encoding = 'LATIN1'; SET NAMES 'UTF8'; RESET client_encoding; \
+             SELECT set_config('client_encoding', 'utf-8', false); SHOW client_encoding",
+        ],
+    );
+    assert!(
+        stdout(&out).trim().ends_with("UTF8"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    // Changed where the agent cannot see it (a function's body): the server reports the
+    // change and the session ends before another statement is checked.
+    f.pg.psql(
+        "app",
+        "CREATE FUNCTION public.to_sjis() RETURNS text LANGUAGE plpgsql AS $$
+         BEGIN PERFORM set_config('client_encoding', 'SJIS', false); RETURN 'switched'; END $$",
+    );
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &["-c", "SELECT public.to_sjis()", "-c", "SELECT 'after'"],
+    );
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(!text.contains("after"), "{text}\n{err}");
+    assert!(err.contains("client_encoding = SJIS"), "{text}\n{err}");
+}
+
 /// Policies added for the DO-block test: a command forbidden wherever it appears, and SQL
 /// that cannot be read before it runs.
 const DO_POLICIES: &str = r#"

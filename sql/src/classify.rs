@@ -32,6 +32,9 @@ pub(crate) struct Facts {
 /// checked it: text the checker took for a literal would run as SQL.
 const STRING_SYNTAX: &str = "standard_conforming_strings";
 
+/// The setting that says which encoding the server reads statements in; see `encoding.rs`.
+const CLIENT_ENCODING: &str = "client_encoding";
+
 pub(crate) fn facts(stmt: &Tree) -> Result<Facts, ClassifyError> {
     let name = stmt.name().unwrap_or("empty statement");
     let Some((_, command)) = describe(stmt) else {
@@ -48,7 +51,12 @@ pub(crate) fn facts(stmt: &Tree) -> Result<Facts, ClassifyError> {
         refused: None,
     };
     walk.visit(stmt, "", "", true, 0)?;
-    if let Some(message) = walk.refused.take().or_else(|| string_syntax_set(stmt)) {
+    if let Some(message) = walk
+        .refused
+        .take()
+        .or_else(|| string_syntax_set(stmt))
+        .or_else(|| client_encoding_set(stmt))
+    {
         return Err(ClassifyError::Refused { message });
     }
     let command = match (name, walk.class) {
@@ -112,7 +120,9 @@ impl<'t> Walk<'t> {
                 if is_set_config(node) {
                     // Which setting it changes is a constant: the shape hides it.
                     self.shape_cacheable = false;
-                    if let Some(message) = set_config_of_string_syntax(node) {
+                    if let Some(message) = set_config_of_string_syntax(node)
+                        .or_else(|| set_config_of_client_encoding(node))
+                    {
                         self.refused.get_or_insert(message);
                     }
                 }
@@ -242,6 +252,54 @@ fn string_syntax_set(stmt: &Tree) -> Option<String> {
     };
     (!turns_on).then(|| {
         format!("SET {STRING_SYNTAX} to anything but on is refused: the server would then read backslashes in string literals differently from the parser that checks each statement")
+    })
+}
+
+/// `SET`/`SET LOCAL client_encoding` (and `SET NAMES`, which the grammar turns into it) to
+/// anything but a constant naming an encoding the classifier reads safely. RESET and DEFAULT
+/// go back to the session's start-up value, which the agent checked.
+fn client_encoding_set(stmt: &Tree) -> Option<String> {
+    if stmt.name() != Some("VariableSetStmt")
+        || !stmt.str("name").eq_ignore_ascii_case(CLIENT_ENCODING)
+    {
+        return None;
+    }
+    let kind = VariableSetKind::try_from(i32::try_from(stmt.int("kind")).unwrap_or(0))
+        .unwrap_or(VariableSetKind::Undefined);
+    let safe = match kind {
+        VariableSetKind::VarReset
+        | VariableSetKind::VarResetAll
+        | VariableSetKind::VarSetDefault => true,
+        VariableSetKind::VarSetValue => matches!(
+            stmt.list("args"),
+            [value] if constant_text(value).is_some_and(crate::encoding::is_ascii_safe_encoding)
+        ),
+        _ => false,
+    };
+    (!safe).then(|| {
+        format!("SET {CLIENT_ENCODING} to an encoding other than UTF8, SQL_ASCII or another that PostgreSQL allows for a database is refused: in it the server could read a statement other than as the parser that checks each statement reads it")
+    })
+}
+
+/// A `set_config` call of `client_encoding` to anything but a constant naming a safe
+/// encoding; or of a setting named by an expression (which could be that one) to an
+/// expression or to a constant that names a client-only encoding. pg_dump's
+/// `set_config(name, 'view, foreign-table', false)` names no encoding.
+fn set_config_of_client_encoding(call: &Tree) -> Option<String> {
+    let args = call.list("args");
+    let value = args.get(1).map(constant_text);
+    let refused = match args.first().map(constant_text) {
+        Some(Some(name)) if name.trim().eq_ignore_ascii_case(CLIENT_ENCODING) => {
+            !matches!(value, Some(Some(v)) if crate::encoding::is_ascii_safe_encoding(v))
+        }
+        Some(Some(_)) => false,
+        _ => match value {
+            Some(Some(v)) => crate::encoding::may_name_client_only_encoding(v),
+            _ => true,
+        },
+    };
+    refused.then(|| {
+        format!("set_config of {CLIENT_ENCODING} to a value that could be an encoding other than UTF8, SQL_ASCII or another that PostgreSQL allows for a database is refused: in it the server could read a statement other than as the parser that checks each statement reads it")
     })
 }
 

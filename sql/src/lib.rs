@@ -63,12 +63,14 @@
 mod cache;
 mod classify;
 mod copy;
+mod encoding;
 mod plpgsql;
 mod shape;
 mod sources;
 mod tree;
 
 pub use copy::{CopyFormat, CopyOut, CopySource};
+pub use encoding::{is_ascii_safe_encoding, ASCII_SAFE_ENCODINGS};
 pub use sources::{NamedQuery, ResultSources, SourceRef};
 
 use std::fmt;

@@ -79,3 +79,59 @@ fn a_refused_setting_is_not_served_from_a_cached_shape() {
         Err(ClassifyError::Refused { .. })
     ));
 }
+
+#[test]
+fn changing_the_client_encoding_to_one_that_hides_quotes_is_refused() {
+    for sql in [
+        "SET client_encoding = 'SJIS'",
+        "SET client_encoding TO sjis",
+        "SET NAMES 'SJIS'",
+        "SET LOCAL client_encoding = 'BIG5'",
+        "SET SESSION client_encoding = 'gbk'",
+        "set CLIENT_ENCODING = 'Shift_JIS'",
+        "SET \"client_encoding\" = 'UHC'",
+        "SET client_encoding = 'no such encoding'",
+        "SET client_encoding = 6",
+        "SELECT set_config('client_encoding', 'SJIS', false)",
+        "SELECT pg_catalog.set_config('CLIENT_ENCODING', 'GBK', true)",
+        "SELECT set_config(' client_encoding ', 'johab', false)",
+        "SELECT set_config('client_encoding', current_setting('x'), false)",
+        "SELECT set_config(current_setting('x'), 'sjis', false)",
+        "SELECT set_config(name, 'WIN932', false) FROM pg_settings",
+        "WITH c AS (SELECT set_config('client_encoding', 'SJIS', false)) SELECT * FROM c",
+        "SELECT 1; SET client_encoding = 'SJIS'",
+        "DO $$ BEGIN SET client_encoding = 'SJIS'; END $$",
+        "DO $$ BEGIN PERFORM set_config('client_encoding', 'BIG5', false); END $$",
+    ] {
+        assert!(refused(sql), "{sql}");
+    }
+}
+
+#[test]
+fn safe_encodings_and_going_back_are_not() {
+    for sql in [
+        "SET client_encoding = 'UTF8'",
+        "SET client_encoding TO 'utf-8'",
+        "SET NAMES 'utf8'",
+        "SET NAMES DEFAULT",
+        "SET client_encoding TO DEFAULT",
+        "RESET client_encoding",
+        "SET client_encoding = 'LATIN1'",
+        "SET client_encoding = 'SQL_ASCII'",
+        "SELECT set_config('client_encoding', 'UTF8', false)",
+        "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'",
+    ] {
+        assert!(
+            Classifier::new(64).classify(sql).is_ok(),
+            "{sql}: {:?}",
+            Classifier::new(64).classify(sql)
+        );
+    }
+    let c = Classifier::new(64);
+    c.classify("SELECT set_config('client_encoding', 'UTF8', false)")
+        .unwrap();
+    assert!(matches!(
+        c.classify("SELECT set_config('client_encoding', 'SJIS', false)"),
+        Err(ClassifyError::Refused { .. })
+    ));
+}

@@ -64,75 +64,13 @@ pub enum Values {
     /// would end a literal for one and not for the other).
     On,
     /// An encoding PostgreSQL can also use for a database (UTF8, SQL_ASCII, LATIN1…10,
-    /// WIN125x, EUC_*, KOI8…), named as PostgreSQL names it. In those, every byte of a
-    /// multi-byte character has its high bit set, so quotes and backslashes are what they
-    /// look like to the agent's parser. Not the client-only encodings (SJIS, SHIFT_JIS_2004,
-    /// BIG5, GBK, GB18030, UHC, JOHAB), where the second byte of a character can be a
-    /// backslash: `E'ā\'; DROP …` is one literal read as UTF-8 and a literal then a DROP read
-    /// as SJIS. (The agent reads statements as UTF-8, so in the single-byte encodings only
-    /// ASCII statements get through; that is a limit, not a hole.)
+    /// WIN125x, EUC_*, KOI8…), in any spelling PostgreSQL reads as one: quotes and
+    /// backslashes are then what they look like to the agent's parser. Not the client-only
+    /// encodings (SJIS, BIG5, GBK, …), where the second byte of a character can be a
+    /// backslash (`portcullis_sql::is_ascii_safe_encoding` says why). The agent reads
+    /// statements as UTF-8, so in the single-byte encodings only ASCII statements get
+    /// through; that is a limit, not a hole.
     AsciiSafeEncoding,
-}
-
-/// The encodings PostgreSQL allows for a database (`PG_VALID_BE_ENCODING` in
-/// src/include/mb/pg_wchar.h), by their canonical names, as the server reports
-/// `client_encoding`.
-pub const ASCII_SAFE_ENCODINGS: [&str; 35] = [
-    "SQL_ASCII",
-    "UTF8",
-    "EUC_JP",
-    "EUC_CN",
-    "EUC_KR",
-    "EUC_TW",
-    "EUC_JIS_2004",
-    "MULE_INTERNAL",
-    "LATIN1",
-    "LATIN2",
-    "LATIN3",
-    "LATIN4",
-    "LATIN5",
-    "LATIN6",
-    "LATIN7",
-    "LATIN8",
-    "LATIN9",
-    "LATIN10",
-    "WIN1250",
-    "WIN1251",
-    "WIN1252",
-    "WIN1253",
-    "WIN1254",
-    "WIN1255",
-    "WIN1256",
-    "WIN1257",
-    "WIN1258",
-    "WIN866",
-    "WIN874",
-    "KOI8R",
-    "KOI8U",
-    "ISO_8859_5",
-    "ISO_8859_6",
-    "ISO_8859_7",
-    "ISO_8859_8",
-];
-
-/// Whether PostgreSQL reads an encoding name as one of [`ASCII_SAFE_ENCODINGS`]. Its
-/// `clean_encoding_name` keeps only letters and digits, lower-cased, before looking a name
-/// up, so `'utf-8'`, `Unicode`, `sql_ascii` and `latin1` all count; of its other aliases
-/// (`iso88591`, `win`, `alt`, `mskanji`, …) only `unicode` is taken, and a name this does not
-/// know is refused.
-pub fn is_ascii_safe_encoding(value: &str) -> bool {
-    let cleaned = clean_encoding_name(value);
-    cleaned == "unicode"
-        || ASCII_SAFE_ENCODINGS
-            .iter()
-            .any(|name| clean_encoding_name(name) == cleaned)
-}
-
-fn clean_encoding_name(name: &str) -> String {
-    name.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
 }
 
 /// The start-up parameters a session gives the server, after [`check`].
@@ -250,7 +188,7 @@ fn setting(
         Values::On => (!reads_true(&value)).then_some(
             "the agent checks statements as the server reads them with standard_conforming_strings on",
         ),
-        Values::AsciiSafeEncoding => (!is_ascii_safe_encoding(&value)).then_some(
+        Values::AsciiSafeEncoding => (!portcullis_sql::is_ascii_safe_encoding(&value)).then_some(
             "in this encoding the server could read a statement other than as the agent checked it; connect with client_encoding UTF8",
         ),
     };

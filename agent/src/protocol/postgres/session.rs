@@ -2650,15 +2650,19 @@ impl<'a> Session<'a> {
     }
 }
 
-/// A ParameterStatus saying `standard_conforming_strings` is now off: turned off where the
-/// agent cannot see it (a function's body), so the statements that follow would be read
-/// other than as checked. The session ends.
+/// A ParameterStatus saying `standard_conforming_strings` is now off, or `client_encoding` is
+/// now one whose characters can hide a quote (SJIS, BIG5, …): changed where the agent cannot
+/// see it (a function's body), so the statements that follow would be read other than as
+/// checked. The session ends.
 fn string_syntax_changed(name: &str, value: &str) -> Option<PgError> {
-    (name == "standard_conforming_strings" && value != "on").then(|| {
-        PgError::Refused(format!(
-            "the server now reads string literals with standard_conforming_strings = {value}; the session is closed because its statements could run other than as checked"
-        ))
-    })
+    let read_as = match name {
+        "standard_conforming_strings" if value != "on" => "string literals with",
+        "client_encoding" if !portcullis_sql::is_ascii_safe_encoding(value) => "statements in",
+        _ => return None,
+    };
+    Some(PgError::Refused(format!(
+        "the server now reads {read_as} {name} = {value}; the session is closed because its statements could run other than as checked"
+    )))
 }
 
 /// What the client is told, and the decision recorded, for SQL the classifier would not

@@ -93,7 +93,7 @@ fn check_encoding(parameters: &[(String, String)]) -> Result<(), UpstreamError> 
         .rev()
         .find(|(name, _)| name == "client_encoding")
     {
-        Some((_, value)) if super::params::is_ascii_safe_encoding(value) => Ok(()),
+        Some((_, value)) if portcullis_sql::is_ascii_safe_encoding(value) => Ok(()),
         Some((_, value)) => Err(UpstreamError::Encoding(value.clone())),
         None => Err(UpstreamError::Encoding("(not reported)".into())),
     }
