@@ -476,3 +476,192 @@ fn a_full_audit_disk_refuses_connections_ends_sessions_and_recovers() {
     agent.kill9();
     drop(disk);
 }
+
+/// Every record's seq in the store, oldest first (read from the segments' record lines).
+fn stored_seqs(agent: &Agent) -> Vec<u64> {
+    let dir = agent.dir.path().join("state/audit");
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("segment-"))
+        })
+        .collect();
+    segments.sort();
+    let mut seqs = Vec::new();
+    for segment in segments {
+        for line in std::fs::read_to_string(segment).unwrap_or_default().lines() {
+            if let Some(seq) = serde_json::from_str::<Value>(line)
+                .ok()
+                .and_then(|v| v["seq"].as_u64())
+            {
+                seqs.push(seq);
+            }
+        }
+    }
+    seqs
+}
+
+/// A webhook receiver on `port` that acknowledges every POST (HTTP/1.1, keep-alive).
+fn acknowledging_receiver(port: u16) {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let line = line.trim_end();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap();
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                    if writer.write_all(ok).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn retention_keeps_what_a_stalled_shipper_has_not_acknowledged_through_a_flood() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(123);
+    let cg = TestCgroup::new("limits-retention");
+    let _server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    // The webhook points at a loopback port nobody listens on: the shipper is stalled.
+    let port = portcullis_e2e::postgres::free_loopback_port(false);
+    let extra = format!(
+        "[insecure]\nunix_identity_only = true\nallow_plaintext_loopback = true\n\
+         [limits]\nsummary_interval_secs = 1\n\
+         [audit]\nmax_segment_bytes = 4096\nretention_max_bytes = 16384\n\
+         [audit.webhook]\nurl = \"http://127.0.0.1:{port}/\"\n"
+    );
+    let mut agent = Agent::start_with(
+        "limits-retention",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        Some(&extra),
+        &[],
+    );
+    // Real sessions, whose events are what retention must keep...
+    Probe {
+        cgroup: &cg,
+        uid: 43101,
+        netns: None,
+    }
+    .run(&["connect", &slot.v4(1).to_string(), "--count", "60"]);
+    agent.wait_events("connection.closed", 60);
+    // ...and a flood of 3,000 direct connects, which must not push them out.
+    let proxy = slot.proxy_v4();
+    for _ in 0..3000 {
+        let mut s = TcpStream::connect(proxy).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    wait_for("the flood's summaries", &agent, || {
+        let n: u64 = refusals_naming(&agent, "no origin record")
+            .iter()
+            .map(count_of)
+            .sum();
+        (n == 3000).then_some(())
+    });
+    let flood_events = refusals_naming(&agent, "no origin record").len();
+    assert!(
+        flood_events <= 20,
+        "3,000 direct connects wrote {flood_events} events"
+    );
+    let written = stored_seqs(&agent);
+    assert!(
+        written.len() > 120,
+        "the sessions alone are 120 events: {}",
+        written.len()
+    );
+    let size = || -> u64 {
+        std::fs::read_dir(agent.dir.path().join("state/audit"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_str().unwrap().starts_with("segment-"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    assert!(
+        size() > 16384 * 2,
+        "the store is well over retention_max_bytes"
+    );
+    // Retention runs when the writer is idle, at most once a minute: a restart makes it due.
+    // It must find everything unshipped and delete nothing.
+    let waiting = |agent: &Agent| {
+        agent
+            .log()
+            .matches("audit retention is waiting for a shipper")
+            .count()
+    };
+    let before = waiting(&agent);
+    agent.kill9();
+    agent.spawn();
+    wait_for("retention to run and wait for the shipper", &agent, || {
+        (waiting(&agent) > before).then_some(())
+    });
+    let kept = stored_seqs(&agent);
+    assert_eq!(
+        kept.first(),
+        Some(&1),
+        "nothing unshipped is pruned, however large the store"
+    );
+    assert_eq!(kept.get(..written.len()), Some(written.as_slice()));
+    // The same retention deletes once the shipper has acknowledged: a receiver appears, the
+    // backlog ships, and the next run (after a restart) prunes.
+    acknowledging_receiver(port);
+    let progress = agent.dir.path().join("state/audit-webhook-shipped");
+    let last = *kept.last().unwrap();
+    wait_for("the webhook to acknowledge the backlog", &agent, || {
+        std::fs::read_to_string(&progress)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .filter(|&n| n >= last)
+    });
+    agent.kill9();
+    agent.spawn();
+    wait_for("retention to prune what was shipped", &agent, || {
+        stored_seqs(&agent).first().filter(|&&s| s > 1).copied()
+    });
+    let out = agent.verify_audit();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

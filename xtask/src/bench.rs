@@ -32,6 +32,13 @@ pin_dir = "/sys/fs/bpf/portcullis-bench"
 # The data path is measured here, not the login: attribute to the Unix account.
 [insecure]
 unix_identity_only = true
+# One uid opens thousands of connections a second here to find the agent's own ceiling;
+# per-uid limits would only measure themselves.
+[limits]
+max_open_per_uid = 100000
+max_startup_per_uid = 100000
+new_connections_per_sec = 1000000
+new_connections_burst = 1000000
 [policy]
 dir = "/tmp/portcullis-bench/policies"
 [[target]]

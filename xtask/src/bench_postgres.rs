@@ -788,6 +788,10 @@ impl AgentPath {
                  [policy]\ndir = \"{policies}\"\n\
                  # The data path is measured here, not the login: attribute to the Unix account.\n\
                  [insecure]\nunix_identity_only = true\n\n\
+                 # One uid (pgbench -C) opens connections as fast as it can: per-uid limits\n\
+                 # would only measure themselves.\n\
+                 [limits]\nmax_open_per_uid = 100000\nmax_startup_per_uid = 100000\n\
+                 new_connections_per_sec = 1000000\nnew_connections_burst = 1000000\n\
                  [[target]]\nname = \"benchdb\"\nprotocol = \"postgres\"\n\
                  # The server's own address: the kernel redirects connects to it.\n\
                  address = \"127.0.0.1\"\nport = {port}\n\
