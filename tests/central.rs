@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use portcullis_audit_store::{format::record_hash, ChainHash};
-use portcullis_e2e::postgres::{Postgres, SUPERUSER_PASSWORD};
+use portcullis_e2e::postgres::{BadCertificate, PgOptions, Postgres, SUPERUSER_PASSWORD};
 use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup};
 
 const DB: &str = "portcullis";
@@ -31,7 +31,16 @@ struct Central {
 
 impl Central {
     fn start(host: &str) -> Self {
-        let pg = Postgres::start(DB);
+        Self::start_with(host, false)
+    }
+
+    /// `tls`: the server also offers TLS with the harness's test CA.
+    fn start_with(host: &str, tls: bool) -> Self {
+        let pg = Postgres::start_with(PgOptions {
+            tls,
+            ..PgOptions::default()
+        });
+        pg.create_database(DB, None);
         pg.psql(
             DB,
             &format!(
@@ -482,4 +491,81 @@ fn spool_full_refuse_connections_fails_closed_until_drained() {
     );
     s.connect_ok(2);
     s.central.assert_matches_local(&s.agent);
+}
+
+/// Waits until the agent's log holds `needle` more often than `before` times.
+fn wait_log(agent: &Agent, needle: &str, before: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.log().matches(needle).count() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no `{needle}` in the agent's log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn shipping_over_tls_refuses_a_wrong_ca_name_or_expired_certificate() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(118);
+    let cg = TestCgroup::new("central-tls");
+    let server = EchoServer::start(&[slot.v4(1)]);
+    let central = Central::start_with("central-tls", true);
+    // The first certificate the agent meets is already a bad one.
+    central.pg.serve_bad_certificate(BadCertificate::WrongCa);
+    let config = central.config("").replace(
+        "tls = \"disable\"",
+        &format!(
+            "tls = \"require\"\nca_file = \"{}\"",
+            central.pg.ca_pem_path().display()
+        ),
+    );
+    let v4 = slot.v4(1).ip().to_string();
+    let agent = Agent::start_with(
+        "central-tls",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        Some(&config),
+        &[],
+    );
+    let s = Setup {
+        central,
+        agent,
+        cg,
+        slot,
+        _server: server,
+    };
+    s.connect_ok(3);
+    // What rustls names for each, in the shipper's warning; the agent retries with backoff,
+    // so each certificate is served until the agent has met it.
+    let cases = [
+        (BadCertificate::WrongCa, "UnknownIssuer"),
+        (BadCertificate::WrongName, "not valid for name"),
+        (BadCertificate::Expired, "Expired"),
+    ];
+    for (bad, needle) in cases {
+        s.central.pg.serve_bad_certificate(bad);
+        let before = s.agent.log().matches(needle).count();
+        wait_log(&s.agent, needle, before);
+        assert!(
+            s.agent.log().contains("central audit shipping failed"),
+            "{bad:?}"
+        );
+        assert!(s.central.rows().is_empty(), "{bad:?}: nothing shipped");
+    }
+    // With the right certificate the same agent ships everything: the refusals above were
+    // the certificates', not a broken TLS setup.
+    s.central.pg.serve_good_certificate();
+    let n = s.central.assert_matches_local(&s.agent);
+    assert!(n >= 7, "agent.started plus 3 opened and 3 closed: {n}");
 }

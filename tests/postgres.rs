@@ -15,7 +15,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use portcullis_e2e::postgres::{run_client, PasswordAuth, PgOptions, Postgres, RunAs};
+use portcullis_e2e::postgres::{
+    run_client, BadCertificate, PasswordAuth, PgOptions, Postgres, RunAs,
+};
 use portcullis_e2e::{e2e_enabled, Agent, Slot, TestCgroup};
 use serde_json::Value;
 
@@ -2570,4 +2572,157 @@ fn masking_survives_renames_and_sql_in_text() {
                 .as_str()
                 .is_some_and(|r| r.contains("`table_to_xml` runs SQL given as text"))
     });
+}
+
+/// Connection-closed events (the agent records the session as opened while it sets up
+/// the server side) whose reason contains `needle`.
+fn closed_with(f: &PgFixture, needle: &str) -> Vec<Value> {
+    f.agent
+        .events_of("connection.closed")
+        .into_iter()
+        .filter(|e| e["reason"].as_str().is_some_and(|r| r.contains(needle)))
+        .collect()
+}
+
+/// Logins the server accepted, from its log (`log_connections`).
+fn server_logins(f: &PgFixture, role: &str) -> usize {
+    f.pg.server_log()
+        .matches(&format!("connection authorized: user={role} "))
+        .count()
+}
+
+#[test]
+fn upstream_certificates_of_the_wrong_ca_name_or_time_are_refused() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-badcert", 115);
+    let out = f.psql(ENGINEER, "app", "require", &["-c", "SELECT 1"]);
+    assert!(
+        out.status.success(),
+        "with the good certificate: {}",
+        stderr(&out)
+    );
+    // What rustls names for each; the client sees it too, as 08006 with the agent's message.
+    let cases = [
+        (BadCertificate::WrongCa, "UnknownIssuer"),
+        (BadCertificate::WrongName, "not valid for name"),
+        (BadCertificate::Expired, "Expired"),
+    ];
+    for (bad, needle) in cases {
+        f.pg.serve_bad_certificate(bad);
+        let logins = server_logins(&f, "app");
+        let out = f.psql(ENGINEER, "app", "require", &["-c", "SELECT 1"]);
+        assert!(!out.status.success(), "{bad:?} must be refused");
+        let err = stderr(&out);
+        assert!(
+            err.contains("TLS with the server failed") && err.contains(needle),
+            "{bad:?}: {err}"
+        );
+        assert_eq!(f.login_sqlstate(ENGINEER, "app"), "08006", "{bad:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while closed_with(&f, needle).len() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let closed = closed_with(&f, needle);
+        assert!(
+            closed
+                .iter()
+                .all(|e| e["origin"]["uid"] == ENGINEER && e["db_user"] == "app"),
+            "{closed:#?}"
+        );
+        assert_eq!(
+            closed.len(),
+            2,
+            "{bad:?}: psql's and tokio-postgres' sessions"
+        );
+        assert!(
+            f.agent.log().contains(needle),
+            "{bad:?}: the agent's log names it"
+        );
+        assert_eq!(
+            server_logins(&f, "app"),
+            logins,
+            "{bad:?}: the agent never logged in to that server"
+        );
+    }
+    f.pg.serve_good_certificate();
+    let out = f.psql(ENGINEER, "app", "require", &["-c", "SELECT 1"]);
+    assert!(out.status.success(), "good again: {}", stderr(&out));
+}
+
+/// The agent's login to the server is bound to the TLS session it verified: a relay that
+/// terminates TLS with a certificate the agent trusts (same CA, same names) and re-encrypts
+/// to the server is caught by the server itself, which compares the SCRAM-SHA-256-PLUS
+/// binding (the hash of the certificate the agent saw) with its own certificate. md5 has no
+/// binding, so it passes the same relay: the relay works, and only the binding stops it.
+#[test]
+fn the_server_rejects_a_scram_login_relayed_by_a_tls_impostor() {
+    if !e2e_enabled() {
+        return;
+    }
+    let mut f = PgFixture::new("pg-cbind", 116);
+    let (crt, key) = f.pg.issue_impostor_certificate();
+    let relay_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg_tls_relay.py");
+    let mut relay = std::process::Command::new(portcullis_e2e::postgres::python())
+        .arg(&relay_script)
+        .arg(f.pg.port().to_string())
+        .arg(&crt)
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(relay.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _relay = Kill(relay);
+    let relay_port: u16 = line.trim().parse().unwrap();
+    // The same target, its server side sent through the relay.
+    let config = std::fs::read_to_string(&f.agent.config).unwrap();
+    std::fs::write(
+        &f.agent.config,
+        config.replacen(
+            "\n[target.postgres]\n",
+            &format!("\nupstream = \"127.0.0.1:{relay_port}\"\n[target.postgres]\n"),
+            1,
+        ),
+    )
+    .unwrap();
+    f.agent.kill9();
+    f.agent.spawn();
+
+    let out = f.psql(
+        ENGINEER,
+        "md5user",
+        "require",
+        &["-c", "SELECT current_user"],
+    );
+    assert!(
+        out.status.success(),
+        "md5 (no binding) passes the relay: {}\n{}",
+        stderr(&out),
+        f.agent.log()
+    );
+    let logins = server_logins(&f, "app");
+    let out = f.psql(ENGINEER, "app", "require", &["-c", "SELECT 1"]);
+    assert!(
+        !out.status.success(),
+        "a bound login through the relay must fail"
+    );
+    let log = f.pg.server_log();
+    assert!(
+        log.contains("SCRAM channel binding check failed"),
+        "the server itself refused the binding:\n{log}"
+    );
+    assert_eq!(server_logins(&f, "app"), logins, "{log}");
 }

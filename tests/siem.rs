@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use portcullis_e2e::postgres::BadCertificate;
 use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup};
 
 /// The agent names itself by the kernel hostname (no `audit.central.host_name` here).
@@ -781,5 +782,171 @@ fn syslog_over_tls_verifies_the_receiver_and_delivers_every_record() {
         let p = parse_5424(&f);
         let seq: usize = p.sd["seq"].parse().unwrap();
         assert_eq!(p.msg, local[seq - 1]);
+    }
+}
+
+/// `openssl s_server` on 127.0.0.1:`port` with the given certificate, collecting what it
+/// receives after the handshake (nothing, when the agent refuses the certificate).
+struct TlsReceiver {
+    child: std::process::Child,
+    received: Arc<Mutex<Vec<u8>>>,
+}
+
+impl TlsReceiver {
+    fn start(port: u16, (cert, key): (std::path::PathBuf, std::path::PathBuf)) -> Self {
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(cert)
+            .arg("-key")
+            .arg(key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = Arc::clone(&received);
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 65536];
+            while let Ok(n) = stdout.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s_server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, received }
+    }
+
+    fn received(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for TlsReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the agent's log has more lines with both `a` and `b` than `before`.
+fn wait_log_lines(agent: &Agent, a: &str, b: &str, before: usize) -> usize {
+    let count = || {
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains(a) && l.contains(b))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no log line with `{a}` and `{b}`:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    count()
+}
+
+#[test]
+fn forwarders_refuse_receivers_with_a_wrong_ca_name_or_expired_certificate() {
+    if !e2e_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    portcullis_e2e::postgres::make_test_certificates(dir.path());
+    let free = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (syslog_port, webhook_port) = (free(), free());
+    let ca = dir.path().join("ca.pem");
+    let slot = Slot::new(117);
+    let cg = TestCgroup::new("siem-badtls");
+    let server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let extra = format!(
+        "[insecure]\nunix_identity_only = true\n\
+         [audit.syslog]\naddress = \"127.0.0.1:{syslog_port}\"\ntls = \"require\"\n\
+         server_name = \"localhost\"\nca_file = \"{ca}\"\n\
+         [audit.webhook]\nurl = \"https://127.0.0.1:{webhook_port}/ingest\"\ntimeout_secs = 2\n",
+        ca = ca.display()
+    );
+    // The webhook trusts the system's roots; SSL_CERT_FILE makes the test CA the only one.
+    let ca_env = ca.display().to_string();
+    let agent = Agent::start_with(
+        "siem-badtls",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        Some(&extra),
+        &[("SSL_CERT_FILE", ca_env.as_str())],
+    );
+    let s = Setup {
+        agent,
+        cg,
+        slot,
+        _server: server,
+    };
+    s.connect(3);
+    s.local_records(3);
+    // What rustls names for each, in each forwarder's warning. The forwarders retry with
+    // backoff, so each certificate is served until both have met it.
+    let cases = [
+        (BadCertificate::WrongCa, "UnknownIssuer"),
+        (BadCertificate::WrongName, "not valid for name"),
+        (BadCertificate::Expired, "Expired"),
+    ];
+    for (bad, needle) in cases {
+        let count = |sink: &str| {
+            s.agent
+                .log()
+                .lines()
+                .filter(|l| l.contains(sink) && l.contains(needle))
+                .count()
+        };
+        let (syslog_seen, webhook_seen) = (count("syslog"), count("webhook request failed"));
+        let syslog = TlsReceiver::start(syslog_port, bad.files(dir.path()));
+        let webhook = TlsReceiver::start(webhook_port, bad.files(dir.path()));
+        wait_log_lines(&s.agent, "syslog", needle, syslog_seen);
+        wait_log_lines(&s.agent, "webhook request failed", needle, webhook_seen);
+        assert_eq!(syslog.received(), "", "{bad:?}: syslog delivered nothing");
+        assert_eq!(webhook.received(), "", "{bad:?}: webhook delivered nothing");
+    }
+    // With the good certificate both deliver: the refusals were the certificates'.
+    let good = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    let syslog = TlsReceiver::start(syslog_port, good.clone());
+    let webhook = TlsReceiver::start(webhook_port, good);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(syslog.received().contains("agent.started")
+        && webhook.received().starts_with("POST /ingest"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "nothing delivered with the good certificate: syslog {:?}, webhook {:?}\n{}",
+            syslog.received(),
+            webhook.received(),
+            s.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

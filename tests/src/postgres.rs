@@ -242,6 +242,130 @@ fn make_server_certificate(dir: &Path) {
     ]);
 }
 
+/// A server certificate that a client verifying against the test CA for 127.0.0.1 must
+/// refuse, each for one reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadCertificate {
+    /// The right names, signed by another CA (`other-ca.pem`).
+    WrongCa,
+    /// Signed by the test CA for `db.invalid` and 127.0.0.2 only.
+    WrongName,
+    /// Signed by the test CA for the right names, expired a day ago.
+    Expired,
+}
+
+impl BadCertificate {
+    pub const ALL: [Self; 3] = [Self::WrongCa, Self::WrongName, Self::Expired];
+
+    /// Its certificate and key under a `make_test_certificates` directory.
+    pub fn files(self, dir: &Path) -> (PathBuf, PathBuf) {
+        (
+            dir.join(format!("{}.crt", self.stem())),
+            dir.join(format!("{}.key", self.stem())),
+        )
+    }
+
+    fn stem(self) -> &'static str {
+        match self {
+            Self::WrongCa => "wrong-ca",
+            Self::WrongName => "wrong-name",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// The harness's certificates for a TLS receiver other than PostgreSQL (syslog, webhook):
+/// `ca.pem`, `server.crt`/`server.key` for 127.0.0.1, ::1 and localhost, and for each
+/// `BadCertificate` its `<stem>.crt`/`<stem>.key` (`BadCertificate::files`).
+pub fn make_test_certificates(dir: &Path) {
+    make_server_certificate(dir);
+    make_bad_certificates(dir);
+}
+
+/// Next to the good certificate in `dir`: another CA and, for each `BadCertificate`, a
+/// `<stem>.crt` and `<stem>.key`.
+fn make_bad_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the PostgreSQL TLS harness needs the openssl CLI");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let ec = "ec_paramgen_curve:P-256";
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        ec,
+        "-nodes",
+        "-keyout",
+        "other-ca.key",
+        "-out",
+        "other-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=portcullis-e2e-other-ca",
+    ]);
+    let good_names = "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost";
+    // (stem, signing CA, names, days): -days -1 puts notAfter a day in the past.
+    let certs = [
+        ("wrong-ca", "other-ca", good_names, "2"),
+        (
+            "wrong-name",
+            "ca",
+            "subjectAltName=DNS:db.invalid,IP:127.0.0.2",
+            "2",
+        ),
+        ("expired", "ca", good_names, "-1"),
+    ];
+    for (stem, ca, names, days) in certs {
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            ec,
+            "-nodes",
+            "-keyout",
+            &format!("{stem}.key"),
+            "-out",
+            &format!("{stem}.csr"),
+            "-subj",
+            "/CN=portcullis-e2e-bad",
+        ]);
+        std::fs::write(
+            dir.join(format!("{stem}.ext")),
+            format!(
+                "{names}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+                 extendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{stem}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            days,
+            "-extfile",
+            &format!("{stem}.ext"),
+            "-out",
+            &format!("{stem}.crt"),
+        ]);
+    }
+}
+
 impl Postgres {
     /// initdb and start without TLS; `database` is created.
     pub fn start(database: &str) -> Self {
@@ -408,6 +532,84 @@ impl Postgres {
     pub fn ca_pem_path(&self) -> PathBuf {
         assert!(self.options.tls, "this server was started without TLS");
         self.tls_dir().join("ca.pem")
+    }
+
+    /// Serves `bad` in place of the good certificate (made on first use), from the next
+    /// connection on; `serve_good_certificate` puts the good one back.
+    pub fn serve_bad_certificate(&self, bad: BadCertificate) {
+        let tls = self.tls_dir();
+        if !tls.join("good.crt").exists() {
+            make_bad_certificates(&tls);
+            std::fs::copy(tls.join("server.crt"), tls.join("good.crt")).unwrap();
+            std::fs::copy(tls.join("server.key"), tls.join("good.key")).unwrap();
+        }
+        self.swap_certificate(bad.stem());
+    }
+
+    /// A second certificate the test CA signs for 127.0.0.1, ::1 and localhost, with its
+    /// own key (for a relay that terminates TLS in the server's place): (certificate, key),
+    /// both readable by every uid.
+    pub fn issue_impostor_certificate(&self) -> (PathBuf, PathBuf) {
+        let tls = self.tls_dir();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&tls)
+                .output()
+                .expect("the PostgreSQL TLS harness needs the openssl CLI");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "impostor.key",
+            "-out",
+            "impostor.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "impostor.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "impostor.crt",
+        ]);
+        let (crt, key) = (tls.join("impostor.crt"), tls.join("impostor.key"));
+        chmod(&crt, 0o644);
+        chmod(&key, 0o644);
+        (crt, key)
+    }
+
+    pub fn serve_good_certificate(&self) {
+        self.swap_certificate("good");
+    }
+
+    /// PostgreSQL rereads its certificate and key on reload (SIGHUP).
+    fn swap_certificate(&self, stem: &str) {
+        let tls = self.tls_dir();
+        let ids = postgres_ids();
+        for (from, to) in [("crt", "server.crt"), ("key", "server.key")] {
+            std::fs::copy(tls.join(format!("{stem}.{from}")), tls.join(to)).unwrap();
+            chown(&tls.join(to), ids);
+        }
+        chmod(&tls.join("server.key"), 0o600);
+        self.reload();
     }
 
     /// `postgres://user:password@127.0.0.1:port/database` (for tokio-postgres and psycopg;

@@ -72,7 +72,7 @@ pub enum CentralError {
     Password { path: PathBuf, reason: String },
     #[error("central audit TLS: {0}")]
     Tls(String),
-    #[error("central audit store: {0}")]
+    #[error("central audit store: {}", super::with_sources(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("central audit store: a batch took over {0:?}; retrying")]
     Timeout(Duration),

@@ -20,6 +20,23 @@ use serde::Serialize;
 use crate::identity::Identity;
 use crate::proxy::Origin;
 
+/// `error: cause: cause…` for the shippers' warnings: HTTP and PostgreSQL clients keep the
+/// reason (a refused certificate's) out of their own message. Each cause appears once, as a
+/// layer often repeats the one below it.
+pub(crate) fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]

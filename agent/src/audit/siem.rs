@@ -60,7 +60,8 @@ pub enum SiemError {
     Closed(String),
     #[error("the receiver did not take a batch within {0:?}; retrying")]
     Timeout(Duration),
-    #[error("webhook request failed: {0}")]
+    /// With the causes reqwest keeps out of its own message (a refused certificate's reason).
+    #[error("webhook request failed: {}", super::with_sources(.0))]
     Http(#[from] reqwest::Error),
     #[error("the webhook answered HTTP {0}; retrying the same batch")]
     Status(u16),
