@@ -67,7 +67,7 @@ impl Central {
 
     fn config(&self, extra: &str) -> String {
         format!(
-            "[insecure]\nunix_identity_only = true\n[audit.central]\n\
+            "[insecure]\nunix_identity_only = true\nallow_plaintext_loopback = true\n[audit.central]\n\
              url = \"postgres://bastion@127.0.0.1:{port}/{DB}\"\n\
              password_file = \"{agent_pw}\"\ntls = \"disable\"\nhost_name = \"{host}\"\n\
              migrate_url = \"postgres://postgres@127.0.0.1:{port}/{DB}\"\n\

@@ -24,12 +24,14 @@ fn enabled() -> bool {
 
 const CI_AUDIENCE: &str = "portcullis-ci";
 
-/// Identity settings for the agent: the provider as issuer and as trusted CI issuer.
+/// Identity settings for the agent: the provider as issuer and as trusted CI issuer. It
+/// serves plain http on loopback, which the agent accepts only when told so.
 fn identity_config(provider: &OidcProvider, extra: &str) -> String {
     format!(
         "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n{extra}\n\
          [[identity.trusted_issuer]]\nissuer = \"{iss}\"\naudience = \"{CI_AUDIENCE}\"\n\
-         required_claims = {{ repository = \"acme/infra\" }}\n",
+         required_claims = {{ repository = \"acme/infra\" }}\n\
+         [insecure]\nallow_plaintext_loopback = true\n",
         iss = provider.issuer()
     )
 }

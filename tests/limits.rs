@@ -557,7 +557,7 @@ fn retention_keeps_what_a_stalled_shipper_has_not_acknowledged_through_a_flood()
     // The webhook points at a loopback port nobody listens on: the shipper is stalled.
     let port = portcullis_e2e::postgres::free_loopback_port(false);
     let extra = format!(
-        "[insecure]\nunix_identity_only = true\n\
+        "[insecure]\nunix_identity_only = true\nallow_plaintext_loopback = true\n\
          [limits]\nsummary_interval_secs = 1\n\
          [audit]\nmax_segment_bytes = 4096\nretention_max_bytes = 16384\n\
          [audit.webhook]\nurl = \"http://127.0.0.1:{port}/\"\n"

@@ -749,6 +749,189 @@ fn status_shows_a_normal_user_only_their_own_connections() {
     session.wait().unwrap();
 }
 
+/// `portcullis status` as a normal user lists the targets the connect policy lets that
+/// user's identity use and their own connections, and nothing of how the host is set up:
+/// no upstream address, no pins or counters, no policy directory, no policy errors.
+#[test]
+fn status_shows_a_normal_user_only_the_targets_policy_lets_them_use() {
+    if !e2e_enabled() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let slot = Slot::new(125);
+    let cg = TestCgroup::new("status-scope");
+    let _server = EchoServer::start(&[slot.v4(1), slot.v4(2), slot.v4(3)]);
+    let (db, secret) = (slot.v4(1).ip().to_string(), slot.v4(2).ip().to_string());
+    let mut agent = Agent::prepare(
+        "status-scope",
+        slot,
+        &cg,
+        &[
+            Target {
+                name: "db",
+                address: &db,
+                port: slot.server_port,
+                upstream: Some(slot.v4(3)),
+            },
+            Target {
+                name: "secret-db",
+                address: &secret,
+                port: slot.server_port,
+                upstream: None,
+            },
+        ],
+        None,
+        &[],
+    );
+    let policies = agent.dir.path().join("policies");
+    std::fs::write(
+        policies.join("e2e.cedar"),
+        "@id(\"uid-45125-reaches-db\")\n\
+         permit (principal, action == Portcullis::Action::\"connect\", resource == Portcullis::Target::\"db\")\n\
+         when { context.source_uid == 45125 };\n",
+    )
+    .unwrap();
+    agent.spawn();
+    let user = Probe {
+        cgroup: &cg,
+        uid: 45125,
+        netns: None,
+    };
+    // What status will list is what the proxy decides.
+    assert_via_proxy(&user.connect(slot.v4(1), &[]), "uid 45125 to db");
+    assert_eq!(user.connect(slot.v4(2), &[])["ok"], false);
+    let refused = agent.wait_events("connection.refused", 1);
+    assert_eq!(refused[0]["target"], "secret-db", "{refused:?}");
+    assert!(
+        refused[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("denied by policy"),
+        "{refused:?}"
+    );
+
+    let mut session = user
+        .command(&["session", &slot.v4(1).to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = session.stdin.take().unwrap();
+    let mut output = BufReader::new(session.stdout.take().unwrap());
+    let mut line = String::new();
+    output.read_line(&mut line).unwrap();
+    writeln!(input, "ping").unwrap();
+    line.clear();
+    output.read_line(&mut line).unwrap();
+
+    // A refused reload: root sees why, nobody else does.
+    std::fs::write(
+        policies.join("broken.cedar"),
+        "permit (principal, action, resource) when { nope };\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let root = loop {
+        let s = agent.status();
+        if s["policy"]["last_error"].is_string() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken policy was never reported: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(root["targets"].as_array().unwrap().len(), 2, "{root}");
+    assert_eq!(root["targets"][0]["upstream"], slot.v4(3).to_string());
+    assert_eq!(root["connections"][0]["upstream"], slot.v4(3).to_string());
+    assert!(root["policy"]["dir"].is_string(), "{root}");
+    assert_eq!(
+        root["insecure"],
+        serde_json::json!(["insecure.unix_identity_only"])
+    );
+
+    let mine = agent.status_as(45125);
+    let names: Vec<&str> = mine["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["db"], "{mine}");
+    assert_eq!(mine["targets"][0]["address"], db);
+    assert_eq!(mine["open_connections"], 1, "{mine}");
+    assert_eq!(mine["connections"][0]["target"], "db");
+    assert_eq!(
+        mine["insecure"],
+        serde_json::json!(["insecure.unix_identity_only"])
+    );
+    for hidden in [
+        "cgroup",
+        "pin_dir",
+        "programs",
+        "counters",
+        "pending_origins",
+        "policy",
+    ] {
+        assert!(
+            mine.get(hidden).is_none(),
+            "`{hidden}` shown to uid 45125: {mine}"
+        );
+    }
+    let json = mine.to_string();
+    for leak in [
+        slot.v4(3).ip().to_string(),
+        policies.display().to_string(),
+        "broken.cedar".into(),
+        "nope".into(),
+    ] {
+        assert!(!json.contains(&leak), "`{leak}` shown to uid 45125: {mine}");
+    }
+
+    let other = agent.status_as(45126);
+    assert_eq!(other["targets"], serde_json::json!([]), "{other}");
+    assert_eq!(other["open_connections"], 0, "{other}");
+
+    // The text form, as the user reads it.
+    let out = Command::new(portcullis_e2e::agent_bin())
+        .args(["status", "--socket"])
+        .arg(&agent.socket)
+        .uid(45125)
+        .gid(45125)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("targets you may connect to (1)"), "{text}");
+    assert!(
+        text.contains("INSECURE     insecure.unix_identity_only"),
+        "{text}"
+    );
+    assert!(!text.contains("secret-db"), "{text}");
+    assert!(!text.contains(&slot.v4(3).ip().to_string()), "{text}");
+    assert!(
+        !text.contains("broken.cedar") && !text.contains("policies"),
+        "{text}"
+    );
+    drop(input);
+    session.wait().unwrap();
+
+    // The lab setting is announced at every start.
+    std::fs::remove_file(policies.join("broken.cedar")).unwrap();
+    agent.kill9();
+    agent.spawn();
+    let warnings = agent
+        .log()
+        .matches("INSECURE: connections are attributed to the Unix account alone")
+        .count();
+    assert_eq!(warnings, 2, "{}", agent.log());
+}
+
 #[test]
 fn agent_rejects_a_malformed_config_naming_file_and_line() {
     let bin = portcullis_e2e::agent_bin();

@@ -306,7 +306,14 @@ fn setup(name: &str, n: u8, section: &str) -> Setup {
     let cg = TestCgroup::new(name);
     let server = EchoServer::start(&[slot.v4(1)]);
     let v4 = slot.v4(1).ip().to_string();
-    let extra = format!("[insecure]\nunix_identity_only = true\n{section}\n");
+    // Plaintext to a loopback receiver is refused unless the config says so; TLS needs no flag.
+    let plaintext = section.contains("tls = \"disable\"") || section.contains("http://");
+    let allow = if plaintext {
+        "allow_plaintext_loopback = true\n"
+    } else {
+        ""
+    };
+    let extra = format!("[insecure]\nunix_identity_only = true\n{allow}{section}\n");
     let agent = Agent::start_with(
         name,
         slot,

@@ -86,6 +86,19 @@ pub fn run(
             "no identity provider is configured: every protected connection will be refused"
         );
     }
+    // At every start, so a lab setting left on a bastion shows in its log (and in `status`).
+    if config.insecure.unix_identity_only {
+        tracing::warn!(
+            setting = "insecure.unix_identity_only",
+            "INSECURE: connections are attributed to the Unix account alone, without any login; never set this on a bastion"
+        );
+    }
+    if config.insecure.allow_plaintext_loopback {
+        tracing::warn!(
+            setting = "insecure.allow_plaintext_loopback",
+            "INSECURE: the issuer and audit shipping may use plaintext on loopback, where a local user who binds the port first can pose as them"
+        );
+    }
     let config = Arc::new(config);
     let proxy = Proxy::new(
         Arc::clone(&config),

@@ -980,34 +980,46 @@ fn render_status(r: &StatusReport) -> String {
         "agent        pid {}, version {}, up {}s",
         r.agent_pid, r.version, uptime
     );
-    let _ = writeln!(out, "cgroup       {}", r.cgroup.display());
-    let _ = writeln!(out, "pins         {}", r.pin_dir.display());
-    let names: Vec<&str> = r.programs.iter().map(|p| p.hook.as_str()).collect();
-    let _ = writeln!(out, "programs     {}", names.join(", "));
-    let c = &r.counters;
-    let _ = writeln!(
-        out,
-        "kernel       redirected {}, published {}, refused: foreign netns {}, non-TCP {}, no storage {}; agent's own {}",
-        c.redirected, c.published, c.denied_foreign_netns, c.denied_protocol, c.denied_no_storage, c.exempt_agent
-    );
-    let _ = writeln!(
-        out,
-        "pending      {} origin record(s) not yet accepted",
-        r.pending_origins
-    );
-    let p = &r.policy;
-    let _ = writeln!(
-        out,
-        "policy       {} policies from {} (generation {})",
-        p.policies,
-        p.dir.display(),
-        p.generation
-    );
-    if let Some(e) = &p.last_error {
+    for setting in &r.insecure {
+        let _ = writeln!(out, "INSECURE     {setting} = true");
+    }
+    if let Some(cgroup) = &r.cgroup {
+        let _ = writeln!(out, "cgroup       {}", cgroup.display());
+    }
+    if let Some(pins) = &r.pin_dir {
+        let _ = writeln!(out, "pins         {}", pins.display());
+    }
+    if !r.programs.is_empty() {
+        let names: Vec<&str> = r.programs.iter().map(|p| p.hook.as_str()).collect();
+        let _ = writeln!(out, "programs     {}", names.join(", "));
+    }
+    if let Some(c) = &r.counters {
         let _ = writeln!(
             out,
-            "             LAST RELOAD REFUSED, the previous set is in force:\n{e}"
+            "kernel       redirected {}, published {}, refused: foreign netns {}, non-TCP {}, no storage {}; agent's own {}",
+            c.redirected, c.published, c.denied_foreign_netns, c.denied_protocol, c.denied_no_storage, c.exempt_agent
         );
+    }
+    if let Some(pending) = r.pending_origins {
+        let _ = writeln!(
+            out,
+            "pending      {pending} origin record(s) not yet accepted"
+        );
+    }
+    if let Some(p) = &r.policy {
+        let _ = writeln!(
+            out,
+            "policy       {} policies from {} (generation {})",
+            p.policies,
+            p.dir.display(),
+            p.generation
+        );
+        if let Some(e) = &p.last_error {
+            let _ = writeln!(
+                out,
+                "             LAST RELOAD REFUSED, the previous set is in force:\n{e}"
+            );
+        }
     }
     let a = &r.audit;
     if a.writable {
@@ -1031,22 +1043,41 @@ fn render_status(r: &StatusReport) -> String {
             );
         }
     }
-    let _ = writeln!(out, "\ntargets ({})", r.targets.len());
-    let _ = writeln!(
-        out,
-        "  {:<20} {:<9} {:<24} {:<6} UPSTREAM",
-        "NAME", "PROTOCOL", "ADDRESS", "PORT"
-    );
-    for t in &r.targets {
+    if r.viewer_uid == 0 {
+        let _ = writeln!(out, "\ntargets ({})", r.targets.len());
         let _ = writeln!(
             out,
-            "  {:<20} {:<9} {:<24} {:<6} {}",
-            t.name,
-            t.protocol,
-            t.address,
-            t.port,
-            t.upstream.as_deref().unwrap_or("(original destination)")
+            "  {:<20} {:<9} {:<24} {:<6} UPSTREAM",
+            "NAME", "PROTOCOL", "ADDRESS", "PORT"
         );
+        for t in &r.targets {
+            let _ = writeln!(
+                out,
+                "  {:<20} {:<9} {:<24} {:<6} {}",
+                t.name,
+                t.protocol,
+                t.address,
+                t.port,
+                t.upstream.as_deref().unwrap_or("(original destination)")
+            );
+        }
+    } else {
+        let _ = writeln!(out, "\ntargets you may connect to ({})", r.targets.len());
+        if let Some(why) = &r.identity_error {
+            let _ = writeln!(out, "  none: {why}");
+        }
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<9} {:<24} PORT",
+            "NAME", "PROTOCOL", "ADDRESS"
+        );
+        for t in &r.targets {
+            let _ = writeln!(
+                out,
+                "  {:<20} {:<9} {:<24} {}",
+                t.name, t.protocol, t.address, t.port
+            );
+        }
     }
     let scope = if r.viewer_uid == 0 {
         String::new()

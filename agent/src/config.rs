@@ -381,9 +381,29 @@ pub struct TrustedIssuerConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InsecureConfig {
-    /// Attribute connections to the Unix account alone, without an OIDC login.
+    /// Attribute connections to the Unix account alone, without an OIDC login. Refused
+    /// together with an issuer: it would let in, silently, every uid that has no login.
     #[serde(default)]
     pub unix_identity_only: bool,
+    /// Accept plain `http://` issuers, syslog, webhook and central store without TLS on
+    /// loopback. Off by default: a local user who binds that port before the real service
+    /// could mint tokens or read the audit trail.
+    #[serde(default)]
+    pub allow_plaintext_loopback: bool,
+}
+
+impl InsecureConfig {
+    /// The settings that are on, by their key, for the start-up warning and `status`.
+    pub fn enabled(&self) -> Vec<&'static str> {
+        let mut on = Vec::new();
+        if self.unix_identity_only {
+            on.push("insecure.unix_identity_only");
+        }
+        if self.allow_plaintext_loopback {
+            on.push("insecure.allow_plaintext_loopback");
+        }
+        on
+    }
 }
 
 impl Default for IdentityConfig {
@@ -831,7 +851,113 @@ impl Config {
         let targets = config
             .validate()
             .map_err(|(span, message)| at(Some(span), message))?;
+        let spans: KeySpans =
+            toml::from_str(text).map_err(|e| at(e.span(), e.message().to_string()))?;
+        config
+            .validate_trust(&spans)
+            .map_err(|(span, message)| at(Some(span), message))?;
         Ok((config, targets))
+    }
+
+    /// What the agent trusts without proof: plaintext on loopback, issuers whose tokens
+    /// anyone can get, and the Unix account in place of a login.
+    fn validate_trust(&self, spans: &KeySpans) -> Result<(), (std::ops::Range<usize>, String)> {
+        let id = &self.identity;
+        let plaintext_ok = self.insecure.allow_plaintext_loopback;
+        let plain = |span: Option<std::ops::Range<usize>>, key: &str, what: &str, risk: &str| {
+            (
+                span.unwrap_or(0..0),
+                format!(
+                    "{key}: {what} on loopback is accepted only with `insecure.allow_plaintext_loopback = true` \
+                     (a local user who binds that port before the real service {risk}); use TLS"
+                ),
+            )
+        };
+        let mint = "answers as the issuer and can mint tokens";
+        let read = "receives the audit trail";
+        if let Some(issuer) = &id.issuer {
+            if issuer.starts_with("http://") && !plaintext_ok {
+                return Err(plain(
+                    spans.identity.issuer.as_ref().map(Spanned::span),
+                    "identity.issuer",
+                    &format!("plain http (`{issuer}`)"),
+                    mint,
+                ));
+            }
+        }
+        for (i, t) in id.trusted_issuers.iter().enumerate() {
+            let span = spans
+                .identity
+                .trusted_issuer
+                .get(i)
+                .and_then(|s| s.issuer.as_ref())
+                .map(Spanned::span);
+            if t.issuer.starts_with("http://") && !plaintext_ok {
+                return Err(plain(
+                    span,
+                    &format!("identity.trusted_issuer[{i}].issuer"),
+                    &format!("plain http (`{}`)", t.issuer),
+                    mint,
+                ));
+            }
+            // A public CI issuer (GitHub Actions, GitLab) signs a token for any pipeline
+            // that asks; only the claims say whose pipeline it is.
+            if t.required_claims.is_empty() {
+                return Err((
+                    span.unwrap_or(0..0),
+                    format!(
+                        "identity.trusted_issuer[{i}] (`{}`): set at least one entry in `required_claims` \
+                         (e.g. `repository = \"acme/infra\"`): the issuer signs tokens for anyone who asks",
+                        t.issuer
+                    ),
+                ));
+            }
+        }
+        if let Some(syslog) = &self.audit.syslog {
+            if syslog.tls == SyslogTls::Disable && !plaintext_ok {
+                return Err(plain(
+                    spans.audit.syslog.tls.as_ref().map(Spanned::span),
+                    "audit.syslog.tls",
+                    "\"disable\"",
+                    read,
+                ));
+            }
+        }
+        if let Some(webhook) = &self.audit.webhook {
+            if webhook.url.starts_with("http://") && !plaintext_ok {
+                return Err(plain(
+                    spans.audit.webhook.url.as_ref().map(Spanned::span),
+                    "audit.webhook.url",
+                    "plain http",
+                    read,
+                ));
+            }
+        }
+        if let Some(central) = &self.audit.central {
+            if central.tls == CentralTls::Disable && !plaintext_ok {
+                return Err(plain(
+                    spans.audit.central.tls.as_ref().map(Spanned::span),
+                    "audit.central.tls",
+                    "\"disable\" (TCP or a Unix socket)",
+                    read,
+                ));
+            }
+        }
+        if self.insecure.unix_identity_only
+            && (id.issuer.is_some() || !id.trusted_issuers.is_empty())
+        {
+            return Err((
+                spans
+                    .insecure
+                    .unix_identity_only
+                    .as_ref()
+                    .map_or(0..0, Spanned::span),
+                "insecure.unix_identity_only: cannot be combined with identity.issuer or identity.trusted_issuer: \
+                 every uid without a login would be let in, silently, as its Unix account; remove one"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<Vec<ProtectedTarget>, (std::ops::Range<usize>, String)> {
@@ -1234,6 +1360,53 @@ pub fn check_central_url(url: &str, tls: CentralTls) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the keys `validate_trust` judges sit in the file, so its errors name their line.
+/// Read from the same text as `Config`; everything else is ignored here.
+#[derive(Default, Deserialize)]
+struct KeySpans {
+    #[serde(default)]
+    identity: IdentitySpans,
+    #[serde(default)]
+    audit: AuditSpans,
+    #[serde(default)]
+    insecure: InsecureSpans,
+}
+
+type KeySpan = Option<Spanned<toml::Value>>;
+
+#[derive(Default, Deserialize)]
+struct IdentitySpans {
+    issuer: KeySpan,
+    #[serde(default)]
+    trusted_issuer: Vec<IssuerSpans>,
+}
+
+#[derive(Default, Deserialize)]
+struct IssuerSpans {
+    issuer: KeySpan,
+}
+
+#[derive(Default, Deserialize)]
+struct AuditSpans {
+    #[serde(default)]
+    central: TransportSpans,
+    #[serde(default)]
+    syslog: TransportSpans,
+    #[serde(default)]
+    webhook: TransportSpans,
+}
+
+#[derive(Default, Deserialize)]
+struct TransportSpans {
+    url: KeySpan,
+    tls: KeySpan,
+}
+
+#[derive(Default, Deserialize)]
+struct InsecureSpans {
+    unix_identity_only: KeySpan,
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
@@ -1346,9 +1519,128 @@ mod tests {
     fn hmac_algorithms_and_plain_http_issuers_are_refused() {
         let err = parse("[identity]\nissuer = \"http://idp.example\"\n").unwrap_err();
         assert!(err.contains("must use https"), "{err}");
-        assert!(parse("[identity]\nissuer = \"http://127.0.0.1:8080\"\n").is_ok());
+        assert!(parse(
+            "[identity]\nissuer = \"http://127.0.0.1:8080\"\n[insecure]\nallow_plaintext_loopback = true\n"
+        )
+        .is_ok());
         let err = parse("[identity]\nalgorithms = [\"HS256\"]\n").unwrap_err();
         assert!(err.contains("HMAC"), "{err}");
+    }
+
+    #[test]
+    fn plaintext_on_loopback_needs_allow_plaintext_loopback_and_names_the_line() {
+        const FLAG: &str = "\n[insecure]\nallow_plaintext_loopback = true\n";
+        let ci = "required_claims = { repository = \"acme/infra\" }\n";
+        // (config, the key and line the refusal must name)
+        let cases = [
+            (
+                "[identity]\nclient_id = \"x\"\nissuer = \"http://127.0.0.1:8080\"\n".to_string(),
+                ":3:",
+                "identity.issuer: plain http (`http://127.0.0.1:8080`) on loopback",
+            ),
+            (
+                "[identity]\nissuer = \"http://localhost:8080/realms/x\"\n".to_string(),
+                ":2:",
+                "identity.issuer: plain http",
+            ),
+            (
+                format!(
+                    "[[identity.trusted_issuer]]\nissuer = \"https://ci.example\"\naudience = \"a\"\n{ci}\
+                     [[identity.trusted_issuer]]\naudience = \"a\"\nissuer = \"http://[::1]:9000\"\n{ci}"
+                ),
+                ":7:",
+                "identity.trusted_issuer[1].issuer: plain http",
+            ),
+            (
+                "[audit.syslog]\naddress = \"127.0.0.1:514\"\ntls = \"disable\"\n".to_string(),
+                ":3:",
+                "audit.syslog.tls: \"disable\" on loopback",
+            ),
+            (
+                "[audit.webhook]\n\nurl = \"http://127.0.0.1:8080/in\"\n".to_string(),
+                ":3:",
+                "audit.webhook.url: plain http on loopback",
+            ),
+            (
+                "[audit.central]\nurl = \"postgres://a@127.0.0.1/x\"\ntls = \"disable\"\n".to_string(),
+                ":3:",
+                "audit.central.tls: \"disable\" (TCP or a Unix socket) on loopback",
+            ),
+            (
+                "[audit.central]\nurl = \"postgres://a@%2Frun%2Fpostgresql/x\"\ntls = \"disable\"\n"
+                    .to_string(),
+                ":3:",
+                "audit.central.tls",
+            ),
+        ];
+        for (text, line, key) in &cases {
+            let err = parse(text).unwrap_err();
+            assert!(
+                err.starts_with(&format!("/etc/portcullis/portcullis.toml{line}")),
+                "{text}: {err}"
+            );
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(
+                err.contains("only with `insecure.allow_plaintext_loopback = true`"),
+                "{err}"
+            );
+            parse(&format!("{text}{FLAG}")).unwrap();
+        }
+        // The flag never opens a non-loopback address to plaintext.
+        let err = parse(&format!("[identity]\nissuer = \"http://10.0.0.5\"\n{FLAG}")).unwrap_err();
+        assert!(
+            err.contains("plain http is accepted on loopback only"),
+            "{err}"
+        );
+        // TLS needs no flag.
+        parse("[identity]\nissuer = \"https://127.0.0.1:8443\"\n").unwrap();
+    }
+
+    #[test]
+    fn a_trusted_issuer_without_required_claims_is_refused() {
+        let err = parse(
+            "[identity]\n\n[[identity.trusted_issuer]]\nissuer = \"https://token.actions.githubusercontent.com\"\naudience = \"portcullis\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("/etc/portcullis/portcullis.toml:4:"),
+            "{err}"
+        );
+        assert!(
+            err.contains("identity.trusted_issuer[0] (`https://token.actions.githubusercontent.com`): set at least one entry in `required_claims`"),
+            "{err}"
+        );
+        let err = parse(
+            "[[identity.trusted_issuer]]\nissuer = \"https://ci.example\"\naudience = \"p\"\nrequired_claims = {}\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("required_claims"), "{err}");
+        parse(
+            "[[identity.trusted_issuer]]\nissuer = \"https://ci.example\"\naudience = \"p\"\nrequired_claims = { repository = \"acme/infra\" }\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn unix_identity_only_beside_an_issuer_is_refused() {
+        for identity in [
+            "[identity]\nissuer = \"https://idp.example\"\n",
+            "[[identity.trusted_issuer]]\nissuer = \"https://ci.example\"\naudience = \"p\"\nrequired_claims = { repository = \"acme/infra\" }\n",
+        ] {
+            let text = format!("{identity}[insecure]\nunix_identity_only = true\n");
+            let err = parse(&text).unwrap_err();
+            let line = text.lines().count();
+            assert!(
+                err.starts_with(&format!("/etc/portcullis/portcullis.toml:{line}:")),
+                "{err}"
+            );
+            assert!(
+                err.contains("insecure.unix_identity_only: cannot be combined with identity.issuer"),
+                "{err}"
+            );
+            parse(identity).unwrap();
+        }
+        parse("[insecure]\nunix_identity_only = true\n").unwrap();
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The local control socket the CLI talks to: one JSON request line, one JSON answer.
 //!
 //! Who is asking comes from the kernel (`SO_PEERCRED`), never from the request. A normal
-//! user sees only their own connections; only root may detach. The server runs on its
-//! own thread and runtime so a busy data plane cannot starve it.
+//! user sees only the targets policy lets them use and their own connections; only root
+//! may detach. The server runs on its own thread and runtime so a busy data plane cannot
+//! starve it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -80,17 +81,32 @@ pub struct StatusReport {
     pub agent_pid: u32,
     pub version: String,
     pub started_ms: u64,
-    /// The uid the kernel reported for this request; connections are filtered by it unless 0.
+    /// The uid the kernel reported for this request. Root sees everything; anyone else
+    /// sees only the targets policy lets them connect to and their own connections.
     pub viewer_uid: u32,
-    pub cgroup: PathBuf,
-    pub pin_dir: PathBuf,
+    /// The `insecure.*` settings in force, shown to everyone: they change what a login means.
+    #[serde(default)]
+    pub insecure: Vec<String>,
+    /// Why a non-root viewer has no identity (no login), so no target is listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub programs: Vec<ProgramView>,
-    pub counters: CountersView,
-    pub pending_origins: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<CountersView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_origins: Option<usize>,
     pub targets: Vec<TargetView>,
+    /// Root: every open connection; anyone else: their own.
     pub open_connections: usize,
     pub connections: Vec<ConnectionView>,
-    pub policy: crate::policy::PolicyStatus,
+    /// Root only: the directory, and a refused reload's errors, say how policy is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::PolicyStatus>,
     /// Whether the audit trail is being written, and what the agent does while it is not.
     #[serde(default)]
     pub audit: AuditWriteStatus,
@@ -153,6 +169,8 @@ pub struct TargetView {
     pub protocol: String,
     pub address: String,
     pub port: u16,
+    /// Root only; `None` for root means the original destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
 }
 
@@ -184,7 +202,14 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ControlErro
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        // Readable by all (everyone may talk to the agent), writable by root only: in a
+        // directory others could write, a user could replace the socket with their own.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(err)?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -220,7 +245,13 @@ pub async fn serve(listener: UnixListener, state: Arc<ControlState>) {
 }
 
 async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()> {
-    let uid = stream.peer_cred()?.uid();
+    let cred = stream.peer_cred()?;
+    let uid = cred.uid();
+    let peer = Peer {
+        uid,
+        gid: cred.gid(),
+        pid: cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+    };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut limited = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
@@ -241,7 +272,7 @@ async fn answer(stream: UnixStream, state: &ControlState) -> std::io::Result<()>
                 // away (Ctrl-C), and dropping `respond` then cancels what it was waiting for.
                 let mut probe = [0u8; 1];
                 tokio::select! {
-                    r = respond(req, uid, state) => r,
+                    r = respond(req, peer, state) => r,
                     _ = tokio::io::AsyncReadExt::read(&mut limited, &mut probe) => return Ok(()),
                 }
             }
@@ -309,7 +340,16 @@ where
     write.shutdown().await
 }
 
-async fn respond(req: Request, uid: u32, state: &ControlState) -> Response {
+/// Who is asking, as the kernel reported it (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: u32,
+    gid: u32,
+    pid: u32,
+}
+
+async fn respond(req: Request, peer: Peer, state: &ControlState) -> Response {
+    let uid = peer.uid;
     let identity = Arc::clone(&state.identity);
     let root_only = || Response::Error {
         message: "only root may do this".into(),
@@ -375,7 +415,8 @@ async fn respond(req: Request, uid: u32, state: &ControlState) -> Response {
             .await
         }
         Request::LoginsList | Request::LoginsRevoke { .. } => root_only(),
-        Request::Status => Response::Status(Box::new(status(uid, state))),
+        Request::Status if uid == 0 => Response::Status(Box::new(status(state))),
+        Request::Status => Response::Status(Box::new(user_status(peer, state))),
         Request::Detach => {
             if uid != 0 {
                 return Response::Error {
@@ -415,20 +456,22 @@ where
     }
 }
 
-fn status(uid: u32, state: &ControlState) -> StatusReport {
+/// Root's view: the whole host.
+fn status(state: &ControlState) -> StatusReport {
     let proxy = &state.proxy;
     let enforcement = proxy.enforcement();
-    let filter = if uid == 0 { None } else { Some(uid) };
     StatusReport {
         agent_pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_ms: state.started_ms,
-        viewer_uid: uid,
-        cgroup: enforcement.cgroup.clone(),
-        pin_dir: enforcement.pin_dir.clone(),
+        viewer_uid: 0,
+        insecure: insecure_settings(proxy),
+        identity_error: None,
+        cgroup: Some(enforcement.cgroup.clone()),
+        pin_dir: Some(enforcement.pin_dir.clone()),
         programs: enforcement.programs.iter().map(ProgramView::from).collect(),
-        counters: enforcement.counters().into(),
-        pending_origins: enforcement.pending_len(),
+        counters: Some(enforcement.counters().into()),
+        pending_origins: Some(enforcement.pending_len()),
         targets: proxy
             .targets()
             .iter()
@@ -441,22 +484,103 @@ fn status(uid: u32, state: &ControlState) -> StatusReport {
             })
             .collect(),
         open_connections: proxy.registry.len(),
-        connections: proxy.registry.views(filter),
-        policy: state.policies.status(),
-        audit: {
-            let audit = proxy.audit();
-            let failure = audit.write_failure();
-            AuditWriteStatus {
-                writable: failure.is_none(),
-                on_write_failure: match audit.on_write_failure() {
-                    crate::config::OnWriteFailure::Refuse => "refuse",
-                    crate::config::OnWriteFailure::KeepEnforcing => "keep_enforcing",
-                }
-                .to_string(),
-                failure: failure.filter(|_| uid == 0),
-            }
-        },
+        connections: proxy.registry.views(None),
+        policy: Some(state.policies.status()),
+        audit: audit_write_status(proxy, true),
     }
+}
+
+/// Anyone else's view: what they may use and what they have open. The targets are those
+/// the connect policy permits (or would after approval) for the identity their uid has
+/// now, asked as this very process; upstream addresses, the host's enforcement details and
+/// how policy is written stay with root.
+fn user_status(peer: Peer, state: &ControlState) -> StatusReport {
+    let proxy = &state.proxy;
+    let origin = crate::proxy::Origin {
+        pid: peer.pid,
+        tid: peer.pid,
+        uid: peer.uid,
+        gid: peer.gid,
+        comm: std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
+            .map(|c| c.trim_end().to_string())
+            .unwrap_or_default(),
+        cgroup_id: 0,
+        netns_cookie: 0,
+        socket_cookie: 0,
+        destination: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        target_id: 0,
+    };
+    let (targets, identity_error) = match state.identity.resolve(&origin) {
+        Ok(identity) => {
+            let permitted = proxy
+                .targets()
+                .iter()
+                .filter(|t| {
+                    let decision = state
+                        .policies
+                        .decide(&crate::policy::connect_request(&identity, t, &origin));
+                    !matches!(decision.effect, portcullis_policy::Effect::Deny)
+                })
+                .map(|t| TargetView {
+                    name: t.name.clone(),
+                    protocol: t.protocol.to_string(),
+                    address: t.address.to_string(),
+                    port: t.port,
+                    upstream: None,
+                })
+                .collect();
+            (permitted, None)
+        }
+        Err(why) => (Vec::new(), Some(why)),
+    };
+    let mut connections = proxy.registry.views(Some(peer.uid));
+    for c in &mut connections {
+        c.upstream = None;
+    }
+    StatusReport {
+        agent_pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_ms: state.started_ms,
+        viewer_uid: peer.uid,
+        insecure: insecure_settings(proxy),
+        identity_error,
+        cgroup: None,
+        pin_dir: None,
+        programs: Vec::new(),
+        counters: None,
+        pending_origins: None,
+        targets,
+        open_connections: connections.len(),
+        connections,
+        policy: None,
+        audit: audit_write_status(proxy, false),
+    }
+}
+
+/// Everyone learns whether the trail is written (it decides whether their connections are
+/// refused); only root gets the error, which names paths.
+fn audit_write_status(proxy: &Proxy, root: bool) -> AuditWriteStatus {
+    let audit = proxy.audit();
+    let failure = audit.write_failure();
+    AuditWriteStatus {
+        writable: failure.is_none(),
+        on_write_failure: match audit.on_write_failure() {
+            crate::config::OnWriteFailure::Refuse => "refuse",
+            crate::config::OnWriteFailure::KeepEnforcing => "keep_enforcing",
+        }
+        .to_string(),
+        failure: failure.filter(|_| root),
+    }
+}
+
+fn insecure_settings(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .config()
+        .insecure
+        .enabled()
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 /// Client side: sends one request and reads the answer.

@@ -290,7 +290,10 @@ impl Enforcement {
         host_netns_cookie: u64,
     ) -> Result<(Self, Option<KernelLogger>), EbpfError> {
         let pin_dir = config.pin_dir();
-        std::fs::create_dir_all(&pin_dir)
+        // Root only, whatever the umask: whoever may unlink a pinned link detaches it once
+        // the agent is gone.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&pin_dir)
             .map_err(io_err(format!("creating {}", pin_dir.display())))?;
         let readopting = pin_dir.join(programs::CONNECT4).exists();
         if readopting {
@@ -423,7 +426,8 @@ impl Enforcement {
 
         // Maps are pinned for inspection (bpftool, tests); the programs hold them either way.
         let maps_dir = pin_dir.join("maps");
-        std::fs::create_dir_all(&maps_dir)
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&maps_dir)
             .map_err(io_err(format!("creating {}", maps_dir.display())))?;
         for name in [
             names::TARGETS,

@@ -102,7 +102,9 @@ pub struct ConnectionView {
     pub comm: String,
     pub destination: SocketAddr,
     pub client: SocketAddr,
-    pub upstream: SocketAddr,
+    /// Where the agent connected; shown to root only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<SocketAddr>,
     pub bytes_client_to_upstream: u64,
     pub bytes_upstream_to_client: u64,
 }
@@ -125,7 +127,7 @@ impl Connection {
             comm: self.origin.comm.clone(),
             destination: self.origin.destination,
             client: self.client,
-            upstream: self.upstream,
+            upstream: Some(self.upstream),
             bytes_client_to_upstream: self.bytes.client_to_upstream.load(Ordering::Relaxed),
             bytes_upstream_to_client: self.bytes.upstream_to_client.load(Ordering::Relaxed),
         }

@@ -88,6 +88,14 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Sets the process's umask and returns the previous one; tests prove that state files do
+/// not depend on it.
+#[cfg(test)]
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask cannot fail and touches no memory; it changes only the process's mask.
+    unsafe { libc::umask(mask) }
+}
+
 /// Registers the kernel log reader with the tokio reactor.
 pub fn async_kernel_log(
     logger: crate::ebpf::KernelLogger,

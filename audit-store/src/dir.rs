@@ -5,6 +5,7 @@ use crate::error::StoreError;
 use crate::format::{encode_seal_line, parse_line, Line, Seal};
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 const SEGMENT_PREFIX: &str = "segment-";
@@ -99,7 +100,19 @@ pub(crate) fn write_anchor(dir: &Path, seal: &Seal) -> Result<(), StoreError> {
     let tmp = dir.join(ANCHOR_TMP_FILE);
     let mut line = Vec::new();
     encode_seal_line(&mut line, seal);
-    let mut file = File::create(&tmp).map_err(StoreError::io(&tmp, "create anchor"))?;
+    // A temporary file left by a crash is replaced, not reused with whatever mode it has.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(StoreError::io(&tmp, "remove stale anchor")(e))
+        }
+        _ => {}
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::store::FILE_MODE)
+        .open(&tmp)
+        .map_err(StoreError::io(&tmp, "create anchor"))?;
     file.write_all(&line)
         .and_then(|()| file.sync_all())
         .map_err(StoreError::io(&tmp, "write anchor"))?;

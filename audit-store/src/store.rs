@@ -17,9 +17,15 @@ use ed25519_dalek::SigningKey;
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Modes of what the store creates, whatever the umask: the trail holds statements and
+/// identities, so only the owner reads it.
+pub(crate) const DIR_MODE: u32 = 0o700;
+pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// Milliseconds since the Unix epoch. Injected so that rotation by age can be tested.
 pub trait Clock: Send + Sync {
@@ -246,12 +252,18 @@ impl Store {
     /// The notes say what was repaired; the caller should record each as an audit event.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<IntegrityNote>), StoreError> {
         opts.validate()?;
-        fs::create_dir_all(dir).map_err(StoreError::io(dir, "create directory"))?;
+        // The trail is for root (and whoever root lets read it), never for the umask to decide.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(StoreError::io(dir, "create directory"))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(&lock_path)
             .map_err(StoreError::io(&lock_path, "open lock file"))?;
         match lock.try_lock() {
@@ -638,6 +650,7 @@ impl Store {
         let file = OpenOptions::new()
             .append(true)
             .create_new(true)
+            .mode(FILE_MODE)
             .open(&path)
             .map_err(StoreError::io(&path, "create segment"))?;
         // The new name must be durable before any record in it is acknowledged.
@@ -888,6 +901,7 @@ fn quarantine_tail(
     let mut out = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(FILE_MODE)
         .open(&side)
         .map_err(StoreError::io(&side, "create quarantine file"))?;
     out.write_all(&tail)

@@ -98,6 +98,13 @@ fn measure_central(bin: &Path, config: &Path) -> Result<()> {
     let (head, tail) = base
         .split_once("[[target]]")
         .context("bench config has no target")?;
+    // The bench's PostgreSQL listens on loopback without TLS, which the agent refuses unless
+    // the config allows plaintext on loopback.
+    let head = head.replacen(
+        "unix_identity_only = true\n",
+        "unix_identity_only = true\nallow_plaintext_loopback = true\n",
+        1,
+    );
     std::fs::write(
         &central,
         format!(

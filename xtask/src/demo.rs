@@ -51,8 +51,10 @@ keep_last = 4
 /// The demo database's role; its password lives only in the agent's credentials file.
 const DB_PASSWORD: &str = "demo-app-password";
 
-const DEMO_DIR: &str = "/tmp/portcullis-demo";
-const SOCKET: &str = "/tmp/portcullis-demo/control.sock";
+/// In /run, where only root creates entries: a user cannot have made it first and planted
+/// policies, credentials or a state directory of their own (as in /tmp).
+const DEMO_DIR: &str = "/run/portcullis-demo";
+const SOCKET: &str = "/run/portcullis-demo/control.sock";
 const SERVER: &str = "127.0.0.80:8080";
 const CGROUP: &str = "portcullis-demo";
 
@@ -61,8 +63,7 @@ pub fn run(bin: &Path) -> Result<()> {
         bail!("the demo attaches eBPF programs and needs root");
     }
     let cgroup = crate::cgroup2_root()?.join(CGROUP);
-    let _ = std::fs::remove_dir_all(DEMO_DIR);
-    std::fs::create_dir_all(DEMO_DIR)?;
+    fresh_demo_dir(Path::new(DEMO_DIR))?;
 
     step(&format!(
         "starting a small web server on {SERVER} (the protected destination)"
@@ -122,7 +123,9 @@ pub fn run(bin: &Path) -> Result<()> {
         format!(
             "{demo}\n[[target]]\nname = \"demo-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {}\nlabels = {{ environment = \"demo\" }}\n\
              [target.postgres]\nca_file = \"{}\"\ncredentials_file = \"{}\"\n\
-             [identity]\nissuer = \"{}\"\n",
+             [identity]\nissuer = \"{}\"\n\
+             # The demo's provider serves plain http on loopback.\n\
+             [insecure]\nallow_plaintext_loopback = true\n",
             pg.port(),
             pg.ca_pem_path().display(),
             credentials.display(),
@@ -406,6 +409,35 @@ fn demo_steps(
     Ok(())
 }
 
+/// Empties (or creates) the demo's directory: root's own, 0711 so that `nobody` reaches the
+/// control socket and the CA copy by name but lists and writes nothing. A directory that is
+/// not root's, or a symlink, is refused rather than reused or removed: its owner may have
+/// put policies or a state directory of their own in it.
+fn fresh_demo_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() || !meta.is_dir() => {
+            bail!("refusing to use {}: it is not a directory", dir.display())
+        }
+        Ok(meta) if meta.uid() != 0 => bail!(
+            "refusing to use {}: it is owned by uid {}, not root, who may have put policies in it; remove it yourself",
+            dir.display(),
+            meta.uid()
+        ),
+        Ok(_) => std::fs::remove_dir_all(dir)
+            .with_context(|| format!("emptying {}", dir.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+    // Not recursive: the parent must already exist, and is not ours to create.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    Ok(())
+}
+
 /// The agent's audit trail as NDJSON (`portcullis audit export`).
 fn export_events(bin: &Path) -> String {
     Command::new(bin)
@@ -468,4 +500,57 @@ fn answer(mut stream: TcpStream) -> std::io::Result<()> {
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn the_demo_directory_is_roots_own_and_a_planted_one_is_refused() {
+        let base = std::env::temp_dir().join(format!("portcullis-demo-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir(&base).unwrap();
+        let dir = base.join("demo");
+
+        // Planted by someone else, with their own policies.
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("planted.cedar"),
+            "permit (principal, action, resource);",
+        )
+        .unwrap();
+        let root = std::fs::metadata(&base).unwrap().uid() == 0;
+        if root {
+            std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        }
+        if !root || std::fs::metadata(&dir).unwrap().uid() != 0 {
+            let err = fresh_demo_dir(&dir).unwrap_err().to_string();
+            assert!(err.contains("not root"), "{err}");
+            assert!(
+                dir.join("planted.cedar").exists(),
+                "a refused directory is left alone"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // A symlink to somewhere else.
+        std::os::unix::fs::symlink(&base, &dir).unwrap();
+        let err = fresh_demo_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        std::fs::remove_file(&dir).unwrap();
+
+        if root {
+            // Root's own: emptied and recreated 0711.
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("old"), "").unwrap();
+            fresh_demo_dir(&dir).unwrap();
+            let meta = std::fs::metadata(&dir).unwrap();
+            assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (0, 0o711));
+            assert!(!dir.join("old").exists());
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

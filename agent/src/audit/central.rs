@@ -765,9 +765,22 @@ mod tests {
     fn central_config_validation_table() {
         let cases: &[(&str, Option<&str>)] = &[
             ("url = \"postgres://a@db.example/x\"", None),
-            ("url = \"postgres://a@127.0.0.1:5432/x\"\ntls = \"disable\"", None),
-            ("url = \"postgres://a@localhost/x\"\ntls = \"disable\"", None),
-            ("url = \"postgres://a@%2Frun%2Fpostgresql/x\"\ntls = \"disable\"", None),
+            (
+                "url = \"postgres://a@127.0.0.1:5432/x\"\ntls = \"disable\"\n[insecure]\nallow_plaintext_loopback = true",
+                None,
+            ),
+            (
+                "url = \"postgres://a@localhost/x\"\ntls = \"disable\"\n[insecure]\nallow_plaintext_loopback = true",
+                None,
+            ),
+            (
+                "url = \"postgres://a@%2Frun%2Fpostgresql/x\"\ntls = \"disable\"\n[insecure]\nallow_plaintext_loopback = true",
+                None,
+            ),
+            (
+                "url = \"postgres://a@127.0.0.1:5432/x\"\ntls = \"disable\"",
+                Some("audit.central.tls: \"disable\" (TCP or a Unix socket) on loopback is accepted only with `insecure.allow_plaintext_loopback = true`"),
+            ),
             (
                 "url = \"postgres://a@db.example/x\"\ntls = \"disable\"",
                 Some("audit.central.url: tls = \"disable\" is accepted for loopback hosts only"),

@@ -8,7 +8,7 @@ pub mod central;
 pub mod query;
 mod queue;
 pub mod siem;
-mod spool;
+pub(crate) mod spool;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -589,13 +589,16 @@ impl AuditLog {
             ..Default::default()
         };
         let opts = options();
-        std::fs::create_dir_all(dir).map_err(|e| {
-            store_err(portcullis_audit_store::StoreError::Io {
-                path: dir.to_path_buf(),
-                op: "creating the directory",
-                source: e,
-            })
-        })?;
+        // 0700 whatever the umask, and so is every missing parent (the state directory).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)
+            .map_err(|e| {
+                store_err(portcullis_audit_store::StoreError::Io {
+                    path: dir.to_path_buf(),
+                    op: "creating the directory",
+                    source: e,
+                })
+            })?;
         let (store, notes) = portcullis_audit_store::Store::open(dir, opts).map_err(store_err)?;
         let notes = notes.iter().map(ToString::to_string).collect();
         let queue = std::sync::Arc::new(queue::Queue::new(QUEUE, BATCH));

@@ -714,15 +714,15 @@ mod tests {
     fn siem_config_validation_table() {
         let cases: &[(&str, Option<&str>)] = &[
             (
-                "[audit.syslog]\naddress = \"127.0.0.1:514\"\ntls = \"disable\"\n",
+                "[audit.syslog]\naddress = \"127.0.0.1:514\"\ntls = \"disable\"\n[insecure]\nallow_plaintext_loopback = true\n",
                 None,
             ),
             (
-                "[audit.syslog]\naddress = \"[::1]:514\"\ntls = \"disable\"\n",
+                "[audit.syslog]\naddress = \"[::1]:514\"\ntls = \"disable\"\n[insecure]\nallow_plaintext_loopback = true\n",
                 None,
             ),
             (
-                "[audit.syslog]\naddress = \"localhost:514\"\ntls = \"disable\"\n",
+                "[audit.syslog]\naddress = \"localhost:514\"\ntls = \"disable\"\n[insecure]\nallow_plaintext_loopback = true\n",
                 None,
             ),
             (
@@ -745,8 +745,22 @@ mod tests {
                 "[audit.syslog]\naddress = \"siem.example:6514\"\nport = 1\n",
                 Some("unknown field `port`"),
             ),
-            ("[audit.webhook]\nurl = \"http://127.0.0.1:8080/x\"\n", None),
-            ("[audit.webhook]\nurl = \"http://[::1]:8080/x\"\n", None),
+            (
+                "[audit.webhook]\nurl = \"http://127.0.0.1:8080/x\"\n[insecure]\nallow_plaintext_loopback = true\n",
+                None,
+            ),
+            (
+                "[audit.webhook]\nurl = \"http://[::1]:8080/x\"\n[insecure]\nallow_plaintext_loopback = true\n",
+                None,
+            ),
+            (
+                "[audit.webhook]\nurl = \"http://127.0.0.1:8080/x\"\n",
+                Some("audit.webhook.url: plain http on loopback is accepted only with `insecure.allow_plaintext_loopback = true`"),
+            ),
+            (
+                "[audit.syslog]\naddress = \"127.0.0.1:514\"\ntls = \"disable\"\n",
+                Some("audit.syslog.tls: \"disable\" on loopback is accepted only with `insecure.allow_plaintext_loopback = true`"),
+            ),
             (
                 "[audit.webhook]\nurl = \"http://siem.example/ingest\"\n",
                 Some("audit.webhook.url: must use https (plain http is accepted on loopback only)"),

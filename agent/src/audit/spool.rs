@@ -44,8 +44,19 @@ pub(crate) async fn open_reader(
 /// the new seq, never a torn one.
 pub(crate) fn write_progress(path: &Path, seq: u64) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    // Only root may move a shipper's progress: a forward jump would skip records and let
+    // retention delete them unshipped. A leftover temporary file is replaced, never reused.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     writeln!(file, "{seq}")?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;

@@ -298,10 +298,7 @@ impl IdentityService {
             });
         }
         let sessions_dir = config.state_dir.join("sessions");
-        std::fs::create_dir_all(&sessions_dir)
-            .map_err(io(format!("creating {}", sessions_dir.display())))?;
-        std::fs::set_permissions(&sessions_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io(format!("securing {}", sessions_dir.display())))?;
+        create_sessions_dir(&sessions_dir)?;
         let sessions = load_sessions(&sessions_dir);
         if !sessions.is_empty() {
             tracing::info!(
@@ -860,6 +857,28 @@ fn read_secret_file(path: &Path) -> Result<Secret, IdentityError> {
     Ok(Secret::new(text.trim().to_string()))
 }
 
+/// `<state_dir>/sessions`, 0700 whatever the umask (and so is a missing state directory).
+/// One that is not the agent's own is refused: whoever owns it could plant a login for any
+/// uid.
+fn create_sessions_dir(dir: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("creating {}", dir.display())))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(io(format!("reading {}", dir.display())))?;
+    let agent = crate::sys::effective_uid();
+    if !meta.is_dir() || meta.uid() != agent {
+        return Err(IdentityError::Config(format!(
+            "{} is not a directory owned by uid {agent} (the agent); it holds every login, so remove it and let the agent create it",
+            dir.display()
+        )));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("securing {}", dir.display())))
+}
+
 fn session_path(dir: &Path, uid: u32) -> PathBuf {
     dir.join(format!("{uid}.json"))
 }
@@ -868,10 +887,14 @@ fn save_session(dir: &Path, s: &Session) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = dir.join(format!(".{}.json.tmp", s.uid));
     let data = serde_json::to_vec(s).map_err(std::io::Error::other)?;
+    // A temporary file left by a crash is replaced, never reused with whatever mode it has.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .write(true)
-        .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
     f.write_all(&data)?;
@@ -931,6 +954,126 @@ mod tests {
             Some("https://ci.example")
         );
         assert_eq!(unverified_issuer("garbage"), None);
+    }
+
+    /// Every directory and file of the agent's state gets its mode from the code, not the
+    /// umask: under umask 0 nothing becomes readable, or writable, by others.
+    #[test]
+    fn state_files_and_directories_ignore_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        const NAME: &str = "identity::tests::state_files_and_directories_ignore_the_umask";
+        const CHILD: &str = "PORTCULLIS_TEST_UMASK_0";
+        if std::env::var_os(CHILD).is_none() {
+            // The umask belongs to the whole process: change it in a child that runs this
+            // test alone, never beside the others.
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([NAME, "--exact", "--test-threads=1", "--nocapture"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        struct Restore(u32);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                crate::sys::set_umask(self.0);
+            }
+        }
+        let _restore = Restore(crate::sys::set_umask(0));
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+
+        // Sessions, in a state directory that does not exist yet.
+        let state = root.path().join("state");
+        let sessions = state.join("sessions");
+        create_sessions_dir(&sessions).unwrap();
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&sessions), 0o700);
+        std::fs::write(sessions.join(".1234.json.tmp"), "left by a crash").unwrap();
+        std::fs::set_permissions(
+            sessions.join(".1234.json.tmp"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        let s = Session {
+            uid: 1234,
+            kind: IdentityKind::User,
+            subject: "alice".into(),
+            email: None,
+            name: None,
+            groups: Vec::new(),
+            issuer: "https://idp".into(),
+            expires_at: now_secs() + 100,
+            logged_in_at: now_secs(),
+            refresh_token: Some(Secret::new("r".into())),
+            last_refresh_attempt: 0,
+            refresh_failing: false,
+        };
+        save_session(&sessions, &s).unwrap();
+        assert_eq!(mode(&session_path(&sessions, 1234)), 0o600);
+
+        // A shipper's progress file.
+        let progress = state.join("audit-shipped");
+        crate::audit::spool::write_progress(&progress, 7).unwrap();
+        assert_eq!(mode(&progress), 0o600);
+
+        // The audit store as the agent opens it, in a state directory of its own.
+        let state2 = root.path().join("state2");
+        let audit_dir = state2.join("audit");
+        let (log, _) =
+            crate::audit::AuditLog::open(&Default::default(), &audit_dir, Vec::new()).unwrap();
+        drop(log);
+        assert_eq!(mode(&state2), 0o700);
+        assert_eq!(mode(&audit_dir), 0o700);
+        // Its segments, seals, anchor (written when retention prunes) and lock file.
+        let store_dir = root.path().join("a/b/store");
+        let (mut store, _) =
+            portcullis_audit_store::Store::open(&store_dir, Default::default()).unwrap();
+        store.append(br#"{"n":1}"#).unwrap();
+        store.seal_current().unwrap();
+        store.append(br#"{"n":2}"#).unwrap();
+        let retention = portcullis_audit_store::Retention {
+            max_age_ms: None,
+            max_total_bytes: Some(0),
+        };
+        let pruned = store.prune(&retention, u64::MAX, u64::MAX / 2).unwrap();
+        assert_eq!(pruned.deleted.len(), 1, "{pruned:?}");
+        drop(store);
+        assert_eq!(mode(&root.path().join("a")), 0o700);
+        let mut files = 0;
+        for entry in std::fs::read_dir(&store_dir).unwrap() {
+            let path = entry.unwrap().path();
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+            files += 1;
+        }
+        assert!(
+            store_dir.join("anchor.jsonl").exists() && files >= 3,
+            "lock, anchor and a segment"
+        );
+    }
+
+    #[test]
+    fn a_sessions_directory_someone_else_owns_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let sessions = root.path().join("sessions");
+        std::fs::create_dir(&sessions).unwrap();
+        if crate::sys::effective_uid() == 0 {
+            std::os::unix::fs::chown(&sessions, Some(65534), Some(65534)).unwrap();
+            let err = create_sessions_dir(&sessions).unwrap_err().to_string();
+            assert!(err.contains("not a directory owned by uid 0"), "{err}");
+            std::os::unix::fs::chown(&sessions, Some(0), Some(0)).unwrap();
+        }
+        create_sessions_dir(&sessions).unwrap();
+        std::fs::remove_dir(&sessions).unwrap();
+        std::os::unix::fs::symlink(root.path(), &sessions).unwrap();
+        let err = create_sessions_dir(&sessions).unwrap_err().to_string();
+        assert!(err.contains("not a directory owned by"), "{err}");
     }
 
     #[test]
