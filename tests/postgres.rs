@@ -1724,6 +1724,235 @@ fn replication_connections_need_a_replicate_permit() {
     });
 }
 
+/// Masking by column name follows the column a value is read from, not its label: aliases,
+/// subqueries, CTEs and their column lists, a table's column alias list, LATERAL, views,
+/// cursors, prepared statements and RETURNING lists. Functions that run SQL given as text
+/// are refused under column rules unless the profile allows them. One row per form, as the
+/// masked user (psql); every failing row is reported.
+#[test]
+fn masking_survives_renames_and_sql_in_text() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-mask-rename", 105);
+    let emails: &[&str] = &["ada@example.com", "bob@example.com"];
+    let cards: &[&str] = &["4111 1111 1111 1111", "5500-0000-0000-0004"];
+    let refused: &[&str] = &["42501"];
+    // (statement, uid, what must not appear in stdout or stderr, what must appear)
+    let rows: &[(&str, u32, &[&str], &[&str])] = &[
+        // The issue's table.
+        ("SELECT email FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT email AS y FROM customers", ANALYST, emails, &["[redacted]"]),
+        (
+            "SELECT x FROM (SELECT email AS x FROM customers) s",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "WITH s AS (SELECT email AS e FROM customers) SELECT * FROM s",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // customers is (id, name, email, card, note): the alias list renames by position.
+        (
+            "SELECT e FROM customers AS c(i, n, e)",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT k, e FROM customers AS c(i, n, k, e)",
+            ANALYST,
+            emails,
+            &["[redacted]|"],
+        ),
+        (
+            "SELECT card AS x FROM customers ORDER BY id",
+            CARD_ANALYST,
+            cards,
+            &["***************1111"],
+        ),
+        (
+            "SELECT table_to_xml('customers', true, true, '')",
+            ANALYST,
+            emails,
+            &["42501", "table_to_xml"],
+        ),
+        (
+            "SELECT query_to_xml('select email from customers', true, true, '')",
+            ANALYST,
+            emails,
+            &["42501", "query_to_xml", "allow_sql_text_functions"],
+        ),
+        // Found while attacking it.
+        ("SELECT c.email z FROM customers c JOIN customers d ON d.id = c.id", ANALYST, emails, &["[redacted]"]),
+        ("SELECT * FROM (SELECT email FROM customers) AS s(z)", ANALYST, emails, &["[redacted]"]),
+        ("WITH s(e) AS (SELECT email FROM customers) SELECT e FROM s", ANALYST, emails, &["[redacted]"]),
+        (
+            "WITH s AS (SELECT * FROM customers), t AS (SELECT email AS m FROM s) SELECT m AS q FROM t",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT x FROM customers c, LATERAL (SELECT c.email AS x) s",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT z FROM (VALUES (1)) v(i) JOIN (SELECT id, email AS z FROM customers) s ON s.id >= v.i",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT email AS z FROM customers UNION ALL SELECT 'x'",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "SELECT z FROM (SELECT email AS z FROM customers UNION SELECT name FROM customers) s",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        ("SELECT (c).email FROM customers c", ANALYST, emails, &["[redacted]"]),
+        ("SELECT (c).email AS z FROM customers c", ANALYST, emails, &["[redacted]"]),
+        ("SELECT email COLLATE \"C\" AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT email::varchar AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("TABLE customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT * FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT to_json(email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT jsonb_build_object('e', email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT string_agg(email, ',') AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT array_agg(email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT format('%s', email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT CASE WHEN id > 0 THEN email END AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT COALESCE(email, '') AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT unnest(array[email]) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
+        ("SELECT z FROM customers, unnest(array[email]) AS u(z)", ANALYST, emails, &["[redacted]"]),
+        (
+            "BEGIN; DECLARE k CURSOR FOR SELECT email AS z FROM customers; FETCH ALL FROM k; COMMIT",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "PREPARE p AS SELECT email AS z FROM customers; EXECUTE p",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "BEGIN; UPDATE customers SET note = note WHERE id = 1 RETURNING email AS z; ROLLBACK",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // Views the analyst made (below), read under other labels.
+        ("SELECT how FROM contacts", ANALYST, emails, &["[redacted]"]),
+        (
+            "SELECT how AS again FROM contacts2",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        ("SELECT x FROM card_view", CARD_ANALYST, cards, &["1111"]),
+        (
+            "SELECT * FROM customers c JOIN LATERAL (SELECT c.email AS z) s ON true",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // A name rule without a detector, through the same renames.
+        (
+            "SELECT x FROM (SELECT card AS x FROM customers) s ORDER BY 1",
+            CARD_ANALYST,
+            cards,
+            &["1111"],
+        ),
+        ("SELECT * FROM customers AS c(a, b, d, x)", CARD_ANALYST, cards, &["1111"]),
+        // SQL given as text, in every spelling.
+        (
+            "SELECT * FROM pg_catalog.query_to_xml('select email from customers', true, true, '')",
+            ANALYST,
+            emails,
+            refused,
+        ),
+        (
+            "SELECT query_to_xml_and_xmlschema('select email from customers', true, true, '')",
+            ANALYST,
+            emails,
+            refused,
+        ),
+        (
+            "BEGIN; DECLARE k CURSOR FOR SELECT email FROM customers; SELECT cursor_to_xml('k', 10, true, true, ''); COMMIT",
+            ANALYST,
+            emails,
+            &["42501", "cursor_to_xml"],
+        ),
+        ("SELECT schema_to_xml('public', true, true, '')", ANALYST, emails, refused),
+        ("SELECT database_to_xml(true, true, '')", ANALYST, emails, refused),
+        (
+            "SELECT word FROM ts_stat('select to_tsvector(''simple'', email) from customers')",
+            ANALYST,
+            emails,
+            &["42501", "ts_stat"],
+        ),
+        // Allowed by the profile: its result goes through the profile's other rules.
+        (
+            "SELECT query_to_xml('select id from customers', true, true, '')",
+            CARD_ANALYST,
+            cards,
+            &["<id>2</id>"],
+        ),
+        (
+            "SELECT table_to_xml('customers', true, true, '')",
+            CARD_ANALYST,
+            cards,
+            &["42501", "table_to_xml"],
+        ),
+    ];
+    // Committed before they are read: the agent looks views up over a connection of its own,
+    // which does not see another transaction's uncommitted view (it then fails closed).
+    let out = f.psql(
+        ANALYST,
+        "app",
+        "require",
+        &[
+            "-c",
+            "CREATE VIEW contacts (who, how) AS SELECT name, email FROM customers; \
+             CREATE VIEW contacts2 AS SELECT email AS how FROM customers; \
+             CREATE VIEW card_view (x) AS SELECT card FROM customers",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut failures = Vec::new();
+    for (sql, uid, absent, present) in rows {
+        let out = f.psql(*uid, "app", "require", &["-c", sql]);
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        let leaked: Vec<&&str> = absent.iter().filter(|a| all.contains(**a)).collect();
+        let missing: Vec<&&str> = present.iter().filter(|p| !all.contains(**p)).collect();
+        if !leaked.is_empty() || !missing.is_empty() {
+            failures.push(format!(
+                "{sql} (uid {uid}): showed {leaked:?}, lacked {missing:?}:\n{all}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    // A refusal is a statement.denied event naming the function.
+    f.wait_event("statement.denied", |e| {
+        e["origin"]["uid"] == ANALYST
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("`table_to_xml` runs SQL given as text"))
+    });
+}
+
 /// A raw client (python3, no driver): sends a StartupMessage with the parameters given as a
 /// JSON list of pairs (order and duplicates kept), then one simple query. Prints one JSON
 /// line: `{"error": {field: value}}` for an ErrorResponse, or `{"key": [pid, secret],
@@ -2207,373 +2436,6 @@ fn the_client_encoding_cannot_change_to_one_that_hides_quotes() {
     assert!(err.contains("client_encoding = SJIS"), "{text}\n{err}");
 }
 
-/// Policies added for the DO-block test: a command forbidden wherever it appears, and SQL
-/// that cannot be read before it runs.
-const DO_POLICIES: &str = r#"
-@id("no-drop-table")
-forbid (principal, action == Portcullis::Action::"query", resource)
-when { context.command == "DROP TABLE" };
-
-@id("no-dynamic-sql")
-forbid (principal, action == Portcullis::Action::"query", resource)
-when { context.dynamic_sql };
-"#;
-
-/// Issue 15, item 5: a statement hidden in a DO block is decided like one sent on its own.
-/// `DROP TABLE scratch` was denied while `DO $$ BEGIN EXECUTE 'DROP TABLE scratch'; END $$`
-/// (class `do`, allowed by the broad permit) dropped the table.
-#[test]
-fn statements_inside_do_blocks_are_decided_like_top_level_ones() {
-    if !e2e_enabled() {
-        return;
-    }
-    let f = PgFixture::new("pg-do", 110);
-    f.pg.psql(
-        "app",
-        "SET ROLE app; CREATE TABLE scratch (id int); INSERT INTO scratch VALUES (1);",
-    );
-    let policy = &f.agent.status()["policy"];
-    let (generation, count) = (
-        policy["generation"].as_u64().unwrap(),
-        policy["policies"].as_u64().unwrap(),
-    );
-    let dir = f.agent.dir.path().join("policies");
-    std::fs::write(dir.join(".do.cedar.staged"), DO_POLICIES).unwrap();
-    std::fs::rename(dir.join(".do.cedar.staged"), dir.join("do.cedar")).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let p = f.agent.status()["policy"].clone();
-        assert!(p["last_error"].is_null(), "{p}");
-        if p["generation"].as_u64().unwrap() > generation
-            && p["policies"].as_u64() == Some(count + 2)
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no reload: {p}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let scratch_exists = || {
-        f.pg.psql("app", "SELECT to_regclass('public.scratch') IS NOT NULL")
-            .trim()
-            .to_owned()
-    };
-    let run = |sql: &str| f.psql(ENGINEER, "app", "require", &["-c", sql]);
-
-    // The statement on its own, then the same statement through EXECUTE of a constant, with
-    // the body in other quotings: each denied by the policy that names the command.
-    let out = run("DROP TABLE scratch");
-    assert!(stderr(&out).contains("42501"), "{}", stderr(&out));
-    for sql in [
-        "DO $$ BEGIN EXECUTE 'DROP TABLE scratch'; END $$",
-        "DO $body$ BEGIN IF true THEN BEGIN EXECUTE E'DROP TABLE \\x73cratch'; END; END IF; END $body$",
-        "DO LANGUAGE plpgsql 'BEGIN DROP TABLE scratch; EXCEPTION WHEN others THEN NULL; END'",
-    ] {
-        let out = run(sql);
-        let err = stderr(&out);
-        assert!(!out.status.success(), "{sql} ran");
-        assert!(
-            err.contains("42501") && err.contains("no-drop-table"),
-            "{sql}: {err}"
-        );
-        assert_eq!(scratch_exists(), "t", "{sql} dropped the table");
-    }
-
-    // A DO block that only reads runs, its notice included.
-    let out = run("DO $$ DECLARE n int; BEGIN PERFORM count(*) FROM scratch; \
-         SELECT count(*) INTO n FROM customers; RAISE NOTICE 'customers: %', n; END $$");
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("customers: 2"), "{}", stderr(&out));
-
-    // SQL built at run time cannot be decided in advance: the policy forbidding it refuses it.
-    for sql in [
-        "DO $$ BEGIN EXECUTE 'DROP ' || 'TABLE scratch'; END $$",
-        "DO $$ BEGIN EXECUTE format('DROP TABLE %I', 'scratch'); END $$",
-    ] {
-        let out = run(sql);
-        let err = stderr(&out);
-        assert!(
-            err.contains("42501") && err.contains("no-dynamic-sql"),
-            "{sql}: {err}"
-        );
-        assert_eq!(scratch_exists(), "t", "{sql} dropped the table");
-    }
-
-    // The trail names the inner statements: the denied DROP TABLE on its own, the DO block
-    // refused with it, and the reads of the block that ran.
-    let denied = f.wait_event("statement.denied", |e| {
-        e["policy_ids"]
-            .as_array()
-            .is_some_and(|ids| ids.iter().any(|id| id == "no-dynamic-sql"))
-    });
-    assert!(
-        denied.iter().any(|e| e["command"] == "DROP TABLE"
-            && e["statement"] == "DROP TABLE scratch"
-            && e["statement_class"] == "ddl"
-            && e["sqlstate"] == "42501"),
-        "{denied:#?}"
-    );
-    assert!(
-        denied.iter().any(|e| e["command"] == "DO"
-            && e["statement_class"] == "do"
-            && e["statement"]
-                .as_str()
-                .is_some_and(|s| s.contains("EXECUTE 'DROP TABLE scratch'"))),
-        "{denied:#?}"
-    );
-    // PL/pgSQL blanks `INTO n` out of the query it runs.
-    let executed = f.wait_event("statement.executed", |e| {
-        e["command"] == "SELECT"
-            && e["statement"].as_str().is_some_and(|s| {
-                s.starts_with("SELECT count(*) ") && s.ends_with(" FROM customers")
-            })
-    });
-    assert!(
-        executed
-            .iter()
-            .any(|e| e["statement"] == "SELECT count(*) FROM scratch"
-                && e["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("inside the DO block"))),
-        "{executed:#?}"
-    );
-    assert!(
-        executed
-            .iter()
-            .any(|e| e["command"] == "DO"
-                && e["tables"] == serde_json::json!(["customers", "scratch"])),
-        "{executed:#?}"
-    );
-}
-
-/// Masking by column name follows the column a value is read from, not its label: aliases,
-/// subqueries, CTEs and their column lists, a table's column alias list, LATERAL, views,
-/// cursors, prepared statements and RETURNING lists. Functions that run SQL given as text
-/// are refused under column rules unless the profile allows them. One row per form, as the
-/// masked user (psql); every failing row is reported.
-#[test]
-fn masking_survives_renames_and_sql_in_text() {
-    if !e2e_enabled() {
-        return;
-    }
-    let f = PgFixture::new("pg-mask-rename", 105);
-    let emails: &[&str] = &["ada@example.com", "bob@example.com"];
-    let cards: &[&str] = &["4111 1111 1111 1111", "5500-0000-0000-0004"];
-    let refused: &[&str] = &["42501"];
-    // (statement, uid, what must not appear in stdout or stderr, what must appear)
-    let rows: &[(&str, u32, &[&str], &[&str])] = &[
-        // The issue's table.
-        ("SELECT email FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT email AS y FROM customers", ANALYST, emails, &["[redacted]"]),
-        (
-            "SELECT x FROM (SELECT email AS x FROM customers) s",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        (
-            "WITH s AS (SELECT email AS e FROM customers) SELECT * FROM s",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        // customers is (id, name, email, card, note): the alias list renames by position.
-        (
-            "SELECT e FROM customers AS c(i, n, e)",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        (
-            "SELECT k, e FROM customers AS c(i, n, k, e)",
-            ANALYST,
-            emails,
-            &["[redacted]|"],
-        ),
-        (
-            "SELECT card AS x FROM customers ORDER BY id",
-            CARD_ANALYST,
-            cards,
-            &["***************1111"],
-        ),
-        (
-            "SELECT table_to_xml('customers', true, true, '')",
-            ANALYST,
-            emails,
-            &["42501", "table_to_xml"],
-        ),
-        (
-            "SELECT query_to_xml('select email from customers', true, true, '')",
-            ANALYST,
-            emails,
-            &["42501", "query_to_xml", "allow_sql_text_functions"],
-        ),
-        // Found while attacking it.
-        ("SELECT c.email z FROM customers c JOIN customers d ON d.id = c.id", ANALYST, emails, &["[redacted]"]),
-        ("SELECT * FROM (SELECT email FROM customers) AS s(z)", ANALYST, emails, &["[redacted]"]),
-        ("WITH s(e) AS (SELECT email FROM customers) SELECT e FROM s", ANALYST, emails, &["[redacted]"]),
-        (
-            "WITH s AS (SELECT * FROM customers), t AS (SELECT email AS m FROM s) SELECT m AS q FROM t",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        (
-            "SELECT x FROM customers c, LATERAL (SELECT c.email AS x) s",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        (
-            "SELECT z FROM (VALUES (1)) v(i) JOIN (SELECT id, email AS z FROM customers) s ON s.id >= v.i",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        (
-            "SELECT email AS z FROM customers UNION ALL SELECT 'x'",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        (
-            "SELECT z FROM (SELECT email AS z FROM customers UNION SELECT name FROM customers) s",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        ("SELECT (c).email FROM customers c", ANALYST, emails, &["[redacted]"]),
-        ("SELECT (c).email AS z FROM customers c", ANALYST, emails, &["[redacted]"]),
-        ("SELECT email COLLATE \"C\" AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT email::varchar AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("TABLE customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT * FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT to_json(email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT jsonb_build_object('e', email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT string_agg(email, ',') AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT array_agg(email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT format('%s', email) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT CASE WHEN id > 0 THEN email END AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT COALESCE(email, '') AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT unnest(array[email]) AS z FROM customers", ANALYST, emails, &["[redacted]"]),
-        ("SELECT z FROM customers, unnest(array[email]) AS u(z)", ANALYST, emails, &["[redacted]"]),
-        (
-            "BEGIN; DECLARE k CURSOR FOR SELECT email AS z FROM customers; FETCH ALL FROM k; COMMIT",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        (
-            "PREPARE p AS SELECT email AS z FROM customers; EXECUTE p",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        (
-            "BEGIN; UPDATE customers SET note = note WHERE id = 1 RETURNING email AS z; ROLLBACK",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        // Views the analyst made (below), read under other labels.
-        ("SELECT how FROM contacts", ANALYST, emails, &["[redacted]"]),
-        (
-            "SELECT how AS again FROM contacts2",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        ("SELECT x FROM card_view", CARD_ANALYST, cards, &["1111"]),
-        (
-            "SELECT * FROM customers c JOIN LATERAL (SELECT c.email AS z) s ON true",
-            ANALYST,
-            emails,
-            &["[redacted]"],
-        ),
-        // A name rule without a detector, through the same renames.
-        (
-            "SELECT x FROM (SELECT card AS x FROM customers) s ORDER BY 1",
-            CARD_ANALYST,
-            cards,
-            &["1111"],
-        ),
-        ("SELECT * FROM customers AS c(a, b, d, x)", CARD_ANALYST, cards, &["1111"]),
-        // SQL given as text, in every spelling.
-        (
-            "SELECT * FROM pg_catalog.query_to_xml('select email from customers', true, true, '')",
-            ANALYST,
-            emails,
-            refused,
-        ),
-        (
-            "SELECT query_to_xml_and_xmlschema('select email from customers', true, true, '')",
-            ANALYST,
-            emails,
-            refused,
-        ),
-        (
-            "BEGIN; DECLARE k CURSOR FOR SELECT email FROM customers; SELECT cursor_to_xml('k', 10, true, true, ''); COMMIT",
-            ANALYST,
-            emails,
-            &["42501", "cursor_to_xml"],
-        ),
-        ("SELECT schema_to_xml('public', true, true, '')", ANALYST, emails, refused),
-        ("SELECT database_to_xml(true, true, '')", ANALYST, emails, refused),
-        (
-            "SELECT word FROM ts_stat('select to_tsvector(''simple'', email) from customers')",
-            ANALYST,
-            emails,
-            &["42501", "ts_stat"],
-        ),
-        // Allowed by the profile: its result goes through the profile's other rules.
-        (
-            "SELECT query_to_xml('select id from customers', true, true, '')",
-            CARD_ANALYST,
-            cards,
-            &["<id>2</id>"],
-        ),
-        (
-            "SELECT table_to_xml('customers', true, true, '')",
-            CARD_ANALYST,
-            cards,
-            &["42501", "table_to_xml"],
-        ),
-    ];
-    // Committed before they are read: the agent looks views up over a connection of its own,
-    // which does not see another transaction's uncommitted view (it then fails closed).
-    let out = f.psql(
-        ANALYST,
-        "app",
-        "require",
-        &[
-            "-c",
-            "CREATE VIEW contacts (who, how) AS SELECT name, email FROM customers; \
-             CREATE VIEW contacts2 AS SELECT email AS how FROM customers; \
-             CREATE VIEW card_view (x) AS SELECT card FROM customers",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut failures = Vec::new();
-    for (sql, uid, absent, present) in rows {
-        let out = f.psql(*uid, "app", "require", &["-c", sql]);
-        let all = format!("{}{}", stdout(&out), stderr(&out));
-        let leaked: Vec<&&str> = absent.iter().filter(|a| all.contains(**a)).collect();
-        let missing: Vec<&&str> = present.iter().filter(|p| !all.contains(**p)).collect();
-        if !leaked.is_empty() || !missing.is_empty() {
-            failures.push(format!(
-                "{sql} (uid {uid}): showed {leaked:?}, lacked {missing:?}:\n{all}"
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    // A refusal is a statement.denied event naming the function.
-    f.wait_event("statement.denied", |e| {
-        e["origin"]["uid"] == ANALYST
-            && e["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("`table_to_xml` runs SQL given as text"))
-    });
-}
-
 /// Connection-closed events (the agent records the session as opened while it sets up
 /// the server side) whose reason contains `needle`.
 fn closed_with(f: &PgFixture, needle: &str) -> Vec<Value> {
@@ -2725,4 +2587,142 @@ fn the_server_rejects_a_scram_login_relayed_by_a_tls_impostor() {
         "the server itself refused the binding:\n{log}"
     );
     assert_eq!(server_logins(&f, "app"), logins, "{log}");
+}
+
+/// Policies added for the DO-block test: a command forbidden wherever it appears, and SQL
+/// that cannot be read before it runs.
+const DO_POLICIES: &str = r#"
+@id("no-drop-table")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.command == "DROP TABLE" };
+
+@id("no-dynamic-sql")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.dynamic_sql };
+"#;
+
+/// Issue 15, item 5: a statement hidden in a DO block is decided like one sent on its own.
+/// `DROP TABLE scratch` was denied while `DO $$ BEGIN EXECUTE 'DROP TABLE scratch'; END $$`
+/// (class `do`, allowed by the broad permit) dropped the table.
+#[test]
+fn statements_inside_do_blocks_are_decided_like_top_level_ones() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-do", 110);
+    f.pg.psql(
+        "app",
+        "SET ROLE app; CREATE TABLE scratch (id int); INSERT INTO scratch VALUES (1);",
+    );
+    let policy = &f.agent.status()["policy"];
+    let (generation, count) = (
+        policy["generation"].as_u64().unwrap(),
+        policy["policies"].as_u64().unwrap(),
+    );
+    let dir = f.agent.dir.path().join("policies");
+    std::fs::write(dir.join(".do.cedar.staged"), DO_POLICIES).unwrap();
+    std::fs::rename(dir.join(".do.cedar.staged"), dir.join("do.cedar")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let p = f.agent.status()["policy"].clone();
+        assert!(p["last_error"].is_null(), "{p}");
+        if p["generation"].as_u64().unwrap() > generation
+            && p["policies"].as_u64() == Some(count + 2)
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reload: {p}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let scratch_exists = || {
+        f.pg.psql("app", "SELECT to_regclass('public.scratch') IS NOT NULL")
+            .trim()
+            .to_owned()
+    };
+    let run = |sql: &str| f.psql(ENGINEER, "app", "require", &["-c", sql]);
+
+    // The statement on its own, then the same statement through EXECUTE of a constant, with
+    // the body in other quotings: each denied by the policy that names the command.
+    let out = run("DROP TABLE scratch");
+    assert!(stderr(&out).contains("42501"), "{}", stderr(&out));
+    for sql in [
+        "DO $$ BEGIN EXECUTE 'DROP TABLE scratch'; END $$",
+        "DO $body$ BEGIN IF true THEN BEGIN EXECUTE E'DROP TABLE \\x73cratch'; END; END IF; END $body$",
+        "DO LANGUAGE plpgsql 'BEGIN DROP TABLE scratch; EXCEPTION WHEN others THEN NULL; END'",
+    ] {
+        let out = run(sql);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{sql} ran");
+        assert!(
+            err.contains("42501") && err.contains("no-drop-table"),
+            "{sql}: {err}"
+        );
+        assert_eq!(scratch_exists(), "t", "{sql} dropped the table");
+    }
+
+    // A DO block that only reads runs, its notice included.
+    let out = run("DO $$ DECLARE n int; BEGIN PERFORM count(*) FROM scratch; \
+         SELECT count(*) INTO n FROM customers; RAISE NOTICE 'customers: %', n; END $$");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("customers: 2"), "{}", stderr(&out));
+
+    // SQL built at run time cannot be decided in advance: the policy forbidding it refuses it.
+    for sql in [
+        "DO $$ BEGIN EXECUTE 'DROP ' || 'TABLE scratch'; END $$",
+        "DO $$ BEGIN EXECUTE format('DROP TABLE %I', 'scratch'); END $$",
+    ] {
+        let out = run(sql);
+        let err = stderr(&out);
+        assert!(
+            err.contains("42501") && err.contains("no-dynamic-sql"),
+            "{sql}: {err}"
+        );
+        assert_eq!(scratch_exists(), "t", "{sql} dropped the table");
+    }
+
+    // The trail names the inner statements: the denied DROP TABLE on its own, the DO block
+    // refused with it, and the reads of the block that ran.
+    let denied = f.wait_event("statement.denied", |e| {
+        e["policy_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id == "no-dynamic-sql"))
+    });
+    assert!(
+        denied.iter().any(|e| e["command"] == "DROP TABLE"
+            && e["statement"] == "DROP TABLE scratch"
+            && e["statement_class"] == "ddl"
+            && e["sqlstate"] == "42501"),
+        "{denied:#?}"
+    );
+    assert!(
+        denied.iter().any(|e| e["command"] == "DO"
+            && e["statement_class"] == "do"
+            && e["statement"]
+                .as_str()
+                .is_some_and(|s| s.contains("EXECUTE 'DROP TABLE scratch'"))),
+        "{denied:#?}"
+    );
+    // PL/pgSQL blanks `INTO n` out of the query it runs.
+    let executed = f.wait_event("statement.executed", |e| {
+        e["command"] == "SELECT"
+            && e["statement"].as_str().is_some_and(|s| {
+                s.starts_with("SELECT count(*) ") && s.ends_with(" FROM customers")
+            })
+    });
+    assert!(
+        executed
+            .iter()
+            .any(|e| e["statement"] == "SELECT count(*) FROM scratch"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("inside the DO block"))),
+        "{executed:#?}"
+    );
+    assert!(
+        executed
+            .iter()
+            .any(|e| e["command"] == "DO"
+                && e["tables"] == serde_json::json!(["customers", "scratch"])),
+        "{executed:#?}"
+    );
 }

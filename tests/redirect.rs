@@ -271,18 +271,34 @@ fn normal_user_cannot_bypass_the_redirect() {
     let slot = Slot::new(5);
     let cg = TestCgroup::new("bypass");
     let alias = slot.v4_in(200, 9);
-    let _server = EchoServer::start(&[slot.v4(1), alias]);
+    let loopback4: SocketAddr = format!("127.0.0.1:{}", slot.server_port).parse().unwrap();
+    let _server = EchoServer::start(&[slot.v4(1), alias, loopback4, slot.v6_loopback()]);
     let cidr = format!("127.{}.0.0/16", slot.net);
     let agent = Agent::start(
         "bypass",
         slot,
         &cg,
-        &[Target {
-            name: "net",
-            address: &cidr,
-            port: slot.server_port,
-            upstream: None,
-        }],
+        &[
+            Target {
+                name: "net",
+                address: &cidr,
+                port: slot.server_port,
+                upstream: None,
+            },
+            // Where connects to the unspecified addresses land when the socket is unbound.
+            Target {
+                name: "loopback4",
+                address: "127.0.0.1",
+                port: slot.server_port,
+                upstream: None,
+            },
+            Target {
+                name: "loopback6",
+                address: "::1",
+                port: slot.server_port,
+                upstream: None,
+            },
+        ],
     );
     let probe = Probe {
         cgroup: &cg,
@@ -290,7 +306,37 @@ fn normal_user_cannot_bypass_the_redirect() {
         netns: None,
     };
     let bind = format!("127.{}.99.1:0", slot.net);
+    let port = slot.server_port;
+    let any4: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
+    let any6: SocketAddr = format!("[::]:{port}").parse().unwrap();
+    let any_mapped: SocketAddr = format!("[::ffff:0.0.0.0]:{port}").parse().unwrap();
+    // The kernel sends a connect to an unspecified address to the socket's bound address
+    // (IPv4, v4-mapped) or to loopback (unbound; and `::` always), after the hook ran.
+    let bound_protected = format!("127.{}.0.1:0", slot.net);
+    let bound_protected_mapped = format!("[::ffff:127.{}.0.1]:0", slot.net);
+    let bound_mapped_elsewhere = format!("[::ffff:127.{}.99.1]:0", slot.net);
     let cases: Vec<(&str, SocketAddr, Vec<&str>)> = vec![
+        ("0.0.0.0, unbound (goes to 127.0.0.1)", any4, vec![]),
+        (
+            "0.0.0.0 from a socket bound to a protected address",
+            any4,
+            vec!["--bind", &bound_protected],
+        ),
+        ("::, unbound (goes to ::1)", any6, vec![]),
+        ("::, bound to ::1", any6, vec!["--bind", "[::1]:0"]),
+        (
+            ":: from a socket bound to a v4-mapped address (goes to 127.0.0.1)",
+            any6,
+            vec!["--bind", &bound_mapped_elsewhere],
+        ),
+        ("::ffff:0.0.0.0, unbound", any_mapped, vec![]),
+        (
+            "::ffff:0.0.0.0 from a socket bound to a protected v4-mapped address",
+            any_mapped,
+            vec!["--bind", &bound_protected_mapped],
+        ),
+        ("0.0.0.0 non-blocking", any4, vec!["--nonblocking"]),
+        ("0.0.0.0 with TCP Fast Open", any4, vec!["--fastopen"]),
         (
             "another loopback alias in the protected CIDR",
             alias,
@@ -323,6 +369,12 @@ fn normal_user_cannot_bypass_the_redirect() {
     let opened = agent.wait_events("connection.opened", cases.len());
     assert_eq!(opened.len(), cases.len());
     assert!(opened.iter().all(|e| e["origin"]["uid"] == 41005));
+    // The record names where the connection really went, never the unspecified address.
+    for ev in &opened {
+        let dest = canonical(ev["origin"]["destination"].as_str().unwrap());
+        let ip: SocketAddr = dest.parse().unwrap();
+        assert!(!ip.ip().is_unspecified(), "{ev}");
+    }
 
     // The exemption mark cannot be set without CAP_NET_ADMIN.
     let mark = probe.run(&["setmark"]);

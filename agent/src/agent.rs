@@ -60,7 +60,24 @@ pub fn run(
     let postgres = crate::protocol::postgres::Shared::new(&config, &targets)
         .context("preparing the PostgreSQL targets")?
         .map(Arc::new);
-    let (enforcement, logger) = Enforcement::attach(&config, &targets, &cgroup, host_netns)?;
+    // A target's host is resolved before anything is attached: a name that resolves to
+    // nothing would protect nothing.
+    let resolved = Arc::new(crate::dns::ResolvedHosts::default());
+    let dns = if targets.iter().any(|t| t.host.is_some()) {
+        let resolver = crate::dns::HostResolver::new(&config.dns)?;
+        let schedule = runtime.block_on(crate::dns::resolve_all(&resolver, &targets, &resolved))?;
+        Some((resolver, schedule))
+    } else {
+        None
+    };
+    crate::listeners::warn_about_unprotected_listeners(&targets, &resolved);
+    let (enforcement, logger) = Enforcement::attach(
+        &config,
+        &targets,
+        Arc::clone(&resolved),
+        &cgroup,
+        host_netns,
+    )?;
     tracing::info!(
         config = %source.display(),
         cgroup = %cgroup.display(),
@@ -100,9 +117,10 @@ pub fn run(
         );
     }
     let config = Arc::new(config);
+    let targets = Arc::new(targets);
     let proxy = Proxy::new(
         Arc::clone(&config),
-        Arc::new(targets),
+        Arc::clone(&targets),
         Arc::new(enforcement),
         Arc::clone(&audit),
         Arc::clone(&identity),
@@ -138,6 +156,35 @@ pub fn run(
         // Stopped by `close_all`, after the drain, so the drain's events still get shipped.
         crate::audit::central::start(&config, &audit, &proxy.tasks, proxy.close_all.clone());
         crate::audit::siem::start(&config, &audit, &proxy.tasks, proxy.close_all.clone());
+        if let Some((resolver, schedule)) = dns {
+            let enforcing = Arc::clone(&proxy);
+            let audit = Arc::clone(&audit);
+            proxy.tasks.spawn(crate::dns::maintain(
+                resolver,
+                targets,
+                resolved,
+                schedule,
+                move |target, change, after| {
+                    enforcing
+                        .enforcement()
+                        .apply_address_change(target, change)?;
+                    let reason = format!(
+                        "host {} of target {} now resolves to {} (added: {}; removed: {})",
+                        target.host.as_deref().unwrap_or_default(),
+                        target.name,
+                        crate::dns::join(after),
+                        crate::dns::join(&change.added.iter().copied().collect()),
+                        crate::dns::join(&change.removed.iter().copied().collect()),
+                    );
+                    tracing::info!(target = %target.name, %reason, "protected addresses changed");
+                    let mut ev = AuditEvent::new(EventKind::TargetAddressesChanged).reason(reason);
+                    ev.target = Some(target.name.as_str().into());
+                    audit.record(ev);
+                    Ok(())
+                },
+                proxy.close_all.clone(),
+            ));
+        }
     });
 
     let control_listener = control::bind(&config.control.socket)?;

@@ -57,6 +57,34 @@ pub struct Config {
     /// Settings that weaken security, for labs and tests; the name says so.
     #[serde(default)]
     pub insecure: InsecureConfig,
+    /// How targets' `host` names are resolved.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// `[dns]`: the resolver for targets' `host` names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers (`ip:port`) to ask; empty: those of /etc/resolv.conf.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    /// A record is asked again no sooner than this, whatever its TTL says.
+    #[serde(default = "defaults::dns_min_ttl_secs")]
+    pub min_ttl_secs: u64,
+    /// ...and no later than this, so a long TTL cannot hide a change for a day.
+    #[serde(default = "defaults::dns_max_ttl_secs")]
+    pub max_ttl_secs: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            min_ttl_secs: defaults::dns_min_ttl_secs(),
+            max_ttl_secs: defaults::dns_max_ttl_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,8 +132,8 @@ pub struct LimitsConfig {
     /// Connections one uid may have open at once (start-up included).
     #[serde(default = "defaults::max_open_per_uid")]
     pub max_open_per_uid: usize,
-    /// Connections one uid may have in their protocol's start-up (a PostgreSQL client
-    /// that has not authenticated yet may hold one for 30 s).
+    /// PostgreSQL connections one uid may have in start-up: a client that has not finished
+    /// authenticating may hold one for 30 s. (Plain TCP has no start-up of the client's.)
     #[serde(default = "defaults::max_startup_per_uid")]
     pub max_startup_per_uid: usize,
     /// `portcullis login` device flows one uid may have waiting at once.
@@ -614,7 +642,16 @@ pub struct TargetConfig {
     pub name: Spanned<String>,
     pub protocol: Protocol,
     /// An IP address, a CIDR, or `any`.
-    pub address: Spanned<String>,
+    #[serde(default)]
+    pub address: Option<Spanned<String>>,
+    /// More addresses or CIDRs of the same service (its other interfaces, IPv6 beside
+    /// IPv4): a host reachable under an address that is not listed is not protected there.
+    #[serde(default)]
+    pub addresses: Vec<Spanned<String>>,
+    /// A DNS name: every A and AAAA record is protected, resolved at start, again when the
+    /// records' TTL runs out, and on SIGHUP.
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
     pub port: Spanned<u16>,
     /// Where to connect instead of the original destination (`ip:port`).
     #[serde(default)]
@@ -676,12 +713,37 @@ pub struct ProtectedTarget {
     pub id: u32,
     pub name: String,
     pub protocol: Protocol,
-    pub address: TargetAddress,
+    /// The configured addresses and CIDRs (`address` and `addresses`); a `host`'s
+    /// addresses change at run time and live in `crate::dns::ResolvedHosts`.
+    pub addresses: Vec<TargetAddress>,
+    /// The DNS name whose A and AAAA records are protected too.
+    pub host: Option<String>,
     pub port: u16,
     pub upstream: Option<SocketAddr>,
     pub labels: std::collections::BTreeMap<String, String>,
     /// Set exactly when `protocol` is `Postgres`.
     pub postgres: Option<std::sync::Arc<PostgresTargetConfig>>,
+}
+
+/// Addresses (configured, and resolved from `host`) one target may protect; the kernel's
+/// trie holds `MAX_TARGETS` entries in all.
+pub const MAX_ADDRESSES_PER_TARGET: usize = 64;
+
+impl ProtectedTarget {
+    /// Whether a configured address or CIDR of this target covers `ip` (a `host`'s
+    /// resolved addresses are asked of `crate::dns::ResolvedHosts`).
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        self.addresses.iter().any(|a| a.contains(ip))
+    }
+
+    /// The configured addresses and the host name, for status and logs.
+    pub fn describe_addresses(&self) -> String {
+        let mut parts: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
+        if let Some(host) = &self.host {
+            parts.push(format!("host {host}"));
+        }
+        parts.join(", ")
+    }
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 addresses for every decision we make.
@@ -714,6 +776,12 @@ mod defaults {
     }
     pub fn upstream_mark() -> u32 {
         0x5043_4c53
+    }
+    pub fn dns_min_ttl_secs() -> u64 {
+        5
+    }
+    pub fn dns_max_ttl_secs() -> u64 {
+        300
     }
     pub fn connect_timeout_secs() -> u64 {
         10
@@ -961,7 +1029,6 @@ impl Config {
     }
 
     fn validate(&self) -> Result<Vec<ProtectedTarget>, (std::ops::Range<usize>, String)> {
-        self.limits.validate().map_err(|m| (0..0, m))?;
         let mut out: Vec<ProtectedTarget> = Vec::with_capacity(self.targets.len());
         if self.targets.len() > portcullis_common::MAX_TARGETS as usize {
             return Err((
@@ -991,20 +1058,52 @@ impl Config {
                     format!("target[{i}].name: `{name}` is used twice"),
                 ));
             }
-            let address = TargetAddress::parse(t.address.get_ref())
-                .map_err(|m| (t.address.span(), format!("target[{i}].address: {m}")))?;
             let port = *t.port.get_ref();
             if port == 0 {
                 return Err((t.port.span(), format!("target[{i}].port: must be 1-65535")));
             }
-            if port == self.proxy.port
-                && (address.contains(IpAddr::V4(self.proxy.listen_ipv4))
-                    || address.contains(IpAddr::V6(self.proxy.listen_ipv6)))
-            {
+            let mut addresses = Vec::with_capacity(1 + t.addresses.len());
+            let listed = t
+                .address
+                .iter()
+                .map(|a| (a, "address"))
+                .chain(t.addresses.iter().map(|a| (a, "addresses")));
+            for (a, key) in listed {
+                let address = TargetAddress::parse(a.get_ref())
+                    .map_err(|m| (a.span(), format!("target[{i}].{key}: {m}")))?;
+                if port == self.proxy.port
+                    && (address.contains(IpAddr::V4(self.proxy.listen_ipv4))
+                        || address.contains(IpAddr::V6(self.proxy.listen_ipv6)))
+                {
+                    return Err((
+                        a.span(),
+                        format!(
+                            "target[{i}] covers the proxy's own listener (port {port}); that would redirect the proxy into itself"
+                        ),
+                    ));
+                }
+                if !addresses.contains(&address) {
+                    addresses.push(address);
+                }
+            }
+            let host = match &t.host {
+                None => None,
+                Some(h) => Some(
+                    crate::dns::validate_host_name(h.get_ref())
+                        .map_err(|m| (h.span(), format!("target[{i}].host: {m}")))?,
+                ),
+            };
+            if addresses.is_empty() && host.is_none() {
                 return Err((
-                    t.address.span(),
+                    t.name.span(),
+                    format!("target[{i}] `{name}`: give `address`, `addresses` or `host`"),
+                ));
+            }
+            if addresses.len() + usize::from(host.is_some()) > MAX_ADDRESSES_PER_TARGET {
+                return Err((
+                    t.name.span(),
                     format!(
-                        "target[{i}] covers the proxy's own listener (port {port}); that would redirect the proxy into itself"
+                        "target[{i}] `{name}`: at most {MAX_ADDRESSES_PER_TARGET} addresses per target"
                     ),
                 ));
             }
@@ -1043,7 +1142,8 @@ impl Config {
                 id,
                 name: name.to_string(),
                 protocol: t.protocol,
-                address,
+                addresses,
+                host,
                 port,
                 upstream,
                 labels: t.labels.clone(),
@@ -1493,10 +1593,47 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.len(), 4);
-        assert_eq!(t[1].address.to_string(), "127.1.0.0/16");
-        assert_eq!(t[2].address, TargetAddress::Any);
-        assert!(t[1].address.contains("::ffff:127.1.2.3".parse().unwrap()));
+        assert_eq!(t[1].addresses[0].to_string(), "127.1.0.0/16");
+        assert_eq!(t[2].addresses, vec![TargetAddress::Any]);
+        assert!(t[1].covers("::ffff:127.1.2.3".parse().unwrap()));
         assert_eq!(t[3].upstream, Some("[::1]:9000".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_target_lists_several_addresses_and_a_host() {
+        let t = parse(
+            "[[target]]\nname=\"db\"\nprotocol=\"tcp\"\naddress=\"127.0.0.9\"\n\
+             addresses=[\"127.0.0.10\", \"::1\", \"127.0.0.9\"]\nhost=\"DB1.Internal.\"\nport=80\n",
+        )
+        .unwrap();
+        assert_eq!(t[0].addresses.len(), 3, "the duplicate is kept once");
+        assert!(t[0].covers("::1".parse().unwrap()));
+        assert!(t[0].covers("127.0.0.10".parse().unwrap()));
+        assert!(!t[0].covers("127.0.0.11".parse().unwrap()));
+        assert_eq!(t[0].host.as_deref(), Some("db1.internal"));
+        let only_host =
+            parse("[[target]]\nname=\"db\"\nprotocol=\"tcp\"\nhost=\"db1.internal\"\nport=80\n")
+                .unwrap();
+        assert!(only_host[0].addresses.is_empty());
+    }
+
+    #[test]
+    fn bad_target_addresses_and_hosts_name_their_line() {
+        let err = parse(
+            "[[target]]\nname=\"db\"\nprotocol=\"tcp\"\nport=80\naddresses=[\"127.0.0.1\",\n  \"10.0.0.300\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("target[0].addresses"), "{err}");
+        assert!(err.contains("portcullis.toml:6:3"), "{err}");
+        for host in ["db_1.internal", "-db.internal", "a..b", "127.0.0.1", ""] {
+            let err = parse(&format!(
+                "[[target]]\nname=\"db\"\nprotocol=\"tcp\"\nport=80\nhost=\"{host}\"\n"
+            ))
+            .unwrap_err();
+            assert!(err.contains("target[0].host"), "{host}: {err}");
+        }
+        let err = parse("[[target]]\nname=\"db\"\nprotocol=\"tcp\"\nport=80\n").unwrap_err();
+        assert!(err.contains("`address`, `addresses` or `host`"), "{err}");
     }
 
     #[test]

@@ -478,7 +478,7 @@ fn status(state: &ControlState) -> StatusReport {
             .map(|t| TargetView {
                 name: t.name.clone(),
                 protocol: t.protocol.to_string(),
-                address: t.address.to_string(),
+                address: enforcement.describe_addresses(t),
                 port: t.port,
                 upstream: t.upstream.map(|u| u.to_string()),
             })

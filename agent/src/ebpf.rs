@@ -235,6 +235,10 @@ pub struct Enforcement {
     pub programs: Vec<AttachedProgram>,
     pending: Mutex<HashMap<MapData, TupleKey, OriginRecord>>,
     counters: PerCpuArray<MapData, u64>,
+    /// The protected-target trie, changed at run time when a target's host resolves anew.
+    trie: Mutex<TargetTrie>,
+    /// The addresses targets' hosts resolve to, as the trie holds them.
+    resolved: std::sync::Arc<crate::dns::ResolvedHosts>,
     // Held so the programs and remaining maps stay loaded for the agent's lifetime.
     _ebpf: Ebpf,
 }
@@ -286,6 +290,7 @@ impl Enforcement {
     pub fn attach(
         config: &Config,
         targets: &[ProtectedTarget],
+        resolved: std::sync::Arc<crate::dns::ResolvedHosts>,
         cgroup: &Path,
         host_netns_cookie: u64,
     ) -> Result<(Self, Option<KernelLogger>), EbpfError> {
@@ -333,17 +338,29 @@ impl Enforcement {
                 source,
             })?;
         }
-        {
+        // Maps are pinned for inspection (bpftool, tests); the programs hold them either way.
+        let maps_dir = pin_dir.join("maps");
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&maps_dir)
+            .map_err(io_err(format!("creating {}", maps_dir.display())))?;
+        let mut trie: TargetTrie = {
             let map = ebpf
-                .map_mut(names::TARGETS)
+                .take_map(names::TARGETS)
                 .ok_or(EbpfError::Missing(names::TARGETS))?;
-            let mut trie: LpmTrie<&mut MapData, [u8; TARGET_KEY_LEN], TargetValue> =
-                LpmTrie::try_from(map).map_err(|source| EbpfError::Map {
-                    name: names::TARGETS,
-                    source,
-                })?;
-            for t in targets {
-                let (prefix, addr) = trie_prefix(t);
+            pin_map(&map, &maps_dir, names::TARGETS)?;
+            LpmTrie::try_from(map).map_err(|source| EbpfError::Map {
+                name: names::TARGETS,
+                source,
+            })?
+        };
+        for t in targets {
+            let resolved_addresses = resolved.addresses(t.id);
+            let entries = t
+                .addresses
+                .iter()
+                .map(trie_prefix)
+                .chain(resolved_addresses.iter().map(|ip| exact_prefix(*ip)));
+            for (prefix, addr) in entries {
                 let key = Key::new(prefix, target_key_data(t.port, &addr));
                 trie.insert(
                     &key,
@@ -424,27 +441,9 @@ impl Enforcement {
             });
         }
 
-        // Maps are pinned for inspection (bpftool, tests); the programs hold them either way.
-        let maps_dir = pin_dir.join("maps");
-        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-            .create(&maps_dir)
-            .map_err(io_err(format!("creating {}", maps_dir.display())))?;
-        for name in [
-            names::TARGETS,
-            names::CONFIG,
-            names::PENDING_ORIGINS,
-            names::COUNTERS,
-        ] {
+        for name in [names::CONFIG, names::PENDING_ORIGINS, names::COUNTERS] {
             let map = ebpf.map(name).ok_or(EbpfError::Missing(name))?;
-            let pin = maps_dir.join(name);
-            let staging = maps_dir.join(format!("{name}_staged"));
-            let _ = std::fs::remove_file(&staging);
-            map.pin(&staging).map_err(|source| EbpfError::Pin {
-                path: staging.clone(),
-                source,
-            })?;
-            std::fs::rename(&staging, &pin)
-                .map_err(io_err(format!("renaming pin {}", staging.display())))?;
+            pin_map(map, &maps_dir, name)?;
         }
 
         let pending = ebpf
@@ -469,6 +468,8 @@ impl Enforcement {
                 programs: attached,
                 pending: Mutex::new(pending),
                 counters,
+                trie: Mutex::new(trie),
+                resolved,
                 _ebpf: ebpf,
             },
             logger,
@@ -484,6 +485,67 @@ impl Enforcement {
             tracing::warn!(error = %e, "could not delete a consumed origin record");
         }
         Some(origin)
+    }
+
+    /// The target's configured addresses, and what its host resolves to now.
+    pub fn describe_addresses(&self, target: &ProtectedTarget) -> String {
+        let described = target.describe_addresses();
+        match &target.host {
+            Some(_) => format!(
+                "{described} ({})",
+                crate::dns::join(&self.resolved.addresses(target.id))
+            ),
+            None => described,
+        }
+    }
+
+    /// Whether `target` protects `ip`: a configured address, or one its host resolves to.
+    pub fn protects(&self, target: &ProtectedTarget, ip: IpAddr) -> bool {
+        target.covers(ip) || self.resolved.covers(target.id, ip)
+    }
+
+    /// Puts a change of a target's resolved addresses into force: new addresses first, so
+    /// no moment protects fewer than both the old and the new set. An entry that another
+    /// target owns (a configured address equal to a resolved one) is left to it.
+    pub fn apply_address_change(
+        &self,
+        target: &ProtectedTarget,
+        change: &crate::dns::AddressChange,
+    ) -> Result<(), String> {
+        let mut trie = self.trie.lock().unwrap_or_else(|p| p.into_inner());
+        let key_of = |ip: IpAddr| {
+            let (prefix, addr) = exact_prefix(ip);
+            Key::new(prefix, target_key_data(target.port, &addr))
+        };
+        let value = TargetValue {
+            target_id: target.id,
+            flags: 0,
+        };
+        for ip in &change.added {
+            let key = key_of(*ip);
+            if let Ok(other) = trie.get(&key, 0) {
+                if other.target_id != target.id {
+                    tracing::warn!(target = %target.name, address = %ip, "the address is already protected by another target; left to it");
+                    continue;
+                }
+            }
+            trie.insert(&key, value, 0)
+                .map_err(|e| format!("protecting {ip}: {e}"))?;
+        }
+        for ip in &change.removed {
+            if target.covers(*ip) {
+                continue;
+            }
+            let key = key_of(*ip);
+            match trie.get(&key, 0) {
+                Ok(v) if v.target_id == target.id => {
+                    trie.remove(&key)
+                        .map_err(|e| format!("removing {ip}: {e}"))?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Entries waiting in the pending-origin map (idle: 0).
@@ -520,9 +582,29 @@ pub fn detach(pin_dir: &Path) -> Result<bool, EbpfError> {
     Ok(true)
 }
 
-/// The trie prefix and address of a target: port bits, padding bits, then address bits.
-fn trie_prefix(t: &ProtectedTarget) -> (u32, [u8; 16]) {
-    match t.address {
+type TargetTrie = LpmTrie<MapData, [u8; TARGET_KEY_LEN], TargetValue>;
+
+/// Pins a map under `maps_dir`, replacing an earlier agent's pin with one rename.
+fn pin_map(map: &aya::maps::Map, maps_dir: &Path, name: &'static str) -> Result<(), EbpfError> {
+    let pin = maps_dir.join(name);
+    let staging = maps_dir.join(format!("{name}_staged"));
+    let _ = std::fs::remove_file(&staging);
+    map.pin(&staging).map_err(|source| EbpfError::Pin {
+        path: staging.clone(),
+        source,
+    })?;
+    std::fs::rename(&staging, &pin).map_err(io_err(format!("renaming pin {}", staging.display())))
+}
+
+/// The trie prefix of one exact address.
+fn exact_prefix(ip: IpAddr) -> (u32, [u8; 16]) {
+    let ip = crate::config::canonical_ip(ip);
+    trie_prefix(&TargetAddress::Net(ipnet::IpNet::from(ip)))
+}
+
+/// The trie prefix and address of a target address: port bits, padding bits, then address bits.
+fn trie_prefix(address: &TargetAddress) -> (u32, [u8; 16]) {
+    match *address {
         TargetAddress::Any => (TARGET_PREFIX_PORT_BITS, [0u8; 16]),
         TargetAddress::Net(ipnet::IpNet::V4(n)) => (
             TARGET_PREFIX_PORT_BITS + V4_MAPPED_PREFIX_BITS + u32::from(n.prefix_len()),
@@ -593,28 +675,23 @@ mod tests {
         assert_eq!(parse_kernel_version("garbage"), None);
     }
 
-    fn target(address: &str) -> ProtectedTarget {
-        ProtectedTarget {
-            id: 0,
-            name: "t".into(),
-            protocol: crate::config::Protocol::Tcp,
-            address: TargetAddress::parse(address).unwrap(),
-            port: 5432,
-            upstream: None,
-            labels: Default::default(),
-            postgres: None,
-        }
+    fn address(address: &str) -> TargetAddress {
+        TargetAddress::parse(address).unwrap()
     }
 
     #[test]
     fn trie_prefixes_cover_port_then_address() {
-        assert_eq!(trie_prefix(&target("any")).0, 32);
-        assert_eq!(trie_prefix(&target("127.0.0.9")).0, 32 + 96 + 32);
+        assert_eq!(trie_prefix(&address("any")).0, 32);
+        assert_eq!(trie_prefix(&address("127.0.0.9")).0, 32 + 96 + 32);
         assert_eq!(
-            trie_prefix(&target("10.0.0.0/8")),
+            trie_prefix(&address("10.0.0.0/8")),
             (32 + 96 + 8, v4_mapped([10, 0, 0, 0]))
         );
-        assert_eq!(trie_prefix(&target("::1")).0, 32 + 128);
+        assert_eq!(trie_prefix(&address("::1")).0, 32 + 128);
+        assert_eq!(
+            exact_prefix("::ffff:127.0.0.9".parse().unwrap()),
+            trie_prefix(&address("127.0.0.9"))
+        );
     }
 
     #[test]

@@ -600,6 +600,14 @@ impl Proxy {
                 return;
             }
         };
+        if !self
+            .target_for(&origin)
+            .is_some_and(|t| t.protocol == Protocol::Postgres)
+        {
+            // Plain TCP has no start-up of the client's to stall: what remains before the
+            // connection opens is the agent's own upstream connect, bounded by its timeout.
+            admission.end_startup();
+        }
         if let Some(target) = self.target_for(&origin) {
             if target.protocol == Protocol::Postgres {
                 // PostgreSQL answers every refusal in its own protocol, so it takes the
@@ -822,7 +830,7 @@ impl Proxy {
         self.targets.iter().find(|t| {
             t.id == origin.target_id
                 && t.port == origin.destination.port()
-                && t.address.contains(origin.destination.ip())
+                && self.enforcement.protects(t, origin.destination.ip())
         })
     }
 

@@ -69,6 +69,9 @@ pub enum EventKind {
     PolicyReloaded,
     #[serde(rename = "policy.reload_failed")]
     PolicyReloadFailed,
+    /// A target's DNS host resolved to other addresses; the kernel protects the new set.
+    #[serde(rename = "target.addresses_changed")]
+    TargetAddressesChanged,
     /// The store was repaired at start (a torn tail from a crash was cut and kept aside).
     #[serde(rename = "audit.integrity")]
     AuditIntegrity,
