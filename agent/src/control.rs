@@ -524,7 +524,7 @@ fn user_status(peer: Peer, state: &ControlState) -> StatusReport {
                 .map(|t| TargetView {
                     name: t.name.clone(),
                     protocol: t.protocol.to_string(),
-                    address: t.address.to_string(),
+                    address: t.describe_addresses(),
                     port: t.port,
                     upstream: None,
                 })
