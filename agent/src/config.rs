@@ -1029,6 +1029,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<Vec<ProtectedTarget>, (std::ops::Range<usize>, String)> {
+        self.limits.validate().map_err(|m| (0..0, m))?;
         let mut out: Vec<ProtectedTarget> = Vec::with_capacity(self.targets.len());
         if self.targets.len() > portcullis_common::MAX_TARGETS as usize {
             return Err((
