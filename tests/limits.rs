@@ -344,47 +344,172 @@ impl Drop for PySession {
     }
 }
 
+/// A PostgreSQL server (role and database `app`) and an agent, not yet started, protecting
+/// it with the query policy; `limits` is appended to the agent's config.
+struct PgSetup {
+    pg: Postgres,
+    cg: TestCgroup,
+    agent: Agent,
+    _files: tempfile::TempDir,
+}
+
+impl PgSetup {
+    fn prepare(name: &str, slot: u8, limits: &str) -> Self {
+        let pg = Postgres::start_with(PgOptions {
+            tls: true,
+            ..PgOptions::default()
+        });
+        pg.create_role("app", APP_PASSWORD, PasswordAuth::Scram);
+        pg.create_database("app", Some("app"));
+        let files = tempfile::tempdir().unwrap();
+        let creds = files.path().join("credentials.toml");
+        std::fs::write(
+            &creds,
+            format!("[roles.app]\npassword = \"{APP_PASSWORD}\"\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let cg = TestCgroup::new(name);
+        let extra = format!(
+            "[insecure]\nunix_identity_only = true\n{limits}\
+             [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+             [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+            port = pg.port(),
+            ca = pg.ca_pem_path().display(),
+            creds = creds.display(),
+        );
+        let agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&extra), &[]);
+        std::fs::write(
+            agent.dir.path().join("policies").join("query.cedar"),
+            QUERY_POLICY,
+        )
+        .unwrap();
+        Self {
+            pg,
+            cg,
+            agent,
+            _files: files,
+        }
+    }
+}
+
+fn conninfo(pg: &Postgres) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable connect_timeout=10",
+        pg.port()
+    )
+}
+
+/// A client that connects (through the redirect, as `uid`) and sends nothing: a
+/// PostgreSQL connection that stays in start-up until the agent's 30 s run out.
+fn silent_client(port: u16, uid: u32, cg: &TestCgroup) -> std::process::Child {
+    let script = format!(
+        "import socket, sys, time\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         print('connected', flush=True)\n\
+         sys.stdin.read()\n"
+    );
+    let mut cmd = Command::new(portcullis_e2e::postgres::python());
+    portcullis_e2e::exec_in_cgroup_as(&mut cmd, Some(&cg.path), Some(uid));
+    let mut child = cmd
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+    child
+}
+
+#[test]
+fn postgres_connections_in_start_up_are_limited_per_uid_with_53300() {
+    if !e2e_enabled() {
+        return;
+    }
+    let PgSetup {
+        pg,
+        cg,
+        mut agent,
+        _files,
+    } = PgSetup::prepare(
+        "limits-startup",
+        124,
+        "[limits]\nmax_startup_per_uid = 2\nsummary_interval_secs = 1\n",
+    );
+    agent.spawn();
+    let (stalling, other) = (4848u32, 4949u32);
+    // Two connections that never send a start-up packet hold the uid's two slots...
+    let mut held: Vec<_> = (0..2)
+        .map(|_| silent_client(pg.port(), stalling, &cg))
+        .collect();
+    wait_for("both silent connections to be admitted", &agent, || {
+        let n = agent.status()["pending_origins"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
+        (n == 0).then_some(())
+    });
+    // ...so a real client of that uid is refused with PostgreSQL's own 53300...
+    // (tokio-postgres reads the ErrorResponse's code field.)
+    let mut pgclient = Command::new(env!("CARGO_BIN_EXE_portcullis-pgclient"));
+    portcullis_e2e::exec_in_cgroup_as(&mut pgclient, Some(&cg.path), Some(stalling));
+    let out = pgclient
+        .args([conninfo(&pg).as_str(), "SELECT 1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(r["code"], "53300", "{r}");
+    assert!(r["connect_error"].is_string(), "{r}");
+    // ...while another uid logs in and runs statements.
+    let mut ok = PySession::start(&conninfo(&pg), other, &cg);
+    assert_eq!(ok.next()["connected"], true);
+    assert_eq!(ok.run("SELECT 'other uid'")["rows"][0][0], "other uid");
+    let event = wait_for("the refusal event", &agent, || {
+        refusals_of(&agent, stalling).into_iter().find(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("limits.max_startup_per_uid"))
+        })
+    });
+    assert_eq!(event["target"], "db", "{event}");
+    // When the stalled connections go, the uid's slots are free again.
+    for c in &mut held {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let mut again = wait_for("a new login of the uid", &agent, || {
+        let mut s = PySession::start(&conninfo(&pg), stalling, &cg);
+        (s.next()["connected"] == true).then_some(s)
+    });
+    assert_eq!(again.run("SELECT 'again'")["rows"][0][0], "again");
+}
+
 #[test]
 fn a_full_audit_disk_refuses_connections_ends_sessions_and_recovers() {
     if !e2e_enabled() {
         return;
     }
-    let pg = Postgres::start_with(PgOptions {
-        tls: true,
-        ..PgOptions::default()
-    });
-    pg.create_role("app", APP_PASSWORD, PasswordAuth::Scram);
-    pg.create_database("app", Some("app"));
+    let PgSetup {
+        pg,
+        cg,
+        mut agent,
+        _files,
+    } = PgSetup::prepare("limits-disk", 122, "");
     pg.psql("app", "SET ROLE app; CREATE TABLE marks (m text)");
-    let files = tempfile::tempdir().unwrap();
-    let creds = files.path().join("credentials.toml");
-    std::fs::write(
-        &creds,
-        format!("[roles.app]\npassword = \"{APP_PASSWORD}\"\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let cg = TestCgroup::new("limits-disk");
-    let extra = format!(
-        "[insecure]\nunix_identity_only = true\n\
-         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
-        port = pg.port(),
-        ca = pg.ca_pem_path().display(),
-        creds = creds.display(),
-    );
-    let mut agent = Agent::prepare("limits-disk", Slot::new(122), &cg, &[], Some(&extra), &[]);
-    std::fs::write(
-        agent.dir.path().join("policies").join("query.cedar"),
-        QUERY_POLICY,
-    )
-    .unwrap();
     let disk = SmallFilesystem::mount(&agent.dir.path().join("state/audit"), "2m");
     agent.spawn();
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable connect_timeout=10",
-        pg.port()
-    );
+    let conninfo = conninfo(&pg);
     let uid = 4747;
     let mut session = PySession::start(&conninfo, uid, &cg);
     assert_eq!(session.next()["connected"], true);
