@@ -598,6 +598,39 @@ fn a_full_audit_disk_refuses_connections_ends_sessions_and_recovers() {
     drop(again);
     drop(session);
     drop(refused);
+
+    // The other choice, keep_enforcing: on the same full disk, connections open and
+    // statements run (still decided), their events lost and counted, and status says so.
+    agent.kill9();
+    let mut config = std::fs::read_to_string(&agent.config).unwrap();
+    config.push_str("[audit]\non_write_failure = \"keep_enforcing\"\n");
+    std::fs::write(&agent.config, config).unwrap();
+    agent.spawn();
+    let filler = disk.fill();
+    let mut kept = PySession::start(&conninfo, uid, &cg);
+    assert_eq!(kept.next()["connected"], true);
+    let status = wait_for("status to show the audit failure", &agent, || {
+        // Statements go on until one's event fails to be written.
+        let r = kept.run("INSERT INTO marks VALUES ('unaudited') RETURNING m");
+        assert_eq!(r["rows"][0][0], "unaudited", "{r}");
+        let s = agent.status();
+        (s["audit"]["writable"] == false).then_some(s)
+    });
+    assert_eq!(status["audit"]["on_write_failure"], "keep_enforcing");
+    assert!(
+        status["audit"]["failure"]["lost_events"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    let mut another = PySession::start(&conninfo, uid + 1, &cg);
+    assert_eq!(
+        another.next()["connected"],
+        true,
+        "new connections open too"
+    );
+    assert_eq!(another.run("SELECT 'still'")["rows"][0][0], "still");
+    std::fs::remove_file(filler).unwrap();
+    drop(kept);
+    drop(another);
     agent.kill9();
     drop(disk);
 }
