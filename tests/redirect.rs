@@ -572,8 +572,17 @@ fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
         down[0]["ok"], 2000,
         "the proxy accepts, then refuses for the dead upstream"
     );
-    agent.wait_events("connection.refused", 2200);
-    let status = agent.status();
+    // Churned clients are mostly gone before their origin is read, and those refusals are
+    // summarized per interval: wait for the agent to settle, not for one event each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = agent.status();
+        let settled = status["pending_origins"] == 0 && status["open_connections"] == 0;
+        if settled || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(status["pending_origins"], 0, "{status}");
     assert_eq!(status["open_connections"], 0, "{status}");
     assert_eq!(
