@@ -390,7 +390,7 @@ fn policy_check_and_explain_work_offline() {
         decided.is_empty(),
         "no policy decides a default deny: {text}"
     );
-    assert!(text.contains("policies considered (9):"), "{text}");
+    assert!(text.contains("policies considered (11):"), "{text}");
 
     // explain --sql classifies as the proxy does, one explanation per statement.
     let out = Command::new(&bin)
