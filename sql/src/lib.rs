@@ -40,7 +40,9 @@
 //!   in [`Statement::inner`], each classified like a top-level statement (`EXECUTE` of a
 //!   constant string included), and the `DO` keeps class `do`. What cannot be read before it
 //!   runs (`EXECUTE` of an expression, another language, a body the compiler rejects) sets
-//!   [`Statement::dynamic_sql`]. A function or procedure it calls stays opaque.
+//!   [`Statement::dynamic_sql`]. The body of a function or procedure a statement calls is
+//!   not in the statement: [`read_routine`] reads it from the definition the caller takes
+//!   from the catalog (`LANGUAGE plpgsql` and `sql`), the same way.
 //! - `EXPLAIN ANALYZE` runs its statement and takes its class.
 //!
 //! `command` names the statement like PostgreSQL's command tags (`DROP DATABASE`, `TRUNCATE`,
@@ -65,6 +67,7 @@ mod classify;
 mod copy;
 mod encoding;
 mod plpgsql;
+mod routine;
 mod shape;
 mod sources;
 mod tree;
@@ -453,7 +456,24 @@ fn do_body(
             message: format!("DO blocks nest more than {MAX_DO_NESTING} deep"),
         });
     }
-    let body = plpgsql::read_do(text, tree);
+    let (inner, dynamic) = read_pieces(&plpgsql::read_do(text, tree), depth)?;
+    let mut tables: std::collections::BTreeSet<String> = facts.tables.drain(..).collect();
+    let mut functions: std::collections::BTreeSet<String> = facts.functions.drain(..).collect();
+    for statement in &inner {
+        tables.extend(statement.tables.iter().cloned());
+        functions.extend(statement.functions.iter().cloned());
+    }
+    facts.tables = tables.into_iter().collect();
+    facts.functions = functions.into_iter().collect();
+    Ok((inner, dynamic))
+}
+
+/// The statements the pieces of a body run (flattened: a nested `DO`'s follow it), and
+/// whether some SQL in it cannot be read.
+fn read_pieces(
+    body: &plpgsql::Body,
+    depth: usize,
+) -> Result<(Vec<Statement>, bool), ClassifyError> {
     let mut dynamic = body.dynamic;
     let mut inner = Vec::new();
     for piece in &body.pieces {
@@ -484,15 +504,55 @@ fn do_body(
             inner.extend(nested.iter().cloned());
         }
     }
-    let mut tables: std::collections::BTreeSet<String> = facts.tables.drain(..).collect();
-    let mut functions: std::collections::BTreeSet<String> = facts.functions.drain(..).collect();
-    for statement in &inner {
-        tables.extend(statement.tables.iter().cloned());
-        functions.extend(statement.functions.iter().cloned());
-    }
-    facts.tables = tables.into_iter().collect();
-    facts.functions = functions.into_iter().collect();
     Ok((inner, dynamic))
+}
+
+/// What a stored function or procedure runs when it is called, as [`read_routine`] reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutineBody {
+    /// Every statement its body runs, each classified like a top-level statement and
+    /// flattened as a `DO` block's [`Statement::inner`] are (a `DO` inside follows it). The
+    /// functions these statements call are in their own `functions`: following them is the
+    /// caller's business, it has the catalog.
+    pub statements: Vec<Statement>,
+    /// Whether the body runs SQL that cannot be read before it runs (`EXECUTE` of anything
+    /// but one string constant), or cannot be read at all: another language (C, `plpython3u`,
+    /// `internal`), a definition that does not compile or parse.
+    pub dynamic_sql: bool,
+}
+
+impl RoutineBody {
+    fn opaque() -> Self {
+        RoutineBody {
+            statements: Vec::new(),
+            dynamic_sql: true,
+        }
+    }
+}
+
+/// Reads the body of a function or procedure in `language` (`pg_language.lanname`) from its
+/// whole definition as `pg_get_functiondef` prints it: `LANGUAGE plpgsql` with PostgreSQL's
+/// own PL/pgSQL compiler, as a `DO` block's; `LANGUAGE sql` as SQL statements (the body
+/// string, or the statements of a SQL-standard `BEGIN ATOMIC ... END` body, or the
+/// expression of `RETURN ...`). Any other language is opaque.
+///
+/// An error only for what may never run ([`ClassifyError::Refused`]) and what nests too
+/// deeply ([`ClassifyError::TooDeep`]); whatever else cannot be read sets
+/// [`RoutineBody::dynamic_sql`].
+pub fn read_routine(language: &str, definition: &str) -> Result<RoutineBody, ClassifyError> {
+    if check_input(definition, DEFAULT_MAX_SQL_LEN).is_err() {
+        return Ok(RoutineBody::opaque());
+    }
+    let body = match language {
+        "plpgsql" => plpgsql::read_function(definition),
+        "sql" => routine::sql_body(definition),
+        _ => return Ok(RoutineBody::opaque()),
+    };
+    let (statements, dynamic_sql) = read_pieces(&body, 0)?;
+    Ok(RoutineBody {
+        statements,
+        dynamic_sql,
+    })
 }
 
 /// A PL/pgSQL expression or assignment, parsed in its own grammar (`mode`): the query the

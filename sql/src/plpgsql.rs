@@ -1,6 +1,7 @@
-//! What a `DO` block runs: the SQL inside its PL/pgSQL body, read with PostgreSQL's own PL/pgSQL
-//! compiler (libpg_query's `pg_query_parse_plpgsql`, which runs `plpgsql_compile_inline` as the
-//! server does for `DO`), never a scan of the body's text.
+//! What a `DO` block (or a PL/pgSQL function or procedure) runs: the SQL inside its PL/pgSQL
+//! body, read with PostgreSQL's own PL/pgSQL compiler (libpg_query's `pg_query_parse_plpgsql`,
+//! which runs `plpgsql_compile_inline` as the server does for `DO`, and the compiler's
+//! function path for a `CREATE FUNCTION`), never a scan of the body's text.
 //!
 //! PL/pgSQL hands every piece of SQL to the SQL parser in one of a few modes (PostgreSQL's
 //! `RawParseMode`): whole statements (an `INSERT`, `PERFORM`'s query, `FOR ... IN query`,
@@ -28,7 +29,7 @@ pub(crate) struct Piece {
     pub(crate) mode: ParserOptions,
 }
 
-/// What the classifier can read of a `DO` block.
+/// What the classifier can read of a `DO` block or a stored function's body.
 #[derive(Debug, Default)]
 pub(crate) struct Body {
     /// Each as often as the body holds it.
@@ -38,7 +39,7 @@ pub(crate) struct Body {
 }
 
 impl Body {
-    fn opaque() -> Self {
+    pub(crate) fn opaque() -> Self {
         Body {
             pieces: Vec::new(),
             dynamic: true,
@@ -62,6 +63,18 @@ pub(crate) fn read_do(text: &str, stmt: &Tree) -> Body {
     if language != DEFAULT_LANGUAGE {
         return Body::opaque();
     }
+    compile(text)
+}
+
+/// The pieces of SQL a PL/pgSQL function or procedure runs, from its whole definition (the
+/// `CREATE FUNCTION` text `pg_get_functiondef` gives): its parameters are declared by the
+/// definition, so the body compiles as the server compiles it at its first call.
+pub(crate) fn read_function(definition: &str) -> Body {
+    compile(definition)
+}
+
+/// A `DO` statement or one `CREATE FUNCTION` in PL/pgSQL, compiled.
+fn compile(text: &str) -> Body {
     // A body the compiler rejects fails on the server too; flagged all the same, in case the
     // two ever disagree.
     let Ok(functions) = guard(|| pg_query::parse_plpgsql(text)) else {
