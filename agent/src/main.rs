@@ -11,6 +11,7 @@ mod ebpf;
 mod identity;
 mod limits;
 mod listeners;
+mod logging;
 mod policy;
 mod protocol;
 mod proxy;
@@ -22,14 +23,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours for a terminal only: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    logging::init();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(code) => code,
