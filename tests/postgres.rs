@@ -561,18 +561,37 @@ fn string_literal_syntax_cannot_change_under_the_checker() {
     );
     assert_eq!(stdout(&out).trim(), "SET\nRESET\nok", "{}", stderr(&out));
 
-    // Turned off where the agent cannot see it (a function body): the server reports the
-    // change and the session ends before another statement is checked.
+    // Turned off in a function's body: the agent reads the body and refuses the call.
     f.pg.psql(
         "app",
         "CREATE FUNCTION public.flip() RETURNS text LANGUAGE plpgsql AS $$
-         BEGIN PERFORM set_config('standard_conforming_strings', 'off', false); RETURN 'flipped'; END $$",
+         BEGIN PERFORM set_config('standard_conforming_strings', 'off', false); RETURN 'flipped'; END $$;
+         CREATE FUNCTION public.flip_hidden() RETURNS text LANGUAGE plpgsql AS $$
+         BEGIN EXECUTE 'SET standard_conforming_strings = ' || 'off'; RETURN 'flipped'; END $$",
     );
     let out = f.psql(
         ENGINEER,
         "app",
         "require",
         &["-c", "SELECT public.flip()", "-c", "SELECT 'after flip'"],
+    );
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(
+        err.contains("42501") && err.contains("public.flip") && text.contains("after flip"),
+        "{text}\n{err}"
+    );
+    // Turned off where the agent cannot read it (SQL built at run time): the server reports
+    // the change and the session ends before another statement is checked.
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &[
+            "-c",
+            "SELECT public.flip_hidden()",
+            "-c",
+            "SELECT 'after flip'",
+        ],
     );
     let (text, err) = (stdout(&out), stderr(&out));
     assert!(!text.contains("after flip"), "{text}\n{err}");
@@ -2418,18 +2437,37 @@ fn the_client_encoding_cannot_change_to_one_that_hides_quotes() {
         stderr(&out)
     );
 
-    // Changed where the agent cannot see it (a function's body): the server reports the
-    // change and the session ends before another statement is checked.
+    // Changed in a function's body: the agent reads the body and refuses the call.
     f.pg.psql(
         "app",
         "CREATE FUNCTION public.to_sjis() RETURNS text LANGUAGE plpgsql AS $$
-         BEGIN PERFORM set_config('client_encoding', 'SJIS', false); RETURN 'switched'; END $$",
+         BEGIN PERFORM set_config('client_encoding', 'SJIS', false); RETURN 'switched'; END $$;
+         CREATE FUNCTION public.to_sjis_hidden() RETURNS text LANGUAGE plpgsql AS $$
+         BEGIN EXECUTE 'SET client_encoding = ' || quote_literal('SJIS'); RETURN 'switched'; END $$",
     );
     let out = f.psql(
         ENGINEER,
         "app",
         "require",
         &["-c", "SELECT public.to_sjis()", "-c", "SELECT 'after'"],
+    );
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(
+        err.contains("42501") && err.contains("public.to_sjis") && text.contains("after"),
+        "{text}\n{err}"
+    );
+    // Changed where the agent cannot read it (SQL built at run time): the server reports the
+    // change and the session ends before another statement is checked.
+    let out = f.psql(
+        ENGINEER,
+        "app",
+        "require",
+        &[
+            "-c",
+            "SELECT public.to_sjis_hidden()",
+            "-c",
+            "SELECT 'after'",
+        ],
     );
     let (text, err) = (stdout(&out), stderr(&out));
     assert!(!text.contains("after"), "{text}\n{err}");
@@ -2726,3 +2764,129 @@ fn statements_inside_do_blocks_are_decided_like_top_level_ones() {
         "{executed:#?}"
     );
 }
+
+/// Issue 15, item 5: a statement that calls a function runs the function's body, which the
+/// statement does not show: `SELECT purge()` dropped the table a forbid on DROP TABLE
+/// protected. The bodies of SQL and PL/pgSQL functions (and procedures, and what they call)
+/// are read from the catalog and their statements decided before the call.
+#[test]
+fn statements_inside_called_functions_are_decided_like_top_level_ones() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::new("pg-fn-body", 140);
+    // Created by the owner on the server itself, not through the agent.
+    f.pg.psql(
+        "app",
+        "SET ROLE app; CREATE TABLE scratch (id int); INSERT INTO scratch VALUES (1);
+         CREATE FUNCTION purge() RETURNS void LANGUAGE plpgsql
+           AS $$ BEGIN DROP TABLE scratch; END $$;
+         CREATE FUNCTION purge_sql() RETURNS void LANGUAGE sql AS $$ DROP TABLE scratch $$;
+         CREATE PROCEDURE purge_later() LANGUAGE plpgsql AS $$ BEGIN PERFORM purge(); END $$;
+         CREATE FUNCTION run_text(q text) RETURNS void LANGUAGE plpgsql
+           AS $$ BEGIN EXECUTE q; END $$;
+         CREATE FUNCTION scratch_rows() RETURNS bigint LANGUAGE sql
+           AS $$ SELECT count(*) FROM scratch $$;",
+    );
+    let policy = &f.agent.status()["policy"];
+    let (generation, count) = (
+        policy["generation"].as_u64().unwrap(),
+        policy["policies"].as_u64().unwrap(),
+    );
+    let dir = f.agent.dir.path().join("policies");
+    std::fs::write(dir.join(".do.cedar.staged"), DO_POLICIES).unwrap();
+    std::fs::rename(dir.join(".do.cedar.staged"), dir.join("do.cedar")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let p = f.agent.status()["policy"].clone();
+        assert!(p["last_error"].is_null(), "{p}");
+        if p["generation"].as_u64().unwrap() > generation
+            && p["policies"].as_u64() == Some(count + 2)
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reload: {p}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let scratch_exists = || {
+        f.pg.psql("app", "SELECT to_regclass('public.scratch') IS NOT NULL")
+            .trim()
+            .to_owned()
+    };
+    let run = |sql: &str| f.psql(ENGINEER, "app", "require", &["-c", sql]);
+    let refused_by = |sql: &str, policy: &str, names: &[&str]| {
+        let out = run(sql);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{sql} ran");
+        assert!(
+            err.contains("42501") && err.contains(policy),
+            "{sql}: {err}"
+        );
+        for name in names {
+            assert!(err.contains(name), "{sql}: {name} not named: {err}");
+        }
+        assert_eq!(scratch_exists(), "t", "{sql} dropped the table");
+    };
+
+    // A PL/pgSQL function, a SQL function (also called in a WHERE clause), a procedure whose
+    // body calls the first: each refused, naming the statement inside and its function.
+    refused_by(
+        "SELECT purge()",
+        "no-drop-table",
+        &["DROP TABLE scratch", "public.purge"],
+    );
+    refused_by(
+        "SELECT purge_sql()",
+        "no-drop-table",
+        &["DROP TABLE scratch", "public.purge_sql"],
+    );
+    refused_by(
+        "SELECT 1 WHERE purge_sql() IS NULL",
+        "no-drop-table",
+        &["public.purge_sql"],
+    );
+    refused_by("CALL purge_later()", "no-drop-table", &["public.purge"]);
+    // SQL built at run time inside a function cannot be read: dynamic_sql.
+    refused_by(
+        "SELECT run_text('DROP TABLE scratch')",
+        "no-dynamic-sql",
+        &[],
+    );
+
+    // A function whose body only reads runs.
+    let out = run("SELECT scratch_rows()");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "1");
+
+    // A body replaced in the same string as the call is not committed when the agent could
+    // read it: the call is opaque. Replaced on its own through the agent, the body read a
+    // moment ago is forgotten and the new one decided.
+    let replace = "CREATE OR REPLACE FUNCTION scratch_rows() RETURNS bigint LANGUAGE plpgsql \
+                   AS $$ BEGIN DROP TABLE scratch; RETURN 0; END $$";
+    refused_by(
+        &format!("{replace}; SELECT scratch_rows()"),
+        "no-dynamic-sql",
+        &[],
+    );
+    let out = run(replace);
+    assert!(out.status.success(), "{}", stderr(&out));
+    refused_by(
+        "SELECT scratch_rows()",
+        "no-drop-table",
+        &["public.scratch_rows"],
+    );
+
+    // The trail has the denied statement from inside the function on its own.
+    let denied = f.wait_event("statement.denied", |e| {
+        e["statement"] == "DROP TABLE scratch" && e["command"] == "DROP TABLE"
+    });
+    assert!(
+        denied.iter().any(|e| e["statement"] == "DROP TABLE scratch"
+            && e["statement_class"] == "ddl"
+            && e["sqlstate"] == "42501"),
+        "{denied:#?}"
+    );
+}
+
+#[path = "/tmp/hprobe/probe.rs"]
+mod hprobe_throwaway;

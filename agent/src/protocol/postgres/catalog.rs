@@ -1,13 +1,16 @@
 //! Names of table columns for masking rules: a RowDescription carries each result column's
 //! table OID and attribute number, not its table's or its column's name (its label may be an
 //! alias); the catalog has them.
-//! Likewise the names of functions a fast-path call runs by OID, for policies that name them.
+//! Likewise the names of functions a fast-path call runs by OID, for policies that name them,
+//! and what the functions a statement calls by name run (their definitions, read by
+//! `portcullis_sql::read_routine`), so the statements inside are decided before the call.
 //! Lookups go over a separate connection as the session's own role (so it learns nothing the
 //! session could not read) and are cached per target, database and table (or function) for a
 //! minute, so a renamed column is picked up soon after.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,23 +56,47 @@ struct FunctionNames {
     fetched: Instant,
 }
 
+/// One function or procedure a call by name may run (not one of PostgreSQL's own: those in
+/// `pg_catalog` are not kept).
+pub struct Routine {
+    /// `schema.name`, for messages.
+    pub name: String,
+    /// What its body runs; `Err`: it runs something the agent never lets through (the
+    /// classifier's refusal).
+    pub body: Result<portcullis_sql::RoutineBody, String>,
+}
+
+/// Every function and procedure of one name, and when read.
+struct RoutinesNamed {
+    routines: Arc<[Routine]>,
+    fetched: Instant,
+}
+
+type RoutineKey = (u32, String, String);
+
 #[derive(Default)]
 pub struct Catalog {
     tables: Mutex<HashMap<Key, Arc<TableColumns>>>,
     functions: Mutex<HashMap<Key, FunctionNames>>,
+    routines: Mutex<HashMap<RoutineKey, RoutinesNamed>>,
+    /// Moved on by [`Catalog::forget_routines`]: a lookup that began before keeps nothing.
+    routines_generation: AtomicU64,
 }
 
-/// What one lookup reads: the columns of tables, or the names of functions.
+/// What one lookup reads: the columns of tables, the names of functions, or what the
+/// functions and procedures of some names run.
 #[derive(Clone, Copy)]
 pub enum Lookup<'a> {
     Tables(&'a [u32]),
     Functions(&'a [u32]),
+    Routines(&'a [String]),
 }
 
 impl<'a> Lookup<'a> {
     fn oids(self) -> &'a [u32] {
         match self {
             Lookup::Tables(oids) | Lookup::Functions(oids) => oids,
+            Lookup::Routines(_) => &[],
         }
     }
 }
@@ -115,6 +142,30 @@ impl Catalog {
         (f.fetched.elapsed() <= TTL).then(|| Arc::clone(&f.names))
     }
 
+    /// The functions and procedures named `name` (unqualified) outside `pg_catalog`, if read
+    /// less than `max_age` ago; empty when there are none (only PostgreSQL's own, or none at
+    /// all).
+    pub fn routines(
+        &self,
+        target_id: u32,
+        db: &str,
+        name: &str,
+        max_age: Duration,
+    ) -> Option<Arc<[Routine]>> {
+        let routines = self.routines.lock().unwrap_or_else(|p| p.into_inner());
+        let r = routines.get(&(target_id, db.to_string(), name.to_string()))?;
+        (r.fetched.elapsed() <= max_age).then(|| Arc::clone(&r.routines))
+    }
+
+    /// Forgets every function body read: a statement may have changed one (`CREATE OR
+    /// REPLACE FUNCTION`), and the next call must read it again. A lookup under way keeps
+    /// nothing.
+    pub fn forget_routines(&self) {
+        let mut routines = self.routines.lock().unwrap_or_else(|p| p.into_inner());
+        self.routines_generation.fetch_add(1, Ordering::SeqCst);
+        routines.clear();
+    }
+
     pub fn is_fresh(&self, target_id: u32, db: &str, table_oid: u32) -> bool {
         let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         tables
@@ -145,6 +196,7 @@ impl Catalog {
             .application_name("portcullis-catalog")
             .connect_timeout(Duration::from_secs(10));
         let oids = lookup.oids();
+        let generation = self.routines_generation.load(Ordering::SeqCst);
         let (rows, views) = match tls {
             Some(tls) => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
@@ -165,9 +217,12 @@ impl Catalog {
                 query_once(&config, socket, tokio_postgres::NoTls, lookup).await?
             }
         };
-        if let Lookup::Functions(oids) = lookup {
-            self.keep_function_names(target_id, db, oids, &rows)?;
-            return Ok(());
+        match lookup {
+            Lookup::Functions(oids) => return self.keep_function_names(target_id, db, oids, &rows),
+            Lookup::Routines(names) => {
+                return self.keep_routines(target_id, db, names, &rows, generation)
+            }
+            Lookup::Tables(_) => {}
         }
         let mut found: HashMap<u32, HashMap<i16, ColumnName>> =
             oids.iter().map(|o| (*o, HashMap::new())).collect();
@@ -242,6 +297,64 @@ impl Catalog {
     }
 }
 
+impl Catalog {
+    fn keep_routines(
+        &self,
+        target_id: u32,
+        db: &str,
+        names: &[String],
+        rows: &[tokio_postgres::Row],
+        generation: u64,
+    ) -> Result<(), String> {
+        // A name without a row keeps an empty list: a call of it runs one of PostgreSQL's own
+        // functions, or fails on the server.
+        let mut found: HashMap<&str, Vec<Routine>> =
+            names.iter().map(|n| (n.as_str(), Vec::new())).collect();
+        for row in rows {
+            let name: &str = row.try_get(0).map_err(|e| e.to_string())?;
+            let schema: String = row.try_get(1).map_err(|e| e.to_string())?;
+            let language: String = row.try_get(2).map_err(|e| e.to_string())?;
+            let definition: Option<String> = row.try_get(3).map_err(|e| e.to_string())?;
+            // No definition: an aggregate or window function (whose support functions the
+            // agent does not follow), or a function the server would not print. Opaque.
+            let body = match definition {
+                Some(definition) => {
+                    portcullis_sql::read_routine(&language, &definition).map_err(|e| e.to_string())
+                }
+                None => Ok(portcullis_sql::RoutineBody {
+                    statements: Vec::new(),
+                    dynamic_sql: true,
+                }),
+            };
+            let Some(entry) = names.iter().find(|n| n.as_str() == name) else {
+                continue;
+            };
+            found.entry(entry.as_str()).or_default().push(Routine {
+                name: format!("{schema}.{name}"),
+                body,
+            });
+        }
+        let mut routines = self.routines.lock().unwrap_or_else(|p| p.into_inner());
+        if self.routines_generation.load(Ordering::SeqCst) != generation {
+            return Ok(());
+        }
+        if routines.len() > MAX_TABLES {
+            routines.clear();
+        }
+        let now = Instant::now();
+        for (name, list) in found {
+            routines.insert(
+                (target_id, db.to_string(), name.to_string()),
+                RoutinesNamed {
+                    routines: list.into(),
+                    fetched: now,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
 /// What the views among the looked-up relations compute their columns from (`None`: unknown).
 type Views = HashMap<u32, Option<Arc<portcullis_sql::ResultSources>>>;
 
@@ -275,6 +388,13 @@ where
     let task = tokio::spawn(connection);
     let oids: &[tokio_postgres::types::Oid] = lookup.oids();
     let result = async {
+        if let Lookup::Routines(names) = lookup {
+            let rows = client
+                .query(ROUTINES, &[&names])
+                .await
+                .map_err(|e| db_error(&e))?;
+            return Ok((rows, Views::new()));
+        }
         if let Lookup::Functions(_) = lookup {
             let rows = client
                 .query(FUNCTIONS, &[&oids])
@@ -358,6 +478,21 @@ const FUNCTIONS: &str = "SELECT p.oid, n.nspname, p.proname \
                          FROM pg_catalog.pg_proc p \
                          JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
                          WHERE p.oid = ANY($1)";
+
+/// Every function and procedure of the names a statement calls, in every schema (which one a
+/// call runs depends on its argument types and the search_path, which the agent does not
+/// resolve: all of them are read), except PostgreSQL's own in `pg_catalog`, which only a
+/// superuser can change. The definition is printed for the languages the agent reads, and
+/// for plain functions and procedures only (`pg_get_functiondef` refuses aggregates).
+const ROUTINES: &str = "SELECT p.proname::pg_catalog.text, n.nspname::pg_catalog.text, \
+                        l.lanname::pg_catalog.text, \
+                        CASE WHEN p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql') \
+                             THEN pg_catalog.pg_get_functiondef(p.oid) END \
+                        FROM pg_catalog.pg_proc p \
+                        JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                        JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+                        WHERE p.proname = ANY($1::pg_catalog.text[]::pg_catalog.name[]) \
+                        AND n.nspname <> 'pg_catalog'";
 
 /// Which names are plain tables (ordinary, partitioned, foreign): a name that is a view, or
 /// that does not resolve, is not.

@@ -425,6 +425,30 @@ pub struct Session<'a> {
     /// ended) read what a column rule of this profile could select: the settings the server
     /// reports and the notifications it delivers at commit may carry those values.
     read_selected_in_transaction: Option<Arc<str>>,
+    /// A statement decided since the session was last idle with nothing pending may change
+    /// what a function runs (`CREATE OR REPLACE FUNCTION`, see `may_change_routines`). The
+    /// agent reads function bodies over its own connection, which sees only what is
+    /// committed: until the change is, every call by name is opaque (`dynamic_sql`). When it
+    /// ends, the bodies every session read are forgotten.
+    routines_changed: bool,
+}
+
+/// How deep calls inside function bodies are followed: a statement calls `f` (depth 1), whose
+/// body calls `g` (2), and so on. A body deeper than this is refused, not run unread.
+const MAX_ROUTINE_DEPTH: usize = 4;
+/// A function's body read longer ago than this is read again before a statement that calls
+/// it is decided; one a little older still serves a decision (the read just before it may
+/// have come from a lookup that started a moment earlier).
+const ROUTINE_REREAD: Duration = Duration::from_secs(60);
+const ROUTINE_MAX_AGE: Duration = Duration::from_secs(75);
+
+/// What the functions and procedures a statement calls run, as far as the agent can read.
+#[derive(Default)]
+struct Calls {
+    /// Each statement their bodies run, with the function whose body holds it.
+    statements: Vec<(String, portcullis_sql::Statement)>,
+    /// Some function called cannot be read before it runs (see `Session::read_calls`).
+    dynamic: bool,
 }
 
 /// Statement shape: class, command, tables, functions, dynamic SQL.
@@ -556,6 +580,7 @@ impl<'a> Session<'a> {
             upstream_addr,
             function_lookup_error: None,
             read_selected_in_transaction: None,
+            routines_changed: false,
         }
     }
 
@@ -587,6 +612,7 @@ impl<'a> Session<'a> {
         // Bytes that arrived with the start-up packet belong to the session.
         if !cbuf.is_empty() {
             self.resolve_function_names(&cbuf).await;
+            self.resolve_routines(&cbuf).await;
             if let Flow::End(why) = self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client)
             {
                 return self.finish(&mut client, &to_client, why).await;
@@ -648,6 +674,7 @@ impl<'a> Session<'a> {
                         }
                         Ok(_) => {
                             self.resolve_function_names(&cbuf).await;
+                            self.resolve_routines(&cbuf).await;
                             self.on_client_bytes(&mut cbuf, &mut to_server, &mut to_client)
                         }
                     }
@@ -680,6 +707,10 @@ impl<'a> Session<'a> {
         }
         let _ = client.shutdown().await;
         self.abandon_running(&why);
+        if self.routines_changed {
+            // A change may have been committed without the agent seeing the server say so.
+            self.shared.catalog.forget_routines();
+        }
         why
     }
 
@@ -1356,14 +1387,24 @@ impl<'a> Session<'a> {
     /// block, and the denied inner statement gets its own `statement.denied` event. Inner
     /// statements are decided before the block's cached verdict is looked up: two blocks with
     /// the same tables may run different commands.
+    ///
+    /// The statements in the bodies of the functions and procedures it calls (`read_calls`)
+    /// are decided the same way, after the block's; a function that cannot be read makes the
+    /// statement's own request `dynamic_sql`.
     fn decide(
         &mut self,
         set: &Arc<PolicySet>,
         info: &StatementInfo,
     ) -> Result<Verdict, (PgError, &'static str, Vec<String>)> {
+        let calls = self.read_calls(info).map_err(|e| (e, "deny", Vec::new()))?;
         let mut inner_ids: Vec<String> = Vec::new();
         let mut inner_masker = None;
-        for statement in info.inner.iter() {
+        let inside = info
+            .inner
+            .iter()
+            .map(|s| (None, s))
+            .chain(calls.statements.iter().map(|(f, s)| (Some(f.as_str()), s)));
+        for (function, statement) in inside {
             let inner = StatementInfo::from_parsed(statement);
             match self.decide_one(set, &inner) {
                 Ok(v) => {
@@ -1372,11 +1413,15 @@ impl<'a> Session<'a> {
                 }
                 Err((e, decision, ids)) => {
                     self.record_denied(&inner, decision, &ids, &e.to_string(), e.sqlstate());
+                    let place = match function {
+                        None => "the DO block".to_owned(),
+                        Some(f) => format!("function `{f}`, which the statement calls"),
+                    };
                     let e = match e {
                         PgError::StatementDenied { reason, policy_ids } => {
                             PgError::StatementDenied {
                                 reason: format!(
-                                    "{reason} (statement inside the DO block: {})",
+                                    "{reason} (statement inside {place}: {})",
                                     truncate(inner.text.to_string(), 200)
                                 ),
                                 policy_ids,
@@ -1388,7 +1433,27 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        let verdict = self.decide_one(set, info)?;
+        let verdict = if calls.dynamic && !info.dynamic_sql {
+            let opaque = StatementInfo {
+                dynamic_sql: true,
+                shape_hash: std::sync::OnceLock::new(),
+                encoded: std::sync::OnceLock::new(),
+                ..info.clone()
+            };
+            self.decide_one(set, &opaque)?
+        } else {
+            self.decide_one(set, info)?
+        };
+        let changes_routines = may_change_routines(info.command.as_deref(), info.dynamic_sql)
+            || calls.dynamic
+            || info
+                .inner
+                .iter()
+                .chain(calls.statements.iter().map(|(_, s)| s))
+                .any(|s| may_change_routines(Some(&s.command), s.dynamic_sql));
+        if changes_routines {
+            self.routines_changed = true;
+        }
         if inner_ids.is_empty() && inner_masker.is_none() {
             return Ok(verdict);
         }
@@ -1401,6 +1466,185 @@ impl<'a> Session<'a> {
             policy_ids: Arc::from(inner_ids),
             masker: verdict.masker.or(inner_masker),
         })
+    }
+
+    /// What the functions and procedures `info` calls by name run, from the bodies
+    /// `resolve_routines` read, following the calls inside them up to [`MAX_ROUTINE_DEPTH`]
+    /// deep (each name once, so recursion ends). `dynamic` when one cannot be read before it
+    /// runs: a body in another language or with dynamic SQL, a name whose functions were not
+    /// read (the lookup failed), or any name while a change to functions is not committed.
+    /// Refused: a body deeper than the limit, or one that runs what may never run.
+    fn read_calls(&self, info: &StatementInfo) -> Result<Calls, PgError> {
+        let mut calls = Calls::default();
+        if info.functions.is_empty() {
+            return Ok(calls);
+        }
+        let catalog = &self.shared.catalog;
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut queue: VecDeque<(String, usize)> =
+            info.functions.iter().map(|f| (f.clone(), 1)).collect();
+        while let Some((called, depth)) = queue.pop_front() {
+            for name in routine_candidates(&called) {
+                if !seen.insert(name.to_owned()) {
+                    continue;
+                }
+                if self.routines_changed {
+                    calls.dynamic = true;
+                    continue;
+                }
+                let read = catalog.routines(self.target.id, &self.db_name, name, ROUTINE_MAX_AGE);
+                let too_deep = || {
+                    PgError::Unsafe(format!(
+                        "`{called}` is called through more than {MAX_ROUTINE_DEPTH} levels of functions; the agent does not follow calls deeper and refuses what it cannot read"
+                    ))
+                };
+                let Some(routines) = read else {
+                    if depth > MAX_ROUTINE_DEPTH {
+                        return Err(too_deep());
+                    }
+                    calls.dynamic = true;
+                    continue;
+                };
+                if routines.is_empty() {
+                    continue;
+                }
+                if depth > MAX_ROUTINE_DEPTH {
+                    return Err(too_deep());
+                }
+                for routine in routines.iter() {
+                    let body = routine.body.as_ref().map_err(|why| {
+                        PgError::Unsafe(format!(
+                            "function `{}`, which the statement calls, {why}",
+                            routine.name
+                        ))
+                    })?;
+                    calls.dynamic |= body.dynamic_sql;
+                    for statement in &body.statements {
+                        queue.extend(statement.functions.iter().map(|f| (f.clone(), depth + 1)));
+                        calls
+                            .statements
+                            .push((routine.name.clone(), statement.clone()));
+                    }
+                }
+            }
+        }
+        Ok(calls)
+    }
+
+    /// Reads, before the messages in `buf` are decided, what the functions and procedures
+    /// their statements call by name run (`Catalog::routines`), and what those call, level by
+    /// level down to one past [`MAX_ROUTINE_DEPTH`] (to tell PostgreSQL's own functions from
+    /// a body too deep). Only a statement with a `(` can call a function by name (the
+    /// functions the grammar calls for `AT TIME ZONE`, `SIMILAR TO` and the like are named in
+    /// `pg_catalog`): pgbench's statements need no read. A name not read here is opaque
+    /// when decided, never unchecked.
+    async fn resolve_routines(&mut self, buf: &[u8]) {
+        if self.routines_changed {
+            return;
+        }
+        let mut called: Vec<String> = Vec::new();
+        let mut rest = buf;
+        while let (Some(&tag), Some(&[a, b, c, d])) = (rest.first(), rest.get(1..5)) {
+            let len = u32::from_be_bytes([a, b, c, d]) as usize;
+            let Some(body) = rest.get(5..len.saturating_add(1)) else {
+                break;
+            };
+            match tag {
+                b'Q' => self.called_in(cstring(body).map(|(sql, _)| sql), &mut called),
+                b'P' => self.called_in(
+                    cstring(body)
+                        .and_then(|(_, r)| cstring(r))
+                        .map(|(sql, _)| sql),
+                    &mut called,
+                ),
+                b'B' => {
+                    let statement = cstring(body).and_then(|(_, r)| cstring(r));
+                    if let Some(prepared) = statement.and_then(|(name, _)| self.prepared.get(name))
+                    {
+                        called.extend(
+                            prepared
+                                .statements
+                                .iter()
+                                .flat_map(|s| s.functions.iter().cloned()),
+                        );
+                    }
+                }
+                b'F' => {
+                    if let Some(&[o1, o2, o3, o4]) = body.get(..4) {
+                        let oid = u32::from_be_bytes([o1, o2, o3, o4]);
+                        if let Some(names) =
+                            self.shared
+                                .catalog
+                                .function_names(self.target.id, &self.db_name, oid)
+                        {
+                            called.extend(names.iter().cloned());
+                        }
+                    }
+                }
+                _ => {}
+            }
+            rest = rest.get(len.saturating_add(1)..).unwrap_or_default();
+        }
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut level: Vec<String> = called
+            .iter()
+            .flat_map(|f| routine_candidates(f))
+            .filter(|name| seen.insert((*name).to_owned()))
+            .map(str::to_owned)
+            .collect();
+        let catalog = &self.shared.catalog;
+        let (target, db) = (self.target.id, &*self.db_name);
+        for depth in 1..=MAX_ROUTINE_DEPTH + 1 {
+            if level.is_empty() {
+                break;
+            }
+            let missing: Vec<String> = level
+                .iter()
+                .filter(|name| catalog.routines(target, db, name, ROUTINE_REREAD).is_none())
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                if let Err(e) = self
+                    .catalog_lookup(super::catalog::Lookup::Routines(&missing))
+                    .await
+                {
+                    // Decided as opaque (`read_calls`): a policy on `dynamic_sql` applies.
+                    tracing::warn!(error = %e, "reading the functions a statement calls");
+                    return;
+                }
+            }
+            if depth > MAX_ROUTINE_DEPTH {
+                break;
+            }
+            let mut next = Vec::new();
+            for name in &level {
+                let Some(routines) = catalog.routines(target, db, name, ROUTINE_MAX_AGE) else {
+                    continue;
+                };
+                for body in routines.iter().filter_map(|r| r.body.as_ref().ok()) {
+                    for f in body.statements.iter().flat_map(|s| s.functions.iter()) {
+                        next.extend(
+                            routine_candidates(f)
+                                .into_iter()
+                                .filter(|name| seen.insert((*name).to_owned()))
+                                .map(str::to_owned),
+                        );
+                    }
+                }
+            }
+            level = next;
+        }
+    }
+
+    /// The functions the statements of `sql` call, if it may call any by name.
+    fn called_in(&self, sql: Option<&str>, called: &mut Vec<String>) {
+        let Some(sql) = sql.filter(|sql| sql.contains('(')) else {
+            return;
+        };
+        // Cached: deciding the same text reads it from the cache.
+        if let Ok(statements) = self.shared.classifier.classify(sql) {
+            called.extend(statements.iter().flat_map(|s| s.functions.iter().cloned()));
+        }
     }
 
     /// [`Self::decide`] of one request.
@@ -1684,6 +1928,15 @@ impl<'a> Session<'a> {
                         .portals
                         .ready_received(status == TransactionStatus::Idle),
                     other => self.unexpected("ReadyForQuery", other),
+                }
+                // Out of any transaction with nothing decided still to run: a change to a
+                // function is committed (or gone), and everybody reads bodies afresh.
+                if self.routines_changed
+                    && status == TransactionStatus::Idle
+                    && self.expect.is_empty()
+                {
+                    self.routines_changed = false;
+                    self.shared.catalog.forget_routines();
                 }
                 to_client.extend_from_slice(&msg.frame);
             }
@@ -2690,6 +2943,52 @@ fn replication_command(sql: &str) -> Option<&'static str> {
     ];
     let first = sql.split_whitespace().next()?.trim_end_matches(';');
     COMMANDS.into_iter().find(|c| c.eq_ignore_ascii_case(first))
+}
+
+/// The names (`pg_proc.proname`) a called function's name as the classifier lists it may
+/// stand for: the classifier joins a qualified name's parts with `.`, and a quoted part may
+/// hold a `.` itself, so every suffix is one (`a.b.c`: `a.b.c`, `b.c`, `c`), except the
+/// name after exactly `pg_catalog.`: one of PostgreSQL's own, which only a superuser changes.
+fn routine_candidates(called: &str) -> Vec<&str> {
+    let mut names = vec![called];
+    for (at, _) in called.match_indices('.') {
+        if let (Some(schema), Some(name)) = (called.get(..at), called.get(at + 1..)) {
+            if schema != "pg_catalog" && !name.is_empty() {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// Whether a statement may change what a function or procedure runs, or which one a name
+/// finds: creating, replacing, altering or dropping one (or an extension or language, which
+/// bring their own), or SQL the agent could not read.
+fn may_change_routines(command: Option<&str>, dynamic_sql: bool) -> bool {
+    if dynamic_sql {
+        return true;
+    }
+    let Some((verb, object)) = command.and_then(|c| c.split_once(' ')) else {
+        return false;
+    };
+    matches!(verb, "CREATE" | "ALTER" | "DROP")
+        && [
+            "FUNCTION",
+            "PROCEDURE",
+            "ROUTINE",
+            "EXTENSION",
+            "LANGUAGE",
+            "AGGREGATE",
+        ]
+        .iter()
+        .any(|kind| object.contains(kind))
+}
+
+/// A NUL-terminated string at the start of a message body, and what follows it.
+fn cstring(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let end = bytes.iter().position(|&b| b == 0)?;
+    let text = std::str::from_utf8(bytes.get(..end)?).ok()?;
+    Some((text, bytes.get(end + 1..)?))
 }
 
 fn unparsed(sql: &str) -> StatementInfo {
