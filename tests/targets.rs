@@ -194,6 +194,10 @@ fn every_listed_address_and_every_address_of_a_dns_host_is_protected_and_follows
 }
 
 #[test]
+#[allow(
+    unsafe_code,
+    reason = "kill(2): std can send SIGKILL only, the agent must get SIGHUP"
+)]
 fn sighup_resolves_a_host_again_before_its_ttl_runs_out() {
     if !e2e_enabled() {
         return;

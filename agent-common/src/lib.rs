@@ -236,6 +236,10 @@ const fn is_unspecified_v6(a: &[u8; 16]) -> bool {
 }
 
 #[cfg(feature = "user")]
+#[allow(
+    unsafe_code,
+    reason = "aya reads map values as raw bytes only for types that promise, by an unsafe impl, that any bytes are valid"
+)]
 mod user {
     // SAFETY: all four are `#[repr(C)]`, `Copy`, contain only integers and byte
     // arrays, and have no implicit padding (checked by the layout tests), so any

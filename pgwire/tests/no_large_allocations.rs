@@ -25,6 +25,10 @@ struct LargestAllocation;
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: every call is forwarded unchanged to the system allocator; only a counter is updated.
+#[allow(
+    unsafe_code,
+    reason = "a global allocator is an unsafe impl; this one counts allocation sizes for the test"
+)]
 unsafe impl GlobalAlloc for LargestAllocation {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LARGEST.fetch_max(layout.size(), Ordering::Relaxed);

@@ -51,6 +51,10 @@ pub fn e2e_enabled() -> bool {
     }
 }
 
+#[allow(
+    unsafe_code,
+    reason = "geteuid(2) through libc, which the harness has no safe wrapper for"
+)]
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -186,6 +190,10 @@ impl EchoServer {
     /// An echo server whose sockets live in the named network namespace (`ip netns add`):
     /// a thread joins it only to bind them, as a socket stays in the namespace it was
     /// created in.
+    #[allow(
+        unsafe_code,
+        reason = "setns(2) on a helper thread has no safe wrapper in std"
+    )]
     pub fn start_in_netns(ns: &str, addrs: &[SocketAddr]) -> Self {
         let path = format!("/run/netns/{ns}");
         let addrs = addrs.to_vec();
@@ -393,6 +401,10 @@ impl Agent {
     }
 
     /// Starts (or restarts) the agent process and waits until it answers `status`.
+    #[allow(
+        unsafe_code,
+        reason = "pre_exec is unsafe: the agent joins its cgroup between fork and exec"
+    )]
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::OpenOptions::new()
@@ -720,6 +732,10 @@ pub fn prerequisites_met(problem: Option<String>) -> bool {
 /// Makes `cmd` join `cgroup` (so its connects meet the programs attached there) and then
 /// become `uid` (gid `uid`, no supplementary groups), in that order: an unprivileged uid
 /// could not move itself into the cgroup. `Command::uid` would switch before `pre_exec` runs.
+#[allow(
+    unsafe_code,
+    reason = "pre_exec is unsafe: the child joins its cgroup and drops to its uid between fork and exec"
+)]
 pub fn exec_in_cgroup_as(cmd: &mut Command, cgroup: Option<&Path>, uid: Option<u32>) {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::process::CommandExt;

@@ -368,6 +368,10 @@ impl OidcProvider {
     }
 
     /// SIGTERM, then SIGKILL if it has not gone within five seconds. Idempotent.
+    #[allow(
+        unsafe_code,
+        reason = "kill(2): std only sends SIGKILL, the provider gets SIGTERM first"
+    )]
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;

@@ -69,6 +69,10 @@ fn parse() -> Args {
     a
 }
 
+#[allow(
+    unsafe_code,
+    reason = "setns(2), setgroups(2), setgid(2) and setuid(2) through libc: the probe enters its namespace and uid itself"
+)]
 fn main() {
     let args = parse();
     if let Some(cg) = &args.cgroup {
@@ -170,6 +174,10 @@ fn open(args: &Args, target: SocketAddr) -> std::io::Result<(TcpStream, bool)> {
     Ok((s.into(), false))
 }
 
+#[allow(
+    unsafe_code,
+    reason = "poll(2) on a socket2 socket, which has no safe wait for writability"
+)]
 fn wait_writable(s: &Socket) -> std::io::Result<()> {
     let mut pfd = libc::pollfd {
         fd: s.as_raw_fd(),
