@@ -16,11 +16,11 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   setup        install what the build and the tests need (Debian packages, nightly rust-src,
-               bpf-linker in .tools/), idempotently
+               bpf-linker and cargo-deny in .tools/), idempotently
   build-ebpf   build the kernel programs (nightly, bpfel-unknown-none)
   build        build-ebpf, then the agent (release)
-  test         setup, build, fmt check, clippy (warnings denied), every fuzz target briefly,
-               unit and end-to-end tests
+  test         setup, build, fmt check, clippy (warnings denied), cargo deny (licences, bans,
+               sources), every fuzz target briefly, unit and end-to-end tests
   fuzz [--seconds N]
                build every cargo-fuzz target (nightly, libFuzzer coverage) and run each for
                N seconds (default 60) from a fixed seed
@@ -108,6 +108,11 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // The advisories check is off: its database cannot be fetched on these machines.
+    step("dependency licences, bans and sources (cargo deny, deny.toml)");
+    run(Command::new(setup::cargo_deny_bin())
+        .args(["--all-features", "check", "licenses", "bans", "sources"])
+        .current_dir(root()))?;
     // Every fuzz target builds and runs a little, from a fixed seed.
     fuzz::run_all(FUZZ_SMOKE_SECONDS)?;
     step("building the agent and the test clients");

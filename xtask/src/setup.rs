@@ -1,6 +1,7 @@
 //! Installs what the project needs, idempotently: Debian packages, the nightly's
-//! rust-src, bpf-linker built against the nightly's own libLLVM in `.tools/`, the test
-//! OpenID Provider's npm packages, and a Python venv with psycopg in `.tools/venv`.
+//! rust-src, bpf-linker built against the nightly's own libLLVM in `.tools/`, cargo-deny in
+//! `.tools/cargo-deny`, the test OpenID Provider's npm packages, and a Python venv with
+//! psycopg in `.tools/venv`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,6 +23,7 @@ const PACKAGES: &[&str] = &[
     "pgbouncer",    // the PostgreSQL bench's peer: the agent is measured against it
     "python3-venv", // .tools/venv with psycopg, a second real client for the proxy tests
     "tmux",         // the interactive psql test drives a real terminal
+    "systemd",      // systemd-analyze verify/security check the shipped unit (not run as PID 1)
 ];
 
 /// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).
@@ -29,9 +31,14 @@ const PSYCOPG_VERSION: &str = "3.3.9";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// cargo-deny for `cargo xtask test`'s dependency check (deny.toml); this version builds with
+/// the workspace's pinned stable (it needs 1.88).
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 pub fn all() -> Result<()> {
     debian_packages(PACKAGES)?;
     ebpf_toolchain()?;
+    cargo_deny()?;
     oidc_provider()?;
     python_venv()
 }
@@ -285,6 +292,40 @@ fn bpf_linker() -> Result<()> {
         .env_remove("CARGO"))?;
     std::fs::write(&stamp, stamp_text)?;
     Ok(())
+}
+
+pub fn cargo_deny_bin() -> PathBuf {
+    root().join(".tools/cargo-deny/bin/cargo-deny")
+}
+
+/// cargo-deny at `CARGO_DENY_VERSION` in `.tools/cargo-deny`, built from crates.io with its
+/// own lock file; rebuilt only when missing or another version.
+fn cargo_deny() -> Result<()> {
+    let dir = root().join(".tools/cargo-deny");
+    let bin = cargo_deny_bin();
+    let wanted = format!("cargo-deny {CARGO_DENY_VERSION}");
+    let installed = output(Command::new(&bin).arg("--version"))
+        .ok()
+        .map(|v| v.trim().to_string());
+    if installed.as_deref() == Some(wanted.as_str()) {
+        println!(
+            "==> cargo-deny {CARGO_DENY_VERSION}: present in {}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    step(&format!(
+        "building cargo-deny {CARGO_DENY_VERSION} into {} (about four minutes, once)",
+        dir.display()
+    ));
+    run(Command::new("cargo")
+        .args(["install", "--locked", "--force"])
+        .arg(format!("cargo-deny@{CARGO_DENY_VERSION}"))
+        .arg("--root")
+        .arg(&dir)
+        .current_dir(root())
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS"))
 }
 
 pub fn is_root() -> bool {
