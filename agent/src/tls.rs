@@ -1,5 +1,5 @@
 //! The one TLS client configuration the agent uses for its own outbound connections
-//! (central audit store, syslog; later the protocol upstreams): rustls with the ring
+//! (the PostgreSQL upstreams, the central audit store, syslog): rustls with the ring
 //! provider, safe protocol versions, and the roots of a CA file or of the system.
 
 use std::path::Path;
