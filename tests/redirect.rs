@@ -1107,7 +1107,10 @@ fn agent_without_privileges_exits_with_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("missing capability CAP_NET_ADMIN"), "{err}");
+    assert!(
+        err.contains("missing capabilities CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN;"),
+        "{err}"
+    );
     assert!(!std::path::Path::new("/sys/fs/bpf/portcullis-e2e-unprivileged").exists());
 }
 

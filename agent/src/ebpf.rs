@@ -94,23 +94,58 @@ pub fn preflight(config: &Config) -> Result<PathBuf, EbpfError> {
             "the kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing); build it with CONFIG_DEBUG_INFO_BTF=y".into(),
         ));
     }
-    let caps = effective_capabilities()?;
-    for (bit, name) in [(12u32, "CAP_NET_ADMIN"), (21u32, "CAP_SYS_ADMIN")] {
-        if caps & (1u64 << bit) == 0 {
-            return Err(EbpfError::Preflight(format!(
-                "missing capability {name}; run the agent as root or grant it in the systemd unit"
-            )));
-        }
-    }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(io_err("reading /proc/self/mountinfo"))?;
+    let bpffs = bpffs_action(&mountinfo, &config.bpf.pin_dir).map_err(EbpfError::Preflight)?;
+    let missing = missing_capabilities(effective_capabilities()?, &bpffs);
+    if !missing.is_empty() {
+        let (noun, pronoun) = match missing.len() {
+            1 => ("capability", "it"),
+            _ => ("capabilities", "them"),
+        };
+        return Err(EbpfError::Preflight(format!(
+            "missing {noun} {}; run the agent as root or grant {pronoun} in the systemd unit",
+            missing.join(", ")
+        )));
+    }
     let cgroup_root = cgroup2_mount(&mountinfo).ok_or_else(|| {
         EbpfError::Preflight(
             "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)".into(),
         )
     })?;
-    ensure_bpffs(&mountinfo, &config.bpf.pin_dir)?;
+    ensure_bpffs(bpffs)?;
     Ok(cgroup_root)
+}
+
+// Bits of the capability sets (linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// What the agent needs, as the kernel checks it (CAP_SYS_ADMIN stands in for CAP_BPF and
+/// CAP_PERFMON, as bpf_capable() and perfmon_capable() allow). Found by running the agent
+/// with each one dropped from its bounding set (docs/install.md, "The systemd unit"):
+/// CAP_BPF loads programs and maps; CAP_PERFMON lets the verifier accept the programs'
+/// pointer arithmetic on map values; CAP_NET_ADMIN loads cgroup network programs and sets
+/// SO_MARK on upstream sockets; CAP_SYS_ADMIN only mounts bpffs when the boot did not.
+fn missing_capabilities(effective: u64, bpffs: &BpffsAction) -> Vec<&'static str> {
+    let has = |bit: u32| effective & (1u64 << bit) != 0;
+    let sys_admin = has(CAP_SYS_ADMIN);
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !sys_admin {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) && !sys_admin {
+        missing.push("CAP_PERFMON");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if matches!(bpffs, BpffsAction::Mount(_)) && !sys_admin {
+        missing.push("CAP_SYS_ADMIN (to mount bpffs at /sys/fs/bpf, which is not mounted)");
+    }
+    missing
 }
 
 fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
@@ -182,8 +217,8 @@ fn bpffs_action(mountinfo: &str, pin_dir: &Path) -> Result<BpffsAction, String> 
     }
 }
 
-fn ensure_bpffs(mountinfo: &str, pin_dir: &Path) -> Result<(), EbpfError> {
-    match bpffs_action(mountinfo, pin_dir).map_err(EbpfError::Preflight)? {
+fn ensure_bpffs(action: BpffsAction) -> Result<(), EbpfError> {
+    match action {
         BpffsAction::Ready => Ok(()),
         BpffsAction::Mount(root) => {
             std::fs::create_dir_all(&root)
@@ -666,6 +701,39 @@ mod tests {
             .unwrap_err()
             .contains("not on a bpf filesystem"));
         assert!(bpffs_action(&with, Path::new("relative")).is_err());
+    }
+
+    #[test]
+    fn capabilities_are_the_ones_the_kernel_checks() {
+        let bit = |b: u32| 1u64 << b;
+        let unit = bit(CAP_BPF) | bit(CAP_PERFMON) | bit(CAP_NET_ADMIN) | bit(10);
+        let ready = BpffsAction::Ready;
+        let mount = BpffsAction::Mount(PathBuf::from("/sys/fs/bpf"));
+        assert!(missing_capabilities(unit, &ready).is_empty());
+        assert!(missing_capabilities(u64::MAX, &mount).is_empty());
+        // CAP_SYS_ADMIN covers CAP_BPF and CAP_PERFMON (older units grant only it).
+        assert!(missing_capabilities(bit(CAP_SYS_ADMIN) | bit(CAP_NET_ADMIN), &mount).is_empty());
+        assert_eq!(
+            missing_capabilities(unit & !bit(CAP_PERFMON), &ready),
+            ["CAP_PERFMON"]
+        );
+        assert_eq!(
+            missing_capabilities(unit & !bit(CAP_BPF), &ready),
+            ["CAP_BPF"]
+        );
+        assert_eq!(
+            missing_capabilities(unit & !bit(CAP_NET_ADMIN) | bit(CAP_SYS_ADMIN), &ready),
+            ["CAP_NET_ADMIN"]
+        );
+        let missing = missing_capabilities(unit, &mount);
+        assert_eq!(missing.len(), 1);
+        assert!(missing
+            .iter()
+            .all(|m| m.starts_with("CAP_SYS_ADMIN (to mount bpffs")));
+        assert_eq!(
+            missing_capabilities(0, &ready),
+            ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
+        );
     }
 
     #[test]
