@@ -24,7 +24,6 @@ const PACKAGES: &[&str] = &[
     "python3-venv", // .tools/venv with psycopg, a second real client for the proxy tests
     "tmux",         // the interactive psql test drives a real terminal
     "systemd",      // systemd-analyze verify/security check the shipped unit (not run as PID 1)
-    "systemd",      // systemd-analyze verify/security check the shipped unit (not run as PID 1)
 ];
 
 /// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).
