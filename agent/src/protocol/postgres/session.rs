@@ -2608,36 +2608,29 @@ impl<'a> Session<'a> {
     }
 
     /// What the client is shown of a server error or notice while a masking profile applies;
-    /// `None`: as it is. An error that may quote a value the statement read (a data exception
-    /// such as a failed cast, an integrity violation's key, a PL/pgSQL exception), and any
-    /// notice (`RAISE NOTICE` puts anything in one), is withheld whole when the statement
-    /// reads a column a rule of the profile selects: rules select by column, not content, so
-    /// nothing in the text could be told apart. Otherwise the content detectors mask its
-    /// free-text fields.
+    /// `None`: as it is. Every error and notice is withheld whole, SQLSTATE kept, when the
+    /// statement reads a column a rule of the profile selects, or one before it in the
+    /// transaction did: rules select by column, not content, so nothing in the text could be
+    /// told apart. No class of SQLSTATE is safe to pass: a failed cast quotes its input (22),
+    /// a key its value (23, also at COMMIT for a deferred constraint, from a row an earlier
+    /// statement wrote), a name looked up at run time its text (`current_setting(email)`,
+    /// `nextval(email)`: 42704, 3F000), and `RAISE ... USING ERRCODE` chooses any SQLSTATE
+    /// and puts a value in the message or in the schema, table, column, datatype and
+    /// constraint fields. Otherwise the content detectors mask its free-text fields.
     fn screen_error(&mut self, fields: &ErrorFields, notice: bool) -> Option<ErrorFields> {
-        let may_quote = notice
-            || fields
-                .sqlstate()
-                .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("P0"));
-        if may_quote {
-            if let Some(profile) = self.reads_selected_columns() {
-                let sqlstate = fields.sqlstate().unwrap_or_default();
-                let mut shown = ErrorFields::new(
-                    fields.severity().unwrap_or("ERROR"),
-                    sqlstate,
-                    format!(
-                        "Portcullis: the server's {what} {sqlstate} is withheld: the statement reads columns that masking profile `{profile}` selects, and its text may quote their values",
-                        what = if notice { "notice" } else { "error" }
-                    ),
-                );
-                // Which table, column or constraint it concerns names no value.
-                for code in [b's', b't', b'c', b'd', b'n'] {
-                    if let Some(name) = fields.get(code) {
-                        shown.set(code, name.to_string());
-                    }
-                }
-                return Some(shown);
-            }
+        let profile = self
+            .reads_selected_columns()
+            .or_else(|| self.read_selected_in_transaction.clone());
+        if let Some(profile) = profile {
+            let sqlstate = fields.sqlstate().unwrap_or_default();
+            return Some(ErrorFields::new(
+                fields.severity().unwrap_or("ERROR"),
+                sqlstate,
+                format!(
+                    "Portcullis: the server's {what} {sqlstate} is withheld: the statement reads columns that masking profile `{profile}` selects (or one before it in the transaction did), and its text may quote their values",
+                    what = if notice { "notice" } else { "error" }
+                ),
+            ));
         }
         self.current_masker()
             .and_then(|m| mask_error_text(&m, fields))
