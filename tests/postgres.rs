@@ -1966,6 +1966,48 @@ fn masking_survives_renames_and_sql_in_text() {
             local_parts,
             &["23505", "withheld"],
         ),
+        // A write's RETURNING list (or a query reading a data-modifying WITH) shows what it
+        // stored under the written column's own name; these rows showed the value before.
+        (
+            "BEGIN; UPDATE customers SET note = email WHERE id = 1 RETURNING note AS z, id; ROLLBACK",
+            ANALYST,
+            emails,
+            &["[redacted]|1"],
+        ),
+        (
+            "BEGIN; INSERT INTO customers (id, note) SELECT id + 100, email FROM customers RETURNING id, note; ROLLBACK",
+            ANALYST,
+            emails,
+            &["101|[redacted]"],
+        ),
+        (
+            "BEGIN; INSERT INTO customers SELECT id + 100, name, note, card, email FROM customers RETURNING note; ROLLBACK",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "BEGIN; INSERT INTO customers (id, email) VALUES (1, 'x') \
+             ON CONFLICT (id) DO UPDATE SET note = customers.email RETURNING note; ROLLBACK",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "BEGIN; WITH u AS (UPDATE customers SET note = email RETURNING note) SELECT note FROM u; ROLLBACK",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "BEGIN; WITH s AS (SELECT id, email AS m FROM customers) \
+             UPDATE customers c SET note = s.m FROM s WHERE s.id = c.id RETURNING c.note; ROLLBACK",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // A constant stored is shown as it is.
+        ("BEGIN; UPDATE customers SET note = 'x' WHERE id = 1 RETURNING note, id; ROLLBACK", ANALYST, emails, &["x|1"]),
         // Held when tried: rows, arrays, JSON, aggregates, windows, grouping sets, encodings
         // and digests of the value, sampling, recursion, VALUES, XML, a cursor WITH HOLD.
         ("SELECT ROW(email, id) AS z FROM customers", ANALYST, emails, &["[redacted]"]),

@@ -74,7 +74,7 @@ mod tree;
 
 pub use copy::{CopyFormat, CopyOut, CopySource};
 pub use encoding::{is_ascii_safe_encoding, ASCII_SAFE_ENCODINGS};
-pub use sources::{NamedQuery, ResultSources, SourceRef};
+pub use sources::{Assigned, NamedQuery, ResultSources, SourceRef};
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};

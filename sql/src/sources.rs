@@ -25,6 +25,21 @@ pub struct ResultSources {
     /// Every column the query references anywhere: what a result column that cannot be lined
     /// up may come from.
     pub all: Vec<SourceRef>,
+    /// What the statement's writes (its own, or a data-modifying WITH's) store in a column.
+    /// The server names a RETURNING column, or a column read from such a WITH, as the
+    /// written table's column, so `UPDATE customers SET note = email RETURNING note` shows
+    /// an email under the name `note`: such a column is masked by what was stored in it too.
+    pub assigned: Vec<Assigned>,
+}
+
+/// A column a write in the statement stores a value in, and what that value may be computed
+/// from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assigned {
+    /// The column as written in `SET`, an INSERT's column list or a MERGE action; `None`:
+    /// any column of the written table (an INSERT without a column list).
+    pub column: Option<String>,
+    pub from: Vec<SourceRef>,
 }
 
 impl ResultSources {
@@ -121,9 +136,153 @@ pub(crate) fn result_sources(stmt: &Tree) -> Option<ResultSources> {
                     }
                 })
                 .collect();
-            Some(ResultSources { columns, all })
+            Some(ResultSources {
+                columns,
+                all,
+                assigned: Vec::new(),
+            })
         }
         _ => None,
+    }
+    .map(|mut sources| {
+        assignments(stmt, 0, &mut sources.assigned);
+        sources
+    })
+}
+
+/// What every INSERT, UPDATE and MERGE in `node` (the statement, or a WITH inside it) stores
+/// in which column. Conservative: an INSERT's or MERGE's columns each get everything its
+/// values or query reference unless they line up one to one.
+fn assignments(node: &Tree, depth: usize, out: &mut Vec<Assigned>) {
+    if depth > MAX_DEPTH {
+        out.push(Assigned {
+            column: None,
+            from: vec![anything()],
+        });
+        return;
+    }
+    match node {
+        Tree::Struct { name, fields } => {
+            match *name {
+                "UpdateStmt" => {
+                    let scope = write_scope(node, &["from_clause"]);
+                    set_targets(&scope, node.list("target_list"), out);
+                }
+                "InsertStmt" => insert_assignments(node, out),
+                "MergeStmt" => {
+                    let scope = write_scope(node, &["source_relation"]);
+                    for when in node.list("merge_when_clauses") {
+                        let targets = when.list("target_list");
+                        if when.list("values").is_empty() {
+                            set_targets(&scope, targets, out);
+                        } else {
+                            let from = scope.resolve_expr(when.field("values"));
+                            named_columns(targets, &from, out);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            for (_, value) in fields {
+                assignments(value, depth + 1, out);
+            }
+        }
+        Tree::List(items) => {
+            for item in items {
+                assignments(item, depth + 1, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The names a write's expressions see: its target table, its own WITH list, and the items
+/// of `extra` (UPDATE's FROM list, MERGE's source).
+fn write_scope(stmt: &Tree, extra: &[&str]) -> Scope {
+    let mut scope = Scope {
+        items: Vec::new(),
+        ctes: with_ctes(stmt, &[], 1, true),
+        depth: 0,
+        top_level: true,
+    };
+    scope.add(stmt.field("relation"), 1);
+    for field in extra {
+        match stmt.field(field) {
+            Tree::List(items) => {
+                for item in items {
+                    scope.add(item, 1);
+                }
+            }
+            item => scope.add(item, 1),
+        }
+    }
+    scope
+}
+
+/// `SET column = expression, ...`: each column gets what its own expression references.
+fn set_targets(scope: &Scope, targets: &[Tree], out: &mut Vec<Assigned>) {
+    for target in targets {
+        out.push(Assigned {
+            column: Some(target.str("name").to_owned()),
+            from: scope.resolve_expr(target.field("val")),
+        });
+    }
+}
+
+/// Each column of an INSERT's or a MERGE action's column list (`None` without one) gets
+/// `from`.
+fn named_columns(targets: &[Tree], from: &[SourceRef], out: &mut Vec<Assigned>) {
+    if targets.is_empty() {
+        out.push(Assigned {
+            column: None,
+            from: from.to_vec(),
+        });
+    }
+    for target in targets {
+        out.push(Assigned {
+            column: Some(target.str("name").to_owned()),
+            from: from.to_vec(),
+        });
+    }
+}
+
+/// An INSERT: its query's select list lined up with the column list when both are plain,
+/// else everything the query references for every column; `ON CONFLICT DO UPDATE SET`
+/// like an UPDATE's, where `excluded` is the row the INSERT proposed.
+fn insert_assignments(stmt: &Tree, out: &mut Vec<Assigned>) {
+    let ctes = with_ctes(stmt, &[], 1, true);
+    let query = stmt.field("select_stmt");
+    let cols = stmt.list("cols");
+    let inserted = match query.name() {
+        Some("SelectStmt") => {
+            let sources = select_sources(query, &ctes, 1, true);
+            match &sources.columns {
+                Some(columns) if !cols.is_empty() && columns.len() == cols.len() => {
+                    for (col, from) in cols.iter().zip(columns) {
+                        out.push(Assigned {
+                            column: Some(col.str("name").to_owned()),
+                            from: from.clone(),
+                        });
+                    }
+                }
+                _ => named_columns(cols, &sources.all, out),
+            }
+            sources.all
+        }
+        // DEFAULT VALUES stores nothing the statement computes.
+        None => Vec::new(),
+        Some(_) => {
+            named_columns(cols, &[anything()], out);
+            vec![anything()]
+        }
+    };
+    let targets = stmt.field("on_conflict_clause").list("target_list");
+    if !targets.is_empty() {
+        let mut scope = write_scope(stmt, &[]);
+        scope
+            .items
+            .push(("excluded".to_owned(), Item::Opaque(inserted)));
+        set_targets(&scope, targets, out);
     }
 }
 
@@ -151,6 +310,7 @@ fn select_sources(
         return ResultSources {
             columns: None,
             all: vec![anything()],
+            assigned: Vec::new(),
         };
     }
     let ctes = with_ctes(select, outer_ctes, depth, top_level);
@@ -160,7 +320,11 @@ fn select_sources(
         all.extend(select_sources(select.field("rarg"), &ctes, depth + 1, top_level).all);
         all.sort();
         all.dedup();
-        return ResultSources { columns: None, all };
+        return ResultSources {
+            columns: None,
+            all,
+            assigned: Vec::new(),
+        };
     }
     let mut scope = Scope {
         items: Vec::new(),
@@ -174,7 +338,11 @@ fn select_sources(
     let targets = select.list("target_list");
     if !select.list("values_lists").is_empty() || targets.iter().any(|t| is_star(t.field("val"))) {
         let all = scope.resolve_fields(select, false);
-        return ResultSources { columns: None, all };
+        return ResultSources {
+            columns: None,
+            all,
+            assigned: Vec::new(),
+        };
     }
     // Each part walked once: a subquery is analyzed once per level, not once for its column
     // and again for the whole (which would double the work at every level of nesting).
@@ -189,6 +357,7 @@ fn select_sources(
     ResultSources {
         columns: Some(columns),
         all,
+        assigned: Vec::new(),
     }
 }
 

@@ -321,3 +321,106 @@ fn renamed_columns_keep_their_sources() {
         );
     }
 }
+
+/// Whether a write in the statement stores in `column` (`None`: any column) something
+/// computed from `want`.
+fn stores(s: &ResultSources, column: Option<&str>, want: &SourceRef) -> bool {
+    s.assigned
+        .iter()
+        .any(|a| a.column.as_deref() == column && a.from.contains(want))
+}
+
+#[test]
+fn writes_name_what_they_store_in_each_column() {
+    let c = Some("customers");
+    let email = || r(c, Some("email"));
+    // (statement, column stored in, a source it must have)
+    let rows: Vec<(&str, Option<&str>, SourceRef)> = vec![
+        (
+            "UPDATE customers SET note = email RETURNING note",
+            Some("note"),
+            email(),
+        ),
+        (
+            "UPDATE customers SET note = lower(email) || '' RETURNING id",
+            Some("note"),
+            email(),
+        ),
+        // A multiple assignment from a subquery.
+        (
+            "UPDATE customers SET (note, id) = (SELECT email, 7 FROM customers) RETURNING note",
+            Some("note"),
+            // In a subquery a bare name may be an outer query's: "some table".
+            r(None, Some("email")),
+        ),
+        // UPDATE ... FROM a CTE that renames.
+        (
+            "WITH s AS (SELECT id, email AS m FROM customers) \
+             UPDATE customers c SET note = s.m FROM s WHERE s.id = c.id RETURNING c.note",
+            Some("note"),
+            email(),
+        ),
+        // INSERT ... SELECT lined up with the column list.
+        (
+            "INSERT INTO customers (id, note) SELECT id, email FROM customers RETURNING note",
+            Some("note"),
+            email(),
+        ),
+        // Without a column list: any column.
+        (
+            "INSERT INTO customers SELECT id, name, note, card, email FROM customers RETURNING note",
+            None,
+            email(),
+        ),
+        (
+            "INSERT INTO customers (id, note) VALUES (1, (SELECT email FROM customers LIMIT 1)) RETURNING note",
+            Some("note"),
+            // In a subquery a bare name may be an outer query's: "some table".
+            r(None, Some("email")),
+        ),
+        (
+            "INSERT INTO customers (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET note = customers.email RETURNING note",
+            Some("note"),
+            email(),
+        ),
+        // `excluded` is the proposed row: what the INSERT's query read.
+        (
+            "INSERT INTO customers (id, note) SELECT id, email FROM customers ON CONFLICT (id) DO UPDATE SET card = excluded.note RETURNING card",
+            Some("card"),
+            email(),
+        ),
+        // A data-modifying WITH read by the statement's query.
+        (
+            "WITH u AS (UPDATE customers SET note = email RETURNING note) SELECT note FROM u",
+            Some("note"),
+            email(),
+        ),
+        (
+            "WITH u AS (INSERT INTO customers (id, note) SELECT id, email FROM customers RETURNING *) SELECT * FROM u",
+            Some("note"),
+            email(),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (sql, column, want) in &rows {
+        let statements = classify(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let found = statements[0]
+            .result_sources
+            .as_deref()
+            .is_some_and(|s| stores(s, *column, want));
+        if !found {
+            failures.push(format!(
+                "{sql}: nothing stored in {column:?} from {want:?}: {:?}",
+                statements[0].result_sources
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // A constant stores nothing a rule could select; RETURNING id stores nothing in id.
+    let s = sources("UPDATE customers SET note = 'x' RETURNING note, id");
+    assert!(
+        s.assigned.iter().all(|a| a.from.is_empty()),
+        "{:?}",
+        s.assigned
+    );
+}

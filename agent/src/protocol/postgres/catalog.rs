@@ -530,6 +530,8 @@ fn through_views(
             .as_ref()
             .map(|columns| columns.iter().map(open).collect()),
         all: open(&sources.all),
+        // A view's definition is one query, which writes nothing.
+        assigned: Vec::new(),
     })
 }
 

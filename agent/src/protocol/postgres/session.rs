@@ -3116,6 +3116,26 @@ fn plan_rows(
                 derived_plan = true;
             }
         }
+        if !matches!(plan, ColumnPlan::Whole { .. }) && column_rules {
+            // A column a write of this statement stored a value in shows that value under
+            // the column's own name (RETURNING, or a query reading a data-modifying WITH).
+            if let Derived::Known(sources) = derived {
+                let column = origin
+                    .as_ref()
+                    .map_or(f.name.as_str(), |o| o.column.as_str());
+                let stored = sources
+                    .assigned
+                    .iter()
+                    .filter(|a| a.column.as_deref().is_none_or(|c| c == column))
+                    .flat_map(|a| a.from.iter())
+                    .map(|r| (r.table.as_deref(), r.column.as_deref()));
+                let by_stored = masker.plan_derived(&f.name, stored);
+                if matches!(by_stored, ColumnPlan::Whole { .. }) {
+                    plan = by_stored;
+                    derived_plan = true;
+                }
+            }
+        }
         masks_anything |= !matches!(plan, ColumnPlan::Untouched);
         nulled.push(derived_plan && null_if_typed(&plan, f.type_oid));
         columns.push((plan, f.format, f.type_oid));
