@@ -3500,4 +3500,60 @@ mod tests {
         }
         assert_eq!(portals.len(), 0, "no portal outlives its transaction");
     }
+
+    /// Every `pg_proc` name a called name may stand for: a quoted part may hold a `.`, so
+    /// every suffix is looked up, except the name after exactly `pg_catalog.`.
+    #[test]
+    fn a_called_name_is_looked_up_under_every_name_it_may_stand_for() {
+        use super::routine_candidates;
+        let rows: &[(&str, &[&str])] = &[
+            ("purge", &["purge"]),
+            ("app.purge", &["app.purge", "purge"]),
+            ("db.app.purge", &["db.app.purge", "app.purge", "purge"]),
+            // PostgreSQL's own, or a function named "pg_catalog.now" in another schema.
+            ("pg_catalog.now", &["pg_catalog.now"]),
+            // A schema named "x.pg_catalog" is not pg_catalog.
+            (
+                "x.pg_catalog.now",
+                &["x.pg_catalog.now", "pg_catalog.now", "now"],
+            ),
+            ("oid:1234", &["oid:1234"]),
+        ];
+        for &(called, want) in rows {
+            assert_eq!(routine_candidates(called), want, "{called}");
+        }
+    }
+
+    /// The statements after which a call's body read over the agent's own connection may not
+    /// be the one the call runs, until the transaction ends.
+    #[test]
+    fn statements_that_may_change_a_function_are_known() {
+        use super::may_change_routines;
+        let rows: &[(Option<&str>, bool, bool)] = &[
+            (Some("CREATE FUNCTION"), false, true),
+            (Some("CREATE PROCEDURE"), false, true),
+            (Some("ALTER FUNCTION"), false, true),
+            (Some("ALTER ROUTINE"), false, true),
+            (Some("DROP PROCEDURE"), false, true),
+            (Some("CREATE EXTENSION"), false, true),
+            (Some("ALTER EXTENSION"), false, true),
+            (Some("CREATE LANGUAGE"), false, true),
+            (Some("CREATE AGGREGATE"), false, true),
+            (Some("DO"), true, true),
+            (Some("SELECT"), true, true),
+            (Some("DO"), false, false),
+            (Some("SELECT"), false, false),
+            (Some("CREATE TABLE"), false, false),
+            (Some("DROP TABLE"), false, false),
+            (Some("CALL"), false, false),
+            (None, false, false),
+        ];
+        for &(command, dynamic, want) in rows {
+            assert_eq!(
+                may_change_routines(command, dynamic),
+                want,
+                "{command:?} dynamic {dynamic}"
+            );
+        }
+    }
 }
