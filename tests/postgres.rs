@@ -2008,6 +2008,40 @@ fn masking_survives_renames_and_sql_in_text() {
         ),
         // A constant stored is shown as it is.
         ("BEGIN; UPDATE customers SET note = 'x' WHERE id = 1 RETURNING note, id; ROLLBACK", ANALYST, emails, &["x|1"]),
+        // The statistics views list sampled values of every analyzed column (ANALYZE, or
+        // autovacuum's); these rows showed the emails before.
+        (
+            "ANALYZE customers; SELECT histogram_bounds FROM pg_stats WHERE tablename = 'customers' AND attname = 'email'",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "ANALYZE customers; SELECT histogram_bounds::text AS z FROM pg_catalog.pg_stats WHERE attname = 'email'",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "ANALYZE customers; SELECT histogram_bounds AS z FROM pg_stats WHERE attname = 'card'",
+            CARD_ANALYST,
+            cards,
+            &[],
+        ),
+        (
+            "CREATE STATISTICS IF NOT EXISTS mcv_stats (mcv) ON email, name FROM customers; ANALYZE customers; \
+             SELECT most_common_vals FROM pg_stats_ext WHERE statistics_name = 'mcv_stats'",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // Its other columns are shown as they are.
+        (
+            "ANALYZE customers; SELECT attname, null_frac FROM pg_stats WHERE tablename = 'customers' AND attname = 'email'",
+            ANALYST,
+            &[],
+            &["email|0"],
+        ),
         // Held when tried: rows, arrays, JSON, aggregates, windows, grouping sets, encodings
         // and digests of the value, sampling, recursion, VALUES, XML, a cursor WITH HOLD.
         ("SELECT ROW(email, id) AS z FROM customers", ANALYST, emails, &["[redacted]"]),

@@ -105,6 +105,40 @@ pub fn takes_query_text(function: &str) -> bool {
     .any(|known| unqualified(function).eq_ignore_ascii_case(known))
 }
 
+/// The catalog columns that hold values sampled from the analyzed columns of every table:
+/// `pg_statistic`'s `stavalues1`-`stavalues5`, shown by `pg_stats` as `most_common_vals`,
+/// `histogram_bounds` and `most_common_elems`, and `pg_statistic_ext_data`'s MCV lists and
+/// expression statistics, shown by `pg_stats_ext` and `pg_stats_ext_exprs`. After `ANALYZE`
+/// (or autovacuum's) `SELECT histogram_bounds FROM pg_stats` lists a column's values; which
+/// column's, only the row's `attname` says. The views' columns are listed as well as the
+/// tables': a computed value (`histogram_bounds::text`) names the view, not what it reads.
+const SAMPLED_VALUES: &[(&str, &str)] = &[
+    ("pg_statistic", "stavalues"),
+    ("pg_statistic_ext_data", "stxdmcv"),
+    ("pg_statistic_ext_data", "stxdexpr"),
+    ("pg_stats", "most_common_vals"),
+    ("pg_stats", "histogram_bounds"),
+    ("pg_stats", "most_common_elems"),
+    ("pg_stats_ext", "most_common_vals"),
+    ("pg_stats_ext_exprs", "most_common_vals"),
+    ("pg_stats_ext_exprs", "histogram_bounds"),
+    ("pg_stats_ext_exprs", "most_common_elems"),
+];
+
+/// Whether a source (as [`Masker::plan_derived`] takes it) may hold [`SAMPLED_VALUES`]: one of
+/// those columns (by name alone when its table is unknown; compared as a prefix, so
+/// `stavalues` covers all five), or a whole row of those tables.
+fn holds_sampled_values(table: Option<&str>, column: Option<&str>) -> bool {
+    SAMPLED_VALUES.iter().any(|(catalog, sampled)| {
+        let table_matches = table.is_none_or(|t| unqualified(t).eq_ignore_ascii_case(catalog));
+        let column_matches = column.is_none_or(|c| {
+            c.get(..sampled.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(sampled))
+        });
+        table_matches && column_matches && (table.is_some() || column.is_some())
+    })
+}
+
 fn unqualified(function: &str) -> &str {
     function.rsplit_once('.').map_or(function, |(_, name)| name)
 }
@@ -368,20 +402,27 @@ impl Masker {
     ) -> ColumnPlan {
         let mut selected: Option<usize> = None;
         for (table, column) in sources {
-            let first = self.rules.iter().position(|rule| match &rule.selector {
-                RuleTarget::Column(matcher) => column.is_none_or(|c| matcher.matches(c)),
-                RuleTarget::TableColumn(tc) => {
-                    let table_matches = table.is_none_or(|t| match t.split_once('.') {
-                        Some((schema, table)) => {
-                            tc.schema.eq_ignore_ascii_case(schema)
-                                && tc.table.eq_ignore_ascii_case(table)
-                        }
-                        None => tc.table.eq_ignore_ascii_case(t),
-                    });
-                    table_matches && column.is_none_or(|c| tc.column.eq_ignore_ascii_case(c))
-                }
-                RuleTarget::Content => false,
-            });
+            let first = if holds_sampled_values(table, column) {
+                // Any analyzed column's values: every column rule could select it.
+                self.rules
+                    .iter()
+                    .position(|rule| !matches!(rule.selector, RuleTarget::Content))
+            } else {
+                self.rules.iter().position(|rule| match &rule.selector {
+                    RuleTarget::Column(matcher) => column.is_none_or(|c| matcher.matches(c)),
+                    RuleTarget::TableColumn(tc) => {
+                        let table_matches = table.is_none_or(|t| match t.split_once('.') {
+                            Some((schema, table)) => {
+                                tc.schema.eq_ignore_ascii_case(schema)
+                                    && tc.table.eq_ignore_ascii_case(table)
+                            }
+                            None => tc.table.eq_ignore_ascii_case(t),
+                        });
+                        table_matches && column.is_none_or(|c| tc.column.eq_ignore_ascii_case(c))
+                    }
+                    RuleTarget::Content => false,
+                })
+            };
             selected = match (selected, first) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

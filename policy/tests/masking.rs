@@ -832,6 +832,41 @@ mask = "redact"
             vec![(Some("customers"), Some("name")), (None, Some("email"))],
             email,
         ),
+        // Values sampled from every analyzed column (pg_stats' histogram_bounds and
+        // most_common_vals, pg_stats_ext's MCV lists): the first column rule, whatever it
+        // names.
+        (vec![(Some("pg_statistic"), Some("stavalues1"))], email),
+        (
+            vec![(Some("pg_catalog.pg_statistic"), Some("stavalues5"))],
+            email,
+        ),
+        (vec![(None, Some("stavalues2"))], email),
+        (
+            vec![(Some("pg_statistic_ext_data"), Some("stxdmcv"))],
+            email,
+        ),
+        (vec![(None, Some("stxdexpr"))], email),
+        (vec![(Some("pg_statistic_ext_data"), None)], email),
+        // The views that show them, read in a computed value.
+        (
+            vec![(Some("pg_catalog.pg_stats"), Some("histogram_bounds"))],
+            email,
+        ),
+        (vec![(Some("pg_stats"), Some("most_common_vals"))], email),
+        (
+            vec![(Some("pg_stats_ext"), Some("most_common_vals"))],
+            email,
+        ),
+        (vec![(None, Some("most_common_elems"))], email),
+        (
+            vec![(Some("pg_stats"), Some("null_frac"))],
+            ColumnPlan::ContentOnly,
+        ),
+        // Its other columns hold no values.
+        (
+            vec![(Some("pg_statistic"), Some("stanullfrac"))],
+            ColumnPlan::ContentOnly,
+        ),
         // Nothing it uses is selected (count(*), now()): detectors only.
         (vec![], ColumnPlan::ContentOnly),
         (
