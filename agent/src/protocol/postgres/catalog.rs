@@ -69,8 +69,21 @@ pub struct Routine {
 /// Every function and procedure of one name, and when read.
 struct RoutinesNamed {
     routines: Arc<[Routine]>,
+    /// About what it holds: its definitions' length (what is read from them is of that order).
+    bytes: usize,
     fetched: Instant,
 }
+
+/// The bodies read, bounded in bytes as well as names: a body may be as long as the classifier
+/// accepts (1 MiB), and a user who can create functions chooses how many are called.
+#[derive(Default)]
+struct RoutineCache {
+    named: HashMap<RoutineKey, RoutinesNamed>,
+    bytes: usize,
+}
+
+/// Past this the cache of bodies starts over (names are bounded by [`MAX_TABLES`]).
+const MAX_ROUTINE_BYTES: usize = 64 * 1024 * 1024;
 
 type RoutineKey = (u32, String, String);
 
@@ -78,7 +91,7 @@ type RoutineKey = (u32, String, String);
 pub struct Catalog {
     tables: Mutex<HashMap<Key, Arc<TableColumns>>>,
     functions: Mutex<HashMap<Key, FunctionNames>>,
-    routines: Mutex<HashMap<RoutineKey, RoutinesNamed>>,
+    routines: Mutex<RoutineCache>,
     /// Moved on by [`Catalog::forget_routines`]: a lookup that began before keeps nothing.
     routines_generation: AtomicU64,
 }
@@ -153,7 +166,9 @@ impl Catalog {
         max_age: Duration,
     ) -> Option<Arc<[Routine]>> {
         let routines = self.routines.lock().unwrap_or_else(|p| p.into_inner());
-        let r = routines.get(&(target_id, db.to_string(), name.to_string()))?;
+        let r = routines
+            .named
+            .get(&(target_id, db.to_string(), name.to_string()))?;
         (r.fetched.elapsed() <= max_age).then(|| Arc::clone(&r.routines))
     }
 
@@ -163,7 +178,8 @@ impl Catalog {
     pub fn forget_routines(&self) {
         let mut routines = self.routines.lock().unwrap_or_else(|p| p.into_inner());
         self.routines_generation.fetch_add(1, Ordering::SeqCst);
-        routines.clear();
+        routines.named.clear();
+        routines.bytes = 0;
     }
 
     pub fn is_fresh(&self, target_id: u32, db: &str, table_oid: u32) -> bool {
@@ -308,8 +324,10 @@ impl Catalog {
     ) -> Result<(), String> {
         // A name without a row keeps an empty list: a call of it runs one of PostgreSQL's own
         // functions, or fails on the server.
-        let mut found: HashMap<&str, Vec<Routine>> =
-            names.iter().map(|n| (n.as_str(), Vec::new())).collect();
+        let mut found: HashMap<&str, (Vec<Routine>, usize)> = names
+            .iter()
+            .map(|n| (n.as_str(), (Vec::new(), 0)))
+            .collect();
         for row in rows {
             let name: &str = row.try_get(0).map_err(|e| e.to_string())?;
             let schema: String = row.try_get(1).map_err(|e| e.to_string())?;
@@ -317,6 +335,7 @@ impl Catalog {
             let definition: Option<String> = row.try_get(3).map_err(|e| e.to_string())?;
             // No definition: an aggregate or window function (whose support functions the
             // agent does not follow), or a function the server would not print. Opaque.
+            let bytes = definition.as_ref().map_or(0, String::len) + 256;
             let body = match definition {
                 Some(definition) => {
                     portcullis_sql::read_routine(&language, &definition).map_err(|e| e.to_string())
@@ -329,27 +348,36 @@ impl Catalog {
             let Some(entry) = names.iter().find(|n| n.as_str() == name) else {
                 continue;
             };
-            found.entry(entry.as_str()).or_default().push(Routine {
+            let (list, size) = found.entry(entry.as_str()).or_default();
+            list.push(Routine {
                 name: format!("{schema}.{name}"),
                 body,
             });
+            *size += bytes;
         }
         let mut routines = self.routines.lock().unwrap_or_else(|p| p.into_inner());
         if self.routines_generation.load(Ordering::SeqCst) != generation {
             return Ok(());
         }
-        if routines.len() > MAX_TABLES {
-            routines.clear();
+        let adding: usize = found.values().map(|(_, bytes)| bytes).sum();
+        if routines.named.len() > MAX_TABLES
+            || routines.bytes.saturating_add(adding) > MAX_ROUTINE_BYTES
+        {
+            routines.named.clear();
+            routines.bytes = 0;
         }
         let now = Instant::now();
-        for (name, list) in found {
-            routines.insert(
+        for (name, (list, bytes)) in found {
+            let replaced = routines.named.insert(
                 (target_id, db.to_string(), name.to_string()),
                 RoutinesNamed {
                     routines: list.into(),
+                    bytes,
                     fetched: now,
                 },
             );
+            let freed = replaced.map_or(0, |r| r.bytes);
+            routines.bytes = routines.bytes.saturating_add(bytes).saturating_sub(freed);
         }
         Ok(())
     }
