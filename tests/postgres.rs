@@ -2931,7 +2931,14 @@ fn statements_inside_called_functions_are_decided_like_top_level_ones() {
          CREATE FUNCTION run_text(q text) RETURNS void LANGUAGE plpgsql
            AS $$ BEGIN EXECUTE q; END $$;
          CREATE FUNCTION scratch_rows() RETURNS bigint LANGUAGE sql
-           AS $$ SELECT count(*) FROM scratch $$;",
+           AS $$ SELECT count(*) FROM scratch $$;
+         CREATE FUNCTION fact(n int) RETURNS int LANGUAGE plpgsql
+           AS $$ BEGIN IF n <= 1 THEN RETURN 1; END IF; RETURN n * fact(n - 1); END $$;
+         CREATE FUNCTION d5() RETURNS int LANGUAGE sql AS 'SELECT 5';
+         CREATE FUNCTION d4() RETURNS int LANGUAGE sql AS 'SELECT d5()';
+         CREATE FUNCTION d3() RETURNS int LANGUAGE sql AS 'SELECT d4()';
+         CREATE FUNCTION d2() RETURNS int LANGUAGE sql AS 'SELECT d3()';
+         CREATE FUNCTION d1() RETURNS int LANGUAGE sql AS 'SELECT d2()';",
     );
     let policy = &f.agent.status()["policy"];
     let (generation, count) = (
@@ -3002,6 +3009,17 @@ fn statements_inside_called_functions_are_decided_like_top_level_ones() {
     let out = run("SELECT scratch_rows()");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "1");
+    // A recursive function is read once; calls are followed 4 deep, and a body deeper is
+    // refused rather than run unread.
+    let out = run("SELECT fact(5), d2()");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "120|5");
+    let out = run("SELECT d1()");
+    let err = stderr(&out);
+    assert!(
+        err.contains("42501") && err.contains("more than 4 levels"),
+        "{err}"
+    );
 
     // A body replaced in the same string as the call is not committed when the agent could
     // read it: the call is opaque. Replaced on its own through the agent, the body read a
