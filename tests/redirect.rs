@@ -362,6 +362,42 @@ fn normal_user_cannot_bypass_the_redirect() {
             slot.mapped(1),
             vec!["--fastopen"],
         ),
+        // The closing attack pass (issue 15): other ways into the same connect.
+        (
+            "io_uring connect (IORING_OP_CONNECT)",
+            slot.v4(1),
+            vec!["--via", "io-uring"],
+        ),
+        (
+            "io_uring connect to IPv4-mapped IPv6",
+            slot.mapped(1),
+            vec!["--via", "io-uring"],
+        ),
+        (
+            "io_uring connect to 0.0.0.0",
+            any4,
+            vec!["--via", "io-uring"],
+        ),
+        (
+            "sendmsg with MSG_FASTOPEN",
+            slot.v4(1),
+            vec!["--via", "sendmsg-fastopen"],
+        ),
+        (
+            "TCP_FASTOPEN_CONNECT, then connect",
+            alias,
+            vec!["--via", "fastopen-connect"],
+        ),
+        (
+            "connect(AF_UNSPEC) after a connect elsewhere, then connect",
+            alias,
+            vec!["--via", "unspec-first"],
+        ),
+        (
+            "SO_BINDTODEVICE lo",
+            slot.v4(1),
+            vec!["--bind-device", "lo"],
+        ),
     ];
     for (what, addr, extra) in &cases {
         assert_via_proxy(&probe.connect(*addr, extra), what);
@@ -380,6 +416,10 @@ fn normal_user_cannot_bypass_the_redirect() {
     let mark = probe.run(&["setmark"]);
     assert_eq!(mark[0]["ok"], false);
     assert_eq!(mark[0]["errno"], EPERM);
+    // Nor choose any source address (IP_TRANSPARENT needs CAP_NET_ADMIN).
+    let transparent = probe.run(&["transparent"]);
+    assert_eq!(transparent[0]["ok"], false);
+    assert_eq!(transparent[0]["errno"], EPERM);
     // Nor can the user leave the cgroup the programs are attached to.
     let root = portcullis_e2e::cgroup2_root().unwrap();
     for dest in [root.clone(), root.join("portcullis-e2e")] {

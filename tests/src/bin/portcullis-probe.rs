@@ -30,6 +30,12 @@ struct Args {
     bind: Option<SocketAddr>,
     nonblocking: bool,
     fastopen: bool,
+    /// How else the connect is made: `io-uring` (IORING_OP_CONNECT), `sendmsg-fastopen`
+    /// (sendmsg(2) with MSG_FASTOPEN), `fastopen-connect` (TCP_FASTOPEN_CONNECT, then
+    /// connect), `unspec-first` (a connect elsewhere dissolved by connect(AF_UNSPEC) first).
+    via: Option<String>,
+    /// SO_BINDTODEVICE before the connect.
+    device: Option<String>,
     count: usize,
     hold_ms: u64,
 }
@@ -45,6 +51,8 @@ fn parse() -> Args {
         bind: None,
         nonblocking: false,
         fastopen: false,
+        via: None,
+        device: None,
         count: 1,
         hold_ms: 0,
     };
@@ -59,6 +67,8 @@ fn parse() -> Args {
             "--bind" => a.bind = it.next().map(|v| v.parse().unwrap()),
             "--nonblocking" => a.nonblocking = true,
             "--fastopen" => a.fastopen = true,
+            "--via" => a.via = it.next(),
+            "--bind-device" => a.device = it.next(),
             "--count" => a.count = it.next().unwrap().parse().unwrap(),
             "--hold-ms" => a.hold_ms = it.next().unwrap().parse().unwrap(),
             _ => positional.push(arg),
@@ -98,6 +108,16 @@ fn main() {
         "setmark" => {
             let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
             let r = s.set_mark(0x5043_4c53);
+            println!(
+                "{}",
+                json!({"ok": r.is_ok(), "errno": r.err().and_then(|e| e.raw_os_error())})
+            );
+        }
+        "transparent" => {
+            // IP_TRANSPARENT would let the socket use any source address; it needs
+            // CAP_NET_ADMIN (or CAP_NET_RAW).
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            let r = s.set_ip_transparent_v4(true);
             println!(
                 "{}",
                 json!({"ok": r.is_ok(), "errno": r.err().and_then(|e| e.raw_os_error())})
@@ -149,7 +169,40 @@ fn open(args: &Args, target: SocketAddr) -> std::io::Result<(TcpStream, bool)> {
     if let Some(b) = args.bind {
         s.bind(&b.into())?;
     }
+    if let Some(device) = &args.device {
+        s.bind_device(Some(device.as_bytes()))?;
+    }
     let addr = SockAddr::from(target);
+    match args.via.as_deref() {
+        None => {}
+        Some("io-uring") => {
+            io_uring_connect(&s, &addr)?;
+            return Ok((s.into(), false));
+        }
+        Some("sendmsg-fastopen") => {
+            const MSG_FASTOPEN: libc::c_int = 0x2000_0000;
+            let greeting = [std::io::IoSlice::new(b"hello\n")];
+            s.send_to_vectored_with_flags(&greeting, &addr, MSG_FASTOPEN)?;
+            return Ok((s.into(), true));
+        }
+        Some("fastopen-connect") => {
+            fastopen_connect(&s)?;
+        }
+        Some("unspec-first") => {
+            // A non-blocking connect to a closed port of an address nobody protects, then
+            // connect(AF_UNSPEC), which dissolves it and leaves the socket free to connect.
+            s.set_nonblocking(true)?;
+            let elsewhere: SocketAddr = if target.is_ipv4() {
+                "127.0.0.2:9".parse().unwrap()
+            } else {
+                "[::1]:9".parse().unwrap()
+            };
+            let _ = s.connect(&elsewhere.into());
+            unspec_connect(&s)?;
+            s.set_nonblocking(false)?;
+        }
+        Some(other) => panic!("unknown --via `{other}`"),
+    }
     if args.fastopen {
         const MSG_FASTOPEN: libc::c_int = 0x2000_0000;
         s.send_to_with_flags(b"hello\n", &addr, MSG_FASTOPEN)?;
@@ -172,6 +225,136 @@ fn open(args: &Args, target: SocketAddr) -> std::io::Result<(TcpStream, bool)> {
         s.connect(&addr)?;
     }
     Ok((s.into(), false))
+}
+
+#[allow(
+    unsafe_code,
+    reason = "connect(2) with an AF_UNSPEC address, which socket2 cannot build"
+)]
+fn unspec_connect(s: &Socket) -> std::io::Result<()> {
+    // SAFETY: a zeroed sockaddr is a valid AF_UNSPEC (0) address of its own length.
+    let unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr>()).unwrap();
+    // SAFETY: unspec lives across the call; len is its size.
+    let rc = unsafe { libc::connect(s.as_raw_fd(), &unspec, len) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[allow(
+    unsafe_code,
+    reason = "setsockopt(2) of TCP_FASTOPEN_CONNECT, which socket2 does not offer"
+)]
+fn fastopen_connect(s: &Socket) -> std::io::Result<()> {
+    const TCP_FASTOPEN_CONNECT: libc::c_int = 30;
+    let on: libc::c_int = 1;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap();
+    // SAFETY: `on` lives across the call; len is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_FASTOPEN_CONNECT,
+            std::ptr::from_ref(&on).cast(),
+            len,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One IORING_OP_CONNECT through a ring of its own (no liburing: setup, mmap, enter), the
+/// way an attacker would hope to get past hooks that watch connect(2). Blocks until done.
+#[allow(
+    unsafe_code,
+    reason = "io_uring_setup(2), mmap(2) and io_uring_enter(2) through libc: std has no io_uring"
+)]
+fn io_uring_connect(s: &Socket, addr: &SockAddr) -> std::io::Result<()> {
+    const IORING_OP_CONNECT: u8 = 16;
+    const IORING_OFF_CQ_RING: libc::off_t = 0x800_0000;
+    const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
+    const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
+    // struct io_uring_params: 10 words, then the SQ ring's offsets (head, tail, ring_mask,
+    // ring_entries, flags, dropped, array, resv1, user_addr) and the CQ ring's (head, tail,
+    // ring_mask, ring_entries, overflow, cqes, flags, resv1, user_addr), 120 bytes.
+    let mut params = [0u32; 30];
+    // SAFETY: params is the 120 writable bytes io_uring_setup fills in.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).unwrap();
+    let word = |i: usize| params[i] as usize;
+    let (sq_entries, cq_entries) = (word(0), word(1));
+    let (sq_tail, sq_mask, sq_array) = (word(11), word(12), word(16));
+    let (cq_head, cq_mask, cq_cqes) = (word(20), word(22), word(25));
+    let map = |len: usize, offset: libc::off_t| -> std::io::Result<*mut u8> {
+        // SAFETY: a fresh shared mapping of the ring fd at an offset the ABI defines.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(p.cast())
+    };
+    let sq = map(sq_array + sq_entries * 4, 0)?;
+    let cq = map(cq_cqes + cq_entries * 16, IORING_OFF_CQ_RING)?;
+    let sqes = map(sq_entries * 64, IORING_OFF_SQES)?;
+    // The SQE: opcode, fd, addrlen in `off`, the address in `addr`, user_data.
+    let mut sqe = [0u8; 64];
+    sqe[0] = IORING_OP_CONNECT;
+    sqe[4..8].copy_from_slice(&s.as_raw_fd().to_ne_bytes());
+    sqe[8..16].copy_from_slice(&u64::from(addr.len()).to_ne_bytes());
+    sqe[16..24].copy_from_slice(&(addr.as_ptr() as u64).to_ne_bytes());
+    sqe[32..40].copy_from_slice(&7u64.to_ne_bytes());
+    // SAFETY: the offsets are the kernel's for these mappings, each inside its length; the
+    // ring is this thread's alone, and io_uring_enter orders the writes before the kernel
+    // reads them.
+    let res = unsafe {
+        std::ptr::copy_nonoverlapping(sqe.as_ptr(), sqes, 64);
+        let tail = std::ptr::read_volatile(sq.add(sq_tail).cast::<u32>());
+        let mask = std::ptr::read_volatile(sq.add(sq_mask).cast::<u32>());
+        let slot = sq.add(sq_array + (tail & mask) as usize * 4).cast::<u32>();
+        std::ptr::write_volatile(slot, 0);
+        std::ptr::write_volatile(sq.add(sq_tail).cast::<u32>(), tail.wrapping_add(1));
+        let rc = libc::syscall(
+            libc::SYS_io_uring_enter,
+            fd,
+            1u32,
+            1u32,
+            IORING_ENTER_GETEVENTS,
+            std::ptr::null::<libc::sigset_t>(),
+            0usize,
+        );
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        let head = std::ptr::read_volatile(cq.add(cq_head).cast::<u32>());
+        let mask = std::ptr::read_volatile(cq.add(cq_mask).cast::<u32>());
+        // struct io_uring_cqe: user_data (u64), res (i32), flags (u32).
+        let cqe = cq.add(cq_cqes + (head & mask) as usize * 16);
+        let res = std::ptr::read_volatile(cqe.add(8).cast::<i32>());
+        libc::close(fd);
+        res
+    };
+    if res < 0 {
+        return Err(std::io::Error::from_raw_os_error(-res));
+    }
+    Ok(())
 }
 
 #[allow(
