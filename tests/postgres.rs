@@ -2074,6 +2074,29 @@ fn masking_survives_renames_and_sql_in_text() {
             &["[redacted]"],
         ),
         ("COPY (SELECT email AS z FROM customers) TO STDOUT", ANALYST, emails, refused),
+        // Queries a DO block prepared or opened with dynamic SQL, run at top level: their
+        // sources are unknown, so a computed column counts as computed from anything.
+        (
+            "DO $$ BEGIN EXECUTE 'PREPARE pp AS SELECT lower(email) AS z FROM customers'; END $$; EXECUTE pp",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        (
+            "BEGIN; DO $$ DECLARE c refcursor := 'rc'; BEGIN OPEN c FOR EXECUTE 'SELECT lower(email) AS z FROM customers'; END $$; \
+             FETCH ALL FROM rc; COMMIT",
+            ANALYST,
+            emails,
+            &["[redacted]"],
+        ),
+        // The SQL-text functions' schema forms and ts_rewrite's query.
+        ("SELECT table_to_xml_and_xmlschema('customers', true, true, '')", ANALYST, emails, refused),
+        (
+            "SELECT ts_rewrite('a'::tsquery, 'select to_tsquery(''simple'', split_part(email, ''@'', 1)), to_tsquery(''x'') from customers')",
+            ANALYST,
+            local_parts,
+            &["42501", "ts_rewrite"],
+        ),
         (
             "LISTEN c; SELECT pg_notify('c', email) FROM customers",
             ANALYST,
