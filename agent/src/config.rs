@@ -714,7 +714,7 @@ pub struct ProtectedTarget {
     pub name: String,
     pub protocol: Protocol,
     /// The configured addresses and CIDRs (`address` and `addresses`); a `host`'s
-    /// addresses change at run time and live in `crate::dns::ResolvedHosts`.
+    /// addresses change at run time and live in the resolver's `ResolvedHosts`.
     pub addresses: Vec<TargetAddress>,
     /// The DNS name whose A and AAAA records are protected too.
     pub host: Option<String>,
@@ -731,7 +731,7 @@ pub const MAX_ADDRESSES_PER_TARGET: usize = 64;
 
 impl ProtectedTarget {
     /// Whether a configured address or CIDR of this target covers `ip` (a `host`'s
-    /// resolved addresses are asked of `crate::dns::ResolvedHosts`).
+    /// resolved addresses are asked of the resolver's `ResolvedHosts`).
     pub fn covers(&self, ip: IpAddr) -> bool {
         self.addresses.iter().any(|a| a.contains(ip))
     }
@@ -744,6 +744,44 @@ impl ProtectedTarget {
         }
         parts.join(", ")
     }
+}
+
+/// Checks a `host` value and returns it in the form that is looked up: lower case, no
+/// trailing dot. Only names: an address belongs in `address`/`addresses`.
+pub fn validate_host_name(name: &str) -> Result<String, String> {
+    let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
+    if lower.parse::<IpAddr>().is_ok() {
+        return Err(format!(
+            "`{name}` is an address; list it in `address` or `addresses`"
+        ));
+    }
+    if lower.is_empty() || lower.len() > 253 {
+        return Err(format!("`{name}` is not a DNS name (1 to 253 characters)"));
+    }
+    let labels: Vec<&str> = lower.split('.').collect();
+    for label in &labels {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(format!(
+                "`{name}` is not a DNS name (labels of letters, digits and inner `-`, 1 to 63 characters)"
+            ));
+        }
+    }
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "`{name}` is not a DNS name (all-numeric last label)"
+        ));
+    }
+    Ok(lower)
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 addresses for every decision we make.
@@ -1090,7 +1128,7 @@ impl Config {
             let host = match &t.host {
                 None => None,
                 Some(h) => Some(
-                    crate::dns::validate_host_name(h.get_ref())
+                    validate_host_name(h.get_ref())
                         .map_err(|m| (h.span(), format!("target[{i}].host: {m}")))?,
                 ),
             };

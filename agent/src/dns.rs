@@ -37,44 +37,6 @@ pub enum DnsError {
     },
 }
 
-/// Checks a `host` value and returns it in the form that is looked up: lower case, no
-/// trailing dot. Only names: an address belongs in `address`/`addresses`.
-pub fn validate_host_name(name: &str) -> Result<String, String> {
-    let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
-    if lower.parse::<IpAddr>().is_ok() {
-        return Err(format!(
-            "`{name}` is an address; list it in `address` or `addresses`"
-        ));
-    }
-    if lower.is_empty() || lower.len() > 253 {
-        return Err(format!("`{name}` is not a DNS name (1 to 253 characters)"));
-    }
-    let labels: Vec<&str> = lower.split('.').collect();
-    for label in &labels {
-        let ok = !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !ok {
-            return Err(format!(
-                "`{name}` is not a DNS name (labels of letters, digits and inner `-`, 1 to 63 characters)"
-            ));
-        }
-    }
-    if labels
-        .last()
-        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return Err(format!(
-            "`{name}` is not a DNS name (all-numeric last label)"
-        ));
-    }
-    Ok(lower)
-}
-
 /// The addresses each `host` target resolved to, read on every accepted connection.
 #[derive(Default)]
 pub struct ResolvedHosts {
@@ -313,6 +275,8 @@ pub fn join(addresses: &BTreeSet<IpAddr>) -> String {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    use crate::config::validate_host_name;
 
     #[test]
     fn host_names_are_checked_and_normalised() {

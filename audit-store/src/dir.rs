@@ -8,6 +8,11 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+/// Modes of what the store creates, whatever the umask: the trail holds statements and
+/// identities, so only the owner reads it.
+pub(crate) const DIR_MODE: u32 = 0o700;
+pub(crate) const FILE_MODE: u32 = 0o600;
+
 const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".jsonl";
 /// Twenty digits hold any u64, so names sort in sequence order as plain strings too.
@@ -110,7 +115,7 @@ pub(crate) fn write_anchor(dir: &Path, seal: &Seal) -> Result<(), StoreError> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(crate::store::FILE_MODE)
+        .mode(FILE_MODE)
         .open(&tmp)
         .map_err(StoreError::io(&tmp, "create anchor"))?;
     file.write_all(&line)

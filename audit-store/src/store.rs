@@ -3,7 +3,7 @@
 
 use crate::dir::{
     list_segments, read_anchor, read_tail_seal, segment_file_name, sync_dir, write_anchor,
-    SegmentFile, LOCK_FILE,
+    SegmentFile, DIR_MODE, FILE_MODE, LOCK_FILE,
 };
 use crate::encoded::EventBytes;
 use crate::error::StoreError;
@@ -21,11 +21,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Modes of what the store creates, whatever the umask: the trail holds statements and
-/// identities, so only the owner reads it.
-pub(crate) const DIR_MODE: u32 = 0o700;
-pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// Milliseconds since the Unix epoch. Injected so that rotation by age can be tested.
 pub trait Clock: Send + Sync {

@@ -17,6 +17,7 @@ mod load;
 mod mask;
 mod request;
 mod settings;
+mod sql_text;
 
 pub use decision::{
     Decision, Effect, Explanation, Obligation, PolicyEffect, PolicyId, PolicyOutcome, PolicyVerdict,
@@ -25,12 +26,10 @@ pub use engine::{PolicyInfo, PolicySet, RequiredApproval};
 pub use error::{LoadError, LoadWarning, Location, Problem};
 pub use live::LivePolicySet;
 pub use load::{is_policy_set_file, APPROVALS_FILE, MASKING_FILE, SCHEMA};
-pub use mask::{
-    runs_sql_text, takes_query_text, ColumnOrigin, ColumnPlan, Masker, Unmaskable, FORMAT_BINARY,
-    FORMAT_TEXT, SQL_TEXT_FUNCTIONS,
-};
+pub use mask::{ColumnOrigin, ColumnPlan, Masker, Unmaskable, FORMAT_BINARY, FORMAT_TEXT};
 pub use request::{Action, Context, Principal, PrincipalKind, Request, Target, STATEMENT_CLASSES};
 pub use settings::{
     ApprovalSettings, ColumnMatcher, Detector, MaskKind, MaskRule, MaskingProfile, Selector,
     TableColumn,
 };
+pub use sql_text::{runs_sql_text, takes_query_text, SQL_TEXT_FUNCTIONS};

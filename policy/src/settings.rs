@@ -389,14 +389,14 @@ pub(crate) fn parse_masking(
         for function in entry.allow_sql_text_functions {
             let span = function.span();
             let function = function.into_inner().to_ascii_lowercase();
-            if crate::mask::runs_sql_text(&function) {
+            if crate::sql_text::runs_sql_text(&function) {
                 allow_sql_text_functions.push(function);
             } else {
                 file.report(
                     span,
                     format!(
                         "key `allow_sql_text_functions` of masking profile `{name}`: `{function}` is not a function known to run SQL given as text ({}); only those are refused, so only those can be allowed",
-                        crate::mask::SQL_TEXT_FUNCTIONS.join(", ")
+                        crate::sql_text::SQL_TEXT_FUNCTIONS.join(", ")
                     ),
                 );
             }
