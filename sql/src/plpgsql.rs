@@ -103,6 +103,11 @@ fn collect(value: &Value, node: &str, field: &str, body: &mut Body) -> Result<()
             }
         }
         Value::Object(members) => {
+            // Key order, whatever the map keeps: serde_json keeps insertion order when another
+            // crate in the build turns on `preserve_order`, sorted order otherwise, and the
+            // statements must come back the same either way.
+            let mut members: Vec<(&String, &Value)> = members.iter().collect();
+            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
             for (key, member) in members {
                 if key == "PLpgSQL_expr" {
                     expression(member, node, field, body)?;
