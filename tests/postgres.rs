@@ -181,6 +181,39 @@ impl PgFixture {
         }
     }
 
+    /// Adds a policy file of `added` policies and waits until the agent has reloaded it.
+    fn add_policies(&self, file: &str, text: &str, added: u64) {
+        let policy = &self.agent.status()["policy"];
+        let (generation, count) = (
+            policy["generation"].as_u64().unwrap(),
+            policy["policies"].as_u64().unwrap(),
+        );
+        let dir = self.agent.dir.path().join("policies");
+        let staged = dir.join(format!(".{file}.staged"));
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, dir.join(file)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let p = self.agent.status()["policy"].clone();
+            assert!(p["last_error"].is_null(), "{p}");
+            if p["generation"].as_u64().unwrap() > generation
+                && p["policies"].as_u64() == Some(count + added)
+            {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no reload: {p}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the test table `scratch` still exists ("t" or "f", as psql prints it).
+    fn scratch_exists(&self) -> String {
+        self.pg
+            .psql("app", "SELECT to_regclass('public.scratch') IS NOT NULL")
+            .trim()
+            .to_owned()
+    }
+
     fn run_as(&self, uid: u32) -> RunAs<'_> {
         RunAs {
             uid: Some(uid),
@@ -2820,31 +2853,8 @@ fn statements_inside_do_blocks_are_decided_like_top_level_ones() {
         "app",
         "SET ROLE app; CREATE TABLE scratch (id int); INSERT INTO scratch VALUES (1);",
     );
-    let policy = &f.agent.status()["policy"];
-    let (generation, count) = (
-        policy["generation"].as_u64().unwrap(),
-        policy["policies"].as_u64().unwrap(),
-    );
-    let dir = f.agent.dir.path().join("policies");
-    std::fs::write(dir.join(".do.cedar.staged"), DO_POLICIES).unwrap();
-    std::fs::rename(dir.join(".do.cedar.staged"), dir.join("do.cedar")).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let p = f.agent.status()["policy"].clone();
-        assert!(p["last_error"].is_null(), "{p}");
-        if p["generation"].as_u64().unwrap() > generation
-            && p["policies"].as_u64() == Some(count + 2)
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no reload: {p}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let scratch_exists = || {
-        f.pg.psql("app", "SELECT to_regclass('public.scratch') IS NOT NULL")
-            .trim()
-            .to_owned()
-    };
+    f.add_policies("do.cedar", DO_POLICIES, 2);
+    let scratch_exists = || f.scratch_exists();
     let run = |sql: &str| f.psql(ENGINEER, "app", "require", &["-c", sql]);
 
     // The statement on its own, then the same statement through EXECUTE of a constant, with
@@ -2963,31 +2973,8 @@ fn statements_inside_called_functions_are_decided_like_top_level_ones() {
          CREATE FUNCTION d2() RETURNS int LANGUAGE sql AS 'SELECT d3()';
          CREATE FUNCTION d1() RETURNS int LANGUAGE sql AS 'SELECT d2()';",
     );
-    let policy = &f.agent.status()["policy"];
-    let (generation, count) = (
-        policy["generation"].as_u64().unwrap(),
-        policy["policies"].as_u64().unwrap(),
-    );
-    let dir = f.agent.dir.path().join("policies");
-    std::fs::write(dir.join(".do.cedar.staged"), DO_POLICIES).unwrap();
-    std::fs::rename(dir.join(".do.cedar.staged"), dir.join("do.cedar")).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let p = f.agent.status()["policy"].clone();
-        assert!(p["last_error"].is_null(), "{p}");
-        if p["generation"].as_u64().unwrap() > generation
-            && p["policies"].as_u64() == Some(count + 2)
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no reload: {p}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let scratch_exists = || {
-        f.pg.psql("app", "SELECT to_regclass('public.scratch') IS NOT NULL")
-            .trim()
-            .to_owned()
-    };
+    f.add_policies("do.cedar", DO_POLICIES, 2);
+    let scratch_exists = || f.scratch_exists();
     let run = |sql: &str| f.psql(ENGINEER, "app", "require", &["-c", sql]);
     let refused_by = |sql: &str, policy: &str, names: &[&str]| {
         let out = run(sql);

@@ -486,40 +486,12 @@ mod tests {
 
     #[test]
     fn values_that_change_how_statements_are_read_are_restricted() {
-        for ok in [
-            "UTF8",
-            "utf8",
-            "'utf-8'",
-            "Unicode",
-            "SQL_ASCII",
-            "sql-ascii",
-            "LATIN1",
-            "win1252",
-            "EUC_JP",
-            "iso_8859_5",
-            "KOI8R",
-        ] {
+        // The encodings themselves are tabled in portcullis-sql's `is_ascii_safe_encoding`;
+        // here, that the start-up check asks it, quoted spellings included.
+        for ok in ["UTF8", "'utf-8'", "LATIN1"] {
             assert!(check(&s(&[("client_encoding", ok)])).is_ok(), "{ok}");
         }
-        for refused in [
-            "SJIS",
-            "sjis",
-            "Shift_JIS",
-            "SHIFT_JIS_2004",
-            "mskanji",
-            "BIG5",
-            "GBK",
-            "GB18030",
-            "UHC",
-            "JOHAB",
-            "WIN932",
-            "WIN950",
-            "WIN936",
-            "WIN949",
-            "",
-            "auto",
-            "no such",
-        ] {
+        for refused in ["SJIS", "GBK", "no such"] {
             let e = check(&s(&[("client_encoding", refused)])).unwrap_err();
             assert!(
                 matches!(&e, ParamError::Value { name: "client_encoding", value, .. } if value == refused),
