@@ -480,15 +480,7 @@ impl Proxy {
             // close is a FIN after the error, not a reset that could discard it.
             let mut sink = [0u8; 1024];
             let _ = client.try_read(&mut sink);
-            let mut out = bytes::BytesMut::new();
-            portcullis_pgwire::encode_error_response(
-                &portcullis_pgwire::ErrorFields::new(
-                    "FATAL",
-                    "53300",
-                    format!("Portcullis: {why}"),
-                ),
-                &mut out,
-            );
+            let out = crate::protocol::postgres::capacity_refusal(&why);
             let _ = client.try_write(&out);
         }
         let detail = RefusedDetail {

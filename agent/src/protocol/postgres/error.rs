@@ -19,6 +19,8 @@ pub mod sqlstate {
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     pub const DUPLICATE_CURSOR: &str = "42P03";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const IO_ERROR: &str = "58030";
 }
 
 /// Why the agent refuses a session or a statement.
@@ -73,6 +75,13 @@ pub enum PgError {
     /// A value a masking profile selects could not be masked; the session ends.
     #[error("{0}")]
     Unmaskable(String),
+    /// The agent ended the session (the user's login ended, or the agent is stopping);
+    /// a driver reads 57P01 as "reconnect later", as after a server shutdown.
+    #[error("the session was closed by the agent (logout, session end or shutdown)")]
+    ClosedByAgent,
+    /// The audit trail cannot be written, so nothing more runs unrecorded; the session ends.
+    #[error("{0}")]
+    AuditUnwritable(String),
 }
 
 impl PgError {
@@ -107,6 +116,8 @@ impl PgError {
             PgError::Unparsable(_) => SYNTAX_ERROR,
             PgError::NameRefused { sqlstate, .. } => sqlstate,
             PgError::Limit(_) => PROGRAM_LIMIT_EXCEEDED,
+            PgError::ClosedByAgent => ADMIN_SHUTDOWN,
+            PgError::AuditUnwritable(_) => IO_ERROR,
         }
     }
 
@@ -209,5 +220,26 @@ mod tests {
         let server = ErrorFields::new("FATAL", "3D000", "database \"nope\" does not exist");
         let f = PgError::Upstream(UpstreamError::Refused(server)).to_fields();
         assert_eq!(f.sqlstate(), Some("3D000"));
+    }
+
+    #[test]
+    fn the_agents_own_endings_are_fatal_with_their_sqlstates_and_messages() {
+        let f = PgError::ClosedByAgent.to_fields();
+        assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("57P01")));
+        assert_eq!(
+            f.message(),
+            Some(
+                "Portcullis: the session was closed by the agent (logout, session end or shutdown)"
+            )
+        );
+        let f = PgError::AuditUnwritable("the audit trail cannot be written".into()).to_fields();
+        assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("58030")));
+        assert_eq!(
+            f.message(),
+            Some("Portcullis: the audit trail cannot be written")
+        );
+        let f = PgError::Capacity("too many connections".into()).to_fields();
+        assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("53300")));
+        assert_eq!(f.message(), Some("Portcullis: too many connections"));
     }
 }

@@ -30,6 +30,17 @@ use crate::proxy::{Incoming, Proxy};
 
 pub use cancel::CancelMap;
 
+/// The ErrorResponse for a connection refused over its uid's limits (53300, what the
+/// server says when it has no slot), for the proxy that refuses before any session exists.
+pub fn capacity_refusal(why: &str) -> bytes::BytesMut {
+    let mut out = bytes::BytesMut::new();
+    portcullis_pgwire::encode_error_response(
+        &error::PgError::Capacity(why.to_owned()).to_fields(),
+        &mut out,
+    );
+    out
+}
+
 /// State every PostgreSQL session of this agent shares.
 pub struct Shared {
     pub ca: LocalCa,

@@ -636,10 +636,7 @@ impl<'a> Session<'a> {
             let flow = tokio::select! {
                 () = &mut cancelled => {
                     let mut out = BytesMut::new();
-                    encode_error_response(
-                        &ErrorFields::new("FATAL", "57P01", "Portcullis: the session was closed by the agent (logout, session end or shutdown)"),
-                        &mut out,
-                    );
+                    encode_error_response(&PgError::ClosedByAgent.to_fields(), &mut out);
                     let _ = write_out(&mut client, &out).await;
                     Flow::End("closed by the agent".into())
                 }
@@ -667,7 +664,7 @@ impl<'a> Session<'a> {
                         Ok(_) if self.proxy.audit().write_refusal().is_some() => {
                             let why = self.proxy.audit().write_refusal().unwrap_or_default();
                             encode_error_response(
-                                &ErrorFields::new("FATAL", "58030", format!("Portcullis: {why}")),
+                                &PgError::AuditUnwritable(why.clone()).to_fields(),
                                 &mut to_client,
                             );
                             Flow::End(why)
