@@ -312,7 +312,9 @@ where
     let started = on_data_plane(&state.data_plane, async move {
         match identity.login_start(uid).await {
             Ok(s) => Response::LoginStarted(s),
-            Err(message) => Response::Error { message },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
         }
     })
     .await;
@@ -331,7 +333,9 @@ where
     let result = tokio::select! {
         r = state.identity.login_wait(uid, login_id) => match r {
             Ok(s) => Response::LoggedIn(s),
-            Err(message) => Response::Error { message },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
         },
         // Dropping `login_wait` cancels the login.
         _ = tokio::io::AsyncReadExt::read(read, &mut probe) => return Ok(()),
@@ -362,7 +366,9 @@ async fn respond(req: Request, peer: Peer, state: &ControlState) -> Response {
             on_data_plane(&state.data_plane, async move {
                 match identity.login_token(uid, &token).await {
                     Ok(s) => Response::LoggedIn(s),
-                    Err(message) => Response::Error { message },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
                 }
             })
             .await
@@ -531,7 +537,7 @@ fn user_status(peer: Peer, state: &ControlState) -> StatusReport {
                 .collect();
             (permitted, None)
         }
-        Err(why) => (Vec::new(), Some(why)),
+        Err(why) => (Vec::new(), Some(why.to_string())),
     };
     let mut connections = proxy.registry.views(Some(peer.uid));
     for c in &mut connections {

@@ -629,7 +629,7 @@ impl Proxy {
                     origin: &origin,
                     target: self.target_for(&origin),
                     identity: None,
-                    reason,
+                    reason: reason.to_string(),
                     decision: "error",
                     policy_ids: Vec::new(),
                     db_user: None,

@@ -197,7 +197,7 @@ pub struct LoginStarted {
 
 struct PendingLogin {
     uid: u32,
-    result: watch::Receiver<Option<Result<SessionView, String>>>,
+    result: watch::Receiver<Option<Result<SessionView, LoginError>>>,
     cancel: CancellationToken,
 }
 
@@ -229,6 +229,55 @@ pub enum IdentityError {
     Oidc(#[from] OidcError),
     #[error("{0}")]
     Config(String),
+}
+
+/// Why a redirected connection has no identity. The text is what the client and the
+/// audit trail see, and names what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    /// A service account's client-credentials token is missing or expired; `last_error` is
+    /// why the agent's last fetch failed, if it did.
+    #[error("service identity `{service}` has no valid token{}", last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
+    ServiceToken {
+        service: String,
+        last_error: Option<String>,
+    },
+    /// The uid logged in, but the login has expired.
+    #[error("no valid login for {who}: run `portcullis login`")]
+    LoginExpired { who: String },
+    /// The uid never logged in (or logged out).
+    #[error("no valid login for {who}: run `portcullis login`")]
+    NoLogin { who: String },
+}
+
+/// Why a login did not complete; the text is what `portcullis login` prints.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoginError {
+    #[error("no identity provider is configured (identity.issuer)")]
+    NoIssuer,
+    #[error("{0}: finish or cancel a login first")]
+    TooManyPending(crate::limits::Limited),
+    /// The issuer could not be reached, refused the grant, or its token did not validate.
+    #[error("{0}")]
+    Issuer(Arc<OidcError>),
+    #[error("the identity provider returned no ID token (is `openid` in the scopes?)")]
+    NoIdToken,
+    #[error("{0}")]
+    Store(Arc<std::io::Error>),
+    #[error("no login {0} in progress for this user")]
+    NotInProgress(u64),
+    #[error("the login ended without a result")]
+    EndedWithoutResult,
+    #[error("the token is malformed: no readable `iss` claim")]
+    MalformedToken,
+    #[error("issuer `{0}` is not trusted for workload logins")]
+    UntrustedIssuer(String),
+}
+
+impl From<OidcError> for LoginError {
+    fn from(e: OidcError) -> Self {
+        LoginError::Issuer(Arc::new(e))
+    }
 }
 
 pub struct IdentityService {
@@ -346,7 +395,7 @@ impl IdentityService {
     }
 
     /// The identity for a redirected connection, or why there is none (for the user).
-    pub fn resolve(&self, origin: &Origin) -> Result<Identity, String> {
+    pub fn resolve(&self, origin: &Origin) -> Result<Identity, ResolveError> {
         let unix = |kind| Identity {
             kind,
             uid: origin.uid,
@@ -376,17 +425,12 @@ impl IdentityService {
                 id.issuer = self.provider.as_ref().map(|p| p.issuer().to_string());
                 return Ok(id);
             }
-            return Err(format!(
-                "service identity `{}` has no valid token{}",
-                svc.name,
-                state
-                    .last_error
-                    .as_deref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            ));
+            return Err(ResolveError::ServiceToken {
+                service: svc.name.clone(),
+                last_error: state.last_error.clone(),
+            });
         }
-        if let Some(s) = self.lock_sessions().get(&origin.uid) {
+        let expired = if let Some(s) = self.lock_sessions().get(&origin.uid) {
             if s.expires_at > now {
                 let mut id = unix(s.kind);
                 id.subject = Some(s.subject.clone());
@@ -396,12 +440,19 @@ impl IdentityService {
                 id.issuer = Some(s.issuer.clone());
                 return Ok(id);
             }
-        }
+            true
+        } else {
+            false
+        };
         if self.unix_only {
             return Ok(unix(IdentityKind::Unix));
         }
         let who = account_name(origin.uid).unwrap_or_else(|| format!("uid {}", origin.uid));
-        Err(format!("no valid login for {who}: run `portcullis login`"))
+        Err(if expired {
+            ResolveError::LoginExpired { who }
+        } else {
+            ResolveError::NoLogin { who }
+        })
     }
 
     fn unit_cgroup_id(&self, unit: &str) -> Option<u64> {
@@ -413,14 +464,12 @@ impl IdentityService {
         std::fs::metadata(dir).ok().map(|m| m.ino())
     }
 
-    fn issuer(&self) -> Result<&Arc<Provider>, String> {
-        self.provider
-            .as_ref()
-            .ok_or_else(|| "no identity provider is configured (identity.issuer)".to_string())
+    fn issuer(&self) -> Result<&Arc<Provider>, LoginError> {
+        self.provider.as_ref().ok_or(LoginError::NoIssuer)
     }
 
     /// Starts a device-grant login for `uid`; the agent polls in the background.
-    pub async fn login_start(self: &Arc<Self>, uid: u32) -> Result<LoginStarted, String> {
+    pub async fn login_start(self: &Arc<Self>, uid: u32) -> Result<LoginStarted, LoginError> {
         let provider = Arc::clone(self.issuer()?);
         // Held by the polling task below: each pending flow costs the agent a task and the
         // issuer a poll every few seconds until it expires.
@@ -429,12 +478,11 @@ impl IdentityService {
             let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(limited.to_string());
             ev.identity = Some(unix_identity(uid).into());
             self.audit.record(ev);
-            format!("{limited}: finish or cancel a login first")
+            LoginError::TooManyPending(limited)
         })?;
         let device = provider
             .start_device(&self.config.client_id, &self.config.scopes.join(" "))
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let login_id = self.next_login.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
         let cancel = CancellationToken::new();
@@ -463,11 +511,11 @@ impl IdentityService {
                 .await
             {
                 Ok(tokens) => this.finish_login(uid, &provider, tokens).await,
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.into()),
             };
             drop(permit);
             if let Err(e) = &outcome {
-                let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.clone());
+                let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.to_string());
                 ev.identity = Some(unix_identity(uid).into());
                 this.audit.record(ev);
             }
@@ -487,20 +535,15 @@ impl IdentityService {
         uid: u32,
         provider: &Provider,
         tokens: oidc::TokenResponse,
-    ) -> Result<SessionView, String> {
-        let id_token = tokens
-            .id_token
-            .ok_or("the identity provider returned no ID token (is `openid` in the scopes?)")?;
+    ) -> Result<SessionView, LoginError> {
+        let id_token = tokens.id_token.ok_or(LoginError::NoIdToken)?;
         let audience = self
             .config
             .audience
             .clone()
             .unwrap_or_else(|| self.config.client_id.clone());
         let expect = self.expectations(provider.issuer(), &audience, &Default::default());
-        let claims = provider
-            .validate(id_token.expose(), &expect)
-            .await
-            .map_err(|e| e.to_string())?;
+        let claims = provider.validate(id_token.expose(), &expect).await?;
         self.store(Session::new(
             uid,
             IdentityKind::User,
@@ -509,8 +552,8 @@ impl IdentityService {
         ))
     }
 
-    fn store(&self, session: Session) -> Result<SessionView, String> {
-        save_session(&self.sessions_dir, &session).map_err(|e| e.to_string())?;
+    fn store(&self, session: Session) -> Result<SessionView, LoginError> {
+        save_session(&self.sessions_dir, &session).map_err(|e| LoginError::Store(Arc::new(e)))?;
         let view = session.view();
         let mut ev = AuditEvent::new(EventKind::LoginSucceeded).reason(format!(
             "{:?} login until {}",
@@ -525,12 +568,12 @@ impl IdentityService {
 
     /// Waits for a login started by the same uid. Dropping the future (the CLI went away,
     /// Ctrl-C) cancels the login.
-    pub async fn login_wait(&self, uid: u32, login_id: u64) -> Result<SessionView, String> {
+    pub async fn login_wait(&self, uid: u32, login_id: u64) -> Result<SessionView, LoginError> {
         let (mut rx, cancel) = {
             let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             match pending.get(&login_id) {
                 Some(p) if p.uid == uid => (p.result.clone(), p.cancel.clone()),
-                _ => return Err(format!("no login {login_id} in progress for this user")),
+                _ => return Err(LoginError::NotInProgress(login_id)),
             }
         };
         let guard = cancel.drop_guard();
@@ -539,7 +582,7 @@ impl IdentityService {
                 break r;
             }
             if rx.changed().await.is_err() {
-                break Err("the login ended without a result".to_string());
+                break Err(LoginError::EndedWithoutResult);
             }
         };
         guard.disarm();
@@ -547,9 +590,8 @@ impl IdentityService {
     }
 
     /// Logs in with a workload token (a CI pipeline's OIDC JWT) from a trusted issuer.
-    pub async fn login_token(&self, uid: u32, token: &str) -> Result<SessionView, String> {
-        let issuer =
-            unverified_issuer(token).ok_or("the token is malformed: no readable `iss` claim")?;
+    pub async fn login_token(&self, uid: u32, token: &str) -> Result<SessionView, LoginError> {
+        let issuer = unverified_issuer(token).ok_or(LoginError::MalformedToken)?;
         let Some((trusted, provider)) = self
             .trusted
             .iter()
@@ -559,9 +601,7 @@ impl IdentityService {
                 .reason(format!("untrusted issuer `{issuer}`"));
             ev.identity = Some(unix_identity(uid).into());
             self.audit.record(ev);
-            return Err(format!(
-                "issuer `{issuer}` is not trusted for workload logins"
-            ));
+            return Err(LoginError::UntrustedIssuer(issuer));
         };
         let expect = self.expectations(
             provider.issuer(),
@@ -574,7 +614,7 @@ impl IdentityService {
                 let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.to_string());
                 ev.identity = Some(unix_identity(uid).into());
                 self.audit.record(ev);
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         self.store(Session::new(uid, IdentityKind::Workload, claims, None))
@@ -933,6 +973,56 @@ fn load_sessions(dir: &Path) -> HashMap<u32, Session> {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    /// The client, `portcullis status` and the audit trail show these words; the e2e suites
+    /// match them.
+    #[test]
+    fn identity_and_login_errors_read_as_before() {
+        let who = || "alice".to_string();
+        assert_eq!(
+            ResolveError::NoLogin { who: who() }.to_string(),
+            "no valid login for alice: run `portcullis login`"
+        );
+        assert_eq!(
+            ResolveError::LoginExpired { who: who() }.to_string(),
+            "no valid login for alice: run `portcullis login`"
+        );
+        let service = |last_error: Option<&str>| ResolveError::ServiceToken {
+            service: "etl".into(),
+            last_error: last_error.map(str::to_string),
+        };
+        assert_eq!(
+            service(None).to_string(),
+            "service identity `etl` has no valid token"
+        );
+        assert_eq!(
+            service(Some("issuer unreachable")).to_string(),
+            "service identity `etl` has no valid token: issuer unreachable"
+        );
+        assert_eq!(
+            LoginError::NoIssuer.to_string(),
+            "no identity provider is configured (identity.issuer)"
+        );
+        assert_eq!(
+            LoginError::TooManyPending(crate::limits::Limited::Logins(2)).to_string(),
+            format!(
+                "{}: finish or cancel a login first",
+                crate::limits::Limited::Logins(2)
+            )
+        );
+        assert_eq!(
+            LoginError::NotInProgress(7).to_string(),
+            "no login 7 in progress for this user"
+        );
+        assert_eq!(
+            LoginError::UntrustedIssuer("https://ci.example".into()).to_string(),
+            "issuer `https://ci.example` is not trusted for workload logins"
+        );
+        assert_eq!(
+            LoginError::MalformedToken.to_string(),
+            "the token is malformed: no readable `iss` claim"
+        );
+    }
 
     #[test]
     fn secrets_never_print() {

@@ -27,7 +27,7 @@ pub mod sqlstate {
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("{0}")]
-    NoIdentity(String),
+    NoIdentity(crate::identity::ResolveError),
     #[error("connection denied by policy: {reason}")]
     ConnectDenied {
         reason: String,
@@ -202,8 +202,15 @@ mod tests {
 
     #[test]
     fn no_identity_is_fatal_28000_and_says_what_to_do() {
-        let f = PgError::NoIdentity("no login for uid 1000".into()).to_fields();
+        let f = PgError::NoIdentity(crate::identity::ResolveError::NoLogin {
+            who: "uid 1000".into(),
+        })
+        .to_fields();
         assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("28000")));
+        assert_eq!(
+            f.message(),
+            Some("Portcullis: no valid login for uid 1000: run `portcullis login`")
+        );
         assert!(f.get(b'H').unwrap().contains("portcullis login"));
     }
 

@@ -125,7 +125,7 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     incoming: Incoming,
     client: tokio::net::TcpStream,
-    identity: Result<Identity, String>,
+    identity: Result<Identity, crate::identity::ResolveError>,
 ) {
     let Some(shared) = proxy.postgres() else {
         tracing::error!("a PostgreSQL target without PostgreSQL state; refusing");

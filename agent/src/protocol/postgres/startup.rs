@@ -36,7 +36,7 @@ pub async fn run(
     shared: &Shared,
     incoming: Incoming,
     client: TcpStream,
-    identity: Result<Identity, String>,
+    identity: Result<Identity, crate::identity::ResolveError>,
 ) {
     if let Err(e) = client.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY on the client socket");
@@ -141,10 +141,9 @@ async fn admit<'s>(
     incoming: &Incoming,
     client: &mut Stream,
     startup: &StartupMessage,
-    identity: Result<Identity, String>,
+    identity: Result<Identity, crate::identity::ResolveError>,
 ) -> Result<Admitted<'s>, Refused> {
-    let identity =
-        identity.map_err(|reason| (PgError::NoIdentity(reason), None, "error", Vec::new()))?;
+    let identity = identity.map_err(|e| (PgError::NoIdentity(e), None, "error", Vec::new()))?;
     let fail = |e: PgError| (e, Some(identity.clone()), "error", Vec::new());
     let (Some(db_user), Some(db_name)) = (startup.user(), startup.database()) else {
         return Err(fail(PgError::Protocol(
