@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::audit::{now_ms, AuditEvent, AuditLog, Encoded, EventKind};
+use crate::audit::{now_ms, AuditEvent, AuditLog, Decision, Encoded, EventKind};
 use crate::config::{canonical_ip, Config, ProtectedTarget, Protocol};
 use crate::ebpf::Enforcement;
 use crate::identity::{Identity, IdentityService};
@@ -246,14 +246,14 @@ pub struct Refusal<'a> {
     pub identity: Option<&'a Identity>,
     pub reason: String,
     /// allow, deny, approval or error.
-    pub decision: &'a str,
+    pub decision: Decision,
     pub policy_ids: Vec<String>,
     pub db_user: Option<&'a str>,
     pub db_name: Option<&'a str>,
 }
 
 impl<'a> Refusal<'a> {
-    /// A refusal of `incoming` before any policy decision (`decision: "error"`).
+    /// A refusal of `incoming` before any policy decision (`decision: error`).
     pub fn of(incoming: &'a Incoming, identity: Option<&'a Identity>, reason: String) -> Self {
         Self {
             id: incoming.id,
@@ -262,7 +262,7 @@ impl<'a> Refusal<'a> {
             target: Some(&incoming.target),
             identity,
             reason,
-            decision: "error",
+            decision: Decision::Error,
             policy_ids: Vec::new(),
             db_user: None,
             db_name: None,
@@ -449,7 +449,7 @@ impl Proxy {
             "{}: {} more refusal(s) of {who} in {} ms, not recorded one by one",
             s.reason, s.count, s.interval_ms
         ));
-        ev.decision = Some("error".into());
+        ev.decision = Some(Decision::Error.into());
         ev.count = Some(s.count);
         ev.client = Some(s.last.peer.to_string().into());
         ev.origin = s.last.origin.map(Into::into);
@@ -495,7 +495,7 @@ impl Proxy {
                 target,
                 identity: None,
                 reason: why,
-                decision: "error",
+                decision: Decision::Error,
                 policy_ids: Vec::new(),
                 db_user: None,
                 db_name: None,
@@ -630,7 +630,7 @@ impl Proxy {
                     target: self.target_for(&origin),
                     identity: None,
                     reason: reason.to_string(),
-                    decision: "error",
+                    decision: Decision::Error,
                     policy_ids: Vec::new(),
                     db_user: None,
                     db_name: None,
@@ -653,7 +653,7 @@ impl Proxy {
         admission: Admission,
     ) {
         let refuse_with = |reason: String,
-                           decision: &str,
+                           decision: Decision,
                            policy_ids: &[String],
                            target: Option<&ProtectedTarget>| {
             self.record_refusal(Refusal {
@@ -670,7 +670,7 @@ impl Proxy {
             });
         };
         let refuse = |reason: String, target: Option<&ProtectedTarget>| {
-            refuse_with(reason, "error", &[], target)
+            refuse_with(reason, Decision::Error, &[], target)
         };
         let target = match self.target_for(&origin) {
             Some(t) => t,
@@ -698,7 +698,7 @@ impl Proxy {
             portcullis_policy::Effect::Deny => {
                 refuse_with(
                     format!("denied by policy: {}", decision.reason),
-                    "deny",
+                    Decision::Deny,
                     &policy_ids,
                     Some(target),
                 );
@@ -714,7 +714,7 @@ impl Proxy {
                         "requires {approvals} approval(s) from `{approver_group}`, and approvals are not available yet: {}",
                         decision.reason
                     ),
-                    "approval",
+                    Decision::Approval,
                     &policy_ids,
                     Some(target),
                 );
@@ -765,7 +765,7 @@ impl Proxy {
             close_reason: Mutex::new(None),
         });
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
-        opened.decision = Some("allow".into());
+        opened.decision = Some(Decision::Allow.into());
         opened.policy_ids = policy_ids.into();
         // The opened event gates the connection: nothing is forwarded that is not on disk,
         // unless the operator chose availability over the trail (`keep_enforcing`).
@@ -829,7 +829,7 @@ impl Proxy {
     /// Records a refused connection of a protocol handler that answers in its own protocol.
     pub fn record_refusal(&self, r: Refusal<'_>) {
         let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(r.reason);
-        ev.decision = Some(r.decision.to_string().into());
+        ev.decision = Some(r.decision.into());
         ev.policy_ids = r.policy_ids.into();
         ev.connection_id = Some(r.id);
         ev.client = Some(r.peer.to_string().into());
@@ -883,7 +883,7 @@ impl Proxy {
             close_reason: Mutex::new(None),
         });
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
-        opened.decision = Some("allow".into());
+        opened.decision = Some(Decision::Allow.into());
         opened.policy_ids = o.policy_ids.into();
         opened.db_user = o.db_user.as_deref().map(Into::into);
         opened.db_name = o.db_name.as_deref().map(Into::into);

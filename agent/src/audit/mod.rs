@@ -191,6 +191,44 @@ pub struct StatementEventParts {
     database: portcullis_audit_store::Fields,
 }
 
+/// The decision an event records (its `decision` field). The words are the audit schema's:
+/// searches (`audit search --decision`) and the SIEM's severity match them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny,
+    /// The policy asks for an approval the agent cannot obtain yet.
+    Approval,
+    /// Refused before or without a policy decision (no identity, a limit, a failure).
+    Error,
+    /// A statement of a batch that never ran because one before it failed.
+    NotRun,
+}
+
+impl Decision {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Approval => "approval",
+            Decision::Error => "error",
+            Decision::NotRun => "not_run",
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Decision> for Cow<'static, str> {
+    fn from(d: Decision) -> Self {
+        Cow::Borrowed(d.as_str())
+    }
+}
+
 /// What one statement event says about its statement. `statement` and `classification` are
 /// encoded once per statement the session knows ([`StatementEventParts::statement_fields`]),
 /// so a prepared statement executed again escapes its text again never.
@@ -1052,6 +1090,22 @@ fn read_signing_key(path: &Path) -> Result<portcullis_audit_store::SigningKey, A
 mod tests {
     use super::*;
     use crate::identity::IdentityKind;
+
+    /// The schema's decision words; searches and the SIEM's severity match them.
+    #[test]
+    fn decisions_record_the_schemas_words() {
+        let words: Vec<Cow<'static, str>> = [
+            Decision::Allow,
+            Decision::Deny,
+            Decision::Approval,
+            Decision::Error,
+            Decision::NotRun,
+        ]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+        assert_eq!(words, ["allow", "deny", "approval", "error", "not_run"]);
+    }
 
     fn identity() -> Identity {
         Identity {

@@ -471,7 +471,7 @@ pub fn severity(event_type: &str, decision: Option<&str>) -> u8 {
             | "audit.integrity"
             | "audit.spool_full"
     );
-    if alert || decision == Some("deny") {
+    if alert || decision == Some(super::Decision::Deny.as_str()) {
         SEVERITY_WARNING
     } else {
         SEVERITY_INFO

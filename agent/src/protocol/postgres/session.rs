@@ -34,6 +34,7 @@ use super::error::{sqlstate, PgError};
 use super::stream::{fill, write_out, Stream};
 use super::upstream::Upstream;
 use super::Shared;
+use crate::audit::Decision;
 use crate::audit::{
     AuditEvent, EventKind, StatementEncoded, StatementEventParts, StatementFields, StatementRecord,
 };
@@ -920,7 +921,7 @@ impl<'a> Session<'a> {
                     for other in parsed.iter().filter(|o| !std::ptr::eq(*o, statement)) {
                         self.record_denied(
                             &StatementInfo::from_parsed(other),
-                            "not_run",
+                            Decision::NotRun,
                             &[],
                             "another statement of the same query string was denied",
                             sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -986,7 +987,13 @@ impl<'a> Session<'a> {
                     "Parse of statement {name:?}, which already exists in this session, is refused (close it first)"
                 ),
             };
-            self.record_denied(&unparsed(&sql), "error", &[], &e.to_string(), e.sqlstate());
+            self.record_denied(
+                &unparsed(&sql),
+                Decision::Error,
+                &[],
+                &e.to_string(),
+                e.sqlstate(),
+            );
             self.send_failing_parse(&name, e, to_server);
             return;
         }
@@ -996,7 +1003,13 @@ impl<'a> Session<'a> {
                 self.prepared.named.len(),
                 self.prepared.bytes
             ));
-            self.record_denied(&unparsed(&sql), "error", &[], &e.to_string(), e.sqlstate());
+            self.record_denied(
+                &unparsed(&sql),
+                Decision::Error,
+                &[],
+                &e.to_string(),
+                e.sqlstate(),
+            );
             self.send_failing_parse(&name, e, to_server);
             return;
         }
@@ -1120,7 +1133,7 @@ impl<'a> Session<'a> {
                 message,
             };
             let info = unparsed(&format!("-- Bind of portal {portal:?}"));
-            self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
+            self.record_denied(&info, Decision::Error, &[], &e.to_string(), e.sqlstate());
             self.send_failing_bind(portal, e, to_server);
             return;
         }
@@ -1131,7 +1144,7 @@ impl<'a> Session<'a> {
                 self.portals.bytes
             ));
             let info = unparsed(&format!("-- Bind of portal {portal:?}"));
-            self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
+            self.record_denied(&info, Decision::Error, &[], &e.to_string(), e.sqlstate());
             self.send_failing_bind(portal, e, to_server);
             return;
         }
@@ -1148,7 +1161,7 @@ impl<'a> Session<'a> {
                 ),
             };
             let info = unparsed(&format!("-- Bind of statement {statement:?}"));
-            self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
+            self.record_denied(&info, Decision::Error, &[], &e.to_string(), e.sqlstate());
             self.send_failing_bind(portal, e, to_server);
             return;
         };
@@ -1199,7 +1212,7 @@ impl<'a> Session<'a> {
                 ),
             };
             let info = unparsed(&format!("-- Execute of portal {portal:?}"));
-            self.record_denied(&info, "error", &[], &e.to_string(), e.sqlstate());
+            self.record_denied(&info, Decision::Error, &[], &e.to_string(), e.sqlstate());
             encode_frontend(
                 &FrontendMessage::Execute {
                     portal: DENIED_MARKER.to_string(),
@@ -1305,7 +1318,7 @@ impl<'a> Session<'a> {
                 ),
                 policy_ids: Vec::new(),
             };
-            self.record_denied(&info, "deny", &[], &e.to_string(), e.sqlstate());
+            self.record_denied(&info, Decision::Deny, &[], &e.to_string(), e.sqlstate());
             self.inject_denied_query(e, to_server);
             return;
         };
@@ -1336,7 +1349,7 @@ impl<'a> Session<'a> {
         let decided = self.decide(&set, &info).and_then(|verdict| {
             fast_path_sql_text(&verdict, &names, call)
                 .map(|()| verdict)
-                .map_err(|(e, ids)| (e, "deny", ids))
+                .map_err(|(e, ids)| (e, Decision::Deny, ids))
         });
         match decided {
             Ok(verdict) => {
@@ -1350,7 +1363,7 @@ impl<'a> Session<'a> {
                     &info,
                     &arguments,
                     profile,
-                    "allow",
+                    Decision::Allow,
                     &verdict.policy_ids,
                     None,
                     Some("FUNCTION CALL".into()),
@@ -1392,8 +1405,10 @@ impl<'a> Session<'a> {
         &mut self,
         set: &Arc<PolicySet>,
         info: &StatementInfo,
-    ) -> Result<Verdict, (PgError, &'static str, Vec<String>)> {
-        let calls = self.read_calls(info).map_err(|e| (e, "deny", Vec::new()))?;
+    ) -> Result<Verdict, (PgError, Decision, Vec<String>)> {
+        let calls = self
+            .read_calls(info)
+            .map_err(|e| (e, Decision::Deny, Vec::new()))?;
         let mut inner_ids: Vec<String> = Vec::new();
         let mut inner_masker = None;
         let inside = info
@@ -1649,7 +1664,7 @@ impl<'a> Session<'a> {
         &mut self,
         set: &Arc<PolicySet>,
         info: &StatementInfo,
-    ) -> Result<Verdict, (PgError, &'static str, Vec<String>)> {
+    ) -> Result<Verdict, (PgError, Decision, Vec<String>)> {
         let now = i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0);
         // Within one second, under one policy set, the request for a statement of the same
         // shape is the same request (principal, target, client and database are the
@@ -1689,7 +1704,7 @@ impl<'a> Session<'a> {
                                 ),
                                 policy_ids: ids.clone(),
                             },
-                            "deny",
+                            Decision::Deny,
                             ids,
                         ));
                     }
@@ -1711,7 +1726,7 @@ impl<'a> Session<'a> {
                     reason: decision.reason,
                     policy_ids: ids.clone(),
                 },
-                "deny",
+                Decision::Deny,
                 ids,
             )),
             Effect::RequireApproval {
@@ -1724,7 +1739,7 @@ impl<'a> Session<'a> {
                     ),
                     policy_ids: ids.clone(),
                 },
-                "approval",
+                Decision::Approval,
                 ids,
             )),
         }
@@ -2569,7 +2584,7 @@ impl<'a> Session<'a> {
             &r.info,
             &r.parameters,
             r.verdict.masker.as_ref().map(|(p, _)| Arc::clone(p)),
-            "allow",
+            Decision::Allow,
             &r.verdict.policy_ids,
             rows,
             tag,
@@ -2591,7 +2606,7 @@ impl<'a> Session<'a> {
         for statement in block.inner.iter() {
             let info = StatementInfo::from_parsed(statement);
             let mut ev = self.statement_event(EventKind::StatementExecuted, &info, &Arc::from([]));
-            ev.decision = Some("allow".into());
+            ev.decision = Some(Decision::Allow.into());
             ev.policy_ids = Arc::clone(policy_ids);
             ev.reason = Some(format!(
                 "inside the DO block `{}`, decided with it; ran if the block reached it",
@@ -2709,7 +2724,7 @@ impl<'a> Session<'a> {
                             &other.info,
                             &Arc::from([]),
                             None,
-                            "not_run",
+                            Decision::NotRun,
                             &other.verdict.policy_ids,
                             None,
                             None,
@@ -2743,7 +2758,7 @@ impl<'a> Session<'a> {
                             &r.info,
                             &r.parameters,
                             None,
-                            "not_run",
+                            Decision::NotRun,
                             &r.verdict.policy_ids,
                             None,
                             None,
@@ -2770,7 +2785,7 @@ impl<'a> Session<'a> {
             for r in running {
                 let mut ev =
                     self.statement_event(EventKind::StatementExecuted, &r.info, &r.parameters);
-                ev.decision = Some("allow".into());
+                ev.decision = Some(Decision::Allow.into());
                 ev.policy_ids = Arc::clone(&r.verdict.policy_ids);
                 ev.reason = Some(format!("unfinished: {why}"));
                 self.proxy.audit().record(ev);
@@ -2816,15 +2831,15 @@ impl<'a> Session<'a> {
         info: &StatementInfo,
         parameters: &Arc<[Option<String>]>,
         masking_profile: Option<Arc<str>>,
-        decision: &'static str,
+        decision: Decision,
         policy_ids: &Arc<[String]>,
         rows: Option<u64>,
         tag: Option<String>,
         sqlstate: Option<String>,
         duration_us: Option<u64>,
     ) {
-        let reason =
-            (decision == "not_run").then_some("not run: an earlier statement or message failed");
+        let reason = (decision == Decision::NotRun)
+            .then_some("not run: an earlier statement or message failed");
         let statement = || {
             info.encoded.get_or_init(|| {
                 StatementEventParts::statement_fields(
@@ -2841,7 +2856,7 @@ impl<'a> Session<'a> {
                 kind: EventKind::StatementExecuted,
                 time_ms: crate::audit::now_ms(),
                 reason,
-                decision,
+                decision: decision.as_str(),
                 policy_ids,
                 statement,
                 parameters,
@@ -2876,7 +2891,7 @@ impl<'a> Session<'a> {
     fn record_denied(
         &self,
         info: &StatementInfo,
-        decision: &'static str,
+        decision: Decision,
         policy_ids: &[String],
         reason: &str,
         sqlstate: &str,
@@ -2911,10 +2926,12 @@ fn string_syntax_changed(name: &str, value: &str) -> Option<PgError> {
 /// What the client is told, and the decision recorded, for SQL the classifier would not
 /// pass: a syntax error (or anything it cannot read) is an `error`; a statement refused
 /// whatever the policy is a `deny` with SQLSTATE 42501.
-fn refusal(e: portcullis_sql::ClassifyError) -> (PgError, &'static str) {
+fn refusal(e: portcullis_sql::ClassifyError) -> (PgError, Decision) {
     match e {
-        portcullis_sql::ClassifyError::Refused { message } => (PgError::Unsafe(message), "deny"),
-        other => (PgError::Unparsable(other.to_string()), "error"),
+        portcullis_sql::ClassifyError::Refused { message } => {
+            (PgError::Unsafe(message), Decision::Deny)
+        }
+        other => (PgError::Unparsable(other.to_string()), Decision::Error),
     }
 }
 

@@ -25,6 +25,7 @@ use super::session::Session;
 use super::stream::{fill, write_out, Stream};
 use super::upstream::{credential, establish};
 use super::Shared;
+use crate::audit::Decision;
 use crate::identity::Identity;
 use crate::proxy::{Incoming, Opening, Proxy, Refusal};
 
@@ -58,7 +59,7 @@ pub async fn run(
                 None,
                 None,
                 format!("start-up failed: {e}"),
-                "error",
+                Decision::Error,
                 Vec::new(),
             );
             return;
@@ -70,7 +71,7 @@ pub async fn run(
                 None,
                 None,
                 "start-up timed out".into(),
-                "error",
+                Decision::Error,
                 Vec::new(),
             );
             return;
@@ -81,11 +82,11 @@ pub async fn run(
     let result = admit(proxy, shared, &incoming, &mut client, &startup, identity).await;
     let mut admitted = match result {
         Ok(a) => a,
-        Err((e, _, RECORDED, _)) => {
+        Err((e, _, None, _)) => {
             send_error(&mut client, &e).await;
             return;
         }
-        Err((e, identity, decision, policy_ids)) => {
+        Err((e, identity, Some(decision), policy_ids)) => {
             record(
                 proxy,
                 &incoming,
@@ -126,12 +127,10 @@ struct Admitted<'s> {
     cancel_key: super::cancel::CancelKey<'s>,
 }
 
-/// The error, the identity, the decision word for the refusal event (or [`RECORDED`]) and
-/// the deciding policies.
-type Refused = (PgError, Option<Identity>, &'static str, Vec<String>);
-
-/// A failure after `connection.opened` was written: its `connection.closed` tells the end.
-const RECORDED: &str = "recorded";
+/// The error, the identity, the decision for the refusal event and the deciding policies.
+/// No decision: a failure after `connection.opened` was written, whose
+/// `connection.closed` tells the end.
+type Refused = (PgError, Option<Identity>, Option<Decision>, Vec<String>);
 
 /// Everything after the start-up packet: identity, policy, credential, upstream session,
 /// the opened event and the client's AuthenticationOk.
@@ -143,16 +142,29 @@ async fn admit<'s>(
     startup: &StartupMessage,
     identity: Result<Identity, crate::identity::ResolveError>,
 ) -> Result<Admitted<'s>, Refused> {
-    let identity = identity.map_err(|e| (PgError::NoIdentity(e), None, "error", Vec::new()))?;
-    let fail = |e: PgError| (e, Some(identity.clone()), "error", Vec::new());
+    let identity = identity.map_err(|e| {
+        (
+            PgError::NoIdentity(e),
+            None,
+            Some(Decision::Error),
+            Vec::new(),
+        )
+    })?;
+    let fail = |e: PgError| (e, Some(identity.clone()), Some(Decision::Error), Vec::new());
     let (Some(db_user), Some(db_name)) = (startup.user(), startup.database()) else {
         return Err(fail(PgError::Protocol(
             "the start-up packet names no user".into(),
         )));
     };
     // Before policy and before the server: a setting off the list never reaches either.
-    let settings = params::check(&startup.params)
-        .map_err(|e| (e.into(), Some(identity.clone()), "deny", Vec::new()))?;
+    let settings = params::check(&startup.params).map_err(|e| {
+        (
+            e.into(),
+            Some(identity.clone()),
+            Some(Decision::Deny),
+            Vec::new(),
+        )
+    })?;
     if let Some(reason) = proxy.over_audit_bound() {
         return Err(fail(PgError::Capacity(reason)));
     }
@@ -176,7 +188,7 @@ async fn admit<'s>(
                     policy_ids: policy_ids.clone(),
                 },
                 Some(identity.clone()),
-                "deny",
+                Some(Decision::Deny),
                 policy_ids,
             ))
         }
@@ -189,7 +201,7 @@ async fn admit<'s>(
                     policy_ids: policy_ids.clone(),
                 },
                 Some(identity.clone()),
-                "approval",
+                Some(Decision::Approval),
                 policy_ids,
             ))
         }
@@ -209,7 +221,7 @@ async fn admit<'s>(
                     policy_ids: ids.clone(),
                 },
                 Some(identity.clone()),
-                "deny",
+                Some(Decision::Deny),
                 ids,
             ));
         }
@@ -257,7 +269,7 @@ async fn admit<'s>(
             // Already recorded as opened: its closed event says why, instead of a refusal.
             let e = PgError::Upstream(e);
             open.set_end(e.to_string());
-            return Err((e, Some(identity.clone()), RECORDED, Vec::new()));
+            return Err((e, Some(identity.clone()), None, Vec::new()));
         }
     };
     let cancel_key = match shared.cancels.register(CancelTarget {
@@ -271,7 +283,7 @@ async fn admit<'s>(
         Err(_) => {
             let e = PgError::Internal("no randomness for the cancel key".into());
             open.set_end(e.to_string());
-            return Err((e, Some(identity.clone()), RECORDED, Vec::new()));
+            return Err((e, Some(identity.clone()), None, Vec::new()));
         }
     };
     // The client's side of the start-up, now that the server has accepted the session.
@@ -452,7 +464,7 @@ fn record(
     identity: Option<&Identity>,
     db: Option<(&str, &str)>,
     reason: String,
-    decision: &str,
+    decision: Decision,
     policy_ids: Vec<String>,
 ) {
     proxy.record_refusal(Refusal {
