@@ -280,6 +280,22 @@ pub struct Opening<'a> {
     pub db_name: Option<String>,
 }
 
+/// Why [`Proxy::open`] refused a connection it was asked to open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// `proxy.max_connections` connections are open.
+    #[error("connection limit of {0} reached")]
+    AtCapacity(usize),
+    /// `connection.opened` could not be made durable, and the audit settings fail closed.
+    #[error("the audit store cannot record the connection: {0}")]
+    Unrecorded(crate::audit::AuditError),
+}
+
+/// A target whose upstream is the proxy's own listener: following it would loop.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream is the proxy itself")]
+pub struct UpstreamIsProxy;
+
 /// An open, registered connection; dropping it records `connection.closed`.
 pub struct OpenSession {
     pub conn: Arc<Connection>,
@@ -735,7 +751,7 @@ impl Proxy {
         if upstream_addr.port() == self.config.proxy.port
             && self.is_own_listener(upstream_addr.ip())
         {
-            refuse("the upstream is the proxy itself".into(), Some(target));
+            refuse(UpstreamIsProxy.to_string(), Some(target));
             return;
         }
         let upstream = match self.connect_upstream(upstream_addr).await {
@@ -862,12 +878,9 @@ impl Proxy {
 
     /// Admits a connection a protocol handler has authorized: takes a slot under the
     /// connection limit and records `connection.opened` durably before any byte is forwarded.
-    pub async fn open(&self, o: Opening<'_>) -> Result<OpenSession, String> {
+    pub async fn open(&self, o: Opening<'_>) -> Result<OpenSession, OpenError> {
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
-            return Err(format!(
-                "connection limit of {} reached",
-                self.config.proxy.max_connections
-            ));
+            return Err(OpenError::AtCapacity(self.config.proxy.max_connections));
         };
         let conn = Arc::new(Connection {
             id: o.incoming.id,
@@ -890,7 +903,7 @@ impl Proxy {
         if let Err(e) = self.audit.record_durable(&opened).await {
             if !self.audit.keeps_enforcing_unaudited() {
                 tracing::error!(error = %e, "cannot record the connection; refusing it");
-                return Err(format!("the audit store cannot record the connection: {e}"));
+                return Err(OpenError::Unrecorded(e));
             }
             tracing::error!(error = %e, "cannot record the connection; opening it unaudited (audit.on_write_failure = \"keep_enforcing\")");
         }
@@ -930,10 +943,10 @@ impl Proxy {
         &self,
         target: &ProtectedTarget,
         origin: &Origin,
-    ) -> Result<SocketAddr, String> {
+    ) -> Result<SocketAddr, UpstreamIsProxy> {
         let addr = target.upstream.unwrap_or(origin.destination);
         if addr.port() == self.config.proxy.port && self.is_own_listener(addr.ip()) {
-            return Err("the upstream is the proxy itself".into());
+            return Err(UpstreamIsProxy);
         }
         Ok(addr)
     }

@@ -42,6 +42,10 @@ pub enum PgError {
     Upstream(#[from] UpstreamError),
     #[error("{0}")]
     Capacity(String),
+    /// The proxy could not open the connection: at its connection limit, or the audit
+    /// store could not record it. Both read as the server's "no slot" (53300).
+    #[error("{0}")]
+    Open(crate::proxy::OpenError),
     #[error("{0}")]
     Internal(String),
     #[error("protocol violation: {0}")]
@@ -110,7 +114,7 @@ impl PgError {
             PgError::Upstream(UpstreamError::NoCredential { .. })
             | PgError::Upstream(UpstreamError::Credentials { .. }) => INVALID_AUTHORIZATION,
             PgError::Upstream(_) => CONNECTION_FAILURE,
-            PgError::Capacity(_) => TOO_MANY_CONNECTIONS,
+            PgError::Capacity(_) | PgError::Open(_) => TOO_MANY_CONNECTIONS,
             PgError::Internal(_) => SYSTEM_ERROR,
             PgError::Protocol(_) => PROTOCOL_VIOLATION,
             PgError::Unparsable(_) => SYNTAX_ERROR,
@@ -244,6 +248,12 @@ mod tests {
         assert_eq!(
             f.message(),
             Some("Portcullis: the audit trail cannot be written")
+        );
+        let f = PgError::Open(crate::proxy::OpenError::AtCapacity(5)).to_fields();
+        assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("53300")));
+        assert_eq!(
+            f.message(),
+            Some("Portcullis: connection limit of 5 reached")
         );
         let f = PgError::Capacity("too many connections".into()).to_fields();
         assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("53300")));

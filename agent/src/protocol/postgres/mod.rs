@@ -64,8 +64,12 @@ struct MaskerCache {
 pub enum SetupError {
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
-    #[error("{0}")]
-    Other(String),
+    /// A target's upstream TLS settings (its CA file) cannot be used.
+    #[error("target `{target}`: {reason}")]
+    UpstreamTls { target: String, reason: String },
+    /// The masking key cannot be read or created in the state directory.
+    #[error("masking key: {0}")]
+    MaskingKey(#[source] std::io::Error),
 }
 
 impl Shared {
@@ -80,13 +84,17 @@ impl Shared {
         for t in targets {
             if let Some(pg) = &t.postgres {
                 let setting = format!("target `{}` postgres.ca_file", t.name);
-                let config = upstream::tls_config(pg, &setting)
-                    .map_err(|e| SetupError::Other(format!("target `{}`: {e}", t.name)))?;
+                let config = upstream::tls_config(pg, &setting).map_err(|reason| {
+                    SetupError::UpstreamTls {
+                        target: t.name.clone(),
+                        reason,
+                    }
+                })?;
                 tls.insert(t.id, config);
             }
         }
         let mask_key = read_or_create_secret(&config.state_dir.join("masking.key"))
-            .map_err(|e| SetupError::Other(format!("masking key: {e}")))?;
+            .map_err(SetupError::MaskingKey)?;
         Ok(Some(Self {
             ca,
             classifier: portcullis_sql::Classifier::new(16_384),

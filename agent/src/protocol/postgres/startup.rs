@@ -230,7 +230,7 @@ async fn admit<'s>(
         .map_err(|e| fail(PgError::Upstream(e)))?;
     let upstream_addr = proxy
         .upstream_addr(target, &incoming.origin)
-        .map_err(|e| fail(PgError::Internal(e)))?;
+        .map_err(|e| fail(PgError::Internal(e.to_string())))?;
     // The opened event's fsync and the server's start-up (TCP, TLS, SCRAM) overlap: both must
     // be done before the client hears AuthenticationOk, so nothing is forwarded unrecorded.
     let upstream_startup = upstream_startup(startup, &settings);
@@ -262,7 +262,7 @@ async fn admit<'s>(
     });
     let (open, upstream) = tokio::join!(opening, server);
     drop(password);
-    let mut open = open.map_err(|e| fail(PgError::Capacity(e)))?;
+    let mut open = open.map_err(|e| fail(PgError::Open(e)))?;
     let upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
