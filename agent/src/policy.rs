@@ -17,27 +17,69 @@ use crate::config::ProtectedTarget;
 use crate::identity::{Identity, IdentityKind};
 use crate::proxy::Origin;
 
+/// Why a policy directory did not load; the set in force (if any) stays.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    #[error("cannot read policy directory {}: {source}", dir.display())]
+    ReadDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading {}: {source}", dir.display())]
+    ReadEntry {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The files parse or validate with these problems, one a line, each naming its file.
+    #[error("{}", problems.join("\n"))]
+    Invalid { problems: Vec<String> },
+    /// The set at start-up did not load: the agent does not start.
+    #[error("the policy set in {} is invalid:\n{cause}", dir.display())]
+    AtStart {
+        dir: PathBuf,
+        cause: Box<PolicyLoadError>,
+    },
+}
+
+impl From<portcullis_policy::LoadError> for PolicyLoadError {
+    fn from(e: portcullis_policy::LoadError) -> Self {
+        PolicyLoadError::Invalid {
+            problems: e.problems().iter().map(|p| p.to_string()).collect(),
+        }
+    }
+}
+
 /// Reads every file of the policy directory the engine wants (`*.cedar`, `*.toml`).
 /// A missing directory is an empty policy set: everything is denied.
-pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, String> {
+pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, PolicyLoadError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(format!(
-                "cannot read policy directory {}: {e}",
-                dir.display()
-            ))
+        Err(source) => {
+            return Err(PolicyLoadError::ReadDir {
+                dir: dir.to_path_buf(),
+                source,
+            })
         }
     };
     let mut files = Vec::new();
     for entry in entries {
         let path = entry
-            .map_err(|e| format!("reading {}: {e}", dir.display()))?
+            .map_err(|source| PolicyLoadError::ReadEntry {
+                dir: dir.to_path_buf(),
+                source,
+            })?
             .path();
         if path.is_file() && portcullis_policy::is_policy_set_file(&path) {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(source) => return Err(PolicyLoadError::ReadFile { path, source }),
+            };
             files.push((path, text));
         }
     }
@@ -46,15 +88,9 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, String> {
 }
 
 /// Loads a directory offline (`portcullis policy check`, start-up).
-pub fn load_dir(dir: &Path) -> Result<PolicySet, String> {
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyLoadError> {
     let files = read_dir(dir)?;
-    PolicySet::load(files).map_err(|e| {
-        e.problems()
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    })
+    Ok(PolicySet::load(files)?)
 }
 
 /// Names, sizes and modification times: changes when a file is edited, added or removed.
@@ -93,10 +129,12 @@ pub struct Policies {
 }
 
 impl Policies {
-    pub fn load(dir: &Path, audit: Arc<AuditLog>) -> Result<Arc<Self>, String> {
+    pub fn load(dir: &Path, audit: Arc<AuditLog>) -> Result<Arc<Self>, PolicyLoadError> {
         let seen = fingerprint(dir);
-        let set = load_dir(dir)
-            .map_err(|e| format!("the policy set in {} is invalid:\n{e}", dir.display()))?;
+        let set = load_dir(dir).map_err(|e| PolicyLoadError::AtStart {
+            dir: dir.to_path_buf(),
+            cause: Box::new(e),
+        })?;
         if set.is_empty() {
             tracing::warn!(dir = %dir.display(), "no policies: every protected connection is denied");
         }
@@ -138,16 +176,13 @@ impl Policies {
 
     /// Reloads the directory; on any error the set in force stays and the error is kept
     /// for `portcullis status`.
-    pub fn reload(&self, why: &str) -> Result<usize, String> {
+    pub fn reload(&self, why: &str) -> Result<usize, PolicyLoadError> {
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = fingerprint(&self.dir);
         let result = read_dir(&self.dir).and_then(|files| {
-            self.live.reload(files).map(|set| set.len()).map_err(|e| {
-                e.problems()
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
+            self.live
+                .reload(files)
+                .map(|set| set.len())
+                .map_err(PolicyLoadError::from)
         });
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match &result {
@@ -164,7 +199,7 @@ impl Policies {
                     )));
             }
             Err(e) => {
-                status.last_error = Some(e.clone());
+                status.last_error = Some(e.to_string());
                 tracing::error!(error = %e, %why, "policy reload refused; the previous set stays in force");
                 self.audit.record(
                     AuditEvent::new(EventKind::PolicyReloadFailed).reason(format!(
@@ -324,7 +359,24 @@ mod tests {
         )
         .unwrap();
         let err = load_dir(dir.path()).unwrap_err();
-        assert!(err.contains("bad.cedar"), "{err}");
-        assert!(err.contains("line 3"), "{err}");
+        assert!(
+            matches!(&err, PolicyLoadError::Invalid { problems } if problems.len() == 1),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("bad.cedar"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
+        // Start-up says which directory, then the same problems, as before.
+        let at_start = PolicyLoadError::AtStart {
+            dir: dir.path().to_path_buf(),
+            cause: Box::new(err),
+        };
+        assert_eq!(
+            at_start.to_string(),
+            format!(
+                "the policy set in {} is invalid:\n{text}",
+                dir.path().display()
+            )
+        );
     }
 }
