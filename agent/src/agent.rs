@@ -245,6 +245,7 @@ pub fn run(
         proxy.close_all.cancel();
         proxy.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), proxy.tasks.wait()).await;
+        identity.wait_for_logins(Duration::from_secs(5)).await;
     });
     loops.stop();
     let still_enforcing = proxy.enforcement().pin_dir.exists();

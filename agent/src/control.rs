@@ -223,9 +223,12 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ControlErro
 }
 
 pub async fn serve(listener: UnixListener, state: Arc<ControlState>) {
+    // Each request is this loop's own task: shutdown waits for the ones in flight (bounded by
+    // their read timeout and the wait below) instead of dropping them mid-answer.
+    let requests = tokio_util::task::TaskTracker::new();
     loop {
         let stream = tokio::select! {
-            () = state.shutdown.cancelled() => return,
+            () = state.shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -236,11 +239,21 @@ pub async fn serve(listener: UnixListener, state: Arc<ControlState>) {
             },
         };
         let state = Arc::clone(&state);
-        tokio::spawn(async move {
+        requests.spawn(async move {
             if let Err(e) = answer(stream, &state).await {
                 tracing::debug!(error = %e, "control request failed");
             }
         });
+    }
+    requests.close();
+    if tokio::time::timeout(Duration::from_secs(5), requests.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = requests.len(),
+            "control requests still running at shutdown"
+        );
     }
 }
 

@@ -298,6 +298,11 @@ pub struct IdentityService {
     limiter: Arc<crate::limits::Limiter>,
     /// The monotonic clock of the limiter's rate buckets (logins use none, but share it).
     epoch: std::time::Instant,
+    /// The device-flow pollers: shutdown cancels them (`cancel_pending`) and waits for them
+    /// (`wait_for_logins`), so none outlives the runtime mid-write to the sessions directory.
+    logins: tokio_util::task::TaskTracker,
+    /// Ends the pollers' wait for a late reader of their result.
+    stopping: CancellationToken,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IdentityError {
@@ -371,6 +376,8 @@ impl IdentityService {
             registry,
             limiter,
             epoch: std::time::Instant::now(),
+            logins: tokio_util::task::TaskTracker::new(),
+            stopping: CancellationToken::new(),
         }))
     }
 
@@ -505,7 +512,7 @@ impl IdentityService {
             expires_in: device.expires_in,
         };
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        self.logins.spawn(async move {
             let outcome = match provider
                 .poll_device(&this.config.client_id, &device, &cancel)
                 .await
@@ -521,7 +528,10 @@ impl IdentityService {
             }
             let _ = tx.send(Some(outcome));
             // Keep the result for a late waiter for a while, then forget the login.
-            tokio::time::sleep(Duration::from_secs(60)).await;
+            tokio::select! {
+                () = this.stopping.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
             this.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -839,6 +849,21 @@ impl IdentityService {
             .values()
         {
             p.cancel.cancel();
+        }
+        self.stopping.cancel();
+    }
+
+    /// Waits (up to `limit`) for the device-flow pollers that `cancel_pending` stopped.
+    pub async fn wait_for_logins(&self, limit: Duration) {
+        self.logins.close();
+        if tokio::time::timeout(limit, self.logins.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.logins.len(),
+                "device logins still running at shutdown"
+            );
         }
     }
 }

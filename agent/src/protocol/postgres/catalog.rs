@@ -413,7 +413,9 @@ where
         .connect_raw(socket, tls)
         .await
         .map_err(|e| e.to_string())?;
-    let task = tokio::spawn(connection);
+    // The driver lives exactly as long as this lookup: a session that ends (or a shutdown
+    // that drops it) mid-lookup aborts the driver with it instead of leaving it detached.
+    let task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
     let oids: &[tokio_postgres::types::Oid] = lookup.oids();
     let result = async {
         if let Lookup::Routines(names) = lookup {
@@ -489,7 +491,13 @@ where
     }
     .await;
     drop(client);
-    let _ = task.await;
+    match task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %db_error(&e), "the catalog side connection ended with an error");
+        }
+        Err(e) => tracing::warn!(error = %e, "the catalog side connection's driver failed"),
+    }
     result
 }
 
