@@ -514,7 +514,8 @@ pub enum AuditError {
 
 /// How many events one fsync may cover: bounds the latency a waiting caller sees.
 const BATCH: usize = 256;
-/// Events waiting for the writer; a full queue makes callers wait (backpressure).
+/// Events waiting for the writer before new connections and statements wait for room
+/// (asynchronous backpressure; recording itself never waits: see `queue`).
 const QUEUE: usize = 65_536;
 
 /// Work for the writer. Events arrive serialized: the thread that records an event encodes
@@ -747,8 +748,19 @@ impl AuditLog {
         }
     }
 
-    /// Queues an event; it is on disk with the next batch (milliseconds). An event that
-    /// cannot be serialized is logged and left out.
+    /// Waits, without blocking the thread, until the audit queue is below its capacity: what
+    /// produces events on the data plane calls it before producing more (backpressure), so a
+    /// writer that falls behind slows new work down instead of losing events or freezing the
+    /// event loop.
+    pub async fn room(&self) {
+        self.queue.room().await;
+    }
+
+    /// Queues an event; it is on disk with the next batch (milliseconds). Never waits, also
+    /// when the queue is full (see [`room`] for the backpressure). An event that cannot be
+    /// serialized is logged and left out.
+    ///
+    /// [`room`]: AuditLog::room
     pub fn record(&self, event: AuditEvent) {
         let Some(line) = Self::line(&event) else {
             return;
@@ -776,16 +788,9 @@ impl AuditLog {
             line,
             done: Some(done),
         };
-        let pushed = if self.queue.is_full() {
-            // Wait for room without blocking the async worker.
-            let queue = std::sync::Arc::clone(&self.queue);
-            tokio::task::spawn_blocking(move || queue.push(job, true))
-                .await
-                .map_err(|_| AuditError::WriterGone)?
-        } else {
-            self.queue.push(job, true)
-        };
-        if !pushed {
+        // A new connection (what this gates) waits while the writer is behind.
+        self.queue.room().await;
+        if !self.queue.push(job, true) {
             return Err(AuditError::WriterGone);
         }
         wait.await

@@ -655,7 +655,13 @@ impl<'a> Session<'a> {
                         Flow::Continue
                     }
                 }
-                r = fill(&mut client, &mut cbuf) => {
+                // While the audit writer is behind, this session reads nothing more from its
+                // client (what it would send queues more events); the event loop keeps
+                // serving every other session meanwhile.
+                r = async {
+                    self.proxy.audit().room().await;
+                    fill(&mut client, &mut cbuf).await
+                } => {
                     last_traffic = tokio::time::Instant::now();
                     match r {
                         Err(e) => Flow::End(format!("client read failed: {e}")),
