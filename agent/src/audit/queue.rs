@@ -86,20 +86,27 @@ impl<T> Queue<T> {
         self.lock().jobs.len() >= self.capacity
     }
 
+    fn has_room(&self) -> bool {
+        let state = self.lock();
+        state.jobs.len() < self.capacity || state.closed
+    }
+
     /// Waits, without blocking the thread, until the queue is below its capacity (or closed:
     /// the pushes that follow then fail and say so).
     pub async fn room(&self) {
+        // The common case, a queue with room, costs one lock and registers no waiter: this
+        // runs before every client read of every PostgreSQL session.
+        if self.has_room() {
+            return;
+        }
         loop {
             let woken = self.room.notified();
             tokio::pin!(woken);
             // Registered before the check, so a batch taken between the check and the
             // await still wakes this waiter.
             woken.as_mut().enable();
-            {
-                let state = self.lock();
-                if state.jobs.len() < self.capacity || state.closed {
-                    return;
-                }
+            if self.has_room() {
+                return;
             }
             woken.await;
         }
