@@ -348,7 +348,7 @@ async fn wait_for_stop(shutdown: &CancellationToken) {
     }
 }
 
-async fn pump_kernel_logs(mut fd: AsyncFd<crate::ebpf::KernelLogger>, stop: CancellationToken) {
+async fn pump_kernel_logs(mut fd: AsyncFd<crate::sys::KernelLogger>, stop: CancellationToken) {
     loop {
         let guard = tokio::select! {
             () = stop.cancelled() => return,

@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::config::{Config, ProtectedTarget, TargetAddress};
 
 /// Reads what the kernel programs log (aya-log) into our tracing output.
-pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+pub use crate::sys::KernelLogger;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PORTCULLIS_EBPF_OBJECT_PATH"));
 

@@ -101,10 +101,13 @@ pub fn set_umask(mask: u32) -> u32 {
     unsafe { libc::umask(mask) }
 }
 
+/// The reader of the kernel programs' log ring (aya-log), owned by whoever pumps it.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// Registers the kernel log reader with the tokio reactor.
 pub fn async_kernel_log(
-    logger: crate::ebpf::KernelLogger,
-) -> io::Result<tokio::io::unix::AsyncFd<crate::ebpf::KernelLogger>> {
+    logger: KernelLogger,
+) -> io::Result<tokio::io::unix::AsyncFd<KernelLogger>> {
     // SAFETY: the logger owns its ring buffer map fd for its whole lifetime and
     // `as_raw_fd` always returns that same fd; the AsyncFd owns the logger.
     unsafe { tokio::io::unix::AsyncFd::register(logger) }.map_err(|e| e.into_parts().1)

@@ -155,6 +155,26 @@ pub(crate) fn read_tail_seal(path: &Path) -> Result<Option<Seal>, StoreError> {
     }
 }
 
+/// The segments still in the chain once those the prune anchor already covers are left out
+/// (they exist only when a crash interrupted a prune).
+pub(crate) fn skip_pruned<'a>(
+    segments: &'a [SegmentFile],
+    anchor: Option<&Seal>,
+) -> &'a [SegmentFile] {
+    let Some(anchor) = anchor else {
+        return segments;
+    };
+    let boundary = anchor.last_seq.saturating_add(1);
+    // Segment i ends where segment i+1 begins, so it is covered when i+1 starts at or before
+    // the first seq after the anchor.
+    let covered = segments
+        .iter()
+        .skip(1)
+        .take_while(|next| next.first_seq <= boundary)
+        .count();
+    segments.get(covered..).unwrap_or_default()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {

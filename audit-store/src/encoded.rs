@@ -7,7 +7,8 @@
 use serde::Serialize;
 use serde_json::ser::Formatter;
 
-use crate::store::MAX_EVENT_DEPTH;
+/// Far below serde_json's limit of 128 levels, which the record line adds one to.
+pub(crate) const MAX_EVENT_DEPTH: usize = 64;
 
 /// One event as compact JSON, known to be valid and nested at most [`MAX_EVENT_DEPTH`] deep.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,11 +2,11 @@
 //! link to the one before are checked on the way; a full check of seals and signatures is
 //! `verify`'s job.
 
+use crate::dir::skip_pruned;
 use crate::dir::{list_segments, read_anchor, SegmentFile};
 use crate::error::StoreError;
 use crate::format::{ChainHash, Line, MAX_LINE_BYTES};
 use crate::lines::{LineReader, RawLine};
-use crate::store::skip_pruned;
 use crate::verify::{ChainState, SegmentChecker};
 use std::fs::File;
 use std::io::BufReader;

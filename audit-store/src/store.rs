@@ -2,10 +2,10 @@
 //! retention. One `Store` per directory, enforced by a lock file.
 
 use crate::dir::{
-    list_segments, read_anchor, read_tail_seal, segment_file_name, sync_dir, write_anchor,
-    SegmentFile, DIR_MODE, FILE_MODE, LOCK_FILE,
+    list_segments, read_anchor, read_tail_seal, segment_file_name, skip_pruned, sync_dir,
+    write_anchor, SegmentFile, DIR_MODE, FILE_MODE, LOCK_FILE,
 };
-use crate::encoded::EventBytes;
+use crate::encoded::{EventBytes, MAX_EVENT_DEPTH};
 use crate::error::StoreError;
 use crate::format::{
     encode_record_line, encode_seal_line, record_hash, ChainHash, Line, RecordView, Seal,
@@ -668,26 +668,6 @@ impl Store {
     }
 }
 
-/// The segments still in the chain once those the prune anchor already covers are left out
-/// (they exist only when a crash interrupted a prune).
-pub(crate) fn skip_pruned<'a>(
-    segments: &'a [SegmentFile],
-    anchor: Option<&Seal>,
-) -> &'a [SegmentFile] {
-    let Some(anchor) = anchor else {
-        return segments;
-    };
-    let boundary = anchor.last_seq.saturating_add(1);
-    // Segment i ends where segment i+1 begins, so it is covered when i+1 starts at or before
-    // the first seq after the anchor.
-    let covered = segments
-        .iter()
-        .skip(1)
-        .take_while(|next| next.first_seq <= boundary)
-        .count();
-    segments.get(covered..).unwrap_or_default()
-}
-
 /// Rejects what could not be read back byte for byte, before anything is written. An
 /// [`crate::EncodedEvent`] (`encoded`) is valid compact JSON by construction: only its size
 /// is checked.
@@ -721,9 +701,6 @@ fn check_event(event: &[u8], encoded: bool, max: usize) -> Result<(), String> {
     }
     Ok(())
 }
-
-/// Far below serde_json's limit of 128 levels, which the record line adds one to.
-pub(crate) const MAX_EVENT_DEPTH: usize = 64;
 
 /// The deepest nesting of objects and arrays in valid JSON, strings skipped.
 fn json_depth(json: &[u8]) -> usize {

@@ -503,7 +503,7 @@ fn verify_into(
             .ok_or_else(|| anchor_break("anchor seq at its maximum".into()))?;
         report.pruned_upto = Some(anchor.last_seq);
     }
-    let kept = crate::store::skip_pruned(&segments, anchor.as_ref());
+    let kept = crate::dir::skip_pruned(&segments, anchor.as_ref());
     let count = kept.len();
     for (index, segment) in kept.iter().enumerate() {
         let is_newest = index.saturating_add(1) == count;
