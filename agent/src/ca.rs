@@ -4,9 +4,9 @@
 //! `sslmode=verify-full` (and every other verifying client) trusts the proxy and nothing else
 //! changes for the client.
 //!
-//! The CA key never leaves `<state_dir>/ca/ca.key` (root, 0600). Leaf certificates live only
-//! in memory, one per (names, addresses) set, valid for a limited time and re-issued by the
-//! next agent start.
+//! The CA key never leaves `<state_dir>/ca/ca.key` (root, 0600); its certificate `ca.pem` is
+//! readable by every user. Leaf certificates live only in memory, one per (names, addresses)
+//! set, valid for a limited time and re-issued by the next agent start.
 
 use std::collections::HashMap;
 use std::fs;
@@ -81,6 +81,7 @@ impl LocalCa {
             write_new(&cert_path, cert_pem.as_bytes(), 0o644).map_err(io("write ca.pem"))?;
             tracing::info!(cert = %cert_path.display(), "created the local CA; add ca.pem to the clients' trust store");
         }
+        publish_certificate(dir, &cert_path).map_err(io("make ca.pem readable by everyone"))?;
         let mode = fs::metadata(&key_path)
             .map_err(io("read ca.key"))?
             .permissions()
@@ -215,6 +216,27 @@ fn new_ca() -> Result<(KeyPair, String), String> {
     Ok((key, cert.pem()))
 }
 
+/// Every user needs the certificate for `sslmode=verify-full` (libpq up to 15 reads
+/// `~/.postgresql/root.crt`, which they copy from it), but the state directory is private
+/// and a umask of 0077 (the unit's) would make a new `ca.pem` 0600. The certificate becomes
+/// 0644, its directory 0755 (the key keeps its own 0600, checked above) and the state
+/// directory above it 0711: others may open a path they know there, never list it, and every
+/// other file in it has a mode of its own (0600 files, 0700 directories).
+fn publish_certificate(dir: &Path, cert_path: &Path) -> std::io::Result<()> {
+    fs::set_permissions(cert_path, fs::Permissions::from_mode(0o644))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    if let Some(state_dir) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let mode = fs::metadata(state_dir)?.permissions().mode();
+        if mode & 0o011 != 0o011 {
+            fs::set_permissions(
+                state_dir,
+                fs::Permissions::from_mode((mode & 0o7777) | 0o011),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Creates `path` exclusively with `mode`: an existing file (or a planted symlink) is an
 /// error rather than something to overwrite. Also used for the other state files the agent
 /// creates once (the masking key).
@@ -254,6 +276,24 @@ mod tests {
         let pem = fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
         drop(LocalCa::open_or_create(&ca_dir).unwrap());
         assert_eq!(fs::read_to_string(ca_dir.join("ca.pem")).unwrap(), pem);
+    }
+
+    #[test]
+    fn the_certificate_is_readable_by_everyone_and_the_key_and_state_stay_private() {
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let state = tempfile::tempdir().unwrap();
+        fs::set_permissions(state.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let ca_dir = state.path().join("ca");
+        drop(LocalCa::open_or_create(&ca_dir).unwrap());
+        // As an older agent, or one under umask 0077, left them: fixed at the next start.
+        fs::set_permissions(ca_dir.join("ca.pem"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(&ca_dir, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(state.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        drop(LocalCa::open_or_create(&ca_dir).unwrap());
+        assert_eq!(mode(&ca_dir.join("ca.pem")), 0o644);
+        assert_eq!(mode(&ca_dir), 0o755);
+        assert_eq!(mode(&ca_dir.join("ca.key")), 0o600);
+        assert_eq!(mode(state.path()), 0o711, "traversable, never listable");
     }
 
     #[test]
