@@ -194,10 +194,6 @@ fn every_listed_address_and_every_address_of_a_dns_host_is_protected_and_follows
 }
 
 #[test]
-#[allow(
-    unsafe_code,
-    reason = "kill(2): std can send SIGKILL only, the agent must get SIGHUP"
-)]
 fn sighup_resolves_a_host_again_before_its_ttl_runs_out() {
     if !e2e_enabled() {
         return;
@@ -230,8 +226,12 @@ fn sighup_resolves_a_host_again_before_its_ttl_runs_out() {
         direct(&probe.connect(second, &[])),
         "the hour-long TTL has not run out"
     );
-    // SAFETY: kill(2) with the agent's pid and a valid signal number.
-    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) }, 0);
+    // std can send SIGKILL only; the agent must get SIGHUP.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
     let changes = wait_changes(&agent, 1);
     assert!(
         changes[0]["reason"]

@@ -946,7 +946,7 @@ fn login(socket: &Path, no_wait: bool, token_file: Option<&Path>) -> anyhow::Res
 }
 
 fn detach_enforcement(cfg: &Config) -> anyhow::Result<()> {
-    if crate::sys::effective_uid() != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("only root may detach enforcement");
     }
     // A running agent removes its pins itself, records the event and stops.

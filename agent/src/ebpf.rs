@@ -224,8 +224,14 @@ fn ensure_bpffs(action: BpffsAction) -> Result<(), EbpfError> {
             std::fs::create_dir_all(&root)
                 .map_err(io_err(format!("creating {}", root.display())))?;
             tracing::info!(path = %root.display(), "bpffs is not mounted; mounting it");
-            crate::sys::mount_bpffs(&root)
-                .map_err(io_err(format!("mounting bpffs at {}", root.display())))
+            nix::mount::mount(
+                Some("bpf"),
+                &root,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|errno| io_err(format!("mounting bpffs at {}", root.display()))(errno.into()))
         }
     }
 }

@@ -51,13 +51,8 @@ pub fn e2e_enabled() -> bool {
     }
 }
 
-#[allow(
-    unsafe_code,
-    reason = "geteuid(2) through libc, which the harness has no safe wrapper for"
-)]
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 fn workspace() -> PathBuf {
@@ -190,19 +185,13 @@ impl EchoServer {
     /// An echo server whose sockets live in the named network namespace (`ip netns add`):
     /// a thread joins it only to bind them, as a socket stays in the namespace it was
     /// created in.
-    #[allow(
-        unsafe_code,
-        reason = "setns(2) on a helper thread has no safe wrapper in std"
-    )]
     pub fn start_in_netns(ns: &str, addrs: &[SocketAddr]) -> Self {
         let path = format!("/run/netns/{ns}");
         let addrs = addrs.to_vec();
         let listeners = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
             let f = std::fs::File::open(&path).unwrap();
-            // SAFETY: f is an open netns file; setns changes only this short-lived thread.
-            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            // setns changes only this short-lived thread.
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             addrs.iter().map(|a| bind_listener(*a)).collect()
         })
         .join()

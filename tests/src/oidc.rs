@@ -368,17 +368,17 @@ impl OidcProvider {
     }
 
     /// SIGTERM, then SIGKILL if it has not gone within five seconds. Idempotent.
-    #[allow(
-        unsafe_code,
-        reason = "kill(2): std only sends SIGKILL, the provider gets SIGTERM first"
-    )]
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-            // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+        // std only sends SIGKILL; the provider gets SIGTERM first. The pid is ours and not
+        // reaped yet, so it names no other process.
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         for _ in 0..50 {
             if matches!(child.try_wait(), Ok(Some(_))) {

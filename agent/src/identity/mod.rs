@@ -60,7 +60,11 @@ fn account_name(uid: u32) -> Option<String> {
             return name.clone();
         }
     }
-    let name = crate::sys::user_name(uid);
+    // Through NSS (so LDAP/SSSD users resolve too); a failed lookup is no name.
+    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|user| user.name);
     let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
     if c.len() > 10_000 {
         c.clear();
@@ -933,7 +937,7 @@ fn create_sessions_dir(dir: &Path) -> Result<(), IdentityError> {
         .create(dir)
         .map_err(io(format!("creating {}", dir.display())))?;
     let meta = std::fs::symlink_metadata(dir).map_err(io(format!("reading {}", dir.display())))?;
-    let agent = crate::sys::effective_uid();
+    let agent = nix::unistd::geteuid().as_raw();
     if !meta.is_dir() || meta.uid() != agent {
         return Err(IdentityError::Config(format!(
             "{} is not a directory owned by uid {agent} (the agent); it holds every login, so remove it and let the agent create it",
@@ -998,6 +1002,11 @@ fn load_sessions(dir: &Path) -> HashMap<u32, Session> {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uid_0_resolves_to_root_through_nss() {
+        assert_eq!(account_name(0).as_deref(), Some("root"));
+    }
 
     /// The client, `portcullis status` and the audit trail show these words; the e2e suites
     /// match them.
@@ -1094,13 +1103,14 @@ mod tests {
             );
             return;
         }
-        struct Restore(u32);
+        use nix::sys::stat::{umask, Mode};
+        struct Restore(Mode);
         impl Drop for Restore {
             fn drop(&mut self) {
-                crate::sys::set_umask(self.0);
+                umask(self.0);
             }
         }
-        let _restore = Restore(crate::sys::set_umask(0));
+        let _restore = Restore(umask(Mode::empty()));
         let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
         let root = tempfile::tempdir().unwrap();
 
@@ -1178,7 +1188,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let sessions = root.path().join("sessions");
         std::fs::create_dir(&sessions).unwrap();
-        if crate::sys::effective_uid() == 0 {
+        if nix::unistd::geteuid().is_root() {
             std::os::unix::fs::chown(&sessions, Some(65534), Some(65534)).unwrap();
             let err = create_sessions_dir(&sessions).unwrap_err().to_string();
             assert!(err.contains("not a directory owned by uid 0"), "{err}");

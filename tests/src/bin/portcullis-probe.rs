@@ -79,10 +79,6 @@ fn parse() -> Args {
     a
 }
 
-#[allow(
-    unsafe_code,
-    reason = "setns(2), setgroups(2), setgid(2) and setuid(2) through libc: the probe enters its namespace and uid itself"
-)]
 fn main() {
     let args = parse();
     if let Some(cg) = &args.cgroup {
@@ -91,17 +87,14 @@ fn main() {
     }
     if let Some(ns) = &args.netns {
         let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("opening the netns");
-        // SAFETY: f is an open netns file for the call.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
     }
     if let (Some(uid), Some(gid)) = (args.uid, args.gid) {
-        // SAFETY: plain syscalls on integers; order matters (groups and gid before uid).
-        unsafe {
-            assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
-            assert_eq!(libc::setgid(gid), 0);
-            assert_eq!(libc::setuid(uid), 0);
-        }
+        // Groups and gid before uid: once the uid is dropped they cannot change.
+        use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+        setgroups(&[]).expect("setgroups");
+        setgid(Gid::from_raw(gid)).expect("setgid");
+        setuid(Uid::from_raw(uid)).expect("setuid");
     }
     match args.scenario.as_str() {
         "connect" => connect_many(&args),
