@@ -128,16 +128,19 @@ impl Drop for TestCgroup {
 /// The loopback addresses and ports one test owns.
 #[derive(Clone, Copy, Debug)]
 pub struct Slot {
-    /// Second octet of the test's 127.x.0.0/16 block.
+    /// Second octet of the test's 127.x.0.0/16 block (see [`Slot::new`]).
     pub net: u8,
     pub proxy_port: u16,
     pub server_port: u16,
 }
 
 impl Slot {
+    /// Slots 0–155 own 127.(100+n).0.0/16; 156–254 own 127.(n−155).0.0/16, below every
+    /// other slot's block and above 127.0.0.0/16, where the test servers listen.
     pub fn new(n: u8) -> Self {
+        assert!(n < 255, "slot {n}: 255 would share slot 0's block");
         Self {
-            net: 100 + n,
+            net: 100u8.checked_add(n).unwrap_or(n - 155),
             proxy_port: 900 + u16::from(n),
             server_port: 47000 + u16::from(n),
         }
