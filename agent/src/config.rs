@@ -784,16 +784,7 @@ pub fn validate_host_name(name: &str) -> Result<String, String> {
     Ok(lower)
 }
 
-/// IPv4-mapped IPv6 addresses are IPv4 addresses for every decision we make.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
-    }
-}
+pub use portcullis_core::canonical_ip;
 
 mod defaults {
     use super::*;

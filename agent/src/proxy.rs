@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use portcullis_common::OriginRecord;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -24,51 +23,7 @@ use crate::config::{canonical_ip, Config, ProtectedTarget, Protocol};
 use crate::ebpf::Enforcement;
 use crate::identity::{Identity, IdentityService};
 use crate::limits::{Admission, Limiter, Note, RefusalKey, RefusalSummaries};
-
-/// The origin record, as events and `portcullis status` show it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Origin {
-    /// Process id (thread group id) in the host's pid namespace.
-    pub pid: u32,
-    pub tid: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub comm: String,
-    pub cgroup_id: u64,
-    pub netns_cookie: u64,
-    pub socket_cookie: u64,
-    /// Where the client was going.
-    pub destination: SocketAddr,
-    pub target_id: u32,
-}
-
-impl Origin {
-    pub fn from_record(r: &OriginRecord) -> Self {
-        let ip = std::net::Ipv6Addr::from(r.orig_addr);
-        let ip = canonical_ip(IpAddr::V6(ip));
-        let end = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
-        let comm = String::from_utf8_lossy(r.comm.get(..end).unwrap_or_default()).into_owned();
-        Self {
-            pid: r.tgid,
-            tid: r.pid,
-            uid: r.uid,
-            gid: r.gid,
-            comm,
-            cgroup_id: r.cgroup_id,
-            netns_cookie: r.netns_cookie,
-            socket_cookie: r.socket_cookie,
-            destination: SocketAddr::new(ip, r.orig_port),
-            target_id: r.target_id,
-        }
-    }
-}
-
-/// Live byte counters of one connection, shared with `portcullis status`.
-#[derive(Debug, Default)]
-pub struct ByteCounters {
-    pub client_to_upstream: AtomicU64,
-    pub upstream_to_client: AtomicU64,
-}
+pub use portcullis_core::{ByteCounters, Origin};
 
 /// One open proxied connection.
 #[derive(Debug)]
@@ -465,7 +420,7 @@ impl Proxy {
             "{}: {} more refusal(s) of {who} in {} ms, not recorded one by one",
             s.reason, s.count, s.interval_ms
         ));
-        ev.decision = Some(Decision::Error.into());
+        ev.decision = Some(Decision::Error);
         ev.count = Some(s.count);
         ev.client = Some(s.last.peer.to_string().into());
         ev.origin = s.last.origin.map(Into::into);
@@ -781,7 +736,7 @@ impl Proxy {
             close_reason: Mutex::new(None),
         });
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
-        opened.decision = Some(Decision::Allow.into());
+        opened.decision = Some(Decision::Allow);
         opened.policy_ids = policy_ids.into();
         // The opened event gates the connection: nothing is forwarded that is not on disk,
         // unless the operator chose availability over the trail (`keep_enforcing`).
@@ -845,7 +800,7 @@ impl Proxy {
     /// Records a refused connection of a protocol handler that answers in its own protocol.
     pub fn record_refusal(&self, r: Refusal<'_>) {
         let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(r.reason);
-        ev.decision = Some(r.decision.into());
+        ev.decision = Some(r.decision);
         ev.policy_ids = r.policy_ids.into();
         ev.connection_id = Some(r.id);
         ev.client = Some(r.peer.to_string().into());
@@ -896,7 +851,7 @@ impl Proxy {
             close_reason: Mutex::new(None),
         });
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
-        opened.decision = Some(Decision::Allow.into());
+        opened.decision = Some(Decision::Allow);
         opened.policy_ids = o.policy_ids.into();
         opened.db_user = o.db_user.as_deref().map(Into::into);
         opened.db_name = o.db_name.as_deref().map(Into::into);

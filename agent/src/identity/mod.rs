@@ -10,7 +10,6 @@ pub mod jwt;
 pub mod oidc;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,29 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::{parse_algorithm, Config, IdentityConfig, OnSessionEnd};
-use crate::proxy::{Origin, Registry};
+use crate::proxy::Registry;
 use jwt::Expectations;
 use oidc::{OidcError, Provider};
-
-/// A secret string: never printed by `Debug`, never logged.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: String) -> Self {
-        Self(s)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+pub use portcullis_core::identity::{Identity, IdentityKind, Secret};
+use portcullis_core::Origin;
 
 /// The Unix account name of a uid, cached for a minute: NSS lookups read files (or ask
 /// a directory) and every connection needs one.
@@ -73,43 +54,7 @@ fn account_name(uid: u32) -> Option<String> {
     name
 }
 
-pub fn now_secs() -> u64 {
-    crate::audit::now_ms() / 1000
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IdentityKind {
-    /// A person, logged in with the device grant.
-    User,
-    /// A non-human identity configured for a uid or systemd unit.
-    Service,
-    /// A CI workload, logged in with a token from a trusted issuer.
-    Workload,
-    /// The Unix account alone (`insecure.unix_identity_only`).
-    Unix,
-}
-
-/// The identity attached to a connection and to every event about it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub kind: IdentityKind,
-    pub uid: u32,
-    pub gid: u32,
-    /// The Unix account name, when NSS knows the uid.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub groups: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub issuer: Option<String>,
-}
+pub use portcullis_core::now_secs;
 
 /// A login bound to a uid.
 #[derive(Clone, Serialize, Deserialize)]

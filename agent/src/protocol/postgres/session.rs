@@ -2612,7 +2612,7 @@ impl<'a> Session<'a> {
         for statement in block.inner.iter() {
             let info = StatementInfo::from_parsed(statement);
             let mut ev = self.statement_event(EventKind::StatementExecuted, &info, &Arc::from([]));
-            ev.decision = Some(Decision::Allow.into());
+            ev.decision = Some(Decision::Allow);
             ev.policy_ids = Arc::clone(policy_ids);
             ev.reason = Some(format!(
                 "inside the DO block `{}`, decided with it; ran if the block reached it",
@@ -2791,7 +2791,7 @@ impl<'a> Session<'a> {
             for r in running {
                 let mut ev =
                     self.statement_event(EventKind::StatementExecuted, &r.info, &r.parameters);
-                ev.decision = Some(Decision::Allow.into());
+                ev.decision = Some(Decision::Allow);
                 ev.policy_ids = Arc::clone(&r.verdict.policy_ids);
                 ev.reason = Some(format!("unfinished: {why}"));
                 self.proxy.audit().record(ev);
@@ -2862,7 +2862,7 @@ impl<'a> Session<'a> {
                 kind: EventKind::StatementExecuted,
                 time_ms: crate::audit::now_ms(),
                 reason,
-                decision: decision.as_str(),
+                decision,
                 policy_ids,
                 statement,
                 parameters,
@@ -2881,7 +2881,7 @@ impl<'a> Session<'a> {
             Err(e) => tracing::error!(error = %e, "cannot write a statement event from its parts"),
         }
         let mut ev = self.statement_event(EventKind::StatementExecuted, info, parameters);
-        ev.decision = Some(decision.into());
+        ev.decision = Some(decision);
         ev.policy_ids = Arc::clone(policy_ids);
         ev.reason = reason.map(Into::into);
         if let Some(s) = ev.statement.as_mut() {
@@ -2903,7 +2903,7 @@ impl<'a> Session<'a> {
         sqlstate: &str,
     ) {
         let mut ev = self.statement_event(EventKind::StatementDenied, info, &Arc::from([]));
-        ev.decision = Some(decision.into());
+        ev.decision = Some(decision);
         ev.policy_ids = policy_ids.into();
         ev.reason = Some(reason.to_string());
         if let Some(s) = ev.statement.as_mut() {
