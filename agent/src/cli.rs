@@ -286,6 +286,9 @@ enum ConfigCommand {
         #[arg(default_value = DEFAULT_CONFIG_PATH)]
         path: PathBuf,
     },
+    /// Print the reference of every key (Markdown): docs/configuration.md is this output.
+    #[command(hide = true)]
+    Reference,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -405,6 +408,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "{}",
                     toml::to_string_pretty(&cfg).context("rendering the config")?
                 );
+                Ok(ExitCode::SUCCESS)
+            }
+            ConfigCommand::Reference => {
+                print!("{}", crate::config_reference::render());
                 Ok(ExitCode::SUCCESS)
             }
         },

@@ -31,24 +31,32 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where connection events and (later) sessions and the audit store live.
+    /// The agent's own state: the local CA, the masking key, logins, the audit store and
+    /// the shippers' progress. Root's, 0700 (0711 once the CA's certificate is published).
     #[serde(default = "defaults::state_dir")]
     pub state_dir: PathBuf,
+    /// The control socket the CLI talks to.
     #[serde(default)]
     pub control: ControlConfig,
+    /// The proxy that redirected connections arrive at.
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Where the kernel programs attach and are pinned.
     #[serde(default)]
     pub bpf: BpfConfig,
+    /// The protected targets (`[[target]]`, one table per service).
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+    /// Who users and services are: the OpenID Provider and the identities it vouches for.
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// Where the Cedar policies live.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The hash-chained audit store and where it is shipped.
     #[serde(default)]
     pub audit: AuditConfig,
     /// What one local user may hold of the agent (`[limits]`).
@@ -63,7 +71,7 @@ pub struct Config {
 }
 
 /// `[dns]`: the resolver for targets' `host` names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// Name servers (`ip:port`) to ask; empty: those of /etc/resolv.conf.
@@ -87,7 +95,7 @@ impl Default for DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// The OpenID Provider users log in with (`portcullis login`). https, or http on loopback.
@@ -99,13 +107,17 @@ pub struct IdentityConfig {
     /// Expected `aud` of ID tokens; default: the client id.
     #[serde(default)]
     pub audience: Option<String>,
+    /// Scopes the device flow asks for; the issuer must allow every one to this client
+    /// (Keycloak: a client scope named `groups`; `offline_access` for refresh tokens).
     #[serde(default = "defaults::scopes")]
     pub scopes: Vec<String>,
     /// Signature algorithms accepted; asymmetric only (no `none`, no HMAC).
     #[serde(default = "defaults::algorithms")]
     pub algorithms: Vec<String>,
+    /// Clock skew tolerated when checking a token's `exp`, `nbf` and `iat`.
     #[serde(default = "defaults::leeway_secs")]
     pub leeway_secs: u64,
+    /// The ID-token claim that lists the user's groups (what policies test as `groups`).
     #[serde(default = "defaults::groups_claim")]
     pub groups_claim: String,
     /// Refresh a session this long before it expires.
@@ -114,8 +126,10 @@ pub struct IdentityConfig {
     /// What happens to a user's open connections when their session ends.
     #[serde(default)]
     pub on_session_end: OnSessionEnd,
+    /// Service identities (`[[identity.service]]`).
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceIdentityConfig>,
+    /// Issuers of workload tokens (`[[identity.trusted_issuer]]`).
     #[serde(default, rename = "trusted_issuer")]
     pub trusted_issuers: Vec<TrustedIssuerConfig>,
 }
@@ -126,7 +140,7 @@ pub struct IdentityConfig {
 /// clients read 53300 too_many_connections) and the refusals of each uid are summarized:
 /// the first of each `summary_interval_secs` is recorded in full, the rest as one
 /// `connection.refused` event with a `count`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Connections one uid may have open at once (start-up included).
@@ -146,6 +160,7 @@ pub struct LimitsConfig {
     #[serde(default = "defaults::new_connections_burst")]
     pub new_connections_burst: u32,
     /// How often the count of refusals not recorded one by one is written.
+    /// Every limit in this section must be at least 1.
     #[serde(default = "defaults::summary_interval_secs")]
     pub summary_interval_secs: u64,
 }
@@ -186,7 +201,9 @@ impl LimitsConfig {
 
 /// `audit.on_write_failure`: what the agent does while the audit store cannot be written
 /// (disk full, I/O error).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnWriteFailure {
     /// Fail closed: new connections are refused and open PostgreSQL sessions end at their
@@ -198,7 +215,7 @@ pub enum OnWriteFailure {
     KeepEnforcing,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// Fail closed (`refuse`, the default) or keep serving (`keep_enforcing`) while the
@@ -208,17 +225,21 @@ pub struct AuditConfig {
     /// The hash-chained store; default `<state_dir>/audit`.
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// The open segment is sealed (and signed) once it holds this many bytes...
     #[serde(default = "defaults::max_segment_bytes")]
     pub max_segment_bytes: u64,
+    /// ...or is this old.
     #[serde(default = "defaults::max_segment_age_secs")]
     pub max_segment_age_secs: u64,
     /// Root-only file with an Ed25519 seed (64 hex characters): signs each sealed segment.
     #[serde(default)]
     pub signing_key_file: Option<PathBuf>,
     /// Delete sealed segments older than this many days (never what is not shipped yet).
+    /// Unset: nothing is deleted by age.
     #[serde(default)]
     pub retention_days: Option<u64>,
-    /// Delete the oldest sealed segments while the store is larger than this.
+    /// Delete the oldest sealed segments while the store is larger than this (bytes).
+    /// Unset: nothing is deleted by size.
     #[serde(default)]
     pub retention_max_bytes: Option<u64>,
     /// Optional central PostgreSQL the local store is shipped to (`docs/audit-central.md`).
@@ -251,25 +272,28 @@ impl Default for AuditConfig {
 
 /// `[audit.central]`: where the fleet's audit trail is collected. The local store is the
 /// spool, so an outage delays shipping but loses nothing.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CentralConfig {
     /// `postgres://user@host:port/db`, without a password (use `password_file`).
     pub url: String,
     /// Root-only file holding the role's password.
     #[serde(default)]
+    #[schemars(extend("x-sighup" = "restart to change the path; the file is read again at each reconnect"))]
     pub password_file: Option<PathBuf>,
+    /// TLS to the central server.
     #[serde(default)]
     pub tls: CentralTls,
     /// PEM CA bundle that signs the server's certificate; default: the system's roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// Records per transaction.
+    /// Records per transaction, 1 to 10000.
     #[serde(default = "defaults::central_batch_size")]
     pub batch_size: usize,
     /// Unshipped records the local store may hold before `on_spool_full` applies.
     #[serde(default = "defaults::spool_max_bytes")]
     pub spool_max_bytes: u64,
+    /// What happens once the unshipped backlog passes `spool_max_bytes`.
     #[serde(default)]
     pub on_spool_full: OnSpoolFull,
     /// This bastion's name in the central table; default: the kernel hostname.
@@ -279,11 +303,14 @@ pub struct CentralConfig {
     /// Without it an administrator runs the migration (`docs/audit-central.md`).
     #[serde(default)]
     pub migrate_url: Option<String>,
+    /// Root-only file holding the password of `migrate_url`'s role.
     #[serde(default)]
     pub migrate_password_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CentralTls {
     /// TLS with the certificate and the host name verified (libpq's `verify-full`).
@@ -295,11 +322,12 @@ pub enum CentralTls {
 
 /// `[audit.syslog]`: RFC 5424 over TCP (octet-counting framing), TLS by default. The local
 /// store is the spool, as for `[audit.central]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyslogConfig {
     /// `host:port` (`[v6]:port` for an IPv6 literal).
     pub address: String,
+    /// TLS to the receiver.
     #[serde(default)]
     pub tls: SyslogTls,
     /// PEM CA bundle that signs the receiver's certificate; default: the system's roots.
@@ -308,12 +336,15 @@ pub struct SyslogConfig {
     /// The name the certificate must carry; default: the host part of `address`.
     #[serde(default)]
     pub server_name: Option<String>,
-    /// RFC 5424 facility name (`authpriv`, `local0`..`local7`, ...).
+    /// RFC 5424 facility name: `kern`, `user`, `mail`, `daemon`, `auth`, `syslog`, `lpr`,
+    /// `news`, `uucp`, `cron`, `authpriv`, `ftp`, `local0`..`local7`.
     #[serde(default = "defaults::syslog_facility")]
     pub facility: String,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SyslogTls {
     /// RFC 5425: TLS with the certificate and the host name verified.
@@ -324,26 +355,29 @@ pub enum SyslogTls {
 }
 
 /// `[audit.webhook]`: NDJSON batches POSTed to a SIEM's HTTP collector.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// https, or plain http on a loopback host only.
     pub url: String,
     /// Root-only (0600) file with a bearer token; never logged.
+    #[schemars(extend("x-sighup" = "restart to change the path; the file is read again at each reconnect"))]
     #[serde(default)]
     pub token_file: Option<PathBuf>,
-    /// Records per request.
+    /// Records per request, 1 to 10000.
     #[serde(default = "defaults::webhook_batch_size")]
     pub batch_size: usize,
-    /// Body bytes per request (a single larger record is still sent, alone).
+    /// Body bytes per request, at least 1024 (a single larger record is still sent, alone).
     #[serde(default = "defaults::webhook_max_batch_bytes")]
     pub max_batch_bytes: usize,
-    /// A request without a response after this long is retried.
+    /// A request without a response after this long is retried; 1 to 300.
     #[serde(default = "defaults::webhook_timeout_secs")]
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnSpoolFull {
     /// Keep proxying and recording locally; alert once per episode (`audit.spool_full`).
@@ -353,12 +387,13 @@ pub enum OnSpoolFull {
     RefuseConnections,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Cedar policies (`*.cedar`) plus `masking.toml` and `approvals.toml`. Reloaded on
     /// SIGHUP and when the files change; a missing or empty directory denies everything.
     #[serde(default = "defaults::policy_dir")]
+    #[schemars(extend("x-sighup" = "restart to change the directory; its files are re-read on SIGHUP and when they change"))]
     pub dir: PathBuf,
 }
 
@@ -370,43 +405,55 @@ impl Default for PolicyConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OnSessionEnd {
+    /// The user's proxied connections are closed when the login expires.
     #[default]
     Close,
+    /// Open connections stay; new ones need a new login.
     Keep,
 }
 
 /// A non-human identity: processes of `uid`, or of systemd unit `unit`, act as this
 /// OIDC client (client-credentials grant at the main issuer).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceIdentityConfig {
+    /// The name policies and the audit trail know the service by.
     pub name: String,
+    /// Processes of this uid act as the service (exactly one of `uid` and `unit`).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// Processes of this systemd unit (`billing.service`) act as the service.
     #[serde(default)]
     pub unit: Option<String>,
+    /// Its confidential client at the issuer (client-credentials grant).
     pub client_id: String,
     /// Root-only file holding the client secret.
     pub client_secret_file: PathBuf,
+    /// Scopes asked for with the client-credentials grant.
     #[serde(default)]
     pub scopes: Vec<String>,
 }
 
 /// An issuer of workload tokens (CI pipelines) accepted by `portcullis login --token-file`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrustedIssuerConfig {
+    /// The token issuer (`iss`), https (plain http on loopback only with
+    /// `insecure.allow_plaintext_loopback`).
     pub issuer: String,
+    /// The `aud` the token must carry.
     pub audience: String,
-    /// Claims that must equal these values (e.g. `repository = "acme/infra"`).
+    /// Claims that must equal these values (e.g. `repository = "acme/infra"`); at least one.
     #[serde(default)]
     pub required_claims: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InsecureConfig {
     /// Attribute connections to the Unix account alone, without an OIDC login. Refused
@@ -498,14 +545,15 @@ pub fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, String> {
     Ok(alg)
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
+    /// The Unix socket the CLI (`portcullis status`, `login`, ...) talks to.
     #[serde(default = "defaults::control_socket")]
     pub socket: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// IPv4 listener for redirected connections. Loopback: only this host's clients reach it.
@@ -519,8 +567,10 @@ pub struct ProxyConfig {
     #[serde(default = "defaults::port")]
     pub port: u16,
     /// `SO_MARK` on the agent's own upstream sockets, which the kernel programs exempt.
+    /// Not 0.
     #[serde(default = "defaults::upstream_mark")]
     pub upstream_mark: u32,
+    /// Connecting to the upstream gives up after this long.
     #[serde(default = "defaults::connect_timeout_secs")]
     pub connect_timeout_secs: u64,
     /// A connection with no traffic in either direction for this long is closed.
@@ -534,8 +584,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Threads that run proxied connections, each with its own event loop; connections are
     /// handed to them in turn. 0 (the default): half the CPUs, at least one, since a bastion's
-    /// clients run on the same machine and need the other half.
+    /// clients run on the same machine and need the other half. At most 256.
     #[serde(default)]
+    #[schemars(with = "Option<usize>")]
     pub threads: Option<Spanned<usize>>,
 }
 
@@ -554,7 +605,7 @@ impl ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BpfConfig {
     /// cgroup v2 directory to attach to; default: the root of the cgroup2 mount,
@@ -566,10 +617,12 @@ pub struct BpfConfig {
     pub pin_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Bytes relayed as they are; connect is decided, nothing inside.
     Tcp,
+    /// PostgreSQL: TLS to the client, credentials injected, every statement decided.
     Postgres,
 }
 
@@ -597,7 +650,9 @@ impl fmt::Display for Protocol {
 
 /// How the agent protects its connection to a PostgreSQL server. Anything other than
 /// `verify-full` is named `insecure-…` on purpose: it belongs in a lab, not in production.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 pub enum UpstreamTls {
     /// TLS, the server's certificate verified against `ca_file` (or the system roots) and
     /// its name (`server_name`, or the upstream IP address).
@@ -614,13 +669,14 @@ pub enum UpstreamTls {
 }
 
 /// `[target.postgres]`: how the agent terminates PostgreSQL clients and reaches the server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresTargetConfig {
     /// Host names clients use for this target; they go into the certificate the agent's
     /// local CA issues, so `sslmode=verify-full` works with `psql -h <name>`.
     #[serde(default)]
     pub server_names: Vec<String>,
+    /// How the agent's own connection to the server is protected.
     #[serde(default)]
     pub tls: UpstreamTls,
     /// CA certificates (PEM) that sign the server's certificate; default: the system roots.
@@ -630,31 +686,43 @@ pub struct PostgresTargetConfig {
     #[serde(default)]
     pub server_name: Option<String>,
     /// Root-only TOML file with the upstream passwords: `[roles.<role>] password = "…"`.
+    /// An absolute path.
+    #[schemars(with = "PathBuf", extend("x-sighup" = "restart to change the path; the file is read at every connection, so a changed password applies to the next one"))]
     pub credentials_file: Spanned<PathBuf>,
-    /// Largest protocol message accepted from either side; a larger one ends the session.
+    /// Largest protocol message accepted from either side, at least 1024; a larger one ends
+    /// the session.
     #[serde(default = "defaults::max_message_bytes")]
     pub max_message_bytes: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
+    /// Unique; letters, digits, `-`, `_` and `.`. Policies and the audit trail use it.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
+    /// What the proxy speaks with clients of this target.
     pub protocol: Protocol,
     /// An IP address, a CIDR, or `any`.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub address: Option<Spanned<String>>,
     /// More addresses or CIDRs of the same service (its other interfaces, IPv6 beside
     /// IPv4): a host reachable under an address that is not listed is not protected there.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub addresses: Vec<Spanned<String>>,
     /// A DNS name: every A and AAAA record is protected, resolved at start, again when the
     /// records' TTL runs out, and on SIGHUP.
     #[serde(default)]
+    #[schemars(with = "Option<String>", extend("x-sighup" = "restart to change the name; its records are resolved again on SIGHUP"))]
     pub host: Option<Spanned<String>>,
+    /// The destination port, 1 to 65535 (not the proxy's own listener).
+    #[schemars(with = "u16")]
     pub port: Spanned<u16>,
     /// Where to connect instead of the original destination (`ip:port`).
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub upstream: Option<Spanned<String>>,
     /// Labels policies can test (`environment = "production"`).
     #[serde(default)]

@@ -5,6 +5,7 @@ mod audit;
 mod ca;
 mod cli;
 mod config;
+mod config_reference;
 mod control;
 mod dns;
 mod ebpf;
