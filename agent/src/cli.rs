@@ -107,6 +107,15 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the public key of `audit.signing_key_file`, as `audit verify --public-key`
+    /// takes it (root: the seed file is 0600).
+    PublicKey {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The seed file (default: the config's `audit.signing_key_file`).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
     /// Find events: by time, user, target, type, decision or text.
     Search(Box<SearchArgs>),
     /// Create or upgrade the central store's schema, as its admin (once per fleet).
@@ -492,6 +501,23 @@ fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             Ok(ExitCode::FAILURE)
+        }
+        AuditCommand::PublicKey { config, key_file } => {
+            let path = match key_file {
+                Some(path) => path,
+                None => Config::load(&config)?
+                    .0
+                    .audit
+                    .signing_key_file
+                    .with_context(|| {
+                        format!(
+                            "{} sets no audit.signing_key_file: the seals are not signed",
+                            config.display()
+                        )
+                    })?,
+            };
+            println!("{}", crate::audit::public_key_hex(&path)?);
+            Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Verify {
             config,

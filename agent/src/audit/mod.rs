@@ -609,6 +609,15 @@ fn write_loop(
     }
 }
 
+/// The public half of `audit.signing_key_file`, as `portcullis audit verify --public-key`
+/// takes it (64 hex characters): whoever verifies a copy of the trail elsewhere needs it,
+/// and never the seed.
+pub(crate) fn public_key_hex(path: &Path) -> Result<String, AuditError> {
+    Ok(hex::encode(
+        read_signing_key(path)?.verifying_key().to_bytes(),
+    ))
+}
+
 /// An Ed25519 seed as 64 hex characters in a root-only file.
 fn read_signing_key(path: &Path) -> Result<portcullis_audit_store::SigningKey, AuditError> {
     use std::os::unix::fs::MetadataExt;
@@ -629,4 +638,53 @@ fn read_signing_key(path: &Path) -> Result<portcullis_audit_store::SigningKey, A
         .try_into()
         .map_err(|_| err("expected 32 bytes (64 hex characters)".into()))?;
     Ok(portcullis_audit_store::SigningKey::from_bytes(&seed))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod public_key_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn the_printed_public_key_verifies_the_seals_its_seed_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("audit.key");
+        std::fs::write(&seed, format!("{}\n", "7f".repeat(32))).unwrap();
+        std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let store_dir = dir.path().join("audit");
+        let options = portcullis_audit_store::StoreOptions {
+            signing_key: Some(read_signing_key(&seed).unwrap()),
+            ..Default::default()
+        };
+        let (mut store, _) = portcullis_audit_store::Store::open(&store_dir, options).unwrap();
+        store.append(br#"{"n":1}"#).unwrap();
+        store.seal_current().unwrap();
+        drop(store);
+
+        let printed = public_key_hex(&seed).unwrap();
+        assert_eq!(printed.len(), 64);
+        let key = |hex_key: &str| {
+            let bytes: [u8; 32] = hex::decode(hex_key).unwrap().try_into().unwrap();
+            portcullis_audit_store::VerifyingKey::from_bytes(&bytes).unwrap()
+        };
+        let report = portcullis_audit_store::verify(&store_dir, Some(&key(&printed)));
+        assert!(
+            report.ok && report.signatures_checked,
+            "{:?}",
+            report.first_break
+        );
+        // Another key does not verify them: the check is real.
+        let other = hex::encode(
+            portcullis_audit_store::SigningKey::from_bytes(&[8; 32])
+                .verifying_key()
+                .to_bytes(),
+        );
+        assert!(!portcullis_audit_store::verify(&store_dir, Some(&key(&other))).ok);
+        // A seed others can read is refused, not printed from.
+        std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = public_key_hex(&seed).unwrap_err().to_string();
+        assert!(err.contains("make it 0600"), "{err}");
+    }
 }
