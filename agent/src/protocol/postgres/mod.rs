@@ -19,9 +19,7 @@ mod stream;
 mod upstream;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
-
-use portcullis_policy::{Masker, PolicySet};
+use std::sync::Arc;
 
 use crate::ca::LocalCa;
 use crate::config::{Config, ProtectedTarget, Protocol};
@@ -49,15 +47,8 @@ pub struct Shared {
     pub catalog: catalog::Catalog,
     /// Upstream TLS per target id (`None`: plaintext, by explicit configuration).
     tls: HashMap<u32, Option<Arc<rustls::ClientConfig>>>,
-    /// The key of keyed-hash masks; stable across restarts so hashed values stay joinable.
-    mask_key: Vec<u8>,
-    maskers: Mutex<MaskerCache>,
-}
-
-#[derive(Default)]
-struct MaskerCache {
-    set: Weak<PolicySet>,
-    by_profile: HashMap<String, Arc<Masker>>,
+    /// Keyed with the masking key, stable across restarts so hashed values stay joinable.
+    maskers: session::Maskers,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,30 +92,12 @@ impl Shared {
             cancels: CancelMap::default(),
             catalog: catalog::Catalog::default(),
             tls,
-            mask_key,
-            maskers: Mutex::new(MaskerCache::default()),
+            maskers: session::Maskers::new(mask_key),
         }))
     }
 
     fn upstream_tls(&self, target_id: u32) -> Option<&Arc<rustls::ClientConfig>> {
         self.tls.get(&target_id).and_then(Option::as_ref)
-    }
-
-    /// The compiled masker of a profile in the policy set that made the decision.
-    fn masker(&self, set: &Arc<PolicySet>, profile: &str) -> Option<Arc<Masker>> {
-        let mut cache = self.maskers.lock().unwrap_or_else(|p| p.into_inner());
-        if !std::ptr::eq(cache.set.as_ptr(), Arc::as_ptr(set)) {
-            cache.set = Arc::downgrade(set);
-            cache.by_profile.clear();
-        }
-        if let Some(m) = cache.by_profile.get(profile) {
-            return Some(Arc::clone(m));
-        }
-        let masker = Arc::new(Masker::new(set.masking_profile(profile)?, &self.mask_key));
-        cache
-            .by_profile
-            .insert(profile.to_string(), Arc::clone(&masker));
-        Some(masker)
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use super::cancel::CancelTarget;
 use super::error::PgError;
 use super::params;
-use super::session::Session;
+use super::session;
 use super::stream::{fill, write_out, Stream};
 use super::upstream::{credential, establish};
 use super::Shared;
@@ -103,18 +103,18 @@ pub async fn run(
     let Some(pg) = incoming.target.postgres.as_deref() else {
         return;
     };
-    let session = Session::new(
+    let established = session::Established {
         proxy,
         shared,
-        &admitted.open.conn,
-        &admitted.identity,
-        &incoming.target,
-        &db_user,
-        &db_name,
-        pg.max_message_bytes,
-        startup.is_replication(),
-    );
-    let end = session.run(client, buf, admitted.upstream).await;
+        conn: &admitted.open.conn,
+        identity: &admitted.identity,
+        target: &incoming.target,
+        db_user: &db_user,
+        db_name: &db_name,
+        max_len: pg.max_message_bytes,
+        replication: startup.is_replication(),
+    };
+    let end = session::run(established, client, buf, admitted.upstream).await;
     admitted.open.set_end(end);
     drop(admitted.cancel_key);
 }

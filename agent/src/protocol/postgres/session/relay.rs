@@ -1,0 +1,284 @@
+//! The async glue around the session machine: owns both sockets, the idle timer, the
+//! connection's cancel and its byte counters, reads the clock and the live policy set for
+//! each input, runs the catalog lookups the machine waits for, hands its events to the audit
+//! log and writes what it says to send. No protocol rule lives here.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use portcullis_pgwire::encode_error_response;
+use tokio::io::AsyncWriteExt;
+
+use super::super::catalog::{Catalog, ColumnName, Lookup, Routine};
+use super::super::error::PgError;
+use super::super::stream::{fill, write_out, Stream};
+use super::super::upstream::Upstream;
+use super::super::Shared;
+use super::{CatalogLookup, CatalogView, Now, Output, Recorded, Services, Session, SessionContext};
+use crate::config::ProtectedTarget;
+use crate::identity::Identity;
+use crate::proxy::{Connection, Proxy};
+
+impl CatalogView for Catalog {
+    fn column(&self, target_id: u32, db: &str, table_oid: u32, attnum: i16) -> Option<ColumnName> {
+        Catalog::column(self, target_id, db, table_oid, attnum)
+    }
+
+    fn view_sources(
+        &self,
+        target_id: u32,
+        db: &str,
+        table_oid: u32,
+    ) -> Option<Option<Arc<portcullis_sql::ResultSources>>> {
+        Catalog::view_sources(self, target_id, db, table_oid)
+    }
+
+    fn function_names(&self, target_id: u32, db: &str, oid: u32) -> Option<Arc<[String]>> {
+        Catalog::function_names(self, target_id, db, oid)
+    }
+
+    fn routines(
+        &self,
+        target_id: u32,
+        db: &str,
+        name: &str,
+        max_age: Duration,
+    ) -> Option<Arc<[Routine]>> {
+        Catalog::routines(self, target_id, db, name, max_age)
+    }
+
+    fn is_fresh(&self, target_id: u32, db: &str, table_oid: u32) -> bool {
+        Catalog::is_fresh(self, target_id, db, table_oid)
+    }
+}
+
+fn now() -> Now {
+    Now {
+        unix_ms: crate::audit::now_ms(),
+        monotonic: Instant::now(),
+    }
+}
+
+/// The session's fixed context, from what start-up established.
+pub struct Established<'a> {
+    pub proxy: &'a Proxy,
+    pub shared: &'a Shared,
+    pub conn: &'a Connection,
+    pub identity: &'a Identity,
+    pub target: &'a ProtectedTarget,
+    pub db_user: &'a str,
+    pub db_name: &'a str,
+    pub max_len: usize,
+    pub replication: bool,
+}
+
+/// Relays until either side ends; returns why, for `connection.closed`.
+pub async fn run(
+    est: Established<'_>,
+    mut client: Stream,
+    mut cbuf: BytesMut,
+    upstream: Upstream,
+) -> String {
+    let Established {
+        proxy,
+        shared,
+        conn,
+        ..
+    } = est;
+    let ctx = SessionContext {
+        connection_id: conn.id,
+        protocol: conn.protocol.name(),
+        target_id: est.target.id,
+        target_name: Arc::clone(&conn.target),
+        target: crate::policy::target(est.target),
+        principal: crate::policy::principal(est.identity),
+        origin: Arc::clone(&conn.origin),
+        identity: Arc::clone(&conn.identity),
+        client_addr: conn.client.to_string().into(),
+        upstream_addr: conn.upstream.to_string().into(),
+        db_user: est.db_user.into(),
+        db_name: est.db_name.into(),
+        max_len: est.max_len,
+        replication: est.replication,
+    };
+    let services = Services {
+        classifier: &shared.classifier,
+        catalog: &shared.catalog,
+        maskers: &shared.maskers,
+    };
+    let mut machine = Session::new(services, ctx, proxy.policies().current(), now());
+    let Upstream {
+        stream: mut server,
+        buf: mut sbuf,
+        ..
+    } = upstream;
+    let idle = Duration::from_secs(proxy.config().proxy.idle_timeout_secs.max(1));
+    let cancel = conn.cancel.clone();
+    // Made once, not per message: a fresh cancellation future registers a waiter and a
+    // fresh timer goes through the timer wheel, on every turn of a loop that runs twice
+    // per statement. Traffic only moves `last_traffic`; the timer is re-armed from it
+    // when it fires.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
+    let mut last_traffic = tokio::time::Instant::now();
+    // Bytes that arrived with the start-up packet belong to the session.
+    if !cbuf.is_empty() {
+        machine.on_client(&mut cbuf, now(), &proxy.policies().current());
+    }
+    let why = loop {
+        // What the machine waits for from the catalog, before anything more is read.
+        while let Some(lookup) = machine.output().lookup.take() {
+            let answer = catalog_lookup(&est, &lookup).await;
+            machine.catalog_answer(answer, now());
+            if !machine.is_paused() {
+                machine.on_client(&mut cbuf, now(), &proxy.policies().current());
+                machine.on_server(&mut sbuf, now());
+            }
+        }
+        let out = machine.output();
+        record(proxy, shared, out);
+        if let Some(why) = out.end.take() {
+            break why;
+        }
+        if !out.to_server.is_empty() {
+            if let Err(e) = write_out(&mut server, &out.to_server).await {
+                return format!("server write failed: {e}");
+            }
+            count(&conn.bytes.client_to_upstream, out.to_server.len());
+            out.to_server.clear();
+        }
+        if !out.to_client.is_empty() {
+            if let Err(e) = write_out(&mut client, &out.to_client).await {
+                return format!("client write failed: {e}");
+            }
+            count(&conn.bytes.upstream_to_client, out.to_client.len());
+            out.to_client.clear();
+        }
+        tokio::select! {
+            () = &mut cancelled => {
+                encode_error_response(
+                    &PgError::ClosedByAgent.to_fields(),
+                    &mut machine.output().to_client,
+                );
+                break "closed by the agent".into();
+            }
+            () = &mut idle_timer => {
+                // Idle means no traffic and nothing the server is still working on: a
+                // long query is not an idle session.
+                let now = tokio::time::Instant::now();
+                if now < last_traffic + idle {
+                    idle_timer.as_mut().reset(last_traffic + idle);
+                } else if machine.awaits_nothing() {
+                    break "idle timeout".into();
+                } else {
+                    idle_timer.as_mut().reset(now + idle);
+                }
+            }
+            // While the audit writer is behind, this session reads nothing more from its
+            // client (what it would send queues more events); the event loop keeps
+            // serving every other session meanwhile.
+            r = async {
+                proxy.audit().room().await;
+                fill(&mut client, &mut cbuf).await
+            } => {
+                last_traffic = tokio::time::Instant::now();
+                match r {
+                    Err(e) => break format!("client read failed: {e}"),
+                    Ok(0) => break "client closed the connection".into(),
+                    Ok(_) => {
+                        // Nothing more runs unaudited: the statement event of what the
+                        // client sends now could not be written (`on_write_failure`).
+                        if let Some(why) = proxy.audit().write_refusal() {
+                            encode_error_response(
+                                &PgError::AuditUnwritable(why.clone()).to_fields(),
+                                &mut machine.output().to_client,
+                            );
+                            break why;
+                        }
+                        machine.on_client(&mut cbuf, now(), &proxy.policies().current());
+                    }
+                }
+            }
+            r = fill(&mut server, &mut sbuf) => {
+                last_traffic = tokio::time::Instant::now();
+                match r {
+                    Err(e) => break format!("server read failed: {e}"),
+                    Ok(0) => break "the server closed the connection".into(),
+                    Ok(_) => {
+                        machine.on_server(&mut sbuf, now());
+                    }
+                }
+            }
+        }
+    };
+    let out = machine.output();
+    record(proxy, shared, out);
+    if !out.to_server.is_empty() {
+        let _ = write_out(&mut server, &out.to_server).await;
+    }
+    let _ = server.shutdown().await;
+    if !out.to_client.is_empty() {
+        let _ = write_out(&mut client, &out.to_client).await;
+    }
+    let _ = client.shutdown().await;
+    record(proxy, shared, machine.end(&why, now()));
+    why
+}
+
+fn count(counter: &std::sync::atomic::AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Hands the machine's events to the audit log, in order, and forgets function bodies when
+/// it says a change to them ended.
+fn record(proxy: &Proxy, shared: &Shared, out: &mut Output) {
+    for event in out.events.drain(..) {
+        match event {
+            Recorded::Event(e) => proxy.audit().record(*e),
+            Recorded::Encoded(line) => proxy.audit().record_encoded(line),
+        }
+    }
+    if std::mem::take(&mut out.forget_routines) {
+        shared.catalog.forget_routines();
+    }
+}
+
+/// Reads what `lookup` asks from the catalog, over a connection of its own as the session's
+/// role, into the shared cache.
+async fn catalog_lookup(est: &Established<'_>, lookup: &CatalogLookup) -> Result<(), String> {
+    let lookup = match lookup {
+        CatalogLookup::Tables(oids) => Lookup::Tables(oids),
+        CatalogLookup::Functions(oids) => Lookup::Functions(oids),
+        CatalogLookup::Routines(names) => Lookup::Routines(names),
+    };
+    let pg = est
+        .target
+        .postgres
+        .as_deref()
+        .ok_or_else(|| "no PostgreSQL settings".to_string())?;
+    let password = super::super::upstream::credential(pg.credentials_file.get_ref(), est.db_user)
+        .map_err(|e| e.to_string())?;
+    let socket = est
+        .proxy
+        .connect_upstream(est.conn.upstream)
+        .await
+        .map_err(|e| e.to_string())?;
+    est.shared
+        .catalog
+        .fetch(
+            socket,
+            est.conn.upstream,
+            est.target.id,
+            pg,
+            est.shared.upstream_tls(est.target.id),
+            est.db_name,
+            est.db_user,
+            &password,
+            lookup,
+        )
+        .await
+}
