@@ -140,7 +140,7 @@ impl Slot {
     pub fn new(n: u8) -> Self {
         assert!(n < 255, "slot {n}: 255 would share slot 0's block");
         Self {
-            net: 100u8.checked_add(n).unwrap_or(n - 155),
+            net: 100u8.checked_add(n).unwrap_or_else(|| n - 155),
             proxy_port: 900 + u16::from(n),
             server_port: 47000 + u16::from(n),
         }
