@@ -5,10 +5,14 @@
 //! and what the functions a statement calls by name run (their definitions, read by
 //! `portcullis_sql::read_routine`), so the statements inside are decided before the call.
 //! Lookups go over a separate connection as the session's own role (so it learns nothing the
-//! session could not read) and are cached per target, database and table (or function) for a
-//! minute, so a renamed column is picked up soon after.
+//! session could not read), kept for the next lookup as that role (`side`), and are cached per
+//! target, database and table (or function) for a minute, so a renamed column is picked up
+//! soon after.
+
+mod side;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::PostgresTargetConfig;
 use crate::identity::Secret;
+use side::{SideConnection, SideConnections, SideKey};
 
 const TTL: Duration = Duration::from_secs(60);
 /// Enough for every table a busy session touches; beyond it the cache starts over.
@@ -94,6 +99,8 @@ pub struct Catalog {
     routines: Mutex<RoutineCache>,
     /// Moved on by [`Catalog::forget_routines`]: a lookup that began before keeps nothing.
     routines_generation: AtomicU64,
+    /// The logged-in connections lookups run on.
+    side: SideConnections,
 }
 
 /// What one lookup reads: the columns of tables, the names of functions, or what the
@@ -190,7 +197,8 @@ impl Catalog {
     }
 
     /// Reads the columns of tables, or the names of functions, from the server and caches
-    /// them.
+    /// them. `socket` is used only when no connection of this address, database and role is
+    /// idle; [`Catalog::fetch_connecting`] connects only then.
     #[allow(clippy::too_many_arguments, reason = "one connection's parameters")]
     pub async fn fetch(
         &self,
@@ -204,33 +212,76 @@ impl Catalog {
         password: &Secret,
         lookup: Lookup<'_>,
     ) -> Result<(), String> {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .user(role)
-            .dbname(db)
-            .password(password.expose())
-            .application_name("portcullis-catalog")
-            .connect_timeout(Duration::from_secs(10));
+        self.fetch_connecting(
+            async { Ok(socket) },
+            addr,
+            target_id,
+            target,
+            tls,
+            db,
+            role,
+            password,
+            lookup,
+        )
+        .await
+    }
+
+    /// [`Catalog::fetch`], connecting to the server (`connect`, awaited only when no idle
+    /// connection of this address, database and role can answer) instead of taking a socket.
+    #[allow(clippy::too_many_arguments, reason = "one connection's parameters")]
+    pub async fn fetch_connecting(
+        &self,
+        connect: impl Future<Output = std::io::Result<tokio::net::TcpStream>>,
+        addr: SocketAddr,
+        target_id: u32,
+        target: &PostgresTargetConfig,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        db: &str,
+        role: &str,
+        password: &Secret,
+        lookup: Lookup<'_>,
+    ) -> Result<(), String> {
         let oids = lookup.oids();
         let generation = self.routines_generation.load(Ordering::SeqCst);
-        let (rows, views) = match tls {
-            Some(tls) => {
-                config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let host = target
-                    .server_name
-                    .clone()
-                    .unwrap_or_else(|| addr.ip().to_string());
-                let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                let connect =
-                    tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
-                        &mut make, &host,
-                    )
-                    .map_err(|e| format!("server name `{host}`: {e}"))?;
-                query_once(&config, socket, connect, lookup).await?
-            }
+        let key = SideKey {
+            target_id,
+            addr,
+            db: db.to_string(),
+            role: role.to_string(),
+        };
+        let opening = OpenSide {
+            addr,
+            target,
+            tls,
+            db,
+            role,
+            password,
+        };
+        let Answer { rows, views, .. } = match self.side.take(&key) {
+            Some(conn) => match run_lookup(&conn.client, lookup).await {
+                Ok(answer) => {
+                    self.keep_if_clean(key, conn, &answer).await;
+                    answer
+                }
+                Err(failed) if failed.connection_lost() => {
+                    // The server ended it while it was idle (a restart, pg_terminate_backend, an
+                    // idle timeout): not the lookup's doing, so a new connection answers it.
+                    tracing::debug!(error = %failed.message, "a kept catalog side connection was lost; opening another");
+                    drop(conn);
+                    let socket = connect.await.map_err(|e| e.to_string())?;
+                    let conn = opening.open(socket).await?;
+                    self.answer_on_new(key, conn, lookup).await?
+                }
+                // A connection that saw an error is never used again.
+                Err(failed) => {
+                    conn.close().await;
+                    return Err(failed.message);
+                }
+            },
             None => {
-                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                query_once(&config, socket, tokio_postgres::NoTls, lookup).await?
+                let socket = connect.await.map_err(|e| e.to_string())?;
+                let conn = opening.open(socket).await?;
+                self.answer_on_new(key, conn, lookup).await?
             }
         };
         match lookup {
@@ -277,6 +328,34 @@ impl Catalog {
 }
 
 impl Catalog {
+    /// Runs `lookup` on a connection just opened, and keeps the connection if that succeeded.
+    async fn answer_on_new(
+        &self,
+        key: SideKey,
+        conn: SideConnection,
+        lookup: Lookup<'_>,
+    ) -> Result<Answer, String> {
+        match run_lookup(&conn.client, lookup).await {
+            Ok(answer) => {
+                self.keep_if_clean(key, conn, &answer).await;
+                Ok(answer)
+            }
+            Err(failed) => {
+                conn.close().await;
+                Err(failed.message)
+            }
+        }
+    }
+
+    /// Gives `conn` back for the next lookup, unless it saw an error.
+    async fn keep_if_clean(&self, key: SideKey, conn: SideConnection, answer: &Answer) {
+        if answer.clean {
+            self.side.give_back(key, conn).await;
+        } else {
+            conn.close().await;
+        }
+    }
+
     fn keep_function_names(
         &self,
         target_id: u32,
@@ -386,19 +465,99 @@ impl Catalog {
 /// What the views among the looked-up relations compute their columns from (`None`: unknown).
 type Views = HashMap<u32, Option<Arc<portcullis_sql::ResultSources>>>;
 
-/// One connection: the column query, then which relations the views' definitions name are
-/// not plain tables; closed. Returns the column rows and the views' sources. For functions,
+/// What a new side connection logs in with: the session's role, over the target's TLS.
+struct OpenSide<'a> {
+    addr: SocketAddr,
+    target: &'a PostgresTargetConfig,
+    tls: Option<&'a Arc<rustls::ClientConfig>>,
+    db: &'a str,
+    role: &'a str,
+    password: &'a Secret,
+}
+
+impl OpenSide<'_> {
+    async fn open(&self, socket: tokio::net::TcpStream) -> Result<SideConnection, String> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(self.role)
+            .dbname(self.db)
+            .password(self.password.expose())
+            .application_name("portcullis-catalog")
+            .connect_timeout(Duration::from_secs(10));
+        match self.tls {
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let host = self
+                    .target
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| self.addr.ip().to_string());
+                let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                let connect =
+                    tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+                        &mut make, &host,
+                    )
+                    .map_err(|e| format!("server name `{host}`: {e}"))?;
+                SideConnection::open(&config, socket, connect).await
+            }
+            None => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                SideConnection::open(&config, socket, tokio_postgres::NoTls).await
+            }
+        }
+    }
+}
+
+/// Why a lookup failed, and whether the connection under it was lost rather than the lookup
+/// refused.
+struct LookupFailed {
+    message: String,
+    lost: bool,
+}
+
+impl LookupFailed {
+    fn connection_lost(&self) -> bool {
+        self.lost
+    }
+}
+
+impl From<tokio_postgres::Error> for LookupFailed {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // An ERROR is the lookup's own (it would fail on any connection); anything else (the
+        // connection closed, an I/O error, a FATAL such as 57P01) ended the connection.
+        let lost = e
+            .as_db_error()
+            .is_none_or(|db| !matches!(db.severity(), "ERROR"));
+        Self {
+            message: db_error(&e),
+            lost,
+        }
+    }
+}
+
+impl From<String> for LookupFailed {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            lost: false,
+        }
+    }
+}
+
+/// What a lookup read, and whether its connection saw no error (only then is it kept).
+struct Answer {
+    rows: Vec<tokio_postgres::Row>,
+    views: Views,
+    clean: bool,
+}
+
+/// One lookup on `client`: the column query, then which relations the views' definitions
+/// name are not plain tables. Returns the column rows and the views' sources. For functions,
 /// the function-name query alone (no views).
-async fn query_once<T>(
-    config: &tokio_postgres::Config,
-    socket: tokio::net::TcpStream,
-    tls: T,
+async fn run_lookup(
+    client: &tokio_postgres::Client,
     lookup: Lookup<'_>,
-) -> Result<(Vec<tokio_postgres::Row>, Views), String>
-where
-    T: tokio_postgres::tls::TlsConnect<tokio::net::TcpStream>,
-    T::Stream: Send + 'static,
-{
+) -> Result<Answer, LookupFailed> {
     // System columns too (negative attnum: tableoid, ctid, xmin...), which results such as
     // pg_dump's catalog queries select by name.
     const COLUMNS: &str = "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname, \
@@ -409,96 +568,78 @@ where
                            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                            JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
                            WHERE c.oid = ANY($1) AND NOT a.attisdropped";
-    let (client, connection) = config
-        .connect_raw(socket, tls)
-        .await
-        .map_err(|e| e.to_string())?;
-    // The driver lives exactly as long as this lookup: a session that ends (or a shutdown
-    // that drops it) mid-lookup aborts the driver with it instead of leaving it detached.
-    let task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
     let oids: &[tokio_postgres::types::Oid] = lookup.oids();
-    let result = async {
-        if let Lookup::Routines(names) = lookup {
-            let rows = client
-                .query(ROUTINES, &[&names])
-                .await
-                .map_err(|e| db_error(&e))?;
-            return Ok((rows, Views::new()));
-        }
-        if let Lookup::Functions(_) = lookup {
-            let rows = client
-                .query(FUNCTIONS, &[&oids])
-                .await
-                .map_err(|e| db_error(&e))?;
-            return Ok((rows, Views::new()));
-        }
-        let rows = client
-            .query(COLUMNS, &[&oids])
-            .await
-            .map_err(|e| db_error(&e))?;
-        // Each view's definition, parsed once; only its first column's row carries it.
-        let mut views: Views = HashMap::new();
-        for row in &rows {
-            let oid: u32 = row.try_get(0).map_err(|e| e.to_string())?;
-            let is_view: bool = row.try_get(5).map_err(|e| e.to_string())?;
-            let definition: Option<String> = row.try_get(6).map_err(|e| e.to_string())?;
-            match (is_view, definition) {
-                (true, Some(d)) => {
-                    views.insert(oid, view_sources(Some(&d)));
-                }
-                (true, None) => {
-                    views.entry(oid).or_insert(None);
-                }
-                (false, _) => {}
+    if let Lookup::Routines(names) = lookup {
+        let rows = client.query(ROUTINES, &[&names]).await?;
+        return Ok(Answer {
+            rows,
+            views: Views::new(),
+            clean: true,
+        });
+    }
+    if let Lookup::Functions(_) = lookup {
+        let rows = client.query(FUNCTIONS, &[&oids]).await?;
+        return Ok(Answer {
+            rows,
+            views: Views::new(),
+            clean: true,
+        });
+    }
+    let rows = client.query(COLUMNS, &[&oids]).await?;
+    // Each view's definition, parsed once; only its first column's row carries it.
+    let mut views: Views = HashMap::new();
+    for row in &rows {
+        let oid: u32 = row.try_get(0).map_err(|e| e.to_string())?;
+        let is_view: bool = row.try_get(5).map_err(|e| e.to_string())?;
+        let definition: Option<String> = row.try_get(6).map_err(|e| e.to_string())?;
+        match (is_view, definition) {
+            (true, Some(d)) => {
+                views.insert(oid, view_sources(Some(&d)));
             }
+            (true, None) => {
+                views.entry(oid).or_insert(None);
+            }
+            (false, _) => {}
         }
-        // The relations the views read, as their definitions spell them (qualified where the
-        // default search_path would not find them, as `pg_get_viewdef` writes them).
-        let mut named: Vec<String> = views
-            .values()
-            .flatten()
-            .flat_map(|sources| sources.all.iter().filter_map(|r| r.table.clone()))
-            .collect();
-        named.sort();
-        named.dedup();
-        // Another session's temporary relations (`pg_temp_N.v`) cannot be looked up from
-        // here: not known to be tables. Nor is anything, if the lookup fails.
-        let (temporary, named): (Vec<String>, Vec<String>) =
-            named.into_iter().partition(|n| n.starts_with("pg_temp"));
-        let mut not_tables: HashSet<String> = temporary.into_iter().collect();
-        if !named.is_empty() {
-            match client.query(RELATIONS, &[&named]).await {
-                Ok(found) => {
-                    for row in found {
-                        let name: String = row.try_get(0).map_err(|e| e.to_string())?;
-                        let plain: bool = row.try_get(1).map_err(|e| e.to_string())?;
-                        if !plain {
-                            not_tables.insert(name);
-                        }
+    }
+    // The relations the views read, as their definitions spell them (qualified where the
+    // default search_path would not find them, as `pg_get_viewdef` writes them).
+    let mut named: Vec<String> = views
+        .values()
+        .flatten()
+        .flat_map(|sources| sources.all.iter().filter_map(|r| r.table.clone()))
+        .collect();
+    named.sort();
+    named.dedup();
+    // Another session's temporary relations (`pg_temp_N.v`) cannot be looked up from
+    // here: not known to be tables. Nor is anything, if the lookup fails.
+    let (temporary, named): (Vec<String>, Vec<String>) =
+        named.into_iter().partition(|n| n.starts_with("pg_temp"));
+    let mut not_tables: HashSet<String> = temporary.into_iter().collect();
+    let mut clean = true;
+    if !named.is_empty() {
+        match client.query(RELATIONS, &[&named]).await {
+            Ok(found) => {
+                for row in found {
+                    let name: String = row.try_get(0).map_err(|e| e.to_string())?;
+                    let plain: bool = row.try_get(1).map_err(|e| e.to_string())?;
+                    if !plain {
+                        not_tables.insert(name);
                     }
                 }
-                Err(e) => {
-                    tracing::debug!(error = %db_error(&e), "looking up the relations views read");
-                    not_tables.extend(named);
-                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %db_error(&e), "looking up the relations views read");
+                not_tables.extend(named);
+                clean = false;
             }
         }
-        let views = views
-            .into_iter()
-            .map(|(oid, sources)| (oid, sources.map(|s| through_views(s, &not_tables))))
-            .collect();
-        Ok((rows, views))
     }
-    .await;
-    drop(client);
-    match task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::debug!(error = %db_error(&e), "the catalog side connection ended with an error");
-        }
-        Err(e) => tracing::warn!(error = %e, "the catalog side connection's driver failed"),
-    }
-    result
+    let views = views
+        .into_iter()
+        .map(|(oid, sources)| (oid, sources.map(|s| through_views(s, &not_tables))))
+        .collect();
+    Ok(Answer { rows, views, clean })
 }
 
 /// The server's own message for an error it reported (tokio-postgres says only "db error").
