@@ -90,6 +90,25 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The agent's local certificate authority (root).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Write the man pages and shell completions of this command line into a directory
+    /// (the packages build them from the same clap definitions the binary parses with).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the local CA in the state directory unless it exists, and print the path of
+    /// its certificate (the packages add it to the system trust store).
+    Init {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -424,7 +443,65 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Ca {
+            command: CaCommand::Init { config },
+        } => {
+            let (cfg, _) = Config::load(&config)?;
+            // Where the PostgreSQL handler opens it (protocol::postgres).
+            let dir = cfg.state_dir.join("ca");
+            crate::ca::LocalCa::open_or_create(&dir)?;
+            println!("{}", dir.join("ca.pem").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GenerateDocs { dir } => {
+            generate_docs(&dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `<dir>/man/*.1` (one page for the command and one for each subcommand, as
+/// `portcullis-audit-verify.1`) and `<dir>/completions/` for bash, zsh and fish.
+fn generate_docs(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    write_man_pages(&cmd, "portcullis", &man)?;
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "portcullis"),
+        (clap_complete::Shell::Zsh, "_portcullis"),
+        (clap_complete::Shell::Fish, "portcullis.fish"),
+    ] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "portcullis", &mut out);
+        let path = completions.join(file);
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn write_man_pages(cmd: &clap::Command, name: &str, dir: &Path) -> anyhow::Result<()> {
+    // Each page is titled by its full command (`portcullis-audit-verify`), as git's are, so
+    // `man portcullis-audit-verify` finds it and the SEE ALSO names resolve.
+    let page = cmd.clone().name(name.to_string());
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut out)
+        .with_context(|| format!("rendering the man page of {name}"))?;
+    let path = dir.join(format!("{name}.1"));
+    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
+        write_man_pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+    }
+    Ok(())
 }
 
 fn audit_dir(config: &Path, dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {

@@ -5,6 +5,7 @@ mod bench;
 mod bench_postgres;
 mod demo;
 mod fuzz;
+mod package;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -20,10 +21,15 @@ commands:
   build-ebpf   build the kernel programs (nightly, bpfel-unknown-none)
   build        build-ebpf, then the agent (release)
   test         setup, build, fmt check, clippy (warnings denied), cargo deny (licences, bans,
-               sources), every fuzz target briefly, unit and end-to-end tests
+               sources), every fuzz target briefly, both packages (revisions 1 and 2), unit,
+               end-to-end and package tests
   fuzz [--seconds N]
                build every cargo-fuzz target (nightly, libFuzzer coverage) and run each for
                N seconds (default 60) from a fixed seed
+  package [--revision N] [--no-build] [--out DIR]
+               build the .deb and the .rpm (cargo-deb and cargo-generate-rpm in .tools/) with
+               the release binary, man pages and completions, into target/packages; --revision
+               sets the package revision (default 1), --no-build packages the binary already built
   demo         build everything and show the redirect, the proxy and `portcullis status`
   bench [redirect|policy|audit|postgres|all] [--no-build] [--quick] [--seconds N] [--rounds N]
         [--case TEXT] [--perf]
@@ -52,6 +58,7 @@ fn main() -> Result<()> {
             cargo(&["build", "--release", "-p", "portcullis-agent"])
         }
         "test" => test(),
+        "package" => package::run_package(&package::Options::parse(rest)?),
         "fuzz" => fuzz::run_all(fuzz::parse_seconds(rest)?),
         "demo" => {
             setup::all()?;
@@ -117,6 +124,13 @@ fn test() -> Result<()> {
     fuzz::run_all(FUZZ_SMOKE_SECONDS)?;
     step("building the agent and the test clients");
     cargo(&["build", "-p", "portcullis-agent", "-p", "portcullis-e2e"])?;
+    // The package suite (tests/packages.rs) installs these: revision 2 is the upgrade.
+    package::run_package(&package::Options::parse(&[])?)?;
+    package::run_package(&package::Options::parse(&[
+        "--no-build".into(),
+        "--revision".into(),
+        "2".into(),
+    ])?)?;
     step("unit, integration and end-to-end tests");
     let bin = root().join("target/debug/portcullis");
     let mut c = cargo_cmd(&["test", "--workspace"]);

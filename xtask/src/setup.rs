@@ -24,6 +24,10 @@ const PACKAGES: &[&str] = &[
     "python3-venv", // .tools/venv with psycopg, a second real client for the proxy tests
     "tmux",         // the interactive psql test drives a real terminal
     "systemd",      // systemd-analyze verify/security check the shipped unit (not run as PID 1)
+    "mmdebstrap",   // the package tests install the .deb into a Debian chroot it makes
+    "lintian",      // ...and lint the .deb
+    "rpm",          // ...install the .rpm into a scratch root (rpm --root)
+    "rpmlint",      // ...and lint the .rpm
 ];
 
 /// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).
