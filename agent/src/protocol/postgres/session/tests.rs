@@ -176,7 +176,7 @@ impl World {
     }
 
     fn session(&self) -> Session<'_> {
-        let origin = crate::proxy::Origin {
+        let origin = portcullis_core::Origin {
             pid: 4242,
             tid: 4242,
             uid: 1001,
@@ -188,8 +188,8 @@ impl World {
             destination: "127.0.0.1:5432".parse().unwrap(),
             target_id: 1,
         };
-        let identity = crate::identity::Identity {
-            kind: crate::identity::IdentityKind::User,
+        let identity = portcullis_core::Identity {
+            kind: portcullis_core::IdentityKind::User,
             uid: 1001,
             gid: 1001,
             user: Some("alice".into()),
@@ -210,8 +210,8 @@ impl World {
                 labels: Default::default(),
             },
             principal: crate::policy::principal(&identity),
-            origin: Arc::new(crate::audit::Encoded::new(origin)),
-            identity: Arc::new(crate::audit::Encoded::new(identity)),
+            origin: Arc::new(portcullis_core::Encoded::new(origin)),
+            identity: Arc::new(portcullis_core::Encoded::new(identity)),
             client_addr: "127.0.0.1:40000".into(),
             upstream_addr: "127.0.0.1:5432".into(),
             db_user: "app".into(),
