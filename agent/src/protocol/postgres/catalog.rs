@@ -196,38 +196,9 @@ impl Catalog {
             .is_some_and(|t| t.fetched.elapsed() <= TTL)
     }
 
-    /// Reads the columns of tables, or the names of functions, from the server and caches
-    /// them. `socket` is used only when no connection of this address, database and role is
-    /// idle; [`Catalog::fetch_connecting`] connects only then.
-    #[allow(clippy::too_many_arguments, reason = "one connection's parameters")]
-    pub async fn fetch(
-        &self,
-        socket: tokio::net::TcpStream,
-        addr: SocketAddr,
-        target_id: u32,
-        target: &PostgresTargetConfig,
-        tls: Option<&Arc<rustls::ClientConfig>>,
-        db: &str,
-        role: &str,
-        password: &Secret,
-        lookup: Lookup<'_>,
-    ) -> Result<(), String> {
-        self.fetch_connecting(
-            async { Ok(socket) },
-            addr,
-            target_id,
-            target,
-            tls,
-            db,
-            role,
-            password,
-            lookup,
-        )
-        .await
-    }
-
-    /// [`Catalog::fetch`], connecting to the server (`connect`, awaited only when no idle
-    /// connection of this address, database and role can answer) instead of taking a socket.
+    /// Reads the columns of tables, the names of functions or the bodies of routines from the
+    /// server and caches them, connecting (`connect`, awaited only when no idle connection of
+    /// this address, database and role can answer) as the session's role.
     #[allow(clippy::too_many_arguments, reason = "one connection's parameters")]
     pub async fn fetch_connecting(
         &self,

@@ -247,8 +247,8 @@ fn record(proxy: &Proxy, shared: &Shared, out: &mut Output) {
     }
 }
 
-/// Reads what `lookup` asks from the catalog, over a connection of its own as the session's
-/// role, into the shared cache.
+/// Reads what `lookup` asks from the catalog, over a side connection as the session's role
+/// (an idle one of the pool, else a new one), into the shared cache.
 async fn catalog_lookup(est: &Established<'_>, lookup: &CatalogLookup) -> Result<(), String> {
     let lookup = match lookup {
         CatalogLookup::Tables(oids) => Lookup::Tables(oids),
@@ -262,15 +262,10 @@ async fn catalog_lookup(est: &Established<'_>, lookup: &CatalogLookup) -> Result
         .ok_or_else(|| "no PostgreSQL settings".to_string())?;
     let password = super::super::upstream::credential(pg.credentials_file.get_ref(), est.db_user)
         .map_err(|e| e.to_string())?;
-    let socket = est
-        .proxy
-        .connect_upstream(est.conn.upstream)
-        .await
-        .map_err(|e| e.to_string())?;
     est.shared
         .catalog
-        .fetch(
-            socket,
+        .fetch_connecting(
+            est.proxy.connect_upstream(est.conn.upstream),
             est.conn.upstream,
             est.target.id,
             pg,
