@@ -1,14 +1,29 @@
-//! Validation of ID tokens and workload tokens (RFC 7519, OpenID Connect Core 1.0 §3.1.3.7).
+//! Validation of ID tokens and workload tokens (OpenID Connect Core 1.0 §3.1.3.7, RFC 7519)
+//! on openidconnect's ID-token verifier.
 //!
-//! Pure: the caller supplies the issuer's keys and the clock. Only asymmetric algorithms
-//! from the configured list are accepted; `none` never parses and an HMAC token never
-//! meets a key (the public key of an RSA issuer cannot be turned into an HMAC secret).
+//! Pure: the caller supplies the issuer's keys and the clock. openidconnect checks the
+//! header (`typ`, `crit`, no JWE), the issuer, that the audience includes this client, the
+//! signature with an algorithm from the configured list and a key of the issuer, and the
+//! expiry. `none` never verifies, and an HMAC token never meets a key (openidconnect takes
+//! HMAC keys only from a client secret, and the agent's clients are public).
+//!
+//! What openidconnect does not check is checked here, on the claims it verified: `azp`
+//! when there are several audiences (it leaves `azp` alone), `nbf` (not in its claims),
+//! `iat` in the future (its hook would report that as "expired"), a workload's required
+//! claims, a non-empty subject. jsonwebtoken is left only for the algorithm names the
+//! configuration is written in; no check of a token uses it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use jsonwebtoken::Algorithm;
+use openidconnect::core::{
+    CoreIdToken, CoreIdTokenVerifier, CoreJsonWebKeySet, CoreJwsSigningAlgorithm,
+};
+use openidconnect::{
+    ClaimsVerificationError, ClientId, IssuerUrl, JsonWebKey, Nonce, SignatureVerificationError,
+};
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,56 +81,99 @@ pub struct VerifiedClaims {
     pub issuer: String,
 }
 
-/// An issuer's public keys, by key id.
-#[derive(Default)]
+/// An issuer's public keys, as its JWKS lists them (keys openidconnect cannot read are
+/// left out, keys for encryption never verify a signature).
 pub struct KeySet {
-    keys: Vec<(Option<String>, DecodingKey)>,
+    set: CoreJsonWebKeySet,
 }
 
-impl KeySet {
-    pub fn from_jwks(jwks: &JwkSet) -> Self {
-        let keys = jwks
-            .keys
-            .iter()
-            .filter_map(|jwk| {
-                // Keys meant only for encryption are not signing keys.
-                if matches!(
-                    jwk.common.public_key_use,
-                    Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
-                ) {
-                    return None;
-                }
-                DecodingKey::from_jwk(jwk)
-                    .ok()
-                    .map(|k| (jwk.common.key_id.clone(), k))
-            })
-            .collect();
-        Self { keys }
-    }
-
-    #[cfg(test)]
-    pub fn from_rsa_pems(keys: &[(&str, &[u8])]) -> Self {
+impl Default for KeySet {
+    fn default() -> Self {
         Self {
-            keys: keys
-                .iter()
-                .filter_map(|(kid, pem)| {
-                    DecodingKey::from_rsa_pem(pem)
-                        .ok()
-                        .map(|k| (Some((*kid).to_string()), k))
-                })
-                .collect(),
+            set: CoreJsonWebKeySet::new(Vec::new()),
         }
     }
 }
 
-#[derive(Deserialize)]
-struct Registered {
-    #[serde(default)]
-    iat: Option<i64>,
-    #[serde(default)]
-    azp: Option<String>,
-    #[serde(default)]
-    aud: Option<Value>,
+impl KeySet {
+    pub fn from_jwks(set: CoreJsonWebKeySet) -> Self {
+        Self { set }
+    }
+
+    fn has_key_id(&self, kid: &str) -> bool {
+        self.set
+            .keys()
+            .iter()
+            .any(|k| k.key_id().is_some_and(|id| id.as_str() == kid))
+    }
+
+    #[cfg(test)]
+    pub fn from_rsa_pems(keys: &[(&str, &[u8])]) -> Self {
+        use openidconnect::core::CoreJsonWebKey;
+        use rsa::pkcs8::DecodePublicKey;
+        use rsa::traits::PublicKeyParts;
+        let keys = keys
+            .iter()
+            .filter_map(|(kid, pem)| {
+                let pem = std::str::from_utf8(pem).ok()?;
+                let key = rsa::RsaPublicKey::from_public_key_pem(pem).ok()?;
+                Some(CoreJsonWebKey::new_rsa(
+                    key.n().to_bytes_be(),
+                    key.e().to_bytes_be(),
+                    Some(openidconnect::JsonWebKeyId::new((*kid).to_string())),
+                ))
+            })
+            .collect();
+        Self {
+            set: CoreJsonWebKeySet::new(keys),
+        }
+    }
+}
+
+/// One base64url segment of a compact JWT, as JSON.
+fn segment(token: &str, index: usize) -> Result<Value, TokenError> {
+    let part = token
+        .split('.')
+        .nth(index)
+        .ok_or_else(|| TokenError::Malformed("not a compact JWT".into()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|e| TokenError::Malformed(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| TokenError::Malformed(e.to_string()))
+}
+
+/// The configuration's algorithm in openidconnect's vocabulary; both write the JOSE names.
+fn jws_algorithm(alg: Algorithm) -> Option<CoreJwsSigningAlgorithm> {
+    serde_json::to_value(alg)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
+fn jws_name(alg: &CoreJwsSigningAlgorithm) -> String {
+    match serde_json::to_value(alg) {
+        Ok(Value::String(name)) => name,
+        _ => format!("{alg:?}"),
+    }
+}
+
+fn instant(secs: u64) -> DateTime<Utc> {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| DateTime::from_timestamp(s, 0))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+fn audiences(claims: &BTreeMap<String, Value>) -> Option<Vec<String>> {
+    match claims.get("aud") {
+        Some(Value::String(a)) => Some(vec![a.clone()]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 pub fn validate(
@@ -124,108 +182,114 @@ pub fn validate(
     expect: &Expectations,
     now: u64,
 ) -> Result<VerifiedClaims, TokenError> {
-    let header =
-        jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-    if !expect.algorithms.contains(&header.alg) {
-        let allowed: Vec<String> = expect.algorithms.iter().map(|a| format!("{a:?}")).collect();
+    let parsed: CoreIdToken = token
+        .parse()
+        .map_err(|e: serde_json::Error| TokenError::Malformed(e.to_string()))?;
+    // The same bytes openidconnect parsed: read as JSON for the claims it has no field
+    // for, and trusted only once it has verified the signature over them.
+    let claims: BTreeMap<String, Value> = match segment(token, 1)? {
+        Value::Object(map) => map.into_iter().collect(),
+        _ => {
+            return Err(TokenError::Malformed(
+                "the claims are not a JSON object".into(),
+            ))
+        }
+    };
+    let kid = segment(token, 0)?
+        .get("kid")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let alg = match parsed.signing_alg() {
+        Ok(alg) => alg.clone(),
+        Err(SignatureVerificationError::NoSignature) => {
+            return Err(TokenError::Malformed(
+                "it is not signed (alg `none`)".into(),
+            ))
+        }
+        Err(e) => return Err(TokenError::Malformed(e.to_string())),
+    };
+    let allowed: Vec<CoreJwsSigningAlgorithm> = expect
+        .algorithms
+        .iter()
+        .filter_map(|a| jws_algorithm(*a))
+        .collect();
+    // Refused before anything else, as the configuration words it; openidconnect checks
+    // the same list again before it picks a key.
+    if !allowed.contains(&alg) {
+        let names: Vec<String> = expect.algorithms.iter().map(|a| format!("{a:?}")).collect();
         return Err(TokenError::AlgorithmNotAllowed(
-            format!("{:?}", header.alg),
-            allowed.join(", "),
+            jws_name(&alg),
+            names.join(", "),
         ));
     }
-    let candidates: Vec<&DecodingKey> = match &header.kid {
-        Some(kid) => keys
-            .keys
-            .iter()
-            .filter(|(k, _)| k.as_deref() == Some(kid.as_str()))
-            .map(|(_, key)| key)
-            .collect(),
-        None => keys.keys.iter().map(|(_, key)| key).collect(),
-    };
-    if candidates.is_empty() {
-        return Err(TokenError::UnknownKey(header.kid.unwrap_or_default()));
-    }
-    let mut validation = Validation::new(header.alg);
-    // Time and audience are checked below against our own clock and rules.
-    validation.validate_exp = false;
-    validation.validate_nbf = false;
-    validation.validate_aud = false;
-    validation.required_spec_claims = HashSet::new();
-    let mut last = TokenError::BadSignature;
-    let mut data = None;
-    for key in candidates {
-        match jsonwebtoken::decode::<BTreeMap<String, Value>>(token, key, &validation) {
-            Ok(d) => {
-                data = Some(d.claims);
-                break;
-            }
-            Err(e) => {
-                last = match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::InvalidSignature
-                    | jsonwebtoken::errors::ErrorKind::InvalidAlgorithm
-                    | jsonwebtoken::errors::ErrorKind::InvalidKeyFormat => TokenError::BadSignature,
-                    _ => TokenError::Malformed(e.to_string()),
-                }
-            }
-        }
-    }
-    let claims = data.ok_or(last)?;
-    check_claims(&claims, expect, now)
-}
-
-fn check_claims(
-    claims: &BTreeMap<String, Value>,
-    expect: &Expectations,
-    now: u64,
-) -> Result<VerifiedClaims, TokenError> {
-    let string = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
-    let number = |name: &str| claims.get(name).and_then(Value::as_u64);
-    let iss = string("iss").ok_or_else(|| TokenError::MissingClaim("iss".into()))?;
-    if iss != expect.issuer {
-        return Err(TokenError::WrongIssuer {
-            got: iss,
+    let wrong_issuer = || match claims.get("iss").and_then(Value::as_str) {
+        Some(got) => TokenError::WrongIssuer {
+            got: got.to_string(),
             expected: expect.issuer.clone(),
-        });
-    }
-    let registered: Registered = serde_json::from_value(Value::Object(
-        claims.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-    ))
-    .map_err(|e| TokenError::Malformed(e.to_string()))?;
-    let audiences: Vec<String> = match &registered.aud {
-        Some(Value::String(a)) => vec![a.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
-        _ => return Err(TokenError::MissingClaim("aud".into())),
+        },
+        None => TokenError::MissingClaim("iss".into()),
     };
-    if !audiences.contains(&expect.audience) {
-        return Err(TokenError::WrongAudience {
-            got: audiences,
-            expected: expect.audience.clone(),
-        });
-    }
-    if audiences.len() > 1 {
-        match &registered.azp {
-            Some(azp) if *azp == expect.audience => {}
-            Some(azp) => return Err(TokenError::WrongAuthorizedParty(azp.clone())),
+    let issuer = IssuerUrl::new(expect.issuer.clone()).map_err(|_| wrong_issuer())?;
+    // The expiry leeway: openidconnect's "now" is ours minus the leeway.
+    let clock = instant(now.saturating_sub(expect.leeway_secs));
+    let verifier = CoreIdTokenVerifier::new_public_client(
+        ClientId::new(expect.audience.clone()),
+        issuer,
+        keys.set.clone(),
+    )
+    .set_allowed_algs(allowed)
+    // Other audiences are allowed when `azp` names this client (checked below), as
+    // OpenID Connect Core §3.1.3.7 steps 4 and 5 describe.
+    .set_other_audience_verifier_fn(|_| true)
+    .set_time_fn(move || clock);
+    // No nonce: neither the device grant nor a workload token has an authentication
+    // request of ours to bind one to.
+    let verified = parsed
+        .claims(&verifier, |_: Option<&Nonce>| Ok(()))
+        .map_err(|e| match e {
+            ClaimsVerificationError::InvalidIssuer(_) => wrong_issuer(),
+            ClaimsVerificationError::InvalidAudience(_) => match audiences(&claims) {
+                Some(got) => TokenError::WrongAudience {
+                    got,
+                    expected: expect.audience.clone(),
+                },
+                None => TokenError::MissingClaim("aud".into()),
+            },
+            ClaimsVerificationError::Expired(_) => TokenError::Expired,
+            ClaimsVerificationError::SignatureVerification(e) => match e {
+                // A key id the set lacks may be a key the issuer rotated in since the set
+                // was fetched: the caller refetches once.
+                SignatureVerificationError::NoMatchingKey => match &kid {
+                    Some(k) if !keys.has_key_id(k) => TokenError::UnknownKey(k.clone()),
+                    None if keys.set.keys().is_empty() => TokenError::UnknownKey(String::new()),
+                    _ => TokenError::BadSignature,
+                },
+                SignatureVerificationError::AmbiguousKeyId(_) => TokenError::Malformed(
+                    "no `kid` in its header, and the issuer publishes several keys".into(),
+                ),
+                SignatureVerificationError::CryptoError(_)
+                | SignatureVerificationError::DisallowedAlg(_)
+                | SignatureVerificationError::InvalidKey(_) => TokenError::BadSignature,
+                other => TokenError::Malformed(other.to_string()),
+            },
+            other => TokenError::Malformed(other.to_string()),
+        })?;
+    let audience_count = verified.audiences().len();
+    if audience_count > 1 {
+        match verified.authorized_party() {
+            Some(azp) if azp.as_str() == expect.audience => {}
+            Some(azp) => return Err(TokenError::WrongAuthorizedParty(azp.to_string())),
             None => return Err(TokenError::MissingClaim("azp".into())),
         }
     }
-    let exp = number("exp").ok_or_else(|| TokenError::MissingClaim("exp".into()))?;
-    if exp.saturating_add(expect.leeway_secs) <= now {
-        return Err(TokenError::Expired);
-    }
-    if let Some(nbf) = number("nbf") {
-        if nbf > now.saturating_add(expect.leeway_secs) {
+    let slack = now.saturating_add(expect.leeway_secs);
+    if let Some(nbf) = claims.get("nbf").and_then(Value::as_u64) {
+        if nbf > slack {
             return Err(TokenError::NotYetValid);
         }
     }
-    if let Some(iat) = registered.iat {
-        if iat > i64::try_from(now.saturating_add(expect.leeway_secs)).unwrap_or(i64::MAX) {
-            return Err(TokenError::IssuedInFuture);
-        }
+    if verified.issue_time() > instant(slack) {
+        return Err(TokenError::IssuedInFuture);
     }
     for (claim, expected) in &expect.required_claims {
         match claims.get(claim) {
@@ -242,9 +306,10 @@ fn check_claims(
             }
         }
     }
-    let subject = string("sub")
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| TokenError::MissingClaim("sub".into()))?;
+    let subject = verified.subject().as_str();
+    if subject.is_empty() {
+        return Err(TokenError::MissingClaim("sub".into()));
+    }
     let groups = match claims.get(&expect.groups_claim) {
         Some(Value::Array(a)) => a
             .iter()
@@ -254,13 +319,14 @@ fn check_claims(
         Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
         _ => Vec::new(),
     };
+    let string = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
     Ok(VerifiedClaims {
-        subject,
+        subject: subject.to_string(),
         email: string("email"),
         name: string("name"),
         groups,
-        expires_at: exp,
-        issuer: iss,
+        expires_at: u64::try_from(verified.expiration().timestamp()).unwrap_or(0),
+        issuer: verified.issuer().to_string(),
     })
 }
 

@@ -1,11 +1,26 @@
-//! The agent's side of OpenID Connect: discovery, the device authorization grant
-//! (RFC 8628), refresh, revocation (RFC 7009), client credentials, and the issuer's keys.
+//! The agent's side of OpenID Connect, on the `openidconnect` crate: discovery, the device
+//! authorization grant (RFC 8628), refresh, client credentials, the issuer's keys, and
+//! revocation (RFC 7009).
+//!
+//! Every request goes through one reqwest client with the agent's timeouts and no
+//! redirects (a redirect could carry a form with a secret to another host).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::JwkSet;
-use serde::Deserialize;
+use openidconnect::core::{
+    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
+    CoreDeviceAuthorizationResponse, CoreGrantType, CoreJsonWebKey, CoreJsonWebKeySet,
+    CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreResponseMode,
+    CoreResponseType, CoreSubjectIdentifierType, CoreTokenResponse,
+};
+use openidconnect::{
+    AdditionalProviderMetadata, ClientId, ClientSecret, DeviceAuthorizationUrl,
+    DeviceCodeErrorResponseType, DiscoveryError, EndpointMaybeSet, EndpointNotSet, EndpointSet,
+    ErrorResponse, HttpClientError, IssuerUrl, OAuth2TokenResponse, ProviderMetadata, RefreshToken,
+    RequestTokenError, RevocationUrl, Scope, TokenResponse as _,
+};
+use serde::{Deserialize, Serialize};
 
 use super::jwt::{self, Expectations, KeySet, TokenError, VerifiedClaims};
 use super::Secret;
@@ -18,12 +33,8 @@ const JWKS_REFETCH_MIN: Duration = Duration::from_secs(5);
 pub enum OidcError {
     #[error("cannot reach the identity provider at {url}: {reason}")]
     Unreachable { url: String, reason: String },
-    #[error("the identity provider answered {status} at {url}: {message}")]
-    Refused {
-        url: String,
-        status: u16,
-        message: String,
-    },
+    #[error("the identity provider refused at {url}: {message}")]
+    Refused { url: String, message: String },
     #[error("the identity provider's answer at {url} is not valid: {reason}")]
     Protocol { url: String, reason: String },
     #[error("the token is not acceptable: {0}")]
@@ -36,43 +47,79 @@ pub enum OidcError {
     Config(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct Metadata {
-    pub issuer: String,
-    pub token_endpoint: String,
-    pub jwks_uri: String,
+/// The endpoints of the grants the agent uses beyond OpenID Connect Core's metadata
+/// (RFC 8628 section 4, RFC 8414 section 2).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct GrantEndpoints {
     #[serde(default)]
-    pub device_authorization_endpoint: Option<String>,
+    device_authorization_endpoint: Option<DeviceAuthorizationUrl>,
     #[serde(default)]
-    pub revocation_endpoint: Option<String>,
+    revocation_endpoint: Option<RevocationUrl>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl AdditionalProviderMetadata for GrantEndpoints {}
+
+/// An issuer's discovery document (with its key set as fetched at discovery).
+pub type Metadata = ProviderMetadata<
+    GrantEndpoints,
+    CoreAuthDisplay,
+    CoreClientAuthMethod,
+    CoreClaimName,
+    CoreClaimType,
+    CoreGrantType,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm,
+    CoreJsonWebKey,
+    CoreResponseMode,
+    CoreResponseType,
+    CoreSubjectIdentifierType,
+>;
+
+/// A client built from discovery: the token endpoint is optional in the metadata, so each
+/// grant checks for it when it is used.
+type DiscoveredClient = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+type HttpError = HttpClientError<reqwest::Error>;
+
+/// A device login in progress: what the user is shown, and the provider's answer the
+/// poller needs (its device code never prints).
+#[derive(Debug, Clone)]
 pub struct DeviceAuthorization {
-    pub device_code: Secret,
     pub user_code: String,
     pub verification_uri: String,
-    #[serde(default)]
     pub verification_uri_complete: Option<String>,
     pub expires_in: u64,
-    #[serde(default)]
-    pub interval: Option<u64>,
+    response: CoreDeviceAuthorizationResponse,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct TokenResponse {
-    #[serde(default)]
     pub id_token: Option<Secret>,
-    #[serde(default)]
     pub access_token: Option<Secret>,
-    #[serde(default)]
     pub refresh_token: Option<Secret>,
-    #[serde(default)]
     pub expires_in: Option<u64>,
 }
 
+impl From<CoreTokenResponse> for TokenResponse {
+    fn from(t: CoreTokenResponse) -> Self {
+        Self {
+            id_token: t.id_token().map(|id| Secret::new(id.to_string())),
+            access_token: Some(Secret::new(t.access_token().secret().clone())),
+            refresh_token: t.refresh_token().map(|r| Secret::new(r.secret().clone())),
+            expires_in: t.expires_in().map(|d| d.as_secs()),
+        }
+    }
+}
+
 #[derive(Deserialize)]
-struct ErrorBody {
+struct RevocationErrorBody {
     error: String,
     #[serde(default)]
     error_description: Option<String>,
@@ -114,6 +161,8 @@ impl Provider {
         &self.issuer
     }
 
+    /// The discovery document, fetched once (a failure is not cached: the next login tries
+    /// again). openidconnect checks that it names this issuer exactly and fetches the keys.
     pub async fn metadata(&self) -> Result<Arc<Metadata>, OidcError> {
         if let Some(m) = self
             .metadata
@@ -124,46 +173,50 @@ impl Provider {
             return Ok(m);
         }
         let url = format!("{}/.well-known/openid-configuration", self.issuer);
-        let m: Metadata = self.get_json(&url).await?;
-        if m.issuer.trim_end_matches('/') != self.issuer {
-            return Err(OidcError::Protocol {
-                url,
-                reason: format!("it names issuer `{}`, not `{}`", m.issuer, self.issuer),
-            });
+        let issuer = IssuerUrl::new(self.issuer.clone()).map_err(|e| {
+            OidcError::Config(format!("issuer `{}` is not a URL: {e}", self.issuer))
+        })?;
+        let m = Metadata::discover_async(issuer, &self.http)
+            .await
+            .map_err(|e| discovery_error(&url, e))?;
+        {
+            let mut cache = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.fetched.is_none() {
+                cache.keys = Arc::new(KeySet::from_jwks(m.jwks().clone()));
+                cache.fetched = Some(Instant::now());
+            }
         }
         let m = Arc::new(m);
         *self.metadata.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&m));
         Ok(m)
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, OidcError> {
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| unreachable(url, &e))?;
-        decode(url, resp).await
+    async fn client(
+        &self,
+        client_id: &str,
+        secret: Option<&Secret>,
+    ) -> Result<(DiscoveredClient, Arc<Metadata>), OidcError> {
+        let meta = self.metadata().await?;
+        let client = CoreClient::from_provider_metadata(
+            Metadata::clone(&meta),
+            ClientId::new(client_id.to_string()),
+            secret.map(|s| ClientSecret::new(s.expose().to_string())),
+        );
+        Ok((client, meta))
     }
 
-    async fn post_form<T: serde::de::DeserializeOwned>(
-        &self,
-        url: &str,
-        form: &[(&str, &str)],
-        basic: Option<(&str, &str)>,
-    ) -> Result<T, OidcError> {
-        let mut req = self.http.post(url).form(form);
-        if let Some((user, pass)) = basic {
-            req = req.basic_auth(user, Some(pass));
-        }
-        let resp = req.send().await.map_err(|e| unreachable(url, &e))?;
-        decode(url, resp).await
+    fn token_url(&self, meta: &Metadata) -> String {
+        meta.token_endpoint()
+            .map_or_else(|| self.issuer.clone(), |u| u.to_string())
     }
 
     async fn fetch_keys(&self) -> Result<Arc<KeySet>, OidcError> {
         let meta = self.metadata().await?;
-        let set: JwkSet = self.get_json(&meta.jwks_uri).await?;
-        let keys = Arc::new(KeySet::from_jwks(&set));
+        let url = meta.jwks_uri().to_string();
+        let set = CoreJsonWebKeySet::fetch_async(meta.jwks_uri(), &self.http)
+            .await
+            .map_err(|e| discovery_error(&url, e))?;
+        let keys = Arc::new(KeySet::from_jwks(set));
         let mut cache = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         cache.keys = Arc::clone(&keys);
         cache.fetched = Some(Instant::now());
@@ -210,62 +263,67 @@ impl Provider {
         client_id: &str,
         scopes: &str,
     ) -> Result<DeviceAuthorization, OidcError> {
-        let meta = self.metadata().await?;
-        let url = meta.device_authorization_endpoint.clone().ok_or_else(|| {
-            OidcError::Config(format!(
-                "{} does not offer the device authorization grant",
-                self.issuer
-            ))
-        })?;
-        self.post_form(&url, &[("client_id", client_id), ("scope", scopes)], None)
+        let (client, meta) = self.client(client_id, None).await?;
+        let url = meta
+            .additional_metadata()
+            .device_authorization_endpoint
+            .clone()
+            .ok_or_else(|| {
+                OidcError::Config(format!(
+                    "{} does not offer the device authorization grant",
+                    self.issuer
+                ))
+            })?;
+        let at = url.to_string();
+        let response: CoreDeviceAuthorizationResponse = client
+            .set_device_authorization_url(url)
+            .exchange_device_code()
+            .add_scopes(scope_list(scopes))
+            .request_async(&self.http)
             .await
+            .map_err(|e| request_error(&at, e))?;
+        Ok(DeviceAuthorization {
+            user_code: response.user_code().secret().clone(),
+            verification_uri: response.verification_uri().to_string(),
+            verification_uri_complete: response
+                .verification_uri_complete()
+                .map(|u| u.secret().clone()),
+            expires_in: response.expires_in().as_secs(),
+            response,
+        })
     }
 
     /// Polls the token endpoint until the user finishes, the code expires, or `cancel` fires.
+    /// openidconnect keeps the interval (RFC 8628 section 3.5: `slow_down` adds five
+    /// seconds) and rides out a passing outage of the provider with a bounded backoff: only
+    /// the code's expiry ends the login.
     pub async fn poll_device(
         &self,
         client_id: &str,
         device: &DeviceAuthorization,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<TokenResponse, OidcError> {
-        let meta = self.metadata().await?;
-        let deadline = Instant::now() + Duration::from_secs(device.expires_in);
-        let mut interval = Duration::from_secs(device.interval.unwrap_or(5).max(1));
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return Err(OidcError::Config("the login was cancelled".into())),
-                () = tokio::time::sleep(interval) => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(OidcError::Expired);
-            }
-            let form = [
-                ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
-                ("device_code", device.device_code.expose()),
-                ("client_id", client_id),
-            ];
-            match self
-                .post_form::<TokenResponse>(&meta.token_endpoint, &form, None)
-                .await
-            {
-                Ok(t) => return Ok(t),
-                Err(OidcError::Refused { message, .. })
-                    if message.starts_with("authorization_pending") => {}
-                Err(OidcError::Refused { message, .. }) if message.starts_with("slow_down") => {
-                    interval += Duration::from_secs(5);
-                }
-                Err(OidcError::Refused { message, .. }) if message.starts_with("expired_token") => {
-                    return Err(OidcError::Expired)
-                }
-                Err(OidcError::Refused { message, .. }) if message.starts_with("access_denied") => {
-                    return Err(OidcError::Denied)
-                }
-                // A passing outage of the provider does not end the login; the deadline does.
-                Err(e @ OidcError::Unreachable { .. }) => {
-                    tracing::warn!(error = %e, "polling the token endpoint")
-                }
-                Err(e) => return Err(e),
-            }
+        let (client, meta) = self.client(client_id, None).await?;
+        let at = self.token_url(&meta);
+        let poll = client
+            .exchange_device_access_token(&device.response)
+            .map_err(|e| OidcError::Config(format!("{}: {e}", self.issuer)))?
+            .request_async(&self.http, tokio::time::sleep, None);
+        let outcome = tokio::select! {
+            () = cancel.cancelled() => return Err(OidcError::Config("the login was cancelled".into())),
+            outcome = poll => outcome,
+        };
+        match outcome {
+            Ok(t) => Ok(t.into()),
+            Err(RequestTokenError::ServerResponse(r)) => match r.error() {
+                DeviceCodeErrorResponseType::ExpiredToken => Err(OidcError::Expired),
+                DeviceCodeErrorResponseType::AccessDenied => Err(OidcError::Denied),
+                _ => Err(OidcError::Refused {
+                    url: at,
+                    message: r.to_string(),
+                }),
+            },
+            Err(e) => Err(request_error(&at, e)),
         }
     }
 
@@ -274,16 +332,23 @@ impl Provider {
         client_id: &str,
         refresh_token: &Secret,
     ) -> Result<TokenResponse, OidcError> {
-        let meta = self.metadata().await?;
-        let form = [
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token.expose()),
-            ("client_id", client_id),
-        ];
-        self.post_form(&meta.token_endpoint, &form, None).await
+        let (client, meta) = self.client(client_id, None).await?;
+        let at = self.token_url(&meta);
+        let token = RefreshToken::new(refresh_token.expose().to_string());
+        let tokens = client
+            .exchange_refresh_token(&token)
+            .map_err(|e| OidcError::Config(format!("{}: {e}", self.issuer)))?
+            .request_async(&self.http)
+            .await
+            .map_err(|e| request_error(&at, e))?;
+        Ok(tokens.into())
     }
 
     /// Revokes a token (RFC 7009). Ok(false) when the issuer offers no revocation endpoint.
+    ///
+    /// The one request written here rather than with openidconnect: its revocation request
+    /// refuses any endpoint that is not https (RFC 7009 section 2), and the configuration
+    /// accepts plain http for an issuer on loopback (a provider on the same host).
     pub async fn revoke(
         &self,
         client_id: &str,
@@ -291,9 +356,10 @@ impl Provider {
         hint: &str,
     ) -> Result<bool, OidcError> {
         let meta = self.metadata().await?;
-        let Some(url) = meta.revocation_endpoint.clone() else {
+        let Some(url) = meta.additional_metadata().revocation_endpoint.clone() else {
             return Ok(false);
         };
+        let url = url.to_string();
         let form = [
             ("token", token.expose()),
             ("token_type_hint", hint),
@@ -307,10 +373,18 @@ impl Provider {
             .await
             .map_err(|e| unreachable(&url, &e))?;
         if resp.status().is_success() {
-            Ok(true)
-        } else {
-            Err(error_of(&url, resp).await)
+            return Ok(true);
         }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let message = match serde_json::from_str::<RevocationErrorBody>(&text) {
+            Ok(b) => match b.error_description {
+                Some(d) => format!("{}: {d}", b.error),
+                None => b.error,
+            },
+            Err(_) => format!("HTTP {status}"),
+        };
+        Err(OidcError::Refused { url, message })
     }
 
     pub async fn client_credentials(
@@ -319,60 +393,106 @@ impl Provider {
         secret: &Secret,
         scopes: &str,
     ) -> Result<TokenResponse, OidcError> {
-        let meta = self.metadata().await?;
-        let mut form = vec![("grant_type", "client_credentials")];
-        if !scopes.is_empty() {
-            form.push(("scope", scopes));
-        }
-        self.post_form(
-            &meta.token_endpoint,
-            &form,
-            Some((client_id, secret.expose())),
-        )
-        .await
+        let (client, meta) = self.client(client_id, Some(secret)).await?;
+        let at = self.token_url(&meta);
+        let tokens = client
+            .exchange_client_credentials()
+            .map_err(|e| OidcError::Config(format!("{}: {e}", self.issuer)))?
+            .add_scopes(scope_list(scopes))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| request_error(&at, e))?;
+        Ok(tokens.into())
     }
 }
 
-fn unreachable(url: &str, e: &reqwest::Error) -> OidcError {
+fn scope_list(scopes: &str) -> Vec<Scope> {
+    scopes
+        .split_whitespace()
+        .map(|s| Scope::new(s.to_string()))
+        .collect()
+}
+
+/// An error and its causes on one line: reqwest's own message is only the outermost.
+fn chain(e: &dyn std::error::Error) -> String {
     let mut reason = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         reason = format!("{reason}: {s}");
         source = s.source();
     }
+    reason
+}
+
+fn unreachable(url: &str, e: &reqwest::Error) -> OidcError {
     OidcError::Unreachable {
         url: url.to_string(),
-        reason,
+        reason: chain(e),
     }
 }
 
-async fn error_of(url: &str, resp: reqwest::Response) -> OidcError {
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    let message = match serde_json::from_str::<ErrorBody>(&text) {
-        Ok(b) => match b.error_description {
-            Some(d) => format!("{}: {d}", b.error),
-            None => b.error,
+fn http_error(url: &str, e: &HttpError) -> OidcError {
+    match e {
+        HttpClientError::Reqwest(e) => unreachable(url, e),
+        other => OidcError::Unreachable {
+            url: url.to_string(),
+            reason: chain(other),
         },
-        Err(_) => text.chars().take(200).collect(),
-    };
-    OidcError::Refused {
-        url: url.to_string(),
-        status,
-        message,
     }
 }
 
-async fn decode<T: serde::de::DeserializeOwned>(
-    url: &str,
-    resp: reqwest::Response,
-) -> Result<T, OidcError> {
-    if !resp.status().is_success() {
-        return Err(error_of(url, resp).await);
+/// Why an answer could not be read, without quoting it: a token response carries secrets,
+/// and serde's messages repeat the offending value.
+fn unreadable(path: &dyn std::fmt::Display, inner: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match inner.classify() {
+        Category::Syntax | Category::Io => "it is not JSON",
+        Category::Eof => "it is cut short",
+        Category::Data => "a field is missing or of the wrong type",
+    };
+    format!("{what} (at `{path}`)")
+}
+
+fn request_error<TE>(url: &str, e: RequestTokenError<HttpError, TE>) -> OidcError
+where
+    TE: ErrorResponse + std::fmt::Display,
+{
+    match e {
+        RequestTokenError::ServerResponse(r) => OidcError::Refused {
+            url: url.to_string(),
+            message: r.to_string(),
+        },
+        RequestTokenError::Request(e) => http_error(url, &e),
+        RequestTokenError::Parse(e, _body) => OidcError::Protocol {
+            url: url.to_string(),
+            reason: unreadable(e.path(), e.inner()),
+        },
+        RequestTokenError::Other(reason) => OidcError::Protocol {
+            url: url.to_string(),
+            reason,
+        },
     }
-    let bytes = resp.bytes().await.map_err(|e| unreachable(url, &e))?;
-    serde_json::from_slice(&bytes).map_err(|e| OidcError::Protocol {
-        url: url.to_string(),
-        reason: e.to_string(),
-    })
+}
+
+fn discovery_error(url: &str, e: DiscoveryError<HttpError>) -> OidcError {
+    match e {
+        DiscoveryError::Request(e) => http_error(url, &e),
+        DiscoveryError::Response(status, _body, message) => OidcError::Refused {
+            url: url.to_string(),
+            message: format!("HTTP {}: {message}", status.as_u16()),
+        },
+        DiscoveryError::Parse(e) => OidcError::Protocol {
+            url: url.to_string(),
+            reason: unreadable(e.path(), e.inner()),
+        },
+        DiscoveryError::Validation(reason) | DiscoveryError::Other(reason) => OidcError::Protocol {
+            url: url.to_string(),
+            reason,
+        },
+        DiscoveryError::UrlParse(e) => OidcError::Config(format!("{url}: {e}")),
+        other => OidcError::Protocol {
+            url: url.to_string(),
+            reason: other.to_string(),
+        },
+    }
 }
