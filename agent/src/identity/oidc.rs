@@ -496,3 +496,96 @@ fn discovery_error(url: &str, e: DiscoveryError<HttpError>) -> OidcError {
         },
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A provider on a loopback port: its discovery document, an empty key set, and this
+    /// status and body at its token endpoint. It serves until the test ends.
+    async fn provider_answering(status: u16, token_body: &'static str) -> Provider {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}", listener.local_addr().unwrap());
+        let discovery = serde_json::json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/auth"),
+            "token_endpoint": format!("{issuer}/token"),
+            "jwks_uri": format!("{issuer}/jwks"),
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        })
+        .to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers and a form body both fit in a few reads; the answer ends the
+                // connection, so no request waits on another.
+                while !String::from_utf8_lossy(&request).contains("\r\n\r\n") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8_lossy(&request).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let (code, body) = match path.as_str() {
+                    "/.well-known/openid-configuration" => (200, discovery.clone()),
+                    "/jwks" => (200, r#"{"keys":[]}"#.to_string()),
+                    "/token" => (status, token_body.to_string()),
+                    _ => (404, "{}".to_string()),
+                };
+                let answer = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(answer.as_bytes()).await.unwrap();
+                let _ = socket.shutdown().await;
+            }
+        });
+        Provider::new(&issuer).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_grant_reads_as_the_providers_error() {
+        let p = provider_answering(
+            400,
+            r#"{"error":"invalid_grant","error_description":"grant request is invalid"}"#,
+        )
+        .await;
+        let e = p
+            .refresh("portcullis", &Secret::new("rt".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the identity provider refused at {}/token: invalid_grant: grant request is invalid",
+                p.issuer()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_answer_that_cannot_be_read_is_reported_without_its_content() {
+        let p = provider_answering(
+            200,
+            r#"{"access_token":"at-s3cret","token_type":"Bearer","refresh_token":"rt-s3cret","expires_in":"rt-s3cret-too"}"#,
+        )
+        .await;
+        let e = p
+            .refresh("portcullis", &Secret::new("rt".into()))
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, OidcError::Protocol { .. }), "{text}");
+        assert!(text.contains("expires_in"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+}
