@@ -86,13 +86,13 @@ pub fn run(
         "enforcement attached"
     );
 
-    let registry = Arc::new(crate::proxy::Registry::default());
+    let registry = Arc::new(crate::admission::Registry::default());
     let limiter = crate::limits::Limiter::new(config.limits.clone());
     let identity = IdentityService::new(
         &config,
         &cgroup_root,
         Arc::clone(&audit),
-        Arc::clone(&registry),
+        Arc::clone(&registry) as Arc<dyn crate::identity::SessionEndListener>,
         Arc::clone(&limiter),
     )?;
     if config.identity.issuer.is_none()
@@ -118,15 +118,22 @@ pub fn run(
     }
     let config = Arc::new(config);
     let targets = Arc::new(targets);
+    let close_all = CancellationToken::new();
+    let gate = Arc::new(crate::admission::Gate::new(
+        Arc::clone(&config),
+        Arc::clone(&audit),
+        Arc::clone(&identity),
+        Arc::clone(&policies),
+        registry,
+        close_all.clone(),
+    ));
     let proxy = Proxy::new(
         Arc::clone(&config),
         Arc::clone(&targets),
         Arc::new(enforcement),
-        Arc::clone(&audit),
-        Arc::clone(&identity),
-        Arc::clone(&policies),
+        gate,
+        close_all,
         postgres,
-        registry,
         loops.handles(runtime.handle()),
         limiter,
     );
@@ -225,7 +232,7 @@ pub fn run(
         notify_systemd("STOPPING=1");
         shutdown.cancel();
         proxy.stop_accepting.cancel();
-        let open = proxy.registry.len();
+        let open = proxy.registry().len();
         tracing::info!(
             open,
             drain_secs = drain.as_secs(),
@@ -237,7 +244,7 @@ pub fn run(
             .is_err()
         {
             tracing::warn!(
-                open = proxy.registry.len(),
+                open = proxy.registry().len(),
                 "drain timeout: closing what is still open"
             );
         }
@@ -322,7 +329,7 @@ impl Drop for EventLoops {
 }
 
 async fn wait_for_connections(proxy: &Proxy) {
-    while proxy.registry.len() > 0 {
+    while proxy.registry().len() > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -502,8 +502,8 @@ fn status(state: &ControlState) -> StatusReport {
                 upstream: t.upstream.map(|u| u.to_string()),
             })
             .collect(),
-        open_connections: proxy.registry.len(),
-        connections: proxy.registry.views(None),
+        open_connections: proxy.registry().len(),
+        connections: proxy.registry().views(None),
         policy: Some(state.policies.status()),
         audit: audit_write_status(proxy, true),
     }
@@ -552,7 +552,7 @@ fn user_status(peer: Peer, state: &ControlState) -> StatusReport {
         }
         Err(why) => (Vec::new(), Some(why.to_string())),
     };
-    let mut connections = proxy.registry.views(Some(peer.uid));
+    let mut connections = proxy.registry().views(Some(peer.uid));
     for c in &mut connections {
         c.upstream = None;
     }

@@ -1,5 +1,6 @@
 //! `portcullis`: the host agent (`portcullis agent`) and its command-line client.
 
+mod admission;
 mod agent;
 mod audit;
 mod ca;

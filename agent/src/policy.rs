@@ -7,15 +7,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use portcullis_policy::{
-    Action, Context, Decision, LivePolicySet, PolicySet, Principal, PrincipalKind, Request, Target,
+    Action, Context, Decision, Effect, LivePolicySet, Obligation, PolicySet, Principal,
+    PrincipalKind, Request, Target,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::ProtectedTarget;
-use crate::identity::{Identity, IdentityKind};
-use crate::proxy::Origin;
+use portcullis_core::Origin;
+use portcullis_core::{Identity, IdentityKind};
 
 /// Why a policy directory did not load; the set in force (if any) stays.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +146,7 @@ impl Policies {
             dir: dir.to_path_buf(),
             policies: set.len(),
             generation: 1,
-            loaded_at_ms: crate::audit::now_ms(),
+            loaded_at_ms: portcullis_core::now_ms(),
             last_error: None,
         };
         Ok(Arc::new(Self {
@@ -189,7 +190,7 @@ impl Policies {
             Ok(n) => {
                 status.policies = *n;
                 status.generation += 1;
-                status.loaded_at_ms = crate::audit::now_ms();
+                status.loaded_at_ms = portcullis_core::now_ms();
                 status.last_error = None;
                 tracing::info!(policies = n, generation = status.generation, %why, "policy set reloaded");
                 self.audit
@@ -243,6 +244,53 @@ impl Policies {
                 }
             }
         }
+    }
+}
+
+/// What a request the policy allowed carries on: the policies that allowed it and what they
+/// oblige (a masking profile).
+#[derive(Debug, Clone)]
+pub struct Allowed {
+    pub policy_ids: Vec<String>,
+    pub obligations: Vec<Obligation>,
+}
+
+/// A request the policy refused, as every protocol reports it (its wire error, its
+/// `connection.refused` or `statement.denied` event): the audit decision, the reason, and
+/// the policies that decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRefusal {
+    /// `Deny`, or `Approval` while the policy asks for an approval the agent cannot obtain.
+    pub decision: portcullis_core::Decision,
+    pub reason: String,
+    pub policy_ids: Vec<String>,
+}
+
+/// What a decision means for its request: the one place a refusal is worded, approvals
+/// included, for connections and statements of every protocol alike.
+pub fn outcome(decision: Decision) -> Result<Allowed, PolicyRefusal> {
+    let policy_ids = policy_ids(&decision);
+    match decision.effect {
+        Effect::Allow => Ok(Allowed {
+            policy_ids,
+            obligations: decision.obligations,
+        }),
+        Effect::Deny => Err(PolicyRefusal {
+            decision: portcullis_core::Decision::Deny,
+            reason: decision.reason,
+            policy_ids,
+        }),
+        Effect::RequireApproval {
+            approver_group,
+            approvals,
+        } => Err(PolicyRefusal {
+            decision: portcullis_core::Decision::Approval,
+            reason: format!(
+                "requires {approvals} approval(s) from `{approver_group}`, and approvals are not available yet: {}",
+                decision.reason
+            ),
+            policy_ids,
+        }),
     }
 }
 
@@ -319,7 +367,7 @@ pub fn base_context(comm: &str, uid: u32, unix_time: i64) -> Context {
 }
 
 pub fn connect_request(identity: &Identity, t: &ProtectedTarget, origin: &Origin) -> Request {
-    let now = i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0);
+    let now = i64::try_from(portcullis_core::now_ms() / 1000).unwrap_or(0);
     Request {
         principal: principal(identity),
         action: Action::Connect,

@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::{parse_algorithm, Config, IdentityConfig, OnSessionEnd};
-use crate::proxy::Registry;
 use jwt::Expectations;
 use oidc::{OidcError, Provider};
 pub use portcullis_core::identity::{Identity, IdentityKind, Secret};
@@ -229,6 +228,14 @@ impl From<OidcError> for LoginError {
     }
 }
 
+/// Hears that a uid's session ended (logout, revocation, expiry with
+/// `on_session_end = "close"`) and ends what belonged to it; answers how many connections
+/// that closed, for the event that records the end. Identity announces; it knows nothing of
+/// connections (the registry, a layer above, listens).
+pub trait SessionEndListener: Send + Sync {
+    fn session_ended(&self, uid: u32, reason: &str) -> usize;
+}
+
 pub struct IdentityService {
     config: IdentityConfig,
     unix_only: bool,
@@ -242,7 +249,8 @@ pub struct IdentityService {
     pending: Mutex<HashMap<u64, PendingLogin>>,
     next_login: AtomicU64,
     audit: Arc<AuditLog>,
-    registry: Arc<Registry>,
+    /// Told when a session ends; closes the uid's connections (the connection registry).
+    session_ends: Arc<dyn SessionEndListener>,
     /// Bounds the device flows one uid may have pending (`limits.max_pending_logins_per_uid`).
     limiter: Arc<crate::limits::Limiter>,
     /// The monotonic clock of the limiter's rate buckets (logins use none, but share it).
@@ -264,7 +272,7 @@ impl IdentityService {
         config: &Config,
         cgroup_root: &Path,
         audit: Arc<AuditLog>,
-        registry: Arc<Registry>,
+        session_ends: Arc<dyn SessionEndListener>,
         limiter: Arc<crate::limits::Limiter>,
     ) -> Result<Arc<Self>, IdentityError> {
         let id = config.identity.clone();
@@ -322,7 +330,7 @@ impl IdentityService {
             pending: Mutex::new(HashMap::new()),
             next_login: AtomicU64::new(1),
             audit,
-            registry,
+            session_ends,
             limiter,
             epoch: std::time::Instant::now(),
             logins: tokio_util::task::TaskTracker::new(),
@@ -607,7 +615,7 @@ impl IdentityService {
                 Err(e) => tracing::warn!(uid, error = %e, "revoking the refresh token failed"),
             }
         }
-        let closed = self.registry.close_uid(uid, why);
+        let closed = self.session_ends.session_ended(uid, why);
         let mut ev = AuditEvent::new(kind).reason(format!(
             "{why}; refresh token revoked: {revoked}; connections closed: {closed}"
         ));
@@ -665,7 +673,7 @@ impl IdentityService {
             };
             let _ = std::fs::remove_file(session_path(&self.sessions_dir, uid));
             let closed = match self.config.on_session_end {
-                OnSessionEnd::Close => self.registry.close_uid(uid, "session expired"),
+                OnSessionEnd::Close => self.session_ends.session_ended(uid, "session expired"),
                 OnSessionEnd::Keep => 0,
             };
             let mut ev = AuditEvent::new(EventKind::LoginExpired)

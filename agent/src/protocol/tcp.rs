@@ -11,7 +11,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::ByteCounters;
+use crate::admission::{Gate, Incoming, OpenError, Opening, Refusal};
+use crate::audit::Decision;
+use portcullis_core::ByteCounters;
 
 const BUFFER: usize = 64 * 1024;
 
@@ -36,6 +38,85 @@ impl fmt::Display for End {
     }
 }
 
+/// Serves one redirected plain-TCP connection through admission (identity, policy, the
+/// upstream, the durable opened event), then forwards bytes both ways until it ends. Plain
+/// TCP has no way to tell its client why it was refused: the reason is in the audit trail,
+/// and the socket closes.
+pub async fn serve(gate: &Gate, incoming: Incoming, client: TcpStream) {
+    let identity = match gate.resolve(&incoming.origin) {
+        Ok(i) => i,
+        Err(e) => {
+            gate.record_refusal(Refusal::of(&incoming, None, e.to_string()));
+            return;
+        }
+    };
+    let refuse =
+        |reason: String| gate.record_refusal(Refusal::of(&incoming, Some(&identity), reason));
+    if let Some(reason) = gate.refusal_reason() {
+        refuse(reason);
+        return;
+    }
+    let request = crate::policy::connect_request(&identity, &incoming.target, &incoming.origin);
+    let allowed = match gate.decide_connect(&request) {
+        Ok(allowed) => allowed,
+        Err(refused) => {
+            let reason = match refused.decision {
+                Decision::Deny => format!("denied by policy: {}", refused.reason),
+                _ => refused.reason,
+            };
+            gate.record_refusal(Refusal {
+                decision: refused.decision,
+                policy_ids: refused.policy_ids,
+                ..Refusal::of(&incoming, Some(&identity), reason)
+            });
+            return;
+        }
+    };
+    if let Some(full) = gate.at_capacity() {
+        refuse(full.to_string());
+        return;
+    }
+    let upstream_addr = match gate.upstream_addr(&incoming.target, &incoming.origin) {
+        Ok(a) => a,
+        Err(e) => {
+            refuse(e.to_string());
+            return;
+        }
+    };
+    let upstream = match gate.connect_upstream(upstream_addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            refuse(format!("upstream {upstream_addr} unreachable: {e}"));
+            return;
+        }
+    };
+    if let Err(e) = client.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY on the client socket");
+    }
+    let opening = Opening {
+        incoming: &incoming,
+        identity: &identity,
+        upstream: upstream_addr,
+        policy_ids: allowed.policy_ids,
+        db_user: None,
+        db_name: None,
+    };
+    let mut open = match gate.open(opening).await {
+        Ok(open) => open,
+        // Not recorded, so not forwarded; `open` logged why (nothing can be recorded).
+        Err(OpenError::Unrecorded(_)) => return,
+        Err(e) => {
+            refuse(e.to_string());
+            return;
+        }
+    };
+    let idle = Duration::from_secs(gate.config().proxy.idle_timeout_secs);
+    let conn = std::sync::Arc::clone(&open.conn);
+    let end = forward(client, upstream, &conn.bytes, idle, conn.cancel.clone()).await;
+    open.set_end(end.to_string());
+}
+
+/// Forwards bytes both ways until both sides close, the connection idles, or `shutdown`.
 pub async fn forward(
     client: TcpStream,
     upstream: TcpStream,

@@ -46,7 +46,7 @@ use portcullis_pgwire::{
     parse_frontend, BackendMessage, ErrorFields, FieldDescription, FrontendMessage, RawMessage,
     TransactionStatus,
 };
-use portcullis_policy::{Action, ColumnPlan, Effect, Masker, Obligation, PolicySet, Request};
+use portcullis_policy::{Action, ColumnPlan, Masker, Obligation, PolicySet, Request};
 
 use super::catalog::{ColumnName, Routine};
 use super::error::{sqlstate, PgError};

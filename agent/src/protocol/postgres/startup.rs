@@ -14,7 +14,6 @@ use portcullis_pgwire::{
     decode_startup, encode_backend, encode_cancel, encode_error_response, BackendMessage,
     StartupMessage, StartupRequest, TransactionStatus,
 };
-use portcullis_policy::Effect;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -177,54 +176,33 @@ async fn admit<'s>(
     let mut request = crate::policy::connect_request(&identity, target, &incoming.origin);
     request.context.db_user = Some(db_user.to_string());
     request.context.db_name = Some(db_name.to_string());
-    let decision = proxy.policies().decide(&request);
-    let policy_ids = crate::policy::policy_ids(&decision);
-    match &decision.effect {
-        Effect::Allow => {}
-        Effect::Deny => {
-            return Err((
-                PgError::ConnectDenied {
-                    reason: decision.reason.clone(),
-                    policy_ids: policy_ids.clone(),
-                },
-                Some(identity.clone()),
-                Some(Decision::Deny),
-                policy_ids,
-            ))
-        }
-        Effect::RequireApproval { approver_group, approvals } => {
-            return Err((
-                PgError::ConnectDenied {
-                    reason: format!(
-                        "requires {approvals} approval(s) from `{approver_group}`, and approvals are not available yet"
-                    ),
-                    policy_ids: policy_ids.clone(),
-                },
-                Some(identity.clone()),
-                Some(Decision::Approval),
-                policy_ids,
-            ))
-        }
-    }
+    let refused = |r: crate::policy::PolicyRefusal| {
+        (
+            PgError::ConnectDenied {
+                reason: r.reason,
+                policy_ids: r.policy_ids.clone(),
+            },
+            Some(identity.clone()),
+            Some(r.decision),
+            r.policy_ids,
+        )
+    };
+    let policy_ids = crate::policy::outcome(proxy.policies().decide(&request))
+        .map_err(refused)?
+        .policy_ids;
     if startup.is_replication() {
         // Decided on top of connect: permitting connect does not permit replication.
         request.action = portcullis_policy::Action::Replicate;
-        let decision = proxy.policies().decide(&request);
-        let ids = crate::policy::policy_ids(&decision);
-        if decision.effect != Effect::Allow {
-            return Err((
-                PgError::ConnectDenied {
-                    reason: format!(
-                        "replication connections need a policy that permits action `replicate`: {}",
-                        decision.reason
-                    ),
-                    policy_ids: ids.clone(),
-                },
-                Some(identity.clone()),
-                Some(Decision::Deny),
-                ids,
-            ));
-        }
+        crate::policy::outcome(proxy.policies().decide(&request)).map_err(|r| {
+            refused(crate::policy::PolicyRefusal {
+                decision: Decision::Deny,
+                reason: format!(
+                    "replication connections need a policy that permits action `replicate`: {}",
+                    r.reason
+                ),
+                ..r
+            })
+        })?;
     }
     let password = credential(pg.credentials_file.get_ref(), db_user)
         .map_err(|e| fail(PgError::Upstream(e)))?;

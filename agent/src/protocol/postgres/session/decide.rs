@@ -301,70 +301,54 @@ impl<'a> Session<'a> {
             return Ok(v.clone());
         }
         let request = self.query_request(info, now);
-        let decision = set.decide(&request);
-        let ids = crate::policy::policy_ids(&decision);
-        match decision.effect {
-            Effect::Allow => {
-                let masker = decision.obligations.iter().find_map(|o| match o {
-                    Obligation::Mask { profile } => self
-                        .services
-                        .maskers
-                        .masker(set, profile)
-                        .map(|m| (Arc::from(profile.as_str()), m)),
-                });
-                // What a function running SQL text reads cannot be followed to its columns,
-                // so no column rule could apply to its result. A fast-path call gives its
-                // query as a value, which `fast_path_sql_text` reads instead.
-                let fast_path = info.command.as_deref() == Some("FUNCTION CALL");
-                if let Some((profile, m)) = masker.as_ref().filter(|_| !fast_path) {
-                    let functions = info.functions.iter().map(String::as_str);
-                    if let Some(function) = m.refused_sql_text_function(functions) {
-                        return Err((
-                            PgError::StatementDenied {
-                                reason: format!(
-                                    "`{function}` runs SQL given as text, which masking profile `{profile}` cannot follow to the columns it reads; the profile may allow it with `allow_sql_text_functions`"
-                                ),
-                                policy_ids: ids.clone(),
-                            },
-                            Decision::Deny,
-                            ids,
-                        ));
-                    }
-                }
-                let verdict = Verdict {
-                    policy_ids: Arc::from(ids),
-                    masker,
-                };
-                if self.decisions.allowed.len() >= DECISION_CACHE_ENTRIES {
-                    self.decisions.allowed.clear();
-                }
-                self.decisions
-                    .allowed
-                    .insert(hash, (info.shape(), verdict.clone()));
-                Ok(verdict)
+        let allowed = crate::policy::outcome(set.decide(&request)).map_err(|r| {
+            (
+                PgError::StatementDenied {
+                    reason: r.reason,
+                    policy_ids: r.policy_ids.clone(),
+                },
+                r.decision,
+                r.policy_ids,
+            )
+        })?;
+        let ids = allowed.policy_ids;
+        let masker = allowed.obligations.iter().find_map(|o| match o {
+            Obligation::Mask { profile } => self
+                .services
+                .maskers
+                .masker(set, profile)
+                .map(|m| (Arc::from(profile.as_str()), m)),
+        });
+        // What a function running SQL text reads cannot be followed to its columns,
+        // so no column rule could apply to its result. A fast-path call gives its
+        // query as a value, which `fast_path_sql_text` reads instead.
+        let fast_path = info.command.as_deref() == Some("FUNCTION CALL");
+        if let Some((profile, m)) = masker.as_ref().filter(|_| !fast_path) {
+            let functions = info.functions.iter().map(String::as_str);
+            if let Some(function) = m.refused_sql_text_function(functions) {
+                return Err((
+                    PgError::StatementDenied {
+                        reason: format!(
+                            "`{function}` runs SQL given as text, which masking profile `{profile}` cannot follow to the columns it reads; the profile may allow it with `allow_sql_text_functions`"
+                        ),
+                        policy_ids: ids.clone(),
+                    },
+                    Decision::Deny,
+                    ids,
+                ));
             }
-            Effect::Deny => Err((
-                PgError::StatementDenied {
-                    reason: decision.reason,
-                    policy_ids: ids.clone(),
-                },
-                Decision::Deny,
-                ids,
-            )),
-            Effect::RequireApproval {
-                approver_group,
-                approvals,
-            } => Err((
-                PgError::StatementDenied {
-                    reason: format!(
-                        "requires {approvals} approval(s) from `{approver_group}`, and approvals are not available yet"
-                    ),
-                    policy_ids: ids.clone(),
-                },
-                Decision::Approval,
-                ids,
-            )),
         }
+        let verdict = Verdict {
+            policy_ids: Arc::from(ids),
+            masker,
+        };
+        if self.decisions.allowed.len() >= DECISION_CACHE_ENTRIES {
+            self.decisions.allowed.clear();
+        }
+        self.decisions
+            .allowed
+            .insert(hash, (info.shape(), verdict.clone()));
+        Ok(verdict)
     }
 
     pub(super) fn query_request(&self, info: &StatementInfo, now: i64) -> Request {

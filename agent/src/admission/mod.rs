@@ -1,0 +1,363 @@
+//! Admission: the one way every protocol takes from an accepted, redirected socket to an
+//! allowed and recorded connection. The proxy has found the origin (who, from where, to which
+//! target) and the uid's place under the limits; a protocol handler then asks, in order:
+//!
+//! 1. [`Gate::resolve`]: who is behind the uid (identity);
+//! 2. [`Gate::decide_connect`]: may they connect (policy; a refusal worded once, approvals
+//!    included, in [`crate::policy::outcome`]);
+//! 3. [`Gate::upstream_addr`] and [`Gate::connect_upstream`]: where to, over a socket the
+//!    kernel programs leave alone;
+//! 4. [`Gate::open`]: a slot under `proxy.max_connections`, and `connection.opened` made
+//!    durable before any byte is forwarded; the returned [`OpenSession`] registers the
+//!    connection and records `connection.closed` however it ends.
+//!
+//! A refusal at any step goes through [`Gate::record_refusal`]; the protocol answers it in
+//! its own wire format. Protocols use this module and never the proxy above them.
+
+mod registry;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portcullis_policy::Request;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditEvent, AuditLog, Decision, EventKind};
+use crate::config::{canonical_ip, Config, ProtectedTarget};
+use crate::identity::{IdentityService, ResolveError};
+use crate::limits::Admission;
+use crate::policy::{Policies, PolicyRefusal};
+use portcullis_core::{now_ms, ByteCounters, Identity, Origin};
+
+pub use registry::{Connection, ConnectionView, Registry};
+
+/// Removes the connection from the registry and writes its `connection.closed` event
+/// however the handler ends: returned, failed, or cancelled at shutdown.
+struct OpenGuard {
+    conn: Arc<Connection>,
+    registry: Arc<Registry>,
+    audit: Arc<AuditLog>,
+    started: Instant,
+    reason: String,
+    db_user: Option<String>,
+    db_name: Option<String>,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.registry.remove(self.conn.id);
+        let mut ev = connection_event(EventKind::ConnectionClosed, &self.conn);
+        ev.bytes_client_to_upstream =
+            Some(self.conn.bytes.client_to_upstream.load(Ordering::Relaxed));
+        ev.bytes_upstream_to_client =
+            Some(self.conn.bytes.upstream_to_client.load(Ordering::Relaxed));
+        ev.duration_ms =
+            Some(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        ev.reason = Some(std::mem::take(&mut self.reason));
+        ev.db_user = self.db_user.take().map(Into::into);
+        ev.db_name = self.db_name.take().map(Into::into);
+        tracing::info!(
+            up = ev.bytes_client_to_upstream,
+            down = ev.bytes_upstream_to_client,
+            reason = ev.reason.as_deref().unwrap_or(""),
+            "connection closed"
+        );
+        self.audit.record(ev);
+    }
+}
+
+fn connection_event(kind: EventKind, c: &Connection) -> AuditEvent {
+    let mut ev = AuditEvent::new(kind);
+    ev.connection_id = Some(c.id);
+    ev.protocol = Some(c.protocol.name());
+    ev.target = Some(Arc::clone(&c.target));
+    ev.identity = Some(Arc::clone(&c.identity));
+    ev.origin = Some(Arc::clone(&c.origin));
+    ev.client = Some(c.client.to_string().into());
+    ev.upstream = Some(c.upstream.to_string().into());
+    ev
+}
+
+/// A redirected connection whose origin and target are known, before anything is decided.
+pub struct Incoming {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub origin: Origin,
+    pub target: ProtectedTarget,
+    /// The connection's place under its uid's limits; [`Gate::open`] ends its start-up.
+    pub admission: Admission,
+}
+
+/// What a refused connection's event says; every protocol's refusals go through
+/// [`Gate::record_refusal`].
+pub struct Refusal<'a> {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub origin: &'a Origin,
+    /// None when the destination matches no configured target.
+    pub target: Option<&'a ProtectedTarget>,
+    pub identity: Option<&'a Identity>,
+    pub reason: String,
+    /// allow, deny, approval or error.
+    pub decision: Decision,
+    pub policy_ids: Vec<String>,
+    pub db_user: Option<&'a str>,
+    pub db_name: Option<&'a str>,
+}
+
+impl<'a> Refusal<'a> {
+    /// A refusal of `incoming` before any policy decision (`decision: error`).
+    pub fn of(incoming: &'a Incoming, identity: Option<&'a Identity>, reason: String) -> Self {
+        Self {
+            id: incoming.id,
+            peer: incoming.peer,
+            origin: &incoming.origin,
+            target: Some(&incoming.target),
+            identity,
+            reason,
+            decision: Decision::Error,
+            policy_ids: Vec::new(),
+            db_user: None,
+            db_name: None,
+        }
+    }
+}
+
+/// A connection a protocol handler is about to open.
+pub struct Opening<'a> {
+    pub incoming: &'a Incoming,
+    pub identity: &'a Identity,
+    pub upstream: SocketAddr,
+    pub policy_ids: Vec<String>,
+    pub db_user: Option<String>,
+    pub db_name: Option<String>,
+}
+
+/// Why [`Gate::open`] refused a connection it was asked to open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// `proxy.max_connections` connections are open.
+    #[error("connection limit of {0} reached")]
+    AtCapacity(usize),
+    /// `connection.opened` could not be made durable, and the audit settings fail closed.
+    #[error("the audit store cannot record the connection: {0}")]
+    Unrecorded(crate::audit::AuditError),
+}
+
+/// A target whose upstream is the proxy's own listener: following it would loop.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream is the proxy itself")]
+pub struct UpstreamIsProxy;
+
+/// An open, registered connection; dropping it records `connection.closed`.
+pub struct OpenSession {
+    pub conn: Arc<Connection>,
+    guard: OpenGuard,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl OpenSession {
+    /// How the session ended, for `connection.closed`; a close requested from outside
+    /// (logout, session end) wins over the handler's own reason.
+    pub fn set_end(&mut self, reason: String) {
+        let closed_by = self
+            .conn
+            .close_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.guard.reason = closed_by.unwrap_or(reason);
+    }
+}
+
+/// What every protocol admits connections through; shared by all of them.
+pub struct Gate {
+    config: Arc<Config>,
+    audit: Arc<AuditLog>,
+    identity: Arc<IdentityService>,
+    policies: Arc<Policies>,
+    registry: Arc<Registry>,
+    /// `proxy.max_connections` open connections at most.
+    limit: Arc<Semaphore>,
+    /// Cancelled when the agent's drain is over: every connection opened here ends.
+    close_all: CancellationToken,
+}
+
+impl Gate {
+    pub fn new(
+        config: Arc<Config>,
+        audit: Arc<AuditLog>,
+        identity: Arc<IdentityService>,
+        policies: Arc<Policies>,
+        registry: Arc<Registry>,
+        close_all: CancellationToken,
+    ) -> Self {
+        let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
+        Self {
+            config,
+            audit,
+            identity,
+            policies,
+            registry,
+            limit,
+            close_all,
+        }
+    }
+
+    /// The identity behind a connection's uid (the one identity lookup).
+    pub fn resolve(&self, origin: &Origin) -> Result<Identity, ResolveError> {
+        self.identity.resolve(origin)
+    }
+
+    /// Whether a connection may open: the policies that allow it, or the refusal. The
+    /// request is [`crate::policy::connect_request`]'s, with what the protocol learned at
+    /// start-up (a database role and name) and its action (`replicate` on top of `connect`).
+    pub fn decide_connect(
+        &self,
+        request: &Request,
+    ) -> Result<crate::policy::Allowed, PolicyRefusal> {
+        crate::policy::outcome(self.policies.decide(request))
+    }
+
+    /// Why the audit trail forbids new connections now (the central backlog over its
+    /// bound, or the store failing to write), as a refusal reason.
+    pub fn refusal_reason(&self) -> Option<String> {
+        self.audit.refusal_reason()
+    }
+
+    /// No slot is free under `proxy.max_connections`: checked before the upstream connect,
+    /// which a refusal would waste ([`Gate::open`] takes the slot).
+    pub fn at_capacity(&self) -> Option<OpenError> {
+        (self.limit.available_permits() == 0)
+            .then(|| OpenError::AtCapacity(self.config.proxy.max_connections))
+    }
+
+    /// Records a refused connection of a protocol handler that answers in its own protocol.
+    pub fn record_refusal(&self, r: Refusal<'_>) {
+        let mut ev = AuditEvent::new(EventKind::ConnectionRefused).reason(r.reason);
+        ev.decision = Some(r.decision);
+        ev.policy_ids = r.policy_ids.into();
+        ev.connection_id = Some(r.id);
+        ev.client = Some(r.peer.to_string().into());
+        ev.identity = r.identity.cloned().map(Into::into);
+        ev.origin = Some(r.origin.clone().into());
+        ev.target = r.target.map(|t| t.name.as_str().into());
+        ev.protocol = r.target.map(|t| t.protocol.to_string().into());
+        ev.db_user = r.db_user.map(Into::into);
+        ev.db_name = r.db_name.map(Into::into);
+        tracing::warn!(
+            reason = ev.reason.as_deref().unwrap_or(""),
+            "connection refused"
+        );
+        self.audit.record(ev);
+    }
+
+    /// Admits a connection a protocol handler has authorized: takes a slot under the
+    /// connection limit and records `connection.opened` durably before any byte is forwarded.
+    pub async fn open(&self, o: Opening<'_>) -> Result<OpenSession, OpenError> {
+        let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+            return Err(OpenError::AtCapacity(self.config.proxy.max_connections));
+        };
+        let conn = Arc::new(Connection {
+            id: o.incoming.id,
+            started_ms: now_ms(),
+            protocol: o.incoming.target.protocol,
+            target: o.incoming.target.name.as_str().into(),
+            origin: o.incoming.origin.clone().into(),
+            identity: o.identity.clone().into(),
+            client: o.incoming.peer,
+            upstream: o.upstream,
+            bytes: ByteCounters::default(),
+            cancel: self.close_all.child_token(),
+            close_reason: Mutex::new(None),
+        });
+        let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
+        opened.decision = Some(Decision::Allow);
+        opened.policy_ids = o.policy_ids.into();
+        opened.db_user = o.db_user.as_deref().map(Into::into);
+        opened.db_name = o.db_name.as_deref().map(Into::into);
+        if let Err(e) = self.audit.record_durable(&opened).await {
+            if !self.audit.keeps_enforcing_unaudited() {
+                tracing::error!(error = %e, "cannot record the connection; refusing it");
+                return Err(OpenError::Unrecorded(e));
+            }
+            tracing::error!(error = %e, "cannot record the connection; opening it unaudited (audit.on_write_failure = \"keep_enforcing\")");
+        }
+        o.incoming.admission.end_startup();
+        self.registry.insert(Arc::clone(&conn));
+        tracing::info!(target = %conn.target, upstream = %o.upstream, "connection opened");
+        let guard = OpenGuard {
+            conn: Arc::clone(&conn),
+            registry: Arc::clone(&self.registry),
+            audit: Arc::clone(&self.audit),
+            started: Instant::now(),
+            reason: "agent shutdown".into(),
+            db_user: o.db_user,
+            db_name: o.db_name,
+        };
+        Ok(OpenSession {
+            conn,
+            guard,
+            _permit: permit,
+        })
+    }
+
+    fn is_own_listener(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        ip == IpAddr::V4(self.config.proxy.listen_ipv4)
+            || ip == IpAddr::V6(self.config.proxy.listen_ipv6)
+            || ip.is_unspecified()
+    }
+
+    /// Where a target's connections go: its configured upstream or the original destination;
+    /// refused when that is the proxy's own listener.
+    pub fn upstream_addr(
+        &self,
+        target: &ProtectedTarget,
+        origin: &Origin,
+    ) -> Result<SocketAddr, UpstreamIsProxy> {
+        let addr = target.upstream.unwrap_or(origin.destination);
+        if addr.port() == self.config.proxy.port && self.is_own_listener(addr.ip()) {
+            return Err(UpstreamIsProxy);
+        }
+        Ok(addr)
+    }
+
+    /// Connects with the exempt mark, so the kernel programs leave this socket alone.
+    pub async fn connect_upstream(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket2::SockRef::from(&socket).set_mark(self.config.proxy.upstream_mark)?;
+        socket.set_nodelay(true)?;
+        let timeout = Duration::from_secs(self.config.proxy.connect_timeout_secs);
+        match tokio::time::timeout(timeout, socket.connect(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
