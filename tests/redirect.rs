@@ -1192,15 +1192,33 @@ fn restart_under_load_never_lets_a_connection_go_direct() {
             lines
         })
     };
+    // While the agent is down, the pinned programs still redirect to its empty port: a
+    // connect is refused. The agent stays down until a connect has seen that (bounded), so
+    // a loaded machine whose load rounds miss a short window cannot fail the test.
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41013,
+        netns: None,
+    };
+    let mut refused_while_down = Vec::new();
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
         agent.kill9();
-        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..50 {
+            let r = probe.connect(slot.v4(1), &[]);
+            let refused = r["errno"] == ECONNREFUSED;
+            refused_while_down.push(r);
+            if refused {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         agent.spawn();
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let lines = load.join().unwrap();
+    let mut lines = load.join().unwrap();
+    lines.extend(refused_while_down);
     let direct: Vec<_> = lines
         .iter()
         .filter(|l| l["ok"] == true && l["via_proxy"] != true)
