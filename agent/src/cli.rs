@@ -1220,3 +1220,33 @@ fn render_status(r: &StatusReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_docs_writes_a_page_per_command_and_every_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        generate_docs(dir.path()).unwrap();
+        let page = |name: &str| std::fs::read_to_string(dir.path().join("man").join(name));
+        let top = page("portcullis.1").unwrap();
+        assert!(top.contains(".TH portcullis 1"), "{top}");
+        let init = page("portcullis-ca-init.1").unwrap();
+        assert!(init.contains(".TH portcullis-ca-init 1"), "{init}");
+        assert!(init.contains("\\-\\-config"), "{init}");
+        assert!(page("portcullis-audit-verify.1").is_ok());
+        // Hidden commands and clap's own `help` get no page.
+        assert!(page("portcullis-generate-docs.1").is_err());
+        assert!(page("portcullis-help.1").is_err());
+        for (file, needle) in [
+            ("portcullis", "_portcullis()"),
+            ("_portcullis", "#compdef portcullis"),
+            ("portcullis.fish", "complete -c portcullis"),
+        ] {
+            let text = std::fs::read_to_string(dir.path().join("completions").join(file)).unwrap();
+            assert!(text.contains(needle), "{file}: {text}");
+            assert!(text.contains("login"), "{file} completes subcommands");
+        }
+    }
+}
