@@ -1222,6 +1222,7 @@ fn render_status(r: &StatusReport) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 
