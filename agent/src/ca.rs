@@ -198,7 +198,7 @@ impl LocalCa {
 fn new_ca() -> Result<(KeyPair, String), String> {
     let key = KeyPair::generate().map_err(|e| e.to_string())?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
-    let host = crate::audit::hostname();
+    let host = portcullis_core::hostname();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, format!("Portcullis local CA ({host})"));
     dn.push(DnType::OrganizationName, "Portcullis");

@@ -15,10 +15,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::ConnectionView;
 use crate::audit::{AuditEvent, EventKind};
 use crate::ebpf::{AttachedProgram, Counters};
 use crate::identity::{IdentityService, LoginStarted, SessionView};
-use crate::proxy::{ConnectionView, Proxy};
+use crate::proxy::Proxy;
 
 const MAX_REQUEST: u64 = 64 * 1024;
 

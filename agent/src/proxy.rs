@@ -17,11 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admission::Gate;
-pub use crate::admission::{
-    Connection, ConnectionView, Incoming, OpenError, OpenSession, Opening, Refusal, Registry,
-    UpstreamIsProxy,
-};
+use crate::admission::{Gate, Incoming, Refusal, Registry};
 use crate::audit::{now_ms, AuditEvent, AuditLog, Decision, EventKind};
 use crate::config::{Config, ProtectedTarget, Protocol};
 use crate::ebpf::Enforcement;
@@ -205,7 +201,7 @@ impl Proxy {
             origin: Some(origin.clone()),
         };
         if self.first_of_interval(RefusalKey::Uid(origin.uid), &why, detail) {
-            self.record_refusal(Refusal {
+            self.gate.record_refusal(Refusal {
                 id,
                 peer,
                 origin: &origin,
@@ -340,8 +336,12 @@ impl Proxy {
             Protocol::Postgres => {
                 // PostgreSQL answers every refusal in its own protocol, so it takes the
                 // connection before the identity is known to be missing.
+                let Some(shared) = self.postgres.as_deref() else {
+                    tracing::error!("a PostgreSQL target without PostgreSQL state; refusing");
+                    return;
+                };
                 let identity = self.gate.resolve(&incoming.origin);
-                crate::protocol::postgres::serve(Arc::clone(&self), incoming, client, identity)
+                crate::protocol::postgres::serve(&self.gate, shared, incoming, client, identity)
                     .instrument(span)
                     .await;
             }
@@ -369,42 +369,8 @@ impl Proxy {
         self.gate.registry()
     }
 
-    /// Why the audit trail forbids new connections now (the central backlog over its
-    /// bound, or the store failing to write), as a refusal reason.
-    pub fn over_audit_bound(&self) -> Option<String> {
-        self.gate.refusal_reason()
-    }
-
-    pub fn postgres(&self) -> Option<&crate::protocol::postgres::Shared> {
-        self.postgres.as_deref()
-    }
-
-    pub fn policies(&self) -> &crate::policy::Policies {
-        self.gate.policies()
-    }
-
     pub fn config(&self) -> &Config {
         &self.config
-    }
-
-    pub async fn open(&self, o: Opening<'_>) -> Result<OpenSession, OpenError> {
-        self.gate.open(o).await
-    }
-
-    pub fn record_refusal(&self, r: Refusal<'_>) {
-        self.gate.record_refusal(r)
-    }
-
-    pub fn upstream_addr(
-        &self,
-        target: &ProtectedTarget,
-        origin: &Origin,
-    ) -> Result<SocketAddr, UpstreamIsProxy> {
-        self.gate.upstream_addr(target, origin)
-    }
-
-    pub async fn connect_upstream(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        self.gate.connect_upstream(addr).await
     }
 
     pub fn targets(&self) -> &[ProtectedTarget] {

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{AuditEvent, AuditLog, EventKind};
 use crate::config::{CentralConfig, CentralTls, Config, OnSpoolFull};
-use crate::identity::Secret;
+use portcullis_core::Secret;
 
 /// The schema this agent writes; each entry is applied once, in order, by `migrate`.
 /// Later migrations must keep the columns the agent inserts, so older agents keep working.

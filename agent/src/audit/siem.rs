@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use super::AuditLog;
 use crate::config::{Config, SyslogConfig, SyslogTls, WebhookConfig};
-use crate::identity::Secret;
+use portcullis_core::Secret;
 
 const POLL: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);

@@ -42,10 +42,10 @@ pub enum PgError {
     Upstream(#[from] UpstreamError),
     #[error("{0}")]
     Capacity(String),
-    /// The proxy could not open the connection: at its connection limit, or the audit
+    /// Admission could not open the connection: at its connection limit, or the audit
     /// store could not record it. Both read as the server's "no slot" (53300).
     #[error("{0}")]
-    Open(crate::proxy::OpenError),
+    Open(crate::admission::OpenError),
     #[error("{0}")]
     Internal(String),
     #[error("protocol violation: {0}")]
@@ -249,7 +249,7 @@ mod tests {
             f.message(),
             Some("Portcullis: the audit trail cannot be written")
         );
-        let f = PgError::Open(crate::proxy::OpenError::AtCapacity(5)).to_fields();
+        let f = PgError::Open(crate::admission::OpenError::AtCapacity(5)).to_fields();
         assert_eq!((f.severity(), f.sqlstate()), (Some("FATAL"), Some("53300")));
         assert_eq!(
             f.message(),

@@ -21,10 +21,10 @@ mod upstream;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::admission::{Gate, Incoming};
 use crate::ca::LocalCa;
 use crate::config::{Config, ProtectedTarget, Protocol};
 use crate::identity::Identity;
-use crate::proxy::{Incoming, Proxy};
 
 pub use cancel::CancelMap;
 
@@ -103,16 +103,13 @@ impl Shared {
 
 /// Serves one redirected PostgreSQL connection to its end.
 pub async fn serve(
-    proxy: Arc<Proxy>,
+    gate: &Arc<Gate>,
+    shared: &Shared,
     incoming: Incoming,
     client: tokio::net::TcpStream,
     identity: Result<Identity, crate::identity::ResolveError>,
 ) {
-    let Some(shared) = proxy.postgres() else {
-        tracing::error!("a PostgreSQL target without PostgreSQL state; refusing");
-        return;
-    };
-    startup::run(&proxy, shared, incoming, client, identity).await;
+    startup::run(gate, shared, incoming, client, identity).await;
 }
 
 /// Reads a 32-byte secret, creating it (root, 0600, exclusively) on first use.

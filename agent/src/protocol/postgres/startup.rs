@@ -24,15 +24,15 @@ use super::session;
 use super::stream::{fill, write_out, Stream};
 use super::upstream::{credential, establish};
 use super::Shared;
+use crate::admission::{Gate, Incoming, Opening, Refusal};
 use crate::audit::Decision;
 use crate::identity::Identity;
-use crate::proxy::{Incoming, Opening, Proxy, Refusal};
 
 /// A client that has not finished its start-up by then is dropped.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(
-    proxy: &Arc<Proxy>,
+    gate: &Arc<Gate>,
     shared: &Shared,
     incoming: Incoming,
     client: TcpStream,
@@ -44,7 +44,7 @@ pub async fn run(
     let mut buf = BytesMut::new();
     let started = tokio::time::timeout(
         STARTUP_TIMEOUT,
-        client_startup(proxy, shared, &incoming, Stream::Plain(client), &mut buf),
+        client_startup(gate, shared, &incoming, Stream::Plain(client), &mut buf),
     )
     .await;
     let (mut client, startup) = match started {
@@ -53,7 +53,7 @@ pub async fn run(
         Ok(Err(e)) => {
             tracing::info!(error = %e, "PostgreSQL start-up failed");
             record(
-                proxy,
+                gate,
                 &incoming,
                 None,
                 None,
@@ -65,7 +65,7 @@ pub async fn run(
         }
         Err(_) => {
             record(
-                proxy,
+                gate,
                 &incoming,
                 None,
                 None,
@@ -78,7 +78,7 @@ pub async fn run(
     };
     let db_user = startup.user().unwrap_or_default().to_string();
     let db_name = startup.database().unwrap_or_default().to_string();
-    let result = admit(proxy, shared, &incoming, &mut client, &startup, identity).await;
+    let result = admit(gate, shared, &incoming, &mut client, &startup, identity).await;
     let mut admitted = match result {
         Ok(a) => a,
         Err((e, _, None, _)) => {
@@ -87,7 +87,7 @@ pub async fn run(
         }
         Err((e, identity, Some(decision), policy_ids)) => {
             record(
-                proxy,
+                gate,
                 &incoming,
                 identity.as_ref(),
                 Some((&db_user, &db_name)),
@@ -103,7 +103,7 @@ pub async fn run(
         return;
     };
     let established = session::Established {
-        proxy,
+        gate,
         shared,
         conn: &admitted.open.conn,
         identity: &admitted.identity,
@@ -121,7 +121,7 @@ pub async fn run(
 /// A session the server has accepted and the client has been told about.
 struct Admitted<'s> {
     identity: Identity,
-    open: crate::proxy::OpenSession,
+    open: crate::admission::OpenSession,
     upstream: super::upstream::Upstream,
     cancel_key: super::cancel::CancelKey<'s>,
 }
@@ -134,7 +134,7 @@ type Refused = (PgError, Option<Identity>, Option<Decision>, Vec<String>);
 /// Everything after the start-up packet: identity, policy, credential, upstream session,
 /// the opened event and the client's AuthenticationOk.
 async fn admit<'s>(
-    proxy: &Arc<Proxy>,
+    gate: &Arc<Gate>,
     shared: &'s Shared,
     incoming: &Incoming,
     client: &mut Stream,
@@ -164,7 +164,7 @@ async fn admit<'s>(
             Vec::new(),
         )
     })?;
-    if let Some(reason) = proxy.over_audit_bound() {
+    if let Some(reason) = gate.refusal_reason() {
         return Err(fail(PgError::Capacity(reason)));
     }
     let target = &incoming.target;
@@ -187,13 +187,11 @@ async fn admit<'s>(
             r.policy_ids,
         )
     };
-    let policy_ids = crate::policy::outcome(proxy.policies().decide(&request))
-        .map_err(refused)?
-        .policy_ids;
+    let policy_ids = gate.decide_connect(&request).map_err(refused)?.policy_ids;
     if startup.is_replication() {
         // Decided on top of connect: permitting connect does not permit replication.
         request.action = portcullis_policy::Action::Replicate;
-        crate::policy::outcome(proxy.policies().decide(&request)).map_err(|r| {
+        gate.decide_connect(&request).map_err(|r| {
             refused(crate::policy::PolicyRefusal {
                 decision: Decision::Deny,
                 reason: format!(
@@ -206,14 +204,14 @@ async fn admit<'s>(
     }
     let password = credential(pg.credentials_file.get_ref(), db_user)
         .map_err(|e| fail(PgError::Upstream(e)))?;
-    let upstream_addr = proxy
+    let upstream_addr = gate
         .upstream_addr(target, &incoming.origin)
         .map_err(|e| fail(PgError::Internal(e.to_string())))?;
     // The opened event's fsync and the server's start-up (TCP, TLS, SCRAM) overlap: both must
     // be done before the client hears AuthenticationOk, so nothing is forwarded unrecorded.
     let upstream_startup = upstream_startup(startup, &settings);
     let server = async {
-        let tcp = proxy.connect_upstream(upstream_addr).await.map_err(|e| {
+        let tcp = gate.connect_upstream(upstream_addr).await.map_err(|e| {
             super::upstream::UpstreamError::Io(std::io::Error::new(
                 e.kind(),
                 format!("upstream {upstream_addr} unreachable: {e}"),
@@ -230,7 +228,7 @@ async fn admit<'s>(
         )
         .await
     };
-    let opening = proxy.open(Opening {
+    let opening = gate.open(Opening {
         incoming,
         identity: &identity,
         upstream: upstream_addr,
@@ -328,7 +326,7 @@ fn upstream_startup(client: &StartupMessage, checked: &params::Checked) -> Start
 /// Reads start-up requests until the StartupMessage; `None` when the connection was a
 /// cancel or the client went away.
 async fn client_startup(
-    proxy: &Proxy,
+    gate: &Gate,
     shared: &Shared,
     incoming: &Incoming,
     mut stream: Stream,
@@ -389,7 +387,7 @@ async fn client_startup(
                 process_id,
                 secret_key,
             } => {
-                forward_cancel(proxy, shared, incoming, process_id, &secret_key).await;
+                forward_cancel(gate, shared, incoming, process_id, &secret_key).await;
                 return Ok(None);
             }
             StartupRequest::Startup(startup) => return Ok(Some((stream, startup))),
@@ -400,7 +398,7 @@ async fn client_startup(
 /// Sends the cancel upstream on a fresh connection when the key belongs to a session of the
 /// same uid; otherwise drops it. Either way the client hears nothing, as from PostgreSQL.
 async fn forward_cancel(
-    proxy: &Proxy,
+    gate: &Gate,
     shared: &Shared,
     incoming: &Incoming,
     process_id: u32,
@@ -420,7 +418,7 @@ async fn forward_cancel(
         tracing::info!("dropped a cancel request aimed at another target");
         return;
     }
-    match proxy.connect_upstream(t.upstream).await {
+    match gate.connect_upstream(t.upstream).await {
         Ok(mut tcp) => {
             let mut out = BytesMut::new();
             encode_cancel(t.process_id, &t.secret_key, &mut out);
@@ -437,7 +435,7 @@ async fn forward_cancel(
 }
 
 fn record(
-    proxy: &Proxy,
+    gate: &Gate,
     incoming: &Incoming,
     identity: Option<&Identity>,
     db: Option<(&str, &str)>,
@@ -445,7 +443,7 @@ fn record(
     decision: Decision,
     policy_ids: Vec<String>,
 ) {
-    proxy.record_refusal(Refusal {
+    gate.record_refusal(Refusal {
         decision,
         policy_ids,
         db_user: db.map(|d| d.0),

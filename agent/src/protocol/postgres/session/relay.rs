@@ -17,9 +17,9 @@ use super::super::stream::{fill, write_out, Stream};
 use super::super::upstream::Upstream;
 use super::super::Shared;
 use super::{CatalogLookup, CatalogView, Now, Output, Recorded, Services, Session, SessionContext};
+use crate::admission::{Connection, Gate};
 use crate::config::ProtectedTarget;
 use crate::identity::Identity;
-use crate::proxy::{Connection, Proxy};
 
 impl CatalogView for Catalog {
     fn column(&self, target_id: u32, db: &str, table_oid: u32, attnum: i16) -> Option<ColumnName> {
@@ -63,7 +63,7 @@ fn now() -> Now {
 
 /// The session's fixed context, from what start-up established.
 pub struct Established<'a> {
-    pub proxy: &'a Proxy,
+    pub gate: &'a Gate,
     pub shared: &'a Shared,
     pub conn: &'a Connection,
     pub identity: &'a Identity,
@@ -82,10 +82,7 @@ pub async fn run(
     upstream: Upstream,
 ) -> String {
     let Established {
-        proxy,
-        shared,
-        conn,
-        ..
+        gate, shared, conn, ..
     } = est;
     let ctx = SessionContext {
         connection_id: conn.id,
@@ -108,13 +105,13 @@ pub async fn run(
         catalog: &shared.catalog,
         maskers: &shared.maskers,
     };
-    let mut machine = Session::new(services, ctx, proxy.policies().current(), now());
+    let mut machine = Session::new(services, ctx, gate.policies().current(), now());
     let Upstream {
         stream: mut server,
         buf: mut sbuf,
         ..
     } = upstream;
-    let idle = Duration::from_secs(proxy.config().proxy.idle_timeout_secs.max(1));
+    let idle = Duration::from_secs(gate.config().proxy.idle_timeout_secs.max(1));
     let cancel = conn.cancel.clone();
     // Made once, not per message: a fresh cancellation future registers a waiter and a
     // fresh timer goes through the timer wheel, on every turn of a loop that runs twice
@@ -127,7 +124,7 @@ pub async fn run(
     let mut last_traffic = tokio::time::Instant::now();
     // Bytes that arrived with the start-up packet belong to the session.
     if !cbuf.is_empty() {
-        machine.on_client(&mut cbuf, now(), &proxy.policies().current());
+        machine.on_client(&mut cbuf, now(), &gate.policies().current());
     }
     let why = loop {
         // What the machine waits for from the catalog, before anything more is read.
@@ -135,12 +132,12 @@ pub async fn run(
             let answer = catalog_lookup(&est, &lookup).await;
             machine.catalog_answer(answer, now());
             if !machine.is_paused() {
-                machine.on_client(&mut cbuf, now(), &proxy.policies().current());
+                machine.on_client(&mut cbuf, now(), &gate.policies().current());
                 machine.on_server(&mut sbuf, now());
             }
         }
         let out = machine.output();
-        record(proxy, shared, out);
+        record(gate, shared, out);
         if let Some(why) = out.end.take() {
             break why;
         }
@@ -182,7 +179,7 @@ pub async fn run(
             // client (what it would send queues more events); the event loop keeps
             // serving every other session meanwhile.
             r = async {
-                proxy.audit().room().await;
+                gate.audit().room().await;
                 fill(&mut client, &mut cbuf).await
             } => {
                 last_traffic = tokio::time::Instant::now();
@@ -192,14 +189,14 @@ pub async fn run(
                     Ok(_) => {
                         // Nothing more runs unaudited: the statement event of what the
                         // client sends now could not be written (`on_write_failure`).
-                        if let Some(why) = proxy.audit().write_refusal() {
+                        if let Some(why) = gate.audit().write_refusal() {
                             encode_error_response(
                                 &PgError::AuditUnwritable(why.clone()).to_fields(),
                                 &mut machine.output().to_client,
                             );
                             break why;
                         }
-                        machine.on_client(&mut cbuf, now(), &proxy.policies().current());
+                        machine.on_client(&mut cbuf, now(), &gate.policies().current());
                     }
                 }
             }
@@ -216,7 +213,7 @@ pub async fn run(
         }
     };
     let out = machine.output();
-    record(proxy, shared, out);
+    record(gate, shared, out);
     if !out.to_server.is_empty() {
         let _ = write_out(&mut server, &out.to_server).await;
     }
@@ -225,7 +222,7 @@ pub async fn run(
         let _ = write_out(&mut client, &out.to_client).await;
     }
     let _ = client.shutdown().await;
-    record(proxy, shared, machine.end(&why, now()));
+    record(gate, shared, machine.end(&why, now()));
     why
 }
 
@@ -235,11 +232,11 @@ fn count(counter: &std::sync::atomic::AtomicU64, n: usize) {
 
 /// Hands the machine's events to the audit log, in order, and forgets function bodies when
 /// it says a change to them ended.
-fn record(proxy: &Proxy, shared: &Shared, out: &mut Output) {
+fn record(gate: &Gate, shared: &Shared, out: &mut Output) {
     for event in out.events.drain(..) {
         match event {
-            Recorded::Event(e) => proxy.audit().record(*e),
-            Recorded::Encoded(line) => proxy.audit().record_encoded(line),
+            Recorded::Event(e) => gate.audit().record(*e),
+            Recorded::Encoded(line) => gate.audit().record_encoded(line),
         }
     }
     if std::mem::take(&mut out.forget_routines) {
@@ -265,7 +262,7 @@ async fn catalog_lookup(est: &Established<'_>, lookup: &CatalogLookup) -> Result
     est.shared
         .catalog
         .fetch_connecting(
-            est.proxy.connect_upstream(est.conn.upstream),
+            est.gate.connect_upstream(est.conn.upstream),
             est.conn.upstream,
             est.target.id,
             pg,
