@@ -790,11 +790,29 @@ fn an_upgrade_with_a_restart_lets_no_connection_go_direct() {
     let rev2 = root.put(&deb(2));
     run(&mut root.cmd(&["dpkg", "--install", &rev2]));
     stop(agent);
-    std::thread::sleep(Duration::from_millis(300));
+    // While no agent runs, the pinned programs redirect to its empty port: a connect is
+    // refused. The new agent starts only once a connect has seen that (bounded), so a loaded
+    // machine whose load rounds miss a short window cannot fail the test.
+    let probe = portcullis_e2e::Probe {
+        cgroup: &cg,
+        uid: 41190,
+        netns: None,
+    };
+    let mut refused_while_down = Vec::new();
+    for _ in 0..50 {
+        let r = probe.connect(slot.v4(1), &[]);
+        let refused = r["errno"] == ECONNREFUSED;
+        refused_while_down.push(r);
+        if refused {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let agent = start();
     std::thread::sleep(Duration::from_millis(500));
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let lines = load.join().unwrap();
+    let mut lines = load.join().unwrap();
+    lines.extend(refused_while_down);
     stop(agent);
     let _ = std::fs::remove_dir_all(pin_dir);
 
