@@ -110,11 +110,15 @@ fn kill9_under_load_loses_no_event_of_a_forwarded_connection() {
     } = Fixture::new("audit-kill", 51);
     let target = slot.v4(1).to_string();
     let cgroup = cg.path.clone();
+    // Connections forwarded so far: the kill comes once some have been, however slowly a
+    // loaded machine starts the clients.
+    let forwarded_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Bounded load: 8 clients, each up to 40 rounds of 10 connections.
     let load: Vec<_> = (0..8u32)
         .map(|i| {
             let cgroup = cgroup.clone();
             let target = target.clone();
+            let forwarded_so_far = std::sync::Arc::clone(&forwarded_so_far);
             std::thread::spawn(move || {
                 let mut lines = Vec::new();
                 for _ in 0..40 {
@@ -132,6 +136,7 @@ fn kill9_under_load_loses_no_event_of_a_forwarded_connection() {
                         .unwrap();
                     let text = String::from_utf8_lossy(&out.stdout).into_owned();
                     let ok = text.lines().filter(|l| l.contains("\"ok\":true")).count();
+                    forwarded_so_far.fetch_add(ok, std::sync::atomic::Ordering::SeqCst);
                     lines.extend(
                         text.lines()
                             .map(|l| serde_json::from_str::<Value>(l).unwrap()),
@@ -144,7 +149,14 @@ fn kill9_under_load_loses_no_event_of_a_forwarded_connection() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(700));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while forwarded_so_far.load(std::sync::atomic::Ordering::SeqCst) < 20
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The kill lands while the load is still running.
+    std::thread::sleep(Duration::from_millis(200));
     agent.kill9();
     let results: Vec<Value> = load.into_iter().flat_map(|h| h.join().unwrap()).collect();
     let forwarded: Vec<String> = results
