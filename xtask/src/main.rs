@@ -26,10 +26,11 @@ commands:
   fuzz [--seconds N]
                build every cargo-fuzz target (nightly, libFuzzer coverage) and run each for
                N seconds (default 60) from a fixed seed
-  package [--revision N] [--no-build] [--out DIR]
+  package [--revision N] [--no-build] [--fast] [--out DIR]
                build the .deb and the .rpm (cargo-deb and cargo-generate-rpm in .tools/) with
                the release binary, man pages and completions, into target/packages; --revision
-               sets the package revision (default 1), --no-build packages the binary already built
+               sets the package revision (default 1), --no-build packages the binary already
+               built, --fast compresses faster into larger files (what `test` builds)
   demo         build everything and show the redirect, the proxy and `portcullis status`
   bench [redirect|policy|audit|postgres|all] [--no-build] [--quick] [--seconds N] [--rounds N]
         [--case TEXT] [--perf]
@@ -125,8 +126,9 @@ fn test() -> Result<()> {
     step("building the agent and the test clients");
     cargo(&["build", "-p", "portcullis-agent", "-p", "portcullis-e2e"])?;
     // The package suite (tests/packages.rs) installs these: revision 2 is the upgrade.
-    package::run_package(&package::Options::parse(&[])?)?;
+    package::run_package(&package::Options::parse(&["--fast".into()])?)?;
     package::run_package(&package::Options::parse(&[
+        "--fast".into(),
         "--no-build".into(),
         "--revision".into(),
         "2".into(),

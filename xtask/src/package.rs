@@ -26,6 +26,9 @@ pub struct Options {
     pub revision: u32,
     /// Package the release binary already built.
     pub no_build: bool,
+    /// Faster compression, larger files (xz's fast preset, gzip for the rpm): the same
+    /// contents, for packages that are only tested.
+    pub fast: bool,
     pub out: PathBuf,
 }
 
@@ -34,12 +37,14 @@ impl Options {
         let mut options = Options {
             revision: 1,
             no_build: false,
+            fast: false,
             out: default_out_dir(),
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--no-build" => options.no_build = true,
+                "--fast" => options.fast = true,
                 "--revision" => {
                     let value = args.next().context("--revision needs a number")?;
                     options.revision =
@@ -81,8 +86,12 @@ pub fn run_package(options: &Options) -> Result<()> {
     step(&format!(
         "building the .deb (cargo-deb {CARGO_DEB_VERSION}, revision {revision})"
     ));
-    run(Command::new(&cargo_deb)
-        .args(["deb", "-p", "portcullis-agent", "--no-build"])
+    let mut deb = Command::new(&cargo_deb);
+    deb.args(["deb", "-p", "portcullis-agent", "--no-build"]);
+    if options.fast {
+        deb.arg("--fast");
+    }
+    run(deb
         .args(["--deb-revision", &revision])
         .arg("--output")
         .arg(&options.out)
@@ -91,8 +100,12 @@ pub fn run_package(options: &Options) -> Result<()> {
     step(&format!(
         "building the .rpm (cargo-generate-rpm {CARGO_GENERATE_RPM_VERSION}, release {revision})"
     ));
-    run(Command::new(&cargo_generate_rpm)
-        .args(["generate-rpm", "-p", "agent"])
+    let mut rpm = Command::new(&cargo_generate_rpm);
+    rpm.args(["generate-rpm", "-p", "agent"]);
+    if options.fast {
+        rpm.args(["--payload-compress", "gzip"]);
+    }
+    run(rpm
         .arg(format!("--set-metadata=release = \"{revision}\""))
         .arg("--output")
         .arg(&options.out)
