@@ -6,15 +6,35 @@ use std::path::Path;
 
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 
+/// Why a TLS client configuration cannot be built; each names the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// The CA file cannot be read, or holds something that is not a usable certificate.
+    #[error("{setting} {}: {reason}", path.display())]
+    CaFile {
+        setting: String,
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("no CA certificates: set {setting}")]
+    NoRoots { setting: String },
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
 /// `setting` names the config key in errors (`audit.central.ca_file`).
 pub fn client_config(
     ca_file: Option<&Path>,
     setting: &str,
-) -> Result<rustls::ClientConfig, String> {
+) -> Result<rustls::ClientConfig, TlsConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let ca_err = |e: &dyn std::fmt::Display| format!("{setting} {}: {e}", path.display());
+            let ca_err = |e: &dyn std::fmt::Display| TlsConfigError::CaFile {
+                setting: setting.to_string(),
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            };
             for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_err(&e))? {
                 roots
                     .add(cert.map_err(|e| ca_err(&e))?)
@@ -29,14 +49,15 @@ pub fn client_config(
         }
     }
     if roots.is_empty() {
-        return Err(format!("no CA certificates: set {setting}"));
+        return Err(TlsConfigError::NoRoots {
+            setting: setting.to_string(),
+        });
     }
     Ok(
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth(),
     )
@@ -51,12 +72,11 @@ pub mod danger {
     use rustls::{DigitallySignedStruct, SignatureScheme};
 
     /// Encrypts but accepts any certificate: whoever sits on the path can pose as the server.
-    pub fn unverified_client_config() -> Result<rustls::ClientConfig, String> {
+    pub fn unverified_client_config() -> Result<rustls::ClientConfig, rustls::Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         Ok(
             rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
+                .with_safe_default_protocol_versions()?
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
                 .with_no_client_auth(),

@@ -4,7 +4,10 @@
 //! on one that reaches up or sideways, so an import cycle cannot come back. The picture is
 //! in docs/ARCHITECTURE.md ("Layers").
 
-#![allow(clippy::unwrap_used, reason = "a test: a source it cannot read is a failure")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a source it cannot read is a failure"
+)]
 
 use std::collections::BTreeMap;
 use std::path::Path;

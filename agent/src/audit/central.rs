@@ -71,7 +71,7 @@ pub enum CentralError {
     #[error("central audit password file {path}: {reason}")]
     Password { path: PathBuf, reason: String },
     #[error("central audit TLS: {0}")]
-    Tls(String),
+    TlsConfig(#[from] crate::tls::TlsConfigError),
     #[error("central audit store: {}", super::with_sources(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("central audit store: a batch took over {0:?}; retrying")]
@@ -563,8 +563,7 @@ where
 fn tls_connector(
     ca_file: Option<&Path>,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, CentralError> {
-    let config =
-        crate::tls::client_config(ca_file, "audit.central.ca_file").map_err(CentralError::Tls)?;
+    let config = crate::tls::client_config(ca_file, "audit.central.ca_file")?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 

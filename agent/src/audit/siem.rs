@@ -54,6 +54,8 @@ pub enum SiemError {
     Token { path: PathBuf, reason: String },
     #[error("syslog TLS: {0}")]
     Tls(String),
+    #[error("syslog TLS: {0}")]
+    TlsConfig(#[from] crate::tls::TlsConfigError),
     #[error("syslog receiver {address}: {reason}")]
     Syslog { address: String, reason: String },
     #[error("the syslog receiver {0} closed the connection; reconnecting")]
@@ -409,8 +411,7 @@ fn peer_closed(conn: &mut Box<dyn Connection>) -> bool {
 }
 
 fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, SiemError> {
-    let config =
-        crate::tls::client_config(ca_file, "audit.syslog.ca_file").map_err(SiemError::Tls)?;
+    let config = crate::tls::client_config(ca_file, "audit.syslog.ca_file")?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

@@ -56,8 +56,11 @@ pub enum SetupError {
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
     /// A target's upstream TLS settings (its CA file) cannot be used.
-    #[error("target `{target}`: {reason}")]
-    UpstreamTls { target: String, reason: String },
+    #[error("target `{target}`: {source}")]
+    UpstreamTls {
+        target: String,
+        source: crate::tls::TlsConfigError,
+    },
     /// The masking key cannot be read or created in the state directory.
     #[error("masking key: {0}")]
     MaskingKey(#[source] std::io::Error),
@@ -75,10 +78,10 @@ impl Shared {
         for t in targets {
             if let Some(pg) = &t.postgres {
                 let setting = format!("target `{}` postgres.ca_file", t.name);
-                let config = upstream::tls_config(pg, &setting).map_err(|reason| {
+                let config = upstream::tls_config(pg, &setting).map_err(|source| {
                     SetupError::UpstreamTls {
                         target: t.name.clone(),
-                        reason,
+                        source,
                     }
                 })?;
                 tls.insert(t.id, config);

@@ -163,7 +163,7 @@ pub fn credential(path: &Path, role: &str) -> Result<Secret, UpstreamError> {
 pub fn tls_config(
     target: &PostgresTargetConfig,
     setting: &str,
-) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+) -> Result<Option<Arc<rustls::ClientConfig>>, crate::tls::TlsConfigError> {
     match target.tls {
         UpstreamTls::InsecurePlaintext => Ok(None),
         UpstreamTls::VerifyFull => Ok(Some(Arc::new(crate::tls::client_config(
