@@ -7,6 +7,9 @@
 //! record is fsynced; `append_batch` group-commits. After a crash, [`Store::open`] cuts a torn
 //! tail and reports it. Retention never deletes what the central store has not acknowledged.
 //!
+//! Beside the chain, the recording area ([`recording`]) keeps session recordings whose chunks'
+//! hashes the caller records as events, so the chain vouches for them too.
+//!
 //! Pure and synchronous (std, no async runtime): the agent wraps it on a blocking thread.
 //! `README.md` describes the on-disk format and the guarantees.
 
@@ -16,6 +19,7 @@ mod error;
 pub mod format;
 mod lines;
 mod reader;
+pub mod recording;
 mod store;
 mod verify;
 
