@@ -26,7 +26,9 @@ pub use engine::{PolicyInfo, PolicySet, RequiredApproval};
 pub use error::{LoadError, LoadWarning, Location, Problem};
 pub use live::LivePolicySet;
 pub use load::{is_policy_set_file, APPROVALS_FILE, MASKING_FILE, SCHEMA};
-pub use mask::{ColumnOrigin, ColumnPlan, Masker, Unmaskable, FORMAT_BINARY, FORMAT_TEXT};
+pub use mask::{
+    ColumnOrigin, ColumnPlan, ContentMatch, Masker, Unmaskable, FORMAT_BINARY, FORMAT_TEXT,
+};
 pub use request::{Action, Context, Principal, PrincipalKind, Request, Target, STATEMENT_CLASSES};
 pub use settings::{
     ApprovalSettings, ColumnMatcher, Detector, MaskKind, MaskRule, MaskingProfile, Selector,

@@ -21,6 +21,13 @@ use sha2::Sha256;
 use crate::settings::{ColumnMatcher, Detector, MaskKind, MaskingProfile, Selector, TableColumn};
 use crate::sql_text::{runs_sql_text, unqualified};
 
+/// One detector match in a text: the bytes at `range` are to be replaced by `replacement`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentMatch {
+    pub range: std::ops::Range<usize>,
+    pub replacement: Vec<u8>,
+}
+
 /// The text wire format (format code 0).
 pub const FORMAT_TEXT: i16 = 0;
 /// The binary wire format (format code 1).
@@ -430,6 +437,39 @@ impl Masker {
         })
     }
 
+    /// Where the content detectors match in `text` and what replaces each match, in order and
+    /// without overlaps: the same matches and replacements as [`Masker::mask_text`], for
+    /// callers that must keep bytes between matches in place (a terminal stream whose escape
+    /// sequences are not part of the text).
+    pub fn content_matches(&self, text: &[u8]) -> Vec<ContentMatch> {
+        self.find(text)
+            .into_iter()
+            .map(|span| {
+                let matched = text.get(span.start..span.end).unwrap_or_default();
+                let mut replacement = Vec::new();
+                self.replace(span.rule, matched, &mut replacement);
+                ContentMatch {
+                    range: span.start..span.end,
+                    replacement,
+                }
+            })
+            .collect()
+    }
+
+    /// The mask of rule `rule` for one detector match. A partial mask counts letters and
+    /// digits only, so separators keep the shape readable.
+    fn replace(&self, rule: usize, matched: &[u8], out: &mut Vec<u8>) {
+        match self.rules.get(rule).map(|rule| &rule.mask) {
+            Some(MaskKind::Partial {
+                keep_first,
+                keep_last,
+            }) => partial(matched, *keep_first, *keep_last, significant, out),
+            Some(mask) => self.mask_plain(mask, matched, out),
+            // Unreachable: spans carry indices of this profile's rules. Hide it anyway.
+            None => out.extend(std::iter::repeat_n(b'*', matched.len())),
+        }
+    }
+
     fn unmaskable(&self, what: String) -> Unmaskable {
         Unmaskable {
             reason: format!("masking profile `{}`: {what}", self.profile),
@@ -629,26 +669,8 @@ impl Masker {
         for span in spans {
             out.extend_from_slice(text.get(copied..span.start).unwrap_or_default());
             let matched = text.get(span.start..span.end).unwrap_or_default();
-            let Some(rule) = self.rules.get(span.rule) else {
-                // Unreachable: spans carry indices of this profile's rules. Hide it anyway.
-                out.extend(std::iter::repeat_n(b'*', matched.len()));
-                copied = span.end;
-                continue;
-            };
             replacement.clear();
-            match &rule.mask {
-                MaskKind::Partial {
-                    keep_first,
-                    keep_last,
-                } => partial(
-                    matched,
-                    *keep_first,
-                    *keep_last,
-                    significant,
-                    &mut replacement,
-                ),
-                mask => self.mask_plain(mask, matched, &mut replacement),
-            }
+            self.replace(span.rule, matched, &mut replacement);
             if json {
                 if strings.inside(text, span.start) {
                     json_escape(&replacement, &mut out);
