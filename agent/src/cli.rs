@@ -619,6 +619,14 @@ fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let report = portcullis_audit_store::verify(&dir, key.as_ref());
+            // The recordings are checked against the chunk events only once the chain holding
+            // those events is intact: a broken chain vouches for nothing.
+            let recordings = if report.ok {
+                Some(crate::audit::recording::verify_all(&dir)?)
+            } else {
+                None
+            };
+            let recordings_ok = recordings.as_ref().is_none_or(|r| r.ok());
             if json {
                 println!(
                     "{}",
@@ -630,6 +638,13 @@ fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
                         "last_seq": report.last_seq,
                         "signatures_checked": report.signatures_checked,
                         "break": report.first_break.as_ref().map(ToString::to_string),
+                        "recordings": recordings.as_ref().map(|r| serde_json::json!({
+                            "ok": r.ok(),
+                            "checked": r.checked,
+                            "closed": r.closed,
+                            "breaks": r.breaks.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                            "notes": r.notes,
+                        })),
                     })
                 );
             } else if let Some(b) = &report.first_break {
@@ -649,7 +664,23 @@ fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
                     }
                 );
             }
-            Ok(if report.ok {
+            if let Some(r) = recordings.as_ref().filter(|_| !json) {
+                if r.checked > 0 || !r.notes.is_empty() {
+                    println!(
+                        "recordings: {} checked against their chunk events ({} closed){}",
+                        r.checked,
+                        r.closed,
+                        if r.ok() { ", intact" } else { ", BROKEN" }
+                    );
+                }
+                for b in &r.breaks {
+                    println!("{b}");
+                }
+                for note in &r.notes {
+                    println!("note: {note}");
+                }
+            }
+            Ok(if report.ok && recordings_ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -829,8 +860,27 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
             if n == 0 {
                 bail!("no session {id} in {}", dir.display());
             }
+            if !json {
+                println!("{}", recording_line(&dir, id));
+            }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// What `sessions show` says of a session's recording: where it is and whether the trail
+/// vouches for it (`portcullis replay` plays only what it does).
+fn recording_line(dir: &Path, id: u64) -> String {
+    use crate::audit::recording::{read_back, ReadBackError};
+    match read_back(dir, id) {
+        Ok(r) => format!(
+            "recording: {} ({} bytes{}, matches the audit trail)",
+            r.path.display(),
+            r.bytes.len(),
+            if r.closed { "" } else { ", not closed" }
+        ),
+        Err(ReadBackError::NoRecording(_)) => "recording: none".to_string(),
+        Err(e) => format!("recording: UNUSABLE: {e}"),
     }
 }
 

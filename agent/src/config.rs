@@ -730,6 +730,24 @@ pub struct TargetConfig {
     /// Required for `protocol = "postgres"`, refused for others.
     #[serde(default)]
     pub postgres: Option<PostgresTargetConfig>,
+    /// What a recorded session (SSH shells) does when its recording cannot be written:
+    /// `close` ends it (the default), `continue` lets it go on unrecorded, with a
+    /// `recording.failed` event saying so.
+    #[serde(default)]
+    pub recording_failure: RecordingFailure,
+}
+
+/// `recording_failure` of a target: fail closed or keep the session without a recording.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingFailure {
+    /// Fail closed: the session ends once a chunk or its audit event cannot be written.
+    #[default]
+    Close,
+    /// The session goes on unrecorded; the audit trail records the failure.
+    Continue,
 }
 
 /// What a `[[target]]` protects, parsed.
@@ -791,6 +809,8 @@ pub struct ProtectedTarget {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Set exactly when `protocol` is `Postgres`.
     pub postgres: Option<std::sync::Arc<PostgresTargetConfig>>,
+    /// Whether a recorded session ends when its recording cannot be written.
+    pub recording_failure: RecordingFailure,
 }
 
 /// Addresses (configured, and resolved from `host`) one target may protect; the kernel's
@@ -1246,6 +1266,7 @@ impl Config {
                 upstream,
                 labels: t.labels.clone(),
                 postgres,
+                recording_failure: t.recording_failure,
             });
         }
         self.validate_identity()?;

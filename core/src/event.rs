@@ -61,6 +61,17 @@ pub enum EventKind {
     /// A database statement was refused before it reached the server.
     #[serde(rename = "statement.denied")]
     StatementDenied,
+    /// A chunk of a session recording was written (and fsynced) to the recording area: its
+    /// place in the file and its SHA-256, so the chain vouches for the recording.
+    #[serde(rename = "recording.chunk")]
+    RecordingChunk,
+    /// A session recording ended: its chunk count, length and the SHA-256 of the whole file.
+    #[serde(rename = "recording.closed")]
+    RecordingClosed,
+    /// A session recording could not be written; `reason` says why and whether the session
+    /// was ended (`recording_failure = "close"`) or went on unrecorded (`"continue"`).
+    #[serde(rename = "recording.failed")]
+    RecordingFailed,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -112,6 +123,24 @@ pub struct AuditEvent {
     /// Statement events only; flattened so every field stays top-level.
     #[serde(flatten)]
     pub statement: Option<Box<StatementFields>>,
+    /// Recording events only; flattened like `statement`.
+    #[serde(flatten)]
+    pub recording: Option<Box<RecordingFields>>,
+}
+
+/// Where a recording chunk lies in its file and what it hashes to (`recording.chunk`), or
+/// the whole file (`recording.closed`: `recording_chunk` is then the number of chunks, the
+/// offset 0). The file is `<audit dir>/recordings/<connection_id>.cast`.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct RecordingFields {
+    /// The chunk's index from 0 (the header); in a closed event, the number of chunks.
+    pub recording_chunk: u64,
+    /// The chunk's first byte in the file.
+    pub recording_offset: u64,
+    /// The chunk's length; in a closed event, the file's.
+    pub recording_bytes: u64,
+    /// SHA-256 (lower-case hex) of the chunk; in a closed event, of the whole file.
+    pub recording_sha256: String,
 }
 
 /// What a statement event says about the statement itself. What stays the same from one
@@ -445,6 +474,7 @@ impl AuditEvent {
             db_name: None,
             count: None,
             statement: None,
+            recording: None,
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod central;
 pub mod query;
 mod queue;
+pub mod recording;
 pub mod siem;
 pub(crate) mod spool;
 
