@@ -65,6 +65,10 @@ when { context.statement_class == "write" };
 permit (principal, action == Portcullis::Action::"query", resource)
 when { context.statement_class == "call" };
 
+@id("no-dynamic-sql")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.dynamic_sql };
+
 @id("no-sleep")
 forbid (principal, action == Portcullis::Action::"query", resource)
 when { context.functions.contains("pg_sleep") };
@@ -1108,6 +1112,24 @@ fn statement_waits_for_the_bodies_it_calls_and_is_decided_with_them() {
         .as_str()
         .unwrap()
         .contains("function `public.nap`"));
+}
+
+/// A failed read of a called function's body never lets the call through unread: the
+/// statement is decided as one that runs SQL the agent cannot read (`dynamic_sql`).
+#[test]
+fn failed_body_lookup_decides_the_statement_as_opaque() {
+    let world = World::new();
+    let mut s = world.session();
+    let out = client(&world, &mut s, &[query("SELECT nap()")]);
+    assert_eq!(
+        out.lookup,
+        Some(CatalogLookup::Routines(vec!["nap".into()]))
+    );
+    s.catalog_answer(Err("the side connection failed".into()), world.now());
+    let out = take(&mut s);
+    assert_eq!(out.lookup, None, "no second try for the same message");
+    assert_eq!(bytes_of(&out.to_server), vec![fe(&query(DENIED_MARKER))]);
+    assert_eq!(out.events[0]["policy_ids"][0], "no-dynamic-sql");
 }
 
 /// Statements that finish with the session are recorded as unfinished, and an error the
