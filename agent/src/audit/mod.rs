@@ -393,6 +393,22 @@ impl Pruning {
                         "audit retention pruned old segments"
                     );
                 }
+                // A closed recording goes with the segment holding its closed event (its
+                // last), so never before every shipper has that event.
+                if !report.deleted.is_empty() {
+                    match portcullis_audit_store::recording::prune_recordings(dir) {
+                        Ok(gone) if !gone.is_empty() => {
+                            tracing::info!(
+                                recordings = gone.len(),
+                                "audit retention deleted the recordings of pruned segments"
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(dir = %dir.display(), error = %e, "audit retention could not delete recordings");
+                        }
+                    }
+                }
                 if report.blocked_by_unshipped {
                     tracing::warn!(dir = %dir.display(), "audit retention is waiting for a shipper (central, syslog or webhook): unshipped records are kept");
                 }

@@ -565,6 +565,7 @@ pub struct RecordedSession {
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::indexing_slicing,
+    clippy::panic,
     reason = "tests"
 )]
 mod tests {
@@ -784,5 +785,56 @@ mod tests {
             assert_eq!(closed["recording_bytes"], 0, "nothing was acknowledged");
             assert!(closed["reason"].as_str().unwrap().contains("No space left"));
         }
+    }
+
+    /// The writer's retention deletes a closed recording once the segment of its closed
+    /// event is pruned, and not while that event is unshipped.
+    #[tokio::test]
+    async fn retention_deletes_a_closed_recording_with_its_segment_once_shipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let audit = audit(tmp.path());
+        let dir = audit.dir().to_path_buf();
+        let rec = Recordings::new(Arc::clone(&audit))
+            .start(5, HEADER.to_vec(), RecordingFailure::Close)
+            .await
+            .unwrap();
+        rec.append(line(1)).await.unwrap();
+        rec.finish().await.unwrap();
+        audit.flush();
+        drop(audit);
+        // The writer thread lets go of the store's lock as it ends.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut store = loop {
+            match portcullis_audit_store::Store::open(&dir, Default::default()) {
+                Ok((store, _)) => break store,
+                Err(portcullis_audit_store::StoreError::Locked { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        store.seal_current().unwrap();
+        store.append(br#"{"n":1}"#).unwrap();
+        let progress = tmp.path().join("shipped");
+        let mut pruning = super::super::Pruning {
+            retention: portcullis_audit_store::Retention {
+                max_age_ms: None,
+                max_total_bytes: Some(1),
+            },
+            shipped_progress: vec![progress.clone()],
+            last: None,
+        };
+        std::fs::write(&progress, "0\n").unwrap();
+        pruning.run_if_due(&mut store, &dir);
+        assert!(recording_path(&dir, 5).exists(), "not shipped: kept");
+        std::fs::write(&progress, format!("{}\n", store.next_seq())).unwrap();
+        pruning.last = None;
+        pruning.run_if_due(&mut store, &dir);
+        assert!(
+            !recording_path(&dir, 5).exists(),
+            "shipped and pruned: gone"
+        );
     }
 }
