@@ -1276,6 +1276,67 @@ fn render_status(r: &StatusReport) -> String {
 mod tests {
     use super::*;
 
+    /// `audit verify` fails on a recording that does not match its chunk events although the
+    /// chain itself is intact, and `sessions show` calls it unusable.
+    #[test]
+    fn audit_verify_fails_on_an_edited_recording_and_sessions_show_says_so() {
+        use crate::audit::recording::Recordings;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("audit");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (log, _) =
+                crate::audit::AuditLog::open(&Default::default(), &dir, Vec::new()).unwrap();
+            let log = std::sync::Arc::new(log);
+            let mut opened =
+                crate::audit::AuditEvent::new(crate::audit::EventKind::ConnectionOpened);
+            opened.connection_id = Some(11);
+            log.record_durable(&opened).await.unwrap();
+            let rec = Recordings::new(std::sync::Arc::clone(&log))
+                .start(
+                    11,
+                    b"{\"version\":2,\"width\":80,\"height\":24}\n".to_vec(),
+                    crate::config::RecordingFailure::Close,
+                )
+                .await
+                .unwrap();
+            rec.append(b"[0.1,\"o\",\"hello\"]\n".to_vec())
+                .await
+                .unwrap();
+            rec.finish().await.unwrap();
+            log.flush();
+        });
+        let verify = || {
+            audit_command(AuditCommand::Verify {
+                config: PathBuf::from("/nonexistent"),
+                dir: Some(dir.clone()),
+                public_key: None,
+                json: false,
+            })
+            .unwrap()
+        };
+        assert_eq!(verify(), ExitCode::SUCCESS);
+        assert!(recording_line(&dir, 11).contains("matches the audit trail"));
+        let path = portcullis_audit_store::recording::recording_path(&dir, 11);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 4;
+        *bytes.get_mut(at).unwrap() = b'X';
+        std::fs::write(&path, bytes).unwrap();
+        assert!(
+            portcullis_audit_store::verify(&dir, None).ok,
+            "the chain itself is intact"
+        );
+        assert_eq!(verify(), ExitCode::FAILURE);
+        let line = recording_line(&dir, 11);
+        assert!(
+            line.contains("UNUSABLE") && line.contains("ChunkAltered"),
+            "{line}"
+        );
+    }
+
     #[test]
     fn generate_docs_writes_a_page_per_command_and_every_completion() {
         let dir = tempfile::tempdir().unwrap();
