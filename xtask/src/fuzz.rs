@@ -20,6 +20,10 @@ const TARGETS: &[(&str, &[&str])] = &[
     ),
     ("audit-store/fuzz", &["segment_reader"]),
     ("sql/fuzz", &["classify"]),
+    (
+        "terminal/fuzz",
+        &["stream_mask", "guarded_line", "exec_classify"],
+    ),
 ];
 
 /// The instrumentation `cargo fuzz build` passes (libFuzzer's inline 8-bit counters with

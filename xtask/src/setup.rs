@@ -23,6 +23,7 @@ const PACKAGES: &[&str] = &[
     "pgbouncer",    // the PostgreSQL bench's peer: the agent is measured against it
     "python3-venv", // .tools/venv with psycopg, a second real client for the proxy tests
     "tmux",         // the interactive psql test drives a real terminal
+    "asciinema",    // plays the SSH session recordings back (terminal/tests/asciinema.rs)
     "systemd",      // systemd-analyze verify/security check the shipped unit (not run as PID 1)
     "mmdebstrap",   // the package tests install the .deb into a Debian chroot it makes
     "lintian",      // ...and lint the .deb
