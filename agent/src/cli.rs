@@ -80,6 +80,21 @@ enum Command {
         #[command(subcommand)]
         command: SessionsCommand,
     },
+    /// Play a terminal session recording (asciicast v2) in this terminal.
+    Replay {
+        /// The recording file.
+        file: PathBuf,
+        /// Playback speed: 2 plays twice as fast.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Shorten every pause longer than this many seconds to it.
+        #[arg(long, value_name = "SECONDS")]
+        idle_limit: Option<f64>,
+        /// Start at the Nth marker (from 1; a denied line, say): what came before is drawn at
+        /// once.
+        #[arg(long, value_name = "N")]
+        marker: Option<usize>,
+    },
     /// Verify and export the audit trail (root).
     Audit {
         #[command(subcommand)]
@@ -424,6 +439,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy { command } => policy_command(command),
         Command::Audit { command } => audit_command(command),
         Command::Sessions { command } => sessions_command(command),
+        Command::Replay {
+            file,
+            speed,
+            idle_limit,
+            marker,
+        } => replay(&file, speed, idle_limit, marker),
         Command::Config { command } => match command {
             ConfigCommand::Check { path } => {
                 let (_, targets) = Config::load(&path)?;
@@ -770,6 +791,36 @@ fn for_each_event(dir: &Path, mut f: impl FnMut(&serde_json::Value, &str)) -> an
     clippy::indexing_slicing,
     reason = "serde_json::Value indexing yields Null, it never panics"
 )]
+/// `portcullis replay`: the recording is read and checked whole before anything is drawn, so
+/// a damaged file is an error naming its line, not a half-played session.
+fn replay(
+    file: &Path,
+    speed: f64,
+    idle_limit: Option<f64>,
+    marker: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    use portcullis_terminal::asciicast::{play, PlayOptions, Recording};
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the recording {}", file.display()))?;
+    let recording = Recording::parse(&text).with_context(|| file.display().to_string())?;
+    let idle_limit = match idle_limit {
+        None => None,
+        Some(seconds) => Some(
+            std::time::Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|limit| !limit.is_zero())
+                .context("--idle-limit needs a positive number of seconds")?,
+        ),
+    };
+    let options = PlayOptions {
+        speed,
+        idle_limit,
+        marker,
+    };
+    play(&recording, &options, &mut std::io::stdout().lock())?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
     use crate::audit::query::{format_time, summary, Filter};
     match command {
