@@ -29,8 +29,8 @@ use crate::escape::{EscapeScanner, Scanned};
 
 pub use crate::escape::visible_text;
 
-/// The default hold limit (visible bytes of one run): longer than any line a detector looks at,
-/// small enough to bound a session's memory.
+/// The default hold limit (bytes of one run, its escape sequences included): longer than any
+/// line a detector looks at, small enough to bound a session's memory.
 pub const DEFAULT_HOLD_LIMIT: usize = 16 * 1024;
 
 /// How much released text of a run is kept as context for the rest of it: more than the
@@ -44,14 +44,12 @@ struct Run {
     bytes: Vec<u8>,
     /// For each byte of `bytes`, whether it is visible text.
     visible: Vec<bool>,
-    visible_len: usize,
 }
 
 impl Run {
     fn push_text(&mut self, byte: u8) {
         self.bytes.push(byte);
         self.visible.push(true);
-        self.visible_len += 1;
     }
 
     fn push_sequence(&mut self, sequence: &[u8]) {
@@ -67,7 +65,6 @@ impl Run {
     fn clear(&mut self) {
         self.bytes.clear();
         self.visible.clear();
-        self.visible_len = 0;
     }
 }
 
@@ -103,7 +100,7 @@ impl StreamMasker {
         }
     }
 
-    /// Hold at most `limit` visible bytes of a run (at least 1 KiB) before releasing them.
+    /// Hold at most `limit` bytes of a run (at least 1 KiB) before releasing them.
     pub fn with_hold_limit(mut self, limit: usize) -> StreamMasker {
         self.hold_limit = limit.max(1024);
         self
@@ -117,6 +114,10 @@ impl StreamMasker {
 
     /// Take the next bytes of output; returns what can be shown now, masked.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
+        if !self.masker.has_detectors() {
+            // Nothing can be masked: nothing is held, so a session without masking sees no delay.
+            return bytes.to_vec();
+        }
         let mut out = Vec::with_capacity(bytes.len());
         for &byte in bytes {
             match self.escapes.push(byte) {
@@ -127,6 +128,11 @@ impl StreamMasker {
                         out.extend_from_slice(&sequence);
                     } else {
                         self.run.push_sequence(&sequence);
+                        // Sequences count towards the bound too: text between endless colour
+                        // changes must not grow the run without limit.
+                        if self.run.bytes.len() >= self.hold_limit {
+                            self.release(&mut out, false);
+                        }
                     }
                 }
                 Scanned::NotASequence(text) => {
@@ -165,7 +171,7 @@ impl StreamMasker {
             return;
         }
         self.run.push_text(byte);
-        if self.run.visible_len >= self.hold_limit {
+        if self.run.bytes.len() >= self.hold_limit {
             self.release(out, false);
         }
     }
@@ -357,6 +363,28 @@ mod tests {
         // Released at the limit after ` 411`; the rest of the card is hidden.
         expected.extend_from_slice(b" 411****************\n");
         assert!(out == expected, "{}", String::from_utf8_lossy(&out));
+    }
+
+    #[test]
+    fn escape_sequences_count_towards_the_hold_limit() {
+        let mut masker = cards().with_hold_limit(1024);
+        let mut out = masker.push(b"4111");
+        for _ in 0..10_000 {
+            out.extend(masker.push(b"\x1b[1m"));
+        }
+        assert!(masker.run.bytes.len() < 1024);
+        out.extend(masker.push(b" 1111 1111 1111\n"));
+        // The card began in released text: its rest is hidden.
+        let shown = visible_text(&out);
+        assert_eq!(shown, b"4111***************\n");
+    }
+
+    #[test]
+    fn a_profile_without_detectors_holds_nothing() {
+        let p = profile(Vec::new());
+        let mut masker = masker(&p);
+        assert_eq!(masker.push(b"user@host:~$ "), b"user@host:~$ ");
+        assert!(!masker.holds());
     }
 
     #[test]
