@@ -857,9 +857,10 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                     println!("{}", serde_json::json!({"opened": o, "closed": c}));
                     continue;
                 }
-                let who = o["identity"]["email"]
+                let field = |path: &str| o.pointer(path).unwrap_or(&serde_json::Value::Null);
+                let who = field("/identity/email")
                     .as_str()
-                    .or(o["identity"]["subject"].as_str())
+                    .or(field("/identity/subject").as_str())
                     .unwrap_or("-");
                 let end = c.map_or_else(
                     || "open (or the agent stopped)".to_string(),
@@ -876,11 +877,11 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                 println!(
                     "{id}  {}  {} ({}) pid {} {} -> {} [{}]: {end}",
                     format_time(o["time_ms"].as_u64().unwrap_or(0)),
-                    o["identity"]["user"].as_str().unwrap_or("-"),
+                    field("/identity/user").as_str().unwrap_or("-"),
                     who,
-                    o["origin"]["pid"],
-                    o["origin"]["comm"].as_str().unwrap_or("-"),
-                    o["origin"]["destination"].as_str().unwrap_or("-"),
+                    field("/origin/pid"),
+                    field("/origin/comm").as_str().unwrap_or("-"),
+                    field("/origin/destination").as_str().unwrap_or("-"),
                     o["target"].as_str().unwrap_or("-"),
                 );
             }
