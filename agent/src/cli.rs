@@ -110,6 +110,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The agent's SSH certificate authorities (root: creates them on first use).
+    Ssh {
+        #[command(subcommand)]
+        command: SshCommand,
+    },
     /// Write the man pages and shell completions of this command line into a directory
     /// (the packages build them from the same clap definitions the binary parses with).
     #[command(hide = true)]
@@ -121,6 +126,21 @@ enum CaCommand {
     /// Create the local CA in the state directory unless it exists, and print the path of
     /// its certificate (the packages add it to the system trust store).
     Init {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SshCommand {
+    /// Print the `@cert-authority` line for /etc/ssh/ssh_known_hosts: with it, OpenSSH
+    /// trusts the host certificates the agent presents for SSH targets.
+    KnownHosts {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the user CA's public key, for the targets' sshd `TrustedUserCAKeys` file.
+    UserCa {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
@@ -472,6 +492,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let dir = cfg.state_dir.join("ca");
             crate::ca::LocalCa::open_or_create(&dir)?;
             println!("{}", dir.join("ca.pem").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ssh { command } => {
+            let (SshCommand::KnownHosts { config } | SshCommand::UserCa { config }) = &command;
+            let (cfg, _) = Config::load(config)?;
+            // Where the SSH handler opens them (protocol::ssh).
+            let ca = crate::ssh_ca::SshCa::open_or_create(&cfg.state_dir.join("ssh"))?;
+            match command {
+                SshCommand::KnownHosts { .. } => println!("{}", ca.known_hosts_line()?),
+                SshCommand::UserCa { .. } => println!("{}", ca.user_ca_public()?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::GenerateDocs { dir } => {

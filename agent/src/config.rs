@@ -624,6 +624,9 @@ pub enum Protocol {
     Tcp,
     /// PostgreSQL: TLS to the client, credentials injected, every statement decided.
     Postgres,
+    /// SSH: terminated with the agent's host certificate, a short-lived user certificate
+    /// upstream, every channel decided.
+    Ssh,
 }
 
 impl Protocol {
@@ -631,9 +634,11 @@ impl Protocol {
     pub fn name(self) -> std::sync::Arc<str> {
         static TCP: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
         static POSTGRES: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+        static SSH: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
         let (cell, name) = match self {
             Protocol::Tcp => (&TCP, "tcp"),
             Protocol::Postgres => (&POSTGRES, "postgres"),
+            Protocol::Ssh => (&SSH, "ssh"),
         };
         std::sync::Arc::clone(cell.get_or_init(|| std::sync::Arc::from(name)))
     }
@@ -644,6 +649,7 @@ impl fmt::Display for Protocol {
         match self {
             Protocol::Tcp => f.write_str("tcp"),
             Protocol::Postgres => f.write_str("postgres"),
+            Protocol::Ssh => f.write_str("ssh"),
         }
     }
 }
@@ -695,6 +701,32 @@ pub struct PostgresTargetConfig {
     pub max_message_bytes: usize,
 }
 
+/// `[target.ssh]`: how the agent terminates SSH clients and logs in upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SshTargetConfig {
+    /// Names clients type for this target (`ssh prod-web-3`); with the target's addresses
+    /// and its DNS `host` they are the principals of the host certificate the agent presents.
+    #[serde(default)]
+    pub host_names: Vec<String>,
+    /// The upstream server's host keys in known_hosts format (plain lines or an
+    /// `@cert-authority` line); a key it does not list refuses the connection. An absolute
+    /// path.
+    #[schemars(with = "PathBuf")]
+    pub known_hosts_file: Spanned<PathBuf>,
+    /// Instead of a user certificate from the agent's SSH user CA: a root-only private key
+    /// (OpenSSH format) the agent logs in with. An absolute path.
+    #[serde(default)]
+    #[schemars(with = "Option<PathBuf>")]
+    pub private_key_file: Option<Spanned<PathBuf>>,
+    /// How long a per-connection user certificate is valid, in minutes (1 to 1440).
+    #[serde(default = "defaults::ssh_certificate_minutes")]
+    pub certificate_minutes: u32,
+    /// Seconds between keepalives on both legs (0: none); three unanswered end the session.
+    #[serde(default = "defaults::ssh_keepalive_secs")]
+    pub keepalive_secs: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
@@ -730,6 +762,9 @@ pub struct TargetConfig {
     /// Required for `protocol = "postgres"`, refused for others.
     #[serde(default)]
     pub postgres: Option<PostgresTargetConfig>,
+    /// Required for `protocol = "ssh"`, refused for others.
+    #[serde(default)]
+    pub ssh: Option<SshTargetConfig>,
     /// What a recorded session (SSH shells) does when its recording cannot be written:
     /// `close` ends it (the default), `continue` lets it go on unrecorded, with a
     /// `recording.failed` event saying so.
@@ -809,6 +844,8 @@ pub struct ProtectedTarget {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Set exactly when `protocol` is `Postgres`.
     pub postgres: Option<std::sync::Arc<PostgresTargetConfig>>,
+    /// Set exactly when `protocol` is `Ssh`.
+    pub ssh: Option<std::sync::Arc<SshTargetConfig>>,
     /// Whether a recorded session ends when its recording cannot be written.
     pub recording_failure: RecordingFailure,
 }
@@ -935,6 +972,12 @@ mod defaults {
     }
     pub fn max_message_bytes() -> usize {
         64 * 1024 * 1024
+    }
+    pub fn ssh_certificate_minutes() -> u32 {
+        5
+    }
+    pub fn ssh_keepalive_secs() -> u64 {
+        15
     }
     pub fn max_segment_bytes() -> u64 {
         64 * 1024 * 1024
@@ -1256,6 +1299,26 @@ impl Config {
                 }
                 (_, None) => None,
             };
+            let ssh = match (t.protocol, &t.ssh) {
+                (Protocol::Ssh, Some(s)) => {
+                    validate_ssh_target(s)
+                        .map_err(|(span, m)| (span.unwrap_or_else(|| t.name.span()), format!("target[{i}].ssh.{m}")))?;
+                    Some(std::sync::Arc::new(s.clone()))
+                }
+                (Protocol::Ssh, None) => {
+                    return Err((
+                        t.name.span(),
+                        format!("target[{i}] `{name}`: protocol = \"ssh\" needs a [target.ssh] section with known_hosts_file"),
+                    ))
+                }
+                (_, Some(_)) => {
+                    return Err((
+                        t.name.span(),
+                        format!("target[{i}] `{name}`: [target.ssh] is only for protocol = \"ssh\""),
+                    ))
+                }
+                (_, None) => None,
+            };
             out.push(ProtectedTarget {
                 id,
                 name: name.to_string(),
@@ -1266,6 +1329,7 @@ impl Config {
                 upstream,
                 labels: t.labels.clone(),
                 postgres,
+                ssh,
                 recording_failure: t.recording_failure,
             });
         }
@@ -1378,6 +1442,38 @@ impl Config {
 }
 
 /// Errors start with the key they are about (the caller prefixes `audit.central.`).
+fn validate_ssh_target(
+    s: &SshTargetConfig,
+) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+    for (i, n) in s.host_names.iter().enumerate() {
+        validate_host_name(n).map_err(|m| (None, format!("host_names[{i}]: {m}")))?;
+    }
+    let absolute = |key: &str, p: &Spanned<PathBuf>| {
+        if p.get_ref().is_absolute() {
+            Ok(())
+        } else {
+            Err((
+                Some(p.span()),
+                format!("{key}: `{}` is not an absolute path", p.get_ref().display()),
+            ))
+        }
+    };
+    absolute("known_hosts_file", &s.known_hosts_file)?;
+    if let Some(k) = &s.private_key_file {
+        absolute("private_key_file", k)?;
+    }
+    if !(1..=1440).contains(&s.certificate_minutes) {
+        return Err((
+            None,
+            format!(
+                "certificate_minutes: {} is not between 1 and 1440",
+                s.certificate_minutes
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_postgres_target(
     pg: &PostgresTargetConfig,
 ) -> Result<(), (std::ops::Range<usize>, String)> {

@@ -17,6 +17,7 @@ mod logging;
 mod policy;
 mod protocol;
 mod proxy;
+mod ssh_ca;
 mod sys;
 mod tls;
 

@@ -26,6 +26,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("limits", 2),
     ("audit", 2),
     ("ca", 3),
+    ("ssh_ca", 3),
     ("ebpf", 3),
     ("listeners", 3),
     ("identity", 4),
