@@ -60,6 +60,9 @@ pub fn run(
     let postgres = crate::protocol::postgres::Shared::new(&config, &targets)
         .context("preparing the PostgreSQL targets")?
         .map(Arc::new);
+    let ssh = crate::protocol::ssh::Shared::new(&config, &targets)
+        .context("preparing the SSH targets")?
+        .map(Arc::new);
     // A target's host is resolved before anything is attached: a name that resolves to
     // nothing would protect nothing.
     let resolved = Arc::new(crate::dns::ResolvedHosts::default());
@@ -134,6 +137,7 @@ pub fn run(
         gate,
         close_all,
         postgres,
+        ssh,
         loops.handles(runtime.handle()),
         limiter,
     );

@@ -361,6 +361,7 @@ pub fn base_context(comm: &str, uid: u32, unix_time: i64) -> Context {
         functions: Vec::new(),
         dynamic_sql: false,
         command_line: None,
+        ssh_user: None,
         db_user: None,
         db_name: None,
     }

@@ -40,6 +40,7 @@ pub struct Proxy {
     /// Admission, shared with every protocol.
     gate: Arc<Gate>,
     postgres: Option<Arc<crate::protocol::postgres::Shared>>,
+    ssh: Option<Arc<crate::protocol::ssh::Shared>>,
     next_id: AtomicU64,
     /// Cancelled on shutdown: stop accepting.
     pub stop_accepting: CancellationToken,
@@ -104,6 +105,7 @@ impl Proxy {
         gate: Arc<Gate>,
         close_all: CancellationToken,
         postgres: Option<Arc<crate::protocol::postgres::Shared>>,
+        ssh: Option<Arc<crate::protocol::ssh::Shared>>,
         loops: Vec<tokio::runtime::Handle>,
         limiter: Arc<Limiter>,
     ) -> Arc<Self> {
@@ -115,6 +117,7 @@ impl Proxy {
             enforcement,
             gate,
             postgres,
+            ssh,
             // Connection ids stay unique across restarts (they name sessions in the audit
             // trail): the start time in seconds, shifted past any plausible per-run count.
             next_id: AtomicU64::new((now_ms() / 1000) << 24),
@@ -342,6 +345,17 @@ impl Proxy {
                 };
                 let identity = self.gate.resolve(&incoming.origin);
                 crate::protocol::postgres::serve(&self.gate, shared, incoming, client, identity)
+                    .instrument(span)
+                    .await;
+            }
+            Protocol::Ssh => {
+                // SSH says why it refuses in its own protocol (a banner, a failed login), so
+                // it takes the connection before the identity is known to be missing.
+                let Some(shared) = self.ssh.clone() else {
+                    tracing::error!("an SSH target without SSH state; refusing");
+                    return;
+                };
+                crate::protocol::ssh::serve(Arc::clone(&self.gate), shared, incoming, client)
                     .instrument(span)
                     .await;
             }

@@ -72,6 +72,20 @@ pub enum EventKind {
     /// was ended (`recording_failure = "close"`) or went on unrecorded (`"continue"`).
     #[serde(rename = "recording.failed")]
     RecordingFailed,
+    /// An SSH session channel started a shell (`ssh host`).
+    #[serde(rename = "ssh.shell")]
+    SshShell,
+    /// An SSH session channel ran a command (`ssh host cmd`, scp -O, rsync, git); the
+    /// command line is in `command_line`.
+    #[serde(rename = "ssh.exec")]
+    SshExec,
+    /// An SSH session channel started a subsystem (sftp, and scp of OpenSSH 9 and later).
+    #[serde(rename = "ssh.subsystem")]
+    SshSubsystem,
+    /// An SSH channel or channel request was refused (by policy or because the agent does
+    /// not forward it: port and agent forwarding, X11, an unknown subsystem).
+    #[serde(rename = "ssh.channel_denied")]
+    SshChannelDenied,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -126,6 +140,9 @@ pub struct AuditEvent {
     /// Recording events only; flattened like `statement`.
     #[serde(flatten)]
     pub recording: Option<Box<RecordingFields>>,
+    /// SSH events only (and an SSH connection's refusal); flattened like `statement`.
+    #[serde(flatten)]
+    pub ssh: Option<Box<SshFields>>,
 }
 
 /// Where a recording chunk lies in its file and what it hashes to (`recording.chunk`), or
@@ -141,6 +158,22 @@ pub struct RecordingFields {
     pub recording_bytes: u64,
     /// SHA-256 (lower-case hex) of the chunk; in a closed event, of the whole file.
     pub recording_sha256: String,
+}
+
+/// What an SSH event says about the session and the channel it concerns.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SshFields {
+    /// The login name the client asked for (`ssh deploy@web-1`); the principal of the
+    /// agent's user certificate upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_user: Option<Arc<str>>,
+    /// `session`, `direct-tcpip`, `forwarded-tcpip`, `x11`, `auth-agent`, or a request on a
+    /// session channel: `shell`, `exec`, `subsystem:sftp`, `tcpip-forward`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// The command of an exec request, exactly as the client sent it (lossy UTF-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<String>,
 }
 
 /// What a statement event says about the statement itself. What stays the same from one
@@ -475,6 +508,7 @@ impl AuditEvent {
             count: None,
             statement: None,
             recording: None,
+            ssh: None,
         }
     }
 

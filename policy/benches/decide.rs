@@ -119,6 +119,7 @@ fn request() -> Request {
             functions: vec!["now".to_owned()],
             dynamic_sql: false,
             command_line: None,
+            ssh_user: None,
             db_user: Some("app".to_owned()),
             db_name: Some("app".to_owned()),
         },

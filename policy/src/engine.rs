@@ -458,8 +458,11 @@ impl PolicySet {
         ];
         match action {
             Action::Connect | Action::Replicate => {
-                for (field, value) in [("db_user", &context.db_user), ("db_name", &context.db_name)]
-                {
+                for (field, value) in [
+                    ("db_user", &context.db_user),
+                    ("db_name", &context.db_name),
+                    ("ssh_user", &context.ssh_user),
+                ] {
                     if let Some(value) = value {
                         pairs.push((field.to_owned(), string(value)));
                     }
@@ -703,6 +706,7 @@ mod tests {
                 functions: vec!["f".to_owned()],
                 dynamic_sql: true,
                 command_line: Some("ls".to_owned()),
+                ssh_user: Some("deploy".to_owned()),
                 db_user: Some("u".to_owned()),
                 db_name: Some("d".to_owned()),
             },

@@ -154,6 +154,8 @@ pub struct Context {
     /// does not compile (`portcullis_sql::Statement::dynamic_sql`).
     pub dynamic_sql: bool,
     pub command_line: Option<String>,
+    /// For `connect` to an SSH target: the login name the client asked for (`ssh user@host`).
+    pub ssh_user: Option<String>,
     pub db_user: Option<String>,
     pub db_name: Option<String>,
 }
@@ -204,6 +206,9 @@ impl fmt::Display for Request {
         }
         if let Some(command) = &c.command_line {
             write!(f, ", command `{command}`")?;
+        }
+        if let Some(user) = &c.ssh_user {
+            write!(f, ", SSH login `{user}`")?;
         }
         write!(
             f,

@@ -1,0 +1,186 @@
+//! SSH through the agent (RFC 4251–4254, OpenSSH PROTOCOL and PROTOCOL.certkeys). The
+//! agent terminates SSH towards the unchanged client with a host certificate from its host
+//! CA, takes the identity from the socket (never from SSH authentication), decides the
+//! connect with the login name the client asked for, logs in upstream with a short-lived
+//! user certificate (`ssh_ca`), and relays session channels one request at a time, each
+//! decided before it reaches the server.
+//!
+//! `session` holds the client-facing handler and the channel relay; `upstream` the
+//! server-facing client, with its host key check. Recording and masking plug in at
+//! [`output_to_client`] and [`input_to_upstream`], the one place each direction's bytes of
+//! a shell or command pass.
+
+mod session;
+mod upstream;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use russh::keys::ssh_key::PrivateKey;
+use tokio::net::TcpStream;
+
+use crate::admission::{Gate, Incoming};
+use crate::config::{Config, ProtectedTarget, Protocol, TargetAddress};
+use crate::ssh_ca::{SshCa, SshCaError};
+
+/// State every SSH connection of this agent shares.
+pub struct Shared {
+    pub ca: SshCa,
+    /// The targets configured with a private key instead of a user certificate.
+    private_keys: HashMap<u32, Arc<PrivateKey>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Ca(#[from] SshCaError),
+    #[error("target `{target}`: {reason}")]
+    Target { target: String, reason: String },
+}
+
+impl Shared {
+    /// Built at start when any target speaks SSH; errors stop the agent before it attaches
+    /// anything.
+    pub fn new(config: &Config, targets: &[ProtectedTarget]) -> Result<Option<Self>, SetupError> {
+        if !targets.iter().any(|t| t.protocol == Protocol::Ssh) {
+            return Ok(None);
+        }
+        let ca = SshCa::open_or_create(&config.state_dir.join("ssh"))?;
+        let mut private_keys = HashMap::new();
+        for t in targets {
+            let Some(ssh) = &t.ssh else { continue };
+            let bad = |reason: String| SetupError::Target {
+                target: t.name.clone(),
+                reason,
+            };
+            // Checked at start so a typo is not found by the first user.
+            upstream::KnownHosts::read(ssh.known_hosts_file.get_ref())
+                .map_err(|e| bad(format!("ssh.known_hosts_file {e}")))?;
+            if let Some(path) = &ssh.private_key_file {
+                let key = read_private_key(path.get_ref())
+                    .map_err(|e| bad(format!("ssh.private_key_file {e}")))?;
+                private_keys.insert(t.id, Arc::new(key));
+            }
+        }
+        Ok(Some(Self { ca, private_keys }))
+    }
+
+    fn private_key(&self, target_id: u32) -> Option<Arc<PrivateKey>> {
+        self.private_keys.get(&target_id).cloned()
+    }
+}
+
+/// A private key file the agent logs in with: root-only, like the PostgreSQL credentials.
+fn read_private_key(path: &Path) -> Result<PrivateKey, String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.mode() & 0o077 != 0 || meta.uid() != 0 {
+        return Err(format!(
+            "{}: must be owned by root with mode 0600 (it is uid {} mode {:o})",
+            path.display(),
+            meta.uid(),
+            meta.mode() & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    PrivateKey::from_openssh(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The names and addresses a client may have typed to reach `target` through `dialled`:
+/// the principals of the host certificate the agent presents.
+fn host_principals(target: &ProtectedTarget, dialled: IpAddr) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    if let Some(ssh) = &target.ssh {
+        names.extend(ssh.host_names.iter().map(|n| n.to_ascii_lowercase()));
+    }
+    names.extend(target.host.iter().cloned());
+    for a in &target.addresses {
+        if let TargetAddress::Net(net) = a {
+            if net.prefix_len() == net.max_prefix_len() {
+                names.push(net.addr().to_string());
+            }
+        }
+    }
+    names.push(crate::config::canonical_ip(dialled).to_string());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// What kind of work a session channel does, once its shell, exec or subsystem started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// Not started yet (pty and env requests only).
+    Pending,
+    Shell,
+    Exec,
+    Subsystem,
+}
+
+/// Per-channel state the recording and masking seam sees; the terminal recorder and the
+/// output masker hang their state here.
+#[derive(Debug)]
+pub struct ChannelTap {
+    pub kind: ChannelKind,
+    /// Links a recording to its session (`connection.opened`'s id).
+    #[allow(
+        dead_code,
+        reason = "for the recorder the seam is built for (issue 18)"
+    )]
+    pub connection_id: u64,
+}
+
+/// Every byte of a session channel's output (stdout; `stderr` true for its stderr) on its
+/// way to the client passes here: the seam for recording and masking. Today it passes
+/// bytes through unchanged.
+pub fn output_to_client(_tap: &mut ChannelTap, _stderr: bool, data: Bytes) -> Bytes {
+    data
+}
+
+/// Every byte the client types or pipes into a session channel passes here on its way to
+/// the server: the seam for recording input and guarded shells. Today it passes bytes
+/// through unchanged.
+pub fn input_to_upstream(_tap: &mut ChannelTap, data: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(data)
+}
+
+/// Serves one redirected SSH connection to its end.
+pub async fn serve(gate: Arc<Gate>, shared: Arc<Shared>, incoming: Incoming, client: TcpStream) {
+    session::serve(gate, shared, incoming, client).await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principals_are_names_host_single_addresses_and_the_dialled_address() {
+        let target = ProtectedTarget {
+            id: 0,
+            name: "web".into(),
+            protocol: Protocol::Ssh,
+            addresses: vec![
+                TargetAddress::parse("10.0.0.5").unwrap(),
+                TargetAddress::parse("10.1.0.0/16").unwrap(),
+            ],
+            host: Some("web.internal".into()),
+            port: 22,
+            upstream: None,
+            labels: Default::default(),
+            postgres: None,
+            ssh: Some(Arc::new(crate::config::SshTargetConfig {
+                host_names: vec!["Prod-Web-3".into()],
+                known_hosts_file: toml::Spanned::new(0..0, "/k".into()),
+                private_key_file: None,
+                certificate_minutes: 5,
+                keepalive_secs: 15,
+            })),
+        };
+        let p = host_principals(&target, "::ffff:10.1.2.3".parse().unwrap());
+        assert_eq!(p, ["10.0.0.5", "10.1.2.3", "prod-web-3", "web.internal"]);
+    }
+}

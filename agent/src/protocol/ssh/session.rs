@@ -1,0 +1,969 @@
+//! The client-facing SSH server (RFC 4252 user auth, RFC 4254 connection protocol) and the
+//! relay of session channels to the upstream connection.
+//!
+//! Ordering rules, each one a bug seen in other SSH proxies:
+//! - a channel request is answered inside its callback, once the server answered it (a
+//!   later request would overwrite russh's pending-reply flag);
+//! - client data is forwarded from the `data` callback, so it cannot overtake the channel
+//!   open or the exec reply that came before it on the wire;
+//! - the server's side of a channel is read by one task per channel into the client's
+//!   window, which keeps exit-status, EOF and close in the server's order.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use russh::client;
+use russh::keys::ssh_key::HashAlg;
+use russh::server::{self, Auth, Msg, Session};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelWriteHalf, Disconnect, Pty, Sig};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::upstream::{KnownHosts, UpstreamHandler};
+use super::{ChannelKind, ChannelTap, Shared};
+use crate::admission::{Gate, Incoming, OpenError, OpenSession, Opening, Refusal};
+use crate::audit::{AuditEvent, Decision, EventKind};
+use crate::ssh_ca::UserGrant;
+use portcullis_core::{Identity, SshFields};
+use portcullis_policy::{Action, Request};
+
+/// How long a channel request waits for the server's answer before it fails.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages of one upstream channel buffered while the client's window is full (each at most
+/// one 32 KiB packet): deep enough that a command reading and writing at once (`cat`) keeps
+/// both directions moving.
+const UPSTREAM_CHANNEL_BUFFER: usize = 1024;
+/// Environment variables passed upstream; everything else is refused (an allowlist: a
+/// variable such as LD_PRELOAD must never reach a server whose AcceptEnv is too wide).
+fn env_allowed(name: &str) -> bool {
+    matches!(name, "LANG" | "TERM" | "GIT_PROTOCOL" | "COLORTERM")
+        || name.strip_prefix("LC_").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+        })
+}
+
+pub(super) async fn serve(
+    gate: Arc<Gate>,
+    shared: Arc<Shared>,
+    incoming: Incoming,
+    client: TcpStream,
+) {
+    if let Err(e) = client.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY on the client socket");
+    }
+    let identity = gate.resolve(&incoming.origin).map_err(|e| e.to_string());
+    let principals = super::host_principals(&incoming.target, incoming.origin.destination.ip());
+    let host = match shared.ca.host_identity(&principals) {
+        Ok(h) => h,
+        Err(e) => {
+            gate.record_refusal(Refusal::of(
+                &incoming,
+                identity.as_ref().ok(),
+                e.to_string(),
+            ));
+            return;
+        }
+    };
+    let keepalive = incoming.target.ssh.as_ref().map_or(0, |s| s.keepalive_secs);
+    let config = server::Config {
+        server_id: russh::SshId::Standard("SSH-2.0-portcullis".into()),
+        methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
+        auth_rejection_time: Duration::from_millis(10),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host.key],
+        certificates: vec![host.certificate],
+        // OpenSSH's sshd has no inactivity timeout by default; keepalives find dead peers.
+        inactivity_timeout: None,
+        keepalive_interval: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
+        keepalive_max: 3,
+        nodelay: true,
+        ..server::Config::default()
+    };
+    let (opened_tx, mut opened_rx) = tokio::sync::oneshot::channel();
+    let handler = ClientHandler {
+        gate: Arc::clone(&gate),
+        shared,
+        incoming,
+        identity,
+        ssh_user: None,
+        refused: None,
+        open: None,
+        channels: HashMap::new(),
+        pumps: JoinSet::new(),
+        opened: Some(opened_tx),
+    };
+    let mut running = match server::run_stream(Arc::new(config), client, handler).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "SSH start-up with the client failed");
+            return;
+        }
+    };
+    let handle = running.handle();
+    // The open connection's cancel token (logout, session end, agent drain) arrives once
+    // the connection opened; until then only the session itself can end.
+    let ended = tokio::select! {
+        r = &mut running => Some(r),
+        token = &mut opened_rx => match token {
+            Ok(token) => tokio::select! {
+                r = &mut running => Some(r),
+                () = token.cancelled() => None,
+            },
+            Err(_) => Some((&mut running).await),
+        },
+    };
+    match ended {
+        Some(Ok(())) => {}
+        Some(Err(e)) => tracing::debug!(error = %e, "SSH session ended with an error"),
+        None => {
+            let _ = handle
+                .disconnect(
+                    Disconnect::ByApplication,
+                    "portcullis: the connection was closed (logout, session end or agent shutdown)"
+                        .into(),
+                    String::new(),
+                )
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+        }
+    }
+}
+
+struct ChannelState {
+    upstream: ChannelWriteHalf<client::Msg>,
+    /// The server's answers to this channel's requests, in order.
+    replies: mpsc::Receiver<bool>,
+    pump: tokio::task::AbortHandle,
+    tap: ChannelTap,
+}
+
+struct Upstream {
+    handle: client::Handle<UpstreamHandler>,
+    session: OpenSession,
+}
+
+struct ClientHandler {
+    gate: Arc<Gate>,
+    shared: Arc<Shared>,
+    incoming: Incoming,
+    identity: Result<Identity, String>,
+    ssh_user: Option<String>,
+    /// Why the connection was refused, once it was: every later auth attempt fails too.
+    refused: Option<String>,
+    open: Option<Upstream>,
+    channels: HashMap<ChannelId, ChannelState>,
+    /// One task per channel reads the server's side; ends with the handler.
+    pumps: JoinSet<()>,
+    /// Tells `serve` the connection opened, with its cancel token.
+    opened: Option<tokio::sync::oneshot::Sender<tokio_util::sync::CancellationToken>>,
+}
+
+/// A refusal of the connection: the audit decision and why.
+struct Refused {
+    decision: Decision,
+    policy_ids: Vec<String>,
+    reason: String,
+}
+
+impl Refused {
+    fn error(reason: String) -> Self {
+        Self {
+            decision: Decision::Error,
+            policy_ids: Vec::new(),
+            reason,
+        }
+    }
+}
+
+impl ClientHandler {
+    fn request(&self, identity: &Identity, action: Action) -> Request {
+        let mut r =
+            crate::policy::connect_request(identity, &self.incoming.target, &self.incoming.origin);
+        r.action = action;
+        r.context.ssh_user = self.ssh_user.clone();
+        r
+    }
+
+    fn event(&self, kind: EventKind, channel: &str) -> AuditEvent {
+        let mut ev = AuditEvent::new(kind);
+        ev.connection_id = Some(self.incoming.id);
+        ev.protocol = Some(self.incoming.target.protocol.name());
+        ev.target = Some(self.incoming.target.name.as_str().into());
+        ev.identity = self.identity.as_ref().ok().cloned().map(Into::into);
+        ev.origin = Some(self.incoming.origin.clone().into());
+        ev.client = Some(self.incoming.peer.to_string().into());
+        ev.ssh = Some(Box::new(SshFields {
+            ssh_user: self.ssh_user.as_deref().map(Into::into),
+            channel: Some(channel.to_string()),
+            ..SshFields::default()
+        }));
+        ev
+    }
+
+    /// Admits the connection for `user`: policy, upstream connect, host key, login, and the
+    /// durable `connection.opened`.
+    async fn admit(&mut self, user: &str) -> Result<Upstream, Refused> {
+        let identity = self.identity.clone().map_err(Refused::error)?;
+        if let Some(reason) = self.gate.refusal_reason() {
+            return Err(Refused::error(reason));
+        }
+        self.ssh_user = Some(user.to_string());
+        let request = self.request(&identity, Action::Connect);
+        let allowed = self.gate.decide_connect(&request).map_err(|r| Refused {
+            reason: match r.decision {
+                Decision::Deny => format!("denied by policy: {}", r.reason),
+                _ => r.reason,
+            },
+            decision: r.decision,
+            policy_ids: r.policy_ids,
+        })?;
+        if let Some(full) = self.gate.at_capacity() {
+            return Err(Refused::error(full.to_string()));
+        }
+        let target = &self.incoming.target;
+        let ssh = target
+            .ssh
+            .as_ref()
+            .ok_or_else(|| Refused::error("an SSH target without [target.ssh]".into()))?;
+        let addr = self
+            .gate
+            .upstream_addr(target, &self.incoming.origin)
+            .map_err(|e| Refused::error(e.to_string()))?;
+        let stream = self
+            .gate
+            .connect_upstream(addr)
+            .await
+            .map_err(|e| Refused::error(format!("upstream {addr} unreachable: {e}")))?;
+        let source = stream
+            .local_addr()
+            .map_err(|e| Refused::error(format!("upstream socket: {e}")))?
+            .ip();
+        let known_hosts = KnownHosts::read(ssh.known_hosts_file.get_ref())
+            .map_err(|e| Refused::error(format!("known_hosts_file {e}")))?;
+        let mut names = super::host_principals(target, addr.ip());
+        names.push(crate::config::canonical_ip(addr.ip()).to_string());
+        let refusal = Arc::new(Mutex::new(None));
+        let handler = UpstreamHandler {
+            known_hosts: Arc::new(known_hosts),
+            names,
+            refusal: Arc::clone(&refusal),
+        };
+        let keepalive = ssh.keepalive_secs;
+        // Offer host certificates, so a known_hosts with only @cert-authority works.
+        let preferred = russh::Preferred {
+            host_key_certificates: std::borrow::Cow::Borrowed(&[
+                russh::keys::Algorithm::Ed25519,
+                russh::keys::Algorithm::Ecdsa {
+                    curve: russh::keys::EcdsaCurve::NistP256,
+                },
+                russh::keys::Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha512),
+                },
+            ]),
+            ..russh::Preferred::default()
+        };
+        let config = client::Config {
+            client_id: russh::SshId::Standard("SSH-2.0-portcullis".into()),
+            inactivity_timeout: None,
+            keepalive_interval: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
+            keepalive_max: 3,
+            channel_buffer_size: UPSTREAM_CHANNEL_BUFFER,
+            preferred,
+            nodelay: true,
+            ..client::Config::default()
+        };
+        let mut handle = match client::connect_stream(Arc::new(config), stream, handler).await {
+            Ok(h) => h,
+            Err(e) => {
+                let why = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return Err(Refused::error(match why {
+                    Some(why) => format!("upstream {addr} refused: {why}"),
+                    None => format!("SSH with upstream {addr} failed: {e}"),
+                }));
+            }
+        };
+        let login = match self.shared.private_key(target.id) {
+            Some(key) => {
+                let hash = handle
+                    .best_supported_rsa_hash()
+                    .await
+                    .ok()
+                    .flatten()
+                    .flatten();
+                handle
+                    .authenticate_publickey(
+                        user,
+                        russh::keys::PrivateKeyWithHashAlg::new(key, hash),
+                    )
+                    .await
+            }
+            None => {
+                let shell = self
+                    .gate
+                    .decide_connect(&self.request(&identity, Action::SshShell))
+                    .is_ok();
+                let grant = UserGrant {
+                    principals: vec![user.to_string()],
+                    key_id: format!("{}/{}", identity_label(&identity), self.incoming.id),
+                    validity: Duration::from_secs(u64::from(ssh.certificate_minutes) * 60),
+                    source_address: Some(source.to_string()),
+                    permit_pty: shell,
+                    ..UserGrant::default()
+                };
+                let credential = self
+                    .shared
+                    .ca
+                    .user_credential(&grant)
+                    .map_err(|e| Refused::error(e.to_string()))?;
+                handle
+                    .authenticate_openssh_cert(user, credential.key, credential.certificate)
+                    .await
+            }
+        };
+        match login {
+            Ok(r) if r.success() => {}
+            Ok(_) => {
+                return Err(Refused::error(format!(
+                    "upstream {addr} refused the agent's login as `{user}` (is the agent's user CA in its TrustedUserCAKeys, and may `{user}` log in?)"
+                )))
+            }
+            Err(e) => return Err(Refused::error(format!("upstream {addr} login: {e}"))),
+        }
+        let opening = Opening {
+            incoming: &self.incoming,
+            identity: &identity,
+            upstream: addr,
+            policy_ids: allowed.policy_ids,
+            db_user: None,
+            db_name: None,
+        };
+        let session = match self.gate.open(opening).await {
+            Ok(s) => s,
+            Err(OpenError::Unrecorded(e)) => {
+                // Not recorded, so not opened; `open` logged why.
+                return Err(Refused {
+                    decision: Decision::Error,
+                    policy_ids: Vec::new(),
+                    reason: format!("the audit store cannot record the connection: {e}"),
+                });
+            }
+            Err(e) => return Err(Refused::error(e.to_string())),
+        };
+        Ok(Upstream { handle, session })
+    }
+
+    fn record_refusal(&self, refused: &Refused) {
+        self.gate.record_refusal(Refusal {
+            decision: refused.decision,
+            policy_ids: refused.policy_ids.clone(),
+            ..Refusal::of(
+                &self.incoming,
+                self.identity.as_ref().ok(),
+                refused.reason.clone(),
+            )
+        });
+    }
+
+    /// Waits for the server's answer to the request just sent on `channel`.
+    async fn upstream_reply(&mut self, channel: ChannelId) -> bool {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(REPLY_TIMEOUT, state.replies.recv()).await,
+            Ok(Some(true))
+        )
+    }
+
+    fn answer(session: &mut Session, channel: ChannelId, ok: bool) -> Result<(), russh::Error> {
+        if ok {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    /// Decides a shell, exec or subsystem; a refusal is answered on the channel itself (the
+    /// reason on stderr, exit status 1), as if the command had failed.
+    fn decide_channel(
+        &mut self,
+        action: Action,
+        command_line: Option<String>,
+        label: &str,
+    ) -> Result<Vec<String>, String> {
+        let Ok(identity) = self.identity.clone() else {
+            return Err("no identity".into());
+        };
+        let mut request = self.request(&identity, action);
+        request.context.command_line = command_line.clone();
+        match crate::policy::outcome(self.gate.policies().decide(&request)) {
+            Ok(allowed) => Ok(allowed.policy_ids),
+            Err(refused) => {
+                let mut ev = self.event(EventKind::SshChannelDenied, label);
+                ev.decision = Some(refused.decision);
+                ev.policy_ids = refused.policy_ids.clone().into();
+                if let Some(fields) = ev.ssh.as_mut() {
+                    fields.command_line = command_line;
+                }
+                let reason = match refused.decision {
+                    Decision::Deny => format!("{label} denied by policy: {}", refused.reason),
+                    _ => format!("{label} refused: {}", refused.reason),
+                };
+                ev.reason = Some(reason.clone());
+                tracing::info!(%reason, "SSH channel request refused");
+                self.gate.audit().record(ev);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Ends a channel the agent refused: the reason on stderr, exit status 1, EOF, close.
+    async fn refuse_on_channel(
+        &mut self,
+        channel: ChannelId,
+        reason: &str,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        if let Some(state) = self.channels.remove(&channel) {
+            state.pump.abort();
+            let _ = state.upstream.close().await;
+        }
+        session.channel_success(channel)?;
+        session.extended_data(channel, 1, Bytes::from(format!("portcullis: {reason}\r\n")))?;
+        session.exit_status_request(channel, 1)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        Ok(())
+    }
+
+    fn record_started(
+        &self,
+        kind: EventKind,
+        label: &str,
+        command_line: Option<String>,
+        policy_ids: Vec<String>,
+    ) {
+        let mut ev = self.event(kind, label);
+        ev.decision = Some(Decision::Allow);
+        ev.policy_ids = policy_ids.into();
+        if let Some(fields) = ev.ssh.as_mut() {
+            fields.command_line = command_line;
+        }
+        if let Some(up) = &self.open {
+            ev.upstream = Some(up.session.conn.upstream.to_string().into());
+        }
+        self.gate.audit().record(ev);
+    }
+
+    fn record_refused_channel(&self, label: &str, reason: &str) {
+        let mut ev = self.event(EventKind::SshChannelDenied, label);
+        ev.decision = Some(Decision::Deny);
+        ev.reason = Some(reason.to_string());
+        tracing::info!(channel = label, reason, "SSH channel refused");
+        self.gate.audit().record(ev);
+    }
+}
+
+fn identity_label(identity: &Identity) -> String {
+    identity
+        .email
+        .clone()
+        .or_else(|| identity.subject.clone())
+        .or_else(|| identity.user.clone())
+        .unwrap_or_else(|| format!("uid {}", identity.uid))
+}
+
+/// Reads the server's side of one channel and relays it to the client in the server's
+/// order; answers to channel requests go to the handler waiting for them.
+async fn pump(
+    mut from: russh::ChannelReadHalf,
+    to: ChannelWriteHalf<Msg>,
+    client: server::Handle,
+    replies: mpsc::Sender<bool>,
+    conn: Arc<crate::admission::Connection>,
+    mut tap: ChannelTap,
+) {
+    let id = to.id();
+    while let Some(msg) = from.wait().await {
+        let sent = match msg {
+            ChannelMsg::Data { data } => {
+                let n = data.len() as u64;
+                let out = super::output_to_client(&mut tap, false, data);
+                let r = to.data_bytes(out).await;
+                conn.bytes
+                    .upstream_to_client
+                    .fetch_add(n, Ordering::Relaxed);
+                r
+            }
+            ChannelMsg::ExtendedData { data, ext } => {
+                let n = data.len() as u64;
+                let out = super::output_to_client(&mut tap, ext == 1, data);
+                let r = to.extended_data_bytes(ext, out).await;
+                conn.bytes
+                    .upstream_to_client
+                    .fetch_add(n, Ordering::Relaxed);
+                r
+            }
+            ChannelMsg::Eof => to.eof().await,
+            ChannelMsg::ExitStatus { exit_status } => to.exit_status(exit_status).await,
+            ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                lang_tag,
+            } => client
+                .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                .await
+                .map_err(|()| russh::Error::SendError),
+            ChannelMsg::Success => {
+                let _ = replies.send(true).await;
+                Ok(())
+            }
+            ChannelMsg::Failure => {
+                let _ = replies.send(false).await;
+                Ok(())
+            }
+            ChannelMsg::Close => break,
+            _ => Ok(()),
+        };
+        if sent.is_err() {
+            // The client's side is gone; the session's end closes the upstream channel.
+            return;
+        }
+    }
+    let _ = to.close().await;
+}
+
+impl server::Handler for ClientHandler {
+    type Error = russh::Error;
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        // Without a login nothing can be decided: say so before the client gives up.
+        Ok(self
+            .identity
+            .as_ref()
+            .err()
+            .map(|why| format!("portcullis: {why}\r\n")))
+    }
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        if self.open.is_some() {
+            return Ok(Auth::Accept);
+        }
+        if self.refused.is_some() {
+            return Ok(Auth::reject());
+        }
+        match self.admit(user).await {
+            Ok(up) => {
+                if let Some(tx) = self.opened.take() {
+                    let _ = tx.send(up.session.conn.cancel.clone());
+                }
+                self.open = Some(up);
+                Ok(Auth::Accept)
+            }
+            Err(refused) => {
+                self.record_refusal(&refused);
+                self.refused = Some(refused.reason.clone());
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(up) = &self.open else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let upstream = match up.handle.channel_open_session().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(error = %e, "the upstream server refused a session channel");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                return Ok(());
+            }
+        };
+        let conn = Arc::clone(&up.session.conn);
+        let id = channel.id();
+        let (up_read, up_write) = upstream.split();
+        // The client's data arrives through the `data` callback; the read half is dropped so
+        // the session loop never waits on it.
+        let (_, down_write) = channel.split();
+        let (replies_tx, replies) = mpsc::channel(8);
+        let tap = |kind| ChannelTap {
+            kind,
+            connection_id: self.incoming.id,
+        };
+        let pump = self.pumps.spawn(pump(
+            up_read,
+            down_write,
+            session.handle(),
+            replies_tx,
+            conn,
+            tap(ChannelKind::Pending),
+        ));
+        self.channels.insert(
+            id,
+            ChannelState {
+                upstream: up_write,
+                replies,
+                pump,
+                tap: tap(ChannelKind::Pending),
+            },
+        );
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.record_refused_channel(
+            "direct-tcpip",
+            &format!("local port forwarding to {host_to_connect}:{port_to_connect} is not allowed"),
+        );
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.record_refused_channel("x11", "X11 forwarding is not allowed");
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.record_refused_channel(
+            "tcpip-forward",
+            &format!("remote port forwarding from {address}:{port} is not allowed"),
+        );
+        Ok(false)
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.record_refused_channel("auth-agent-req", "agent forwarding is not allowed");
+        Ok(false)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.record_refused_channel("x11-req", "X11 forwarding is not allowed");
+        session.channel_failure(channel)
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(state) = self.channels.get(&channel) else {
+            return session.channel_failure(channel);
+        };
+        let sent = state
+            .upstream
+            .request_pty(
+                true, term, col_width, row_height, pix_width, pix_height, modes,
+            )
+            .await;
+        let ok = sent.is_ok() && self.upstream_reply(channel).await;
+        Self::answer(session, channel, ok)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(state) = self.channels.get(&channel) else {
+            return session.channel_failure(channel);
+        };
+        if !env_allowed(variable_name) {
+            tracing::debug!(
+                variable = variable_name,
+                "environment variable not passed upstream"
+            );
+            return session.channel_failure(channel);
+        }
+        // Clients send env without wanting a reply; the server's AcceptEnv decides quietly.
+        let ok = state
+            .upstream
+            .set_env(false, variable_name, variable_value)
+            .await
+            .is_ok();
+        Self::answer(session, channel, ok)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self
+            .channels
+            .get(&channel)
+            .is_some_and(|s| s.tap.kind == ChannelKind::Pending)
+        {
+            return session.channel_failure(channel);
+        }
+        let policy_ids = match self.decide_channel(Action::SshShell, None, "shell") {
+            Ok(ids) => ids,
+            Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
+        };
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return session.channel_failure(channel);
+        };
+        state.tap.kind = ChannelKind::Shell;
+        let sent = state.upstream.request_shell(true).await;
+        let ok = sent.is_ok() && self.upstream_reply(channel).await;
+        if ok {
+            self.record_started(EventKind::SshShell, "shell", None, policy_ids);
+        }
+        Self::answer(session, channel, ok)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self
+            .channels
+            .get(&channel)
+            .is_some_and(|s| s.tap.kind == ChannelKind::Pending)
+        {
+            return session.channel_failure(channel);
+        }
+        let Ok(command) = std::str::from_utf8(data) else {
+            let reason = "a command that is not UTF-8 cannot be decided";
+            self.record_refused_channel("exec", reason);
+            return self.refuse_on_channel(channel, reason, session).await;
+        };
+        let command = command.to_string();
+        let policy_ids = match self.decide_channel(Action::SshExec, Some(command.clone()), "exec") {
+            Ok(ids) => ids,
+            Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
+        };
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return session.channel_failure(channel);
+        };
+        state.tap.kind = ChannelKind::Exec;
+        let sent = state.upstream.exec(true, data).await;
+        let ok = sent.is_ok() && self.upstream_reply(channel).await;
+        if ok {
+            self.record_started(EventKind::SshExec, "exec", Some(command), policy_ids);
+        }
+        Self::answer(session, channel, ok)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self
+            .channels
+            .get(&channel)
+            .is_some_and(|s| s.tap.kind == ChannelKind::Pending)
+        {
+            return session.channel_failure(channel);
+        }
+        let label = format!("subsystem:{name}");
+        if name != "sftp" {
+            let reason = format!("subsystem `{name}` is not relayed");
+            self.record_refused_channel(&label, &reason);
+            return self.refuse_on_channel(channel, &reason, session).await;
+        }
+        let policy_ids = match self.decide_channel(Action::SshSftp, None, &label) {
+            Ok(ids) => ids,
+            Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
+        };
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return session.channel_failure(channel);
+        };
+        state.tap.kind = ChannelKind::Subsystem;
+        let sent = state.upstream.request_subsystem(true, name).await;
+        let ok = sent.is_ok() && self.upstream_reply(channel).await;
+        if ok {
+            self.record_started(EventKind::SshSubsystem, &label, None, policy_ids);
+        }
+        Self::answer(session, channel, ok)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.get(&channel) {
+            let _ = state
+                .upstream
+                .window_change(col_width, row_height, pix_width, pix_height)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.get(&channel) {
+            let _ = state.upstream.signal(signal).await;
+        }
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return Ok(());
+        };
+        if state.tap.kind == ChannelKind::Pending {
+            // Nothing runs yet to read it: RFC 4254 lets us drop it, and a server would too.
+            return Ok(());
+        }
+        let bytes = super::input_to_upstream(&mut state.tap, data);
+        let n = bytes.len() as u64;
+        if state.upstream.data_bytes(bytes).await.is_ok() {
+            if let Some(up) = &self.open {
+                up.session
+                    .conn
+                    .bytes
+                    .client_to_upstream
+                    .fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.get(&channel) {
+            let _ = state.upstream.eof().await;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.remove(&channel) {
+            let _ = state.upstream.close().await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ClientHandler {
+    fn drop(&mut self) {
+        if let Some(up) = &mut self.open {
+            up.session.set_end("closed".into());
+        }
+        if let Some(reason) = &self.refused {
+            tracing::debug!(%reason, "SSH connection refused");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::env_allowed;
+
+    #[test]
+    fn only_allowlisted_environment_variables_pass() {
+        for ok in [
+            "LANG",
+            "LC_ALL",
+            "LC_CTYPE",
+            "TERM",
+            "GIT_PROTOCOL",
+            "COLORTERM",
+        ] {
+            assert!(env_allowed(ok), "{ok}");
+        }
+        for no in [
+            "LD_PRELOAD",
+            "PATH",
+            "LC_",
+            "lc_all",
+            "BASH_ENV",
+            "LANGUAGE_X",
+            "LC_A=B",
+        ] {
+            assert!(!env_allowed(no), "{no}");
+        }
+    }
+}
