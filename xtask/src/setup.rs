@@ -29,6 +29,9 @@ const PACKAGES: &[&str] = &[
     "lintian",      // ...and lint the .deb
     "rpm",          // ...install the .rpm into a scratch root (rpm --root)
     "rpmlint",      // ...and lint the .rpm
+    "openssh-server", // the SSH suite's upstream: Debian's sshd with its own config per test
+    "openssh-client", // ...and the unchanged clients it drives: ssh, scp, sftp, ssh-keygen
+    "rsync",        // rsync -e ssh through the agent
 ];
 
 /// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).

@@ -1,0 +1,664 @@
+//! SSH through the agent, end to end: Debian's sshd on a loopback port with its own config
+//! (the agent's user CA in `TrustedUserCAKeys`, a test user whose password field is `*`),
+//! the real kernel redirect, and the unchanged OpenSSH clients (`ssh`, `scp`, `sftp`),
+//! `rsync` and `git`, run as an unprivileged local user whose only trust is the
+//! `@cert-authority` line `portcullis ssh known-hosts` prints. Slots 200–215.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests: a failure is a test failure"
+)]
+
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::{e2e_enabled, exec_in_cgroup_as, Agent, Slot, TestCgroup};
+use serde_json::Value;
+
+/// The account the agent logs in as upstream (a certificate principal).
+const REMOTE_USER: &str = "pcssh";
+/// The local account that runs the clients (OpenSSH needs a passwd entry for its uid).
+const LOCAL_USER: &str = "pcsshc";
+
+/// Every SSH action, and no command that says "forbidden".
+const SSH_POLICY: &str = r#"
+@id("ssh-everything")
+permit (principal, action in Portcullis::Action::"ssh", resource)
+when { resource.protocol == "ssh" };
+
+@id("no-forbidden-commands")
+forbid (principal, action == Portcullis::Action::"ssh_exec", resource)
+when { context.command_line like "*forbidden*" };
+"#;
+
+fn sshd_available() -> bool {
+    let problem = (!Path::new("/usr/sbin/sshd").exists())
+        .then(|| "Debian's openssh-server is not installed (cargo xtask setup)".to_string());
+    portcullis_e2e::prerequisites_met(problem)
+}
+
+fn enabled() -> bool {
+    e2e_enabled() && sshd_available()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Creates the two test accounts once (useradd holds a lock; tests run in parallel).
+fn ensure_users() -> (u32, u32) {
+    static ONCE: Mutex<Option<(u32, u32)>> = Mutex::new(None);
+    let mut done = ONCE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ids) = *done {
+        return ids;
+    }
+    let uid = |name: &str| {
+        let id = Command::new("id").args(["-u", name]).output().unwrap();
+        if !id.status.success() {
+            run(Command::new("useradd").args(["-m", "-s", "/bin/bash", name]));
+        }
+        // sshd refuses a locked account ("!") even with a valid certificate.
+        run(Command::new("usermod").args(["-p", "*", name]));
+        let id = run(Command::new("id").args(["-u", name]));
+        String::from_utf8_lossy(&id.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    let ids = (uid(REMOTE_USER), uid(LOCAL_USER));
+    *done = Some(ids);
+    ids
+}
+
+fn keygen(path: &Path) -> String {
+    let _ = std::fs::remove_file(path);
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path));
+    std::fs::read_to_string(path.with_extension("pub")).unwrap()
+}
+
+/// Debian's sshd on 127.0.0.1:`port`, logging to a file.
+struct Sshd {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Sshd {
+    fn start(dir: &Path, port: u16, user_ca: &Path) -> Self {
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {key}\nPidFile none\n\
+                 TrustedUserCAKeys {ca}\nAuthorizedKeysFile none\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin no\n\
+                 AllowUsers {REMOTE_USER}\nSubsystem sftp internal-sftp\n\
+                 AcceptEnv LANG LC_* GIT_PROTOCOL\nAllowTcpForwarding yes\nLogLevel VERBOSE\n",
+                key = dir.join("host_key").display(),
+                ca = user_ca.display(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("sshd.log");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not listen: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One test's world. Fields drop in order: the agent (and its pins) first.
+struct World {
+    agent: Agent,
+    sshd: Sshd,
+    cg: TestCgroup,
+    /// Readable by the client account: its ssh config, known_hosts and test files.
+    files: tempfile::TempDir,
+    port: u16,
+    client_uid: u32,
+}
+
+struct Options<'a> {
+    /// The agent's identity settings.
+    identity: &'a str,
+    /// The upstream host key the agent expects; None: the sshd's own.
+    wrong_host_key: bool,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            identity: "[insecure]\nunix_identity_only = true\n",
+            wrong_host_key: false,
+        }
+    }
+}
+
+impl World {
+    fn new(name: &str, n: u8) -> Self {
+        Self::with(name, n, Options::default())
+    }
+
+    fn with(name: &str, n: u8, o: Options<'_>) -> Self {
+        assert!((200..=215).contains(&n), "the SSH suite owns slots 200-215");
+        let (_, client_uid) = ensure_users();
+        let slot = Slot::new(n);
+        let port = slot.server_port;
+        let cg = TestCgroup::new(name);
+        let files = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sshd_dir = files.path().join("sshd");
+        std::fs::create_dir(&sshd_dir).unwrap();
+        std::fs::set_permissions(&sshd_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let host_pub = keygen(&sshd_dir.join("host_key"));
+        let expected = if o.wrong_host_key {
+            keygen(&sshd_dir.join("other_key"))
+        } else {
+            host_pub
+        };
+        let upstream_known = sshd_dir.join("upstream_known_hosts");
+        std::fs::write(&upstream_known, format!("[127.0.0.1]:{port} {expected}")).unwrap();
+        let extra = format!(
+            "{identity}[[target]]\nname = \"web\"\nprotocol = \"ssh\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+             [target.ssh]\nhost_names = [\"web.example\"]\nknown_hosts_file = \"{known}\"\n",
+            identity = o.identity,
+            known = upstream_known.display(),
+        );
+        let mut agent = Agent::prepare(name, slot, &cg, &[], Some(&extra), &[]);
+        std::fs::write(agent.dir.path().join("policies/ssh.cedar"), SSH_POLICY).unwrap();
+        agent.spawn();
+        let user_ca = agent.dir.path().join("state/ssh/user_ca.pub");
+        let sshd = Sshd::start(&sshd_dir, port, &user_ca);
+        // The only trust the client has: the line the packages install.
+        let line = run(Command::new(portcullis_e2e::agent_bin())
+            .args(["ssh", "known-hosts", "--config"])
+            .arg(&agent.config));
+        let line = String::from_utf8(line.stdout).unwrap();
+        assert!(line.starts_with("@cert-authority * ssh-ed25519 "), "{line}");
+        std::fs::write(files.path().join("known_hosts"), &line).unwrap();
+        std::fs::write(
+            files.path().join("ssh_config"),
+            format!(
+                "Host *\n  Port {port}\n  User {REMOTE_USER}\n  UserKnownHostsFile {known}\n\
+                 GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n\
+                 PubkeyAuthentication no\n  PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n  GSSAPIAuthentication no\n  ControlMaster no\n",
+                known = files.path().join("known_hosts").display(),
+            ),
+        )
+        .unwrap();
+        World {
+            agent,
+            sshd,
+            cg,
+            files,
+            port,
+            client_uid,
+        }
+    }
+
+    fn config(&self) -> String {
+        self.files.path().join("ssh_config").display().to_string()
+    }
+
+    /// `program` run as the client account inside the test cgroup (through the redirect).
+    fn client(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        exec_in_cgroup_as(&mut c, Some(&self.cg.path), Some(self.client_uid));
+        c.env("HOME", format!("/home/{LOCAL_USER}"))
+            .current_dir(self.files.path())
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn ssh(&self, args: &[&str]) -> Command {
+        let mut c = self.client("ssh");
+        c.args(["-F", &self.config()]).args(args);
+        c
+    }
+
+    /// A directory the client account may write.
+    fn client_dir(&self, name: &str) -> PathBuf {
+        let d = self.files.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::chown(&d, Some(self.client_uid), Some(self.client_uid)).unwrap();
+        d
+    }
+
+    fn events(&self, kind: &str) -> Vec<Value> {
+        self.agent.events_of(kind)
+    }
+
+    fn wait_event(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = self.events(kind).into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching {kind} event: {:#?}\nagent log:\n{}",
+                self.agent.events(),
+                self.agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn exec_exit_codes_and_stderr_pass_through_and_are_audited() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-exec", 200);
+    let ok = w.ssh(&["127.0.0.1", "true"]).output().unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&ok.stderr),
+        w.agent.log()
+    );
+    let three = w.ssh(&["127.0.0.1", "exit 3"]).output().unwrap();
+    assert_eq!(three.status.code(), Some(3), "{}", text(&three.stderr));
+    let both = w
+        .ssh(&["127.0.0.1", "echo out; echo err >&2; exit 0"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&both.stdout), "out\n");
+    assert!(
+        text(&both.stderr).contains("err\n"),
+        "{}",
+        text(&both.stderr)
+    );
+    // A signal that kills the command reaches the client as exit-signal (ssh exits 255).
+    let killed = w.ssh(&["127.0.0.1", "kill -9 $$"]).output().unwrap();
+    assert_eq!(killed.status.code(), Some(255), "{}", text(&killed.stderr));
+
+    let exec = w.wait_event("ssh.exec", |e| e["command_line"] == "exit 3");
+    assert_eq!(exec["ssh_user"], REMOTE_USER);
+    assert_eq!(exec["protocol"], "ssh");
+    assert_eq!(exec["decision"], "allow");
+    let opened = w.wait_event("connection.opened", |_| true);
+    // The target's own log names the person and the session: the certificate's key id.
+    let id = opened["connection_id"].as_u64().unwrap();
+    let log = w.sshd.log();
+    assert!(
+        log.contains(&format!("/{id}\"")) && log.contains("Accepted certificate ID"),
+        "{log}"
+    );
+}
+
+#[test]
+fn exec_pipes_20_mb_both_ways_intact() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-pipe", 201);
+    let input = w.files.path().join("input.bin");
+    let mut data = vec![0u8; 20 << 20];
+    // Not compressible, not periodic: a byte lost or reordered changes the result.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for b in &mut data {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&input, &data).unwrap();
+    let started = Instant::now();
+    let out = w
+        .ssh(&["127.0.0.1", "cat"])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "the bytes came back changed");
+    eprintln!("20 MB each way in {:?}", started.elapsed());
+}
+
+#[test]
+fn interactive_shell_gets_a_pty_and_its_exit_status() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-shell", 202);
+    let mut c = w.ssh(&["-tt", "127.0.0.1"]);
+    let child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.as_ref().unwrap();
+    std::io::Write::write_all(&mut stdin, b"tty; echo shell-$((6*7)); exit 7\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("shell-42"), "{stdout}");
+    assert!(stdout.contains("/dev/pts/"), "no pty upstream: {stdout}");
+    w.wait_event("ssh.shell", |e| e["ssh_user"] == REMOTE_USER);
+}
+
+#[test]
+fn host_certificate_is_trusted_for_its_names_only() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-hostcert", 203);
+    let alias = w
+        .ssh(&["-o", "HostKeyAlias=web.example", "127.0.0.1", "true"])
+        .output()
+        .unwrap();
+    assert!(alias.status.success(), "{}", text(&alias.stderr));
+    let other = w
+        .ssh(&["-o", "HostKeyAlias=other.example", "127.0.0.1", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(255));
+    assert!(
+        text(&other.stderr).contains("Host key verification failed"),
+        "{}",
+        text(&other.stderr)
+    );
+}
+
+#[test]
+fn a_uid_without_login_is_told_to_run_portcullis_login() {
+    if !enabled() {
+        return;
+    }
+    // No identity provider and no lab mode: nobody has an identity.
+    let w = World::with(
+        "ssh-nologin",
+        204,
+        Options {
+            identity: "",
+            ..Options::default()
+        },
+    );
+    let out = w.ssh(&["127.0.0.1", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    let err = text(&out.stderr);
+    assert!(err.contains("run `portcullis login`"), "{err}");
+    let refused = w.wait_event("connection.refused", |e| e["protocol"] == "ssh");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("portcullis login"),
+        "{refused}"
+    );
+    assert!(!w.sshd.log().contains("Accepted"), "{}", w.sshd.log());
+}
+
+#[test]
+fn an_unknown_upstream_host_key_is_refused_naming_both_keys() {
+    if !enabled() {
+        return;
+    }
+    let w = World::with(
+        "ssh-hostkey",
+        205,
+        Options {
+            wrong_host_key: true,
+            ..Options::default()
+        },
+    );
+    let out = w.ssh(&["127.0.0.1", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    let fingerprint = |pub_file: &str| {
+        let o = run(Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(w.files.path().join("sshd").join(pub_file)));
+        text(&o.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let refused = w.wait_event("connection.refused", |e| e["protocol"] == "ssh");
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(reason.contains(&fingerprint("host_key.pub")), "{reason}");
+    assert!(reason.contains(&fingerprint("other_key.pub")), "{reason}");
+    assert!(w.events("connection.opened").is_empty());
+}
+
+#[test]
+fn a_denied_exec_exits_1_with_its_reason_and_never_runs() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-deny", 206);
+    let marker = format!("/tmp/portcullis-ssh-deny-{}", std::process::id());
+    let _ = std::fs::remove_file(&marker);
+    let cmd = format!("touch {marker}; echo forbidden");
+    let out = w.ssh(&["127.0.0.1", &cmd]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("denied by policy") && err.contains("no-forbidden-commands"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    assert!(!Path::new(&marker).exists(), "the denied command ran");
+    let denied = w.wait_event("ssh.channel_denied", |e| e["command_line"] == cmd.as_str());
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["policy_ids"][0], "no-forbidden-commands");
+    // The connection is still usable for what is allowed.
+    let ok = w.ssh(&["127.0.0.1", "echo fine"]).output().unwrap();
+    assert_eq!(text(&ok.stdout), "fine\n");
+}
+
+#[test]
+fn port_forwarding_is_refused() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-forward", 207);
+    // -W asks for a direct-tcpip channel, as -L does for each forwarded connection.
+    let out = w
+        .ssh(&["-W", &format!("127.0.0.1:{}", w.port), "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("administratively prohibited"),
+        "{}",
+        text(&out.stderr)
+    );
+    w.wait_event("ssh.channel_denied", |e| e["channel"] == "direct-tcpip");
+}
+
+#[test]
+fn scp_both_protocols_and_sftp_batch_move_files_intact() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-scp", 208);
+    let work = w.client_dir("work");
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let src = work.join("payload.bin");
+    std::fs::write(&src, &payload).unwrap();
+    std::os::unix::fs::chown(&src, Some(w.client_uid), None).unwrap();
+    let remote_home = format!("/home/{REMOTE_USER}");
+    for (legacy, name) in [(true, "legacy"), (false, "sftp")] {
+        let remote = format!("127.0.0.1:{remote_home}/scp-{name}.bin");
+        let back = work.join(format!("back-{name}.bin"));
+        let mut up = w.client("scp");
+        up.args(["-F", &w.config()]);
+        if legacy {
+            up.arg("-O");
+        }
+        run(up.arg(&src).arg(&remote));
+        let mut down = w.client("scp");
+        down.args(["-F", &w.config()]);
+        if legacy {
+            down.arg("-O");
+        }
+        run(down.arg(&remote).arg(&back));
+        assert!(
+            std::fs::read(&back).unwrap() == payload,
+            "scp {name} changed the file"
+        );
+    }
+    // scp -O is an exec of `scp -t`; the other goes through the sftp subsystem.
+    w.wait_event("ssh.exec", |e| {
+        e["command_line"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("scp -t")
+    });
+    w.wait_event("ssh.subsystem", |e| e["channel"] == "subsystem:sftp");
+
+    let batch = work.join("batch");
+    std::fs::write(
+        &batch,
+        format!("put payload.bin {remote_home}/sftp.bin\nget {remote_home}/sftp.bin sftp-back.bin\nls {remote_home}\n"),
+    )
+    .unwrap();
+    let out = run(w
+        .client("sftp")
+        .args(["-F", &w.config(), "-b"])
+        .arg(&batch)
+        .arg("127.0.0.1")
+        .current_dir(&work));
+    assert!(
+        text(&out.stdout).contains("sftp.bin"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(std::fs::read(work.join("sftp-back.bin")).unwrap() == payload);
+}
+
+#[test]
+fn rsync_and_git_work_over_ssh() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-rsync-git", 209);
+    let work = w.client_dir("work");
+    let ssh_cmd = format!("ssh -F {}", w.config());
+    // rsync: a small tree up and back.
+    let tree = work.join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(tree.join("sub/b.bin"), vec![7u8; 300_000]).unwrap();
+    run(Command::new("chown")
+        .args(["-R", &format!("{}:{}", w.client_uid, w.client_uid)])
+        .arg(&tree));
+    let remote = format!("127.0.0.1:/home/{REMOTE_USER}/rsync-{}/", w.port);
+    run(w
+        .client("rsync")
+        .args(["-a", "-e", &ssh_cmd])
+        .arg(format!("{}/", tree.display()))
+        .arg(&remote));
+    run(w
+        .client("rsync")
+        .args(["-a", "-e", &ssh_cmd])
+        .arg(&remote)
+        .arg(work.join("tree-back")));
+    assert_eq!(
+        std::fs::read(work.join("tree-back/sub/b.bin")).unwrap(),
+        vec![7u8; 300_000]
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.join("tree-back/a.txt")).unwrap(),
+        "alpha\n"
+    );
+
+    // git: clone a bare repository on the target, commit, push, and see the commit there.
+    let repo = format!("/home/{REMOTE_USER}/repo-{}.git", w.port);
+    let _ = std::fs::remove_dir_all(&repo);
+    run(Command::new("git").args(["init", "-q", "--bare", "-b", "main", &repo]));
+    run(Command::new("chown").args(["-R", &format!("{REMOTE_USER}:{REMOTE_USER}"), &repo]));
+    let git = |args: &[&str], dir: &Path| {
+        let mut c = w.client("git");
+        c.env("GIT_SSH_COMMAND", &ssh_cmd)
+            .args(["-c", "user.name=E2E", "-c", "user.email=e2e@example.com"])
+            .args(args)
+            .current_dir(dir);
+        run(&mut c)
+    };
+    git(
+        &["clone", "-q", &format!("127.0.0.1:{repo}"), "clone"],
+        &work,
+    );
+    let clone = work.join("clone");
+    std::fs::write(clone.join("README"), "through the agent\n").unwrap();
+    run(Command::new("chown")
+        .args([&format!("{}:{}", w.client_uid, w.client_uid)])
+        .arg(clone.join("README")));
+    git(&["add", "README"], &clone);
+    git(&["commit", "-q", "-m", "first"], &clone);
+    git(&["push", "-q", "origin", "HEAD:main"], &clone);
+    let log = run(Command::new("git").args([
+        "-c",
+        "safe.directory=*",
+        "--git-dir",
+        &repo,
+        "log",
+        "--format=%s",
+        "main",
+    ]));
+    assert_eq!(text(&log.stdout), "first\n");
+    w.wait_event("ssh.exec", |e| {
+        e["command_line"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("git-receive-pack")
+    });
+    let _ = std::fs::remove_dir_all(&repo);
+}
