@@ -1749,6 +1749,51 @@ mod tests {
     }
 
     #[test]
+    fn ssh_targets_need_their_section_with_absolute_paths() {
+        let target =
+            "[[target]]\nname = \"web\"\nprotocol = \"ssh\"\naddress = \"10.0.0.5\"\nport = 22\n";
+        let ok = parse(&format!(
+            "{target}[target.ssh]\nhost_names = [\"Web-3\"]\nknown_hosts_file = \"/etc/k\"\n"
+        ))
+        .unwrap();
+        let ssh = ok[0].ssh.as_deref().unwrap();
+        assert_eq!(ssh.host_names, ["Web-3"]);
+        assert_eq!((ssh.certificate_minutes, ssh.keepalive_secs), (5, 15));
+        for (extra, expected) in [
+            ("", "needs a [target.ssh] section"),
+            (
+                "[target.ssh]\nknown_hosts_file = \"k\"\n",
+                "not an absolute path",
+            ),
+            (
+                "[target.ssh]\nknown_hosts_file = \"/k\"\nprivate_key_file = \"key\"\n",
+                "not an absolute path",
+            ),
+            (
+                "[target.ssh]\nknown_hosts_file = \"/k\"\ncertificate_minutes = 0\n",
+                "between 1 and 1440",
+            ),
+            (
+                "[target.ssh]\nknown_hosts_file = \"/k\"\nhost_names = [\"10.0.0.5\"]\n",
+                "is an address",
+            ),
+            (
+                "[target.ssh]\nknown_hosts_file = \"/k\"\nagent_forwarding = true\n",
+                "unknown field",
+            ),
+        ] {
+            let err = parse(&format!("{target}{extra}")).unwrap_err();
+            assert!(err.contains(expected), "{extra}: {err}");
+        }
+        let tcp =
+            "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.6\"\nport = 80\n\
+                   [target.ssh]\nknown_hosts_file = \"/k\"\n";
+        assert!(parse(tcp)
+            .unwrap_err()
+            .contains("only for protocol = \"ssh\""));
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let err = parse("state_dir = \"/tmp\"\n[proxy]\nport = 940\nlisten = \"x\"\n").unwrap_err();
         assert!(

@@ -40,6 +40,13 @@ enum Want {
     Approval(&'static str, u32),
 }
 
+/// An SSH login name other than root (`context.ssh_user`, connect to SSH targets only).
+const SSH_LOGINS: &str = r#"
+@id("ssh-not-root")
+permit (principal, action == Portcullis::Action::"connect", resource)
+when { context has ssh_user && context.ssh_user != "root" };
+"#;
+
 struct Row {
     name: &'static str,
     policies: &'static str,
@@ -176,6 +183,11 @@ fn rows() -> Vec<Row> {
     no_class.context.statement_class = None;
     let mut no_command = exec(service("ci"), ssh_host(), "x");
     no_command.context.command_line = None;
+    let ssh_login = |login: &str| {
+        let mut r = request(user("sam", &["sre"]), Action::Connect, ssh_host());
+        r.context.ssh_user = Some(login.to_owned());
+        r
+    };
     let mut no_sql_command = query(analyst(), staging_db(), "read");
     no_sql_command.context.command = None;
     let mut no_db_user = query(analyst(), staging_db(), "read");
@@ -317,6 +329,33 @@ fn rows() -> Vec<Row> {
             name: "permit by label does not hold for a target without the label",
             policies: PROD_LABEL,
             request: request(user("bob", &[]), Action::Connect, target("x", "tcp", &[])),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "denied by default",
+        },
+        Row {
+            name: "ssh login name in connect context",
+            policies: SSH_LOGINS,
+            request: ssh_login("deploy"),
+            want: Want::Allow,
+            matched: &["ssh-not-root"],
+            masks: &[],
+            reason: "ssh-not-root",
+        },
+        Row {
+            name: "ssh login name refused",
+            policies: SSH_LOGINS,
+            request: ssh_login("root"),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "denied by default",
+        },
+        Row {
+            name: "ssh login name absent for other protocols",
+            policies: SSH_LOGINS,
+            request: request(user("sam", &["sre"]), Action::Connect, production_db()),
             want: Want::Deny,
             matched: &[],
             masks: &[],
