@@ -13,7 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use portcullis_policy::{Action, Effect, MaskKind, Obligation, PolicySet, Request};
+use portcullis_policy::{Action, Effect, MaskKind, Obligation, PolicySet, Principal, Request};
 
 fn load_example(name: &str) -> PolicySet {
     let set = PolicySet::load(read_policy_dir(&example_dir(name)))
@@ -332,6 +332,56 @@ fn production_changes_need_approval_windows_and_never_drop() {
     );
     let set = load_example("production-changes");
     assert_eq!(set.approval_settings().timeout, Duration::from_secs(1800));
+}
+
+#[test]
+fn ssh_logins_are_decided_by_login_name_and_command() {
+    let engineer = || user("erin", &["engineering"]);
+    let login = |who: Principal, name: &str| {
+        let mut r = request(who, Action::Connect, ssh_host());
+        r.context.ssh_user = Some(name.to_owned());
+        r
+    };
+    check(
+        "ssh-logins",
+        vec![
+            allow(
+                "an engineer logs in as app",
+                login(engineer(), "app"),
+                &["ssh-connect-as-app"],
+            ),
+            deny(
+                "an engineer cannot log in as another account",
+                login(engineer(), "postgres"),
+                &[],
+            ),
+            deny(
+                "root is refused even where a permit would match",
+                login(engineer(), "root"),
+                &["ssh-never-root"],
+            ),
+            deny(
+                "someone outside engineering is not let in",
+                login(user("mallory", &[]), "app"),
+                &[],
+            ),
+            allow(
+                "an engineer runs a command",
+                exec(engineer(), ssh_host(), "systemctl status app"),
+                &["ssh-engineers-work"],
+            ),
+            deny(
+                "rm -rf / is refused",
+                exec(engineer(), ssh_host(), "sudo rm -rf /"),
+                &["ssh-no-rm-rf-root"],
+            ),
+            allow(
+                "an engineer opens a shell",
+                request(engineer(), Action::SshShell, ssh_host()),
+                &["ssh-engineers-work"],
+            ),
+        ],
+    );
 }
 
 #[test]
