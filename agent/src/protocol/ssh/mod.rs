@@ -172,6 +172,7 @@ mod tests {
             upstream: None,
             labels: Default::default(),
             postgres: None,
+            recording_failure: Default::default(),
             ssh: Some(Arc::new(crate::config::SshTargetConfig {
                 host_names: vec!["Prod-Web-3".into()],
                 known_hosts_file: toml::Spanned::new(0..0, "/k".into()),
