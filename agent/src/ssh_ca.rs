@@ -13,7 +13,8 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,8 +22,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use russh::keys::ssh_key::certificate::{Builder, CertType, Certificate};
 use russh::keys::ssh_key::private::{Ed25519Keypair, PrivateKey};
 use russh::keys::ssh_key::{LineEnding, PublicKey};
-
-use crate::ca::write_new;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SshCaError {
@@ -300,7 +299,22 @@ fn open_key(dir: &Path, name: &'static str, comment: &str) -> Result<PrivateKey,
         write_new(&tmp, public.as_bytes(), 0o644).map_err(io("write the public key"))?;
         fs::rename(&tmp, &pub_path).map_err(io("write the public key"))?;
     }
+    // The agent runs under umask 0077; the public half is for every user (sshd's
+    // TrustedUserCAKeys, the known_hosts line), whatever mode it was left with.
+    fs::set_permissions(&pub_path, fs::Permissions::from_mode(0o644))
+        .map_err(io("make the public key readable"))?;
     Ok(key)
+}
+
+/// Creates `path` with `mode` (never over an existing file) and syncs it.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
 }
 
 #[cfg(test)]
@@ -324,7 +338,10 @@ mod tests {
         assert_eq!(mode(&dir.join("user_ca")), 0o600);
         assert_eq!(mode(&dir.join("host_ca.pub")), 0o644);
         assert_eq!(mode(&dir.join("user_ca.pub")), 0o644);
+        // A public half left unreadable (a umask of 0077 at creation) is made readable.
+        fs::set_permissions(dir.join("host_ca.pub"), fs::Permissions::from_mode(0o600)).unwrap();
         let again = SshCa::open_or_create(&dir).unwrap();
+        assert_eq!(mode(&dir.join("host_ca.pub")), 0o644);
         assert_eq!(again.known_hosts_line().unwrap(), line);
         assert_eq!(
             fs::read_to_string(dir.join("user_ca.pub")).unwrap().trim(),
