@@ -27,10 +27,18 @@ const REMOTE_USER: &str = "pcssh";
 /// The local account that runs the clients (OpenSSH needs a passwd entry for its uid).
 const LOCAL_USER: &str = "pcsshc";
 
-/// Every SSH action, and no command that says "forbidden".
+/// Shells, commands and sftp, but no command that says "forbidden"; no forwarding.
 const SSH_POLICY: &str = r#"
-@id("ssh-everything")
-permit (principal, action in Portcullis::Action::"ssh", resource)
+@id("ssh-work")
+permit (
+    principal,
+    action in [
+        Portcullis::Action::"ssh_shell",
+        Portcullis::Action::"ssh_exec",
+        Portcullis::Action::"ssh_sftp"
+    ],
+    resource
+)
 when { resource.protocol == "ssh" };
 
 @id("no-forbidden-commands")
@@ -164,6 +172,8 @@ struct Options<'a> {
     identity: &'a str,
     /// The upstream host key the agent expects; None: the sshd's own.
     wrong_host_key: bool,
+    /// More policies beside [`SSH_POLICY`].
+    policy: &'a str,
 }
 
 impl Default for Options<'_> {
@@ -171,6 +181,7 @@ impl Default for Options<'_> {
         Self {
             identity: "[insecure]\nunix_identity_only = true\n",
             wrong_host_key: false,
+            policy: "",
         }
     }
 }
@@ -207,6 +218,7 @@ impl World {
         );
         let mut agent = Agent::prepare(name, slot, &cg, &[], Some(&extra), &[]);
         std::fs::write(agent.dir.path().join("policies/ssh.cedar"), SSH_POLICY).unwrap();
+        std::fs::write(agent.dir.path().join("policies/extra.cedar"), o.policy).unwrap();
         agent.spawn();
         let user_ca = agent.dir.path().join("state/ssh/user_ca.pub");
         let sshd = Sshd::start(&sshd_dir, port, &user_ca);
@@ -552,6 +564,47 @@ fn port_forwarding_is_refused() {
         text(&out.stderr)
     );
     w.wait_event("ssh.channel_denied", |e| e["channel"] == "direct-tcpip");
+}
+
+#[test]
+fn port_forwarding_is_allowed_by_a_policy_and_reaches_its_destination() {
+    if !enabled() {
+        return;
+    }
+    let w = World::with(
+        "ssh-forward-ok",
+        210,
+        Options {
+            policy: r#"@id("forward") permit (principal, action == Portcullis::Action::"ssh_port_forward", resource);"#,
+            ..Options::default()
+        },
+    );
+    let slot = Slot::new(210);
+    let echo = portcullis_e2e::EchoServer::start(&[slot.v4(1)]);
+    let mut c = w.ssh(&["-W", &slot.v4(1).to_string(), "127.0.0.1"]);
+    let child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.as_ref().unwrap(), b"through the tunnel\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    // The destination was reached from the target's side (sshd's connect), and echoed.
+    assert!(stdout.starts_with("peer=127."), "{stdout}");
+    assert!(stdout.ends_with("through the tunnel\n"), "{stdout}");
+    assert_eq!(echo.accepted(), 1);
+    let ev = w.wait_event("ssh.forward", |e| e["channel"] == "direct-tcpip");
+    assert_eq!(ev["policy_ids"][0], "forward");
+    assert!(
+        ev["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&slot.v4(1).to_string()),
+        "{ev}"
+    );
 }
 
 #[test]

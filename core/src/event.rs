@@ -86,6 +86,10 @@ pub enum EventKind {
     /// not forward it: port and agent forwarding, X11, an unknown subsystem).
     #[serde(rename = "ssh.channel_denied")]
     SshChannelDenied,
+    /// A forwarded TCP connection a policy allowed (`ssh -L`, `ssh -W`); `reason` names its
+    /// destination.
+    #[serde(rename = "ssh.forward")]
+    SshForward,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.

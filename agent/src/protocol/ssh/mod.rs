@@ -118,6 +118,8 @@ pub enum ChannelKind {
     Shell,
     Exec,
     Subsystem,
+    /// A forwarded TCP connection (`ssh -L`, `ssh -W`): bytes, not a terminal.
+    Forward,
 }
 
 /// Per-channel state the recording and masking seam sees; the terminal recorder and the

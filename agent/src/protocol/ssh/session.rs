@@ -302,16 +302,20 @@ impl ClientHandler {
                     .await
             }
             None => {
-                let shell = self
-                    .gate
-                    .decide_connect(&self.request(&identity, Action::SshShell))
-                    .is_ok();
+                let allows = |action| {
+                    self.gate
+                        .decide_connect(&self.request(&identity, action))
+                        .is_ok()
+                };
+                let shell = allows(Action::SshShell);
+                let forward = allows(Action::SshPortForward);
                 let grant = UserGrant {
                     principals: vec![user.to_string()],
                     key_id: format!("{}/{}", identity_label(&identity), self.incoming.id),
                     validity: Duration::from_secs(u64::from(ssh.certificate_minutes) * 60),
                     source_address: Some(source.to_string()),
                     permit_pty: shell,
+                    permit_port_forwarding: forward,
                     ..UserGrant::default()
                 };
                 let credential = self
@@ -394,6 +398,7 @@ impl ClientHandler {
         action: Action,
         command_line: Option<String>,
         label: &str,
+        what: &str,
     ) -> Result<Vec<String>, String> {
         let Ok(identity) = self.identity.clone() else {
             return Err("no identity".into());
@@ -410,8 +415,8 @@ impl ClientHandler {
                     fields.command_line = command_line;
                 }
                 let reason = match refused.decision {
-                    Decision::Deny => format!("{label} denied by policy: {}", refused.reason),
-                    _ => format!("{label} refused: {}", refused.reason),
+                    Decision::Deny => format!("{what} denied by policy: {}", refused.reason),
+                    _ => format!("{what} refused: {}", refused.reason),
                 };
                 ev.reason = Some(reason.clone());
                 tracing::info!(%reason, "SSH channel request refused");
@@ -457,6 +462,46 @@ impl ClientHandler {
             ev.upstream = Some(up.session.conn.upstream.to_string().into());
         }
         self.gate.audit().record(ev);
+    }
+
+    /// Starts relaying a channel the server accepted: a task reads the server's side, the
+    /// `data` callback writes the client's.
+    fn relay_channel(
+        &mut self,
+        channel: Channel<Msg>,
+        upstream: Channel<client::Msg>,
+        kind: ChannelKind,
+        session: &mut Session,
+    ) {
+        let Some(up) = &self.open else { return };
+        let conn = Arc::clone(&up.session.conn);
+        let id = channel.id();
+        let (up_read, up_write) = upstream.split();
+        // The client's data arrives through the `data` callback; the read half is dropped so
+        // the session loop never waits on it.
+        let (_, down_write) = channel.split();
+        let (replies_tx, replies) = mpsc::channel(8);
+        let tap = |kind| ChannelTap {
+            kind,
+            connection_id: self.incoming.id,
+        };
+        let pump = self.pumps.spawn(pump(
+            up_read,
+            down_write,
+            session.handle(),
+            replies_tx,
+            conn,
+            tap(kind),
+        ));
+        self.channels.insert(
+            id,
+            ChannelState {
+                upstream: up_write,
+                replies,
+                pump,
+                tap: tap(kind),
+            },
+        );
     }
 
     fn record_refused_channel(&self, label: &str, reason: &str) {
@@ -597,55 +642,69 @@ impl server::Handler for ClientHandler {
                 return Ok(());
             }
         };
-        let conn = Arc::clone(&up.session.conn);
-        let id = channel.id();
-        let (up_read, up_write) = upstream.split();
-        // The client's data arrives through the `data` callback; the read half is dropped so
-        // the session loop never waits on it.
-        let (_, down_write) = channel.split();
-        let (replies_tx, replies) = mpsc::channel(8);
-        let tap = |kind| ChannelTap {
-            kind,
-            connection_id: self.incoming.id,
-        };
-        let pump = self.pumps.spawn(pump(
-            up_read,
-            down_write,
-            session.handle(),
-            replies_tx,
-            conn,
-            tap(ChannelKind::Pending),
-        ));
-        self.channels.insert(
-            id,
-            ChannelState {
-                upstream: up_write,
-                replies,
-                pump,
-                tap: tap(ChannelKind::Pending),
-            },
-        );
+        self.relay_channel(channel, upstream, ChannelKind::Pending, session);
         reply.accept().await;
         Ok(())
     }
 
+    /// `ssh -L` and `ssh -W`: decided as `ssh_port_forward`, then opened by the target's
+    /// sshd (which the user certificate lets forward only when policy allowed it at connect).
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: server::ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.record_refused_channel(
+        let destination = format!("{host_to_connect}:{port_to_connect}");
+        let refuse = |reply: server::ChannelOpenHandle| async move {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            Ok(())
+        };
+        if self.open.is_none() {
+            return refuse(reply).await;
+        }
+        let policy_ids = match self.decide_channel(
+            Action::SshPortForward,
+            None,
             "direct-tcpip",
-            &format!("local port forwarding to {host_to_connect}:{port_to_connect} is not allowed"),
-        );
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+            &format!("forwarding to {destination}"),
+        ) {
+            Ok(ids) => ids,
+            Err(_) => return refuse(reply).await,
+        };
+        let Some(up) = &self.open else {
+            return refuse(reply).await;
+        };
+        let upstream = match up
+            .handle
+            .channel_open_direct_tcpip(
+                host_to_connect,
+                port_to_connect,
+                originator_address,
+                originator_port,
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(error = %e, %destination, "the upstream server refused a forward");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                return Ok(());
+            }
+        };
+        self.relay_channel(channel, upstream, ChannelKind::Forward, session);
+        let mut ev = self.event(EventKind::SshForward, "direct-tcpip");
+        ev.decision = Some(Decision::Allow);
+        ev.policy_ids = policy_ids.into();
+        ev.reason = Some(format!("local forward to {destination}"));
+        self.gate.audit().record(ev);
+        reply.accept().await;
         Ok(())
     }
 
@@ -761,7 +820,7 @@ impl server::Handler for ClientHandler {
         {
             return session.channel_failure(channel);
         }
-        let policy_ids = match self.decide_channel(Action::SshShell, None, "shell") {
+        let policy_ids = match self.decide_channel(Action::SshShell, None, "shell", "shell") {
             Ok(ids) => ids,
             Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
         };
@@ -796,10 +855,11 @@ impl server::Handler for ClientHandler {
             return self.refuse_on_channel(channel, reason, session).await;
         };
         let command = command.to_string();
-        let policy_ids = match self.decide_channel(Action::SshExec, Some(command.clone()), "exec") {
-            Ok(ids) => ids,
-            Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
-        };
+        let policy_ids =
+            match self.decide_channel(Action::SshExec, Some(command.clone()), "exec", "exec") {
+                Ok(ids) => ids,
+                Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
+            };
         let Some(state) = self.channels.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
@@ -831,7 +891,7 @@ impl server::Handler for ClientHandler {
             self.record_refused_channel(&label, &reason);
             return self.refuse_on_channel(channel, &reason, session).await;
         }
-        let policy_ids = match self.decide_channel(Action::SshSftp, None, &label) {
+        let policy_ids = match self.decide_channel(Action::SshSftp, None, &label, &label) {
             Ok(ids) => ids,
             Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
         };
