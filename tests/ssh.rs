@@ -174,6 +174,8 @@ struct Options<'a> {
     wrong_host_key: bool,
     /// More policies beside [`SSH_POLICY`].
     policy: &'a str,
+    /// Policies instead of [`SSH_POLICY`].
+    base_policy: &'a str,
 }
 
 impl Default for Options<'_> {
@@ -182,6 +184,7 @@ impl Default for Options<'_> {
             identity: "[insecure]\nunix_identity_only = true\n",
             wrong_host_key: false,
             policy: "",
+            base_policy: SSH_POLICY,
         }
     }
 }
@@ -217,7 +220,7 @@ impl World {
             known = upstream_known.display(),
         );
         let mut agent = Agent::prepare(name, slot, &cg, &[], Some(&extra), &[]);
-        std::fs::write(agent.dir.path().join("policies/ssh.cedar"), SSH_POLICY).unwrap();
+        std::fs::write(agent.dir.path().join("policies/ssh.cedar"), o.base_policy).unwrap();
         std::fs::write(agent.dir.path().join("policies/extra.cedar"), o.policy).unwrap();
         agent.spawn();
         let user_ca = agent.dir.path().join("state/ssh/user_ca.pub");
@@ -544,6 +547,45 @@ fn a_denied_exec_exits_1_with_its_reason_and_never_runs() {
     // The connection is still usable for what is allowed.
     let ok = w.ssh(&["127.0.0.1", "echo fine"]).output().unwrap();
     assert_eq!(text(&ok.stdout), "fine\n");
+}
+
+#[test]
+fn a_policy_allowing_one_simple_command_refuses_it_with_shell_syntax() {
+    if !enabled() {
+        return;
+    }
+    let w = World::with(
+        "ssh-simple",
+        211,
+        Options {
+            base_policy: r#"
+@id("echo-only")
+permit (principal, action == Portcullis::Action::"ssh_exec", resource)
+when { context.simple_command && context has command_name && context.command_name == "echo" };
+"#,
+            ..Options::default()
+        },
+    );
+    let ok = w.ssh(&["127.0.0.1", "echo 'one two'"]).output().unwrap();
+    assert_eq!(text(&ok.stdout), "one two\n", "{}", text(&ok.stderr));
+    let marker = format!("/tmp/portcullis-ssh-simple-{}", std::process::id());
+    let _ = std::fs::remove_file(&marker);
+    // Starts with echo, but the shell would run more: refused before it runs.
+    for line in [
+        format!("echo hi; touch {marker}"),
+        format!("echo $(touch {marker})"),
+    ] {
+        let out = w.ssh(&["127.0.0.1", &line]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{line}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("exec denied by policy"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let other = w.ssh(&["127.0.0.1", "uptime"]).output().unwrap();
+    assert_eq!(other.status.code(), Some(1));
+    assert!(!Path::new(&marker).exists(), "a refused command ran");
 }
 
 #[test]

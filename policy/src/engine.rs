@@ -495,6 +495,16 @@ impl PolicySet {
                     "command_line".to_owned(),
                     required("command_line", &context.command_line)?,
                 ));
+                pairs.push((
+                    "simple_command".to_owned(),
+                    cedar::RestrictedExpression::new_bool(context.simple_command),
+                ));
+                if let Some(name) = &context.command_name {
+                    pairs.push(("command_name".to_owned(), string(name)));
+                }
+                if context.simple_command {
+                    pairs.push(("command_args".to_owned(), strings(&context.command_args)));
+                }
             }
             Action::SshShell
             | Action::SshSftp
@@ -706,6 +716,9 @@ mod tests {
                 functions: vec!["f".to_owned()],
                 dynamic_sql: true,
                 command_line: Some("ls".to_owned()),
+                simple_command: true,
+                command_name: Some("ls".to_owned()),
+                command_args: vec!["-l".to_owned()],
                 ssh_user: Some("deploy".to_owned()),
                 db_user: Some("u".to_owned()),
                 db_name: Some("d".to_owned()),

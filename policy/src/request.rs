@@ -154,6 +154,14 @@ pub struct Context {
     /// does not compile (`portcullis_sql::Statement::dynamic_sql`).
     pub dynamic_sql: bool,
     pub command_line: Option<String>,
+    /// For `ssh_exec`: whether the whole command line is a simple command (words and quoting
+    /// only, no shell syntax), so `command_name` and `command_args` describe all it runs.
+    pub simple_command: bool,
+    /// For `ssh_exec`: the first word, when the line starts with a plain word (even when the
+    /// rest is not simple: `rm -rf / ; x` starts with `rm`).
+    pub command_name: Option<String>,
+    /// For `ssh_exec` of a simple command: the words after the first, quotes removed.
+    pub command_args: Vec<String>,
     /// For `connect` to an SSH target: the login name the client asked for (`ssh user@host`).
     pub ssh_user: Option<String>,
     pub db_user: Option<String>,

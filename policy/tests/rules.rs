@@ -40,6 +40,17 @@ enum Want {
     Approval(&'static str, u32),
 }
 
+/// A CI identity may restart the app unit and nothing else, and only as a simple command.
+const RESTART_ONLY: &str = r#"
+@id("restart-app")
+permit (principal, action == Portcullis::Action::"ssh_exec", resource)
+when {
+    context.simple_command &&
+    context has command_name && context.command_name == "systemctl" &&
+    context has command_args && context.command_args == ["restart", "app"]
+};
+"#;
+
 /// An SSH login name other than root (`context.ssh_user`, connect to SSH targets only).
 const SSH_LOGINS: &str = r#"
 @id("ssh-not-root")
@@ -183,6 +194,16 @@ fn rows() -> Vec<Row> {
     no_class.context.statement_class = None;
     let mut no_command = exec(service("ci"), ssh_host(), "x");
     no_command.context.command_line = None;
+    let simple_exec = |line: &str, simple: bool| {
+        let mut r = exec(service("ci"), ssh_host(), line);
+        let mut words = line.split(' ').map(str::to_owned);
+        r.context.command_name = words.next();
+        r.context.simple_command = simple;
+        if simple {
+            r.context.command_args = words.collect();
+        }
+        r
+    };
     let ssh_login = |login: &str| {
         let mut r = request(user("sam", &["sre"]), Action::Connect, ssh_host());
         r.context.ssh_user = Some(login.to_owned());
@@ -329,6 +350,33 @@ fn rows() -> Vec<Row> {
             name: "permit by label does not hold for a target without the label",
             policies: PROD_LABEL,
             request: request(user("bob", &[]), Action::Connect, target("x", "tcp", &[])),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "denied by default",
+        },
+        Row {
+            name: "exec allowed by command name and args of a simple command",
+            policies: RESTART_ONLY,
+            request: simple_exec("systemctl restart app", true),
+            want: Want::Allow,
+            matched: &["restart-app"],
+            masks: &[],
+            reason: "restart-app",
+        },
+        Row {
+            name: "exec with shell syntax is not simple, whatever its first word",
+            policies: RESTART_ONLY,
+            request: simple_exec("systemctl restart app ; rm -rf /", false),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "denied by default",
+        },
+        Row {
+            name: "exec of another unit is refused",
+            policies: RESTART_ONLY,
+            request: simple_exec("systemctl restart db", true),
             want: Want::Deny,
             matched: &[],
             masks: &[],

@@ -404,6 +404,17 @@ impl ClientHandler {
             return Err("no identity".into());
         };
         let mut request = self.request(&identity, action);
+        if let Some(line) = &command_line {
+            // What the login shell will make of the line: its words when it is a simple
+            // command, a flag when it is not (the policy decides what to do with that).
+            let parsed = portcullis_terminal::exec::classify(line.as_bytes());
+            request.context.simple_command = parsed.shell_syntax.is_none() && parsed.argv.is_some();
+            request.context.command_name = parsed.first_word;
+            request.context.command_args = parsed
+                .argv
+                .map(|argv| argv.into_iter().skip(1).collect())
+                .unwrap_or_default();
+        }
         request.context.command_line = command_line.clone();
         match crate::policy::outcome(self.gate.policies().decide(&request)) {
             Ok(allowed) => Ok(allowed.policy_ids),
