@@ -367,6 +367,15 @@ fn exec_exit_codes_and_stderr_pass_through_and_are_audited() {
         "{}",
         text(&both.stderr)
     );
+    // A command killed by a signal: the server's exit-signal reaches the client (ssh -v
+    // logs each channel request it receives), and ssh exits 255 as it does direct.
+    let killed = w.ssh(&["-v", "127.0.0.1", "kill -9 $$"]).output().unwrap();
+    assert_eq!(killed.status.code(), Some(255));
+    assert!(
+        text(&killed.stderr).contains("rtype exit-signal"),
+        "{}",
+        text(&killed.stderr)
+    );
 
     let exec = w.wait_event("ssh.exec", |e| e["command_line"] == "exit 3");
     assert_eq!(exec["ssh_user"], REMOTE_USER);
@@ -437,6 +446,59 @@ fn interactive_shell_gets_a_pty_and_its_exit_status() {
     assert!(stdout.contains("shell-42"), "{stdout}");
     assert!(stdout.contains("/dev/pts/"), "no pty upstream: {stdout}");
     w.wait_event("ssh.shell", |e| e["ssh_user"] == REMOTE_USER);
+}
+
+#[test]
+fn controlmaster_channels_share_one_connection_and_are_decided_each() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-mux", 212);
+    let control = w.client_dir("mux").join("%C");
+    let control = control.display().to_string();
+    let mux = |cmd: &str| {
+        w.ssh(&[
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            &format!("ControlPath={control}"),
+            "-o",
+            "ControlPersist=30",
+            "127.0.0.1",
+            cmd,
+        ])
+        .output()
+        .unwrap()
+    };
+    assert_eq!(text(&mux("echo first").stdout), "first\n");
+    assert_eq!(text(&mux("echo second").stdout), "second\n");
+    let denied = mux("echo forbidden");
+    assert_eq!(denied.status.code(), Some(1), "{}", text(&denied.stderr));
+    assert_eq!(text(&mux("echo third").stdout), "third\n");
+    w.wait_event("ssh.exec", |e| e["command_line"] == "echo third");
+    let opened = w.events("connection.opened");
+    assert_eq!(
+        opened.len(),
+        1,
+        "one connection for every channel: {opened:#?}"
+    );
+    let id = &opened[0]["connection_id"];
+    let execs = w.events("ssh.exec");
+    assert_eq!(execs.len(), 3, "{execs:#?}");
+    assert!(execs.iter().all(|e| &e["connection_id"] == id));
+    w.wait_event("ssh.channel_denied", |e| {
+        e["command_line"] == "echo forbidden"
+    });
+    // The background master ends with the agent's connection.
+    let _ = w
+        .ssh(&[
+            "-o",
+            &format!("ControlPath={control}"),
+            "-O",
+            "exit",
+            "127.0.0.1",
+        ])
+        .output();
 }
 
 #[test]
