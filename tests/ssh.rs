@@ -668,6 +668,65 @@ fn port_forwarding_is_refused() {
         text(&out.stderr)
     );
     w.wait_event("ssh.channel_denied", |e| e["channel"] == "direct-tcpip");
+    // -R: the forward request itself is refused.
+    let remote = w
+        .ssh(&[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("127.0.0.1:{}:127.0.0.1:9", w.port + 1000),
+            "127.0.0.1",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(remote.status.code(), Some(255));
+    assert!(
+        text(&remote.stderr).contains("remote port forwarding failed"),
+        "{}",
+        text(&remote.stderr)
+    );
+    w.wait_event("ssh.channel_denied", |e| e["channel"] == "tcpip-forward");
+}
+
+#[test]
+fn remote_forwarding_is_allowed_by_a_policy_and_comes_back_to_the_client() {
+    if !enabled() {
+        return;
+    }
+    let w = World::with(
+        "ssh-rforward-ok",
+        213,
+        Options {
+            policy: r#"@id("forward") permit (principal, action == Portcullis::Action::"ssh_port_forward", resource);"#,
+            ..Options::default()
+        },
+    );
+    let slot = Slot::new(213);
+    let echo = portcullis_e2e::EchoServer::start(&[slot.v4(1)]);
+    let remote_port = w.port + 1000;
+    // On the target, a connection to the forwarded port comes back through the agent to
+    // the client's side, which connects to the echo server.
+    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{remote_port}; echo ping >&3; head -2 <&3");
+    let out = output_within(
+        &mut w.ssh(&[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("127.0.0.1:{remote_port}:{}", slot.v4(1)),
+            "127.0.0.1",
+            &script,
+        ]),
+        Duration::from_secs(30),
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("peer=") && stdout.ends_with("ping\n"),
+        "{stdout}"
+    );
+    assert_eq!(echo.accepted(), 1);
+    w.wait_event("ssh.forward", |e| e["channel"] == "tcpip-forward");
 }
 
 #[test]

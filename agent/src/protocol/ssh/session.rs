@@ -84,6 +84,7 @@ pub(super) async fn serve(
         ..server::Config::default()
     };
     let (opened_tx, mut opened_rx) = tokio::sync::oneshot::channel();
+    let own_handle = Arc::new(Mutex::new(None));
     let handler = ClientHandler {
         gate: Arc::clone(&gate),
         shared,
@@ -95,6 +96,7 @@ pub(super) async fn serve(
         channels: HashMap::new(),
         pumps: JoinSet::new(),
         opened: Some(opened_tx),
+        own_handle: Arc::clone(&own_handle),
     };
     let mut running = match server::run_stream(Arc::new(config), client, handler).await {
         Ok(r) => r,
@@ -104,6 +106,7 @@ pub(super) async fn serve(
         }
     };
     let handle = running.handle();
+    *own_handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.clone());
     // The open connection's cancel token (logout, session end, agent drain) arrives once
     // the connection opened; until then only the session itself can end.
     let ended = tokio::select! {
@@ -144,6 +147,8 @@ struct ChannelState {
 struct Upstream {
     handle: client::Handle<UpstreamHandler>,
     session: OpenSession,
+    /// Whether a remote forward a policy allowed is in place (see `UpstreamHandler`).
+    remote_forwards: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct ClientHandler {
@@ -160,6 +165,8 @@ struct ClientHandler {
     pumps: JoinSet<()>,
     /// Tells `serve` the connection opened, with its cancel token.
     opened: Option<tokio::sync::oneshot::Sender<tokio_util::sync::CancellationToken>>,
+    /// This session's own handle: remote forwards open their channels to the client with it.
+    own_handle: Arc<Mutex<Option<server::Handle>>>,
 }
 
 /// A refusal of the connection: the audit decision and why.
@@ -247,10 +254,14 @@ impl ClientHandler {
         let mut names = super::host_principals(target, addr.ip());
         names.push(crate::config::canonical_ip(addr.ip()).to_string());
         let refusal = Arc::new(Mutex::new(None));
+        let remote_forwards = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handler = UpstreamHandler {
             known_hosts: Arc::new(known_hosts),
             names,
             refusal: Arc::clone(&refusal),
+            client: Arc::clone(&self.own_handle),
+            remote_forwards: Arc::clone(&remote_forwards),
+            relays: JoinSet::new(),
         };
         let keepalive = ssh.keepalive_secs;
         // Offer host certificates, so a known_hosts with only @cert-authority works.
@@ -357,7 +368,11 @@ impl ClientHandler {
             }
             Err(e) => return Err(Refused::error(e.to_string())),
         };
-        Ok(Upstream { handle, session })
+        Ok(Upstream {
+            handle,
+            session,
+            remote_forwards,
+        })
     }
 
     fn record_refusal(&self, refused: &Refused) {
@@ -734,17 +749,48 @@ impl server::Handler for ClientHandler {
         Ok(())
     }
 
+    /// `ssh -R`: decided as `ssh_port_forward`, then asked of the target's sshd; its
+    /// connections come back through `UpstreamHandler`.
     async fn tcpip_forward(
         &mut self,
         address: &str,
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.record_refused_channel(
-            "tcpip-forward",
-            &format!("remote port forwarding from {address}:{port} is not allowed"),
-        );
-        Ok(false)
+        let listen = format!("{address}:{port}");
+        if self.open.is_none()
+            || self
+                .decide_channel(
+                    Action::SshPortForward,
+                    None,
+                    "tcpip-forward",
+                    &format!("remote forwarding from {listen}"),
+                )
+                .is_err()
+        {
+            return Ok(false);
+        }
+        let Some(up) = &self.open else {
+            return Ok(false);
+        };
+        match up.handle.tcpip_forward(address, *port).await {
+            Ok(bound) => {
+                if *port == 0 {
+                    *port = bound;
+                }
+                up.remote_forwards
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                let mut ev = self.event(EventKind::SshForward, "tcpip-forward");
+                ev.decision = Some(Decision::Allow);
+                ev.reason = Some(format!("remote forward from {listen} on the target"));
+                self.gate.audit().record(ev);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(error = %e, %listen, "the upstream server refused a remote forward");
+                Ok(false)
+            }
+        }
     }
 
     async fn agent_request(

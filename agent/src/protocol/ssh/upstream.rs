@@ -161,6 +161,13 @@ pub struct UpstreamHandler {
     pub names: Vec<String>,
     /// Why the host key was refused, for the connection's refusal event.
     pub refusal: Arc<Mutex<Option<String>>>,
+    /// The client-facing session, once it runs: where a remote forward's connections go.
+    pub client: Arc<Mutex<Option<russh::server::Handle>>>,
+    /// Set when a remote forward (`ssh -R`) a policy allowed is in place; until then the
+    /// server may not open forwarded-tcpip channels.
+    pub remote_forwards: Arc<std::sync::atomic::AtomicBool>,
+    /// The relays of forwarded connections; they end with the connection.
+    pub relays: tokio::task::JoinSet<()>,
 }
 
 impl client::Handler for UpstreamHandler {
@@ -207,21 +214,94 @@ impl client::Handler for UpstreamHandler {
         Ok(())
     }
 
+    /// A connection to a remote forward (`ssh -R`): opened towards the client, then relayed
+    /// both ways. Only while a forward a policy allowed is in place. The client is asked in
+    /// a task, so this session's loop never waits on the client's.
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
-        _channel: Channel<client::Msg>,
-        _connected_address: &str,
-        _connected_port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        channel: Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        let client = self
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (true, Some(client)) = (
+            self.remote_forwards
+                .load(std::sync::atomic::Ordering::SeqCst),
+            client,
+        ) else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let (connected, originator) = (
+            connected_address.to_string(),
+            originator_address.to_string(),
+        );
+        self.relays.spawn(async move {
+            let down = match client
+                .channel_open_forwarded_tcpip(
+                    connected,
+                    connected_port,
+                    originator,
+                    originator_port,
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(_) => {
+                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                    return;
+                }
+            };
+            reply.accept().await;
+            relay_both_ways(channel, down).await;
+        });
         Ok(())
     }
+}
+
+/// Moves bytes both ways between two channels until both sides closed.
+async fn relay_both_ways(up: Channel<client::Msg>, down: Channel<russh::server::Msg>) {
+    let (mut up_read, up_write) = up.split();
+    let (mut down_read, down_write) = down.split();
+    let upward = async {
+        while let Some(msg) = down_read.wait().await {
+            let sent = match msg {
+                russh::ChannelMsg::Data { data } => up_write.data_bytes(data).await,
+                russh::ChannelMsg::Eof => up_write.eof().await,
+                russh::ChannelMsg::Close => break,
+                _ => Ok(()),
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        let _ = up_write.close().await;
+    };
+    let downward = async {
+        while let Some(msg) = up_read.wait().await {
+            let sent = match msg {
+                russh::ChannelMsg::Data { data } => down_write.data_bytes(data).await,
+                russh::ChannelMsg::Eof => down_write.eof().await,
+                russh::ChannelMsg::Close => break,
+                _ => Ok(()),
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        let _ = down_write.close().await;
+    };
+    tokio::join!(upward, downward);
 }
 
 #[cfg(test)]
