@@ -818,10 +818,6 @@ fn for_each_event(dir: &Path, mut f: impl FnMut(&serde_json::Value, &str)) -> an
     Ok(())
 }
 
-#[allow(
-    clippy::indexing_slicing,
-    reason = "serde_json::Value indexing yields Null, it never panics"
-)]
 /// `portcullis replay`: the recording is read and checked whole before anything is drawn, so
 /// a damaged file is an error naming its line, not a half-played session.
 fn replay(
