@@ -134,11 +134,38 @@ pub struct Slot {
     pub server_port: u16,
 }
 
+/// The slots' server ports (47000–47254) lie in the kernel's ephemeral range: a busy run's
+/// outgoing connection may take one as its local port, and a test server (sshd) then cannot
+/// bind it ("Address already in use"). Reserved ports are never handed out as ephemeral ones;
+/// the reservation is added to whatever the host reserves already (root only, as the e2e
+/// suites run; elsewhere it is left alone and nothing listens on them anyway).
+fn reserve_server_ports() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        const FILE: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+        const SERVERS: &str = "47000-47254";
+        let Ok(current) = std::fs::read_to_string(FILE) else {
+            return;
+        };
+        let current = current.trim();
+        if current.split(',').any(|r| r == SERVERS) {
+            return;
+        }
+        let wanted = if current.is_empty() {
+            SERVERS.to_string()
+        } else {
+            format!("{current},{SERVERS}")
+        };
+        let _ = std::fs::write(FILE, wanted);
+    });
+}
+
 impl Slot {
     /// Slots 0–155 own 127.(100+n).0.0/16; 156–254 own 127.(n−155).0.0/16, below every
     /// other slot's block and above 127.0.0.0/16, where the test servers listen.
     pub fn new(n: u8) -> Self {
         assert!(n < 255, "slot {n}: 255 would share slot 0's block");
+        reserve_server_ports();
         Self {
             net: 100u8.checked_add(n).unwrap_or_else(|| n - 155),
             proxy_port: 900 + u16::from(n),
