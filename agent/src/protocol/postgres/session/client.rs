@@ -203,18 +203,9 @@ impl<'a> Session<'a> {
             Err(_) if self.ctx.replication && replication_command(sql).is_some() => {
                 let command = replication_command(sql).unwrap_or_default();
                 let info = StatementInfo {
-                    text: sql.trim().into(),
                     class: Some("admin"),
                     command: Some(command.into()),
-                    tables: Arc::from([]),
-                    functions: Arc::from([]),
-                    copy: None,
-                    sources: None,
-                    named: None,
-                    inner: Arc::from([]),
-                    dynamic_sql: false,
-                    shape_hash: std::sync::OnceLock::new(),
-                    encoded: std::sync::OnceLock::new(),
+                    ..unparsed(sql.trim())
                 };
                 let set = Arc::clone(&self.policies);
                 match self.decide(&set, &info) {
@@ -641,18 +632,10 @@ impl<'a> Session<'a> {
             None => format!("-- function call by OID {oid}"),
         };
         let info = StatementInfo {
-            text: text.into(),
             class: Some("call"),
             command: Some("FUNCTION CALL".into()),
-            tables: Arc::from([]),
             functions: functions.into(),
-            copy: None,
-            sources: None,
-            named: None,
-            inner: Arc::from([]),
-            dynamic_sql: false,
-            shape_hash: std::sync::OnceLock::new(),
-            encoded: std::sync::OnceLock::new(),
+            ..unparsed(&text)
         };
         let set = Arc::clone(&self.policies);
         let decided = self.decide(&set, &info).and_then(|verdict| {
