@@ -419,6 +419,21 @@ fn the_deb_installs_upgrades_keeping_the_edited_config_and_purges_to_nothing() {
         mode_owner(&root.path("/var/lib/portcullis/ca/ca.key")),
         (0o600, 0, 0)
     );
+    // The SSH host and user CAs are made at install too: keys root's, public halves readable.
+    for ca in ["host_ca", "user_ca"] {
+        assert_eq!(
+            mode_owner(&root.path(&format!("/var/lib/portcullis/ssh/{ca}"))),
+            (0o600, 0, 0),
+            "{ca}"
+        );
+        assert_eq!(
+            mode_owner(&root.path(&format!("/var/lib/portcullis/ssh/{ca}.pub"))).0,
+            0o644,
+            "{ca}.pub"
+        );
+    }
+    let ssh_host_ca =
+        std::fs::read_to_string(root.path("/var/lib/portcullis/ssh/host_ca.pub")).unwrap();
 
     // Every shipped file under /etc is a conffile.
     let conffiles = root.sh("dpkg-query --showformat='${Conffiles}' --show portcullis");
@@ -479,6 +494,11 @@ fn the_deb_installs_upgrades_keeping_the_edited_config_and_purges_to_nothing() {
         std::fs::read_to_string(root.path("/var/lib/portcullis/ca/ca.pem")).unwrap(),
         ca,
         "an upgrade keeps the CA"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.path("/var/lib/portcullis/ssh/host_ca.pub")).unwrap(),
+        ssh_host_ca,
+        "an upgrade keeps the SSH host CA"
     );
 
     // Remove: the program and the trust store entry go, the configuration stays.

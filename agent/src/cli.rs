@@ -123,8 +123,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum CaCommand {
-    /// Create the local CA in the state directory unless it exists, and print the path of
-    /// its certificate (the packages add it to the system trust store).
+    /// Create the local CA and the SSH host and user CAs in the state directory unless they
+    /// exist, and print the path of the CA certificate (the packages add it to the system
+    /// trust store).
     Init {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
@@ -491,6 +492,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Where the PostgreSQL handler opens it (protocol::postgres).
             let dir = cfg.state_dir.join("ca");
             crate::ca::LocalCa::open_or_create(&dir)?;
+            // And the SSH host and user CAs, where protocol::ssh opens them: made at install
+            // like the TLS CA, so the known_hosts line and the targets' TrustedUserCAKeys can
+            // be set up before the first connection; an existing one is never replaced.
+            crate::ssh_ca::SshCa::open_or_create(&cfg.state_dir.join("ssh"))?;
             println!("{}", dir.join("ca.pem").display());
             Ok(ExitCode::SUCCESS)
         }
