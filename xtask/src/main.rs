@@ -26,11 +26,12 @@ commands:
   fuzz [--seconds N]
                build every cargo-fuzz target (nightly, libFuzzer coverage) and run each for
                N seconds (default 60) from a fixed seed
-  package [--revision N] [--no-build] [--fast] [--out DIR]
+  package [--revision N] [--no-build] [--fast] [--debug] [--out DIR]
                build the .deb and the .rpm (cargo-deb and cargo-generate-rpm in .tools/) with
                the release binary, man pages and completions, into target/packages; --revision
                sets the package revision (default 1), --no-build packages the binary already
-               built, --fast compresses faster into larger files (what `test` builds)
+               built, --fast compresses faster into larger files, --debug packages the debug
+               build (`test` builds --fast --debug packages: never ship those)
   demo         build everything and show the redirect, the proxy and `portcullis status`
   bench [redirect|policy|audit|postgres|all] [--no-build] [--quick] [--seconds N] [--rounds N]
         [--case TEXT] [--perf]
@@ -125,14 +126,17 @@ fn test() -> Result<()> {
     fuzz::run_all(FUZZ_SMOKE_SECONDS)?;
     step("building the agent and the test clients");
     cargo(&["build", "-p", "portcullis-agent", "-p", "portcullis-e2e"])?;
-    // The package suite (tests/packages.rs) installs these: revision 2 is the upgrade.
-    package::run_package(&package::Options::parse(&["--fast".into()])?)?;
-    package::run_package(&package::Options::parse(&[
-        "--fast".into(),
-        "--no-build".into(),
-        "--revision".into(),
-        "2".into(),
-    ])?)?;
+    // The package suite (tests/packages.rs) installs these: revision 2 is the upgrade. They
+    // hold the debug build just made: a release build would double a cold run's compile time.
+    for revision in ["1", "2"] {
+        package::run_package(&package::Options::parse(&[
+            "--fast".into(),
+            "--debug".into(),
+            "--no-build".into(),
+            "--revision".into(),
+            revision.into(),
+        ])?)?;
+    }
     step("unit, integration and end-to-end tests");
     let bin = root().join("target/debug/portcullis");
     let mut c = cargo_cmd(&["test", "--workspace"]);

@@ -29,6 +29,10 @@ pub struct Options {
     /// Faster compression, larger files (xz's fast preset, gzip for the rpm): the same
     /// contents, for packages that are only tested.
     pub fast: bool,
+    /// Package the debug build instead of the release build: for the package tests, which
+    /// check the packaging and not the optimiser, so a cold `cargo xtask test` builds the
+    /// agent once, not twice. Never for packages anyone installs.
+    pub debug: bool,
     pub out: PathBuf,
 }
 
@@ -38,6 +42,7 @@ impl Options {
             revision: 1,
             no_build: false,
             fast: false,
+            debug: false,
             out: default_out_dir(),
         };
         let mut args = args.iter();
@@ -45,6 +50,7 @@ impl Options {
             match arg.as_str() {
                 "--no-build" => options.no_build = true,
                 "--fast" => options.fast = true,
+                "--debug" => options.debug = true,
                 "--revision" => {
                     let value = args.next().context("--revision needs a number")?;
                     options.revision =
@@ -65,13 +71,18 @@ impl Options {
 pub fn run_package(options: &Options) -> Result<()> {
     let cargo_deb = cargo_tool("cargo-deb", CARGO_DEB_VERSION)?;
     let cargo_generate_rpm = cargo_tool("cargo-generate-rpm", CARGO_GENERATE_RPM_VERSION)?;
+    let profile = if options.debug { "debug" } else { "release" };
     if !options.no_build {
         crate::setup::ebpf_toolchain()?;
         crate::build_ebpf()?;
-        step("building the agent (release)");
-        crate::cargo(&["build", "--release", "-p", "portcullis-agent"])?;
+        step(&format!("building the agent ({profile})"));
+        let mut args = vec!["build", "-p", "portcullis-agent"];
+        if !options.debug {
+            args.push("--release");
+        }
+        crate::cargo(&args)?;
     }
-    let bin = root().join("target/release/portcullis");
+    let bin = root().join("target").join(profile).join("portcullis");
     if !bin.is_file() {
         bail!(
             "{} is missing: run `cargo xtask package` without --no-build",
