@@ -22,7 +22,7 @@ const TARGETS: &[(&str, &[&str])] = &[
     ("sql/fuzz", &["classify"]),
     (
         "terminal/fuzz",
-        &["stream_mask", "guarded_line", "exec_classify"],
+        &["stream_mask", "guarded_line", "exec_classify", "sftp_packets"],
     ),
 ];
 
