@@ -190,7 +190,7 @@ fn cargo_tool(name: &str, version: &str) -> Result<PathBuf> {
         "building {name} {version} into {} (a few minutes, once)",
         dir.display()
     ));
-    run(Command::new("cargo")
+    run(crate::setup::quick_tool_profile(&mut Command::new("cargo"))
         .args(["install", "--locked", "--force"])
         .arg(format!("{name}@{version}"))
         .arg("--root")

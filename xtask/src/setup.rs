@@ -276,7 +276,7 @@ fn bpf_linker() -> Result<()> {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&libllvm, &link)
         .with_context(|| format!("linking {}", link.display()))?;
-    run(Command::new("cargo")
+    run(quick_tool_profile(&mut Command::new("cargo"))
         .args([
             "+nightly",
             "install",
@@ -323,10 +323,10 @@ fn cargo_deny() -> Result<()> {
         return Ok(());
     }
     step(&format!(
-        "building cargo-deny {CARGO_DENY_VERSION} into {} (about four minutes, once)",
+        "building cargo-deny {CARGO_DENY_VERSION} into {} (a minute or two, once)",
         dir.display()
     ));
-    run(Command::new("cargo")
+    run(quick_tool_profile(&mut Command::new("cargo"))
         .args(["install", "--locked", "--force"])
         .arg(format!("cargo-deny@{CARGO_DENY_VERSION}"))
         .arg("--root")
@@ -334,6 +334,18 @@ fn cargo_deny() -> Result<()> {
         .current_dir(root())
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("RUSTFLAGS"))
+}
+
+/// The release profile the tools we build from crates.io (bpf-linker, cargo-deny, cargo-deb,
+/// cargo-generate-rpm) are compiled with: their own profiles ask for fat LTO, one codegen unit
+/// or full debug info, which cost a cold CI run minutes for programs that run for seconds.
+/// Settings from the environment take precedence over a package's manifest.
+pub fn quick_tool_profile(c: &mut Command) -> &mut Command {
+    c.env("CARGO_PROFILE_RELEASE_LTO", "false")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "1")
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_INCREMENTAL", "false")
 }
 
 pub fn is_root() -> bool {
