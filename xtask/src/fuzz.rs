@@ -56,13 +56,28 @@ pub fn parse_seconds(args: &[String]) -> Result<u64> {
     Ok(seconds)
 }
 
-pub fn run_all(seconds: u64) -> Result<()> {
-    let target_dir = root().join("target/fuzz");
+/// How the targets are compiled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// Optimised like `cargo fuzz build`: for runs long enough to find something.
+    Full,
+    /// At opt-level 1, in their own target directory: `cargo xtask test` runs each target for
+    /// seconds to prove it builds and runs, and a cold CI run should not spend minutes
+    /// optimising the policy engine for that.
+    Smoke,
+}
+
+pub fn run_all(seconds: u64, build: Build) -> Result<()> {
+    let (target_dir, opt_level) = match build {
+        Build::Full => (root().join("target/fuzz"), "3"),
+        Build::Smoke => (root().join("target/fuzz-smoke"), "1"),
+    };
     for (dir, targets) in TARGETS {
         step(&format!(
-            "fuzz: building {dir} (nightly, libFuzzer coverage)"
+            "fuzz: building {dir} (nightly, libFuzzer coverage, opt-level {opt_level})"
         ));
         run(Command::new("cargo")
+            .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", opt_level)
             .args([
                 "+nightly",
                 "build",

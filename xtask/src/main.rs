@@ -61,7 +61,7 @@ fn main() -> Result<()> {
         }
         "test" => test(),
         "package" => package::run_package(&package::Options::parse(rest)?),
-        "fuzz" => fuzz::run_all(fuzz::parse_seconds(rest)?),
+        "fuzz" => fuzz::run_all(fuzz::parse_seconds(rest)?, fuzz::Build::Full),
         "demo" => {
             setup::all()?;
             build_ebpf()?;
@@ -123,7 +123,7 @@ fn test() -> Result<()> {
         .args(["--all-features", "check", "licenses", "bans", "sources"])
         .current_dir(root()))?;
     // Every fuzz target builds and runs a little, from a fixed seed.
-    fuzz::run_all(FUZZ_SMOKE_SECONDS)?;
+    fuzz::run_all(FUZZ_SMOKE_SECONDS, fuzz::Build::Smoke)?;
     step("building the agent and the test clients");
     cargo(&["build", "-p", "portcullis-agent", "-p", "portcullis-e2e"])?;
     // The package suite (tests/packages.rs) installs these: revision 2 is the upgrade. They
