@@ -22,7 +22,12 @@ const TARGETS: &[(&str, &[&str])] = &[
     ("sql/fuzz", &["classify"]),
     (
         "terminal/fuzz",
-        &["stream_mask", "guarded_line", "exec_classify", "sftp_packets"],
+        &[
+            "stream_mask",
+            "guarded_line",
+            "exec_classify",
+            "sftp_packets",
+        ],
     ),
 ];
 
