@@ -82,6 +82,9 @@ pub enum SftpError {
 #[derive(Debug, Default)]
 pub struct Framer {
     buf: Vec<u8>,
+    /// Where the next packet starts in `buf`: taking a packet out moves it instead of
+    /// shifting the rest, so a message of thousands of tiny packets costs no more than one.
+    start: usize,
     /// Set once the stream is broken: nothing after it is a packet.
     failed: Option<SftpError>,
 }
@@ -89,9 +92,14 @@ pub struct Framer {
 impl Framer {
     /// Adds bytes as they arrived; takes whole packets out with [`Framer::next_packet`].
     pub fn push(&mut self, data: &[u8]) {
-        if self.failed.is_none() {
-            self.buf.extend_from_slice(data);
+        if self.failed.is_some() {
+            return;
         }
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
     }
 
     /// The next whole packet (its length field included), `None` until one is complete. An
@@ -100,13 +108,15 @@ impl Framer {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let Some(len) = read_u32(&self.buf) else {
+        let rest = self.buf.get(self.start..).unwrap_or_default();
+        let Some(len) = read_u32(rest) else {
             return Ok(None);
         };
         let len = len as usize;
         let fail = |e: SftpError, me: &mut Self| {
             me.failed = Some(e.clone());
             me.buf = Vec::new();
+            me.start = 0;
             Err(e)
         };
         if len > MAX_PACKET {
@@ -116,16 +126,21 @@ impl Framer {
             return fail(SftpError::Empty, self);
         }
         let total = len + 4;
-        if self.buf.len() < total {
+        let Some(packet) = rest.get(..total) else {
             return Ok(None);
+        };
+        let packet = packet.to_vec();
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
         }
-        let rest = self.buf.split_off(total);
-        Ok(Some(std::mem::replace(&mut self.buf, rest)))
+        Ok(Some(packet))
     }
 
     /// Bytes held for a packet not yet complete.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 }
 
