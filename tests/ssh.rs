@@ -2,7 +2,7 @@
 //! (the agent's user CA in `TrustedUserCAKeys`, a test user whose password field is `*`),
 //! the real kernel redirect, and the unchanged OpenSSH clients (`ssh`, `scp`, `sftp`),
 //! `rsync` and `git`, run as an unprivileged local user whose only trust is the
-//! `@cert-authority` line `portcullis ssh known-hosts` prints. Slots 200–215.
+//! `@cert-authority` line `portcullis ssh known-hosts` prints. Slots 200–239.
 
 #![allow(
     clippy::unwrap_used,
@@ -195,7 +195,7 @@ impl World {
     }
 
     fn with(name: &str, n: u8, o: Options<'_>) -> Self {
-        assert!((200..=215).contains(&n), "the SSH suite owns slots 200-215");
+        assert!((200..=239).contains(&n), "the SSH suite owns slots 200-239");
         let (_, client_uid) = ensure_users();
         let slot = Slot::new(n);
         let port = slot.server_port;
@@ -698,7 +698,7 @@ fn remote_forwarding_is_allowed_by_a_policy_and_comes_back_to_the_client() {
         "ssh-rforward-ok",
         213,
         Options {
-            policy: r#"@id("forward") permit (principal, action == Portcullis::Action::"ssh_port_forward", resource);"#,
+            policy: r#"@id("forward") permit (principal, action == Portcullis::Action::"ssh_forward_remote", resource);"#,
             ..Options::default()
         },
     );
@@ -738,7 +738,7 @@ fn port_forwarding_is_allowed_by_a_policy_and_reaches_its_destination() {
         "ssh-forward-ok",
         210,
         Options {
-            policy: r#"@id("forward") permit (principal, action == Portcullis::Action::"ssh_port_forward", resource);"#,
+            policy: r#"@id("forward") permit (principal, action == Portcullis::Action::"ssh_forward_local", resource);"#,
             ..Options::default()
         },
     );
@@ -909,4 +909,346 @@ fn rsync_and_git_work_over_ssh() {
             .starts_with("git-receive-pack")
     });
     let _ = std::fs::remove_dir_all(&repo);
+}
+
+// ---------------------------------------------------------------------------------------
+// Part C: forwarding decided on its destination, agent forwarding, the target's known_hosts,
+// refusals the client can read, and one channel that cannot stall the others. Slots 225–229.
+// ---------------------------------------------------------------------------------------
+
+/// `-W destination` with `input` on stdin, as the client: its output, bounded.
+fn stdio_forward(w: &World, destination: &str, input: &[u8]) -> Output {
+    let data = w
+        .files
+        .path()
+        .join(format!("forward-input-{}", input.len()));
+    std::fs::write(&data, input).unwrap();
+    let mut c = w.ssh(&["-W", destination, "127.0.0.1"]);
+    c.stdin(std::fs::File::open(&data).unwrap());
+    output_within(&mut c, Duration::from_secs(30))
+}
+
+#[test]
+fn a_policy_allows_a_local_forward_to_one_destination_only_and_each_is_audited_with_its_bytes() {
+    if !enabled() {
+        return;
+    }
+    let slot = Slot::new(225);
+    let dest = slot.v4(1);
+    let echo = portcullis_e2e::EchoServer::start(&[dest]);
+    let policy = format!(
+        r#"@id("tunnel") permit (principal, action == Portcullis::Action::"ssh_forward_local", resource)
+        when {{ context.destination_host == "{}" && context.destination_port == {} }};"#,
+        dest.ip(),
+        dest.port()
+    );
+    let w = World::with(
+        "ssh-fwd-one",
+        225,
+        Options {
+            policy: &policy,
+            ..Options::default()
+        },
+    );
+    let input = b"through the tunnel\n";
+    let out = stdio_forward(&w, &dest.to_string(), input);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.ends_with("through the tunnel\n"), "{stdout}");
+    assert_eq!(echo.accepted(), 1);
+    // Another port of the same host, and another host on the same port: refused, and the
+    // client prints why.
+    for other in [
+        format!("{}:{}", dest.ip(), dest.port() + 1),
+        format!("127.0.0.1:{}", dest.port()),
+    ] {
+        let refused = stdio_forward(&w, &other, input);
+        assert_eq!(refused.status.code(), Some(255));
+        let err = text(&refused.stderr);
+        assert!(
+            err.contains(&format!(
+                "administratively prohibited: portcullis: forwarding to {other} denied by policy"
+            )),
+            "{err}"
+        );
+        let denied = w.wait_event("ssh.channel_denied", |e| e["forward"] == other.as_str());
+        assert_eq!(denied["channel"], "direct-tcpip");
+        assert_eq!(denied["decision"], "deny");
+    }
+    assert_eq!(echo.accepted(), 1, "a refused forward reached the server");
+    let opened = w.wait_event("ssh.forward", |e| e["forward"] == dest.to_string().as_str());
+    assert_eq!(opened["policy_ids"][0], "tunnel");
+    assert!(opened["originator"].is_string(), "{opened}");
+    // At its end: the bytes each way, as the client sent and received them.
+    let closed = w.wait_event("ssh.forward_closed", |e| {
+        e["forward"] == dest.to_string().as_str()
+    });
+    assert_eq!(closed["channel"], "direct-tcpip");
+    assert_eq!(closed["bytes_client_to_upstream"], input.len() as u64);
+    assert_eq!(closed["bytes_upstream_to_client"], out.stdout.len() as u64);
+}
+
+/// An ssh-agent of the client account holding one new key, as a user's laptop would.
+struct TestAgent {
+    child: Child,
+    socket: PathBuf,
+    fingerprint: String,
+}
+
+impl TestAgent {
+    fn start(w: &World) -> Self {
+        let dir = w.client_dir("agent");
+        let socket = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = w
+            .client("ssh-agent")
+            .args(["-D", "-a"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "ssh-agent did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let key = dir.join("id_ed25519");
+        keygen(&key);
+        for f in [key.clone(), key.with_extension("pub")] {
+            std::os::unix::fs::chown(&f, Some(w.client_uid), Some(w.client_uid)).unwrap();
+        }
+        run(w.client("ssh-add").env("SSH_AUTH_SOCK", &socket).arg(&key));
+        let listed = run(Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(key.with_extension("pub")));
+        let fingerprint = text(&listed.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        Self {
+            child,
+            socket,
+            fingerprint,
+        }
+    }
+
+    /// `ssh -A` to the target running `ssh-add -l` there.
+    fn list_on_target(&self, w: &World) -> Output {
+        let mut c = w.ssh(&["-A", "127.0.0.1", "ssh-add -l"]);
+        c.env("SSH_AUTH_SOCK", &self.socket);
+        output_within(&mut c, Duration::from_secs(30))
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn agent_forwarding_allowed_by_a_policy_lists_the_clients_key_on_the_target() {
+    if !enabled() {
+        return;
+    }
+    let w = World::with(
+        "ssh-agent-ok",
+        226,
+        Options {
+            policy: r#"@id("agent") permit (principal, action == Portcullis::Action::"ssh_agent_forward", resource);"#,
+            ..Options::default()
+        },
+    );
+    let agent = TestAgent::start(&w);
+    let out = agent.list_on_target(&w);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains(&agent.fingerprint), "{stdout}");
+    let req = w.wait_event("ssh.agent_channel", |e| e["channel"] == "auth-agent-req");
+    assert_eq!(req["policy_ids"][0], "agent");
+    let relayed = w.wait_event("ssh.agent_channel", |e| {
+        e["channel"] == "auth-agent@openssh.com"
+    });
+    assert_eq!(relayed["decision"], "allow");
+}
+
+#[test]
+fn every_refusal_reaches_the_client_as_a_line_it_prints() {
+    if !enabled() {
+        return;
+    }
+    let w = World::with(
+        "ssh-refusals",
+        227,
+        Options {
+            policy: r#"@id("no-root") forbid (principal, action == Portcullis::Action::"connect", resource)
+                when { context has ssh_user && context.ssh_user == "root" };"#,
+            ..Options::default()
+        },
+    );
+    let err_of = |args: &[&str]| {
+        let out = output_within(&mut w.ssh(args), Duration::from_secs(30));
+        (out.status.code(), text(&out.stderr))
+    };
+    // The connect, denied by policy: the disconnect's text.
+    let (code, err) = err_of(&["root@127.0.0.1", "true"]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains("portcullis: denied by policy") && err.contains("no-root"),
+        "{err}"
+    );
+    // The target's sshd refuses the agent's login (AllowUsers): said, not "Permission denied".
+    let (code, err) = err_of(&[&format!("{LOCAL_USER}@127.0.0.1"), "true"]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains(&format!("refused the agent's login as `{LOCAL_USER}`")),
+        "{err}"
+    );
+    // A command: its reason on stderr, exit status 1.
+    let (code, err) = err_of(&["127.0.0.1", "echo forbidden"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("exec denied by policy"), "{err}");
+    // A forward: the reason after OpenSSH's "open failed".
+    let (code, err) = err_of(&["-W", "127.0.0.1:9", "127.0.0.1"]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains("open failed: administratively prohibited: portcullis: forwarding to 127.0.0.1:9 denied by policy"),
+        "{err}"
+    );
+    // Agent forwarding without a policy: the target sees no agent, and it is evented.
+    let agent = TestAgent::start(&w);
+    let out = agent.list_on_target(&w);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("Could not open a connection to your authentication agent"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stdout).contains(&agent.fingerprint));
+    let denied = w.wait_event("ssh.channel_denied", |e| e["channel"] == "auth-agent-req");
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("agent forwarding denied by policy"),
+        "{denied}"
+    );
+    assert!(w.events("ssh.agent_channel").is_empty());
+}
+
+#[test]
+fn hashed_known_hosts_are_matched_and_a_revoked_or_changed_key_is_refused_with_its_reason() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-knownhosts", 228);
+    let sshd = w.files.path().join("sshd");
+    let known = sshd.join("upstream_known_hosts");
+    // OpenSSH's own hashing of the `[127.0.0.1]:port` line.
+    run(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&known));
+    let hashed = std::fs::read_to_string(&known).unwrap();
+    assert!(hashed.starts_with("|1|"), "{hashed}");
+    let ok = output_within(
+        &mut w.ssh(&["127.0.0.1", "echo ok"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(text(&ok.stdout), "ok\n", "{}", text(&ok.stderr));
+
+    let fingerprint = |pub_file: &Path| {
+        let o = run(Command::new("ssh-keygen").arg("-lf").arg(pub_file));
+        text(&o.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let host_key = std::fs::read_to_string(sshd.join("host_key.pub")).unwrap();
+    let host_fp = fingerprint(&sshd.join("host_key.pub"));
+    // Revoked, even though a line lists it for this host.
+    std::fs::write(&known, format!("{hashed}@revoked * {host_key}")).unwrap();
+    let out = output_within(&mut w.ssh(&["127.0.0.1", "true"]), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(255));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("marked @revoked") && err.contains(&host_fp),
+        "{err}"
+    );
+    w.wait_event("connection.refused", |e| {
+        e["reason"].as_str().unwrap_or("").contains("@revoked")
+    });
+    // Changed: another key under the hashed name; the client reads both keys.
+    let other = keygen(&sshd.join("other_key"));
+    let other_fp = fingerprint(&sshd.join("other_key.pub"));
+    let line = hashed.split_whitespace().next().unwrap();
+    std::fs::write(&known, format!("{line} {other}")).unwrap();
+    let out = output_within(&mut w.ssh(&["127.0.0.1", "true"]), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(255));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("is not the one expected")
+            && err.contains(&host_fp)
+            && err.contains(&other_fp),
+        "{err}"
+    );
+    assert!(w.events("connection.opened").len() == 1);
+}
+
+#[test]
+fn a_channel_whose_server_does_not_read_leaves_the_other_channels_of_a_controlmaster_connection_moving(
+) {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-backpressure", 229);
+    let dir = w.client_dir("mux");
+    let control = dir.join("cm");
+    let control = control.to_str().unwrap();
+    let mut master = w
+        .ssh(&["-M", "-S", control, "-N", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !w
+        .ssh(&["-S", control, "-O", "check", "127.0.0.1"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the ControlMaster did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // 5 MiB into a command that never reads stdin: past the target's 2 MiB window and its
+    // pipe, so the rest waits in the agent.
+    let big = w.files.path().join("big.bin");
+    std::fs::write(&big, vec![b'x'; 5 << 20]).unwrap();
+    let mut stuck = w
+        .ssh(&["-S", control, "127.0.0.1", "sleep 60"])
+        .stdin(std::fs::File::open(&big).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let the write reach the agent (no assertion depends on this).
+    std::thread::sleep(Duration::from_secs(3));
+    let other = output_within(
+        &mut w.ssh(&["-S", control, "127.0.0.1", "echo still moving"]),
+        Duration::from_secs(30),
+    );
+    let _ = stuck.kill();
+    let _ = stuck.wait();
+    let _ = w.ssh(&["-S", control, "-O", "exit", "127.0.0.1"]).output();
+    let _ = master.kill();
+    let _ = master.wait();
+    assert_eq!(
+        text(&other.stdout),
+        "still moving\n",
+        "{}",
+        text(&other.stderr)
+    );
 }

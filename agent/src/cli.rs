@@ -298,7 +298,8 @@ struct ExplainArgs {
     /// Target name from the config.
     #[arg(long)]
     target: String,
-    /// connect, query, ssh_shell, ssh_exec, ssh_sftp, ssh_port_forward, ssh_agent_forward
+    /// connect, query, ssh_shell, ssh_exec, ssh_sftp, ssh_forward_local, ssh_forward_remote,
+    /// ssh_agent_forward
     #[arg(long, default_value = "connect")]
     action: String,
     #[arg(long, default_value = "psql")]

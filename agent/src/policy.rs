@@ -365,6 +365,7 @@ pub fn base_context(comm: &str, uid: u32, unix_time: i64) -> Context {
         command_name: None,
         command_args: Vec::new(),
         ssh_user: None,
+        forward: None,
         db_user: None,
         db_name: None,
     }

@@ -90,6 +90,14 @@ pub enum EventKind {
     /// destination.
     #[serde(rename = "ssh.forward")]
     SshForward,
+    /// A forwarded connection ended (`ssh -L`/`-W` to `forward`, or a connection to an
+    /// `ssh -R` port on the target): the bytes it moved each way, client side first.
+    #[serde(rename = "ssh.forward_closed")]
+    SshForwardClosed,
+    /// An SSH agent channel (`ssh -A`) the target's sshd opened: relayed to the client
+    /// when policy allowed agent forwarding, refused otherwise.
+    #[serde(rename = "ssh.agent_channel")]
+    SshAgentChannel,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -178,6 +186,14 @@ pub struct SshFields {
     /// The command of an exec request, exactly as the client sent it (lossy UTF-8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command_line: Option<String>,
+    /// A forward's `host:port`: where a local forward goes (as the client named it; the
+    /// target resolves a name), or where a remote forward listens on the target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
+    /// Where a forwarded connection says it came from (`host:port`): the client's claim
+    /// for a local forward, the target's sshd's for a connection to a remote forward.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub originator: Option<String>,
 }
 
 /// What a statement event says about the statement itself. What stays the same from one

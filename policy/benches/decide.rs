@@ -123,6 +123,7 @@ fn request() -> Request {
             command_name: None,
             command_args: Vec::new(),
             ssh_user: None,
+            forward: None,
             db_user: Some("app".to_owned()),
             db_name: Some("app".to_owned()),
         },

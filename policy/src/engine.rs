@@ -215,6 +215,26 @@ impl PolicySet {
         }
     }
 
+    /// Whether some `permit` for the request's action has its principal and target in scope,
+    /// its conditions not evaluated: for a question asked before the request's context
+    /// exists (which extensions an SSH login certificate carries, before any forward was
+    /// asked for). Never a decision: what is then asked is decided by [`Self::decide`].
+    pub fn could_permit(&self, request: &Request) -> bool {
+        let Some(slice) = self.slices.get(request.action.index()) else {
+            return false;
+        };
+        let principal = self.principal_uid(request);
+        let groups = self.group_uids(request);
+        let resource = uid(&self.types.target, &request.target.name);
+        slice.in_scope.iter().any(|&index| {
+            self.policies.get(index).is_some_and(|policy| {
+                policy.effect == PolicyEffect::Permit
+                    && principal_in_scope(&policy.cedar, &principal, &groups)
+                    && resource_in_scope(&policy.cedar, &resource)
+            })
+        })
+    }
+
     /// Every policy, in file order.
     pub fn policies(&self) -> &[PolicyInfo] {
         &self.policies
@@ -506,10 +526,25 @@ impl PolicySet {
                     pairs.push(("command_args".to_owned(), strings(&context.command_args)));
                 }
             }
-            Action::SshShell
-            | Action::SshSftp
-            | Action::SshPortForward
-            | Action::SshAgentForward => {}
+            Action::SshForwardLocal | Action::SshForwardRemote => {
+                let forward = context.forward.as_ref().ok_or_else(|| {
+                    format!("the request lacks context `forward`, which action `{action}` needs")
+                })?;
+                let (host, port) = if action == Action::SshForwardLocal {
+                    ("destination_host", "destination_port")
+                } else {
+                    ("bind_address", "bind_port")
+                };
+                pairs.push((host.to_owned(), string(&forward.host)));
+                pairs.push((port.to_owned(), long(i64::from(forward.port))));
+                if let (Action::SshForwardLocal, Some((from, from_port))) =
+                    (action, &forward.originator)
+                {
+                    pairs.push(("originator_host".to_owned(), string(from)));
+                    pairs.push(("originator_port".to_owned(), long(i64::from(*from_port))));
+                }
+            }
+            Action::SshShell | Action::SshSftp | Action::SshAgentForward => {}
         }
         let cedar_context =
             cedar::Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))?;
@@ -720,6 +755,11 @@ mod tests {
                 command_name: Some("ls".to_owned()),
                 command_args: vec!["-l".to_owned()],
                 ssh_user: Some("deploy".to_owned()),
+                forward: Some(crate::request::Forward {
+                    host: "db.internal".to_owned(),
+                    port: 5432,
+                    originator: Some(("127.0.0.1".to_owned(), 40000)),
+                }),
                 db_user: Some("u".to_owned()),
                 db_name: Some("d".to_owned()),
             },

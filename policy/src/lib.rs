@@ -29,7 +29,9 @@ pub use load::{is_policy_set_file, APPROVALS_FILE, MASKING_FILE, SCHEMA};
 pub use mask::{
     ColumnOrigin, ColumnPlan, ContentMatch, Masker, Unmaskable, FORMAT_BINARY, FORMAT_TEXT,
 };
-pub use request::{Action, Context, Principal, PrincipalKind, Request, Target, STATEMENT_CLASSES};
+pub use request::{
+    Action, Context, Forward, Principal, PrincipalKind, Request, Target, STATEMENT_CLASSES,
+};
 pub use settings::{
     ApprovalSettings, ColumnMatcher, Detector, MaskKind, MaskRule, MaskingProfile, Selector,
     TableColumn,

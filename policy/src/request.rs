@@ -56,23 +56,28 @@ pub enum Action {
     SshExec,
     /// The SSH `sftp` subsystem (scp in its modern form uses it too).
     SshSftp,
-    /// SSH TCP port forwarding (local or remote).
-    SshPortForward,
+    /// An SSH local forward (`ssh -L`, `ssh -W`: a direct-tcpip channel); where to is
+    /// `Context::forward`.
+    SshForwardLocal,
+    /// An SSH remote forward (`ssh -R`: a tcpip-forward request); where the target listens is
+    /// `Context::forward`.
+    SshForwardRemote,
     /// SSH agent forwarding.
     SshAgentForward,
 }
 
 impl Action {
     /// Every action, in the order the engine indexes them.
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 9] = [
         Action::Connect,
         Action::Query,
         Action::SshShell,
         Action::SshExec,
         Action::SshSftp,
-        Action::SshPortForward,
+        Action::SshForwardLocal,
         Action::SshAgentForward,
         Action::Replicate,
+        Action::SshForwardRemote,
     ];
 
     /// The action's id in the Cedar schema: `Portcullis::Action::"<cedar_name>"`.
@@ -84,7 +89,8 @@ impl Action {
             Action::SshShell => "ssh_shell",
             Action::SshExec => "ssh_exec",
             Action::SshSftp => "ssh_sftp",
-            Action::SshPortForward => "ssh_port_forward",
+            Action::SshForwardLocal => "ssh_forward_local",
+            Action::SshForwardRemote => "ssh_forward_remote",
             Action::SshAgentForward => "ssh_agent_forward",
         }
     }
@@ -96,9 +102,10 @@ impl Action {
             Action::SshShell => 2,
             Action::SshExec => 3,
             Action::SshSftp => 4,
-            Action::SshPortForward => 5,
+            Action::SshForwardLocal => 5,
             Action::SshAgentForward => 6,
             Action::Replicate => 7,
+            Action::SshForwardRemote => 8,
         }
     }
 }
@@ -164,8 +171,24 @@ pub struct Context {
     pub command_args: Vec<String>,
     /// For `connect` to an SSH target: the login name the client asked for (`ssh user@host`).
     pub ssh_user: Option<String>,
+    /// For `ssh_forward_local` and `ssh_forward_remote`: the forward's address.
+    pub forward: Option<Forward>,
     pub db_user: Option<String>,
     pub db_name: Option<String>,
+}
+
+/// Where an SSH forward goes (`ssh_forward_local`) or listens (`ssh_forward_remote`), as the
+/// client asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Local: the host the target's sshd connects to (`destination_host` in policies).
+    /// Remote: the address the target's sshd listens on (`bind_address`).
+    pub host: String,
+    /// `destination_port` or `bind_port`.
+    pub port: u32,
+    /// Local only: where the client says the connection came from (`originator_host`,
+    /// `originator_port`). The client chooses it freely: worth logging, not trusting.
+    pub originator: Option<(String, u32)>,
 }
 
 /// One question to the policy engine.
@@ -217,6 +240,9 @@ impl fmt::Display for Request {
         }
         if let Some(user) = &c.ssh_user {
             write!(f, ", SSH login `{user}`")?;
+        }
+        if let Some(forward) = &c.forward {
+            write!(f, ", forward `{}:{}`", forward.host, forward.port)?;
         }
         write!(
             f,

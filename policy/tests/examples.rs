@@ -385,6 +385,61 @@ fn ssh_logins_are_decided_by_login_name_and_command() {
 }
 
 #[test]
+fn ssh_forwarding_reaches_one_database_and_opens_no_port() {
+    let oncall = || user("olga", &["oncall"]);
+    check(
+        "ssh-forwarding",
+        vec![
+            allow(
+                "on-call tunnels to the reporting database",
+                forward(oncall(), ssh_host(), false, "db.internal", 5432),
+                &["oncall-tunnel-to-reporting-db"],
+            ),
+            deny(
+                "another port of the same host is not reachable",
+                forward(oncall(), ssh_host(), false, "db.internal", 22),
+                &[],
+            ),
+            deny(
+                "another host on the same port is not reachable",
+                forward(oncall(), ssh_host(), false, "db.internal.evil", 5432),
+                &[],
+            ),
+            deny(
+                "someone not on call cannot tunnel",
+                forward(
+                    user("erin", &["engineering"]),
+                    ssh_host(),
+                    false,
+                    "db.internal",
+                    5432,
+                ),
+                &[],
+            ),
+            deny(
+                "nobody opens a port on the target",
+                forward(oncall(), ssh_host(), true, "127.0.0.1", 8080),
+                &["no-remote-forwards"],
+            ),
+            allow(
+                "on-call forwards their agent",
+                request(oncall(), Action::SshAgentForward, ssh_host()),
+                &["oncall-agent-forwarding"],
+            ),
+            deny(
+                "others do not",
+                request(
+                    user("erin", &["engineering"]),
+                    Action::SshAgentForward,
+                    ssh_host(),
+                ),
+                &[],
+            ),
+        ],
+    );
+}
+
+#[test]
 fn ci_service_runs_deploys_but_gets_no_shell() {
     let ci = || service("ci-deployer");
     let sre = || user("sam", &["sre"]);
@@ -443,7 +498,7 @@ fn ci_service_runs_deploys_but_gets_no_shell() {
             ),
             allow(
                 "sre forwards a port",
-                request(sre(), Action::SshPortForward, ssh_host()),
+                request(sre(), Action::SshForwardLocal, ssh_host()),
                 &["sre-ssh"],
             ),
         ],

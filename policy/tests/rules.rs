@@ -819,11 +819,62 @@ fn rows() -> Vec<Row> {
             policies: r#"@id("all") permit (principal, action, resource);
                 @id("no-ssh-on-prod") forbid (principal, action in Portcullis::Action::"ssh", resource)
                 when { resource.hasTag("environment") && resource.getTag("environment") == "production" };"#,
-            request: request(user("sam", &["sre"]), Action::SshPortForward, ssh_host()),
+            request: request(user("sam", &["sre"]), Action::SshForwardLocal, ssh_host()),
             want: Want::Deny,
             matched: &["no-ssh-on-prod"],
             masks: &[],
             reason: "no-ssh-on-prod",
+        },
+        Row {
+            name: "local forward to the one destination a policy names",
+            policies: r#"@id("tunnel") permit (principal, action == Portcullis::Action::"ssh_forward_local", resource)
+                when { context.destination_host == "db.internal" && context.destination_port == 5432 };"#,
+            request: forward(
+                user("sam", &["sre"]),
+                ssh_host(),
+                false,
+                "db.internal",
+                5432,
+            ),
+            want: Want::Allow,
+            matched: &["tunnel"],
+            masks: &[],
+            reason: "tunnel",
+        },
+        Row {
+            name: "local forward to another port of that host",
+            policies: r#"@id("tunnel") permit (principal, action == Portcullis::Action::"ssh_forward_local", resource)
+                when { context.destination_host == "db.internal" && context.destination_port == 5432 };"#,
+            request: forward(
+                user("sam", &["sre"]),
+                ssh_host(),
+                false,
+                "db.internal",
+                5433,
+            ),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "no policy permits ssh_forward_local",
+        },
+        Row {
+            name: "a local forward permit does not cover a remote forward",
+            policies: r#"@id("tunnel") permit (principal, action == Portcullis::Action::"ssh_forward_local", resource);"#,
+            request: forward(user("sam", &["sre"]), ssh_host(), true, "127.0.0.1", 8080),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "no policy permits ssh_forward_remote",
+        },
+        Row {
+            name: "remote forward decided on its bind port",
+            policies: r#"@id("high-ports") permit (principal, action == Portcullis::Action::"ssh_forward_remote", resource)
+                when { context.bind_address == "127.0.0.1" && context.bind_port >= 1024 };"#,
+            request: forward(user("sam", &["sre"]), ssh_host(), true, "127.0.0.1", 8080),
+            want: Want::Allow,
+            matched: &["high-ports"],
+            masks: &[],
+            reason: "high-ports",
         },
         Row {
             name: "forbid naming one user leaves others alone",
@@ -965,6 +1016,28 @@ fn every_statement_class_of_the_classifier_is_evaluable() {
         let decision = set.decide(&query(user("alice", &[]), staging_db(), retired));
         assert_eq!(decision.effect, Effect::Deny, "{retired}");
     }
+}
+
+#[test]
+fn could_permit_sees_scopes_not_conditions() {
+    let set = load(
+        r#"@id("tunnel") permit (principal in Portcullis::Group::"sre", action == Portcullis::Action::"ssh_forward_local", resource)
+            when { context.destination_port == 5432 };
+        @id("no") forbid (principal, action == Portcullis::Action::"ssh_forward_remote", resource);"#,
+    );
+    let sre = || user("sam", &["sre"]);
+    // Asked before the destination is known: the condition is not evaluated.
+    let mut bare = request(sre(), Action::SshForwardLocal, ssh_host());
+    bare.context.forward = None;
+    assert!(set.could_permit(&bare));
+    assert!(!set.could_permit(&request(
+        user("eve", &[]),
+        Action::SshForwardLocal,
+        ssh_host()
+    )));
+    // A forbid is not a permit.
+    assert!(!set.could_permit(&request(sre(), Action::SshForwardRemote, ssh_host())));
+    assert!(!set.could_permit(&request(sre(), Action::SshAgentForward, ssh_host())));
 }
 
 #[test]

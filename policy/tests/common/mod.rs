@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use portcullis_policy::{Action, Context, Principal, PrincipalKind, Request, Target};
+use portcullis_policy::{Action, Context, Forward, Principal, PrincipalKind, Request, Target};
 
 pub fn user(id: &str, groups: &[&str]) -> Principal {
     Principal {
@@ -70,6 +70,13 @@ pub fn request(principal: Principal, action: Action, target: Target) -> Request 
     if action == Action::SshExec {
         context.command_line = Some("uptime".to_owned());
     }
+    if matches!(action, Action::SshForwardLocal | Action::SshForwardRemote) {
+        context.forward = Some(Forward {
+            host: "127.0.0.1".to_owned(),
+            port: 8080,
+            originator: None,
+        });
+    }
     Request {
         principal,
         action,
@@ -111,6 +118,29 @@ pub fn drop_database(principal: Principal, target: Target) -> Request {
 
 pub fn truncate(principal: Principal, target: Target) -> Request {
     sql(principal, target, "ddl", "TRUNCATE")
+}
+
+/// `ssh -L` (or, with `remote`, `ssh -R`) to or on `host:port`.
+#[allow(dead_code, reason = "not every test file forwards")]
+pub fn forward(
+    principal: Principal,
+    target: Target,
+    remote: bool,
+    host: &str,
+    port: u32,
+) -> Request {
+    let action = if remote {
+        Action::SshForwardRemote
+    } else {
+        Action::SshForwardLocal
+    };
+    let mut request = request(principal, action, target);
+    request.context.forward = Some(Forward {
+        host: host.to_owned(),
+        port,
+        originator: (!remote).then(|| ("127.0.0.1".to_owned(), 50000)),
+    });
+    request
 }
 
 pub fn exec(principal: Principal, target: Target, command: &str) -> Request {

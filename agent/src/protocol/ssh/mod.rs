@@ -10,8 +10,10 @@
 //! [`output_to_client`] and [`input_to_upstream`], the one place each direction's bytes of
 //! a shell or command pass.
 
+mod forward;
 mod session;
 mod upstream;
+mod writer;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -118,8 +120,6 @@ pub enum ChannelKind {
     Shell,
     Exec,
     Subsystem,
-    /// A forwarded TCP connection (`ssh -L`, `ssh -W`): bytes, not a terminal.
-    Forward,
 }
 
 /// Per-channel state the recording and masking seam sees; the terminal recorder and the

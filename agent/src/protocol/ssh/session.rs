@@ -23,13 +23,15 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::forward::ForwardLog;
 use super::upstream::{KnownHosts, UpstreamHandler};
+use super::writer::{ConnectionBudget, UpstreamWriter};
 use super::{ChannelKind, ChannelTap, Shared};
 use crate::admission::{Gate, Incoming, OpenError, OpenSession, Opening, Refusal};
 use crate::audit::{AuditEvent, Decision, EventKind};
 use crate::ssh_ca::UserGrant;
 use portcullis_core::{Identity, SshFields};
-use portcullis_policy::{Action, Request};
+use portcullis_policy::{Action, Forward, Request};
 
 /// How long a channel request waits for the server's answer before it fails.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -137,7 +139,8 @@ pub(super) async fn serve(
 }
 
 struct ChannelState {
-    upstream: ChannelWriteHalf<client::Msg>,
+    /// The client's side of the channel on its way to the server, queued per channel.
+    upstream: UpstreamWriter,
     /// The server's answers to this channel's requests, in order.
     replies: mpsc::Receiver<bool>,
     pump: tokio::task::AbortHandle,
@@ -149,6 +152,10 @@ struct Upstream {
     session: OpenSession,
     /// Whether a remote forward a policy allowed is in place (see `UpstreamHandler`).
     remote_forwards: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether agent forwarding a policy allowed was asked of the server.
+    agent_forwarding: Arc<std::sync::atomic::AtomicBool>,
+    /// What the client's channels may have waiting for the server, together.
+    budget: ConnectionBudget,
 }
 
 struct ClientHandler {
@@ -255,13 +262,20 @@ impl ClientHandler {
         names.push(crate::config::canonical_ip(addr.ip()).to_string());
         let refusal = Arc::new(Mutex::new(None));
         let remote_forwards = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let agent_forwarding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let budget = ConnectionBudget::new();
         let handler = UpstreamHandler {
             known_hosts: Arc::new(known_hosts),
             names,
+            port: addr.port(),
             refusal: Arc::clone(&refusal),
             client: Arc::clone(&self.own_handle),
             remote_forwards: Arc::clone(&remote_forwards),
+            agent_forwarding: Arc::clone(&agent_forwarding),
             relays: JoinSet::new(),
+            gate: Arc::clone(&self.gate),
+            event: self.event(EventKind::SshForward, ""),
+            budget: budget.clone(),
         };
         let keepalive = ssh.keepalive_secs;
         // Offer host certificates, so a known_hosts with only @cert-authority works.
@@ -319,7 +333,16 @@ impl ClientHandler {
                         .is_ok()
                 };
                 let shell = allows(Action::SshShell);
-                let forward = allows(Action::SshPortForward);
+                // Forwards are decided one by one on their destination, which is not known
+                // yet: the certificate lets sshd forward when some policy could allow one.
+                let could = |action| {
+                    self.gate
+                        .policies()
+                        .current()
+                        .could_permit(&self.request(&identity, action))
+                };
+                let forward = could(Action::SshForwardLocal) || could(Action::SshForwardRemote);
+                let agent = could(Action::SshAgentForward);
                 let grant = UserGrant {
                     principals: vec![user.to_string()],
                     key_id: format!("{}/{}", identity_label(&identity), self.incoming.id),
@@ -327,7 +350,7 @@ impl ClientHandler {
                     source_address: Some(source.to_string()),
                     permit_pty: shell,
                     permit_port_forwarding: forward,
-                    ..UserGrant::default()
+                    permit_agent_forwarding: agent,
                 };
                 let credential = self
                     .shared
@@ -372,6 +395,8 @@ impl ClientHandler {
             handle,
             session,
             remote_forwards,
+            agent_forwarding,
+            budget,
         })
     }
 
@@ -503,6 +528,8 @@ impl ClientHandler {
         let conn = Arc::clone(&up.session.conn);
         let id = channel.id();
         let (up_read, up_write) = upstream.split();
+        let (up_write, drain) = UpstreamWriter::new(up_write, &up.budget, None);
+        self.pumps.spawn(drain);
         // The client's data arrives through the `data` callback; the read half is dropped so
         // the session loop never waits on it.
         let (_, down_write) = channel.split();
@@ -530,12 +557,62 @@ impl ClientHandler {
         );
     }
 
+    /// Decides a forward on where it goes (or listens); a refusal is an
+    /// `ssh.channel_denied` event naming it, and its reason for the client.
+    fn decide_forward(
+        &mut self,
+        action: Action,
+        forward: Forward,
+        label: &str,
+        what: &str,
+    ) -> Result<Vec<String>, String> {
+        let Ok(identity) = self.identity.clone() else {
+            return Err("no identity".into());
+        };
+        let mut request = self.request(&identity, action);
+        let address = format!("{}:{}", forward.host, forward.port);
+        let originator = forward
+            .originator
+            .as_ref()
+            .map(|(host, port)| format!("{host}:{port}"));
+        request.context.forward = Some(forward);
+        match crate::policy::outcome(self.gate.policies().decide(&request)) {
+            Ok(allowed) => Ok(allowed.policy_ids),
+            Err(refused) => {
+                let reason = match refused.decision {
+                    Decision::Deny => format!("{what} denied by policy: {}", refused.reason),
+                    _ => format!("{what} refused: {}", refused.reason),
+                };
+                let mut ev = self.event(EventKind::SshChannelDenied, label);
+                ev.decision = Some(refused.decision);
+                ev.policy_ids = refused.policy_ids.into();
+                ev.reason = Some(reason.clone());
+                if let Some(fields) = ev.ssh.as_mut() {
+                    fields.forward = Some(address);
+                    fields.originator = originator;
+                }
+                tracing::info!(%reason, "SSH forward refused");
+                self.gate.audit().record(ev);
+                Err(reason)
+            }
+        }
+    }
+
     fn record_refused_channel(&self, label: &str, reason: &str) {
         let mut ev = self.event(EventKind::SshChannelDenied, label);
         ev.decision = Some(Decision::Deny);
         ev.reason = Some(reason.to_string());
         tracing::info!(channel = label, reason, "SSH channel refused");
         self.gate.audit().record(ev);
+    }
+}
+
+/// A channel open failure with the reason OpenSSH prints after "open failed:" (RFC 4254
+/// §5.1: code 1 administratively prohibited, 2 connect failed).
+fn open_failure(code: u32, reason: &str) -> russh::ChannelOpenFailure {
+    russh::ChannelOpenFailure::Other {
+        code,
+        reason: format!("portcullis: {reason}"),
     }
 }
 
@@ -639,12 +716,24 @@ impl server::Handler for ClientHandler {
             Err(refused) => {
                 self.record_refusal(&refused);
                 self.refused = Some(refused.reason.clone());
-                Ok(Auth::reject())
+                // Accepted only to say why: a rejected `none` leaves OpenSSH printing
+                // "Permission denied" before it reads any later message, while after
+                // success it prints a disconnect's text. Nothing is open upstream and every
+                // channel is refused without `open`; `auth_succeeded` disconnects at once.
+                Ok(Auth::Accept)
             }
         }
     }
 
-    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(reason) = &self.refused {
+            // OpenSSH prints it: "Received disconnect from …: portcullis: <reason>".
+            session.disconnect(
+                Disconnect::ByApplication,
+                &format!("portcullis: {reason}"),
+                "",
+            )?;
+        }
         Ok(())
     }
 
@@ -664,7 +753,12 @@ impl server::Handler for ClientHandler {
             Ok(c) => c,
             Err(e) => {
                 tracing::info!(error = %e, "the upstream server refused a session channel");
-                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                reply
+                    .reject(open_failure(
+                        2,
+                        &format!("the target's sshd refused a session channel: {e}"),
+                    ))
+                    .await;
                 return Ok(());
             }
         };
@@ -673,8 +767,10 @@ impl server::Handler for ClientHandler {
         Ok(())
     }
 
-    /// `ssh -L` and `ssh -W`: decided as `ssh_port_forward`, then opened by the target's
-    /// sshd (which the user certificate lets forward only when policy allowed it at connect).
+    /// `ssh -L` and `ssh -W`: decided as `ssh_forward_local` on its destination, then
+    /// opened by the target's sshd (which the user certificate lets forward only when some
+    /// policy could allow it) and relayed by its own task; audited when it opens and, with
+    /// the bytes it moved, when it closes.
     async fn channel_open_direct_tcpip(
         &mut self,
         channel: Channel<Msg>,
@@ -683,29 +779,37 @@ impl server::Handler for ClientHandler {
         originator_address: &str,
         originator_port: u32,
         reply: server::ChannelOpenHandle,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let destination = format!("{host_to_connect}:{port_to_connect}");
-        let refuse = |reply: server::ChannelOpenHandle| async move {
-            reply
-                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            Ok(())
-        };
         if self.open.is_none() {
-            return refuse(reply).await;
+            reply
+                .reject(open_failure(1, "the connection is not open"))
+                .await;
+            return Ok(());
         }
-        let policy_ids = match self.decide_channel(
-            Action::SshPortForward,
-            None,
+        let forward = Forward {
+            host: host_to_connect.to_string(),
+            port: port_to_connect,
+            originator: Some((originator_address.to_string(), originator_port)),
+        };
+        let policy_ids = match self.decide_forward(
+            Action::SshForwardLocal,
+            forward,
             "direct-tcpip",
             &format!("forwarding to {destination}"),
         ) {
             Ok(ids) => ids,
-            Err(_) => return refuse(reply).await,
+            Err(reason) => {
+                reply.reject(open_failure(1, &reason)).await;
+                return Ok(());
+            }
         };
         let Some(up) = &self.open else {
-            return refuse(reply).await;
+            reply
+                .reject(open_failure(1, "the connection is not open"))
+                .await;
+            return Ok(());
         };
         let upstream = match up
             .handle
@@ -720,16 +824,34 @@ impl server::Handler for ClientHandler {
             Ok(c) => c,
             Err(e) => {
                 tracing::info!(error = %e, %destination, "the upstream server refused a forward");
-                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                reply
+                    .reject(open_failure(
+                        2,
+                        &format!("the target's sshd could not forward to {destination}: {e}"),
+                    ))
+                    .await;
                 return Ok(());
             }
         };
-        self.relay_channel(channel, upstream, ChannelKind::Forward, session);
+        let originator = format!("{originator_address}:{originator_port}");
         let mut ev = self.event(EventKind::SshForward, "direct-tcpip");
         ev.decision = Some(Decision::Allow);
         ev.policy_ids = policy_ids.into();
         ev.reason = Some(format!("local forward to {destination}"));
+        if let Some(fields) = ev.ssh.as_mut() {
+            fields.forward = Some(destination.clone());
+            fields.originator = Some(originator.clone());
+        }
         self.gate.audit().record(ev);
+        let mut closed = self.event(EventKind::SshForwardClosed, "direct-tcpip");
+        if let Some(fields) = closed.ssh.as_mut() {
+            fields.forward = Some(destination);
+            fields.originator = Some(originator);
+        }
+        let log = ForwardLog::new(Arc::clone(&self.gate), closed);
+        let budget = up.budget.clone();
+        self.pumps
+            .spawn(super::forward::relay(upstream, channel, budget, Some(log)));
         reply.accept().await;
         Ok(())
     }
@@ -742,15 +864,16 @@ impl server::Handler for ClientHandler {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.record_refused_channel("x11", "X11 forwarding is not allowed");
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        let reason = "X11 forwarding is not relayed";
+        self.record_refused_channel("x11", reason);
+        reply.reject(open_failure(1, reason)).await;
         Ok(())
     }
 
-    /// `ssh -R`: decided as `ssh_port_forward`, then asked of the target's sshd; its
-    /// connections come back through `UpstreamHandler`.
+    /// `ssh -R`: decided as `ssh_forward_remote` on the address the target would listen on,
+    /// then asked of the target's sshd; its connections come back through `UpstreamHandler`.
+    /// A refusal can only fail the request (a global request's failure carries no text):
+    /// OpenSSH prints "remote port forwarding failed"; the reason is in the audit trail.
     async fn tcpip_forward(
         &mut self,
         address: &str,
@@ -758,11 +881,16 @@ impl server::Handler for ClientHandler {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let listen = format!("{address}:{port}");
+        let forward = Forward {
+            host: address.to_string(),
+            port: *port,
+            originator: None,
+        };
         if self.open.is_none()
             || self
-                .decide_channel(
-                    Action::SshPortForward,
-                    None,
+                .decide_forward(
+                    Action::SshForwardRemote,
+                    forward,
                     "tcpip-forward",
                     &format!("remote forwarding from {listen}"),
                 )
@@ -783,6 +911,9 @@ impl server::Handler for ClientHandler {
                 let mut ev = self.event(EventKind::SshForward, "tcpip-forward");
                 ev.decision = Some(Decision::Allow);
                 ev.reason = Some(format!("remote forward from {listen} on the target"));
+                if let Some(fields) = ev.ssh.as_mut() {
+                    fields.forward = Some(format!("{address}:{port}"));
+                }
                 self.gate.audit().record(ev);
                 Ok(true)
             }
@@ -793,13 +924,70 @@ impl server::Handler for ClientHandler {
         }
     }
 
+    /// `ssh -A`: decided as `ssh_agent_forward`; allowed, the request goes to the target's
+    /// sshd and the agent channels it then opens are relayed to the client
+    /// (`UpstreamHandler`). OpenSSH asks without wanting a reply and goes on without an
+    /// agent when refused.
     async fn agent_request(
         &mut self,
-        _channel: ChannelId,
+        channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.record_refused_channel("auth-agent-req", "agent forwarding is not allowed");
-        Ok(false)
+        if !self
+            .channels
+            .get(&channel)
+            .is_some_and(|s| s.tap.kind == ChannelKind::Pending)
+        {
+            return Ok(false);
+        }
+        let allowed = match self.identity.clone() {
+            Ok(identity) => {
+                let request = self.request(&identity, Action::SshAgentForward);
+                crate::policy::outcome(self.gate.policies().decide(&request))
+            }
+            Err(why) => {
+                self.record_refused_channel("auth-agent-req", &why);
+                return Ok(false);
+            }
+        };
+        let policy_ids = match allowed {
+            Ok(allowed) => allowed.policy_ids,
+            Err(refused) => {
+                let mut ev = self.event(EventKind::SshChannelDenied, "auth-agent-req");
+                ev.decision = Some(refused.decision);
+                ev.policy_ids = refused.policy_ids.into();
+                ev.reason = Some(format!(
+                    "agent forwarding denied by policy: {}",
+                    refused.reason
+                ));
+                tracing::info!("SSH agent forwarding refused");
+                self.gate.audit().record(ev);
+                return Ok(false);
+            }
+        };
+        let Some(state) = self.channels.get(&channel) else {
+            return Ok(false);
+        };
+        let sent = state.upstream.agent_forward(true).await;
+        let ok = sent.is_ok() && self.upstream_reply(channel).await;
+        if ok {
+            if let Some(up) = &self.open {
+                up.agent_forwarding
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.record_started(
+                EventKind::SshAgentChannel,
+                "auth-agent-req",
+                None,
+                policy_ids,
+            );
+        } else {
+            self.record_refused_channel(
+                "auth-agent-req",
+                "the target's sshd refused agent forwarding (AllowAgentForwarding?)",
+            );
+        }
+        Ok(ok)
     }
 
     async fn x11_request(
