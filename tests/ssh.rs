@@ -929,16 +929,20 @@ fn stdio_forward(w: &World, destination: &str, input: &[u8]) -> Output {
 }
 
 #[test]
-fn a_policy_allows_a_local_forward_to_one_destination_only_and_each_is_audited_with_its_bytes() {
+fn forwards_reach_only_the_addresses_a_policy_names_and_each_connection_is_audited_with_its_bytes()
+{
     if !enabled() {
         return;
     }
     let slot = Slot::new(225);
     let dest = slot.v4(1);
     let echo = portcullis_e2e::EchoServer::start(&[dest]);
+    let remote_port = slot.server_port + 1000;
     let policy = format!(
         r#"@id("tunnel") permit (principal, action == Portcullis::Action::"ssh_forward_local", resource)
-        when {{ context.destination_host == "{}" && context.destination_port == {} }};"#,
+        when {{ context.destination_host == "{}" && context.destination_port == {} }};
+        @id("listen") permit (principal, action == Portcullis::Action::"ssh_forward_remote", resource)
+        when {{ context.bind_address == "127.0.0.1" && context.bind_port == {remote_port} }};"#,
         dest.ip(),
         dest.port()
     );
@@ -986,6 +990,49 @@ fn a_policy_allows_a_local_forward_to_one_destination_only_and_each_is_audited_w
     assert_eq!(closed["channel"], "direct-tcpip");
     assert_eq!(closed["bytes_client_to_upstream"], input.len() as u64);
     assert_eq!(closed["bytes_upstream_to_client"], out.stdout.len() as u64);
+
+    // -R on the port the policy names: a connection on the target to it comes back to the
+    // client's side and is audited at its end with what it moved.
+    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{remote_port}; echo ping >&3; head -2 <&3");
+    let remote = |port: u16, script: &str| {
+        output_within(
+            &mut w.ssh(&[
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("127.0.0.1:{port}:{dest}"),
+                "127.0.0.1",
+                script,
+            ]),
+            Duration::from_secs(30),
+        )
+    };
+    let out = remote(remote_port, &script);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.ends_with("ping\n"), "{stdout}");
+    let listen = format!("127.0.0.1:{remote_port}");
+    w.wait_event("ssh.forward", |e| e["forward"] == listen.as_str());
+    let closed = w.wait_event("ssh.forward_closed", |e| e["channel"] == "forwarded-tcpip");
+    assert_eq!(closed["forward"], listen.as_str());
+    assert_eq!(closed["bytes_upstream_to_client"], "ping\n".len() as u64);
+    assert!(
+        closed["bytes_client_to_upstream"].as_u64().unwrap() >= out.stdout.len() as u64,
+        "{closed}"
+    );
+    // Another port: the forward is refused and never asked of the target.
+    let other = remote_port + 1;
+    let refused = remote(other, "true");
+    assert_eq!(refused.status.code(), Some(255));
+    assert!(
+        text(&refused.stderr).contains("remote port forwarding failed"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let denied = w.wait_event("ssh.channel_denied", |e| {
+        e["forward"] == format!("127.0.0.1:{other}").as_str()
+    });
+    assert_eq!(denied["channel"], "tcpip-forward");
 }
 
 /// An ssh-agent of the client account holding one new key, as a user's laptop would.
