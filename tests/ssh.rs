@@ -176,6 +176,10 @@ struct Options<'a> {
     policy: &'a str,
     /// Policies instead of [`SSH_POLICY`].
     base_policy: &'a str,
+    /// More `[target.ssh]` settings (guarded_shell, record_input).
+    target_ssh: &'a str,
+    /// The policy directory's masking.toml, if any.
+    masking: &'a str,
 }
 
 impl Default for Options<'_> {
@@ -185,6 +189,8 @@ impl Default for Options<'_> {
             wrong_host_key: false,
             policy: "",
             base_policy: SSH_POLICY,
+            target_ssh: "",
+            masking: "",
         }
     }
 }
@@ -215,13 +221,17 @@ impl World {
         std::fs::write(&upstream_known, format!("[127.0.0.1]:{port} {expected}")).unwrap();
         let extra = format!(
             "{identity}[[target]]\nname = \"web\"\nprotocol = \"ssh\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-             [target.ssh]\nhost_names = [\"web.example\"]\nknown_hosts_file = \"{known}\"\n",
+             [target.ssh]\nhost_names = [\"web.example\"]\nknown_hosts_file = \"{known}\"\n{target_ssh}",
             identity = o.identity,
             known = upstream_known.display(),
+            target_ssh = o.target_ssh,
         );
         let mut agent = Agent::prepare(name, slot, &cg, &[], Some(&extra), &[]);
         std::fs::write(agent.dir.path().join("policies/ssh.cedar"), o.base_policy).unwrap();
         std::fs::write(agent.dir.path().join("policies/extra.cedar"), o.policy).unwrap();
+        if !o.masking.is_empty() {
+            std::fs::write(agent.dir.path().join("policies/masking.toml"), o.masking).unwrap();
+        }
         agent.spawn();
         let user_ca = agent.dir.path().join("state/ssh/user_ca.pub");
         let sshd = Sshd::start(&sshd_dir, port, &user_ca);
@@ -1297,5 +1307,392 @@ fn a_channel_whose_server_does_not_read_leaves_the_other_channels_of_a_controlma
         "still moving\n",
         "{}",
         text(&other.stderr)
+    );
+}
+
+// ---- Part R: recording, masking and guarded lines of shells and execs (slots 214–219) ----
+
+/// Card numbers masked in shells and commands (`@mask("pii")` on the permit).
+const MASK_POLICY: &str = r#"
+@id("mask-terminals")
+@mask("pii")
+permit (
+    principal,
+    action in [Portcullis::Action::"ssh_shell", Portcullis::Action::"ssh_exec"],
+    resource
+);
+"#;
+
+const MASKING_TOML: &str = r#"
+[profiles.pii]
+description = "card numbers"
+
+[[profiles.pii.rules]]
+detector = "card_number"
+mask = "partial"
+keep_last = 4
+"#;
+
+/// A Luhn-valid test card number (Visa's documented test PAN).
+const PAN: &str = "4111 1111 1111 1111";
+
+/// A file in the remote account's home.
+fn remote_file(name: &str, content: &[u8]) -> PathBuf {
+    let (remote_uid, _) = ensure_users();
+    let home = PathBuf::from(format!("/home/{REMOTE_USER}"));
+    if !home.exists() {
+        std::fs::create_dir_all(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(remote_uid), Some(remote_uid)).unwrap();
+    }
+    let path = home.join(name);
+    std::fs::write(&path, content).unwrap();
+    std::os::unix::fs::chown(&path, Some(remote_uid), Some(remote_uid)).unwrap();
+    path
+}
+
+/// An interactive `ssh -tt` that types `script` (its lines one after another, with a pause
+/// so each is read as typed) and runs to its end.
+fn typed_shell(w: &World, script: &[&str]) -> Output {
+    let mut c = w.ssh(&["-tt", "127.0.0.1"]);
+    let out_file = tempfile::tempfile().unwrap();
+    let err_file = tempfile::tempfile().unwrap();
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(out_file.try_clone().unwrap())
+        .stderr(err_file.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for line in script {
+            std::thread::sleep(Duration::from_millis(400));
+            if std::io::Write::write_all(&mut stdin, line.as_bytes()).is_err() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let read = |mut f: std::fs::File| {
+        use std::io::{Read, Seek};
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).unwrap();
+        v
+    };
+    Output {
+        status,
+        stdout: read(out_file),
+        stderr: read(err_file),
+    }
+}
+
+/// The connection id of the session whose shell started.
+fn shell_connection(w: &World) -> u64 {
+    w.wait_event("ssh.shell", |_| true)["connection_id"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A session's recording as `portcullis replay <id>` plays it (read back from the audit
+/// store after its chunk hashes were checked), fast.
+fn replayed(w: &World, id: u64) -> String {
+    w.wait_event("recording.closed", |e| e["connection_id"] == id);
+    let out = run(Command::new(portcullis_e2e::agent_bin())
+        .args(["replay", &id.to_string(), "--speed", "1000", "--config"])
+        .arg(&w.agent.config));
+    text(&out.stdout)
+}
+
+fn recording_file(w: &World, id: u64) -> PathBuf {
+    w.agent
+        .dir
+        .path()
+        .join(format!("state/audit/recordings/{id:020}.cast"))
+}
+
+#[test]
+fn a_card_number_printed_by_cat_is_masked_on_screen_and_in_the_recording() {
+    if !enabled() {
+        return;
+    }
+    let w = World::with(
+        "ssh-mask",
+        214,
+        Options {
+            policy: MASK_POLICY,
+            masking: MASKING_TOML,
+            ..Options::default()
+        },
+    );
+    remote_file("card.txt", format!("paid with {PAN} today\n").as_bytes());
+
+    let shell = typed_shell(&w, &["cat card.txt\n", "exit\n"]);
+    let screen = text(&shell.stdout);
+    assert!(
+        screen.contains("**** **** **** 1111"),
+        "{screen}\n{}",
+        w.agent.log()
+    );
+    assert!(
+        !screen.contains(PAN),
+        "the card number reached the screen: {screen}"
+    );
+    let id = shell_connection(&w);
+    let played = replayed(&w, id);
+    assert!(played.contains("**** **** **** 1111"), "{played}");
+    assert!(!played.contains(PAN), "{played}");
+    let file = std::fs::read_to_string(recording_file(&w, id)).unwrap();
+    assert!(file.starts_with("{\"version\":2"), "{file}");
+    assert!(
+        !file.contains(PAN) && !file.contains("4111111111111111"),
+        "{file}"
+    );
+
+    // A command without a terminal: masked too, stdout and stderr.
+    let exec = w
+        .ssh(&["127.0.0.1", "cat card.txt; cat card.txt >&2"])
+        .output()
+        .unwrap();
+    assert!(exec.status.success(), "{}", text(&exec.stderr));
+    assert_eq!(text(&exec.stdout), "paid with **** **** **** 1111 today\n");
+    assert_eq!(text(&exec.stderr), "paid with **** **** **** 1111 today\n");
+}
+
+#[test]
+fn a_guarded_line_denied_by_policy_never_runs_and_is_marked_in_the_recording() {
+    if !enabled() {
+        return;
+    }
+    let w = World::with(
+        "ssh-guard",
+        215,
+        Options {
+            target_ssh: "guarded_shell = true\n",
+            ..Options::default()
+        },
+    );
+    let home = PathBuf::from(format!("/home/{REMOTE_USER}"));
+    let denied = home.join("guard-forbidden-marker");
+    let allowed = home.join("guard-allowed-marker");
+    let _ = std::fs::remove_file(&denied);
+    let _ = std::fs::remove_file(&allowed);
+    // SSH_POLICY forbids exec lines with "forbidden"; typed at a guarded shell they are
+    // decided the same way.
+    let shell = typed_shell(
+        &w,
+        &[
+            "touch guard-forbidden-marker\n",
+            "touch guard-allowed-marker\n",
+            "echo done-$((1+1))\n",
+            "exit\n",
+        ],
+    );
+    let screen = text(&shell.stdout);
+    assert!(allowed.exists(), "an allowed line did not run: {screen}");
+    assert!(!denied.exists(), "the denied line ran: {screen}");
+    assert!(
+        screen.contains("portcullis: line refused: denied by policy"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("done-2"),
+        "the shell was unusable after a refusal: {screen}"
+    );
+
+    let id = shell_connection(&w);
+    let refused = w.wait_event("ssh.shell_line", |e| e["decision"] == "deny");
+    assert_eq!(refused["command_line"], "touch guard-forbidden-marker");
+    assert_eq!(refused["connection_id"], id);
+    assert!(refused["policy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "no-forbidden-commands"));
+    w.wait_event("ssh.shell_line", |e| {
+        e["decision"] == "allow" && e["command_line"] == "touch guard-allowed-marker"
+    });
+    w.wait_event("recording.closed", |e| e["connection_id"] == id);
+    let cast = std::fs::read_to_string(recording_file(&w, id)).unwrap();
+    assert!(
+        cast.contains("\"m\", \"line refused: touch guard-forbidden-marker"),
+        "{cast}"
+    );
+    // The player starts at that marker.
+    let out = run(Command::new(portcullis_e2e::agent_bin())
+        .args([
+            "replay",
+            &id.to_string(),
+            "--speed",
+            "1000",
+            "--marker",
+            "2",
+            "--config",
+        ])
+        .arg(&w.agent.config));
+    assert!(
+        text(&out.stdout).contains("done-2"),
+        "{}",
+        text(&out.stdout)
+    );
+    // `sessions show` lists the session's commands, the refused one too.
+    let show = run(Command::new(portcullis_e2e::agent_bin())
+        .args(["sessions", "show", &id.to_string(), "--config"])
+        .arg(&w.agent.config));
+    let show = text(&show.stdout);
+    assert!(
+        show.contains("line deny   touch guard-forbidden-marker")
+            && show.contains("line allow  touch guard-allowed-marker"),
+        "{show}"
+    );
+}
+
+/// A tmpfs mounted over a directory for one test; unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir));
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_recording_that_cannot_be_written_ends_the_session() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-rec-full", 216);
+    // The recordings area on a disk with room for the header and little else.
+    let _disk = SmallDisk::mount(&w.agent.dir.path().join("state/audit/recordings"), "64k");
+    let started = Instant::now();
+    let out = output_within(
+        &mut w.ssh(&[
+            "-tt",
+            "127.0.0.1",
+            "head -c 3000000 /dev/zero | tr '\\0' a; sleep 20; echo still-here",
+        ]),
+        Duration::from_secs(30),
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the session outlived its recording"
+    );
+    assert!(!text(&out.stdout).contains("still-here"));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr
+            .contains("portcullis: the session is ended: the session recording cannot be written"),
+        "{stderr}"
+    );
+    let failed = w.wait_event("recording.failed", |_| true);
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("recording_failure = \"close\""),
+        "{failed}"
+    );
+}
+
+#[test]
+fn a_tmux_shell_with_a_resize_is_recorded_and_plays_in_asciinema() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-tmux", 217);
+    let socket = w.client_dir("tmux").join("socket");
+    let tmux = |args: &[&str]| {
+        let mut c = w.client("tmux");
+        c.arg("-S").arg(&socket).args(args);
+        run(&mut c)
+    };
+    let ssh = format!("ssh -F {} -tt 127.0.0.1", w.config());
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "rec",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &ssh,
+    ]);
+    let id = shell_connection(&w);
+    std::thread::sleep(Duration::from_millis(800));
+    tmux(&["send-keys", "-t", "rec", "echo hello-$((20+22))", "Enter"]);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux(&["resize-window", "-t", "rec", "-x", "100", "-y", "30"]);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux(&["send-keys", "-t", "rec", "stty size", "Enter"]);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux(&["send-keys", "-t", "rec", "exit", "Enter"]);
+    w.wait_event("recording.closed", |e| e["connection_id"] == id);
+    let _ = Command::new("tmux")
+        .arg("-S")
+        .arg(&socket)
+        .arg("kill-server")
+        .stderr(Stdio::null())
+        .status();
+
+    let file = recording_file(&w, id);
+    let cast = std::fs::read_to_string(&file).unwrap();
+    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(80), Some(24))
+    );
+    assert!(
+        cast.contains("\"r\", \"100x30\""),
+        "no resize event: {cast}"
+    );
+    assert!(
+        cast.contains("30 100"),
+        "the shell did not see the new size: {cast}"
+    );
+    // asciinema's own player reads the file (cat writes its output without the timing);
+    // it reads keys from /dev/tty even to cat, so `script` gives it a terminal.
+    let home = tempfile::tempdir().unwrap();
+    let played = output_within(
+        Command::new("script")
+            .args(["-q", "-e", "-c"])
+            .arg(format!("asciinema cat {}", file.display()))
+            .arg("/dev/null")
+            .env("HOME", home.path())
+            .stdin(Stdio::null()),
+        Duration::from_secs(20),
+    );
+    assert!(played.status.success(), "{}", text(&played.stderr));
+    assert!(
+        text(&played.stdout).contains("hello-42"),
+        "{}",
+        text(&played.stdout)
     );
 }

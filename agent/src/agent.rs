@@ -60,7 +60,7 @@ pub fn run(
     let postgres = crate::protocol::postgres::Shared::new(&config, &targets)
         .context("preparing the PostgreSQL targets")?
         .map(Arc::new);
-    let ssh = crate::protocol::ssh::Shared::new(&config, &targets)
+    let ssh = crate::protocol::ssh::Shared::new(&config, &targets, Arc::clone(&audit))
         .context("preparing the SSH targets")?
         .map(Arc::new);
     // A target's host is resolved before anything is attached: a name that resolves to

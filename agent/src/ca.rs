@@ -250,6 +250,27 @@ pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Res
     f.sync_all()
 }
 
+/// Reads a 32-byte secret, creating it (root, 0600, exclusively) on first use: the masking
+/// key, which PostgreSQL and SSH masking share so a keyed hash is the same in both.
+pub(crate) fn read_or_create_secret(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(key) if key.len() >= 32 => return Ok(key),
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} is shorter than 32 bytes",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut key = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| std::io::Error::other("no randomness"))?;
+    write_new(path, &key, 0o600)?;
+    Ok(key)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {

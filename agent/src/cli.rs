@@ -80,10 +80,17 @@ enum Command {
         #[command(subcommand)]
         command: SessionsCommand,
     },
-    /// Play a terminal session recording (asciicast v2) in this terminal.
+    /// Play a terminal session recording (asciicast v2) in this terminal: a session id
+    /// (read back from the audit store, root, only as its chunk hashes in the chain vouch
+    /// for it) or a recording file.
     Replay {
-        /// The recording file.
-        file: PathBuf,
+        /// A session (connection) id, or the path of a recording file.
+        recording: String,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The audit store, instead of the one the config names.
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// Playback speed: 2 plays twice as fast.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
@@ -462,11 +469,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { command } => audit_command(command),
         Command::Sessions { command } => sessions_command(command),
         Command::Replay {
-            file,
+            recording,
+            config,
+            dir,
             speed,
             idle_limit,
             marker,
-        } => replay(&file, speed, idle_limit, marker),
+        } => {
+            let text = recording_text(&recording, &config, dir)?;
+            replay(&text, &recording, speed, idle_limit, marker)
+        }
         Command::Config { command } => match command {
             ConfigCommand::Check { path } => {
                 let (_, targets) = Config::load(&path)?;
@@ -826,16 +838,37 @@ fn for_each_event(dir: &Path, mut f: impl FnMut(&serde_json::Value, &str)) -> an
 
 /// `portcullis replay`: the recording is read and checked whole before anything is drawn, so
 /// a damaged file is an error naming its line, not a half-played session.
+/// A recording's text: a file named by path, or else the session of that id read back from
+/// the audit store (verified against its chunk events; a recording that does not match
+/// them is refused, never played).
+fn recording_text(name: &str, config: &Path, dir: Option<PathBuf>) -> anyhow::Result<String> {
+    let path = Path::new(name);
+    match name.parse::<u64>() {
+        Ok(id) if !path.exists() => {
+            let dir = audit_dir(config, dir)?;
+            let session = crate::audit::recording::read_back(&dir, id)?;
+            if !session.closed {
+                eprintln!(
+                    "portcullis: session {id} is still running (or the agent stopped before it ended): playing what was recorded so far"
+                );
+            }
+            String::from_utf8(session.bytes)
+                .with_context(|| format!("the recording of session {id} is not UTF-8"))
+        }
+        _ => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the recording {}", path.display())),
+    }
+}
+
 fn replay(
-    file: &Path,
+    text: &str,
+    name: &str,
     speed: f64,
     idle_limit: Option<f64>,
     marker: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
     use portcullis_terminal::asciicast::{play, PlayOptions, Recording};
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading the recording {}", file.display()))?;
-    let recording = Recording::parse(&text).with_context(|| file.display().to_string())?;
+    let recording = Recording::parse(text).with_context(|| name.to_string())?;
     let idle_limit = match idle_limit {
         None => None,
         Some(seconds) => Some(
@@ -932,6 +965,7 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             let mut n = 0;
+            let mut commands = Vec::new();
             for_each_event(&dir, |event, raw| {
                 if filter.matches(event, raw) {
                     n += 1;
@@ -939,6 +973,7 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                         println!("{raw}");
                     } else {
                         println!("{}", summary(event));
+                        commands.extend(ssh_command(event));
                     }
                 }
             })?;
@@ -946,11 +981,44 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                 bail!("no session {id} in {}", dir.display());
             }
             if !json {
+                if !commands.is_empty() {
+                    println!("commands:");
+                    for line in &commands {
+                        println!("  {line}");
+                    }
+                }
                 println!("{}", recording_line(&dir, id));
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// An SSH session's command, as `sessions show` lists them: an exec request or a line typed
+/// at a guarded shell, allowed or refused, with the command line as it was decided.
+fn ssh_command(event: &serde_json::Value) -> Option<String> {
+    let kind = event.get("event")?.as_str()?;
+    let what = match kind {
+        "ssh.exec" => "exec",
+        "ssh.shell_line" => "line",
+        "ssh.channel_denied" if event.get("channel")?.as_str()? == "exec" => "exec",
+        _ => return None,
+    };
+    let time = crate::audit::query::format_time(
+        event
+            .get("time_ms")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+    );
+    let decision = event
+        .get("decision")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("-");
+    let line = event
+        .get("command_line")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("(not written down: typed without echo)");
+    Some(format!("{time}  {what:<4} {decision:<6} {line}"))
 }
 
 /// What `sessions show` says of a session's recording: where it is and whether the trail

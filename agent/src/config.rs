@@ -725,6 +725,15 @@ pub struct SshTargetConfig {
     /// Seconds between keepalives on both legs (0: none); three unanswered end the session.
     #[serde(default = "defaults::ssh_keepalive_secs")]
     pub keepalive_secs: u64,
+    /// Record what the user types (`i` events) in shell recordings, besides what the
+    /// terminal shows. Off by default: typed input holds passwords given at prompts.
+    #[serde(default)]
+    pub record_input: bool,
+    /// Guarded shell: every line typed at an interactive shell is decided by policy
+    /// (`ssh_exec` with `context.guarded_line`) before its Enter reaches the target; a
+    /// denied line is cleared. A guardrail, not a sandbox (docs/ssh.md).
+    #[serde(default)]
+    pub guarded_shell: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

@@ -362,6 +362,7 @@ pub fn base_context(comm: &str, uid: u32, unix_time: i64) -> Context {
         dynamic_sql: false,
         command_line: None,
         simple_command: false,
+        guarded_line: false,
         command_name: None,
         command_args: Vec::new(),
         ssh_user: None,

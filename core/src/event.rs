@@ -98,6 +98,11 @@ pub enum EventKind {
     /// when policy allowed agent forwarding, refused otherwise.
     #[serde(rename = "ssh.agent_channel")]
     SshAgentChannel,
+    /// A line typed at a guarded shell (`guarded_shell`), decided before its Enter reached
+    /// the target: `decision` allow or deny, the line in `command_line` (left out for a line
+    /// typed without echo, such as a password).
+    #[serde(rename = "ssh.shell_line")]
+    SshShellLine,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.

@@ -120,6 +120,7 @@ fn request() -> Request {
             dynamic_sql: false,
             command_line: None,
             simple_command: false,
+            guarded_line: false,
             command_name: None,
             command_args: Vec::new(),
             ssh_user: None,

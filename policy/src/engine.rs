@@ -519,6 +519,10 @@ impl PolicySet {
                     "simple_command".to_owned(),
                     cedar::RestrictedExpression::new_bool(context.simple_command),
                 ));
+                pairs.push((
+                    "guarded_line".to_owned(),
+                    cedar::RestrictedExpression::new_bool(context.guarded_line),
+                ));
                 if let Some(name) = &context.command_name {
                     pairs.push(("command_name".to_owned(), string(name)));
                 }
@@ -752,6 +756,7 @@ mod tests {
                 dynamic_sql: true,
                 command_line: Some("ls".to_owned()),
                 simple_command: true,
+                guarded_line: true,
                 command_name: Some("ls".to_owned()),
                 command_args: vec!["-l".to_owned()],
                 ssh_user: Some("deploy".to_owned()),

@@ -169,6 +169,9 @@ pub struct Context {
     pub command_name: Option<String>,
     /// For `ssh_exec` of a simple command: the words after the first, quotes removed.
     pub command_args: Vec<String>,
+    /// For `ssh_exec`: the line was typed at a guarded interactive shell (rebuilt from keys
+    /// and echo), not sent as an exec request.
+    pub guarded_line: bool,
     /// For `connect` to an SSH target: the login name the client asked for (`ssh user@host`).
     pub ssh_user: Option<String>,
     /// For `ssh_forward_local` and `ssh_forward_remote`: the forward's address.

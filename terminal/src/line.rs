@@ -105,6 +105,13 @@ impl LineGuard {
         self.enter.is_some()
     }
 
+    /// Whether the target has echoed any of the line's keys yet. A line typed ahead (pasted
+    /// with its Enter, piped) reaches its Enter before its echo: the caller forwards its
+    /// keys, waits a moment for the echo, and only then knows [`TypedLine::echoed`].
+    pub fn echo_seen(&self) -> bool {
+        self.echo > 0
+    }
+
     /// Bytes the client sent. Stops at the first Enter that ends a non-empty line (the last
     /// item is then that [`Guarded::Line`]); later bytes wait for the decision.
     pub fn input(&mut self, bytes: &[u8]) -> Result<Vec<Guarded>, GuardError> {

@@ -36,31 +36,15 @@ use super::{AuditEvent, AuditLog, EventKind};
 use crate::config::RecordingFailure;
 use portcullis_core::event::RecordingFields;
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 /// A chunk is written once this much waits: about one fsync and one event per this many
 /// bytes of a busy terminal (a chunk is larger by at most the append that filled it).
 pub const CHUNK_BYTES: usize = 64 * 1024;
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 /// The longest bytes wait in memory before they are written: the most a failure can let a
 /// session show unrecorded, and the most a crash can lose.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(200);
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 /// Appends queued for the writer task before `append` waits (backpressure on the session).
 const CHANNEL: usize = 64;
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RecordingError {
     /// The file, its chunk or its event could not be written; the session must end
@@ -83,19 +67,11 @@ pub enum ReadBackError {
     Broken(RecordingBreak),
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 /// Starts recordings; one per agent, shared by every protocol that records.
 pub struct Recordings {
     audit: Arc<AuditLog>,
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 impl Recordings {
     pub fn new(audit: Arc<AuditLog>) -> Self {
         Self { audit }
@@ -169,10 +145,6 @@ impl Recordings {
     }
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 /// One session's recording. [`Recording::finish`] ends it; dropped without it, the writer
 /// still writes what it got and closes the recording, but nobody learns the outcome.
 pub struct Recording {
@@ -192,15 +164,7 @@ impl std::fmt::Debug for Recording {
     }
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 impl Recording {
-    pub fn connection_id(&self) -> u64 {
-        self.connection_id
-    }
-
     /// Hands `bytes` to the writer. Waits only while the writer is behind. An error means
     /// the recording failed and the session must end (`recording_failure = "close"`); under
     /// `"continue"` the bytes are dropped and this succeeds.
@@ -231,17 +195,21 @@ impl Recording {
 
     /// Resolves when the recording fails under `recording_failure = "close"`: a session
     /// selects on it, so it ends even while nothing more is appended. Never resolves
-    /// otherwise.
-    pub async fn failed(&self) -> RecordingError {
+    /// otherwise. The future does not borrow the recording, so a task can select on it
+    /// while another part of the session appends.
+    pub fn failed(&self) -> impl std::future::Future<Output = RecordingError> + 'static {
         let mut failure = self.failure.clone();
-        if self.on_failure == RecordingFailure::Close {
-            if let Ok(error) = failure.wait_for(Option::is_some).await {
-                if let Some(error) = error.clone() {
-                    return error;
+        let on_failure = self.on_failure;
+        async move {
+            if on_failure == RecordingFailure::Close {
+                if let Ok(error) = failure.wait_for(Option::is_some).await {
+                    if let Some(error) = error.clone() {
+                        return error;
+                    }
                 }
             }
+            std::future::pending().await
         }
-        std::future::pending().await
     }
 
     /// Writes what is pending, records `recording.closed` and waits until it is durable.
@@ -264,10 +232,6 @@ impl Recording {
     }
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 /// The task that owns one recording's file.
 struct Writer {
     audit: Arc<AuditLog>,
@@ -277,10 +241,6 @@ struct Writer {
     on_failure: RecordingFailure,
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 impl Writer {
     async fn run(
         mut self,
@@ -387,10 +347,6 @@ impl Writer {
     }
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, portcullis_audit_store::StoreError> + Send + 'static,
 ) -> Result<T, RecordingError> {
@@ -400,20 +356,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| RecordingError::Write(e.to_string().into()))
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 fn event(kind: EventKind, connection_id: u64) -> AuditEvent {
     let mut ev = AuditEvent::new(kind);
     ev.connection_id = Some(connection_id);
     ev
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 async fn record_chunk(
     audit: &AuditLog,
     connection_id: u64,
@@ -433,10 +381,6 @@ async fn record_chunk(
         .map_err(|e| RecordingError::Write(format!("recording its chunk event: {e}").into()))
 }
 
-#[allow(
-    dead_code,
-    reason = "the SSH protocol (issue 18) records sessions; until it is wired in, only the CLI reads recordings back"
-)]
 fn record_failure(
     audit: &AuditLog,
     connection_id: u64,

@@ -87,7 +87,7 @@ impl Shared {
                 tls.insert(t.id, config);
             }
         }
-        let mask_key = read_or_create_secret(&config.state_dir.join("masking.key"))
+        let mask_key = crate::ca::read_or_create_secret(&config.state_dir.join("masking.key"))
             .map_err(SetupError::MaskingKey)?;
         Ok(Some(Self {
             ca,
@@ -113,24 +113,4 @@ pub async fn serve(
     identity: Result<Identity, crate::identity::ResolveError>,
 ) {
     startup::run(gate, shared, incoming, client, identity).await;
-}
-
-/// Reads a 32-byte secret, creating it (root, 0600, exclusively) on first use.
-fn read_or_create_secret(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    match std::fs::read(path) {
-        Ok(key) if key.len() >= 32 => return Ok(key),
-        Ok(_) => {
-            return Err(std::io::Error::other(format!(
-                "{} is shorter than 32 bytes",
-                path.display()
-            )))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut key = vec![0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-        .map_err(|_| std::io::Error::other("no randomness"))?;
-    crate::ca::write_new(path, &key, 0o600)?;
-    Ok(key)
 }

@@ -6,12 +6,13 @@
 //! decided before it reaches the server.
 //!
 //! `session` holds the client-facing handler and the channel relay; `upstream` the
-//! server-facing client, with its host key check. Recording and masking plug in at
-//! [`output_to_client`] and [`input_to_upstream`], the one place each direction's bytes of
-//! a shell or command pass.
+//! server-facing client, with its host key check. `terminal` masks, records and guards a
+//! shell's or command's bytes: output passes [`output_to_client`], input the `data`
+//! callback, the one place each direction's bytes pass.
 
 mod forward;
 mod session;
+mod terminal;
 mod upstream;
 mod writer;
 
@@ -25,6 +26,8 @@ use russh::keys::ssh_key::PrivateKey;
 use tokio::net::TcpStream;
 
 use crate::admission::{Gate, Incoming};
+use crate::audit::recording::Recordings;
+use crate::audit::AuditLog;
 use crate::config::{Config, ProtectedTarget, Protocol, TargetAddress};
 use crate::ssh_ca::{SshCa, SshCaError};
 
@@ -33,6 +36,10 @@ pub struct Shared {
     pub ca: SshCa,
     /// The targets configured with a private key instead of a user certificate.
     private_keys: HashMap<u32, Arc<PrivateKey>>,
+    /// The agent's one recordings area: every shell (and exec with a pty) is recorded.
+    recordings: Recordings,
+    /// The masking key PostgreSQL masking uses too, so a keyed hash is the same in both.
+    mask_key: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +48,19 @@ pub enum SetupError {
     Ca(#[from] SshCaError),
     #[error("target `{target}`: {reason}")]
     Target { target: String, reason: String },
+    /// The masking key cannot be read or created in the state directory.
+    #[error("masking key: {0}")]
+    MaskingKey(#[source] std::io::Error),
 }
 
 impl Shared {
     /// Built at start when any target speaks SSH; errors stop the agent before it attaches
     /// anything.
-    pub fn new(config: &Config, targets: &[ProtectedTarget]) -> Result<Option<Self>, SetupError> {
+    pub fn new(
+        config: &Config,
+        targets: &[ProtectedTarget],
+        audit: Arc<AuditLog>,
+    ) -> Result<Option<Self>, SetupError> {
         if !targets.iter().any(|t| t.protocol == Protocol::Ssh) {
             return Ok(None);
         }
@@ -67,7 +81,18 @@ impl Shared {
                 private_keys.insert(t.id, Arc::new(key));
             }
         }
-        Ok(Some(Self { ca, private_keys }))
+        let mask_key = crate::ca::read_or_create_secret(&config.state_dir.join("masking.key"))
+            .map_err(SetupError::MaskingKey)?;
+        Ok(Some(Self {
+            ca,
+            private_keys,
+            recordings: Recordings::new(audit),
+            mask_key,
+        }))
+    }
+
+    pub fn recordings(&self) -> &Recordings {
+        &self.recordings
     }
 
     fn private_key(&self, target_id: u32) -> Option<Arc<PrivateKey>> {
@@ -122,31 +147,38 @@ pub enum ChannelKind {
     Subsystem,
 }
 
-/// Per-channel state the recording and masking seam sees; the terminal recorder and the
-/// output masker hang their state here.
+/// A channel's terminal (masking, recording, guard), shared by its two directions; set
+/// once, when its shell or exec starts.
+pub type SharedTerminal = Arc<tokio::sync::Mutex<terminal::Terminal>>;
+
+/// Per-channel state the recording and masking seam sees; both directions of a channel
+/// hold a tap on the same terminal.
 #[derive(Debug)]
 pub struct ChannelTap {
     pub kind: ChannelKind,
     /// Links a recording to its session (`connection.opened`'s id).
-    #[allow(
-        dead_code,
-        reason = "for the recorder the seam is built for (issue 18)"
-    )]
     pub connection_id: u64,
+    pub terminal: Arc<std::sync::OnceLock<SharedTerminal>>,
+}
+
+impl ChannelTap {
+    fn terminal(&self) -> Option<&SharedTerminal> {
+        self.terminal.get()
+    }
 }
 
 /// Every byte of a session channel's output (stdout; `stderr` true for its stderr) on its
-/// way to the client passes here: the seam for recording and masking. Today it passes
-/// bytes through unchanged.
-pub fn output_to_client(_tap: &mut ChannelTap, _stderr: bool, data: Bytes) -> Bytes {
-    data
-}
-
-/// Every byte the client types or pipes into a session channel passes here on its way to
-/// the server: the seam for recording input and guarded shells. Today it passes bytes
-/// through unchanged.
-pub fn input_to_upstream(_tap: &mut ChannelTap, data: &[u8]) -> Bytes {
-    Bytes::copy_from_slice(data)
+/// way to the client passes here: masked and recorded when the channel's terminal says so.
+/// An error ends the channel (its recording failed and the target says to close).
+pub async fn output_to_client(
+    tap: &mut ChannelTap,
+    stderr: bool,
+    data: Bytes,
+) -> Result<Bytes, terminal::Ended> {
+    match tap.terminal() {
+        Some(t) => t.lock().await.output(stderr, &data).await.map(Bytes::from),
+        None => Ok(data),
+    }
 }
 
 /// Serves one redirected SSH connection to its end.
@@ -181,6 +213,8 @@ mod tests {
                 private_key_file: None,
                 certificate_minutes: 5,
                 keepalive_secs: 15,
+                record_input: false,
+                guarded_shell: false,
             })),
         };
         let p = host_principals(&target, "::ffff:10.1.2.3".parse().unwrap());

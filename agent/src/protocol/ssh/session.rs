@@ -24,14 +24,15 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::forward::ForwardLog;
+use super::terminal::{self, LineVerdict, MaskPlan, PtyInfo, Terminal};
 use super::upstream::{KnownHosts, UpstreamHandler};
 use super::writer::{ConnectionBudget, UpstreamWriter};
-use super::{ChannelKind, ChannelTap, Shared};
+use super::{ChannelKind, ChannelTap, Shared, SharedTerminal};
 use crate::admission::{Gate, Incoming, OpenError, OpenSession, Opening, Refusal};
 use crate::audit::{AuditEvent, Decision, EventKind};
 use crate::ssh_ca::UserGrant;
 use portcullis_core::{Identity, SshFields};
-use portcullis_policy::{Action, Forward, Request};
+use portcullis_policy::{Action, Forward, Obligation, Request};
 
 /// How long a channel request waits for the server's answer before it fails.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -99,6 +100,7 @@ pub(super) async fn serve(
         pumps: JoinSet::new(),
         opened: Some(opened_tx),
         own_handle: Arc::clone(&own_handle),
+        recorded: false,
     };
     let mut running = match server::run_stream(Arc::new(config), client, handler).await {
         Ok(r) => r,
@@ -145,6 +147,8 @@ struct ChannelState {
     replies: mpsc::Receiver<bool>,
     pump: tokio::task::AbortHandle,
     tap: ChannelTap,
+    /// The client's pty request, for the recording's header.
+    pty: Option<PtyInfo>,
 }
 
 struct Upstream {
@@ -174,6 +178,9 @@ struct ClientHandler {
     opened: Option<tokio::sync::oneshot::Sender<tokio_util::sync::CancellationToken>>,
     /// This session's own handle: remote forwards open their channels to the client with it.
     own_handle: Arc<Mutex<Option<server::Handle>>>,
+    /// A recording is one file per connection: set once a channel of this connection
+    /// started one.
+    recorded: bool,
 }
 
 /// A refusal of the connection: the audit decision and why.
@@ -440,6 +447,19 @@ impl ClientHandler {
         label: &str,
         what: &str,
     ) -> Result<Vec<String>, String> {
+        self.decide_masked(action, command_line, label, what)
+            .map(|(ids, _)| ids)
+    }
+
+    /// [`Self::decide_channel`], with the content detectors of the masking profile the
+    /// allowing policies name (`@mask`), for a channel whose output is masked.
+    fn decide_masked(
+        &mut self,
+        action: Action,
+        command_line: Option<String>,
+        label: &str,
+        what: &str,
+    ) -> Result<(Vec<String>, Option<MaskPlan>), String> {
         let Ok(identity) = self.identity.clone() else {
             return Err("no identity".into());
         };
@@ -456,8 +476,17 @@ impl ClientHandler {
                 .unwrap_or_default();
         }
         request.context.command_line = command_line.clone();
-        match crate::policy::outcome(self.gate.policies().decide(&request)) {
-            Ok(allowed) => Ok(allowed.policy_ids),
+        // One set for the decision and the profile it names.
+        let set = self.gate.policies().current();
+        match crate::policy::outcome(set.decide(&request)) {
+            Ok(allowed) => {
+                let mask = allowed.obligations.iter().find_map(|o| match o {
+                    Obligation::Mask { profile } => set
+                        .masking_profile(profile)
+                        .and_then(|p| MaskPlan::new(p, &self.shared.mask_key)),
+                });
+                Ok((allowed.policy_ids, mask))
+            }
             Err(refused) => {
                 let mut ev = self.event(EventKind::SshChannelDenied, label);
                 ev.decision = Some(refused.decision);
@@ -534,9 +563,11 @@ impl ClientHandler {
         // the session loop never waits on it.
         let (_, down_write) = channel.split();
         let (replies_tx, replies) = mpsc::channel(8);
+        let terminal = Arc::new(std::sync::OnceLock::new());
         let tap = |kind| ChannelTap {
             kind,
             connection_id: self.incoming.id,
+            terminal: Arc::clone(&terminal),
         };
         let pump = self.pumps.spawn(pump(
             up_read,
@@ -553,6 +584,7 @@ impl ClientHandler {
                 replies,
                 pump,
                 tap: tap(kind),
+                pty: None,
             },
         );
     }
@@ -598,6 +630,171 @@ impl ClientHandler {
         }
     }
 
+    fn count_input(&self, n: u64) {
+        if let Some(up) = &self.open {
+            up.session
+                .conn
+                .bytes
+                .client_to_upstream
+                .fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives a shell or exec channel its terminal before the server starts it: masked when
+    /// the allowing policy names a profile, recorded when interactive (a shell, or a command
+    /// with a pty), guarded when the target guards shells. An error refuses the channel:
+    /// a session that cannot be recorded does not start (unless `recording_failure =
+    /// "continue"`).
+    async fn attach_terminal(
+        &mut self,
+        channel: ChannelId,
+        command: Option<&str>,
+        mut mask: Option<MaskPlan>,
+    ) -> Result<(), String> {
+        let Some(state) = self.channels.get(&channel) else {
+            return Err("no such channel".into());
+        };
+        let pty = state.pty.clone();
+        let ssh = self.incoming.target.ssh.clone();
+        let guarded = command.is_none() && ssh.as_ref().is_some_and(|s| s.guarded_shell);
+        if guarded && pty.is_none() {
+            return Err(
+                "this target guards shell lines, which needs a terminal (ssh -t): input piped to a shell cannot be decided line by line".into(),
+            );
+        }
+        if let (Some(line), None) = (command, &pty) {
+            // File transfers carry file contents in their own framing, which masking would
+            // corrupt (SFTP is not masked either; policy decides what may be read).
+            if !matches!(
+                portcullis_terminal::exec::classify(line.as_bytes()).kind,
+                portcullis_terminal::exec::ExecKind::Command
+                    | portcullis_terminal::exec::ExecKind::Empty
+            ) {
+                mask = None;
+            }
+        }
+        let interactive = command.is_none() || pty.is_some();
+        let recording = if interactive {
+            if self.recorded {
+                return Err("this connection already recorded a terminal session (a recording is one per connection): open another connection for another one (ssh -o ControlPath=none)".into());
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut recorder = portcullis_terminal::asciicast::Recorder::new(&terminal::header(
+                pty.as_ref(),
+                command,
+                now,
+            ));
+            let recording = self
+                .shared
+                .recordings()
+                .start(
+                    self.incoming.id,
+                    recorder.take_chunk(),
+                    self.incoming.target.recording_failure,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            self.recorded = true;
+            Some((recorder, recording))
+        } else {
+            None
+        };
+        let record_input = ssh.as_ref().is_some_and(|s| s.record_input);
+        let terminal = Terminal::new(recording, record_input, mask.as_ref(), guarded);
+        if terminal.is_idle() {
+            return Ok(());
+        }
+        let shared: SharedTerminal = Arc::new(tokio::sync::Mutex::new(terminal));
+        if let Some(state) = self.channels.get(&channel) {
+            let _ = state.tap.terminal.set(shared);
+        }
+        Ok(())
+    }
+
+    /// A line typed at a guarded shell, at its Enter: decided as `ssh_exec` with
+    /// `context.guarded_line`, recorded as `ssh.shell_line` either way. A line the guard
+    /// could not follow (history, completion lists) is refused: its text is not known. A
+    /// line typed without echo (`echoed` false: a password at a prompt, or `stty -echo`) is
+    /// decided too, but its text is not written down. Keys of a full-screen program (an
+    /// editor) are not shell lines: they pass.
+    fn decide_line(
+        &self,
+        line: &portcullis_terminal::line::TypedLine,
+        echoed: bool,
+    ) -> LineVerdict {
+        let mut ev = self.event(EventKind::SshShellLine, "shell");
+        if line.full_screen {
+            ev.decision = Some(Decision::Allow);
+            ev.reason = Some("keys of a full-screen program, not a shell line".into());
+            self.gate.audit().record(ev);
+            return LineVerdict {
+                allowed: true,
+                reason: String::new(),
+            };
+        }
+        if echoed {
+            if let Some(fields) = ev.ssh.as_mut() {
+                fields.command_line = Some(line.text.clone());
+            }
+        } else {
+            ev.reason =
+                Some("typed without echo (a password?): the line is not written down".into());
+        }
+        let verdict = match (&self.identity, line.certain) {
+            (Err(why), _) => Err((Decision::Error, Vec::new(), why.clone())),
+            (Ok(_), false) => Err((
+                Decision::Deny,
+                Vec::new(),
+                "the line was edited with keys only the shell understands (history, completion); type it out".to_string(),
+            )),
+            (Ok(identity), true) => {
+                let mut request = self.request(identity, Action::SshExec);
+                let parsed = portcullis_terminal::exec::classify(line.text.as_bytes());
+                request.context.simple_command =
+                    parsed.shell_syntax.is_none() && parsed.argv.is_some();
+                request.context.command_name = parsed.first_word;
+                request.context.command_args = parsed
+                    .argv
+                    .map(|argv| argv.into_iter().skip(1).collect())
+                    .unwrap_or_default();
+                request.context.command_line = Some(line.text.clone());
+                request.context.guarded_line = true;
+                match crate::policy::outcome(self.gate.policies().decide(&request)) {
+                    Ok(allowed) => Ok(allowed.policy_ids),
+                    Err(refused) => Err((refused.decision, refused.policy_ids, refused.reason)),
+                }
+            }
+        };
+        match verdict {
+            Ok(policy_ids) => {
+                ev.decision = Some(Decision::Allow);
+                ev.policy_ids = policy_ids.into();
+                self.gate.audit().record(ev);
+                LineVerdict {
+                    allowed: true,
+                    reason: String::new(),
+                }
+            }
+            Err((decision, policy_ids, reason)) => {
+                let reason = match decision {
+                    Decision::Deny => format!("denied by policy: {reason}"),
+                    _ => reason,
+                };
+                tracing::info!(%reason, "guarded shell line refused");
+                ev.decision = Some(decision);
+                ev.policy_ids = policy_ids.into();
+                ev.reason = Some(reason.clone());
+                self.gate.audit().record(ev);
+                LineVerdict {
+                    allowed: false,
+                    reason,
+                }
+            }
+        }
+    }
+
     fn record_refused_channel(&self, label: &str, reason: &str) {
         let mut ev = self.event(EventKind::SshChannelDenied, label);
         ev.decision = Some(Decision::Deny);
@@ -626,7 +823,9 @@ fn identity_label(identity: &Identity) -> String {
 }
 
 /// Reads the server's side of one channel and relays it to the client in the server's
-/// order; answers to channel requests go to the handler waiting for them.
+/// order; answers to channel requests go to the handler waiting for them. Output the masker
+/// holds back is released once the server has been quiet for `terminal::QUIET_FLUSH`, and
+/// the channel ends early when its recording fails under `recording_failure = "close"`.
 async fn pump(
     mut from: russh::ChannelReadHalf,
     to: ChannelWriteHalf<Msg>,
@@ -636,12 +835,50 @@ async fn pump(
     mut tap: ChannelTap,
 ) {
     let id = to.id();
-    while let Some(msg) = from.wait().await {
+    let mut failure: Option<std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>> = None;
+    loop {
+        if failure.is_none() {
+            if let Some(t) = tap.terminal() {
+                failure = t.lock().await.failure().map(|f| Box::pin(f) as _);
+            }
+        }
+        let holds = match tap.terminal() {
+            Some(t) => t.lock().await.holds(),
+            None => false,
+        };
+        let msg = tokio::select! {
+            msg = from.wait() => msg,
+            () = tokio::time::sleep(terminal::QUIET_FLUSH), if holds => {
+                if let Some(t) = tap.terminal() {
+                    let released = t.lock().await.release(false).await;
+                    match released {
+                        Ok((out, err)) => {
+                            if send_output(&to, &out, &err).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(ended) => return end_unrecorded(&to, &ended).await,
+                    }
+                }
+                continue;
+            }
+            error = async { match failure.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                return end_unrecorded(&to, &terminal::Ended(error)).await;
+            }
+        };
+        let Some(msg) = msg else { break };
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 let n = data.len() as u64;
-                let out = super::output_to_client(&mut tap, false, data);
-                let r = to.data_bytes(out).await;
+                let out = match super::output_to_client(&mut tap, false, data).await {
+                    Ok(out) => out,
+                    Err(ended) => return end_unrecorded(&to, &ended).await,
+                };
+                let r = if out.is_empty() {
+                    Ok(())
+                } else {
+                    to.data_bytes(out).await
+                };
                 conn.bytes
                     .upstream_to_client
                     .fetch_add(n, Ordering::Relaxed);
@@ -649,14 +886,35 @@ async fn pump(
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 let n = data.len() as u64;
-                let out = super::output_to_client(&mut tap, ext == 1, data);
-                let r = to.extended_data_bytes(ext, out).await;
+                let out = match super::output_to_client(&mut tap, ext == 1, data).await {
+                    Ok(out) => out,
+                    Err(ended) => return end_unrecorded(&to, &ended).await,
+                };
+                let r = if out.is_empty() {
+                    Ok(())
+                } else {
+                    to.extended_data_bytes(ext, out).await
+                };
                 conn.bytes
                     .upstream_to_client
                     .fetch_add(n, Ordering::Relaxed);
                 r
             }
-            ChannelMsg::Eof => to.eof().await,
+            ChannelMsg::Eof => {
+                // Nothing follows: what the masker held goes out before the EOF.
+                if let Some(t) = tap.terminal() {
+                    let released = t.lock().await.release(true).await;
+                    match released {
+                        Ok((out, err)) => {
+                            if send_output(&to, &out, &err).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(ended) => return end_unrecorded(&to, &ended).await,
+                    }
+                }
+                to.eof().await
+            }
             ChannelMsg::ExitStatus { exit_status } => to.exit_status(exit_status).await,
             ChannelMsg::ExitSignal {
                 signal_name,
@@ -680,9 +938,50 @@ async fn pump(
         };
         if sent.is_err() {
             // The client's side is gone; the session's end closes the upstream channel.
+            finish_terminal(&tap, None).await;
             return;
         }
     }
+    finish_terminal(&tap, Some(&to)).await;
+    let _ = to.close().await;
+}
+
+/// Output released by the masker, stdout then stderr.
+async fn send_output(
+    to: &ChannelWriteHalf<Msg>,
+    out: &[u8],
+    err: &[u8],
+) -> Result<(), russh::Error> {
+    if !out.is_empty() {
+        to.data_bytes(Bytes::copy_from_slice(out)).await?;
+    }
+    if !err.is_empty() {
+        to.extended_data_bytes(1, Bytes::copy_from_slice(err))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The channel's end: what the masker still held (to the client when it is still there),
+/// then the recording closed and durable.
+async fn finish_terminal(tap: &ChannelTap, to: Option<&ChannelWriteHalf<Msg>>) {
+    let Some(t) = tap.terminal() else { return };
+    let (out, err, recording) = t.lock().await.finish().await;
+    if let Some(to) = to {
+        let _ = send_output(to, &out, &err).await;
+    }
+    if let Some(recording) = recording {
+        if let Err(e) = recording.finish().await {
+            tracing::warn!(connection_id = tap.connection_id, error = %e, "the session recording did not close cleanly");
+        }
+    }
+}
+
+/// The recording failed and the target says to close: the client reads why on stderr,
+/// then the channel closes (the recording's failure is already in the audit trail).
+async fn end_unrecorded(to: &ChannelWriteHalf<Msg>, ended: &terminal::Ended) {
+    let _ = to.extended_data_bytes(1, Bytes::from(ended.notice())).await;
+    let _ = to.eof().await;
     let _ = to.close().await;
 }
 
@@ -1024,6 +1323,15 @@ impl server::Handler for ClientHandler {
             )
             .await;
         let ok = sent.is_ok() && self.upstream_reply(channel).await;
+        if ok {
+            if let Some(state) = self.channels.get_mut(&channel) {
+                state.pty = Some(PtyInfo {
+                    term: term.to_string(),
+                    columns: terminal::size(col_width),
+                    rows: terminal::size(row_height),
+                });
+            }
+        }
         Self::answer(session, channel, ok)
     }
 
@@ -1065,10 +1373,15 @@ impl server::Handler for ClientHandler {
         {
             return session.channel_failure(channel);
         }
-        let policy_ids = match self.decide_channel(Action::SshShell, None, "shell", "shell") {
-            Ok(ids) => ids,
+        let (policy_ids, mask) = match self.decide_masked(Action::SshShell, None, "shell", "shell")
+        {
+            Ok(granted) => granted,
             Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
         };
+        if let Err(reason) = self.attach_terminal(channel, None, mask).await {
+            self.record_refused_channel("shell", &reason);
+            return self.refuse_on_channel(channel, &reason, session).await;
+        }
         let Some(state) = self.channels.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
@@ -1100,11 +1413,15 @@ impl server::Handler for ClientHandler {
             return self.refuse_on_channel(channel, reason, session).await;
         };
         let command = command.to_string();
-        let policy_ids =
-            match self.decide_channel(Action::SshExec, Some(command.clone()), "exec", "exec") {
-                Ok(ids) => ids,
+        let (policy_ids, mask) =
+            match self.decide_masked(Action::SshExec, Some(command.clone()), "exec", "exec") {
+                Ok(granted) => granted,
                 Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
             };
+        if let Err(reason) = self.attach_terminal(channel, Some(&command), mask).await {
+            self.record_refused_channel("exec", &reason);
+            return self.refuse_on_channel(channel, &reason, session).await;
+        }
         let Some(state) = self.channels.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
@@ -1162,6 +1479,10 @@ impl server::Handler for ClientHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(state) = self.channels.get(&channel) {
+            if let Some(t) = state.tap.terminal() {
+                // A failed recording ends the channel from its pump.
+                let _ = t.lock().await.resize(col_width, row_height).await;
+            }
             let _ = state
                 .upstream
                 .window_change(col_width, row_height, pix_width, pix_height)
@@ -1186,7 +1507,7 @@ impl server::Handler for ClientHandler {
         &mut self,
         channel: ChannelId,
         data: &[u8],
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(state) = self.channels.get_mut(&channel) else {
             return Ok(());
@@ -1195,18 +1516,59 @@ impl server::Handler for ClientHandler {
             // Nothing runs yet to read it: RFC 4254 lets us drop it, and a server would too.
             return Ok(());
         }
-        let bytes = super::input_to_upstream(&mut state.tap, data);
-        let n = bytes.len() as u64;
-        if state.upstream.data_bytes(bytes).await.is_ok() {
-            if let Some(up) = &self.open {
-                up.session
-                    .conn
-                    .bytes
-                    .client_to_upstream
-                    .fetch_add(n, Ordering::Relaxed);
+        let Some(terminal) = state.tap.terminal().cloned() else {
+            let n = data.len() as u64;
+            if state
+                .upstream
+                .data_bytes(Bytes::copy_from_slice(data))
+                .await
+                .is_ok()
+            {
+                self.count_input(n);
+            }
+            return Ok(());
+        };
+        // A failed recording ends the channel from its pump; the input goes nowhere.
+        let Ok(mut step) = terminal.lock().await.input(data).await else {
+            return Ok(());
+        };
+        loop {
+            if !step.to_client.is_empty() {
+                session.data(channel, Bytes::from(std::mem::take(&mut step.to_client)))?;
+            }
+            let Some(state) = self.channels.get(&channel) else {
+                return Ok(());
+            };
+            let mut n = 0;
+            for bytes in std::mem::take(&mut step.to_upstream) {
+                n += bytes.len() as u64;
+                if state.upstream.data_bytes(Bytes::from(bytes)).await.is_err() {
+                    break;
+                }
+            }
+            self.count_input(n);
+            let Some(line) = step.line.take() else {
+                return Ok(());
+            };
+            // Its keys are on their way; their echo tells a typed line from one typed
+            // without echo (a password), so wait for it a moment before deciding.
+            let deadline = tokio::time::Instant::now() + terminal::ECHO_WAIT;
+            let mut echoed = terminal.lock().await.echo_seen();
+            while !echoed && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                echoed = terminal.lock().await.echo_seen();
+            }
+            let verdict = self.decide_line(&line, echoed);
+            let shown = if echoed {
+                line.text.as_str()
+            } else {
+                "(typed without echo)"
+            };
+            match terminal.lock().await.decided(shown, &verdict).await {
+                Ok(next) => step = next,
+                Err(_) => return Ok(()),
             }
         }
-        Ok(())
     }
 
     async fn channel_eof(
