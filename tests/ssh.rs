@@ -1458,6 +1458,8 @@ fn a_card_number_printed_by_cat_is_masked_on_screen_and_in_the_recording() {
         !file.contains(PAN) && !file.contains("4111111111111111"),
         "{file}"
     );
+    // Input is recorded only when the target says so (record_input, off by default).
+    assert!(!file.contains("\"i\", "), "{file}");
 
     // A command without a terminal: masked too, stdout and stderr.
     let exec = w
@@ -1626,7 +1628,14 @@ fn a_tmux_shell_with_a_resize_is_recorded_and_plays_in_asciinema() {
     if !enabled() {
         return;
     }
-    let w = World::new("ssh-tmux", 217);
+    let w = World::with(
+        "ssh-tmux",
+        217,
+        Options {
+            target_ssh: "record_input = true\n",
+            ..Options::default()
+        },
+    );
     let socket = w.client_dir("tmux").join("socket");
     let tmux = |args: &[&str]| {
         let mut c = w.client("tmux");
@@ -1673,6 +1682,8 @@ fn a_tmux_shell_with_a_resize_is_recorded_and_plays_in_asciinema() {
         cast.contains("\"r\", \"100x30\""),
         "no resize event: {cast}"
     );
+    // record_input: what was typed is there as `i` events.
+    assert!(cast.contains("\"i\", \"e"), "no input event: {cast}");
     assert!(
         cast.contains("30 100"),
         "the shell did not see the new size: {cast}"
@@ -1695,4 +1706,58 @@ fn a_tmux_shell_with_a_resize_is_recorded_and_plays_in_asciinema() {
         "{}",
         text(&played.stdout)
     );
+}
+
+#[test]
+fn a_second_terminal_on_a_recorded_connection_is_refused_not_left_unrecorded() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-rec-mux", 218);
+    let control = w.client_dir("mux").join("%C").display().to_string();
+    let mux = |args: &[&str]| {
+        let mut all = vec!["-o", "ControlMaster=auto", "-o", "ControlPersist=30", "-o"];
+        let path = format!("ControlPath={control}");
+        all.push(&path);
+        all.extend_from_slice(args);
+        output_within(&mut w.ssh(&all), Duration::from_secs(30))
+    };
+    let first = mux(&["-tt", "127.0.0.1", "echo first"]);
+    assert!(
+        text(&first.stdout).contains("first"),
+        "{}",
+        text(&first.stderr)
+    );
+    // The connection's recording is taken: a second terminal on it would go unrecorded.
+    let second = mux(&["-tt", "127.0.0.1", "echo second"]);
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second.stdout));
+    assert!(!text(&second.stdout).contains("second"));
+    assert!(
+        text(&second.stderr).contains("already recorded a terminal session"),
+        "{}",
+        text(&second.stderr)
+    );
+    // Commands without a terminal are not recorded, so they still run on it.
+    let plain = mux(&["127.0.0.1", "echo plain"]);
+    assert_eq!(text(&plain.stdout), "plain\n");
+    let opened = w.events("connection.opened");
+    assert_eq!(opened.len(), 1, "{opened:#?}");
+    let id = opened[0]["connection_id"].as_u64().unwrap();
+    let cast = std::fs::read_to_string(recording_file(&w, id)).unwrap();
+    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(header["command"], "echo first");
+    w.wait_event("ssh.channel_denied", |e| {
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("already recorded"))
+    });
+    let _ = w
+        .ssh(&[
+            "-o",
+            &format!("ControlPath={control}"),
+            "-O",
+            "exit",
+            "127.0.0.1",
+        ])
+        .output();
 }
