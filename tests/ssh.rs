@@ -27,7 +27,7 @@ const REMOTE_USER: &str = "pcssh";
 /// The local account that runs the clients (OpenSSH needs a passwd entry for its uid).
 const LOCAL_USER: &str = "pcsshc";
 
-/// Shells, commands and sftp, but no command that says "forbidden"; no forwarding.
+/// Shells, commands, sftp and scp, but no command that says "forbidden"; no forwarding.
 const SSH_POLICY: &str = r#"
 @id("ssh-work")
 permit (
@@ -35,7 +35,8 @@ permit (
     action in [
         Portcullis::Action::"ssh_shell",
         Portcullis::Action::"ssh_exec",
-        Portcullis::Action::"ssh_sftp"
+        Portcullis::Action::"ssh_sftp",
+        Portcullis::Action::"ssh_scp"
     ],
     resource
 )
@@ -919,6 +920,321 @@ fn rsync_and_git_work_over_ssh() {
             .starts_with("git-receive-pack")
     });
     let _ = std::fs::remove_dir_all(&repo);
+}
+
+// ---- Part S: SFTP operations as events and policy, legacy scp decided (slots 220–224) ----
+
+/// A fresh directory in the remote account's home, owned by it.
+fn remote_dir(name: &str) -> PathBuf {
+    let (remote_uid, _) = ensure_users();
+    let dir = PathBuf::from(format!("/home/{REMOTE_USER}/{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(remote_uid), Some(remote_uid)).unwrap();
+    dir
+}
+
+/// A file the client account owns in `dir`.
+fn client_file(w: &World, dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    std::os::unix::fs::chown(&path, Some(w.client_uid), Some(w.client_uid)).unwrap();
+    path
+}
+
+/// The SHA-256 coreutils computes, so the agent's hash is checked against another program.
+fn sha256sum(path: &Path) -> String {
+    let out = run(Command::new("sha256sum").arg(path));
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn sftp_batch(w: &World, work: &Path, batch: &str) -> Output {
+    let file = client_file(w, work, "batch", batch.as_bytes());
+    output_within(
+        w.client("sftp")
+            .args(["-F", &w.config(), "-b"])
+            .arg(&file)
+            .arg("127.0.0.1")
+            .current_dir(work),
+        Duration::from_secs(60),
+    )
+}
+
+#[test]
+fn sftp_operations_are_audited_with_sizes_and_hashes() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-sftp-audit", 220);
+    let work = w.client_dir("work");
+    let payload: Vec<u8> = (0..1_500_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let up = client_file(&w, &work, "up.bin", &payload);
+    let hash = sha256sum(&up);
+    let home = remote_dir("sftp-audit");
+    let dir = format!("{}/d", home.display());
+    let (a, b) = (format!("{dir}/a.bin"), format!("{dir}/b.bin"));
+    let out = sftp_batch(
+        &w,
+        &work,
+        &format!(
+            "mkdir {dir}\nput up.bin {a}\nget {a} down.bin\nrename {a} {b}\nrm {b}\nrmdir {dir}\n"
+        ),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read(work.join("down.bin")).unwrap() == payload);
+    assert!(!Path::new(&dir).exists());
+
+    let op = |e: &Value, name: &str, path: &str| {
+        e["sftp_operation"] == name && e["path"] == path && e["decision"] == "allow"
+    };
+    w.wait_event("ssh.sftp", |e| {
+        op(e, "mkdir", &dir) && e["sftp_status"] == "ok"
+    });
+    let open = w.wait_event("ssh.sftp", |e| {
+        op(e, "open", &a) && e["open_flags"].as_str().unwrap_or("").contains("write")
+    });
+    assert_eq!(open["sftp_status"], "ok", "{open:#}");
+    assert_eq!(open["channel"], "subsystem:sftp");
+    assert!(open["identity"]["uid"] == w.client_uid, "{open:#}");
+    let written = w.wait_event("ssh.sftp", |e| {
+        op(e, "close", &a) && e["bytes_written"].is_u64()
+    });
+    assert_eq!(
+        written["bytes_written"],
+        payload.len() as u64,
+        "{written:#}"
+    );
+    assert_eq!(written["write_sha256"], hash.as_str(), "{written:#}");
+    let read = w.wait_event("ssh.sftp", |e| {
+        op(e, "close", &a) && e["bytes_read"].is_u64()
+    });
+    assert_eq!(read["bytes_read"], payload.len() as u64, "{read:#}");
+    assert_eq!(read["read_sha256"], hash.as_str(), "{read:#}");
+    let renamed = w.wait_event("ssh.sftp", |e| op(e, "rename", &a));
+    assert_eq!(renamed["new_path"], b.as_str());
+    assert_eq!(renamed["sftp_status"], "ok");
+    w.wait_event("ssh.sftp", |e| {
+        op(e, "remove", &b) && e["sftp_status"] == "ok"
+    });
+    w.wait_event("ssh.sftp", |e| {
+        op(e, "rmdir", &dir) && e["sftp_status"] == "ok"
+    });
+    // The server's own answer is written down, a failure too.
+    let out = sftp_batch(&w, &work, &format!("-rm {dir}/never-there\n"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    w.wait_event("ssh.sftp", |e| {
+        op(e, "remove", &format!("{dir}/never-there")) && e["sftp_status"] == "no such file"
+    });
+}
+
+#[test]
+fn a_policy_denying_reads_under_a_directory_fails_sftp_get_and_the_session_goes_on() {
+    if !enabled() {
+        return;
+    }
+    let secret = format!("/home/{REMOTE_USER}/secret-221");
+    let policy = format!(
+        r#"
+@id("no-secret-reads")
+forbid (principal, action == Portcullis::Action::"ssh_sftp", resource)
+when {{ context.sftp_operation == "read" && context.path like "{secret}/*" }};
+"#
+    );
+    let w = World::with(
+        "ssh-sftp-deny",
+        221,
+        Options {
+            policy: &policy,
+            ..Options::default()
+        },
+    );
+    let (remote_uid, _) = ensure_users();
+    let secret_dir = remote_dir("secret-221");
+    let public_dir = remote_dir("public-221");
+    for (dir, content) in [(&secret_dir, "the secret\n"), (&public_dir, "public\n")] {
+        let f = dir.join("f.txt");
+        std::fs::write(&f, content).unwrap();
+        std::os::unix::fs::chown(&f, Some(remote_uid), Some(remote_uid)).unwrap();
+    }
+    let work = w.client_dir("work");
+    // `-` lets the batch go on after a failed command; one connection, one sftp session.
+    // The second name reaches the secret through `..`: policy sees the resolved path.
+    let out = sftp_batch(
+        &w,
+        &work,
+        &format!(
+            "-get {secret}/f.txt s1.txt\n-get {}/../secret-221/f.txt s2.txt\nget {}/f.txt p.txt\nput p.txt {secret}/written.txt\n",
+            public_dir.display(),
+            public_dir.display()
+        ),
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("Permission denied").count(), 2, "{err}");
+    assert!(!work.join("s1.txt").exists() && !work.join("s2.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(work.join("p.txt")).unwrap(),
+        "public\n"
+    );
+    // Writing there is not reading: allowed, and it happened.
+    assert_eq!(
+        std::fs::read_to_string(secret_dir.join("written.txt")).unwrap(),
+        "public\n"
+    );
+    let target = format!("{secret}/f.txt");
+    let denied = w.wait_event("ssh.sftp", |e| {
+        e["decision"] == "deny" && e["path"] == target.as_str()
+    });
+    assert_eq!(denied["sftp_operation"], "open");
+    assert_eq!(denied["policy_ids"][0], "no-secret-reads");
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("read of `/home/pcssh/secret-221/f.txt` denied by policy"),
+        "{denied:#}"
+    );
+    w.wait_event("ssh.sftp", |e| {
+        e["decision"] == "deny" && e["path"].as_str().unwrap_or("").contains("/../secret-221/")
+    });
+    // The server never opened it: no open was answered for the secret.
+    assert!(
+        !w.events("ssh.sftp").iter().any(|e| {
+            e["sftp_operation"] == "open"
+                && e["decision"] == "allow"
+                && e["path"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with("secret-221/f.txt")
+        }),
+        "{:#?}",
+        w.events("ssh.sftp")
+    );
+    w.wait_event("ssh.sftp", |e| {
+        e["sftp_operation"] == "close"
+            && e["path"] == format!("{}/f.txt", public_dir.display()).as_str()
+            && e["bytes_read"] == 7
+    });
+}
+
+#[test]
+fn legacy_scp_is_decided_as_ssh_scp_and_a_denied_path_is_refused() {
+    if !enabled() {
+        return;
+    }
+    let locked = format!("/home/{REMOTE_USER}/locked-222");
+    // No ssh_exec at all: legacy scp is decided as what it does, not as a command.
+    let base = format!(
+        r#"
+@id("scp-only")
+permit (principal, action == Portcullis::Action::"ssh_scp", resource);
+
+@id("no-locked-uploads")
+forbid (principal, action == Portcullis::Action::"ssh_scp", resource)
+when {{ context.direction == "upload" && context.path like "{locked}*" }};
+"#
+    );
+    let w = World::with(
+        "ssh-scp-decide",
+        222,
+        Options {
+            base_policy: &base,
+            ..Options::default()
+        },
+    );
+    let work = w.client_dir("work");
+    let src = client_file(&w, &work, "f.txt", b"scp payload\n");
+    let open_dir = remote_dir("open-222");
+    let locked_dir = remote_dir("locked-222");
+    let scp = |from: &str, to: &str| {
+        output_within(
+            w.client("scp")
+                .args(["-F", &w.config(), "-O", from, to])
+                .current_dir(&work),
+            Duration::from_secs(60),
+        )
+    };
+    let ok = scp(
+        &src.display().to_string(),
+        &format!("127.0.0.1:{}/f.txt", open_dir.display()),
+    );
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert_eq!(
+        std::fs::read(open_dir.join("f.txt")).unwrap(),
+        b"scp payload\n"
+    );
+    let back = scp(
+        &format!("127.0.0.1:{}/f.txt", open_dir.display()),
+        &work.join("back.txt").display().to_string(),
+    );
+    assert!(back.status.success(), "{}", text(&back.stderr));
+
+    let refused = scp(
+        &src.display().to_string(),
+        &format!("127.0.0.1:{locked}/f.txt"),
+    );
+    assert!(!refused.status.success());
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("scp upload of") && err.contains("no-locked-uploads"),
+        "{err}"
+    );
+    assert!(!locked_dir.join("f.txt").exists(), "the refused upload ran");
+    let denied = w.wait_event("ssh.channel_denied", |e| {
+        e["command_line"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("scp -t")
+    });
+    assert_eq!(denied["policy_ids"][0], "no-locked-uploads");
+    assert_eq!(denied["decision"], "deny");
+    // An ordinary command is still not allowed: scp-only means scp only.
+    let cmd = w.ssh(&["127.0.0.1", "true"]).output().unwrap();
+    assert_eq!(cmd.status.code(), Some(1));
+}
+
+#[test]
+fn a_malformed_or_oversized_sftp_packet_closes_its_channel_and_the_agent_keeps_serving() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-sftp-bad", 223);
+    let work = w.client_dir("work");
+    let init: &[u8] = &[0, 0, 0, 5, 1, 0, 0, 0, 3];
+    // A length of 16 MiB (over the 256 KiB limit): refused before anything is buffered.
+    let mut oversized = init.to_vec();
+    oversized.extend_from_slice(&[0x01, 0, 0, 0, 3, 0, 0, 0, 1]);
+    oversized.extend_from_slice(&[0x41; 64]);
+    // A REMOVE whose path claims 4 GiB inside a 13-byte packet.
+    let mut truncated = init.to_vec();
+    truncated.extend_from_slice(&[
+        0, 0, 0, 13, 13, 0, 0, 0, 7, 0xff, 0xff, 0xff, 0xff, b'/', b'e', b't', b'c',
+    ]);
+    for (name, bytes, says) in [
+        ("oversized", oversized, "over the limit"),
+        ("truncated", truncated, "ends inside"),
+    ] {
+        let input = client_file(&w, &work, name, &bytes);
+        let mut c = w.ssh(&["-s", "127.0.0.1", "sftp"]);
+        c.stdin(std::fs::File::open(&input).unwrap());
+        let out = output_within(&mut c, Duration::from_secs(30));
+        let err = text(&out.stderr);
+        assert!(err.contains("SFTP stream is broken"), "{name}: {err}");
+        let ev = w.wait_event("ssh.sftp", |e| {
+            e["sftp_operation"] == "protocol_error"
+                && e["reason"].as_str().unwrap_or("").contains(says)
+        });
+        assert_eq!(ev["decision"], "error");
+    }
+    // The agent goes on serving, sftp included.
+    let ok = w.ssh(&["127.0.0.1", "echo still here"]).output().unwrap();
+    assert_eq!(text(&ok.stdout), "still here\n", "{}", text(&ok.stderr));
+    let out = sftp_batch(&w, &work, "ls /\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -367,6 +367,7 @@ pub fn base_context(comm: &str, uid: u32, unix_time: i64) -> Context {
         command_args: Vec::new(),
         ssh_user: None,
         forward: None,
+        file: None,
         db_user: None,
         db_name: None,
     }

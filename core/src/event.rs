@@ -90,6 +90,11 @@ pub enum EventKind {
     /// destination.
     #[serde(rename = "ssh.forward")]
     SshForward,
+    /// One SFTP operation on an `sftp` subsystem channel (`sftp_operation`, `path`, the
+    /// server's `sftp_status`), or one a policy refused before the server saw it
+    /// (`decision: deny`); `close` carries what the handle moved.
+    #[serde(rename = "ssh.sftp")]
+    SshSftp,
     /// A forwarded connection ended (`ssh -L`/`-W` to `forward`, or a connection to an
     /// `ssh -R` port on the target): the bytes it moved each way, client side first.
     #[serde(rename = "ssh.forward_closed")]
@@ -199,6 +204,47 @@ pub struct SshFields {
     /// for a local forward, the target's sshd's for a connection to a remote forward.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub originator: Option<String>,
+    /// `ssh.sftp` events only; flattened like the rest.
+    #[serde(flatten)]
+    pub sftp: Option<Box<SftpFields>>,
+}
+
+/// One SFTP operation (`ssh.sftp`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SftpFields {
+    /// `open`, `close`, `opendir`, `remove`, `rename`, `mkdir`, `rmdir`, `setstat`,
+    /// `symlink`, `link`, or a refused operation's name (`stat`, `extension:<name>`, ...).
+    pub sftp_operation: String,
+    /// The path as the client sent it (lossy UTF-8); for `close`, the path it was opened as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The second path of `rename`, `symlink` (wire order: OpenSSH sends the link's target
+    /// first) and `link`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_path: Option<String>,
+    /// `open`: its flags as words (`read`, `write,creat,trunc`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_flags: Option<String>,
+    /// The server's answer: `ok`, `no such file`, `permission denied`, ... (`handle` for a
+    /// successful open); absent for an operation the agent refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sftp_status: Option<String>,
+    /// The server's status message, when it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sftp_message: Option<String>,
+    /// `close`: bytes the handle read and their SHA-256 (hex) in file order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_read: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_sha256: Option<String>,
+    /// `close`: bytes written through the handle and their SHA-256 in file order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_sha256: Option<String>,
+    /// `close`: why a hash is missing (pieces out of order or overlapping, failed writes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_note: Option<String>,
 }
 
 /// What a statement event says about the statement itself. What stays the same from one

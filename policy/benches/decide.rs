@@ -125,6 +125,7 @@ fn request() -> Request {
             command_args: Vec::new(),
             ssh_user: None,
             forward: None,
+            file: None,
             db_user: Some("app".to_owned()),
             db_name: Some("app".to_owned()),
         },

@@ -548,7 +548,27 @@ impl PolicySet {
                     pairs.push(("originator_port".to_owned(), long(i64::from(*from_port))));
                 }
             }
-            Action::SshShell | Action::SshSftp | Action::SshAgentForward => {}
+            Action::SshSftp => {
+                // The subsystem's own start has no file: an empty path matches no pattern.
+                let (operation, path) = context
+                    .file
+                    .as_ref()
+                    .map_or(("start", ""), |f| (f.operation.as_str(), f.path.as_str()));
+                pairs.push(("sftp_operation".to_owned(), string(operation)));
+                pairs.push(("path".to_owned(), string(path)));
+            }
+            Action::SshScp => {
+                let file = context.file.as_ref().ok_or_else(|| {
+                    format!("the request lacks context `file`, which action `{action}` needs")
+                })?;
+                pairs.push(("direction".to_owned(), string(&file.operation)));
+                pairs.push(("path".to_owned(), string(&file.path)));
+                pairs.push((
+                    "recursive".to_owned(),
+                    cedar::RestrictedExpression::new_bool(file.recursive),
+                ));
+            }
+            Action::SshShell | Action::SshAgentForward => {}
         }
         let cedar_context =
             cedar::Context::from_pairs(pairs).map_err(|e| format!("context: {e}"))?;
@@ -765,6 +785,11 @@ mod tests {
                     port: 5432,
                     originator: Some(("127.0.0.1".to_owned(), 40000)),
                 }),
+                file: Some(crate::request::FileAccess {
+                    operation: "read".to_owned(),
+                    path: "/etc/secret/key".to_owned(),
+                    recursive: true,
+                }),
                 db_user: Some("u".to_owned()),
                 db_name: Some("d".to_owned()),
             },
@@ -787,6 +812,9 @@ mod tests {
                 if action != Action::Query {
                     request.context.db_user = None;
                     request.context.db_name = None;
+                }
+                if action == Action::SshSftp {
+                    request.context.file = None;
                 }
                 set.to_cedar(&request, Some(&schema))
                     .unwrap_or_else(|e| panic!("{action} {kind:?} without optionals: {e}"));

@@ -30,7 +30,8 @@ pub use mask::{
     ColumnOrigin, ColumnPlan, ContentMatch, Masker, Unmaskable, FORMAT_BINARY, FORMAT_TEXT,
 };
 pub use request::{
-    Action, Context, Forward, Principal, PrincipalKind, Request, Target, STATEMENT_CLASSES,
+    Action, Context, FileAccess, Forward, Principal, PrincipalKind, Request, Target,
+    STATEMENT_CLASSES,
 };
 pub use settings::{
     ApprovalSettings, ColumnMatcher, Detector, MaskKind, MaskRule, MaskingProfile, Selector,

@@ -54,8 +54,12 @@ pub enum Action {
     SshShell,
     /// An SSH exec request; the command is `Context::command_line`.
     SshExec,
-    /// The SSH `sftp` subsystem (scp in its modern form uses it too).
+    /// The SSH `sftp` subsystem (scp in its modern form uses it too): once when the subsystem
+    /// starts, then once for every file operation, with `Context::file`.
     SshSftp,
+    /// Legacy scp (`scp -O`, every scp before OpenSSH 9): its `scp -t`/`scp -f` exec, decided
+    /// once for every path it names, with `Context::file`.
+    SshScp,
     /// An SSH local forward (`ssh -L`, `ssh -W`: a direct-tcpip channel); where to is
     /// `Context::forward`.
     SshForwardLocal,
@@ -68,7 +72,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in the order the engine indexes them.
-    pub const ALL: [Action; 9] = [
+    pub const ALL: [Action; 10] = [
         Action::Connect,
         Action::Query,
         Action::SshShell,
@@ -78,6 +82,7 @@ impl Action {
         Action::SshAgentForward,
         Action::Replicate,
         Action::SshForwardRemote,
+        Action::SshScp,
     ];
 
     /// The action's id in the Cedar schema: `Portcullis::Action::"<cedar_name>"`.
@@ -89,6 +94,7 @@ impl Action {
             Action::SshShell => "ssh_shell",
             Action::SshExec => "ssh_exec",
             Action::SshSftp => "ssh_sftp",
+            Action::SshScp => "ssh_scp",
             Action::SshForwardLocal => "ssh_forward_local",
             Action::SshForwardRemote => "ssh_forward_remote",
             Action::SshAgentForward => "ssh_agent_forward",
@@ -106,6 +112,7 @@ impl Action {
             Action::SshAgentForward => 6,
             Action::Replicate => 7,
             Action::SshForwardRemote => 8,
+            Action::SshScp => 9,
         }
     }
 }
@@ -176,6 +183,8 @@ pub struct Context {
     pub ssh_user: Option<String>,
     /// For `ssh_forward_local` and `ssh_forward_remote`: the forward's address.
     pub forward: Option<Forward>,
+    /// For `ssh_sftp` (absent when the subsystem starts) and `ssh_scp`: the file operation.
+    pub file: Option<FileAccess>,
     pub db_user: Option<String>,
     pub db_name: Option<String>,
 }
@@ -192,6 +201,20 @@ pub struct Forward {
     /// Local only: where the client says the connection came from (`originator_host`,
     /// `originator_port`). The client chooses it freely: worth logging, not trusting.
     pub originator: Option<(String, u32)>,
+}
+
+/// One file operation of SFTP or legacy scp, on one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileAccess {
+    /// `ssh_sftp`: `read`, `write`, `list`, `stat`, `remove`, `rename`, `mkdir`, `rmdir`,
+    /// `setstat`, `symlink` or `link` (`sftp_operation` in policies). `ssh_scp`: `upload` or
+    /// `download` (`direction`).
+    pub operation: String,
+    /// The path as the client named it, with `.`, `..` and repeated `/` resolved by name (the
+    /// agent cannot see the server's symbolic links).
+    pub path: String,
+    /// `ssh_scp`: `scp -r`.
+    pub recursive: bool,
 }
 
 /// One question to the policy engine.
@@ -246,6 +269,9 @@ impl fmt::Display for Request {
         }
         if let Some(forward) = &c.forward {
             write!(f, ", forward `{}:{}`", forward.host, forward.port)?;
+        }
+        if let Some(file) = &c.file {
+            write!(f, ", {} `{}`", file.operation, file.path)?;
         }
         write!(
             f,

@@ -68,6 +68,26 @@ struct Row {
     reason: &'static str,
 }
 
+/// Every SFTP operation, but no reading under /etc/secret.
+const SFTP_NO_SECRET_READS: &str = r#"
+@id("sftp")
+permit (principal, action == Portcullis::Action::"ssh_sftp", resource);
+@id("no-secret-reads")
+forbid (principal, action == Portcullis::Action::"ssh_sftp", resource)
+when { context.sftp_operation == "read" && context.path like "/etc/secret/*" };
+"#;
+
+/// An SFTP operation (`None`: the subsystem's start) or a legacy scp transfer by sam.
+fn file(action: Action, access: Option<(&str, &str)>) -> Request {
+    let mut r = request(user("sam", &["sre"]), action, ssh_host());
+    r.context.file = access.map(|(operation, path)| portcullis_policy::FileAccess {
+        operation: operation.to_owned(),
+        path: path.to_owned(),
+        recursive: false,
+    });
+    r
+}
+
 const ANALYSTS_READ: &str = r#"
 @id("analysts-read")
 permit (principal in Portcullis::Group::"analysts", action == Portcullis::Action::"query", resource)
@@ -813,6 +833,53 @@ fn rows() -> Vec<Row> {
             matched: &["analysts-read"],
             masks: &[],
             reason: "analysts-read",
+        },
+        Row {
+            name: "sftp read under a tree a forbid names",
+            policies: SFTP_NO_SECRET_READS,
+            request: file(Action::SshSftp, Some(("read", "/etc/secret/db.key"))),
+            want: Want::Deny,
+            matched: &["no-secret-reads"],
+            masks: &[],
+            reason: "no-secret-reads",
+        },
+        Row {
+            name: "sftp write under that tree is not a read",
+            policies: SFTP_NO_SECRET_READS,
+            request: file(Action::SshSftp, Some(("write", "/etc/secret/db.key"))),
+            want: Want::Allow,
+            matched: &["sftp"],
+            masks: &[],
+            reason: "sftp",
+        },
+        Row {
+            name: "sftp subsystem start has no path for a path rule to match",
+            policies: SFTP_NO_SECRET_READS,
+            request: file(Action::SshSftp, None),
+            want: Want::Allow,
+            matched: &["sftp"],
+            masks: &[],
+            reason: "sftp",
+        },
+        Row {
+            name: "legacy scp upload to a path a forbid names",
+            policies: r#"@id("scp") permit (principal, action == Portcullis::Action::"ssh_scp", resource);
+                @id("no-locked-uploads") forbid (principal, action == Portcullis::Action::"ssh_scp", resource)
+                when { context.direction == "upload" && context.path like "/srv/locked/*" };"#,
+            request: file(Action::SshScp, Some(("upload", "/srv/locked/x"))),
+            want: Want::Deny,
+            matched: &["no-locked-uploads"],
+            masks: &[],
+            reason: "no-locked-uploads",
+        },
+        Row {
+            name: "an ssh_exec permit does not cover legacy scp",
+            policies: r#"@id("exec") permit (principal, action == Portcullis::Action::"ssh_exec", resource);"#,
+            request: file(Action::SshScp, Some(("download", "/srv/x"))),
+            want: Want::Deny,
+            matched: &[],
+            masks: &[],
+            reason: "no policy permits ssh_scp",
         },
         Row {
             name: "forbid on an action group reaches its members",

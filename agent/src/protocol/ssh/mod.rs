@@ -12,6 +12,7 @@
 
 mod forward;
 mod session;
+mod sftp;
 mod terminal;
 mod upstream;
 mod writer;
@@ -159,6 +160,9 @@ pub struct ChannelTap {
     /// Links a recording to its session (`connection.opened`'s id).
     pub connection_id: u64,
     pub terminal: Arc<std::sync::OnceLock<SharedTerminal>>,
+    /// Set when the channel's sftp subsystem starts: its operations are read, decided and
+    /// written down (`sftp`), never masked.
+    pub sftp: sftp::SharedSftp,
 }
 
 impl ChannelTap {

@@ -564,10 +564,12 @@ impl ClientHandler {
         let (_, down_write) = channel.split();
         let (replies_tx, replies) = mpsc::channel(8);
         let terminal = Arc::new(std::sync::OnceLock::new());
+        let sftp = Arc::new(std::sync::OnceLock::new());
         let tap = |kind| ChannelTap {
             kind,
             connection_id: self.incoming.id,
             terminal: Arc::clone(&terminal),
+            sftp: Arc::clone(&sftp),
         };
         let pump = self.pumps.spawn(pump(
             up_read,
@@ -587,6 +589,24 @@ impl ClientHandler {
                 pty: None,
             },
         );
+    }
+
+    /// Who decides this connection's file operations (sftp, legacy scp), and the
+    /// `ssh.sftp` event they start from; `None` without an identity.
+    fn file_policy(&self) -> Option<super::sftp::FilePolicy> {
+        let identity = self.identity.clone().ok()?;
+        let mut event = self.event(EventKind::SshSftp, "subsystem:sftp");
+        if let Some(up) = &self.open {
+            event.upstream = Some(up.session.conn.upstream.to_string().into());
+        }
+        Some(super::sftp::FilePolicy {
+            gate: Arc::clone(&self.gate),
+            identity,
+            target: self.incoming.target.clone(),
+            origin: self.incoming.origin.clone(),
+            ssh_user: self.ssh_user.clone(),
+            event,
+        })
     }
 
     /// Decides a forward on where it goes (or listens); a refusal is an
@@ -870,6 +890,11 @@ async fn pump(
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 let n = data.len() as u64;
+                let data = match tap.sftp.get().map(|s| s.server_bytes(&data)) {
+                    None => data,
+                    Some(Ok(out)) => Bytes::from(out),
+                    Some(Err(why)) => return super::sftp::end_channel(&to, &why).await,
+                };
                 let out = match super::output_to_client(&mut tap, false, data).await {
                     Ok(out) => out,
                     Err(ended) => return end_unrecorded(&to, &ended).await,
@@ -1413,11 +1438,25 @@ impl server::Handler for ClientHandler {
             return self.refuse_on_channel(channel, reason, session).await;
         };
         let command = command.to_string();
-        let (policy_ids, mask) =
-            match self.decide_masked(Action::SshExec, Some(command.clone()), "exec", "exec") {
-                Ok(granted) => granted,
-                Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
-            };
+        // Legacy scp is decided as what it does (`ssh_scp`, each path), not as a command.
+        let decided = match portcullis_terminal::exec::classify(data).kind {
+            portcullis_terminal::exec::ExecKind::Scp {
+                upload,
+                recursive,
+                paths,
+            } => match self.file_policy() {
+                Some(policy) => {
+                    super::sftp::decide_scp(&policy, &command, upload, recursive, &paths)
+                        .map(|ids| (ids, None))
+                }
+                None => Err("no identity".to_string()),
+            },
+            _ => self.decide_masked(Action::SshExec, Some(command.clone()), "exec", "exec"),
+        };
+        let (policy_ids, mask) = match decided {
+            Ok(granted) => granted,
+            Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
+        };
         if let Err(reason) = self.attach_terminal(channel, Some(&command), mask).await {
             self.record_refused_channel("exec", &reason);
             return self.refuse_on_channel(channel, &reason, session).await;
@@ -1457,10 +1496,17 @@ impl server::Handler for ClientHandler {
             Ok(ids) => ids,
             Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
         };
+        let Some(policy) = self.file_policy() else {
+            return session.channel_failure(channel);
+        };
         let Some(state) = self.channels.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
         state.tap.kind = ChannelKind::Subsystem;
+        let _ = state
+            .tap
+            .sftp
+            .set(Arc::new(super::sftp::SftpRelay::new(policy)));
         let sent = state.upstream.request_subsystem(true, name).await;
         let ok = sent.is_ok() && self.upstream_reply(channel).await;
         if ok {
@@ -1514,6 +1560,32 @@ impl server::Handler for ClientHandler {
         };
         if state.tap.kind == ChannelKind::Pending {
             // Nothing runs yet to read it: RFC 4254 lets us drop it, and a server would too.
+            return Ok(());
+        }
+        if let Some(sftp) = state.tap.sftp.get().cloned() {
+            match sftp.client_bytes(data) {
+                Ok(out) if out.is_empty() => {}
+                Ok(out) => {
+                    let n = out.len() as u64;
+                    if state.upstream.data_bytes(Bytes::from(out)).await.is_ok() {
+                        self.count_input(n);
+                    }
+                }
+                Err(why) => {
+                    // This channel only: the connection and its other channels go on.
+                    if let Some(state) = self.channels.remove(&channel) {
+                        state.pump.abort();
+                        let _ = state.upstream.close().await;
+                    }
+                    session.extended_data(
+                        channel,
+                        1,
+                        Bytes::from(format!("portcullis: {why}\r\n")),
+                    )?;
+                    session.eof(channel)?;
+                    session.close(channel)?;
+                }
+            }
             return Ok(());
         }
         let Some(terminal) = state.tap.terminal().cloned() else {
