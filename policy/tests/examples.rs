@@ -439,6 +439,83 @@ fn ssh_forwarding_reaches_one_database_and_opens_no_port() {
     );
 }
 
+/// An sftp operation or a legacy scp transfer on `path`.
+fn file_op(principal: Principal, action: Action, operation: &str, path: &str) -> Request {
+    let mut r = request(principal, action, ssh_host());
+    r.context.file = Some(portcullis_policy::FileAccess {
+        operation: operation.to_owned(),
+        path: path.to_owned(),
+        recursive: false,
+    });
+    r
+}
+
+#[test]
+fn ssh_files_keep_secrets_unread_and_ci_uploads_only_releases() {
+    let eng = || user("erin", &["engineering"]);
+    let ci = || service("ci-deployer");
+    check(
+        "ssh-files",
+        vec![
+            allow(
+                "an engineer starts sftp",
+                request(eng(), Action::SshSftp, ssh_host()),
+                &["engineers-sftp"],
+            ),
+            allow(
+                "and reads an ordinary file",
+                file_op(eng(), Action::SshSftp, "read", "/var/log/app.log"),
+                &["engineers-sftp"],
+            ),
+            deny(
+                "but not one under /etc/secret",
+                file_op(eng(), Action::SshSftp, "read", "/etc/secret/db.key"),
+                &["no-secret-reads"],
+            ),
+            deny(
+                "nor lists that directory",
+                file_op(eng(), Action::SshSftp, "list", "/etc/secret"),
+                &["no-secret-reads"],
+            ),
+            allow(
+                "a neighbour whose name starts the same is not under it",
+                file_op(eng(), Action::SshSftp, "read", "/etc/secrets.txt"),
+                &["engineers-sftp"],
+            ),
+            deny(
+                "someone outside engineering gets no sftp",
+                request(user("sam", &["sre"]), Action::SshSftp, ssh_host()),
+                &[],
+            ),
+            allow(
+                "CI uploads a release with scp -O",
+                file_op(ci(), Action::SshScp, "upload", "/srv/releases/app-1.2.tar"),
+                &["ci-uploads-releases"],
+            ),
+            deny(
+                "but not elsewhere",
+                file_op(ci(), Action::SshScp, "upload", "/etc/cron.d/x"),
+                &[],
+            ),
+            deny(
+                "and never downloads",
+                file_op(
+                    ci(),
+                    Action::SshScp,
+                    "download",
+                    "/srv/releases/app-1.2.tar",
+                ),
+                &[],
+            ),
+            deny(
+                "nor uses sftp",
+                file_op(ci(), Action::SshSftp, "write", "/srv/releases/app-1.2.tar"),
+                &[],
+            ),
+        ],
+    );
+}
+
 #[test]
 fn ci_service_runs_deploys_but_gets_no_shell() {
     let ci = || service("ci-deployer");
