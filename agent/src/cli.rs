@@ -82,7 +82,7 @@ enum Command {
     },
     /// Play a terminal session recording (asciicast v2) in this terminal: a session id
     /// (read back from the audit store, root, only as its chunk hashes in the chain vouch
-    /// for it) or a recording file.
+    /// for it) or a recording file. Space pauses and resumes, q stops.
     Replay {
         /// A session (connection) id, or the path of a recording file.
         recording: String,
@@ -867,7 +867,7 @@ fn replay(
     idle_limit: Option<f64>,
     marker: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
-    use portcullis_terminal::asciicast::{play, PlayOptions, Recording};
+    use portcullis_terminal::asciicast::{play, play_with, PlayOptions, Recording};
     let recording = Recording::parse(text).with_context(|| name.to_string())?;
     let idle_limit = match idle_limit {
         None => None,
@@ -883,8 +883,97 @@ fn replay(
         idle_limit,
         marker,
     };
-    play(&recording, &options, &mut std::io::stdout().lock())?;
+    match Keys::open() {
+        // Space pauses and resumes, q stops.
+        Some(mut keys) => play_with(&recording, &options, &mut std::io::stdout().lock(), |d| {
+            keys.wait(d)
+        })?,
+        None => play(&recording, &options, &mut std::io::stdout().lock())?,
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The viewer's keys during `replay`: the terminal in non-canonical mode without echo, so
+/// a key arrives when pressed; restored when dropped.
+struct Keys {
+    saved: nix::sys::termios::Termios,
+    paused: bool,
+    /// The terminal closed its input: no key can come, so playback only waits.
+    closed: bool,
+}
+
+impl Keys {
+    /// `None` when stdin is not a terminal (a pipe, a test): playback just waits.
+    fn open() -> Option<Keys> {
+        use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.local_flags
+            .remove(LocalFlags::ICANON | LocalFlags::ECHO);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(Keys {
+            saved,
+            paused: false,
+            closed: false,
+        })
+    }
+
+    /// Waits `d` of playback time; a pause stops the clock until space is pressed again.
+    /// False when the viewer pressed q.
+    fn wait(&mut self, d: std::time::Duration) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        if self.closed {
+            std::thread::sleep(d);
+            return true;
+        }
+        let stdin = std::io::stdin();
+        let mut left = d;
+        loop {
+            let started = std::time::Instant::now();
+            let timeout = if self.paused {
+                PollTimeout::NONE
+            } else {
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+            };
+            let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+            let ready = poll(&mut fds, timeout).unwrap_or(0);
+            if !self.paused {
+                left = left.saturating_sub(started.elapsed());
+            }
+            if ready > 0 {
+                let mut key = [0u8; 1];
+                match nix::unistd::read(stdin.as_fd(), &mut key) {
+                    Ok(1) if key == [b' '] => self.paused = !self.paused,
+                    Ok(1) if key == [b'q'] => return false,
+                    // End of input: nothing can resume a pause, so play on.
+                    Ok(0) | Err(_) => {
+                        self.paused = false;
+                        self.closed = true;
+                        std::thread::sleep(left);
+                        return true;
+                    }
+                    _ => {}
+                }
+            } else if !self.paused {
+                return true;
+            }
+            if !self.paused && left.is_zero() {
+                return true;
+            }
+        }
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
 }
 
 fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {

@@ -404,10 +404,26 @@ pub fn play(
     options: &PlayOptions,
     terminal: &mut impl Write,
 ) -> Result<(), PlayError> {
+    play_with(recording, options, terminal, |wait| {
+        std::thread::sleep(wait);
+        true
+    })
+}
+
+/// [`play`], with the waits between steps left to `wait`, which returns once that much
+/// playback time has passed (a viewer's pause stops the clock) or false to stop playing.
+pub fn play_with(
+    recording: &Recording,
+    options: &PlayOptions,
+    terminal: &mut impl Write,
+    mut wait: impl FnMut(Duration) -> bool,
+) -> Result<(), PlayError> {
     for step in steps(recording, options)? {
         if !step.wait.is_zero() {
             terminal.flush()?;
-            std::thread::sleep(step.wait);
+            if !wait(step.wait) {
+                break;
+            }
         }
         terminal.write_all(step.output.as_bytes())?;
     }
@@ -599,5 +615,21 @@ mod tests {
             Recording::parse("{\"version\":1,\"width\":80,\"height\":24}"),
             Err(ReadError::Version(1))
         ));
+    }
+
+    #[test]
+    fn the_viewer_gets_every_wait_and_can_stop_playback() {
+        let text = "{\"version\":2,\"width\":80,\"height\":24}\n[0.5, \"o\", \"a\"]\n[1.5, \"o\", \"b\"]\n[2.0, \"o\", \"c\"]\n";
+        let recording = Recording::parse(text).unwrap();
+        let mut waits = Vec::new();
+        let mut out = Vec::new();
+        play_with(&recording, &PlayOptions::default(), &mut out, |d| {
+            waits.push(d);
+            waits.len() < 3
+        })
+        .unwrap();
+        assert_eq!(waits, [ms(500), ms(1000), ms(500)]);
+        // Stopped at the third wait: "c" is never written.
+        assert_eq!(out, b"ab");
     }
 }
