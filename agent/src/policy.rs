@@ -260,10 +260,12 @@ pub struct Allowed {
 /// the policies that decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyRefusal {
-    /// `Deny`, or `Approval` while the policy asks for an approval the agent cannot obtain.
+    /// `Deny`, or `Approval` while the policy asks for an approval not (yet) given.
     pub decision: portcullis_core::Decision,
     pub reason: String,
     pub policy_ids: Vec<String>,
+    /// Who must approve, when the policy asks for approval.
+    pub approval: Option<portcullis_policy::ApprovalRequirement>,
 }
 
 /// What a decision means for its request: the one place a refusal is worded, approvals
@@ -279,18 +281,42 @@ pub fn outcome(decision: Decision) -> Result<Allowed, PolicyRefusal> {
             decision: portcullis_core::Decision::Deny,
             reason: decision.reason,
             policy_ids,
+            approval: None,
         }),
-        Effect::RequireApproval {
-            approver_group,
-            approvals,
-        } => Err(PolicyRefusal {
+        Effect::RequireApproval(requirement) => Err(PolicyRefusal {
             decision: portcullis_core::Decision::Approval,
-            reason: format!(
-                "requires {approvals} approval(s) from `{approver_group}`, and approvals are not available yet: {}",
-                decision.reason
-            ),
+            reason: format!("requires {requirement}: {}", decision.reason),
             policy_ids,
+            approval: Some(requirement),
         }),
+    }
+}
+
+/// A refusal for approval, once a request was made for it: what the client is told, naming
+/// the request and how to follow it.
+pub fn approval_requested(refusal: PolicyRefusal, request_id: &str) -> PolicyRefusal {
+    let who = refusal
+        .approval
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    PolicyRefusal {
+        reason: format!(
+            "approval required: request {request_id} asks for {who}; follow it with `portcullis approvals show {request_id}`, an approver runs `portcullis approvals approve {request_id}`; connect again once it is approved ({})",
+            refusal.reason
+        ),
+        ..refusal
+    }
+}
+
+/// A refusal for approval when no request could be made (the store refused it).
+pub fn approval_unavailable(refusal: PolicyRefusal, why: &str) -> PolicyRefusal {
+    PolicyRefusal {
+        reason: format!(
+            "approval required, and no request could be made: {why} ({})",
+            refusal.reason
+        ),
+        ..refusal
     }
 }
 

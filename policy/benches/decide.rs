@@ -185,7 +185,7 @@ fn main() {
             match decision.effect {
                 Effect::Allow => "allow",
                 Effect::Deny => "deny",
-                Effect::RequireApproval { .. } => "appr.",
+                Effect::RequireApproval(_) => "appr.",
             },
             percentile(&samples, 0.50).as_secs_f64() * 1e6,
             percentile(&samples, 0.99).as_secs_f64() * 1e6,

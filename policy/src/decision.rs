@@ -38,16 +38,63 @@ impl PartialEq<&str> for PolicyId {
     }
 }
 
+/// One group's share of an approval: `approvals` different people of `group`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Quorum {
+    pub group: String,
+    pub approvals: u32,
+}
+
+/// Who must approve: every quorum (an AND of groups), each person counting once, the
+/// requester never (the agent's approvals module enforces the counting).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ApprovalRequirement {
+    /// Never empty; at most one quorum per group.
+    pub quorums: Vec<Quorum>,
+}
+
+impl ApprovalRequirement {
+    /// N approvals from one group (`@approval("g") @approvals("N")`).
+    pub fn of(group: &str, approvals: u32) -> Self {
+        ApprovalRequirement {
+            quorums: vec![Quorum {
+                group: group.to_owned(),
+                approvals,
+            }],
+        }
+    }
+
+    /// How many people must approve in all.
+    pub fn total(&self) -> u32 {
+        self.quorums.iter().map(|q| q.approvals).sum()
+    }
+}
+
+impl fmt::Display for ApprovalRequirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, q) in self.quorums.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" and ")?;
+            }
+            write!(
+                f,
+                "{} approval{} from group `{}`",
+                q.approvals,
+                if q.approvals == 1 { "" } else { "s" },
+                q.group
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     Allow,
     Deny,
-    /// Allowed once `approvals` members of `approver_group`, other than the requester, approve.
-    RequireApproval {
-        approver_group: String,
-        approvals: u32,
-    },
+    /// Allowed once the requirement is met by people other than the requester.
+    RequireApproval(ApprovalRequirement),
 }
 
 impl fmt::Display for Effect {
@@ -55,13 +102,9 @@ impl fmt::Display for Effect {
         match self {
             Effect::Allow => f.write_str("allow"),
             Effect::Deny => f.write_str("deny"),
-            Effect::RequireApproval {
-                approver_group,
-                approvals,
-            } => write!(
-                f,
-                "require approval ({approvals} from group `{approver_group}`)"
-            ),
+            Effect::RequireApproval(requirement) => {
+                write!(f, "require approval ({requirement})")
+            }
         }
     }
 }

@@ -8,18 +8,12 @@ use std::str::FromStr;
 use cedar_policy as cedar;
 
 use crate::decision::{
-    Decision, Effect, Explanation, Obligation, PolicyEffect, PolicyId, PolicyOutcome, PolicyVerdict,
+    ApprovalRequirement, Decision, Effect, Explanation, Obligation, PolicyEffect, PolicyId,
+    PolicyOutcome, PolicyVerdict,
 };
 use crate::error::{LoadWarning, Location};
 use crate::request::{Action, PrincipalKind, Request, STATEMENT_CLASSES};
 use crate::settings::{ApprovalSettings, MaskingProfile};
-
-/// An approval a permit policy asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequiredApproval {
-    pub approver_group: String,
-    pub approvals: u32,
-}
 
 /// What the engine knows about one policy besides its Cedar text.
 #[derive(Debug, Clone)]
@@ -31,7 +25,7 @@ pub struct PolicyInfo {
     /// From `@description("…")`; quoted in the reason of decisions the policy makes.
     pub description: Option<String>,
     /// From `@approval` / `@approvals`, with defaults from `approvals.toml` applied.
-    pub approval: Option<RequiredApproval>,
+    pub approval: Option<ApprovalRequirement>,
     /// From `@mask("…")`; the profile exists in `masking.toml`.
     pub mask: Option<String>,
     pub(crate) cedar: cedar::Policy,
@@ -367,29 +361,24 @@ impl PolicySet {
         let mut reason = format!("permitted by {}", cited.join(", "));
 
         // An approval requirement is not bypassed by another permit that also holds: the
-        // strictest requirement applies (most approvals; on a tie, the first policy by id).
-        let mut required: Option<(usize, &RequiredApproval)> = None;
+        // strictest requirement applies (most approvals in all; on a tie, the first policy by
+        // id).
+        let mut required: Option<(usize, &ApprovalRequirement)> = None;
         for index in &evaluation.permits {
             let Some(approval) = self.policies.get(*index).and_then(|p| p.approval.as_ref()) else {
                 continue;
             };
-            if required.is_none_or(|(_, current)| approval.approvals > current.approvals) {
+            if required.is_none_or(|(_, current)| approval.total() > current.total()) {
                 required = Some((*index, approval));
             }
         }
         let effect = match required {
             Some((index, approval)) => {
                 reason.push_str(&format!(
-                    "; needs {} approval{} from group `{}` (required by `{}`)",
-                    approval.approvals,
-                    if approval.approvals == 1 { "" } else { "s" },
-                    approval.approver_group,
+                    "; needs {approval} (required by `{}`)",
                     self.id_of(index)
                 ));
-                Effect::RequireApproval {
-                    approver_group: approval.approver_group.clone(),
-                    approvals: approval.approvals,
-                }
+                Effect::RequireApproval(approval.clone())
             }
             None => Effect::Allow,
         };

@@ -20,9 +20,10 @@ mod settings;
 mod sql_text;
 
 pub use decision::{
-    Decision, Effect, Explanation, Obligation, PolicyEffect, PolicyId, PolicyOutcome, PolicyVerdict,
+    ApprovalRequirement, Decision, Effect, Explanation, Obligation, PolicyEffect, PolicyId,
+    PolicyOutcome, PolicyVerdict, Quorum,
 };
-pub use engine::{PolicyInfo, PolicySet, RequiredApproval};
+pub use engine::{PolicyInfo, PolicySet};
 pub use error::{LoadError, LoadWarning, Location, Problem};
 pub use live::LivePolicySet;
 pub use load::{is_policy_set_file, APPROVALS_FILE, MASKING_FILE, SCHEMA};

@@ -12,10 +12,8 @@ use std::str::FromStr;
 use cedar_policy as cedar;
 use miette::Diagnostic;
 
-use crate::decision::{PolicyEffect, PolicyId};
-use crate::engine::{
-    ActionSlice, EntityTypes, PolicyBucket, PolicyInfo, PolicySet, RequiredApproval,
-};
+use crate::decision::{ApprovalRequirement, PolicyEffect, PolicyId, Quorum};
+use crate::engine::{ActionSlice, EntityTypes, PolicyBucket, PolicyInfo, PolicySet};
 use crate::error::{LoadError, LoadWarning, Location, Problem};
 use crate::request::Action;
 use crate::settings::{self, ApprovalSettings, MaskingProfile, MAX_APPROVALS};
@@ -372,8 +370,16 @@ impl AnnotationChecker<'_> {
             policy.annotation("approvals"),
         ) {
             (None, None) => None,
+            (None, Some(list)) if list.contains(':') => self.approval_list(list, &mut complain),
             (None, Some(_)) => {
-                complain("@approvals needs @approval(\"<approver group>\") next to it".to_owned());
+                complain("@approvals needs @approval(\"<approver group>\") next to it, or names its groups itself (@approvals(\"dba-leads:1,security:1\"))".to_owned());
+                None
+            }
+            (Some(_), Some(list)) if list.contains(':') => {
+                complain(
+                    "@approvals(\"group:N,…\") names its groups itself; drop @approval next to it"
+                        .to_owned(),
+                );
                 None
             }
             (Some(group), count) => {
@@ -383,7 +389,7 @@ impl AnnotationChecker<'_> {
                         Ok(n) if (1..=MAX_APPROVALS).contains(&n) => Some(n),
                         _ => {
                             complain(format!(
-                                "@approvals(\"{count}\") must be a number from 1 to {MAX_APPROVALS}"
+                                "@approvals(\"{count}\") must be a number from 1 to {MAX_APPROVALS}, or groups with counts (\"dba-leads:1,security:1\")"
                             ));
                             None
                         }
@@ -399,12 +405,7 @@ impl AnnotationChecker<'_> {
                     }
                     default
                 } else {
-                    let known = self
-                        .approvals
-                        .approver_groups
-                        .as_ref()
-                        .is_none_or(|known| known.contains(group));
-                    if !known {
+                    if !self.is_known_group(group) {
                         complain(format!(
                             "@approval(\"{group}\") names a group that is not in approver_groups of approvals.toml"
                         ));
@@ -412,10 +413,9 @@ impl AnnotationChecker<'_> {
                     Some(group.to_owned())
                 };
                 match (group, approvals) {
-                    (Some(approver_group), Some(approvals)) => Some(RequiredApproval {
-                        approver_group,
-                        approvals,
-                    }),
+                    (Some(group), Some(approvals)) => {
+                        Some(ApprovalRequirement::of(&group, approvals))
+                    }
                     _ => None,
                 }
             }
@@ -448,6 +448,71 @@ impl AnnotationChecker<'_> {
             mask,
             cedar: policy.new_id(cedar::PolicyId::new(&id)),
         })
+    }
+}
+
+impl AnnotationChecker<'_> {
+    fn is_known_group(&self, group: &str) -> bool {
+        self.approvals
+            .approver_groups
+            .as_ref()
+            .is_none_or(|known| known.contains(group))
+    }
+
+    /// `@approvals("dba-leads:1,security:1")`: every group listed must approve, with its
+    /// own count (an AND of groups).
+    fn approval_list(
+        &self,
+        list: &str,
+        complain: &mut impl FnMut(String),
+    ) -> Option<ApprovalRequirement> {
+        let mut quorums: Vec<Quorum> = Vec::new();
+        let mut ok = true;
+        for entry in list.split(',') {
+            let entry = entry.trim();
+            let Some((group, count)) = entry.split_once(':') else {
+                complain(format!(
+                    "@approvals(\"{list}\"): `{entry}` is not `group:count`"
+                ));
+                ok = false;
+                continue;
+            };
+            let group = group.trim();
+            let count = count.trim();
+            if group.is_empty() {
+                complain(format!("@approvals(\"{list}\"): `{entry}` names no group"));
+                ok = false;
+                continue;
+            }
+            let Some(approvals) = count
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_APPROVALS).contains(n))
+            else {
+                complain(format!(
+                    "@approvals(\"{list}\"): the count of `{group}` must be a number from 1 to {MAX_APPROVALS}"
+                ));
+                ok = false;
+                continue;
+            };
+            if !self.is_known_group(group) {
+                complain(format!(
+                    "@approvals(\"{list}\"): `{group}` is not in approver_groups of approvals.toml"
+                ));
+                ok = false;
+            }
+            if quorums.iter().any(|q| q.group == group) {
+                complain(format!(
+                    "@approvals(\"{list}\"): `{group}` is listed twice; give it one count"
+                ));
+                ok = false;
+            }
+            quorums.push(Quorum {
+                group: group.to_owned(),
+                approvals,
+            });
+        }
+        (ok && !quorums.is_empty()).then_some(ApprovalRequirement { quorums })
     }
 }
 

@@ -13,7 +13,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use portcullis_policy::{Action, Effect, MaskKind, Obligation, PolicySet, Principal, Request};
+use portcullis_policy::{
+    Action, ApprovalRequirement, Effect, MaskKind, Obligation, PolicySet, Principal, Request,
+};
 
 fn load_example(name: &str) -> PolicySet {
     let set = PolicySet::load(read_policy_dir(&example_dir(name)))
@@ -223,10 +225,7 @@ fn production_changes_need_approval_windows_and_never_drop() {
                 &["engineers-write-staging"],
             ),
             Row {
-                effect: Effect::RequireApproval {
-                    approver_group: "dba-leads".to_owned(),
-                    approvals: 2,
-                },
+                effect: Effect::RequireApproval(ApprovalRequirement::of("dba-leads", 2)),
                 ..allow(
                     "engineer writes to production after two approvals",
                     query(engineer(), production_db(), "write"),
@@ -309,10 +308,7 @@ fn production_changes_need_approval_windows_and_never_drop() {
                 &[],
             ),
             Row {
-                effect: Effect::RequireApproval {
-                    approver_group: "dba-leads".to_owned(),
-                    approvals: 2,
-                },
+                effect: Effect::RequireApproval(ApprovalRequirement::of("dba-leads", 2)),
                 ..allow(
                     "a DO block with SQL built at run time waits for two approvals",
                     {

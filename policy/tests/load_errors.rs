@@ -211,6 +211,49 @@ fn rows() -> Vec<Row> {
             want: ("policies/p.cedar", 1, 1, "@approvals needs @approval"),
         },
         Row {
+            name: "approvals list with approval next to it",
+            files: &[(
+                "policies/p.cedar",
+                "@id(\"a\") @approval(\"leads\") @approvals(\"leads:1,security:1\") permit (principal, action, resource);",
+            )],
+            want: ("policies/p.cedar", 1, 1, "names its groups itself; drop @approval"),
+        },
+        Row {
+            name: "approvals list entry without a count",
+            files: &[(
+                "policies/p.cedar",
+                "@id(\"a\") @approvals(\"leads:1,security\") permit (principal, action, resource);",
+            )],
+            want: ("policies/p.cedar", 1, 1, "`security` is not `group:count`"),
+        },
+        Row {
+            name: "approvals list count out of range",
+            files: &[(
+                "policies/p.cedar",
+                "@id(\"a\") @approvals(\"leads:0,security:1\") permit (principal, action, resource);",
+            )],
+            want: ("policies/p.cedar", 1, 1, "the count of `leads` must be a number from 1 to 20"),
+        },
+        Row {
+            name: "approvals list names a group twice",
+            files: &[(
+                "policies/p.cedar",
+                "@id(\"a\") @approvals(\"leads:1,leads:2\") permit (principal, action, resource);",
+            )],
+            want: ("policies/p.cedar", 1, 1, "`leads` is listed twice"),
+        },
+        Row {
+            name: "approvals list names a group outside approver_groups",
+            files: &[
+                ("policies/approvals.toml", "approver_groups = [\"dba-leads\"]\n"),
+                (
+                    "policies/p.cedar",
+                    "@id(\"a\") @approvals(\"dba-leads:1,securty:1\") permit (principal, action, resource);",
+                ),
+            ],
+            want: ("policies/p.cedar", 1, 1, "`securty` is not in approver_groups"),
+        },
+        Row {
             name: "bare approval without a default group",
             files: &[(
                 "policies/p.cedar",

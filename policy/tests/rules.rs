@@ -13,7 +13,8 @@ mod common;
 
 use common::*;
 use portcullis_policy::{
-    Action, Effect, Obligation, PolicySet, Principal, Request, STATEMENT_CLASSES,
+    Action, ApprovalRequirement, Effect, Obligation, PolicySet, Principal, Quorum, Request,
+    STATEMENT_CLASSES,
 };
 
 const MASKING: &str = r#"
@@ -38,7 +39,16 @@ enum Want {
     Allow,
     Deny,
     Approval(&'static str, u32),
+    /// Every group with its count (an AND of groups).
+    Approvals(&'static [(&'static str, u32)]),
 }
+
+/// One approval from dba-leads and one from security, both needed.
+const APPROVAL_OF_TWO_GROUPS: &str = r#"
+@id("prod-ddl") @approvals("dba-leads:1, security:1")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.statement_class == "write" };
+"#;
 
 /// A CI identity may restart the app unit and nothing else, and only as a simple command.
 const RESTART_ONLY: &str = r#"
@@ -672,6 +682,15 @@ fn rows() -> Vec<Row> {
             reason: "needs 3 approvals from group `security`",
         },
         Row {
+            name: "approval from each of two groups",
+            policies: APPROVAL_OF_TWO_GROUPS,
+            request: query(analyst(), production_db(), "write"),
+            want: Want::Approvals(&[("dba-leads", 1), ("security", 1)]),
+            matched: &["prod-ddl"],
+            masks: &[],
+            reason: "needs 1 approval from group `dba-leads` and 1 approval from group `security`",
+        },
+        Row {
             name: "mask obligation",
             policies: MASKS,
             request: query(user("bob", &[]), staging_db(), "read"),
@@ -1023,10 +1042,18 @@ fn rule_shapes_decide_as_intended() {
         let want_effect = match row.want {
             Want::Allow => Effect::Allow,
             Want::Deny => Effect::Deny,
-            Want::Approval(group, approvals) => Effect::RequireApproval {
-                approver_group: group.to_owned(),
-                approvals,
-            },
+            Want::Approval(group, approvals) => {
+                Effect::RequireApproval(ApprovalRequirement::of(group, approvals))
+            }
+            Want::Approvals(groups) => Effect::RequireApproval(ApprovalRequirement {
+                quorums: groups
+                    .iter()
+                    .map(|(group, approvals)| Quorum {
+                        group: (*group).to_owned(),
+                        approvals: *approvals,
+                    })
+                    .collect(),
+            }),
         };
         let matched: Vec<&str> = decision.matched.iter().map(|id| id.as_str()).collect();
         let masks: Vec<&str> = decision
