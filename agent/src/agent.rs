@@ -119,6 +119,11 @@ pub fn run(
             "INSECURE: the issuer and audit shipping may use plaintext on loopback, where a local user who binds the port first can pose as them"
         );
     }
+    let approvals = crate::approvals::ApprovalStore::open(
+        &config.state_dir.join("approvals"),
+        Arc::clone(&audit),
+        Arc::clone(&registry) as Arc<dyn crate::approvals::GrantEndListener>,
+    )?;
     let config = Arc::new(config);
     let targets = Arc::new(targets);
     let close_all = CancellationToken::new();
@@ -128,6 +133,7 @@ pub fn run(
         Arc::clone(&identity),
         Arc::clone(&policies),
         registry,
+        Arc::clone(&approvals),
         close_all.clone(),
     ));
     let proxy = Proxy::new(
@@ -161,6 +167,9 @@ pub fn run(
             .tasks
             .spawn(Arc::clone(&identity).maintain(proxy.close_all.clone()));
         proxy.tasks.spawn(Arc::clone(&proxy).summarize_refusals());
+        proxy
+            .tasks
+            .spawn(Arc::clone(&approvals).maintain(proxy.close_all.clone()));
         proxy
             .tasks
             .spawn(Arc::clone(&policies).watch(proxy.close_all.clone()));
@@ -203,6 +212,7 @@ pub fn run(
         proxy: Arc::clone(&proxy),
         identity: Arc::clone(&identity),
         policies: Arc::clone(&policies),
+        approvals: Arc::clone(&approvals),
         data_plane: runtime.handle().clone(),
         started_ms: crate::audit::now_ms(),
         shutdown: shutdown.clone(),

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+mod approvals;
+
 use crate::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEMO_CONFIG};
 use crate::control::{self, Request, Response, StatusReport};
 
@@ -67,6 +69,22 @@ enum Command {
     Logins {
         #[command(subcommand)]
         command: LoginsCommand,
+        #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Ask for a time-boxed grant of a target that policy protects with an approval.
+    Request(approvals::RequestArgs),
+    /// Approval requests: list, show, approve or deny (as your own login).
+    Approvals {
+        #[command(subcommand)]
+        command: approvals::ApprovalsCommand,
+        #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Grants approvals made: list or revoke.
+    Grants {
+        #[command(subcommand)]
+        command: approvals::GrantsCommand,
         #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
@@ -465,6 +483,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         },
+        Command::Request(args) => approvals::request(args),
+        Command::Approvals { command, socket } => approvals::approvals(&socket, command),
+        Command::Grants { command, socket } => approvals::grants(&socket, command),
         Command::Policy { command } => policy_command(command),
         Command::Audit { command } => audit_command(command),
         Command::Sessions { command } => sessions_command(command),

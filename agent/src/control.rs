@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::ConnectionView;
+use crate::approvals::{ApprovalRequest, ApprovalStore, Ask, Asked, Grant, Viewer};
 use crate::audit::{AuditEvent, EventKind};
 use crate::ebpf::{AttachedProgram, Counters};
 use crate::identity::{IdentityService, LoginStarted, SessionView};
@@ -47,6 +48,35 @@ pub enum Request {
     LoginsRevoke {
         selector: String,
     },
+    /// Ask for a grant: the caller's identity may do `actions` on `target` for a while,
+    /// once approved.
+    GrantAsk {
+        target: String,
+        actions: Vec<String>,
+        duration_secs: u64,
+        reason: String,
+    },
+    /// Requests the caller may see (their own, and those their groups are asked to
+    /// approve); pending ones only unless `all`.
+    ApprovalsList {
+        all: bool,
+    },
+    ApprovalsShow {
+        id: String,
+    },
+    /// Approve or deny a request, as the caller's own login.
+    ApprovalsDecide {
+        id: String,
+        approve: bool,
+        reason: String,
+    },
+    GrantsList {
+        all: bool,
+    },
+    GrantsRevoke {
+        id: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -70,6 +100,17 @@ pub enum Response {
     },
     Revoked {
         uids: Vec<u32>,
+        closed_connections: usize,
+    },
+    ApprovalRequest(Box<ApprovalRequest>),
+    ApprovalRequests {
+        requests: Vec<ApprovalRequest>,
+    },
+    Grants {
+        grants: Vec<Grant>,
+    },
+    GrantRevoked {
+        grant: Box<Grant>,
         closed_connections: usize,
     },
     Error {
@@ -180,6 +221,7 @@ pub struct ControlState {
     pub proxy: Arc<Proxy>,
     pub identity: Arc<IdentityService>,
     pub policies: Arc<crate::policy::Policies>,
+    pub approvals: Arc<ApprovalStore>,
     /// The data plane's runtime: identity work (HTTP to the issuer) runs there.
     pub data_plane: tokio::runtime::Handle,
     pub started_ms: u64,
@@ -435,6 +477,46 @@ async fn respond(req: Request, peer: Peer, state: &ControlState) -> Response {
             .await
         }
         Request::LoginsList | Request::LoginsRevoke { .. } => root_only(),
+        Request::GrantAsk {
+            target,
+            actions,
+            duration_secs,
+            reason,
+        } => request_grant(peer, state, &target, actions, duration_secs, reason),
+        Request::ApprovalsList { all } => Response::ApprovalRequests {
+            requests: state.approvals.requests(&viewer(peer, state), all),
+        },
+        Request::ApprovalsShow { id } => match state.approvals.request(&id, &viewer(peer, state)) {
+            Ok(r) => Response::ApprovalRequest(Box::new(r)),
+            Err(e) => error(e),
+        },
+        Request::ApprovalsDecide {
+            id,
+            approve,
+            reason,
+        } => {
+            // The approver's groups are those of their login's token now.
+            let approver = match state.identity.resolve(&peer_origin(peer)) {
+                Ok(i) => i,
+                Err(e) => return error(e),
+            };
+            match state.approvals.decide(&id, &approver, approve, reason) {
+                Ok(r) => Response::ApprovalRequest(Box::new(r)),
+                Err(e) => error(e),
+            }
+        }
+        Request::GrantsList { all } => Response::Grants {
+            grants: state.approvals.grants(&viewer(peer, state), all),
+        },
+        Request::GrantsRevoke { id, reason } => {
+            match state.approvals.revoke(&id, &viewer(peer, state), reason) {
+                Ok((grant, closed_connections)) => Response::GrantRevoked {
+                    grant: Box::new(grant),
+                    closed_connections,
+                },
+                Err(e) => error(e),
+            }
+        }
         Request::Status if uid == 0 => Response::Status(Box::new(status(state))),
         Request::Status => Response::Status(Box::new(user_status(peer, state))),
         Request::Detach => {
@@ -460,6 +542,125 @@ async fn respond(req: Request, peer: Peer, state: &ControlState) -> Response {
             state.shutdown.cancel();
             Response::Detached { pin_dir }
         }
+    }
+}
+
+fn error(e: impl std::fmt::Display) -> Response {
+    Response::Error {
+        message: e.to_string(),
+    }
+}
+
+/// The process behind a control request, as a connection's origin would name it.
+fn peer_origin(peer: Peer) -> crate::proxy::Origin {
+    crate::proxy::Origin {
+        pid: peer.pid,
+        tid: peer.pid,
+        uid: peer.uid,
+        gid: peer.gid,
+        comm: std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
+            .map(|c| c.trim_end().to_string())
+            .unwrap_or_default(),
+        cgroup_id: 0,
+        netns_cookie: 0,
+        socket_cookie: 0,
+        destination: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        target_id: 0,
+    }
+}
+
+fn viewer(peer: Peer, state: &ControlState) -> Viewer {
+    Viewer {
+        uid: peer.uid,
+        identity: state.identity.resolve(&peer_origin(peer)).ok(),
+    }
+}
+
+/// `portcullis request`: decided as a connection of the caller would be, for each action;
+/// a request is made only when the policy asks for approval (not when it permits or denies).
+fn request_grant(
+    peer: Peer,
+    state: &ControlState,
+    target: &str,
+    actions: Vec<String>,
+    duration_secs: u64,
+    reason: String,
+) -> Response {
+    let origin = peer_origin(peer);
+    let identity = match state.identity.resolve(&origin) {
+        Ok(i) => i,
+        Err(e) => return error(e),
+    };
+    if reason.trim().is_empty() {
+        return error("a reason is required (--reason \"INC-4711: …\")");
+    }
+    let Some(t) = state.proxy.targets().iter().find(|t| t.name == target) else {
+        return error(format!("no target `{target}`"));
+    };
+    let actions = if actions.is_empty() {
+        vec!["connect".to_owned()]
+    } else {
+        actions
+    };
+    let mut quorums: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+    let mut policy_ids = Vec::new();
+    for name in &actions {
+        let Some(action) = portcullis_policy::Action::ALL
+            .into_iter()
+            .find(|a| a.cedar_name() == name)
+        else {
+            let known: Vec<&str> = portcullis_policy::Action::ALL
+                .iter()
+                .map(|a| a.cedar_name())
+                .collect();
+            return error(format!(
+                "unknown action `{name}`; known: {}",
+                known.join(", ")
+            ));
+        };
+        let mut request = crate::policy::connect_request(&identity, t, &origin);
+        request.action = action;
+        match crate::policy::outcome(state.policies.decide(&request)) {
+            Ok(_) => {
+                return error(format!(
+                    "no approval needed: policy already permits {name} on {target} for you"
+                ))
+            }
+            Err(refusal) => match refusal.approval {
+                None => return error(format!("denied by policy: {}", refusal.reason)),
+                Some(requirement) => {
+                    // Several actions need every one's approvers: each group at its largest count.
+                    for q in requirement.quorums {
+                        let n = quorums.entry(q.group).or_default();
+                        *n = (*n).max(q.approvals);
+                    }
+                    policy_ids.extend(refusal.policy_ids);
+                }
+            },
+        }
+    }
+    policy_ids.sort();
+    policy_ids.dedup();
+    let ask = Ask {
+        requester: identity,
+        asked: Asked::Grant {
+            target: target.to_owned(),
+            actions,
+            duration_secs,
+        },
+        reason,
+        requirement: portcullis_policy::ApprovalRequirement {
+            quorums: quorums
+                .into_iter()
+                .map(|(group, approvals)| portcullis_policy::Quorum { group, approvals })
+                .collect(),
+        },
+        policy_ids,
+        timeout: state.policies.current().approval_settings().timeout,
+    };
+    match state.approvals.ask(ask) {
+        Ok(r) => Response::ApprovalRequest(Box::new(r)),
+        Err(e) => error(e),
     }
 }
 
@@ -516,20 +717,7 @@ fn status(state: &ControlState) -> StatusReport {
 /// how policy is written stay with root.
 fn user_status(peer: Peer, state: &ControlState) -> StatusReport {
     let proxy = &state.proxy;
-    let origin = crate::proxy::Origin {
-        pid: peer.pid,
-        tid: peer.pid,
-        uid: peer.uid,
-        gid: peer.gid,
-        comm: std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
-            .map(|c| c.trim_end().to_string())
-            .unwrap_or_default(),
-        cgroup_id: 0,
-        netns_cookie: 0,
-        socket_cookie: 0,
-        destination: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-        target_id: 0,
-    };
+    let origin = peer_origin(peer);
     let (targets, identity_error) = match state.identity.resolve(&origin) {
         Ok(identity) => {
             let permitted = proxy

@@ -2,6 +2,7 @@
 
 mod admission;
 mod agent;
+mod approvals;
 mod audit;
 mod ca;
 mod cli;

@@ -31,6 +31,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("listeners", 3),
     ("identity", 4),
     ("policy", 4),
+    // Requests, decisions and grants; segregation of duties (`approvals::duties`).
+    ("approvals", 4),
     // From an accepted socket to an allowed, recorded connection.
     ("admission", 5),
     // Protocols use admission, never the proxy.

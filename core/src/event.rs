@@ -108,6 +108,28 @@ pub enum EventKind {
     /// typed without echo, such as a password).
     #[serde(rename = "ssh.shell_line")]
     SshShellLine,
+    /// Someone asked for an approval (a grant, or one exact statement); `approval` has the
+    /// request id, the requester, what is asked and who must approve.
+    #[serde(rename = "approval.requested")]
+    ApprovalRequested,
+    /// One approver approved; `approval_state` says whether the request is now approved.
+    #[serde(rename = "approval.approved")]
+    ApprovalApproved,
+    /// An approver denied the request: it is over.
+    #[serde(rename = "approval.denied")]
+    ApprovalDenied,
+    /// The request was not decided within approvals.toml's `timeout_seconds`.
+    #[serde(rename = "approval.expired")]
+    ApprovalExpired,
+    /// An active grant let a connection (or a channel's action) through.
+    #[serde(rename = "grant.used")]
+    GrantUsed,
+    /// A grant was revoked before its end; its open connections are closed.
+    #[serde(rename = "grant.revoked")]
+    GrantRevoked,
+    /// A grant reached its end; its open connections are closed.
+    #[serde(rename = "grant.expired")]
+    GrantExpired,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -165,6 +187,42 @@ pub struct AuditEvent {
     /// SSH events only (and an SSH connection's refusal); flattened like `statement`.
     #[serde(flatten)]
     pub ssh: Option<Box<SshFields>>,
+    /// Approval and grant events only; flattened like `statement`.
+    #[serde(flatten)]
+    pub approval: Option<Box<ApprovalFields>>,
+}
+
+/// What an approval or grant event says: which request, who asked, who decided, what is
+/// asked (the grant's scope or the exact statement) and who must approve.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApprovalFields {
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    /// The requester's OIDC subject (or service name); the event's `identity` is whoever
+    /// acted (the requester, an approver, the revoker).
+    pub requester: String,
+    /// The subjects whose approvals count so far (or counted, for a grant).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub approvers: Vec<String>,
+    /// Who must approve (`1 approval from group `dba-leads` and 1 approval from group `security``).
+    pub required: String,
+    /// pending, approved, denied, expired, revoked.
+    pub approval_state: &'static str,
+    /// `grant`: the target and actions for a duration; `statement`: one exact statement.
+    pub asked: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grant_actions: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_duration_secs: Option<u64>,
+    /// When the grant ends (Unix ms), once approved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_expires_ms: Option<u64>,
+    /// The exact statement asked for, and its parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_statement: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub approval_parameters: Vec<Option<String>>,
 }
 
 /// Where a recording chunk lies in its file and what it hashes to (`recording.chunk`), or
@@ -580,6 +638,7 @@ impl AuditEvent {
             statement: None,
             recording: None,
             ssh: None,
+            approval: None,
         }
     }
 

@@ -13,6 +13,6 @@ pub mod origin;
 
 pub use clock::{hostname, now_ms, now_secs};
 pub use counters::ByteCounters;
-pub use event::{AuditEvent, Decision, Encoded, EventKind, SftpFields, SshFields};
+pub use event::{ApprovalFields, AuditEvent, Decision, Encoded, EventKind, SftpFields, SshFields};
 pub use identity::{Identity, IdentityKind, Secret};
 pub use origin::{canonical_ip, Origin};

@@ -26,6 +26,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::approvals::{ApprovalStore, Ask, Asked};
 use crate::audit::{AuditEvent, AuditLog, Decision, EventKind};
 use crate::config::{canonical_ip, Config, ProtectedTarget};
 use crate::identity::{IdentityService, ResolveError};
@@ -174,6 +175,14 @@ impl OpenSession {
     }
 }
 
+/// How a grant that let a connection through is named among its policy ids (in
+/// `connection.opened`, and for [`Gate::open`] to tie the connection to the grant).
+pub const GRANT_POLICY_PREFIX: &str = "grant:";
+
+/// How long a grant asked for by a refused connection lasts once approved (`portcullis
+/// request --for` asks for another).
+pub const CONNECT_GRANT: Duration = Duration::from_secs(60 * 60);
+
 /// What every protocol admits connections through; shared by all of them.
 pub struct Gate {
     config: Arc<Config>,
@@ -181,6 +190,7 @@ pub struct Gate {
     identity: Arc<IdentityService>,
     policies: Arc<Policies>,
     registry: Arc<Registry>,
+    approvals: Arc<ApprovalStore>,
     /// `proxy.max_connections` open connections at most.
     limit: Arc<Semaphore>,
     /// Cancelled when the agent's drain is over: every connection opened here ends.
@@ -194,6 +204,7 @@ impl Gate {
         identity: Arc<IdentityService>,
         policies: Arc<Policies>,
         registry: Arc<Registry>,
+        approvals: Arc<ApprovalStore>,
         close_all: CancellationToken,
     ) -> Self {
         let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
@@ -203,6 +214,7 @@ impl Gate {
             identity,
             policies,
             registry,
+            approvals,
             limit,
             close_all,
         }
@@ -216,11 +228,80 @@ impl Gate {
     /// Whether a connection may open: the policies that allow it, or the refusal. The
     /// request is [`crate::policy::connect_request`]'s, with what the protocol learned at
     /// start-up (a database role and name) and its action (`replicate` on top of `connect`).
+    ///
+    /// When the policy asks for approval, an active grant of the requester for this target
+    /// and action lets it through (its id joins the policy ids as `grant:<id>`, and the
+    /// connection ends with the grant); without one, the refusal names the approval request
+    /// made for it (or the one already pending).
     pub fn decide_connect(
         &self,
         request: &Request,
     ) -> Result<crate::policy::Allowed, PolicyRefusal> {
-        crate::policy::outcome(self.policies.decide(request))
+        let decision = self.policies.decide(request);
+        let action = request.action.cedar_name();
+        if matches!(
+            decision.effect,
+            portcullis_policy::Effect::RequireApproval(_)
+        ) {
+            if let Some(grant) =
+                self.approvals
+                    .active_grant(&request.principal.id, &request.target.name, action)
+            {
+                let mut policy_ids = crate::policy::policy_ids(&decision);
+                policy_ids.push(format!("{GRANT_POLICY_PREFIX}{}", grant.id));
+                let mut ev = AuditEvent::new(EventKind::GrantUsed);
+                ev.target = Some(request.target.name.as_str().into());
+                ev.protocol = Some(request.target.protocol.as_str().into());
+                ev.identity = Some(
+                    crate::approvals::requester_of(&request.principal, request.context.source_uid)
+                        .into(),
+                );
+                ev.policy_ids = policy_ids.clone().into();
+                ev.db_user = request.context.db_user.as_deref().map(Into::into);
+                ev.db_name = request.context.db_name.as_deref().map(Into::into);
+                self.approvals.record_use(
+                    &grant,
+                    ev,
+                    format!(
+                        "{action} on {} by {}",
+                        request.target.name, request.context.source_comm
+                    ),
+                );
+                return Ok(crate::policy::Allowed {
+                    policy_ids,
+                    obligations: decision.obligations,
+                });
+            }
+        }
+        let refusal = match crate::policy::outcome(decision) {
+            Ok(allowed) => return Ok(allowed),
+            Err(refusal) => refusal,
+        };
+        let Some(requirement) = refusal.approval.clone() else {
+            return Err(refusal);
+        };
+        let ask = Ask {
+            requester: crate::approvals::requester_of(
+                &request.principal,
+                request.context.source_uid,
+            ),
+            asked: Asked::Grant {
+                target: request.target.name.clone(),
+                actions: vec![action.to_owned()],
+                duration_secs: CONNECT_GRANT.as_secs(),
+            },
+            reason: format!(
+                "asked by a connection of {} (uid {})",
+                request.context.source_comm, request.context.source_uid
+            ),
+            requirement,
+            policy_ids: refusal.policy_ids.clone(),
+            timeout: self.policies.current().approval_settings().timeout,
+        };
+        Err(match self.approvals.ask(ask) {
+            Ok(asked) => crate::policy::approval_requested(refusal, &asked.id),
+            Err(e) => crate::policy::approval_unavailable(refusal, &e.to_string()),
+        })
     }
 
     /// Why the audit trail forbids new connections now (the central backlog over its
@@ -274,6 +355,11 @@ impl Gate {
             bytes: ByteCounters::default(),
             cancel: self.close_all.child_token(),
             close_reason: Mutex::new(None),
+            grant: o
+                .policy_ids
+                .iter()
+                .find_map(|p| p.strip_prefix(GRANT_POLICY_PREFIX))
+                .map(Into::into),
         });
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
         opened.decision = Some(Decision::Allow);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::approvals::GrantEndListener;
 use crate::audit::Encoded;
 use crate::config::Protocol;
 use crate::identity::{Identity, SessionEndListener};
@@ -30,6 +31,9 @@ pub struct Connection {
     /// Cancelled to close this one connection (logout, session end, shutdown).
     pub cancel: CancellationToken,
     pub close_reason: Mutex<Option<String>>,
+    /// The grant that let this connection through, when its policy asks for approval; the
+    /// connection ends with the grant.
+    pub grant: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -51,6 +55,9 @@ pub struct ConnectionView {
     pub upstream: Option<SocketAddr>,
     pub bytes_client_to_upstream: u64,
     pub bytes_upstream_to_client: u64,
+    /// The grant the connection runs under, if its policy asks for approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 impl Connection {
@@ -74,6 +81,7 @@ impl Connection {
             upstream: Some(self.upstream),
             bytes_client_to_upstream: self.bytes.client_to_upstream.load(Ordering::Relaxed),
             bytes_upstream_to_client: self.bytes.upstream_to_client.load(Ordering::Relaxed),
+            grant: self.grant.as_deref().map(str::to_owned),
         }
     }
 }
@@ -117,8 +125,29 @@ impl Registry {
         n
     }
 
+    /// Closes every open connection a grant let through; returns how many.
+    pub fn close_grant(&self, grant_id: &str, reason: &str) -> usize {
+        let open = self.lock();
+        let mut n = 0;
+        for c in open
+            .values()
+            .filter(|c| c.grant.as_deref() == Some(grant_id))
+        {
+            *c.close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+            c.cancel.cancel();
+            n += 1;
+        }
+        n
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Connection>>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl GrantEndListener for Registry {
+    fn grant_ended(&self, grant_id: &str, reason: &str) -> usize {
+        self.close_grant(grant_id, reason)
     }
 }
 

@@ -1,0 +1,1122 @@
+//! Just-in-time approvals on one host: requests (a time-boxed grant of a target's actions, or
+//! one exact statement), the decisions of approvers, and the grants they make, kept in
+//! `<state_dir>/approvals/approvals.json` (directory 0700, file 0600, replaced atomically and
+//! fsynced at every change) so a request survives an agent restart.
+//!
+//! Whose approval counts is decided in [`duties`] alone. Every step is an audit event of the
+//! one schema (`approval.*`, `grant.*`). A grant that ends (expiry, revocation) is announced
+//! to a [`GrantEndListener`] (the connection registry, a layer above), which closes the
+//! connections it let through; this module knows nothing of connections.
+
+pub mod duties;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use portcullis_core::{now_ms, ApprovalFields, Identity, IdentityKind};
+use portcullis_policy::{ApprovalRequirement, Quorum};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditEvent, AuditLog, EventKind};
+
+/// A grant lasts at most this long; longer access is asked for again.
+pub const MAX_GRANT: Duration = Duration::from_secs(24 * 60 * 60);
+/// Open requests one requester may have at once: a client retrying a refused connect
+/// reuses its pending request, and nobody can fill the disk with requests.
+const MAX_PENDING_PER_REQUESTER: usize = 16;
+/// Requests and grants kept in all; decided ones older than [`KEEP_DECIDED`] are dropped
+/// from the file (the audit trail keeps them).
+const MAX_RECORDS: usize = 10_000;
+const KEEP_DECIDED: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// Longest reason kept; a reason is shown to approvers and written to the trail.
+const MAX_REASON: usize = 1_000;
+/// Longest statement text an approval request keeps.
+const MAX_STATEMENT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("approvals store {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a directory owned by uid {owner} (the agent); it holds every approval, so remove it and let the agent create it", path.display())]
+    Ownership { path: PathBuf, owner: u32 },
+    #[error("no approval request `{0}` that you may see")]
+    UnknownRequest(String),
+    #[error("no grant `{0}` that you may see")]
+    UnknownGrant(String),
+    #[error("request {id} is already {state}")]
+    AlreadyDecided { id: String, state: &'static str },
+    #[error("you already decided request {0}; each person counts once")]
+    AlreadyVoted(String),
+    #[error(transparent)]
+    Ineligible(#[from] duties::Ineligible),
+    #[error("grant {0} has already ended")]
+    GrantEnded(String),
+    #[error("you have {0} pending requests; wait for them to be decided or expire")]
+    TooManyPending(usize),
+    #[error("the approvals store is full ({MAX_RECORDS} records)")]
+    Full,
+    #[error("a reason is required")]
+    NoReason,
+    #[error("a reason is at most {MAX_REASON} bytes")]
+    ReasonTooLong,
+    #[error("a grant lasts from 1 second to {} hours", MAX_GRANT.as_secs() / 3600)]
+    BadDuration,
+}
+
+/// What is asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Asked {
+    /// Use of a target's actions for a while ("alice may connect to billing-db for 2 hours").
+    Grant {
+        target: String,
+        actions: Vec<String>,
+        duration_secs: u64,
+    },
+    /// One exact statement, with its parameters, in one connection: approving it approves
+    /// that text and those parameters only.
+    Statement {
+        connection_id: u64,
+        target: String,
+        statement: String,
+        parameters: Vec<Option<String>>,
+    },
+}
+
+impl Asked {
+    fn kind(&self) -> &'static str {
+        match self {
+            Asked::Grant { .. } => "grant",
+            Asked::Statement { .. } => "statement",
+        }
+    }
+
+    pub fn target(&self) -> &str {
+        match self {
+            Asked::Grant { target, .. } | Asked::Statement { target, .. } => target,
+        }
+    }
+
+    /// One line for lists and messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Asked::Grant {
+                target,
+                actions,
+                duration_secs,
+            } => format!(
+                "{} on {target} for {}",
+                actions.join(", "),
+                human_duration(*duration_secs)
+            ),
+            Asked::Statement {
+                target, statement, ..
+            } => format!("on {target}: {statement}"),
+        }
+    }
+}
+
+/// `2h`, `90m`, `45s`: how a duration reads in a list.
+pub fn human_duration(secs: u64) -> String {
+    if secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+}
+
+impl RequestState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Approved => "approved",
+            RequestState::Denied => "denied",
+            RequestState::Expired => "expired",
+        }
+    }
+}
+
+/// One group's share, as stored (the policy crate's [`Quorum`] is not serialized).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumRecord {
+    pub group: String,
+    pub approvals: u32,
+}
+
+/// One approver's decision, with their identity as their token was when they decided.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verdict {
+    pub by: Identity,
+    pub approve: bool,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    pub id: String,
+    pub requester: Identity,
+    pub asked: Asked,
+    pub reason: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// Every quorum must be met (an AND of groups).
+    pub required: Vec<QuorumRecord>,
+    /// The policies that asked for approval.
+    pub policy_ids: Vec<String>,
+    pub verdicts: Vec<Verdict>,
+    pub state: RequestState,
+    /// The grant an approved grant request made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    /// When it was approved, denied or expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_ms: Option<u64>,
+}
+
+impl ApprovalRequest {
+    pub fn requirement(&self) -> ApprovalRequirement {
+        ApprovalRequirement {
+            quorums: self
+                .required
+                .iter()
+                .map(|q| Quorum {
+                    group: q.group.clone(),
+                    approvals: q.approvals,
+                })
+                .collect(),
+        }
+    }
+
+    fn tally(&self) -> duties::Tally {
+        let approvals: Vec<&Identity> = self
+            .verdicts
+            .iter()
+            .filter(|v| v.approve)
+            .map(|v| &v.by)
+            .collect();
+        duties::tally(&self.requirement(), &self.requester, &approvals)
+    }
+
+    /// The subjects whose approvals count.
+    pub fn counted(&self) -> Vec<String> {
+        self.tally().counted
+    }
+
+    fn involves(&self, viewer: &Viewer) -> bool {
+        viewer.uid == 0
+            || viewer.subject().is_some_and(|s| {
+                duties::person(&self.requester) == Some(s)
+                    || self.required.iter().any(|q| viewer.in_group(&q.group))
+            })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Revocation {
+    pub by: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// A time-boxed permission an approved request made: `requester` may do `actions` on
+/// `target` until `expires_ms`, unless revoked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: String,
+    pub request_id: String,
+    pub requester: Identity,
+    pub target: String,
+    pub actions: Vec<String>,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub approvers: Vec<String>,
+    pub required: Vec<QuorumRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<Revocation>,
+    /// Set once `grant.expired` was recorded.
+    #[serde(default)]
+    pub ended: bool,
+}
+
+impl Grant {
+    pub fn is_active(&self, now_ms: u64) -> bool {
+        self.revoked.is_none() && !self.ended && now_ms < self.expires_ms
+    }
+
+    fn involves(&self, viewer: &Viewer) -> bool {
+        viewer.uid == 0
+            || viewer.subject().is_some_and(|s| {
+                duties::person(&self.requester) == Some(s)
+                    || self.required.iter().any(|q| viewer.in_group(&q.group))
+            })
+    }
+}
+
+/// Who looks: the uid the kernel reported, and the identity of its login now (if any).
+pub struct Viewer {
+    pub uid: u32,
+    pub identity: Option<Identity>,
+}
+
+impl Viewer {
+    fn subject(&self) -> Option<&str> {
+        self.identity.as_ref().and_then(duties::person)
+    }
+
+    fn in_group(&self, group: &str) -> bool {
+        self.identity
+            .as_ref()
+            .is_some_and(|i| i.groups.iter().any(|g| g == group))
+    }
+}
+
+/// What a request is made of before it has an id.
+pub struct Ask {
+    pub requester: Identity,
+    pub asked: Asked,
+    pub reason: String,
+    pub requirement: ApprovalRequirement,
+    pub policy_ids: Vec<String>,
+    /// approvals.toml `timeout_seconds`.
+    pub timeout: Duration,
+}
+
+/// Hears that a grant ended (expired, revoked) and closes what it let through; answers how
+/// many connections that closed.
+pub trait GrantEndListener: Send + Sync {
+    fn grant_ended(&self, grant_id: &str, reason: &str) -> usize;
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Book {
+    requests: BTreeMap<String, ApprovalRequest>,
+    grants: BTreeMap<String, Grant>,
+}
+
+pub struct ApprovalStore {
+    dir: PathBuf,
+    book: Mutex<Book>,
+    audit: Arc<AuditLog>,
+    grant_ends: Arc<dyn GrantEndListener>,
+    /// Bumped at every change; a statement waiting for its request watches it.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+const FILE: &str = "approvals.json";
+
+impl ApprovalStore {
+    /// Opens (creating) `<state_dir>/approvals`. A file that cannot be read is moved aside,
+    /// never trusted: no grant comes from it, and the move is in the log and the trail.
+    pub fn open(
+        dir: &Path,
+        audit: Arc<AuditLog>,
+        grant_ends: Arc<dyn GrantEndListener>,
+    ) -> Result<Arc<Self>, ApprovalError> {
+        let io = |source| ApprovalError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        let meta = std::fs::symlink_metadata(dir).map_err(io)?;
+        let agent = nix::unistd::geteuid().as_raw();
+        if !meta.is_dir() || meta.uid() != agent {
+            return Err(ApprovalError::Ownership {
+                path: dir.to_path_buf(),
+                owner: agent,
+            });
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        let path = dir.join(FILE);
+        let book = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Book>(&bytes) {
+                Ok(b) => b,
+                Err(e) => {
+                    let aside = dir.join(format!("{FILE}.unreadable-{}", now_ms()));
+                    std::fs::rename(&path, &aside).map_err(io)?;
+                    let note = format!(
+                        "{} could not be read ({e}); moved to {}; no request or grant of it is in force",
+                        path.display(),
+                        aside.display()
+                    );
+                    tracing::error!(%note, "approvals store");
+                    audit.record(AuditEvent::new(EventKind::AuditIntegrity).reason(note));
+                    Book::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Book::default(),
+            Err(e) => return Err(io(e)),
+        };
+        let (changes, _) = tokio::sync::watch::channel(0);
+        Ok(Arc::new(Self {
+            dir: dir.to_path_buf(),
+            book: Mutex::new(book),
+            audit,
+            grant_ends,
+            changes,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the whole book (small: bounded by [`MAX_RECORDS`]) to a new file, fsyncs it
+    /// and renames it over the old one, then fsyncs the directory.
+    fn save(&self, book: &Book) -> Result<(), ApprovalError> {
+        let io = |source| ApprovalError::Io {
+            path: self.dir.join(FILE),
+            source,
+        };
+        let data = serde_json::to_vec(book).map_err(|e| io(std::io::Error::other(e)))?;
+        let tmp = self.dir.join(format!(".{FILE}.tmp"));
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(&data).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, self.dir.join(FILE)).map_err(io)?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Makes a request, or, for a requester who already waits for the very same thing,
+    /// answers that pending request (a client retrying a refused connect makes one request).
+    pub fn ask(&self, ask: Ask) -> Result<ApprovalRequest, ApprovalError> {
+        check_reason(&ask.reason, false)?;
+        if let Asked::Grant { duration_secs, .. } = &ask.asked {
+            if *duration_secs == 0 || *duration_secs > MAX_GRANT.as_secs() {
+                return Err(ApprovalError::BadDuration);
+            }
+        }
+        let mut asked = ask.asked;
+        if let Asked::Statement { statement, .. } = &mut asked {
+            truncate(statement, MAX_STATEMENT);
+        }
+        let now = now_ms();
+        let mut book = self.lock();
+        let mine: Vec<&ApprovalRequest> = book
+            .requests
+            .values()
+            .filter(|r| {
+                r.state == RequestState::Pending
+                    && now < r.expires_ms
+                    && r.requester.subject == ask.requester.subject
+                    && r.requester.kind == ask.requester.kind
+            })
+            .collect();
+        if let Some(same) = mine.iter().find(|r| r.asked == asked) {
+            return Ok((*same).clone());
+        }
+        if mine.len() >= MAX_PENDING_PER_REQUESTER {
+            return Err(ApprovalError::TooManyPending(mine.len()));
+        }
+        prune(&mut book, now);
+        if book.requests.len() + book.grants.len() >= MAX_RECORDS {
+            return Err(ApprovalError::Full);
+        }
+        let id = loop {
+            let id = new_id("r-");
+            if !book.requests.contains_key(&id) {
+                break id;
+            }
+        };
+        let timeout = u64::try_from(ask.timeout.as_millis()).unwrap_or(u64::MAX);
+        let request = ApprovalRequest {
+            id: id.clone(),
+            requester: ask.requester,
+            asked,
+            reason: ask.reason,
+            created_ms: now,
+            expires_ms: now.saturating_add(timeout),
+            required: ask
+                .requirement
+                .quorums
+                .iter()
+                .map(|q| QuorumRecord {
+                    group: q.group.clone(),
+                    approvals: q.approvals,
+                })
+                .collect(),
+            policy_ids: ask.policy_ids,
+            verdicts: Vec::new(),
+            state: RequestState::Pending,
+            grant_id: None,
+            decided_ms: None,
+        };
+        book.requests.insert(id.clone(), request.clone());
+        if let Err(e) = self.save(&book) {
+            book.requests.remove(&id);
+            return Err(e);
+        }
+        drop(book);
+        tracing::info!(request = %request.id, asked = %request.asked.describe(), "approval requested");
+        self.audit.record(self.request_event(
+            EventKind::ApprovalRequested,
+            &request,
+            &request.requester,
+            request.reason.clone(),
+        ));
+        Ok(request)
+    }
+
+    /// An approver's decision. Refused (and so never stored) when they may not decide it
+    /// ([`duties::eligible`]) or already did; a denial ends the request, approvals that meet
+    /// the requirement approve it (and make its grant).
+    pub fn decide(
+        &self,
+        id: &str,
+        approver: &Identity,
+        approve: bool,
+        reason: String,
+    ) -> Result<ApprovalRequest, ApprovalError> {
+        check_reason(&reason, !approve)?;
+        let now = now_ms();
+        let mut book = self.lock();
+        self.expire_requests(&mut book, now);
+        let viewer = Viewer {
+            uid: approver.uid,
+            identity: Some(approver.clone()),
+        };
+        let Some(request) = book.requests.get(id).filter(|r| r.involves(&viewer)) else {
+            return Err(ApprovalError::UnknownRequest(id.to_owned()));
+        };
+        if request.state != RequestState::Pending {
+            return Err(ApprovalError::AlreadyDecided {
+                id: id.to_owned(),
+                state: request.state.as_str(),
+            });
+        }
+        duties::eligible(&request.requirement(), &request.requester, approver)?;
+        let subject = duties::person(approver);
+        if request
+            .verdicts
+            .iter()
+            .any(|v| duties::person(&v.by) == subject)
+        {
+            return Err(ApprovalError::AlreadyVoted(id.to_owned()));
+        }
+        let before = request.clone();
+        let mut request = request.clone();
+        request.verdicts.push(Verdict {
+            by: approver.clone(),
+            approve,
+            reason: reason.clone(),
+            at_ms: now,
+        });
+        let mut grant = None;
+        if !approve {
+            request.state = RequestState::Denied;
+            request.decided_ms = Some(now);
+        } else {
+            let tally = request.tally();
+            if tally.met {
+                request.state = RequestState::Approved;
+                request.decided_ms = Some(now);
+                if let Asked::Grant {
+                    target,
+                    actions,
+                    duration_secs,
+                } = &request.asked
+                {
+                    let g = Grant {
+                        id: format!("g-{}", request.id.trim_start_matches("r-")),
+                        request_id: request.id.clone(),
+                        requester: request.requester.clone(),
+                        target: target.clone(),
+                        actions: actions.clone(),
+                        created_ms: now,
+                        expires_ms: now.saturating_add(duration_secs.saturating_mul(1000)),
+                        approvers: tally.counted.clone(),
+                        required: request.required.clone(),
+                        revoked: None,
+                        ended: false,
+                    };
+                    request.grant_id = Some(g.id.clone());
+                    grant = Some(g);
+                }
+            }
+        }
+        book.requests.insert(id.to_owned(), request.clone());
+        if let Some(g) = &grant {
+            book.grants.insert(g.id.clone(), g.clone());
+        }
+        if let Err(e) = self.save(&book) {
+            book.requests.insert(id.to_owned(), before);
+            if let Some(g) = &grant {
+                book.grants.remove(&g.id);
+            }
+            return Err(e);
+        }
+        drop(book);
+        let kind = if approve {
+            EventKind::ApprovalApproved
+        } else {
+            EventKind::ApprovalDenied
+        };
+        tracing::info!(request = %request.id, state = request.state.as_str(), approve, "approval decided");
+        let mut ev = self.request_event(kind, &request, approver, reason);
+        if let (Some(fields), Some(g)) = (ev.approval.as_mut(), &grant) {
+            fields.grant_id = Some(g.id.clone());
+            fields.grant_expires_ms = Some(g.expires_ms);
+        }
+        self.audit.record(ev);
+        Ok(request)
+    }
+
+    /// The requester's grant that lets `action` on `target` through now, if any.
+    pub fn active_grant(&self, requester: &str, target: &str, action: &str) -> Option<Grant> {
+        let now = now_ms();
+        self.lock()
+            .grants
+            .values()
+            .find(|g| {
+                g.is_active(now)
+                    && duties::person(&g.requester) == Some(requester)
+                    && g.target == target
+                    && g.actions.iter().any(|a| a == action)
+            })
+            .cloned()
+    }
+
+    /// Records that `grant` let something through (`grant.used`); `event` carries the
+    /// connection's own fields.
+    pub fn record_use(&self, grant: &Grant, mut event: AuditEvent, what: String) {
+        let request = self.lock().requests.get(&grant.request_id).cloned();
+        event.event = EventKind::GrantUsed;
+        event.reason = Some(what);
+        event.approval = Some(Box::new(grant_fields(grant, request.as_ref(), "approved")));
+        self.audit.record(event);
+    }
+
+    /// Ends a grant before its time; its open connections are closed. The holder, anyone
+    /// in a group that approves it, and root may revoke (revoking never widens access).
+    pub fn revoke(
+        &self,
+        grant_id: &str,
+        by: &Viewer,
+        reason: String,
+    ) -> Result<(Grant, usize), ApprovalError> {
+        check_reason(&reason, true)?;
+        let now = now_ms();
+        let mut book = self.lock();
+        let Some(grant) = book.grants.get(grant_id).filter(|g| g.involves(by)) else {
+            return Err(ApprovalError::UnknownGrant(grant_id.to_owned()));
+        };
+        if !grant.is_active(now) {
+            return Err(ApprovalError::GrantEnded(grant_id.to_owned()));
+        }
+        let who = by
+            .identity
+            .as_ref()
+            .and_then(|i| i.email.clone().or_else(|| i.subject.clone()))
+            .unwrap_or_else(|| format!("uid {}", by.uid));
+        let before = grant.clone();
+        let mut grant = grant.clone();
+        grant.revoked = Some(Revocation {
+            by: who.clone(),
+            reason: reason.clone(),
+            at_ms: now,
+        });
+        book.grants.insert(grant.id.clone(), grant.clone());
+        if let Err(e) = self.save(&book) {
+            book.grants.insert(grant.id.clone(), before);
+            return Err(e);
+        }
+        let request = book.requests.get(&grant.request_id).cloned();
+        drop(book);
+        let closed = self.grant_ends.grant_ended(
+            &grant.id,
+            &format!("grant {} revoked by {who}: {reason}", grant.id),
+        );
+        let mut ev = AuditEvent::new(EventKind::GrantRevoked).reason(format!(
+            "revoked by {who}: {reason}; {closed} open connection(s) closed"
+        ));
+        ev.target = Some(grant.target.as_str().into());
+        if let Some(i) = &by.identity {
+            ev.identity = Some(i.clone().into());
+        }
+        ev.approval = Some(Box::new(grant_fields(&grant, request.as_ref(), "revoked")));
+        self.audit.record(ev);
+        Ok((grant, closed))
+    }
+
+    /// Expires requests past their timeout and grants past their end (closing the latter's
+    /// connections), each with its event.
+    pub fn sweep(&self) {
+        let now = now_ms();
+        let mut book = self.lock();
+        let expired_requests = self.expire_requests(&mut book, now);
+        let mut ended = Vec::new();
+        for g in book.grants.values_mut() {
+            if !g.ended && g.revoked.is_none() && now >= g.expires_ms {
+                g.ended = true;
+                ended.push(g.clone());
+            }
+        }
+        let before = book.requests.len() + book.grants.len();
+        prune(&mut book, now);
+        let pruned = before != book.requests.len() + book.grants.len();
+        if expired_requests.is_empty() && ended.is_empty() && !pruned {
+            return;
+        }
+        if let Err(e) = self.save(&book) {
+            // The change stays in memory (a grant that ended stays ended); the next change
+            // writes it again.
+            tracing::error!(error = %e, "cannot write the approvals store");
+        }
+        let requests: Vec<Option<ApprovalRequest>> = ended
+            .iter()
+            .map(|g| book.requests.get(&g.request_id).cloned())
+            .collect();
+        drop(book);
+        for r in expired_requests {
+            let ev = self.request_event(
+                EventKind::ApprovalExpired,
+                &r,
+                &r.requester,
+                format!(
+                    "not decided within the approval timeout; approvals that counted: {}",
+                    r.counted().len()
+                ),
+            );
+            self.audit.record(ev);
+        }
+        for (g, request) in ended.iter().zip(requests) {
+            let closed = self
+                .grant_ends
+                .grant_ended(&g.id, &format!("grant {} expired", g.id));
+            let mut ev = AuditEvent::new(EventKind::GrantExpired)
+                .reason(format!("{closed} open connection(s) closed"));
+            ev.target = Some(g.target.as_str().into());
+            ev.identity = Some(g.requester.clone().into());
+            ev.approval = Some(Box::new(grant_fields(g, request.as_ref(), "expired")));
+            self.audit.record(ev);
+        }
+    }
+
+    fn expire_requests(&self, book: &mut Book, now: u64) -> Vec<ApprovalRequest> {
+        let mut out = Vec::new();
+        for r in book.requests.values_mut() {
+            if r.state == RequestState::Pending && now >= r.expires_ms {
+                r.state = RequestState::Expired;
+                r.decided_ms = Some(now);
+                out.push(r.clone());
+            }
+        }
+        if !out.is_empty() {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        out
+    }
+
+    /// Sweeps every second until `stop`.
+    pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => self.sweep(),
+            }
+        }
+    }
+
+    /// The requests `viewer` may see: root all; anyone else their own and those a group of
+    /// theirs is asked to approve. Newest first.
+    pub fn requests(&self, viewer: &Viewer, all: bool) -> Vec<ApprovalRequest> {
+        let now = now_ms();
+        let mut book = self.lock();
+        self.expire_requests(&mut book, now);
+        let mut out: Vec<ApprovalRequest> = book
+            .requests
+            .values()
+            .filter(|r| r.involves(viewer) && (all || r.state == RequestState::Pending))
+            .cloned()
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
+        out
+    }
+
+    pub fn request(&self, id: &str, viewer: &Viewer) -> Result<ApprovalRequest, ApprovalError> {
+        let now = now_ms();
+        let mut book = self.lock();
+        self.expire_requests(&mut book, now);
+        book.requests
+            .get(id)
+            .filter(|r| r.involves(viewer))
+            .cloned()
+            .ok_or_else(|| ApprovalError::UnknownRequest(id.to_owned()))
+    }
+
+    /// Grants `viewer` may see (as [`Self::requests`]); active ones only unless `all`.
+    pub fn grants(&self, viewer: &Viewer, all: bool) -> Vec<Grant> {
+        let now = now_ms();
+        let mut out: Vec<Grant> = self
+            .lock()
+            .grants
+            .values()
+            .filter(|g| g.involves(viewer) && (all || g.is_active(now)))
+            .cloned()
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
+        out
+    }
+
+    fn request_event(
+        &self,
+        kind: EventKind,
+        r: &ApprovalRequest,
+        actor: &Identity,
+        reason: String,
+    ) -> AuditEvent {
+        let mut ev = AuditEvent::new(kind).reason(reason);
+        ev.target = Some(r.asked.target().into());
+        ev.identity = Some(actor.clone().into());
+        ev.policy_ids = r.policy_ids.clone().into();
+        let mut fields = ApprovalFields {
+            request_id: r.id.clone(),
+            grant_id: r.grant_id.clone(),
+            requester: who(&r.requester),
+            approvers: r.counted(),
+            required: r.requirement().to_string(),
+            approval_state: r.state.as_str(),
+            asked: r.asked.kind(),
+            ..ApprovalFields::default()
+        };
+        match &r.asked {
+            Asked::Grant {
+                actions,
+                duration_secs,
+                ..
+            } => {
+                fields.grant_actions = actions.clone();
+                fields.grant_duration_secs = Some(*duration_secs);
+            }
+            Asked::Statement {
+                connection_id,
+                statement,
+                parameters,
+                ..
+            } => {
+                ev.connection_id = Some(*connection_id);
+                fields.approval_statement = Some(statement.clone());
+                fields.approval_parameters = parameters.clone();
+            }
+        }
+        ev.approval = Some(Box::new(fields));
+        ev
+    }
+}
+
+/// How an identity is named in events and lists: the email if any, else the subject.
+pub fn who(i: &Identity) -> String {
+    i.email
+        .clone()
+        .or_else(|| i.subject.clone())
+        .or_else(|| i.name.clone())
+        .unwrap_or_else(|| format!("uid {}", i.uid))
+}
+
+fn grant_fields(
+    g: &Grant,
+    request: Option<&ApprovalRequest>,
+    state: &'static str,
+) -> ApprovalFields {
+    let required = ApprovalRequirement {
+        quorums: g
+            .required
+            .iter()
+            .map(|q| Quorum {
+                group: q.group.clone(),
+                approvals: q.approvals,
+            })
+            .collect(),
+    };
+    ApprovalFields {
+        request_id: g.request_id.clone(),
+        grant_id: Some(g.id.clone()),
+        requester: who(&g.requester),
+        approvers: g.approvers.clone(),
+        required: required.to_string(),
+        approval_state: state,
+        asked: "grant",
+        grant_actions: g.actions.clone(),
+        grant_duration_secs: request.and_then(|r| match &r.asked {
+            Asked::Grant { duration_secs, .. } => Some(*duration_secs),
+            Asked::Statement { .. } => None,
+        }),
+        grant_expires_ms: Some(g.expires_ms),
+        approval_statement: None,
+        approval_parameters: Vec::new(),
+    }
+}
+
+/// Drops what is long over (decided or ended more than [`KEEP_DECIDED`] ago); the trail
+/// keeps their history.
+fn prune(book: &mut Book, now: u64) {
+    let keep = u64::try_from(KEEP_DECIDED.as_millis()).unwrap_or(u64::MAX);
+    book.requests.retain(|_, r| {
+        r.state == RequestState::Pending
+            || r.decided_ms.is_none_or(|d| now.saturating_sub(d) < keep)
+    });
+    book.grants.retain(|_, g| {
+        let end = g.revoked.as_ref().map_or(g.expires_ms, |r| r.at_ms);
+        now.saturating_sub(end) < keep || g.is_active(now)
+    });
+}
+
+fn check_reason(reason: &str, required: bool) -> Result<(), ApprovalError> {
+    if required && reason.trim().is_empty() {
+        return Err(ApprovalError::NoReason);
+    }
+    if reason.len() > MAX_REASON {
+        return Err(ApprovalError::ReasonTooLong);
+    }
+    Ok(())
+}
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// `r-` and 10 random hex digits: short enough to type, random so ids say nothing.
+fn new_id(prefix: &str) -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 5];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // The system's randomness failing is not a reason to refuse a request; the time
+        // still gives a unique id (checked against the book by the caller).
+        let t = now_ms().to_be_bytes();
+        bytes.copy_from_slice(t.get(3..8).unwrap_or(&[0; 5]));
+    }
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+/// The requester of a connect or statement decision, as the policy saw it: the agent keeps
+/// the principal, not the whole identity, on that path.
+pub fn requester_of(principal: &portcullis_policy::Principal, uid: u32) -> Identity {
+    Identity {
+        kind: match principal.kind {
+            portcullis_policy::PrincipalKind::User => IdentityKind::User,
+            portcullis_policy::PrincipalKind::Service => IdentityKind::Service,
+        },
+        uid,
+        gid: 0,
+        user: None,
+        subject: Some(principal.id.clone()),
+        email: principal.email.clone(),
+        name: principal.name.clone(),
+        groups: principal.groups.clone(),
+        issuer: None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    struct Closed(Mutex<Vec<String>>);
+    impl GrantEndListener for Closed {
+        fn grant_ended(&self, grant_id: &str, _reason: &str) -> usize {
+            self.0.lock().unwrap().push(grant_id.to_owned());
+            1
+        }
+    }
+
+    fn user(uid: u32, subject: &str, groups: &[&str]) -> Identity {
+        Identity {
+            kind: IdentityKind::User,
+            uid,
+            gid: uid,
+            user: None,
+            subject: Some(subject.to_owned()),
+            email: Some(format!("{subject}@example.com")),
+            name: None,
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            issuer: None,
+        }
+    }
+
+    fn audit(dir: &Path) -> Arc<AuditLog> {
+        let config = crate::config::AuditConfig::default();
+        let (log, _) = AuditLog::open(&config, &dir.join("audit"), Vec::new()).unwrap();
+        Arc::new(log)
+    }
+
+    fn ask(requester: Identity, groups: &[(&str, u32)]) -> Ask {
+        Ask {
+            requester,
+            asked: Asked::Grant {
+                target: "billing-db".into(),
+                actions: vec!["connect".into()],
+                duration_secs: 7200,
+            },
+            reason: "INC-4711".into(),
+            requirement: ApprovalRequirement {
+                quorums: groups
+                    .iter()
+                    .map(|(g, n)| Quorum {
+                        group: (*g).to_owned(),
+                        approvals: *n,
+                    })
+                    .collect(),
+            },
+            policy_ids: vec!["prod-connect".into()],
+            timeout: Duration::from_secs(900),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_and_its_grant_survive_a_restart_and_revocation_closes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = Arc::new(Closed(Mutex::new(Vec::new())));
+        let audit = audit(dir.path());
+        let state = dir.path().join("approvals");
+        let store = ApprovalStore::open(&state, Arc::clone(&audit), closed.clone()).unwrap();
+        let alice = user(1001, "alice", &["dba-leads"]);
+        let bob = user(1002, "bob", &["dba-leads"]);
+        let r = store.ask(ask(alice.clone(), &[("dba-leads", 1)])).unwrap();
+        // The same ask again is the same request.
+        assert_eq!(
+            store
+                .ask(ask(alice.clone(), &[("dba-leads", 1)]))
+                .unwrap()
+                .id,
+            r.id
+        );
+        let err = store
+            .decide(&r.id, &alice, true, String::new())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApprovalError::Ineligible(duties::Ineligible::Requester)
+            ),
+            "{err}"
+        );
+        drop(store);
+
+        let store = ApprovalStore::open(&state, Arc::clone(&audit), closed.clone()).unwrap();
+        let pending = store
+            .request(
+                &r.id,
+                &Viewer {
+                    uid: 1002,
+                    identity: Some(bob.clone()),
+                },
+            )
+            .unwrap();
+        assert_eq!(pending.state, RequestState::Pending);
+        assert_eq!(pending.reason, "INC-4711");
+        let approved = store.decide(&r.id, &bob, true, "ok".into()).unwrap();
+        assert_eq!(approved.state, RequestState::Approved);
+        let grant = store
+            .active_grant("alice", "billing-db", "connect")
+            .unwrap();
+        assert!(store
+            .active_grant("alice", "billing-db", "replicate")
+            .is_none());
+        assert!(store.active_grant("bob", "billing-db", "connect").is_none());
+        assert!(store.active_grant("alice", "other-db", "connect").is_none());
+        drop(store);
+
+        let store = ApprovalStore::open(&state, audit, closed.clone()).unwrap();
+        assert!(store
+            .active_grant("alice", "billing-db", "connect")
+            .is_some());
+        let mallory = Viewer {
+            uid: 1003,
+            identity: Some(user(1003, "mallory", &["dev"])),
+        };
+        assert!(matches!(
+            store.revoke(&grant.id, &mallory, "no".into()),
+            Err(ApprovalError::UnknownGrant(_))
+        ));
+        store
+            .revoke(
+                &grant.id,
+                &Viewer {
+                    uid: 1002,
+                    identity: Some(bob),
+                },
+                "done".into(),
+            )
+            .unwrap();
+        assert!(store
+            .active_grant("alice", "billing-db", "connect")
+            .is_none());
+        assert_eq!(*closed.0.lock().unwrap(), vec![grant.id.clone()]);
+        let mode = std::fs::metadata(state.join(FILE)).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mode = std::fs::metadata(&state).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[tokio::test]
+    async fn a_denial_ends_the_request_and_one_person_on_two_uids_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = Arc::new(Closed(Mutex::new(Vec::new())));
+        let store =
+            ApprovalStore::open(&dir.path().join("approvals"), audit(dir.path()), closed).unwrap();
+        let alice = user(1001, "alice", &[]);
+        let bob = user(1002, "bob", &["dba-leads"]);
+        let bob_again = user(1012, "bob", &["dba-leads"]);
+        let carol = user(1003, "carol", &["dba-leads"]);
+        let r = store.ask(ask(alice.clone(), &[("dba-leads", 2)])).unwrap();
+        store.decide(&r.id, &bob, true, String::new()).unwrap();
+        let err = store
+            .decide(&r.id, &bob_again, true, String::new())
+            .unwrap_err();
+        assert!(matches!(err, ApprovalError::AlreadyVoted(_)), "{err}");
+        assert!(matches!(
+            store.decide(&r.id, &carol, false, String::new()),
+            Err(ApprovalError::NoReason)
+        ));
+        let denied = store
+            .decide(&r.id, &carol, false, "not now".into())
+            .unwrap();
+        assert_eq!(denied.state, RequestState::Denied);
+        assert!(store
+            .active_grant("alice", "billing-db", "connect")
+            .is_none());
+    }
+}

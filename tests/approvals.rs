@@ -1,0 +1,563 @@
+//! Just-in-time approvals end to end: a real OpenID Provider (oidc-provider under Node.js),
+//! the real agent, `portcullis request|approvals|grants` run as unprivileged users with their
+//! own logins, and connections through the real kernel redirect that a grant lets through
+//! (or not). Slots 173–179.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests: a failure is a test failure"
+)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::oidc::{self, craft_jwt, OidcOptions, OidcProvider, OidcUser, Signing};
+use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup};
+use serde_json::{json, Value};
+
+fn enabled() -> bool {
+    e2e_enabled() && oidc::oidc_enabled()
+}
+
+const CI_AUDIENCE: &str = "portcullis-ci";
+
+/// alice asks; bob approves for dba-leads, carol for security; dave is in both; alice is in
+/// dba-leads herself, which must not let her approve her own request.
+fn people() -> OidcOptions {
+    OidcOptions {
+        users: vec![
+            OidcUser::new("alice", &["engineering", "dba-leads"]),
+            OidcUser::new("bob", &["dba-leads"]),
+            OidcUser::new("carol", &["security"]),
+            OidcUser::new("dave", &["dba-leads", "security"]),
+        ],
+        ..OidcOptions::default()
+    }
+}
+
+fn connect_needs(annotations: &str) -> String {
+    format!(
+        "@id(\"db-with-approval\")\n{annotations}\npermit (principal, action == Portcullis::Action::\"connect\", resource);\n"
+    )
+}
+
+struct World {
+    cg: TestCgroup,
+    slot: Slot,
+    _server: EchoServer,
+    agent: Agent,
+    provider: OidcProvider,
+}
+
+fn world(name: &str, n: u8, policy: &str) -> World {
+    let provider = OidcProvider::start(people());
+    let slot = Slot::new(n);
+    let cg = TestCgroup::new(name);
+    let server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let config = format!(
+        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n\
+         [[identity.trusted_issuer]]\nissuer = \"{iss}\"\naudience = \"{CI_AUDIENCE}\"\n\
+         required_claims = {{ repository = \"acme/infra\" }}\n\
+         [insecure]\nallow_plaintext_loopback = true\n",
+        iss = provider.issuer()
+    );
+    let mut agent = Agent::prepare(
+        name,
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        Some(&config),
+        &[],
+    );
+    std::fs::write(agent.dir.path().join("policies").join("e2e.cedar"), policy).unwrap();
+    agent.spawn();
+    World {
+        cg,
+        slot,
+        _server: server,
+        agent,
+        provider,
+    }
+}
+
+fn cli(agent: &Agent, uid: u32, args: &[&str]) -> Command {
+    let mut c = Command::new(portcullis_e2e::agent_bin());
+    c.args(args)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .uid(uid)
+        .gid(uid)
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(agent: &Agent, uid: u32, args: &[&str]) -> Output {
+    cli(agent, uid, args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `portcullis login` as `uid` and finishes the device flow in "the browser" as `user`.
+fn login(w: &World, uid: u32, user: &str) {
+    let mut child = cli(&w.agent, uid, &["login"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix("(or open ")
+            .map(|rest| rest.trim_end_matches(" directly)").to_string())
+        {
+            break url;
+        }
+    };
+    w.provider.complete_device_flow(&url, user).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "login of {user} as uid {uid}: {rest}");
+}
+
+/// Logs `uid` in as a CI workload whose token also claims the approver groups.
+fn login_ci(w: &World, uid: u32) {
+    let now = portcullis_e2e::now_secs();
+    let claims = json!({
+        "iss": w.provider.issuer(), "aud": CI_AUDIENCE, "sub": "repo:acme/infra:ref:refs/heads/main",
+        "repository": "acme/infra", "groups": ["dba-leads", "security"], "iat": now, "exp": now + 600,
+    });
+    let header = json!({"alg": "RS256", "typ": "JWT", "kid": w.provider.kid()});
+    let token = craft_jwt(
+        &header,
+        &claims,
+        Signing::Rs256 {
+            private_pem: w.provider.signing_key_pem(),
+        },
+    );
+    let mut child = cli(&w.agent, uid, &["login", "--token-file", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(token.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "CI login: {}", text(&o));
+}
+
+/// `portcullis request db --for … --reason …` as `uid`; the request's JSON.
+fn request(w: &World, uid: u32, duration: &str) -> Value {
+    let o = run(
+        &w.agent,
+        uid,
+        &[
+            "request", "db", "--for", duration, "--reason", "INC-4711", "--json",
+        ],
+    );
+    assert!(o.status.success(), "request: {}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn show(w: &World, uid: u32, id: &str) -> Value {
+    let o = run(&w.agent, uid, &["approvals", "show", id, "--json"]);
+    assert!(o.status.success(), "show {id}: {}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn approve(w: &World, uid: u32, id: &str) -> Output {
+    run(
+        &w.agent,
+        uid,
+        &["approvals", "approve", id, "--reason", "looks right"],
+    )
+}
+
+fn probe(w: &World, uid: u32) -> Probe<'_> {
+    Probe {
+        cgroup: &w.cg,
+        uid,
+        netns: None,
+    }
+}
+
+/// A probe holding one connection open; `exchange` proves it still works.
+struct Held {
+    child: Child,
+    input: std::process::ChildStdin,
+    output: BufReader<std::process::ChildStdout>,
+}
+
+impl Held {
+    fn open(probe: &Probe<'_>, target: std::net::SocketAddr) -> Self {
+        let mut child = probe
+            .command(&["session", &target.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let mut output = BufReader::new(child.stdout.take().unwrap());
+        let mut l = String::new();
+        output.read_line(&mut l).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&l).unwrap()["ok"],
+            true,
+            "{l}"
+        );
+        Self {
+            child,
+            input,
+            output,
+        }
+    }
+
+    fn exchange(&mut self, msg: &str) -> Value {
+        if writeln!(self.input, "{msg}").is_err() {
+            return json!({"ok": false, "error": "stdin closed"});
+        }
+        let mut l = String::new();
+        match self.output.read_line(&mut l) {
+            Ok(n) if n > 0 => serde_json::from_str(&l).unwrap(),
+            _ => json!({"ok": false, "error": "probe ended"}),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn via_proxy(r: &Value) -> bool {
+    r["ok"] == true && r["via_proxy"] == true
+}
+
+/// The request id a refusal names (`request r-0123456789 asks for …`).
+fn request_id_in(reason: &str) -> String {
+    let at = reason.find("request r-").expect(reason) + "request ".len();
+    reason[at..at + 12].to_string()
+}
+
+#[test]
+fn a_grant_lets_connections_through_and_revocation_ends_an_open_session() {
+    if !enabled() {
+        return;
+    }
+    let w = world(
+        "appr-grant",
+        173,
+        &connect_needs("@approval(\"dba-leads\")"),
+    );
+    let (alice, bob, carol) = (48173, 48174, 48175);
+    login(&w, alice, "alice");
+    login(&w, bob, "bob");
+    login(&w, carol, "carol");
+
+    // Without a grant the connect is refused, naming the request made for it.
+    let refused = w.agent.expect_refusal(
+        &probe(&w, alice),
+        w.slot.v4(1),
+        "approval required: request r-",
+    );
+    assert_eq!(refused["decision"], "approval", "{refused}");
+    let id = request_id_in(refused["reason"].as_str().unwrap());
+    // A retry waits on the same request rather than making another.
+    let again = w.agent.expect_refusal(&probe(&w, alice), w.slot.v4(1), &id);
+    assert_eq!(request_id_in(again["reason"].as_str().unwrap()), id);
+    let r = show(&w, alice, &id);
+    assert_eq!(r["state"], "pending", "{r}");
+    assert_eq!(r["requester"]["subject"], "alice", "{r}");
+    assert_eq!(r["asked"]["actions"], json!(["connect"]), "{r}");
+
+    // Someone outside the group is told so and counts for nothing.
+    let o = approve(&w, carol, &id);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no approval request"), "{}", text(&o));
+    let o = approve(&w, bob, &id);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("approved: grant g-"), "{}", text(&o));
+    let grant = show(&w, bob, &id)["grant_id"].as_str().unwrap().to_string();
+
+    // The grant lets alice through, and only alice.
+    let mut held = Held::open(&probe(&w, alice), w.slot.v4(1));
+    assert_eq!(held.exchange("ping")["reply"], "ping");
+    w.agent
+        .expect_refusal(&probe(&w, carol), w.slot.v4(1), "approval required");
+    let opened = w.agent.wait_events("connection.opened", 1);
+    assert!(
+        opened.iter().any(|e| e["policy_ids"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(format!("grant:{grant}")))),
+        "{opened:?}"
+    );
+    assert!(!w.agent.wait_events("grant.used", 1).is_empty());
+    let listed = run(&w.agent, alice, &["grants", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["id"], grant.as_str(), "{listed}");
+
+    // Revocation closes the open session and refuses the next connect.
+    let o = run(
+        &w.agent,
+        bob,
+        &["grants", "revoke", &grant, "--reason", "incident over"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("1 open connection(s) closed"),
+        "{}",
+        text(&o)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = held.exchange("still there?");
+        if r["ok"] == false || r["reply"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked grant's session stays open: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let closed = w.agent.wait_events("connection.closed", 1);
+    assert!(
+        closed.iter().any(|e| e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&format!("grant {grant} revoked")))),
+        "{closed:?}"
+    );
+    let revoked = w.agent.wait_events("grant.revoked", 1);
+    assert_eq!(revoked[0]["grant_id"], grant.as_str(), "{revoked:?}");
+    assert_eq!(revoked[0]["requester"], "alice@example.test", "{revoked:?}");
+    assert_eq!(revoked[0]["approvers"], json!(["bob"]), "{revoked:?}");
+    w.agent
+        .expect_refusal(&probe(&w, alice), w.slot.v4(1), "approval required");
+    assert!(!via_proxy(&probe(&w, alice).connect(w.slot.v4(1), &[])));
+
+    let requested = w.agent.events_of("approval.requested");
+    assert_eq!(requested[0]["request_id"], id.as_str(), "{requested:?}");
+    assert_eq!(
+        requested[0]["required"],
+        "1 approval from group `dba-leads`"
+    );
+    let approved = w.agent.events_of("approval.approved");
+    assert_eq!(approved[0]["identity"]["subject"], "bob", "{approved:?}");
+    assert_eq!(approved[0]["approval_state"], "approved", "{approved:?}");
+    assert!(w.agent.verify_audit().status.success());
+}
+
+#[test]
+fn a_grant_expires_and_its_open_session_ends() {
+    if !enabled() {
+        return;
+    }
+    let w = world(
+        "appr-expiry",
+        174,
+        &connect_needs("@approval(\"dba-leads\")"),
+    );
+    let (alice, bob) = (48176, 48177);
+    login(&w, alice, "alice");
+    login(&w, bob, "bob");
+    let r = request(&w, alice, "4s");
+    let id = r["id"].as_str().unwrap();
+    let o = approve(&w, bob, id);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut held = Held::open(&probe(&w, alice), w.slot.v4(1));
+    assert_eq!(held.exchange("ping")["reply"], "ping");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = held.exchange("still there?");
+        if r["ok"] == false || r["reply"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the expired grant's session stays open: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let expired = w.agent.wait_events("grant.expired", 1);
+    assert!(
+        expired[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("1 open connection(s) closed"),
+        "{expired:?}"
+    );
+    w.agent
+        .expect_refusal(&probe(&w, alice), w.slot.v4(1), "approval required");
+}
+
+#[test]
+fn self_approval_the_same_person_twice_and_a_ci_identity_do_not_count() {
+    if !enabled() {
+        return;
+    }
+    let w = world(
+        "appr-duties",
+        175,
+        &connect_needs("@approval(\"dba-leads\")\n@approvals(\"2\")"),
+    );
+    let (alice, bob, bob_again, ci, dave) = (48178, 48179, 48180, 48181, 48182);
+    login(&w, alice, "alice");
+    login(&w, bob, "bob");
+    login(&w, bob_again, "bob");
+    login(&w, dave, "dave");
+    login_ci(&w, ci);
+    let r = request(&w, alice, "1h");
+    let id = r["id"].as_str().unwrap();
+    assert_eq!(r["reason"], "INC-4711");
+
+    // alice is in dba-leads, and still may not approve what she asked for.
+    let o = approve(&w, alice, id);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("segregation of duties"), "{}", text(&o));
+    // A CI workload whose token claims the group may not approve.
+    let o = approve(&w, ci, id);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("CI workload"), "{}", text(&o));
+    // bob on two uids is one person.
+    let o = approve(&w, bob, id);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("still pending"), "{}", text(&o));
+    let o = approve(&w, bob_again, id);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("each person counts once"), "{}", text(&o));
+    let r = show(&w, alice, id);
+    assert_eq!(r["state"], "pending", "{r}");
+    w.agent
+        .expect_refusal(&probe(&w, alice), w.slot.v4(1), "approval required");
+
+    // The request survives a restart of the agent, still pending.
+    let mut agent = w.agent;
+    agent.kill9();
+    agent.spawn();
+    let w = World { agent, ..w };
+    assert_eq!(show(&w, alice, id)["state"], "pending");
+    let o = approve(&w, dave, id);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("approved: grant"), "{}", text(&o));
+    let r = show(&w, alice, id);
+    assert_eq!(r["state"], "approved", "{r}");
+    assert!(via_proxy(&probe(&w, alice).connect(w.slot.v4(1), &[])));
+    // The refused attempts left no trace as approvals.
+    let approved = w.agent.events_of("approval.approved");
+    let subjects: Vec<&Value> = approved.iter().map(|e| &e["identity"]["subject"]).collect();
+    assert_eq!(
+        subjects,
+        vec![&json!("bob"), &json!("dave")],
+        "{approved:?}"
+    );
+}
+
+#[test]
+fn one_approval_from_each_of_two_groups_is_needed() {
+    if !enabled() {
+        return;
+    }
+    let w = world(
+        "appr-and",
+        176,
+        &connect_needs("@approvals(\"dba-leads:1,security:1\")"),
+    );
+    let (alice, bob, carol, dave) = (48183, 48184, 48185, 48186);
+    login(&w, alice, "alice");
+    login(&w, bob, "bob");
+    login(&w, carol, "carol");
+    login(&w, dave, "dave");
+
+    // dave is in both groups, and still one person: one place of two.
+    let r = request(&w, alice, "1h");
+    let id = r["id"].as_str().unwrap();
+    let o = approve(&w, dave, id);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("still pending"), "{}", text(&o));
+    let o = approve(&w, bob, id);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("approved: grant"), "{}", text(&o));
+    assert!(via_proxy(&probe(&w, alice).connect(w.slot.v4(1), &[])));
+
+    // A second request: dba-leads alone (bob) is not enough; security (carol) completes it.
+    let o = run(&w.agent, alice, &["grants", "list", "--json"]);
+    let grants: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let grant = grants[0]["id"].as_str().unwrap();
+    let o = run(
+        &w.agent,
+        alice,
+        &["grants", "revoke", grant, "--reason", "done"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let r = request(&w, alice, "2h");
+    let id = r["id"].as_str().unwrap();
+    let o = approve(&w, bob, id);
+    assert!(text(&o).contains("still pending"), "{}", text(&o));
+    w.agent
+        .expect_refusal(&probe(&w, alice), w.slot.v4(1), "approval required");
+    let o = approve(&w, carol, id);
+    assert!(text(&o).contains("approved: grant"), "{}", text(&o));
+    assert!(via_proxy(&probe(&w, alice).connect(w.slot.v4(1), &[])));
+    let approved = w.agent.events_of("approval.approved");
+    let last = approved.last().unwrap();
+    assert_eq!(
+        last["required"],
+        "1 approval from group `dba-leads` and 1 approval from group `security`"
+    );
+    assert_eq!(last["approvers"], json!(["bob", "carol"]), "{last}");
+}
+
+#[test]
+fn a_denied_request_gives_no_grant_and_says_why() {
+    if !enabled() {
+        return;
+    }
+    let w = world("appr-deny", 177, &connect_needs("@approval(\"dba-leads\")"));
+    let (alice, bob) = (48187, 48188);
+    login(&w, alice, "alice");
+    login(&w, bob, "bob");
+    let r = request(&w, alice, "1h");
+    let id = r["id"].as_str().unwrap();
+    let o = run(
+        &w.agent,
+        bob,
+        &["approvals", "deny", id, "--reason", "not during the freeze"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let r = show(&w, alice, id);
+    assert_eq!(r["state"], "denied", "{r}");
+    assert_eq!(r["verdicts"][0]["reason"], "not during the freeze", "{r}");
+    let o = approve(&w, bob, id);
+    assert!(text(&o).contains("already denied"), "{}", text(&o));
+    w.agent
+        .expect_refusal(&probe(&w, alice), w.slot.v4(1), "approval required");
+    let denied = w.agent.wait_events("approval.denied", 1);
+    assert_eq!(denied[0]["reason"], "not during the freeze", "{denied:?}");
+}
