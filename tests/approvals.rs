@@ -16,6 +16,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::oidc::{self, craft_jwt, OidcOptions, OidcProvider, OidcUser, Signing};
+use portcullis_e2e::postgres::{
+    self as pg, client_command, PasswordAuth, PgOptions, Postgres, RunAs,
+};
 use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup};
 use serde_json::{json, Value};
 
@@ -113,9 +116,13 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Runs `portcullis login` as `uid` and finishes the device flow in "the browser" as `user`.
 fn login(w: &World, uid: u32, user: &str) {
-    let mut child = cli(&w.agent, uid, &["login"])
+    login_to(&w.agent, &w.provider, uid, user);
+}
+
+/// Runs `portcullis login` as `uid` and finishes the device flow in "the browser" as `user`.
+fn login_to(agent: &Agent, provider: &OidcProvider, uid: u32, user: &str) {
+    let mut child = cli(agent, uid, &["login"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -132,7 +139,7 @@ fn login(w: &World, uid: u32, user: &str) {
             break url;
         }
     };
-    w.provider.complete_device_flow(&url, user).unwrap();
+    provider.complete_device_flow(&url, user).unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     let o = child.wait_with_output().unwrap();
@@ -189,9 +196,9 @@ fn show(w: &World, uid: u32, id: &str) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-fn approve(w: &World, uid: u32, id: &str) -> Output {
+fn approve(agent: &Agent, uid: u32, id: &str) -> Output {
     run(
-        &w.agent,
+        agent,
         uid,
         &["approvals", "approve", id, "--reason", "looks right"],
     )
@@ -297,10 +304,10 @@ fn a_grant_lets_connections_through_and_revocation_ends_an_open_session() {
     assert_eq!(r["asked"]["actions"], json!(["connect"]), "{r}");
 
     // Someone outside the group is told so and counts for nothing.
-    let o = approve(&w, carol, &id);
+    let o = approve(&w.agent, carol, &id);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("no approval request"), "{}", text(&o));
-    let o = approve(&w, bob, &id);
+    let o = approve(&w.agent, bob, &id);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("approved: grant g-"), "{}", text(&o));
     let grant = show(&w, bob, &id)["grant_id"].as_str().unwrap().to_string();
@@ -389,7 +396,7 @@ fn a_grant_expires_and_its_open_session_ends() {
     login(&w, bob, "bob");
     let r = request(&w, alice, "4s");
     let id = r["id"].as_str().unwrap();
-    let o = approve(&w, bob, id);
+    let o = approve(&w.agent, bob, id);
     assert!(o.status.success(), "{}", text(&o));
     let mut held = Held::open(&probe(&w, alice), w.slot.v4(1));
     assert_eq!(held.exchange("ping")["reply"], "ping");
@@ -438,18 +445,18 @@ fn self_approval_the_same_person_twice_and_a_ci_identity_do_not_count() {
     assert_eq!(r["reason"], "INC-4711");
 
     // alice is in dba-leads, and still may not approve what she asked for.
-    let o = approve(&w, alice, id);
+    let o = approve(&w.agent, alice, id);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("segregation of duties"), "{}", text(&o));
     // A CI workload whose token claims the group may not approve.
-    let o = approve(&w, ci, id);
+    let o = approve(&w.agent, ci, id);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("CI workload"), "{}", text(&o));
     // bob on two uids is one person.
-    let o = approve(&w, bob, id);
+    let o = approve(&w.agent, bob, id);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("still pending"), "{}", text(&o));
-    let o = approve(&w, bob_again, id);
+    let o = approve(&w.agent, bob_again, id);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("each person counts once"), "{}", text(&o));
     let r = show(&w, alice, id);
@@ -463,7 +470,7 @@ fn self_approval_the_same_person_twice_and_a_ci_identity_do_not_count() {
     agent.spawn();
     let w = World { agent, ..w };
     assert_eq!(show(&w, alice, id)["state"], "pending");
-    let o = approve(&w, dave, id);
+    let o = approve(&w.agent, dave, id);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("approved: grant"), "{}", text(&o));
     let r = show(&w, alice, id);
@@ -498,10 +505,10 @@ fn one_approval_from_each_of_two_groups_is_needed() {
     // dave is in both groups, and still one person: one place of two.
     let r = request(&w, alice, "1h");
     let id = r["id"].as_str().unwrap();
-    let o = approve(&w, dave, id);
+    let o = approve(&w.agent, dave, id);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("still pending"), "{}", text(&o));
-    let o = approve(&w, bob, id);
+    let o = approve(&w.agent, bob, id);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("approved: grant"), "{}", text(&o));
     assert!(via_proxy(&probe(&w, alice).connect(w.slot.v4(1), &[])));
@@ -518,11 +525,11 @@ fn one_approval_from_each_of_two_groups_is_needed() {
     assert!(o.status.success(), "{}", text(&o));
     let r = request(&w, alice, "2h");
     let id = r["id"].as_str().unwrap();
-    let o = approve(&w, bob, id);
+    let o = approve(&w.agent, bob, id);
     assert!(text(&o).contains("still pending"), "{}", text(&o));
     w.agent
         .expect_refusal(&probe(&w, alice), w.slot.v4(1), "approval required");
-    let o = approve(&w, carol, id);
+    let o = approve(&w.agent, carol, id);
     assert!(text(&o).contains("approved: grant"), "{}", text(&o));
     assert!(via_proxy(&probe(&w, alice).connect(w.slot.v4(1), &[])));
     let approved = w.agent.events_of("approval.approved");
@@ -554,10 +561,217 @@ fn a_denied_request_gives_no_grant_and_says_why() {
     let r = show(&w, alice, id);
     assert_eq!(r["state"], "denied", "{r}");
     assert_eq!(r["verdicts"][0]["reason"], "not during the freeze", "{r}");
-    let o = approve(&w, bob, id);
+    let o = approve(&w.agent, bob, id);
     assert!(text(&o).contains("already denied"), "{}", text(&o));
     w.agent
         .expect_refusal(&probe(&w, alice), w.slot.v4(1), "approval required");
     let denied = w.agent.wait_events("approval.denied", 1);
     assert_eq!(denied[0]["reason"], "not during the freeze", "{denied:?}");
+}
+
+const STATEMENT_POLICIES: &str = r#"
+@id("connect")
+permit (principal, action == Portcullis::Action::"connect", resource);
+
+@id("read")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { ["read", "transaction", "utility"].contains(context.statement_class) };
+
+@id("ddl-after-approval")
+@approval("dba-leads")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.statement_class == "ddl" };
+"#;
+
+/// Waits for an event of `kind` that `pick` chooses (statement events are written when the
+/// writer's next batch goes out).
+fn wait_event(agent: &Agent, kind: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let all = agent.events_of(kind);
+        if let Some(e) = all.iter().find(|e| pick(e)) {
+            return e.clone();
+        }
+        assert!(Instant::now() < deadline, "no such {kind}: {all:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `uid` sees a pending request other than those in `seen`; returns it.
+fn next_pending(agent: &Agent, uid: u32, seen: &[String]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = run(agent, uid, &["approvals", "list", "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let list: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if let Some(r) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| !seen.contains(&r["id"].as_str().unwrap().to_string()))
+        {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pending request for uid {uid}:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_statement_waits_for_approval_then_runs_and_a_denied_one_gives_42501() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let provider = OidcProvider::start(people());
+    let postgres = Postgres::start_with(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    });
+    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
+    postgres.create_database("app", Some("app"));
+    let files = tempfile::tempdir().unwrap();
+    let creds = files.path().join("credentials.toml");
+    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
+    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cg = TestCgroup::new("appr-stmt");
+    let config = format!(
+        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+        iss = provider.issuer(),
+        port = postgres.port(),
+        ca = postgres.ca_pem_path().display(),
+        creds = creds.display(),
+    );
+    let mut agent = Agent::prepare("appr-stmt", Slot::new(178), &cg, &[], Some(&config), &[]);
+    std::fs::write(
+        agent.dir.path().join("policies").join("e2e.cedar"),
+        STATEMENT_POLICIES,
+    )
+    .unwrap();
+    agent.spawn();
+    let (alice, bob) = (48189, 48190);
+    login_to(&agent, &provider, alice, "alice");
+    login_to(&agent, &provider, bob, "bob");
+
+    // One psql session: a DDL statement that waits and runs once approved, one that is
+    // denied, and a query after it in the same session.
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        postgres.port()
+    );
+    let mut psql = client_command(
+        "psql",
+        RunAs {
+            uid: Some(alice),
+            cgroup: Some(&cg.path),
+        },
+    )
+    .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    psql.stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"CREATE TABLE approved_t (id int);\n\
+              SELECT 'created', count(*) FROM pg_tables WHERE tablename = 'approved_t';\n\
+              DROP TABLE approved_t;\n\
+              SELECT 'still here', count(*) FROM pg_tables WHERE tablename = 'approved_t';\n",
+        )
+        .unwrap();
+
+    let create = next_pending(&agent, bob, &[]);
+    assert_eq!(create["asked"]["kind"], "statement", "{create}");
+    assert!(
+        create["asked"]["statement"]
+            .as_str()
+            .unwrap()
+            .starts_with("CREATE TABLE approved_t (id int)"),
+        "{create}"
+    );
+    assert_eq!(create["requester"]["subject"], "alice", "{create}");
+    let create_id = create["id"].as_str().unwrap().to_string();
+    // Nothing reached the server while it waited.
+    assert!(
+        !postgres
+            .psql("app", "SELECT tablename FROM pg_tables")
+            .contains("approved_t"),
+        "the waiting statement ran"
+    );
+    let o = approve(&agent, bob, &create_id);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let drop = next_pending(&agent, bob, std::slice::from_ref(&create_id));
+    assert!(
+        drop["asked"]["statement"]
+            .as_str()
+            .unwrap()
+            .starts_with("DROP TABLE approved_t"),
+        "{drop}"
+    );
+    let drop_id = drop["id"].as_str().unwrap().to_string();
+    let o = run(
+        &agent,
+        bob,
+        &["approvals", "deny", &drop_id, "--reason", "keep the table"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    let out = psql.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        stderr.contains(&format!(
+            "NOTICE:  01000: Portcullis: this statement waits for approval: request {create_id}"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("portcullis approvals approve {create_id}")),
+        "{stderr}"
+    );
+    assert!(stdout.contains("created|1"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("ERROR:  42501"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "approval request {drop_id} was denied by bob@example.test: keep the table"
+        )),
+        "{stderr}"
+    );
+    assert!(stdout.contains("still here|1"), "{stdout}\n{stderr}");
+
+    let ran = wait_event(&agent, "statement.executed", |e| {
+        e["statement"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("CREATE TABLE approved_t"))
+    });
+    assert!(
+        ran["policy_ids"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(format!("approval:{create_id}"))),
+        "{ran}"
+    );
+    wait_event(&agent, "statement.denied", |e| {
+        e["statement"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("DROP TABLE approved_t"))
+            && e["decision"] == "approval"
+    });
+    let requested = agent.events_of("approval.requested");
+    assert!(
+        requested.iter().any(|e| e["approval_statement"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("CREATE TABLE approved_t"))),
+        "{requested:?}"
+    );
 }

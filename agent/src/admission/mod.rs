@@ -431,6 +431,11 @@ impl Gate {
         }
     }
 
+    /// The approvals store: a statement held for approval makes its request there and waits.
+    pub fn approvals(&self) -> &ApprovalStore {
+        &self.approvals
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }

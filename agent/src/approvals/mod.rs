@@ -780,6 +780,19 @@ impl ApprovalStore {
             .ok_or_else(|| ApprovalError::UnknownRequest(id.to_owned()))
     }
 
+    /// A request as it stands now, whoever asks (for the statement waiting on it).
+    pub fn state_of(&self, id: &str) -> Option<ApprovalRequest> {
+        let now = now_ms();
+        let mut book = self.lock();
+        self.expire_requests(&mut book, now);
+        book.requests.get(id).cloned()
+    }
+
+    /// Changes as they happen: a waiter reads its request again at each.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// Grants `viewer` may see (as [`Self::requests`]); active ones only unless `all`.
     pub fn grants(&self, viewer: &Viewer, all: bool) -> Vec<Grant> {
         let now = now_ms();

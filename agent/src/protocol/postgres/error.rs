@@ -56,6 +56,14 @@ pub enum PgError {
         reason: String,
         policy_ids: Vec<String>,
     },
+    /// A statement whose policy asks for approval, where it cannot wait for one (the
+    /// extended protocol); the session continues. A simple query waits instead.
+    #[error("statement requires approval: {reason}; only a statement sent as a simple query (psql) can wait for one")]
+    ApprovalRequired {
+        reason: String,
+        policy_ids: Vec<String>,
+        requirement: portcullis_policy::ApprovalRequirement,
+    },
     /// A statement that does not parse is never forwarded.
     #[error("statement refused: it does not parse: {0}")]
     Unparsable(String),
@@ -94,6 +102,7 @@ impl PgError {
         !matches!(
             self,
             PgError::StatementDenied { .. }
+                | PgError::ApprovalRequired { .. }
                 | PgError::Unparsable(_)
                 | PgError::Unsafe(_)
                 | PgError::NameRefused { .. }
@@ -107,6 +116,7 @@ impl PgError {
             PgError::NoIdentity(_) => INVALID_AUTHORIZATION,
             PgError::ConnectDenied { .. }
             | PgError::StatementDenied { .. }
+            | PgError::ApprovalRequired { .. }
             | PgError::Refused(_)
             | PgError::Parameter(_)
             | PgError::Unsafe(_)
@@ -150,7 +160,8 @@ impl PgError {
                     .with_hint("Run `portcullis login`, then connect again.")
             }
             PgError::ConnectDenied { policy_ids, .. }
-            | PgError::StatementDenied { policy_ids, .. } => {
+            | PgError::StatementDenied { policy_ids, .. }
+            | PgError::ApprovalRequired { policy_ids, .. } => {
                 let mut f =
                     ErrorFields::new(severity, self.sqlstate(), format!("Portcullis: {self}"));
                 if !policy_ids.is_empty() {

@@ -197,14 +197,31 @@ pub struct Output {
     pub events: Vec<Recorded>,
     /// The machine waits for it: input is left unread until `catalog_answer`.
     pub lookup: Option<CatalogLookup>,
+    /// The machine waits for an approval of this query string: input is left unread until
+    /// `approval_answer`.
+    pub approval: Option<ApprovalAsk>,
     /// A change to functions ended: every session reads their bodies afresh.
     pub forget_routines: bool,
     /// The session is over, for this reason (`connection.closed`).
     pub end: Option<String>,
 }
 
-/// A message waiting for the catalog.
+/// A simple query string a policy holds for approval: the exact text asked for, who must
+/// approve, and the policies that asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalAsk {
+    pub statement: String,
+    pub requirement: portcullis_policy::ApprovalRequirement,
+    pub policy_ids: Vec<String>,
+    pub reason: String,
+}
+
+/// A message waiting for the catalog, or for an approval.
 enum Paused {
+    /// A simple query held for approval; handled again with the answer.
+    Approval {
+        msg: RawMessage,
+    },
     Client {
         msg: RawMessage,
         progress: LookupProgress,
@@ -310,6 +327,9 @@ pub struct Session<'a> {
     /// committed: until the change is, every call by name is opaque (`dynamic_sql`). When it
     /// ends, the bodies every session read are forgotten.
     routines_changed: bool,
+    /// While a query string held for approval is handled again: the request that approved
+    /// it (`Ok`), or why it was not (`Err`). Applies to that message only.
+    approval: Option<Result<String, String>>,
 }
 
 impl<'a> Session<'a> {
@@ -350,6 +370,7 @@ impl<'a> Session<'a> {
             function_lookup_error: None,
             read_selected_in_transaction: None,
             routines_changed: false,
+            approval: None,
         }
     }
 
@@ -397,7 +418,39 @@ impl<'a> Session<'a> {
                 Ok(()) => self.on_server_message(msg, &mut to_client),
                 Err(why) => self.fatal(unresolved_tables(why), &mut to_client),
             },
+            Some(paused @ Paused::Approval { .. }) => {
+                self.paused = Some(paused);
+                Flow::Continue
+            }
         };
+        if self.paused.is_none() {
+            self.approval = None;
+        }
+        if let Flow::End(why) = flow {
+            self.out.end = Some(why);
+        }
+        self.out.to_server = to_server;
+        self.out.to_client = to_client;
+        &mut self.out
+    }
+
+    /// The approval asked for in `Output::approval` was given (`Ok`: the request's id) or
+    /// not (`Err`: denied or expired, and why): the query string that waited is handled
+    /// again, and runs, or is refused with 42501 while the session goes on. The bytes left
+    /// unread are the caller's to feed again.
+    pub fn approval_answer(&mut self, answer: Result<String, String>, now: Now) -> &mut Output {
+        self.now = now;
+        let Some(Paused::Approval { msg }) = self.paused.take() else {
+            return &mut self.out;
+        };
+        let mut to_server = std::mem::take(&mut self.out.to_server);
+        let mut to_client = std::mem::take(&mut self.out.to_client);
+        self.approval = Some(answer);
+        let mut progress = LookupProgress::default();
+        let flow = self.on_client_message(msg, &mut progress, &mut to_server, &mut to_client);
+        if self.paused.is_none() {
+            self.approval = None;
+        }
         if let Flow::End(why) = flow {
             self.out.end = Some(why);
         }

@@ -252,6 +252,26 @@ impl<'a> Session<'a> {
                     copy_columns: None,
                     started: self.now.monotonic,
                 }),
+                // The whole string waits, unsent, for an approval of its exact text; it is
+                // handled again with the answer (`Session::approval_answer`).
+                Err((
+                    PgError::ApprovalRequired {
+                        reason,
+                        policy_ids,
+                        requirement,
+                    },
+                    _,
+                    _,
+                )) if self.approval.is_none() => {
+                    self.out.approval = Some(ApprovalAsk {
+                        statement: sql.to_owned(),
+                        requirement,
+                        policy_ids,
+                        reason,
+                    });
+                    self.paused = Some(Paused::Approval { msg: msg.clone() });
+                    return;
+                }
                 Err((e, decision, ids)) => {
                     // One denied statement refuses the whole string: PostgreSQL runs it as
                     // one implicit transaction, so nothing of it may run.

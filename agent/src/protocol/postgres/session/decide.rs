@@ -159,6 +159,10 @@ impl<'a> Session<'a> {
                     inner_ids.extend(v.policy_ids.iter().cloned());
                     inner_masker = inner_masker.or(v.masker);
                 }
+                // The whole string waits for approval (a simple query), or is refused.
+                Err((e @ PgError::ApprovalRequired { .. }, decision, ids)) => {
+                    return Err((e, decision, ids));
+                }
                 Err((e, decision, ids)) => {
                     self.record_denied(&inner, decision, &ids, &e.to_string(), e.sqlstate());
                     let place = match function {
@@ -301,16 +305,55 @@ impl<'a> Session<'a> {
             return Ok(v.clone());
         }
         let request = self.query_request(info, now);
-        let allowed = crate::policy::outcome(set.decide(&request)).map_err(|r| {
-            (
-                PgError::StatementDenied {
-                    reason: r.reason,
-                    policy_ids: r.policy_ids.clone(),
-                },
-                r.decision,
-                r.policy_ids,
-            )
-        })?;
+        let decision = set.decide(&request);
+        let obligations = decision.obligations.clone();
+        let mut approved = false;
+        let allowed = match crate::policy::outcome(decision) {
+            Ok(allowed) => allowed,
+            Err(r) => match (r.approval, &self.approval) {
+                // The query string this statement belongs to was approved, as sent.
+                (Some(_), Some(Ok(request_id))) => {
+                    approved = true;
+                    let mut policy_ids = r.policy_ids;
+                    policy_ids.push(format!("approval:{request_id}"));
+                    crate::policy::Allowed {
+                        policy_ids,
+                        obligations,
+                    }
+                }
+                (Some(_), Some(Err(why))) => {
+                    return Err((
+                        PgError::StatementDenied {
+                            reason: why.clone(),
+                            policy_ids: r.policy_ids.clone(),
+                        },
+                        r.decision,
+                        r.policy_ids,
+                    ))
+                }
+                (Some(requirement), None) => {
+                    return Err((
+                        PgError::ApprovalRequired {
+                            reason: r.reason,
+                            policy_ids: r.policy_ids.clone(),
+                            requirement,
+                        },
+                        r.decision,
+                        r.policy_ids,
+                    ))
+                }
+                (None, _) => {
+                    return Err((
+                        PgError::StatementDenied {
+                            reason: r.reason,
+                            policy_ids: r.policy_ids.clone(),
+                        },
+                        r.decision,
+                        r.policy_ids,
+                    ))
+                }
+            },
+        };
         let ids = allowed.policy_ids;
         let masker = allowed.obligations.iter().find_map(|o| match o {
             Obligation::Mask { profile } => self
@@ -342,6 +385,10 @@ impl<'a> Session<'a> {
             policy_ids: Arc::from(ids),
             masker,
         };
+        // An approval is for one exact query string, never for its shape.
+        if approved {
+            return Ok(verdict);
+        }
         if self.decisions.allowed.len() >= DECISION_CACHE_ENTRIES {
             self.decisions.allowed.clear();
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use portcullis_pgwire::encode_error_response;
+use portcullis_pgwire::{encode_error_response, encode_notice_response, ErrorFields};
 use tokio::io::AsyncWriteExt;
 
 use super::super::catalog::{Catalog, ColumnName, Lookup, Routine};
@@ -16,7 +16,10 @@ use super::super::error::PgError;
 use super::super::stream::{fill, write_out, Stream};
 use super::super::upstream::Upstream;
 use super::super::Shared;
-use super::{CatalogLookup, CatalogView, Now, Output, Recorded, Services, Session, SessionContext};
+use super::{
+    ApprovalAsk, CatalogLookup, CatalogView, Now, Output, Recorded, Services, Session,
+    SessionContext,
+};
 use crate::admission::{Connection, Gate};
 use crate::config::ProtectedTarget;
 use crate::identity::Identity;
@@ -155,6 +158,32 @@ pub async fn run(
             count(&conn.bytes.upstream_to_client, out.to_client.len());
             out.to_client.clear();
         }
+        // A query string held for approval: the client is told (a NoticeResponse), the
+        // statement waits unsent, and the session's loop serves nothing else meanwhile (every
+        // other session goes on).
+        if let Some(ask) = machine.output().approval.take() {
+            let answer = tokio::select! {
+                () = &mut cancelled => {
+                    encode_error_response(
+                        &PgError::ClosedByAgent.to_fields(),
+                        &mut machine.output().to_client,
+                    );
+                    break "closed by the agent".into();
+                }
+                a = wait_for_approval(&est, ask, &mut client) => a,
+            };
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => return format!("client write failed: {e}"),
+            };
+            last_traffic = tokio::time::Instant::now();
+            machine.approval_answer(answer, now());
+            if !machine.is_paused() {
+                machine.on_client(&mut cbuf, now(), &gate.policies().current());
+                machine.on_server(&mut sbuf, now());
+            }
+            continue;
+        }
         tokio::select! {
             () = &mut cancelled => {
                 encode_error_response(
@@ -273,4 +302,94 @@ async fn catalog_lookup(est: &Established<'_>, lookup: &CatalogLookup) -> Result
             lookup,
         )
         .await
+}
+
+/// Makes the approval request for a query string held for approval, tells the client which
+/// and how to follow it, and waits until it is approved (`Ok(Ok(request id))`), or denied or
+/// expired (`Ok(Err(why))`). `Err` only when the client cannot be written to.
+async fn wait_for_approval(
+    est: &Established<'_>,
+    ask: ApprovalAsk,
+    client: &mut Stream,
+) -> std::io::Result<Result<String, String>> {
+    use crate::approvals::{Ask, Asked, RequestState};
+    let store = est.gate.approvals();
+    let timeout = est.gate.policies().current().approval_settings().timeout;
+    let requirement = ask.requirement.to_string();
+    let made = store.ask(Ask {
+        requester: est.identity.clone(),
+        asked: Asked::Statement {
+            connection_id: est.conn.id,
+            target: est.target.name.clone(),
+            statement: ask.statement,
+            parameters: Vec::new(),
+        },
+        reason: format!(
+            "a statement of {} in a session as {} on {}",
+            est.conn.origin.comm, est.db_user, est.target.name
+        ),
+        requirement: ask.requirement,
+        policy_ids: ask.policy_ids,
+        timeout,
+    });
+    let request = match made {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(Err(format!(
+                "approval required, and no request could be made: {e} ({})",
+                ask.reason
+            )))
+        }
+    };
+    let id = request.id.clone();
+    let mut notice = BytesMut::new();
+    encode_notice_response(
+        &ErrorFields::new(
+            "NOTICE",
+            "01000",
+            format!(
+                "Portcullis: this statement waits for approval: request {id} asks for {requirement}; it has not been sent to the server and waits at most {} s",
+                timeout.as_secs()
+            ),
+        )
+        .with_hint(format!(
+            "An approver runs `portcullis approvals approve {id}`; follow it with `portcullis approvals show {id}`."
+        )),
+        &mut notice,
+    );
+    write_out(client, &notice).await?;
+    let mut changes = store.watch();
+    loop {
+        let Some(r) = store.state_of(&id) else {
+            return Ok(Err(format!("approval request {id} is gone")));
+        };
+        match r.state {
+            RequestState::Approved => return Ok(Ok(id)),
+            RequestState::Denied => {
+                let by = r
+                    .verdicts
+                    .iter()
+                    .find(|v| !v.approve)
+                    .map(|v| format!("{}: {}", crate::approvals::who(&v.by), v.reason))
+                    .unwrap_or_default();
+                return Ok(Err(format!("approval request {id} was denied by {by}")));
+            }
+            RequestState::Expired => {
+                return Ok(Err(format!(
+                    "approval request {id} expired: not approved within {} s",
+                    timeout.as_secs()
+                )))
+            }
+            RequestState::Pending => {}
+        }
+        let left = r.expires_ms.saturating_sub(crate::audit::now_ms());
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(left.saturating_add(50))) => {}
+        }
+    }
 }

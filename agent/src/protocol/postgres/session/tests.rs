@@ -1151,3 +1151,107 @@ fn statements_left_running_are_recorded_when_the_session_ends() {
         .unwrap()
         .starts_with("unfinished"));
 }
+
+const APPROVAL_POLICIES: &str = r#"
+@id("connect")
+permit (principal, action == Portcullis::Action::"connect", resource);
+
+@id("read")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.statement_class == "read" };
+
+@id("ddl-after-approval")
+@approval("dba-leads")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.statement_class == "ddl" };
+"#;
+
+/// A simple query whose policy asks for approval waits unsent (the relay asks and tells the
+/// client); approved, exactly that string goes to the server and its event names the
+/// request; denied, it is refused with 42501 and the session stays in step.
+#[test]
+fn a_query_held_for_approval_waits_unsent_then_runs_or_is_refused() {
+    let world = World {
+        policies: Arc::new(
+            PolicySet::load([("p/policy.cedar", APPROVAL_POLICIES)])
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        ..World::new()
+    };
+    let mut s = world.session();
+    let create = "CREATE TABLE audit_log (id int)";
+    let out = client(&world, &mut s, &[query(create)]);
+    assert!(out.to_server.is_empty() && out.to_client.is_empty() && out.events.is_empty());
+    let ask = s
+        .output()
+        .approval
+        .take()
+        .expect("an approval is asked for");
+    assert_eq!(ask.statement, create);
+    assert_eq!(
+        ask.requirement.to_string(),
+        "1 approval from group `dba-leads`"
+    );
+    assert_eq!(ask.policy_ids, vec!["ddl-after-approval".to_owned()]);
+
+    s.approval_answer(Ok("r-0123456789".into()), world.now());
+    let out = take(&mut s);
+    assert_eq!(bytes_of(&out.to_server), vec![fe(&query(create))]);
+    let out = server(
+        &world,
+        &mut s,
+        &[complete("CREATE TABLE"), ready(TransactionStatus::Idle)],
+    );
+    assert_eq!(
+        kinds(&out.events),
+        vec![("statement.executed".into(), "allow".into())]
+    );
+    assert_eq!(
+        out.events[0]["policy_ids"],
+        serde_json::json!(["ddl-after-approval", "approval:r-0123456789"])
+    );
+
+    // An approval is for its string, not its shape: the same shape (ALTER TABLE of
+    // audit_log) with another column asks again, though an approved one ran a moment ago.
+    let add_a = "ALTER TABLE audit_log ADD COLUMN a int";
+    client(&world, &mut s, &[query(add_a)]);
+    assert_eq!(s.output().approval.take().unwrap().statement, add_a);
+    s.approval_answer(Ok("r-1111111111".into()), world.now());
+    let out = take(&mut s);
+    assert_eq!(bytes_of(&out.to_server), vec![fe(&query(add_a))]);
+    server(
+        &world,
+        &mut s,
+        &[complete("ALTER TABLE"), ready(TransactionStatus::Idle)],
+    );
+    let drop = "ALTER TABLE audit_log ADD COLUMN b int";
+    let out = client(&world, &mut s, &[query(drop)]);
+    assert!(out.to_server.is_empty());
+    assert_eq!(s.output().approval.take().unwrap().statement, drop);
+    s.approval_answer(
+        Err("approval request r-1 was denied by bob@example.com: not today".into()),
+        world.now(),
+    );
+    let out = take(&mut s);
+    assert_eq!(bytes_of(&out.to_server), vec![fe(&query(DENIED_MARKER))]);
+    assert_eq!(
+        kinds(&out.events),
+        vec![("statement.denied".into(), "approval".into())]
+    );
+    assert!(out.events[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("denied by bob@example.com: not today"));
+    let out = server(
+        &world,
+        &mut s,
+        &[marker_syntax_error(), ready(TransactionStatus::Idle)],
+    );
+    assert_eq!(error_fields(&out.to_client[0]).sqlstate(), Some("42501"));
+    assert_eq!(out.to_client[1].frame, be(&ready(TransactionStatus::Idle)));
+    assert!(s.awaits_nothing());
+    // Reads need no approval and run at once.
+    let out = client(&world, &mut s, &[query("SELECT 1")]);
+    assert_eq!(bytes_of(&out.to_server), vec![fe(&query("SELECT 1"))]);
+    assert!(s.output().approval.is_none());
+}
