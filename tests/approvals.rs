@@ -767,6 +767,26 @@ fn a_statement_waits_for_approval_then_runs_and_a_denied_one_gives_42501() {
             .is_some_and(|t| t.starts_with("DROP TABLE approved_t"))
             && e["decision"] == "approval"
     });
+    // A client that goes away while its statement waits ends its session then, not at the
+    // request's timeout.
+    let mut gone = client_command(
+        "psql",
+        RunAs {
+            uid: Some(alice),
+            cgroup: Some(&cg.path),
+        },
+    )
+    .args(["-X", "-d", &conninfo, "-c", "CREATE TABLE never_t (id int)"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    next_pending(&agent, bob, &[create_id.clone(), drop_id.clone()]);
+    gone.kill().unwrap();
+    gone.wait().unwrap();
+    wait_event(&agent, "connection.closed", |e| {
+        e["reason"] == "client closed the connection while a statement waited for approval"
+    });
     let requested = agent.events_of("approval.requested");
     assert!(
         requested.iter().any(|e| e["approval_statement"]

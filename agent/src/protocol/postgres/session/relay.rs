@@ -170,11 +170,11 @@ pub async fn run(
                     );
                     break "closed by the agent".into();
                 }
-                a = wait_for_approval(&est, ask, &mut client) => a,
+                a = wait_for_approval(&est, ask, &mut client, &mut cbuf) => a,
             };
             let answer = match answer {
                 Ok(a) => a,
-                Err(e) => return format!("client write failed: {e}"),
+                Err(why) => break why,
             };
             last_traffic = tokio::time::Instant::now();
             machine.approval_answer(answer, now());
@@ -306,12 +306,15 @@ async fn catalog_lookup(est: &Established<'_>, lookup: &CatalogLookup) -> Result
 
 /// Makes the approval request for a query string held for approval, tells the client which
 /// and how to follow it, and waits until it is approved (`Ok(Ok(request id))`), or denied or
-/// expired (`Ok(Err(why))`). `Err` only when the client cannot be written to.
+/// expired (`Ok(Err(why))`). `Err(why the session ends)` when the client goes away or cannot
+/// be written to. What the client sends meanwhile stays in `cbuf`, unread by the machine (up
+/// to one message's worth; then nothing more is read until the answer).
 async fn wait_for_approval(
     est: &Established<'_>,
     ask: ApprovalAsk,
     client: &mut Stream,
-) -> std::io::Result<Result<String, String>> {
+    cbuf: &mut BytesMut,
+) -> Result<Result<String, String>, String> {
     use crate::approvals::{Ask, Asked, RequestState};
     let store = est.gate.approvals();
     let timeout = est.gate.policies().current().approval_settings().timeout;
@@ -338,7 +341,7 @@ async fn wait_for_approval(
             return Ok(Err(format!(
                 "approval required, and no request could be made: {e} ({})",
                 ask.reason
-            )))
+            )));
         }
     };
     let id = request.id.clone();
@@ -357,7 +360,9 @@ async fn wait_for_approval(
         )),
         &mut notice,
     );
-    write_out(client, &notice).await?;
+    write_out(client, &notice)
+        .await
+        .map_err(|e| format!("client write failed: {e}"))?;
     let mut changes = store.watch();
     loop {
         let Some(r) = store.state_of(&id) else {
@@ -383,6 +388,7 @@ async fn wait_for_approval(
             RequestState::Pending => {}
         }
         let left = r.expires_ms.saturating_sub(crate::audit::now_ms());
+        let room = cbuf.len() < est.max_len;
         tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
@@ -390,6 +396,11 @@ async fn wait_for_approval(
                 }
             }
             () = tokio::time::sleep(Duration::from_millis(left.saturating_add(50))) => {}
+            read = fill(client, cbuf), if room => match read {
+                Ok(0) => return Err("client closed the connection while a statement waited for approval".into()),
+                Err(e) => return Err(format!("client read failed: {e}")),
+                Ok(_) => {}
+            },
         }
     }
 }
