@@ -355,10 +355,11 @@ impl Gate {
             bytes: ByteCounters::default(),
             cancel: self.close_all.child_token(),
             close_reason: Mutex::new(None),
+            // `decide_connect` puts the grant last, after the policies' own ids.
             grant: o
                 .policy_ids
-                .iter()
-                .find_map(|p| p.strip_prefix(GRANT_POLICY_PREFIX))
+                .last()
+                .and_then(|p| p.strip_prefix(GRANT_POLICY_PREFIX))
                 .map(Into::into),
         });
         let mut opened = connection_event(EventKind::ConnectionOpened, &conn);
