@@ -1626,6 +1626,219 @@ fn a_channel_whose_server_does_not_read_leaves_the_other_channels_of_a_controlma
     );
 }
 
+// ---- Part T: bulk exec, Ansible (slots 230–239) ----
+
+/// `cmd` feeding `len` bytes that are neither compressible nor periodic, from a file.
+fn noise_file(path: &Path, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[test]
+fn exec_pipes_200_mb_both_ways_with_checksums() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-pipe-200", 230);
+    let input = w.files.path().join("input-200.bin");
+    let data = noise_file(&input, 200 << 20);
+    let sent = sha256_hex(&data);
+    // Both directions full at once: what `cat` on the target echoes comes back whole.
+    let started = Instant::now();
+    let mut cmd = w.ssh(&["127.0.0.1", "cat"]);
+    cmd.stdin(std::fs::File::open(&input).unwrap());
+    let out = output_within(&mut cmd, Duration::from_secs(240));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        w.agent.log()
+    );
+    assert_eq!(out.stdout.len(), data.len());
+    assert_eq!(sha256_hex(&out.stdout), sent, "the bytes came back changed");
+    eprintln!("200 MB each way in {:?}", started.elapsed());
+    // The target's own checksum of what reached it, and of what it sends.
+    let mut up = w.ssh(&["127.0.0.1", "sha256sum"]);
+    up.stdin(std::fs::File::open(&input).unwrap());
+    let up = output_within(&mut up, Duration::from_secs(240));
+    assert_eq!(
+        text(&up.stdout),
+        format!("{sent}  -\n"),
+        "the target received other bytes: {}",
+        text(&up.stderr)
+    );
+    // The target is this machine: the input file is readable there too.
+    let down = output_within(
+        &mut w.ssh(&["127.0.0.1", &format!("cat {}", input.display())]),
+        Duration::from_secs(240),
+    );
+    assert_eq!(down.stdout.len(), data.len(), "{}", text(&down.stderr));
+    assert_eq!(sha256_hex(&down.stdout), sent, "the download changed");
+}
+
+fn ansible_available() -> bool {
+    let problem = (!Path::new("/usr/bin/ansible").exists())
+        .then(|| "Debian's ansible-core is not installed (cargo xtask setup)".to_string());
+    portcullis_e2e::prerequisites_met(problem)
+}
+
+#[test]
+fn ansible_ping_and_copy_with_controlpersist_and_pipelining() {
+    if !enabled() || !ansible_available() {
+        return;
+    }
+    let w = World::new("ssh-ansible", 231);
+    let work = w.client_dir("ansible");
+    let control = w.client_dir("ansible-cp");
+    // The inventory names the target; Ansible's ssh multiplexes its tasks over one
+    // connection (ControlMaster/ControlPersist) and feeds modules on stdin (pipelining),
+    // the case a relay that lets client data overtake the exec reply breaks.
+    std::fs::write(
+        work.join("inventory"),
+        format!(
+            "[targets]\nweb ansible_host=127.0.0.1 ansible_user={REMOTE_USER} \
+             ansible_python_interpreter=/usr/bin/python3 \
+             ansible_ssh_common_args='-F {config} -o ControlMaster=auto -o ControlPersist=60s \
+             -o ControlPath={cp}/%C'\n",
+            config = w.config(),
+            cp = control.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        work.join("ansible.cfg"),
+        "[defaults]\ninventory = inventory\nhost_key_checking = True\nretry_files_enabled = False\n\
+         [ssh_connection]\npipelining = True\n",
+    )
+    .unwrap();
+    let payload = noise_file(&work.join("payload.bin"), 2_000_000);
+    std::os::unix::fs::chown(work.join("payload.bin"), Some(w.client_uid), None).unwrap();
+    let dest = format!("/home/{REMOTE_USER}/ansible-{}.bin", w.port);
+    let _ = std::fs::remove_file(&dest);
+    let ansible = |args: &[&str]| {
+        let mut c = w.client("ansible");
+        c.env("ANSIBLE_CONFIG", work.join("ansible.cfg"))
+            .env("ANSIBLE_NOCOLOR", "1")
+            .args(args)
+            .current_dir(&work);
+        let out = output_within(&mut c, Duration::from_secs(120));
+        assert!(
+            out.status.success(),
+            "ansible {args:?}:\n{}\n{}\nagent log:\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            w.agent.log()
+        );
+        text(&out.stdout)
+    };
+    let ping = ansible(&["web", "-m", "ping"]);
+    assert!(ping.contains("\"ping\": \"pong\""), "{ping}");
+    let copy = ansible(&[
+        "web",
+        "-m",
+        "copy",
+        "-a",
+        &format!("src=payload.bin dest={dest} mode=0600"),
+    ]);
+    assert!(copy.contains("CHANGED"), "{copy}");
+    // The file on the target is the one sent, and Ansible agrees on its checksum.
+    assert_eq!(
+        sha256_hex(&std::fs::read(&dest).unwrap()),
+        sha256_hex(&payload)
+    );
+    let stat = ansible(&[
+        "web",
+        "-m",
+        "stat",
+        "-a",
+        &format!("path={dest} checksum_algorithm=sha256"),
+    ]);
+    assert!(stat.contains(&sha256_hex(&payload)), "{stat}");
+
+    // Every task rode the one multiplexed connection, and each module ran as an exec the
+    // policy decided, its code piped to python3 on stdin.
+    let opened = w.events("connection.opened");
+    assert_eq!(opened.len(), 1, "one connection for all tasks: {opened:#?}");
+    let execs = w.events("ssh.exec");
+    assert!(
+        execs.len() >= 3
+            && execs
+                .iter()
+                .all(|e| e["decision"] == "allow"
+                    && e["connection_id"] == opened[0]["connection_id"]),
+        "{execs:#?}"
+    );
+    assert!(
+        execs.iter().any(|e| e["command_line"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/usr/bin/python3 && sleep 0")),
+        "no pipelined module run: {execs:#?}"
+    );
+    let _ = w
+        .ssh(&[
+            "-o",
+            &format!("ControlPath={}/%C", control.display()),
+            "-O",
+            "exit",
+            "127.0.0.1",
+        ])
+        .output();
+    let _ = std::fs::remove_file(&dest);
+}
+
+#[test]
+fn exit_status_sent_after_the_servers_eof_reaches_a_controlmaster_client() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-late-status", 232);
+    let control = w.client_dir("late-mux").join("%C").display().to_string();
+    // The command's output ends a second before it exits: sshd sends EOF, then the status.
+    // A ControlMaster client whose input is done closes the channel at that EOF; it must
+    // still get the status, as it does direct. The first run opens the master, the second
+    // rides it.
+    for round in ["opens the master", "through the master"] {
+        let out = output_within(
+            &mut w.ssh(&[
+                "-o",
+                "ControlMaster=auto",
+                "-o",
+                &format!("ControlPath={control}"),
+                "-o",
+                "ControlPersist=30",
+                "127.0.0.1",
+                "exec >&- 2>&-; sleep 1; exit 5",
+            ]),
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.status.code(), Some(5), "{round}: {}", text(&out.stderr));
+    }
+    let _ = w
+        .ssh(&[
+            "-o",
+            &format!("ControlPath={control}"),
+            "-O",
+            "exit",
+            "127.0.0.1",
+        ])
+        .output();
+}
+
 // ---- Part R: recording, masking and guarded lines of shells and execs (slots 214–219) ----
 
 /// Card numbers masked in shells and commands (`@mask("pii")` on the permit).

@@ -32,6 +32,7 @@ const PACKAGES: &[&str] = &[
     "openssh-server", // the SSH suite's upstream: Debian's sshd with its own config per test
     "openssh-client", // ...and the unchanged clients it drives: ssh, scp, sftp, ssh-keygen
     "rsync",        // rsync -e ssh through the agent
+    "ansible-core", // Ansible ad-hoc ping and copy over SSH through the agent (ControlPersist, pipelining)
 ];
 
 /// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).

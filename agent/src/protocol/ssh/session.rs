@@ -855,6 +855,12 @@ async fn pump(
     mut tap: ChannelTap,
 ) {
     let id = to.id();
+    // The server's EOF waits for its exit status (or the close). A client whose input is
+    // done closes the channel on the EOF (OpenSSH's ControlMaster does) and russh answers a
+    // close at once, so a status sshd sends after its EOF, as it does when output ends
+    // before the process, would never reach the client; sshd direct keeps the channel
+    // for it.
+    let mut eof_held = false;
     let mut failure: Option<std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>> = None;
     loop {
         if failure.is_none() {
@@ -938,18 +944,26 @@ async fn pump(
                         Err(ended) => return end_unrecorded(&to, &ended).await,
                     }
                 }
-                to.eof().await
+                eof_held = true;
+                Ok(())
             }
-            ChannelMsg::ExitStatus { exit_status } => to.exit_status(exit_status).await,
+            ChannelMsg::ExitStatus { exit_status } => match to.exit_status(exit_status).await {
+                Ok(()) if std::mem::take(&mut eof_held) => to.eof().await,
+                r => r,
+            },
             ChannelMsg::ExitSignal {
                 signal_name,
                 core_dumped,
                 error_message,
                 lang_tag,
-            } => client
+            } => match client
                 .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
                 .await
-                .map_err(|()| russh::Error::SendError),
+            {
+                Ok(()) if std::mem::take(&mut eof_held) => to.eof().await,
+                Ok(()) => Ok(()),
+                Err(()) => Err(russh::Error::SendError),
+            },
             ChannelMsg::Success => {
                 let _ = replies.send(true).await;
                 Ok(())
@@ -968,6 +982,9 @@ async fn pump(
         }
     }
     finish_terminal(&tap, Some(&to)).await;
+    if eof_held {
+        let _ = to.eof().await;
+    }
     let _ = to.close().await;
 }
 
