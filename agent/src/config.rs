@@ -709,9 +709,11 @@ pub struct SshTargetConfig {
     /// and its DNS `host` they are the principals of the host certificate the agent presents.
     #[serde(default)]
     pub host_names: Vec<String>,
-    /// The upstream server's host keys in known_hosts format (plain lines or an
-    /// `@cert-authority` line); a key it does not list refuses the connection. An absolute
-    /// path.
+    /// The upstream server's host keys in OpenSSH's known_hosts format, read as OpenSSH
+    /// reads it (a line applies when its hosts match the target's names or addresses:
+    /// patterns, `!` negation, `[host]:port` for a port other than 22, `ssh-keygen -H` hashed
+    /// names; `@cert-authority` lines; `@revoked` keys refused whatever their hosts); a key it
+    /// does not list refuses the connection. An absolute path.
     #[schemars(with = "PathBuf")]
     pub known_hosts_file: Spanned<PathBuf>,
     /// Instead of a user certificate from the agent's SSH user CA: a root-only private key
