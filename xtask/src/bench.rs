@@ -49,7 +49,8 @@ port = 9001
 "#;
 
 /// `args`: the benchmark's name (default `all`), then its options (`postgres` takes
-/// `--quick`, `--seconds N`, `--rounds N`; `all` passes them on to it).
+/// `--quick`, `--seconds N`, `--rounds N`; `all` passes them on to it; `ssh` takes `--quick`
+/// and `--rounds N` and runs on its own: its 1 GB transfers and 200 sessions are long).
 pub fn run(args: &[String]) -> Result<()> {
     let (which, options) = match args.split_first() {
         Some((first, rest)) if !first.starts_with("--") => (first.as_str(), rest),
@@ -60,6 +61,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "policy" => policy(),
         "audit" => audit(),
         "postgres" => crate::bench_postgres::run(&crate::bench_postgres::Options::parse(options)?),
+        "ssh" => crate::bench_ssh::run(&crate::bench_ssh::Options::parse(options)?),
         "all" => {
             let postgres = crate::bench_postgres::Options::parse(options)?;
             in_bench_cgroup(&[measure])?;
@@ -67,7 +69,7 @@ pub fn run(args: &[String]) -> Result<()> {
             audit()?;
             crate::bench_postgres::run(&postgres)
         }
-        other => bail!("unknown benchmark `{other}` (redirect, policy, audit, postgres, all)"),
+        other => bail!("unknown benchmark `{other}` (redirect, policy, audit, postgres, ssh, all)"),
     }
 }
 

@@ -416,7 +416,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-fn median(samples: &[f64]) -> Option<f64> {
+pub(crate) fn median(samples: &[f64]) -> Option<f64> {
     let mut s = samples.to_vec();
     s.sort_by(f64::total_cmp);
     s.get(s.len() / 2).copied()
@@ -424,7 +424,7 @@ fn median(samples: &[f64]) -> Option<f64> {
 
 /// The agent `cargo xtask bench` just built: `PORTCULLIS_BIN`, else release/portcullis in
 /// `CARGO_TARGET_DIR` (or `target/`).
-fn agent_bin() -> PathBuf {
+pub(crate) fn agent_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("PORTCULLIS_BIN") {
         return PathBuf::from(bin);
     }
@@ -507,7 +507,7 @@ fn pgbench_run(endpoint: &Endpoint, case: &[&str], seconds: u32, scratch: &Path)
 }
 
 /// utime + stime of a process and all its threads, in clock ticks (/proc/PID/stat).
-fn process_cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn process_cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name (field 2) may hold spaces: count from after its closing parenthesis,
@@ -544,7 +544,7 @@ fn machine_busy_ticks() -> Result<u64> {
     Ok(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
 }
 
-fn clock_ticks_per_second() -> f64 {
+pub(crate) fn clock_ticks_per_second() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
         Command::new("getconf")

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_postgres;
+mod bench_ssh;
 mod demo;
 mod fuzz;
 mod package;
@@ -33,13 +34,16 @@ commands:
                built, --fast compresses faster into larger files, --debug packages the debug
                build (`test` builds --fast --debug packages: never ship those)
   demo         build everything and show the redirect, the proxy and `portcullis status`
-  bench [redirect|policy|audit|postgres|all] [--no-build] [--quick] [--seconds N] [--rounds N]
+  bench [redirect|policy|audit|postgres|ssh|all] [--no-build] [--quick] [--seconds N] [--rounds N]
         [--case TEXT] [--perf]
                measure against the direct path (and pgbouncer for postgres) and report
                ratios; --no-build measures the binaries already built; --quick, --seconds
                and --rounds set the postgres bench's pgbench -T (3 s, default 10) and rounds;
                --case runs only the postgres cases whose name contains TEXT, --perf records
-               `perf record -a -g` during each run (needs Debian's linux-perf)";
+               `perf record -a -g` during each run (needs Debian's linux-perf); `ssh` (not in
+               `all`) compares OpenSSH through the agent with direct: --quick moves 256 MiB
+               instead of 1 GiB in one round (default 3) with 20 latency samples instead of 50,
+               --perf records the agent (`perf record -g`) during its first `cat`";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
