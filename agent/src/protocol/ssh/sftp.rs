@@ -65,14 +65,51 @@ pub(super) struct FilePolicy {
 }
 
 /// A refusal: the audit decision, the policies behind it and the reason the client reads.
-struct Refused {
+pub(super) struct Refused {
     decision: Decision,
     policy_ids: Vec<String>,
     reason: String,
 }
 
-impl FilePolicy {
-    /// One decision of `action` on one path; asked fresh each time (the time of day matters).
+/// What a channel's file operations are decided by and written to: the agent's policy and
+/// audit trail ([`FilePolicy`]), or a test's policy set and list.
+pub(super) trait FileDecisions: Send + Sync {
+    /// One decision of `action` on one path.
+    fn decide(
+        &self,
+        action: Action,
+        operation: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Vec<String>, Refused>;
+
+    /// One `ssh.sftp` event.
+    fn record(
+        &self,
+        fields: SftpFields,
+        decision: Decision,
+        policy_ids: &[String],
+        reason: Option<String>,
+    );
+}
+
+/// The refusal the client reads and the trail keeps, in the words of `outcome`.
+fn refused(operation: &str, path: &str, refused: crate::policy::PolicyRefusal) -> Refused {
+    Refused {
+        reason: match refused.decision {
+            Decision::Deny => format!(
+                "{operation} of `{path}` denied by policy: {}",
+                refused.reason
+            ),
+            _ => format!("{operation} of `{path}` refused: {}", refused.reason),
+        },
+        decision: refused.decision,
+        policy_ids: refused.policy_ids,
+    }
+}
+
+impl FileDecisions for FilePolicy {
+    /// Asked fresh each time: the time of day matters.
     fn decide(
         &self,
         action: Action,
@@ -89,20 +126,9 @@ impl FilePolicy {
             path: path.to_string(),
             recursive,
         });
-        match crate::policy::outcome(self.gate.policies().decide(&request)) {
-            Ok(allowed) => Ok(allowed.policy_ids),
-            Err(refused) => Err(Refused {
-                reason: match refused.decision {
-                    Decision::Deny => format!(
-                        "{operation} of `{path}` denied by policy: {}",
-                        refused.reason
-                    ),
-                    _ => format!("{operation} of `{path}` refused: {}", refused.reason),
-                },
-                decision: refused.decision,
-                policy_ids: refused.policy_ids,
-            }),
-        }
+        crate::policy::outcome(self.gate.policies().decide(&request))
+            .map(|allowed| allowed.policy_ids)
+            .map_err(|r| refused(operation, path, r))
     }
 
     fn record(
@@ -241,7 +267,7 @@ struct State {
 
 /// One `sftp` subsystem channel, shared by its two directions.
 pub struct SftpRelay {
-    policy: FilePolicy,
+    policy: Box<dyn FileDecisions>,
     state: Mutex<State>,
 }
 
@@ -259,9 +285,9 @@ fn text(b: &[u8]) -> String {
 }
 
 impl SftpRelay {
-    pub(super) fn new(policy: FilePolicy) -> Self {
+    pub(super) fn new(policy: impl FileDecisions + 'static) -> Self {
         Self {
-            policy,
+            policy: Box::new(policy),
             state: Mutex::new(State::default()),
         }
     }
@@ -703,8 +729,258 @@ pub(super) async fn end_channel(to: &russh::ChannelWriteHalf<russh::server::Msg>
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    reason = "tests: a failure is a test failure"
+)]
 mod tests {
-    use super::normalize;
+    use super::*;
+    use portcullis_policy::{Context, PolicySet, Principal, PrincipalKind, Target};
+
+    type Events = Arc<Mutex<Vec<(SftpFields, Decision, Option<String>)>>>;
+
+    /// A policy set parsed from Cedar text decides; events go to a list.
+    struct Recorded {
+        set: PolicySet,
+        events: Events,
+    }
+
+    impl FileDecisions for Recorded {
+        fn decide(
+            &self,
+            action: Action,
+            operation: &str,
+            path: &str,
+            recursive: bool,
+        ) -> Result<Vec<String>, Refused> {
+            let request = Request {
+                principal: Principal {
+                    kind: PrincipalKind::User,
+                    id: "alice".into(),
+                    email: None,
+                    name: None,
+                    groups: Vec::new(),
+                },
+                action,
+                target: Target {
+                    name: "web".into(),
+                    protocol: "ssh".into(),
+                    labels: Default::default(),
+                },
+                context: Context {
+                    hour: 10,
+                    weekday: 3,
+                    file: Some(FileAccess {
+                        operation: operation.into(),
+                        path: path.into(),
+                        recursive,
+                    }),
+                    ..Context::default()
+                },
+            };
+            crate::policy::outcome(self.set.decide(&request))
+                .map(|a| a.policy_ids)
+                .map_err(|r| refused(operation, path, r))
+        }
+
+        fn record(&self, f: SftpFields, d: Decision, _: &[String], reason: Option<String>) {
+            self.events.lock().unwrap().push((f, d, reason));
+        }
+    }
+
+    fn relay() -> (SftpRelay, Events) {
+        let set = PolicySet::load(vec![(
+            "files.cedar".to_string(),
+            r#"@id("sftp") permit (principal, action == Portcullis::Action::"ssh_sftp", resource);
+               @id("no-secret-reads") forbid (principal, action == Portcullis::Action::"ssh_sftp", resource)
+               when { context.sftp_operation == "read" && context.path like "/etc/secret/*" };"#
+                .to_string(),
+        )])
+        .unwrap();
+        let events = Events::default();
+        let relay = SftpRelay::new(Recorded {
+            set,
+            events: Arc::clone(&events),
+        });
+        (relay, events)
+    }
+
+    fn packet(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+        let body: Vec<u8> = parts.concat();
+        let mut out = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        out.push(kind);
+        out.extend(body);
+        out
+    }
+
+    fn s(b: &[u8]) -> Vec<u8> {
+        let mut out = (b.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(b);
+        out
+    }
+
+    fn n(v: u32) -> Vec<u8> {
+        v.to_be_bytes().to_vec()
+    }
+
+    fn open(id: u32, path: &[u8], pflags: u32) -> Vec<u8> {
+        packet(3, &[&n(id), &s(path), &n(pflags), &n(0)])
+    }
+
+    fn handle(id: u32, h: &[u8]) -> Vec<u8> {
+        packet(102, &[&n(id), &s(h)])
+    }
+
+    fn ok(id: u32) -> Vec<u8> {
+        wire::status(id, FX_OK, "")
+    }
+
+    #[test]
+    fn a_refused_request_never_goes_upstream_and_its_answer_takes_its_turn() {
+        let (relay, events) = relay();
+        let init = packet(1, &[&n(3)]);
+        let secret = open(1, b"/etc//secret/./db.key", wire::FXF_READ);
+        let other = open(2, b"/tmp/y", wire::FXF_READ);
+        // Split mid-packet: nothing is forwarded until a request is whole.
+        let all = [init.clone(), secret, other.clone()].concat();
+        let (a, b) = all.split_at(init.len() + 7);
+        let mut up = relay.client_bytes(a).unwrap();
+        up.extend(relay.client_bytes(b).unwrap());
+        assert_eq!(up, [init, wire::realpath(1, b"/"), other].concat());
+
+        // The server's VERSION loses copy-data; its answer to the stand-in becomes the refusal.
+        let version = wire::version(
+            3,
+            &[(b"posix-rename@openssh.com", b"1"), (b"copy-data", b"1")],
+        );
+        let name = packet(104, &[&n(1), &n(1), &s(b"/"), &s(b"/"), &n(0)]);
+        let down = relay
+            .server_bytes(&[version, name, handle(2, b"h2")].concat())
+            .unwrap();
+        let mut framer = Framer::default();
+        framer.push(&down);
+        let mut replies = Vec::new();
+        while let Some(p) = framer.next_packet().unwrap() {
+            replies.push(p);
+        }
+        assert_eq!(
+            replies[0],
+            wire::version(3, &[(b"posix-rename@openssh.com", b"1")])
+        );
+        let ServerPacket::Status {
+            id: 1,
+            code,
+            message,
+        } = ServerPacket::decode(&replies[1]).unwrap()
+        else {
+            panic!("not a status")
+        };
+        assert_eq!(code, FX_PERMISSION_DENIED);
+        let message = String::from_utf8_lossy(message);
+        assert!(
+            message.contains("read of `/etc/secret/db.key` denied by policy"),
+            "{message}"
+        );
+        assert_eq!(replies[2], handle(2, b"h2"));
+
+        let events = events.lock().unwrap();
+        let (denied, decision, reason) = &events[0];
+        assert_eq!(*decision, Decision::Deny);
+        assert_eq!(denied.sftp_operation, "open");
+        assert!(reason.as_deref().unwrap().contains("no-secret-reads"));
+        let (opened, decision, _) = &events[1];
+        assert_eq!(*decision, Decision::Allow);
+        assert_eq!(opened.path.as_deref(), Some("/tmp/y"));
+        assert_eq!(opened.sftp_status.as_deref(), Some("ok"));
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn a_handle_closes_with_its_bytes_and_hash_or_says_why_there_is_none() {
+        let (relay, events) = relay();
+        let write = |id: u32, h: &[u8], offset: u64, data: &[u8]| {
+            packet(6, &[&n(id), &s(h), &offset.to_be_bytes(), &s(data)])
+        };
+        let read = |id: u32, h: &[u8], offset: u64| {
+            packet(5, &[&n(id), &s(h), &offset.to_be_bytes(), &n(100)])
+        };
+        let data = |id: u32, d: &[u8]| packet(103, &[&n(id), &s(d)]);
+        let close = |id: u32, h: &[u8]| packet(4, &[&n(id), &s(h)]);
+        let flags = wire::FXF_WRITE | wire::FXF_CREAT | wire::FXF_TRUNC;
+        relay.client_bytes(&open(1, b"/tmp/w", flags)).unwrap();
+        relay.server_bytes(&handle(1, b"hw")).unwrap();
+        relay
+            .client_bytes(&[write(2, b"hw", 0, b"hello "), write(3, b"hw", 6, b"world")].concat())
+            .unwrap();
+        relay.server_bytes(&[ok(2), ok(3)].concat()).unwrap();
+        relay.client_bytes(&close(4, b"hw")).unwrap();
+        relay.server_bytes(&ok(4)).unwrap();
+
+        // Reads answered out of file order: counted, not hashed.
+        relay
+            .client_bytes(&open(5, b"/tmp/r", wire::FXF_READ))
+            .unwrap();
+        relay.server_bytes(&handle(5, b"hr")).unwrap();
+        relay
+            .client_bytes(&[read(6, b"hr", 5), read(7, b"hr", 0)].concat())
+            .unwrap();
+        relay
+            .server_bytes(&[data(6, b"world"), data(7, b"hello")].concat())
+            .unwrap();
+        relay.client_bytes(&close(8, b"hr")).unwrap();
+        relay.server_bytes(&ok(8)).unwrap();
+
+        let events = events.lock().unwrap();
+        let closes: Vec<&SftpFields> = events
+            .iter()
+            .map(|(f, _, _)| f)
+            .filter(|f| f.sftp_operation == "close")
+            .collect();
+        assert_eq!(closes[0].path.as_deref(), Some("/tmp/w"));
+        assert_eq!(closes[0].bytes_written, Some(11));
+        assert_eq!(
+            closes[0].write_sha256.as_deref(),
+            Some("b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9")
+        );
+        assert_eq!(closes[0].hash_note, None);
+        assert_eq!(closes[1].bytes_read, Some(10));
+        assert_eq!(closes[1].read_sha256, None);
+        assert!(closes[1].hash_note.as_deref().unwrap().contains("offset 0"));
+    }
+
+    #[test]
+    fn unrelayed_extensions_are_refused_and_a_reused_id_breaks_the_stream() {
+        let (relay, events) = relay();
+        let copy = packet(200, &[&n(1), &s(b"copy-data"), &s(b"h"), &[0; 8], &[0; 8]]);
+        assert_eq!(relay.client_bytes(&copy).unwrap(), wire::realpath(1, b"/"));
+        let name = packet(104, &[&n(1), &n(1), &s(b"/"), &s(b"/"), &n(0)]);
+        let answer = relay.server_bytes(&name).unwrap();
+        let ServerPacket::Status { code, .. } = ServerPacket::decode(&answer).unwrap() else {
+            panic!("not a status")
+        };
+        assert_eq!(code, FX_OP_UNSUPPORTED);
+        let stat = packet(17, &[&n(2), &s(b"/tmp")]);
+        relay.client_bytes(&stat).unwrap();
+        let why = relay.client_bytes(&stat).unwrap_err();
+        assert!(why.contains("request id 2 reused"), "{why}");
+        // Broken for good, whichever side speaks next.
+        assert!(relay.server_bytes(&ok(2)).is_err());
+        let events = events.lock().unwrap();
+        assert_eq!(events[0].0.sftp_operation, "extension:copy-data");
+        assert_eq!(events.last().unwrap().0.sftp_operation, "protocol_error");
+        assert_eq!(events.last().unwrap().1, Decision::Error);
+    }
+
+    #[test]
+    fn an_oversized_reply_breaks_the_stream_without_buffering_it() {
+        let (relay, _events) = relay();
+        let mut huge = n(u32::MAX);
+        huge.push(103);
+        let why = relay.server_bytes(&huge).unwrap_err();
+        assert!(why.contains("over the limit"), "{why}");
+    }
 
     #[test]
     fn paths_are_resolved_by_name_before_policy_sees_them() {
