@@ -373,6 +373,12 @@ fn the_deb_installs_upgrades_keeping_the_edited_config_and_purges_to_nothing() {
         return;
     }
     let root = Chroot::new("deb");
+    // An operator's own line in OpenSSH's system-wide known_hosts, with no final newline:
+    // the package adds its line beside it and takes only its own out again.
+    let ssh_known_hosts = root.path("/etc/ssh/ssh_known_hosts");
+    let operator_line = "bastion.example ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorsOwnKeyLine";
+    std::fs::create_dir_all(ssh_known_hosts.parent().unwrap()).unwrap();
+    std::fs::write(&ssh_known_hosts, operator_line).unwrap();
     let pristine = root.files();
     let bundle = "/etc/ssl/certs/ca-certificates.crt";
     let pristine_bundle = std::fs::read(root.path(bundle)).unwrap();
@@ -434,6 +440,20 @@ fn the_deb_installs_upgrades_keeping_the_edited_config_and_purges_to_nothing() {
     }
     let ssh_host_ca =
         std::fs::read_to_string(root.path("/var/lib/portcullis/ssh/host_ca.pub")).unwrap();
+    // The `@cert-authority` line for the host CA is in ssh_known_hosts, once, readable by all.
+    let ca_line = root
+        .sh("portcullis ssh known-hosts --config /etc/portcullis/portcullis.toml")
+        .trim()
+        .to_string();
+    assert!(
+        ca_line.starts_with("@cert-authority * ") && ca_line.contains(ssh_host_ca.trim()),
+        "{ca_line}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&ssh_known_hosts).unwrap(),
+        format!("{operator_line}\n{ca_line}\n")
+    );
+    assert_eq!(mode_owner(&ssh_known_hosts), (0o644, 0, 0));
 
     // Every shipped file under /etc is a conffile.
     let conffiles = root.sh("dpkg-query --showformat='${Conffiles}' --show portcullis");
@@ -500,6 +520,26 @@ fn the_deb_installs_upgrades_keeping_the_edited_config_and_purges_to_nothing() {
         ssh_host_ca,
         "an upgrade keeps the SSH host CA"
     );
+    assert_eq!(
+        std::fs::read_to_string(&ssh_known_hosts).unwrap(),
+        format!("{operator_line}\n{ca_line}\n"),
+        "an upgrade leaves one line of the package"
+    );
+    // A new host CA (the old key removed, then `dpkg-reconfigure`): its line replaces the old.
+    for f in ["host_ca", "host_ca.pub"] {
+        std::fs::remove_file(root.path(&format!("/var/lib/portcullis/ssh/{f}"))).unwrap();
+    }
+    run(&mut root.cmd(&["dpkg-reconfigure", "portcullis"]));
+    let new_line = root
+        .sh("portcullis ssh known-hosts --config /etc/portcullis/portcullis.toml")
+        .trim()
+        .to_string();
+    assert_ne!(new_line, ca_line, "a new host CA");
+    assert_eq!(
+        std::fs::read_to_string(&ssh_known_hosts).unwrap(),
+        format!("{operator_line}\n{new_line}\n"),
+        "the new CA's line replaces the old one"
+    );
 
     // Remove: the program and the trust store entry go, the configuration stays.
     std::fs::create_dir_all(root.path("/var/lib/portcullis/audit")).unwrap();
@@ -517,6 +557,11 @@ fn the_deb_installs_upgrades_keeping_the_edited_config_and_purges_to_nothing() {
         .symlink_metadata()
         .is_err());
     assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+    assert_eq!(
+        std::fs::read_to_string(&ssh_known_hosts).unwrap(),
+        format!("{operator_line}\n"),
+        "remove takes the package's known_hosts line out, and only it"
+    );
 
     // Purge: everything but the audit trail, which is evidence.
     run(&mut root.cmd(&["dpkg", "--purge", "portcullis"]));
@@ -624,6 +669,16 @@ fn the_rpm_installs_the_same_files_and_its_scriptlets_run() {
     let anchor = root.path("/usr/share/pki/ca-trust-source/anchors/portcullis-local-ca.pem");
     assert_eq!(std::fs::read_to_string(&anchor).unwrap(), ca);
     assert_eq!(mode_owner(&anchor).0, 0o644);
+    // OpenSSH trusts the agent's host CA through the line %post adds.
+    let ssh_known_hosts = root.path("/etc/ssh/ssh_known_hosts");
+    let known = std::fs::read_to_string(&ssh_known_hosts).unwrap();
+    let host_ca =
+        std::fs::read_to_string(root.path("/var/lib/portcullis/ssh/host_ca.pub")).unwrap();
+    assert_eq!(known.lines().count(), 1, "{known}");
+    assert!(
+        known.starts_with("@cert-authority * ") && known.contains(host_ca.trim()),
+        "{known}"
+    );
     man_pages_and_completions_are_installed(&root, "/usr/share/zsh/site-functions");
 
     // An upgrade keeps the edited config and the CA.
@@ -655,6 +710,10 @@ fn the_rpm_installs_the_same_files_and_its_scriptlets_run() {
     run(&mut rpm_root(&["--erase", "portcullis"]));
     assert!(!root.path("/usr/bin/portcullis").exists());
     assert!(!anchor.exists());
+    assert!(
+        !ssh_known_hosts.exists(),
+        "the known_hosts line goes with the package"
+    );
     assert!(!root.path("/run/portcullis").exists());
     let left: BTreeSet<String> = root
         .files()
