@@ -626,34 +626,13 @@ fn a_statement_waits_for_approval_then_runs_and_a_denied_one_gives_42501() {
     if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
         return;
     }
-    let provider = OidcProvider::start(people());
-    let postgres = Postgres::start_with(PgOptions {
-        tls: true,
-        ..PgOptions::default()
-    });
-    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
-    postgres.create_database("app", Some("app"));
-    let files = tempfile::tempdir().unwrap();
-    let creds = files.path().join("credentials.toml");
-    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let cg = TestCgroup::new("appr-stmt");
-    let config = format!(
-        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
-         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
-        iss = provider.issuer(),
-        port = postgres.port(),
-        ca = postgres.ca_pem_path().display(),
-        creds = creds.display(),
-    );
-    let mut agent = Agent::prepare("appr-stmt", Slot::new(178), &cg, &[], Some(&config), &[]);
-    std::fs::write(
-        agent.dir.path().join("policies").join("e2e.cedar"),
-        STATEMENT_POLICIES,
-    )
-    .unwrap();
-    agent.spawn();
+    let PgWorld {
+        provider,
+        postgres,
+        cg,
+        agent,
+        _files,
+    } = pg_world("appr-stmt", 178, &[("e2e.cedar", STATEMENT_POLICIES)]);
     let (alice, bob) = (48189, 48190);
     login_to(&agent, &provider, alice, "alice");
     login_to(&agent, &provider, bob, "bob");
@@ -794,4 +773,126 @@ fn a_statement_waits_for_approval_then_runs_and_a_denied_one_gives_42501() {
             .is_some_and(|t| t.starts_with("CREATE TABLE approved_t"))),
         "{requested:?}"
     );
+}
+
+/// A PostgreSQL server with role `app` and database `app`, the provider, and an agent
+/// protecting the server as target `db` with `policies` (file name, text).
+struct PgWorld {
+    provider: OidcProvider,
+    postgres: Postgres,
+    cg: TestCgroup,
+    agent: Agent,
+    _files: tempfile::TempDir,
+}
+
+fn pg_world(name: &str, slot: u8, policies: &[(&str, &str)]) -> PgWorld {
+    let provider = OidcProvider::start(people());
+    let postgres = Postgres::start_with(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    });
+    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
+    postgres.create_database("app", Some("app"));
+    let files = tempfile::tempdir().unwrap();
+    let creds = files.path().join("credentials.toml");
+    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
+    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cg = TestCgroup::new(name);
+    let config = format!(
+        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+        iss = provider.issuer(),
+        port = postgres.port(),
+        ca = postgres.ca_pem_path().display(),
+        creds = creds.display(),
+    );
+    let mut agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&config), &[]);
+    for (file, text) in policies {
+        std::fs::write(agent.dir.path().join("policies").join(file), text).unwrap();
+    }
+    agent.spawn();
+    PgWorld {
+        provider,
+        postgres,
+        cg,
+        agent,
+        _files: files,
+    }
+}
+
+/// psql as `uid` through the redirect to the world's server, reading `script` from stdin;
+/// its output once it ends.
+fn psql_script(w: &PgWorld, uid: u32, script: &str) -> Child {
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        w.postgres.port()
+    );
+    let mut psql = client_command(
+        "psql",
+        RunAs {
+            uid: Some(uid),
+            cgroup: Some(&w.cg.path),
+        },
+    )
+    .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    psql.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    psql
+}
+
+#[test]
+fn a_statement_not_approved_in_time_gives_42501_and_the_session_goes_on() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let w = pg_world(
+        "appr-timeout",
+        179,
+        &[
+            ("e2e.cedar", STATEMENT_POLICIES),
+            ("approvals.toml", "timeout_seconds = 3\n"),
+        ],
+    );
+    let alice = 48191;
+    login_to(&w.agent, &w.provider, alice, "alice");
+    let started = Instant::now();
+    let psql = psql_script(
+        &w,
+        alice,
+        "CREATE TABLE late_t (id int);\nSELECT 'after', count(*) FROM pg_tables WHERE tablename = 'late_t';\n",
+    );
+    let out = psql.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(stderr.contains("waits at most 3 s"), "{stderr}");
+    assert!(stderr.contains("ERROR:  42501"), "{stderr}");
+    assert!(
+        stderr.contains("expired: not approved within 3 s"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("after|0"), "{stdout}\n{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    let expired = wait_event(&w.agent, "approval.expired", |_| true);
+    assert_eq!(expired["asked"], "statement", "{expired}");
+    // Noticed first by the waiting statement, recorded once (the sweep after it finds it
+    // expired already).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(w.agent.events_of("approval.expired").len(), 1);
+    assert_eq!(expired["requester"], "alice@example.test", "{expired}");
+    wait_event(&w.agent, "statement.denied", |e| {
+        e["statement"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("CREATE TABLE late_t"))
+            && e["decision"] == "approval"
+    });
 }

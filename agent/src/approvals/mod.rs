@@ -679,7 +679,7 @@ impl ApprovalStore {
     pub fn sweep(&self) {
         let now = now_ms();
         let mut book = self.lock();
-        let expired_requests = self.expire_requests(&mut book, now);
+        self.expire_requests(&mut book, now);
         let mut ended = Vec::new();
         for g in book.grants.values_mut() {
             if !g.ended && g.revoked.is_none() && now >= g.expires_ms {
@@ -690,7 +690,7 @@ impl ApprovalStore {
         let before = book.requests.len() + book.grants.len();
         prune(&mut book, now);
         let pruned = before != book.requests.len() + book.grants.len();
-        if expired_requests.is_empty() && ended.is_empty() && !pruned {
+        if ended.is_empty() && !pruned {
             return;
         }
         if let Err(e) = self.save(&book) {
@@ -703,18 +703,6 @@ impl ApprovalStore {
             .map(|g| book.requests.get(&g.request_id).cloned())
             .collect();
         drop(book);
-        for r in expired_requests {
-            let ev = self.request_event(
-                EventKind::ApprovalExpired,
-                &r,
-                &r.requester,
-                format!(
-                    "not decided within the approval timeout; approvals that counted: {}",
-                    r.counted().len()
-                ),
-            );
-            self.audit.record(ev);
-        }
         for (g, request) in ended.iter().zip(requests) {
             let closed = self
                 .grant_ends
@@ -728,19 +716,39 @@ impl ApprovalStore {
         }
     }
 
-    fn expire_requests(&self, book: &mut Book, now: u64) -> Vec<ApprovalRequest> {
-        let mut out = Vec::new();
+    /// Ends the pending requests past their timeout, wherever it is noticed first (the
+    /// sweep, a list, a waiting statement): each is written and recorded once, here.
+    fn expire_requests(&self, book: &mut Book, now: u64) -> usize {
+        let mut expired = Vec::new();
         for r in book.requests.values_mut() {
             if r.state == RequestState::Pending && now >= r.expires_ms {
                 r.state = RequestState::Expired;
                 r.decided_ms = Some(now);
-                out.push(r.clone());
+                expired.push(r.clone());
             }
         }
-        if !out.is_empty() {
+        if expired.is_empty() {
+            return 0;
+        }
+        if let Err(e) = self.save(book) {
+            // Expired in memory all the same: nothing approves it now. The next change
+            // writes it again.
+            tracing::error!(error = %e, "cannot write the approvals store");
             self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
-        out
+        for r in &expired {
+            let ev = self.request_event(
+                EventKind::ApprovalExpired,
+                r,
+                &r.requester,
+                format!(
+                    "not decided within the approval timeout; approvals that counted: {}",
+                    r.counted().len()
+                ),
+            );
+            self.audit.record(ev);
+        }
+        expired.len()
     }
 
     /// Sweeps every second until `stop`.
