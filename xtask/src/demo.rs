@@ -2,7 +2,9 @@
 //! 127.0.0.80:8080 and a PostgreSQL on a loopback port; the agent protects both, and an
 //! unchanged `curl` and `psql` run as the unprivileged user `nobody` are redirected through
 //! the proxy without knowing it: psql is never given a password, its statements are decided
-//! one by one, and card numbers are masked in its results.
+//! one by one, and card numbers are masked in its results. Then `ssh` to a local sshd: the
+//! user holds no key for it, the agent logs in with a certificate it signs, the command is
+//! decided by policy, and the shell session is recorded and replayed (`portcullis replay`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -38,6 +40,15 @@ when { resource.hasTag("environment") && resource.getTag("environment") == "demo
 @description("Nobody drops a database through the bastion")
 forbid (principal, action == Portcullis::Action::"query", resource)
 when { context.command == "DROP DATABASE" };
+
+@id("engineers-ssh-demo")
+@description("Engineers may run commands and shells on the demo host")
+permit (
+    principal in Portcullis::Group::"engineering",
+    action in [Portcullis::Action::"ssh_exec", Portcullis::Action::"ssh_shell"],
+    resource
+)
+when { resource.hasTag("environment") && resource.getTag("environment") == "demo" };
 "#;
 
 const DEMO_MASKING: &str = r#"[profiles.cards]
@@ -57,6 +68,9 @@ const DEMO_DIR: &str = "/run/portcullis-demo";
 const SOCKET: &str = "/run/portcullis-demo/control.sock";
 const SERVER: &str = "127.0.0.80:8080";
 const CGROUP: &str = "portcullis-demo";
+/// The demo's sshd (Debian's, with its own config) and the account the agent logs in as.
+const SSHD_PORT: u16 = 2291;
+const SSH_USER: &str = "pcdemo";
 
 pub fn run(bin: &Path) -> Result<()> {
     if !crate::setup::is_root() {
@@ -98,6 +112,9 @@ pub fn run(bin: &Path) -> Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )?;
 
+    let ssh_dir = PathBuf::from(DEMO_DIR).join("sshd");
+    let upstream_known_hosts = prepare_sshd(&ssh_dir)?;
+
     step("starting a local OpenID Provider (oidc-provider under Node.js; users alice and bob)");
     let provider =
         portcullis_e2e::oidc::OidcProvider::start(portcullis_e2e::oidc::OidcOptions::default());
@@ -123,12 +140,16 @@ pub fn run(bin: &Path) -> Result<()> {
         format!(
             "{demo}\n[[target]]\nname = \"demo-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {}\nlabels = {{ environment = \"demo\" }}\n\
              [target.postgres]\nca_file = \"{}\"\ncredentials_file = \"{}\"\n\
+             [[target]]\nname = \"demo-ssh\"\nprotocol = \"ssh\"\naddress = \"127.0.0.1\"\nport = {SSHD_PORT}\n\
+             labels = {{ environment = \"demo\" }}\n\
+             [target.ssh]\nhost_names = [\"demo-ssh\"]\nknown_hosts_file = \"{}\"\n\
              [identity]\nissuer = \"{}\"\n\
              # The demo's provider serves plain http on loopback.\n\
              [insecure]\nallow_plaintext_loopback = true\n",
             pg.port(),
             pg.ca_pem_path().display(),
             credentials.display(),
+            upstream_known_hosts.display(),
             provider.issuer()
         ),
     )?;
@@ -405,8 +426,242 @@ fn demo_steps(
         cgroup,
         &[&bin_str, "whoami", "--socket", SOCKET],
     ))?;
+    ssh_steps(bin, cgroup)?;
     println!("\nThe client never knew: it dialled {SERVER}, and its getpeername() still says so.");
     Ok(())
+}
+
+/// The sshd's account (password field `*`: sshd refuses a locked account even with a valid
+/// certificate), its host key, and the known_hosts file the agent checks that key against.
+fn prepare_sshd(dir: &Path) -> Result<PathBuf> {
+    if !Path::new("/usr/sbin/sshd").exists() {
+        bail!("Debian's openssh-server is missing (cargo xtask setup installs it)");
+    }
+    if !Command::new("id")
+        .args(["-u", SSH_USER])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success()
+    {
+        crate::run(Command::new("useradd").args(["-m", "-s", "/bin/bash", SSH_USER]))?;
+    }
+    crate::run(Command::new("usermod").args(["-p", "*", SSH_USER]))?;
+    std::fs::create_dir(dir)?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    crate::run(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join("host_key")),
+    )?;
+    let host_pub = std::fs::read_to_string(dir.join("host_key.pub"))?;
+    let known = dir.join("upstream_known_hosts");
+    std::fs::write(&known, format!("[127.0.0.1]:{SSHD_PORT} {host_pub}"))?;
+    Ok(known)
+}
+
+/// `ssh` as `nobody` (logged in as alice) to the demo's sshd through the agent: one command,
+/// then a short shell whose recording is replayed.
+#[allow(
+    clippy::indexing_slicing,
+    reason = "serde_json::Value indexing yields Null, it never panics"
+)]
+fn ssh_steps(bin: &Path, cgroup: &Path) -> Result<()> {
+    let dir = PathBuf::from(DEMO_DIR).join("sshd");
+    let config = format!("{DEMO_DIR}/portcullis.toml");
+    step(&format!(
+        "starting Debian's sshd on 127.0.0.1:{SSHD_PORT}: it trusts only the agent's user CA (TrustedUserCAKeys)"
+    ));
+    let sshd_config = dir.join("sshd_config");
+    std::fs::write(
+        &sshd_config,
+        format!(
+            "Port {SSHD_PORT}\nListenAddress 127.0.0.1\nHostKey {dir}/host_key\nPidFile none\n\
+             TrustedUserCAKeys {DEMO_DIR}/state/ssh/user_ca.pub\nAuthorizedKeysFile none\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             PermitRootLogin no\nAllowUsers {SSH_USER}\nLogLevel VERBOSE\n",
+            dir = dir.display()
+        ),
+    )?;
+    std::fs::create_dir_all("/run/sshd")?;
+    let log_path = dir.join("sshd.log");
+    let mut sshd = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(&sshd_config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()
+        .context("starting sshd")?;
+    let result = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", SSHD_PORT)).is_err() {
+            if sshd.try_wait()?.is_some() || Instant::now() > deadline {
+                bail!(
+                    "sshd did not listen: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The client's only trust: the line the packages put in /etc/ssh/ssh_known_hosts.
+        let line = Command::new(bin)
+            .args(["ssh", "known-hosts", "--config", &config])
+            .output()?;
+        if !line.status.success() {
+            bail!(
+                "portcullis ssh known-hosts: {}",
+                String::from_utf8_lossy(&line.stderr)
+            );
+        }
+        let line = String::from_utf8(line.stdout)?;
+        println!("portcullis ssh known-hosts:\n  {}", line.trim());
+        let known = dir.join("known_hosts");
+        std::fs::write(&known, &line)?;
+        let client_config = dir.join("ssh_config");
+        std::fs::write(
+            &client_config,
+            format!(
+                "Host *\n  Port {SSHD_PORT}\n  User {SSH_USER}\n  UserKnownHostsFile {known}\n\
+                 GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n\
+                 PubkeyAuthentication no\n  LogLevel ERROR\n",
+                known = known.display()
+            ),
+        )?;
+        for f in [&known, &client_config] {
+            std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        }
+        let ssh_config = client_config.to_string_lossy().into_owned();
+
+        step(&format!(
+            "as `nobody` (alice), no key anywhere: ssh {SSH_USER}@127.0.0.1 'hostname; id -un'"
+        ));
+        let out = as_nobody_in(
+            cgroup,
+            &["ssh", "-F", &ssh_config, "127.0.0.1", "hostname; id -un"],
+        )
+        .env("HOME", "/nonexistent")
+        .output()
+        .context("running ssh")?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            bail!(
+                "ssh failed with {}; sshd said: {}",
+                out.status,
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        let sshd_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(accepted) = sshd_log
+            .lines()
+            .find(|l| l.contains("Accepted certificate ID"))
+        {
+            println!("the target's sshd logged: {accepted}");
+        }
+
+        step("as `nobody` (alice): a short interactive shell (ssh -tt), recorded by the agent");
+        let mut shell = as_nobody_in(cgroup, &["ssh", "-tt", "-F", &ssh_config, "127.0.0.1"])
+            .env("HOME", "/nonexistent")
+            .env("TERM", "xterm")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running ssh -tt")?;
+        if let Some(mut stdin) = shell.stdin.take() {
+            stdin.write_all(b"echo a recorded shell on $(hostname); uptime\n")?;
+            std::thread::sleep(Duration::from_millis(500));
+            stdin.write_all(b"exit\n")?;
+        }
+        let out = shell.wait_with_output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            bail!(
+                "the shell failed with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+
+        step("what the agent recorded for SSH (events of the one audit schema)");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut shell_id = None;
+        let mut recorded = None;
+        while Instant::now() < deadline && recorded.is_none() {
+            let events = export_events(bin);
+            for v in events
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            {
+                let kind = v["event"].as_str().unwrap_or("");
+                if kind == "ssh.shell" {
+                    shell_id = v["connection_id"].as_u64();
+                }
+                if kind == "recording.closed" && v["connection_id"].as_u64() == shell_id {
+                    recorded = shell_id;
+                }
+            }
+            if recorded.is_none() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        for v in export_events(bin)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let kind = v["event"].as_str().unwrap_or("");
+            if kind == "recording.closed" {
+                println!(
+                    "  {:<18} session {} recorded: {} bytes in {} chunks, SHA-256 {}",
+                    kind,
+                    v["connection_id"],
+                    v["recording_bytes"],
+                    v["recording_chunk"],
+                    v["recording_sha256"].as_str().unwrap_or("?"),
+                );
+            } else if kind.starts_with("ssh.") {
+                println!(
+                    "  {:<18} {} as {} -> {} [{}] {} {}",
+                    kind,
+                    v["identity"]["email"].as_str().unwrap_or("-"),
+                    v["ssh_user"].as_str().unwrap_or("-"),
+                    v["target"].as_str().unwrap_or("?"),
+                    v["channel"].as_str().unwrap_or(""),
+                    v["command_line"].as_str().unwrap_or(""),
+                    v["policy_ids"],
+                );
+            }
+        }
+
+        // Replayed from the audit store by session id, checked against the chain's chunk
+        // hashes first; a build that records no shells says so instead of failing.
+        match recorded {
+            Some(id) => {
+                step(&format!(
+                    "portcullis replay {id} --speed 2 --idle-limit 0.5 (the recorded shell)"
+                ));
+                crate::run(Command::new(bin).args([
+                    "replay",
+                    &id.to_string(),
+                    "--config",
+                    &config,
+                    "--speed",
+                    "2",
+                    "--idle-limit",
+                    "0.5",
+                ]))?;
+                println!(
+                    "\n(`asciinema play` plays the same file, in {DEMO_DIR}/state/audit/recordings/)"
+                );
+            }
+            None => println!("no recording of the shell in the audit store: nothing to replay"),
+        }
+        Ok(())
+    })();
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    result
 }
 
 /// Empties (or creates) the demo's directory: root's own, 0711 so that `nobody` reaches the

@@ -33,7 +33,10 @@ commands:
                sets the package revision (default 1), --no-build packages the binary already
                built, --fast compresses faster into larger files, --debug packages the debug
                build (`test` builds --fast --debug packages: never ship those)
-  demo         build everything and show the redirect, the proxy and `portcullis status`
+  demo [--no-build]
+               build everything and show the redirect, the proxy, `portcullis status`, psql
+               through the agent and ssh to a local sshd with its shell replayed; --no-build
+               runs the agent already built (PORTCULLIS_BIN, else target/release/portcullis)
   bench [redirect|policy|audit|postgres|ssh|all] [--no-build] [--quick] [--seconds N] [--rounds N]
         [--case TEXT] [--perf]
                measure against the direct path (and pgbouncer for postgres) and report
@@ -67,6 +70,9 @@ fn main() -> Result<()> {
         "package" => package::run_package(&package::Options::parse(rest)?),
         "fuzz" => fuzz::run_all(fuzz::parse_seconds(rest)?, fuzz::Build::Full),
         "demo" => {
+            if rest.iter().any(|a| a == "--no-build") {
+                return demo::run(&bench_postgres::agent_bin());
+            }
             setup::all()?;
             build_ebpf()?;
             cargo(&["build", "--release", "-p", "portcullis-agent"])?;
