@@ -2290,3 +2290,79 @@ fn a_second_terminal_on_a_recorded_connection_is_refused_not_left_unrecorded() {
         ])
         .output();
 }
+
+/// What a Python SSH client (asyncssh, Debian's) reports for each command: exit status
+/// and the exit-signal's fields, which OpenSSH's `ssh` does not print.
+const EXIT_REPORT: &str = r#"
+import asyncio, json, sys
+import asyncssh
+
+async def main():
+    port, known, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    keys = [key] if key else None
+    async with asyncssh.connect("127.0.0.1", port=port, username="pcssh", known_hosts=known,
+                                client_keys=keys, agent_path=None, password=None) as conn:
+        for cmd in ["kill -9 $$", "kill -SEGV $$", "exit 3"]:
+            r = await conn.run(cmd)
+            print(json.dumps([cmd, r.exit_status, r.exit_signal]))
+
+asyncio.run(main())
+"#;
+
+#[test]
+fn exit_signal_reaches_the_client_exactly_as_direct() {
+    if !enabled() {
+        return;
+    }
+    let problem = (!Path::new("/usr/lib/python3/dist-packages/asyncssh").exists())
+        .then(|| "Debian's python3-asyncssh is not installed (cargo xtask setup)".to_string());
+    if !portcullis_e2e::prerequisites_met(problem) {
+        return;
+    }
+    let w = World::new("ssh-exit-signal", 233);
+    let script = w.files.path().join("exit_report.py");
+    std::fs::write(&script, EXIT_REPORT).unwrap();
+    let known = w.files.path().join("known_hosts").display().to_string();
+    let through = output_within(
+        w.client("/usr/bin/python3")
+            .arg(&script)
+            .args([&w.port.to_string(), &known, ""]),
+        Duration::from_secs(60),
+    );
+    assert!(through.status.success(), "{}", text(&through.stderr));
+    // Direct to the same sshd, outside the cgroup, with a certificate from the same user CA.
+    let dir = w.client_dir("direct-key");
+    let key = dir.join("id");
+    keygen(&key);
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(w.agent.dir.path().join("state/ssh/user_ca"))
+        .args(["-I", "direct", "-n", REMOTE_USER])
+        .arg(key.with_extension("pub")));
+    let direct_known = dir.join("known");
+    let host_pub = std::fs::read_to_string(w.files.path().join("sshd/host_key.pub")).unwrap();
+    std::fs::write(&direct_known, format!("[127.0.0.1]:{} {host_pub}", w.port)).unwrap();
+    run(Command::new("chown")
+        .args(["-R", &format!("{}:{}", w.client_uid, w.client_uid)])
+        .arg(&dir));
+    let mut direct_cmd = Command::new("/usr/bin/python3");
+    exec_in_cgroup_as(&mut direct_cmd, None, Some(w.client_uid));
+    direct_cmd
+        .env("HOME", format!("/home/{LOCAL_USER}"))
+        .stdin(Stdio::null())
+        .arg(&script)
+        .args([
+            &w.port.to_string(),
+            &direct_known.display().to_string(),
+            &key.display().to_string(),
+        ]);
+    let direct = output_within(&mut direct_cmd, Duration::from_secs(60));
+    assert!(direct.status.success(), "{}", text(&direct.stderr));
+    let through = text(&through.stdout);
+    eprintln!("through the agent:\n{through}");
+    assert_eq!(through, text(&direct.stdout));
+    assert!(
+        through.starts_with("[\"kill -9 $$\", -1, [\"KILL\", false, \"\", \"\"]]\n"),
+        "{through}"
+    );
+}

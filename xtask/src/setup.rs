@@ -33,6 +33,7 @@ const PACKAGES: &[&str] = &[
     "openssh-client", // ...and the unchanged clients it drives: ssh, scp, sftp, ssh-keygen
     "rsync",        // rsync -e ssh through the agent
     "ansible-core", // Ansible ad-hoc ping and copy over SSH through the agent (ControlPersist, pipelining)
+    "python3-asyncssh", // an SSH client that reports exit-signal's fields (the SSH suite)
 ];
 
 /// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).
