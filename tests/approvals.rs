@@ -190,8 +190,8 @@ fn request(w: &World, uid: u32, duration: &str) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-fn show(w: &World, uid: u32, id: &str) -> Value {
-    let o = run(&w.agent, uid, &["approvals", "show", id, "--json"]);
+fn show(agent: &Agent, uid: u32, id: &str) -> Value {
+    let o = run(agent, uid, &["approvals", "show", id, "--json"]);
     assert!(o.status.success(), "show {id}: {}", text(&o));
     serde_json::from_slice(&o.stdout).unwrap()
 }
@@ -298,7 +298,7 @@ fn a_grant_lets_connections_through_and_revocation_ends_an_open_session() {
     // A retry waits on the same request rather than making another.
     let again = w.agent.expect_refusal(&probe(&w, alice), w.slot.v4(1), &id);
     assert_eq!(request_id_in(again["reason"].as_str().unwrap()), id);
-    let r = show(&w, alice, &id);
+    let r = show(&w.agent, alice, &id);
     assert_eq!(r["state"], "pending", "{r}");
     assert_eq!(r["requester"]["subject"], "alice", "{r}");
     assert_eq!(r["asked"]["actions"], json!(["connect"]), "{r}");
@@ -310,7 +310,10 @@ fn a_grant_lets_connections_through_and_revocation_ends_an_open_session() {
     let o = approve(&w.agent, bob, &id);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("approved: grant g-"), "{}", text(&o));
-    let grant = show(&w, bob, &id)["grant_id"].as_str().unwrap().to_string();
+    let grant = show(&w.agent, bob, &id)["grant_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // The grant lets alice through, and only alice.
     let mut held = Held::open(&probe(&w, alice), w.slot.v4(1));
@@ -459,7 +462,7 @@ fn self_approval_the_same_person_twice_and_a_ci_identity_do_not_count() {
     let o = approve(&w.agent, bob_again, id);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("each person counts once"), "{}", text(&o));
-    let r = show(&w, alice, id);
+    let r = show(&w.agent, alice, id);
     assert_eq!(r["state"], "pending", "{r}");
     w.agent
         .expect_refusal(&probe(&w, alice), w.slot.v4(1), "approval required");
@@ -469,11 +472,11 @@ fn self_approval_the_same_person_twice_and_a_ci_identity_do_not_count() {
     agent.kill9();
     agent.spawn();
     let w = World { agent, ..w };
-    assert_eq!(show(&w, alice, id)["state"], "pending");
+    assert_eq!(show(&w.agent, alice, id)["state"], "pending");
     let o = approve(&w.agent, dave, id);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("approved: grant"), "{}", text(&o));
-    let r = show(&w, alice, id);
+    let r = show(&w.agent, alice, id);
     assert_eq!(r["state"], "approved", "{r}");
     assert!(via_proxy(&probe(&w, alice).connect(w.slot.v4(1), &[])));
     // The refused attempts left no trace as approvals.
@@ -558,7 +561,7 @@ fn a_denied_request_gives_no_grant_and_says_why() {
         &["approvals", "deny", id, "--reason", "not during the freeze"],
     );
     assert!(o.status.success(), "{}", text(&o));
-    let r = show(&w, alice, id);
+    let r = show(&w.agent, alice, id);
     assert_eq!(r["state"], "denied", "{r}");
     assert_eq!(r["verdicts"][0]["reason"], "not during the freeze", "{r}");
     let o = approve(&w.agent, bob, id);
@@ -895,4 +898,44 @@ fn a_statement_not_approved_in_time_gives_42501_and_the_session_goes_on() {
             .is_some_and(|t| t.starts_with("CREATE TABLE late_t"))
             && e["decision"] == "approval"
     });
+}
+
+#[test]
+fn ctrl_c_ends_the_wait_and_withdraws_the_request() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let w = pg_world("appr-cancel", 180, &[("e2e.cedar", STATEMENT_POLICIES)]);
+    let alice = 48192;
+    login_to(&w.agent, &w.provider, alice, "alice");
+    let psql = psql_script(&w, alice, "CREATE TABLE canceled_t (id int);\n");
+    let waiting = next_pending(&w.agent, alice, &[]);
+    let id = waiting["id"].as_str().unwrap().to_string();
+    // What Ctrl-C does: psql sends a CancelRequest on a new connection.
+    let sent = Command::new("kill")
+        .args(["-INT", &psql.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = psql.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(stderr.contains("ERROR:  42501"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "canceled by the client while waiting for approval request {id}"
+        )),
+        "{stderr}"
+    );
+    let r = show(&w.agent, alice, &id);
+    assert_eq!(r["state"], "withdrawn", "{r}");
+    let expired = wait_event(&w.agent, "approval.expired", |e| {
+        e["request_id"] == id.as_str()
+    });
+    assert_eq!(expired["approval_state"], "withdrawn", "{expired}");
+    assert!(
+        !w.postgres
+            .psql("app", "SELECT tablename FROM pg_tables")
+            .contains("canceled_t"),
+        "the canceled statement ran"
+    );
 }

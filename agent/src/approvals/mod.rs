@@ -142,6 +142,8 @@ pub enum RequestState {
     Approved,
     Denied,
     Expired,
+    /// The waiting client canceled its statement or went away.
+    Withdrawn,
 }
 
 impl RequestState {
@@ -151,6 +153,7 @@ impl RequestState {
             RequestState::Approved => "approved",
             RequestState::Denied => "denied",
             RequestState::Expired => "expired",
+            RequestState::Withdrawn => "withdrawn",
         }
     }
 }
@@ -749,6 +752,36 @@ impl ApprovalStore {
             self.audit.record(ev);
         }
         expired.len()
+    }
+
+    /// Ends a pending request nobody waits for any more (its statement was canceled, its
+    /// client went away): approving it later would approve nothing. Recorded as
+    /// `approval.expired` with `approval_state: withdrawn`.
+    pub fn withdraw(&self, id: &str, why: &str) {
+        let now = now_ms();
+        let mut book = self.lock();
+        let Some(r) = book
+            .requests
+            .get_mut(id)
+            .filter(|r| r.state == RequestState::Pending)
+        else {
+            return;
+        };
+        r.state = RequestState::Withdrawn;
+        r.decided_ms = Some(now);
+        let r = r.clone();
+        if let Err(e) = self.save(&book) {
+            tracing::error!(error = %e, "cannot write the approvals store");
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        drop(book);
+        let ev = self.request_event(
+            EventKind::ApprovalExpired,
+            &r,
+            &r.requester,
+            format!("withdrawn: {why}"),
+        );
+        self.audit.record(ev);
     }
 
     /// Sweeps every second until `stop`.

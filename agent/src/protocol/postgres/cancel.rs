@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -26,6 +26,9 @@ pub struct CancelTarget {
     pub upstream: SocketAddr,
     pub process_id: u32,
     pub secret_key: Bytes,
+    /// Woken by a cancel of this session: a statement waiting for approval (not yet sent,
+    /// so the server has nothing to cancel) stops waiting.
+    pub interrupt: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -108,6 +111,7 @@ mod tests {
             upstream: "127.0.0.1:5432".parse().unwrap(),
             process_id: 42,
             secret_key: Bytes::from_static(&[1, 2, 3, 4]),
+            interrupt: Arc::default(),
         }
     }
 

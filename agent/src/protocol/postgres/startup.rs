@@ -112,6 +112,7 @@ pub async fn run(
         db_name: &db_name,
         max_len: pg.max_message_bytes,
         replication: startup.is_replication(),
+        interrupt: &admitted.interrupt,
     };
     let end = session::run(established, client, buf, admitted.upstream).await;
     admitted.open.set_end(end);
@@ -124,6 +125,8 @@ struct Admitted<'s> {
     open: crate::admission::OpenSession,
     upstream: super::upstream::Upstream,
     cancel_key: super::cancel::CancelKey<'s>,
+    /// What a cancel of this session wakes (a statement waiting for approval).
+    interrupt: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// The error, the identity, the decision for the refusal event and the deciding policies.
@@ -248,12 +251,14 @@ async fn admit<'s>(
             return Err((e, Some(identity.clone()), None, Vec::new()));
         }
     };
+    let interrupt = std::sync::Arc::new(tokio::sync::Notify::new());
     let cancel_key = match shared.cancels.register(CancelTarget {
         uid: incoming.origin.uid,
         target_id: target.id,
         upstream: upstream_addr,
         process_id: upstream.process_id,
         secret_key: upstream.secret_key.clone(),
+        interrupt: std::sync::Arc::clone(&interrupt),
     }) {
         Ok(k) => k,
         Err(_) => {
@@ -304,6 +309,7 @@ async fn admit<'s>(
         open,
         upstream,
         cancel_key,
+        interrupt,
     })
 }
 
@@ -418,6 +424,9 @@ async fn forward_cancel(
         tracing::info!("dropped a cancel request aimed at another target");
         return;
     }
+    // Only a wait in progress is woken (no permit is kept for a later one); the server gets
+    // the cancel as well, for whatever it runs.
+    t.interrupt.notify_waiters();
     match gate.connect_upstream(t.upstream).await {
         Ok(mut tcp) => {
             let mut out = BytesMut::new();

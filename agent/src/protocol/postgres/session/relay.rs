@@ -75,6 +75,8 @@ pub struct Established<'a> {
     pub db_name: &'a str,
     pub max_len: usize,
     pub replication: bool,
+    /// Woken by the client's CancelRequest: a statement waiting for approval stops waiting.
+    pub interrupt: &'a tokio::sync::Notify,
 }
 
 /// Relays until either side ends; returns why, for `connection.closed`.
@@ -385,6 +387,9 @@ async fn wait_for_approval(
                     timeout.as_secs()
                 )))
             }
+            RequestState::Withdrawn => {
+                return Ok(Err(format!("approval request {id} was withdrawn")))
+            }
             RequestState::Pending => {}
         }
         let left = r.expires_ms.saturating_sub(crate::audit::now_ms());
@@ -397,10 +402,22 @@ async fn wait_for_approval(
             }
             () = tokio::time::sleep(Duration::from_millis(left.saturating_add(50))) => {}
             read = fill(client, cbuf), if room => match read {
-                Ok(0) => return Err("client closed the connection while a statement waited for approval".into()),
-                Err(e) => return Err(format!("client read failed: {e}")),
+                Ok(0) => {
+                    store.withdraw(&id, "the client closed the connection while the statement waited");
+                    return Err("client closed the connection while a statement waited for approval".into());
+                }
+                Err(e) => {
+                    store.withdraw(&id, "the client's connection failed while the statement waited");
+                    return Err(format!("client read failed: {e}"));
+                }
                 Ok(_) => {}
             },
+            () = est.interrupt.notified() => {
+                store.withdraw(&id, "the client canceled the statement while it waited");
+                return Ok(Err(format!(
+                    "canceled by the client while waiting for approval request {id}; the request is withdrawn"
+                )));
+            }
         }
     }
 }
