@@ -303,6 +303,12 @@ fn a_grant_lets_connections_through_and_revocation_ends_an_open_session() {
     assert_eq!(r["requester"]["subject"], "alice", "{r}");
     assert_eq!(r["asked"]["actions"], json!(["connect"]), "{r}");
 
+    // Root sees every request but has no bypass: without a login of its own in the group,
+    // its approval is refused.
+    assert_eq!(show(&w.agent, 0, &id)["state"], "pending");
+    let o = approve(&w.agent, 0, &id);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("portcullis login"), "{}", text(&o));
     // Someone outside the group is told so and counts for nothing.
     let o = approve(&w.agent, carol, &id);
     assert!(!o.status.success(), "{}", text(&o));

@@ -1173,4 +1173,37 @@ mod tests {
             .active_grant("alice", "billing-db", "connect")
             .is_none());
     }
+
+    #[tokio::test]
+    async fn a_withdrawn_request_cannot_be_approved_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = Arc::new(Closed(Mutex::new(Vec::new())));
+        let store =
+            ApprovalStore::open(&dir.path().join("approvals"), audit(dir.path()), closed).unwrap();
+        let r = store
+            .ask(ask(user(1001, "alice", &[]), &[("dba-leads", 1)]))
+            .unwrap();
+        store.withdraw(&r.id, "the client canceled the statement while it waited");
+        let err = store
+            .decide(
+                &r.id,
+                &user(1002, "bob", &["dba-leads"]),
+                true,
+                String::new(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApprovalError::AlreadyDecided {
+                    state: "withdrawn",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(store
+            .active_grant("alice", "billing-db", "connect")
+            .is_none());
+    }
 }
