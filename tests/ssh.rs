@@ -1944,10 +1944,17 @@ fn replayed(w: &World, id: u64) -> String {
 }
 
 fn recording_file(w: &World, id: u64) -> PathBuf {
-    w.agent
-        .dir
-        .path()
-        .join(format!("state/audit/recordings/{id:020}.cast"))
+    recording_file_n(w, id, 0)
+}
+
+/// Recording `n` of connection `id` (one per terminal; 0 keeps the name of before they were
+/// numbered).
+fn recording_file_n(w: &World, id: u64, n: u64) -> PathBuf {
+    let name = match n {
+        0 => format!("{id:020}.cast"),
+        n => format!("{id:020}.{n}.cast"),
+    };
+    w.agent.dir.path().join("state/audit/recordings").join(name)
 }
 
 #[test]
@@ -2237,8 +2244,11 @@ fn a_tmux_shell_with_a_resize_is_recorded_and_plays_in_asciinema() {
     );
 }
 
+/// ControlMaster multiplexes terminals on one connection: each one gets its own recording
+/// (`<id>.0`, `<id>.1` in the order they started), each replayable, each checked by
+/// `audit verify` against its own chunk events.
 #[test]
-fn a_second_terminal_on_a_recorded_connection_is_refused_not_left_unrecorded() {
+fn two_terminals_on_one_controlmaster_connection_are_each_recorded() {
     if !enabled() {
         return;
     }
@@ -2251,35 +2261,97 @@ fn a_second_terminal_on_a_recorded_connection_is_refused_not_left_unrecorded() {
         all.extend_from_slice(args);
         output_within(&mut w.ssh(&all), Duration::from_secs(30))
     };
-    let first = mux(&["-tt", "127.0.0.1", "echo first"]);
+    let first = mux(&["-tt", "127.0.0.1", "echo first-terminal"]);
     assert!(
-        text(&first.stdout).contains("first"),
+        text(&first.stdout).contains("first-terminal"),
         "{}",
         text(&first.stderr)
     );
-    // The connection's recording is taken: a second terminal on it would go unrecorded.
-    let second = mux(&["-tt", "127.0.0.1", "echo second"]);
-    assert_eq!(second.status.code(), Some(1), "{}", text(&second.stdout));
-    assert!(!text(&second.stdout).contains("second"));
-    assert!(
-        text(&second.stderr).contains("already recorded a terminal session"),
-        "{}",
-        text(&second.stderr)
-    );
-    // Commands without a terminal are not recorded, so they still run on it.
+    let second = mux(&["-tt", "127.0.0.1", "echo second-terminal"]);
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    assert!(text(&second.stdout).contains("second-terminal"));
+    // Commands without a terminal are not recorded.
     let plain = mux(&["127.0.0.1", "echo plain"]);
     assert_eq!(text(&plain.stdout), "plain\n");
     let opened = w.events("connection.opened");
-    assert_eq!(opened.len(), 1, "{opened:#?}");
+    assert_eq!(opened.len(), 1, "one connection: {opened:#?}");
     let id = opened[0]["connection_id"].as_u64().unwrap();
-    let cast = std::fs::read_to_string(recording_file(&w, id)).unwrap();
-    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
-    assert_eq!(header["command"], "echo first");
-    w.wait_event("ssh.channel_denied", |e| {
-        e["reason"]
+    for n in [0, 1] {
+        w.wait_event("recording.closed", |e| {
+            e["connection_id"] == id && e["recording"] == n
+        });
+    }
+    assert!(w
+        .events("recording.chunk")
+        .iter()
+        .all(|e| e["recording"] == 0 || e["recording"] == 1));
+    assert!(w.events("ssh.channel_denied").is_empty());
+    let cli = |args: &[&str]| {
+        run(Command::new(portcullis_e2e::agent_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&w.agent.config))
+    };
+    // Each file holds its own terminal.
+    for (n, command) in [(0, "echo first-terminal"), (1, "echo second-terminal")] {
+        let cast = std::fs::read_to_string(recording_file_n(&w, id, n)).unwrap();
+        let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+        assert_eq!(header["command"], command);
+        let name = format!("{id}.{n}");
+        let played = text(&cli(&["replay", &name, "--speed", "1000"]).stdout);
+        let word = command.trim_start_matches("echo ");
+        assert!(played.contains(word), "{name}: {played}");
+    }
+    // A bare session id plays the first and lists both.
+    let out = cli(&["replay", &id.to_string(), "--speed", "1000"]);
+    assert!(text(&out.stdout).contains("first-terminal"));
+    assert!(!text(&out.stdout).contains("second-terminal"));
+    let listed = text(&out.stderr);
+    assert!(
+        listed.contains("recorded 2 terminals")
+            && listed.contains(&format!("{id}.0: "))
+            && listed.contains(&format!("{id}.1: ")),
+        "{listed}"
+    );
+    let show = text(&cli(&["sessions", "show", &id.to_string()]).stdout);
+    for n in [0, 1] {
+        assert!(
+            show.contains(&format!("recording {id}.{n}: "))
+                && show.contains(&format!("{}", recording_file_n(&w, id, n).display())),
+            "{show}"
+        );
+    }
+    assert_eq!(show.matches("matches the audit trail").count(), 2, "{show}");
+    // Both are checked against their own chunk events, and damage to the second is named.
+    let verify = cli(&["audit", "verify", "--json"]);
+    let report: Value = serde_json::from_str(text(&verify.stdout).trim()).unwrap();
+    assert_eq!(report["recordings"]["checked"], 2, "{report}");
+    assert_eq!(report["recordings"]["ok"], true, "{report}");
+    let path = recording_file_n(&w, id, 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let verify = Command::new(portcullis_e2e::agent_bin())
+        .args(["audit", "verify", "--json", "--config"])
+        .arg(&w.agent.config)
+        .output()
+        .unwrap();
+    assert!(!verify.status.success(), "{}", text(&verify.stdout));
+    let report: Value = serde_json::from_str(text(&verify.stdout).trim()).unwrap();
+    let breaks = report["recordings"]["breaks"].as_array().unwrap();
+    assert_eq!(breaks.len(), 1, "{report}");
+    assert!(
+        breaks[0]
             .as_str()
-            .is_some_and(|r| r.contains("already recorded"))
-    });
+            .unwrap()
+            .starts_with(&format!("recording {id}.1 ")),
+        "{report}"
+    );
+    assert!(
+        text(&cli(&["replay", &format!("{id}.0"), "--speed", "1000"]).stdout)
+            .contains("first-terminal")
+    );
     let _ = w
         .ssh(&[
             "-o",

@@ -102,7 +102,9 @@ enum Command {
     /// (read back from the audit store, root, only as its chunk hashes in the chain vouch
     /// for it) or a recording file. Space pauses and resumes, q stops.
     Replay {
-        /// A session (connection) id, or the path of a recording file.
+        /// A session (connection) id: its first terminal's recording (the others are listed);
+        /// `<session id>.<n>`: its recording n (0, 1, 2 … in the order its terminals started,
+        /// as `sessions show` lists them); or the path of a recording file.
         recording: String,
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
@@ -864,20 +866,63 @@ fn for_each_event(dir: &Path, mut f: impl FnMut(&serde_json::Value, &str)) -> an
 /// them is refused, never played).
 fn recording_text(name: &str, config: &Path, dir: Option<PathBuf>) -> anyhow::Result<String> {
     let path = Path::new(name);
-    match name.parse::<u64>() {
-        Ok(id) if !path.exists() => {
+    match parse_recording_name(name) {
+        Some((connection, number)) if !path.exists() => {
             let dir = audit_dir(config, dir)?;
-            let session = crate::audit::recording::read_back(&dir, id)?;
+            let session = match number {
+                Some(number) => crate::audit::recording::read_back(
+                    &dir,
+                    portcullis_audit_store::recording::RecordingId::new(connection, number),
+                )?,
+                None => first_recording(&dir, connection)?,
+            };
+            let id = session.id;
             if !session.closed {
                 eprintln!(
-                    "portcullis: session {id} is still running (or the agent stopped before it ended): playing what was recorded so far"
+                    "portcullis: recording {id} is still running (or the agent stopped before it ended): playing what was recorded so far"
                 );
             }
-            String::from_utf8(session.bytes)
-                .with_context(|| format!("the recording of session {id} is not UTF-8"))
+            String::from_utf8(session.bytes).with_context(|| format!("recording {id} is not UTF-8"))
         }
         _ => std::fs::read_to_string(path)
             .with_context(|| format!("reading the recording {}", path.display())),
+    }
+}
+
+/// `42` (a session: `None`) or `42.1` (its recording 1), as `replay` takes them.
+fn parse_recording_name(name: &str) -> Option<(u64, Option<u64>)> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match name.split_once('.') {
+        None if digits(name) => Some((name.parse().ok()?, None)),
+        Some((connection, number)) if digits(connection) && digits(number) => {
+            Some((connection.parse().ok()?, Some(number.parse().ok()?)))
+        }
+        _ => None,
+    }
+}
+
+/// `replay <session id>`: the session's first recording, once every one of them was listed
+/// (on stderr, before the playback) when it has several, with how to play the others.
+fn first_recording(
+    dir: &Path,
+    connection: u64,
+) -> anyhow::Result<crate::audit::recording::RecordedSession> {
+    use crate::audit::recording::ReadBackError;
+    use portcullis_audit_store::recording::RecordingId;
+    let all = crate::audit::recording::read_back_session(dir, connection)?;
+    if all.len() > 1 {
+        eprintln!(
+            "portcullis: session {connection} recorded {} terminals; playing {connection}.0 (play another with `portcullis replay {connection}.<n>`):",
+            all.len()
+        );
+        for (id, read) in &all {
+            eprintln!("  {}", recording_summary(*id, read));
+        }
+    }
+    match all.into_iter().next() {
+        Some((_, Ok(session))) => Ok(session),
+        Some((_, Err(broken))) => Err(ReadBackError::Broken(broken).into()),
+        None => Err(ReadBackError::NoRecording(RecordingId::from(connection)).into()),
     }
 }
 
@@ -1097,7 +1142,9 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                         println!("  {line}");
                     }
                 }
-                println!("{}", recording_line(&dir, id));
+                for line in recording_lines(&dir, id) {
+                    println!("{line}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -1131,19 +1178,39 @@ fn ssh_command(event: &serde_json::Value) -> Option<String> {
     Some(format!("{time}  {what:<4} {decision:<6} {line}"))
 }
 
-/// What `sessions show` says of a session's recording: where it is and whether the trail
-/// vouches for it (`portcullis replay` plays only what it does).
-fn recording_line(dir: &Path, id: u64) -> String {
-    use crate::audit::recording::{read_back, ReadBackError};
-    match read_back(dir, id) {
+/// What `sessions show` says of a session's recordings (one per terminal, in the order they
+/// started): each one's id for `portcullis replay`, where it is and whether the trail vouches
+/// for it (`replay` plays only what it does).
+fn recording_lines(dir: &Path, connection: u64) -> Vec<String> {
+    match crate::audit::recording::read_back_session(dir, connection) {
+        Ok(all) if all.is_empty() => vec!["recording: none".to_string()],
+        Ok(all) => all
+            .iter()
+            .map(|(id, read)| format!("recording {}", recording_summary(*id, read)))
+            .collect(),
+        Err(e) => vec![format!("recording: UNUSABLE: {e}")],
+    }
+}
+
+/// `<id>: <file> (<bytes>, matches the audit trail)`, or why it is unusable.
+fn recording_summary(
+    id: portcullis_audit_store::recording::RecordingId,
+    read: &Result<
+        crate::audit::recording::RecordedSession,
+        portcullis_audit_store::recording::RecordingBreak,
+    >,
+) -> String {
+    match read {
         Ok(r) => format!(
-            "recording: {} ({} bytes{}, matches the audit trail)",
+            "{id}: {} ({} bytes{}, matches the audit trail)",
             r.path.display(),
             r.bytes.len(),
             if r.closed { "" } else { ", not closed" }
         ),
-        Err(ReadBackError::NoRecording(_)) => "recording: none".to_string(),
-        Err(e) => format!("recording: UNUSABLE: {e}"),
+        Err(e) => format!(
+            "{id}: UNUSABLE: {}",
+            crate::audit::recording::ReadBackError::Broken(e.clone())
+        ),
     }
 }
 
@@ -1582,7 +1649,11 @@ mod tests {
             .unwrap()
         };
         assert_eq!(verify(), ExitCode::SUCCESS);
-        assert!(recording_line(&dir, 11).contains("matches the audit trail"));
+        let lines = recording_lines(&dir, 11).join("\n");
+        assert!(
+            lines.starts_with("recording 11.0: ") && lines.ends_with("matches the audit trail)"),
+            "{lines}"
+        );
         let path = portcullis_audit_store::recording::recording_path(&dir, 11);
         let mut bytes = std::fs::read(&path).unwrap();
         let at = bytes.len() - 4;
@@ -1593,7 +1664,7 @@ mod tests {
             "the chain itself is intact"
         );
         assert_eq!(verify(), ExitCode::FAILURE);
-        let line = recording_line(&dir, 11);
+        let line = recording_lines(&dir, 11).join("\n");
         assert!(
             line.contains("UNUSABLE") && line.contains("ChunkAltered"),
             "{line}"

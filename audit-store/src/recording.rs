@@ -1,5 +1,6 @@
-//! The recording area: one file per recorded session (an asciicast v2 file for SSH), under
-//! `<audit dir>/recordings/`, written in chunks whose SHA-256 the caller puts into the hash
+//! The recording area: one file per recorded terminal (an asciicast v2 file for SSH), under
+//! `<audit dir>/recordings/`, named by its [`RecordingId`] (the connection and the terminal's
+//! number within it), written in chunks whose SHA-256 the caller puts into the hash
 //! chain as events. The chain then vouches for the file: [`verify_recordings`] re-reads every
 //! chunk and names a recording that is missing, truncated, altered or extended.
 //!
@@ -26,30 +27,81 @@ const CLOSED_SUFFIX: &str = ".closed";
 /// Twenty digits hold any u64, so names sort by connection id.
 const ID_DIGITS: usize = 20;
 
+/// One recording: the connection (session) it belongs to and its number within it, 0, 1,
+/// 2 … in the order the connection's terminals started (several on one ControlMaster
+/// connection). A bare connection id is its recording 0, which is also every recording
+/// written before recordings were numbered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordingId {
+    pub connection: u64,
+    pub number: u64,
+}
+
+impl RecordingId {
+    pub fn new(connection: u64, number: u64) -> Self {
+        Self { connection, number }
+    }
+}
+
+impl From<u64> for RecordingId {
+    fn from(connection: u64) -> Self {
+        Self::new(connection, 0)
+    }
+}
+
+/// `<connection>.<number>`, what `portcullis replay` takes.
+impl fmt::Display for RecordingId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.connection, self.number)
+    }
+}
+
+/// A file's name without its suffix: recording 0 keeps the name recordings had before they
+/// were numbered (`<connection, 20 digits>`), a later one adds `.<number>`.
+fn stem(id: RecordingId) -> String {
+    match id.number {
+        0 => format!("{:0ID_DIGITS$}", id.connection),
+        n => format!("{:0ID_DIGITS$}.{n}", id.connection),
+    }
+}
+
 pub fn recordings_dir(audit_dir: &Path) -> PathBuf {
     audit_dir.join(RECORDINGS_DIR)
 }
 
-/// Where the recording of connection `id` is kept.
-pub fn recording_path(audit_dir: &Path, id: u64) -> PathBuf {
-    recordings_dir(audit_dir).join(format!("{id:0ID_DIGITS$}{RECORDING_SUFFIX}"))
+/// Where recording `id` is kept (a bare connection id: its recording 0).
+pub fn recording_path(audit_dir: &Path, id: impl Into<RecordingId>) -> PathBuf {
+    recordings_dir(audit_dir).join(format!("{}{RECORDING_SUFFIX}", stem(id.into())))
 }
 
-fn closed_marker_path(audit_dir: &Path, id: u64) -> PathBuf {
-    recordings_dir(audit_dir).join(format!("{id:0ID_DIGITS$}{CLOSED_SUFFIX}"))
+fn closed_marker_path(audit_dir: &Path, id: RecordingId) -> PathBuf {
+    recordings_dir(audit_dir).join(format!("{}{CLOSED_SUFFIX}", stem(id)))
 }
 
-/// The connection id a file name of the recording area declares, if it is a recording.
-pub fn parse_recording_file_name(name: &str) -> Option<u64> {
+/// The recording a file name of the recording area declares, if it is a recording.
+pub fn parse_recording_file_name(name: &str) -> Option<RecordingId> {
     parse_id(name, RECORDING_SUFFIX)
 }
 
-fn parse_id(name: &str, suffix: &str) -> Option<u64> {
-    let digits = name.strip_suffix(suffix)?;
+fn parse_id(name: &str, suffix: &str) -> Option<RecordingId> {
+    let stem = name.strip_suffix(suffix)?;
+    let (digits, number) = match stem.split_once('.') {
+        None => (stem, 0),
+        Some((digits, number)) => {
+            // One spelling per recording: no `.0`, no leading zeros, digits only.
+            if number.is_empty()
+                || number.starts_with('0')
+                || !number.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            (digits, number.parse().ok()?)
+        }
+    };
     if digits.len() != ID_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    Some(RecordingId::new(digits.parse().ok()?, number))
 }
 
 /// One chunk as its event records it: bytes `offset..offset + length` of the file.
@@ -93,9 +145,12 @@ impl fmt::Debug for RecordingFile {
 }
 
 impl RecordingFile {
-    /// Creates the recording of connection `id` (and the area, 0700, whatever the umask).
-    /// An existing file is never reused or overwritten: its chunks are in the chain already.
-    pub fn create(audit_dir: &Path, id: u64) -> Result<RecordingFile, StoreError> {
+    /// Creates recording `id` (and the area, 0700, whatever the umask). An existing file is
+    /// never reused or overwritten: its chunks are in the chain already.
+    pub fn create(
+        audit_dir: &Path,
+        id: impl Into<RecordingId>,
+    ) -> Result<RecordingFile, StoreError> {
         let dir = recordings_dir(audit_dir);
         fs::DirBuilder::new()
             .recursive(true)
@@ -188,8 +243,12 @@ impl RecordingFile {
 
 /// Notes, once the closed event of recording `id` is durable under `seq`, that the recording
 /// may go when retention prunes that seq. Without the note a recording is kept.
-pub fn mark_closed(audit_dir: &Path, id: u64, seq: u64) -> Result<(), StoreError> {
-    let path = closed_marker_path(audit_dir, id);
+pub fn mark_closed(
+    audit_dir: &Path,
+    id: impl Into<RecordingId>,
+    seq: u64,
+) -> Result<(), StoreError> {
+    let path = closed_marker_path(audit_dir, id.into());
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -257,19 +316,23 @@ pub struct Claims {
     pub closed: Option<RecordingSummary>,
 }
 
-/// What the chain says about every recording, by connection id.
+/// What the chain says about every recording, by connection and number.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecordingClaims {
-    pub recordings: BTreeMap<u64, Claims>,
+    pub recordings: BTreeMap<RecordingId, Claims>,
 }
 
 impl RecordingClaims {
-    pub fn chunk(&mut self, id: u64, chunk: ChunkRef) {
-        self.recordings.entry(id).or_default().chunks.push(chunk);
+    pub fn chunk(&mut self, id: impl Into<RecordingId>, chunk: ChunkRef) {
+        self.recordings
+            .entry(id.into())
+            .or_default()
+            .chunks
+            .push(chunk);
     }
 
-    pub fn closed(&mut self, id: u64, summary: RecordingSummary) {
-        self.recordings.entry(id).or_default().closed = Some(summary);
+    pub fn closed(&mut self, id: impl Into<RecordingId>, summary: RecordingSummary) {
+        self.recordings.entry(id.into()).or_default().closed = Some(summary);
     }
 }
 
@@ -297,6 +360,8 @@ pub enum RecordingBreakKind {
 pub struct RecordingBreak {
     pub kind: RecordingBreakKind,
     pub connection_id: u64,
+    /// The recording's number within its connection.
+    pub recording: u64,
     /// The chunk concerned, if one is.
     pub chunk: Option<u64>,
     /// A sentence an operator can act on.
@@ -305,7 +370,11 @@ pub struct RecordingBreak {
 
 impl fmt::Display for RecordingBreak {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "recording {}", self.connection_id)?;
+        write!(
+            f,
+            "recording {}",
+            RecordingId::new(self.connection_id, self.recording)
+        )?;
         if let Some(chunk) = self.chunk {
             write!(f, " chunk {chunk}")?;
         }
@@ -369,6 +438,7 @@ pub fn verify_recordings(audit_dir: &Path, claims: &RecordingClaims) -> Recordin
         Err(e) => report.breaks.push(RecordingBreak {
             kind: RecordingBreakKind::Io,
             connection_id: 0,
+            recording: 0,
             chunk: None,
             message: format!("{}: cannot list the recordings: {e}", dir.display()),
         }),
@@ -390,32 +460,33 @@ pub struct Checked {
 /// for (a tail not yet in the trail is left out).
 pub fn read_verified(
     audit_dir: &Path,
-    id: u64,
+    id: impl Into<RecordingId>,
     claims: &Claims,
 ) -> Result<Vec<u8>, RecordingBreak> {
     let mut out = Vec::new();
-    check_and_copy(audit_dir, id, claims, Some(&mut out))?;
+    check_and_copy(audit_dir, id.into(), claims, Some(&mut out))?;
     Ok(out)
 }
 
 /// Checks recording `id` against its claims without keeping its bytes.
 pub fn check_recording(
     audit_dir: &Path,
-    id: u64,
+    id: impl Into<RecordingId>,
     claims: &Claims,
 ) -> Result<Checked, RecordingBreak> {
-    check_and_copy(audit_dir, id, claims, None)
+    check_and_copy(audit_dir, id.into(), claims, None)
 }
 
 fn check_and_copy(
     audit_dir: &Path,
-    id: u64,
+    id: RecordingId,
     claims: &Claims,
     mut copy: Option<&mut Vec<u8>>,
 ) -> Result<Checked, RecordingBreak> {
     let broken = |kind, chunk: Option<u64>, message: String| RecordingBreak {
         kind,
-        connection_id: id,
+        connection_id: id.connection,
+        recording: id.number,
         chunk,
         message,
     };
@@ -563,18 +634,36 @@ fn len_u64_usize(n: usize) -> u64 {
 mod tests {
     use super::*;
 
+    /// Recording 0 keeps the name a connection's one recording had before recordings were
+    /// numbered, so a file written then is found as recording 0; later ones add `.<n>`.
     #[test]
     fn recording_names_round_trip_and_nothing_else_is_one() {
         let dir = Path::new("/a");
-        let path = recording_path(dir, 17);
-        assert_eq!(path, Path::new("/a/recordings/00000000000000000017.cast"));
-        let name = path.file_name().unwrap().to_str().unwrap();
-        assert_eq!(parse_recording_file_name(name), Some(17));
+        for (id, want) in [
+            (RecordingId::from(17), "00000000000000000017.cast"),
+            (RecordingId::new(17, 0), "00000000000000000017.cast"),
+            (RecordingId::new(17, 1), "00000000000000000017.1.cast"),
+            (RecordingId::new(17, 12), "00000000000000000017.12.cast"),
+        ] {
+            let path = recording_path(dir, id);
+            assert_eq!(path, Path::new("/a/recordings").join(want));
+            let name = path.file_name().unwrap().to_str().unwrap();
+            assert_eq!(parse_recording_file_name(name), Some(id));
+        }
+        assert_eq!(
+            closed_marker_path(dir, RecordingId::new(17, 2)),
+            Path::new("/a/recordings/00000000000000000017.2.closed")
+        );
         for bad in [
             "17.cast",
             "00000000000000000017.closed",
             "0000000000000000001a.cast",
             "00000000000000000017.cast.tmp",
+            "00000000000000000017.0.cast",
+            "00000000000000000017.01.cast",
+            "00000000000000000017..cast",
+            "00000000000000000017.x.cast",
+            "00000000000000000017.1.2.cast",
         ] {
             assert_eq!(parse_recording_file_name(bad), None, "{bad}");
         }

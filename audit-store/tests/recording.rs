@@ -11,7 +11,7 @@
 
 use portcullis_audit_store::recording::{
     mark_closed, prune_recordings, read_verified, recording_path, recordings_dir,
-    verify_recordings, Claims, RecordingBreakKind, RecordingClaims, RecordingFile,
+    verify_recordings, Claims, RecordingBreakKind, RecordingClaims, RecordingFile, RecordingId,
 };
 use portcullis_audit_store::{Retention, Store, StoreError, StoreOptions};
 use std::os::unix::fs::PermissionsExt;
@@ -56,10 +56,11 @@ fn appended_chunks_verify_and_read_back_whole() {
     assert_eq!((report.checked, report.closed), (2, 1));
     assert!(report.notes.is_empty(), "{:?}", report.notes);
     for id in [7, 8] {
-        let bytes = read_verified(dir.path(), id, &claims.recordings[&id]).unwrap();
+        let bytes =
+            read_verified(dir.path(), id, &claims.recordings[&RecordingId::from(id)]).unwrap();
         assert_eq!(bytes, whole());
     }
-    let c = &claims.recordings[&7];
+    let c = &claims.recordings[&RecordingId::from(7)];
     assert_eq!(c.chunks.len(), 4);
     assert_eq!(c.chunks[1].offset, HEADER.len() as u64);
     let closed = c.closed.unwrap();
@@ -176,7 +177,7 @@ fn tampering_with_a_recording_is_named() {
                 let p = recording_path(d, 7);
                 std::fs::remove_file(&p).unwrap();
                 let mut rec = RecordingFile::create(d, 7).unwrap();
-                let c = claims.recordings.get_mut(&7).unwrap();
+                let c = claims.recordings.get_mut(&RecordingId::from(7)).unwrap();
                 c.chunks.clear();
                 for bytes in [
                     HEADER,
@@ -194,7 +195,12 @@ fn tampering_with_a_recording_is_named() {
         (
             "a chunk event left out of the claims",
             |_, claims| {
-                claims.recordings.get_mut(&8).unwrap().chunks.remove(1);
+                claims
+                    .recordings
+                    .get_mut(&RecordingId::from(8))
+                    .unwrap()
+                    .chunks
+                    .remove(1);
             },
             8,
             RecordingBreakKind::ChunksOutOfOrder,
@@ -215,12 +221,18 @@ fn tampering_with_a_recording_is_named() {
         );
         assert!(!b.message.is_empty());
         // Reading it back refuses it the same way.
-        let err = read_verified(dir.path(), id, &claims.recordings[&id]).unwrap_err();
+        let err =
+            read_verified(dir.path(), id, &claims.recordings[&RecordingId::from(id)]).unwrap_err();
         assert_eq!(err.kind, kind, "{name}");
         // The untouched one still verifies and reads back.
         let other = if id == 7 { 8 } else { 7 };
         assert_eq!(
-            read_verified(dir.path(), other, &claims.recordings[&other]).unwrap(),
+            read_verified(
+                dir.path(),
+                other,
+                &claims.recordings[&RecordingId::from(other)]
+            )
+            .unwrap(),
             whole(),
             "{name}"
         );
@@ -239,18 +251,18 @@ fn bytes_not_yet_in_the_trail_and_files_without_events_are_noted_not_trusted() {
     assert!(report.ok(), "{:?}", report.breaks);
     assert_eq!(report.notes.len(), 2, "{:?}", report.notes);
     assert!(
-        report.notes[0].contains("recording 8: 17 bytes"),
+        report.notes[0].contains("recording 8.0: 17 bytes"),
         "{:?}",
         report.notes
     );
     assert!(
-        report.notes[1].contains("recording 9: no chunk events"),
+        report.notes[1].contains("recording 9.0: no chunk events"),
         "{:?}",
         report.notes
     );
     // Reading back gives only what the trail vouches for.
     assert_eq!(
-        read_verified(dir.path(), 8, &claims.recordings[&8]).unwrap(),
+        read_verified(dir.path(), 8, &claims.recordings[&RecordingId::from(8)]).unwrap(),
         whole()
     );
     // A recording the trail does not know has no claims to read it by.
@@ -345,6 +357,88 @@ fn retention_deletes_a_recording_with_the_segment_of_its_closed_event() {
         recording_path(dir.path(), 9).exists(),
         "its event is still stored"
     );
+}
+
+/// Two terminals on one connection (ControlMaster): two files, each checked against its own
+/// chunk events, so damage to the second names recording 1 and leaves recording 0 readable;
+/// each is deleted with the segment of its own closed event.
+#[test]
+fn two_recordings_of_one_connection_are_kept_and_checked_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (RecordingId::new(7, 0), RecordingId::new(7, 1));
+    let mut claims = RecordingClaims::default();
+    for (id, extra) in [(first, &b"[1.0,\"o\",\"one\"]\n"[..]), (second, b"")] {
+        let mut rec = RecordingFile::create(dir.path(), id).unwrap();
+        for bytes in std::iter::once(HEADER).chain(OUTPUT).chain([extra]) {
+            if !bytes.is_empty() {
+                claims.chunk(id, rec.append(bytes).unwrap());
+            }
+        }
+        claims.closed(id, rec.summary());
+    }
+    // A second create of either is refused: a recording is never reused.
+    assert!(RecordingFile::create(dir.path(), second).is_err());
+    assert_eq!(
+        recording_path(dir.path(), second),
+        recordings_dir(dir.path()).join("00000000000000000007.1.cast")
+    );
+    let report = verify_recordings(dir.path(), &claims);
+    assert!(report.ok(), "{:?}", report.breaks);
+    assert_eq!((report.checked, report.closed), (2, 2));
+    assert!(report.notes.is_empty(), "{:?}", report.notes);
+    let mut want_first = whole();
+    want_first.extend_from_slice(b"[1.0,\"o\",\"one\"]\n");
+    assert_eq!(
+        read_verified(dir.path(), first, &claims.recordings[&first]).unwrap(),
+        want_first
+    );
+    assert_eq!(
+        read_verified(dir.path(), second, &claims.recordings[&second]).unwrap(),
+        whole()
+    );
+    // The claims of one are not the other's: recording 0's against file 1 do not match.
+    assert!(read_verified(dir.path(), second, &claims.recordings[&first]).is_err());
+
+    flip(&recording_path(dir.path(), second), HEADER.len() + 2);
+    let report = verify_recordings(dir.path(), &claims);
+    assert_eq!(report.breaks.len(), 1, "{:?}", report.breaks);
+    let b = &report.breaks[0];
+    assert_eq!(
+        (b.connection_id, b.recording, b.kind, b.chunk),
+        (7, 1, RecordingBreakKind::ChunkAltered, Some(1)),
+        "{b}"
+    );
+    assert!(b.to_string().starts_with("recording 7.1 chunk 1"), "{b}");
+    assert_eq!(
+        read_verified(dir.path(), first, &claims.recordings[&first]).unwrap(),
+        want_first
+    );
+
+    // Retention: recording 1 closed in a pruned segment goes, recording 0 (closed in the
+    // newest segment) stays.
+    let (mut store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let seq1 = store
+        .append(br#"{"event":"recording.closed"}"#)
+        .unwrap()
+        .seq;
+    mark_closed(dir.path(), second, seq1).unwrap();
+    store.seal_current().unwrap();
+    let seq0 = store
+        .append(br#"{"event":"recording.closed"}"#)
+        .unwrap()
+        .seq;
+    mark_closed(dir.path(), first, seq0).unwrap();
+    let retention = Retention {
+        max_age_ms: None,
+        max_total_bytes: Some(1),
+    };
+    let pruned = store.prune(&retention, u64::MAX, u64::MAX).unwrap();
+    assert_eq!(pruned.deleted.len(), 1);
+    assert_eq!(
+        prune_recordings(dir.path()).unwrap(),
+        vec![recording_path(dir.path(), second)]
+    );
+    assert!(recording_path(dir.path(), first).exists());
 }
 
 fn set_len(path: &Path, delta: i64) {

@@ -178,6 +178,11 @@ pub struct AuditEvent {
     /// the refusals of one uid (or of connections without an origin) in one interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// Recording events only: which of the connection's terminal recordings (0, 1, 2 … in
+    /// the order its terminals started; ControlMaster multiplexes several terminals on one
+    /// connection). An event written before recordings were numbered means 0.
+    #[serde(rename = "recording", skip_serializing_if = "Option::is_none")]
+    pub recording_number: Option<u64>,
     /// Statement events only; flattened so every field stays top-level.
     #[serde(flatten)]
     pub statement: Option<Box<StatementFields>>,
@@ -635,6 +640,7 @@ impl AuditEvent {
             db_user: None,
             db_name: None,
             count: None,
+            recording_number: None,
             statement: None,
             recording: None,
             ssh: None,

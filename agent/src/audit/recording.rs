@@ -1,7 +1,9 @@
 //! Session recordings in the audit store's recording area, their chunks in the hash chain.
 //!
-//! A protocol starts one [`Recording`] per interactive session ([`Recordings::start`] with
-//! the asciicast header), hands it the bytes its terminal produces ([`Recording::append`])
+//! A protocol starts one [`Recording`] per terminal ([`Recordings::start`] with the
+//! asciicast header), numbered within its connection ([`RecordingId`]: 0, 1, 2 … in the order
+//! the terminals started, several on one ControlMaster connection; every event of the
+//! recording carries the number as `recording`, and an event without it means 0), hands it the bytes its terminal produces ([`Recording::append`])
 //! and ends it ([`Recording::finish`]). One task per recording batches what arrives into
 //! chunks (written once [`CHUNK_BYTES`] have gathered, or [`FLUSH_AFTER`] after the first
 //! byte waiting), writes and fsyncs
@@ -26,8 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis_audit_store::recording::{
-    ChunkRef, Claims, RecordingBreak, RecordingClaims, RecordingFile, RecordingSummary,
-    RecordingsReport,
+    ChunkRef, Claims, RecordingBreak, RecordingClaims, RecordingFile, RecordingId,
+    RecordingSummary, RecordingsReport,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -60,8 +62,8 @@ pub enum ReadBackError {
         dir: PathBuf,
         source: portcullis_audit_store::StoreError,
     },
-    #[error("no recording of session {0} in the audit trail")]
-    NoRecording(u64),
+    #[error("no recording {} of session {} in the audit trail", .0.number, .0.connection)]
+    NoRecording(RecordingId),
     /// The file does not match the chain: it is not returned.
     #[error("the recording does not match the audit trail: {0}")]
     Broken(RecordingBreak),
@@ -77,48 +79,49 @@ impl Recordings {
         Self { audit }
     }
 
-    /// Creates connection `connection_id`'s recording and writes `header` as its chunk 0
+    /// Creates recording `id` (a connection's terminal) and writes `header` as its chunk 0
     /// (the asciicast header line), durable with its event before this returns. An error
-    /// means no recording: with `on_failure = Close` the session must not start.
+    /// means no recording: with `on_failure = Close` the terminal must not start.
     pub async fn start(
         &self,
-        connection_id: u64,
+        id: impl Into<RecordingId>,
         header: Vec<u8>,
         on_failure: RecordingFailure,
     ) -> Result<Recording, RecordingError> {
+        let id = id.into();
         let dir = self.audit.dir().to_path_buf();
         let created = blocking(move || {
-            let mut file = RecordingFile::create(&dir, connection_id)?;
+            let mut file = RecordingFile::create(&dir, id)?;
             let chunk = file.append(&header)?;
             Ok((file, chunk))
         })
         .await;
-        self.begin(connection_id, created, on_failure).await
+        self.begin(id, created, on_failure).await
     }
 
     async fn begin(
         &self,
-        connection_id: u64,
+        id: RecordingId,
         created: Result<(RecordingFile, ChunkRef), RecordingError>,
         on_failure: RecordingFailure,
     ) -> Result<Recording, RecordingError> {
         let audit = Arc::clone(&self.audit);
         let (file, error) = match created {
-            Ok((file, chunk)) => match record_chunk(&audit, connection_id, &chunk).await {
+            Ok((file, chunk)) => match record_chunk(&audit, id, &chunk).await {
                 Ok(()) => (Some(file), None),
                 Err(e) => (Some(file), Some(e)),
             },
             Err(e) => (None, Some(e)),
         };
         if let Some(error) = error {
-            record_failure(&audit, connection_id, &error, on_failure);
+            record_failure(&audit, id, &error, on_failure);
             if on_failure == RecordingFailure::Close {
                 return Err(error);
             }
             // Unrecorded from the start; `append` accepts and drops.
             let (_, failure) = watch::channel(Some(error));
             return Ok(Recording {
-                connection_id,
+                id,
                 on_failure,
                 tx: None,
                 failure,
@@ -129,14 +132,14 @@ impl Recordings {
         let (failed, failure) = watch::channel(None);
         let writer = Writer {
             audit,
-            connection_id,
+            id,
             file,
             failed,
             on_failure,
         };
         let task = tokio::spawn(writer.run(rx));
         Ok(Recording {
-            connection_id,
+            id,
             on_failure,
             tx: Some(tx),
             failure,
@@ -148,7 +151,7 @@ impl Recordings {
 /// One session's recording. [`Recording::finish`] ends it; dropped without it, the writer
 /// still writes what it got and closes the recording, but nobody learns the outcome.
 pub struct Recording {
-    connection_id: u64,
+    id: RecordingId,
     on_failure: RecordingFailure,
     tx: Option<mpsc::Sender<Vec<u8>>>,
     failure: watch::Receiver<Option<RecordingError>>,
@@ -158,7 +161,7 @@ pub struct Recording {
 impl std::fmt::Debug for Recording {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recording")
-            .field("connection_id", &self.connection_id)
+            .field("id", &self.id)
             .field("on_failure", &self.on_failure)
             .finish_non_exhaustive()
     }
@@ -235,7 +238,7 @@ impl Recording {
 /// The task that owns one recording's file.
 struct Writer {
     audit: Arc<AuditLog>,
-    connection_id: u64,
+    id: RecordingId,
     file: Option<RecordingFile>,
     failed: watch::Sender<Option<RecordingError>>,
     on_failure: RecordingFailure,
@@ -273,7 +276,7 @@ impl Writer {
             if !pending.is_empty() && error.is_none() {
                 let bytes = std::mem::take(&mut pending);
                 if let Err(e) = self.write(bytes).await {
-                    record_failure(&self.audit, self.connection_id, &e, self.on_failure);
+                    record_failure(&self.audit, self.id, &e, self.on_failure);
                     let _ = self.failed.send(Some(e.clone()));
                     error = Some(e);
                 }
@@ -300,7 +303,7 @@ impl Writer {
         .map_err(|e| RecordingError::Write(format!("the writing thread failed: {e}").into()))?;
         self.file = Some(file);
         let chunk = written.map_err(|e| RecordingError::Write(e.to_string().into()))?;
-        record_chunk(&self.audit, self.connection_id, &chunk).await
+        record_chunk(&self.audit, self.id, &chunk).await
     }
 
     /// `recording.closed` with what the chain vouches for, durable, then the note that lets
@@ -313,7 +316,7 @@ impl Writer {
             return Err(error.unwrap_or_else(|| RecordingError::Write("no recording file".into())));
         };
         let summary = file.summary();
-        let mut ev = event(EventKind::RecordingClosed, self.connection_id);
+        let mut ev = event(EventKind::RecordingClosed, self.id);
         ev.recording = Some(Box::new(RecordingFields {
             recording_chunk: summary.chunks,
             recording_offset: 0,
@@ -329,7 +332,7 @@ impl Writer {
             .await
             .map_err(|e| RecordingError::Write(e.to_string().into()))?;
         let dir = self.audit.dir().to_path_buf();
-        let id = self.connection_id;
+        let id = self.id;
         let marked = blocking(move || {
             portcullis_audit_store::recording::mark_closed(&dir, id, seq)?;
             Ok(())
@@ -338,7 +341,7 @@ impl Writer {
         if let Err(e) = marked {
             // The recording is complete and in the chain; without the note retention only
             // keeps it longer.
-            tracing::warn!(connection_id = id, error = %e, "cannot note a closed recording for retention; it is kept until removed by hand");
+            tracing::warn!(recording = %id, error = %e, "cannot note a closed recording for retention; it is kept until removed by hand");
         }
         match error {
             Some(e) => Err(e),
@@ -356,18 +359,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| RecordingError::Write(e.to_string().into()))
 }
 
-fn event(kind: EventKind, connection_id: u64) -> AuditEvent {
+fn event(kind: EventKind, id: RecordingId) -> AuditEvent {
     let mut ev = AuditEvent::new(kind);
-    ev.connection_id = Some(connection_id);
+    ev.connection_id = Some(id.connection);
+    ev.recording_number = Some(id.number);
     ev
 }
 
 async fn record_chunk(
     audit: &AuditLog,
-    connection_id: u64,
+    id: RecordingId,
     chunk: &ChunkRef,
 ) -> Result<(), RecordingError> {
-    let mut ev = event(EventKind::RecordingChunk, connection_id);
+    let mut ev = event(EventKind::RecordingChunk, id);
     ev.recording = Some(Box::new(RecordingFields {
         recording_chunk: chunk.index,
         recording_offset: chunk.offset,
@@ -383,7 +387,7 @@ async fn record_chunk(
 
 fn record_failure(
     audit: &AuditLog,
-    connection_id: u64,
+    id: RecordingId,
     error: &RecordingError,
     on_failure: RecordingFailure,
 ) {
@@ -393,16 +397,20 @@ fn record_failure(
             "the session goes on unrecorded (recording_failure = \"continue\")"
         }
     };
-    tracing::error!(connection_id, error = %error, "{what}");
-    audit.record(
-        event(EventKind::RecordingFailed, connection_id).reason(format!("{error}; {what}")),
-    );
+    tracing::error!(recording = %id, error = %error, "{what}");
+    audit.record(event(EventKind::RecordingFailed, id).reason(format!("{error}; {what}")));
 }
 
-/// What one event says about a recording, if it is a chunk or closed event.
-pub fn claim_of(event: &Value) -> Option<(u64, Claim)> {
+/// What one event says about a recording, if it is a chunk or closed event. An event
+/// without `recording` (written before recordings were numbered) is about recording 0.
+pub fn claim_of(event: &Value) -> Option<(RecordingId, Claim)> {
     let kind = event.get("event")?.as_str()?;
-    let id = event.get("connection_id")?.as_u64()?;
+    let connection = event.get("connection_id")?.as_u64()?;
+    let number = match event.get("recording") {
+        None => 0,
+        Some(n) => n.as_u64()?,
+    };
+    let id = RecordingId::new(connection, number);
     let field = |k: &str| event.get(k).and_then(Value::as_u64);
     let (index, offset, length) = (
         field("recording_chunk")?,
@@ -441,8 +449,8 @@ pub enum Claim {
     Closed(RecordingSummary),
 }
 
-/// The chunk and closed events of the trail in `audit_dir`, by connection (all of them, or
-/// only connection `only`).
+/// The chunk and closed events of the trail in `audit_dir`, by recording (all of them, or
+/// only those of connection `only`).
 pub fn claims(audit_dir: &Path, only: Option<u64>) -> Result<RecordingClaims, ReadBackError> {
     let trail = |source| ReadBackError::Trail {
         dir: audit_dir.to_path_buf(),
@@ -459,7 +467,7 @@ pub fn claims(audit_dir: &Path, only: Option<u64>) -> Result<RecordingClaims, Re
             continue;
         };
         match claim_of(&event) {
-            Some((id, _)) if only.is_some_and(|o| o != id) => {}
+            Some((id, _)) if only.is_some_and(|o| o != id.connection) => {}
             Some((id, Claim::Chunk(chunk))) => claims.chunk(id, chunk),
             Some((id, Claim::Closed(summary))) => claims.closed(id, summary),
             None => {}
@@ -476,19 +484,47 @@ pub fn verify_all(audit_dir: &Path) -> Result<RecordingsReport, ReadBackError> {
     ))
 }
 
-/// The recording of session `id` (an asciicast v2 file for SSH), checked against its chunk
-/// events: what `portcullis replay` plays and `sessions show` reports. Only the bytes the
+/// Recording `id` (a bare session id: its recording 0; an asciicast v2 file for SSH),
+/// checked against its chunk events: what `portcullis replay` plays. Only the bytes the
 /// chain vouches for are returned; a recording that does not match it is refused.
-pub fn read_back(audit_dir: &Path, id: u64) -> Result<RecordedSession, ReadBackError> {
-    let claims = claims(audit_dir, Some(id))?;
-    let claim: Claims = claims
+pub fn read_back(
+    audit_dir: &Path,
+    id: impl Into<RecordingId>,
+) -> Result<RecordedSession, ReadBackError> {
+    let id = id.into();
+    let claims = claims(audit_dir, Some(id.connection))?;
+    let claim = claims
         .recordings
         .get(&id)
-        .cloned()
         .ok_or(ReadBackError::NoRecording(id))?;
-    let bytes = portcullis_audit_store::recording::read_verified(audit_dir, id, &claim)
-        .map_err(ReadBackError::Broken)?;
+    read_one(audit_dir, id, claim).map_err(ReadBackError::Broken)
+}
+
+/// A session's recordings in order, each read back or why it could not be.
+pub type SessionRecordings = Vec<(RecordingId, Result<RecordedSession, RecordingBreak>)>;
+
+/// Every recording of session `connection`, in order (none: an empty list), each read back
+/// and checked as [`read_back`] does: what `sessions show` lists.
+pub fn read_back_session(
+    audit_dir: &Path,
+    connection: u64,
+) -> Result<SessionRecordings, ReadBackError> {
+    let claims = claims(audit_dir, Some(connection))?;
+    Ok(claims
+        .recordings
+        .iter()
+        .map(|(id, claim)| (*id, read_one(audit_dir, *id, claim)))
+        .collect())
+}
+
+fn read_one(
+    audit_dir: &Path,
+    id: RecordingId,
+    claim: &Claims,
+) -> Result<RecordedSession, RecordingBreak> {
+    let bytes = portcullis_audit_store::recording::read_verified(audit_dir, id, claim)?;
     Ok(RecordedSession {
+        id,
         path: portcullis_audit_store::recording::recording_path(audit_dir, id),
         closed: claim.closed.is_some(),
         bytes,
@@ -498,6 +534,7 @@ pub fn read_back(audit_dir: &Path, id: u64) -> Result<RecordedSession, ReadBackE
 /// A recording read back and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedSession {
+    pub id: RecordingId,
     pub path: PathBuf,
     /// False while the session runs, or when the agent stopped before closing it.
     pub closed: bool,
@@ -586,7 +623,7 @@ mod tests {
         );
         assert!(matches!(
             read_back(&dir, 43),
-            Err(ReadBackError::NoRecording(43))
+            Err(ReadBackError::NoRecording(id)) if id == RecordingId::new(43, 0)
         ));
 
         // An edited byte is named and the recording is no longer read back.
@@ -599,6 +636,152 @@ mod tests {
         assert_eq!(report.breaks[0].kind, RecordingBreakKind::ChunkAltered);
         assert_eq!(report.breaks[0].chunk, Some(1));
         assert!(matches!(read_back(&dir, 42), Err(ReadBackError::Broken(_))));
+    }
+
+    /// Two terminals on one connection (ControlMaster): two recordings, each event naming
+    /// its number, each read back and verified on its own; `read_back_session` lists both.
+    #[tokio::test]
+    async fn two_terminals_of_one_connection_are_two_recordings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let audit = audit(tmp.path());
+        let dir = audit.dir().to_path_buf();
+        let recordings = Recordings::new(Arc::clone(&audit));
+        let (first, second) = (RecordingId::new(42, 0), RecordingId::new(42, 1));
+        let a = recordings
+            .start(first, HEADER.to_vec(), RecordingFailure::Close)
+            .await
+            .unwrap();
+        // Both run at once: the second starts while the first is open.
+        let b = recordings
+            .start(second, HEADER.to_vec(), RecordingFailure::Close)
+            .await
+            .unwrap();
+        a.append(line(1)).await.unwrap();
+        b.append(line(2)).await.unwrap();
+        b.append(line(3)).await.unwrap();
+        b.finish().await.unwrap();
+        a.finish().await.unwrap();
+        let want = |lines: &[usize]| {
+            let mut w = HEADER.to_vec();
+            for n in lines {
+                w.extend(line(*n));
+            }
+            w
+        };
+        assert_eq!(
+            std::fs::read(recording_path(&dir, second)).unwrap(),
+            want(&[2, 3])
+        );
+        assert_eq!(read_back(&dir, 42).unwrap().bytes, want(&[1]));
+        assert_eq!(read_back(&dir, first).unwrap().bytes, want(&[1]));
+        let back = read_back(&dir, second).unwrap();
+        assert_eq!((back.id, back.closed), (second, true));
+        assert_eq!(back.bytes, want(&[2, 3]));
+        assert!(matches!(
+            read_back(&dir, RecordingId::new(42, 2)),
+            Err(ReadBackError::NoRecording(id)) if id == RecordingId::new(42, 2)
+        ));
+        let all = read_back_session(&dir, 42).unwrap();
+        let ids: Vec<RecordingId> = all.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [first, second]);
+        assert!(all.iter().all(|(_, r)| r.is_ok()));
+        assert!(read_back_session(&dir, 43).unwrap().is_empty());
+        for e in events(&dir)
+            .iter()
+            .filter(|e| e["event"].as_str().unwrap().starts_with("recording."))
+        {
+            assert_eq!(e["connection_id"], 42);
+            assert!(e["recording"] == 0 || e["recording"] == 1, "{e}");
+        }
+        let report = verify_all(&dir).unwrap();
+        assert!(
+            report.ok() && report.checked == 2 && report.closed == 2,
+            "{report:?}"
+        );
+
+        // Each file is checked against its own events: damage to the second names it.
+        let path = recording_path(&dir, second);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[HEADER.len() + 3] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let report = verify_all(&dir).unwrap();
+        assert_eq!(report.breaks.len(), 1, "{report:?}");
+        assert_eq!(
+            (report.breaks[0].connection_id, report.breaks[0].recording),
+            (42, 1)
+        );
+        assert!(matches!(
+            read_back(&dir, second),
+            Err(ReadBackError::Broken(_))
+        ));
+        assert_eq!(read_back(&dir, first).unwrap().bytes, want(&[1]));
+    }
+
+    /// A trail written before recordings were numbered (its events have no `recording`, its
+    /// file the bare connection's name) reads back and verifies as recording 0.
+    #[tokio::test]
+    async fn a_trail_from_before_numbered_recordings_is_recording_0() {
+        let tmp = tempfile::tempdir().unwrap();
+        let audit = audit(tmp.path());
+        let dir = audit.dir().to_path_buf();
+        let mut file = RecordingFile::create(&dir, 77).unwrap();
+        let mut whole = Vec::new();
+        for bytes in [HEADER.to_vec(), line(1)] {
+            let chunk = file.append(&bytes).unwrap();
+            whole.extend(bytes);
+            let mut ev = AuditEvent::new(EventKind::RecordingChunk);
+            ev.connection_id = Some(77);
+            ev.recording = Some(Box::new(RecordingFields {
+                recording_chunk: chunk.index,
+                recording_offset: chunk.offset,
+                recording_bytes: chunk.length,
+                recording_sha256: hex::encode(chunk.sha256),
+            }));
+            audit.record_durable(&ev).await.unwrap();
+        }
+        let summary = file.summary();
+        let mut ev = AuditEvent::new(EventKind::RecordingClosed);
+        ev.connection_id = Some(77);
+        ev.recording = Some(Box::new(RecordingFields {
+            recording_chunk: summary.chunks,
+            recording_offset: 0,
+            recording_bytes: summary.length,
+            recording_sha256: hex::encode(summary.sha256),
+        }));
+        audit.record_durable(&ev).await.unwrap();
+        let evs = events(&dir);
+        assert!(evs.iter().all(|e| e.get("recording").is_none()), "{evs:?}");
+        assert!(dir.join("recordings/00000000000000000077.cast").exists());
+
+        let back = read_back(&dir, 77).unwrap();
+        assert_eq!(back.id, RecordingId::new(77, 0));
+        assert!(back.closed);
+        assert_eq!(back.bytes, whole);
+        let report = verify_all(&dir).unwrap();
+        assert!(
+            report.ok() && report.checked == 1 && report.closed == 1,
+            "{report:?}"
+        );
+        assert!(report.notes.is_empty(), "{report:?}");
+        // A numbered recording of the same connection after it takes 1, beside it.
+        let rec = Recordings::new(Arc::clone(&audit))
+            .start(
+                RecordingId::new(77, 1),
+                HEADER.to_vec(),
+                RecordingFailure::Close,
+            )
+            .await
+            .unwrap();
+        rec.finish().await.unwrap();
+        let ids: Vec<RecordingId> = read_back_session(&dir, 77)
+            .unwrap()
+            .into_iter()
+            .map(|(id, r)| {
+                r.unwrap();
+                id
+            })
+            .collect();
+        assert_eq!(ids, [RecordingId::new(77, 0), RecordingId::new(77, 1)]);
     }
 
     /// Output trickling in is written within FLUSH_AFTER, without a later append or finish
@@ -683,7 +866,7 @@ mod tests {
             let file = RecordingFile::over_open_file(full, "/dev/full".into());
             let rec = recordings
                 .begin(
-                    9,
+                    9.into(),
                     Ok((
                         file,
                         ChunkRef {

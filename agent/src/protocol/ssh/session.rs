@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use portcullis_audit_store::recording::RecordingId;
 use russh::client;
 use russh::keys::ssh_key::HashAlg;
 use russh::server::{self, Auth, Msg, Session};
@@ -100,7 +101,7 @@ pub(super) async fn serve(
         pumps: JoinSet::new(),
         opened: Some(opened_tx),
         own_handle: Arc::clone(&own_handle),
-        recorded: false,
+        recordings_started: 0,
     };
     let mut running = match server::run_stream(Arc::new(config), client, handler).await {
         Ok(r) => r,
@@ -178,9 +179,10 @@ struct ClientHandler {
     opened: Option<tokio::sync::oneshot::Sender<tokio_util::sync::CancellationToken>>,
     /// This session's own handle: remote forwards open their channels to the client with it.
     own_handle: Arc<Mutex<Option<server::Handle>>>,
-    /// A recording is one file per connection: set once a channel of this connection
-    /// started one.
-    recorded: bool,
+    /// The terminals of this connection that started a recording (or tried to): the next
+    /// one's number. A number is never used twice, even after a start that failed, as its
+    /// file may exist.
+    recordings_started: u64,
 }
 
 /// A refusal of the connection: the audit decision and why.
@@ -707,28 +709,25 @@ impl ClientHandler {
         }
         let interactive = command.is_none() || pty.is_some();
         let recording = if interactive {
-            if self.recorded {
-                return Err("this connection already recorded a terminal session (a recording is one per connection): open another connection for another one (ssh -o ControlPath=none)".into());
-            }
+            // Each terminal has its own recording, numbered within the connection in the
+            // order they started (several on one ControlMaster connection).
+            let id = RecordingId::new(self.incoming.id, self.recordings_started);
+            self.recordings_started = self.recordings_started.saturating_add(1);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let mut recorder = portcullis_terminal::asciicast::Recorder::new(&terminal::header(
-                pty.as_ref(),
-                command,
-                now,
-            ));
+            let header = terminal::header(pty.as_ref(), command, now);
+            let mut recorder = portcullis_terminal::asciicast::Recorder::new(&header);
             let recording = self
                 .shared
                 .recordings()
                 .start(
-                    self.incoming.id,
+                    id,
                     recorder.take_chunk(),
                     self.incoming.target.recording_failure,
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-            self.recorded = true;
             Some((recorder, recording))
         } else {
             None
