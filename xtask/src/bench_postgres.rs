@@ -817,59 +817,20 @@ impl AgentPath {
                 },
             ),
         )?;
-        // Leftovers of an interrupted run must not enforce: start from nothing attached.
-        let _ = Command::new(bin)
-            .args(["agent", "--detach", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(AGENT_PIN_DIR);
-        let log = File::create(dir.join("agent.log"))?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["agent", "--config"])
-            .arg(&config)
-            .env("PORTCULLIS_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // Inside the cgroup it protects, like a unit's cgroup in production: its own
-        // upstream connects meet the hooks and must be exempted.
-        portcullis_e2e::exec_in_cgroup_as(&mut cmd, Some(&cgroup.path), None);
-        let child = cmd.spawn().context("starting the agent")?;
-        let mut agent = Self {
+        let child = crate::bench::spawn_agent_in_cgroup(
+            bin,
+            &config,
+            dir,
+            &cgroup.path,
+            AGENT_PIN_DIR,
+            || true,
+        )?;
+        Ok(Self {
             child,
             bin: bin.to_path_buf(),
             config,
             cgroup,
-        };
-        let socket = dir.join("control.sock");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = Command::new(bin)
-                .args(["status", "--json", "--socket"])
-                .arg(&socket)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready {
-                return Ok(agent);
-            }
-            if let Some(status) = agent.child.try_wait()? {
-                bail!(
-                    "the agent exited with {status}: {}",
-                    log_tail(&dir.join("agent.log"))
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent did not answer `status` in 30 s: {}",
-                    log_tail(&dir.join("agent.log"))
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// pgbench and the latency client connect to the real server address from inside the
@@ -906,7 +867,7 @@ impl AgentPath {
     fn idle_sessions_rss(&self, endpoint: &Endpoint, scratch: &Path) -> Result<IdleMemory> {
         use std::io::{BufRead, Write};
         let pid = self.child.id();
-        let before_kib = rss_kib(pid)?;
+        let before_kib = crate::bench::rss_kib(pid)?;
         let err_path = scratch.join("idle.err");
         let mut client = python(
             endpoint,
@@ -924,7 +885,7 @@ impl AgentPath {
             std::io::BufReader::new(stdout).read_line(&mut line)?;
         }
         let sessions: Option<usize> = line.trim().parse().ok();
-        let after_kib = rss_kib(pid);
+        let after_kib = crate::bench::rss_kib(pid);
         if let Some(mut stdin) = client.stdin.take() {
             let _ = stdin.write_all(b"done\n");
         }
@@ -960,27 +921,4 @@ impl Drop for AgentPath {
         let _ = std::fs::remove_dir_all(AGENT_PIN_DIR);
         // `cgroup` drops next: it kills what is left inside and removes the group.
     }
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines
-        .get(lines.len().saturating_sub(5)..)
-        .unwrap_or_default();
-    if tail.is_empty() {
-        format!("(nothing in {})", path.display())
-    } else {
-        format!("{} (see {})", tail.join(" / "), path.display())
-    }
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
 }

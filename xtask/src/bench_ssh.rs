@@ -198,8 +198,8 @@ pub fn run(options: &Options) -> Result<()> {
                 "{}: `ssh 127.0.0.1 true` failed: {}\nsshd: {}\nagent: {}",
                 p.name,
                 String::from_utf8_lossy(&out.stderr),
-                tail(&sshd.log),
-                tail(&agent.dir.join("agent.log"))
+                crate::bench::log_tail(&sshd.log),
+                crate::bench::log_tail(&agent.dir.join("agent.log"))
             );
         }
     }
@@ -282,7 +282,7 @@ pub fn run(options: &Options) -> Result<()> {
         "agent RSS with {} idle sessions (ControlMaster off, one ssh running `sleep` each)",
         options.idle_sessions
     ));
-    let rss_before = rss_kib(agent.child.id())?;
+    let rss_before = crate::bench::rss_kib(agent.child.id())?;
     let [direct, through] = &samples;
     let [_, agent_path] = &paths;
     let (rss_held, held) = idle_sessions(agent_path, client_uid, options.idle_sessions, &agent)?;
@@ -402,7 +402,7 @@ fn idle_sessions(path: &ClientPath, uid: u32, count: usize, agent: &Agent) -> Re
             println!("  only {running} of {count} sessions reached `sleep` within 60 s");
         }
         std::thread::sleep(Duration::from_secs(1));
-        Ok((rss_kib(agent.child.id())?, running))
+        Ok((crate::bench::rss_kib(agent.child.id())?, running))
     })();
     for c in &mut children {
         let _ = c.kill();
@@ -513,22 +513,6 @@ fn chown_tree(dir: &Path, uid: u32) -> Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(2000);
-    text.get(start..).unwrap_or_default().to_string()
-}
-
 /// Debian's sshd on 127.0.0.1:[`SSHD_PORT`], trusting the agent's user CA and the direct
 /// client's key, with room for every idle session.
 struct Sshd {
@@ -565,7 +549,7 @@ impl Sshd {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", SSHD_PORT)).is_err() {
             if sshd.child.try_wait()?.is_some() || Instant::now() > deadline {
-                bail!("sshd did not listen: {}", tail(&sshd.log));
+                bail!("sshd did not listen: {}", crate::bench::log_tail(&sshd.log));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -626,58 +610,17 @@ impl Agent {
                 known = upstream_known.display(),
             ),
         )?;
-        // Leftovers of an interrupted run must not enforce: start from nothing attached.
-        let _ = Command::new(bin)
-            .args(["agent", "--detach", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(PIN_DIR);
-        let log = File::create(dir.join("agent.log"))?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["agent", "--config"])
-            .arg(&config)
-            .env("PORTCULLIS_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // Inside the cgroup it protects, like a unit's cgroup in production.
-        portcullis_e2e::exec_in_cgroup_as(&mut cmd, Some(&cgroup.path), None);
-        let child = cmd.spawn().context("starting the agent")?;
-        let mut agent = Self {
+        let state = dir.join("state/ssh/user_ca.pub");
+        let child =
+            crate::bench::spawn_agent_in_cgroup(bin, &config, &dir, &cgroup.path, PIN_DIR, || {
+                state.exists()
+            })?;
+        Ok(Self {
             child,
-            dir: dir.clone(),
+            dir,
             config,
             cgroup,
-        };
-        let socket = dir.join("control.sock");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = Command::new(bin)
-                .args(["status", "--json", "--socket"])
-                .arg(&socket)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready && dir.join("state/ssh/user_ca.pub").exists() {
-                return Ok(agent);
-            }
-            if let Some(status) = agent.child.try_wait()? {
-                bail!(
-                    "the agent exited with {status}: {}",
-                    tail(&dir.join("agent.log"))
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent did not answer `status` in 30 s: {}",
-                    tail(&dir.join("agent.log"))
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 }
 
