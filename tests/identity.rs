@@ -11,11 +11,11 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::oidc::{self, craft_jwt, OidcOptions, OidcProvider, OldKey, Signing, Ttls};
-use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Probe, Slot, Target, TestCgroup};
+use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Held, Probe, Slot, Target, TestCgroup};
 use serde_json::{json, Value};
 
 fn enabled() -> bool {
@@ -129,56 +129,6 @@ fn text(o: &Output) -> String {
 
 fn via_proxy(r: &Value) -> bool {
     r["ok"] == true && r["via_proxy"] == true
-}
-
-/// A probe holding one connection open; `exchange` proves it still works.
-struct Held {
-    child: Child,
-    input: std::process::ChildStdin,
-    output: BufReader<std::process::ChildStdout>,
-}
-
-impl Held {
-    fn open(probe: &Probe<'_>, target: std::net::SocketAddr) -> Self {
-        let mut child = probe
-            .command(&["session", &target.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let input = child.stdin.take().unwrap();
-        let mut output = BufReader::new(child.stdout.take().unwrap());
-        let mut l = String::new();
-        output.read_line(&mut l).unwrap();
-        assert_eq!(
-            serde_json::from_str::<Value>(&l).unwrap()["ok"],
-            true,
-            "{l}"
-        );
-        Self {
-            child,
-            input,
-            output,
-        }
-    }
-
-    fn exchange(&mut self, msg: &str) -> Value {
-        if writeln!(self.input, "{msg}").is_err() {
-            return json!({"ok": false, "error": "stdin closed"});
-        }
-        let mut l = String::new();
-        match self.output.read_line(&mut l) {
-            Ok(n) if n > 0 => serde_json::from_str(&l).unwrap(),
-            _ => json!({"ok": false, "error": "probe ended"}),
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

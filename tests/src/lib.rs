@@ -723,6 +723,57 @@ impl Probe<'_> {
     }
 }
 
+/// A probe holding one connection open (`probe session`); `exchange` proves it still works.
+pub struct Held {
+    child: Child,
+    input: std::process::ChildStdin,
+    output: BufReader<std::process::ChildStdout>,
+}
+
+impl Held {
+    pub fn open(probe: &Probe<'_>, target: SocketAddr) -> Self {
+        let mut child = probe
+            .command(&["session", &target.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let mut output = BufReader::new(child.stdout.take().unwrap());
+        let mut l = String::new();
+        output.read_line(&mut l).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&l).unwrap()["ok"],
+            true,
+            "{l}"
+        );
+        Self {
+            child,
+            input,
+            output,
+        }
+    }
+
+    /// One line to the peer and its answer; `ok: false` once the connection or probe ended.
+    pub fn exchange(&mut self, msg: &str) -> Value {
+        if writeln!(self.input, "{msg}").is_err() {
+            return serde_json::json!({"ok": false, "error": "stdin closed"});
+        }
+        let mut l = String::new();
+        match self.output.read_line(&mut l) {
+            Ok(n) if n > 0 => serde_json::from_str(&l).unwrap(),
+            _ => serde_json::json!({"ok": false, "error": "probe ended"}),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub const ECONNREFUSED: i64 = libc::ECONNREFUSED as i64;
 pub const EPERM: i64 = libc::EPERM as i64;
 
