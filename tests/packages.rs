@@ -405,6 +405,23 @@ fn the_deb_installs_upgrades_keeping_the_edited_config_and_purges_to_nothing() {
     assert!(root
         .path("/etc/portcullis/examples/analysts/masking.toml")
         .is_file());
+    // Every example set of the repository is shipped (the .rpm test compares its file list
+    // with this one's).
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/examples");
+    for set in std::fs::read_dir(&examples).unwrap() {
+        let set = set.unwrap();
+        for file in std::fs::read_dir(set.path()).unwrap() {
+            let file = file.unwrap().file_name();
+            let shipped = Path::new("/etc/portcullis/examples")
+                .join(set.file_name())
+                .join(&file);
+            assert!(
+                root.path(shipped.to_str().unwrap()).is_file(),
+                "{} is not in the package",
+                shipped.display()
+            );
+        }
+    }
     assert!(root.path("/usr/share/doc/portcullis/copyright").is_file());
     assert!(root
         .path("/usr/share/doc/portcullis/changelog.gz")

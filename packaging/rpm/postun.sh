@@ -30,7 +30,9 @@ if [ "$1" -eq 0 ]; then
     # does not remove the directories it created for them. A directory still holding an
     # operator's file (a policy, the .rpmsave of an edited config) stays.
     for dir in /etc/portcullis/examples/analysts /etc/portcullis/examples/ci-ssh \
-        /etc/portcullis/examples/production-changes /etc/portcullis/examples \
+        /etc/portcullis/examples/production-changes /etc/portcullis/examples/ssh-logins \
+        /etc/portcullis/examples/ssh-forwarding /etc/portcullis/examples/ssh-files \
+        /etc/portcullis/examples \
         /etc/portcullis/policies /etc/portcullis /usr/share/doc/portcullis/docs \
         /usr/share/doc/portcullis /usr/share/licenses/portcullis; do
         rmdir "$dir" 2>/dev/null || :
