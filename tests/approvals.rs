@@ -895,3 +895,33 @@ fn ctrl_c_ends_the_wait_and_withdraws_the_request() {
         "the canceled statement ran"
     );
 }
+
+#[test]
+fn a_session_the_agent_ends_while_its_statement_waits_withdraws_the_request() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let w = pg_world("appr-logout", 181, &[("e2e.cedar", STATEMENT_POLICIES)]);
+    let alice = 48193;
+    login_to(&w.agent, &w.provider, alice, "alice");
+    let psql = psql_script(&w, alice, "CREATE TABLE logged_out_t (id int);\n");
+    let waiting = next_pending(&w.agent, alice, &[]);
+    let id = waiting["id"].as_str().unwrap().to_string();
+    // Logging out ends alice's sessions: the agent closes the connection, not the client.
+    let out = run(&w.agent, alice, &["logout"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = psql.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    // An approval arriving now would approve a statement nobody waits for.
+    let expired = wait_event(&w.agent, "approval.expired", |e| {
+        e["request_id"] == id.as_str()
+    });
+    assert_eq!(expired["approval_state"], "withdrawn", "{expired}");
+    assert_eq!(show(&w.agent, 0, &id)["state"], "withdrawn");
+    assert!(
+        !w.postgres
+            .psql("app", "SELECT tablename FROM pg_tables")
+            .contains("logged_out_t"),
+        "the statement ran"
+    );
+}

@@ -365,6 +365,13 @@ async fn wait_for_approval(
     write_out(client, &notice)
         .await
         .map_err(|e| format!("client write failed: {e}"))?;
+    // However this wait ends without a verdict, the request must not outlive it: dropped
+    // here when the agent ends the session (revocation, logout, shutdown) as much as when the
+    // client goes. Withdrawing a request already decided does nothing.
+    let _unanswered = WithdrawOnDrop {
+        store,
+        id: id.clone(),
+    };
     let mut changes = store.watch();
     loop {
         let Some(r) = store.state_of(&id) else {
@@ -419,5 +426,19 @@ async fn wait_for_approval(
                 )));
             }
         }
+    }
+}
+
+/// Withdraws a pending approval request when the statement that waits for it is no longer
+/// waiting, whatever ended the wait.
+struct WithdrawOnDrop<'a> {
+    store: &'a crate::approvals::ApprovalStore,
+    id: String,
+}
+
+impl Drop for WithdrawOnDrop<'_> {
+    fn drop(&mut self) {
+        self.store
+            .withdraw(&self.id, "the session ended while the statement waited");
     }
 }
