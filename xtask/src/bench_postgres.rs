@@ -817,7 +817,7 @@ impl AgentPath {
                 },
             ),
         )?;
-        let child = crate::bench::spawn_agent_in_cgroup(
+        let child = crate::bench_common::spawn_agent_in_cgroup(
             bin,
             &config,
             dir,
@@ -867,7 +867,7 @@ impl AgentPath {
     fn idle_sessions_rss(&self, endpoint: &Endpoint, scratch: &Path) -> Result<IdleMemory> {
         use std::io::{BufRead, Write};
         let pid = self.child.id();
-        let before_kib = crate::bench::rss_kib(pid)?;
+        let before_kib = crate::bench_common::rss_kib(pid)?;
         let err_path = scratch.join("idle.err");
         let mut client = python(
             endpoint,
@@ -885,7 +885,7 @@ impl AgentPath {
             std::io::BufReader::new(stdout).read_line(&mut line)?;
         }
         let sessions: Option<usize> = line.trim().parse().ok();
-        let after_kib = crate::bench::rss_kib(pid);
+        let after_kib = crate::bench_common::rss_kib(pid);
         if let Some(mut stdin) = client.stdin.take() {
             let _ = stdin.write_all(b"done\n");
         }

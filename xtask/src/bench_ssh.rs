@@ -198,8 +198,8 @@ pub fn run(options: &Options) -> Result<()> {
                 "{}: `ssh 127.0.0.1 true` failed: {}\nsshd: {}\nagent: {}",
                 p.name,
                 String::from_utf8_lossy(&out.stderr),
-                crate::bench::log_tail(&sshd.log),
-                crate::bench::log_tail(&agent.dir.join("agent.log"))
+                crate::bench_common::log_tail(&sshd.log),
+                crate::bench_common::log_tail(&agent.dir.join("agent.log"))
             );
         }
     }
@@ -282,7 +282,7 @@ pub fn run(options: &Options) -> Result<()> {
         "agent RSS with {} idle sessions (ControlMaster off, one ssh running `sleep` each)",
         options.idle_sessions
     ));
-    let rss_before = crate::bench::rss_kib(agent.child.id())?;
+    let rss_before = crate::bench_common::rss_kib(agent.child.id())?;
     let [direct, through] = &samples;
     let [_, agent_path] = &paths;
     let (rss_held, held) = idle_sessions(agent_path, client_uid, options.idle_sessions, &agent)?;
@@ -402,7 +402,7 @@ fn idle_sessions(path: &ClientPath, uid: u32, count: usize, agent: &Agent) -> Re
             println!("  only {running} of {count} sessions reached `sleep` within 60 s");
         }
         std::thread::sleep(Duration::from_secs(1));
-        Ok((crate::bench::rss_kib(agent.child.id())?, running))
+        Ok((crate::bench_common::rss_kib(agent.child.id())?, running))
     })();
     for c in &mut children {
         let _ = c.kill();
@@ -549,7 +549,10 @@ impl Sshd {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", SSHD_PORT)).is_err() {
             if sshd.child.try_wait()?.is_some() || Instant::now() > deadline {
-                bail!("sshd did not listen: {}", crate::bench::log_tail(&sshd.log));
+                bail!(
+                    "sshd did not listen: {}",
+                    crate::bench_common::log_tail(&sshd.log)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -611,10 +614,14 @@ impl Agent {
             ),
         )?;
         let state = dir.join("state/ssh/user_ca.pub");
-        let child =
-            crate::bench::spawn_agent_in_cgroup(bin, &config, &dir, &cgroup.path, PIN_DIR, || {
-                state.exists()
-            })?;
+        let child = crate::bench_common::spawn_agent_in_cgroup(
+            bin,
+            &config,
+            &dir,
+            &cgroup.path,
+            PIN_DIR,
+            || state.exists(),
+        )?;
         Ok(Self {
             child,
             dir,

@@ -2,6 +2,7 @@
 //! parts to running the end-to-end suite. Every step is idempotent and says what it does.
 
 mod bench;
+mod bench_common;
 mod bench_postgres;
 mod bench_ssh;
 mod demo;
