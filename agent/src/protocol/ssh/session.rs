@@ -886,16 +886,8 @@ async fn pump(
         let msg = tokio::select! {
             msg = from.wait() => msg,
             () = tokio::time::sleep(terminal::QUIET_FLUSH), if holds => {
-                if let Some(t) = tap.terminal() {
-                    let released = t.lock().await.release(false).await;
-                    match released {
-                        Ok((out, err)) => {
-                            if send_output(&to, &out, &err).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(ended) => return end_unrecorded(&to, &ended).await,
-                    }
+                if !release_held(&tap, &to, false).await {
+                    return;
                 }
                 continue;
             }
@@ -944,16 +936,8 @@ async fn pump(
             }
             ChannelMsg::Eof => {
                 // Nothing follows: what the masker held goes out before the EOF.
-                if let Some(t) = tap.terminal() {
-                    let released = t.lock().await.release(true).await;
-                    match released {
-                        Ok((out, err)) => {
-                            if send_output(&to, &out, &err).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(ended) => return end_unrecorded(&to, &ended).await,
-                    }
+                if !release_held(&tap, &to, true).await {
+                    return;
                 }
                 eof_held = true;
                 Ok(())
@@ -997,6 +981,23 @@ async fn pump(
         let _ = to.eof().await;
     }
     let _ = to.close().await;
+}
+
+/// What the masker held, released to the client (all of it at the EOF, else what a quiet
+/// period lets go). False when the pump must stop: the client is gone, or the recording
+/// failed and the channel was ended.
+async fn release_held(tap: &ChannelTap, to: &ChannelWriteHalf<Msg>, at_eof: bool) -> bool {
+    let Some(t) = tap.terminal() else {
+        return true;
+    };
+    let released = t.lock().await.release(at_eof).await;
+    match released {
+        Ok((out, err)) => send_output(to, &out, &err).await.is_ok(),
+        Err(ended) => {
+            end_unrecorded(to, &ended).await;
+            false
+        }
+    }
 }
 
 /// Output released by the masker, stdout then stderr.
