@@ -11,7 +11,6 @@
 )]
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -94,14 +93,7 @@ fn world(name: &str, n: u8, policy: &str) -> World {
 }
 
 fn cli(agent: &Agent, uid: u32, args: &[&str]) -> Command {
-    let mut c = Command::new(portcullis_e2e::agent_bin());
-    c.args(args)
-        .arg("--socket")
-        .arg(&agent.socket)
-        .uid(uid)
-        .gid(uid)
-        .stdin(Stdio::null());
-    c
+    agent.cli_as(uid, args)
 }
 
 fn run(agent: &Agent, uid: u32, args: &[&str]) -> Output {

@@ -10,7 +10,6 @@
 )]
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -71,14 +70,7 @@ fn world(name: &str, n: u8, provider: &OidcProvider, extra: &str) -> World {
 }
 
 fn cli(agent: &Agent, uid: u32, args: &[&str]) -> Command {
-    let mut c = Command::new(portcullis_e2e::agent_bin());
-    c.args(args)
-        .arg("--socket")
-        .arg(&agent.socket)
-        .uid(uid)
-        .gid(uid)
-        .stdin(Stdio::null());
-    c
+    agent.cli_as(uid, args)
 }
 
 /// The address with the code filled in, from the line `portcullis login` prints for it.

@@ -298,6 +298,19 @@ pub struct Target<'a> {
 }
 
 impl Agent {
+    /// The `portcullis` CLI against this agent's control socket, run as `uid` (gid `uid`).
+    pub fn cli_as(&self, uid: u32, args: &[&str]) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new(agent_bin());
+        c.args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::null());
+        c
+    }
+
     /// A config for one test. Without identity settings the agent attributes
     /// connections to the Unix account alone.
     pub fn config_text(
