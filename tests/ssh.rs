@@ -1690,6 +1690,106 @@ fn exec_pipes_200_mb_both_ways_with_checksums() {
     assert_eq!(sha256_hex(&down.stdout), sent, "the download changed");
 }
 
+#[test]
+fn a_command_reading_and_writing_at_once_in_small_pieces_moves_200_mb_both_ways() {
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-tee-200", 234);
+    let input = w.files.path().join("input-tee.bin");
+    let data = noise_file(&input, 200 << 20);
+    let sent = sha256_hex(&data);
+    // tee writes what it reads in pipe-sized pieces to stdout and to a checksum on stderr:
+    // both directions busy at once in small packets, the case that knotted the two legs'
+    // flow control together.
+    let mut cmd = w.ssh(&["127.0.0.1", "bash -c 'tee >(sha256sum >&2)'"]);
+    cmd.stdin(std::fs::File::open(&input).unwrap());
+    let out = output_within(&mut cmd, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        w.agent.log()
+    );
+    assert_eq!(out.stdout.len(), data.len(), "{}", text(&out.stderr));
+    assert_eq!(sha256_hex(&out.stdout), sent, "the echoed bytes changed");
+    assert!(
+        text(&out.stderr).contains(&sent),
+        "the target read other bytes: {}",
+        text(&out.stderr)
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_client_that_sends_without_reading_the_echo_is_ended_with_the_reason_and_memory_stays_bounded()
+{
+    if !enabled() {
+        return;
+    }
+    let w = World::new("ssh-no-read", 235);
+    let input = w.files.path().join("flood.bin");
+    noise_file(&input, 300 << 20);
+    let before = rss_kib(w.agent.pid());
+    // The client sends 300 MB to `cat` and never reads what comes back: its stdout is a
+    // pipe nobody empties. Direct, sshd would hold it back by its window; russh refills the
+    // window on arrival, so the agent must bound what it holds and say why it stopped.
+    let mut child = w
+        .ssh(&["127.0.0.1", "cat"])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let unread = child.stdout.take();
+    let mut stderr = child.stderr.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut peak = before;
+    let status = loop {
+        peak = peak.max(rss_kib(w.agent.pid()));
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the client was neither served nor ended\n{}", w.agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(unread);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("sending input without reading it"),
+        "the client was not told why: {err}"
+    );
+    let closed = w.wait_event("connection.closed", |e| {
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("without reading it"))
+    });
+    assert_eq!(closed["protocol"], "ssh", "{closed}");
+    // What the agent held stayed near its allowance (64 MiB past the 16 MiB budget, plus
+    // russh's own buffers), far below the 300 MB the client sent.
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    assert!(grew_mib < 200, "the agent grew by {grew_mib} MiB");
+    // The agent goes on serving.
+    let ok = output_within(
+        &mut w.ssh(&["127.0.0.1", "echo still-serving"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(text(&ok.stdout), "still-serving\n", "{}", text(&ok.stderr));
+}
+
 fn ansible_available() -> bool {
     let problem = (!Path::new("/usr/bin/ansible").exists())
         .then(|| "Debian's ansible-core is not installed (cargo xtask setup)".to_string());

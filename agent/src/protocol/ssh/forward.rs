@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use russh::{client, server, Channel, ChannelMsg};
 
+use super::reader::Reader;
 use super::writer::{ConnectionBudget, UpstreamWriter};
 use crate::admission::Gate;
 use crate::audit::{AuditEvent, Decision};
@@ -48,14 +49,17 @@ impl Drop for ForwardLog {
 
 /// Moves bytes both ways between the client's channel and the server's until both sides
 /// closed. The client's bytes go through a bounded [`UpstreamWriter`], so a destination that
-/// stops reading holds back this channel only.
+/// stops reading holds back this channel only; the server's through a [`Reader`].
+/// `client` is the client-facing session, ended if the connection holds too much.
 pub async fn relay(
     up: Channel<client::Msg>,
     down: Channel<server::Msg>,
     budget: ConnectionBudget,
+    client: server::Handle,
     log: Option<ForwardLog>,
 ) {
-    let (mut up_read, up_write) = up.split();
+    let (up_read, up_write) = up.split();
+    let mut up_read = Reader::spawn(up_read, &budget, client);
     let (mut down_read, down_write) = down.split();
     let sent = log.as_ref().map(|l| Arc::clone(&l.from_client));
     let (writer, drain) = UpstreamWriter::new(up_write, &budget, sent);

@@ -11,6 +11,7 @@
 //! callback, the one place each direction's bytes pass.
 
 mod forward;
+mod reader;
 mod session;
 mod sftp;
 mod terminal;

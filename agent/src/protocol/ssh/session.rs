@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::forward::ForwardLog;
+use super::reader::Reader;
 use super::terminal::{self, LineVerdict, MaskPlan, PtyInfo, Terminal};
 use super::upstream::{KnownHosts, UpstreamHandler};
 use super::writer::{ConnectionBudget, UpstreamWriter};
@@ -37,9 +38,9 @@ use portcullis_policy::{Action, Forward, Obligation, Request};
 
 /// How long a channel request waits for the server's answer before it fails.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Messages of one upstream channel buffered while the client's window is full (each at most
-/// one 32 KiB packet): deep enough that a command reading and writing at once (`cat`) keeps
-/// both directions moving.
+/// Messages of one upstream channel russh buffers before its session loop waits for the
+/// channel's reader (each at most one 32 KiB packet); the reader (`reader.rs`) decides how
+/// far ahead of the client it reads.
 const UPSTREAM_CHANNEL_BUFFER: usize = 1024;
 /// Environment variables passed upstream; everything else is refused (an allowlist: a
 /// variable such as LD_PRELOAD must never reach a server whose AcceptEnv is too wide).
@@ -571,6 +572,7 @@ impl ClientHandler {
         let conn = Arc::clone(&up.session.conn);
         let id = channel.id();
         let (up_read, up_write) = upstream.split();
+        let up_read = Reader::spawn(up_read, &up.budget, session.handle());
         let (up_write, drain) = UpstreamWriter::new(up_write, &up.budget, None);
         self.pumps.spawn(drain);
         // The client's data arrives through the `data` callback; the read half is dropped so
@@ -858,7 +860,7 @@ fn identity_label(identity: &Identity) -> String {
 /// holds back is released once the server has been quiet for `terminal::QUIET_FLUSH`, and
 /// the channel ends early when its recording fails under `recording_failure = "close"`.
 async fn pump(
-    mut from: russh::ChannelReadHalf,
+    mut from: Reader,
     to: ChannelWriteHalf<Msg>,
     client: server::Handle,
     replies: mpsc::Sender<bool>,
@@ -1132,7 +1134,7 @@ impl server::Handler for ClientHandler {
         originator_address: &str,
         originator_port: u32,
         reply: server::ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let destination = format!("{host_to_connect}:{port_to_connect}");
         if self.open.is_none() {
@@ -1203,8 +1205,13 @@ impl server::Handler for ClientHandler {
         }
         let log = ForwardLog::new(Arc::clone(&self.gate), closed);
         let budget = up.budget.clone();
-        self.pumps
-            .spawn(super::forward::relay(upstream, channel, budget, Some(log)));
+        self.pumps.spawn(super::forward::relay(
+            upstream,
+            channel,
+            budget,
+            session.handle(),
+            Some(log),
+        ));
         reply.accept().await;
         Ok(())
     }
@@ -1698,7 +1705,8 @@ impl server::Handler for ClientHandler {
 impl Drop for ClientHandler {
     fn drop(&mut self) {
         if let Some(up) = &mut self.open {
-            up.session.set_end("closed".into());
+            let reason = up.budget.ended().unwrap_or_else(|| "closed".into());
+            up.session.set_end(reason);
         }
         if let Some(reason) = &self.refused {
             tracing::debug!(%reason, "SSH connection refused");

@@ -419,7 +419,7 @@ impl client::Handler for UpstreamHandler {
                 }
             };
             reply.accept().await;
-            forward::relay(channel, down, budget, None).await;
+            forward::relay(channel, down, budget, client, None).await;
         });
         Ok(())
     }
@@ -486,7 +486,7 @@ impl client::Handler for UpstreamHandler {
                 }
             };
             reply.accept().await;
-            forward::relay(channel, down, budget, Some(log)).await;
+            forward::relay(channel, down, budget, client, Some(log)).await;
         });
         Ok(())
     }
