@@ -286,6 +286,17 @@ fn search_and_sessions_read_the_trail_back() {
         .map(|e| e["event"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["connection.opened", "connection.closed"]);
+    // In text, each event is followed by what it was about, and the session by its end.
+    let text = Command::new(portcullis_e2e::agent_bin())
+        .args(["sessions", "show", &id, "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("    bytes: ") && text.contains("\nend: ") && text.contains("ms, sent "),
+        "{text}"
+    );
 }
 
 #[test]

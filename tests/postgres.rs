@@ -1094,9 +1094,29 @@ fn card_numbers_and_emails_are_masked_in_text_results() {
         "{text}"
     );
     assert!(text.contains("no card here"));
-    f.wait_event("statement.executed", |e| {
+    let events = f.wait_event("statement.executed", |e| {
         e["masking_profile"] == "pii" && e["origin"]["uid"] == ANALYST
     });
+    // The session's timeline says what ran and what was done to it, not only `-`.
+    let event = events
+        .iter()
+        .rev()
+        .find(|e| e["masking_profile"] == "pii" && e["origin"]["uid"] == ANALYST)
+        .unwrap();
+    let id = event["connection_id"].as_u64().unwrap().to_string();
+    let show = std::process::Command::new(portcullis_e2e::agent_bin())
+        .args(["sessions", "show", &id, "--config"])
+        .arg(&f.agent.config)
+        .output()
+        .unwrap();
+    let timeline = stdout(&show);
+    assert!(show.status.success(), "{}", stderr(&show));
+    assert!(
+        timeline.contains("sql: SELECT name, email, card, note FROM customers ORDER BY id")
+            && timeline.contains("masked by profile pii")
+            && timeline.contains("class read"),
+        "{timeline}"
+    );
 }
 
 #[test]

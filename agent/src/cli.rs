@@ -1043,7 +1043,7 @@ impl Drop for Keys {
 }
 
 fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
-    use crate::audit::query::{format_time, summary, Filter};
+    use crate::audit::query::{details, format_time, session_end, summary, Filter};
     match command {
         SessionsCommand::List {
             config,
@@ -1062,6 +1062,7 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
             let mut opened: Vec<serde_json::Value> = Vec::new();
             let mut closed: std::collections::HashMap<u64, serde_json::Value> =
                 std::collections::HashMap::new();
+            let mut starts = Vec::new();
             for_each_event(&dir, |event, raw| {
                 if filter.matches(event, raw) {
                     opened.push(event.clone());
@@ -1069,6 +1070,8 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                     if let Some(id) = event["connection_id"].as_u64() {
                         closed.insert(id, event.clone());
                     }
+                } else if event["event"] == "agent.started" {
+                    starts.extend(event["time_ms"].as_u64());
                 }
             })?;
             for o in &opened {
@@ -1083,18 +1086,7 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                     .as_str()
                     .or(field("/identity/subject").as_str())
                     .unwrap_or("-");
-                let end = c.map_or_else(
-                    || "open (or the agent stopped)".to_string(),
-                    |c| {
-                        format!(
-                            "{} ms, sent {}, received {}, {}",
-                            c["duration_ms"],
-                            c["bytes_client_to_upstream"],
-                            c["bytes_upstream_to_client"],
-                            c["reason"].as_str().unwrap_or("")
-                        )
-                    },
-                );
+                let end = session_end(o["time_ms"].as_u64().unwrap_or(0), c, &starts);
                 println!(
                     "{id}  {}  {} ({}) pid {} {} -> {} [{}]: {end}",
                     format_time(o["time_ms"].as_u64().unwrap_or(0)),
@@ -1121,21 +1113,37 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
             };
             let mut n = 0;
             let mut commands = Vec::new();
+            let mut opened_ms = None;
+            let mut closed = None;
+            let mut starts = Vec::new();
             for_each_event(&dir, |event, raw| {
                 if filter.matches(event, raw) {
                     n += 1;
+                    match event["event"].as_str() {
+                        Some("connection.opened") => opened_ms = event["time_ms"].as_u64(),
+                        Some("connection.closed") => closed = Some(event.clone()),
+                        _ => {}
+                    }
                     if json {
                         println!("{raw}");
                     } else {
                         println!("{}", summary(event));
+                        for line in details(event) {
+                            println!("{line}");
+                        }
                         commands.extend(ssh_command(event));
                     }
+                } else if event["event"] == "agent.started" {
+                    starts.extend(event["time_ms"].as_u64());
                 }
             })?;
             if n == 0 {
                 bail!("no session {id} in {}", dir.display());
             }
             if !json {
+                if let Some(opened) = opened_ms {
+                    println!("end: {}", session_end(opened, closed.as_ref(), &starts));
+                }
                 if !commands.is_empty() {
                     println!("commands:");
                     for line in &commands {

@@ -182,6 +182,145 @@ pub fn summary(event: &Value) -> String {
     )
 }
 
+/// Longest statement text or command line one line of a timeline shows; the event itself
+/// (`--json`) keeps all of it.
+const SHOWN_TEXT: usize = 500;
+
+fn shortened(text: &str) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(SHOWN_TEXT) {
+        Some((at, _)) => format!("{}…", &one_line[..at]),
+        None => one_line,
+    }
+}
+
+/// What an event was about, for a session's timeline under its [`summary`] line: the
+/// statement or command and what was decided of it, each as an indented line. Empty for an
+/// event that says nothing beyond its summary.
+pub fn details(event: &Value) -> Vec<String> {
+    let str_at = |key: &str| event.get(key).and_then(Value::as_str);
+    let num_at = |key: &str| event.get(key).and_then(Value::as_u64);
+    let mut lines = Vec::new();
+    if let Some(text) = str_at("statement") {
+        lines.push(format!("    sql: {}", shortened(text)));
+        let params = event
+            .get("parameters")
+            .and_then(Value::as_array)
+            .filter(|p| !p.is_empty());
+        if let Some(params) = params {
+            let shown: Vec<String> = params
+                .iter()
+                .map(|p| {
+                    p.as_str()
+                        .map_or_else(|| "NULL".into(), |v| format!("'{v}'"))
+                })
+                .collect();
+            lines.push(format!("    parameters: {}", shortened(&shown.join(", "))));
+        }
+        let mut facts = Vec::new();
+        if let Some(class) = str_at("statement_class") {
+            facts.push(format!("class {class}"));
+        }
+        if let Some(tag) = str_at("command_tag") {
+            facts.push(format!("tag {tag}"));
+        }
+        if let Some(rows) = num_at("rows") {
+            facts.push(format!("{rows} rows"));
+        }
+        if let Some(state) = str_at("sqlstate") {
+            facts.push(format!("sqlstate {state}"));
+        }
+        if let Some(us) = num_at("duration_us") {
+            facts.push(format!("{us} µs"));
+        }
+        if let Some(profile) = str_at("masking_profile") {
+            facts.push(format!("masked by profile {profile}"));
+        }
+        if !facts.is_empty() {
+            lines.push(format!("    {}", facts.join(", ")));
+        }
+    }
+    if let Some(command) = str_at("command_line") {
+        lines.push(format!("    command: {}", shortened(command)));
+    }
+    if let Some(op) = str_at("sftp_operation") {
+        let mut line = format!("    sftp {op}");
+        if let Some(path) = str_at("path") {
+            line.push_str(&format!(" {path}"));
+        }
+        if let Some(to) = str_at("new_path") {
+            line.push_str(&format!(" -> {to}"));
+        }
+        if let Some(n) = num_at("bytes_read") {
+            line.push_str(&format!(", {n} bytes read"));
+        }
+        if let Some(n) = num_at("bytes_written") {
+            line.push_str(&format!(", {n} bytes written"));
+        }
+        lines.push(line);
+    }
+    if let Some(forward) = str_at("forward") {
+        lines.push(format!("    forward to {forward}"));
+    }
+    if let Some(id) = str_at("request_id") {
+        let mut line = format!("    approval request {id}");
+        if let Some(asked) = str_at("asked") {
+            line.push_str(&format!(" ({asked})"));
+        }
+        let approvers: Vec<&str> = event
+            .get("approvers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !approvers.is_empty() {
+            line.push_str(&format!(", approved by {}", approvers.join(", ")));
+        }
+        lines.push(line);
+    }
+    if let (Some(up), Some(down)) = (
+        num_at("bytes_client_to_upstream"),
+        num_at("bytes_upstream_to_client"),
+    ) {
+        lines.push(format!("    bytes: {up} sent, {down} received"));
+    }
+    let ids: Vec<&str> = event
+        .get("policy_ids")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !ids.is_empty() {
+        lines.push(format!("    policies: {}", ids.join(", ")));
+    }
+    lines
+}
+
+/// How a session ended, for `sessions list` and `sessions show`: its `connection.closed`,
+/// or, without one, whether the agent started again after it opened (an agent that was
+/// killed or lost its host records no close; its next start tells).
+pub fn session_end(opened_ms: u64, closed: Option<&Value>, agent_starts_ms: &[u64]) -> String {
+    if let Some(c) = closed {
+        return format!(
+            "{} ms, sent {}, received {}, {}",
+            c["duration_ms"],
+            c["bytes_client_to_upstream"],
+            c["bytes_upstream_to_client"],
+            c["reason"].as_str().unwrap_or("")
+        );
+    }
+    match agent_starts_ms
+        .iter()
+        .copied()
+        .filter(|t| *t >= opened_ms)
+        .min()
+    {
+        Some(restart) => format!(
+            "ended when the agent stopped without recording it (the agent started again at {})",
+            format_time(restart)
+        ),
+        None => "open (no close recorded, and the agent has not started again since)".into(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
@@ -330,5 +469,62 @@ mod tests {
         for (i, (f, want)) in table.iter().enumerate() {
             assert_eq!(f.matches(&ev, &raw), *want, "row {i}: {f:?}");
         }
+    }
+
+    #[test]
+    fn a_statement_event_shows_its_text_parameters_and_what_was_decided() {
+        let ev = json!({
+            "time_ms": 1000, "event": "query.statement", "decision": "allow",
+            "statement": "SELECT  card\n FROM customers WHERE id = $1",
+            "parameters": ["42", null], "statement_class": "read", "command_tag": "SELECT 1",
+            "rows": 1, "masking_profile": "pci", "policy_ids": ["read-billing"],
+        });
+        assert_eq!(
+            details(&ev),
+            [
+                "    sql: SELECT card FROM customers WHERE id = $1",
+                "    parameters: '42', NULL",
+                "    class read, tag SELECT 1, 1 rows, masked by profile pci",
+                "    policies: read-billing",
+            ]
+        );
+        let long = json!({"statement": "x".repeat(600)});
+        assert_eq!(
+            details(&long)[0].chars().count(),
+            "    sql: ".len() + SHOWN_TEXT + 1
+        );
+        assert!(details(&json!({"event": "agent.started"})).is_empty());
+    }
+
+    #[test]
+    fn ssh_and_approval_events_show_their_substance() {
+        let exec = json!({"command_line": "systemctl restart app", "policy_ids": ["ci"]});
+        assert_eq!(
+            details(&exec),
+            ["    command: systemctl restart app", "    policies: ci"]
+        );
+        let sftp = json!({"sftp_operation": "rename", "path": "/a", "new_path": "/b"});
+        assert_eq!(details(&sftp), ["    sftp rename /a -> /b"]);
+        let approved =
+            json!({"request_id": "r-1", "asked": "statement", "approvers": ["bob", "carol"]});
+        assert_eq!(
+            details(&approved),
+            ["    approval request r-1 (statement), approved by bob, carol"]
+        );
+    }
+
+    #[test]
+    fn a_session_without_a_close_says_whether_the_agent_started_again() {
+        let closed = json!({"duration_ms": 5, "bytes_client_to_upstream": 1,
+            "bytes_upstream_to_client": 2, "reason": "client closed"});
+        assert_eq!(
+            session_end(100, Some(&closed), &[50, 200]),
+            "5 ms, sent 1, received 2, client closed"
+        );
+        assert!(session_end(100, None, &[50]).starts_with("open"));
+        assert_eq!(
+            session_end(100, None, &[50, 300, 200]),
+            "ended when the agent stopped without recording it (the agent started again at 1970-01-01 00:00:00)"
+        );
     }
 }
