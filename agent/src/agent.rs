@@ -119,10 +119,23 @@ pub fn run(
             "INSECURE: the issuer and audit shipping may use plaintext on loopback, where a local user who binds the port first can pose as them"
         );
     }
+    let (notifier, notifications) = crate::approvals::notify::Notifier::start(
+        &config.approvals,
+        config.insecure.allow_plaintext_loopback,
+        &audit,
+        crate::approvals::notify::Backoff::default(),
+    )?;
+    if let Some(group) = config.approvals.break_glass() {
+        tracing::info!(group, "break-glass is on: members of the group may approve their own requests, with a reason, alerted and audited");
+    }
     let approvals = crate::approvals::ApprovalStore::open(
         &config.state_dir.join("approvals"),
         Arc::clone(&audit),
         Arc::clone(&registry) as Arc<dyn crate::approvals::GrantEndListener>,
+        crate::approvals::StoreOptions {
+            break_glass_group: config.approvals.break_glass().map(str::to_owned),
+            notifier: Some(notifier),
+        },
     )?;
     let config = Arc::new(config);
     let targets = Arc::new(targets);
@@ -170,6 +183,11 @@ pub fn run(
         proxy
             .tasks
             .spawn(Arc::clone(&approvals).maintain(proxy.close_all.clone()));
+        // Stopped by `close_all`, after the drain, like the audit shippers.
+        for delivery in notifications {
+            tracing::info!(webhook = delivery.name(), "approval notifications on");
+            proxy.tasks.spawn(delivery.run(proxy.close_all.clone()));
+        }
         proxy
             .tasks
             .spawn(Arc::clone(&policies).watch(proxy.close_all.clone()));

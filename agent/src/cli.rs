@@ -1577,6 +1577,28 @@ fn render_status(r: &StatusReport) -> String {
             );
         }
     }
+    if !r.break_glass_grants.is_empty() {
+        let now = crate::audit::now_ms();
+        let _ = writeln!(
+            out,
+            "\nBREAK-GLASS grants open ({})",
+            r.break_glass_grants.len()
+        );
+        for g in &r.break_glass_grants {
+            let _ = writeln!(
+                out,
+                "  {}  {} on {} ({})  until {} ({} left)  request {}: {}",
+                g.id,
+                g.who,
+                g.target,
+                g.actions.join(", "),
+                crate::audit::query::format_time(g.expires_ms),
+                crate::approvals::human_duration(g.expires_ms.saturating_sub(now) / 1000),
+                g.request_id,
+                g.reason
+            );
+        }
+    }
     let scope = if r.viewer_uid == 0 {
         String::new()
     } else {

@@ -68,6 +68,79 @@ pub struct Config {
     /// How targets' `host` names are resolved.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Just-in-time approvals on this host: break-glass and the notification webhooks
+    /// (`docs/approvals.md`; who must approve is the policy's, `approvals.toml`).
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+}
+
+/// `[approvals]`: what the policy's approvals (`@approval`, `approvals.toml`) do on this host
+/// beyond the requests themselves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// The emergency group: a person whose login's token names it may approve their own
+    /// request, with a reason (`portcullis approvals approve <id> --break-glass --reason
+    /// "…"`), which fills the whole requirement, loudly (an `approval.break_glass` event,
+    /// every notification webhook alerted, the grant shown by `portcullis status`). Unset
+    /// or empty: nobody can break the glass.
+    #[serde(default)]
+    pub break_glass_group: Option<String>,
+    /// Webhooks told of every request, decision, expiry, revocation and break-glass
+    /// (`[[approvals.notify]]`, at most 8).
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
+}
+
+impl ApprovalsConfig {
+    /// The break-glass group, if break-glass is on.
+    pub fn break_glass(&self) -> Option<&str> {
+        self.break_glass_group.as_deref().filter(|g| !g.is_empty())
+    }
+}
+
+/// `[[approvals.notify]]`: one webhook that receives a POST per approval event, retried
+/// with backoff (1 to 16 s, 6 attempts) and then dropped with an
+/// `approval.notification_dropped` event; the request goes on either way.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// What logs and events call this webhook (its URL is never shown); default `notify[<index>]`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `json`: one object per event; `slack`: a Slack-compatible message (`text` and `blocks`).
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// https, or plain http on a loopback host only (with `insecure.allow_plaintext_loopback`).
+    /// Exactly one of `url` and `url_file`; a URL that is itself a secret (Slack's) goes in
+    /// `url_file`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Root-only (0600) file holding the URL, for a URL that is itself a credential (a Slack
+    /// incoming webhook's); never logged.
+    #[serde(default)]
+    #[schemars(extend("x-sighup" = "read at start"))]
+    pub url_file: Option<PathBuf>,
+    /// Root-only (0600) file with a bearer token; never logged.
+    #[serde(default)]
+    #[schemars(extend("x-sighup" = "read at start"))]
+    pub token_file: Option<PathBuf>,
+    /// An attempt without a response after this long has failed; 1 to 60.
+    #[serde(default = "defaults::webhook_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyFormat {
+    /// One JSON object per event (docs/approvals.md shows its fields).
+    #[default]
+    Json,
+    /// `{"text": …, "blocks": […]}`, what a Slack incoming webhook (and compatible chat
+    /// tools) read.
+    Slack,
 }
 
 /// `[dns]`: the resolver for targets' `host` names.
@@ -1172,6 +1245,21 @@ impl Config {
                 ));
             }
         }
+        for (i, n) in self.approvals.notify.iter().enumerate() {
+            if n.url.as_deref().is_some_and(|u| u.starts_with("http://")) && !plaintext_ok {
+                return Err(plain(
+                    spans
+                        .approvals
+                        .notify
+                        .get(i)
+                        .and_then(|s| s.url.as_ref())
+                        .map(Spanned::span),
+                    &format!("approvals.notify[{i}].url"),
+                    "plain http",
+                    "receives every approval request",
+                ));
+            }
+        }
         if let Some(central) = &self.audit.central {
             if central.tls == CentralTls::Disable && !plaintext_ok {
                 return Err(plain(
@@ -1354,6 +1442,7 @@ impl Config {
         if let Some(webhook) = &self.audit.webhook {
             validate_webhook(webhook).map_err(|m| (0..0, format!("audit.webhook.{m}")))?;
         }
+        validate_approvals(&self.approvals).map_err(|m| (0..0, format!("approvals.{m}")))?;
         if let Some(threads) = &self.proxy.threads {
             if *threads.get_ref() > ProxyConfig::MAX_THREADS {
                 return Err((
@@ -1626,6 +1715,49 @@ fn validate_webhook(c: &WebhookConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Errors start with the key they are about (the caller prefixes `approvals.`).
+fn validate_approvals(c: &ApprovalsConfig) -> Result<(), String> {
+    if let Some(g) = &c.break_glass_group {
+        if g.trim() != g || g.chars().any(char::is_control) {
+            return Err(format!(
+                "break_glass_group: `{g}` has spaces around it or control characters"
+            ));
+        }
+    }
+    if c.notify.len() > 8 {
+        return Err(format!("notify: {} webhooks; at most 8", c.notify.len()));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, n) in c.notify.iter().enumerate() {
+        let at = |m: String| format!("notify[{i}].{m}");
+        let name = n.name.clone().unwrap_or_else(|| format!("notify[{i}]"));
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(at("name: 1 to 64 printable characters".into()));
+        }
+        if !names.insert(name.clone()) {
+            return Err(at(format!("name: `{name}` is used twice")));
+        }
+        match (&n.url, &n.url_file) {
+            (Some(_), Some(_)) => return Err(at("url: set `url` or `url_file`, not both".into())),
+            (None, None) => return Err(at("url: set `url` or `url_file`".into())),
+            (Some(url), None) => {
+                check_webhook_url(url).map_err(|m| at(format!("url: {m}")))?;
+                if n.format == NotifyFormat::Slack {
+                    return Err(at(
+                        "url: a Slack webhook URL is a credential: put it in `url_file` (root-only, 0600)"
+                            .into(),
+                    ));
+                }
+            }
+            (None, Some(_)) => {}
+        }
+        if n.timeout_secs == 0 || n.timeout_secs > 60 {
+            return Err(at(format!("timeout_secs: {} must be 1-60", n.timeout_secs)));
+        }
+    }
+    Ok(())
+}
+
 /// https, or plain http only where nothing crosses a network; no credentials in the URL.
 pub fn check_webhook_url(url: &str) -> Result<(), String> {
     // The parser's own message may quote the URL, credentials included: never repeat it.
@@ -1696,6 +1828,14 @@ struct KeySpans {
     audit: AuditSpans,
     #[serde(default)]
     insecure: InsecureSpans,
+    #[serde(default)]
+    approvals: ApprovalsSpans,
+}
+
+#[derive(Default, Deserialize)]
+struct ApprovalsSpans {
+    #[serde(default)]
+    notify: Vec<TransportSpans>,
 }
 
 type KeySpan = Option<Spanned<toml::Value>>;

@@ -64,11 +64,14 @@ pub enum Request {
     ApprovalsShow {
         id: String,
     },
-    /// Approve or deny a request, as the caller's own login.
+    /// Approve or deny a request, as the caller's own login; `break_glass`: approve one's
+    /// own request as a member of the emergency group.
     ApprovalsDecide {
         id: String,
         approve: bool,
         reason: String,
+        #[serde(default)]
+        break_glass: bool,
     },
     GrantsList {
         all: bool,
@@ -152,6 +155,23 @@ pub struct StatusReport {
     /// Whether the audit trail is being written, and what the agent does while it is not.
     #[serde(default)]
     pub audit: AuditWriteStatus,
+    /// Active grants made by breaking the glass (root: all; anyone else: those they may see).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub break_glass_grants: Vec<BreakGlassGrantView>,
+}
+
+/// An open break-glass grant, as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BreakGlassGrantView {
+    pub id: String,
+    pub request_id: String,
+    /// Who broke the glass (the requester).
+    pub who: String,
+    pub target: String,
+    pub actions: Vec<String>,
+    pub expires_ms: u64,
+    /// The reason given with `--break-glass`.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -494,13 +514,17 @@ async fn respond(req: Request, peer: Peer, state: &ControlState) -> Response {
             id,
             approve,
             reason,
+            break_glass,
         } => {
             // The approver's groups are those of their login's token now.
             let approver = match state.identity.resolve(&peer_origin(peer)) {
                 Ok(i) => i,
                 Err(e) => return error(e),
             };
-            match state.approvals.decide(&id, &approver, approve, reason) {
+            match state
+                .approvals
+                .decide(&id, &approver, approve, reason, break_glass)
+            {
                 Ok(r) => Response::ApprovalRequest(Box::new(r)),
                 Err(e) => error(e),
             }
@@ -708,7 +732,41 @@ fn status(state: &ControlState) -> StatusReport {
         connections: proxy.registry().views(None),
         policy: Some(state.policies.status()),
         audit: audit_write_status(proxy, true),
+        break_glass_grants: break_glass_grants(
+            state,
+            &Viewer {
+                uid: 0,
+                identity: None,
+            },
+        ),
     }
+}
+
+/// The active grants made by breaking the glass that `viewer` may see.
+fn break_glass_grants(state: &ControlState, viewer: &Viewer) -> Vec<BreakGlassGrantView> {
+    state
+        .approvals
+        .grants(viewer, false)
+        .into_iter()
+        .filter(|g| g.break_glass)
+        .map(|g| {
+            let reason = state
+                .approvals
+                .state_of(&g.request_id)
+                .and_then(|r| r.verdicts.into_iter().find(|v| v.break_glass.is_some()))
+                .map(|v| v.reason)
+                .unwrap_or_default();
+            BreakGlassGrantView {
+                who: crate::approvals::who(&g.requester),
+                id: g.id,
+                request_id: g.request_id,
+                target: g.target,
+                actions: g.actions,
+                expires_ms: g.expires_ms,
+                reason,
+            }
+        })
+        .collect()
 }
 
 /// Anyone else's view: what they may use and what they have open. The targets are those
@@ -718,7 +776,12 @@ fn status(state: &ControlState) -> StatusReport {
 fn user_status(peer: Peer, state: &ControlState) -> StatusReport {
     let proxy = &state.proxy;
     let origin = peer_origin(peer);
-    let (targets, identity_error) = match state.identity.resolve(&origin) {
+    let resolved = state.identity.resolve(&origin);
+    let viewer = Viewer {
+        uid: peer.uid,
+        identity: resolved.as_ref().ok().cloned(),
+    };
+    let (targets, identity_error) = match resolved {
         Ok(identity) => {
             let permitted = proxy
                 .targets()
@@ -762,6 +825,7 @@ fn user_status(peer: Peer, state: &ControlState) -> StatusReport {
         connections,
         policy: None,
         audit: audit_write_status(proxy, false),
+        break_glass_grants: break_glass_grants(state, &viewer),
     }
 }
 

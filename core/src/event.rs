@@ -130,6 +130,15 @@ pub enum EventKind {
     /// A grant reached its end; its open connections are closed.
     #[serde(rename = "grant.expired")]
     GrantExpired,
+    /// A member of the configured break-glass group approved their own request, with a
+    /// reason: the whole requirement is filled at once (`approval.break_glass` instead of
+    /// `approval.approved`), and the notification webhooks are alerted.
+    #[serde(rename = "approval.break_glass")]
+    ApprovalBreakGlass,
+    /// An approval notification was not delivered (its webhook kept failing, or its queue
+    /// was full); `reason` says which webhook, by name, and why. The request goes on.
+    #[serde(rename = "approval.notification_dropped")]
+    ApprovalNotificationDropped,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.
@@ -228,6 +237,9 @@ pub struct ApprovalFields {
     pub approval_statement: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub approval_parameters: Vec<Option<String>>,
+    /// The request was approved, or the grant made, by breaking the glass.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub break_glass: bool,
 }
 
 /// Where a recording chunk lies in its file and what it hashes to (`recording.chunk`), or

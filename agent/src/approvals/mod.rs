@@ -9,6 +9,7 @@
 //! connections it let through; this module knows nothing of connections.
 
 pub mod duties;
+pub mod notify;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -69,6 +70,8 @@ pub enum ApprovalError {
     ReasonTooLong,
     #[error("a grant lasts from 1 second to {} hours", MAX_GRANT.as_secs() / 3600)]
     BadDuration,
+    #[error("break-glass approves; it never denies (deny without --break-glass)")]
+    BreakGlassDenial,
 }
 
 /// What is asked.
@@ -172,6 +175,9 @@ pub struct Verdict {
     pub approve: bool,
     pub reason: String,
     pub at_ms: u64,
+    /// A break-glass approval: the emergency group it was given as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,13 +217,21 @@ impl ApprovalRequest {
     }
 
     fn tally(&self) -> duties::Tally {
-        let approvals: Vec<&Identity> = self
+        let votes: Vec<duties::Vote<'_>> = self
             .verdicts
             .iter()
             .filter(|v| v.approve)
-            .map(|v| &v.by)
+            .map(|v| duties::Vote {
+                by: &v.by,
+                break_glass: v.break_glass.as_deref(),
+            })
             .collect();
-        duties::tally(&self.requirement(), &self.requester, &approvals)
+        duties::tally(&self.requirement(), &self.requester, &votes)
+    }
+
+    /// Whether the glass was broken for it.
+    pub fn break_glass(&self) -> bool {
+        self.verdicts.iter().any(|v| v.break_glass.is_some())
     }
 
     /// The subjects whose approvals count.
@@ -259,6 +273,9 @@ pub struct Grant {
     /// Set once `grant.expired` was recorded.
     #[serde(default)]
     pub ended: bool,
+    /// Made by breaking the glass: `portcullis status` lists it while it is active.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub break_glass: bool,
 }
 
 impl Grant {
@@ -316,11 +333,22 @@ struct Book {
     grants: BTreeMap<String, Grant>,
 }
 
+/// What the agent's config adds to the policy's approvals (`[approvals]`).
+#[derive(Default)]
+pub struct StoreOptions {
+    /// `approvals.break_glass_group`; `None` (or empty): no break-glass.
+    pub break_glass_group: Option<String>,
+    /// The webhooks every approval event is told to; `None`: none.
+    pub notifier: Option<Arc<notify::Notifier>>,
+}
+
 pub struct ApprovalStore {
     dir: PathBuf,
     book: Mutex<Book>,
     audit: Arc<AuditLog>,
     grant_ends: Arc<dyn GrantEndListener>,
+    break_glass_group: Option<String>,
+    notifier: Arc<notify::Notifier>,
     /// Bumped at every change; a statement waiting for its request watches it.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -334,6 +362,7 @@ impl ApprovalStore {
         dir: &Path,
         audit: Arc<AuditLog>,
         grant_ends: Arc<dyn GrantEndListener>,
+        options: StoreOptions,
     ) -> Result<Arc<Self>, ApprovalError> {
         let io = |source| ApprovalError::Io {
             path: dir.to_path_buf(),
@@ -379,8 +408,17 @@ impl ApprovalStore {
             book: Mutex::new(book),
             audit,
             grant_ends,
+            break_glass_group: options.break_glass_group.filter(|g| !g.is_empty()),
+            notifier: options.notifier.unwrap_or_else(notify::Notifier::none),
             changes,
         }))
+    }
+
+    /// Records an approval or grant event and queues its notification (which never waits:
+    /// see [`notify`]). `request_expires_ms` is when a pending request expires.
+    fn record(&self, ev: AuditEvent, request_expires_ms: Option<u64>) {
+        self.notifier.notify(&ev, request_expires_ms);
+        self.audit.record(ev);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -487,25 +525,37 @@ impl ApprovalStore {
         }
         drop(book);
         tracing::info!(request = %request.id, asked = %request.asked.describe(), "approval requested");
-        self.audit.record(self.request_event(
-            EventKind::ApprovalRequested,
-            &request,
-            &request.requester,
-            request.reason.clone(),
-        ));
+        self.record(
+            self.request_event(
+                EventKind::ApprovalRequested,
+                &request,
+                &request.requester,
+                request.reason.clone(),
+            ),
+            Some(request.expires_ms),
+        );
         Ok(request)
     }
 
     /// An approver's decision. Refused (and so never stored) when they may not decide it
     /// ([`duties::eligible`]) or already did; a denial ends the request, approvals that meet
-    /// the requirement approve it (and make its grant).
+    /// the requirement approve it (and make its grant). With `break_glass`, the requester
+    /// approves their own request as a member of the emergency group: a reason is
+    /// required, and the requirement is filled whole (`approval.break_glass`).
     pub fn decide(
         &self,
         id: &str,
         approver: &Identity,
         approve: bool,
         reason: String,
+        break_glass: bool,
     ) -> Result<ApprovalRequest, ApprovalError> {
+        if break_glass && !approve {
+            return Err(ApprovalError::BreakGlassDenial);
+        }
+        if break_glass && reason.trim().is_empty() {
+            return Err(duties::Ineligible::BreakGlassWithoutReason.into());
+        }
         check_reason(&reason, !approve)?;
         let now = now_ms();
         let mut book = self.lock();
@@ -523,7 +573,17 @@ impl ApprovalStore {
                 state: request.state.as_str(),
             });
         }
-        duties::eligible(&request.requirement(), &request.requester, approver)?;
+        let how = if break_glass {
+            duties::Approving::BreakGlass {
+                group: self.break_glass_group.as_deref(),
+                reason: &reason,
+            }
+        } else {
+            duties::Approving::Ordinary {
+                break_glass_group: self.break_glass_group.as_deref(),
+            }
+        };
+        duties::eligible(&request.requirement(), &request.requester, approver, how)?;
         let subject = duties::person(approver);
         if request
             .verdicts
@@ -539,6 +599,11 @@ impl ApprovalStore {
             approve,
             reason: reason.clone(),
             at_ms: now,
+            break_glass: if break_glass {
+                self.break_glass_group.clone()
+            } else {
+                None
+            },
         });
         let mut grant = None;
         if !approve {
@@ -567,6 +632,7 @@ impl ApprovalStore {
                         required: request.required.clone(),
                         revoked: None,
                         ended: false,
+                        break_glass: tally.break_glass.is_some(),
                     };
                     request.grant_id = Some(g.id.clone());
                     grant = Some(g);
@@ -585,18 +651,30 @@ impl ApprovalStore {
             return Err(e);
         }
         drop(book);
-        let kind = if approve {
-            EventKind::ApprovalApproved
-        } else {
-            EventKind::ApprovalDenied
+        let kind = match (approve, break_glass) {
+            (true, true) => EventKind::ApprovalBreakGlass,
+            (true, false) => EventKind::ApprovalApproved,
+            (false, _) => EventKind::ApprovalDenied,
         };
-        tracing::info!(request = %request.id, state = request.state.as_str(), approve, "approval decided");
+        let reason = if break_glass {
+            // The trail says, in words, what the glass did.
+            tracing::warn!(request = %request.id, requester = %who(&request.requester), asked = %request.asked.describe(), "BREAK-GLASS: a requester approved their own request");
+            format!(
+                "break-glass by {} as a member of `{}`, filling {}: {reason}",
+                who(approver),
+                self.break_glass_group.as_deref().unwrap_or_default(),
+                request.requirement()
+            )
+        } else {
+            tracing::info!(request = %request.id, state = request.state.as_str(), approve, "approval decided");
+            reason
+        };
         let mut ev = self.request_event(kind, &request, approver, reason);
         if let (Some(fields), Some(g)) = (ev.approval.as_mut(), &grant) {
             fields.grant_id = Some(g.id.clone());
             fields.grant_expires_ms = Some(g.expires_ms);
         }
-        self.audit.record(ev);
+        self.record(ev, Some(request.expires_ms));
         Ok(request)
     }
 
@@ -622,7 +700,7 @@ impl ApprovalStore {
         event.event = EventKind::GrantUsed;
         event.reason = Some(what);
         event.approval = Some(Box::new(grant_fields(grant, request.as_ref(), "approved")));
-        self.audit.record(event);
+        self.record(event, None);
     }
 
     /// Ends a grant before its time; its open connections are closed. The holder, anyone
@@ -673,7 +751,7 @@ impl ApprovalStore {
             ev.identity = Some(i.clone().into());
         }
         ev.approval = Some(Box::new(grant_fields(&grant, request.as_ref(), "revoked")));
-        self.audit.record(ev);
+        self.record(ev, None);
         Ok((grant, closed))
     }
 
@@ -715,7 +793,7 @@ impl ApprovalStore {
             ev.target = Some(g.target.as_str().into());
             ev.identity = Some(g.requester.clone().into());
             ev.approval = Some(Box::new(grant_fields(g, request.as_ref(), "expired")));
-            self.audit.record(ev);
+            self.record(ev, None);
         }
     }
 
@@ -749,7 +827,7 @@ impl ApprovalStore {
                     r.counted().len()
                 ),
             );
-            self.audit.record(ev);
+            self.record(ev, None);
         }
         expired.len()
     }
@@ -781,7 +859,7 @@ impl ApprovalStore {
             &r.requester,
             format!("withdrawn: {why}"),
         );
-        self.audit.record(ev);
+        self.record(ev, None);
     }
 
     /// Sweeps every second until `stop`.
@@ -867,6 +945,7 @@ impl ApprovalStore {
             required: r.requirement().to_string(),
             approval_state: r.state.as_str(),
             asked: r.asked.kind(),
+            break_glass: r.break_glass(),
             ..ApprovalFields::default()
         };
         match &r.asked {
@@ -934,6 +1013,7 @@ fn grant_fields(
         grant_expires_ms: Some(g.expires_ms),
         approval_statement: None,
         approval_parameters: Vec::new(),
+        break_glass: g.break_glass,
     }
 }
 
@@ -1065,7 +1145,13 @@ mod tests {
         let closed = Arc::new(Closed(Mutex::new(Vec::new())));
         let audit = audit(dir.path());
         let state = dir.path().join("approvals");
-        let store = ApprovalStore::open(&state, Arc::clone(&audit), closed.clone()).unwrap();
+        let store = ApprovalStore::open(
+            &state,
+            Arc::clone(&audit),
+            closed.clone(),
+            StoreOptions::default(),
+        )
+        .unwrap();
         let alice = user(1001, "alice", &["dba-leads"]);
         let bob = user(1002, "bob", &["dba-leads"]);
         let r = store.ask(ask(alice.clone(), &[("dba-leads", 1)])).unwrap();
@@ -1078,7 +1164,7 @@ mod tests {
             r.id
         );
         let err = store
-            .decide(&r.id, &alice, true, String::new())
+            .decide(&r.id, &alice, true, String::new(), false)
             .unwrap_err();
         assert!(
             matches!(
@@ -1089,7 +1175,13 @@ mod tests {
         );
         drop(store);
 
-        let store = ApprovalStore::open(&state, Arc::clone(&audit), closed.clone()).unwrap();
+        let store = ApprovalStore::open(
+            &state,
+            Arc::clone(&audit),
+            closed.clone(),
+            StoreOptions::default(),
+        )
+        .unwrap();
         let pending = store
             .request(
                 &r.id,
@@ -1101,7 +1193,7 @@ mod tests {
             .unwrap();
         assert_eq!(pending.state, RequestState::Pending);
         assert_eq!(pending.reason, "INC-4711");
-        let approved = store.decide(&r.id, &bob, true, "ok".into()).unwrap();
+        let approved = store.decide(&r.id, &bob, true, "ok".into(), false).unwrap();
         assert_eq!(approved.state, RequestState::Approved);
         let grant = store
             .active_grant("alice", "billing-db", "connect")
@@ -1113,7 +1205,8 @@ mod tests {
         assert!(store.active_grant("alice", "other-db", "connect").is_none());
         drop(store);
 
-        let store = ApprovalStore::open(&state, audit, closed.clone()).unwrap();
+        let store =
+            ApprovalStore::open(&state, audit, closed.clone(), StoreOptions::default()).unwrap();
         assert!(store
             .active_grant("alice", "billing-db", "connect")
             .is_some());
@@ -1149,24 +1242,31 @@ mod tests {
     async fn a_denial_ends_the_request_and_one_person_on_two_uids_counts_once() {
         let dir = tempfile::tempdir().unwrap();
         let closed = Arc::new(Closed(Mutex::new(Vec::new())));
-        let store =
-            ApprovalStore::open(&dir.path().join("approvals"), audit(dir.path()), closed).unwrap();
+        let store = ApprovalStore::open(
+            &dir.path().join("approvals"),
+            audit(dir.path()),
+            closed,
+            StoreOptions::default(),
+        )
+        .unwrap();
         let alice = user(1001, "alice", &[]);
         let bob = user(1002, "bob", &["dba-leads"]);
         let bob_again = user(1012, "bob", &["dba-leads"]);
         let carol = user(1003, "carol", &["dba-leads"]);
         let r = store.ask(ask(alice.clone(), &[("dba-leads", 2)])).unwrap();
-        store.decide(&r.id, &bob, true, String::new()).unwrap();
+        store
+            .decide(&r.id, &bob, true, String::new(), false)
+            .unwrap();
         let err = store
-            .decide(&r.id, &bob_again, true, String::new())
+            .decide(&r.id, &bob_again, true, String::new(), false)
             .unwrap_err();
         assert!(matches!(err, ApprovalError::AlreadyVoted(_)), "{err}");
         assert!(matches!(
-            store.decide(&r.id, &carol, false, String::new()),
+            store.decide(&r.id, &carol, false, String::new(), false),
             Err(ApprovalError::NoReason)
         ));
         let denied = store
-            .decide(&r.id, &carol, false, "not now".into())
+            .decide(&r.id, &carol, false, "not now".into(), false)
             .unwrap();
         assert_eq!(denied.state, RequestState::Denied);
         assert!(store
@@ -1178,8 +1278,13 @@ mod tests {
     async fn a_withdrawn_request_cannot_be_approved_afterwards() {
         let dir = tempfile::tempdir().unwrap();
         let closed = Arc::new(Closed(Mutex::new(Vec::new())));
-        let store =
-            ApprovalStore::open(&dir.path().join("approvals"), audit(dir.path()), closed).unwrap();
+        let store = ApprovalStore::open(
+            &dir.path().join("approvals"),
+            audit(dir.path()),
+            closed,
+            StoreOptions::default(),
+        )
+        .unwrap();
         let r = store
             .ask(ask(user(1001, "alice", &[]), &[("dba-leads", 1)]))
             .unwrap();
@@ -1190,6 +1295,7 @@ mod tests {
                 &user(1002, "bob", &["dba-leads"]),
                 true,
                 String::new(),
+                false,
             )
             .unwrap_err();
         assert!(

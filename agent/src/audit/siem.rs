@@ -471,6 +471,8 @@ pub fn severity(event_type: &str, decision: Option<&str>) -> u8 {
             | "policy.reload_failed"
             | "audit.integrity"
             | "audit.spool_full"
+            | "approval.break_glass"
+            | "approval.notification_dropped"
     );
     if alert || decision == Some(super::Decision::Deny.as_str()) {
         SEVERITY_WARNING
@@ -857,6 +859,11 @@ mod tests {
         );
         assert_eq!(severity("audit.integrity", None), SEVERITY_WARNING);
         assert_eq!(severity("audit.spool_full", None), SEVERITY_WARNING);
+        assert_eq!(severity("approval.break_glass", None), SEVERITY_WARNING);
+        assert_eq!(
+            severity("approval.notification_dropped", None),
+            SEVERITY_WARNING
+        );
         assert_eq!(severity("agent.started", None), SEVERITY_INFO);
     }
 

@@ -49,11 +49,16 @@ pub enum ApprovalsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Approve a request as your own login (never one you made).
+    /// Approve a request as your own login (never one you made, unless you break the glass).
     Approve {
         id: String,
         #[arg(long, default_value = "")]
         reason: String,
+        /// Approve your OWN request as a member of the configured emergency group
+        /// (`approvals.break_glass_group`): needs --reason, fills the whole requirement, and
+        /// is alerted and audited as break-glass.
+        #[arg(long)]
+        break_glass: bool,
     },
     /// Deny a request; the reason is required.
     Deny {
@@ -171,21 +176,48 @@ pub fn approvals(socket: &Path, command: ApprovalsCommand) -> anyhow::Result<Exi
             }
             other => unexpected(other),
         },
-        ApprovalsCommand::Approve { id, reason } => decide(socket, id, true, reason),
-        ApprovalsCommand::Deny { id, reason } => decide(socket, id, false, reason),
+        ApprovalsCommand::Approve {
+            id,
+            reason,
+            break_glass,
+        } => {
+            if break_glass && reason.trim().is_empty() {
+                bail!("--break-glass needs --reason \"…\": why the glass is broken goes to the alert and the audit trail");
+            }
+            decide(socket, id, true, reason, break_glass)
+        }
+        ApprovalsCommand::Deny { id, reason } => decide(socket, id, false, reason, false),
     }
 }
 
-fn decide(socket: &Path, id: String, approve: bool, reason: String) -> anyhow::Result<ExitCode> {
+fn decide(
+    socket: &Path,
+    id: String,
+    approve: bool,
+    reason: String,
+    break_glass: bool,
+) -> anyhow::Result<ExitCode> {
     match ask(
         socket,
         &Request::ApprovalsDecide {
             id,
             approve,
             reason,
+            break_glass,
         },
     )? {
         Response::ApprovalRequest(r) => {
+            if break_glass {
+                println!(
+                    "BREAK-GLASS: request {} approved by you{}; this is alerted and audited",
+                    r.id,
+                    r.grant_id
+                        .as_deref()
+                        .map(|g| format!(": grant {g}"))
+                        .unwrap_or_default()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             match (approve, r.state) {
                 (true, RequestState::Approved) => match &r.grant_id {
                     Some(g) => println!("request {} approved: grant {g}", r.id),
@@ -243,7 +275,11 @@ fn render(r: &ApprovalRequest) -> String {
     for v in &r.verdicts {
         out.push_str(&format!(
             "{}  {}{}\n",
-            if v.approve { "approved" } else { "denied  " },
+            match (v.approve, &v.break_glass) {
+                (true, Some(_)) => "BREAK-GLASS",
+                (true, None) => "approved",
+                (false, _) => "denied  ",
+            },
             who(&v.by),
             if v.reason.is_empty() {
                 String::new()
@@ -310,11 +346,16 @@ fn describe_grant(g: &Grant, now: u64) -> String {
         "expired".to_owned()
     };
     format!(
-        "{}  {} on {}  for {}  approved by {}  ({state})",
+        "{}  {} on {}  for {}  {} by {}  ({state})",
         g.id,
         g.actions.join(", "),
         g.target,
         who(&g.requester),
+        if g.break_glass {
+            "BREAK-GLASS"
+        } else {
+            "approved"
+        },
         g.approvers.join(", ")
     )
 }
