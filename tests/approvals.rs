@@ -726,6 +726,97 @@ fn a_statement_waits_for_approval_then_runs_and_a_denied_one_gives_42501() {
     );
 }
 
+/// The extended protocol (what drivers send): tokio-postgres's Parse/Bind/Execute of a
+/// statement that needs approval waits at its Bind like a simple query does, runs once
+/// approved (its event names the request), and is refused with 42501 when denied while the
+/// connection goes on.
+#[test]
+fn a_drivers_prepared_statement_waits_at_bind_then_runs_or_is_refused() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let PgWorld {
+        provider,
+        postgres,
+        cg,
+        agent,
+        _files,
+    } = pg_world("appr-ext", 191, &[("e2e.cedar", STATEMENT_POLICIES)]);
+    let (alice, bob) = (48189, 48190);
+    login_to(&agent, &provider, alice, "alice");
+    login_to(&agent, &provider, bob, "bob");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        postgres.port()
+    );
+    let mut client = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis-pgclient"));
+    portcullis_e2e::exec_in_cgroup_as(&mut client, Some(&cg.path), Some(alice));
+    let client = client
+        .args([
+            conninfo.as_str(),
+            "CREATE TABLE ext_t (id int)",
+            "DROP TABLE ext_t",
+            "SELECT count(*)::int FROM pg_tables WHERE tablename = 'ext_t'",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let create = next_pending(&agent, bob, &[]);
+    assert_eq!(create["asked"]["kind"], "statement", "{create}");
+    assert_eq!(
+        create["asked"]["statement"], "CREATE TABLE ext_t (id int)",
+        "{create}"
+    );
+    let create_id = create["id"].as_str().unwrap().to_string();
+    assert!(
+        !postgres
+            .psql("app", "SELECT tablename FROM pg_tables")
+            .contains("ext_t"),
+        "the waiting statement ran"
+    );
+    let o = approve(&agent, bob, &create_id);
+    assert!(o.status.success(), "{}", text(&o));
+    let drop = next_pending(&agent, bob, std::slice::from_ref(&create_id));
+    assert_eq!(drop["asked"]["statement"], "DROP TABLE ext_t", "{drop}");
+    let drop_id = drop["id"].as_str().unwrap().to_string();
+    let o = run(
+        &agent,
+        bob,
+        &["approvals", "deny", &drop_id, "--reason", "keep it"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    let out = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(lines[0]["rows"], json!([]), "{stdout}");
+    assert_eq!(lines[1]["code"], "42501", "{stdout}");
+    assert!(
+        lines[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("{drop_id} was denied")) && e.contains("keep it")),
+        "{stdout}"
+    );
+    assert_eq!(lines[2]["rows"], json!([[1]]), "the table stayed: {stdout}");
+    let ran = wait_event(&agent, "statement.executed", |e| {
+        e["statement"] == "CREATE TABLE ext_t (id int)"
+    });
+    assert!(
+        ran["policy_ids"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(format!("approval:{create_id}"))),
+        "{ran}"
+    );
+}
+
 /// A PostgreSQL server with role `app` and database `app`, the provider, and an agent
 /// protecting the server as target `db` with `policies` (file name, text).
 struct PgWorld {

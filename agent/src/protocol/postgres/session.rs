@@ -197,8 +197,8 @@ pub struct Output {
     pub events: Vec<Recorded>,
     /// The machine waits for it: input is left unread until `catalog_answer`.
     pub lookup: Option<CatalogLookup>,
-    /// The machine waits for an approval of this query string: input is left unread until
-    /// `approval_answer`.
+    /// The machine waits for an approval of this query string or Bind: input is left unread
+    /// until `approval_answer`.
     pub approval: Option<ApprovalAsk>,
     /// A change to functions ended: every session reads their bodies afresh.
     pub forget_routines: bool,
@@ -206,11 +206,15 @@ pub struct Output {
     pub end: Option<String>,
 }
 
-/// A simple query string a policy holds for approval: the exact text asked for, who must
-/// approve, and the policies that asked.
+/// A statement a policy holds for approval (a simple query string, or the Bind of a
+/// prepared statement): the exact text and parameters asked for, who must approve, and the
+/// policies that asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovalAsk {
     pub statement: String,
+    /// The Bind's parameters as the audit trail shows them (binary as hex); none for a
+    /// simple query, whose values are in its text.
+    pub parameters: Vec<Option<String>>,
     pub requirement: portcullis_policy::ApprovalRequirement,
     pub policy_ids: Vec<String>,
     pub reason: String,
@@ -218,7 +222,7 @@ pub struct ApprovalAsk {
 
 /// A message waiting for the catalog, or for an approval.
 enum Paused {
-    /// A simple query held for approval; handled again with the answer.
+    /// A simple query or a Bind held for approval; handled again with the answer.
     Approval {
         msg: RawMessage,
     },

@@ -265,6 +265,7 @@ impl<'a> Session<'a> {
                 )) if self.approval.is_none() => {
                     self.out.approval = Some(ApprovalAsk {
                         statement: sql.to_owned(),
+                        parameters: Vec::new(),
                         requirement,
                         policy_ids,
                         reason,
@@ -393,6 +394,9 @@ impl<'a> Session<'a> {
                         masker = v.masker;
                     }
                 }
+                // Parse runs nothing: the statement is prepared, and each Bind of it waits
+                // for an approval of its text with that Bind's parameters (`on_bind`).
+                Err((PgError::ApprovalRequired { .. }, _, ids)) => policy_ids.extend(ids),
                 Err((e, decision, ids)) => {
                     self.record_denied(info, decision, &ids, &e.to_string(), e.sqlstate());
                     self.inject_denied_parse(&name, e, to_server);
@@ -531,12 +535,41 @@ impl<'a> Session<'a> {
         // Policies may have changed since Parse (a reload, the hour): decide again.
         let set = Arc::clone(&self.policies);
         let mut verdict = prepared.verdict.clone();
+        let mut approvals: Vec<String> = Vec::new();
         for info in &prepared.statements {
             match self.decide(&set, info) {
                 Ok(v) => {
                     if v.masker.is_some() {
                         verdict.masker = v.masker;
                     }
+                    approvals.extend(
+                        v.policy_ids
+                            .iter()
+                            .filter(|id| id.starts_with("approval:"))
+                            .cloned(),
+                    );
+                }
+                // The Bind waits, unsent, for an approval of the statement's text with these
+                // parameters; handled again with the answer (`Session::approval_answer`), it
+                // binds exactly these bytes, or is refused with 42501 up to the Sync.
+                Err((
+                    PgError::ApprovalRequired {
+                        reason,
+                        policy_ids,
+                        requirement,
+                    },
+                    _,
+                    _,
+                )) if self.approval.is_none() => {
+                    self.out.approval = Some(ApprovalAsk {
+                        statement: prepared.whole.text.to_string(),
+                        parameters: audit_parameters(params, param_formats, None).to_vec(),
+                        requirement,
+                        policy_ids,
+                        reason,
+                    });
+                    self.paused = Some(Paused::Approval { msg: msg.clone() });
+                    return;
                 }
                 Err((e, decision, ids)) => {
                     self.record_denied(info, decision, &ids, &e.to_string(), e.sqlstate());
@@ -544,6 +577,13 @@ impl<'a> Session<'a> {
                     return;
                 }
             }
+        }
+        if !approvals.is_empty() {
+            approvals.sort();
+            approvals.dedup();
+            let mut ids = verdict.policy_ids.to_vec();
+            ids.extend(approvals);
+            verdict.policy_ids = Arc::from(ids);
         }
         let masker = verdict.masker.as_ref().map(|(_, m)| Arc::clone(m));
         let parameters = audit_parameters(params, param_formats, masker.as_deref());

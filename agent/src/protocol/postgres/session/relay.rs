@@ -327,7 +327,7 @@ async fn wait_for_approval(
             connection_id: est.conn.id,
             target: est.target.name.clone(),
             statement: ask.statement,
-            parameters: Vec::new(),
+            parameters: ask.parameters,
         },
         reason: format!(
             "a statement of {} in a session as {} on {}",

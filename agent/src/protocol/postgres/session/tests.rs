@@ -1255,3 +1255,132 @@ fn a_query_held_for_approval_waits_unsent_then_runs_or_is_refused() {
     assert_eq!(bytes_of(&out.to_server), vec![fe(&query("SELECT 1"))]);
     assert!(s.output().approval.is_none());
 }
+
+const WRITE_APPROVAL_POLICIES: &str = r#"
+@id("connect")
+permit (principal, action == Portcullis::Action::"connect", resource);
+
+@id("read")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.statement_class == "read" };
+
+@id("write-after-approval")
+@approval("dba-leads")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.statement_class == "write" };
+"#;
+
+fn bind_with(portal: &str, statement: &str, params: &[&str]) -> FrontendMessage {
+    FrontendMessage::Bind {
+        portal: portal.into(),
+        statement: statement.into(),
+        param_formats: Vec::new(),
+        params: params
+            .iter()
+            .map(|p| Some(Bytes::copy_from_slice(p.as_bytes())))
+            .collect(),
+        result_formats: Vec::new(),
+    }
+}
+
+/// The extended protocol (every driver's parameterized query): Parse of a statement that
+/// needs approval is prepared, since it runs nothing; each Bind waits, unsent, for an
+/// approval of the text with that Bind's parameters. Approved, exactly that Bind goes to the
+/// server and the execution names the request; another Bind of the same statement asks
+/// again; denied, the Bind is refused with 42501 and the pipeline skips to its Sync.
+#[test]
+fn a_bind_of_a_statement_held_for_approval_waits_with_its_parameters() {
+    let world = World {
+        policies: Arc::new(
+            PolicySet::load([("p/policy.cedar", WRITE_APPROVAL_POLICIES)])
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        ..World::new()
+    };
+    let mut s = world.session();
+    let sql = "UPDATE accounts SET balance = $1 WHERE id = $2";
+    let out = client(&world, &mut s, &[parse("upd", sql)]);
+    assert_eq!(bytes_of(&out.to_server), vec![fe(&parse("upd", sql))]);
+    assert!(out.events.is_empty() && s.output().approval.is_none());
+
+    let first = bind_with("", "upd", &["100", "7"]);
+    let out = client(&world, &mut s, &[first.clone()]);
+    assert!(out.to_server.is_empty(), "the Bind waits unsent");
+    let ask = s
+        .output()
+        .approval
+        .take()
+        .expect("an approval is asked for");
+    assert_eq!(ask.statement, sql);
+    assert_eq!(ask.parameters, vec![Some("100".into()), Some("7".into())]);
+    assert_eq!(ask.policy_ids, vec!["write-after-approval".to_owned()]);
+
+    s.approval_answer(Ok("r-2222222222".into()), world.now());
+    let out = take(&mut s);
+    assert_eq!(bytes_of(&out.to_server), vec![fe(&first)]);
+    let out = client(&world, &mut s, &[execute(""), FrontendMessage::Sync]);
+    assert_eq!(
+        bytes_of(&out.to_server),
+        vec![fe(&execute("")), fe(&FrontendMessage::Sync)]
+    );
+    let out = server(
+        &world,
+        &mut s,
+        &[
+            BackendMessage::ParseComplete,
+            BackendMessage::BindComplete,
+            complete("UPDATE 1"),
+            ready(TransactionStatus::Idle),
+        ],
+    );
+    assert_eq!(
+        kinds(&out.events),
+        vec![("statement.executed".into(), "allow".into())]
+    );
+    assert_eq!(
+        out.events[0]["policy_ids"],
+        serde_json::json!(["write-after-approval", "approval:r-2222222222"])
+    );
+    assert_eq!(out.events[0]["parameters"], serde_json::json!(["100", "7"]));
+
+    // The approval was for those parameters: other ones ask again, and a denial refuses
+    // the Bind while the pipeline stays in step.
+    let second = bind_with("", "upd", &["0", "7"]);
+    let out = client(&world, &mut s, &[second]);
+    assert!(out.to_server.is_empty());
+    assert_eq!(
+        s.output().approval.take().unwrap().parameters,
+        vec![Some("0".into()), Some("7".into())]
+    );
+    s.approval_answer(
+        Err("approval request r-3 was denied by bob@example.com: wrong amount".into()),
+        world.now(),
+    );
+    let out = take(&mut s);
+    assert_eq!(
+        kinds(&out.events),
+        vec![("statement.denied".into(), "approval".into())]
+    );
+    let out = client(&world, &mut s, &[execute(""), FrontendMessage::Sync]);
+    assert_eq!(
+        bytes_of(&out.to_server),
+        vec![fe(&FrontendMessage::Sync)],
+        "the Execute is skipped up to the Sync"
+    );
+    let out = server(
+        &world,
+        &mut s,
+        &[marker_syntax_error(), ready(TransactionStatus::Idle)],
+    );
+    let e = error_fields(&out.to_client[0]);
+    assert_eq!(e.sqlstate(), Some("42501"));
+    assert!(
+        e.message().unwrap().contains("wrong amount"),
+        "{:?}",
+        e.message()
+    );
+    assert!(s.awaits_nothing());
+    // Reads need no approval.
+    let out = client(&world, &mut s, &[query("SELECT 1")]);
+    assert_eq!(bytes_of(&out.to_server), vec![fe(&query("SELECT 1"))]);
+}
