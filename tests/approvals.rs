@@ -1008,3 +1008,540 @@ fn a_session_the_agent_ends_while_its_statement_waits_withdraws_the_request() {
         "the statement ran"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Notifications and break-glass (slots 182–185).
+
+/// A webhook receiver on loopback, for the agent's notifications: a plain `TcpListener`
+/// speaking just enough HTTP/1.1 (one request per connection, its body read by
+/// Content-Length), answering 503 to the first `fail_first` requests and 204 after. Every
+/// request is kept: its path, headers, the status it got and its JSON body.
+struct Receiver {
+    port: u16,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+#[derive(Clone, Debug)]
+struct Received {
+    path: String,
+    headers: String,
+    status: u16,
+    body: Value,
+}
+
+impl Receiver {
+    fn start(fail_first: usize) -> Self {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Received>::new()));
+        let kept = std::sync::Arc::clone(&got);
+        // Lives as long as the test process; it only ever answers on loopback.
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut data = Vec::new();
+                let mut buf = [0u8; 16384];
+                let (head, body) = loop {
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        break (String::new(), Vec::new());
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&data[..end]).to_string();
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let l = l.to_ascii_lowercase();
+                            l.strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if data.len() >= end + 4 + len {
+                        break (head, data[end + 4..end + 4 + len].to_vec());
+                    }
+                };
+                if head.is_empty() {
+                    continue;
+                }
+                let mut all = kept.lock().unwrap();
+                let status = if all.len() < fail_first { 503 } else { 204 };
+                all.push(Received {
+                    path: head
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_string(),
+                    headers: head.clone(),
+                    status,
+                    body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                });
+                drop(all);
+                let reason = if status == 503 {
+                    "Service Unavailable"
+                } else {
+                    "No Content"
+                };
+                let _ = s.write_all(
+                    format!("HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            }
+        });
+        Self { port, got }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn all(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits for a delivered (2xx) request whose body `pick` chooses.
+    fn wait(&self, what: &str, pick: impl Fn(&Value) -> bool) -> Received {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(r) = self
+                .all()
+                .into_iter()
+                .find(|r| r.status == 204 && pick(&r.body))
+            {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} arrived: {:?}",
+                self.all()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A file only root may read, as the agent wants secrets.
+fn root_only(dir: &std::path::Path, name: &str, content: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
+}
+
+/// The approvals people plus erin, in the emergency group, and frank, who is not.
+fn people_with_glass() -> OidcOptions {
+    let mut options = people();
+    options
+        .users
+        .push(OidcUser::new("erin", &["engineering", "oncall-emergency"]));
+    options.users.push(OidcUser::new("frank", &["engineering"]));
+    options
+}
+
+/// As `world`, with `approvals` appended to the agent's config (its `[approvals]` part).
+fn world_with(name: &str, n: u8, policy: &str, approvals: &str) -> World {
+    let provider = OidcProvider::start(people_with_glass());
+    let slot = Slot::new(n);
+    let cg = TestCgroup::new(name);
+    let server = EchoServer::start(&[slot.v4(1)]);
+    let v4 = slot.v4(1).ip().to_string();
+    let config = format!(
+        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n\
+         [insecure]\nallow_plaintext_loopback = true\n{approvals}",
+        iss = provider.issuer()
+    );
+    let mut agent = Agent::prepare(
+        name,
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        Some(&config),
+        &[],
+    );
+    std::fs::write(agent.dir.path().join("policies").join("e2e.cedar"), policy).unwrap();
+    agent.spawn();
+    World {
+        cg,
+        slot,
+        _server: server,
+        agent,
+        provider,
+    }
+}
+
+const SLACK_SECRET: &str = "T000/B000/slack-secret-path-XK42";
+const TOKEN: &str = "notify-bearer-token-Q93";
+
+/// Two webhooks: `generic` (JSON, a bearer token) and `chat` (Slack, its URL in a file).
+fn two_webhooks(json: &Receiver, slack: &Receiver, files: &std::path::Path) -> String {
+    let token = root_only(files, "notify.token", TOKEN);
+    let url = root_only(
+        files,
+        "slack.url",
+        &format!("{}\n", slack.url(&format!("/services/{SLACK_SECRET}"))),
+    );
+    format!(
+        "[[approvals.notify]]\nname = \"generic\"\nurl = \"{}\"\ntoken_file = \"{}\"\n\
+         [[approvals.notify]]\nname = \"chat\"\nformat = \"slack\"\nurl_file = \"{}\"\n",
+        json.url("/hooks/approvals"),
+        token.display(),
+        url.display()
+    )
+}
+
+#[test]
+fn a_request_and_its_approval_are_notified_as_json_and_as_slack() {
+    if !enabled() {
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let (json, slack) = (Receiver::start(0), Receiver::start(0));
+    let w = world_with(
+        "appr-notify",
+        182,
+        &connect_needs("@approval(\"dba-leads\")"),
+        &two_webhooks(&json, &slack, files.path()),
+    );
+    let (alice, bob) = (48200, 48201);
+    login(&w, alice, "alice");
+    login(&w, bob, "bob");
+    let r = request(&w, alice, "1h");
+    let id = r["id"].as_str().unwrap().to_string();
+
+    let asked = json.wait("the JSON request", |b| b["kind"] == "approval.requested");
+    let b = &asked.body;
+    assert_eq!(asked.path, "/hooks/approvals");
+    assert!(
+        asked.headers.to_ascii_lowercase().contains(&format!(
+            "authorization: bearer {}",
+            TOKEN.to_ascii_lowercase()
+        )),
+        "{}",
+        asked.headers
+    );
+    assert_eq!(b["source"], "portcullis", "{b}");
+    assert_eq!(b["request_id"], id.as_str(), "{b}");
+    assert_eq!(b["requester"], "alice@example.test", "{b}");
+    assert_eq!(b["target"], "db", "{b}");
+    assert_eq!(b["asked"], "grant", "{b}");
+    assert_eq!(b["actions"], json!(["connect"]), "{b}");
+    assert_eq!(b["duration_secs"], 3600, "{b}");
+    assert_eq!(b["required"], "1 approval from group `dba-leads`", "{b}");
+    assert_eq!(b["approvers"], json!([]), "{b}");
+    assert_eq!(b["decision"], "pending", "{b}");
+    assert_eq!(b["reason"], "INC-4711", "{b}");
+    assert_eq!(b["break_glass"], false, "{b}");
+    assert_eq!(b["expires_ms"], r["expires_ms"], "{b}");
+    assert_eq!(
+        b["follow"],
+        format!("portcullis approvals show {id}").as_str(),
+        "{b}"
+    );
+    let chat = slack.wait("the Slack request", |b| {
+        b["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("alice@example.test asks for connect on db for 1h"))
+    });
+    assert_eq!(chat.path, format!("/services/{SLACK_SECRET}"));
+    assert!(
+        !chat.headers.to_ascii_lowercase().contains("authorization"),
+        "{}",
+        chat.headers
+    );
+    assert!(chat.body["blocks"].is_array(), "{}", chat.body);
+    assert!(
+        chat.body
+            .to_string()
+            .contains(&format!("portcullis approvals show {id}")),
+        "{}",
+        chat.body
+    );
+
+    let o = approve(&w.agent, bob, &id);
+    assert!(o.status.success(), "{}", text(&o));
+    let approved = json.wait("the JSON approval", |b| b["kind"] == "approval.approved");
+    let b = &approved.body;
+    assert_eq!(b["request_id"], id.as_str(), "{b}");
+    assert_eq!(b["decision"], "approved", "{b}");
+    assert_eq!(b["actor"], "bob@example.test", "{b}");
+    assert_eq!(b["approvers"], json!(["bob"]), "{b}");
+    assert_eq!(b["reason"], "looks right", "{b}");
+    assert!(b["grant_id"].as_str().unwrap().starts_with("g-"), "{b}");
+    assert!(b["expires_ms"].as_u64().unwrap() > b["time_ms"].as_u64().unwrap());
+    slack.wait("the Slack approval", |b| {
+        b["text"]
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("bob@example.test approved {id}: approved")))
+    });
+    // Each webhook got each event once, in order.
+    let kinds: Vec<Value> = json.all().iter().map(|r| r.body["kind"].clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![json!("approval.requested"), json!("approval.approved")]
+    );
+    assert_eq!(slack.all().len(), 2);
+    // The Slack URL and the token are secrets: not in the log, not in the trail.
+    let log = w.agent.log();
+    assert!(log.contains("approval notifications on"), "{log}");
+    let trail = serde_json::to_string(&w.agent.events()).unwrap();
+    for secret in [SLACK_SECRET, TOKEN] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+        assert!(!trail.contains(secret), "{secret} in the trail");
+    }
+}
+
+#[test]
+fn a_notification_the_receiver_refuses_at_first_arrives_on_retry() {
+    if !enabled() {
+        return;
+    }
+    let json = Receiver::start(2);
+    let w = world_with(
+        "appr-retry",
+        183,
+        &connect_needs("@approval(\"dba-leads\")"),
+        &format!(
+            "[[approvals.notify]]\nname = \"flaky\"\nurl = \"{}\"\n",
+            json.url("/hooks")
+        ),
+    );
+    let alice = 48202;
+    login(&w, alice, "alice");
+    let r = request(&w, alice, "2h");
+    let id = r["id"].as_str().unwrap();
+    json.wait("the retried request", |b| b["request_id"] == id);
+    let got = json.all();
+    let statuses: Vec<u16> = got.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![503, 503, 204], "{got:?}");
+    assert!(
+        got.iter().all(|r| r.body == got[2].body),
+        "each attempt sends the same notification: {got:?}"
+    );
+    let log = w.agent.log();
+    assert!(
+        log.contains("approval notification failed; retrying"),
+        "{log}"
+    );
+    assert!(w
+        .agent
+        .events_of("approval.notification_dropped")
+        .is_empty());
+    // The request never waited on the webhook.
+    assert_eq!(show(&w.agent, alice, id)["state"], "pending");
+}
+
+const GLASS: &str = "[approvals]\nbreak_glass_group = \"oncall-emergency\"\n";
+
+#[test]
+fn break_glass_self_approval_lets_the_connection_through_loudly() {
+    if !enabled() {
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let (json, slack) = (Receiver::start(0), Receiver::start(0));
+    let w = world_with(
+        "appr-glass",
+        184,
+        &connect_needs("@approvals(\"dba-leads:1,security:1\")"),
+        &format!("{GLASS}{}", two_webhooks(&json, &slack, files.path())),
+    );
+    let erin = 48203;
+    login(&w, erin, "erin");
+    // The emergency: erin's connect is refused, naming the request it made.
+    let refused = w.agent.expect_refusal(
+        &probe(&w, erin),
+        w.slot.v4(1),
+        "approval required: request r-",
+    );
+    let id = request_id_in(refused["reason"].as_str().unwrap());
+    let o = run(
+        &w.agent,
+        erin,
+        &[
+            "approvals",
+            "approve",
+            &id,
+            "--break-glass",
+            "--reason",
+            "INC-911: primary down, nobody reachable",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("BREAK-GLASS"), "{}", text(&o));
+    let r = show(&w.agent, erin, &id);
+    assert_eq!(r["state"], "approved", "{r}");
+    let grant = r["grant_id"].as_str().unwrap().to_string();
+
+    // One break-glass approval fills both groups: erin is through.
+    let mut held = Held::open(&probe(&w, erin), w.slot.v4(1));
+    assert_eq!(held.exchange("ping")["reply"], "ping");
+
+    let glass = w.agent.wait_events("approval.break_glass", 1);
+    let e = &glass[0];
+    assert_eq!(e["request_id"], id.as_str(), "{e}");
+    assert_eq!(e["requester"], "erin@example.test", "{e}");
+    assert_eq!(e["identity"]["subject"], "erin", "{e}");
+    assert_eq!(e["break_glass"], true, "{e}");
+    assert_eq!(e["approval_state"], "approved", "{e}");
+    assert_eq!(e["approvers"], json!(["erin"]), "{e}");
+    assert_eq!(e["grant_id"], grant.as_str(), "{e}");
+    assert_eq!(e["grant_actions"], json!(["connect"]), "{e}");
+    let reason = e["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("break-glass by erin@example.test as a member of `oncall-emergency`")
+            && reason.contains(
+                "filling 1 approval from group `dba-leads` and 1 approval from group `security`"
+            )
+            && reason.ends_with("INC-911: primary down, nobody reachable"),
+        "{e}"
+    );
+    assert!(
+        w.agent.events_of("approval.approved").is_empty(),
+        "a break-glass is not an ordinary approval"
+    );
+    let used = w.agent.wait_events("grant.used", 1);
+    assert_eq!(used[0]["break_glass"], true, "{used:?}");
+
+    // The alert, in both formats, marked as break-glass.
+    let alert = json.wait("the JSON alert", |b| b["kind"] == "approval.break_glass");
+    assert_eq!(alert.body["break_glass"], true, "{}", alert.body);
+    assert_eq!(alert.body["requester"], "erin@example.test");
+    assert_eq!(alert.body["grant_id"], grant.as_str());
+    assert!(alert.body["reason"]
+        .as_str()
+        .unwrap()
+        .contains("INC-911: primary down"));
+    let chat = slack.wait("the Slack alert", |b| {
+        b["text"].as_str().is_some_and(|t| {
+            t.starts_with(":rotating_light:")
+                && t.contains("BREAK-GLASS: erin@example.test approved their own request")
+        })
+    });
+    assert!(
+        chat.body.to_string().contains("INC-911: primary down"),
+        "{}",
+        chat.body
+    );
+    json.wait("the JSON notice of the grant's use", |b| {
+        b["kind"] == "grant.used" && b["break_glass"] == true
+    });
+
+    // `portcullis status` lists the open break-glass grant, for root and for erin.
+    let status = w.agent.status();
+    let listed = &status["break_glass_grants"];
+    assert_eq!(listed[0]["id"], grant.as_str(), "{status}");
+    assert_eq!(listed[0]["who"], "erin@example.test", "{status}");
+    assert_eq!(listed[0]["target"], "db", "{status}");
+    assert!(listed[0]["expires_ms"].as_u64().unwrap() > portcullis_e2e::now_secs() * 1000);
+    assert_eq!(
+        listed[0]["reason"], "INC-911: primary down, nobody reachable",
+        "{status}"
+    );
+    assert_eq!(
+        w.agent.status_as(erin)["break_glass_grants"][0]["id"],
+        grant.as_str()
+    );
+    let o = run(&w.agent, 0, &["status"]);
+    let shown = text(&o);
+    assert!(shown.contains("BREAK-GLASS grants open (1)"), "{shown}");
+    assert!(
+        shown.contains(&format!("{grant}  erin@example.test on db (connect)")),
+        "{shown}"
+    );
+    // Revoked, it is no longer open.
+    let o = run(
+        &w.agent,
+        0,
+        &["grants", "revoke", &grant, "--reason", "incident over"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(w.agent.status()["break_glass_grants"].is_null());
+    json.wait("the JSON revocation", |b| {
+        b["kind"] == "grant.revoked" && b["break_glass"] == true
+    });
+    assert!(w.agent.verify_audit().status.success());
+}
+
+#[test]
+fn break_glass_is_refused_without_the_flag_without_a_reason_and_outside_the_group() {
+    if !enabled() {
+        return;
+    }
+    let w = world_with(
+        "appr-noglass",
+        185,
+        &connect_needs("@approval(\"dba-leads\")"),
+        GLASS,
+    );
+    let (erin, frank) = (48204, 48205);
+    login(&w, erin, "erin");
+    login(&w, frank, "frank");
+    let mine = request(&w, erin, "1h");
+    let mine = mine["id"].as_str().unwrap();
+
+    // A member of the emergency group, without the flag: it is their own request.
+    let o = approve(&w.agent, erin, mine);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("segregation of duties"), "{}", text(&o));
+    assert!(
+        text(&o).contains("you may break the glass instead"),
+        "{}",
+        text(&o)
+    );
+    // With the flag and no reason (or only spaces).
+    for reason in [None, Some("   ")] {
+        let mut args = vec!["approvals", "approve", mine, "--break-glass"];
+        if let Some(r) = reason {
+            args.extend(["--reason", r]);
+        }
+        let o = run(&w.agent, erin, &args);
+        assert!(!o.status.success(), "{}", text(&o));
+        assert!(
+            text(&o).contains("--break-glass needs --reason"),
+            "{}",
+            text(&o)
+        );
+    }
+    // Someone outside the group, with the flag and a reason.
+    let theirs = request(&w, frank, "1h");
+    let theirs = theirs["id"].as_str().unwrap();
+    let o = run(
+        &w.agent,
+        frank,
+        &[
+            "approvals",
+            "approve",
+            theirs,
+            "--break-glass",
+            "--reason",
+            "I say so",
+        ],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("break-glass is for members of `oncall-emergency` only"),
+        "{}",
+        text(&o)
+    );
+    // Nothing was approved, nothing alerted, nobody is through.
+    assert_eq!(show(&w.agent, erin, mine)["state"], "pending");
+    assert_eq!(show(&w.agent, frank, theirs)["state"], "pending");
+    assert!(w.agent.events_of("approval.break_glass").is_empty());
+    assert!(w.agent.events_of("approval.approved").is_empty());
+    w.agent
+        .expect_refusal(&probe(&w, erin), w.slot.v4(1), "approval required");
+    w.agent
+        .expect_refusal(&probe(&w, frank), w.slot.v4(1), "approval required");
+}

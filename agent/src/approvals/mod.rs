@@ -1275,6 +1275,84 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn break_glass_needs_the_configured_group_a_reason_and_the_flag_and_marks_the_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = Arc::new(Closed(Mutex::new(Vec::new())));
+        let audit = audit(dir.path());
+        let open = |group: Option<&str>| {
+            ApprovalStore::open(
+                &dir.path().join("approvals"),
+                Arc::clone(&audit),
+                closed.clone(),
+                StoreOptions {
+                    break_glass_group: group.map(str::to_owned),
+                    notifier: None,
+                },
+            )
+            .unwrap()
+        };
+        let erin = user(1005, "erin", &["oncall-emergency"]);
+        // Without a configured group, the flag does nothing but refuse.
+        let store = open(None);
+        let r = store
+            .ask(ask(erin.clone(), &[("dba-leads", 1), ("security", 1)]))
+            .unwrap();
+        let err = store
+            .decide(&r.id, &erin, true, "INC-9".into(), true)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApprovalError::Ineligible(duties::Ineligible::NoBreakGlass)
+            ),
+            "{err}"
+        );
+        drop(store);
+        let store = open(Some("oncall-emergency"));
+        for (reason, approve) in [(" ", true), ("INC-9", false)] {
+            let err = store
+                .decide(&r.id, &erin, approve, reason.into(), true)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ApprovalError::Ineligible(duties::Ineligible::BreakGlassWithoutReason)
+                        | ApprovalError::BreakGlassDenial
+                ),
+                "{err}"
+            );
+        }
+        let err = store
+            .decide(&r.id, &erin, true, "INC-9".into(), false)
+            .unwrap_err();
+        assert!(err.to_string().contains("--break-glass"), "{err}");
+        assert_eq!(
+            store.state_of(&r.id).unwrap().state,
+            RequestState::Pending,
+            "refusals store nothing"
+        );
+        let approved = store
+            .decide(&r.id, &erin, true, "INC-9: primary down".into(), true)
+            .unwrap();
+        assert_eq!(approved.state, RequestState::Approved);
+        assert!(approved.break_glass());
+        assert_eq!(approved.counted(), vec!["erin".to_owned()]);
+        let grant = store.active_grant("erin", "billing-db", "connect").unwrap();
+        assert!(grant.break_glass);
+        assert_eq!(grant.approvers, vec!["erin".to_owned()]);
+        // Read back after a restart, it is still the glass that approved it.
+        drop(store);
+        let store = open(Some("oncall-emergency"));
+        assert!(store.state_of(&r.id).unwrap().break_glass());
+        assert!(
+            store
+                .active_grant("erin", "billing-db", "connect")
+                .unwrap()
+                .break_glass
+        );
+    }
+
+    #[tokio::test]
     async fn a_withdrawn_request_cannot_be_approved_afterwards() {
         let dir = tempfile::tempdir().unwrap();
         let closed = Arc::new(Closed(Mutex::new(Vec::new())));
