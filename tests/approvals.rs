@@ -1145,8 +1145,9 @@ fn people_with_glass() -> OidcOptions {
     options
 }
 
-/// As `world`, with `approvals` appended to the agent's config (its `[approvals]` part).
-fn world_with(name: &str, n: u8, policy: &str, approvals: &str) -> World {
+/// As `world`, with erin and frank, and `approvals` appended to the agent's config (its
+/// `[approvals]` part).
+fn glass_world(name: &str, n: u8, policy: &str, approvals: &str) -> World {
     let provider = OidcProvider::start(people_with_glass());
     let slot = Slot::new(n);
     let cg = TestCgroup::new(name);
@@ -1208,7 +1209,7 @@ fn a_request_and_its_approval_are_notified_as_json_and_as_slack() {
     }
     let files = tempfile::tempdir().unwrap();
     let (json, slack) = (Receiver::start(0), Receiver::start(0));
-    let w = world_with(
+    let w = glass_world(
         "appr-notify",
         182,
         &connect_needs("@approval(\"dba-leads\")"),
@@ -1308,7 +1309,7 @@ fn a_notification_the_receiver_refuses_at_first_arrives_on_retry() {
         return;
     }
     let json = Receiver::start(2);
-    let w = world_with(
+    let w = glass_world(
         "appr-retry",
         183,
         &connect_needs("@approval(\"dba-leads\")"),
@@ -1351,7 +1352,7 @@ fn break_glass_self_approval_lets_the_connection_through_loudly() {
     }
     let files = tempfile::tempdir().unwrap();
     let (json, slack) = (Receiver::start(0), Receiver::start(0));
-    let w = world_with(
+    let w = glass_world(
         "appr-glass",
         184,
         &connect_needs("@approvals(\"dba-leads:1,security:1\")"),
@@ -1479,7 +1480,7 @@ fn break_glass_is_refused_without_the_flag_without_a_reason_and_outside_the_grou
     if !enabled() {
         return;
     }
-    let w = world_with(
+    let w = glass_world(
         "appr-noglass",
         185,
         &connect_needs("@approval(\"dba-leads\")"),
