@@ -928,6 +928,52 @@ mod tests {
         assert!(!format!("{:?}", endpoint.url).contains("XXXXsecret"));
     }
 
+    /// Nothing sends (the webhook's task is not running): the queue fills, and the one
+    /// notification past it is dropped at once, recorded, without `notify` ever waiting.
+    #[tokio::test]
+    async fn a_full_queue_drops_the_new_notification_and_records_it_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(
+            &crate::config::AuditConfig::default(),
+            &dir.path().join("audit"),
+            Vec::new(),
+        )
+        .unwrap();
+        let audit = Arc::new(log);
+        let config = ApprovalsConfig {
+            break_glass_group: None,
+            notify: vec![NotifyConfig {
+                name: Some("stuck".into()),
+                format: NotifyFormat::Slack,
+                url: Some("https://hooks.example/XXXXsecret".into()),
+                url_file: None,
+                token_file: None,
+                timeout_secs: 5,
+            }],
+        };
+        let (notifier, _deliveries) =
+            Notifier::start(&config, false, &audit, Backoff::default()).unwrap();
+        let ev = event(EventKind::ApprovalDenied, "denied", false);
+        let started = std::time::Instant::now();
+        for _ in 0..=QUEUE {
+            notifier.notify(&ev, None);
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        audit.flush();
+        let dropped: Vec<Value> = portcullis_audit_store::Reader::all(audit.dir())
+            .unwrap()
+            .map(|r| serde_json::from_str(&r.unwrap().event).unwrap())
+            .filter(|e: &Value| e["event"] == "approval.notification_dropped")
+            .collect();
+        assert_eq!(dropped.len(), 1, "{dropped:?}");
+        let reason = dropped[0]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("`stuck` of approval.denied") && reason.contains("queue is full"),
+            "{reason}"
+        );
+        assert!(!dropped[0].to_string().contains("XXXXsecret"));
+    }
+
     /// A real HTTP receiver on loopback that answers 503 to everything: the notification is
     /// tried `attempts` times, then dropped with an event that names the webhook and never
     /// its URL.
