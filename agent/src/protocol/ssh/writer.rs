@@ -346,6 +346,7 @@ async fn drain(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 mod tests {
     use std::time::Duration;
 

@@ -1304,7 +1304,7 @@ fn a_bind_of_a_statement_held_for_approval_waits_with_its_parameters() {
     assert!(out.events.is_empty() && s.output().approval.is_none());
 
     let first = bind_with("", "upd", &["100", "7"]);
-    let out = client(&world, &mut s, &[first.clone()]);
+    let out = client(&world, &mut s, std::slice::from_ref(&first));
     assert!(out.to_server.is_empty(), "the Bind waits unsent");
     let ask = s
         .output()
