@@ -1,7 +1,7 @@
 //! Just-in-time approvals end to end: a real OpenID Provider (oidc-provider under Node.js),
 //! the real agent, `portcullis request|approvals|grants` run as unprivileged users with their
 //! own logins, and connections through the real kernel redirect that a grant lets through
-//! (or not). Slots 173–179.
+//! (or not). Slots 173–185 and 191–193.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -56,6 +56,11 @@ struct World {
 }
 
 fn world(name: &str, n: u8, policy: &str) -> World {
+    world_with_target(name, n, policy, "")
+}
+
+/// [`world`] with `target_extra` (settings of the target `db`, one per line).
+fn world_with_target(name: &str, n: u8, policy: &str, target_extra: &str) -> World {
     let provider = OidcProvider::start(people());
     let slot = Slot::new(n);
     let cg = TestCgroup::new(name);
@@ -82,6 +87,10 @@ fn world(name: &str, n: u8, policy: &str) -> World {
         &[],
     );
     std::fs::write(agent.dir.path().join("policies").join("e2e.cedar"), policy).unwrap();
+    // The generated config ends with the target's table.
+    let mut text = std::fs::read_to_string(&agent.config).unwrap();
+    text.push_str(target_extra);
+    std::fs::write(&agent.config, text).unwrap();
     agent.spawn();
     World {
         cg,
@@ -817,6 +826,135 @@ fn a_drivers_prepared_statement_waits_at_bind_then_runs_or_is_refused() {
     );
 }
 
+/// A target with `wait_for_approval = true`: a connection that needs approval is held
+/// (plain TCP: unanswered, its bytes kept) until an approver decides; approved, it goes
+/// through and the grant lets the next one through at once; denied, it is refused with the
+/// denial as the reason; a client that gives up while it waits withdraws the request.
+#[test]
+fn a_connection_to_a_waiting_target_is_held_until_approved_or_refused_when_denied() {
+    if !enabled() {
+        return;
+    }
+    let w = world_with_target(
+        "appr-wait",
+        192,
+        &connect_needs("@approval(\"dba-leads\")"),
+        "wait_for_approval = true\n",
+    );
+    let (alice, bob, carol) = (48173, 48174, 48175);
+    login(&w, alice, "alice");
+    login(&w, bob, "bob");
+    login(&w, carol, "carol");
+
+    let held = std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| probe(&w, alice).connect(w.slot.v4(1), &[]));
+        let asked = next_pending(&w.agent, bob, &[]);
+        assert_eq!(asked["asked"]["kind"], "grant", "{asked}");
+        assert_eq!(asked["requester"]["subject"], "alice", "{asked}");
+        let o = approve(&w.agent, bob, asked["id"].as_str().unwrap());
+        assert!(o.status.success(), "{}", text(&o));
+        waiting.join().unwrap()
+    });
+    assert!(
+        via_proxy(&held),
+        "the held connection did not go through: {held}"
+    );
+    // The grant the approval made lets the next connection through without waiting.
+    assert!(via_proxy(&probe(&w, alice).connect(w.slot.v4(1), &[])));
+
+    // Denied: the held connection is refused, and says why in the trail.
+    let denied = std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| probe(&w, carol).connect(w.slot.v4(1), &[]));
+        let asked = next_pending(&w.agent, bob, &[]);
+        assert_eq!(asked["requester"]["subject"], "carol", "{asked}");
+        let id = asked["id"].as_str().unwrap().to_string();
+        let o = run(
+            &w.agent,
+            bob,
+            &["approvals", "deny", &id, "--reason", "not carol"],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        (waiting.join().unwrap(), id)
+    });
+    assert_eq!(denied.0["ok"], false, "{}", denied.0);
+    wait_event(&w.agent, "connection.refused", |e| {
+        e["reason"].as_str().is_some_and(|r| {
+            r.contains(&format!("approval request {} was denied by", denied.1))
+                && r.contains("not carol")
+        })
+    });
+}
+
+/// The same on a PostgreSQL target: psql is told which request its connection waits for
+/// (a NOTICE during its start-up), and connects once it is approved.
+#[test]
+fn a_psql_connection_to_a_waiting_target_is_told_the_request_and_connects_once_approved() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let policies = format!(
+        "{}\n@id(\"read\")\npermit (principal, action == Portcullis::Action::\"query\", resource)\n\
+         when {{ [\"read\", \"utility\"].contains(context.statement_class) }};\n",
+        connect_needs("@approval(\"dba-leads\")")
+    );
+    let w = pg_world_with(
+        "appr-wait-pg",
+        193,
+        &[("e2e.cedar", &policies)],
+        "wait_for_approval = true\n",
+    );
+    let (alice, bob) = (48189, 48190);
+    login_to(&w.agent, &w.provider, alice, "alice");
+    login_to(&w.agent, &w.provider, bob, "bob");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        w.postgres.port()
+    );
+    // No connect timeout: the connection waits as long as the approval takes.
+    let psql = client_command(
+        "psql",
+        RunAs {
+            uid: Some(alice),
+            cgroup: Some(&w.cg.path),
+        },
+    )
+    .args([
+        "-X",
+        "-A",
+        "-t",
+        "-d",
+        &conninfo,
+        "-c",
+        "SELECT 'connected', 40 + 2",
+    ])
+    .env_remove("PGCONNECT_TIMEOUT")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let asked = next_pending(&w.agent, bob, &[]);
+    assert_eq!(asked["asked"]["kind"], "grant", "{asked}");
+    let id = asked["id"].as_str().unwrap().to_string();
+    let o = approve(&w.agent, bob, &id);
+    assert!(
+        o.status.success(),
+        "{}\n{:?}\n{}",
+        text(&o),
+        w.agent.events_of("approval.expired"),
+        w.agent.log()
+    );
+    let out = psql.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        stderr.contains(&format!(
+            "Portcullis: this connection waits for approval: request {id}"
+        )),
+        "{stderr}"
+    );
+    assert!(stdout.contains("connected|42"), "{stdout}\n{stderr}");
+}
+
 /// A PostgreSQL server with role `app` and database `app`, the provider, and an agent
 /// protecting the server as target `db` with `policies` (file name, text).
 struct PgWorld {
@@ -828,6 +966,11 @@ struct PgWorld {
 }
 
 fn pg_world(name: &str, slot: u8, policies: &[(&str, &str)]) -> PgWorld {
+    pg_world_with(name, slot, policies, "")
+}
+
+/// [`pg_world`] with `target_extra` (settings of the target `db`, one per line).
+fn pg_world_with(name: &str, slot: u8, policies: &[(&str, &str)], target_extra: &str) -> PgWorld {
     let provider = OidcProvider::start(people());
     let postgres = Postgres::start_with(PgOptions {
         tls: true,
@@ -843,7 +986,7 @@ fn pg_world(name: &str, slot: u8, policies: &[(&str, &str)]) -> PgWorld {
     let config = format!(
         "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
          [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+         {target_extra}[target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
         iss = provider.issuer(),
         port = postgres.port(),
         ca = postgres.ca_pem_path().display(),

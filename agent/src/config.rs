@@ -854,6 +854,14 @@ pub struct TargetConfig {
     /// `recording.failed` event saying so.
     #[serde(default)]
     pub recording_failure: RecordingFailure,
+    /// What a connection does when a policy asks for approval to open it and no grant
+    /// covers it: `false` (the default) refuses it, naming the approval request made for
+    /// it (connect again once approved); `true` holds it open, unanswered, until the
+    /// request is decided or expires (approvals.toml `timeout_seconds`), then goes on or is
+    /// refused. A PostgreSQL client is told which request it waits for (a NOTICE); a plain
+    /// TCP client hears nothing. SSH connections are always refused with the request named.
+    #[serde(default)]
+    pub wait_for_approval: bool,
 }
 
 /// `recording_failure` of a target: fail closed or keep the session without a recording.
@@ -932,6 +940,8 @@ pub struct ProtectedTarget {
     pub ssh: Option<std::sync::Arc<SshTargetConfig>>,
     /// Whether a recorded session ends when its recording cannot be written.
     pub recording_failure: RecordingFailure,
+    /// Whether a connection that needs approval waits for it instead of being refused.
+    pub wait_for_approval: bool,
 }
 
 /// Addresses (configured, and resolved from `host`) one target may protect; the kernel's
@@ -1430,6 +1440,7 @@ impl Config {
                 postgres,
                 ssh,
                 recording_failure: t.recording_failure,
+                wait_for_approval: t.wait_for_approval,
             });
         }
         self.validate_identity()?;

@@ -266,6 +266,8 @@ pub struct PolicyRefusal {
     pub policy_ids: Vec<String>,
     /// Who must approve, when the policy asks for approval.
     pub approval: Option<portcullis_policy::ApprovalRequirement>,
+    /// The approval request made (or already pending) for it, when one was.
+    pub request_id: Option<String>,
 }
 
 /// What a decision means for its request: the one place a refusal is worded, approvals
@@ -282,12 +284,14 @@ pub fn outcome(decision: Decision) -> Result<Allowed, PolicyRefusal> {
             reason: decision.reason,
             policy_ids,
             approval: None,
+            request_id: None,
         }),
         Effect::RequireApproval(requirement) => Err(PolicyRefusal {
             decision: portcullis_core::Decision::Approval,
             reason: format!("requires {requirement}: {}", decision.reason),
             policy_ids,
             approval: Some(requirement),
+            request_id: None,
         }),
     }
 }
@@ -305,6 +309,7 @@ pub fn approval_requested(refusal: PolicyRefusal, request_id: &str) -> PolicyRef
             "approval required: request {request_id} asks for {who}; follow it with `portcullis approvals show {request_id}`, an approver runs `portcullis approvals approve {request_id}`; connect again once it is approved ({})",
             refusal.reason
         ),
+        request_id: Some(request_id.to_owned()),
         ..refusal
     }
 }

@@ -437,6 +437,59 @@ impl Gate {
         &self.approvals
     }
 
+    /// Waits for the verdict on approval request `id`: `Ok` once approved, `Err(why)` once
+    /// denied (naming who and why), expired, withdrawn or gone. A wait that ends without a
+    /// verdict (the future dropped: the client went, the session or the agent ended)
+    /// withdraws the request with `ended`, so a later approval approves nothing; withdrawing
+    /// one already decided does nothing. The one wait of every protocol, for connections and
+    /// statements alike.
+    pub async fn approval_verdict(&self, id: &str, ended: &str) -> Result<(), String> {
+        use crate::approvals::RequestState;
+        let _unanswered = WithdrawOnDrop {
+            store: &self.approvals,
+            id,
+            why: ended,
+        };
+        let mut changes = self.approvals.watch();
+        loop {
+            let Some(r) = self.approvals.state_of(id) else {
+                return Err(format!("approval request {id} is gone"));
+            };
+            match r.state {
+                RequestState::Approved => return Ok(()),
+                RequestState::Denied => {
+                    let by = r
+                        .verdicts
+                        .iter()
+                        .find(|v| !v.approve)
+                        .map(|v| format!("{}: {}", crate::approvals::who(&v.by), v.reason))
+                        .unwrap_or_default();
+                    return Err(format!("approval request {id} was denied by {by}"));
+                }
+                RequestState::Expired => {
+                    let secs = r.expires_ms.saturating_sub(r.created_ms) / 1000;
+                    return Err(format!(
+                        "approval request {id} expired: not approved within {secs} s"
+                    ));
+                }
+                RequestState::Withdrawn => {
+                    return Err(format!("approval request {id} was withdrawn"))
+                }
+                RequestState::Pending => {}
+            }
+            let left = r.expires_ms.saturating_sub(crate::audit::now_ms());
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                // The sweep marks it expired; look again a moment after it is due.
+                () = tokio::time::sleep(Duration::from_millis(left.saturating_add(50))) => {}
+            }
+        }
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -451,5 +504,19 @@ impl Gate {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+}
+
+/// Withdraws a pending approval request when what waits for it no longer does, whatever
+/// ended the wait.
+struct WithdrawOnDrop<'a> {
+    store: &'a ApprovalStore,
+    id: &'a str,
+    why: &'a str,
+}
+
+impl Drop for WithdrawOnDrop<'_> {
+    fn drop(&mut self) {
+        self.store.withdraw(self.id, self.why);
     }
 }

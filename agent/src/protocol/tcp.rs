@@ -38,6 +38,36 @@ impl fmt::Display for End {
     }
 }
 
+/// A connection a policy holds for approval, on a target that waits for it
+/// (`wait_for_approval`): held, unanswered (plain TCP has no way to say why), until the
+/// request is decided or expires. What the client sends meanwhile stays in its socket for
+/// when the connection goes on. `Err(why)` when it is not approved, or the client closed
+/// meanwhile (the request is then withdrawn).
+async fn wait_for_grant(gate: &Gate, client: &TcpStream, id: &str) -> Result<(), String> {
+    let verdict = gate.approval_verdict(id, "the agent ended the connection while it waited");
+    tokio::pin!(verdict);
+    let mut watching = true;
+    let mut byte = [0u8; 1];
+    loop {
+        tokio::select! {
+            answer = &mut verdict => return answer,
+            peeked = client.peek(&mut byte), if watching => {
+                let why = match peeked {
+                    Ok(0) => "the client closed the connection while it waited for approval".to_string(),
+                    // The client speaks first: its bytes wait for the upstream.
+                    Ok(_) => {
+                        watching = false;
+                        continue;
+                    }
+                    Err(e) => format!("the client's connection failed while it waited for approval: {e}"),
+                };
+                gate.approvals().withdraw(id, &why);
+                return Err(why);
+            }
+        }
+    }
+}
+
 /// Serves one redirected plain-TCP connection through admission (identity, policy, the
 /// upstream, the durable opened event), then forwards bytes both ways until it ends. Plain
 /// TCP has no way to tell its client why it was refused: the reason is in the audit trail,
@@ -57,7 +87,22 @@ pub async fn serve(gate: &Gate, incoming: Incoming, client: TcpStream) {
         return;
     }
     let request = crate::policy::connect_request(&identity, &incoming.target, &incoming.origin);
-    let allowed = match gate.decide_connect(&request) {
+    let decided = match gate.decide_connect(&request) {
+        Err(refused) if incoming.target.wait_for_approval && refused.request_id.is_some() => {
+            let id = refused.request_id.clone().unwrap_or_default();
+            match wait_for_grant(gate, &client, &id).await {
+                // Decided again: the grant the approval made lets it through (a `forbid`
+                // added meanwhile still refuses it).
+                Ok(()) => gate.decide_connect(&request),
+                Err(why) => Err(crate::policy::PolicyRefusal {
+                    reason: why,
+                    ..refused
+                }),
+            }
+        }
+        other => other,
+    };
+    let allowed = match decided {
         Ok(allowed) => allowed,
         Err(refused) => {
             let reason = match refused.decision {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use portcullis_pgwire::{
-    decode_startup, encode_backend, encode_cancel, encode_error_response, BackendMessage,
-    StartupMessage, StartupRequest, TransactionStatus,
+    decode_startup, encode_backend, encode_cancel, encode_error_response, encode_notice_response,
+    BackendMessage, ErrorFields, StartupMessage, StartupRequest, TransactionStatus,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -119,6 +119,84 @@ pub async fn run(
     drop(admitted.cancel_key);
 }
 
+/// The start of the client's side of a session: the protocol version agreed, and
+/// AuthenticationOk (the agent authenticated the client by its identity, never a password).
+fn auth_ok(startup: &StartupMessage, settings: &params::Checked, out: &mut BytesMut) {
+    let unrecognized = settings.protocol_extensions.clone();
+    if startup.minor > 0 || !unrecognized.is_empty() {
+        encode_backend(
+            &BackendMessage::NegotiateProtocolVersion {
+                newest_minor: 0,
+                unrecognized,
+            },
+            out,
+        );
+    }
+    encode_backend(
+        &BackendMessage::Authentication(portcullis_pgwire::Authentication::Ok),
+        out,
+    );
+}
+
+/// A connection a policy holds for approval, on a target that waits for it
+/// (`wait_for_approval`): the client is told which request it waits for, then the
+/// connection waits until the request is decided or expires. `Err(why)` when it is not
+/// approved, or the client went meanwhile (the request is then withdrawn).
+///
+/// libpq accepts a NoticeResponse only once it was authenticated, so `prelude`
+/// (AuthenticationOk, see [`auth_ok`]) goes first: it says the client is who it is, which
+/// the agent knows from its identity; nothing reaches a server before the approval (there
+/// is no server connection yet), and a refusal after it is a FATAL error libpq reports as
+/// the connection's failure.
+async fn wait_for_grant(
+    gate: &Gate,
+    client: &mut Stream,
+    id: &str,
+    refusal: &crate::policy::PolicyRefusal,
+    prelude: BytesMut,
+) -> Result<(), String> {
+    let who = refusal
+        .approval
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let timeout = gate.policies().current().approval_settings().timeout;
+    let mut notice = prelude;
+    encode_notice_response(
+        &ErrorFields::new(
+            "NOTICE",
+            "01000",
+            format!(
+                "Portcullis: this connection waits for approval: request {id} asks for {who}; it waits at most {} s",
+                timeout.as_secs()
+            ),
+        )
+        .with_hint(format!(
+            "An approver runs `portcullis approvals approve {id}`; follow it with `portcullis approvals show {id}`."
+        )),
+        &mut notice,
+    );
+    write_out(client, &notice)
+        .await
+        .map_err(|e| format!("client write failed: {e}"))?;
+    let verdict = gate.approval_verdict(id, "the agent ended the connection while it waited");
+    tokio::pin!(verdict);
+    // A client in its start-up sends nothing until it is answered: whatever it does now
+    // (closing, most likely) ends the wait.
+    let mut byte = BytesMut::with_capacity(64);
+    let read = tokio::select! {
+        answer = &mut verdict => return answer,
+        read = fill(client, &mut byte) => read,
+    };
+    let why = match read {
+        Ok(0) => "the client closed the connection while it waited for approval".to_string(),
+        Ok(_) => "the client sent a message while its connection waited for approval".into(),
+        Err(e) => format!("client read failed while the connection waited for approval: {e}"),
+    };
+    gate.approvals().withdraw(id, &why);
+    Err(why)
+}
+
 /// A session the server has accepted and the client has been told about.
 struct Admitted<'s> {
     identity: Identity,
@@ -190,7 +268,25 @@ async fn admit<'s>(
             r.policy_ids,
         )
     };
-    let policy_ids = gate.decide_connect(&request).map_err(refused)?.policy_ids;
+    // Whether the client already heard AuthenticationOk (a connection that waited).
+    let mut told_ok = false;
+    let policy_ids = match gate.decide_connect(&request) {
+        Ok(allowed) => allowed.policy_ids,
+        Err(r) => match r.request_id.clone() {
+            Some(id) if target.wait_for_approval => {
+                let mut prelude = BytesMut::new();
+                auth_ok(startup, &settings, &mut prelude);
+                told_ok = true;
+                wait_for_grant(gate, client, &id, &r, prelude)
+                    .await
+                    .map_err(|why| refused(crate::policy::PolicyRefusal { reason: why, ..r }))?;
+                // Approved: the grant it made now lets the connection through (decided
+                // again, so a `forbid` added meanwhile still refuses it).
+                gate.decide_connect(&request).map_err(refused)?.policy_ids
+            }
+            _ => return Err(refused(r)),
+        },
+    };
     if startup.is_replication() {
         // Decided on top of connect: permitting connect does not permit replication.
         request.action = portcullis_policy::Action::Replicate;
@@ -269,20 +365,9 @@ async fn admit<'s>(
     };
     // The client's side of the start-up, now that the server has accepted the session.
     let mut out = BytesMut::new();
-    let unrecognized = settings.protocol_extensions;
-    if startup.minor > 0 || !unrecognized.is_empty() {
-        encode_backend(
-            &BackendMessage::NegotiateProtocolVersion {
-                newest_minor: 0,
-                unrecognized,
-            },
-            &mut out,
-        );
+    if !told_ok {
+        auth_ok(startup, &settings, &mut out);
     }
-    encode_backend(
-        &BackendMessage::Authentication(portcullis_pgwire::Authentication::Ok),
-        &mut out,
-    );
     for (name, value) in &upstream.parameters {
         encode_backend(
             &BackendMessage::ParameterStatus {

@@ -212,6 +212,7 @@ mod tests {
             labels: Default::default(),
             postgres: None,
             recording_failure: Default::default(),
+            wait_for_approval: false,
             ssh: Some(Arc::new(crate::config::SshTargetConfig {
                 host_names: vec!["Prod-Web-3".into()],
                 known_hosts_file: toml::Spanned::new(0..0, "/k".into()),

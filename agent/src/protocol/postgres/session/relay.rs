@@ -317,7 +317,7 @@ async fn wait_for_approval(
     client: &mut Stream,
     cbuf: &mut BytesMut,
 ) -> Result<Result<String, String>, String> {
-    use crate::approvals::{Ask, Asked, RequestState};
+    use crate::approvals::{Ask, Asked};
     let store = est.gate.approvals();
     let timeout = est.gate.policies().current().approval_settings().timeout;
     let requirement = ask.requirement.to_string();
@@ -365,49 +365,17 @@ async fn wait_for_approval(
     write_out(client, &notice)
         .await
         .map_err(|e| format!("client write failed: {e}"))?;
-    // However this wait ends without a verdict, the request must not outlive it: dropped
-    // here when the agent ends the session (revocation, logout, shutdown) as much as when the
-    // client goes. Withdrawing a request already decided does nothing.
-    let _unanswered = WithdrawOnDrop {
-        store,
-        id: id.clone(),
-    };
-    let mut changes = store.watch();
+    // However this wait ends without a verdict, the request must not outlive it: withdrawn
+    // when the agent ends the session (revocation, logout, shutdown) as much as when the
+    // client goes (`approval_verdict` withdraws it when dropped).
+    let verdict = est
+        .gate
+        .approval_verdict(&id, "the session ended while the statement waited");
+    tokio::pin!(verdict);
     loop {
-        let Some(r) = store.state_of(&id) else {
-            return Ok(Err(format!("approval request {id} is gone")));
-        };
-        match r.state {
-            RequestState::Approved => return Ok(Ok(id)),
-            RequestState::Denied => {
-                let by = r
-                    .verdicts
-                    .iter()
-                    .find(|v| !v.approve)
-                    .map(|v| format!("{}: {}", crate::approvals::who(&v.by), v.reason))
-                    .unwrap_or_default();
-                return Ok(Err(format!("approval request {id} was denied by {by}")));
-            }
-            RequestState::Expired => {
-                return Ok(Err(format!(
-                    "approval request {id} expired: not approved within {} s",
-                    timeout.as_secs()
-                )))
-            }
-            RequestState::Withdrawn => {
-                return Ok(Err(format!("approval request {id} was withdrawn")))
-            }
-            RequestState::Pending => {}
-        }
-        let left = r.expires_ms.saturating_sub(crate::audit::now_ms());
         let room = cbuf.len() < est.max_len;
         tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-            () = tokio::time::sleep(Duration::from_millis(left.saturating_add(50))) => {}
+            answer = &mut verdict => return Ok(answer.map(|()| id.clone())),
             read = fill(client, cbuf), if room => match read {
                 Ok(0) => {
                     store.withdraw(&id, "the client closed the connection while the statement waited");
@@ -426,19 +394,5 @@ async fn wait_for_approval(
                 )));
             }
         }
-    }
-}
-
-/// Withdraws a pending approval request when the statement that waits for it is no longer
-/// waiting, whatever ended the wait.
-struct WithdrawOnDrop<'a> {
-    store: &'a crate::approvals::ApprovalStore,
-    id: String,
-}
-
-impl Drop for WithdrawOnDrop<'_> {
-    fn drop(&mut self) {
-        self.store
-            .withdraw(&self.id, "the session ended while the statement waited");
     }
 }
