@@ -127,6 +127,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Access reviews from the audit trail and the current policies (root).
+    Review {
+        #[command(subcommand)]
+        command: ReviewCommand,
+    },
     /// Inspect configuration.
     Config {
         #[command(subcommand)]
@@ -233,6 +238,42 @@ enum AuditCommand {
         #[arg(long, default_value_t = 1)]
         from_seq: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReviewCommand {
+    /// Per identity: targets reached, statements and SSH actions, denials, approvals,
+    /// break-glass, masked reads, recordings; the auditor's questions and least-privilege
+    /// findings; every figure with its event seqs. Sealed to the verified chain (exit 1 and
+    /// marked UNVERIFIED when the chain does not verify).
+    Report(Box<ReviewArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReviewArgs {
+    /// First day of the period (YYYY-MM-DD, UTC).
+    #[arg(long)]
+    from: String,
+    /// Last day of the period, included (YYYY-MM-DD, UTC).
+    #[arg(long)]
+    to: String,
+    /// Only this target.
+    #[arg(long)]
+    target: Option<String>,
+    /// md, csv or json.
+    #[arg(long, default_value = "md")]
+    format: String,
+    /// A service or workload identity not seen for this many days before --to is stale.
+    #[arg(long, default_value_t = 30)]
+    stale_days: u64,
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// The audit store (default: from the config).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The policies (default: from the config).
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -490,6 +531,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Grants { command, socket } => approvals::grants(&socket, command),
         Command::Policy { command } => policy_command(command),
         Command::Audit { command } => audit_command(command),
+        Command::Review {
+            command: ReviewCommand::Report(args),
+        } => review_report(*args),
         Command::Sessions { command } => sessions_command(command),
         Command::Replay {
             recording,
@@ -842,6 +886,77 @@ fn audit_command(command: AuditCommand) -> anyhow::Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `portcullis review report`: the trail is root's (0600 segments, the signing key), so
+/// anyone else is told so before anything is read.
+fn review_report(args: ReviewArgs) -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("review report reads the audit store and its signing key: run it as root");
+    }
+    let format: crate::review::Format = args.format.parse().map_err(anyhow::Error::msg)?;
+    let period = crate::review::period(&args.from, &args.to).map_err(anyhow::Error::msg)?;
+    // The config gives the targets, the policies and the key; with --dir and --policy-dir
+    // alone (a copied trail) the review runs without it.
+    let loaded = match Config::load(&args.config) {
+        Ok(c) => Some(c),
+        Err(e) if args.dir.is_some() => {
+            eprintln!(
+                "note: {}: {e:#}; no targets or signing key",
+                args.config.display()
+            );
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let dir = match (&args.dir, &loaded) {
+        (Some(d), _) => d.clone(),
+        (None, Some((cfg, _))) => cfg.audit_dir(),
+        (None, None) => bail!("name the audit store with --dir"),
+    };
+    let policy_dir = args
+        .policy_dir
+        .clone()
+        .or_else(|| loaded.as_ref().map(|(cfg, _)| cfg.policy.dir.clone()));
+    let policies = match &policy_dir {
+        Some(d) => Some(
+            crate::policy::load_dir(d)
+                .map_err(|e| anyhow::anyhow!("{}: invalid\n{e}", d.display()))?,
+        ),
+        None => None,
+    };
+    let targets: Vec<portcullis_policy::Target> = loaded
+        .as_ref()
+        .map(|(_, t)| t.iter().map(crate::policy::target).collect())
+        .unwrap_or_default();
+    let key = match loaded
+        .as_ref()
+        .and_then(|(cfg, _)| cfg.audit.signing_key_file.as_ref())
+    {
+        Some(path) => Some(crate::audit::read_signing_key(path)?),
+        None => None,
+    };
+    let rendered = crate::review::run(
+        &dir,
+        &crate::review::PolicyView {
+            policies: policies.as_ref(),
+            targets: &targets,
+        },
+        &crate::review::Options {
+            period,
+            target: args.target.as_deref(),
+            stale_days: args.stale_days,
+            format,
+        },
+        key.as_ref(),
+    )?;
+    print!("{}", rendered.text);
+    if rendered.verified {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("the audit chain does not verify: the report is UNVERIFIED and not signed");
+        Ok(ExitCode::FAILURE)
     }
 }
 

@@ -18,6 +18,7 @@ mod logging;
 mod policy;
 mod protocol;
 mod proxy;
+mod review;
 mod ssh_ca;
 mod sys;
 mod tls;

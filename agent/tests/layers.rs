@@ -35,6 +35,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("approvals", 4),
     // From an accepted socket to an allowed, recorded connection.
     ("admission", 5),
+    // Access reviews: the audit trail read back and the policies in force, side by side.
+    ("review", 5),
     // Protocols use admission, never the proxy.
     ("protocol", 6),
     ("proxy", 7),

@@ -1,0 +1,250 @@
+//! Access reviews (`portcullis review report`): who reached what, what they ran, who approved
+//! it, what was read unmasked, which sessions replay, who can reach production now, and the
+//! least-privilege findings, each figure with the event seqs it was computed from.
+//!
+//! `report` computes (pure, over parsed events and the policies in force) and `render` writes
+//! Markdown, CSV or JSON; this file does the I/O around them: it verifies the chain, reads it,
+//! and seals the rendered body to the chain's head, with the audit signing key when one is
+//! configured. A chain that does not verify still gives its report, marked UNVERIFIED and not
+//! signed, and the command fails.
+
+pub mod render;
+pub mod report;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+use portcullis_audit_store::{ChainHash, SigningKey};
+
+pub use render::{ChainRange, Format, ReportSignature};
+pub use report::{Inputs, Period, TrailEvent};
+
+/// Put before the body in the signed message, so a report signature can never pass for a
+/// seal's (the audit key signs both).
+const SIGNATURE_DOMAIN: &[u8] = b"portcullis-review-report-v1\0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("reading the audit store {dir}: {source}")]
+    Store {
+        dir: PathBuf,
+        source: portcullis_audit_store::StoreError,
+    },
+    #[error("listing the audit store {dir}: {source}")]
+    List {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("rendering the report as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the audit signing key cannot sign: {0}")]
+    Key(String),
+}
+
+/// What `run` printed and whether it may be trusted.
+pub struct Rendered {
+    pub text: String,
+    /// The chain verified and the report is signed.
+    pub verified: bool,
+}
+
+/// The events read back, with where the reading stopped.
+struct Trail {
+    events: Vec<TrailEvent>,
+    head: Option<(u64, ChainHash)>,
+    first_seq: Option<u64>,
+    /// Why the reading stopped before the end, or records that are not events.
+    problems: Vec<String>,
+}
+
+fn read_trail(dir: &Path) -> Result<Trail, ReviewError> {
+    let reader = portcullis_audit_store::Reader::all(dir).map_err(|source| ReviewError::Store {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let mut trail = Trail {
+        events: Vec::new(),
+        head: None,
+        first_seq: None,
+        problems: Vec::new(),
+    };
+    for record in reader {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                // The reader checks each link: what follows a bad one is not evidence.
+                trail
+                    .problems
+                    .push(format!("reading stopped after a bad record: {e}"));
+                break;
+            }
+        };
+        trail.first_seq.get_or_insert(record.seq);
+        trail.head = Some((record.seq, record.hash));
+        match TrailEvent::parse(record.seq, &record.event) {
+            Ok(e) => trail.events.push(e),
+            Err(e) => trail
+                .problems
+                .push(format!("record {} is not an event: {e}", record.seq)),
+        }
+    }
+    Ok(trail)
+}
+
+fn segment_names(dir: &Path) -> Result<Vec<String>, ReviewError> {
+    let err = |source| ReviewError::List {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut names: Vec<(u64, String)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let name = entry
+            .map_err(err)?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if let Some(seq) = portcullis_audit_store::parse_segment_file_name(&name) {
+            names.push((seq, name));
+        }
+    }
+    names.sort();
+    Ok(names.into_iter().map(|(_, n)| n).collect())
+}
+
+/// The message a report's digest and signature cover: the domain, the body exactly as
+/// printed, and the hash of the last record read (the verified chain head).
+pub fn signed_message(body: &str, head: &ChainHash) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(SIGNATURE_DOMAIN.len() + body.len() + 32);
+    msg.extend_from_slice(SIGNATURE_DOMAIN);
+    msg.extend_from_slice(body.as_bytes());
+    msg.extend_from_slice(&head.0);
+    msg
+}
+
+fn sign(
+    body: &str,
+    head: &ChainHash,
+    key: Option<&SigningKey>,
+) -> Result<ReportSignature, ReviewError> {
+    let msg = signed_message(body, head);
+    let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, &msg));
+    let Some(key) = key else {
+        return Ok(ReportSignature {
+            method: "sha256",
+            digest,
+            signature: None,
+            public_key: None,
+        });
+    };
+    // The seed is the audit key's; Ed25519 signatures are deterministic, so ring's equal the
+    // ones the store's own library would make and its verifier accepts them.
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&key.to_bytes())
+        .map_err(|e| ReviewError::Key(e.to_string()))?;
+    Ok(ReportSignature {
+        method: "ed25519",
+        digest,
+        signature: Some(hex::encode(pair.sign(&msg).as_ref())),
+        public_key: Some(hex::encode(key.verifying_key().to_bytes())),
+    })
+}
+
+/// The policy side of a review: the policies in force and the configured targets.
+pub struct PolicyView<'a> {
+    pub policies: Option<&'a portcullis_policy::PolicySet>,
+    pub targets: &'a [portcullis_policy::Target],
+}
+
+pub struct Options<'a> {
+    pub period: Period,
+    pub target: Option<&'a str>,
+    pub stale_days: u64,
+    pub format: Format,
+}
+
+/// Verifies the chain in `dir`, computes the review over it and renders it, sealed.
+pub fn run(
+    dir: &Path,
+    policy: &PolicyView<'_>,
+    options: &Options<'_>,
+    key: Option<&SigningKey>,
+) -> Result<Rendered, ReviewError> {
+    let verifying = key.map(SigningKey::verifying_key);
+    let verdict = portcullis_audit_store::verify(dir, verifying.as_ref());
+    let trail = read_trail(dir)?;
+    let segments = segment_names(dir)?;
+    let mut report = report::compute(
+        &trail.events,
+        &Inputs {
+            period: options.period,
+            target: options.target,
+            policies: policy.policies,
+            targets: policy.targets,
+            stale_days: options.stale_days,
+        },
+    );
+    report.notes.extend(trail.problems.iter().cloned());
+    let verified = verdict.ok && trail.problems.is_empty() && trail.head.is_some();
+    let broken = match (&verdict.first_break, &trail.problems.first(), trail.head) {
+        (Some(b), _, _) => Some(b.to_string()),
+        (None, Some(p), _) => Some((*p).clone()),
+        (None, None, None) => Some("the store holds no records".to_string()),
+        (None, None, Some(_)) => None,
+    };
+    let chain = ChainRange {
+        dir: dir.display().to_string(),
+        first_seq: trail.first_seq,
+        last_seq: trail.head.map(|(seq, _)| seq),
+        segments: segments.len(),
+        first_segment: segments.first().cloned(),
+        last_segment: segments.last().cloned(),
+        head_hash: trail.head.map(|(_, h)| h.to_hex()),
+        verified,
+        broken,
+        seals_signature_checked: verdict.signatures_checked,
+    };
+    let body = match options.format {
+        Format::Markdown => render::markdown_body(&report, &chain),
+        Format::Csv => render::csv_body(&report, &chain),
+        Format::Json => render::json_body(&report, &chain)?,
+    };
+    let signature = match (verified, trail.head) {
+        (true, Some((_, head))) => Some(sign(&body, &head, key)?),
+        _ => None,
+    };
+    let text = match options.format {
+        Format::Markdown => format!("{body}{}", render::markdown_signature(signature.as_ref())),
+        Format::Csv => format!("{body}{}", render::csv_signature(signature.as_ref())),
+        // The body is the `report` member's exact bytes, so a verifier can cut them out.
+        Format::Json => format!(
+            "{{\"report\":{body},\"signature\":{}}}\n",
+            serde_json::to_string(&signature)?
+        ),
+    };
+    Ok(Rendered {
+        text,
+        verified: signature.is_some(),
+    })
+}
+
+/// `--from`/`--to` dates (`2026-10-01`, UTC) as a period: `to` is included whole.
+pub fn period(from: &str, to: &str) -> Result<Period, String> {
+    let day = |s: &str| {
+        chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+            .map_err(|_| format!("`{s}` is not a date: use YYYY-MM-DD (UTC)"))
+            .and_then(|d| {
+                let ms = d
+                    .and_hms_opt(0, 0, 0)
+                    .map(|t| t.and_utc().timestamp_millis())
+                    .unwrap_or(0);
+                u64::try_from(ms).map_err(|_| format!("`{s}` is before 1970"))
+            })
+    };
+    let from_ms = day(from)?;
+    let to_ms = day(to)?.saturating_add(86_400_000);
+    if to_ms <= from_ms {
+        return Err(format!("--to {to} is before --from {from}"));
+    }
+    Ok(Period { from_ms, to_ms })
+}

@@ -1,0 +1,536 @@
+//! The report as Markdown, CSV (RFC 4180) or JSON. Markdown and CSV share one row model, so
+//! both say the same figures; their evidence column is bounded (`EVIDENCE_SHOWN` seqs, then
+//! how many more), the JSON form lists every seq.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::report::{Counted, Report};
+
+/// Seqs shown per figure in Markdown and CSV; the JSON form has them all.
+pub const EVIDENCE_SHOWN: usize = 20;
+
+/// What the report says about the part of the chain it read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainRange {
+    pub dir: String,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub segments: usize,
+    pub first_segment: Option<String>,
+    pub last_segment: Option<String>,
+    /// Lower-case hex of the last record's hash: what the signature binds the report to.
+    pub head_hash: Option<String>,
+    pub verified: bool,
+    /// Where the chain breaks, as `audit verify` says it.
+    pub broken: Option<String>,
+    pub seals_signature_checked: bool,
+}
+
+/// How the body was sealed (absent when the chain did not verify).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReportSignature {
+    /// `ed25519` (the audit signing key) or `sha256` (no key configured: a digest only).
+    pub method: &'static str,
+    /// SHA-256 of the signed message, hex.
+    pub digest: String,
+    /// The Ed25519 signature of the message, hex.
+    pub signature: Option<String>,
+    /// The public key that verifies it (`audit public-key` prints the same).
+    pub public_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Markdown,
+    Csv,
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "md" | "markdown" => Ok(Format::Markdown),
+            "csv" => Ok(Format::Csv),
+            "json" => Ok(Format::Json),
+            other => Err(format!(
+                "unknown format `{other}`: use md, csv or json (HTML is not built yet)"
+            )),
+        }
+    }
+}
+
+/// One figure of the report, as Markdown tables and CSV rows show it.
+struct Row {
+    section: &'static str,
+    identity: String,
+    target: String,
+    item: String,
+    count: String,
+    detail: String,
+    evidence: Vec<u64>,
+}
+
+fn time(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn day(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn evidence_text(seqs: &[u64]) -> String {
+    let mut out = seqs
+        .iter()
+        .take(EVIDENCE_SHOWN)
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if seqs.len() > EVIDENCE_SHOWN {
+        let _ = write!(
+            out,
+            " … and {} more (--format json lists all)",
+            seqs.len() - EVIDENCE_SHOWN
+        );
+    }
+    out
+}
+
+fn counted_rows(
+    rows: &mut Vec<Row>,
+    section: &'static str,
+    identity: &str,
+    what: &str,
+    list: &[Counted],
+) {
+    for c in list {
+        rows.push(Row {
+            section,
+            identity: identity.to_string(),
+            target: String::new(),
+            item: format!("{what} {}", c.name),
+            count: c.count.to_string(),
+            detail: String::new(),
+            evidence: c.evidence.clone(),
+        });
+    }
+}
+
+fn rows(report: &Report) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for i in &report.identities {
+        let id = i.identity.as_str();
+        for t in &i.targets {
+            rows.push(Row {
+                section: "identity",
+                identity: id.to_string(),
+                target: t.target.clone(),
+                item: "connections".to_string(),
+                count: t.connections.to_string(),
+                detail: format!("first {}, last {}", time(t.first_ms), time(t.last_ms)),
+                evidence: t.evidence.clone(),
+            });
+        }
+        counted_rows(
+            &mut rows,
+            "identity",
+            id,
+            "statements",
+            &i.statement_classes,
+        );
+        counted_rows(&mut rows, "identity", id, "ssh", &i.ssh_actions);
+        counted_rows(&mut rows, "identity", id, "denied", &i.denials);
+        counted_rows(
+            &mut rows,
+            "identity",
+            id,
+            "masked reads, profile",
+            &i.masked_reads,
+        );
+        counted_rows(
+            &mut rows,
+            "identity",
+            id,
+            "approval given for",
+            &i.approvals_given,
+        );
+        for r in &i.approvals_requested {
+            rows.push(Row {
+                section: "identity",
+                identity: id.to_string(),
+                target: r.target.clone(),
+                item: format!(
+                    "approval requested {}{}",
+                    r.request_id,
+                    if r.break_glass { " (break-glass)" } else { "" }
+                ),
+                count: String::new(),
+                detail: format!("{}; approvers: {}", r.state, r.approvers.join(", ")),
+                evidence: r.evidence.clone(),
+            });
+        }
+        for r in &i.break_glass {
+            rows.push(Row {
+                section: "identity",
+                identity: id.to_string(),
+                target: r.target.clone(),
+                item: format!("break-glass {}", r.request_id),
+                count: String::new(),
+                detail: format!("self-approved by {}", r.approvers.join(", ")),
+                evidence: r.evidence.clone(),
+            });
+        }
+        for s in &i.recorded_sessions {
+            rows.push(Row {
+                section: "identity",
+                identity: id.to_string(),
+                target: s.target.clone(),
+                item: format!("recorded session {}", s.session_id),
+                count: String::new(),
+                detail: String::new(),
+                evidence: s.evidence.clone(),
+            });
+        }
+    }
+    for u in &report.unmasked_reads {
+        rows.push(Row {
+            section: "unmasked_reads",
+            identity: u.identity.clone(),
+            target: u.target.clone(),
+            item: u.tables.join(", "),
+            count: String::new(),
+            detail: format!(
+                "{}; allowed by {}; {}",
+                u.protected_by.join("; "),
+                u.policy_ids.join(", "),
+                u.statement
+            ),
+            evidence: vec![u.seq],
+        });
+    }
+    for (section, list) in [
+        (
+            "privileged_without_approval",
+            &report.privileged.without_approval,
+        ),
+        ("privileged_with_approval", &report.privileged.approved),
+    ] {
+        for p in list {
+            rows.push(Row {
+                section,
+                identity: p.identity.clone(),
+                target: p.target.clone(),
+                item: format!("{}: {}", p.event, p.what),
+                count: String::new(),
+                detail: if p.approved_by.is_empty() {
+                    "no approval or grant".to_string()
+                } else {
+                    format!(
+                        "{}; approvers: {}{}",
+                        p.approved_by.join(", "),
+                        p.approvers.join(", "),
+                        if p.break_glass { "; BREAK-GLASS" } else { "" }
+                    )
+                },
+                evidence: vec![p.seq],
+            });
+        }
+    }
+    for s in &report.sessions {
+        rows.push(Row {
+            section: "sessions",
+            identity: s.identity.clone(),
+            target: s.target.clone(),
+            item: format!("session {}", s.session_id),
+            count: String::new(),
+            detail: if s.replayable {
+                "replayable".to_string()
+            } else {
+                format!("not replayable: {}", s.why)
+            },
+            evidence: s.evidence.clone(),
+        });
+    }
+    for r in &report.production.reach {
+        rows.push(Row {
+            section: "production_reach",
+            identity: r.identity.clone(),
+            target: r.target.clone(),
+            item: r.decision.clone(),
+            count: String::new(),
+            detail: r.policy_ids.join(", "),
+            evidence: r.evidence.clone(),
+        });
+    }
+    for p in &report.findings.unused_permits {
+        rows.push(Row {
+            section: "unused_permits",
+            identity: String::new(),
+            target: String::new(),
+            item: p.clone(),
+            count: "0".to_string(),
+            detail: "matched no request in the period".to_string(),
+            evidence: Vec::new(),
+        });
+    }
+    for r in &report.findings.unused_access {
+        rows.push(Row {
+            section: "unused_access",
+            identity: r.identity.clone(),
+            target: r.target.clone(),
+            item: r.decision.clone(),
+            count: "0".to_string(),
+            detail: format!("policies: {}", r.policy_ids.join(", ")),
+            evidence: r.evidence.clone(),
+        });
+    }
+    for s in &report.findings.stale_services {
+        rows.push(Row {
+            section: "stale_services",
+            identity: s.identity.clone(),
+            target: String::new(),
+            item: "last seen".to_string(),
+            count: String::new(),
+            detail: time(s.last_seen_ms),
+            evidence: s.evidence.clone(),
+        });
+    }
+    for s in &report.findings.single_approver {
+        rows.push(Row {
+            section: "single_approver",
+            identity: s.requester.clone(),
+            target: String::new(),
+            item: format!("always approved by {}", s.approver),
+            count: s.requests.len().to_string(),
+            detail: s.requests.join(", "),
+            evidence: s.evidence.clone(),
+        });
+    }
+    rows
+}
+
+fn chain_sentence(chain: &ChainRange) -> String {
+    let range = match (chain.first_seq, chain.last_seq) {
+        (Some(a), Some(b)) => format!("seq {a}..{b}"),
+        _ => "no records".to_string(),
+    };
+    let segments = match (&chain.first_segment, &chain.last_segment) {
+        (Some(a), Some(b)) => format!("{} segment(s), {a} to {b}", chain.segments),
+        _ => format!("{} segment(s)", chain.segments),
+    };
+    let state = match &chain.broken {
+        Some(b) => format!("UNVERIFIED: the chain is BROKEN: {b}"),
+        None if chain.seals_signature_checked => "verified intact, seals signed".to_string(),
+        None => "verified intact".to_string(),
+    };
+    format!("{} {range} in {segments}: {state}", chain.dir)
+}
+
+/// Where the signature part of a Markdown report starts: the signed body is what precedes it.
+pub const MARKDOWN_SIGNATURE_HEADING: &str = "## Signature\n";
+
+fn md_cell(s: &str) -> String {
+    s.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+pub fn markdown_body(report: &Report, chain: &ChainRange) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Access review {} to {} (UTC, both days included){}\n",
+        day(report.period.from_ms),
+        day(report.period.to_ms.saturating_sub(1)),
+        report
+            .target
+            .as_ref()
+            .map(|t| format!(", target {t}"))
+            .unwrap_or_default()
+    );
+    if !chain.verified {
+        out.push_str("**UNVERIFIED: computed from a chain that does not verify; not signed.**\n\n");
+    }
+    let _ = writeln!(out, "Chain read: {}\n", chain_sentence(chain));
+    let _ = writeln!(out, "Events in the period: {}\n", report.events);
+    for note in &report.notes {
+        let _ = writeln!(out, "Note: {note}\n");
+    }
+    let all = rows(report);
+    let sections: [(&str, &str); 10] = [
+        ("identity", "Per identity"),
+        (
+            "unmasked_reads",
+            "Reads of masked tables that ran without a masking profile",
+        ),
+        (
+            "privileged_without_approval",
+            "Privileged actions without an approval (must be none)",
+        ),
+        (
+            "privileged_with_approval",
+            "Privileged actions with an approval",
+        ),
+        ("sessions", "Sessions: which can be replayed"),
+        ("production_reach", "Who can reach production targets today"),
+        ("unused_permits", "Finding: permits that matched no request"),
+        ("unused_access", "Finding: access never used"),
+        ("stale_services", "Finding: stale service identities"),
+        (
+            "single_approver",
+            "Finding: approvals always given by one person",
+        ),
+    ];
+    for (key, title) in sections {
+        let _ = writeln!(out, "## {title}\n");
+        if key == "production_reach" {
+            let _ = writeln!(
+                out,
+                "Production targets: {}. Limitation: {}.\n",
+                if report.production.production_targets.is_empty() {
+                    "none labelled environment = production".to_string()
+                } else {
+                    report.production.production_targets.join(", ")
+                },
+                report.production.limitation
+            );
+        }
+        let section: Vec<&Row> = all.iter().filter(|r| r.section == key).collect();
+        if section.is_empty() {
+            out.push_str("None.\n\n");
+            continue;
+        }
+        out.push_str("| Identity | Target | What | Count | Detail | Evidence (seq) |\n");
+        out.push_str("|---|---|---|---|---|---|\n");
+        for r in section {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                md_cell(&r.identity),
+                md_cell(&r.target),
+                md_cell(&r.item),
+                md_cell(&r.count),
+                md_cell(&r.detail),
+                evidence_text(&r.evidence)
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One RFC 4180 field: quoted when it holds a comma, a quote or a line break.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn csv_line(out: &mut String, fields: &[&str]) {
+    let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+    out.push_str(&line.join(","));
+    out.push_str("\r\n");
+}
+
+pub const CSV_HEADER: [&str; 7] = [
+    "section", "identity", "target", "item", "count", "detail", "evidence",
+];
+
+/// The CSV body: a header, one row per figure; the chain range is the first data row so a
+/// spreadsheet shows it beside the figures.
+pub fn csv_body(report: &Report, chain: &ChainRange) -> String {
+    let mut out = String::new();
+    csv_line(&mut out, &CSV_HEADER);
+    csv_line(
+        &mut out,
+        &[
+            "chain",
+            "",
+            report.target.as_deref().unwrap_or(""),
+            &format!(
+                "period {} to {}",
+                day(report.period.from_ms),
+                day(report.period.to_ms.saturating_sub(1))
+            ),
+            &report.events.to_string(),
+            &chain_sentence(chain),
+            "",
+        ],
+    );
+    for r in rows(report) {
+        csv_line(
+            &mut out,
+            &[
+                r.section,
+                &r.identity,
+                &r.target,
+                &r.item,
+                &r.count,
+                &r.detail,
+                &evidence_text(&r.evidence),
+            ],
+        );
+    }
+    out
+}
+
+/// The signature rows (section `signature`) after the CSV body.
+pub fn csv_signature(signature: Option<&ReportSignature>) -> String {
+    let mut out = String::new();
+    match signature {
+        Some(s) => {
+            csv_line(&mut out, &["signature", "", "", "method", "", s.method, ""]);
+            csv_line(
+                &mut out,
+                &["signature", "", "", "digest", "", &s.digest, ""],
+            );
+            if let (Some(sig), Some(key)) = (&s.signature, &s.public_key) {
+                csv_line(&mut out, &["signature", "", "", "ed25519", "", sig, ""]);
+                csv_line(&mut out, &["signature", "", "", "public_key", "", key, ""]);
+            }
+        }
+        None => csv_line(
+            &mut out,
+            &["signature", "", "", "UNVERIFIED", "", "not signed", ""],
+        ),
+    }
+    out
+}
+
+pub fn markdown_signature(signature: Option<&ReportSignature>) -> String {
+    let mut out = String::from(MARKDOWN_SIGNATURE_HEADING);
+    out.push('\n');
+    match signature {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "Method: {}\n\nSHA-256 of the signed message: {}\n",
+                match s.method {
+                    "ed25519" => "Ed25519, the audit signing key (audit.signing_key_file)",
+                    _ => "SHA-256 digest only (no audit.signing_key_file configured)",
+                },
+                s.digest
+            );
+            if let (Some(sig), Some(key)) = (&s.signature, &s.public_key) {
+                let _ = writeln!(out, "Signature: {sig}\n\nPublic key: {key}");
+            }
+        }
+        None => out.push_str("UNVERIFIED: not signed, the chain did not verify.\n"),
+    }
+    out
+}
+
+/// The JSON body: the report and the chain it read, compact (the signed bytes).
+pub fn json_body(report: &Report, chain: &ChainRange) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&serde_json::json!({ "chain": chain, "review": report }))
+}

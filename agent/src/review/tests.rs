@@ -1,0 +1,970 @@
+//! A quarter's trail with known answers, written by the real store into a temp dir, and the
+//! policies of a small bastion: each section of the report must give exactly those answers.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    reason = "a test: a failure is the test failing"
+)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use portcullis_audit_store::{SigningKey, Store, StoreOptions};
+use serde_json::{json, Value};
+
+use super::render::{csv_field, Format};
+use super::report::{compute, Inputs, Report, TrailEvent};
+use super::{period, run, Options, PolicyView};
+
+const POLICIES: &str = r#"
+@id("analysts-connect")
+permit (principal in Portcullis::Group::"analysts", action == Portcullis::Action::"connect", resource)
+when { resource.protocol == "postgres" };
+
+@id("analysts-read")
+@mask("pii")
+permit (principal in Portcullis::Group::"analysts", action == Portcullis::Action::"query", resource)
+when { context.statement_class == "read" };
+
+@id("compliance-connect")
+permit (principal in Portcullis::Group::"compliance", action == Portcullis::Action::"connect", resource)
+when { resource.protocol == "postgres" };
+
+@id("compliance-read")
+permit (principal in Portcullis::Group::"compliance", action == Portcullis::Action::"query", resource)
+when { context.statement_class == "read" };
+
+@id("dba-connect")
+permit (principal in Portcullis::Group::"dba", action == Portcullis::Action::"connect", resource)
+when { resource.protocol == "postgres" };
+
+@id("dba-ddl")
+@approval("dba-leads")
+permit (principal in Portcullis::Group::"dba", action == Portcullis::Action::"query", resource)
+when { context.statement_class == "ddl" };
+
+@id("etl-connect")
+permit (principal == Portcullis::ServiceIdentity::"billing-etl", action == Portcullis::Action::"connect", resource)
+when { resource.protocol == "postgres" };
+
+@id("ci-ssh")
+permit (
+    principal in Portcullis::Group::"ci",
+    action in [Portcullis::Action::"connect", Portcullis::Action::"ssh_exec", Portcullis::Action::"ssh_shell"],
+    resource
+)
+when { resource.protocol == "ssh" };
+
+@id("contractors-staging")
+permit (principal in Portcullis::Group::"contractors", action == Portcullis::Action::"connect", resource)
+when { resource.hasTag("environment") && resource.getTag("environment") == "staging" };
+"#;
+
+const MASKING: &str = r#"
+[profiles.pii]
+[[profiles.pii.rules]]
+table_column = "billing.customers.tax_id"
+mask = "redact"
+replacement = "[tax id]"
+[[profiles.pii.rules]]
+column_regex = "(?i)^e_?mail$"
+mask = "hash"
+"#;
+
+const APPROVALS: &str = r#"
+timeout_seconds = 1800
+default_approvals = 1
+default_approver_group = "dba-leads"
+approver_groups = ["dba-leads"]
+"#;
+
+const DAY: u64 = 86_400_000;
+
+fn user(subject: &str, uid: u32, groups: &[&str]) -> Value {
+    json!({"kind": "user", "uid": uid, "gid": uid, "subject": subject,
+           "email": format!("{subject}@example.com"), "groups": groups})
+}
+
+fn service(name: &str) -> Value {
+    json!({"kind": "service", "uid": 990, "gid": 990, "name": name})
+}
+
+fn workload() -> Value {
+    json!({"kind": "workload", "uid": 991, "gid": 991,
+           "subject": "repo:acme/app:ref:refs/heads/main", "groups": ["ci"]})
+}
+
+/// The generated quarter: Q4 2026, and one event on each side of it.
+struct Trail {
+    events: Vec<Value>,
+    start: u64,
+}
+
+impl Trail {
+    fn new() -> Self {
+        Trail {
+            events: Vec::new(),
+            start: period("2026-10-01", "2026-12-31").unwrap().from_ms,
+        }
+    }
+
+    /// An event on day `day` of the quarter (0 = October 1st), `minute` into it.
+    fn at(&mut self, day: i64, minute: u64, kind: &str, fields: Value) {
+        let time = u64::try_from(i64::try_from(self.start).unwrap() + day * DAY as i64).unwrap()
+            + minute * 60_000;
+        let mut event = json!({"schema": 1, "time_ms": time, "host": "bastion-1", "event": kind});
+        for (k, v) in fields.as_object().unwrap() {
+            event[k] = v.clone();
+        }
+        self.events.push(event);
+    }
+}
+
+fn quarter() -> Trail {
+    let alice = user("alice", 1001, &["analysts"]);
+    let bob = user("bob", 1002, &["dba-leads"]);
+    let carol = user("carol", 1003, &["compliance"]);
+    let dave = user("dave", 1004, &["dba"]);
+    let erin = user("erin", 1005, &["oncall"]);
+    let mut t = Trail::new();
+    // Before the period: not counted.
+    t.at(
+        -20,
+        0,
+        "connection.opened",
+        json!({"connection_id": 90, "target": "prod-db",
+        "identity": alice, "decision": "allow", "policy_ids": ["analysts-connect"]}),
+    );
+    // Alice, an analyst: masked reads, one refused write, one refused SSH target.
+    t.at(
+        2,
+        0,
+        "connection.opened",
+        json!({"connection_id": 101, "target": "prod-db",
+        "identity": alice, "decision": "allow", "policy_ids": ["analysts-connect"]}),
+    );
+    t.at(
+        2,
+        1,
+        "statement.executed",
+        json!({"connection_id": 101, "target": "prod-db",
+        "identity": alice, "decision": "allow", "policy_ids": ["analysts-read"],
+        "statement": "SELECT * FROM billing.customers", "statement_class": "read",
+        "tables": ["billing.customers"], "masking_profile": "pii", "rows": 3}),
+    );
+    t.at(
+        2,
+        2,
+        "statement.executed",
+        json!({"connection_id": 101, "target": "prod-db",
+        "identity": alice, "decision": "allow", "policy_ids": ["analysts-read"],
+        "statement": "SELECT * FROM sales.leads", "statement_class": "read",
+        "tables": ["sales.leads"], "masking_profile": "pii", "rows": 9}),
+    );
+    t.at(
+        2,
+        3,
+        "statement.denied",
+        json!({"connection_id": 101, "target": "prod-db",
+        "identity": alice, "decision": "deny", "statement": "DELETE FROM sales.leads",
+        "statement_class": "write", "tables": ["sales.leads"], "sqlstate": "42501"}),
+    );
+    t.at(
+        40,
+        0,
+        "connection.opened",
+        json!({"connection_id": 102, "target": "prod-db",
+        "identity": alice, "decision": "allow", "policy_ids": ["analysts-connect"]}),
+    );
+    t.at(
+        40,
+        5,
+        "connection.refused",
+        json!({"target": "web-1", "identity": alice,
+        "decision": "deny", "reason": "no policy permits"}),
+    );
+    // Carol, compliance: reads the protected table unmasked, with a comma, quotes and a
+    // line break in the statement (the CSV must carry them).
+    t.at(
+        10,
+        0,
+        "connection.opened",
+        json!({"connection_id": 201, "target": "prod-db",
+        "identity": carol, "decision": "allow", "policy_ids": ["compliance-connect"]}),
+    );
+    t.at(
+        10,
+        1,
+        "statement.executed",
+        json!({"connection_id": 201, "target": "prod-db",
+        "identity": carol, "decision": "allow", "policy_ids": ["compliance-read"],
+        "statement": "SELECT name, \"tax_id\"\nFROM billing.customers", "statement_class": "read",
+        "tables": ["billing.customers"], "rows": 3}),
+    );
+    t.at(
+        10,
+        2,
+        "statement.executed",
+        json!({"connection_id": 201, "target": "prod-db",
+        "identity": carol, "decision": "allow", "policy_ids": ["compliance-read"],
+        "statement": "SELECT * FROM public.orders", "statement_class": "read",
+        "tables": ["public.orders"], "rows": 30}),
+    );
+    // Dave, a DBA: two DDLs approved by Bob alone, and one with no approval at all.
+    for (day, request) in [(20, "r-1"), (50, "r-2")] {
+        t.at(
+            day,
+            0,
+            "approval.requested",
+            json!({"target": "prod-db", "identity": dave,
+            "request_id": request, "requester": "dave@example.com", "asked": "statement",
+            "required": "1 approval from group `dba-leads`", "approval_state": "pending",
+            "policy_ids": ["dba-ddl"]}),
+        );
+        t.at(
+            day,
+            5,
+            "approval.approved",
+            json!({"target": "prod-db", "identity": bob,
+            "request_id": request, "requester": "dave@example.com", "asked": "statement",
+            "required": "1 approval from group `dba-leads`", "approval_state": "approved",
+            "approvers": ["bob"], "policy_ids": ["dba-ddl"]}),
+        );
+    }
+    t.at(
+        20,
+        10,
+        "connection.opened",
+        json!({"connection_id": 301, "target": "prod-db",
+        "identity": dave, "decision": "allow", "policy_ids": ["dba-connect"]}),
+    );
+    t.at(
+        20,
+        11,
+        "statement.executed",
+        json!({"connection_id": 301, "target": "prod-db",
+        "identity": dave, "decision": "allow", "policy_ids": ["dba-ddl", "approval:r-1"],
+        "statement": "CREATE INDEX ON billing.invoices (due)", "statement_class": "ddl",
+        "tables": ["billing.invoices"]}),
+    );
+    t.at(
+        50,
+        11,
+        "statement.executed",
+        json!({"connection_id": 301, "target": "prod-db",
+        "identity": dave, "decision": "allow", "policy_ids": ["dba-ddl", "approval:r-2"],
+        "statement": "DROP INDEX billing.invoices_due_idx", "statement_class": "ddl"}),
+    );
+    t.at(
+        60,
+        0,
+        "statement.executed",
+        json!({"connection_id": 301, "target": "prod-db",
+        "identity": dave, "decision": "allow", "policy_ids": ["dba-ddl"],
+        "statement": "ALTER TABLE billing.invoices ADD COLUMN note text", "statement_class": "ddl",
+        "tables": ["billing.invoices"]}),
+    );
+    // Erin breaks the glass for a grant and connects with it.
+    t.at(
+        70,
+        0,
+        "approval.requested",
+        json!({"target": "prod-db", "identity": erin,
+        "request_id": "r-3", "requester": "erin@example.com", "asked": "grant",
+        "required": "1 approval from group `dba-leads`", "approval_state": "pending"}),
+    );
+    t.at(
+        70,
+        1,
+        "approval.break_glass",
+        json!({"target": "prod-db", "identity": erin,
+        "request_id": "r-3", "grant_id": "g-3", "requester": "erin@example.com",
+        "asked": "grant", "required": "1 approval from group `dba-leads`",
+        "approval_state": "approved", "approvers": ["erin"], "break_glass": true,
+        "reason": "break-glass by erin@example.com: INC-911 primary down"}),
+    );
+    t.at(
+        70,
+        2,
+        "connection.opened",
+        json!({"connection_id": 401, "target": "prod-db",
+        "identity": erin, "decision": "allow", "policy_ids": ["grant:g-3"]}),
+    );
+    // The billing ETL, last seen early in October, reads a table others read masked.
+    t.at(
+        4,
+        0,
+        "connection.opened",
+        json!({"connection_id": 601, "target": "prod-db",
+        "identity": service("billing-etl"), "decision": "allow", "policy_ids": ["etl-connect"]}),
+    );
+    t.at(
+        4,
+        1,
+        "statement.executed",
+        json!({"connection_id": 601, "target": "prod-db",
+        "identity": service("billing-etl"), "decision": "allow", "policy_ids": ["etl-connect"],
+        "statement": "SELECT id FROM sales.leads", "statement_class": "read",
+        "tables": ["sales.leads"]}),
+    );
+    // CI over SSH: a recorded exec, a shell whose recording failed, a shell never recorded.
+    for (id, day) in [(501u64, 80i64), (502, 81), (503, 82)] {
+        t.at(
+            day,
+            0,
+            "connection.opened",
+            json!({"connection_id": id, "target": "web-1",
+            "identity": workload(), "decision": "allow", "policy_ids": ["ci-ssh"]}),
+        );
+    }
+    t.at(
+        80,
+        1,
+        "ssh.exec",
+        json!({"connection_id": 501, "target": "web-1",
+        "identity": workload(), "decision": "allow", "policy_ids": ["ci-ssh"],
+        "channel": "exec", "command_line": "./deploy.sh"}),
+    );
+    t.at(
+        80,
+        2,
+        "recording.chunk",
+        json!({"connection_id": 501, "recording_chunk": 0,
+        "recording_offset": 0, "recording_bytes": 10, "recording_sha256": "00"}),
+    );
+    t.at(
+        80,
+        3,
+        "recording.closed",
+        json!({"connection_id": 501, "recording_chunk": 1,
+        "recording_offset": 0, "recording_bytes": 10, "recording_sha256": "00"}),
+    );
+    t.at(
+        81,
+        1,
+        "ssh.shell",
+        json!({"connection_id": 502, "target": "web-1",
+        "identity": workload(), "decision": "allow", "policy_ids": ["ci-ssh"]}),
+    );
+    t.at(
+        81,
+        2,
+        "recording.failed",
+        json!({"connection_id": 502,
+        "reason": "disk full; recording_failure = continue"}),
+    );
+    t.at(
+        82,
+        1,
+        "ssh.shell",
+        json!({"connection_id": 503, "target": "web-1",
+        "identity": workload(), "decision": "allow", "policy_ids": ["ci-ssh"]}),
+    );
+    // After the period: not counted.
+    t.at(
+        93,
+        0,
+        "connection.opened",
+        json!({"connection_id": 900, "target": "staging-db",
+        "identity": carol, "decision": "allow", "policy_ids": ["compliance-connect"]}),
+    );
+    t
+}
+
+fn write_store(dir: &Path, trail: &Trail, key: Option<SigningKey>) -> BTreeMap<String, u64> {
+    let (mut store, _) = Store::open(
+        dir,
+        StoreOptions {
+            // Several segments, so the report names a range across them.
+            max_segment_bytes: 4096,
+            signing_key: key,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    // Seqs by a short name, so assertions read as the story above.
+    let mut seqs = BTreeMap::new();
+    for e in &trail.events {
+        let r = store.append(e.to_string().as_bytes()).unwrap();
+        let name = format!(
+            "{}@{}#{}",
+            e["event"].as_str().unwrap(),
+            e["connection_id"].as_u64().unwrap_or(0),
+            e["statement"]
+                .as_str()
+                .or(e["request_id"].as_str())
+                .unwrap_or("")
+        );
+        seqs.insert(name, r.seq);
+    }
+    store.sync().unwrap();
+    seqs
+}
+
+fn policy_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("review.cedar"), POLICIES).unwrap();
+    std::fs::write(d.path().join("masking.toml"), MASKING).unwrap();
+    std::fs::write(d.path().join("approvals.toml"), APPROVALS).unwrap();
+    d
+}
+
+fn targets() -> Vec<portcullis_policy::Target> {
+    let t = |name: &str, protocol: &str, env: &str| portcullis_policy::Target {
+        name: name.into(),
+        protocol: protocol.into(),
+        labels: [("environment".to_string(), env.to_string())].into(),
+    };
+    vec![
+        t("prod-db", "postgres", "production"),
+        t("staging-db", "postgres", "staging"),
+        t("web-1", "ssh", "production"),
+    ]
+}
+
+fn read_events(dir: &Path) -> Vec<TrailEvent> {
+    portcullis_audit_store::Reader::all(dir)
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            TrailEvent::parse(r.seq, &r.event).unwrap()
+        })
+        .collect()
+}
+
+struct World {
+    store: tempfile::TempDir,
+    policies: portcullis_policy::PolicySet,
+    seqs: BTreeMap<String, u64>,
+}
+
+fn world(key: Option<SigningKey>) -> World {
+    let store = tempfile::tempdir().unwrap();
+    let seqs = write_store(store.path(), &quarter(), key);
+    let pdir = policy_dir();
+    let policies = crate::policy::load_dir(pdir.path()).unwrap();
+    World {
+        store,
+        policies,
+        seqs,
+    }
+}
+
+impl World {
+    fn seq(&self, name: &str) -> u64 {
+        *self
+            .seqs
+            .get(name)
+            .unwrap_or_else(|| panic!("no event {name}: {:?}", self.seqs.keys()))
+    }
+
+    fn report(&self, target: Option<&str>) -> Report {
+        let targets = targets();
+        compute(
+            &read_events(self.store.path()),
+            &Inputs {
+                period: period("2026-10-01", "2026-12-31").unwrap(),
+                target,
+                policies: Some(&self.policies),
+                targets: &targets,
+                stale_days: 30,
+            },
+        )
+    }
+
+    fn run(&self, format: Format, key: Option<&SigningKey>) -> super::Rendered {
+        let targets = targets();
+        run(
+            self.store.path(),
+            &PolicyView {
+                policies: Some(&self.policies),
+                targets: &targets,
+            },
+            &Options {
+                period: period("2026-10-01", "2026-12-31").unwrap(),
+                target: None,
+                stale_days: 30,
+                format,
+            },
+            key,
+        )
+        .unwrap()
+    }
+}
+
+#[test]
+fn per_identity_figures_match_the_quarter_with_their_evidence() {
+    let w = world(None);
+    let r = w.report(None);
+    let names: Vec<&str> = r.identities.iter().map(|i| i.identity.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "service:billing-etl",
+            "user:alice@example.com",
+            "user:bob@example.com",
+            "user:carol@example.com",
+            "user:dave@example.com",
+            "user:erin@example.com",
+            "workload:repo:acme/app:ref:refs/heads/main",
+        ]
+    );
+    let alice = &r.identities[1];
+    // The connection before the period is not counted.
+    assert_eq!(alice.targets.len(), 1);
+    assert_eq!(alice.targets[0].target, "prod-db");
+    assert_eq!(alice.targets[0].connections, 2);
+    assert_eq!(
+        alice.targets[0].evidence,
+        [
+            w.seq("connection.opened@101#"),
+            w.seq("connection.opened@102#")
+        ]
+    );
+    assert_eq!(alice.statement_classes.len(), 1);
+    assert_eq!(alice.statement_classes[0].name, "read");
+    assert_eq!(alice.statement_classes[0].count, 2);
+    assert_eq!(alice.masked_reads.len(), 1);
+    assert_eq!(alice.masked_reads[0].name, "pii");
+    assert_eq!(
+        alice.masked_reads[0].evidence,
+        [
+            w.seq("statement.executed@101#SELECT * FROM billing.customers"),
+            w.seq("statement.executed@101#SELECT * FROM sales.leads")
+        ]
+    );
+    let denials: Vec<(&str, u64)> = alice
+        .denials
+        .iter()
+        .map(|d| (d.name.as_str(), d.count))
+        .collect();
+    assert_eq!(
+        denials,
+        [("connection.refused", 1), ("statement.denied", 1)]
+    );
+    let bob = &r.identities[2];
+    assert_eq!(
+        bob.approvals_given
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>(),
+        ["r-1", "r-2"]
+    );
+    let dave = &r.identities[4];
+    assert_eq!(dave.statement_classes[0].name, "ddl");
+    assert_eq!(dave.statement_classes[0].count, 3);
+    assert_eq!(dave.approvals_requested.len(), 2);
+    assert!(dave
+        .approvals_requested
+        .iter()
+        .all(|a| a.approvers == ["bob"] && a.state == "approved"));
+    let erin = &r.identities[5];
+    assert_eq!(erin.break_glass.len(), 1);
+    assert_eq!(erin.break_glass[0].request_id, "r-3");
+    assert_eq!(erin.break_glass[0].approvers, ["erin"]);
+    assert_eq!(
+        erin.break_glass[0].evidence,
+        [
+            w.seq("approval.requested@0#r-3"),
+            w.seq("approval.break_glass@0#r-3")
+        ]
+    );
+    let ci = &r.identities[6];
+    assert_eq!(ci.kind, "workload");
+    let ssh: Vec<(&str, u64)> = ci
+        .ssh_actions
+        .iter()
+        .map(|c| (c.name.as_str(), c.count))
+        .collect();
+    assert_eq!(ssh, [("exec", 1), ("shell", 2)]);
+    assert_eq!(ci.recorded_sessions.len(), 1);
+    assert_eq!(ci.recorded_sessions[0].session_id, 501);
+}
+
+#[test]
+fn unmasked_reads_of_masked_tables_are_listed_with_what_protects_them() {
+    let w = world(None);
+    let r = w.report(None);
+    let found: Vec<(u64, &str, &[String])> = r
+        .unmasked_reads
+        .iter()
+        .map(|u| (u.seq, u.identity.as_str(), u.tables.as_slice()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                w.seq("statement.executed@201#SELECT name, \"tax_id\"\nFROM billing.customers"),
+                "user:carol@example.com",
+                &["billing.customers".to_string()][..]
+            ),
+            (
+                w.seq("statement.executed@601#SELECT id FROM sales.leads"),
+                "service:billing-etl",
+                &["sales.leads".to_string()][..]
+            ),
+        ]
+    );
+    // In trail order: Carol's read was written first.
+    assert_eq!(
+        r.unmasked_reads[0].protected_by,
+        [
+            "masked for others in the period (profile pii)",
+            "profile pii (table_column rule)"
+        ]
+    );
+    assert_eq!(r.unmasked_reads[0].policy_ids, ["compliance-read"]);
+    assert_eq!(
+        r.unmasked_reads[1].protected_by,
+        ["masked for others in the period (profile pii)"]
+    );
+}
+
+#[test]
+fn privileged_actions_without_approval_and_break_glass_are_named() {
+    let w = world(None);
+    let r = w.report(None);
+    let without: Vec<u64> = r
+        .privileged
+        .without_approval
+        .iter()
+        .map(|p| p.seq)
+        .collect();
+    assert_eq!(
+        without,
+        [w.seq("statement.executed@301#ALTER TABLE billing.invoices ADD COLUMN note text")]
+    );
+    let approved: Vec<(u64, &[String], bool)> = r
+        .privileged
+        .approved
+        .iter()
+        .map(|p| (p.seq, p.approvers.as_slice(), p.break_glass))
+        .collect();
+    let bob = ["bob".to_string()];
+    let erin = ["erin".to_string()];
+    assert_eq!(
+        approved,
+        [
+            (
+                w.seq("statement.executed@301#CREATE INDEX ON billing.invoices (due)"),
+                &bob[..],
+                false
+            ),
+            (
+                w.seq("statement.executed@301#DROP INDEX billing.invoices_due_idx"),
+                &bob[..],
+                false
+            ),
+            (w.seq("connection.opened@401#"), &erin[..], true),
+        ]
+    );
+}
+
+#[test]
+fn sessions_say_which_replay_and_why_the_others_do_not() {
+    let w = world(None);
+    let r = w.report(None);
+    let sessions: Vec<(u64, bool, &str)> = r
+        .sessions
+        .iter()
+        .map(|s| (s.session_id, s.replayable, s.why.as_str()))
+        .collect();
+    assert_eq!(
+        sessions,
+        [
+            (501, true, ""),
+            (502, false, "disk full; recording_failure = continue"),
+            (503, false, "not recorded: no recording event"),
+        ]
+    );
+    assert_eq!(
+        r.sessions[0].evidence,
+        [
+            w.seq("recording.chunk@501#"),
+            w.seq("recording.closed@501#")
+        ]
+    );
+    assert!(r
+        .sessions
+        .iter()
+        .all(|s| s.identity == "workload:repo:acme/app:ref:refs/heads/main"));
+}
+
+#[test]
+fn production_reach_comes_from_the_current_policies_for_identities_seen() {
+    let w = world(None);
+    let r = w.report(None);
+    assert_eq!(r.production.production_targets, ["prod-db", "web-1"]);
+    let reach: Vec<(&str, &str, &str)> = r
+        .production
+        .reach
+        .iter()
+        .map(|x| (x.identity.as_str(), x.target.as_str(), x.decision.as_str()))
+        .collect();
+    assert_eq!(
+        reach,
+        [
+            ("service:billing-etl", "prod-db", "allow"),
+            ("user:alice@example.com", "prod-db", "allow"),
+            ("user:carol@example.com", "prod-db", "allow"),
+            ("user:dave@example.com", "prod-db", "allow"),
+            (
+                "workload:repo:acme/app:ref:refs/heads/main",
+                "web-1",
+                "allow"
+            ),
+        ]
+    );
+    assert_eq!(r.production.reach[1].policy_ids, ["analysts-connect"]);
+    assert!(r.production.limitation.contains("never seen"));
+}
+
+#[test]
+fn least_privilege_findings_match_the_quarter() {
+    let w = world(None);
+    let r = w.report(None);
+    assert_eq!(r.findings.unused_permits, ["contractors-staging"]);
+    let unused: Vec<(&str, &str)> = r
+        .findings
+        .unused_access
+        .iter()
+        .map(|x| (x.identity.as_str(), x.target.as_str()))
+        .collect();
+    assert_eq!(
+        unused,
+        [
+            ("service:billing-etl", "staging-db"),
+            ("user:alice@example.com", "staging-db"),
+            ("user:carol@example.com", "staging-db"),
+            ("user:dave@example.com", "staging-db"),
+        ]
+    );
+    let stale: Vec<&str> = r
+        .findings
+        .stale_services
+        .iter()
+        .map(|s| s.identity.as_str())
+        .collect();
+    assert_eq!(stale, ["service:billing-etl"]);
+    assert_eq!(
+        r.findings.stale_services[0].evidence,
+        [w.seq("statement.executed@601#SELECT id FROM sales.leads")]
+    );
+    assert_eq!(r.findings.single_approver.len(), 1);
+    let s = &r.findings.single_approver[0];
+    assert_eq!(
+        (s.requester.as_str(), s.approver.as_str()),
+        ("user:dave@example.com", "bob")
+    );
+    assert_eq!(s.requests, ["r-1", "r-2"]);
+}
+
+#[test]
+fn target_filter_keeps_only_that_targets_events() {
+    let w = world(None);
+    let r = w.report(Some("web-1"));
+    let names: Vec<&str> = r.identities.iter().map(|i| i.identity.as_str()).collect();
+    // Alice's refusal names web-1; the CI workload used it.
+    assert_eq!(
+        names,
+        [
+            "user:alice@example.com",
+            "workload:repo:acme/app:ref:refs/heads/main"
+        ]
+    );
+    assert_eq!(r.sessions.len(), 3);
+    assert!(r.unmasked_reads.is_empty());
+    // Recording events name no target: they follow their connection's.
+    assert_eq!(r.identities[1].recorded_sessions.len(), 1);
+}
+
+/// A strict RFC 4180 reader: quoted fields may hold commas, doubled quotes and line breaks;
+/// records end in CRLF.
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut field = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        if quoted {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    field.push('"');
+                }
+                '"' => quoted = false,
+                c => field.push(c),
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                assert!(
+                    field.is_empty(),
+                    "a quote inside an unquoted field: {field}"
+                );
+                quoted = true;
+            }
+            ',' => row.push(std::mem::take(&mut field)),
+            '\r' => {
+                assert_eq!(chars.next(), Some('\n'), "CR without LF");
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+            }
+            '\n' => panic!("a bare LF ends a record"),
+            c => field.push(c),
+        }
+    }
+    assert!(!quoted, "unterminated quoted field");
+    assert!(field.is_empty() && row.is_empty(), "no CRLF at the end");
+    rows
+}
+
+#[test]
+fn csv_is_rfc_4180_with_commas_quotes_and_line_breaks_kept() {
+    assert_eq!(csv_field("a,b"), "\"a,b\"");
+    assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    assert_eq!(csv_field("plain"), "plain");
+    let w = world(None);
+    let out = w.run(Format::Csv, None);
+    assert!(out.verified);
+    let rows = parse_csv(&out.text);
+    assert!(rows.iter().all(|r| r.len() == 7), "ragged rows: {rows:?}");
+    assert_eq!(rows[0][0], "section");
+    let carol = rows
+        .iter()
+        .find(|r| r[0] == "unmasked_reads" && r[1] == "user:carol@example.com")
+        .expect("carol's unmasked read");
+    assert!(
+        carol[5].contains("SELECT name, \"tax_id\"\nFROM billing.customers"),
+        "{carol:?}"
+    );
+    assert_eq!(
+        carol[6],
+        w.seq("statement.executed@201#SELECT name, \"tax_id\"\nFROM billing.customers")
+            .to_string()
+    );
+    assert_eq!(rows.last().unwrap()[0], "signature");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
+fn head(dir: &Path) -> portcullis_audit_store::ChainHash {
+    portcullis_audit_store::Reader::all(dir)
+        .unwrap()
+        .last()
+        .unwrap()
+        .unwrap()
+        .hash
+}
+
+#[test]
+fn without_a_key_the_report_carries_a_digest_of_its_body_and_the_chain_head() {
+    let w = world(None);
+    let out = w.run(Format::Markdown, None);
+    assert!(out.verified);
+    let (body, signature) = out
+        .text
+        .split_once(super::render::MARKDOWN_SIGNATURE_HEADING)
+        .unwrap();
+    assert!(body.contains("verified intact"), "{body}");
+    assert!(!body.contains("UNVERIFIED"));
+    let digest = sha256_hex(&super::signed_message(body, &head(w.store.path())));
+    assert!(
+        signature.contains(&format!("SHA-256 of the signed message: {digest}")),
+        "{signature}"
+    );
+    assert!(signature.contains("no audit.signing_key_file"));
+    // The range read names the segments.
+    let last = w.seqs.values().max().unwrap();
+    assert!(body.contains(&format!("seq 1..{last} in ")), "{body}");
+    assert!(body.contains("segment-00000000000000000001.jsonl to segment-"));
+}
+
+#[test]
+fn with_the_audit_key_the_report_is_signed_and_the_signature_verifies() {
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let w = world(Some(key.clone()));
+    let out = w.run(Format::Json, Some(&key));
+    assert!(out.verified);
+    let value: Value = serde_json::from_str(&out.text).unwrap();
+    // The signed body is the `report` member exactly as printed.
+    let body = out
+        .text
+        .strip_prefix("{\"report\":")
+        .unwrap()
+        .split_once(",\"signature\":")
+        .unwrap()
+        .0;
+    let sig = &value["signature"];
+    assert_eq!(sig["method"], "ed25519");
+    assert_eq!(
+        sig["public_key"],
+        hex::encode(key.verifying_key().to_bytes())
+    );
+    let msg = super::signed_message(body, &head(w.store.path()));
+    let public = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ED25519,
+        key.verifying_key().to_bytes(),
+    );
+    let signature = hex::decode(sig["signature"].as_str().unwrap()).unwrap();
+    public.verify(&msg, &signature).unwrap();
+    // One byte of the body changed no longer verifies.
+    let forged = super::signed_message(&body.replace("dave", "dawe"), &head(w.store.path()));
+    assert!(public.verify(&forged, &signature).is_err());
+    assert_eq!(value["report"]["chain"]["verified"], true);
+    assert_eq!(value["report"]["chain"]["seals_signature_checked"], true);
+    // JSON lists every seq of a figure.
+    assert_eq!(
+        value["report"]["review"]["findings"]["unused_permits"],
+        json!(["contractors-staging"])
+    );
+}
+
+#[test]
+fn a_tampered_segment_makes_the_report_unverified_and_unsigned() {
+    let w = world(None);
+    let segment = std::fs::read_dir(w.store.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("segment-"))
+        .min()
+        .unwrap();
+    let text = std::fs::read_to_string(&segment).unwrap();
+    assert!(text.contains("\"rows\":3"));
+    std::fs::write(&segment, text.replacen("\"rows\":3", "\"rows\":1", 1)).unwrap();
+    for format in [Format::Markdown, Format::Csv] {
+        let out = w.run(format, None);
+        assert!(!out.verified, "{format:?}");
+        assert!(out.text.contains("UNVERIFIED"), "{format:?}: {}", out.text);
+        assert!(out.text.contains("BROKEN"), "{format:?}");
+        assert!(out.text.contains("RecordAltered"), "{format:?}");
+        assert!(!out.text.contains("SHA-256 of the signed message"));
+    }
+    let out = w.run(Format::Json, None);
+    assert!(!out.verified);
+    let json: Value = serde_json::from_str(&out.text).unwrap();
+    assert_eq!(json["signature"], Value::Null);
+    assert_eq!(json["report"]["chain"]["verified"], false);
+    assert!(json["report"]["chain"]["broken"]
+        .as_str()
+        .unwrap()
+        .contains("RecordAltered"));
+}
+
+#[test]
+fn period_takes_whole_utc_days_and_refuses_a_reversed_one() {
+    let p = period("2026-10-01", "2026-12-31").unwrap();
+    assert_eq!(p.from_ms, 1_790_812_800_000);
+    assert_eq!(p.to_ms, 1_798_761_600_000);
+    assert!(period("2026-12-31", "2026-10-01").is_err());
+    assert!(period("2026-13-01", "2026-12-31")
+        .unwrap_err()
+        .contains("YYYY-MM-DD"));
+}
