@@ -58,6 +58,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     match which {
         "redirect" => in_bench_cgroup(&[measure]),
+        "tcp-bulk" => in_bench_cgroup(&[measure_bulk]),
         "policy" => policy(),
         "audit" => audit(),
         "postgres" => crate::bench_postgres::run(&crate::bench_postgres::Options::parse(options)?),
@@ -69,7 +70,9 @@ pub fn run(args: &[String]) -> Result<()> {
             audit()?;
             crate::bench_postgres::run(&postgres)
         }
-        other => bail!("unknown benchmark `{other}` (redirect, policy, audit, postgres, ssh, all)"),
+        other => bail!(
+            "unknown benchmark `{other}` (redirect, tcp-bulk, policy, audit, postgres, ssh, all)"
+        ),
     }
 }
 
@@ -294,9 +297,7 @@ fn measure(bin: &Path, config: &Path) -> Result<()> {
         step("request/response round trips (64 bytes), through the proxy and direct");
         let rr_proxy = round_trips(protected, 20_000, Duration::from_secs(20))?;
         let rr_direct = round_trips(unprotected, 20_000, Duration::from_secs(20))?;
-        step("bulk transfer (256 MiB), through the proxy and direct");
-        let bulk_proxy = bulk(protected, 256 << 20)?;
-        let bulk_direct = bulk(unprotected, 256 << 20)?;
+        let bulk = bulk_rounds(agent.id(), protected, unprotected, BULK_ROUNDS)?;
         step("new protected connections per second (connect, one round trip, close)");
         let new_proxy = new_connection_rate(protected, 5_000, Duration::from_secs(20))?;
         let new_direct = new_connection_rate(unprotected, 5_000, Duration::from_secs(20))?;
@@ -322,10 +323,16 @@ fn measure(bin: &Path, config: &Path) -> Result<()> {
                 "proxy / direct",
             ),
             (
-                "bulk throughput (MiB/s)".into(),
-                bulk_proxy,
-                bulk_direct,
+                "bulk throughput (MiB/s, median of rounds)".into(),
+                bulk.proxy,
+                bulk.direct,
                 "proxy / direct",
+            ),
+            (
+                "agent CPU per GiB forwarded (ms)".into(),
+                bulk.agent_ms_per_gib,
+                0.0,
+                "-",
             ),
             (
                 "new connections with 1 round trip (per s)".into(),
@@ -354,6 +361,25 @@ fn measure(bin: &Path, config: &Path) -> Result<()> {
         let ratio = if base > 0.0 { value / base } else { 0.0 };
         println!("{name:<46} {value:>14.1} {base:>14.1} {ratio:>8.3}  {what}");
     }
+    Ok(())
+}
+
+/// Only the bulk rounds of `redirect`, for work on the forwarding path.
+fn measure_bulk(bin: &Path, config: &Path) -> Result<()> {
+    let mut agent = start_agent(bin, config)?;
+    let bulk = bulk_rounds(agent.id(), PROTECTED.parse()?, DIRECT.parse()?, BULK_ROUNDS);
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+    let bulk = bulk?;
+    println!(
+        "bulk MiB/s (median of {BULK_ROUNDS}): proxy {:.1}, direct {:.1}, ratio {:.3}; agent CPU {:.0} ms per GiB",
+        bulk.proxy,
+        bulk.direct,
+        bulk.proxy / bulk.direct,
+        bulk.agent_ms_per_gib
+    );
     Ok(())
 }
 
@@ -421,6 +447,46 @@ fn new_connection_rate(addr: SocketAddr, count: u32, limit: Duration) -> Result<
         done += 1;
     }
     Ok(f64::from(done) / start.elapsed().as_secs_f64())
+}
+
+/// Rounds of the bulk transfer, interleaved (proxy, direct, proxy, …): one-shot figures on
+/// these machines swing by a third.
+const BULK_ROUNDS: usize = 5;
+const BULK_BYTES: usize = 256 << 20;
+
+struct Bulk {
+    /// Median MiB/s of the rounds through the proxy, and direct.
+    proxy: f64,
+    direct: f64,
+    /// The agent's CPU time (user + system, all threads) per GiB moved through it.
+    agent_ms_per_gib: f64,
+}
+
+fn bulk_rounds(
+    agent: u32,
+    protected: SocketAddr,
+    unprotected: SocketAddr,
+    rounds: usize,
+) -> Result<Bulk> {
+    use crate::bench_postgres::{clock_ticks_per_second, median, process_cpu_ticks};
+    step(&format!(
+        "bulk transfer ({} MiB), through the proxy and direct, {rounds} interleaved rounds",
+        BULK_BYTES >> 20
+    ));
+    let (mut proxy, mut direct, mut ticks) = (Vec::new(), Vec::new(), 0u64);
+    for _ in 0..rounds {
+        let before = process_cpu_ticks(agent)?;
+        proxy.push(bulk(protected, BULK_BYTES)?);
+        ticks += process_cpu_ticks(agent)?.saturating_sub(before);
+        direct.push(bulk(unprotected, BULK_BYTES)?);
+    }
+    let gib = (BULK_BYTES * rounds) as f64 / f64::from(1u32 << 30);
+    let ms = ticks as f64 * 1000.0 / clock_ticks_per_second();
+    Ok(Bulk {
+        proxy: median(&proxy).unwrap_or(0.0),
+        direct: median(&direct).unwrap_or(0.0),
+        agent_ms_per_gib: ms / gib,
+    })
 }
 
 fn bulk(addr: SocketAddr, bytes: usize) -> Result<f64> {

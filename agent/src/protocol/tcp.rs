@@ -1,21 +1,33 @@
-//! Plain TCP: forward bytes both ways with backpressure (a write completes before the
-//! next read), pass half-closes through, and close on idle or on shutdown.
+//! Plain TCP: forward bytes both ways with backpressure (what one side sends is read only
+//! as fast as the other side takes it), pass half-closes through, and close on idle or on
+//! shutdown.
+//!
+//! Bytes move with splice(2) through a pipe per direction: socket to pipe, pipe to socket,
+//! inside the kernel, never copied into this process. A direction reads from its socket
+//! only once its pipe is empty, so at most one pipe's worth waits in the agent. Where a
+//! pipe cannot be made (the process is out of descriptors) or splice is refused, the
+//! direction copies through a buffer instead, with the same rules.
 
 use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Gate, Incoming, OpenError, Opening, Refusal};
 use crate::audit::Decision;
 use portcullis_core::ByteCounters;
 
+/// The copy buffer of a direction that cannot splice.
 const BUFFER: usize = 64 * 1024;
+/// What one direction's pipe holds: the most that waits in the agent per direction.
+const PIPE: usize = 256 * 1024;
 
 /// How a forwarded connection ended.
 #[derive(Debug)]
@@ -161,6 +173,14 @@ pub async fn serve(gate: &Gate, incoming: Incoming, client: TcpStream) {
     open.set_end(end.to_string());
 }
 
+/// How a direction moves its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mover {
+    Splice,
+    #[cfg_attr(not(test), allow(dead_code, reason = "the tests force the copy path"))]
+    Copy,
+}
+
 /// Forwards bytes both ways until both sides close, the connection idles, or `shutdown`.
 pub async fn forward(
     client: TcpStream,
@@ -169,28 +189,34 @@ pub async fn forward(
     idle: Duration,
     shutdown: CancellationToken,
 ) -> End {
+    forward_with(client, upstream, bytes, idle, shutdown, Mover::Splice).await
+}
+
+async fn forward_with(
+    client: TcpStream,
+    upstream: TcpStream,
+    bytes: &ByteCounters,
+    idle: Duration,
+    shutdown: CancellationToken,
+    mover: Mover,
+) -> End {
     let started = Instant::now();
     let last_activity = AtomicU64::new(0);
-    let (mut cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = upstream.into_split();
-    let both = async {
-        tokio::try_join!(
-            pump(
-                &mut cr,
-                &mut uw,
-                &bytes.client_to_upstream,
-                &last_activity,
-                started
-            ),
-            pump(
-                &mut ur,
-                &mut cw,
-                &bytes.upstream_to_client,
-                &last_activity,
-                started
-            ),
-        )
+    let up = Direction {
+        from: &client,
+        to: &upstream,
+        counter: &bytes.client_to_upstream,
+        last_activity: &last_activity,
+        started,
     };
+    let down = Direction {
+        from: &upstream,
+        to: &client,
+        counter: &bytes.upstream_to_client,
+        last_activity: &last_activity,
+        started,
+    };
+    let both = async { tokio::try_join!(up.run(mover), down.run(mover)) };
     let watchdog = async {
         let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         loop {
@@ -211,31 +237,127 @@ pub async fn forward(
     }
 }
 
-/// Copies one direction until EOF, then half-closes the other side's write half.
-async fn pump<R, W>(
-    from: &mut R,
-    to: &mut W,
-    counter: &AtomicU64,
-    last_activity: &AtomicU64,
+/// One direction of a forwarded connection.
+struct Direction<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    counter: &'a AtomicU64,
+    last_activity: &'a AtomicU64,
     started: Instant,
-) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            // Pass the half-close on: the peer may still answer.
-            to.shutdown().await?;
-            return Ok(());
+}
+
+impl Direction<'_> {
+    /// Moves bytes until `from` closes its sending half, then passes the half-close on
+    /// (the peer may still answer).
+    async fn run(&self, mover: Mover) -> io::Result<()> {
+        let pipe = match mover {
+            Mover::Splice => Pipe::new().ok(),
+            Mover::Copy => None,
+        };
+        let spliced = match &pipe {
+            Some(pipe) => self.splice(pipe).await?,
+            None => Spliced::Refused,
+        };
+        if spliced == Spliced::Refused {
+            self.copy().await?;
         }
-        let chunk = buf.get(..n).unwrap_or_default();
-        to.write_all(chunk).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        last_activity.store(now, Ordering::Relaxed);
+        socket2::SockRef::from(self.to).shutdown(std::net::Shutdown::Write)
+    }
+
+    /// Moves `n` bytes' worth of progress into the counters.
+    fn moved(&self, n: usize) {
+        self.counter.fetch_add(n as u64, Ordering::Relaxed);
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity.store(now, Ordering::Relaxed);
+    }
+
+    /// Socket to pipe, pipe to socket, until EOF. `Refused` when the kernel refuses to
+    /// splice these sockets before a byte moved (the caller copies instead).
+    async fn splice(&self, pipe: &Pipe) -> io::Result<Spliced> {
+        let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        let mut any = false;
+        loop {
+            // The pipe is empty here: a would-block is the socket's, never the pipe's.
+            self.from.readable().await?;
+            let read = self.from.try_io(Interest::READABLE, || {
+                splice(self.from, None, &pipe.write, None, PIPE, flags).map_err(io::Error::from)
+            });
+            let mut held = match read {
+                Ok(0) => return Ok(Spliced::Done),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if !any && e.raw_os_error() == Some(libc::EINVAL) => {
+                    return Ok(Spliced::Refused)
+                }
+                Err(e) => return Err(e),
+            };
+            any = true;
+            while held > 0 {
+                self.to.writable().await?;
+                let written = self.to.try_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, self.to, None, held, flags).map_err(io::Error::from)
+                });
+                match written {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        held -= n;
+                        self.moved(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// Through a buffer, until EOF: what a direction does when it cannot splice.
+    async fn copy(&self) -> io::Result<()> {
+        let mut buf = vec![0u8; BUFFER];
+        loop {
+            self.from.readable().await?;
+            let n = match self.from.try_read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            let mut chunk = buf.get(..n).unwrap_or_default();
+            while !chunk.is_empty() {
+                self.to.writable().await?;
+                match self.to.try_write(chunk) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(w) => {
+                        chunk = chunk.get(w..).unwrap_or_default();
+                        self.moved(w);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spliced {
+    Done,
+    Refused,
+}
+
+/// One direction's pipe.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // A larger pipe moves more per system call; the default (64 KiB) is kept if the
+        // system's limit refuses it.
+        let size = i32::try_from(PIPE).unwrap_or(i32::MAX);
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(size));
+        Ok(Self { read, write })
     }
 }
 
@@ -243,6 +365,7 @@ where
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -254,16 +377,23 @@ mod tests {
 
     #[tokio::test]
     async fn forwards_both_ways_and_passes_half_close() {
+        for mover in [Mover::Splice, Mover::Copy] {
+            half_close_passes(mover).await;
+        }
+    }
+
+    async fn half_close_passes(mover: Mover) {
         let (mut client, proxy_client_side) = pair().await;
         let (proxy_upstream_side, mut server) = pair().await;
         let bytes = ByteCounters::default();
         let token = CancellationToken::new();
-        let fwd = forward(
+        let fwd = forward_with(
             proxy_client_side,
             proxy_upstream_side,
             &bytes,
             Duration::from_secs(30),
             token,
+            mover,
         );
         let io = async {
             client.write_all(b"hello").await.unwrap();
@@ -279,9 +409,80 @@ mod tests {
             assert_eq!(back, b"world!");
         };
         let (end, ()) = tokio::join!(fwd, io);
-        assert!(matches!(end, End::Closed), "{end}");
+        assert!(matches!(end, End::Closed), "{mover:?}: {end}");
         assert_eq!(bytes.client_to_upstream.load(Ordering::Relaxed), 5);
         assert_eq!(bytes.upstream_to_client.load(Ordering::Relaxed), 6);
+    }
+
+    /// TCP sockets splice on this kernel: the splice path is the one taken, not its
+    /// fallback.
+    #[tokio::test]
+    async fn tcp_sockets_splice_here() {
+        let (mut client, from) = pair().await;
+        let (to, mut server) = pair().await;
+        let counter = AtomicU64::new(0);
+        let last_activity = AtomicU64::new(0);
+        let direction = Direction {
+            from: &from,
+            to: &to,
+            counter: &counter,
+            last_activity: &last_activity,
+            started: Instant::now(),
+        };
+        client.write_all(b"spliced").await.unwrap();
+        client.shutdown().await.unwrap();
+        let pipe = Pipe::new().unwrap();
+        assert_eq!(direction.splice(&pipe).await.unwrap(), Spliced::Done);
+        drop(to);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"spliced");
+        assert_eq!(counter.load(Ordering::Relaxed), 7);
+    }
+
+    /// Megabytes both ways at once, each direction in writes of odd sizes: every byte
+    /// arrives, in order, and is counted once.
+    #[tokio::test]
+    async fn bulk_both_ways_arrives_whole_and_counted() {
+        for mover in [Mover::Splice, Mover::Copy] {
+            let (client, proxy_client_side) = pair().await;
+            let (proxy_upstream_side, server) = pair().await;
+            let bytes = ByteCounters::default();
+            let fwd = forward_with(
+                proxy_client_side,
+                proxy_upstream_side,
+                &bytes,
+                Duration::from_secs(30),
+                CancellationToken::new(),
+                mover,
+            );
+            let up: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+            let down: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+            let send_and_read = |mut s: TcpStream, out: Vec<u8>| async move {
+                let (mut r, mut w) = s.split();
+                let writing = async {
+                    for piece in out.chunks(7_919) {
+                        w.write_all(piece).await.unwrap();
+                    }
+                    w.shutdown().await.unwrap();
+                };
+                let mut got = Vec::new();
+                let reading = r.read_to_end(&mut got);
+                let ((), n) = tokio::join!(writing, reading);
+                n.unwrap();
+                got
+            };
+            let (end, at_server, at_client) = tokio::join!(
+                fwd,
+                send_and_read(server, down.clone()),
+                send_and_read(client, up.clone()),
+            );
+            assert!(matches!(end, End::Closed), "{mover:?}: {end}");
+            assert!(at_server == up, "{mover:?}: the upstream got other bytes");
+            assert!(at_client == down, "{mover:?}: the client got other bytes");
+            assert_eq!(bytes.client_to_upstream.load(Ordering::Relaxed), 5_000_000);
+            assert_eq!(bytes.upstream_to_client.load(Ordering::Relaxed), 3_000_000);
+        }
     }
 
     #[tokio::test(start_paused = true)]
