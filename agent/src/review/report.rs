@@ -694,6 +694,13 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
             privileged.approved.push(action);
         }
     }
+    if inputs.targets.is_empty() {
+        notes.push(
+            "no targets known (no config read): who can reach production and unused access \
+             are not computed"
+                .to_string(),
+        );
+    }
     if inputs.policies.is_none() {
         notes.push(
             "no policies loaded: privileged actions are only those with an approval or grant; \
