@@ -636,7 +636,9 @@ pub(crate) fn public_key_hex(path: &Path) -> Result<String, AuditError> {
 }
 
 /// An Ed25519 seed as 64 hex characters in a root-only file.
-pub(crate) fn read_signing_key(path: &Path) -> Result<portcullis_audit_store::SigningKey, AuditError> {
+pub(crate) fn read_signing_key(
+    path: &Path,
+) -> Result<portcullis_audit_store::SigningKey, AuditError> {
     use std::os::unix::fs::MetadataExt;
     let err = |reason: String| AuditError::Key {
         path: path.to_path_buf(),
