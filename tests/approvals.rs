@@ -599,10 +599,7 @@ fn a_statement_waits_for_approval_then_runs_and_a_denied_one_gives_42501() {
 
     // One psql session: a DDL statement that waits and runs once approved, one that is
     // denied, and a query after it in the same session.
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-        postgres.port()
-    );
+    let conninfo = conninfo(&postgres);
     let mut psql = client_command(
         "psql",
         RunAs {
@@ -754,10 +751,7 @@ fn a_drivers_prepared_statement_waits_at_bind_then_runs_or_is_refused() {
     let (alice, bob) = (48189, 48190);
     login_to(&agent, &provider, alice, "alice");
     login_to(&agent, &provider, bob, "bob");
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-        postgres.port()
-    );
+    let conninfo = conninfo(&postgres);
     let mut client = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis-pgclient"));
     portcullis_e2e::exec_in_cgroup_as(&mut client, Some(&cg.path), Some(alice));
     let client = client
@@ -906,10 +900,7 @@ fn a_psql_connection_to_a_waiting_target_is_told_the_request_and_connects_once_a
     let (alice, bob) = (48189, 48190);
     login_to(&w.agent, &w.provider, alice, "alice");
     login_to(&w.agent, &w.provider, bob, "bob");
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-        w.postgres.port()
-    );
+    let conninfo = conninfo(&w.postgres);
     // No connect timeout: the connection waits as long as the approval takes.
     let psql = client_command(
         "psql",
@@ -1006,13 +997,18 @@ fn pg_world_with(name: &str, slot: u8, policies: &[(&str, &str)], target_extra: 
     }
 }
 
+/// The libpq connection string of the world's server, as the role `app`.
+fn conninfo(postgres: &Postgres) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        postgres.port()
+    )
+}
+
 /// psql as `uid` through the redirect to the world's server, reading `script` from stdin;
 /// its output once it ends.
 fn psql_script(w: &PgWorld, uid: u32, script: &str) -> Child {
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-        w.postgres.port()
-    );
+    let conninfo = conninfo(&w.postgres);
     let mut psql = client_command(
         "psql",
         RunAs {
