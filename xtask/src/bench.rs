@@ -61,6 +61,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "tcp-bulk" => in_bench_cgroup(&[measure_bulk]),
         "policy" => policy(),
         "audit" => audit(),
+        "review" => review(),
         "postgres" => crate::bench_postgres::run(&crate::bench_postgres::Options::parse(options)?),
         "ssh" => crate::bench_ssh::run(&crate::bench_ssh::Options::parse(options)?),
         "all" => {
@@ -71,7 +72,7 @@ pub fn run(args: &[String]) -> Result<()> {
             crate::bench_postgres::run(&postgres)
         }
         other => bail!(
-            "unknown benchmark `{other}` (redirect, tcp-bulk, policy, audit, postgres, ssh, all)"
+            "unknown benchmark `{other}` (redirect, tcp-bulk, policy, audit, review, postgres, ssh, all)"
         ),
     }
 }
@@ -85,6 +86,26 @@ fn audit() -> Result<()> {
     step("audit store: events/s with an fsync per event and per batch (group commit)");
     crate::cargo(&["bench", "-p", "portcullis-audit-store", "--bench", "append"])?;
     in_bench_cgroup(&[measure_gated, measure_central])
+}
+
+/// `portcullis review report` over a generated trail of a million events (the tested quarter
+/// renamed round after round): the time of each format and of each phase. The agent is a
+/// binary crate, so the measure is one of its ignored tests, built for release.
+fn review() -> Result<()> {
+    step("review report over 1,000,000 events (md, csv, json; verify, read, compute)");
+    crate::cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "portcullis-agent",
+        "--bin",
+        "portcullis",
+        "review::tests::bench_report_over_a_million_events",
+        "--",
+        "--ignored",
+        "--exact",
+        "--nocapture",
+    ])
 }
 
 /// Catch-up rate to the central store: events written while PostgreSQL is down are

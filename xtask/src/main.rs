@@ -38,7 +38,7 @@ commands:
                build everything and show the redirect, the proxy, `portcullis status`, psql
                through the agent and ssh to a local sshd with its shell replayed; --no-build
                runs the agent already built (PORTCULLIS_BIN, else target/release/portcullis)
-  bench [redirect|policy|audit|postgres|ssh|all] [--no-build] [--quick] [--seconds N] [--rounds N]
+  bench [redirect|policy|audit|review|postgres|ssh|all] [--no-build] [--quick] [--seconds N] [--rounds N]
         [--case TEXT] [--perf]
                measure against the direct path (and pgbouncer for postgres) and report
                ratios; --no-build measures the binaries already built; --quick, --seconds
@@ -47,7 +47,8 @@ commands:
                `perf record -a -g` during each run (needs Debian's linux-perf); `ssh` (not in
                `all`) compares OpenSSH through the agent with direct: --quick moves 256 MiB
                instead of 1 GiB in one round (default 3) with 20 latency samples instead of 50,
-               --perf records the agent (`perf record -g`) during its first `cat`";
+               --perf records the agent (`perf record -g`) during its first `cat`; `review`
+               (not in `all`) times `review report` over a million generated events";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -364,7 +364,7 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
     // Connections are told once, at `connection.opened`; later events of the connection
     // (recordings) may not repeat the identity or target.
     let mut connections: BTreeMap<u64, Connection> = BTreeMap::new();
-    let mut last_seen: BTreeMap<String, (u64, u64, Identity)> = BTreeMap::new();
+    let mut last_seen: BTreeMap<String, (u64, u64, &Identity)> = BTreeMap::new();
     let mut accs: BTreeMap<String, Acc> = BTreeMap::new();
     let mut requests: BTreeMap<String, ApprovalRecord> = BTreeMap::new();
     let mut request_of_grant: BTreeMap<String, String> = BTreeMap::new();
@@ -379,18 +379,16 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         if e.time_ms >= period.to_ms {
             continue;
         }
-        if let Some(identity) = &e.identity {
-            last_seen.insert(
-                identity_label(identity),
-                (e.time_ms, e.seq, identity.clone()),
-            );
+        let own_label = e.identity.as_ref().map(identity_label);
+        if let (Some(identity), Some(label)) = (&e.identity, &own_label) {
+            last_seen.insert(label.clone(), (e.time_ms, e.seq, identity));
         }
         if e.event == "connection.opened" {
             if let Some(id) = e.connection_id {
                 connections.insert(
                     id,
                     Connection {
-                        identity: e.identity.as_ref().map(identity_label),
+                        identity: own_label.clone(),
                         target: e.target.clone().unwrap_or_default(),
                     },
                 );
@@ -410,7 +408,7 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         counted += 1;
         in_period.push(e);
         used_policies.extend(e.policy_ids.iter().cloned());
-        let label = e.identity.as_ref().map(identity_label).or_else(|| {
+        let label = own_label.or_else(|| {
             e.connection_id
                 .and_then(|id| connections.get(&id))
                 .and_then(|c| c.identity.clone())
@@ -538,14 +536,14 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         }
     }
 
+    let mut requests_by: BTreeMap<&str, Vec<ApprovalRecord>> = BTreeMap::new();
+    for r in requests.values() {
+        requests_by.entry(&r.requester).or_default().push(r.clone());
+    }
     let mut identities: Vec<IdentitySummary> = accs
         .into_iter()
         .map(|(identity, acc)| {
-            let requested: Vec<ApprovalRecord> = requests
-                .values()
-                .filter(|r| r.requester == identity)
-                .cloned()
-                .collect();
+            let requested = requests_by.remove(identity.as_str()).unwrap_or_default();
             IdentitySummary {
                 kind: acc.kind,
                 break_glass: requested
@@ -751,10 +749,20 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         .iter()
         .filter(|t| inputs.target.is_none_or(|name| t.name == name))
         .collect();
+    // Every identity of the period, with the targets it connected to.
+    let reached: BTreeMap<&str, BTreeSet<&str>> = identities
+        .iter()
+        .map(|i| {
+            (
+                i.identity.as_str(),
+                i.targets.iter().map(|t| t.target.as_str()).collect(),
+            )
+        })
+        .collect();
     let mut reach_all = Vec::new();
     if let Some(set) = inputs.policies {
-        for (label, (time_ms, seq, identity)) in &last_seen {
-            if !identities.iter().any(|i| &i.identity == label) {
+        for (label, (_, seq, identity)) in &last_seen {
+            if !reached.contains_key(label.as_str()) {
                 continue;
             }
             for t in &targets {
@@ -774,7 +782,6 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
                     Effect::RequireApproval(_) => "approval",
                     Effect::Deny => continue,
                 };
-                let _ = time_ms;
                 reach_all.push(Reach {
                     identity: label.clone(),
                     target: t.name.clone(),
@@ -817,9 +824,9 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
     let unused_access = reach_all
         .iter()
         .filter(|r| {
-            !identities
-                .iter()
-                .any(|i| i.identity == r.identity && i.targets.iter().any(|t| t.target == r.target))
+            !reached
+                .get(r.identity.as_str())
+                .is_some_and(|targets| targets.contains(r.target.as_str()))
         })
         .cloned()
         .collect();

@@ -968,3 +968,111 @@ fn period_takes_whole_utc_days_and_refuses_a_reversed_one() {
         .unwrap_err()
         .contains("YYYY-MM-DD"));
 }
+
+/// The quarter above, repeated with its people, connections and requests renamed per round
+/// (500 analysts and so on), until the trail holds `count` events.
+fn big_trail(count: usize) -> Vec<Vec<u8>> {
+    let template = quarter().events;
+    let mut out = Vec::with_capacity(count);
+    let mut round = 0u64;
+    while out.len() < count {
+        let k = round % 500;
+        for e in &template {
+            let mut e = e.clone();
+            if let Some(id) = e["connection_id"].as_u64() {
+                e["connection_id"] = json!(id + round * 1000);
+            }
+            for key in ["subject", "email", "name"] {
+                if let Some(v) = e["identity"][key].as_str() {
+                    e["identity"][key] = json!(format!("{k}.{v}"));
+                }
+            }
+            for key in ["request_id", "grant_id"] {
+                if let Some(v) = e[key].as_str() {
+                    e[key] = json!(format!("{v}-{round}"));
+                }
+            }
+            if let Some(ids) = e["policy_ids"].as_array() {
+                let ids: Vec<Value> = ids
+                    .iter()
+                    .map(|id| match id.as_str() {
+                        Some(s) if s.contains(':') => json!(format!("{s}-{round}")),
+                        _ => id.clone(),
+                    })
+                    .collect();
+                e["policy_ids"] = json!(ids);
+            }
+            out.push(e.to_string().into_bytes());
+            if out.len() == count {
+                break;
+            }
+        }
+        round += 1;
+    }
+    out
+}
+
+/// `cargo xtask bench review`: a report over a million events, timed (run in release).
+#[test]
+#[ignore = "a benchmark: cargo xtask bench review"]
+fn bench_report_over_a_million_events() {
+    let count: usize = std::env::var("PORTCULLIS_REVIEW_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let store = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    {
+        let (mut s, _) = Store::open(store.path(), StoreOptions::default()).unwrap();
+        let events = big_trail(count);
+        for chunk in events.chunks(10_000) {
+            let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+            s.append_batch_buffered(&refs).unwrap();
+        }
+        s.sync().unwrap();
+    }
+    eprintln!(
+        "wrote {count} events in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let w = World {
+        store,
+        policies: crate::policy::load_dir(policy_dir().path()).unwrap(),
+        seqs: BTreeMap::new(),
+    };
+    let phase = std::time::Instant::now();
+    assert!(portcullis_audit_store::verify(w.store.path(), None).ok);
+    let verify_s = phase.elapsed().as_secs_f64();
+    let phase = std::time::Instant::now();
+    let events = read_events(w.store.path());
+    let read_s = phase.elapsed().as_secs_f64();
+    let phase = std::time::Instant::now();
+    let targets = targets();
+    let report = compute(
+        &events,
+        &Inputs {
+            period: period("2026-10-01", "2026-12-31").unwrap(),
+            target: None,
+            policies: Some(&w.policies),
+            targets: &targets,
+            stale_days: 30,
+        },
+    );
+    println!(
+        "phases: verify {verify_s:.2} s, read and parse {read_s:.2} s, compute {:.2} s ({} identities)",
+        phase.elapsed().as_secs_f64(),
+        report.identities.len()
+    );
+    drop(events);
+    for format in [Format::Markdown, Format::Csv, Format::Json] {
+        let started = std::time::Instant::now();
+        let out = w.run(format, None);
+        let took = started.elapsed().as_secs_f64();
+        assert!(out.verified);
+        println!(
+            "review report over {count} events ({format:?}): {took:.2} s, {} KiB, {:.0} events/s",
+            out.text.len() / 1024,
+            count as f64 / took
+        );
+    }
+}
