@@ -365,6 +365,9 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
     // (recordings) may not repeat the identity or target.
     let mut connections: BTreeMap<u64, Connection> = BTreeMap::new();
     let mut last_seen: BTreeMap<String, (u64, u64, &Identity)> = BTreeMap::new();
+    // An approval event names its requester by email (else subject): back to the label of
+    // the identity that carried that name, for a request made before the period.
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
     let mut accs: BTreeMap<String, Acc> = BTreeMap::new();
     let mut requests: BTreeMap<String, ApprovalRecord> = BTreeMap::new();
     let mut request_of_grant: BTreeMap<String, String> = BTreeMap::new();
@@ -381,7 +384,17 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         }
         let own_label = e.identity.as_ref().map(identity_label);
         if let (Some(identity), Some(label)) = (&e.identity, &own_label) {
-            last_seen.insert(label.clone(), (e.time_ms, e.seq, identity));
+            if last_seen
+                .insert(label.clone(), (e.time_ms, e.seq, identity))
+                .is_none()
+            {
+                for name in [&identity.email, &identity.subject, &identity.name]
+                    .into_iter()
+                    .flatten()
+                {
+                    names.entry(name.clone()).or_insert_with(|| label.clone());
+                }
+            }
         }
         if e.event == "connection.opened" {
             if let Some(id) = e.connection_id {
@@ -425,7 +438,16 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
                     r.requester = label.clone().unwrap_or_default();
                 }
                 if r.requester.is_empty() {
-                    r.requester = e.requester.clone().unwrap_or_default();
+                    r.requester = e
+                        .requester
+                        .as_ref()
+                        .map(|n| {
+                            names
+                                .get(n)
+                                .cloned()
+                                .unwrap_or_else(|| format!("requester:{n}"))
+                        })
+                        .unwrap_or_default();
                 }
                 if r.target.is_empty() {
                     r.target = target.clone();

@@ -1076,3 +1076,95 @@ fn bench_report_over_a_million_events() {
         );
     }
 }
+
+/// What the agent itself writes (its `AuditEvent`s through its `AuditLog`), not JSON written
+/// by hand: a field renamed in the schema must fail here, not leave a section silently empty.
+#[test]
+fn the_report_reads_the_events_the_agent_writes() {
+    use portcullis_core::{
+        ApprovalFields, AuditEvent, Decision, EventKind, Identity, IdentityKind,
+    };
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("audit");
+    let time = period("2026-10-01", "2026-12-31").unwrap().from_ms + DAY;
+    let identity = Identity {
+        kind: IdentityKind::User,
+        uid: 1001,
+        gid: 1001,
+        user: Some("alice".into()),
+        subject: Some("alice".into()),
+        email: Some("alice@example.com".into()),
+        name: None,
+        groups: vec!["analysts".into()],
+        issuer: None,
+    };
+    let event = |kind: EventKind| {
+        let mut e = AuditEvent::new(kind);
+        e.time_ms = time;
+        e.connection_id = Some(7);
+        e.target = Some("prod-db".into());
+        e.identity = Some(identity.clone().into());
+        e.decision = Some(Decision::Allow);
+        e
+    };
+    let mut opened = event(EventKind::ConnectionOpened);
+    opened.policy_ids = Arc::from(vec!["analysts-connect".to_string()]);
+    let mut read = event(EventKind::StatementExecuted);
+    read.policy_ids = Arc::from(vec!["analysts-read".to_string()]);
+    read.statement = Some(Box::new(crate::audit::StatementFields {
+        statement: "SELECT * FROM billing.customers".into(),
+        statement_class: Some("read"),
+        tables: Arc::from(vec!["billing.customers".to_string()]),
+        masking_profile: Some("pii".into()),
+        ..Default::default()
+    }));
+    let mut glass = event(EventKind::ApprovalBreakGlass);
+    glass.approval = Some(Box::new(ApprovalFields {
+        request_id: "r-9".into(),
+        grant_id: Some("g-9".into()),
+        requester: "alice@example.com".into(),
+        approvers: vec!["alice".into()],
+        required: "1 approval from group `dba-leads`".into(),
+        approval_state: "approved",
+        asked: "grant",
+        break_glass: true,
+        ..Default::default()
+    }));
+    let mut closed = AuditEvent::new(EventKind::RecordingClosed);
+    closed.time_ms = time;
+    closed.connection_id = Some(7);
+    closed.recording = Some(Box::new(portcullis_core::event::RecordingFields::default()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (log, _) = crate::audit::AuditLog::open(&Default::default(), &dir, Vec::new()).unwrap();
+        for e in [&opened, &read, &glass, &closed] {
+            log.record_durable(e).await.unwrap();
+        }
+        log.flush();
+    });
+    let r = compute(
+        &read_events(&dir),
+        &Inputs {
+            period: period("2026-10-01", "2026-12-31").unwrap(),
+            target: None,
+            policies: None,
+            targets: &[],
+            stale_days: 30,
+        },
+    );
+    assert_eq!(r.identities.len(), 1, "{:?}", r.identities);
+    let alice = &r.identities[0];
+    assert_eq!(alice.identity, "user:alice@example.com");
+    assert_eq!(alice.targets[0].connections, 1);
+    assert_eq!(alice.statement_classes[0].name, "read");
+    assert_eq!(alice.masked_reads[0].name, "pii");
+    assert_eq!(alice.break_glass.len(), 1);
+    assert_eq!(alice.break_glass[0].grant_id.as_deref(), Some("g-9"));
+    assert_eq!(alice.recorded_sessions[0].session_id, 7);
+    assert_eq!(r.sessions.len(), 1);
+    assert!(r.sessions[0].replayable);
+}
