@@ -354,30 +354,100 @@ fn what(e: &TrailEvent) -> String {
         .unwrap_or_else(|| e.event.clone())
 }
 
+/// What one pass over the trail gathers for the sections.
+#[derive(Default)]
+struct Scan<'e> {
+    /// Connections are told once, at `connection.opened`; later events of the connection
+    /// (recordings) may not repeat the identity or target.
+    connections: BTreeMap<u64, Connection>,
+    /// Every identity up to the period's end: when and in which event it was last seen.
+    last_seen: BTreeMap<String, (u64, u64, &'e Identity)>,
+    accs: BTreeMap<String, Acc>,
+    requests: BTreeMap<String, ApprovalRecord>,
+    request_of_grant: BTreeMap<String, String>,
+    /// (target, table) read with a masking profile in the period, and the profiles.
+    masked_tables: BTreeMap<(String, String), BTreeSet<String>>,
+    used_policies: BTreeSet<String>,
+    /// Per connection: recording event seqs, the failure reason, whether it was closed.
+    recordings: BTreeMap<u64, (Vec<u64>, Option<String>, bool)>,
+    shells: BTreeMap<u64, Vec<u64>>,
+    in_period: Vec<&'e TrailEvent>,
+}
+
 /// Computes the report. `events` is the whole trail read (oldest first): the period and
 /// target filter apply here, and a service's last sighting is looked for before the period
 /// too.
 pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
-    let period = inputs.period;
+    let mut scan = scan(events, inputs);
+    let identities = identity_summaries(&mut scan);
     let mut notes = Vec::new();
+    if inputs.targets.is_empty() {
+        notes.push(
+            "no targets known (no config read): who can reach production and unused access \
+             are not computed"
+                .to_string(),
+        );
+    }
+    if inputs.policies.is_none() {
+        notes.push(
+            "no policies loaded: privileged actions are only those with an approval or grant; \
+             unmasked reads use the masked reads of the period only; reach and unused \
+             permits are not computed"
+                .to_string(),
+        );
+    }
 
-    // Connections are told once, at `connection.opened`; later events of the connection
-    // (recordings) may not repeat the identity or target.
-    let mut connections: BTreeMap<u64, Connection> = BTreeMap::new();
-    let mut last_seen: BTreeMap<String, (u64, u64, &Identity)> = BTreeMap::new();
+    let reach_all = reach(&scan, &identities, inputs);
+    let production_targets: Vec<String> = inputs
+        .targets
+        .iter()
+        .filter(|t| inputs.target.is_none_or(|name| t.name == name) && is_production(t))
+        .map(|t| t.name.clone())
+        .collect();
+    let production = ProductionReach {
+        reach: reach_all
+            .iter()
+            .filter(|r| production_targets.contains(&r.target))
+            .cloned()
+            .collect(),
+        production_targets,
+        limitation: "decided now by the current policies (action connect, at the period's end) \
+                     for every identity seen in the period, with the groups of its last event; \
+                     identities never seen in the trail are not enumerated"
+            .to_string(),
+    };
+    Report {
+        period: inputs.period,
+        target: inputs.target.map(str::to_string),
+        events: u64::try_from(scan.in_period.len()).unwrap_or(u64::MAX),
+        unmasked_reads: unmasked_reads(&scan, inputs.policies),
+        privileged: privileged_actions(&scan, inputs.policies),
+        sessions: sessions(&scan),
+        findings: findings(&scan, &identities, &reach_all, inputs),
+        identities,
+        production,
+        notes,
+    }
+}
+
+fn scan<'e>(events: &'e [TrailEvent], inputs: &Inputs<'_>) -> Scan<'e> {
+    let period = inputs.period;
+    let mut scan = Scan::default();
+    let Scan {
+        connections,
+        last_seen,
+        accs,
+        requests,
+        request_of_grant,
+        masked_tables,
+        used_policies,
+        recordings,
+        shells,
+        in_period,
+    } = &mut scan;
     // An approval event names its requester by email (else subject): back to the label of
     // the identity that carried that name, for a request made before the period.
     let mut names: BTreeMap<String, String> = BTreeMap::new();
-    let mut accs: BTreeMap<String, Acc> = BTreeMap::new();
-    let mut requests: BTreeMap<String, ApprovalRecord> = BTreeMap::new();
-    let mut request_of_grant: BTreeMap<String, String> = BTreeMap::new();
-    let mut masked_tables: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-    let mut used_policies: BTreeSet<String> = BTreeSet::new();
-    let mut recordings: BTreeMap<u64, (Vec<u64>, Option<String>, bool)> = BTreeMap::new();
-    let mut shells: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    let mut in_period: Vec<&TrailEvent> = Vec::new();
-    let mut counted = 0u64;
-
     for e in events {
         if e.time_ms >= period.to_ms {
             continue;
@@ -418,7 +488,6 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         if inputs.target.is_some_and(|t| t != target) {
             continue;
         }
-        counted += 1;
         in_period.push(e);
         used_policies.extend(e.policy_ids.iter().cloned());
         let label = own_label.or_else(|| {
@@ -558,6 +627,12 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         }
     }
 
+    scan
+}
+
+fn identity_summaries(scan: &mut Scan<'_>) -> Vec<IdentitySummary> {
+    let requests = &scan.requests;
+    let accs = std::mem::take(&mut scan.accs);
     let mut requests_by: BTreeMap<&str, Vec<ApprovalRecord>> = BTreeMap::new();
     for r in requests.values() {
         requests_by.entry(&r.requester).or_default().push(r.clone());
@@ -586,14 +661,18 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         })
         .collect();
     identities.sort_by(|a, b| a.identity.cmp(&b.identity));
+    identities
+}
 
-    // Question 1. The trail names the tables a statement read, not its result columns, so
-    // a table counts as protected when a masking rule names it (`table_column`) or when
-    // the period shows reads of it masked; a read of it without a profile is listed (it may
-    // not have selected the protected columns: the list over-approximates, never misses a
-    // table-level exposure the trail can show).
+/// Question 1. The trail names the tables a statement read, not its result columns, so a
+/// table counts as protected when a masking rule names it (`table_column`) or when the
+/// period shows reads of it masked; a read of it without a profile is listed (it may not
+/// have selected the protected columns: the list over-approximates, never misses a
+/// table-level exposure the trail can show).
+fn unmasked_reads(scan: &Scan<'_>, policies: Option<&PolicySet>) -> Vec<UnmaskedRead> {
+    let masked_tables = &scan.masked_tables;
     let mut rule_tables: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    if let Some(set) = inputs.policies {
+    if let Some(set) = policies {
         for profile in set.masking_profiles() {
             for rule in &profile.rules {
                 if let Selector::TableColumn(tc) = &rule.selector {
@@ -608,7 +687,7 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         }
     }
     let mut unmasked_reads = Vec::new();
-    for e in &in_period {
+    for e in &scan.in_period {
         if e.event != "statement.executed"
             || e.masking_profile.is_some()
             || e.statement_class.as_deref() != Some("read")
@@ -649,12 +728,21 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         }
     }
 
-    // Question 2. Privileged: named by an `approval:`/`grant:` id, or by a policy that
-    // demands an approval in the current set (a permit allowed it: the set changed, or a
-    // bug let it through).
+    unmasked_reads
+}
+
+/// Question 2. Privileged: named by an `approval:`/`grant:` id, or by a policy that demands
+/// an approval in the current set (a permit allowed it: the set changed, or a bug let it
+/// through).
+fn privileged_actions(scan: &Scan<'_>, policies: Option<&PolicySet>) -> PrivilegedActions {
+    let Scan {
+        connections,
+        requests,
+        request_of_grant,
+        ..
+    } = scan;
     let demands_approval = |id: &str| {
-        inputs
-            .policies
+        policies
             .and_then(|s| s.policy(id))
             .is_some_and(|p| p.approval.is_some())
     };
@@ -662,7 +750,7 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         approved: Vec::new(),
         without_approval: Vec::new(),
     };
-    for e in &in_period {
+    for e in &scan.in_period {
         if !ran(e) {
             continue;
         }
@@ -714,26 +802,21 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
             privileged.approved.push(action);
         }
     }
-    if inputs.targets.is_empty() {
-        notes.push(
-            "no targets known (no config read): who can reach production and unused access \
-             are not computed"
-                .to_string(),
-        );
-    }
-    if inputs.policies.is_none() {
-        notes.push(
-            "no policies loaded: privileged actions are only those with an approval or grant; \
-             unmasked reads use the masked reads of the period only; reach and unused \
-             permits are not computed"
-                .to_string(),
-        );
-    }
 
-    // Question 3.
+    privileged
+}
+
+/// Question 3: every connection with a recording event or a shell.
+fn sessions(scan: &Scan<'_>) -> Vec<SessionReplay> {
+    let Scan {
+        connections,
+        recordings,
+        shells,
+        ..
+    } = scan;
     let mut session_ids: BTreeSet<u64> = recordings.keys().copied().collect();
     session_ids.extend(shells.keys().copied());
-    let sessions = session_ids
+    session_ids
         .into_iter()
         .map(|id| {
             let conn = connections.get(&id);
@@ -763,27 +846,22 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
                 evidence,
             }
         })
-        .collect();
+        .collect()
+}
 
-    // Question 4 and the least-privilege findings over the current policies.
+/// Question 4's decisions: every identity of the period × every target (of the filter),
+/// for `connect`, by the current policies; denials left out.
+fn reach(scan: &Scan<'_>, identities: &[IdentitySummary], inputs: &Inputs<'_>) -> Vec<Reach> {
+    let period = inputs.period;
     let targets: Vec<&Target> = inputs
         .targets
         .iter()
         .filter(|t| inputs.target.is_none_or(|name| t.name == name))
         .collect();
-    // Every identity of the period, with the targets it connected to.
-    let reached: BTreeMap<&str, BTreeSet<&str>> = identities
-        .iter()
-        .map(|i| {
-            (
-                i.identity.as_str(),
-                i.targets.iter().map(|t| t.target.as_str()).collect(),
-            )
-        })
-        .collect();
+    let reached = reached(identities);
     let mut reach_all = Vec::new();
     if let Some(set) = inputs.policies {
-        for (label, (_, seq, identity)) in &last_seen {
+        for (label, (_, seq, identity)) in &scan.last_seen {
             if !reached.contains_key(label.as_str()) {
                 continue;
             }
@@ -814,24 +892,25 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
             }
         }
     }
-    let production_targets: Vec<String> = targets
-        .iter()
-        .filter(|t| is_production(t))
-        .map(|t| t.name.clone())
-        .collect();
-    let production = ProductionReach {
-        reach: reach_all
-            .iter()
-            .filter(|r| production_targets.contains(&r.target))
-            .cloned()
-            .collect(),
-        production_targets,
-        limitation: "decided now by the current policies (action connect, at the period's end) \
-                     for every identity seen in the period, with the groups of its last event; \
-                     identities never seen in the trail are not enumerated"
-            .to_string(),
-    };
 
+    reach_all
+}
+
+fn findings(
+    scan: &Scan<'_>,
+    identities: &[IdentitySummary],
+    reach_all: &[Reach],
+    inputs: &Inputs<'_>,
+) -> Findings {
+    let Scan {
+        last_seen,
+        requests,
+        used_policies,
+        ..
+    } = scan;
+    let period = inputs.period;
+    // Every identity of the period, with the targets it connected to.
+    let reached = reached(identities);
     let unused_permits = inputs
         .policies
         .map(|set| {
@@ -890,21 +969,22 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         })
         .collect();
 
-    Report {
-        period,
-        target: inputs.target.map(str::to_string),
-        events: counted,
-        identities,
-        unmasked_reads,
-        privileged,
-        sessions,
-        production,
-        findings: Findings {
-            unused_permits,
-            unused_access,
-            stale_services,
-            single_approver,
-        },
-        notes,
+    Findings {
+        unused_permits,
+        unused_access,
+        stale_services,
+        single_approver,
     }
+}
+
+fn reached(identities: &[IdentitySummary]) -> BTreeMap<&str, BTreeSet<&str>> {
+    identities
+        .iter()
+        .map(|i| {
+            (
+                i.identity.as_str(),
+                i.targets.iter().map(|t| t.target.as_str()).collect(),
+            )
+        })
+        .collect()
 }
