@@ -59,7 +59,9 @@ struct Trail {
     problems: Vec<String>,
 }
 
-fn read_trail(dir: &Path) -> Result<Trail, ReviewError> {
+/// Reads up to `upto` (the last seq `verify` checked), so records the running agent appends
+/// meanwhile are not counted as verified.
+fn read_trail(dir: &Path, upto: Option<u64>) -> Result<Trail, ReviewError> {
     let reader = portcullis_audit_store::Reader::all(dir).map_err(|source| ReviewError::Store {
         dir: dir.to_path_buf(),
         source,
@@ -81,6 +83,9 @@ fn read_trail(dir: &Path) -> Result<Trail, ReviewError> {
                 break;
             }
         };
+        if upto.is_some_and(|last| record.seq > last) {
+            break;
+        }
         trail.first_seq.get_or_insert(record.seq);
         trail.head = Some((record.seq, record.hash));
         match TrailEvent::parse(record.seq, &record.event) {
@@ -172,7 +177,7 @@ pub fn run(
 ) -> Result<Rendered, ReviewError> {
     let verifying = key.map(SigningKey::verifying_key);
     let verdict = portcullis_audit_store::verify(dir, verifying.as_ref());
-    let trail = read_trail(dir)?;
+    let trail = read_trail(dir, verdict.last_seq.filter(|_| verdict.ok))?;
     let segments = segment_names(dir)?;
     let mut report = report::compute(
         &trail.events,
@@ -185,7 +190,10 @@ pub fn run(
         },
     );
     report.notes.extend(trail.problems.iter().cloned());
-    let verified = verdict.ok && trail.problems.is_empty() && trail.head.is_some();
+    let verified = verdict.ok
+        && trail.problems.is_empty()
+        && trail.head.map(|(seq, _)| seq) == verdict.last_seq
+        && trail.head.is_some();
     let broken = match (&verdict.first_break, &trail.problems.first(), trail.head) {
         (Some(b), _, _) => Some(b.to_string()),
         (None, Some(p), _) => Some((*p).clone()),

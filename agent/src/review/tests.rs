@@ -1168,3 +1168,17 @@ fn the_report_reads_the_events_the_agent_writes() {
     assert_eq!(r.sessions.len(), 1);
     assert!(r.sessions[0].replayable);
 }
+
+/// The agent may append while a review runs: what is read stops at the last seq `verify`
+/// checked, so no record after it is counted (or sealed) as verified.
+#[test]
+fn reading_stops_at_the_last_verified_seq() {
+    let w = world(None);
+    let verified_upto = 10;
+    let trail = super::read_trail(w.store.path(), Some(verified_upto)).unwrap();
+    assert_eq!(trail.head.map(|(seq, _)| seq), Some(verified_upto));
+    assert_eq!(trail.events.len(), 10);
+    assert!(trail.events.iter().all(|e| e.seq <= verified_upto));
+    let all = super::read_trail(w.store.path(), None).unwrap();
+    assert_eq!(all.head.map(|(seq, _)| seq), w.seqs.values().max().copied());
+}
