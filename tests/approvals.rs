@@ -1,7 +1,7 @@
 //! Just-in-time approvals end to end: a real OpenID Provider (oidc-provider under Node.js),
 //! the real agent, `portcullis request|approvals|grants` run as unprivileged users with their
 //! own logins, and connections through the real kernel redirect that a grant lets through
-//! (or not). Slots 173–185 and 191–193.
+//! (or not). Slots 173–185 and 191–194.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::oidc::{self, craft_jwt, OidcOptions, OidcProvider, OidcUser, Signing};
+use portcullis_e2e::oidc::{self, craft_jwt, OidcOptions, OidcProvider, OidcUser, Signing, Ttls};
 use portcullis_e2e::postgres::{
     self as pg, client_command, PasswordAuth, PgOptions, Postgres, RunAs,
 };
@@ -61,7 +61,12 @@ fn world(name: &str, n: u8, policy: &str) -> World {
 
 /// [`world`] with `target_extra` (settings of the target `db`, one per line).
 fn world_with_target(name: &str, n: u8, policy: &str, target_extra: &str) -> World {
-    let provider = OidcProvider::start(people());
+    world_of(name, n, policy, target_extra, people())
+}
+
+/// [`world_with_target`] with the provider's people and token lifetimes.
+fn world_of(name: &str, n: u8, policy: &str, target_extra: &str, people: OidcOptions) -> World {
+    let provider = OidcProvider::start(people);
     let slot = Slot::new(n);
     let cg = TestCgroup::new(name);
     let server = EchoServer::start(&[slot.v4(1)]);
@@ -877,6 +882,67 @@ fn a_connection_to_a_waiting_target_is_held_until_approved_or_refused_when_denie
                 && r.contains("not carol")
         })
     });
+}
+
+/// Groups are the provider's, as of the decision: an approver whose group was removed at the
+/// provider no longer counts once their session is refreshed, though they were in it when
+/// they logged in; the request stays pending.
+#[test]
+fn an_approver_whose_group_was_removed_at_the_provider_no_longer_counts() {
+    if !enabled() {
+        return;
+    }
+    // ID tokens of 125 s: the agent refreshes 120 s before expiry, so every few seconds.
+    let mut opts = people();
+    opts.ttl = Ttls {
+        id_token: Duration::from_secs(125),
+        access_token: Duration::from_secs(125),
+        ..Ttls::default()
+    };
+    let mut w = world_of(
+        "appr-regroup",
+        194,
+        &connect_needs("@approval(\"dba-leads\")"),
+        "",
+        opts,
+    );
+    let (alice, bob) = (48173, 48174);
+    login(&w, alice, "alice");
+    login(&w, bob, "bob");
+    let asked = request(&w, alice, "1h");
+    let id = asked["id"].as_str().unwrap().to_string();
+
+    // Before: bob may decide it (he sees it as one of its approvers).
+    assert_eq!(show(&w.agent, bob, &id)["state"], "pending");
+    w.provider.set_groups("bob", &["analysts"]);
+    // Until bob's session is refreshed, his token still says dba-leads.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let me: Value =
+            serde_json::from_slice(&run(&w.agent, bob, &["whoami", "--json"]).stdout).unwrap();
+        let groups = me["groups"].as_array().cloned().unwrap_or_default();
+        if !groups.contains(&json!("dba-leads")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob's session was not refreshed: {me}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let o = approve(&w.agent, bob, &id);
+    assert!(
+        !o.status.success(),
+        "an approver without the group counted: {}",
+        text(&o)
+    );
+    // Out of the group, the request is not his to see, let alone decide.
+    assert!(
+        text(&o).contains(&format!("no approval request `{id}` that you may see")),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(show(&w.agent, alice, &id)["state"], "pending");
 }
 
 /// The same on a PostgreSQL target: psql is told which request its connection waits for

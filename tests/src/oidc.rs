@@ -397,6 +397,20 @@ impl OidcProvider {
         self.spawn_or_panic();
     }
 
+    /// Changes `user`'s groups at the provider, as an administrator would, and restarts it
+    /// (same port, keys and sessions): tokens issued from now on, refreshed ones included,
+    /// carry the new groups.
+    pub fn set_groups(&mut self, user: &str, groups: &[&str]) {
+        let u = self
+            .opts
+            .users
+            .iter_mut()
+            .find(|u| u.id == user)
+            .unwrap_or_else(|| panic!("no user {user} at the provider"));
+        u.groups = groups.iter().map(|g| (*g).to_string()).collect();
+        self.restart();
+    }
+
     /// Restarts with a new signing key listed first, so new tokens carry a new kid.
     pub fn rotate_keys(&mut self, old: OldKey) {
         let new = SigningKey::generate();
