@@ -322,6 +322,11 @@ fn measure(bin: &Path, config: &Path) -> Result<()> {
         step("new protected connections per second (connect, one round trip, close)");
         let new_proxy = new_connection_rate(protected, 5_000, Duration::from_secs(20))?;
         let new_direct = new_connection_rate(unprotected, 5_000, Duration::from_secs(20))?;
+        step("the same with 16 clients at once");
+        let new16_proxy =
+            concurrent_connection_rate(protected, 16, 1_000, Duration::from_secs(20))?;
+        let new16_direct =
+            concurrent_connection_rate(unprotected, 16, 1_000, Duration::from_secs(20))?;
         step("agent memory, idle and with 1,000 open proxied connections");
         let rss_idle = crate::bench_common::rss_kib(agent.id())?;
         let held: Vec<TcpStream> = (0..1000)
@@ -359,6 +364,12 @@ fn measure(bin: &Path, config: &Path) -> Result<()> {
                 "new connections with 1 round trip (per s)".into(),
                 new_proxy,
                 new_direct,
+                "proxy / direct",
+            ),
+            (
+                "the same, 16 clients at once (per s)".into(),
+                new16_proxy,
+                new16_direct,
                 "proxy / direct",
             ),
             (
@@ -468,6 +479,28 @@ fn new_connection_rate(addr: SocketAddr, count: u32, limit: Duration) -> Result<
         done += 1;
     }
     Ok(f64::from(done) / start.elapsed().as_secs_f64())
+}
+
+/// [`new_connection_rate`] from `clients` threads at once, each making at most `each`
+/// connections within `limit`: what a bastion with many users sees, where the durable
+/// `connection.opened` of one connection can share its fsync with others.
+fn concurrent_connection_rate(
+    addr: SocketAddr,
+    clients: u32,
+    each: u32,
+    limit: Duration,
+) -> Result<f64> {
+    // The clients run side by side for about as long: their rates add up.
+    let threads: Vec<_> = (0..clients)
+        .map(|_| std::thread::spawn(move || new_connection_rate(addr, each, limit)))
+        .collect();
+    let mut total = 0.0;
+    for t in threads {
+        total += t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+    }
+    Ok(total)
 }
 
 /// Rounds of the bulk transfer, interleaved (proxy, direct, proxy, …): one-shot figures on
