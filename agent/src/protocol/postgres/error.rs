@@ -174,6 +174,18 @@ impl PgError {
     }
 }
 
+/// The NoticeResponse a client waiting for an approval gets: `waits` says what waits and
+/// for how long; the hint is the same for every wait, naming the request to approve and
+/// to follow.
+pub fn encode_approval_notice(waits: String, request_id: &str, out: &mut bytes::BytesMut) {
+    portcullis_pgwire::encode_notice_response(
+        &ErrorFields::new("NOTICE", "01000", format!("Portcullis: {waits}")).with_hint(format!(
+            "An approver runs `portcullis approvals approve {request_id}`; follow it with `portcullis approvals show {request_id}`."
+        )),
+        out,
+    );
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use portcullis_pgwire::{
-    decode_startup, encode_backend, encode_cancel, encode_error_response, encode_notice_response,
-    BackendMessage, ErrorFields, StartupMessage, StartupRequest, TransactionStatus,
+    decode_startup, encode_backend, encode_cancel, encode_error_response, BackendMessage,
+    StartupMessage, StartupRequest, TransactionStatus,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -162,18 +162,12 @@ async fn wait_for_grant(
         .unwrap_or_default();
     let timeout = gate.policies().current().approval_settings().timeout;
     let mut notice = prelude;
-    encode_notice_response(
-        &ErrorFields::new(
-            "NOTICE",
-            "01000",
-            format!(
-                "Portcullis: this connection waits for approval: request {id} asks for {who}; it waits at most {} s",
-                timeout.as_secs()
-            ),
-        )
-        .with_hint(format!(
-            "An approver runs `portcullis approvals approve {id}`; follow it with `portcullis approvals show {id}`."
-        )),
+    super::error::encode_approval_notice(
+        format!(
+            "this connection waits for approval: request {id} asks for {who}; it waits at most {} s",
+            timeout.as_secs()
+        ),
+        id,
         &mut notice,
     );
     write_out(client, &notice)

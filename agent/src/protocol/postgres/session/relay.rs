@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use portcullis_pgwire::{encode_error_response, encode_notice_response, ErrorFields};
+use portcullis_pgwire::encode_error_response;
 use tokio::io::AsyncWriteExt;
 
 use super::super::catalog::{Catalog, ColumnName, Lookup, Routine};
@@ -348,18 +348,12 @@ async fn wait_for_approval(
     };
     let id = request.id.clone();
     let mut notice = BytesMut::new();
-    encode_notice_response(
-        &ErrorFields::new(
-            "NOTICE",
-            "01000",
-            format!(
-                "Portcullis: this statement waits for approval: request {id} asks for {requirement}; it has not been sent to the server and waits at most {} s",
-                timeout.as_secs()
-            ),
-        )
-        .with_hint(format!(
-            "An approver runs `portcullis approvals approve {id}`; follow it with `portcullis approvals show {id}`."
-        )),
+    super::super::error::encode_approval_notice(
+        format!(
+            "this statement waits for approval: request {id} asks for {requirement}; it has not been sent to the server and waits at most {} s",
+            timeout.as_secs()
+        ),
+        &id,
         &mut notice,
     );
     write_out(client, &notice)
