@@ -34,6 +34,7 @@ const PACKAGES: &[&str] = &[
     "rsync",        // rsync -e ssh through the agent
     "ansible-core", // Ansible ad-hoc ping and copy over SSH through the agent (ControlPersist, pipelining)
     "python3-asyncssh", // an SSH client that reports exit-signal's fields (the SSH suite)
+    "chromium",     // renders the HTML access review headless (tests/review.rs)
 ];
 
 /// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).
