@@ -31,6 +31,26 @@ pub struct PolicyInfo {
     pub(crate) cedar: cedar::Policy,
 }
 
+impl PolicyInfo {
+    /// The groups this policy names (`Portcullis::Group::"…"` in its scope or its
+    /// conditions), sorted, each once: what an access review checks against the groups
+    /// people were seen to carry.
+    pub fn groups_named(&self) -> Vec<String> {
+        let mut groups: Vec<String> = self
+            .cedar
+            .entity_literals()
+            .into_iter()
+            .filter(|uid| uid.type_name().to_string() == GROUP_TYPE)
+            .map(|uid| uid.id().unescaped().to_owned())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        groups
+    }
+}
+
+const GROUP_TYPE: &str = "Portcullis::Group";
+
 /// The policies that can apply to one action, indexed by the principal their scope names, so a
 /// request evaluates only the policies whose scope can include its principal.
 pub(crate) struct ActionSlice {
@@ -73,7 +93,7 @@ impl EntityTypes {
         Ok(EntityTypes {
             user: parse("Portcullis::User")?,
             service: parse("Portcullis::ServiceIdentity")?,
-            group: parse("Portcullis::Group")?,
+            group: parse(GROUP_TYPE)?,
             target: parse("Portcullis::Target")?,
             action: parse("Portcullis::Action")?,
         })
@@ -783,6 +803,27 @@ mod tests {
                 db_name: Some("d".to_owned()),
             },
         }
+    }
+
+    #[test]
+    fn groups_named_are_those_of_scope_and_conditions_sorted_once() {
+        let set = PolicySet::load([(
+            "p.cedar",
+            r#"
+@id("scope")
+permit (principal in Portcullis::Group::"ops", action, resource)
+when { principal in Portcullis::Group::"audit" || principal in Portcullis::Group::"ops" };
+
+@id("none")
+permit (principal == Portcullis::ServiceIdentity::"etl", action, resource);
+"#,
+        )])
+        .unwrap();
+        assert_eq!(
+            set.policy("scope").unwrap().groups_named(),
+            ["audit", "ops"]
+        );
+        assert!(set.policy("none").unwrap().groups_named().is_empty());
     }
 
     /// Decisions skip Cedar's schema check of the request; this proves what they skip holds.
