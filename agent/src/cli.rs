@@ -260,7 +260,7 @@ struct ReviewArgs {
     /// Only this target.
     #[arg(long)]
     target: Option<String>,
-    /// md, csv or json.
+    /// md, csv, json or html.
     #[arg(long, default_value = "md")]
     format: String,
     /// A service or workload identity not seen for this many days before --to is stale.

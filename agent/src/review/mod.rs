@@ -2,15 +2,18 @@
 //! it, what was read unmasked, which sessions replay, who can reach production now, and the
 //! least-privilege findings, each figure with the event seqs it was computed from.
 //!
-//! `report` computes (pure, over parsed events and the policies in force) and `render` writes
-//! Markdown, CSV or JSON; this file does the I/O around them: it verifies the chain, reads it,
+//! `report` computes (pure, over parsed events and the policies in force), `render` writes
+//! Markdown, CSV or JSON and `html` one self-contained HTML page; this file does the I/O around them: it verifies the chain, reads it,
 //! and seals the rendered body to the chain's head, with the audit signing key when one is
 //! configured. A chain that does not verify still gives its report, marked UNVERIFIED and not
 //! signed, and the command fails.
 
+pub mod html;
 pub mod render;
 pub mod report;
 
+#[cfg(test)]
+mod fixture;
 #[cfg(test)]
 mod tests;
 
@@ -216,6 +219,7 @@ pub fn run(
         Format::Markdown => render::markdown_body(&report, &chain),
         Format::Csv => render::csv_body(&report, &chain),
         Format::Json => render::json_body(&report, &chain)?,
+        Format::Html => html::html_body(&report, &chain),
     };
     let signature = match (verified, trail.head) {
         (true, Some((_, head))) => Some(sign(&body, &head, key)?),
@@ -224,6 +228,7 @@ pub fn run(
     let text = match options.format {
         Format::Markdown => format!("{body}{}", render::markdown_signature(signature.as_ref())),
         Format::Csv => format!("{body}{}", render::csv_signature(signature.as_ref())),
+        Format::Html => format!("{body}{}", html::html_signature(signature.as_ref())),
         // The body is the `report` member's exact bytes, so a verifier can cut them out.
         Format::Json => format!(
             "{{\"report\":{body},\"signature\":{}}}\n",

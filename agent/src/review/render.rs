@@ -1,12 +1,13 @@
-//! The report as Markdown, CSV (RFC 4180) or JSON. Markdown and CSV share one row model, so
-//! both say the same figures; their evidence column is bounded (`EVIDENCE_SHOWN` seqs, then
-//! how many more), the JSON form lists every seq.
+//! The report as Markdown, CSV (RFC 4180) or JSON (HTML is `super::html`). Markdown, CSV and
+//! HTML share one row model and one list of sections, so they say the same figures; their
+//! evidence column is bounded (`EVIDENCE_SHOWN` seqs, then how many more), the JSON form
+//! lists every seq.
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::report::{Counted, Report};
+use super::report::{Counted, Report, NO_MEMBER_SEEN};
 
 /// Seqs shown per figure in Markdown and CSV; the JSON form has them all.
 pub const EVIDENCE_SHOWN: usize = 20;
@@ -46,6 +47,7 @@ pub enum Format {
     Markdown,
     Csv,
     Json,
+    Html,
 }
 
 impl std::str::FromStr for Format {
@@ -55,22 +57,120 @@ impl std::str::FromStr for Format {
             "md" | "markdown" => Ok(Format::Markdown),
             "csv" => Ok(Format::Csv),
             "json" => Ok(Format::Json),
+            "html" => Ok(Format::Html),
             other => Err(format!(
-                "unknown format `{other}`: use md, csv or json (HTML is not built yet)"
+                "unknown format `{other}`: use md, csv, json or html"
             )),
         }
     }
 }
 
-/// One figure of the report, as Markdown tables and CSV rows show it.
-struct Row {
-    section: &'static str,
-    identity: String,
-    target: String,
-    item: String,
-    count: String,
-    detail: String,
-    evidence: Vec<u64>,
+/// One figure of the report, as Markdown and HTML tables and CSV rows show it.
+pub(super) struct Row {
+    pub(super) section: &'static str,
+    pub(super) identity: String,
+    pub(super) target: String,
+    pub(super) item: String,
+    pub(super) count: String,
+    pub(super) detail: String,
+    pub(super) evidence: Vec<u64>,
+}
+
+/// A section of the Markdown and HTML reports: its key (the CSV `section` column and the
+/// HTML anchor), its title, and what a reader must know to read it right.
+pub(super) struct Section {
+    pub(super) key: &'static str,
+    pub(super) title: &'static str,
+    pub(super) caveat: Option<&'static str>,
+}
+
+pub(super) const SECTIONS: [Section; 11] = [
+    Section {
+        key: "identity",
+        title: "Per identity",
+        caveat: None,
+    },
+    Section {
+        key: "unmasked_reads",
+        title: "Reads of masked tables that ran without a masking profile",
+        caveat: None,
+    },
+    Section {
+        key: "privileged_without_approval",
+        title: "Privileged actions without an approval (must be none)",
+        caveat: None,
+    },
+    Section {
+        key: "privileged_with_approval",
+        title: "Privileged actions with an approval",
+        caveat: None,
+    },
+    Section {
+        key: "sessions",
+        title: "Sessions: which can be replayed",
+        caveat: None,
+    },
+    Section {
+        key: "production_reach",
+        title: "Who can reach production targets today",
+        caveat: None,
+    },
+    Section {
+        key: "unused_permits",
+        title: "Finding: permits that matched no request",
+        caveat: None,
+    },
+    Section {
+        key: "unused_access",
+        title: "Finding: access never used",
+        caveat: None,
+    },
+    Section {
+        key: "stale_services",
+        title: "Finding: stale service identities",
+        caveat: None,
+    },
+    Section {
+        key: "single_approver",
+        title: "Finding: approvals always given by one person",
+        caveat: None,
+    },
+    Section {
+        key: "groups_unseen",
+        title: "Finding: groups granted by policy with no member seen in the period",
+        caveat: Some(
+            "The agent cannot list an identity provider's groups: a group is listed when a \
+             permit or an approval rule names it and no identity seen in the period carried \
+             it. It may have members who did not use the agent in the period.",
+        ),
+    },
+];
+
+/// The production section's preamble: which targets, and how reach was decided.
+pub(super) fn production_preamble(report: &Report) -> String {
+    format!(
+        "Production targets: {}. Limitation: {}.",
+        if report.production.production_targets.is_empty() {
+            "none labelled environment = production".to_string()
+        } else {
+            report.production.production_targets.join(", ")
+        },
+        report.production.limitation
+    )
+}
+
+/// The report's title, without the markup of a format.
+pub(super) fn title(report: &Report) -> String {
+    format!(
+        "Access review {} to {} (UTC, both days included){}",
+        day(report.period.from_ms),
+        day(report.period.to_ms.saturating_sub(1)),
+        report
+            .target
+            .as_ref()
+            .map(|t| format!(", target {t}"))
+            .unwrap_or_default()
+    )
 }
 
 fn time(ms: u64) -> String {
@@ -89,7 +189,7 @@ fn day(ms: u64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-fn evidence_text(seqs: &[u64]) -> String {
+pub(super) fn evidence_text(seqs: &[u64]) -> String {
     let mut out = seqs
         .iter()
         .take(EVIDENCE_SHOWN)
@@ -126,7 +226,7 @@ fn counted_rows(
     }
 }
 
-fn rows(report: &Report) -> Vec<Row> {
+pub(super) fn rows(report: &Report) -> Vec<Row> {
     let mut rows = Vec::new();
     for i in &report.identities {
         let id = i.identity.as_str();
@@ -316,10 +416,21 @@ fn rows(report: &Report) -> Vec<Row> {
             evidence: s.evidence.clone(),
         });
     }
+    for g in &report.findings.groups_without_members_seen {
+        rows.push(Row {
+            section: "groups_unseen",
+            identity: String::new(),
+            target: String::new(),
+            item: format!("group {}", g.group),
+            count: "0".to_string(),
+            detail: format!("{NO_MEMBER_SEEN}; named by {}", g.named_by.join(", ")),
+            evidence: Vec::new(),
+        });
+    }
     rows
 }
 
-fn chain_sentence(chain: &ChainRange) -> String {
+pub(super) fn chain_sentence(chain: &ChainRange) -> String {
     let range = match (chain.first_seq, chain.last_seq) {
         (Some(a), Some(b)) => format!("seq {a}..{b}"),
         _ => "no records".to_string(),
@@ -345,17 +456,7 @@ fn md_cell(s: &str) -> String {
 
 pub fn markdown_body(report: &Report, chain: &ChainRange) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# Access review {} to {} (UTC, both days included){}\n",
-        day(report.period.from_ms),
-        day(report.period.to_ms.saturating_sub(1)),
-        report
-            .target
-            .as_ref()
-            .map(|t| format!(", target {t}"))
-            .unwrap_or_default()
-    );
+    let _ = writeln!(out, "# {}\n", title(report));
     if !chain.verified {
         out.push_str("**UNVERIFIED: computed from a chain that does not verify; not signed.**\n\n");
     }
@@ -365,43 +466,13 @@ pub fn markdown_body(report: &Report, chain: &ChainRange) -> String {
         let _ = writeln!(out, "Note: {note}\n");
     }
     let all = rows(report);
-    let sections: [(&str, &str); 10] = [
-        ("identity", "Per identity"),
-        (
-            "unmasked_reads",
-            "Reads of masked tables that ran without a masking profile",
-        ),
-        (
-            "privileged_without_approval",
-            "Privileged actions without an approval (must be none)",
-        ),
-        (
-            "privileged_with_approval",
-            "Privileged actions with an approval",
-        ),
-        ("sessions", "Sessions: which can be replayed"),
-        ("production_reach", "Who can reach production targets today"),
-        ("unused_permits", "Finding: permits that matched no request"),
-        ("unused_access", "Finding: access never used"),
-        ("stale_services", "Finding: stale service identities"),
-        (
-            "single_approver",
-            "Finding: approvals always given by one person",
-        ),
-    ];
-    for (key, title) in sections {
+    for Section { key, title, caveat } in SECTIONS {
         let _ = writeln!(out, "## {title}\n");
         if key == "production_reach" {
-            let _ = writeln!(
-                out,
-                "Production targets: {}. Limitation: {}.\n",
-                if report.production.production_targets.is_empty() {
-                    "none labelled environment = production".to_string()
-                } else {
-                    report.production.production_targets.join(", ")
-                },
-                report.production.limitation
-            );
+            let _ = writeln!(out, "{}\n", production_preamble(report));
+        }
+        if let Some(caveat) = caveat {
+            let _ = writeln!(out, "{caveat}\n");
         }
         let section: Vec<&Row> = all.iter().filter(|r| r.section == key).collect();
         if section.is_empty() {

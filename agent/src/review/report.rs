@@ -224,6 +224,19 @@ pub struct SingleApprover {
     pub evidence: Vec<u64>,
 }
 
+/// A group a permit or an approval requirement names that no identity of the period carried.
+/// The agent cannot list a provider's groups, so this is what it can say honestly: no member
+/// was seen in the period, not that the group is empty at the provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupUnseen {
+    pub group: String,
+    /// `<policy> (permit)` or `<policy> (approver)`.
+    pub named_by: Vec<String>,
+}
+
+/// The finding's label, as the report prints it.
+pub const NO_MEMBER_SEEN: &str = "no member seen in the period";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Findings {
     /// Permit policies no event of the period names.
@@ -232,6 +245,9 @@ pub struct Findings {
     pub unused_access: Vec<Reach>,
     pub stale_services: Vec<StaleIdentity>,
     pub single_approver: Vec<SingleApprover>,
+    /// Groups granted by policy (a permit or an approver rule) with no member seen in the
+    /// period.
+    pub groups_without_members_seen: Vec<GroupUnseen>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -372,6 +388,9 @@ struct Scan<'e> {
     recordings: BTreeMap<u64, (Vec<u64>, Option<String>, bool)>,
     shells: BTreeMap<u64, Vec<u64>>,
     in_period: Vec<&'e TrailEvent>,
+    /// The groups identities carried in any event of the period, whatever its target:
+    /// membership is not a target's.
+    groups_seen: BTreeSet<String>,
 }
 
 /// Computes the report. `events` is the whole trail read (oldest first): the period and
@@ -444,6 +463,7 @@ fn scan<'e>(events: &'e [TrailEvent], inputs: &Inputs<'_>) -> Scan<'e> {
         recordings,
         shells,
         in_period,
+        groups_seen,
     } = &mut scan;
     // An approval event names its requester by email (else subject): back to the label of
     // the identity that carried that name, for a request made before the period.
@@ -479,6 +499,9 @@ fn scan<'e>(events: &'e [TrailEvent], inputs: &Inputs<'_>) -> Scan<'e> {
         }
         if !period.contains(e.time_ms) {
             continue;
+        }
+        if let Some(identity) = &e.identity {
+            groups_seen.extend(identity.groups.iter().cloned());
         }
         let conn_target = e
             .connection_id
@@ -974,7 +997,44 @@ fn findings(
         unused_access,
         stale_services,
         single_approver,
+        groups_without_members_seen: groups_without_members_seen(
+            &scan.groups_seen,
+            inputs.policies,
+        ),
     }
+}
+
+/// Groups a permit names (in its scope or conditions) or an approval requirement asks for,
+/// that no identity of the period carried. Forbids are left out: they grant nothing.
+fn groups_without_members_seen(
+    seen: &BTreeSet<String>,
+    policies: Option<&PolicySet>,
+) -> Vec<GroupUnseen> {
+    let Some(set) = policies else {
+        return Vec::new();
+    };
+    let mut named: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in set.policies() {
+        if p.effect == PolicyEffect::Permit {
+            for g in p.groups_named() {
+                named
+                    .entry(g)
+                    .or_default()
+                    .push(format!("{} (permit)", p.id));
+            }
+        }
+        for q in p.approval.iter().flat_map(|a| &a.quorums) {
+            named
+                .entry(q.group.clone())
+                .or_default()
+                .push(format!("{} (approver)", p.id));
+        }
+    }
+    named
+        .into_iter()
+        .filter(|(group, _)| !seen.contains(group))
+        .map(|(group, named_by)| GroupUnseen { group, named_by })
+        .collect()
 }
 
 fn reached(identities: &[IdentitySummary]) -> BTreeMap<&str, BTreeSet<&str>> {

@@ -15,364 +15,10 @@ use std::path::Path;
 use portcullis_audit_store::{SigningKey, Store, StoreOptions};
 use serde_json::{json, Value};
 
+use super::fixture::{quarter, user, Trail, APPROVALS, DAY, MASKING, POLICIES, QUARTER_START_MS};
 use super::render::{csv_field, Format};
 use super::report::{compute, Inputs, Report, TrailEvent};
 use super::{period, run, Options, PolicyView};
-
-const POLICIES: &str = r#"
-@id("analysts-connect")
-permit (principal in Portcullis::Group::"analysts", action == Portcullis::Action::"connect", resource)
-when { resource.protocol == "postgres" };
-
-@id("analysts-read")
-@mask("pii")
-permit (principal in Portcullis::Group::"analysts", action == Portcullis::Action::"query", resource)
-when { context.statement_class == "read" };
-
-@id("compliance-connect")
-permit (principal in Portcullis::Group::"compliance", action == Portcullis::Action::"connect", resource)
-when { resource.protocol == "postgres" };
-
-@id("compliance-read")
-permit (principal in Portcullis::Group::"compliance", action == Portcullis::Action::"query", resource)
-when { context.statement_class == "read" };
-
-@id("dba-connect")
-permit (principal in Portcullis::Group::"dba", action == Portcullis::Action::"connect", resource)
-when { resource.protocol == "postgres" };
-
-@id("dba-ddl")
-@approval("dba-leads")
-permit (principal in Portcullis::Group::"dba", action == Portcullis::Action::"query", resource)
-when { context.statement_class == "ddl" };
-
-@id("etl-connect")
-permit (principal == Portcullis::ServiceIdentity::"billing-etl", action == Portcullis::Action::"connect", resource)
-when { resource.protocol == "postgres" };
-
-@id("ci-ssh")
-permit (
-    principal in Portcullis::Group::"ci",
-    action in [Portcullis::Action::"connect", Portcullis::Action::"ssh_exec", Portcullis::Action::"ssh_shell"],
-    resource
-)
-when { resource.protocol == "ssh" };
-
-@id("contractors-staging")
-permit (principal in Portcullis::Group::"contractors", action == Portcullis::Action::"connect", resource)
-when { resource.hasTag("environment") && resource.getTag("environment") == "staging" };
-"#;
-
-const MASKING: &str = r#"
-[profiles.pii]
-[[profiles.pii.rules]]
-table_column = "billing.customers.tax_id"
-mask = "redact"
-replacement = "[tax id]"
-[[profiles.pii.rules]]
-column_regex = "(?i)^e_?mail$"
-mask = "hash"
-"#;
-
-const APPROVALS: &str = r#"
-timeout_seconds = 1800
-default_approvals = 1
-default_approver_group = "dba-leads"
-approver_groups = ["dba-leads"]
-"#;
-
-const DAY: u64 = 86_400_000;
-
-fn user(subject: &str, uid: u32, groups: &[&str]) -> Value {
-    json!({"kind": "user", "uid": uid, "gid": uid, "subject": subject,
-           "email": format!("{subject}@example.com"), "groups": groups})
-}
-
-fn service(name: &str) -> Value {
-    json!({"kind": "service", "uid": 990, "gid": 990, "name": name})
-}
-
-fn workload() -> Value {
-    json!({"kind": "workload", "uid": 991, "gid": 991,
-           "subject": "repo:acme/app:ref:refs/heads/main", "groups": ["ci"]})
-}
-
-/// The generated quarter: Q4 2026, and one event on each side of it.
-struct Trail {
-    events: Vec<Value>,
-    start: u64,
-}
-
-impl Trail {
-    fn new() -> Self {
-        Trail {
-            events: Vec::new(),
-            start: period("2026-10-01", "2026-12-31").unwrap().from_ms,
-        }
-    }
-
-    /// An event on day `day` of the quarter (0 = October 1st), `minute` into it.
-    fn at(&mut self, day: i64, minute: u64, kind: &str, fields: Value) {
-        let time = u64::try_from(i64::try_from(self.start).unwrap() + day * DAY as i64).unwrap()
-            + minute * 60_000;
-        let mut event = json!({"schema": 1, "time_ms": time, "host": "bastion-1", "event": kind});
-        for (k, v) in fields.as_object().unwrap() {
-            event[k] = v.clone();
-        }
-        self.events.push(event);
-    }
-}
-
-fn quarter() -> Trail {
-    let alice = user("alice", 1001, &["analysts"]);
-    let bob = user("bob", 1002, &["dba-leads"]);
-    let carol = user("carol", 1003, &["compliance"]);
-    let dave = user("dave", 1004, &["dba"]);
-    let erin = user("erin", 1005, &["oncall"]);
-    let mut t = Trail::new();
-    // Before the period: not counted.
-    t.at(
-        -20,
-        0,
-        "connection.opened",
-        json!({"connection_id": 90, "target": "prod-db",
-        "identity": alice, "decision": "allow", "policy_ids": ["analysts-connect"]}),
-    );
-    // Alice, an analyst: masked reads, one refused write, one refused SSH target.
-    t.at(
-        2,
-        0,
-        "connection.opened",
-        json!({"connection_id": 101, "target": "prod-db",
-        "identity": alice, "decision": "allow", "policy_ids": ["analysts-connect"]}),
-    );
-    t.at(
-        2,
-        1,
-        "statement.executed",
-        json!({"connection_id": 101, "target": "prod-db",
-        "identity": alice, "decision": "allow", "policy_ids": ["analysts-read"],
-        "statement": "SELECT * FROM billing.customers", "statement_class": "read",
-        "tables": ["billing.customers"], "masking_profile": "pii", "rows": 3}),
-    );
-    t.at(
-        2,
-        2,
-        "statement.executed",
-        json!({"connection_id": 101, "target": "prod-db",
-        "identity": alice, "decision": "allow", "policy_ids": ["analysts-read"],
-        "statement": "SELECT * FROM sales.leads", "statement_class": "read",
-        "tables": ["sales.leads"], "masking_profile": "pii", "rows": 9}),
-    );
-    t.at(
-        2,
-        3,
-        "statement.denied",
-        json!({"connection_id": 101, "target": "prod-db",
-        "identity": alice, "decision": "deny", "statement": "DELETE FROM sales.leads",
-        "statement_class": "write", "tables": ["sales.leads"], "sqlstate": "42501"}),
-    );
-    t.at(
-        40,
-        0,
-        "connection.opened",
-        json!({"connection_id": 102, "target": "prod-db",
-        "identity": alice, "decision": "allow", "policy_ids": ["analysts-connect"]}),
-    );
-    t.at(
-        40,
-        5,
-        "connection.refused",
-        json!({"target": "web-1", "identity": alice,
-        "decision": "deny", "reason": "no policy permits"}),
-    );
-    // Carol, compliance: reads the protected table unmasked, with a comma, quotes and a
-    // line break in the statement (the CSV must carry them).
-    t.at(
-        10,
-        0,
-        "connection.opened",
-        json!({"connection_id": 201, "target": "prod-db",
-        "identity": carol, "decision": "allow", "policy_ids": ["compliance-connect"]}),
-    );
-    t.at(
-        10,
-        1,
-        "statement.executed",
-        json!({"connection_id": 201, "target": "prod-db",
-        "identity": carol, "decision": "allow", "policy_ids": ["compliance-read"],
-        "statement": "SELECT name, \"tax_id\"\nFROM billing.customers", "statement_class": "read",
-        "tables": ["billing.customers"], "rows": 3}),
-    );
-    t.at(
-        10,
-        2,
-        "statement.executed",
-        json!({"connection_id": 201, "target": "prod-db",
-        "identity": carol, "decision": "allow", "policy_ids": ["compliance-read"],
-        "statement": "SELECT * FROM public.orders", "statement_class": "read",
-        "tables": ["public.orders"], "rows": 30}),
-    );
-    // Dave, a DBA: two DDLs approved by Bob alone, and one with no approval at all.
-    for (day, request) in [(20, "r-1"), (50, "r-2")] {
-        t.at(
-            day,
-            0,
-            "approval.requested",
-            json!({"target": "prod-db", "identity": dave,
-            "request_id": request, "requester": "dave@example.com", "asked": "statement",
-            "required": "1 approval from group `dba-leads`", "approval_state": "pending",
-            "policy_ids": ["dba-ddl"]}),
-        );
-        t.at(
-            day,
-            5,
-            "approval.approved",
-            json!({"target": "prod-db", "identity": bob,
-            "request_id": request, "requester": "dave@example.com", "asked": "statement",
-            "required": "1 approval from group `dba-leads`", "approval_state": "approved",
-            "approvers": ["bob"], "policy_ids": ["dba-ddl"]}),
-        );
-    }
-    t.at(
-        20,
-        10,
-        "connection.opened",
-        json!({"connection_id": 301, "target": "prod-db",
-        "identity": dave, "decision": "allow", "policy_ids": ["dba-connect"]}),
-    );
-    t.at(
-        20,
-        11,
-        "statement.executed",
-        json!({"connection_id": 301, "target": "prod-db",
-        "identity": dave, "decision": "allow", "policy_ids": ["dba-ddl", "approval:r-1"],
-        "statement": "CREATE INDEX ON billing.invoices (due)", "statement_class": "ddl",
-        "tables": ["billing.invoices"]}),
-    );
-    t.at(
-        50,
-        11,
-        "statement.executed",
-        json!({"connection_id": 301, "target": "prod-db",
-        "identity": dave, "decision": "allow", "policy_ids": ["dba-ddl", "approval:r-2"],
-        "statement": "DROP INDEX billing.invoices_due_idx", "statement_class": "ddl"}),
-    );
-    t.at(
-        60,
-        0,
-        "statement.executed",
-        json!({"connection_id": 301, "target": "prod-db",
-        "identity": dave, "decision": "allow", "policy_ids": ["dba-ddl"],
-        "statement": "ALTER TABLE billing.invoices ADD COLUMN note text", "statement_class": "ddl",
-        "tables": ["billing.invoices"]}),
-    );
-    // Erin breaks the glass for a grant and connects with it.
-    t.at(
-        70,
-        0,
-        "approval.requested",
-        json!({"target": "prod-db", "identity": erin,
-        "request_id": "r-3", "requester": "erin@example.com", "asked": "grant",
-        "required": "1 approval from group `dba-leads`", "approval_state": "pending"}),
-    );
-    t.at(
-        70,
-        1,
-        "approval.break_glass",
-        json!({"target": "prod-db", "identity": erin,
-        "request_id": "r-3", "grant_id": "g-3", "requester": "erin@example.com",
-        "asked": "grant", "required": "1 approval from group `dba-leads`",
-        "approval_state": "approved", "approvers": ["erin"], "break_glass": true,
-        "reason": "break-glass by erin@example.com: INC-911 primary down"}),
-    );
-    t.at(
-        70,
-        2,
-        "connection.opened",
-        json!({"connection_id": 401, "target": "prod-db",
-        "identity": erin, "decision": "allow", "policy_ids": ["grant:g-3"]}),
-    );
-    // The billing ETL, last seen early in October, reads a table others read masked.
-    t.at(
-        4,
-        0,
-        "connection.opened",
-        json!({"connection_id": 601, "target": "prod-db",
-        "identity": service("billing-etl"), "decision": "allow", "policy_ids": ["etl-connect"]}),
-    );
-    t.at(
-        4,
-        1,
-        "statement.executed",
-        json!({"connection_id": 601, "target": "prod-db",
-        "identity": service("billing-etl"), "decision": "allow", "policy_ids": ["etl-connect"],
-        "statement": "SELECT id FROM sales.leads", "statement_class": "read",
-        "tables": ["sales.leads"]}),
-    );
-    // CI over SSH: a recorded exec, a shell whose recording failed, a shell never recorded.
-    for (id, day) in [(501u64, 80i64), (502, 81), (503, 82)] {
-        t.at(
-            day,
-            0,
-            "connection.opened",
-            json!({"connection_id": id, "target": "web-1",
-            "identity": workload(), "decision": "allow", "policy_ids": ["ci-ssh"]}),
-        );
-    }
-    t.at(
-        80,
-        1,
-        "ssh.exec",
-        json!({"connection_id": 501, "target": "web-1",
-        "identity": workload(), "decision": "allow", "policy_ids": ["ci-ssh"],
-        "channel": "exec", "command_line": "./deploy.sh"}),
-    );
-    t.at(
-        80,
-        2,
-        "recording.chunk",
-        json!({"connection_id": 501, "recording_chunk": 0,
-        "recording_offset": 0, "recording_bytes": 10, "recording_sha256": "00"}),
-    );
-    t.at(
-        80,
-        3,
-        "recording.closed",
-        json!({"connection_id": 501, "recording_chunk": 1,
-        "recording_offset": 0, "recording_bytes": 10, "recording_sha256": "00"}),
-    );
-    t.at(
-        81,
-        1,
-        "ssh.shell",
-        json!({"connection_id": 502, "target": "web-1",
-        "identity": workload(), "decision": "allow", "policy_ids": ["ci-ssh"]}),
-    );
-    t.at(
-        81,
-        2,
-        "recording.failed",
-        json!({"connection_id": 502,
-        "reason": "disk full; recording_failure = continue"}),
-    );
-    t.at(
-        82,
-        1,
-        "ssh.shell",
-        json!({"connection_id": 503, "target": "web-1",
-        "identity": workload(), "decision": "allow", "policy_ids": ["ci-ssh"]}),
-    );
-    // After the period: not counted.
-    t.at(
-        93,
-        0,
-        "connection.opened",
-        json!({"connection_id": 900, "target": "staging-db",
-        "identity": carol, "decision": "allow", "policy_ids": ["compliance-connect"]}),
-    );
-    t
-}
 
 fn write_store(dir: &Path, trail: &Trail, key: Option<SigningKey>) -> BTreeMap<String, u64> {
     let (mut store, _) = Store::open(
@@ -442,8 +88,12 @@ struct World {
 }
 
 fn world(key: Option<SigningKey>) -> World {
+    world_of(&quarter(), key)
+}
+
+fn world_of(trail: &Trail, key: Option<SigningKey>) -> World {
     let store = tempfile::tempdir().unwrap();
-    let seqs = write_store(store.path(), &quarter(), key);
+    let seqs = write_store(store.path(), trail, key);
     let pdir = policy_dir();
     let policies = crate::policy::load_dir(pdir.path()).unwrap();
     World {
@@ -939,7 +589,7 @@ fn a_tampered_segment_makes_the_report_unverified_and_unsigned() {
     let text = std::fs::read_to_string(&segment).unwrap();
     assert!(text.contains("\"rows\":3"));
     std::fs::write(&segment, text.replacen("\"rows\":3", "\"rows\":1", 1)).unwrap();
-    for format in [Format::Markdown, Format::Csv] {
+    for format in [Format::Markdown, Format::Csv, Format::Html] {
         let out = w.run(format, None);
         assert!(!out.verified, "{format:?}");
         assert!(out.text.contains("UNVERIFIED"), "{format:?}: {}", out.text);
@@ -956,12 +606,19 @@ fn a_tampered_segment_makes_the_report_unverified_and_unsigned() {
         .as_str()
         .unwrap()
         .contains("RecordAltered"));
+    // HTML says so first, as an alert above the seal and every figure.
+    let html = w.run(Format::Html, None).text;
+    let alert = html
+        .find("role=\"alert\">UNVERIFIED")
+        .expect("an UNVERIFIED alert");
+    assert!(alert < html.find("id=\"seal\"").unwrap(), "{html}");
 }
 
 #[test]
 fn period_takes_whole_utc_days_and_refuses_a_reversed_one() {
     let p = period("2026-10-01", "2026-12-31").unwrap();
     assert_eq!(p.from_ms, 1_790_812_800_000);
+    assert_eq!(p.from_ms, QUARTER_START_MS);
     assert_eq!(p.to_ms, 1_798_761_600_000);
     assert!(period("2026-12-31", "2026-10-01").is_err());
     assert!(period("2026-13-01", "2026-12-31")
@@ -1181,4 +838,236 @@ fn reading_stops_at_the_last_verified_seq() {
     assert!(trail.events.iter().all(|e| e.seq <= verified_upto));
     let all = super::read_trail(w.store.path(), None).unwrap();
     assert_eq!(all.head.map(|(seq, _)| seq), w.seqs.values().max().copied());
+}
+
+#[test]
+fn groups_granted_by_policy_with_no_member_seen_are_named_with_their_rules() {
+    // The quarter: every group a permit or approver rule names was carried by someone in
+    // the period, except the contractors'.
+    let w = world(None);
+    let found: Vec<(String, Vec<String>)> = w
+        .report(None)
+        .findings
+        .groups_without_members_seen
+        .into_iter()
+        .map(|g| (g.group, g.named_by))
+        .collect();
+    assert_eq!(
+        found,
+        [(
+            "contractors".to_string(),
+            vec!["contractors-staging (permit)".to_string()]
+        )]
+    );
+    let md = w.run(Format::Markdown, None).text;
+    assert!(
+        md.contains(
+            "| group contractors | 0 | no member seen in the period; named by contractors-staging (permit) |"
+        ),
+        "{md}"
+    );
+
+    // One rule shape per group: a group in a condition counts like one in the scope, a
+    // forbid grants nothing, a member seen only before or after the period does not count,
+    // any event of the period (an approval too) shows a member, approver groups count.
+    let policies = r#"
+@id("ops-connect")
+permit (principal in Portcullis::Group::"ops", action == Portcullis::Action::"connect", resource)
+when { principal in Portcullis::Group::"audit" || principal in Portcullis::Group::"ops" };
+
+@id("no-interns")
+forbid (principal in Portcullis::Group::"interns", action, resource);
+
+@id("ops-ddl")
+@approvals("leads:1,security:1")
+permit (principal in Portcullis::Group::"ops", action == Portcullis::Action::"query", resource)
+when { context.statement_class == "ddl" };
+
+@id("retired")
+permit (principal in Portcullis::Group::"retired", action == Portcullis::Action::"connect", resource);
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.cedar"), policies).unwrap();
+    let set = crate::policy::load_dir(dir.path()).unwrap();
+    let mut t = Trail::new();
+    t.at(
+        -3,
+        0,
+        "connection.opened",
+        json!({"connection_id": 1, "target": "db", "identity": user("old", 2001, &["retired"])}),
+    );
+    t.at(
+        5,
+        0,
+        "connection.opened",
+        json!({"connection_id": 2, "target": "db", "identity": user("olga", 2002, &["ops", "interns"])}),
+    );
+    t.at(
+        6,
+        0,
+        "approval.approved",
+        json!({"request_id": "r-1", "identity": user("lee", 2003, &["leads"]), "approvers": ["lee"]}),
+    );
+    t.at(
+        95,
+        0,
+        "connection.opened",
+        json!({"connection_id": 3, "target": "db", "identity": user("sam", 2004, &["security", "audit"])}),
+    );
+    let events: Vec<TrailEvent> = t
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| TrailEvent::parse(i as u64 + 1, &e.to_string()).unwrap())
+        .collect();
+    let r = compute(
+        &events,
+        &Inputs {
+            period: period("2026-10-01", "2026-12-31").unwrap(),
+            target: None,
+            policies: Some(&set),
+            targets: &[],
+            stale_days: 30,
+        },
+    );
+    let found: Vec<(&str, Vec<&str>)> = r
+        .findings
+        .groups_without_members_seen
+        .iter()
+        .map(|g| {
+            (
+                g.group.as_str(),
+                g.named_by.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("audit", vec!["ops-connect (permit)"]),
+            ("retired", vec!["retired (permit)"]),
+            ("security", vec!["ops-ddl (approver)"]),
+        ]
+    );
+}
+
+/// Hostile text in the fields a client or a token controls: an identity and a statement
+/// with markup, quotes, `&`, a bidi override and the signature marker itself.
+fn hostile_world() -> World {
+    let mut t = quarter();
+    let mallory = json!({"kind": "user", "uid": 1666, "gid": 1666,
+        "subject": "mallory", "email": "<script>alert('x')</script>\"&amp;@evil.example",
+        "groups": ["analysts"]});
+    t.at(
+        30,
+        0,
+        "connection.opened",
+        json!({"connection_id": 666, "target": "prod-db", "identity": mallory,
+        "decision": "allow", "policy_ids": ["compliance-connect"]}),
+    );
+    t.at(
+        30,
+        1,
+        "statement.executed",
+        json!({"connection_id": 666, "target": "prod-db", "identity": mallory,
+        "decision": "allow", "policy_ids": ["compliance-read"],
+        "statement": "SELECT '</td><img src=x onerror=alert(1)>' AS \"a&b\", \u{202e}gnp.exe <section id=\"signature\"> FROM billing.customers",
+        "statement_class": "read", "tables": ["billing.customers"]}),
+    );
+    world_of(&t, None)
+}
+
+#[test]
+fn html_escapes_hostile_identities_and_statements() {
+    use super::html::{escape, HTML_SIGNATURE_START};
+    assert_eq!(
+        escape("<a href='x'>\"&\"</a>"),
+        "&lt;a href=&#39;x&#39;&gt;&quot;&amp;&quot;&lt;/a&gt;"
+    );
+    assert_eq!(
+        escape("a\u{202E}b\u{0}c\u{1b}[0m"),
+        "a[U+202E]b[U+0000]c[U+001B][0m"
+    );
+    assert_eq!(escape("SELECT 1\nFROM t"), "SELECT 1\nFROM t");
+
+    let w = hostile_world();
+    let out = w.run(Format::Html, None);
+    assert!(out.verified);
+    let html = &out.text;
+    // The only markup is the renderer's: no script or image from the values (their handler
+    // attribute stays inert text).
+    for forbidden in ["<script", "<img", "\u{202e}"] {
+        assert!(!html.contains(forbidden), "{forbidden} in {html}");
+    }
+    assert!(html.contains(
+        "user:&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&quot;&amp;amp;@evil.example"
+    ));
+    assert!(html.contains(
+        "SELECT &#39;&lt;/td&gt;&lt;img src=x onerror=alert(1)&gt;&#39; AS &quot;a&amp;b&quot;, \
+         [U+202E]gnp.exe &lt;section id=&quot;signature&quot;&gt; FROM billing.customers"
+    ));
+    // The statement's fake marker is escaped: the signed body ends at the real one only.
+    assert_eq!(html.matches(HTML_SIGNATURE_START).count(), 1);
+    let (body, signature) = html.split_once(HTML_SIGNATURE_START).unwrap();
+    let digest = sha256_hex(&super::signed_message(body, &head(w.store.path())));
+    assert!(
+        signature.contains(&format!("<code>{digest}</code>")),
+        "{signature}"
+    );
+}
+
+#[test]
+fn html_has_every_section_the_seal_first_and_nothing_to_fetch_or_run() {
+    let w = world(None);
+    let out = w.run(Format::Html, None);
+    assert!(out.verified);
+    let html = &out.text;
+    assert!(html.starts_with("<!DOCTYPE html>\n<html lang=\"en\">"));
+    assert!(html.contains(
+        "<title>Access review 2026-10-01 to 2026-12-31 (UTC, both days included)</title>"
+    ));
+    assert!(html.ends_with("</section>\n</main>\n</body>\n</html>\n"));
+    // Self-contained: no script, nothing loaded, and a policy that forbids both anyway.
+    for forbidden in [
+        "<script", "<link", "<img", "<iframe", "<object", "<embed", "src=", "url(", "@import",
+        "http:", "https:", "//",
+    ] {
+        assert!(!html.contains(forbidden), "{forbidden} in the report");
+    }
+    assert!(html.contains("Content-Security-Policy\" content=\"default-src 'none';"));
+    // The seal first, then the sections in the Markdown's order, each with its anchor.
+    let mut at = html.find("<section id=\"seal\"").unwrap();
+    assert!(html[at..].contains("verified intact"));
+    let keys = super::render::SECTIONS.map(|s| s.key);
+    for key in keys.iter().chain(&["signature"]) {
+        let next = html
+            .find(&format!("<section id=\"{key}\""))
+            .unwrap_or_else(|| panic!("no section {key}"));
+        assert!(next > at, "{key} out of order");
+        at = next;
+        assert!(html.contains(&format!("<h2 id=\"{key}-title\">")), "{key}");
+    }
+    // Headings in order: one h1, then h2s only.
+    assert_eq!(html.matches("<h1>").count(), 1);
+    assert!(!html.contains("<h3") && !html.contains("<h4"));
+    // Every column header has its scope.
+    assert_eq!(
+        html.matches("<th ").count(),
+        html.matches("<th scope=\"col\">").count()
+    );
+    // A known figure with its evidence: Alice's two connections.
+    let alice = format!(
+        "<td>user:alice@example.com</td><td>prod-db</td><td>connections</td><td>2</td>\
+         <td>first 2026-10-03T00:00:00Z, last 2026-11-10T00:00:00Z</td><td class=\"evidence\">{} {}</td></tr>",
+        w.seq("connection.opened@101#"),
+        w.seq("connection.opened@102#")
+    );
+    assert!(html.contains(&alice), "{html}");
+    // The same figures as Markdown: every evidence list of the one is in the other.
+    let md = w.run(Format::Markdown, None).text;
+    let md_rows = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| Identity"))
+        .count();
+    assert_eq!(html.matches("<tr id=").count(), md_rows);
 }
