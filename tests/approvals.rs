@@ -1,7 +1,7 @@
 //! Just-in-time approvals end to end: a real OpenID Provider (oidc-provider under Node.js),
 //! the real agent, `portcullis request|approvals|grants` run as unprivileged users with their
 //! own logins, and connections through the real kernel redirect that a grant lets through
-//! (or not). Slots 173–185 and 191–194.
+//! (or not). Slots 14, 15, 173–185 and 191–194.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -1074,12 +1074,17 @@ fn conninfo(postgres: &Postgres) -> String {
 /// psql as `uid` through the redirect to the world's server, reading `script` from stdin;
 /// its output once it ends.
 fn psql_script(w: &PgWorld, uid: u32, script: &str) -> Child {
-    let conninfo = conninfo(&w.postgres);
+    psql_in(&w.postgres, &w.cg, uid, script)
+}
+
+/// [`psql_script`] to `postgres` from the cgroup `cg`.
+fn psql_in(postgres: &Postgres, cg: &TestCgroup, uid: u32, script: &str) -> Child {
+    let conninfo = conninfo(postgres);
     let mut psql = client_command(
         "psql",
         RunAs {
             uid: Some(uid),
-            cgroup: Some(&w.cg.path),
+            cgroup: Some(&cg.path),
         },
     )
     .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
@@ -1750,4 +1755,211 @@ fn break_glass_is_refused_without_the_flag_without_a_reason_and_outside_the_grou
         .expect_refusal(&probe(&w, erin), w.slot.v4(1), "approval required");
     w.agent
         .expect_refusal(&probe(&w, frank), w.slot.v4(1), "approval required");
+}
+
+/// Two bastions share one central PostgreSQL (not the target's: the agents' own connections
+/// to it must not be a protected destination): each agent's login role is a member of the
+/// insert-only group role the migration makes.
+const FLEET_DB: &str = "portcullis";
+
+fn fleet_agent(
+    name: &str,
+    slot: u8,
+    host: &str,
+    role: &str,
+    provider: &OidcProvider,
+    postgres: &Postgres,
+    central: &Postgres,
+    files: &std::path::Path,
+) -> (TestCgroup, Agent) {
+    let secret = files.join(format!("{role}-pw"));
+    std::fs::write(&secret, format!("{role}-secret")).unwrap();
+    let admin = files.join("admin-pw");
+    std::fs::write(&admin, pg::SUPERUSER_PASSWORD).unwrap();
+    for f in [&secret, &admin] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let creds = files.join("credentials.toml");
+    let cg = TestCgroup::new(name);
+    let config = format!(
+        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
+         [audit.central]\nurl = \"postgres://{role}@127.0.0.1:{central}/{FLEET_DB}\"\n\
+         password_file = \"{secret}\"\ntls = \"disable\"\nhost_name = \"{host}\"\n\
+         migrate_url = \"postgres://postgres@127.0.0.1:{central}/{FLEET_DB}\"\n\
+         migrate_password_file = \"{admin}\"\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+        iss = provider.issuer(),
+        port = postgres.port(),
+        central = central.port(),
+        secret = secret.display(),
+        admin = admin.display(),
+        ca = postgres.ca_pem_path().display(),
+        creds = creds.display(),
+    );
+    let mut agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&config), &[]);
+    std::fs::write(
+        agent.dir.path().join("policies").join("e2e.cedar"),
+        STATEMENT_POLICIES,
+    )
+    .unwrap();
+    agent.spawn();
+    (cg, agent)
+}
+
+#[test]
+fn a_statement_waiting_on_one_bastion_is_approved_on_another_through_the_central_store() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let provider = OidcProvider::start(people());
+    let postgres = Postgres::start_with(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    });
+    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
+    postgres.create_database("app", Some("app"));
+    let central = Postgres::start_with(PgOptions::default());
+    central.create_database(FLEET_DB, None);
+    central.psql(
+        FLEET_DB,
+        "CREATE ROLE portcullis_writer NOLOGIN; \
+         CREATE ROLE bastion_a LOGIN PASSWORD 'bastion_a-secret' IN ROLE portcullis_writer; \
+         CREATE ROLE bastion_b LOGIN PASSWORD 'bastion_b-secret' IN ROLE portcullis_writer",
+    );
+    let files = tempfile::tempdir().unwrap();
+    let creds = files.path().join("credentials.toml");
+    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
+    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (cg_a, a) = fleet_agent(
+        "appr-fleet-a",
+        14,
+        "bastion-a",
+        "bastion_a",
+        &provider,
+        &postgres,
+        &central,
+        files.path(),
+    );
+    let (_cg_b, b) = fleet_agent(
+        "appr-fleet-b",
+        15,
+        "bastion-b",
+        "bastion_b",
+        &provider,
+        &postgres,
+        &central,
+        files.path(),
+    );
+    let (alice, bob) = (48301, 48302);
+    login_to(&a, &provider, alice, "alice");
+    login_to(&b, &provider, bob, "bob");
+
+    let psql = psql_in(
+        &postgres,
+        &cg_a,
+        alice,
+        "CREATE TABLE fleet_t (id int);\n\
+         SELECT 'created', count(*) FROM pg_tables WHERE tablename = 'fleet_t';\n\
+         DROP TABLE fleet_t;\n\
+         SELECT 'still here', count(*) FROM pg_tables WHERE tablename = 'fleet_t';\n",
+    );
+
+    // Made on a, seen by bob on b.
+    let create = next_pending(&b, bob, &[]);
+    let create_id = create["id"].as_str().unwrap().to_string();
+    assert!(
+        create["asked"]["statement"]
+            .as_str()
+            .unwrap()
+            .starts_with("CREATE TABLE fleet_t"),
+        "{create}"
+    );
+    assert_eq!(create["host"], "bastion-a", "{create}");
+
+    // The central store refusing the write: nothing is approved, the request stays pending.
+    central.psql(
+        FLEET_DB,
+        "REVOKE INSERT ON portcullis_approval_log FROM portcullis_writer",
+    );
+    let o = approve(&b, bob, &create_id);
+    assert!(!o.status.success(), "approved without the central store");
+    assert!(
+        text(&o).contains("nothing was decided") || text(&o).contains("may not have been recorded"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(show(&a, alice, &create_id)["state"], "pending");
+    assert!(
+        !postgres
+            .psql("app", "SELECT tablename FROM pg_tables")
+            .contains("fleet_t"),
+        "the waiting statement ran"
+    );
+    central.psql(
+        FLEET_DB,
+        "GRANT INSERT ON portcullis_approval_log TO portcullis_writer",
+    );
+
+    // Approved on b (after its connection came back): the statement on a runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = approve(&b, bob, &create_id);
+        if o.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&o));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Denied on b: 42501 on a, and the session goes on.
+    let drop = next_pending(&b, bob, std::slice::from_ref(&create_id));
+    let drop_id = drop["id"].as_str().unwrap().to_string();
+    let o = run(
+        &b,
+        bob,
+        &["approvals", "deny", &drop_id, "--reason", "keep it"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    let out = psql.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(stdout.contains("created|1"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("ERROR:  42501"), "{stderr}");
+    assert!(stderr.contains("keep it"), "{stderr}");
+    assert!(stdout.contains("still here|1"), "{stdout}\n{stderr}");
+
+    // Each bastion's own trail: a recorded the request, b the decisions.
+    wait_event(&a, "approval.requested", |e| {
+        e["request_id"] == create_id.as_str()
+    });
+    wait_event(&b, "approval.approved", |e| {
+        e["request_id"] == create_id.as_str()
+    });
+    wait_event(&b, "approval.denied", |e| {
+        e["request_id"] == drop_id.as_str()
+    });
+    assert!(a.events_of("approval.approved").is_empty());
+    // The log names the database role that wrote each change, which no agent chooses.
+    let writers = central.psql(
+        FLEET_DB,
+        &format!(
+            "SELECT host || ' ' || written_by || ' ' || (change->>'change') FROM portcullis_approval_log \
+             WHERE change->>'request_id' = '{create_id}' OR change->'request'->>'id' = '{create_id}' ORDER BY id"
+        ),
+    );
+    let lines: Vec<&str> = writers.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        lines,
+        ["bastion-a bastion_a ask", "bastion-b bastion_b verdict"],
+        "{writers}"
+    );
+    // The agent's role cannot rewrite the log.
+    let o = central.psql_tcp(
+        "bastion_b",
+        "bastion_b-secret",
+        FLEET_DB,
+        "UPDATE portcullis_approval_log SET change = '{}'::jsonb",
+    );
+    assert!(!o.status.success(), "the agent's role changed the log");
 }

@@ -128,6 +128,13 @@ pub fn run(
     if let Some(group) = config.approvals.break_glass() {
         tracing::info!(group, "break-glass is on: members of the group may approve their own requests, with a reason, alerted and audited");
     }
+    let (fleet, fleet_runner) = match &config.audit.central {
+        Some(central) => {
+            let (fleet, runner) = crate::approvals::fleet::Fleet::new(central);
+            (Some(fleet), Some(runner))
+        }
+        None => (None, None),
+    };
     let approvals = crate::approvals::ApprovalStore::open(
         &config.state_dir.join("approvals"),
         Arc::clone(&audit),
@@ -135,6 +142,7 @@ pub fn run(
         crate::approvals::StoreOptions {
             break_glass_group: config.approvals.break_glass().map(str::to_owned),
             notifier: Some(notifier),
+            fleet,
         },
     )?;
     let config = Arc::new(config);
@@ -183,6 +191,11 @@ pub fn run(
         proxy
             .tasks
             .spawn(Arc::clone(&approvals).maintain(proxy.close_all.clone()));
+        if let Some(runner) = fleet_runner {
+            proxy
+                .tasks
+                .spawn(runner.run(Arc::clone(&approvals), proxy.close_all.clone()));
+        }
         // Stopped by `close_all`, after the drain, like the audit shippers.
         for delivery in notifications {
             tracing::info!(webhook = delivery.name(), "approval notifications on");

@@ -524,6 +524,7 @@ async fn respond(req: Request, peer: Peer, state: &ControlState) -> Response {
             match state
                 .approvals
                 .decide(&id, &approver, approve, reason, break_glass)
+                .await
             {
                 Ok(r) => Response::ApprovalRequest(Box::new(r)),
                 Err(e) => error(e),

@@ -9,6 +9,7 @@
 //! connections it let through; this module knows nothing of connections.
 
 pub mod duties;
+pub mod fleet;
 pub mod notify;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,9 @@ pub enum ApprovalError {
     BadDuration,
     #[error("break-glass approves; it never denies (deny without --break-glass)")]
     BreakGlassDenial,
+    /// The fleet's central log could not take a decision: nothing is approved by default.
+    #[error("{0}")]
+    Fleet(String),
 }
 
 /// What is asked.
@@ -200,6 +204,10 @@ pub struct ApprovalRequest {
     /// When it was approved, denied or expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_ms: Option<u64>,
+    /// The bastion it was made on, when a fleet shares the central store: that agent alone
+    /// records its expiry (and its grant's), so the fleet's trail has each event once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl ApprovalRequest {
@@ -276,6 +284,9 @@ pub struct Grant {
     /// Made by breaking the glass: `portcullis status` lists it while it is active.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub break_glass: bool,
+    /// The bastion its request was made on (see [`ApprovalRequest::host`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl Grant {
@@ -340,6 +351,9 @@ pub struct StoreOptions {
     pub break_glass_group: Option<String>,
     /// The webhooks every approval event is told to; `None`: none.
     pub notifier: Option<Arc<notify::Notifier>>,
+    /// The fleet's central log, when `[audit.central]` is configured: requests, verdicts and
+    /// grants live there instead of in the local file.
+    pub fleet: Option<Arc<fleet::Fleet>>,
 }
 
 pub struct ApprovalStore {
@@ -351,6 +365,7 @@ pub struct ApprovalStore {
     notifier: Arc<notify::Notifier>,
     /// Bumped at every change; a statement waiting for its request watches it.
     changes: tokio::sync::watch::Sender<u64>,
+    fleet: Option<Arc<fleet::Fleet>>,
 }
 
 const FILE: &str = "approvals.json";
@@ -383,7 +398,13 @@ impl ApprovalStore {
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         let path = dir.join(FILE);
-        let book = match std::fs::read(&path) {
+        let book = if options.fleet.is_some() {
+            // The fleet's log is the store; the book is rebuilt from it (fleet.rs).
+            Err(std::io::ErrorKind::NotFound.into())
+        } else {
+            std::fs::read(&path)
+        };
+        let book = match book {
             Ok(bytes) => match serde_json::from_slice::<Book>(&bytes) {
                 Ok(b) => b,
                 Err(e) => {
@@ -411,6 +432,7 @@ impl ApprovalStore {
             break_glass_group: options.break_glass_group.filter(|g| !g.is_empty()),
             notifier: options.notifier.unwrap_or_else(notify::Notifier::none),
             changes,
+            fleet: options.fleet,
         }))
     }
 
@@ -428,6 +450,11 @@ impl ApprovalStore {
     /// Writes the whole book (small: bounded by [`MAX_RECORDS`]) to a new file, fsyncs it
     /// and renames it over the old one, then fsyncs the directory.
     fn save(&self, book: &Book) -> Result<(), ApprovalError> {
+        if self.fleet.is_some() {
+            // The fleet's log holds what counts; the book is its image in memory.
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+            return Ok(());
+        }
         let io = |source| ApprovalError::Io {
             path: self.dir.join(FILE),
             source,
@@ -517,6 +544,7 @@ impl ApprovalStore {
             state: RequestState::Pending,
             grant_id: None,
             decided_ms: None,
+            host: self.fleet.as_ref().map(|f| f.host().to_owned()),
         };
         book.requests.insert(id.clone(), request.clone());
         if let Err(e) = self.save(&book) {
@@ -524,6 +552,11 @@ impl ApprovalStore {
             return Err(e);
         }
         drop(book);
+        if let Some(fleet) = &self.fleet {
+            fleet.enqueue(Change::Ask {
+                request: request.clone(),
+            });
+        }
         tracing::info!(request = %request.id, asked = %request.asked.describe(), "approval requested");
         self.record(
             self.request_event(
@@ -542,7 +575,7 @@ impl ApprovalStore {
     /// the requirement approve it (and make its grant). With `break_glass`, the requester
     /// approves their own request as a member of the emergency group: a reason is
     /// required, and the requirement is filled whole (`approval.break_glass`).
-    pub fn decide(
+    pub async fn decide(
         &self,
         id: &str,
         approver: &Identity,
@@ -558,21 +591,6 @@ impl ApprovalStore {
         }
         check_reason(&reason, !approve)?;
         let now = now_ms();
-        let mut book = self.lock();
-        self.expire_requests(&mut book, now);
-        let viewer = Viewer {
-            uid: approver.uid,
-            identity: Some(approver.clone()),
-        };
-        let Some(request) = book.requests.get(id).filter(|r| r.involves(&viewer)) else {
-            return Err(ApprovalError::UnknownRequest(id.to_owned()));
-        };
-        if request.state != RequestState::Pending {
-            return Err(ApprovalError::AlreadyDecided {
-                id: id.to_owned(),
-                state: request.state.as_str(),
-            });
-        }
         let how = if break_glass {
             duties::Approving::BreakGlass {
                 group: self.break_glass_group.as_deref(),
@@ -583,18 +601,7 @@ impl ApprovalStore {
                 break_glass_group: self.break_glass_group.as_deref(),
             }
         };
-        duties::eligible(&request.requirement(), &request.requester, approver, how)?;
-        let subject = duties::person(approver);
-        if request
-            .verdicts
-            .iter()
-            .any(|v| duties::person(&v.by) == subject)
-        {
-            return Err(ApprovalError::AlreadyVoted(id.to_owned()));
-        }
-        let before = request.clone();
-        let mut request = request.clone();
-        request.verdicts.push(Verdict {
+        let verdict = Verdict {
             by: approver.clone(),
             approve,
             reason: reason.clone(),
@@ -604,53 +611,69 @@ impl ApprovalStore {
             } else {
                 None
             },
-        });
-        let mut grant = None;
-        if !approve {
-            request.state = RequestState::Denied;
-            request.decided_ms = Some(now);
-        } else {
-            let tally = request.tally();
-            if tally.met {
-                request.state = RequestState::Approved;
-                request.decided_ms = Some(now);
-                if let Asked::Grant {
-                    target,
-                    actions,
-                    duration_secs,
-                } = &request.asked
-                {
-                    let g = Grant {
-                        id: format!("g-{}", request.id.trim_start_matches("r-")),
-                        request_id: request.id.clone(),
-                        requester: request.requester.clone(),
-                        target: target.clone(),
-                        actions: actions.clone(),
-                        created_ms: now,
-                        expires_ms: now.saturating_add(duration_secs.saturating_mul(1000)),
-                        approvers: tally.counted.clone(),
-                        required: request.required.clone(),
-                        revoked: None,
-                        ended: false,
-                        break_glass: tally.break_glass.is_some(),
-                    };
-                    request.grant_id = Some(g.id.clone());
-                    grant = Some(g);
+        };
+        let (request, grant) = match &self.fleet {
+            None => {
+                let mut book = self.lock();
+                self.expire_requests(&mut book, now);
+                decidable(&book, id, approver, how, now)?;
+                let before = book.requests.get(id).cloned();
+                let (request, grant) =
+                    apply_verdict(&mut book, id, verdict, self.break_glass_group.as_deref())
+                        .map_err(|u| u.into_error(id))?;
+                if let Err(e) = self.save(&book) {
+                    if let Some(before) = before {
+                        book.requests.insert(id.to_owned(), before);
+                    }
+                    if let Some(g) = &grant {
+                        book.grants.remove(&g.id);
+                    }
+                    return Err(e);
                 }
+                (request, grant)
             }
-        }
-        book.requests.insert(id.to_owned(), request.clone());
-        if let Some(g) = &grant {
-            book.grants.insert(g.id.clone(), g.clone());
-        }
-        if let Err(e) = self.save(&book) {
-            book.requests.insert(id.to_owned(), before);
-            if let Some(g) = &grant {
-                book.grants.remove(&g.id);
+            Some(fleet) => {
+                {
+                    let mut book = self.lock();
+                    self.expire_requests(&mut book, now);
+                    decidable(&book, id, approver, how, now)?;
+                }
+                // Nothing counts until it is in the fleet's log: the verdict is applied
+                // here as every agent applies it, from the log, in the log's order.
+                fleet
+                    .submit(Change::Verdict {
+                        request_id: id.to_owned(),
+                        verdict: verdict.clone(),
+                    })
+                    .await
+                    .map_err(ApprovalError::Fleet)?;
+                let book = self.lock();
+                let request = book
+                    .requests
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| ApprovalError::UnknownRequest(id.to_owned()))?;
+                let ours = |v: &Verdict| {
+                    v.at_ms == verdict.at_ms && duties::person(&v.by) == duties::person(approver)
+                };
+                if !request.verdicts.iter().any(ours) {
+                    // Another bastion's decision (or the request's end) came first in the log.
+                    return Err(ApprovalError::AlreadyDecided {
+                        id: id.to_owned(),
+                        state: request.state.as_str(),
+                    });
+                }
+                let made_it = request.state == RequestState::Approved
+                    && request.verdicts.last().is_some_and(ours);
+                let grant = request
+                    .grant_id
+                    .as_ref()
+                    .filter(|_| made_it)
+                    .and_then(|g| book.grants.get(g))
+                    .cloned();
+                (request, grant)
             }
-            return Err(e);
-        }
-        drop(book);
+        };
         let kind = match (approve, break_glass) {
             (true, true) => EventKind::ApprovalBreakGlass,
             (true, false) => EventKind::ApprovalApproved,
@@ -739,6 +762,17 @@ impl ApprovalStore {
         }
         let request = book.requests.get(&grant.request_id).cloned();
         drop(book);
+        if let Some(fleet) = &self.fleet {
+            // In force here at once; the other bastions close theirs when it reaches them.
+            fleet.enqueue(Change::Revoke {
+                grant_id: grant.id.clone(),
+                revocation: Revocation {
+                    by: who.clone(),
+                    reason: reason.clone(),
+                    at_ms: now,
+                },
+            });
+        }
         let closed = self.grant_ends.grant_ended(
             &grant.id,
             &format!("grant {} revoked by {who}: {reason}", grant.id),
@@ -788,6 +822,9 @@ impl ApprovalStore {
             let closed = self
                 .grant_ends
                 .grant_ended(&g.id, &format!("grant {} expired", g.id));
+            if !self.is_mine(g.host.as_deref()) {
+                continue;
+            }
             let mut ev = AuditEvent::new(EventKind::GrantExpired)
                 .reason(format!("{closed} open connection(s) closed"));
             ev.target = Some(g.target.as_str().into());
@@ -800,6 +837,27 @@ impl ApprovalStore {
     /// Ends the pending requests past their timeout, wherever it is noticed first (the
     /// sweep, a list, a waiting statement): each is written and recorded once, here.
     fn expire_requests(&self, book: &mut Book, now: u64) -> usize {
+        if let Some(fleet) = &self.fleet {
+            // Ended through the log, by the bastion the request was made on; until then
+            // every view shows it expired ([`seen`]) and no verdict of a later time counts.
+            for r in book.requests.values() {
+                if r.state == RequestState::Pending
+                    && now >= r.expires_ms
+                    && self.is_mine(r.host.as_deref())
+                {
+                    fleet.end_once(Change::End {
+                        request_id: r.id.clone(),
+                        state: RequestState::Expired,
+                        at_ms: now,
+                        why: format!(
+                            "not decided within the approval timeout; approvals that counted: {}",
+                            r.counted().len()
+                        ),
+                    });
+                }
+            }
+            return 0;
+        }
         let mut expired = Vec::new();
         for r in book.requests.values_mut() {
             if r.state == RequestState::Pending && now >= r.expires_ms {
@@ -837,6 +895,22 @@ impl ApprovalStore {
     /// `approval.expired` with `approval_state: withdrawn`.
     pub fn withdraw(&self, id: &str, why: &str) {
         let now = now_ms();
+        if let Some(fleet) = &self.fleet {
+            let book = self.lock();
+            if book
+                .requests
+                .get(id)
+                .is_some_and(|r| r.state == RequestState::Pending && now < r.expires_ms)
+            {
+                fleet.end_once(Change::End {
+                    request_id: id.to_owned(),
+                    state: RequestState::Withdrawn,
+                    at_ms: now,
+                    why: format!("withdrawn: {why}"),
+                });
+            }
+            return;
+        }
         let mut book = self.lock();
         let Some(r) = book
             .requests
@@ -862,6 +936,96 @@ impl ApprovalStore {
         self.record(ev, None);
     }
 
+    /// Whether this agent records the end of what was made on `host`: with no fleet, all;
+    /// in a fleet, what was made here.
+    fn is_mine(&self, host: Option<&str>) -> bool {
+        match &self.fleet {
+            None => true,
+            Some(fleet) => host.is_none_or(|h| h == fleet.host()),
+        }
+    }
+
+    /// Applies one change read from the fleet's log (in the log's order), and tells what it
+    /// changed: waiters look again, a revoked grant's connections here are closed, and the
+    /// bastion a request was made on records its end. A change that no longer applies (a
+    /// verdict after another ended the request, the request this agent made itself) changes
+    /// nothing, the same on every agent.
+    pub fn apply_logged(&self, change: Change) {
+        let mut revoked = None;
+        let mut ended = None;
+        let mut book = self.lock();
+        let changed = match change {
+            Change::Ask { request } => {
+                if book.requests.contains_key(&request.id) {
+                    false
+                } else {
+                    book.requests.insert(request.id.clone(), request);
+                    true
+                }
+            }
+            Change::Verdict {
+                request_id,
+                verdict,
+            } => apply_verdict(
+                &mut book,
+                &request_id,
+                verdict,
+                self.break_glass_group.as_deref(),
+            )
+            .is_ok(),
+            Change::Revoke {
+                grant_id,
+                revocation,
+            } => match book.grants.get_mut(&grant_id) {
+                Some(g) if g.revoked.is_none() && !g.ended => {
+                    g.revoked = Some(revocation);
+                    revoked = Some(g.clone());
+                    true
+                }
+                _ => false,
+            },
+            Change::End {
+                request_id,
+                state,
+                at_ms,
+                why,
+            } => match book.requests.get_mut(&request_id) {
+                Some(r) if r.state == RequestState::Pending => {
+                    r.state = state;
+                    r.decided_ms = Some(at_ms);
+                    ended = Some((r.clone(), why));
+                    true
+                }
+                _ => false,
+            },
+        };
+        drop(book);
+        if changed {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        if let Some(g) = revoked {
+            let (by, reason) = g
+                .revoked
+                .as_ref()
+                .map(|r| (r.by.clone(), r.reason.clone()))
+                .unwrap_or_default();
+            let closed = self.grant_ends.grant_ended(
+                &g.id,
+                &format!(
+                    "grant {} revoked by {by} on another bastion: {reason}",
+                    g.id
+                ),
+            );
+            tracing::info!(grant = %g.id, closed, "a grant revoked on another bastion");
+        }
+        if let Some((r, why)) = ended {
+            if self.is_mine(r.host.as_deref()) {
+                let ev = self.request_event(EventKind::ApprovalExpired, &r, &r.requester, why);
+                self.record(ev, None);
+            }
+        }
+    }
+
     /// Sweeps every second until `stop`.
     pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
         loop {
@@ -881,8 +1045,8 @@ impl ApprovalStore {
         let mut out: Vec<ApprovalRequest> = book
             .requests
             .values()
+            .map(|r| seen(r, now))
             .filter(|r| r.involves(viewer) && (all || r.state == RequestState::Pending))
-            .cloned()
             .collect();
         out.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
         out
@@ -895,7 +1059,7 @@ impl ApprovalStore {
         book.requests
             .get(id)
             .filter(|r| r.involves(viewer))
-            .cloned()
+            .map(|r| seen(r, now))
             .ok_or_else(|| ApprovalError::UnknownRequest(id.to_owned()))
     }
 
@@ -904,7 +1068,7 @@ impl ApprovalStore {
         let now = now_ms();
         let mut book = self.lock();
         self.expire_requests(&mut book, now);
-        book.requests.get(id).cloned()
+        book.requests.get(id).map(|r| seen(r, now))
     }
 
     /// Changes as they happen: a waiter reads its request again at each.
@@ -1031,6 +1195,188 @@ fn prune(book: &mut Book, now: u64) {
     });
 }
 
+/// A request as it stands at `now`: one still pending past its deadline is expired, whether
+/// or not its end is written yet (a fleet writes it through the central log).
+fn seen(r: &ApprovalRequest, now: u64) -> ApprovalRequest {
+    let mut r = r.clone();
+    if r.state == RequestState::Pending && now >= r.expires_ms {
+        r.state = RequestState::Expired;
+    }
+    r
+}
+
+/// Whether `approver` may decide request `id` now ([`duties::eligible`], once per person),
+/// with the error to tell them when not.
+fn decidable(
+    book: &Book,
+    id: &str,
+    approver: &Identity,
+    how: duties::Approving<'_>,
+    now: u64,
+) -> Result<(), ApprovalError> {
+    let viewer = Viewer {
+        uid: approver.uid,
+        identity: Some(approver.clone()),
+    };
+    let Some(request) = book.requests.get(id).filter(|r| r.involves(&viewer)) else {
+        return Err(ApprovalError::UnknownRequest(id.to_owned()));
+    };
+    let state = seen(request, now).state;
+    if state != RequestState::Pending {
+        return Err(ApprovalError::AlreadyDecided {
+            id: id.to_owned(),
+            state: state.as_str(),
+        });
+    }
+    duties::eligible(&request.requirement(), &request.requester, approver, how)?;
+    let subject = duties::person(approver);
+    if request
+        .verdicts
+        .iter()
+        .any(|v| duties::person(&v.by) == subject)
+    {
+        return Err(ApprovalError::AlreadyVoted(id.to_owned()));
+    }
+    Ok(())
+}
+
+/// Why a verdict changed nothing.
+#[derive(Debug)]
+enum Unapplied {
+    Unknown,
+    Ended(RequestState),
+    Late,
+    Voted,
+    Ineligible(duties::Ineligible),
+}
+
+impl Unapplied {
+    fn into_error(self, id: &str) -> ApprovalError {
+        match self {
+            Unapplied::Unknown => ApprovalError::UnknownRequest(id.to_owned()),
+            Unapplied::Ended(state) => ApprovalError::AlreadyDecided {
+                id: id.to_owned(),
+                state: state.as_str(),
+            },
+            Unapplied::Late => ApprovalError::AlreadyDecided {
+                id: id.to_owned(),
+                state: RequestState::Expired.as_str(),
+            },
+            Unapplied::Voted => ApprovalError::AlreadyVoted(id.to_owned()),
+            Unapplied::Ineligible(e) => ApprovalError::Ineligible(e),
+        }
+    }
+}
+
+/// One approver's verdict on a pending request: a denial ends it, approvals that meet its
+/// requirement approve it and make its grant (from the verdict's time). Everything is
+/// checked again here, whoever checked before: the agents of a fleet apply the central log's
+/// verdicts with this, in the log's order, so they all come to the same state.
+fn apply_verdict(
+    book: &mut Book,
+    request_id: &str,
+    verdict: Verdict,
+    break_glass_group: Option<&str>,
+) -> Result<(ApprovalRequest, Option<Grant>), Unapplied> {
+    let Some(request) = book.requests.get(request_id) else {
+        return Err(Unapplied::Unknown);
+    };
+    if request.state != RequestState::Pending {
+        return Err(Unapplied::Ended(request.state));
+    }
+    if verdict.at_ms >= request.expires_ms {
+        return Err(Unapplied::Late);
+    }
+    let how = match verdict.break_glass.as_deref() {
+        Some(group) => duties::Approving::BreakGlass {
+            group: Some(group),
+            reason: &verdict.reason,
+        },
+        None => duties::Approving::Ordinary { break_glass_group },
+    };
+    duties::eligible(&request.requirement(), &request.requester, &verdict.by, how)
+        .map_err(Unapplied::Ineligible)?;
+    let person = duties::person(&verdict.by);
+    if request
+        .verdicts
+        .iter()
+        .any(|v| duties::person(&v.by) == person)
+    {
+        return Err(Unapplied::Voted);
+    }
+    let mut request = request.clone();
+    let (at, approve) = (verdict.at_ms, verdict.approve);
+    request.verdicts.push(verdict);
+    let mut grant = None;
+    if !approve {
+        request.state = RequestState::Denied;
+        request.decided_ms = Some(at);
+    } else {
+        let tally = request.tally();
+        if tally.met {
+            request.state = RequestState::Approved;
+            request.decided_ms = Some(at);
+            if let Asked::Grant {
+                target,
+                actions,
+                duration_secs,
+            } = &request.asked
+            {
+                let g = Grant {
+                    id: format!("g-{}", request.id.trim_start_matches("r-")),
+                    request_id: request.id.clone(),
+                    requester: request.requester.clone(),
+                    target: target.clone(),
+                    actions: actions.clone(),
+                    created_ms: at,
+                    expires_ms: at.saturating_add(duration_secs.saturating_mul(1000)),
+                    approvers: tally.counted.clone(),
+                    required: request.required.clone(),
+                    revoked: None,
+                    ended: false,
+                    break_glass: tally.break_glass.is_some(),
+                    host: request.host.clone(),
+                };
+                request.grant_id = Some(g.id.clone());
+                grant = Some(g);
+            }
+        }
+    }
+    book.requests.insert(request_id.to_owned(), request.clone());
+    if let Some(g) = &grant {
+        book.grants.insert(g.id.clone(), g.clone());
+    }
+    Ok((request, grant))
+}
+
+/// One change of the book, as a fleet's central log holds it. Every agent applies the log's
+/// changes in its order ([`ApprovalStore::apply_logged`]) and so holds the same requests,
+/// verdicts and grants. Verdicts and request ends count only once in the log; a request and
+/// a revocation take effect on their own agent at once (a request approves nothing, a
+/// revocation only narrows access) and reach the others through the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    Ask {
+        request: ApprovalRequest,
+    },
+    Verdict {
+        request_id: String,
+        verdict: Verdict,
+    },
+    Revoke {
+        grant_id: String,
+        revocation: Revocation,
+    },
+    /// A pending request ends without a verdict: expired, or withdrawn.
+    End {
+        request_id: String,
+        state: RequestState,
+        at_ms: u64,
+        why: String,
+    },
+}
+
 fn check_reason(reason: &str, required: bool) -> Result<(), ApprovalError> {
     if required && reason.trim().is_empty() {
         return Err(ApprovalError::NoReason);
@@ -1087,6 +1433,26 @@ pub fn requester_of(principal: &portcullis_policy::Principal, uid: u32) -> Ident
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+    use std::future::Future;
+
+    impl ApprovalStore {
+        /// [`ApprovalStore::decide`] without a fleet, which never waits (tests run inside
+        /// a runtime, so it is polled once rather than blocked on).
+        fn decide_now(
+            &self,
+            id: &str,
+            approver: &Identity,
+            approve: bool,
+            reason: String,
+            break_glass: bool,
+        ) -> Result<ApprovalRequest, ApprovalError> {
+            let fut = std::pin::pin!(self.decide(id, approver, approve, reason, break_glass));
+            match fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => panic!("decide without a fleet waited"),
+            }
+        }
+    }
 
     struct Closed(Mutex<Vec<String>>);
     impl GrantEndListener for Closed {
@@ -1164,7 +1530,7 @@ mod tests {
             r.id
         );
         let err = store
-            .decide(&r.id, &alice, true, String::new(), false)
+            .decide_now(&r.id, &alice, true, String::new(), false)
             .unwrap_err();
         assert!(
             matches!(
@@ -1193,7 +1559,9 @@ mod tests {
             .unwrap();
         assert_eq!(pending.state, RequestState::Pending);
         assert_eq!(pending.reason, "INC-4711");
-        let approved = store.decide(&r.id, &bob, true, "ok".into(), false).unwrap();
+        let approved = store
+            .decide_now(&r.id, &bob, true, "ok".into(), false)
+            .unwrap();
         assert_eq!(approved.state, RequestState::Approved);
         let grant = store
             .active_grant("alice", "billing-db", "connect")
@@ -1255,18 +1623,18 @@ mod tests {
         let carol = user(1003, "carol", &["dba-leads"]);
         let r = store.ask(ask(alice.clone(), &[("dba-leads", 2)])).unwrap();
         store
-            .decide(&r.id, &bob, true, String::new(), false)
+            .decide_now(&r.id, &bob, true, String::new(), false)
             .unwrap();
         let err = store
-            .decide(&r.id, &bob_again, true, String::new(), false)
+            .decide_now(&r.id, &bob_again, true, String::new(), false)
             .unwrap_err();
         assert!(matches!(err, ApprovalError::AlreadyVoted(_)), "{err}");
         assert!(matches!(
-            store.decide(&r.id, &carol, false, String::new(), false),
+            store.decide_now(&r.id, &carol, false, String::new(), false),
             Err(ApprovalError::NoReason)
         ));
         let denied = store
-            .decide(&r.id, &carol, false, "not now".into(), false)
+            .decide_now(&r.id, &carol, false, "not now".into(), false)
             .unwrap();
         assert_eq!(denied.state, RequestState::Denied);
         assert!(store
@@ -1286,7 +1654,7 @@ mod tests {
                 closed.clone(),
                 StoreOptions {
                     break_glass_group: group.map(str::to_owned),
-                    notifier: None,
+                    ..StoreOptions::default()
                 },
             )
             .unwrap()
@@ -1298,7 +1666,7 @@ mod tests {
             .ask(ask(erin.clone(), &[("dba-leads", 1), ("security", 1)]))
             .unwrap();
         let err = store
-            .decide(&r.id, &erin, true, "INC-9".into(), true)
+            .decide_now(&r.id, &erin, true, "INC-9".into(), true)
             .unwrap_err();
         assert!(
             matches!(
@@ -1311,7 +1679,7 @@ mod tests {
         let store = open(Some("oncall-emergency"));
         for (reason, approve) in [(" ", true), ("INC-9", false)] {
             let err = store
-                .decide(&r.id, &erin, approve, reason.into(), true)
+                .decide_now(&r.id, &erin, approve, reason.into(), true)
                 .unwrap_err();
             assert!(
                 matches!(
@@ -1323,7 +1691,7 @@ mod tests {
             );
         }
         let err = store
-            .decide(&r.id, &erin, true, "INC-9".into(), false)
+            .decide_now(&r.id, &erin, true, "INC-9".into(), false)
             .unwrap_err();
         assert!(err.to_string().contains("--break-glass"), "{err}");
         assert_eq!(
@@ -1332,7 +1700,7 @@ mod tests {
             "refusals store nothing"
         );
         let approved = store
-            .decide(&r.id, &erin, true, "INC-9: primary down".into(), true)
+            .decide_now(&r.id, &erin, true, "INC-9: primary down".into(), true)
             .unwrap();
         assert_eq!(approved.state, RequestState::Approved);
         assert!(approved.break_glass());
@@ -1368,7 +1736,7 @@ mod tests {
             .unwrap();
         store.withdraw(&r.id, "the client canceled the statement while it waited");
         let err = store
-            .decide(
+            .decide_now(
                 &r.id,
                 &user(1002, "bob", &["dba-leads"]),
                 true,
@@ -1389,5 +1757,175 @@ mod tests {
         assert!(store
             .active_grant("alice", "billing-db", "connect")
             .is_none());
+    }
+
+    /// A store of a fleet whose log is fed by hand (`apply_logged`), as the runner feeds it.
+    fn fleet_store(dir: &Path, host: &str, closed: Arc<Closed>) -> Arc<ApprovalStore> {
+        let central: crate::config::CentralConfig = toml::from_str(&format!(
+            "url = \"postgres://bastion@127.0.0.1/portcullis\"\nhost_name = \"{host}\"\n"
+        ))
+        .unwrap();
+        let (fleet, _runner) = fleet::Fleet::new(&central);
+        ApprovalStore::open(
+            &dir.join(host),
+            audit(&dir.join(host)),
+            closed,
+            StoreOptions {
+                fleet: Some(fleet),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn verdict(by: &Identity, approve: bool, at_ms: u64) -> Verdict {
+        Verdict {
+            by: by.clone(),
+            approve,
+            reason: "ok".into(),
+            at_ms,
+            break_glass: None,
+        }
+    }
+
+    #[test]
+    fn two_bastions_applying_one_log_hold_the_same_requests_and_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed_a = Arc::new(Closed(Mutex::new(Vec::new())));
+        let closed_b = Arc::new(Closed(Mutex::new(Vec::new())));
+        let a = fleet_store(dir.path(), "bastion-a", closed_a.clone());
+        let b = fleet_store(dir.path(), "bastion-b", closed_b.clone());
+        let alice = user(1001, "alice", &["dba-leads"]);
+        let bob = user(1002, "bob", &["dba-leads"]);
+        let bob_again = user(2002, "bob", &["dba-leads"]);
+        let carol = user(1003, "carol", &["dba-leads"]);
+        // Made on a: in force there at once, with a's name on it.
+        let r = a.ask(ask(alice.clone(), &[("dba-leads", 2)])).unwrap();
+        assert_eq!(r.host.as_deref(), Some("bastion-a"));
+        let at = r.created_ms + 1;
+        let log = vec![
+            Change::Ask { request: r.clone() },
+            // The requester's own verdict (whatever groups they hold) changes nothing.
+            Change::Verdict {
+                request_id: r.id.clone(),
+                verdict: verdict(&alice, true, at),
+            },
+            Change::Verdict {
+                request_id: r.id.clone(),
+                verdict: verdict(&bob, true, at + 1),
+            },
+            // The same person from another uid counts once.
+            Change::Verdict {
+                request_id: r.id.clone(),
+                verdict: verdict(&bob_again, true, at + 2),
+            },
+            Change::Verdict {
+                request_id: r.id.clone(),
+                verdict: verdict(&carol, true, at + 3),
+            },
+            // After the request is decided, an end changes nothing.
+            Change::End {
+                request_id: r.id.clone(),
+                state: RequestState::Expired,
+                at_ms: at + 4,
+                why: "late".into(),
+            },
+        ];
+        for change in &log {
+            a.apply_logged(change.clone());
+            b.apply_logged(change.clone());
+        }
+        let on_a = a.state_of(&r.id).unwrap();
+        let on_b = b.state_of(&r.id).unwrap();
+        for r in [&on_a, &on_b] {
+            assert_eq!(r.state, RequestState::Approved);
+            assert_eq!(r.counted(), vec!["bob".to_string(), "carol".to_string()]);
+            assert_eq!(
+                r.verdicts.len(),
+                2,
+                "alice's and bob's second verdicts were not kept"
+            );
+        }
+        let grant_a = a.active_grant("alice", "billing-db", "connect").unwrap();
+        let grant_b = b.active_grant("alice", "billing-db", "connect").unwrap();
+        assert_eq!(grant_a.id, grant_b.id);
+        assert_eq!(
+            grant_a.expires_ms,
+            at + 3 + 7_200_000,
+            "from the verdict's time"
+        );
+        assert_eq!(grant_b.expires_ms, grant_a.expires_ms);
+        assert_eq!(grant_b.host.as_deref(), Some("bastion-a"));
+
+        // Revoked on b: in force there at once; a closes its connections when the log
+        // brings the revocation, and only then.
+        let viewer = Viewer {
+            uid: 0,
+            identity: None,
+        };
+        b.revoke(&grant_b.id, &viewer, "done".into()).unwrap();
+        assert_eq!(closed_b.0.lock().unwrap().as_slice(), [grant_b.id.clone()]);
+        assert!(a.active_grant("alice", "billing-db", "connect").is_some());
+        let revocation = b.grants(&viewer, true)[0].revoked.clone().unwrap();
+        let change = Change::Revoke {
+            grant_id: grant_b.id.clone(),
+            revocation,
+        };
+        a.apply_logged(change.clone());
+        b.apply_logged(change);
+        assert!(a.active_grant("alice", "billing-db", "connect").is_none());
+        assert_eq!(closed_a.0.lock().unwrap().as_slice(), [grant_a.id.clone()]);
+        assert_eq!(closed_b.0.lock().unwrap().len(), 1, "b closed once");
+    }
+
+    #[test]
+    fn in_a_fleet_a_verdict_counts_only_from_the_log_and_never_after_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = Arc::new(Closed(Mutex::new(Vec::new())));
+        let a = fleet_store(dir.path(), "bastion-a", closed.clone());
+        let b = fleet_store(dir.path(), "bastion-b", closed);
+        let alice = user(1001, "alice", &[]);
+        let bob = user(1002, "bob", &["dba-leads"]);
+        let r = a.ask(ask(alice, &[("dba-leads", 1)])).unwrap();
+        for s in [&a, &b] {
+            s.apply_logged(Change::Ask { request: r.clone() });
+        }
+        // Withdrawn on a: queued for the log, not ended here until the log has it.
+        a.withdraw(&r.id, "the client went away");
+        assert_eq!(a.state_of(&r.id).unwrap().state, RequestState::Pending);
+        let end = Change::End {
+            request_id: r.id.clone(),
+            state: RequestState::Withdrawn,
+            at_ms: r.created_ms + 10,
+            why: "withdrawn: the client went away".into(),
+        };
+        let late = Change::Verdict {
+            request_id: r.id.clone(),
+            verdict: verdict(&bob, true, r.created_ms + 20),
+        };
+        for s in [&a, &b] {
+            s.apply_logged(end.clone());
+            s.apply_logged(late.clone());
+            let seen = s.state_of(&r.id).unwrap();
+            assert_eq!(seen.state, RequestState::Withdrawn);
+            assert!(seen.verdicts.is_empty());
+        }
+        // A verdict stamped at or after the deadline never counts, whatever the order.
+        let mut other = ask(user(1001, "alice", &[]), &[("dba-leads", 1)]);
+        if let Asked::Grant { duration_secs, .. } = &mut other.asked {
+            *duration_secs = 60; // another thing asked: a new request
+        }
+        let r2 = a.ask(other).unwrap();
+        for s in [&a, &b] {
+            s.apply_logged(Change::Ask {
+                request: r2.clone(),
+            });
+            s.apply_logged(Change::Verdict {
+                request_id: r2.id.clone(),
+                verdict: verdict(&bob, true, r2.expires_ms),
+            });
+            assert_eq!(s.state_of(&r2.id).unwrap().verdicts.len(), 0);
+            assert!(s.active_grant("alice", "billing-db", "connect").is_none());
+        }
     }
 }

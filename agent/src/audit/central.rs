@@ -24,9 +24,10 @@ use portcullis_core::Secret;
 
 /// The schema this agent writes; each entry is applied once, in order, by `migrate`.
 /// Later migrations must keep the columns the agent inserts, so older agents keep working.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r"
 CREATE TABLE IF NOT EXISTS portcullis_audit_events (
     host        text    NOT NULL CHECK (host <> ''),
     seq         bigint  NOT NULL CHECK (seq > 0),
@@ -49,10 +50,44 @@ GRANT INSERT ON portcullis_audit_events TO portcullis_writer;
 GRANT SELECT (host, seq, hash) ON portcullis_audit_events TO portcullis_writer;
 GRANT SELECT ON portcullis_schema_version TO portcullis_writer;
 ",
-)];
+    ),
+    (
+        2,
+        // The fleet's approvals: an append-only log of changes (requests, verdicts,
+        // revocations, ends) every agent applies in `id` order. Writers serialize on an
+        // advisory lock so ids commit in order; the trigger stamps who wrote a row (the
+        // database role, which an agent cannot choose) and when (the database's clock), and
+        // tells listening agents. The agent's role may add rows and read them, never change one.
+        r"
+CREATE TABLE IF NOT EXISTS portcullis_approval_log (
+    id         bigserial   PRIMARY KEY,
+    host       text        NOT NULL CHECK (host <> ''),
+    written_by name        NOT NULL DEFAULT session_user,
+    at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    change     jsonb       NOT NULL
+);
+CREATE INDEX IF NOT EXISTS portcullis_approval_log_at ON portcullis_approval_log (at);
+CREATE OR REPLACE FUNCTION portcullis_approval_logged() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.written_by := session_user;
+    NEW.at := clock_timestamp();
+    PERFORM pg_notify('portcullis_approvals', NEW.id::text);
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS portcullis_approval_logged ON portcullis_approval_log;
+CREATE TRIGGER portcullis_approval_logged BEFORE INSERT ON portcullis_approval_log
+    FOR EACH ROW EXECUTE FUNCTION portcullis_approval_logged();
+REVOKE ALL ON portcullis_approval_log FROM PUBLIC;
+REVOKE ALL ON SEQUENCE portcullis_approval_log_id_seq FROM PUBLIC;
+GRANT INSERT, SELECT ON portcullis_approval_log TO portcullis_writer;
+GRANT USAGE ON SEQUENCE portcullis_approval_log_id_seq TO portcullis_writer;
+",
+    ),
+];
 
 /// The schema version this agent needs.
-pub const CENTRAL_SCHEMA_VERSION: i32 = 1;
+pub const CENTRAL_SCHEMA_VERSION: i32 = 2;
 
 const POLL: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -125,7 +160,7 @@ pub fn start(config: &Config, audit: &Arc<AuditLog>, tasks: &TaskTracker, stop: 
     tasks.spawn(shipper.run(stop));
 }
 
-fn host_name(central: &CentralConfig) -> String {
+pub(crate) fn host_name(central: &CentralConfig) -> String {
     central
         .host_name
         .clone()
@@ -443,7 +478,7 @@ async fn insert_batch(
     Ok(())
 }
 
-async fn check_schema(client: &Client) -> Result<(), CentralError> {
+pub(crate) async fn check_schema(client: &Client) -> Result<(), CentralError> {
     let row = client
         .query_one(
             "SELECT coalesce(max(version), 0) FROM portcullis_schema_version",
@@ -520,6 +555,34 @@ async fn connect(
     password_file: Option<&Path>,
     tasks: &TaskTracker,
 ) -> Result<Client, CentralError> {
+    connect_with(central, url, password_file, tasks, None).await
+}
+
+/// A connection as the agent's role whose notifications (`LISTEN`) arrive on the returned
+/// channel, as their payloads.
+pub(crate) async fn connect_listening(
+    central: &CentralConfig,
+    tasks: &TaskTracker,
+) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<String>), CentralError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = connect_with(
+        central,
+        &central.url,
+        central.password_file.as_deref(),
+        tasks,
+        Some(tx),
+    )
+    .await?;
+    Ok((client, rx))
+}
+
+async fn connect_with(
+    central: &CentralConfig,
+    url: &str,
+    password_file: Option<&Path>,
+    tasks: &TaskTracker,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Result<Client, CentralError> {
     crate::config::check_central_url(url, central.tls).map_err(CentralError::Config)?;
     let mut config: tokio_postgres::Config = url
         .parse()
@@ -536,13 +599,19 @@ async fn connect(
             config.ssl_mode(SslMode::Require);
             let tls = tls_connector(central.ca_file.as_deref())?;
             let (client, connection) = config.connect(tls).await?;
-            tasks.spawn(drive(connection));
+            match notifications {
+                Some(tx) => tasks.spawn(drive_listening(connection, tx)),
+                None => tasks.spawn(drive(connection)),
+            };
             client
         }
         CentralTls::Disable => {
             config.ssl_mode(SslMode::Disable);
             let (client, connection) = config.connect(NoTls).await?;
-            tasks.spawn(drive(connection));
+            match notifications {
+                Some(tx) => tasks.spawn(drive_listening(connection, tx)),
+                None => tasks.spawn(drive(connection)),
+            };
             client
         }
     };
@@ -557,6 +626,30 @@ where
 {
     if let Err(e) = connection.await {
         tracing::debug!(error = %e, "central audit connection ended");
+    }
+}
+
+/// [`drive`], passing each notification's payload on; the channel closing (its reader
+/// gone) ends nothing: the connection ends with its client.
+async fn drive_listening<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                let _ = tx.send(n.payload().to_owned());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "central approvals connection ended");
+                return;
+            }
+            None => return,
+        }
     }
 }
 
