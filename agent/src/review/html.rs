@@ -10,8 +10,8 @@
 use std::fmt::Write as _;
 
 use super::render::{
-    chain_sentence, evidence_text, production_preamble, rows, title, ChainRange, ReportSignature,
-    Row, Section, SECTIONS,
+    chain_range, evidence_text, production_preamble, rows, title, ChainRange, ReportSignature, Row,
+    Section, SECTIONS,
 };
 use super::report::Report;
 
@@ -70,7 +70,7 @@ fn seal(out: &mut String, chain: &ChainRange) {
     let _ = writeln!(
         out,
         "<dt>Chain read</dt><dd>{}</dd>",
-        escape(&chain_sentence(chain))
+        escape(&chain_range(chain))
     );
     let verdict = match &chain.broken {
         Some(b) => format!(

@@ -431,6 +431,16 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
 }
 
 pub(super) fn chain_sentence(chain: &ChainRange) -> String {
+    let state = match &chain.broken {
+        Some(b) => format!("UNVERIFIED: the chain is BROKEN: {b}"),
+        None if chain.seals_signature_checked => "verified intact, seals signed".to_string(),
+        None => "verified intact".to_string(),
+    };
+    format!("{}: {state}", chain_range(chain))
+}
+
+/// Which records were read: the store, the seqs and the segment files.
+pub(super) fn chain_range(chain: &ChainRange) -> String {
     let range = match (chain.first_seq, chain.last_seq) {
         (Some(a), Some(b)) => format!("seq {a}..{b}"),
         _ => "no records".to_string(),
@@ -439,12 +449,7 @@ pub(super) fn chain_sentence(chain: &ChainRange) -> String {
         (Some(a), Some(b)) => format!("{} segment(s), {a} to {b}", chain.segments),
         _ => format!("{} segment(s)", chain.segments),
     };
-    let state = match &chain.broken {
-        Some(b) => format!("UNVERIFIED: the chain is BROKEN: {b}"),
-        None if chain.seals_signature_checked => "verified intact, seals signed".to_string(),
-        None => "verified intact".to_string(),
-    };
-    format!("{} {range} in {segments}: {state}", chain.dir)
+    format!("{} {range} in {segments}", chain.dir)
 }
 
 /// Where the signature part of a Markdown report starts: the signed body is what precedes it.
