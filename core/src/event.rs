@@ -223,7 +223,8 @@ pub struct ApprovalFields {
     pub required: String,
     /// pending, approved, denied, expired, revoked.
     pub approval_state: &'static str,
-    /// `grant`: the target and actions for a duration; `statement`: one exact statement.
+    /// `grant`: the target and actions for a duration; `statement`: one exact statement;
+    /// `command`: one exact SSH command line (or an interactive shell) on one connection.
     pub asked: &'static str,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub grant_actions: Vec<String>,
@@ -232,7 +233,7 @@ pub struct ApprovalFields {
     /// When the grant ends (Unix ms), once approved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_expires_ms: Option<u64>,
-    /// The exact statement asked for, and its parameters.
+    /// The exact statement (or SSH command line) asked for, and a statement's parameters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval_statement: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -96,6 +96,14 @@ pub enum Asked {
         statement: String,
         parameters: Vec<Option<String>>,
     },
+    /// One exact SSH command line as one login on one connection (`command` None: an
+    /// interactive shell): approving it starts that once, on that connection only.
+    Command {
+        connection_id: u64,
+        target: String,
+        ssh_user: String,
+        command: Option<String>,
+    },
 }
 
 impl Asked {
@@ -103,12 +111,15 @@ impl Asked {
         match self {
             Asked::Grant { .. } => "grant",
             Asked::Statement { .. } => "statement",
+            Asked::Command { .. } => "command",
         }
     }
 
     pub fn target(&self) -> &str {
         match self {
-            Asked::Grant { target, .. } | Asked::Statement { target, .. } => target,
+            Asked::Grant { target, .. }
+            | Asked::Statement { target, .. }
+            | Asked::Command { target, .. } => target,
         }
     }
 
@@ -127,6 +138,15 @@ impl Asked {
             Asked::Statement {
                 target, statement, ..
             } => format!("on {target}: {statement}"),
+            Asked::Command {
+                target,
+                ssh_user,
+                command,
+                ..
+            } => match command {
+                Some(command) => format!("on {target} as {ssh_user}: {command}"),
+                None => format!("on {target} as {ssh_user}: an interactive shell"),
+            },
         }
     }
 }
@@ -1131,6 +1151,14 @@ impl ApprovalStore {
                 fields.approval_statement = Some(statement.clone());
                 fields.approval_parameters = parameters.clone();
             }
+            Asked::Command {
+                connection_id,
+                command,
+                ..
+            } => {
+                ev.connection_id = Some(*connection_id);
+                fields.approval_statement = command.clone();
+            }
         }
         ev.approval = Some(Box::new(fields));
         ev
@@ -1172,7 +1200,7 @@ fn grant_fields(
         grant_actions: g.actions.clone(),
         grant_duration_secs: request.and_then(|r| match &r.asked {
             Asked::Grant { duration_secs, .. } => Some(*duration_secs),
-            Asked::Statement { .. } => None,
+            Asked::Statement { .. } | Asked::Command { .. } => None,
         }),
         grant_expires_ms: Some(g.expires_ms),
         approval_statement: None,

@@ -268,6 +268,7 @@ fn render(r: &ApprovalRequest) -> String {
                 out.push_str(&format!("params    {parameters:?}\n"));
             }
         }
+        Asked::Command { .. } => out.push_str(&format!("asks      {}\n", r.asked.describe())),
     }
     out.push_str(&format!("reason    {}\n", r.reason));
     out.push_str(&format!("needs     {}\n", r.requirement()));

@@ -10,6 +10,7 @@
 //! shell's or command's bytes: output passes [`output_to_client`], input the `data`
 //! callback, the one place each direction's bytes pass.
 
+mod approval;
 mod forward;
 mod reader;
 mod session;

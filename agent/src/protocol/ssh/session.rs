@@ -10,12 +10,11 @@
 //!   window, which keeps exit-status, EOF and close in the server's order.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use portcullis_audit_store::recording::RecordingId;
 use russh::client;
 use russh::keys::ssh_key::HashAlg;
 use russh::server::{self, Auth, Msg, Session};
@@ -24,12 +23,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::approval::{self, HeldInput, Pushed, SharedHold};
 use super::forward::ForwardLog;
 use super::reader::Reader;
-use super::terminal::{self, LineVerdict, MaskPlan, PtyInfo, Terminal};
+use super::terminal::{self, LineVerdict, MaskPlan, PtyInfo, RecordingPlan, TerminalPlan};
 use super::upstream::{KnownHosts, UpstreamHandler};
 use super::writer::{ConnectionBudget, UpstreamWriter};
-use super::{ChannelKind, ChannelTap, Shared, SharedTerminal};
+use super::{ChannelKind, ChannelTap, Shared};
 use crate::admission::{Gate, Incoming, OpenError, OpenSession, Opening, Refusal};
 use crate::audit::{AuditEvent, Decision, EventKind};
 use crate::ssh_ca::UserGrant;
@@ -102,7 +102,7 @@ pub(super) async fn serve(
         pumps: JoinSet::new(),
         opened: Some(opened_tx),
         own_handle: Arc::clone(&own_handle),
-        recordings_started: 0,
+        recordings_started: Arc::new(AtomicU64::new(0)),
     };
     let mut running = match server::run_stream(Arc::new(config), client, handler).await {
         Ok(r) => r,
@@ -151,6 +151,23 @@ struct ChannelState {
     tap: ChannelTap,
     /// The client's pty request, for the recording's header.
     pty: Option<PtyInfo>,
+    /// The client's input while the channel's shell or exec waits for approval.
+    hold: Option<SharedHold>,
+    /// The task that waits for that approval, and the request it waits for.
+    waiter: Option<(tokio::task::AbortHandle, String)>,
+}
+
+/// What a shell or exec request may do, once decided.
+enum ChannelDecision {
+    Allowed {
+        policy_ids: Vec<String>,
+        mask: Option<MaskPlan>,
+    },
+    /// The policy asks for approval: the channel waits for it.
+    NeedsApproval {
+        refusal: crate::policy::PolicyRefusal,
+        mask: Option<MaskPlan>,
+    },
 }
 
 struct Upstream {
@@ -182,8 +199,8 @@ struct ClientHandler {
     own_handle: Arc<Mutex<Option<server::Handle>>>,
     /// The terminals of this connection that started a recording (or tried to): the next
     /// one's number. A number is never used twice, even after a start that failed, as its
-    /// file may exist.
-    recordings_started: u64,
+    /// file may exist. Shared with the tasks that start channels once approved.
+    recordings_started: Arc<AtomicU64>,
 }
 
 /// A refusal of the connection: the audit decision and why.
@@ -475,6 +492,24 @@ impl ClientHandler {
         label: &str,
         what: &str,
     ) -> Result<(Vec<String>, Option<MaskPlan>), String> {
+        match self.decide_request(action, command_line, label, what, false)? {
+            ChannelDecision::Allowed { policy_ids, mask } => Ok((policy_ids, mask)),
+            // Not asked for: without `may_wait` an approval is a refusal, recorded there.
+            ChannelDecision::NeedsApproval { refusal, .. } => Err(refusal.reason),
+        }
+    }
+
+    /// [`Self::decide_masked`]; with `may_wait`, a policy that asks for approval gives
+    /// [`ChannelDecision::NeedsApproval`] (with the profile the channel is masked with
+    /// once approved) instead of a refusal.
+    fn decide_request(
+        &mut self,
+        action: Action,
+        command_line: Option<String>,
+        label: &str,
+        what: &str,
+        may_wait: bool,
+    ) -> Result<ChannelDecision, String> {
         let Ok(identity) = self.identity.clone() else {
             return Err("no identity".into());
         };
@@ -493,14 +528,25 @@ impl ClientHandler {
         request.context.command_line = command_line.clone();
         // One set for the decision and the profile it names.
         let set = self.gate.policies().current();
-        match crate::policy::outcome(set.decide(&request)) {
-            Ok(allowed) => {
-                let mask = allowed.obligations.iter().find_map(|o| match o {
-                    Obligation::Mask { profile } => set
-                        .masking_profile(profile)
-                        .and_then(|p| MaskPlan::new(p, &self.shared.mask_key)),
-                });
-                Ok((allowed.policy_ids, mask))
+        let decision = set.decide(&request);
+        let mask_of = |obligations: &[Obligation]| {
+            obligations.iter().find_map(|o| match o {
+                Obligation::Mask { profile } => set
+                    .masking_profile(profile)
+                    .and_then(|p| MaskPlan::new(p, &self.shared.mask_key)),
+            })
+        };
+        let obligations = decision.obligations.clone();
+        match crate::policy::outcome(decision) {
+            Ok(allowed) => Ok(ChannelDecision::Allowed {
+                mask: mask_of(&allowed.obligations),
+                policy_ids: allowed.policy_ids,
+            }),
+            Err(refusal) if may_wait && refusal.approval.is_some() => {
+                Ok(ChannelDecision::NeedsApproval {
+                    mask: mask_of(&obligations),
+                    refusal,
+                })
             }
             Err(refused) => {
                 let mut ev = self.event(EventKind::SshChannelDenied, label);
@@ -517,6 +563,232 @@ impl ClientHandler {
                 tracing::info!(%reason, "SSH channel request refused");
                 self.gate.audit().record(ev);
                 Err(reason)
+            }
+        }
+    }
+
+    /// A shell (`command` None) or exec whose policy asks for approval: the request is made
+    /// (or the pending one for the same command on this connection found), the client told
+    /// on stderr and answered with success, and a task of the connection waits for the
+    /// verdict (`approval`), so this callback returns at once: the notice reaches the
+    /// client, and the connection's other channels go on meanwhile.
+    async fn wait_for_approval(
+        &mut self,
+        channel: ChannelId,
+        command: Option<String>,
+        refusal: crate::policy::PolicyRefusal,
+        mask: Option<MaskPlan>,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let label = if command.is_some() { "exec" } else { "shell" };
+        let mut refused = self.event(EventKind::SshChannelDenied, label);
+        refused.decision = Some(refusal.decision);
+        if let Some(fields) = refused.ssh.as_mut() {
+            fields.command_line = command.clone();
+        }
+        let gate = Arc::clone(&self.gate);
+        let template = refused.clone();
+        let refuse = |reason: String, policy_ids: Vec<String>| {
+            let mut ev = template.clone();
+            ev.policy_ids = policy_ids.into();
+            ev.reason = Some(reason.clone());
+            tracing::info!(%reason, "SSH channel request refused");
+            gate.audit().record(ev);
+            reason
+        };
+        let (Ok(identity), Some(requirement), Some(up)) =
+            (self.identity.clone(), refusal.approval.clone(), &self.open)
+        else {
+            let reason = refuse(refusal.reason.clone(), refusal.policy_ids.clone());
+            return self.refuse_on_channel(channel, &reason, session).await;
+        };
+        let conn = Arc::clone(&up.session.conn);
+        let upstream_addr = up.session.conn.upstream.to_string();
+        if command
+            .as_ref()
+            .is_some_and(|c| c.len() > approval::MAX_WAITING_COMMAND)
+        {
+            let reason = refuse(
+                format!(
+                    "{label} refused: {}; a command over {} KiB cannot wait for approval",
+                    refusal.reason,
+                    approval::MAX_WAITING_COMMAND / 1024
+                ),
+                refusal.policy_ids.clone(),
+            );
+            return self.refuse_on_channel(channel, &reason, session).await;
+        }
+        let plan = match self.terminal_plan(channel, command.as_deref(), mask) {
+            Ok(plan) => plan,
+            Err(reason) => {
+                self.record_refused_channel(label, &reason);
+                return self.refuse_on_channel(channel, &reason, session).await;
+            }
+        };
+        let ssh_user = self.ssh_user.clone().unwrap_or_default();
+        let timeout = self.gate.policies().current().approval_settings().timeout;
+        let asked = self.gate.approvals().ask(crate::approvals::Ask {
+            requester: identity,
+            asked: crate::approvals::Asked::Command {
+                connection_id: self.incoming.id,
+                target: self.incoming.target.name.clone(),
+                ssh_user: ssh_user.clone(),
+                command: command.clone(),
+            },
+            reason: format!(
+                "an SSH {label} of {} as {ssh_user} on {}",
+                self.incoming.origin.comm, self.incoming.target.name
+            ),
+            requirement: requirement.clone(),
+            policy_ids: refusal.policy_ids.clone(),
+            timeout,
+        });
+        let request = match asked {
+            Ok(r) => r,
+            Err(e) => {
+                let refusal = crate::policy::approval_unavailable(refusal, &e.to_string());
+                let reason = refuse(
+                    format!("{label} refused: {}", refusal.reason),
+                    refusal.policy_ids,
+                );
+                return self.refuse_on_channel(channel, &reason, session).await;
+            }
+        };
+        let id = request.id;
+        let mut policy_ids = refusal.policy_ids.clone();
+        policy_ids.push(format!("approval:{id}"));
+        // The same command asked again on this connection finds the same pending request;
+        // one approval starts one command, so a second channel may not wait on it too.
+        if self
+            .channels
+            .values()
+            .any(|c| c.waiter.as_ref().is_some_and(|(_, w)| *w == id))
+        {
+            let reason = refuse(
+                format!("{label} refused: the same {label} already waits for approval request {id} on this connection"),
+                policy_ids,
+            );
+            return self.refuse_on_channel(channel, &reason, session).await;
+        }
+        let mut started = self.event(
+            if command.is_some() {
+                EventKind::SshExec
+            } else {
+                EventKind::SshShell
+            },
+            label,
+        );
+        started.decision = Some(Decision::Allow);
+        started.policy_ids = policy_ids.clone().into();
+        started.upstream = Some(upstream_addr.into());
+        if let Some(fields) = started.ssh.as_mut() {
+            fields.command_line = command.clone();
+        }
+        refused.policy_ids = policy_ids.into();
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return session.channel_failure(channel);
+        };
+        state.tap.kind = if command.is_some() {
+            ChannelKind::Exec
+        } else {
+            ChannelKind::Shell
+        };
+        let hold = SharedHold::default();
+        // The task takes the server's answers to this channel's requests: the next one is
+        // its exec or shell.
+        let (_, none) = mpsc::channel(1);
+        let replies = std::mem::replace(&mut state.replies, none);
+        let waiter = approval::Waiter {
+            gate: Arc::clone(&self.gate),
+            request_id: id.clone(),
+            hold: Arc::clone(&hold),
+            upstream: state.upstream.clone(),
+            replies,
+            reply_timeout: REPLY_TIMEOUT,
+            client: session.handle(),
+            channel,
+            pump: state.pump.clone(),
+            start: match &command {
+                Some(c) => approval::Start::Exec(c.as_bytes().to_vec()),
+                None => approval::Start::Shell,
+            },
+            terminal: plan,
+            started,
+            refused,
+            conn,
+        };
+        let task = self.pumps.spawn(approval::wait_then_start(waiter));
+        state.hold = Some(hold);
+        state.waiter = Some((task, id.clone()));
+        tracing::info!(request = %id, channel = label, "SSH channel waits for approval");
+        session.channel_success(channel)?;
+        session.extended_data(
+            channel,
+            1,
+            Bytes::from(approval::waiting_notice(
+                command.as_deref(),
+                &id,
+                &requirement.to_string(),
+                timeout,
+            )),
+        )?;
+        Ok(())
+    }
+
+    /// Ends a channel that waits for approval before its command ran: the request is
+    /// withdrawn (`why`), the reason on stderr, exit status 1 (its success was answered).
+    async fn end_waiting_channel(
+        &mut self,
+        channel: ChannelId,
+        why: &str,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let Some(state) = self.channels.remove(&channel) else {
+            return Ok(());
+        };
+        if let Some((task, id)) = &state.waiter {
+            self.gate.approvals().withdraw(id, why);
+            task.abort();
+        }
+        state.pump.abort();
+        let _ = state.upstream.close().await;
+        self.record_refused_channel(
+            if state.tap.kind == ChannelKind::Shell {
+                "shell"
+            } else {
+                "exec"
+            },
+            why,
+        );
+        session.extended_data(channel, 1, Bytes::from(format!("portcullis: {why}\r\n")))?;
+        session.exit_status_request(channel, 1)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        Ok(())
+    }
+
+    /// Keeps `input` while the channel's command waits for approval; true when it was kept
+    /// (or dropped, for a channel refused meanwhile), false when it passes as usual.
+    async fn held(
+        &mut self,
+        channel: ChannelId,
+        input: HeldInput,
+        session: &mut Session,
+    ) -> Result<bool, russh::Error> {
+        let Some(hold) = self.channels.get(&channel).and_then(|s| s.hold.clone()) else {
+            return Ok(false);
+        };
+        let pushed = approval::lock(&hold).push(input);
+        match pushed {
+            Pushed::Pass => Ok(false),
+            Pushed::Held | Pushed::Dropped => Ok(true),
+            Pushed::Overflow => {
+                let why = format!(
+                    "more than {} KiB of input arrived while the command waited for approval; the request is withdrawn",
+                    approval::MAX_HELD_BYTES / 1024
+                );
+                self.end_waiting_channel(channel, &why, session).await?;
+                Ok(true)
             }
         }
     }
@@ -603,6 +875,8 @@ impl ClientHandler {
                 pump,
                 tap: tap(kind),
                 pty: None,
+                hold: None,
+                waiter: None,
             },
         );
     }
@@ -685,8 +959,19 @@ impl ClientHandler {
         &mut self,
         channel: ChannelId,
         command: Option<&str>,
-        mut mask: Option<MaskPlan>,
+        mask: Option<MaskPlan>,
     ) -> Result<(), String> {
+        self.terminal_plan(channel, command, mask)?.attach().await
+    }
+
+    /// What [`Self::attach_terminal`] attaches, settled now: a channel that waits for
+    /// approval attaches it once approved, so its recording starts with the command.
+    fn terminal_plan(
+        &self,
+        channel: ChannelId,
+        command: Option<&str>,
+        mut mask: Option<MaskPlan>,
+    ) -> Result<TerminalPlan, String> {
         let Some(state) = self.channels.get(&channel) else {
             return Err("no such channel".into());
         };
@@ -710,40 +995,22 @@ impl ClientHandler {
             }
         }
         let interactive = command.is_none() || pty.is_some();
-        let recording = if interactive {
-            // Each terminal has its own recording, numbered within the connection in the
-            // order they started (several on one ControlMaster connection).
-            let id = RecordingId::new(self.incoming.id, self.recordings_started);
-            self.recordings_started = self.recordings_started.saturating_add(1);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let header = terminal::header(pty.as_ref(), command, now);
-            let mut recorder = portcullis_terminal::asciicast::Recorder::new(&header);
-            let recording = self
-                .shared
-                .recordings()
-                .start(
-                    id,
-                    recorder.take_chunk(),
-                    self.incoming.target.recording_failure,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            Some((recorder, recording))
-        } else {
-            None
-        };
+        let recording = interactive.then(|| RecordingPlan {
+            shared: Arc::clone(&self.shared),
+            numbers: Arc::clone(&self.recordings_started),
+            connection_id: self.incoming.id,
+            pty,
+            command: command.map(str::to_owned),
+            on_failure: self.incoming.target.recording_failure,
+        });
         let record_input = ssh.as_ref().is_some_and(|s| s.record_input);
-        let terminal = Terminal::new(recording, record_input, mask.as_ref(), guarded);
-        if terminal.is_idle() {
-            return Ok(());
-        }
-        let shared: SharedTerminal = Arc::new(tokio::sync::Mutex::new(terminal));
-        if let Some(state) = self.channels.get(&channel) {
-            let _ = state.tap.terminal.set(shared);
-        }
-        Ok(())
+        Ok(TerminalPlan::new(
+            Arc::clone(&state.tap.terminal),
+            recording,
+            record_input,
+            mask,
+            guarded,
+        ))
     }
 
     /// A line typed at a guarded shell, at its Enter: decided as `ssh_exec` with
@@ -1434,11 +1701,16 @@ impl server::Handler for ClientHandler {
         {
             return session.channel_failure(channel);
         }
-        let (policy_ids, mask) = match self.decide_masked(Action::SshShell, None, "shell", "shell")
-        {
-            Ok(granted) => granted,
-            Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
-        };
+        let (policy_ids, mask) =
+            match self.decide_request(Action::SshShell, None, "shell", "shell", true) {
+                Ok(ChannelDecision::Allowed { policy_ids, mask }) => (policy_ids, mask),
+                Ok(ChannelDecision::NeedsApproval { refusal, mask }) => {
+                    return self
+                        .wait_for_approval(channel, None, refusal, mask, session)
+                        .await
+                }
+                Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
+            };
         if let Err(reason) = self.attach_terminal(channel, None, mask).await {
             self.record_refused_channel("shell", &reason);
             return self.refuse_on_channel(channel, &reason, session).await;
@@ -1481,16 +1753,24 @@ impl server::Handler for ClientHandler {
                 recursive,
                 paths,
             } => match self.file_policy() {
-                Some(policy) => {
-                    super::sftp::decide_scp(&policy, &command, upload, recursive, &paths)
-                        .map(|ids| (ids, None))
-                }
+                Some(policy) => super::sftp::decide_scp(
+                    &policy, &command, upload, recursive, &paths,
+                )
+                .map(|policy_ids| ChannelDecision::Allowed {
+                    policy_ids,
+                    mask: None,
+                }),
                 None => Err("no identity".to_string()),
             },
-            _ => self.decide_masked(Action::SshExec, Some(command.clone()), "exec", "exec"),
+            _ => self.decide_request(Action::SshExec, Some(command.clone()), "exec", "exec", true),
         };
         let (policy_ids, mask) = match decided {
-            Ok(granted) => granted,
+            Ok(ChannelDecision::Allowed { policy_ids, mask }) => (policy_ids, mask),
+            Ok(ChannelDecision::NeedsApproval { refusal, mask }) => {
+                return self
+                    .wait_for_approval(channel, Some(command), refusal, mask, session)
+                    .await
+            }
             Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
         };
         if let Err(reason) = self.attach_terminal(channel, Some(&command), mask).await {
@@ -1558,8 +1838,14 @@ impl server::Handler for ClientHandler {
         row_height: u32,
         pix_width: u32,
         pix_height: u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self.channels.contains_key(&channel) {
+            let input = HeldInput::WindowChange(col_width, row_height, pix_width, pix_height);
+            if self.held(channel, input, session).await? {
+                return Ok(());
+            }
+        }
         if let Some(state) = self.channels.get(&channel) {
             if let Some(t) = state.tap.terminal() {
                 // A failed recording ends the channel from its pump.
@@ -1580,6 +1866,14 @@ impl server::Handler for ClientHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(state) = self.channels.get(&channel) {
+            // A signal for a command that has not started yet has nothing to reach.
+            if state
+                .hold
+                .as_ref()
+                .is_some_and(|h| approval::lock(h).is_waiting())
+            {
+                return Ok(());
+            }
             let _ = state.upstream.signal(signal).await;
         }
         Ok(())
@@ -1591,6 +1885,16 @@ impl server::Handler for ClientHandler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self
+            .held(
+                channel,
+                HeldInput::Data(Bytes::copy_from_slice(data)),
+                session,
+            )
+            .await?
+        {
+            return Ok(());
+        }
         let Some(state) = self.channels.get_mut(&channel) else {
             return Ok(());
         };
@@ -1682,8 +1986,11 @@ impl server::Handler for ClientHandler {
     async fn channel_eof(
         &mut self,
         channel: ChannelId,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self.held(channel, HeldInput::Eof, session).await? {
+            return Ok(());
+        }
         if let Some(state) = self.channels.get(&channel) {
             let _ = state.upstream.eof().await;
         }
@@ -1696,6 +2003,16 @@ impl server::Handler for ClientHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(state) = self.channels.remove(&channel) {
+            if let (Some((task, id)), Some(hold)) = (&state.waiter, &state.hold) {
+                let waiting = approval::lock(hold).is_waiting();
+                approval::lock(hold).end();
+                if waiting {
+                    self.gate
+                        .approvals()
+                        .withdraw(id, "the client closed the channel while its command waited");
+                }
+                task.abort();
+            }
             let _ = state.upstream.close().await;
         }
         Ok(())

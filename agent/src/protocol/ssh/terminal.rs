@@ -81,6 +81,94 @@ impl Ended {
     }
 }
 
+/// What a shell or exec channel's terminal will be, settled when its request is decided and
+/// attached when it starts (at once, or once an approval came: see `approval`).
+pub struct TerminalPlan {
+    slot: Arc<std::sync::OnceLock<super::SharedTerminal>>,
+    recording: Option<RecordingPlan>,
+    record_input: bool,
+    mask: Option<MaskPlan>,
+    guarded: bool,
+}
+
+/// A recording to start with the terminal. Its number is taken when it starts, so
+/// terminals that never started (refused, or still waiting) leave no gap in the numbers.
+pub struct RecordingPlan {
+    pub shared: Arc<super::Shared>,
+    /// The connection's next recording number.
+    pub numbers: Arc<std::sync::atomic::AtomicU64>,
+    pub connection_id: u64,
+    pub pty: Option<PtyInfo>,
+    pub command: Option<String>,
+    pub on_failure: crate::config::RecordingFailure,
+}
+
+impl TerminalPlan {
+    pub fn new(
+        slot: Arc<std::sync::OnceLock<super::SharedTerminal>>,
+        recording: Option<RecordingPlan>,
+        record_input: bool,
+        mask: Option<MaskPlan>,
+        guarded: bool,
+    ) -> Self {
+        Self {
+            slot,
+            recording,
+            record_input,
+            mask,
+            guarded,
+        }
+    }
+
+    pub fn guarded(&self) -> bool {
+        self.guarded
+    }
+
+    /// Where the terminal goes once attached (the channel's, both directions read it).
+    pub fn slot(&self) -> Arc<std::sync::OnceLock<super::SharedTerminal>> {
+        Arc::clone(&self.slot)
+    }
+
+    /// Starts the recording (an error refuses the channel: a session that cannot be
+    /// recorded does not start, unless `recording_failure = "continue"`) and gives the
+    /// channel its terminal, unless it has nothing to do.
+    pub async fn attach(&mut self) -> Result<(), String> {
+        let recording = match self.recording.take() {
+            Some(r) => {
+                // Each terminal has its own recording, numbered within the connection in
+                // the order they started (several on one ControlMaster connection).
+                let number = r.numbers.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let id =
+                    portcullis_audit_store::recording::RecordingId::new(r.connection_id, number);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let header = header(r.pty.as_ref(), r.command.as_deref(), now);
+                let mut recorder = Recorder::new(&header);
+                let recording = r
+                    .shared
+                    .recordings()
+                    .start(id, recorder.take_chunk(), r.on_failure)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Some((recorder, recording))
+            }
+            None => None,
+        };
+        let terminal = Terminal::new(
+            recording,
+            self.record_input,
+            self.mask.take().as_ref(),
+            self.guarded,
+        );
+        if terminal.is_idle() {
+            return Ok(());
+        }
+        let _ = self.slot.set(Arc::new(tokio::sync::Mutex::new(terminal)));
+        Ok(())
+    }
+}
+
 /// The verdict on a guarded line, from the handler (policy and audit live there).
 pub struct LineVerdict {
     pub allowed: bool,

@@ -143,7 +143,9 @@ enum Upward {
 }
 
 /// The client-to-server half of one relayed channel. Methods mirror russh's
-/// `ChannelWriteHalf`; what they send leaves in call order.
+/// `ChannelWriteHalf`; what they send leaves in call order. A clone feeds the same queue
+/// (a channel waiting for approval is started by its own task).
+#[derive(Clone)]
 pub struct UpstreamWriter {
     half: Arc<ChannelWriteHalf<client::Msg>>,
     queue: mpsc::Sender<Upward>,
