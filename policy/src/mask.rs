@@ -526,7 +526,7 @@ impl Masker {
             MaskKind::Partial {
                 keep_first,
                 keep_last,
-            } => partial(value, *keep_first, *keep_last, |_| true, out),
+            } => partial_whole(value, *keep_first, *keep_last, out),
         }
     }
 
@@ -794,6 +794,42 @@ fn partial(
     }
 }
 
+/// [`partial`] counting every character (a whole value's mask), in three copies instead of
+/// one step per character: the hot path of a masked column. The same output as
+/// `partial(text, keep_first, keep_last, |_| true, out)`.
+fn partial_whole(text: &[u8], keep_first: u32, keep_last: u32, out: &mut Vec<u8>) {
+    let utf8 = std::str::from_utf8(text).is_ok();
+    // In UTF-8 a character starts at every byte that is not a continuation byte.
+    let starts = |b: &u8| !utf8 || (*b & 0xc0) != 0x80;
+    let total = if utf8 {
+        text.iter().filter(|b| starts(b)).count()
+    } else {
+        text.len()
+    };
+    let keep_first = usize::try_from(keep_first).unwrap_or(usize::MAX);
+    let keep_last = usize::try_from(keep_last).unwrap_or(usize::MAX);
+    if total <= keep_first.saturating_add(keep_last) {
+        out.resize(out.len().saturating_add(total), b'*');
+        return;
+    }
+    // The byte offset where character `n` starts (`text.len()` for `n == total`).
+    let offset = |n: usize| {
+        if !utf8 {
+            return n;
+        }
+        text.iter()
+            .enumerate()
+            .filter(|(_, b)| starts(b))
+            .nth(n)
+            .map_or(text.len(), |(i, _)| i)
+    };
+    let head_end = offset(keep_first);
+    let tail_start = offset(total - keep_last);
+    out.extend_from_slice(text.get(..head_end).unwrap_or_default());
+    out.resize(out.len().saturating_add(total - keep_first - keep_last), b'*');
+    out.extend_from_slice(text.get(tail_start..).unwrap_or_default());
+}
+
 /// The characters of `text` as byte slices: UTF-8 characters if it is UTF-8, else bytes.
 fn characters(text: &[u8]) -> impl Iterator<Item = &[u8]> {
     let utf8 = std::str::from_utf8(text).is_ok();
@@ -839,4 +875,46 @@ fn type_name(oid: u32) -> String {
         _ => return format!("OID {oid}"),
     };
     format!("{name} (OID {oid})")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_whole_value_partial_mask_equals_the_character_by_character_one() {
+        let values: [&[u8]; 12] = [
+            b"",
+            b"a",
+            b"4111 1111 1111 1111",
+            b"customer 17 asked about delivery windows",
+            "Zoë Ångström-Øre".as_bytes(),
+            "日本語のテキスト".as_bytes(),
+            "🙂🙃🙂🙃🙂".as_bytes(),
+            "ab🙂".as_bytes(),
+            // Not UTF-8 (a LATIN1 client): taken a byte at a time.
+            b"caf\xe9 cr\xe8me br\xfbl\xe9e",
+            b"\xff\xfe\xfd",
+            // A truncated sequence at the end is not UTF-8 either.
+            b"abc\xe6\x97",
+            b"tab\tand\nnewline",
+        ];
+        for value in values {
+            for keep_first in [0, 1, 2, 4, 100] {
+                for keep_last in [0, 1, 4, 100, u32::MAX] {
+                    let mut slow = b"prefix:".to_vec();
+                    partial(value, keep_first, keep_last, |_| true, &mut slow);
+                    let mut fast = b"prefix:".to_vec();
+                    partial_whole(value, keep_first, keep_last, &mut fast);
+                    assert_eq!(
+                        fast,
+                        slow,
+                        "{:?} keep_first={keep_first} keep_last={keep_last}",
+                        String::from_utf8_lossy(value)
+                    );
+                }
+            }
+        }
+    }
 }
