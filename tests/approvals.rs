@@ -1762,11 +1762,10 @@ fn break_glass_is_refused_without_the_flag_without_a_reason_and_outside_the_grou
 /// insert-only group role the migration makes.
 const FLEET_DB: &str = "portcullis";
 
+/// `(name, slot, host, role)`: the agent's test name and slot, its bastion name in the log,
+/// and its database role.
 fn fleet_agent(
-    name: &str,
-    slot: u8,
-    host: &str,
-    role: &str,
+    (name, slot, host, role): (&str, u8, &str, &str),
     provider: &OidcProvider,
     postgres: &Postgres,
     central: &Postgres,
@@ -1832,20 +1831,14 @@ fn a_statement_waiting_on_one_bastion_is_approved_on_another_through_the_central
     std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
     std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let (cg_a, a) = fleet_agent(
-        "appr-fleet-a",
-        14,
-        "bastion-a",
-        "bastion_a",
+        ("appr-fleet-a", 14, "bastion-a", "bastion_a"),
         &provider,
         &postgres,
         &central,
         files.path(),
     );
     let (_cg_b, b) = fleet_agent(
-        "appr-fleet-b",
-        15,
-        "bastion-b",
-        "bastion_b",
+        ("appr-fleet-b", 15, "bastion-b", "bastion_b"),
         &provider,
         &postgres,
         &central,

@@ -574,7 +574,7 @@ impl ApprovalStore {
         drop(book);
         if let Some(fleet) = &self.fleet {
             fleet.enqueue(Change::Ask {
-                request: request.clone(),
+                request: Box::new(request.clone()),
             });
         }
         tracing::info!(request = %request.id, asked = %request.asked.describe(), "approval requested");
@@ -979,7 +979,7 @@ impl ApprovalStore {
                 if book.requests.contains_key(&request.id) {
                     false
                 } else {
-                    book.requests.insert(request.id.clone(), request);
+                    book.requests.insert(request.id.clone(), *request);
                     true
                 }
             }
@@ -1386,7 +1386,7 @@ fn apply_verdict(
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum Change {
     Ask {
-        request: ApprovalRequest,
+        request: Box<ApprovalRequest>,
     },
     Verdict {
         request_id: String,
@@ -1477,7 +1477,9 @@ mod tests {
             let fut = std::pin::pin!(self.decide(id, approver, approve, reason, break_glass));
             match fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
                 std::task::Poll::Ready(r) => r,
-                std::task::Poll::Pending => panic!("decide without a fleet waited"),
+                std::task::Poll::Pending => {
+                    Err(ApprovalError::Fleet("decide without a fleet waited".into()))
+                }
             }
         }
     }
@@ -1832,7 +1834,9 @@ mod tests {
         assert_eq!(r.host.as_deref(), Some("bastion-a"));
         let at = r.created_ms + 1;
         let log = vec![
-            Change::Ask { request: r.clone() },
+            Change::Ask {
+                request: Box::new(r.clone()),
+            },
             // The requester's own verdict (whatever groups they hold) changes nothing.
             Change::Verdict {
                 request_id: r.id.clone(),
@@ -1892,9 +1896,18 @@ mod tests {
             identity: None,
         };
         b.revoke(&grant_b.id, &viewer, "done".into()).unwrap();
-        assert_eq!(closed_b.0.lock().unwrap().as_slice(), [grant_b.id.clone()]);
+        assert_eq!(
+            closed_b.0.lock().unwrap().as_slice(),
+            std::slice::from_ref(&grant_b.id)
+        );
         assert!(a.active_grant("alice", "billing-db", "connect").is_some());
-        let revocation = b.grants(&viewer, true)[0].revoked.clone().unwrap();
+        let revocation = b
+            .grants(&viewer, true)
+            .first()
+            .unwrap()
+            .revoked
+            .clone()
+            .unwrap();
         let change = Change::Revoke {
             grant_id: grant_b.id.clone(),
             revocation,
@@ -1902,7 +1915,10 @@ mod tests {
         a.apply_logged(change.clone());
         b.apply_logged(change);
         assert!(a.active_grant("alice", "billing-db", "connect").is_none());
-        assert_eq!(closed_a.0.lock().unwrap().as_slice(), [grant_a.id.clone()]);
+        assert_eq!(
+            closed_a.0.lock().unwrap().as_slice(),
+            std::slice::from_ref(&grant_a.id)
+        );
         assert_eq!(closed_b.0.lock().unwrap().len(), 1, "b closed once");
     }
 
@@ -1916,7 +1932,9 @@ mod tests {
         let bob = user(1002, "bob", &["dba-leads"]);
         let r = a.ask(ask(alice, &[("dba-leads", 1)])).unwrap();
         for s in [&a, &b] {
-            s.apply_logged(Change::Ask { request: r.clone() });
+            s.apply_logged(Change::Ask {
+                request: Box::new(r.clone()),
+            });
         }
         // Withdrawn on a: queued for the log, not ended here until the log has it.
         a.withdraw(&r.id, "the client went away");
@@ -1946,7 +1964,7 @@ mod tests {
         let r2 = a.ask(other).unwrap();
         for s in [&a, &b] {
             s.apply_logged(Change::Ask {
-                request: r2.clone(),
+                request: Box::new(r2.clone()),
             });
             s.apply_logged(Change::Verdict {
                 request_id: r2.id.clone(),
