@@ -2,7 +2,8 @@
 //! (the agent's user CA in `TrustedUserCAKeys`, a test user whose password field is `*`),
 //! the real kernel redirect, and the unchanged OpenSSH clients (`ssh`, `scp`, `sftp`),
 //! `rsync` and `git`, run as an unprivileged local user whose only trust is the
-//! `@cert-authority` line `portcullis ssh known-hosts` prints. Slots 200–239.
+//! `@cert-authority` line `portcullis ssh known-hosts` prints. Slots 200–239, and 186–189
+//! for commands and shells that wait for approval (with the real OpenID Provider).
 
 #![allow(
     clippy::unwrap_used,
@@ -202,7 +203,10 @@ impl World {
     }
 
     fn with(name: &str, n: u8, o: Options<'_>) -> Self {
-        assert!((200..=239).contains(&n), "the SSH suite owns slots 200-239");
+        assert!(
+            (200..=239).contains(&n) || (186..=189).contains(&n),
+            "the SSH suite owns slots 200-239 and, for approvals, 186-189"
+        );
         let (_, client_uid) = ensure_users();
         let slot = Slot::new(n);
         let port = slot.server_port;
@@ -2537,4 +2541,487 @@ fn exit_signal_reaches_the_client_exactly_as_direct() {
         through.starts_with("[\"kill -9 $$\", -1, [\"KILL\", false, \"\", \"\"]]\n"),
         "{through}"
     );
+}
+
+// Commands and shells that wait for approval: alice (the client account's login, in
+// dba-leads herself) runs them, bob (dba-leads) decides with his own login through
+// `portcullis approvals`. Slots 186-189.
+
+/// Every command and shell is allowed, but one that says `approve-me` waits for dba-leads.
+const APPROVAL_POLICY: &str = r#"
+@id("ssh-work")
+permit (
+    principal,
+    action in [Portcullis::Action::"ssh_shell", Portcullis::Action::"ssh_exec"],
+    resource
+)
+when { resource.protocol == "ssh" };
+
+@id("changes-need-approval")
+@approval("dba-leads")
+permit (principal, action == Portcullis::Action::"ssh_exec", resource)
+when { context.command_line like "*approve-me*" };
+"#;
+
+/// bob's uid for `portcullis approvals` (no account needed: the login is the uid's).
+const BOB: u32 = 48186;
+
+fn approvals_enabled() -> bool {
+    enabled() && portcullis_e2e::oidc::oidc_enabled()
+}
+
+/// An SSH world whose identities come from the real provider; alice (the client account)
+/// and bob are logged in.
+fn approval_world(name: &str, n: u8, policy: &str) -> (World, portcullis_e2e::oidc::OidcProvider) {
+    use portcullis_e2e::oidc::{OidcOptions, OidcProvider, OidcUser};
+    let provider = OidcProvider::start(OidcOptions {
+        users: vec![
+            OidcUser::new("alice", &["engineering", "dba-leads"]),
+            OidcUser::new("bob", &["dba-leads"]),
+        ],
+        ..OidcOptions::default()
+    });
+    let identity = format!(
+        "[identity]\nissuer = \"{}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n",
+        provider.issuer()
+    );
+    let w = World::with(
+        name,
+        n,
+        Options {
+            identity: &identity,
+            base_policy: APPROVAL_POLICY,
+            policy,
+            ..Options::default()
+        },
+    );
+    oidc_login(&w.agent, &provider, w.client_uid, "alice");
+    oidc_login(&w.agent, &provider, BOB, "bob");
+    (w, provider)
+}
+
+/// `portcullis login` as `uid`, the device flow finished in "the browser" as `user`.
+fn oidc_login(agent: &Agent, provider: &portcullis_e2e::oidc::OidcProvider, uid: u32, user: &str) {
+    use std::io::BufRead;
+    let mut child = agent
+        .cli_as(uid, &["login"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix("(or open ")
+            .map(|rest| rest.trim_end_matches(" directly)").to_string())
+        {
+            break url;
+        }
+    };
+    provider.complete_device_flow(&url, user).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "login of {user} as uid {uid}: {rest}");
+}
+
+/// `portcullis approvals …` as `uid`.
+fn approvals_cli(w: &World, uid: u32, args: &[&str]) -> Output {
+    let mut full = vec!["approvals"];
+    full.extend_from_slice(args);
+    w.agent.cli_as(uid, &full).output().unwrap()
+}
+
+fn show_request(w: &World, uid: u32, id: &str) -> Value {
+    let o = approvals_cli(w, uid, &["show", id, "--json"]);
+    assert!(o.status.success(), "show {id}: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A client whose stderr is read line by line as it comes, so the test sees the notice
+/// while the command still waits.
+struct Waiting {
+    child: Child,
+    stderr: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Waiting {
+    fn spawn(mut cmd: Command, input: &[u8]) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, input).unwrap();
+        // Closing it sends EOF: that too waits with the command.
+        drop(stdin);
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            child,
+            stderr: rx,
+            seen: String::new(),
+        }
+    }
+
+    /// The request id of the notice on stderr (`… needs approval: request r-… asks for …`).
+    fn notice(&mut self) -> (String, String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    if let Some(at) = line.find("needs approval: request r-") {
+                        let at = at + "needs approval: request ".len();
+                        return (line[at..at + 12].to_string(), line);
+                    }
+                }
+                Err(_) => panic!("no approval notice on stderr; it said: {}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for the client's end: its exit code, stdout, and the rest of its stderr.
+    fn finish(mut self, limit: Duration) -> (Option<i32>, String, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the client did not finish in {limit:?}; stderr: {}",
+                    self.seen
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(&mut self.child.stdout.take().unwrap(), &mut stdout).unwrap();
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        (status.code(), stdout, self.seen)
+    }
+}
+
+/// A file the remote account's command creates, to tell whether it ran.
+fn remote_marker(name: &str) -> PathBuf {
+    let path = PathBuf::from(format!("/home/{REMOTE_USER}/{name}"));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+#[test]
+fn an_ssh_command_waits_for_approval_then_runs_with_the_input_sent_meanwhile() {
+    if !approvals_enabled() {
+        return;
+    }
+    let (w, _provider) = approval_world("ssh-appr-run", 186, "");
+    let marker = remote_marker("approved-186");
+    let command = format!("touch {}; echo approve-me; cat", marker.display());
+    let mut waiting = Waiting::spawn(w.ssh(&["127.0.0.1", &command]), b"typed while it waited\n");
+    let (id, notice) = waiting.notice();
+    assert!(
+        notice.starts_with(&format!("portcullis: `{command}` needs approval: request {id} asks for 1 approval from group `dba-leads`; follow it with `portcullis approvals show {id}`")),
+        "{notice}"
+    );
+    let r = show_request(&w, BOB, &id);
+    assert_eq!(r["state"], "pending", "{r}");
+    assert_eq!(r["asked"]["kind"], "command", "{r}");
+    assert_eq!(r["asked"]["command"], command.as_str(), "{r}");
+    assert_eq!(r["asked"]["ssh_user"], REMOTE_USER, "{r}");
+    assert_eq!(r["requester"]["subject"], "alice", "{r}");
+    // Nothing reached the server while it waited: not the command, not its input.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!marker.exists(), "the waiting command ran");
+
+    // alice is in dba-leads, but it is her own request.
+    let own = approvals_cli(&w, w.client_uid, &["approve", &id, "--reason", "mine"]);
+    assert!(!own.status.success());
+    assert!(
+        text(&own.stderr).contains("segregation of duties"),
+        "{}",
+        text(&own.stderr)
+    );
+    assert_eq!(show_request(&w, BOB, &id)["state"], "pending");
+    assert!(!marker.exists(), "the waiting command ran");
+
+    let o = approvals_cli(&w, BOB, &["approve", &id, "--reason", "looks right"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (code, stdout, stderr) = waiting.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{stderr}\n{}", w.agent.log());
+    assert_eq!(stdout, "approve-me\ntyped while it waited\n", "{stderr}");
+    assert!(marker.exists());
+
+    let exec = w.wait_event("ssh.exec", |e| e["command_line"] == command.as_str());
+    assert_eq!(exec["decision"], "allow", "{exec}");
+    let ids: Vec<&str> = exec["policy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"changes-need-approval"), "{exec}");
+    assert!(ids.contains(&format!("approval:{id}").as_str()), "{exec}");
+    let requested = w.wait_event("approval.requested", |e| e["request_id"] == id.as_str());
+    assert_eq!(requested["asked"], "command", "{requested}");
+    assert_eq!(
+        requested["approval_statement"],
+        command.as_str(),
+        "{requested}"
+    );
+    assert_eq!(
+        requested["connection_id"], exec["connection_id"],
+        "{requested}"
+    );
+    w.wait_event("approval.approved", |e| e["request_id"] == id.as_str());
+    let _ = std::fs::remove_file(&marker);
+}
+
+#[test]
+fn a_denied_ssh_command_exits_1_with_the_reason_and_its_controlmaster_connection_goes_on() {
+    if !approvals_enabled() {
+        return;
+    }
+    let (w, _provider) = approval_world("ssh-appr-deny", 187, "");
+    let control = w.client_dir("mux").join("%C").display().to_string();
+    let mux = |cmd: &str| {
+        let mut c = w.ssh(&[
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            &format!("ControlPath={control}"),
+            "-o",
+            "ControlPersist=30",
+            "127.0.0.1",
+            cmd,
+        ]);
+        c.stdin(Stdio::null());
+        c
+    };
+    assert_eq!(
+        text(&mux("echo before").output().unwrap().stdout),
+        "before\n"
+    );
+    let marker = remote_marker("denied-187");
+    let command = format!("touch {}; echo approve-me", marker.display());
+    let mut waiting = Waiting::spawn(mux(&command), b"");
+    let (id, _) = waiting.notice();
+    // The connection's other channels go on while one waits.
+    assert_eq!(
+        text(&mux("echo meanwhile").output().unwrap().stdout),
+        "meanwhile\n"
+    );
+    let o = approvals_cli(&w, BOB, &["deny", &id, "--reason", "not during the freeze"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (code, stdout, stderr) = waiting.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "portcullis: approval request {id} was denied by bob@example.test: not during the freeze"
+        )),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(!marker.exists(), "the denied command ran");
+    assert_eq!(text(&mux("echo after").output().unwrap().stdout), "after\n");
+
+    let opened = w.events("connection.opened");
+    assert_eq!(
+        opened.len(),
+        1,
+        "one connection for every channel: {opened:#?}"
+    );
+    let denied = w.wait_event("ssh.channel_denied", |e| {
+        e["command_line"] == command.as_str()
+    });
+    assert_eq!(denied["decision"], "approval", "{denied}");
+    assert!(
+        denied["policy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == &Value::from(format!("approval:{id}"))),
+        "{denied}"
+    );
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not during the freeze"),
+        "{denied}"
+    );
+    w.wait_event("ssh.exec", |e| e["command_line"] == "echo after");
+    let _ = w
+        .ssh(&[
+            "-o",
+            &format!("ControlPath={control}"),
+            "-O",
+            "exit",
+            "127.0.0.1",
+        ])
+        .output();
+}
+
+#[test]
+fn an_ssh_client_gone_while_its_command_waits_withdraws_the_request() {
+    if !approvals_enabled() {
+        return;
+    }
+    let (w, _provider) = approval_world("ssh-appr-gone", 188, "");
+    let marker = remote_marker("withdrawn-188");
+    let control = w.client_dir("mux").join("%C").display().to_string();
+    let mux_args = [
+        "-o".to_string(),
+        "ControlMaster=auto".to_string(),
+        "-o".to_string(),
+        format!("ControlPath={control}"),
+        "-o".to_string(),
+        "ControlPersist=30".to_string(),
+        "127.0.0.1".to_string(),
+    ];
+    let mux = |cmd: &str| {
+        let mut args: Vec<&str> = mux_args.iter().map(String::as_str).collect();
+        args.push(cmd);
+        w.ssh(&args)
+    };
+    assert_eq!(text(&mux("echo up").output().unwrap().stdout), "up\n");
+
+    // A ControlMaster client killed while its command waits: the master closes that
+    // channel, and the connection stays.
+    let command = format!("touch {}; echo approve-me", marker.display());
+    let mut waiting = Waiting::spawn(mux(&command), b"");
+    let (first, _) = waiting.notice();
+    waiting.child.kill().unwrap();
+    let _ = waiting.child.wait();
+    let expired = w.wait_event("approval.expired", |e| e["request_id"] == first.as_str());
+    assert_eq!(expired["approval_state"], "withdrawn", "{expired}");
+    assert!(
+        expired["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the client closed the channel"),
+        "{expired}"
+    );
+    // An approval now would start a command nobody waits for.
+    let late = approvals_cli(&w, BOB, &["approve", &first, "--reason", "late"]);
+    assert!(!late.status.success());
+    assert!(
+        text(&late.stderr).contains("withdrawn"),
+        "{}",
+        text(&late.stderr)
+    );
+    assert_eq!(
+        text(&mux("echo still up").output().unwrap().stdout),
+        "still up\n"
+    );
+    let _ = w
+        .ssh(&[
+            "-o",
+            &format!("ControlPath={control}"),
+            "-O",
+            "exit",
+            "127.0.0.1",
+        ])
+        .output();
+
+    // A plain client killed while its command waits: its connection ends.
+    let mut waiting = Waiting::spawn(w.ssh(&["127.0.0.1", &command]), b"");
+    let (second, _) = waiting.notice();
+    assert_ne!(first, second);
+    waiting.child.kill().unwrap();
+    let _ = waiting.child.wait();
+    let expired = w.wait_event("approval.expired", |e| e["request_id"] == second.as_str());
+    assert_eq!(expired["approval_state"], "withdrawn", "{expired}");
+    assert!(
+        expired["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the SSH connection ended"),
+        "{expired}"
+    );
+    assert_eq!(show_request(&w, BOB, &second)["state"], "withdrawn");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!marker.exists(), "a withdrawn command ran");
+}
+
+#[test]
+fn an_interactive_shell_waits_for_approval_and_is_recorded_once_approved() {
+    if !approvals_enabled() {
+        return;
+    }
+    let shells = r#"
+@id("shells-need-approval")
+@approval("dba-leads")
+permit (principal, action == Portcullis::Action::"ssh_shell", resource)
+when { resource.protocol == "ssh" };
+"#;
+    let (w, _provider) = approval_world("ssh-appr-shell", 189, shells);
+    let mut waiting = Waiting::spawn(
+        w.ssh(&["-tt", "127.0.0.1"]),
+        b"echo shell-$((6*7)); exit 7\n",
+    );
+    let (id, notice) = waiting.notice();
+    assert!(
+        notice.starts_with(&format!(
+            "portcullis: this shell needs approval: request {id}"
+        )),
+        "{notice}"
+    );
+    let r = show_request(&w, BOB, &id);
+    assert_eq!(r["asked"]["kind"], "command", "{r}");
+    assert!(r["asked"]["command"].is_null(), "{r}");
+    // Its recording starts with the shell, once approved.
+    let recordings = w.agent.dir.path().join("state/audit/recordings");
+    let started = std::fs::read_dir(&recordings).map_or(0, |d| d.count());
+    assert_eq!(
+        started, 0,
+        "a recording began before the shell was approved"
+    );
+    let o = approvals_cli(&w, BOB, &["approve", &id, "--reason", "on call"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (code, stdout, stderr) = waiting.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(7), "{stdout}\n{stderr}");
+    assert!(stdout.contains("shell-42"), "{stdout}");
+    let shell = w.wait_event("ssh.shell", |_| true);
+    assert!(
+        shell["policy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == &Value::from(format!("approval:{id}"))),
+        "{shell}"
+    );
+    let id = shell["connection_id"].clone();
+    w.wait_event("recording.closed", |e| e["connection_id"] == id);
+    // The connection's user certificate allowed a pty for the shell that might wait, and
+    // finding that out asked nobody for anything: the shell's is the only request.
+    let all = w
+        .agent
+        .cli_as(0, &["approvals", "list", "--all", "--json"])
+        .output()
+        .unwrap();
+    let all: Value = serde_json::from_slice(&all.stdout).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all:#}");
 }

@@ -366,12 +366,17 @@ impl ClientHandler {
                     .await
             }
             None => {
-                let allows = |action| {
+                // A shell that waits for approval needs its pty once approved. Decided on
+                // the policies alone: asking admission would make an approval request for
+                // a shell nobody has asked for yet.
+                let shell = matches!(
                     self.gate
-                        .decide_connect(&self.request(&identity, action))
-                        .is_ok()
-                };
-                let shell = allows(Action::SshShell);
+                        .policies()
+                        .decide(&self.request(&identity, Action::SshShell))
+                        .effect,
+                    portcullis_policy::Effect::Allow
+                        | portcullis_policy::Effect::RequireApproval(_)
+                );
                 // Forwards are decided one by one on their destination, which is not known
                 // yet: the certificate lets sshd forward when some policy could allow one.
                 let could = |action| {
