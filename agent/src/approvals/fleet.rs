@@ -135,12 +135,13 @@ impl FleetRunner {
     pub async fn run(mut self, store: Arc<ApprovalStore>, stop: CancellationToken) {
         let mut backlog: VecDeque<Change> = VecDeque::new();
         let mut last_id: i64 = 0;
+        let mut caught_up = false;
         let mut backoff = BACKOFF_MIN;
         loop {
             let tasks = TaskTracker::new();
             let outcome = tokio::select! {
                 () = stop.cancelled() => return,
-                r = self.session(&store, &mut backlog, &mut last_id, &tasks, &stop) => r,
+                r = self.session(&store, &mut backlog, (&mut last_id, &mut caught_up), &tasks, &stop) => r,
             };
             tasks.close();
             let Err(e) = outcome else { return };
@@ -173,7 +174,7 @@ impl FleetRunner {
         &mut self,
         store: &ApprovalStore,
         backlog: &mut VecDeque<Change>,
-        last_id: &mut i64,
+        (last_id, caught_up): (&mut i64, &mut bool),
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<(), CentralError> {
@@ -181,7 +182,11 @@ impl FleetRunner {
             timed(central::connect_listening(&self.central, tasks)).await??;
         timed(central::check_schema(&client)).await??;
         timed(client.batch_execute("LISTEN portcullis_approvals")).await??;
-        timed(pull(&client, store, last_id)).await??;
+        timed(pull(&client, store, last_id, *caught_up)).await??;
+        if !*caught_up {
+            store.caught_up();
+            *caught_up = true;
+        }
         tracing::info!(host = %self.host, upto = *last_id, "central approvals store: in step with the fleet");
         loop {
             while let Some(change) = backlog.front() {
@@ -198,7 +203,7 @@ impl FleetRunner {
                     };
                     match written {
                         Ok(()) => {
-                            let pulled = timed(pull(&client, store, last_id)).await;
+                            let pulled = timed(pull(&client, store, last_id, true)).await;
                             if let Some(reply) = reply {
                                 let _ = reply.send(match &pulled {
                                     Ok(Ok(())) => Ok(()),
@@ -226,10 +231,10 @@ impl FleetRunner {
                     }
                     // Several notifications arrive for a burst; one read takes them all.
                     while notes.try_recv().is_ok() {}
-                    timed(pull(&client, store, last_id)).await??;
+                    timed(pull(&client, store, last_id, true)).await??;
                 }
                 () = tokio::time::sleep(POLL) => {
-                    timed(pull(&client, store, last_id)).await??;
+                    timed(pull(&client, store, last_id, true)).await??;
                 }
             }
         }
@@ -257,12 +262,14 @@ async fn insert(client: &mut Client, host: &str, change: &Change) -> Result<(), 
     Ok(())
 }
 
-/// Applies every row after `last_id`, in order. A row this agent cannot read grants
-/// nothing: it is logged and skipped.
+/// Applies every row after `last_id`, in order (`live`: see
+/// [`ApprovalStore::apply_logged`]). A row this agent cannot read grants nothing: it is
+/// logged and skipped.
 async fn pull(
     client: &Client,
     store: &ApprovalStore,
     last_id: &mut i64,
+    live: bool,
 ) -> Result<(), CentralError> {
     loop {
         let rows = client
@@ -279,7 +286,7 @@ async fn pull(
             let id: i64 = row.try_get(0)?;
             let text: String = row.try_get(1)?;
             match serde_json::from_str::<Change>(&text) {
-                Ok(change) => store.apply_logged(change),
+                Ok(change) => store.apply_logged(change, live),
                 Err(e) => {
                     tracing::error!(id, error = %e, "a row of the central approvals log cannot be read; it is skipped and grants nothing");
                 }

@@ -970,7 +970,10 @@ impl ApprovalStore {
     /// bastion a request was made on records its end. A change that no longer applies (a
     /// verdict after another ended the request, the request this agent made itself) changes
     /// nothing, the same on every agent.
-    pub fn apply_logged(&self, change: Change) {
+    ///
+    /// `live` is false while a starting agent catches up with the log: what it reads then
+    /// happened before, and was recorded then (by the agent running at the time).
+    pub fn apply_logged(&self, change: Change, live: bool) {
         let mut revoked = None;
         let mut ended = None;
         let mut book = self.lock();
@@ -1023,7 +1026,7 @@ impl ApprovalStore {
         if changed {
             self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
-        if let Some(g) = revoked {
+        if let Some(g) = revoked.filter(|_| live) {
             let (by, reason) = g
                 .revoked
                 .as_ref()
@@ -1038,10 +1041,22 @@ impl ApprovalStore {
             );
             tracing::info!(grant = %g.id, closed, "a grant revoked on another bastion");
         }
-        if let Some((r, why)) = ended {
+        if let Some((r, why)) = ended.filter(|_| live) {
             if self.is_mine(r.host.as_deref()) {
                 let ev = self.request_event(EventKind::ApprovalExpired, &r, &r.requester, why);
                 self.record(ev, None);
+            }
+        }
+    }
+
+    /// A starting agent has read the log: grants that ended while it was not running are
+    /// marked ended without an event (their end was recorded by the agent running then, and
+    /// this one has no connection of theirs to close).
+    pub fn caught_up(&self) {
+        let now = now_ms();
+        for g in self.lock().grants.values_mut() {
+            if now >= g.expires_ms {
+                g.ended = true;
             }
         }
     }
@@ -1864,8 +1879,8 @@ mod tests {
             },
         ];
         for change in &log {
-            a.apply_logged(change.clone());
-            b.apply_logged(change.clone());
+            a.apply_logged(change.clone(), true);
+            b.apply_logged(change.clone(), true);
         }
         let on_a = a.state_of(&r.id).unwrap();
         let on_b = b.state_of(&r.id).unwrap();
@@ -1912,8 +1927,8 @@ mod tests {
             grant_id: grant_b.id.clone(),
             revocation,
         };
-        a.apply_logged(change.clone());
-        b.apply_logged(change);
+        a.apply_logged(change.clone(), true);
+        b.apply_logged(change, true);
         assert!(a.active_grant("alice", "billing-db", "connect").is_none());
         assert_eq!(
             closed_a.0.lock().unwrap().as_slice(),
@@ -1932,9 +1947,12 @@ mod tests {
         let bob = user(1002, "bob", &["dba-leads"]);
         let r = a.ask(ask(alice, &[("dba-leads", 1)])).unwrap();
         for s in [&a, &b] {
-            s.apply_logged(Change::Ask {
-                request: Box::new(r.clone()),
-            });
+            s.apply_logged(
+                Change::Ask {
+                    request: Box::new(r.clone()),
+                },
+                true,
+            );
         }
         // Withdrawn on a: queued for the log, not ended here until the log has it.
         a.withdraw(&r.id, "the client went away");
@@ -1950,8 +1968,8 @@ mod tests {
             verdict: verdict(&bob, true, r.created_ms + 20),
         };
         for s in [&a, &b] {
-            s.apply_logged(end.clone());
-            s.apply_logged(late.clone());
+            s.apply_logged(end.clone(), true);
+            s.apply_logged(late.clone(), true);
             let seen = s.state_of(&r.id).unwrap();
             assert_eq!(seen.state, RequestState::Withdrawn);
             assert!(seen.verdicts.is_empty());
@@ -1963,15 +1981,89 @@ mod tests {
         }
         let r2 = a.ask(other).unwrap();
         for s in [&a, &b] {
-            s.apply_logged(Change::Ask {
-                request: Box::new(r2.clone()),
-            });
-            s.apply_logged(Change::Verdict {
-                request_id: r2.id.clone(),
-                verdict: verdict(&bob, true, r2.expires_ms),
-            });
+            s.apply_logged(
+                Change::Ask {
+                    request: Box::new(r2.clone()),
+                },
+                true,
+            );
+            s.apply_logged(
+                Change::Verdict {
+                    request_id: r2.id.clone(),
+                    verdict: verdict(&bob, true, r2.expires_ms),
+                },
+                true,
+            );
             assert_eq!(s.state_of(&r2.id).unwrap().verdicts.len(), 0);
             assert!(s.active_grant("alice", "billing-db", "connect").is_none());
         }
+    }
+
+    #[test]
+    fn a_starting_agent_reads_the_log_without_closing_or_recording_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let earlier = fleet_store(
+            dir.path(),
+            "bastion-a",
+            Arc::new(Closed(Mutex::new(Vec::new()))),
+        );
+        let alice = user(1001, "alice", &[]);
+        let bob = user(1002, "bob", &["dba-leads"]);
+        let mut short = ask(alice.clone(), &[("dba-leads", 1)]);
+        if let Asked::Grant { duration_secs, .. } = &mut short.asked {
+            *duration_secs = 1;
+        }
+        let over = earlier.ask(short).unwrap();
+        let current = earlier.ask(ask(alice, &[("dba-leads", 1)])).unwrap();
+        let now = now_ms();
+        let log = [
+            Change::Ask {
+                request: Box::new(over.clone()),
+            },
+            // Approved ten seconds ago for one second: its grant is over.
+            Change::Verdict {
+                request_id: over.id.clone(),
+                verdict: verdict(&bob, true, now - 10_000),
+            },
+            Change::Ask {
+                request: Box::new(current.clone()),
+            },
+            Change::Verdict {
+                request_id: current.id.clone(),
+                verdict: verdict(&bob, true, now),
+            },
+            Change::Revoke {
+                grant_id: format!("g-{}", current.id.trim_start_matches("r-")),
+                revocation: Revocation {
+                    by: "bob".into(),
+                    reason: "done".into(),
+                    at_ms: now,
+                },
+            },
+        ];
+        // The same bastion restarted, with an empty book.
+        let again = tempfile::tempdir().unwrap();
+        let closed = Arc::new(Closed(Mutex::new(Vec::new())));
+        let restarted = fleet_store(again.path(), "bastion-a", closed.clone());
+        for change in log {
+            restarted.apply_logged(change, false);
+        }
+        restarted.caught_up();
+        restarted.sweep();
+        assert!(
+            closed.0.lock().unwrap().is_empty(),
+            "closed again on replay: {:?}",
+            closed.0.lock().unwrap()
+        );
+        let viewer = Viewer {
+            uid: 0,
+            identity: None,
+        };
+        let grants = restarted.grants(&viewer, true);
+        assert_eq!(grants.len(), 2);
+        assert!(grants.iter().all(|g| !g.is_active(now_ms())));
+        assert!(restarted
+            .active_grant("alice", "billing-db", "connect")
+            .is_none());
     }
 }
