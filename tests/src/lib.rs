@@ -12,6 +12,7 @@
     reason = "test harness: a failure is a test failure"
 )]
 
+pub mod browser;
 pub mod oidc;
 pub mod pgbouncer;
 pub mod postgres;

@@ -34,7 +34,8 @@ const PACKAGES: &[&str] = &[
     "rsync",        // rsync -e ssh through the agent
     "ansible-core", // Ansible ad-hoc ping and copy over SSH through the agent (ControlPersist, pipelining)
     "python3-asyncssh", // an SSH client that reports exit-signal's fields (the SSH suite)
-    "chromium",     // renders the HTML access review headless (tests/review.rs)
+    "chromium",     // headless: the HTML access review (tests/review.rs), the browser driver
+    "libnss3-tools", // certutil: the browser driver trusts a test CA in a throwaway NSS database
 ];
 
 /// psycopg in `.tools/venv`, for the proxy tests' Python client (psycopg[binary] bundles libpq).
