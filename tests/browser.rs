@@ -627,10 +627,14 @@ fn dropping_the_browser_kills_its_whole_process_group() {
     assert!(members.len() >= 3, "{members:?}");
     drop(page);
     drop(browser);
-    // SIGKILL to the group is immediate; a browser whose helpers outlive it would be
-    // seen here.
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(group_members(pgid), Vec::<u32>::new());
+    // SIGKILL to the group takes effect at once; the bound only allows for a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut left = group_members(pgid);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        left = group_members(pgid);
+    }
+    assert_eq!(left, Vec::<u32>::new(), "still running after the drop");
 }
 
 #[test]
