@@ -656,3 +656,51 @@ fn a_condition_that_never_holds_fails_within_its_timeout_and_says_so() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_page_that_never_answers_fails_goto_within_the_timeout_and_the_page_stays_usable() {
+    if !prerequisites() {
+        return;
+    }
+    // Accepts connections and never answers them.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for tcp in silent.incoming().flatten().take(8) {
+            open.push(tcp);
+        }
+        open
+    });
+    let browser = Browser::launch().unwrap();
+    let mut page = browser.page().unwrap();
+    page.set_timeout(Duration::from_secs(2));
+    let start = Instant::now();
+    let err = page.goto(&format!("http://127.0.0.1:{port}/")).unwrap_err();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(format!("{err:#}").contains("timed out"), "{err:#}");
+    // The late reply is dropped when it comes; the connection still answers in order.
+    assert_eq!(page.eval("6 * 7").unwrap(), 42);
+    drop(page);
+    drop(browser);
+    drop(held);
+}
+
+#[test]
+fn names_and_addresses_off_loopback_are_unreachable() {
+    if !prerequisites() {
+        return;
+    }
+    let browser = Browser::launch().unwrap();
+    let page = browser.page().unwrap();
+    // A name and an address off loopback (TEST-NET-1, never routed) both go to the closed
+    // proxy port on 127.0.0.1: nothing is resolved or sent beyond the machine.
+    for url in ["https://portcullis.example.com/", "http://192.0.2.1/"] {
+        let err = format!("{:#}", page.goto(url).unwrap_err());
+        assert!(
+            err.contains("net::ERR_PROXY_CONNECTION_FAILED"),
+            "{url}: {err}"
+        );
+    }
+}

@@ -585,9 +585,15 @@ impl Page<'_> {
         let deadline = Instant::now() + self.timeout;
         // A load event of the page before must not count as this one's.
         self.drain()?;
-        let nav = self
-            .call("Page.navigate", json!({"url": url}))
-            .with_context(|| format!("navigating to {url}"))?;
+        let nav = match self.call("Page.navigate", json!({"url": url})) {
+            Ok(nav) => nav,
+            Err(e) => {
+                // A navigation still waiting for its server holds the page's later commands
+                // until it is stopped.
+                let _ = self.call_within("Page.stopLoading", json!({}), Duration::from_secs(2));
+                return Err(e.context(format!("navigating to {url}")));
+            }
+        };
         if let Some(error) = nav.get("errorText").and_then(Value::as_str) {
             bail!("navigating to {url}: {error}");
         }
@@ -600,6 +606,8 @@ impl Page<'_> {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                // Until the load is stopped, DevTools holds the page's later commands.
+                let _ = self.call_within("Page.stopLoading", json!({}), Duration::from_secs(2));
                 bail!("{url} did not finish loading in {:?}", self.timeout);
             }
             // A cheap round trip: events sent before its reply are read on the way.
