@@ -12,9 +12,10 @@
 //! Chromium's switches that ignore certificate errors (`--ignore-certificate-errors`,
 //! `Security.setIgnoreCertificateErrors`) would hide exactly those failures, and are not used.
 //!
-//! Chromium is kept on loopback: every host name but `localhost` resolves to nothing, any
-//! request to a non-loopback address goes to a closed proxy port, and its background services
-//! (updates, safe browsing, metrics, sync) are off. It runs in a process group of its own,
+//! Chromium is kept on loopback: every host name but `localhost` (and every address but
+//! 127.0.0.1) resolves to nothing, any request off loopback goes to a closed proxy port, and
+//! its background services (updates, safe browsing, metrics, sync) are off. Pages under test
+//! are served on 127.0.0.1 or `localhost`. It runs in a process group of its own,
 //! killed whole when the `Browser` drops, and every wait below is bounded.
 
 use std::collections::{HashMap, VecDeque};
