@@ -169,6 +169,8 @@ pub fn run(
         limiter,
     );
     let shutdown = CancellationToken::new();
+    // What start-up parsed and dropped (kernel BTF, the eBPF object) stays resident otherwise.
+    crate::sys::release_free_heap();
 
     runtime.block_on(async {
         if let Some(logger) = logger {

@@ -49,6 +49,18 @@ pub fn async_kernel_log(
     unsafe { tokio::io::unix::AsyncFd::register(logger) }.map_err(|e| e.into_parts().1)
 }
 
+/// Gives the heap's free memory back to the system. Start-up parses the kernel's BTF and
+/// the eBPF object, the policies and the catalog, and frees most of it; glibc keeps freed
+/// heap pages resident until told, which was about 15 MB of an idle agent's 35 MB.
+pub fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointer and only returns free pages of glibc's own
+    // arenas to the kernel; it is safe to call at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
