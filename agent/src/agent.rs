@@ -145,6 +145,8 @@ pub fn run(
             fleet,
         },
     )?;
+    let console =
+        crate::console::Console::prepare(&config, Arc::clone(&audit), Arc::clone(&approvals))?;
     let config = Arc::new(config);
     let targets = Arc::new(targets);
     let close_all = CancellationToken::new();
@@ -263,6 +265,27 @@ pub fn run(
             })
         })
         .context("starting the control thread")?;
+    // Its own thread and runtime, like the control socket: browsers cannot slow the data
+    // plane, nor the data plane the console.
+    let console_thread = match console {
+        Some(console) => {
+            tracing::info!(url = console.url(), "web console on");
+            let stop = shutdown.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("portcullis-console".into())
+                    .spawn(move || -> anyhow::Result<()> {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()?;
+                        rt.block_on(console.serve(stop))?;
+                        Ok(())
+                    })
+                    .context("starting the console thread")?,
+            )
+        }
+        None => None,
+    };
 
     audit.record(AuditEvent::new(EventKind::AgentStarted).reason(format!(
         "pid {}, cgroup {}, pins {}",
@@ -310,6 +333,9 @@ pub fn run(
     };
     audit.record(AuditEvent::new(EventKind::AgentStopped).reason(outcome));
     audit.flush();
+    if let Some(Ok(Err(e))) = console_thread.map(std::thread::JoinHandle::join) {
+        tracing::warn!(error = %e, "console thread ended with an error");
+    }
     if let Ok(Err(e)) = control_thread.join() {
         tracing::warn!(error = %e, "control thread ended with an error");
     }

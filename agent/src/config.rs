@@ -72,6 +72,9 @@ pub struct Config {
     /// (`docs/approvals.md`; who must approve is the policy's, `approvals.toml`).
     #[serde(default)]
     pub approvals: ApprovalsConfig,
+    /// The web console on this host (`[console]`, docs/console.md): off unless `listen` is set.
+    #[serde(default)]
+    pub console: ConsoleConfig,
 }
 
 /// `[approvals]`: what the policy's approvals (`@approval`, `approvals.toml`) do on this host
@@ -97,6 +100,213 @@ impl ApprovalsConfig {
     pub fn break_glass(&self) -> Option<&str> {
         self.break_glass_group.as_deref().filter(|g| !g.is_empty())
     }
+}
+
+/// `[console]`: the web console, served by the agent over TLS only, for people who sign in
+/// with the identity issuer (authorization code with PKCE) and hold one of its roles.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// `ip:port` the console listens on (HTTPS only). Unset: no console.
+    #[serde(default)]
+    #[schemars(with = "Option<String>", extend("x-sighup" = "restart to change"))]
+    pub listen: Option<Spanned<String>>,
+    /// The address browsers open, `https://host[:port]`; the issuer must allow
+    /// `<url>/auth/callback` as a redirect URI of `client_id`. Default: `https://<listen>`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub url: Option<Spanned<String>>,
+    /// The console's client at the issuer (a client allowed the authorization code grant
+    /// with the redirect URI above); default: `identity.client_id`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Root-only (0600) file with the client's secret, for a confidential client; unset: a
+    /// public client (PKCE alone). Never logged.
+    #[serde(default)]
+    #[schemars(extend("x-sighup" = "read at start"))]
+    pub client_secret_file: Option<PathBuf>,
+    /// PEM certificate chain the console presents; with `tls_key`. Unset: a certificate
+    /// from the agent's local CA (`<state_dir>/ca/ca.pem`) for the `url`'s host and the
+    /// `listen` address.
+    #[serde(default)]
+    #[schemars(with = "Option<PathBuf>", extend("x-sighup" = "read at start"))]
+    pub tls_cert: Option<Spanned<PathBuf>>,
+    /// Root-only (0600) PEM private key of `tls_cert`.
+    #[serde(default)]
+    #[schemars(with = "Option<PathBuf>", extend("x-sighup" = "read at start"))]
+    pub tls_key: Option<Spanned<PathBuf>>,
+    /// A console session ends this long after sign-in (then the person signs in again, with
+    /// the groups their token has then); 60 to 86400.
+    #[serde(default = "defaults::console_session_timeout_secs")]
+    #[schemars(with = "u64")]
+    pub session_timeout_secs: Spanned<u64>,
+    /// Groups (of the token's `identity.groups_claim`) whose members read sessions and
+    /// their timelines.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub auditor_groups: Vec<Spanned<String>>,
+    /// Groups whose members see pending approvals and grants and decide them in the
+    /// console; whose approval counts is still approvals.toml's and segregation of duties'.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub approver_groups: Vec<Spanned<String>>,
+    /// Groups whose members see the agent's health.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub admin_groups: Vec<Spanned<String>>,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            url: None,
+            client_id: None,
+            client_secret_file: None,
+            tls_cert: None,
+            tls_key: None,
+            session_timeout_secs: defaults::console_session_timeout_secs(),
+            auditor_groups: Vec::new(),
+            approver_groups: Vec::new(),
+            admin_groups: Vec::new(),
+        }
+    }
+}
+
+/// The console, validated: what the server needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSettings {
+    pub listen: SocketAddr,
+    /// `https://host[:port]`, no trailing slash.
+    pub url: String,
+    pub client_id: String,
+    pub client_secret_file: Option<PathBuf>,
+    /// Both or neither (validated).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub session_timeout_secs: u64,
+    pub auditor_groups: Vec<String>,
+    pub approver_groups: Vec<String>,
+    pub admin_groups: Vec<String>,
+}
+
+impl Config {
+    /// The console's settings, `None` when it is off. Valid once `parse` accepted the file.
+    pub fn console(&self) -> Option<ConsoleSettings> {
+        self.validate_console().ok().flatten()
+    }
+
+    fn validate_console(
+        &self,
+    ) -> Result<Option<ConsoleSettings>, (std::ops::Range<usize>, String)> {
+        let c = &self.console;
+        let Some(listen) = &c.listen else {
+            return Ok(None);
+        };
+        let listen_at: SocketAddr = listen.get_ref().parse().map_err(|_| {
+            (
+                listen.span(),
+                format!("console.listen: `{}` is not `ip:port`", listen.get_ref()),
+            )
+        })?;
+        if listen_at.port() == 0 {
+            return Err((
+                listen.span(),
+                "console.listen: the port must be 1-65535".into(),
+            ));
+        }
+        if self.identity.issuer.is_none() {
+            return Err((
+                listen.span(),
+                "console.listen: the console signs people in with identity.issuer; set it".into(),
+            ));
+        }
+        let url = match &c.url {
+            Some(u) => {
+                let text = u.get_ref().trim_end_matches('/');
+                check_console_url(text).map_err(|m| (u.span(), format!("console.url: {m}")))?;
+                text.to_string()
+            }
+            None => format!("https://{listen_at}"),
+        };
+        let tls = match (&c.tls_cert, &c.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((cert.get_ref().clone(), key.get_ref().clone())),
+            (Some(one), None) | (None, Some(one)) => {
+                return Err((
+                    one.span(),
+                    "console.tls_cert, console.tls_key: set both, or neither for a certificate from the agent's CA".into(),
+                ))
+            }
+        };
+        let timeout = *c.session_timeout_secs.get_ref();
+        if !(60..=86_400).contains(&timeout) {
+            return Err((
+                c.session_timeout_secs.span(),
+                format!("console.session_timeout_secs: {timeout} is outside 60 to 86400"),
+            ));
+        }
+        let groups = |key: &str, list: &[Spanned<String>]| {
+            list.iter()
+                .map(|g| {
+                    let name = g.get_ref();
+                    if name.is_empty() || name.trim() != name || name.chars().any(char::is_control)
+                    {
+                        Err((
+                            g.span(),
+                            format!("console.{key}: `{name}` is empty, has spaces around it or control characters"),
+                        ))
+                    } else {
+                        Ok(name.clone())
+                    }
+                })
+                .collect::<Result<Vec<String>, _>>()
+        };
+        let auditor_groups = groups("auditor_groups", &c.auditor_groups)?;
+        let approver_groups = groups("approver_groups", &c.approver_groups)?;
+        let admin_groups = groups("admin_groups", &c.admin_groups)?;
+        if auditor_groups.is_empty() && approver_groups.is_empty() && admin_groups.is_empty() {
+            return Err((
+                listen.span(),
+                "console: name at least one group in auditor_groups, approver_groups or admin_groups; \
+                 nobody else may sign in"
+                    .into(),
+            ));
+        }
+        Ok(Some(ConsoleSettings {
+            listen: listen_at,
+            url,
+            client_id: c
+                .client_id
+                .clone()
+                .unwrap_or_else(|| self.identity.client_id.clone()),
+            client_secret_file: c.client_secret_file.clone(),
+            tls,
+            session_timeout_secs: timeout,
+            auditor_groups,
+            approver_groups,
+            admin_groups,
+        }))
+    }
+}
+
+/// `https://host[:port]` and nothing more: the redirect URI is built from it, and a path,
+/// query or credentials would change where the issuer sends the code.
+fn check_console_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(format!(
+            "`{url}` must start with https:// (the console speaks TLS only)"
+        ));
+    };
+    if rest.is_empty()
+        || rest.chars().any(|c| {
+            matches!(c, '/' | '?' | '#' | '@' | '\\') || c.is_whitespace() || c.is_control()
+        })
+    {
+        return Err(format!(
+            "`{url}` must be https://host or https://host:port, without path, query or user"
+        ));
+    }
+    Ok(())
 }
 
 /// `[[approvals.notify]]`: one webhook that receives a POST per approval event, retried
@@ -1122,6 +1332,9 @@ mod defaults {
     pub fn webhook_timeout_secs() -> u64 {
         10
     }
+    pub fn console_session_timeout_secs() -> Spanned<u64> {
+        Spanned::new(0..0, 3600)
+    }
 }
 
 impl Default for ControlConfig {
@@ -1454,6 +1667,7 @@ impl Config {
             validate_webhook(webhook).map_err(|m| (0..0, format!("audit.webhook.{m}")))?;
         }
         validate_approvals(&self.approvals).map_err(|m| (0..0, format!("approvals.{m}")))?;
+        self.validate_console()?;
         if let Some(threads) = &self.proxy.threads {
             if *threads.get_ref() > ProxyConfig::MAX_THREADS {
                 return Err((
@@ -2153,6 +2367,62 @@ mod tests {
         );
         // TLS needs no flag.
         parse("[identity]\nissuer = \"https://127.0.0.1:8443\"\n").unwrap();
+    }
+
+    #[test]
+    fn console_config_validation_table() {
+        let issuer = "[identity]\nissuer = \"https://idp.example\"\n";
+        // (config after the issuer, the line and words of the refusal; None: accepted)
+        let cases: [(&str, Option<(&str, &str)>); 10] = [
+            ("[console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"audit\"]\n", None),
+            (
+                "[console]\nlisten = \"127.0.0.1:9443\"\nurl = \"https://bastion.example:9443/\"\n\
+                 approver_groups = [\"leads\"]\ntls_cert = \"/c.pem\"\ntls_key = \"/c.key\"\n",
+                None,
+            ),
+            ("[console]\nlisten = \"localhost:9443\"\nauditor_groups = [\"a\"]\n", Some((":4:", "console.listen: `localhost:9443` is not `ip:port`"))),
+            ("[console]\nlisten = \"127.0.0.1:9443\"\n", Some((":4:", "name at least one group"))),
+            ("[console]\nlisten = \"127.0.0.1:9443\"\nadmin_groups = [\"ok\", \" spaced\"]\n", Some((":5:", "console.admin_groups: ` spaced`"))),
+            ("[console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"a\"]\nurl = \"http://bastion.example\"\n", Some((":6:", "console.url: `http://bastion.example` must start with https://"))),
+            ("[console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"a\"]\nurl = \"https://bastion.example/console\"\n", Some((":6:", "without path, query or user"))),
+            ("[console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"a\"]\ntls_key = \"/c.key\"\n", Some((":6:", "console.tls_cert, console.tls_key: set both"))),
+            ("[console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"a\"]\nsession_timeout_secs = 5\n", Some((":6:", "console.session_timeout_secs: 5 is outside 60 to 86400"))),
+            // Off unless it listens, whatever else is set.
+            ("[console]\nauditor_groups = []\nsession_timeout_secs = 5\n", None),
+        ];
+        for (text, expect) in cases {
+            let text = format!("{issuer}{text}");
+            match (parse(&text), expect) {
+                (Ok(_), None) => {}
+                (Err(err), Some((line, words))) => {
+                    assert!(
+                        err.starts_with(&format!("/etc/portcullis/portcullis.toml{line}")),
+                        "{text}: {err}"
+                    );
+                    assert!(err.contains(words), "{text}: {err}");
+                }
+                (got, _) => panic!("{text}: {got:?}"),
+            }
+        }
+        // Without an issuer nobody could sign in.
+        let err = parse("[console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"a\"]\n")
+            .unwrap_err();
+        assert!(
+            err.contains("console.listen: the console signs people in with identity.issuer"),
+            "{err}"
+        );
+        let (config, _) = Config::parse(
+            Path::new("/x.toml"),
+            &format!(
+                "{issuer}[console]\nlisten = \"127.0.0.1:9443\"\napprover_groups = [\"leads\"]\n"
+            ),
+        )
+        .unwrap();
+        let console = config.console().unwrap();
+        assert_eq!(console.url, "https://127.0.0.1:9443");
+        assert_eq!(console.client_id, "portcullis");
+        assert_eq!(console.session_timeout_secs, 3600);
+        assert_eq!(console.approver_groups, ["leads"]);
     }
 
     #[test]

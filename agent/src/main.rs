@@ -8,6 +8,7 @@ mod ca;
 mod cli;
 mod config;
 mod config_reference;
+mod console;
 mod control;
 mod dns;
 mod ebpf;

@@ -41,6 +41,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("protocol", 6),
     ("proxy", 7),
     ("control", 8),
+    // The web console: the browser's counterpart of the control socket.
+    ("console", 8),
     ("agent", 9),
     ("cli", 10),
 ];

@@ -139,6 +139,15 @@ pub enum EventKind {
     /// was full); `reason` says which webhook, by name, and why. The request goes on.
     #[serde(rename = "approval.notification_dropped")]
     ApprovalNotificationDropped,
+    /// A person signed in to the web console (docs/console.md); `identity` is their login,
+    /// `reason` names the roles their groups gave them.
+    #[serde(rename = "console.signin")]
+    ConsoleSignin,
+    /// The web console refused someone: a sign-in without a console role or that failed its
+    /// checks (state, nonce, token), a page or action their roles do not allow, a form
+    /// without its CSRF token or from another origin. `reason` says which.
+    #[serde(rename = "console.denied")]
+    ConsoleDenied,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.

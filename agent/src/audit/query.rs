@@ -321,6 +321,197 @@ pub fn session_end(opened_ms: u64, closed: Option<&Value>, agent_starts_ms: &[u6
     }
 }
 
+/// What the sessions list keeps (`portcullis sessions list`, the console's sessions page).
+#[derive(Debug, Default, Clone)]
+pub struct SessionFilter {
+    /// Unix account name, uid, OIDC subject or email, as [`Filter::user`].
+    pub user: Option<String>,
+    pub target: Option<String>,
+    /// `postgres`, `tcp`, `ssh`.
+    pub protocol: Option<String>,
+    /// Opened at or after (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Opened at or before (Unix ms).
+    pub until_ms: Option<u64>,
+    /// Sessions with at least one event of this decision (`deny`, `approval`, `allow`)
+    /// among the records scanned.
+    pub decision: Option<String>,
+}
+
+/// One session of a page: its `connection.opened` (and the seq it is stored at) and how it
+/// ended, if the scan reached its close.
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    pub seq: u64,
+    pub opened: Value,
+    pub end: String,
+}
+
+/// A page of sessions, newest first, and where the next (older) page starts.
+#[derive(Debug, Clone)]
+pub struct SessionsPage {
+    pub rows: Vec<SessionRow>,
+    /// The records read: `first..=last`.
+    pub scanned: (u64, u64),
+    /// `before` for the next page; `None` when the oldest stored record was reached.
+    pub older: Option<u64>,
+}
+
+/// Records one page reads at most before `before`, and again after it for the closes and
+/// decisions of its sessions: a page costs the same with a million events stored as with
+/// a thousand (issue 20).
+pub const PAGE_SCAN_RECORDS: u64 = 20_000;
+
+/// Sessions opened before seq `before` (`None`: the newest), scanning at most
+/// [`PAGE_SCAN_RECORDS`] records back from it and as many after it; at most `limit` rows.
+pub fn sessions_page(
+    dir: &std::path::Path,
+    last_seq: u64,
+    before: Option<u64>,
+    filter: &SessionFilter,
+    limit: usize,
+) -> Result<SessionsPage, portcullis_audit_store::StoreError> {
+    let before = before
+        .unwrap_or(last_seq.saturating_add(1))
+        .min(last_seq.saturating_add(1));
+    let start = before.saturating_sub(PAGE_SCAN_RECORDS).max(1);
+    let end = before.saturating_add(PAGE_SCAN_RECORDS).min(last_seq);
+    let reader = match portcullis_audit_store::Reader::from_seq(dir, start) {
+        Err(portcullis_audit_store::StoreError::Pruned {
+            first_available, ..
+        }) => portcullis_audit_store::Reader::from_seq(dir, first_available)?,
+        other => other?,
+    };
+    let opened_filter = Filter {
+        user: filter.user.clone(),
+        target: filter.target.clone(),
+        kind: Some("connection.opened".into()),
+        since_ms: filter.since_ms,
+        until_ms: filter.until_ms,
+        ..Filter::default()
+    };
+    let mut opened: Vec<(u64, Value)> = Vec::new();
+    let mut closed: std::collections::HashMap<u64, Value> = std::collections::HashMap::new();
+    let mut decided: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut starts: Vec<u64> = Vec::new();
+    let mut first_read = None;
+    let mut last_read = start;
+    for record in reader {
+        let record = record?;
+        if record.seq > end {
+            break;
+        }
+        first_read.get_or_insert(record.seq);
+        last_read = record.seq;
+        let Ok(event) = serde_json::from_str::<Value>(&record.event) else {
+            continue;
+        };
+        let kind = event.get("event").and_then(Value::as_str).unwrap_or("");
+        let connection = event.get("connection_id").and_then(Value::as_u64);
+        if kind == "agent.started" {
+            starts.extend(event.get("time_ms").and_then(Value::as_u64));
+        }
+        if let (Some(id), Some(d)) = (connection, &filter.decision) {
+            if event.get("decision").and_then(Value::as_str) == Some(d.as_str()) {
+                decided.insert(id);
+            }
+        }
+        if kind == "connection.closed" {
+            if let Some(id) = connection {
+                closed.insert(id, event);
+            }
+            continue;
+        }
+        if record.seq < before
+            && opened_filter.matches(&event, &record.event)
+            && filter
+                .protocol
+                .as_deref()
+                .is_none_or(|p| event.get("protocol").and_then(Value::as_str) == Some(p))
+        {
+            opened.push((record.seq, event));
+        }
+    }
+    if filter.decision.is_some() {
+        opened.retain(|(_, o)| {
+            o.get("connection_id")
+                .and_then(Value::as_u64)
+                .is_some_and(|id| decided.contains(&id))
+        });
+    }
+    opened.reverse();
+    let first = first_read.unwrap_or(start);
+    let older = if opened.len() > limit {
+        opened.truncate(limit);
+        opened.last().map(|(seq, _)| *seq)
+    } else if first > 1 {
+        Some(first)
+    } else {
+        None
+    };
+    let rows = opened
+        .into_iter()
+        .map(|(seq, o)| {
+            let id = o.get("connection_id").and_then(Value::as_u64);
+            let c = id.and_then(|id| closed.remove(&id));
+            let time = o.get("time_ms").and_then(Value::as_u64).unwrap_or(0);
+            let end = if c.is_none() && last_read < last_seq {
+                "not closed in the records this page read; open its timeline".to_string()
+            } else {
+                session_end(time, c.as_ref(), &starts)
+            };
+            SessionRow {
+                seq,
+                opened: o,
+                end,
+            }
+        })
+        .collect();
+    Ok(SessionsPage {
+        rows,
+        scanned: (first, last_read),
+        older,
+    })
+}
+
+/// One session's events in order (what `sessions show` prints), read from seq `from` (its
+/// `connection.opened`, which the sessions list links with) to its `connection.closed`,
+/// and the times the agent started after it opened.
+pub fn session_events(
+    dir: &std::path::Path,
+    connection_id: u64,
+    from: u64,
+) -> Result<(Vec<Value>, Vec<u64>), portcullis_audit_store::StoreError> {
+    let reader = match portcullis_audit_store::Reader::from_seq(dir, from.max(1)) {
+        Err(portcullis_audit_store::StoreError::Pruned {
+            first_available, ..
+        }) => portcullis_audit_store::Reader::from_seq(dir, first_available)?,
+        other => other?,
+    };
+    let filter = Filter {
+        connection_id: Some(connection_id),
+        ..Filter::default()
+    };
+    let mut events = Vec::new();
+    let mut starts = Vec::new();
+    for record in reader {
+        let record = record?;
+        let Ok(event) = serde_json::from_str::<Value>(&record.event) else {
+            continue;
+        };
+        if filter.matches(&event, &record.event) {
+            let closed = event.get("event").and_then(Value::as_str) == Some("connection.closed");
+            events.push(event);
+            if closed {
+                break;
+            }
+        } else if event.get("event").and_then(Value::as_str) == Some("agent.started") {
+            starts.extend(event.get("time_ms").and_then(Value::as_u64));
+        }
+    }
+    Ok((events, starts))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {

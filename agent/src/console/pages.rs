@@ -1,0 +1,469 @@
+//! The console's HTML, rendered on the server. Every value that comes from outside the
+//! code (identities, statements, reasons, target names, URLs of filters) goes through
+//! [`esc`]: people choose their names and statements, and a page is read by approvers.
+//! No inline script or style: the CSP forbids both, and the stylesheet is `/console.css`.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::auth::{Roles, SignedIn};
+use crate::approvals::{ApprovalRequest, Asked, Grant};
+use crate::audit::query::{self, SessionFilter, SessionsPage};
+
+pub const STYLESHEET: &str = "\
+body{font-family:system-ui,sans-serif;margin:0;color:#111;background:#fff}\
+header{background:#1d2b3a;color:#fff;padding:.6rem 1rem;display:flex;gap:1rem;align-items:center}\
+header a{color:#fff}header form{margin-left:auto}\
+main{padding:1rem}table{border-collapse:collapse;width:100%}\
+th,td{border-bottom:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}\
+pre{white-space:pre-wrap;word-break:break-word;background:#f4f4f4;padding:.5rem}\
+.error{color:#8b0000;font-weight:bold}label{margin-right:.6rem}\
+button{padding:.3rem .8rem}:focus{outline:3px solid #1a5fb4}\
+";
+
+/// HTML-escapes text for element content and quoted attribute values.
+pub fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes a query parameter's value (RFC 3986 unreserved characters pass).
+pub fn query_value(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// A whole page: the navigation the person's roles allow, a sign-out form, the body.
+pub fn page(title: &str, who: Option<&SignedIn>, body: &str) -> String {
+    let mut nav = String::new();
+    if let Some(s) = who {
+        let Roles {
+            auditor,
+            approver,
+            admin,
+        } = s.roles;
+        if auditor {
+            nav.push_str(r#"<a href="/sessions">Sessions</a>"#);
+        }
+        if approver {
+            nav.push_str(r#"<a href="/approvals">Approvals</a><a href="/grants">Grants</a>"#);
+        }
+        if admin {
+            nav.push_str(r#"<a href="/health">Health</a>"#);
+        }
+        let _ = write!(
+            nav,
+            r#"<form method="post" action="/signout"><input type="hidden" name="csrf" value="{}"><span>{} ({})</span> <button type="submit">Sign out</button></form>"#,
+            esc(&s.csrf),
+            esc(&crate::approvals::who(&s.identity)),
+            esc(&s.roles.names()),
+        );
+    }
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · Portcullis</title><link rel=\"stylesheet\" href=\"/console.css\"></head>\
+         <body><header><strong>Portcullis</strong>{nav}</header><main><h1>{title}</h1>{body}</main></body></html>\n",
+        title = esc(title),
+    )
+}
+
+/// A page that says why something was refused, and nothing else.
+pub fn refusal(title: &str, who: Option<&SignedIn>, message: &str) -> String {
+    page(
+        title,
+        who,
+        &format!(r#"<p class="error" role="alert">{}</p>"#, esc(message)),
+    )
+}
+
+pub fn home(who: &SignedIn) -> String {
+    page(
+        "Console",
+        Some(who),
+        &format!(
+            "<p>Signed in as {} with the roles {}. Your session ends at {} UTC.</p>",
+            esc(&crate::approvals::who(&who.identity)),
+            esc(&who.roles.names()),
+            esc(&query::format_time(who.expires_ms)),
+        ),
+    )
+}
+
+/// The filters as the form shows them and as links carry them.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct SessionsQuery {
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default)]
+    pub since: String,
+    #[serde(default)]
+    pub until: String,
+    #[serde(default)]
+    pub decision: String,
+    pub before: Option<u64>,
+}
+
+impl SessionsQuery {
+    /// The audit filter, or which field cannot be read.
+    pub fn filter(&self, now_ms: u64) -> Result<SessionFilter, String> {
+        let text = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+        let time = |name: &str, s: &str| {
+            text(s)
+                .map(|t| query::parse_time(&t, now_ms).map_err(|e| format!("{name}: {e}")))
+                .transpose()
+        };
+        let protocol = text(&self.protocol);
+        if protocol
+            .as_deref()
+            .is_some_and(|p| !matches!(p, "postgres" | "tcp" | "ssh"))
+        {
+            return Err("protocol: postgres, tcp or ssh".into());
+        }
+        let decision = text(&self.decision);
+        if decision
+            .as_deref()
+            .is_some_and(|d| !matches!(d, "allow" | "deny" | "approval"))
+        {
+            return Err("decision: allow, deny or approval".into());
+        }
+        Ok(SessionFilter {
+            user: text(&self.user),
+            target: text(&self.target),
+            protocol,
+            since_ms: time("since", &self.since)?,
+            until_ms: time("until", &self.until)?,
+            decision,
+        })
+    }
+
+    fn link(&self, before: u64) -> String {
+        format!(
+            "/sessions?user={}&target={}&protocol={}&since={}&until={}&decision={}&before={before}",
+            query_value(&self.user),
+            query_value(&self.target),
+            query_value(&self.protocol),
+            query_value(&self.since),
+            query_value(&self.until),
+            query_value(&self.decision),
+        )
+    }
+}
+
+fn select(name: &str, label: &str, current: &str, options: &[&str]) -> String {
+    let mut out = format!(
+        r#"<label for="{name}">{label}</label><select id="{name}" name="{name}"><option value="">any</option>"#
+    );
+    for o in options {
+        let selected = if *o == current { " selected" } else { "" };
+        let _ = write!(out, r#"<option value="{o}"{selected}>{o}</option>"#);
+    }
+    out.push_str("</select>");
+    out
+}
+
+fn text_input(name: &str, label: &str, value: &str, hint: &str) -> String {
+    format!(
+        r#"<label for="{name}">{label}</label><input id="{name}" name="{name}" value="{}" placeholder="{hint}">"#,
+        esc(value)
+    )
+}
+
+pub fn sessions(who: &SignedIn, q: &SessionsQuery, result: Result<SessionsPage, String>) -> String {
+    let mut body = String::from(r#"<form method="get" action="/sessions" role="search">"#);
+    body.push_str(&text_input(
+        "user",
+        "User",
+        &q.user,
+        "name, uid, subject or email",
+    ));
+    body.push_str(&text_input("target", "Target", &q.target, "target name"));
+    body.push_str(&select(
+        "protocol",
+        "Protocol",
+        &q.protocol,
+        &["postgres", "tcp", "ssh"],
+    ));
+    body.push_str(&text_input(
+        "since",
+        "Since",
+        &q.since,
+        "2h, 7d, 2026-01-31",
+    ));
+    body.push_str(&text_input(
+        "until",
+        "Until",
+        &q.until,
+        "30m, 2026-02-01T12:00",
+    ));
+    body.push_str(&select(
+        "decision",
+        "Decision",
+        &q.decision,
+        &["allow", "deny", "approval"],
+    ));
+    body.push_str(r#" <button type="submit">Filter</button></form>"#);
+    let page_of = match result {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = write!(body, r#"<p class="error" role="alert">{}</p>"#, esc(&e));
+            return page("Sessions", Some(who), &body);
+        }
+    };
+    let _ = write!(
+        body,
+        "<p>{} sessions opened in records {} to {} of the audit trail.</p>",
+        page_of.rows.len(),
+        page_of.scanned.0,
+        page_of.scanned.1
+    );
+    body.push_str(
+        "<table><thead><tr><th scope=\"col\">Session</th><th scope=\"col\">Opened (UTC)</th>\
+         <th scope=\"col\">User</th><th scope=\"col\">Identity</th><th scope=\"col\">Process</th>\
+         <th scope=\"col\">Target</th><th scope=\"col\">Protocol</th><th scope=\"col\">End</th></tr></thead><tbody>",
+    );
+    for row in &page_of.rows {
+        let o = &row.opened;
+        let s = |path: &str| {
+            o.pointer(path)
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .unwrap_or_else(|| "-".into())
+        };
+        let id = o.get("connection_id").and_then(Value::as_u64).unwrap_or(0);
+        let who = match s("/identity/email") {
+            e if e != "-" => e,
+            _ => s("/identity/subject"),
+        };
+        let _ = write!(
+            body,
+            r#"<tr><td><a href="/sessions/{id}?from={seq}">{id}</a></td><td>{time}</td><td>{user}</td><td>{who}</td><td>{comm} (pid {pid})</td><td>{target}</td><td>{protocol}</td><td>{end}</td></tr>"#,
+            seq = row.seq,
+            time = esc(&query::format_time(
+                o.get("time_ms").and_then(Value::as_u64).unwrap_or(0)
+            )),
+            user = esc(&s("/identity/user")),
+            who = esc(&who),
+            comm = esc(&s("/origin/comm")),
+            pid = esc(&s("/origin/pid")),
+            target = esc(&s("/target")),
+            protocol = esc(&s("/protocol")),
+            end = esc(&row.end),
+        );
+    }
+    body.push_str("</tbody></table>");
+    if let Some(before) = page_of.older {
+        let _ = write!(
+            body,
+            r#"<p><a href="{}" rel="next">Older sessions</a></p>"#,
+            esc(&q.link(before))
+        );
+    }
+    page("Sessions", Some(who), &body)
+}
+
+/// One session's timeline: what `portcullis sessions show` prints, line for line.
+pub fn timeline(who: &SignedIn, id: u64, events: &[Value], starts: &[u64]) -> String {
+    let mut text = String::new();
+    let mut opened = None;
+    let mut closed = None;
+    for e in events {
+        match e.get("event").and_then(Value::as_str) {
+            Some("connection.opened") => opened = e.get("time_ms").and_then(Value::as_u64),
+            Some("connection.closed") => closed = Some(e),
+            _ => {}
+        }
+        text.push_str(&query::summary(e));
+        text.push('\n');
+        for line in query::details(e) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
+    if let Some(opened) = opened {
+        let _ = writeln!(text, "end: {}", query::session_end(opened, closed, starts));
+    }
+    let body = if events.is_empty() {
+        format!(
+            r#"<p class="error" role="alert">No events of session {id} from that point of the audit trail.</p>"#
+        )
+    } else {
+        format!("<pre>{}</pre>", esc(&text))
+    };
+    page(&format!("Session {id}"), Some(who), &body)
+}
+
+fn asked(r: &ApprovalRequest) -> String {
+    match &r.asked {
+        Asked::Statement {
+            target,
+            statement,
+            parameters,
+            connection_id,
+        } => {
+            let mut out = format!(
+                "statement on <strong>{}</strong> (session {connection_id}):<pre>{}</pre>",
+                esc(target),
+                esc(statement)
+            );
+            if !parameters.is_empty() {
+                let shown: Vec<String> = parameters
+                    .iter()
+                    .map(|p| {
+                        p.as_deref()
+                            .map_or_else(|| "NULL".into(), |v| format!("'{v}'"))
+                    })
+                    .collect();
+                let _ = write!(out, "parameters: <pre>{}</pre>", esc(&shown.join(", ")));
+            }
+            out
+        }
+        Asked::Grant { .. } => esc(&r.asked.describe()),
+    }
+}
+
+/// Pending requests the person may see, each with approve and deny and a reason.
+pub fn approvals(who: &SignedIn, requests: &[ApprovalRequest], notice: Option<&str>) -> String {
+    let mut body = String::new();
+    if let Some(n) = notice {
+        let _ = write!(body, r#"<p role="status">{}</p>"#, esc(n));
+    }
+    if requests.is_empty() {
+        body.push_str("<p>No pending requests that you may see.</p>");
+    }
+    for r in requests {
+        let required: Vec<String> = r
+            .required
+            .iter()
+            .map(|q| format!("{} of {}", q.approvals, q.group))
+            .collect();
+        let _ = write!(
+            body,
+            r#"<section aria-labelledby="r-{id}"><h2 id="r-{id}">Request {id}</h2>
+<p>{requester} asks for {asked}</p><p>Reason: {reason}</p>
+<p>Needs: {required}; approved so far by: {counted}. Expires {expires} UTC.</p>
+<form method="post" action="/approvals/{id}"><input type="hidden" name="csrf" value="{csrf}">
+<label for="reason-{id}">Your reason</label><input id="reason-{id}" name="reason" required maxlength="1000">
+<button type="submit" name="decision" value="approve">Approve</button>
+<button type="submit" name="decision" value="deny">Deny</button></form></section>"#,
+            id = esc(&r.id),
+            requester = esc(&crate::approvals::who(&r.requester)),
+            asked = asked(r),
+            reason = esc(&r.reason),
+            required = esc(&required.join(" and ")),
+            counted = esc(&{
+                let c = r.counted();
+                if c.is_empty() {
+                    "nobody".to_string()
+                } else {
+                    c.join(", ")
+                }
+            }),
+            expires = esc(&query::format_time(r.expires_ms)),
+            csrf = esc(&who.csrf),
+        );
+    }
+    page("Pending approvals", Some(who), &body)
+}
+
+pub fn grants(who: &SignedIn, grants: &[Grant], now_ms: u64, notice: Option<&str>) -> String {
+    let mut body = String::new();
+    if let Some(n) = notice {
+        let _ = write!(body, r#"<p role="status">{}</p>"#, esc(n));
+    }
+    if grants.is_empty() {
+        body.push_str("<p>No active grants that you may see.</p>");
+    }
+    body.push_str(
+        "<table><thead><tr><th scope=\"col\">Grant</th><th scope=\"col\">Holder</th>\
+         <th scope=\"col\">Target</th><th scope=\"col\">Actions</th><th scope=\"col\">Approved by</th>\
+         <th scope=\"col\">Expires (UTC)</th><th scope=\"col\">Revoke</th></tr></thead><tbody>",
+    );
+    for g in grants {
+        let revoke = if g.is_active(now_ms) {
+            format!(
+                r#"<form method="post" action="/grants/{id}/revoke"><input type="hidden" name="csrf" value="{csrf}"><label for="why-{id}">Reason</label><input id="why-{id}" name="reason" required maxlength="1000"> <button type="submit">Revoke</button></form>"#,
+                id = esc(&g.id),
+                csrf = esc(&who.csrf)
+            )
+        } else {
+            "ended".into()
+        };
+        let _ = write!(
+            body,
+            "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{revoke}</td></tr>",
+            esc(&g.id),
+            if g.break_glass { " (break-glass)" } else { "" },
+            esc(&crate::approvals::who(&g.requester)),
+            esc(&g.target),
+            esc(&g.actions.join(", ")),
+            esc(&g.approvers.join(", ")),
+            esc(&query::format_time(g.expires_ms)),
+        );
+    }
+    body.push_str("</tbody></table>");
+    page("Grants", Some(who), &body)
+}
+
+/// What an admin sees of the agent's health.
+pub struct Health {
+    pub last_seq: u64,
+    pub audit_failure: Option<String>,
+    pub pending_requests: usize,
+    pub signed_in: usize,
+}
+
+pub fn health(who: &SignedIn, h: &Health) -> String {
+    let audit = match &h.audit_failure {
+        Some(f) => format!(r#"<span class="error">failing: {}</span>"#, esc(f)),
+        None => "writing".into(),
+    };
+    let body = format!(
+        "<table><tbody><tr><th scope=\"row\">Host</th><td>{}</td></tr>\
+         <tr><th scope=\"row\">Audit store</th><td>{audit}; last record {}</td></tr>\
+         <tr><th scope=\"row\">Pending approval requests</th><td>{}</td></tr>\
+         <tr><th scope=\"row\">People signed in to the console</th><td>{}</td></tr></tbody></table>",
+        esc(&portcullis_core::hostname()),
+        h.last_seq,
+        h.pending_requests,
+        h.signed_in,
+    );
+    page("Health", Some(who), &body)
+}
+
+/// After sign-in: a page of the console's own origin moves the browser on, so the
+/// SameSite=Strict session cookie is sent (a redirect chain that began at the issuer is
+/// cross-site, and the browser would withhold it). A meta refresh needs no script.
+pub fn signed_in(who: &SignedIn) -> String {
+    let body = format!(
+        r#"<p>Signed in as {} ({}). <a href="/">Continue</a></p>"#,
+        esc(&crate::approvals::who(&who.identity)),
+        esc(&who.roles.names())
+    );
+    page("Signed in", Some(who), &body).replacen(
+        "<meta charset=\"utf-8\">",
+        "<meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0; url=/\">",
+        1,
+    )
+}

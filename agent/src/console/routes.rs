@@ -1,0 +1,538 @@
+//! The console's requests: who may see each page and do each action, checked here on the
+//! server for every request (a page that hides a button protects nothing).
+//!
+//! A GET without a session goes to sign-in. A POST must carry the session's CSRF token
+//! (compared in constant time) and, when the browser sends one, the console's own Origin;
+//! then the person's role is checked, and the action runs the code the CLI runs.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Form, Path, Query, State as Extract};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use super::auth::{self, Auth, Callback, Roles, SignedIn, FLOW_COOKIE, SESSION_COOKIE};
+use super::pages::{self, SessionsQuery};
+use crate::approvals::{ApprovalError, ApprovalStore, Viewer};
+use crate::audit::{AuditEvent, AuditLog, EventKind};
+use crate::config::ConsoleSettings;
+
+/// Sessions a page lists at most.
+const PAGE_ROWS: usize = 50;
+
+/// The CSP: nothing but the console's own stylesheet; no script at all, inline or not; no
+/// framing; forms post only here.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
+     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub struct State {
+    pub settings: ConsoleSettings,
+    pub auth: Auth,
+    pub audit: Arc<AuditLog>,
+    pub approvals: Arc<ApprovalStore>,
+}
+
+type Shared = Extract<Arc<State>>;
+
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/", get(home))
+        .route("/console.css", get(stylesheet))
+        .route("/signin", get(sign_in))
+        .route("/auth/callback", get(callback))
+        .route("/signout", post(sign_out))
+        .route("/sessions", get(sessions))
+        .route("/sessions/{id}", get(session))
+        .route("/approvals", get(approvals))
+        .route("/approvals/{id}", post(decide))
+        .route("/grants", get(grants))
+        .route("/grants/{id}/revoke", post(revoke))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // The callback's URL carries the code; no page's address goes anywhere else.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    response
+}
+
+/// A cookie's value from the request's `Cookie` headers.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (status, Html(body)).into_response()
+}
+
+fn see_other(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+impl State {
+    fn session(&self, headers: &HeaderMap) -> Option<SignedIn> {
+        self.auth.session(
+            cookie(headers, SESSION_COOKIE).as_deref(),
+            crate::audit::now_ms(),
+        )
+    }
+
+    fn denied(&self, who: Option<&SignedIn>, reason: String) {
+        let mut ev = AuditEvent::new(EventKind::ConsoleDenied).reason(reason);
+        ev.identity = who.map(|s| s.identity.clone().into());
+        self.audit.record(ev);
+    }
+
+    /// The session of a page's reader, or where they go instead: sign-in without a
+    /// session, a 403 page (recorded) without the role.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the refusal is the answer, returned once per request"
+    )]
+    fn reader(
+        &self,
+        headers: &HeaderMap,
+        role: fn(Roles) -> bool,
+        what: &str,
+    ) -> Result<SignedIn, Response> {
+        let Some(who) = self.session(headers) else {
+            return Err(see_other("/signin"));
+        };
+        if !role(who.roles) {
+            self.denied(
+                Some(&who),
+                format!("{what}: not allowed to {}", who.roles.names()),
+            );
+            return Err(html(
+                StatusCode::FORBIDDEN,
+                pages::refusal(
+                    "Not allowed",
+                    Some(&who),
+                    &format!("Your roles ({}) do not allow {what}.", who.roles.names()),
+                ),
+            ));
+        }
+        Ok(who)
+    }
+
+    /// The session behind a form, once its origin, CSRF token and role are checked.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the refusal is the answer, returned once per request"
+    )]
+    fn poster(
+        &self,
+        headers: &HeaderMap,
+        form: &[(String, String)],
+        role: fn(Roles) -> bool,
+        what: &str,
+    ) -> Result<SignedIn, Response> {
+        let who = self.session(headers);
+        let refuse = |reason: String, message: &str| {
+            self.denied(who.as_ref(), format!("{what}: {reason}"));
+            html(
+                StatusCode::FORBIDDEN,
+                pages::refusal("Refused", who.as_ref(), message),
+            )
+        };
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            if origin.as_bytes() != self.settings.url.as_bytes() {
+                return Err(refuse(
+                    format!(
+                        "a form from another origin ({})",
+                        String::from_utf8_lossy(origin.as_bytes())
+                    ),
+                    "This form was not sent from the console.",
+                ));
+            }
+        }
+        let Some(s) = who.as_ref() else {
+            return Err(refuse(
+                "no session".into(),
+                "You are not signed in (or your session ended); sign in again.",
+            ));
+        };
+        let token = form
+            .iter()
+            .find(|(k, _)| k == "csrf")
+            .map_or("", |(_, v)| v.as_str());
+        if !auth::equal(token, &s.csrf) {
+            return Err(refuse(
+                "a form without this session's CSRF token".into(),
+                "This form does not carry your session's token; reload the page and try again.",
+            ));
+        }
+        if !role(s.roles) {
+            return Err(refuse(
+                format!("not allowed to {}", s.roles.names()),
+                &format!("Your roles ({}) do not allow {what}.", s.roles.names()),
+            ));
+        }
+        Ok(s.clone())
+    }
+}
+
+fn field<'a>(form: &'a [(String, String)], name: &str) -> &'a str {
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+fn viewer(who: &SignedIn) -> Viewer {
+    Viewer {
+        uid: auth::NO_UID,
+        identity: Some(who.identity.clone()),
+    }
+}
+
+async fn home(Extract(state): Shared, headers: HeaderMap) -> Response {
+    match state.reader(&headers, |_| true, "the console") {
+        Ok(who) => html(StatusCode::OK, pages::home(&who)),
+        Err(r) => r,
+    }
+}
+
+async fn stylesheet() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        pages::STYLESHEET,
+    )
+        .into_response()
+}
+
+async fn not_found(Extract(state): Shared, headers: HeaderMap) -> Response {
+    let who = state.session(&headers);
+    html(
+        StatusCode::NOT_FOUND,
+        pages::refusal("Not found", who.as_ref(), "There is no such page."),
+    )
+}
+
+async fn sign_in(Extract(state): Shared, headers: HeaderMap) -> Response {
+    if state.session(&headers).is_some() {
+        return see_other("/");
+    }
+    match state.auth.start(crate::audit::now_ms()).await {
+        Ok((url, flow)) => {
+            let mut r = see_other(&url);
+            // Lax, not Strict: it must come back with the issuer's redirect, a top-level
+            // navigation from another site.
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                "{FLOW_COOKIE}={flow}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=600"
+            )) {
+                r.headers_mut().append(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "console: cannot start a sign-in");
+            html(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::refusal("Sign-in unavailable", None, &e.to_string()),
+            )
+        }
+    }
+}
+
+async fn callback(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Query(answer): Query<Callback>,
+) -> Response {
+    let flow = cookie(&headers, FLOW_COOKIE);
+    let now = crate::audit::now_ms();
+    let outcome = state.auth.finish(flow.as_deref(), &answer, now).await;
+    let mut response = match outcome {
+        Ok((id, who)) => {
+            let mut ev = AuditEvent::new(EventKind::ConsoleSignin)
+                .reason(format!("signed in to the console as {}", who.roles.names()));
+            ev.identity = Some(who.identity.clone().into());
+            state.audit.record(ev);
+            let mut r = html(StatusCode::OK, pages::signed_in(&who));
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                "{SESSION_COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
+                state.settings.session_timeout_secs
+            )) {
+                r.headers_mut().append(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err((e, identity)) => {
+            let mut ev =
+                AuditEvent::new(EventKind::ConsoleDenied).reason(format!("sign-in refused: {e}"));
+            ev.identity = identity.map(Into::into);
+            state.audit.record(ev);
+            html(
+                StatusCode::FORBIDDEN,
+                pages::refusal("Sign-in refused", None, &e.to_string()),
+            )
+        }
+    };
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "__Host-portcullis-signin=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0",
+        ),
+    );
+    response
+}
+
+async fn sign_out(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    if let Err(r) = state.poster(&headers, &form, |_| true, "signing out") {
+        return r;
+    }
+    state
+        .auth
+        .sign_out(cookie(&headers, SESSION_COOKIE).as_deref());
+    let mut r = html(
+        StatusCode::OK,
+        pages::page(
+            "Signed out",
+            None,
+            r#"<p><a href="/signin">Sign in again</a></p>"#,
+        ),
+    );
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "__Host-portcullis-console=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
+    );
+    r
+}
+
+async fn sessions(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Query(q): Query<SessionsQuery>,
+) -> Response {
+    let who = match state.reader(&headers, |r| r.auditor, "reading sessions") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let result = match q.filter(crate::audit::now_ms()) {
+        Err(e) => Err(e),
+        Ok(filter) => {
+            let dir = state.audit.dir().to_path_buf();
+            let last = state.audit.last_seq();
+            let before = q.before;
+            tokio::task::spawn_blocking(move || {
+                crate::audit::query::sessions_page(&dir, last, before, &filter, PAGE_ROWS)
+                    .map_err(|e| format!("the audit trail cannot be read: {e}"))
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("reading the audit trail failed: {e}")))
+        }
+    };
+    html(StatusCode::OK, pages::sessions(&who, &q, result))
+}
+
+#[derive(serde::Deserialize)]
+struct From {
+    from: Option<u64>,
+}
+
+async fn session(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Query(from): Query<From>,
+) -> Response {
+    let who = match state.reader(&headers, |r| r.auditor, "reading sessions") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let dir = state.audit.dir().to_path_buf();
+    let start = from.from.unwrap_or(1);
+    let read =
+        tokio::task::spawn_blocking(move || crate::audit::query::session_events(&dir, id, start))
+            .await;
+    match read {
+        Ok(Ok((events, starts))) => {
+            html(StatusCode::OK, pages::timeline(&who, id, &events, &starts))
+        }
+        Ok(Err(e)) => html(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            pages::refusal(
+                "Unreadable",
+                Some(&who),
+                &format!("the audit trail cannot be read: {e}"),
+            ),
+        ),
+        Err(e) => html(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            pages::refusal("Unreadable", Some(&who), &e.to_string()),
+        ),
+    }
+}
+
+async fn approvals(Extract(state): Shared, headers: HeaderMap) -> Response {
+    let who = match state.reader(&headers, |r| r.approver, "seeing approvals") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let requests = state.approvals.requests(&viewer(&who), false);
+    html(StatusCode::OK, pages::approvals(&who, &requests, None))
+}
+
+async fn decide(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    let who = match state.poster(&headers, &form, |r| r.approver, "deciding approvals") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let approve = match field(&form, "decision") {
+        "approve" => true,
+        "deny" => false,
+        _ => {
+            return html(
+                StatusCode::BAD_REQUEST,
+                pages::refusal("Refused", Some(&who), "Choose Approve or Deny."),
+            )
+        }
+    };
+    let reason = field(&form, "reason").to_string();
+    // The CLI's own decision: segregation of duties, groups and quorum are the store's.
+    match state
+        .approvals
+        .decide(&id, &who.identity, approve, reason, false)
+    {
+        Ok(r) => {
+            let notice = format!("Request {} is now {}.", r.id, r.state.as_str());
+            let requests = state.approvals.requests(&viewer(&who), false);
+            html(
+                StatusCode::OK,
+                pages::approvals(&who, &requests, Some(&notice)),
+            )
+        }
+        Err(e) => {
+            let status = approval_status(&e);
+            if status == StatusCode::FORBIDDEN {
+                state.denied(Some(&who), format!("deciding request {id}: {e}"));
+            }
+            html(
+                status,
+                pages::refusal("Refused", Some(&who), &e.to_string()),
+            )
+        }
+    }
+}
+
+fn approval_status(e: &ApprovalError) -> StatusCode {
+    match e {
+        ApprovalError::Ineligible(_) | ApprovalError::AlreadyVoted(_) => StatusCode::FORBIDDEN,
+        ApprovalError::UnknownRequest(_) | ApprovalError::UnknownGrant(_) => StatusCode::NOT_FOUND,
+        ApprovalError::AlreadyDecided { .. } | ApprovalError::GrantEnded(_) => StatusCode::CONFLICT,
+        ApprovalError::Io { .. } | ApprovalError::Ownership { .. } | ApprovalError::Full => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+async fn grants(Extract(state): Shared, headers: HeaderMap) -> Response {
+    let who = match state.reader(&headers, |r| r.approver, "seeing grants") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let list = state.approvals.grants(&viewer(&who), false);
+    html(
+        StatusCode::OK,
+        pages::grants(&who, &list, crate::audit::now_ms(), None),
+    )
+}
+
+async fn revoke(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    let who = match state.poster(&headers, &form, |r| r.approver, "revoking grants") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let reason = field(&form, "reason").to_string();
+    match state.approvals.revoke(&id, &viewer(&who), reason) {
+        Ok((grant, closed)) => {
+            let notice = format!(
+                "Grant {} revoked; {closed} open connection(s) closed.",
+                grant.id
+            );
+            let list = state.approvals.grants(&viewer(&who), false);
+            html(
+                StatusCode::OK,
+                pages::grants(&who, &list, crate::audit::now_ms(), Some(&notice)),
+            )
+        }
+        Err(e) => html(
+            approval_status(&e),
+            pages::refusal("Refused", Some(&who), &e.to_string()),
+        ),
+    }
+}
+
+async fn health(Extract(state): Shared, headers: HeaderMap) -> Response {
+    let who = match state.reader(&headers, |r| r.admin, "seeing health") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let everyone = Viewer {
+        uid: 0,
+        identity: None,
+    };
+    let h = pages::Health {
+        last_seq: state.audit.last_seq(),
+        audit_failure: state
+            .audit
+            .write_failure()
+            .map(|f| format!("{} ({} events lost)", f.error, f.lost_events)),
+        pending_requests: state.approvals.requests(&everyone, false).len(),
+        signed_in: state.auth.signed_in(),
+    };
+    html(StatusCode::OK, pages::health(&who, &h))
+}

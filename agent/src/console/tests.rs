@@ -1,0 +1,454 @@
+//! The console's router in process, with a real approvals store and audit log in a
+//! temporary directory and sessions put in place of a sign-in (the sign-in itself runs
+//! against the real OpenID Provider in tests/console.rs).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use serde_json::Value;
+use tower::ServiceExt;
+
+use super::auth::{Auth, Roles, SignedIn, NO_UID, SESSION_COOKIE};
+use super::routes::{self, State, CONTENT_SECURITY_POLICY};
+use crate::approvals::{ApprovalStore, Ask, Asked, GrantEndListener, StoreOptions};
+use crate::audit::AuditLog;
+use crate::config::Config;
+use crate::identity::{Identity, IdentityKind};
+
+const CONFIG: &str = "[identity]\nissuer = \"https://idp.example\"\n\
+    [console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"audit\"]\napprover_groups = [\"dba-leads\"]\n";
+
+struct NoConnections(Mutex<Vec<String>>);
+impl GrantEndListener for NoConnections {
+    fn grant_ended(&self, grant_id: &str, _reason: &str) -> usize {
+        self.0.lock().unwrap().push(grant_id.to_owned());
+        0
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    state: Arc<State>,
+}
+
+fn person(subject: &str, groups: &[&str]) -> Identity {
+    Identity {
+        kind: IdentityKind::User,
+        uid: NO_UID,
+        gid: NO_UID,
+        user: None,
+        subject: Some(subject.into()),
+        email: Some(format!("{subject}@example.test")),
+        name: None,
+        groups: groups.iter().map(|g| (*g).to_string()).collect(),
+        issuer: Some("https://idp.example".into()),
+    }
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = Config::parse(std::path::Path::new("/t.toml"), CONFIG).unwrap();
+    let settings = config.console().unwrap();
+    let (audit, _) = AuditLog::open(
+        &crate::config::AuditConfig::default(),
+        &dir.path().join("audit"),
+        Vec::new(),
+    )
+    .unwrap();
+    let audit = Arc::new(audit);
+    let approvals = ApprovalStore::open(
+        &dir.path().join("approvals"),
+        Arc::clone(&audit),
+        Arc::new(NoConnections(Mutex::new(Vec::new()))),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let auth = Auth::new(&config, &settings, None).unwrap();
+    Fixture {
+        _dir: dir,
+        state: Arc::new(State {
+            settings,
+            auth,
+            audit,
+            approvals,
+        }),
+    }
+}
+
+impl Fixture {
+    /// A signed-in session for `identity`; its cookie value and CSRF token.
+    fn sign_in(&self, id: &str, identity: Identity) -> SignedIn {
+        let roles = Roles::of(&identity.groups, &self.state.settings);
+        let s = SignedIn {
+            identity,
+            roles,
+            csrf: format!("csrf-of-{id}"),
+            expires_ms: crate::audit::now_ms() + 600_000,
+        };
+        self.state.auth.insert_for_test(id, s.clone());
+        s
+    }
+
+    fn ask_statement(&self, requester: Identity, statement: &str) -> String {
+        self.state
+            .approvals
+            .ask(Ask {
+                requester,
+                asked: Asked::Statement {
+                    connection_id: 7,
+                    target: "db".into(),
+                    statement: statement.into(),
+                    parameters: vec![Some("\"><img src=x>".into()), None],
+                },
+                reason: "statement needs approval".into(),
+                requirement: portcullis_policy::ApprovalRequirement {
+                    quorums: vec![portcullis_policy::Quorum {
+                        group: "dba-leads".into(),
+                        approvals: 1,
+                    }],
+                },
+                policy_ids: vec!["ddl-after-approval".into()],
+                timeout: Duration::from_secs(600),
+            })
+            .unwrap()
+            .id
+    }
+
+    async fn send(&self, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+        let response = routes::router(Arc::clone(&self.state))
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, headers, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    async fn get(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
+        let mut r = Request::get(path);
+        if let Some(c) = cookie {
+            r = r.header(header::COOKIE, format!("{SESSION_COOKIE}={c}"));
+        }
+        self.send(r.body(Body::empty()).unwrap()).await
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+        origin: Option<&str>,
+        form: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
+        let body: Vec<String> = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", super::pages::query_value(v)))
+            .collect();
+        let mut r =
+            Request::post(path).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(c) = cookie {
+            r = r.header(header::COOKIE, format!("other=1; {SESSION_COOKIE}={c}"));
+        }
+        if let Some(o) = origin {
+            r = r.header(header::ORIGIN, o);
+        }
+        self.send(r.body(Body::from(body.join("&"))).unwrap()).await
+    }
+
+    fn events(&self, kind: &str) -> Vec<Value> {
+        self.state.audit.flush();
+        portcullis_audit_store::Reader::all(self.state.audit.dir())
+            .unwrap()
+            .map(|r| serde_json::from_str::<Value>(&r.unwrap().event).unwrap())
+            .filter(|e| e["event"] == kind)
+            .collect()
+    }
+
+    fn state_of(&self, id: &str) -> &'static str {
+        self.state.approvals.state_of(id).unwrap().state.as_str()
+    }
+}
+
+#[tokio::test]
+async fn without_a_session_pages_go_to_sign_in_and_forms_are_refused() {
+    let f = fixture();
+    for path in [
+        "/",
+        "/sessions",
+        "/sessions/7?from=1",
+        "/approvals",
+        "/grants",
+        "/health",
+    ] {
+        let (status, headers, _) = f.get(path, None).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(headers[header::LOCATION], "/signin", "{path}");
+        // An unknown or ended session is no session.
+        let (status, _, _) = f.get(path, Some("not-a-session")).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{path}");
+    }
+    let alice = person("alice", &["engineering"]);
+    let id = f.ask_statement(alice, "DROP TABLE t");
+    let (status, _, body) = f
+        .post(
+            &format!("/approvals/{id}"),
+            None,
+            None,
+            &[("csrf", "x"), ("decision", "approve"), ("reason", "ok")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("You are not signed in"), "{body}");
+    assert_eq!(f.state_of(&id), "pending");
+    let denied = f.events("console.denied");
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["reason"] == "deciding approvals: no session"),
+        "{denied:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_csp_no_framing_and_no_caching() {
+    let f = fixture();
+    let bob = f.sign_in("s-bob", person("bob", &["dba-leads", "audit"]));
+    let answers = [
+        f.get("/", None).await,
+        f.get("/approvals", Some("s-bob")).await,
+        f.get("/no-such-page", Some("s-bob")).await,
+        f.get("/console.css", None).await,
+        f.post("/signout", Some("s-bob"), None, &[("csrf", "wrong")])
+            .await,
+    ];
+    for (status, headers, _) in &answers {
+        assert_eq!(
+            headers[header::CONTENT_SECURITY_POLICY],
+            CONTENT_SECURITY_POLICY,
+            "{status}"
+        );
+        assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
+    }
+    // No script may run, inline or loaded; nothing but the console's own stylesheet.
+    assert!(CONTENT_SECURITY_POLICY.starts_with("default-src 'none';"));
+    assert!(!CONTENT_SECURITY_POLICY.contains("script-src"));
+    assert!(!CONTENT_SECURITY_POLICY.contains("unsafe"));
+    let (_, _, page) = &answers[1];
+    assert!(!page.contains("<script"), "{page}");
+    assert!(!page.contains("style="), "{page}");
+    assert!(
+        page.contains(&format!("name=\"csrf\" value=\"{}\"", bob.csrf)),
+        "{page}"
+    );
+    // Signing out ends the session server-side and clears the cookie.
+    let (status, headers, _) = f
+        .post("/signout", Some("s-bob"), None, &[("csrf", &bob.csrf)])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let cleared = headers[header::SET_COOKIE].to_str().unwrap();
+    assert!(
+        cleared.starts_with(&format!("{SESSION_COOKIE}=;")),
+        "{cleared}"
+    );
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+    assert_eq!(
+        f.get("/approvals", Some("s-bob")).await.0,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn a_reader_cannot_approve_and_a_forged_form_is_refused() {
+    let f = fixture();
+    let alice = person("alice", &["engineering"]);
+    let id = f.ask_statement(alice, "CREATE TABLE t (id int)");
+    let path = format!("/approvals/{id}");
+    // An auditor reads sessions but decides nothing, even with their own valid token.
+    let carol = f.sign_in("s-carol", person("carol", &["audit"]));
+    let (status, _, body) = f.get("/approvals", Some("s-carol")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains("Your roles (auditor) do not allow seeing approvals"),
+        "{body}"
+    );
+    let (status, _, body) = f
+        .post(
+            &path,
+            Some("s-carol"),
+            None,
+            &[
+                ("csrf", &carol.csrf),
+                ("decision", "approve"),
+                ("reason", "ok"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(f.state_of(&id), "pending");
+
+    let bob = f.sign_in("s-bob", person("bob", &["dba-leads"]));
+    type Forged<'a> = (Option<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let forged: [Forged<'_>; 4] = [
+        (
+            None,
+            vec![("decision", "approve"), ("reason", "ok")],
+            "without this session's CSRF token",
+        ),
+        (
+            None,
+            vec![
+                ("csrf", "csrf-of-s-carol"),
+                ("decision", "approve"),
+                ("reason", "ok"),
+            ],
+            "without this session's CSRF token",
+        ),
+        (
+            None,
+            vec![("csrf", ""), ("decision", "approve"), ("reason", "ok")],
+            "without this session's CSRF token",
+        ),
+        (
+            Some("https://evil.example"),
+            vec![
+                ("csrf", &bob.csrf),
+                ("decision", "approve"),
+                ("reason", "ok"),
+            ],
+            "another origin",
+        ),
+    ];
+    for (origin, form, why) in &forged {
+        let (status, _, body) = f.post(&path, Some("s-bob"), *origin, form).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{form:?}: {body}");
+        assert_eq!(f.state_of(&id), "pending", "{form:?}");
+        assert!(
+            f.events("console.denied")
+                .iter()
+                .any(|e| e["reason"].as_str().unwrap().contains(why)
+                    && e["identity"]["subject"] == "bob"),
+            "{why}"
+        );
+    }
+    let (status, _, body) = f
+        .post(
+            &path,
+            Some("s-bob"),
+            Some("https://127.0.0.1:9443"),
+            &[
+                ("csrf", &bob.csrf),
+                ("decision", "approve"),
+                ("reason", "looks right"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains(&format!("Request {id} is now approved.")),
+        "{body}"
+    );
+    let approved = f.events("approval.approved");
+    assert_eq!(approved.len(), 1, "{approved:?}");
+    assert_eq!(approved[0]["identity"]["subject"], "bob");
+    assert_eq!(approved[0]["identity"]["uid"], u64::from(NO_UID));
+    let carols = f.events("console.denied");
+    assert!(
+        carols.iter().any(|e| e["identity"]["subject"] == "carol"
+            && e["reason"] == "deciding approvals: not allowed to auditor"),
+        "{carols:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_requester_cannot_approve_their_own_request_in_the_console() {
+    let f = fixture();
+    // alice is an approver herself: the store, not the page, refuses her own request.
+    let alice = f.sign_in("s-alice", person("alice", &["dba-leads"]));
+    let id = f.ask_statement(alice.identity.clone(), "DROP TABLE t");
+    let (status, _, body) = f
+        .post(
+            &format!("/approvals/{id}"),
+            Some("s-alice"),
+            None,
+            &[
+                ("csrf", &alice.csrf),
+                ("decision", "approve"),
+                ("reason", "mine"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains("you asked for this yourself; someone else must approve it"),
+        "{body}"
+    );
+    assert_eq!(f.state_of(&id), "pending");
+    assert!(f.events("approval.approved").is_empty());
+}
+
+#[tokio::test]
+async fn hostile_statements_and_names_are_escaped() {
+    let f = fixture();
+    let mut mallory = person("mallory", &["engineering"]);
+    mallory.email = Some("<b>m</b>@example.test".into());
+    f.ask_statement(
+        mallory,
+        "SELECT '<script>alert(1)</script>' -- \" onmouseover=",
+    );
+    f.sign_in("s-bob", person("bob", &["dba-leads"]));
+    let (status, _, page) = f.get("/approvals", Some("s-bob")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(!page.contains("<script>"), "{page}");
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
+    assert!(page.contains("&lt;b&gt;m&lt;/b&gt;@example.test"), "{page}");
+    assert!(
+        page.contains("&#39;&quot;&gt;&lt;img src=x&gt;&#39;"),
+        "{page}"
+    );
+    assert!(!page.contains("<img"), "{page}");
+}
+
+#[tokio::test]
+async fn a_callback_without_its_sign_in_is_refused_and_recorded() {
+    let f = fixture();
+    let (status, headers, body) = f
+        .get("/auth/callback?code=stolen&state=guessed", None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("not started in this browser"), "{body}");
+    assert!(headers
+        .get(header::SET_COOKIE)
+        .is_some_and(|c| c.to_str().unwrap().contains("Max-Age=0")));
+    assert!(!headers.get_all(header::SET_COOKIE).iter().any(|c| c
+        .to_str()
+        .unwrap()
+        .starts_with(&format!("{SESSION_COOKIE}="))));
+    let denied = f.events("console.denied");
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["reason"].as_str().unwrap().starts_with("sign-in refused")),
+        "{denied:?}"
+    );
+}
