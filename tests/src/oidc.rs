@@ -763,7 +763,7 @@ impl Browser {
 }
 
 /// Just enough HTML to read the provider's own forms: `<form action>` and its `<input>`s.
-mod html {
+pub mod html {
     pub struct Form {
         pub action: String,
         pub inputs: Vec<Input>,

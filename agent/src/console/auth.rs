@@ -405,6 +405,20 @@ impl Auth {
     pub fn insert_for_test(&self, id: &str, session: SignedIn) {
         self.lock().sessions.insert(id.to_string(), session);
     }
+
+    /// A sign-in in progress, as `start` leaves it, without asking the issuer.
+    #[cfg(test)]
+    pub fn insert_flow_for_test(&self, id: &str, state: &str) {
+        self.lock().flows.insert(
+            id.to_string(),
+            Flow {
+                state: state.into(),
+                nonce: "nonce".into(),
+                verifier: "verifier".into(),
+                expires_ms: crate::audit::now_ms() + FLOW_TTL_MS,
+            },
+        );
+    }
 }
 
 type OidcClient = CoreClient<

@@ -452,3 +452,32 @@ async fn a_callback_without_its_sign_in_is_refused_and_recorded() {
         "{denied:?}"
     );
 }
+
+#[tokio::test]
+async fn a_callback_with_another_state_is_refused_and_its_sign_in_is_spent() {
+    let f = fixture();
+    f.state
+        .auth
+        .insert_flow_for_test("flow-1", "the-real-state");
+    let callback = |state: &'static str| {
+        Request::get(format!("/auth/callback?code=c&state={state}"))
+            .header(
+                header::COOKIE,
+                format!("{}=flow-1", super::auth::FLOW_COOKIE),
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    // The issuer is never asked: the state is checked first (the fixture's issuer does not
+    // exist, so reaching it would read as another error).
+    let (status, _, body) = f.send(callback("forged-state")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains("does not carry this sign-in&#39;s state"),
+        "{body}"
+    );
+    // One answer per sign-in: the right state afterwards finds nothing to finish.
+    let (status, _, body) = f.send(callback("the-real-state")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("not started in this browser"), "{body}");
+}

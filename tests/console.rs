@@ -1,0 +1,570 @@
+//! The web console end to end: the real agent serving it over TLS with a certificate from
+//! its CA, people signing in against the real OpenID Provider (oidc-provider under Node.js)
+//! with the authorization code flow and PKCE, driven by an HTTP client with a cookie jar
+//! that fills the provider's forms as a browser would, and a psql client waiting on a
+//! statement through the real kernel redirect while an approver decides it in the console.
+//! Slots 196–199.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests: a failure is a test failure"
+)]
+
+use std::io::Write;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis_e2e::oidc::{self, html, OidcOptions, OidcProvider, OidcUser};
+use portcullis_e2e::postgres::{
+    self as pg, client_command, PasswordAuth, PgOptions, Postgres, RunAs,
+};
+use portcullis_e2e::{e2e_enabled, Agent, Slot, TestCgroup};
+use reqwest::blocking::Client;
+use reqwest::{StatusCode, Url};
+use serde_json::{json, Value};
+
+fn enabled() -> bool {
+    e2e_enabled() && oidc::oidc_enabled()
+}
+
+const CONSOLE_CLIENT: &str = "portcullis-console";
+
+/// bob approves (dba-leads); carol audits; alice asks and is an approver herself; erin has
+/// no console role at all.
+fn people(console: &str) -> OidcOptions {
+    OidcOptions {
+        users: vec![
+            OidcUser::new("alice", &["engineering", "dba-leads"]),
+            OidcUser::new("bob", &["dba-leads"]),
+            OidcUser::new("carol", &["audit"]),
+            OidcUser::new("erin", &["engineering"]),
+        ],
+        // A web client: the authorization code grant with PKCE, no secret, its one
+        // redirect URI the console's callback.
+        extra_clients: vec![json!({
+            "client_id": CONSOLE_CLIENT,
+            "token_endpoint_auth_method": "none",
+            "grant_types": ["authorization_code"],
+            "response_types": ["code"],
+            "redirect_uris": [format!("{console}/auth/callback")],
+        })],
+        ..OidcOptions::default()
+    }
+}
+
+const STATEMENT_POLICIES: &str = r#"
+@id("connect")
+permit (principal, action == Portcullis::Action::"connect", resource);
+
+@id("read")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { ["read", "transaction", "utility"].contains(context.statement_class) };
+
+@id("ddl-after-approval")
+@approval("dba-leads")
+permit (principal, action == Portcullis::Action::"query", resource)
+when { context.statement_class == "ddl" };
+"#;
+
+struct World {
+    provider: OidcProvider,
+    postgres: Postgres,
+    cg: TestCgroup,
+    agent: Agent,
+    /// `https://127.0.0.1:<slot's server port>`.
+    console: String,
+    _files: tempfile::TempDir,
+}
+
+/// A PostgreSQL target whose DDL needs dba-leads' approval, and the console on the slot's
+/// server port of 127.0.0.1.
+fn world(name: &str, slot: u8) -> World {
+    let slot = Slot::new(slot);
+    let console = format!("https://127.0.0.1:{}", slot.server_port);
+    let provider = OidcProvider::start(people(&console));
+    let postgres = Postgres::start_with(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    });
+    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
+    postgres.create_database("app", Some("app"));
+    let files = tempfile::tempdir().unwrap();
+    let creds = files.path().join("credentials.toml");
+    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
+    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cg = TestCgroup::new(name);
+    let config = format!(
+        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
+         [console]\nlisten = \"127.0.0.1:{port}\"\nclient_id = \"{CONSOLE_CLIENT}\"\n\
+         auditor_groups = [\"audit\"]\napprover_groups = [\"dba-leads\"]\nadmin_groups = [\"platform\"]\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {pg}\n\
+         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+        iss = provider.issuer(),
+        port = slot.server_port,
+        pg = postgres.port(),
+        ca = postgres.ca_pem_path().display(),
+        creds = creds.display(),
+    );
+    let mut agent = Agent::prepare(name, slot, &cg, &[], Some(&config), &[]);
+    std::fs::write(
+        agent.dir.path().join("policies").join("e2e.cedar"),
+        STATEMENT_POLICIES,
+    )
+    .unwrap();
+    agent.spawn();
+    World {
+        provider,
+        postgres,
+        cg,
+        agent,
+        console,
+        _files: files,
+    }
+}
+
+struct Page {
+    url: Url,
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+/// A browser's part: a cookie jar, the agent's CA as its only trust anchor, redirects
+/// followed on loopback only, and the provider's forms filled in.
+struct Browser {
+    client: Client,
+    console: String,
+}
+
+impl Browser {
+    fn new(w: &World) -> Self {
+        let ca = std::fs::read(w.agent.dir.path().join("state/ca/ca.pem")).unwrap();
+        let policy = reqwest::redirect::Policy::custom(|attempt| {
+            let loopback = attempt
+                .url()
+                .host_str()
+                .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+                .is_some_and(|ip| ip.is_loopback());
+            if attempt.previous().len() > 10 {
+                attempt.error("too many redirects")
+            } else if !loopback {
+                attempt.error("redirect away from loopback")
+            } else {
+                attempt.follow()
+            }
+        });
+        let client = Client::builder()
+            .cookie_store(true)
+            .redirect(policy)
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Self {
+            client,
+            console: w.console.clone(),
+        }
+    }
+
+    fn page(response: reqwest::blocking::Response) -> Page {
+        Page {
+            url: response.url().clone(),
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: response.text().unwrap(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Page {
+        Self::page(
+            self.client
+                .get(format!("{}{path}", self.console))
+                .send()
+                .unwrap(),
+        )
+    }
+
+    fn post(&self, url: &str, form: &[(String, String)]) -> Page {
+        Self::page(self.client.post(url).form(form).send().unwrap())
+    }
+
+    /// Signs in as `user` from the console's sign-in link: the provider's login form, its
+    /// consent form, then back at the console's callback, whose page is returned.
+    fn sign_in(&self, provider: &OidcProvider, user: &str) -> Page {
+        let mut page = self.get("/signin");
+        for _ in 0..5 {
+            if page.url.path() == "/auth/callback" {
+                return page;
+            }
+            assert!(
+                page.status.is_success(),
+                "{} {}: {}\n{}",
+                page.status,
+                page.url,
+                page.body,
+                provider.log()
+            );
+            let form = html::forms(&page.body)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| panic!("no form at {}: {}", page.url, page.body));
+            let fields: Vec<(String, String)> = form
+                .inputs
+                .iter()
+                .map(|i| {
+                    let value = match (i.kind.as_str(), i.name.as_str()) {
+                        (_, "login") => user.to_string(),
+                        ("password", _) => "any password".to_string(),
+                        _ => i.value.clone(),
+                    };
+                    (i.name.clone(), value)
+                })
+                .collect();
+            let action = page.url.join(&form.action).unwrap();
+            page = self.post(action.as_str(), &fields);
+        }
+        panic!("no way back to the console: {} {}", page.url, page.body);
+    }
+
+    /// The form on the approvals page that decides `request`: its action and CSRF token.
+    fn decision_form(&self, request: &str) -> Option<(String, String)> {
+        let page = self.get("/approvals");
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        html::forms(&page.body)
+            .into_iter()
+            .find(|f| f.action == format!("/approvals/{request}"))
+            .map(|f| {
+                let csrf = f.inputs.iter().find(|i| i.name == "csrf").unwrap();
+                (format!("{}{}", self.console, f.action), csrf.value.clone())
+            })
+    }
+
+    fn decide(&self, request: &str, decision: &str, reason: &str) -> Page {
+        let (action, csrf) = self
+            .decision_form(request)
+            .unwrap_or_else(|| panic!("request {request} is not on the approvals page"));
+        self.post(
+            &action,
+            &[
+                ("csrf".into(), csrf),
+                ("decision".into(), decision.into()),
+                ("reason".into(), reason.into()),
+            ],
+        )
+    }
+}
+
+/// The request ids on `browser`'s approvals page, waiting until one not in `seen` is there.
+fn next_pending(browser: &Browser, seen: &[String]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = browser.get("/approvals");
+        let found = html::forms(&page.body).into_iter().find_map(|f| {
+            f.action
+                .strip_prefix("/approvals/")
+                .map(str::to_string)
+                .filter(|id| !seen.contains(id))
+        });
+        if let Some(id) = found {
+            return id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pending request: {}",
+            page.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn psql_script(w: &World, uid: u32, script: &str) -> Child {
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        w.postgres.port()
+    );
+    let mut psql = client_command(
+        "psql",
+        RunAs {
+            uid: Some(uid),
+            cgroup: Some(&w.cg.path),
+        },
+    )
+    .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    psql.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    psql
+}
+
+/// Runs `portcullis login` as `uid` and finishes the device flow as `user`.
+fn login(w: &World, uid: u32, user: &str) {
+    use std::io::{BufRead, BufReader};
+    let mut child = w
+        .agent
+        .cli_as(uid, &["login"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix("(or open ")
+            .map(|rest| rest.trim_end_matches(" directly)").to_string())
+        {
+            break url;
+        }
+    };
+    w.provider.complete_device_flow(&url, user).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "login of {user} as uid {uid}: {rest}");
+}
+
+fn wait_event(agent: &Agent, kind: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let all = agent.events_of(kind);
+        if let Some(e) = all.iter().find(|e| pick(e)) {
+            return e.clone();
+        }
+        assert!(Instant::now() < deadline, "no such {kind}: {all:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn set_cookies(page: &Page) -> Vec<String> {
+    page.headers
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn signing_in_with_the_issuer_reaches_the_sessions_page_and_nobody_else_gets_in() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let w = world("console-signin", 196);
+    // A session to list: alice reads through the redirect.
+    let alice = 48196;
+    login(&w, alice, "alice");
+    let o = psql_script(&w, alice, "SELECT 'listed';\n")
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("listed"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Without a session every page sends the browser to sign in.
+    let browser = Browser::new(&w);
+    let direct = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(
+                &std::fs::read(w.agent.dir.path().join("state/ca/ca.pem")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let r = direct
+        .get(format!("{}/sessions", w.console))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/signin");
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    // TLS only: the same port refuses plain HTTP.
+    assert!(reqwest::blocking::get(format!(
+        "http://127.0.0.1:{}/sessions",
+        Slot::new(196).server_port
+    ))
+    .is_err());
+
+    // carol audits: the callback sets the session cookie, Secure, HttpOnly, SameSite=Strict.
+    let signed = browser.sign_in(&w.provider, "carol");
+    assert_eq!(signed.status, StatusCode::OK, "{}", signed.body);
+    assert!(
+        signed.body.contains("carol@example.test"),
+        "{}",
+        signed.body
+    );
+    let cookies = set_cookies(&signed);
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-portcullis-console="))
+        .unwrap_or_else(|| panic!("{cookies:?}"));
+    for flag in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(session.split("; ").any(|a| a == flag), "{flag}: {session}");
+    }
+    // The callback's code and state answer one sign-in, once.
+    let replay = browser.get(&format!("/auth/callback?{}", signed.url.query().unwrap()));
+    assert_eq!(replay.status, StatusCode::FORBIDDEN, "{}", replay.body);
+    let sessions = browser.get("/sessions");
+    assert_eq!(sessions.status, StatusCode::OK, "{}", sessions.body);
+    let opened = wait_event(&w.agent, "connection.opened", |e| {
+        e["identity"]["subject"] == "alice"
+    });
+    let id = opened["connection_id"].as_u64().unwrap();
+    assert!(
+        sessions.body.contains(&format!(">{id}</a>")),
+        "session {id} is not listed: {}",
+        sessions.body
+    );
+    // Filters: a user that opened nothing lists nothing.
+    let none = browser.get("/sessions?user=nobody");
+    assert!(!none.body.contains(&format!(">{id}</a>")), "{}", none.body);
+    let signin = wait_event(&w.agent, "console.signin", |e| {
+        e["identity"]["subject"] == "carol"
+    });
+    assert!(
+        signin["reason"].as_str().unwrap().contains("auditor"),
+        "{signin}"
+    );
+    // An auditor sees no approvals.
+    assert_eq!(browser.get("/approvals").status, StatusCode::FORBIDDEN);
+
+    // erin is nobody the console knows: refused at the callback, no session, recorded.
+    let stranger = Browser::new(&w);
+    let refused = stranger.sign_in(&w.provider, "erin");
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    assert!(
+        refused
+            .body
+            .contains("erin@example.test holds no console role"),
+        "{}",
+        refused.body
+    );
+    assert!(!set_cookies(&refused)
+        .iter()
+        .any(|c| c.starts_with("__Host-portcullis-console=") && !c.contains("Max-Age=0")));
+    let again = stranger.get("/sessions");
+    assert_ne!(again.url.path(), "/sessions", "{}", again.body);
+    assert_ne!(again.status, StatusCode::OK, "{}", again.body);
+    wait_event(&w.agent, "console.denied", |e| {
+        e["identity"]["subject"] == "erin"
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("sign-in refused"))
+    });
+}
+
+#[test]
+fn an_approver_decides_a_waiting_statement_in_the_console_and_psql_gets_its_answer() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let w = world("console-approve", 197);
+    let alice = 48197;
+    login(&w, alice, "alice");
+    let bob = Browser::new(&w);
+    assert_eq!(bob.sign_in(&w.provider, "bob").status, StatusCode::OK);
+    // alice may approve for dba-leads, but not her own request.
+    let alice_browser = Browser::new(&w);
+    assert_eq!(
+        alice_browser.sign_in(&w.provider, "alice").status,
+        StatusCode::OK
+    );
+
+    let psql = psql_script(
+        &w,
+        alice,
+        "CREATE TABLE console_t (id int);\n\
+         SELECT 'created', count(*) FROM pg_tables WHERE tablename = 'console_t';\n\
+         DROP TABLE console_t;\n\
+         SELECT 'still here', count(*) FROM pg_tables WHERE tablename = 'console_t';\n",
+    );
+    let create = next_pending(&bob, &[]);
+    let page = bob.get("/approvals");
+    assert!(
+        page.body.contains("CREATE TABLE console_t (id int)"),
+        "{}",
+        page.body
+    );
+    assert!(
+        !w.postgres
+            .psql("app", "SELECT tablename FROM pg_tables")
+            .contains("console_t"),
+        "the waiting statement ran"
+    );
+    // The requester's own approval is refused by the store, as on the command line.
+    let own = alice_browser.decide(&create, "approve", "it is mine");
+    assert_eq!(own.status, StatusCode::FORBIDDEN, "{}", own.body);
+    assert!(
+        own.body
+            .contains("you asked for this yourself; someone else must approve it"),
+        "{}",
+        own.body
+    );
+    let done = bob.decide(&create, "approve", "looks right");
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert!(
+        done.body
+            .contains(&format!("Request {create} is now approved.")),
+        "{}",
+        done.body
+    );
+
+    let drop = next_pending(&bob, std::slice::from_ref(&create));
+    let denied = bob.decide(&drop, "deny", "keep the table");
+    assert_eq!(denied.status, StatusCode::OK, "{}", denied.body);
+
+    let out = psql.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(stdout.contains("created|1"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("ERROR:  42501"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "approval request {drop} was denied by bob@example.test: keep the table"
+        )),
+        "{stderr}"
+    );
+    assert!(stdout.contains("still here|1"), "{stdout}\n{stderr}");
+
+    let approved = wait_event(&w.agent, "approval.approved", |e| {
+        e["request_id"] == create.as_str()
+    });
+    assert_eq!(approved["identity"]["subject"], "bob", "{approved}");
+    let refusal = wait_event(&w.agent, "console.denied", |e| {
+        e["identity"]["subject"] == "alice"
+    });
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .unwrap()
+            .contains("you asked for this yourself"),
+        "{refusal}"
+    );
+    wait_event(&w.agent, "statement.executed", |e| {
+        e["statement"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("CREATE TABLE console_t"))
+            && e["policy_ids"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(format!("approval:{create}")))
+    });
+}
