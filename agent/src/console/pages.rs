@@ -339,6 +339,20 @@ fn asked(r: &ApprovalRequest) -> String {
             }
             out
         }
+        Asked::Command {
+            target,
+            ssh_user,
+            command,
+            connection_id,
+        } => format!(
+            "{} on <strong>{}</strong> as {} (session {connection_id})",
+            match command {
+                Some(c) => format!("the command<pre>{}</pre>", esc(c)),
+                None => "a shell".into(),
+            },
+            esc(target),
+            esc(ssh_user),
+        ),
         Asked::Grant { .. } => esc(&r.asked.describe()),
     }
 }

@@ -440,6 +440,7 @@ async fn decide(
     match state
         .approvals
         .decide(&id, &who.identity, approve, reason, false)
+        .await
     {
         Ok(r) => {
             let notice = format!("Request {} is now {}.", r.id, r.state.as_str());
