@@ -371,11 +371,22 @@ pub fn sessions_page(
     filter: &SessionFilter,
     limit: usize,
 ) -> Result<SessionsPage, portcullis_audit_store::StoreError> {
+    sessions_page_within(dir, last_seq, before, filter, limit, PAGE_SCAN_RECORDS)
+}
+
+fn sessions_page_within(
+    dir: &std::path::Path,
+    last_seq: u64,
+    before: Option<u64>,
+    filter: &SessionFilter,
+    limit: usize,
+    window: u64,
+) -> Result<SessionsPage, portcullis_audit_store::StoreError> {
     let before = before
         .unwrap_or(last_seq.saturating_add(1))
         .min(last_seq.saturating_add(1));
-    let start = before.saturating_sub(PAGE_SCAN_RECORDS).max(1);
-    let end = before.saturating_add(PAGE_SCAN_RECORDS).min(last_seq);
+    let start = before.saturating_sub(window).max(1);
+    let end = before.saturating_add(window).min(last_seq);
     let reader = match portcullis_audit_store::Reader::from_seq(dir, start) {
         Err(portcullis_audit_store::StoreError::Pruned {
             first_available, ..
@@ -513,10 +524,147 @@ pub fn session_events(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "tests")]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// 60 sessions of three records each (opened, a statement, closed), alice's even and
+    /// bob's odd, every third over SSH, every tenth with a denied statement; session 25's
+    /// close comes last of all. Returns the last seq.
+    fn sixty_sessions(dir: &std::path::Path) -> u64 {
+        let (mut store, _) = portcullis_audit_store::Store::open(
+            dir,
+            portcullis_audit_store::StoreOptions {
+                max_segment_bytes: 4096,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let closed = |i: u64| {
+            json!({"event": "connection.closed", "time_ms": 1_000 * i + 500, "connection_id": i,
+                   "duration_ms": 5, "bytes_client_to_upstream": 1, "bytes_upstream_to_client": 2,
+                   "reason": format!("client {i} closed")})
+        };
+        let mut last = 0;
+        for i in 1..=60u64 {
+            let user = if i % 2 == 0 { "alice" } else { "bob" };
+            let protocol = if i % 3 == 0 { "ssh" } else { "postgres" };
+            let decision = if i % 10 == 0 { "deny" } else { "allow" };
+            let events = [
+                json!({"event": "connection.opened", "time_ms": 1_000 * i, "connection_id": i,
+                       "protocol": protocol, "target": "db",
+                       "identity": {"user": user, "subject": user, "uid": 1000 + i % 2}}),
+                json!({"event": "statement.executed", "time_ms": 1_000 * i + 1, "connection_id": i,
+                       "decision": decision}),
+                if i == 25 {
+                    json!({"event": "agent.reloaded", "time_ms": 1_000 * i + 2})
+                } else {
+                    closed(i)
+                },
+            ];
+            for e in events {
+                last = store.append(e.to_string().as_bytes()).unwrap().seq;
+            }
+        }
+        store
+            .append(closed(25).to_string().as_bytes())
+            .unwrap()
+            .seq
+            .max(last)
+    }
+
+    fn ids(page: &SessionsPage) -> Vec<u64> {
+        page.rows
+            .iter()
+            .map(|r| r.opened["connection_id"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_sessions_page_reads_a_bounded_window_newest_first_and_pages_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = sixty_sessions(dir.path());
+        assert_eq!(last, 181);
+        let all = SessionFilter::default();
+        // 30 records back from the end: sessions 52 to 60 only, however many are stored.
+        let first = sessions_page_within(dir.path(), last, None, &all, 50, 30).unwrap();
+        assert_eq!(ids(&first), (52..=60).rev().collect::<Vec<_>>());
+        assert_eq!(first.scanned, (152, 181));
+        assert!(
+            first.rows[0].end.contains("client 60 closed"),
+            "{:?}",
+            first.rows[0]
+        );
+        // The next page starts where this one's reading stopped.
+        let second = sessions_page_within(dir.path(), last, first.older, &all, 50, 30).unwrap();
+        assert_eq!(ids(&second), (42..=51).rev().collect::<Vec<_>>());
+        // A full page stops at its last row, so the next one neither skips nor repeats.
+        let short = sessions_page_within(dir.path(), last, None, &all, 4, 30).unwrap();
+        assert_eq!(ids(&short), [60, 59, 58, 57]);
+        let next = sessions_page_within(dir.path(), last, short.older, &all, 4, 30).unwrap();
+        assert_eq!(ids(&next), [56, 55, 54, 53]);
+        // Session 25's close lies beyond what its page reads: the row says so.
+        let middle = sessions_page_within(dir.path(), last, Some(79), &all, 50, 10).unwrap();
+        assert_eq!(ids(&middle), [26, 25, 24]);
+        assert!(
+            middle.rows[1]
+                .end
+                .starts_with("not closed in the records this page read"),
+            "{:?}",
+            middle.rows[1]
+        );
+        assert!(
+            middle.rows[0].end.contains("client 26 closed"),
+            "{:?}",
+            middle.rows[0]
+        );
+        // The oldest page has nothing older.
+        let oldest = sessions_page_within(dir.path(), last, Some(10), &all, 50, 30).unwrap();
+        assert_eq!(ids(&oldest), [3, 2, 1]);
+        assert_eq!(oldest.older, None);
+    }
+
+    #[test]
+    fn sessions_are_filtered_by_user_protocol_decision_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = sixty_sessions(dir.path());
+        let page = |f: SessionFilter| ids(&sessions_page(dir.path(), last, None, &f, 50).unwrap());
+        let alice = page(SessionFilter {
+            user: Some("alice".into()),
+            ..Default::default()
+        });
+        assert_eq!(alice, (1..=30).rev().map(|i| 2 * i).collect::<Vec<_>>());
+        assert_eq!(
+            page(SessionFilter {
+                user: Some("1001".into()),
+                ..Default::default()
+            })
+            .len(),
+            30
+        );
+        let ssh = page(SessionFilter {
+            protocol: Some("ssh".into()),
+            ..Default::default()
+        });
+        assert_eq!(ssh, (1..=20).rev().map(|i| 3 * i).collect::<Vec<_>>());
+        let denied = page(SessionFilter {
+            decision: Some("deny".into()),
+            ..Default::default()
+        });
+        assert_eq!(denied, [60, 50, 40, 30, 20, 10]);
+        let window = page(SessionFilter {
+            since_ms: Some(10_000),
+            until_ms: Some(12_000),
+            ..Default::default()
+        });
+        assert_eq!(window, [12, 11, 10]);
+        assert!(page(SessionFilter {
+            target: Some("other".into()),
+            ..Default::default()
+        })
+        .is_empty());
+    }
 
     #[test]
     fn times_parse_and_format_in_utc() {
