@@ -55,8 +55,12 @@ fn person(subject: &str, groups: &[&str]) -> Identity {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(CONFIG)
+}
+
+fn fixture_with(text: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let (config, _) = Config::parse(std::path::Path::new("/t.toml"), CONFIG).unwrap();
+    let (config, _) = Config::parse(std::path::Path::new("/t.toml"), text).unwrap();
     let settings = config.console().unwrap();
     let (audit, _) = AuditLog::open(
         &crate::config::AuditConfig::default(),
@@ -480,4 +484,167 @@ async fn a_callback_with_another_state_is_refused_and_its_sign_in_is_spent() {
     let (status, _, body) = f.send(callback("the-real-state")).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("not started in this browser"), "{body}");
+}
+
+/// An issuer on a loopback port: discovery, a key set with the identity tests' RSA key,
+/// and a token endpoint that answers every code with the ID token the test put in `next`.
+struct Issuer {
+    url: String,
+    next: Arc<Mutex<String>>,
+}
+
+impl Issuer {
+    async fn start() -> Self {
+        use rsa::pkcs8::DecodePublicKey;
+        use rsa::traits::PublicKeyParts;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let public = rsa::RsaPublicKey::from_public_key_pem(
+            std::str::from_utf8(include_bytes!("../identity/testdata/rsa1.pub.pem")).unwrap(),
+        )
+        .unwrap();
+        let b64 = |v: Vec<u8>| {
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, v)
+        };
+        let jwks =
+            serde_json::json!({"keys": [{"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256",
+            "n": b64(public.n().to_bytes_be()), "e": b64(public.e().to_bytes_be())}]})
+            .to_string();
+        let discovery = serde_json::json!({
+            "issuer": url, "authorization_endpoint": format!("{url}/auth"),
+            "token_endpoint": format!("{url}/token"), "jwks_uri": format!("{url}/jwks"),
+            "response_types_supported": ["code"], "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        })
+        .to_string();
+        let next = Arc::new(Mutex::new(String::new()));
+        let token = Arc::clone(&next);
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 8192];
+                // The token request's form follows its head; one read past the head is
+                // enough for these small bodies, and the answer closes the connection.
+                while !String::from_utf8_lossy(&request).contains("\r\n\r\n") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8_lossy(&request).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let body = match path.as_str() {
+                    "/.well-known/openid-configuration" => discovery.clone(),
+                    "/jwks" => jwks.clone(),
+                    "/token" => serde_json::json!({"access_token": "at", "token_type": "Bearer",
+                        "expires_in": 300, "id_token": token.lock().unwrap().clone()})
+                    .to_string(),
+                    _ => "{}".into(),
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(answer.as_bytes()).await.unwrap();
+                let _ = socket.shutdown().await;
+            }
+        });
+        Self { url, next }
+    }
+
+    /// Signs the next ID token: `nonce` (if any) and `groups` for `sub`.
+    fn answer_with(&self, sub: &str, groups: &[&str], nonce: Option<&str>) {
+        let now = crate::audit::now_ms() / 1000;
+        let mut claims = serde_json::json!({"iss": self.url, "aud": "portcullis", "sub": sub,
+            "email": format!("{sub}@example.test"), "groups": groups, "iat": now, "exp": now + 600});
+        if let Some(n) = nonce {
+            claims["nonce"] = n.into();
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some("k1".into());
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!(
+            "../identity/testdata/rsa1.pem"
+        ))
+        .unwrap();
+        *self.next.lock().unwrap() = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_id_token_for_another_sign_in_or_without_a_role_gives_no_session() {
+    let issuer = Issuer::start().await;
+    let f = fixture_with(&format!(
+        "[identity]\nissuer = \"{}\"\n[insecure]\nallow_plaintext_loopback = true\n\
+         [console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"audit\"]\n",
+        issuer.url
+    ));
+    let callback = |flow: &str| {
+        f.state.auth.insert_flow_for_test(flow, "state");
+        Request::get("/auth/callback?code=c&state=state")
+            .header(
+                header::COOKIE,
+                format!("{}={flow}", super::auth::FLOW_COOKIE),
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    // The flow's nonce is "nonce" (insert_flow_for_test): a token minted for another
+    // sign-in, or with none, is refused although its signature and audience are good.
+    for (flow, nonce) in [("f1", Some("another-sign-ins-nonce")), ("f2", None)] {
+        issuer.answer_with("carol", &["audit"], nonce);
+        let (status, headers, body) = f.send(callback(flow)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{nonce:?}: {body}");
+        assert!(
+            body.contains("does not carry this sign-in&#39;s nonce"),
+            "{body}"
+        );
+        assert!(!headers.get_all(header::SET_COOKIE).iter().any(|c| c
+            .to_str()
+            .unwrap()
+            .starts_with(&format!("{SESSION_COOKIE}="))));
+    }
+    // The right nonce but no console group: refused, named.
+    issuer.answer_with("erin", &["engineering"], Some("nonce"));
+    let (status, _, body) = f.send(callback("f3")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains("erin@example.test holds no console role (groups: engineering)"),
+        "{body}"
+    );
+    // The right nonce and a role: signed in, with the session cookie's flags.
+    issuer.answer_with("carol", &["audit"], Some("nonce"));
+    let (status, headers, body) = f.send(callback("f4")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let cookie = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|c| c.to_str().unwrap().to_string())
+        .find(|c| c.starts_with(&format!("{SESSION_COOKIE}=")))
+        .unwrap();
+    for flag in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.split("; ").any(|a| a == flag), "{flag}: {cookie}");
+    }
+    let id = cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_string();
+    assert_eq!(f.get("/sessions", Some(&id)).await.0, StatusCode::OK);
+    let denied = f.events("console.denied");
+    assert_eq!(
+        denied
+            .iter()
+            .filter(|e| e["reason"]
+                == "sign-in refused: the ID token does not carry this sign-in's nonce")
+            .count(),
+        2,
+        "{denied:?}"
+    );
+    assert_eq!(f.events("console.signin").len(), 1);
 }
