@@ -648,3 +648,87 @@ async fn an_id_token_for_another_sign_in_or_without_a_role_gives_no_session() {
     );
     assert_eq!(f.events("console.signin").len(), 1);
 }
+
+#[tokio::test]
+async fn an_approver_sees_grants_and_revokes_one_and_an_auditor_cannot() {
+    let f = fixture();
+    let alice = person("alice", &["engineering"]);
+    let request = f
+        .state
+        .approvals
+        .ask(Ask {
+            requester: alice,
+            asked: Asked::Grant {
+                target: "db".into(),
+                actions: vec!["connect".into()],
+                duration_secs: 3600,
+            },
+            reason: "INC-1 <urgent>".into(),
+            requirement: portcullis_policy::ApprovalRequirement {
+                quorums: vec![portcullis_policy::Quorum {
+                    group: "dba-leads".into(),
+                    approvals: 1,
+                }],
+            },
+            policy_ids: vec!["prod-connect".into()],
+            timeout: Duration::from_secs(600),
+        })
+        .unwrap();
+    let bob = f.sign_in("s-bob", person("bob", &["dba-leads"]));
+    let carol = f.sign_in("s-carol", person("carol", &["audit"]));
+    let (status, _, body) = f
+        .post(
+            &format!("/approvals/{}", request.id),
+            Some("s-bob"),
+            None,
+            &[
+                ("csrf", &bob.csrf),
+                ("decision", "approve"),
+                ("reason", "ok"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let grant = f
+        .state
+        .approvals
+        .state_of(&request.id)
+        .unwrap()
+        .grant_id
+        .unwrap();
+    let (status, _, page) = f.get("/grants", Some("s-bob")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains(&format!("action=\"/grants/{grant}/revoke\"")),
+        "{page}"
+    );
+    // The auditor neither sees nor revokes grants.
+    assert_eq!(
+        f.get("/grants", Some("s-carol")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let path = format!("/grants/{grant}/revoke");
+    let (status, _, _) = f
+        .post(
+            &path,
+            Some("s-carol"),
+            None,
+            &[("csrf", &carol.csrf), ("reason", "x")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(f.events("grant.revoked").is_empty());
+    let (status, _, body) = f
+        .post(
+            &path,
+            Some("s-bob"),
+            None,
+            &[("csrf", &bob.csrf), ("reason", "done early")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(&format!("Grant {grant} revoked")), "{body}");
+    let revoked = f.events("grant.revoked");
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0]["identity"]["subject"], "bob");
+}
