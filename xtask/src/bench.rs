@@ -329,9 +329,17 @@ fn measure(bin: &Path, config: &Path) -> Result<()> {
             concurrent_connection_rate(unprotected, 16, 1_000, Duration::from_secs(20))?;
         step("agent memory, idle and with 1,000 open proxied connections");
         let rss_idle = crate::bench_common::rss_kib(agent.id())?;
+        // Each one proven through the proxy to the server (an echo), so the agent holds all
+        // of them when it is measured, not only those it had accepted by then.
         let held: Vec<TcpStream> = (0..1000)
-            .map(|_| TcpStream::connect(protected))
-            .collect::<Result<_, _>>()?;
+            .map(|_| -> Result<TcpStream> {
+                let mut s = TcpStream::connect(protected)?;
+                s.write_all(b"Eheld1234")?;
+                let mut back = [0u8; 8];
+                s.read_exact(&mut back)?;
+                Ok(s)
+            })
+            .collect::<Result<_>>()?;
         std::thread::sleep(Duration::from_millis(500));
         let rss_busy = crate::bench_common::rss_kib(agent.id())?;
         drop(held);
@@ -377,6 +385,12 @@ fn measure(bin: &Path, config: &Path) -> Result<()> {
                 rss_busy as f64,
                 rss_idle as f64,
                 "busy / idle",
+            ),
+            (
+                "agent RSS per open connection (bytes)".into(),
+                (rss_busy.saturating_sub(rss_idle) as f64) * 1024.0 / 1000.0,
+                0.0,
+                "-",
             ),
         ])
     })();
