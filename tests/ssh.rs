@@ -2873,6 +2873,44 @@ fn a_denied_ssh_command_exits_1_with_the_reason_and_its_controlmaster_connection
         "{denied}"
     );
     w.wait_event("ssh.exec", |e| e["command_line"] == "echo after");
+
+    // Approved, it is decided again: a forbid added while it waited still refuses it.
+    let frozen = remote_marker("frozen-187");
+    let command = format!("touch {}; echo approve-me again", frozen.display());
+    let mut waiting = Waiting::spawn(mux(&command), b"");
+    let (again, _) = waiting.notice();
+    let reloads = w.events("policy.reloaded").len();
+    std::fs::write(
+        w.agent.dir.path().join("policies/freeze.cedar"),
+        "@id(\"change-freeze\")\nforbid (principal, action == Portcullis::Action::\"ssh_exec\", resource)\n\
+         when { context.command_line like \"*approve-me again*\" };\n",
+    )
+    .unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &w.agent.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.events("policy.reloaded").len() == reloads {
+        assert!(Instant::now() < deadline, "no reload: {}", w.agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = approvals_cli(
+        &w,
+        BOB,
+        &["approve", &again, "--reason", "before the freeze"],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (code, _, stderr) = waiting.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "approval request {again} was approved, but the exec is now denied by policy"
+        )) && stderr.contains("change-freeze"),
+        "{stderr}"
+    );
+    assert!(!frozen.exists(), "a command forbidden while it waited ran");
     let _ = w
         .ssh(&[
             "-o",

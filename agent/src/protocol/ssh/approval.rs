@@ -201,6 +201,8 @@ pub struct Waiter {
     pub pump: tokio::task::AbortHandle,
     pub start: Start,
     pub terminal: TerminalPlan,
+    /// The policy question that asked for the approval, asked again once it came.
+    pub decide_again: portcullis_policy::Request,
     /// `ssh.exec`/`ssh.shell`, allowed, with `approval:<id>` among its policy ids.
     pub started: AuditEvent,
     /// `ssh.channel_denied` with decision `approval`; the reason is added.
@@ -248,6 +250,25 @@ pub async fn end_channel(client: &server::Handle, channel: ChannelId, why: &str)
 }
 
 async fn start(mut w: Waiter) {
+    // A `forbid` added while it waited still refuses it; the approval stands for what asked
+    // for it, even when that changed meanwhile.
+    if let Err(r) = crate::policy::outcome(w.gate.policies().decide(&w.decide_again)) {
+        if r.approval.is_none() {
+            let what = match w.start {
+                Start::Shell => "shell",
+                Start::Exec(_) => "exec",
+            };
+            let mut policy_ids = r.policy_ids;
+            policy_ids.push(format!("approval:{}", w.request_id));
+            w.refused.decision = Some(r.decision);
+            w.refused.policy_ids = policy_ids.into();
+            let why = format!(
+                "approval request {} was approved, but the {what} is now denied by policy: {}",
+                w.request_id, r.reason
+            );
+            return refuse(w, &why).await;
+        }
+    }
     let guarded = w.terminal.guarded();
     let slot = w.terminal.slot();
     if let Err(reason) = w.terminal.attach().await {

@@ -167,6 +167,8 @@ enum ChannelDecision {
     NeedsApproval {
         refusal: crate::policy::PolicyRefusal,
         mask: Option<MaskPlan>,
+        /// Decided again once approved.
+        request: Box<Request>,
     },
 }
 
@@ -551,6 +553,7 @@ impl ClientHandler {
                 Ok(ChannelDecision::NeedsApproval {
                     mask: mask_of(&obligations),
                     refusal,
+                    request: Box::new(request),
                 })
             }
             Err(refused) => {
@@ -582,6 +585,7 @@ impl ClientHandler {
         channel: ChannelId,
         command: Option<String>,
         refusal: crate::policy::PolicyRefusal,
+        policy_request: Request,
         mask: Option<MaskPlan>,
         session: &mut Session,
     ) -> Result<(), russh::Error> {
@@ -718,6 +722,7 @@ impl ClientHandler {
                 None => approval::Start::Shell,
             },
             terminal: plan,
+            decide_again: policy_request,
             started,
             refused,
             conn,
@@ -1709,9 +1714,13 @@ impl server::Handler for ClientHandler {
         let (policy_ids, mask) =
             match self.decide_request(Action::SshShell, None, "shell", "shell", true) {
                 Ok(ChannelDecision::Allowed { policy_ids, mask }) => (policy_ids, mask),
-                Ok(ChannelDecision::NeedsApproval { refusal, mask }) => {
+                Ok(ChannelDecision::NeedsApproval {
+                    refusal,
+                    mask,
+                    request,
+                }) => {
                     return self
-                        .wait_for_approval(channel, None, refusal, mask, session)
+                        .wait_for_approval(channel, None, refusal, *request, mask, session)
                         .await
                 }
                 Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
@@ -1771,9 +1780,13 @@ impl server::Handler for ClientHandler {
         };
         let (policy_ids, mask) = match decided {
             Ok(ChannelDecision::Allowed { policy_ids, mask }) => (policy_ids, mask),
-            Ok(ChannelDecision::NeedsApproval { refusal, mask }) => {
+            Ok(ChannelDecision::NeedsApproval {
+                refusal,
+                mask,
+                request,
+            }) => {
                 return self
-                    .wait_for_approval(channel, Some(command), refusal, mask, session)
+                    .wait_for_approval(channel, Some(command), refusal, *request, mask, session)
                     .await
             }
             Err(reason) => return self.refuse_on_channel(channel, &reason, session).await,
