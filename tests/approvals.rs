@@ -157,7 +157,8 @@ fn login_ci(w: &World, uid: u32) {
     let now = portcullis_e2e::now_secs();
     let claims = json!({
         "iss": w.provider.issuer(), "aud": CI_AUDIENCE, "sub": "repo:acme/infra:ref:refs/heads/main",
-        "repository": "acme/infra", "groups": ["dba-leads", "security"], "iat": now, "exp": now + 600,
+        "repository": "acme/infra", "run_id": "9876", "run_attempt": "2",
+        "groups": ["dba-leads", "security"], "iat": now, "exp": now + 600,
     });
     let header = json!({"alg": "RS256", "typ": "JWT", "kid": w.provider.kid()});
     let token = craft_jwt(
@@ -417,6 +418,22 @@ fn self_approval_the_same_person_twice_and_a_ci_identity_do_not_count() {
     let o = approve(&w.agent, ci, id);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("CI workload"), "{}", text(&o));
+    // It may ask, and its request names the pipeline run it came from.
+    let from_ci = request(&w, ci, "30m");
+    assert_eq!(
+        from_ci["requester"]["name"], "acme/infra run 9876 (attempt 2)",
+        "{from_ci}"
+    );
+    let asked = w
+        .agent
+        .wait_events("approval.requested", 2)
+        .into_iter()
+        .find(|e| e["request_id"] == from_ci["id"])
+        .unwrap();
+    assert_eq!(
+        asked["requester"], "repo:acme/infra:ref:refs/heads/main (acme/infra run 9876 (attempt 2))",
+        "{asked}"
+    );
     // bob on two uids is one person.
     let o = approve(&w.agent, bob, id);
     assert!(o.status.success(), "{}", text(&o));

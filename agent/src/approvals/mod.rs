@@ -1180,8 +1180,12 @@ impl ApprovalStore {
     }
 }
 
-/// How an identity is named in events and lists: the email if any, else the subject.
+/// How an identity is named in events and lists: the email if any, else the subject; a CI
+/// workload with the pipeline run it was issued to ("repo:acme/infra:… (acme/infra run 9876)").
 pub fn who(i: &Identity) -> String {
+    if let (IdentityKind::Workload, Some(subject), Some(run)) = (i.kind, &i.subject, &i.name) {
+        return format!("{subject} ({run})");
+    }
     i.email
         .clone()
         .or_else(|| i.subject.clone())

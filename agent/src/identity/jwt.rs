@@ -79,6 +79,8 @@ pub struct VerifiedClaims {
     pub groups: Vec<String>,
     pub expires_at: u64,
     pub issuer: String,
+    /// The CI run a workload token was issued to ([`pipeline_run`]), if it says.
+    pub pipeline_run: Option<String>,
 }
 
 /// An issuer's public keys, as its JWKS lists them (keys openidconnect cannot read are
@@ -327,7 +329,47 @@ pub fn validate(
         groups,
         expires_at: u64::try_from(verified.expiration().timestamp()).unwrap_or(0),
         issuer: verified.issuer().to_string(),
+        pipeline_run: pipeline_run(&claims),
     })
+}
+
+/// Longest claim value a pipeline run's description takes; longer ones are not a run id.
+const MAX_RUN_CLAIM: usize = 200;
+
+/// "acme/infra run 9876 (attempt 2)" (GitHub Actions: `repository`, `run_id`, `run_attempt`)
+/// or "group/project pipeline 456 job 789" (GitLab: `project_path`, `pipeline_id`, `job_id`):
+/// what a CI workload's requests and events name it by, beside its subject. Only these
+/// claims are read, and only as short strings of visible ASCII or numbers (run ids,
+/// repository and project paths are), so nothing in them can pass for other text.
+pub fn pipeline_run(claims: &BTreeMap<String, Value>) -> Option<String> {
+    let text = |name: &str| {
+        let v = match claims.get(name)? {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        (!v.is_empty() && v.len() <= MAX_RUN_CLAIM && v.chars().all(|c| c.is_ascii_graphic()))
+            .then_some(v)
+    };
+    if let Some(run) = text("run_id") {
+        let mut out = match text("repository") {
+            Some(repo) => format!("{repo} run {run}"),
+            None => format!("run {run}"),
+        };
+        if let Some(attempt) = text("run_attempt") {
+            out.push_str(&format!(" (attempt {attempt})"));
+        }
+        return Some(out);
+    }
+    let pipeline = text("pipeline_id")?;
+    let mut out = match text("project_path") {
+        Some(project) => format!("{project} pipeline {pipeline}"),
+        None => format!("pipeline {pipeline}"),
+    };
+    if let Some(job) = text("job_id") {
+        out.push_str(&format!(" job {job}"));
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -342,6 +384,38 @@ mod tests {
     const KEY1_PUB: &[u8] = include_bytes!("testdata/rsa1.pub.pem");
     const KEY2: &[u8] = include_bytes!("testdata/rsa2.pem");
     const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn a_ci_token_names_its_pipeline_run_from_known_claims_only() {
+        let claims = |v: Value| -> BTreeMap<String, Value> { serde_json::from_value(v).unwrap() };
+        let cases = [
+            (
+                json!({"repository": "acme/infra", "run_id": "9876", "run_attempt": "2"}),
+                Some("acme/infra run 9876 (attempt 2)"),
+            ),
+            (json!({"run_id": 9876}), Some("run 9876")),
+            (
+                json!({"project_path": "ops/db", "pipeline_id": 456, "job_id": "789"}),
+                Some("ops/db pipeline 456 job 789"),
+            ),
+            (json!({"pipeline_id": "456"}), Some("pipeline 456")),
+            // No run: a human's token, or a workload token that does not say.
+            (json!({"repository": "acme/infra"}), None),
+            (json!({"jti": "abc", "workflow": "deploy"}), None),
+            // Hostile values are not a run.
+            (json!({"run_id": "1\nFAKE approved by bob"}), None),
+            (json!({"run_id": "1 2"}), None),
+            (json!({"run_id": ["1"]}), None),
+            (json!({"run_id": "x".repeat(201)}), None),
+            (
+                json!({"run_id": "7", "repository": "a\u{202e}b"}),
+                Some("run 7"),
+            ),
+        ];
+        for (c, want) in cases {
+            assert_eq!(pipeline_run(&claims(c.clone())).as_deref(), want, "{c}");
+        }
+    }
 
     fn expect() -> Expectations {
         Expectations {

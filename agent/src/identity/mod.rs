@@ -575,7 +575,7 @@ impl IdentityService {
             &trusted.audience,
             &trusted.required_claims,
         );
-        let claims = match provider.validate(token, &expect).await {
+        let mut claims = match provider.validate(token, &expect).await {
             Ok(c) => c,
             Err(e) => {
                 let mut ev = AuditEvent::new(EventKind::LoginFailed).reason(e.to_string());
@@ -584,6 +584,11 @@ impl IdentityService {
                 return Err(e.into());
             }
         };
+        // A workload is named by the run it belongs to (its requests say which pipeline run
+        // asked), unless its token names it.
+        if claims.name.is_none() {
+            claims.name = claims.pipeline_run.clone();
+        }
         self.store(Session::new(uid, IdentityKind::Workload, claims, None))
     }
 
