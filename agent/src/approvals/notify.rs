@@ -151,9 +151,12 @@ impl Notice {
     }
 
     fn scope(&self) -> String {
-        match &self.statement {
-            Some(_) => format!("a statement on {}", self.target),
-            None => format!(
+        match (self.asked, &self.statement) {
+            // An SSH command line is carried in the statement's place.
+            ("command", Some(_)) => format!("a command on {}", self.target),
+            ("command", None) => format!("an interactive shell on {}", self.target),
+            (_, Some(_)) => format!("a statement on {}", self.target),
+            (_, None) => format!(
                 "{} on {}{}",
                 self.actions.join(", "),
                 self.target,
@@ -290,13 +293,16 @@ pub fn slack_payload(n: &Notice) -> Value {
         json!({"type": "section", "text": {"type": "mrkdwn", "text": title}}),
         json!({"type": "section", "fields": fields}),
     ];
-    let scope = match &n.statement {
-        Some(text) => format!(
+    let scope = match (n.asked, &n.statement) {
+        ("command", Some(text)) => {
+            format!("*Command*\n```{}```", slack_code(text, SLACK_STATEMENT))
+        }
+        (_, Some(text)) => format!(
             "*Statement* ({} parameter(s))\n```{}```",
             n.parameters.len(),
             slack_code(text, SLACK_STATEMENT)
         ),
-        None => format!("*Asks*\n{}", slack_escape(&n.scope())),
+        (_, None) => format!("*Asks*\n{}", slack_escape(&n.scope())),
     };
     blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": scope}}));
     if let Some(reason) = &n.reason {
@@ -759,6 +765,43 @@ mod tests {
         assert_eq!(v["statement"], "ALTER TABLE t ADD c int");
         assert_eq!(v["parameters"], json!(["1", null]));
         assert!(v.get("actions").is_none(), "{v}");
+    }
+
+    #[test]
+    fn an_ssh_command_and_a_shell_are_named_as_what_they_are() {
+        let mut ev = event(EventKind::ApprovalRequested, "pending", false);
+        let fields = ev.approval.as_mut().unwrap();
+        fields.asked = "command";
+        fields.grant_actions.clear();
+        fields.grant_duration_secs = None;
+        fields.approval_statement = Some("sudo systemctl restart app ```<!here>```".into());
+        let n = Notice::of(&ev, None).unwrap();
+        assert_eq!(
+            json_payload(&n)["statement"],
+            "sudo systemctl restart app ```<!here>```"
+        );
+        let v = slack_payload(&n);
+        let text = v["text"].as_str().unwrap();
+        assert!(text.contains("a command on billing-db"), "{text}");
+        let block = v["blocks"][2]["text"]["text"].as_str().unwrap();
+        assert!(
+            block.starts_with("*Command*\n```sudo systemctl restart app"),
+            "{block}"
+        );
+        assert_eq!(block.matches("```").count(), 2, "{block}");
+        assert!(
+            !block.contains("Statement") && !block.contains("parameter"),
+            "{block}"
+        );
+
+        ev.approval.as_mut().unwrap().approval_statement = None;
+        let v = slack_payload(&Notice::of(&ev, None).unwrap());
+        let text = v["text"].as_str().unwrap();
+        assert!(
+            text.contains("an interactive shell on billing-db"),
+            "{text}"
+        );
+        assert!(!text.contains(" on billing-db for"), "{text}");
     }
 
     #[test]
