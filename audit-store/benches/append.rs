@@ -6,6 +6,7 @@
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
+    clippy::indexing_slicing,
     reason = "a benchmark fails loudly"
 )]
 
@@ -19,11 +20,12 @@ fn event(i: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-fn run(label: &str, total: usize, batch: usize) {
+/// Events/s of one round: `total` events appended one by one (`batch` 1) or in batches, to a
+/// fresh store, sealed and verified after.
+fn run(total: usize, batch: usize) -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut store, _) = Store::open(dir.path(), StoreOptions::default()).expect("open");
     let events: Vec<Vec<u8>> = (0..total).map(event).collect();
-    let bytes: usize = events.iter().map(Vec::len).sum();
     let start = Instant::now();
     if batch == 1 {
         for e in &events {
@@ -39,18 +41,65 @@ fn run(label: &str, total: usize, batch: usize) {
     store.seal_current().expect("seal");
     let report = verify(dir.path(), None);
     assert!(report.ok, "{:?}", report.first_break);
+    total as f64 / secs
+}
+
+/// Rounds of the three modes in turn: the disk's own noise (other writers, writeback) lands
+/// on one round of each, and each figure is the median of its rounds.
+const ROUNDS: usize = 5;
+
+fn median(samples: &[f64]) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// A row for `cargo xtask bench`'s table (xtask/src/bench_table.rs reads these lines).
+fn bench_row(key: &str, name: &str, value: f64, baseline: Option<(f64, &str)>) {
+    let against = baseline.map_or(String::new(), |(b, of)| {
+        format!(",\"baseline\":{b},\"ratio_of\":\"{of}\"")
+    });
     println!(
-        "{label:<28} {total:>7} events in {secs:>7.3} s: {:>10.0} events/s, {:>7.2} MiB/s of events",
-        total as f64 / secs,
-        bytes as f64 / secs / (1024.0 * 1024.0)
+        "BENCH-ROW {{\"key\":\"{key}\",\"name\":\"{name}\",\"value\":{value},\"unit\":\"events/s\",\"rounds\":{ROUNDS}{against}}}"
     );
 }
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let scale = if full { 1 } else { 100 };
+    let scale = if full { ROUNDS } else { 100 * ROUNDS };
     println!("temp dir: {}", std::env::temp_dir().display());
-    run("append (fsync each)", 2_000 / scale, 1);
-    run("append_batch (64 per fsync)", 64_000 / scale, 64);
-    run("append_batch (256 per fsync)", 256_000 / scale, 256);
+    let modes = [
+        ("audit.append_each", "append (fsync each)", 2_000 / scale, 1),
+        (
+            "audit.append_batch64",
+            "append_batch (64 per fsync)",
+            64_000 / scale,
+            64,
+        ),
+        (
+            "audit.append_batch256",
+            "append_batch (256 per fsync)",
+            256_000 / scale,
+            256,
+        ),
+    ];
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        for ((_, _, total, batch), r) in modes.iter().zip(rates.iter_mut()) {
+            r.push(run(*total, *batch));
+        }
+    }
+    let bytes = event(0).len() as f64;
+    for ((_, label, total, _), r) in modes.iter().zip(&rates) {
+        let m = median(r);
+        println!(
+            "{label:<28} {total:>7} events x {ROUNDS} rounds: {m:>10.0} events/s (median), {:>7.2} MiB/s of events",
+            m * bytes / (1024.0 * 1024.0)
+        );
+    }
+    let each = median(&rates[0]);
+    for (i, (key, label, _, _)) in modes.iter().enumerate() {
+        let against = (i > 0).then_some((each, "batched / fsync each"));
+        bench_row(key, label, median(&rates[i]), against);
+    }
 }

@@ -137,11 +137,31 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// Rounds of every size in turn (10, 100, 1,000, 10, …): throughput is the median of the
+/// rounds, latency percentiles are over every round's samples.
+const ROUNDS: usize = 5;
+
+/// A row for `cargo xtask bench`'s table (xtask/src/bench_table.rs reads these lines).
+fn bench_row(key: &str, name: &str, value: f64, unit: &str, rounds: usize) {
+    println!(
+        "BENCH-ROW {{\"key\":\"{key}\",\"name\":\"{name}\",\"value\":{value},\"unit\":\"{unit}\",\"rounds\":{rounds}}}"
+    );
+}
+
+struct Size {
+    count: usize,
+    set: PolicySet,
+    evaluated: usize,
+    effect: &'static str,
+    iterations: usize,
+    samples: Vec<Duration>,
+    per_s: Vec<f64>,
+}
+
 fn main() {
     let request = request();
-    println!("policies  evaluated  effect  p50       p99       throughput");
     // PORTCULLIS_BENCH_SIZES=100 runs one size, for profiling.
-    let sizes: Vec<usize> = std::env::var("PORTCULLIS_BENCH_SIZES")
+    let counts: Vec<usize> = std::env::var("PORTCULLIS_BENCH_SIZES")
         .map(|sizes| {
             sizes
                 .split(',')
@@ -149,47 +169,92 @@ fn main() {
                 .collect()
         })
         .unwrap_or_else(|_| vec![10, 100, 1_000]);
-    for count in sizes {
-        let text = policies(count);
-        let set = PolicySet::load([("bench/generated.cedar", text.as_str())])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let decision = set.decide(&request);
-        assert_eq!(decision.effect, Effect::Allow, "{}", decision.reason);
-        // The engine indexes policies by action and principal scope; these are the ones left
-        // for Cedar to evaluate for this request.
-        let evaluated = set
-            .explain(&request)
-            .policies
-            .iter()
-            .filter(|verdict| match &verdict.outcome {
-                PolicyOutcome::OutOfScope(why) => why.starts_with("its resource"),
-                _ => true,
-            })
-            .count();
-
-        for _ in 0..2_000 {
-            black_box(set.decide(black_box(&request)));
-        }
-        let iterations = if count >= 1_000 { 5_000 } else { 20_000 };
-        let mut samples = Vec::with_capacity(iterations);
-        let started = Instant::now();
-        for _ in 0..iterations {
-            let t = Instant::now();
-            black_box(set.decide(black_box(&request)));
-            samples.push(t.elapsed());
-        }
-        let total = started.elapsed();
-        samples.sort();
-        println!(
-            "{count:>8}  {evaluated:>9}  {:<6}  {:>7.1}µs {:>7.1}µs {:>8.0}/s",
-            match decision.effect {
+    let mut sizes: Vec<Size> = counts
+        .into_iter()
+        .map(|count| {
+            let text = policies(count);
+            let set = PolicySet::load([("bench/generated.cedar", text.as_str())])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let decision = set.decide(&request);
+            assert_eq!(decision.effect, Effect::Allow, "{}", decision.reason);
+            // The engine indexes policies by action and principal scope; these are the ones
+            // left for Cedar to evaluate for this request.
+            let evaluated = set
+                .explain(&request)
+                .policies
+                .iter()
+                .filter(|verdict| match &verdict.outcome {
+                    PolicyOutcome::OutOfScope(why) => why.starts_with("its resource"),
+                    _ => true,
+                })
+                .count();
+            for _ in 0..2_000 {
+                black_box(set.decide(black_box(&request)));
+            }
+            let effect = match decision.effect {
                 Effect::Allow => "allow",
                 Effect::Deny => "deny",
                 Effect::RequireApproval(_) => "appr.",
-            },
-            percentile(&samples, 0.50).as_secs_f64() * 1e6,
-            percentile(&samples, 0.99).as_secs_f64() * 1e6,
-            iterations as f64 / total.as_secs_f64(),
+            };
+            let iterations = if count >= 1_000 { 5_000 } else { 20_000 } / ROUNDS;
+            Size {
+                count,
+                set,
+                evaluated,
+                effect,
+                iterations,
+                samples: Vec::new(),
+                per_s: Vec::new(),
+            }
+        })
+        .collect();
+    for _ in 0..ROUNDS {
+        for size in &mut sizes {
+            let started = Instant::now();
+            for _ in 0..size.iterations {
+                let t = Instant::now();
+                black_box(size.set.decide(black_box(&request)));
+                size.samples.push(t.elapsed());
+            }
+            size.per_s
+                .push(size.iterations as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    println!("policies  evaluated  effect  p50       p99       throughput (median of {ROUNDS} interleaved rounds)");
+    for size in &mut sizes {
+        size.samples.sort();
+        size.per_s.sort_by(f64::total_cmp);
+        let p50 = percentile(&size.samples, 0.50).as_secs_f64() * 1e6;
+        let p99 = percentile(&size.samples, 0.99).as_secs_f64() * 1e6;
+        let per_s = size.per_s[size.per_s.len() / 2];
+        println!(
+            "{:>8}  {:>9}  {:<6}  {p50:>7.1}µs {p99:>7.1}µs {per_s:>8.0}/s",
+            size.count, size.evaluated, size.effect,
+        );
+    }
+    for size in &sizes {
+        let n = size.count;
+        let per_s = size.per_s[size.per_s.len() / 2];
+        bench_row(
+            &format!("policy.decide_p50/{n}"),
+            &format!("decision p50, {n} policies"),
+            percentile(&size.samples, 0.50).as_secs_f64() * 1e6,
+            "µs",
+            ROUNDS,
+        );
+        bench_row(
+            &format!("policy.decide_p99/{n}"),
+            &format!("decision p99, {n} policies"),
+            percentile(&size.samples, 0.99).as_secs_f64() * 1e6,
+            "µs",
+            ROUNDS,
+        );
+        bench_row(
+            &format!("policy.decisions_per_s/{n}"),
+            &format!("decisions per second, {n} policies, one thread"),
+            per_s,
+            "per s",
+            ROUNDS,
         );
     }
 }

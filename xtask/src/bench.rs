@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{root, step};
+use crate::bench_table::{Failure, Row};
+use crate::step;
 
 const PROTECTED: &str = "127.0.0.90:9001";
 const DIRECT: &str = "127.0.0.91:9001";
@@ -48,52 +49,212 @@ address = "127.0.0.90"
 port = 9001
 "#;
 
-/// `args`: the benchmark's name (default `all`), then its options (`postgres` takes
-/// `--quick`, `--seconds N`, `--rounds N`; `all` passes them on to it; `ssh` takes `--quick`
-/// and `--rounds N` and runs on its own: its 1 GB transfers and 200 sessions are long).
+/// `args`: the benchmark's name (default `all`), then its options: `redirect` and `audit` take
+/// `--rounds N` and `--quick`; `postgres` takes `--quick`, `--seconds N`, `--rounds N`,
+/// `--case TEXT`, `--perf`; `ssh` takes `--quick`, `--rounds N`, `--perf`; `all` takes
+/// `--quick`, `--rounds N` and `--seconds N` and passes each suite the ones it knows.
+/// Every suite prints the one table of its rows and writes it under `target/bench/`.
 pub fn run(args: &[String]) -> Result<()> {
     let (which, options) = match args.split_first() {
         Some((first, rest)) if !first.starts_with("--") => (first.as_str(), rest),
         _ => ("all", args),
     };
-    match which {
-        "redirect" => in_bench_cgroup(&[measure]),
-        "tcp-bulk" => in_bench_cgroup(&[measure_bulk]),
-        "policy" => policy(),
-        "audit" => audit(),
-        "review" => review(),
-        "postgres" => crate::bench_postgres::run(&crate::bench_postgres::Options::parse(options)?),
-        "ssh" => crate::bench_ssh::run(&crate::bench_ssh::Options::parse(options)?),
-        "all" => {
-            let postgres = crate::bench_postgres::Options::parse(options)?;
-            in_bench_cgroup(&[measure])?;
-            policy()?;
-            audit()?;
-            crate::bench_postgres::run(&postgres)
+    let results: Vec<SuiteResult> = match which {
+        "redirect" => {
+            let o = Options::parse(options)?;
+            vec![("redirect", in_bench_cgroup(|bin, config| measure(bin, config, &o)))]
         }
+        "tcp-bulk" => {
+            let o = Options::parse(options)?;
+            vec![(
+                "redirect",
+                in_bench_cgroup(|bin, config| measure_bulk(bin, config, &o)),
+            )]
+        }
+        "policy" => vec![("policy", policy())],
+        "audit" => vec![("audit", audit(&Options::parse(options)?))],
+        "review" => vec![("review", review())],
+        "postgres" => {
+            let o = crate::bench_postgres::Options::parse(options)?;
+            vec![("postgres", crate::bench_postgres::run(&o))]
+        }
+        "ssh" => {
+            let o = crate::bench_ssh::Options::parse(options)?;
+            vec![("ssh", crate::bench_ssh::run(&o))]
+        }
+        "all" => all(options)?,
         other => bail!(
             "unknown benchmark `{other}` (redirect, tcp-bulk, policy, audit, review, postgres, ssh, all)"
         ),
+    };
+    let stem = if which == "all" { "bench" } else { which };
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for (suite, result) in results {
+        match result {
+            Ok(r) => rows.extend(r),
+            Err(e) => failures.push(Failure {
+                suite: suite.to_string(),
+                error: format!("{e:#}"),
+            }),
+        }
+    }
+    crate::bench_table::report(stem, &rows, &failures)?;
+    if !failures.is_empty() {
+        let names: Vec<&str> = failures.iter().map(|f| f.suite.as_str()).collect();
+        bail!("not measured: {}", names.join(", "));
+    }
+    Ok(())
+}
+
+/// A suite's name and its rows, or why it has none.
+type SuiteResult = (&'static str, Result<Vec<Row>>);
+
+/// Every suite, one after the other; one that fails stays in the table as a failure and
+/// the others still run (a bench of an hour must not be lost to its last suite).
+fn all(options: &[String]) -> Result<Vec<SuiteResult>> {
+    let mut quick = Vec::new();
+    let mut rounds = Vec::new();
+    let mut seconds = Vec::new();
+    let mut it = options.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick.push(a.clone()),
+            "--rounds" | "--seconds" => {
+                let v = it
+                    .next()
+                    .cloned()
+                    .with_context(|| format!("{a} needs a number"))?;
+                let into = if a == "--rounds" {
+                    &mut rounds
+                } else {
+                    &mut seconds
+                };
+                into.extend([a.clone(), v]);
+            }
+            other => bail!(
+                "unknown option `{other}` for all the benches (--quick, --rounds N, --seconds N); \
+                 run one suite for its own options"
+            ),
+        }
+    }
+    let common: Vec<String> = quick.iter().chain(&rounds).cloned().collect();
+    let with_seconds: Vec<String> = common.iter().chain(&seconds).cloned().collect();
+    // Every option is checked before the first suite starts.
+    let redirect = Options::parse(&common)?;
+    let postgres = crate::bench_postgres::Options::parse(&with_seconds)?;
+    let ssh = crate::bench_ssh::Options::parse(&common)?;
+    Ok(vec![
+        (
+            "redirect",
+            in_bench_cgroup(|bin, config| measure(bin, config, &redirect)),
+        ),
+        ("policy", policy()),
+        ("audit", audit(&redirect)),
+        ("postgres", crate::bench_postgres::run(&postgres)),
+        ("ssh", crate::bench_ssh::run(&ssh)),
+        ("review", review()),
+    ])
+}
+
+/// Options of the suites this file runs (`redirect`, `tcp-bulk`, `audit`).
+pub struct Options {
+    /// Interleaved rounds; every figure is their median.
+    rounds: usize,
+    /// Fewer connections and bytes per round, three rounds unless `--rounds` says otherwise.
+    quick: bool,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let mut rounds = None;
+        let mut quick = false;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--quick" => quick = true,
+                "--rounds" => {
+                    rounds = Some(
+                        it.next()
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .filter(|v| (1..=20).contains(v))
+                            .context("--rounds needs a number from 1 to 20")?,
+                    )
+                }
+                other => bail!("unknown option `{other}` for this bench (--quick, --rounds N)"),
+            }
+        }
+        Ok(Options {
+            rounds: rounds.unwrap_or(if quick { 3 } else { 5 }),
+            quick,
+        })
+    }
+
+    /// Each loop's count in one round: the total a one-shot run made, shared by the rounds
+    /// (halved by `--quick`), never below `floor`.
+    fn per_round(&self, total: u32, floor: u32) -> u32 {
+        let total = if self.quick { total / 2 } else { total };
+        (total / u32::try_from(self.rounds).unwrap_or(1).max(1)).max(floor)
+    }
+
+    /// Each loop's time limit in one round, so a slow machine still ends.
+    fn limit(&self) -> Duration {
+        Duration::from_secs(if self.quick { 5 } else { 10 })
+    }
+
+    fn bulk_bytes(&self) -> usize {
+        if self.quick {
+            64 << 20
+        } else {
+            BULK_BYTES
+        }
     }
 }
 
-fn policy() -> Result<()> {
-    step("policy decision latency and throughput (10, 100, 1,000 policies)");
-    crate::cargo(&["bench", "-p", "portcullis-policy", "--bench", "decide"])
+/// Runs the paths of one measure in turn, the order swapped every other round so that
+/// neither always goes first (warm caches, the previous step's TIME_WAITs).
+fn interleaved<T>(
+    round: usize,
+    first: impl FnOnce() -> Result<T>,
+    second: impl FnOnce() -> Result<T>,
+) -> Result<(T, T)> {
+    if round.is_multiple_of(2) {
+        let a = first()?;
+        Ok((a, second()?))
+    } else {
+        let b = second()?;
+        Ok((first()?, b))
+    }
 }
 
-fn audit() -> Result<()> {
+fn med(samples: &[f64]) -> f64 {
+    crate::bench_postgres::median(samples).unwrap_or(0.0)
+}
+
+fn policy() -> Result<Vec<Row>> {
+    step("policy decision latency and throughput (10, 100, 1,000 policies)");
+    crate::bench_table::cargo_bench_rows("policy", "portcullis-policy", "decide")
+}
+
+fn audit(o: &Options) -> Result<Vec<Row>> {
     step("audit store: events/s with an fsync per event and per batch (group commit)");
-    crate::cargo(&["bench", "-p", "portcullis-audit-store", "--bench", "append"])?;
-    in_bench_cgroup(&[measure_gated, measure_central])
+    let mut rows =
+        crate::bench_table::cargo_bench_rows("audit", "portcullis-audit-store", "append")?;
+    rows.extend(in_bench_cgroup(|bin, config| {
+        let mut rows = measure_gated(bin, config, o)?;
+        rows.extend(measure_central(bin, config, o)?);
+        Ok(rows)
+    })?);
+    Ok(rows)
 }
 
 /// `portcullis review report` over a generated trail of a million events (the tested quarter
 /// renamed round after round): the time of each format and of each phase. The agent is a
-/// binary crate, so the measure is one of its ignored tests, built for release.
-fn review() -> Result<()> {
+/// binary crate, so the measure is one of its ignored tests, built for release; its lines
+/// `review report over N events (Format): … events/s` become the rows.
+fn review() -> Result<Vec<Row>> {
     step("review report over 1,000,000 events (md, csv, json; verify, read, compute)");
-    crate::cargo(&[
+    let out = crate::bench_table::run_capturing(&mut crate::cargo_cmd(&[
         "test",
         "--release",
         "-p",
@@ -105,12 +266,18 @@ fn review() -> Result<()> {
         "--ignored",
         "--exact",
         "--nocapture",
-    ])
+    ]))?;
+    let rows = crate::bench_table::parse_review_lines(&out);
+    if rows.is_empty() {
+        bail!("the review bench printed no `review report over N events (…): … events/s` line");
+    }
+    Ok(rows)
 }
 
 /// Catch-up rate to the central store: events written while PostgreSQL is down are
 /// shipped when it returns; the time until the central copy holds them all gives events/s.
-fn measure_central(bin: &Path, config: &Path) -> Result<()> {
+/// One outage per round (at most three: each is 5,000 connections and a restart).
+fn measure_central(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
     use portcullis_e2e::postgres::{Postgres, SUPERUSER_PASSWORD};
     const DB: &str = "portcullis";
     let pg = Postgres::start(DB);
@@ -140,7 +307,8 @@ fn measure_central(bin: &Path, config: &Path) -> Result<()> {
         ),
     )?;
     let mut agent = start_agent(bin, &central)?;
-    let outcome = (|| -> Result<()> {
+    let rounds = o.rounds.min(3);
+    let outcome = (|| -> Result<Vec<f64>> {
         let count = || -> u64 {
             pg.psql(DB, "SELECT count(*) FROM portcullis_audit_events")
                 .trim()
@@ -151,72 +319,115 @@ fn measure_central(bin: &Path, config: &Path) -> Result<()> {
         while count() == 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
         }
-        step("central store: 5,000 connections (10,000 events) while PostgreSQL is down, then catch-up");
-        let before = count();
-        pg.stop_server();
-        let protected: SocketAddr = PROTECTED.parse()?;
-        new_connection_rate(protected, 5_000, Duration::from_secs(60))?;
-        let report = Command::new(bin)
-            .args(["audit", "verify", "--json", "--config"])
-            .arg(&central)
-            .output()?;
-        let last = serde_json::from_slice::<serde_json::Value>(&report.stdout)?
-            .get("last_seq")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0);
-        let start = Instant::now();
-        pg.start_server();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let mut now = count();
-        while now < last && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            now = count();
+        let mut rates = Vec::new();
+        for round in 1..=rounds {
+            step(&format!(
+                "central store, round {round}/{rounds}: 5,000 connections (10,000 events) while PostgreSQL is down, then catch-up"
+            ));
+            let before = count();
+            pg.stop_server();
+            let protected: SocketAddr = PROTECTED.parse()?;
+            new_connection_rate(protected, 5_000, Duration::from_secs(60))?;
+            let report = Command::new(bin)
+                .args(["audit", "verify", "--json", "--config"])
+                .arg(&central)
+                .output()?;
+            let last = serde_json::from_slice::<serde_json::Value>(&report.stdout)?
+                .get("last_seq")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            let start = Instant::now();
+            pg.start_server();
+            let deadline = Instant::now() + Duration::from_secs(300);
+            let mut now = count();
+            while now < last && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+                now = count();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            if now < last {
+                bail!("the central store holds {now} of {last} events after 300 s");
+            }
+            let rate = now.saturating_sub(before) as f64 / secs;
+            println!(
+                "central catch-up: {} events in {secs:.2} s = {rate:.0} events/s (backoff delay included)",
+                now.saturating_sub(before)
+            );
+            rates.push(rate);
         }
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "\ncentral catch-up: {} events in {secs:.2} s = {:.0} events/s (backoff delay included)",
-            now.saturating_sub(before),
-            now.saturating_sub(before) as f64 / secs
-        );
-        Ok(())
+        Ok(rates)
     })();
     let _ = Command::new("kill")
         .args(["-TERM", &agent.id().to_string()])
         .status();
     let _ = agent.wait();
-    outcome
+    let rates = outcome?;
+    Ok(vec![Row::new(
+        "audit",
+        "audit.central_catchup",
+        "central store catch-up after an outage (backoff included)",
+        med(&rates),
+        "events/s",
+        rates.len(),
+    )])
 }
 
 /// Every proxied connection waits for its `connection.opened` event to be on disk: the
-/// latency it adds shows in connection setup, measured here against the direct path.
-fn measure_gated(bin: &Path, config: &Path) -> Result<()> {
+/// latency it adds shows in connection setup, measured here against the direct path in
+/// interleaved rounds.
+fn measure_gated(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
     let unprotected: SocketAddr = DIRECT.parse()?;
     let protected: SocketAddr = PROTECTED.parse()?;
     let mut agent = start_agent(bin, config)?;
-    let outcome = (|| -> Result<()> {
-        step("connection setup with one round trip: through the proxy (audited) and direct");
-        let (p50, p99, rate) = setup_latency(protected, 3_000, Duration::from_secs(30))?;
-        let (d50, d99, _) = setup_latency(unprotected, 3_000, Duration::from_secs(30))?;
-        println!(
-            "\n{:<52} {:>10} {:>10}",
-            "connection setup (µs)", "p50", "p99"
-        );
-        println!(
-            "{:<52} {p50:>10.0} {p99:>10.0}",
-            "through the proxy (opened event durable first)"
-        );
-        println!("{:<52} {d50:>10.0} {d99:>10.0}", "direct");
-        println!(
-            "{:<52} {:>10.0} {:>10.0}",
-            "added by the proxy, identity, policy and audit",
-            p50 - d50,
-            p99 - d99
-        );
-        println!(
-            "audited events sustained: {:.0}/s (2 per connection at {rate:.0} connections/s)",
-            rate * 2.0
-        );
-        Ok(())
+    let count = o.per_round(3_000, 200);
+    let outcome = (|| -> Result<Vec<Row>> {
+        step(&format!(
+            "connection setup with one round trip: through the proxy (audited) and direct, {} interleaved rounds of {count}",
+            o.rounds
+        ));
+        let (mut p50, mut p99, mut d50, mut d99, mut rate) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 0..o.rounds {
+            let (p, d) = interleaved(
+                round,
+                || setup_latency(protected, count, o.limit()),
+                || setup_latency(unprotected, count, o.limit()),
+            )?;
+            p50.push(p.0);
+            p99.push(p.1);
+            rate.push(p.2);
+            d50.push(d.0);
+            d99.push(d.1);
+        }
+        let n = o.rounds;
+        Ok(vec![
+            Row::new(
+                "audit",
+                "audit.setup_p50",
+                "connection setup p50 (opened event durable first)",
+                med(&p50),
+                "µs",
+                n,
+            )
+            .against(med(&d50), "proxy / direct"),
+            Row::new(
+                "audit",
+                "audit.setup_p99",
+                "connection setup p99 (opened event durable first)",
+                med(&p99),
+                "µs",
+                n,
+            )
+            .against(med(&d99), "proxy / direct"),
+            Row::new(
+                "audit",
+                "audit.events_sustained",
+                "audited events sustained, one client (2 per connection)",
+                med(&rate) * 2.0,
+                "events/s",
+                n,
+            ),
+        ])
     })();
     let _ = Command::new("kill")
         .args(["-TERM", &agent.id().to_string()])
@@ -253,11 +464,17 @@ fn setup_latency(addr: SocketAddr, count: u32, limit: Duration) -> Result<(f64, 
 
 /// Runs `f` with an agent config for the bench, this process in the bench cgroup (so its
 /// own connects pass the programs) and the bench servers listening; cleans up after.
-fn in_bench_cgroup(measures: &[fn(&Path, &Path) -> Result<()>]) -> Result<()> {
+fn in_bench_cgroup<T>(f: impl FnOnce(&Path, &Path) -> Result<T>) -> Result<T> {
     if !crate::setup::is_root() {
         bail!("the redirect benchmark attaches eBPF programs and needs root");
     }
-    let bin = root().join("target/release/portcullis");
+    let bin = crate::bench_postgres::agent_bin();
+    if !bin.is_file() {
+        bail!(
+            "{} is missing (`cargo xtask bench` builds it)",
+            bin.display()
+        );
+    }
     let _ = std::fs::remove_dir_all(BENCH_DIR);
     std::fs::create_dir_all(BENCH_DIR)?;
     let config = PathBuf::from(BENCH_DIR).join("portcullis.toml");
@@ -276,20 +493,29 @@ fn in_bench_cgroup(measures: &[fn(&Path, &Path) -> Result<()>]) -> Result<()> {
         .stdout(Stdio::null())
         .status();
 
-    for addr in [PROTECTED, DIRECT] {
-        let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        std::thread::spawn(move || serve(l));
-    }
-    let closer = TcpListener::bind(CLOSER).with_context(|| format!("binding {CLOSER}"))?;
-    std::thread::spawn(move || {
-        for s in closer.incoming() {
-            drop(s);
-        }
-    });
+    // The servers outlive one suite (`all` enters the cgroup more than once): bound once.
+    static SERVERS: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    SERVERS
+        .get_or_init(|| {
+            for addr in [PROTECTED, DIRECT] {
+                let l = TcpListener::bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
+                std::thread::spawn(move || serve(l));
+            }
+            let closer = TcpListener::bind(CLOSER).map_err(|e| format!("binding {CLOSER}: {e}"))?;
+            std::thread::spawn(move || {
+                for s in closer.incoming() {
+                    drop(s);
+                }
+            });
+            Ok(())
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)?;
     // From here on this process's connects pass through the bench cgroup's programs.
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
         .context("joining the bench cgroup")?;
-    let result = measures.iter().try_for_each(|m| m(&bin, &config));
+    let result = f(&bin, &config);
     let _ = Command::new(&bin)
         .args(["agent", "--detach", "--config"])
         .arg(&config)
@@ -303,130 +529,233 @@ fn in_bench_cgroup(measures: &[fn(&Path, &Path) -> Result<()>]) -> Result<()> {
     result
 }
 
-fn measure(bin: &Path, config: &Path) -> Result<()> {
+/// The redirect suite. Each round: connect+close to an unprotected port with the programs
+/// detached, then with them attached and the agent running, then every proxy/direct pair
+/// (round trips, bulk, new connections from one and from 16 clients), then the agent's
+/// memory idle and with 1,000 open connections. The agent is restarted every round (its
+/// programs stay attached when it stops: fail closed; each round detaches them first), and
+/// the figures are the medians of the rounds.
+fn measure(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
     let unprotected: SocketAddr = DIRECT.parse()?;
     let protected: SocketAddr = PROTECTED.parse()?;
     let closer: SocketAddr = CLOSER.parse()?;
-
-    step("connect+close to an unprotected port, programs detached");
-    let detached = connect_rate(closer, 20_000, Duration::from_secs(20))?;
-
-    let mut agent = start_agent(bin, config)?;
-    let outcome = (|| -> Result<Vec<(String, f64, f64, &'static str)>> {
-        step("connect+close to an unprotected port, programs attached");
-        let attached = connect_rate(closer, 20_000, Duration::from_secs(20))?;
-        step("request/response round trips (64 bytes), through the proxy and direct");
-        let rr_proxy = round_trips(protected, 20_000, Duration::from_secs(20))?;
-        let rr_direct = round_trips(unprotected, 20_000, Duration::from_secs(20))?;
-        let bulk = bulk_rounds(agent.id(), protected, unprotected, BULK_ROUNDS)?;
-        step("new protected connections per second (connect, one round trip, close)");
-        let new_proxy = new_connection_rate(protected, 5_000, Duration::from_secs(20))?;
-        let new_direct = new_connection_rate(unprotected, 5_000, Duration::from_secs(20))?;
-        step("the same with 16 clients at once");
-        let new16_proxy =
-            concurrent_connection_rate(protected, 16, 1_000, Duration::from_secs(20))?;
-        let new16_direct =
-            concurrent_connection_rate(unprotected, 16, 1_000, Duration::from_secs(20))?;
-        step("agent memory, idle and with 1,000 open proxied connections");
-        let rss_idle = crate::bench_common::rss_kib(agent.id())?;
-        // Each one proven through the proxy to the server (an echo), so the agent holds all
-        // of them when it is measured, not only those it had accepted by then.
-        let held: Vec<TcpStream> = (0..1000)
-            .map(|_| -> Result<TcpStream> {
-                let mut s = TcpStream::connect(protected)?;
-                s.write_all(b"Eheld1234")?;
-                let mut back = [0u8; 8];
-                s.read_exact(&mut back)?;
-                Ok(s)
-            })
-            .collect::<Result<_>>()?;
-        std::thread::sleep(Duration::from_millis(500));
-        let rss_busy = crate::bench_common::rss_kib(agent.id())?;
-        drop(held);
-        Ok(vec![
-            (
-                "connect+close, unprotected port (per s)".into(),
-                attached,
-                detached,
-                "attached / detached",
-            ),
-            (
-                "round trips, 64 B (per s)".into(),
-                rr_proxy,
-                rr_direct,
-                "proxy / direct",
-            ),
-            (
-                "bulk throughput (MiB/s, median of rounds)".into(),
-                bulk.proxy,
-                bulk.direct,
-                "proxy / direct",
-            ),
-            (
-                "agent CPU per GiB forwarded (ms)".into(),
-                bulk.agent_ms_per_gib,
-                0.0,
-                "-",
-            ),
-            (
-                "new connections with 1 round trip (per s)".into(),
-                new_proxy,
-                new_direct,
-                "proxy / direct",
-            ),
-            (
-                "the same, 16 clients at once (per s)".into(),
-                new16_proxy,
-                new16_direct,
-                "proxy / direct",
-            ),
-            (
-                "agent RSS (KiB): 1,000 open vs idle".into(),
-                rss_busy as f64,
-                rss_idle as f64,
-                "busy / idle",
-            ),
-            (
-                "agent RSS per open connection (bytes)".into(),
-                (rss_busy.saturating_sub(rss_idle) as f64) * 1024.0 / 1000.0,
-                0.0,
-                "-",
-            ),
-        ])
-    })();
-    let _ = Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status();
-    let _ = agent.wait();
-    let rows = outcome?;
-    println!(
-        "\n{:<46} {:>14} {:>14} {:>8}  ratio of",
-        "measure", "value", "baseline", "ratio"
-    );
-    for (name, value, base, what) in rows {
-        let ratio = if base > 0.0 { value / base } else { 0.0 };
-        println!("{name:<46} {value:>14.1} {base:>14.1} {ratio:>8.3}  {what}");
+    let connects = o.per_round(20_000, 500);
+    let trips = o.per_round(20_000, 500);
+    let news = o.per_round(5_000, 200);
+    let news16 = o.per_round(1_000, 50);
+    let limit = o.limit();
+    let bulk_bytes = o.bulk_bytes();
+    let mut s = RedirectSamples::default();
+    let mut agent_ticks = 0u64;
+    for round in 0..o.rounds {
+        step(&format!(
+            "redirect round {}/{}: connect+close detached and attached ({connects}), round trips ({trips}), \
+             bulk ({} MiB), new connections ({news}; 16 x {news16}), memory",
+            round + 1,
+            o.rounds,
+            bulk_bytes >> 20
+        ));
+        detach(bin, config);
+        s.detached.push(connect_rate(closer, connects, limit)?);
+        let mut agent = start_agent(bin, config)?;
+        let pid = agent.id();
+        let outcome = (|| -> Result<u64> {
+            s.attached.push(connect_rate(closer, connects, limit)?);
+            let (p, d) = interleaved(
+                round,
+                || round_trips(protected, trips, limit),
+                || round_trips(unprotected, trips, limit),
+            )?;
+            s.rr.push(p, d);
+            let before = crate::bench_postgres::process_cpu_ticks(pid)?;
+            let (p, d) = interleaved(
+                round,
+                || bulk(protected, bulk_bytes),
+                || bulk(unprotected, bulk_bytes),
+            )?;
+            let ticks = crate::bench_postgres::process_cpu_ticks(pid)?.saturating_sub(before);
+            s.bulk.push(p, d);
+            let (p, d) = interleaved(
+                round,
+                || new_connection_rate(protected, news, limit),
+                || new_connection_rate(unprotected, news, limit),
+            )?;
+            s.new1.push(p, d);
+            let (p, d) = interleaved(
+                round,
+                || concurrent_connection_rate(protected, 16, news16, limit),
+                || concurrent_connection_rate(unprotected, 16, news16, limit),
+            )?;
+            s.new16.push(p, d);
+            let rss_idle = crate::bench_common::rss_kib(pid)?;
+            // Each one proven through the proxy to the server (an echo), so the agent holds all
+            // of them when it is measured, not only those it had accepted by then.
+            let held: Vec<TcpStream> = (0..HELD)
+                .map(|_| -> Result<TcpStream> {
+                    let mut s = TcpStream::connect(protected)?;
+                    s.write_all(b"Eheld1234")?;
+                    let mut back = [0u8; 8];
+                    s.read_exact(&mut back)?;
+                    Ok(s)
+                })
+                .collect::<Result<_>>()?;
+            std::thread::sleep(Duration::from_millis(500));
+            let rss_busy = crate::bench_common::rss_kib(pid)?;
+            drop(held);
+            s.rss_idle_kib.push(rss_idle as f64);
+            s.rss_busy_kib.push(rss_busy as f64);
+            Ok(ticks)
+        })();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let _ = agent.wait();
+        agent_ticks += outcome?;
     }
-    Ok(())
+    let n = o.rounds;
+    let gib = (bulk_bytes * n) as f64 / f64::from(1u32 << 30);
+    let cpu_ms = agent_ticks as f64 * 1000.0 / crate::bench_postgres::clock_ticks_per_second();
+    let (idle, busy) = (med(&s.rss_idle_kib), med(&s.rss_busy_kib));
+    // VmRSS is in KiB; the goals are in MB and kB.
+    let per_connection_kb = (busy - idle).max(0.0) * 1024.0 / f64::from(HELD) / 1000.0;
+    Ok(vec![
+        Row::new(
+            "redirect",
+            "redirect.connect_unprotected",
+            "connect+close, unprotected port",
+            med(&s.attached),
+            "per s",
+            n,
+        )
+        .against(med(&s.detached), "attached / detached"),
+        s.rr.row("redirect.round_trips", "round trips, 64 B", "per s", n),
+        s.bulk.row("redirect.bulk", "bulk throughput", "MiB/s", n),
+        Row::new(
+            "redirect",
+            "redirect.cpu_per_gib",
+            "agent CPU per GiB forwarded",
+            cpu_ms / gib.max(f64::MIN_POSITIVE),
+            "ms",
+            n,
+        ),
+        s.new1.row(
+            "redirect.new_connections",
+            "new connections with 1 round trip, 1 client",
+            "per s",
+            n,
+        ),
+        s.new16.row(
+            "redirect.new_connections_16",
+            "new connections with 1 round trip, 16 clients",
+            "per s",
+            n,
+        ),
+        Row::new(
+            "redirect",
+            "redirect.rss_idle",
+            "agent RSS, idle",
+            idle * 1024.0 / 1e6,
+            "MB",
+            n,
+        ),
+        Row::new(
+            "redirect",
+            "redirect.rss_held",
+            "agent RSS, 1,000 open tcp connections",
+            busy * 1024.0 / 1e6,
+            "MB",
+            n,
+        )
+        .against(idle * 1024.0 / 1e6, "1,000 open / idle"),
+        Row::new(
+            "redirect",
+            "redirect.rss_per_connection",
+            "agent RSS per open tcp connection",
+            per_connection_kb,
+            "kB",
+            n,
+        ),
+    ])
+}
+
+/// Connections held open for the memory figure.
+const HELD: u32 = 1000;
+
+/// One measure's samples on both paths, a pair per round.
+#[derive(Default)]
+struct Pair {
+    proxy: Vec<f64>,
+    direct: Vec<f64>,
+}
+
+impl Pair {
+    fn push(&mut self, proxy: f64, direct: f64) {
+        self.proxy.push(proxy);
+        self.direct.push(direct);
+    }
+
+    fn row(&self, key: &str, name: &str, unit: &str, rounds: usize) -> Row {
+        Row::new("redirect", key, name, med(&self.proxy), unit, rounds)
+            .against(med(&self.direct), "proxy / direct")
+    }
+}
+
+#[derive(Default)]
+struct RedirectSamples {
+    detached: Vec<f64>,
+    attached: Vec<f64>,
+    rr: Pair,
+    bulk: Pair,
+    new1: Pair,
+    new16: Pair,
+    rss_idle_kib: Vec<f64>,
+    rss_busy_kib: Vec<f64>,
+}
+
+/// Programs a stopped agent left attached (fail closed) are detached, so the next connect
+/// meets none.
+fn detach(bin: &Path, config: &Path) {
+    let _ = Command::new(bin)
+        .args(["agent", "--detach", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .status();
 }
 
 /// Only the bulk rounds of `redirect`, for work on the forwarding path.
-fn measure_bulk(bin: &Path, config: &Path) -> Result<()> {
+fn measure_bulk(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
     let mut agent = start_agent(bin, config)?;
-    let bulk = bulk_rounds(agent.id(), PROTECTED.parse()?, DIRECT.parse()?, BULK_ROUNDS);
+    let bulk = bulk_rounds(
+        agent.id(),
+        PROTECTED.parse()?,
+        DIRECT.parse()?,
+        o.rounds,
+        o.bulk_bytes(),
+    );
     let _ = Command::new("kill")
         .args(["-TERM", &agent.id().to_string()])
         .status();
     let _ = agent.wait();
     let bulk = bulk?;
-    println!(
-        "bulk MiB/s (median of {BULK_ROUNDS}): proxy {:.1}, direct {:.1}, ratio {:.3}; agent CPU {:.0} ms per GiB",
-        bulk.proxy,
-        bulk.direct,
-        bulk.proxy / bulk.direct,
-        bulk.agent_ms_per_gib
-    );
-    Ok(())
+    Ok(vec![
+        Row::new(
+            "redirect",
+            "redirect.bulk",
+            "bulk throughput",
+            bulk.proxy,
+            "MiB/s",
+            o.rounds,
+        )
+        .against(bulk.direct, "proxy / direct"),
+        Row::new(
+            "redirect",
+            "redirect.cpu_per_gib",
+            "agent CPU per GiB forwarded",
+            bulk.agent_ms_per_gib,
+            "ms",
+            o.rounds,
+        ),
+    ])
 }
 
 fn start_agent(bin: &Path, config: &Path) -> Result<Child> {
@@ -517,9 +846,7 @@ fn concurrent_connection_rate(
     Ok(total)
 }
 
-/// Rounds of the bulk transfer, interleaved (proxy, direct, proxy, …): one-shot figures on
-/// these machines swing by a third.
-const BULK_ROUNDS: usize = 5;
+/// Bytes of one bulk transfer (a quarter of it with `--quick`).
 const BULK_BYTES: usize = 256 << 20;
 
 struct Bulk {
@@ -530,29 +857,40 @@ struct Bulk {
     agent_ms_per_gib: f64,
 }
 
+/// Rounds of the bulk transfer, interleaved (proxy, direct, direct, proxy, …): one-shot
+/// figures on these machines swing by a third.
 fn bulk_rounds(
     agent: u32,
     protected: SocketAddr,
     unprotected: SocketAddr,
     rounds: usize,
+    bytes: usize,
 ) -> Result<Bulk> {
-    use crate::bench_postgres::{clock_ticks_per_second, median, process_cpu_ticks};
+    use crate::bench_postgres::{clock_ticks_per_second, process_cpu_ticks};
     step(&format!(
         "bulk transfer ({} MiB), through the proxy and direct, {rounds} interleaved rounds",
-        BULK_BYTES >> 20
+        bytes >> 20
     ));
     let (mut proxy, mut direct, mut ticks) = (Vec::new(), Vec::new(), 0u64);
-    for _ in 0..rounds {
-        let before = process_cpu_ticks(agent)?;
-        proxy.push(bulk(protected, BULK_BYTES)?);
-        ticks += process_cpu_ticks(agent)?.saturating_sub(before);
-        direct.push(bulk(unprotected, BULK_BYTES)?);
+    for round in 0..rounds {
+        let (p, d) = interleaved(
+            round,
+            || {
+                let before = process_cpu_ticks(agent)?;
+                let rate = bulk(protected, bytes)?;
+                Ok((rate, process_cpu_ticks(agent)?.saturating_sub(before)))
+            },
+            || Ok((bulk(unprotected, bytes)?, 0)),
+        )?;
+        ticks += p.1;
+        proxy.push(p.0);
+        direct.push(d.0);
     }
-    let gib = (BULK_BYTES * rounds) as f64 / f64::from(1u32 << 30);
+    let gib = (bytes * rounds) as f64 / f64::from(1u32 << 30);
     let ms = ticks as f64 * 1000.0 / clock_ticks_per_second();
     Ok(Bulk {
-        proxy: median(&proxy).unwrap_or(0.0),
-        direct: median(&direct).unwrap_or(0.0),
+        proxy: med(&proxy),
+        direct: med(&direct),
         agent_ms_per_gib: ms / gib,
     })
 }

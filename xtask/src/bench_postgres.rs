@@ -25,6 +25,7 @@ use portcullis_e2e::pgbouncer::{Pgbouncer, PoolMode};
 use portcullis_e2e::postgres::{client_command, PasswordAuth, PgOptions, Postgres, RunAs};
 use portcullis_e2e::TestCgroup;
 
+use crate::bench_table::Row;
 use crate::{root, step};
 
 const ROLE: &str = "bench";
@@ -54,11 +55,13 @@ pub struct Options {
 }
 
 impl Options {
-    /// `--quick` (-T 3), `--seconds N`, `--rounds N`.
+    /// `--quick` (-T 3), `--seconds N`, `--rounds N` (default 3: every figure is a
+    /// median of interleaved rounds).
     pub fn parse(args: &[String]) -> Result<Self> {
+        let mut rounds = None;
         let mut o = Options {
             seconds: 10,
-            rounds: 1,
+            rounds: 3,
             case: None,
             perf: false,
         };
@@ -73,7 +76,7 @@ impl Options {
             match a.as_str() {
                 "--quick" => o.seconds = 3,
                 "--seconds" => o.seconds = u32::try_from(value("--seconds")?.min(600))?,
-                "--rounds" => o.rounds = usize::try_from(value("--rounds")?.min(9))?,
+                "--rounds" => rounds = Some(usize::try_from(value("--rounds")?.min(9))?),
                 "--case" => {
                     o.case = Some(it.next().cloned().context("--case needs part of a case name")?)
                 }
@@ -83,6 +86,7 @@ impl Options {
                 ),
             }
         }
+        o.rounds = rounds.unwrap_or(o.rounds);
         Ok(o)
     }
 }
@@ -155,7 +159,7 @@ struct Run {
     machine_us: f64,
 }
 
-pub fn run(options: &Options) -> Result<()> {
+pub fn run(options: &Options) -> Result<Vec<Row>> {
     if !crate::setup::is_root() {
         bail!("the PostgreSQL bench runs the server as `postgres` and attaches eBPF programs: it needs root");
     }
@@ -313,27 +317,64 @@ pub fn run(options: &Options) -> Result<()> {
     if let Err(e) = &forward_endpoint {
         println!("\nagent tcp column: not measured: {e}");
     }
+    let mut table = case_rows(&rows, options.rounds);
     if options.case.is_some() {
         let _ = std::fs::remove_dir_all(&scratch);
-        return Ok(());
+        return Ok(table);
     }
 
+    let per_round = LATENCY_SAMPLES.div_ceil(options.rounds);
     step(&format!(
-        "connection setup: {LATENCY_SAMPLES} sequential connect + login + SELECT 1 + close (psycopg)"
+        "connection setup: {} x {per_round} sequential connect + login + SELECT 1 + close (psycopg), paths interleaved",
+        options.rounds
     ));
-    println!("\n| path | p50 ms | p99 ms | connections |\n|---|---:|---:|---:|");
-    for endpoint in [Ok(&direct), Ok(&pooled), agent_endpoint.as_ref()] {
-        let Ok(endpoint) = endpoint else {
-            println!("| agent | – | – | not measured |");
-            continue;
-        };
-        match connect_latency(endpoint, LATENCY_SAMPLES, Duration::from_secs(60), &scratch) {
-            Ok(l) => println!(
-                "| {} | {:.2} | {:.2} | {} |",
-                endpoint.name, l.p50_ms, l.p99_ms, l.count
-            ),
-            Err(e) => println!("| {} | – | – | error: {e:#} |", endpoint.name),
+    let paths = [Ok(&direct), Ok(&pooled), agent_endpoint.as_ref()];
+    let mut latency: [Vec<f64>; 3] = Default::default();
+    for _ in 0..options.rounds {
+        for (endpoint, samples) in paths.iter().zip(latency.iter_mut()) {
+            let Ok(endpoint) = endpoint else { continue };
+            match connect_latency(endpoint, per_round, Duration::from_secs(60), &scratch) {
+                Ok(mut l) => samples.append(&mut l),
+                Err(e) => println!("  {}: error: {e:#}", endpoint.name),
+            }
         }
+    }
+    println!("\n| path | p50 ms | p99 ms | connections |\n|---|---:|---:|---:|");
+    for (endpoint, samples) in paths.iter().zip(&latency) {
+        let name = endpoint.map_or("agent", |e| e.name);
+        match (percentile(samples, 0.5), percentile(samples, 0.99)) {
+            (Some(p50), Some(p99)) => {
+                println!("| {name} | {p50:.2} | {p99:.2} | {} |", samples.len())
+            }
+            _ => println!("| {name} | – | – | not measured |"),
+        }
+    }
+    let [d, b, a] = latency.each_ref().map(|s| percentile(s, 0.5));
+    if let (Some(a), Some(d)) = (a, d) {
+        table.push(
+            Row::new(
+                "postgres",
+                "postgres.connect_p50",
+                "connection setup p50 (connect, login, SELECT 1, close)",
+                a,
+                "ms",
+                options.rounds,
+            )
+            .against(d, "agent / direct"),
+        );
+    }
+    if let (Some(a), Some(b)) = (a, b) {
+        table.push(
+            Row::new(
+                "postgres",
+                "postgres.connect_p50_vs_pgbouncer",
+                "connection setup p50 (connect, login, SELECT 1, close)",
+                a,
+                "ms",
+                options.rounds,
+            )
+            .against(b, "agent / pgbouncer"),
+        );
     }
 
     step(&format!(
@@ -341,13 +382,25 @@ pub fn run(options: &Options) -> Result<()> {
     ));
     match (&agent, &agent_endpoint) {
         (Ok(agent), Ok(endpoint)) => match agent.idle_sessions_rss(endpoint, &scratch) {
-            Ok(m) => println!(
-                "agent VmRSS: {} KiB idle, {} KiB with {} open sessions: {:.1} KiB per session",
-                m.before_kib,
-                m.after_kib,
-                m.sessions,
-                (m.after_kib as f64 - m.before_kib as f64) / m.sessions.max(1) as f64
-            ),
+            Ok(m) => {
+                let per_session_kib =
+                    (m.after_kib as f64 - m.before_kib as f64) / m.sessions.max(1) as f64;
+                println!(
+                    "agent VmRSS: {} KiB idle, {} KiB with {} open sessions: {per_session_kib:.1} KiB per session",
+                    m.before_kib, m.after_kib, m.sessions,
+                );
+                table.push(Row::new(
+                    "postgres",
+                    "postgres.rss_per_session",
+                    &format!(
+                        "agent RSS per idle session, plaintext ({} held)",
+                        m.sessions
+                    ),
+                    per_session_kib * 1024.0 / 1000.0,
+                    "kB",
+                    1,
+                ));
+            }
             Err(e) => println!("agent VmRSS: not measured: {e:#}"),
         },
         (_, Err(e)) => println!("agent VmRSS: not measured: {e}"),
@@ -361,7 +414,63 @@ pub fn run(options: &Options) -> Result<()> {
 
     // In-process, in release: the proxy applies the same Masker to every selected value.
     step("masking throughput (policy/benches/mask.rs)");
-    crate::cargo(&["bench", "-q", "-p", "portcullis-policy", "--bench", "mask"])
+    table.extend(crate::bench_table::cargo_bench_rows(
+        "masking",
+        "portcullis-policy",
+        "mask",
+    )?);
+    Ok(table)
+}
+
+/// The table's rows of every pgbench case: the agent's TPS against direct and against
+/// pgbouncer, its CPU per transaction against pgbouncer's, and the plain forwarder's TPS
+/// against direct; medians of the rounds (a row is left out when a path has no sample).
+fn case_rows(cases: &[(&str, [Vec<Run>; 4])], rounds: usize) -> Vec<Row> {
+    let mut table = Vec::new();
+    for (name, runs) in cases {
+        let [d, b, a, f] = runs
+            .each_ref()
+            .map(|r| median(&r.iter().map(|r| r.tps).collect::<Vec<_>>()));
+        let [_, cpu_b, cpu_a, _] = runs
+            .each_ref()
+            .map(|r| median(&r.iter().filter_map(|r| r.proxy_us).collect::<Vec<_>>()));
+        let tps = |key: &str, value: Option<f64>, base: Option<f64>, of: &str| {
+            value.zip(base).map(|(v, base)| {
+                Row::new(
+                    "postgres",
+                    &format!("{key}/{name}"),
+                    &format!("{name}: TPS {of}"),
+                    v,
+                    "TPS",
+                    rounds,
+                )
+                .against(base, of)
+            })
+        };
+        table.extend(tps("postgres.tps_vs_pgbouncer", a, b, "agent / pgbouncer"));
+        table.extend(cpu_a.zip(cpu_b).map(|(v, base)| {
+            Row::new(
+                "postgres",
+                &format!("postgres.cpu_per_txn/{name}"),
+                &format!("{name}: CPU per transaction in the middle process"),
+                v,
+                "µs",
+                rounds,
+            )
+            .against(base, "agent / pgbouncer")
+        }));
+        table.extend(tps("postgres.tps_vs_direct", a, d, "agent / direct"));
+        table.extend(tps("postgres.tcp_vs_direct", f, d, "agent tcp / direct"));
+    }
+    table
+}
+
+/// The `q` quantile of unsorted samples (None without any).
+fn percentile(samples: &[f64], q: f64) -> Option<f64> {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(((s.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
 }
 
 /// `perf record -a -g` for the length of one run (`--perf`).
@@ -612,12 +721,6 @@ fn pgbench_tps(
     Ok((tps, transactions))
 }
 
-struct Latency {
-    p50_ms: f64,
-    p99_ms: f64,
-    count: usize,
-}
-
 /// Sequential connect + login + `SELECT 1` + close, timed by the client. psycopg (libpq,
 /// built optimized) rather than tokio-postgres in this debug-built xtask, whose SCRAM key
 /// derivation alone takes tens of milliseconds.
@@ -692,7 +795,7 @@ fn connect_latency(
     count: usize,
     limit: Duration,
     scratch: &Path,
-) -> Result<Latency> {
+) -> Result<Vec<f64>> {
     let out_path = scratch.join("latency.out");
     let err_path = scratch.join("latency.err");
     let mut child = python(
@@ -709,25 +812,14 @@ fn connect_latency(
     if !status.success() {
         bail!("{status}: {}", last_line(&std::fs::read(&err_path)?));
     }
-    let mut samples: Vec<f64> = std::fs::read_to_string(&out_path)?
+    let samples: Vec<f64> = std::fs::read_to_string(&out_path)?
         .split_whitespace()
         .filter_map(|v| v.parse().ok())
         .collect();
     if samples.is_empty() {
         bail!("no sample: {}", last_line(&std::fs::read(&err_path)?));
     }
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        samples
-            .get(((samples.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    Ok(Latency {
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        count: samples.len(),
-    })
+    Ok(samples)
 }
 
 struct IdleMemory {

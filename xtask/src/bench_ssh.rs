@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use portcullis_e2e::TestCgroup;
 
 use crate::bench_postgres::{agent_bin, clock_ticks_per_second, median, process_cpu_ticks};
+use crate::bench_table::Row;
 use crate::step;
 
 /// The account the agent logs in as upstream, and the account that runs the clients
@@ -99,7 +100,7 @@ struct ClientPath {
     cgroup: Option<PathBuf>,
 }
 
-pub fn run(options: &Options) -> Result<()> {
+pub fn run(options: &Options) -> Result<Vec<Row>> {
     if !crate::setup::is_root() {
         bail!("the SSH bench starts sshd, adds its accounts and attaches eBPF programs: it needs root");
     }
@@ -300,46 +301,67 @@ pub fn run(options: &Options) -> Result<()> {
             .unwrap_or(0.0)
     };
     let m = |s: &[f64]| median(s).unwrap_or(0.0);
-    println!(
-        "\n{:<44} {:>10} {:>10} {:>8}  goal",
-        "measure (medians)", "agent", "direct", "ratio"
-    );
-    let row = |name: &str, agent: f64, direct: f64, goal: &str| {
-        let ratio = if direct > 0.0 { agent / direct } else { 0.0 };
-        println!("{name:<44} {agent:>10.1} {direct:>10.1} {ratio:>8.2}  {goal}");
-    };
-    row(
-        &format!("cat of {mib:.0} MiB (MiB/s)"),
-        m(&through.cat),
-        m(&direct.cat),
-        "≥ 0.80",
-    );
-    row(
-        &format!("scp (SFTP) of {mib:.0} MiB (MiB/s)"),
-        m(&through.scp),
-        m(&direct.scp),
-        "≥ 0.80",
-    );
-    row(
-        "`ssh host true` p50 (ms)",
-        pct(&through.setup, 0.5),
-        pct(&direct.setup, 0.5),
-        "≤ 1.5",
-    );
-    row(
-        "`ssh host true` p99 (ms)",
-        pct(&through.setup, 0.99),
-        pct(&direct.setup, 0.99),
-        "≤ 1.5",
-    );
-    println!("agent CPU per GB moved: {cpu_per_gb:.2} s (cat and scp, {agent_bytes} bytes)");
-    println!(
-        "agent RSS: {rss_before} KiB before, {rss_held} KiB with {held} idle sessions ({:.0} KiB per session)",
-        (rss_held.saturating_sub(rss_before)) as f64 / held.max(1) as f64
-    );
+    let n = options.rounds;
+    let rss_per_session_kb =
+        rss_held.saturating_sub(rss_before) as f64 * 1024.0 / held.max(1) as f64 / 1000.0;
+    let rows = vec![
+        Row::new(
+            "ssh",
+            "ssh.cat",
+            &format!("cat of {mib:.0} MiB"),
+            m(&through.cat),
+            "MiB/s",
+            n,
+        )
+        .against(m(&direct.cat), "agent / direct"),
+        Row::new(
+            "ssh",
+            "ssh.scp",
+            &format!("scp (SFTP) of {mib:.0} MiB"),
+            m(&through.scp),
+            "MiB/s",
+            n,
+        )
+        .against(m(&direct.scp), "agent / direct"),
+        // The latency samples of every round are pooled: a percentile of them all.
+        Row::new(
+            "ssh",
+            "ssh.setup_p50",
+            "`ssh host true` p50",
+            pct(&through.setup, 0.5),
+            "ms",
+            n,
+        )
+        .against(pct(&direct.setup, 0.5), "agent / direct"),
+        Row::new(
+            "ssh",
+            "ssh.setup_p99",
+            "`ssh host true` p99",
+            pct(&through.setup, 0.99),
+            "ms",
+            n,
+        )
+        .against(pct(&direct.setup, 0.99), "agent / direct"),
+        Row::new(
+            "ssh",
+            "ssh.cpu_per_gb",
+            "agent CPU per GB moved (cat and scp)",
+            cpu_per_gb,
+            "s",
+            n,
+        ),
+        Row::new(
+            "ssh",
+            "ssh.rss_per_session",
+            &format!("agent RSS per idle session ({held} held)"),
+            rss_per_session_kb,
+            "kB",
+            1,
+        ),
+    ];
     drop(sshd);
     drop(agent);
-    Ok(())
+    Ok(rows)
 }
 
 /// `perf record -g` of the agent's threads until [`stop_perf`].

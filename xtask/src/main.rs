@@ -5,6 +5,7 @@ mod bench;
 mod bench_common;
 mod bench_postgres;
 mod bench_ssh;
+mod bench_table;
 mod demo;
 mod fuzz;
 mod package;
@@ -38,17 +39,22 @@ commands:
                build everything and show the redirect, the proxy, `portcullis status`, psql
                through the agent and ssh to a local sshd with its shell replayed; --no-build
                runs the agent already built (PORTCULLIS_BIN, else target/release/portcullis)
-  bench [redirect|policy|audit|review|postgres|ssh|all] [--no-build] [--quick] [--seconds N] [--rounds N]
-        [--case TEXT] [--perf]
-               measure against the direct path (and pgbouncer for postgres) and report
-               ratios; --no-build measures the binaries already built; --quick, --seconds
-               and --rounds set the postgres bench's pgbench -T (3 s, default 10) and rounds;
-               --case runs only the postgres cases whose name contains TEXT, --perf records
-               `perf record -a -g` during each run (needs Debian's linux-perf); `ssh` (not in
-               `all`) compares OpenSSH through the agent with direct: --quick moves 256 MiB
-               instead of 1 GiB in one round (default 3) with 20 latency samples instead of 50,
-               --perf records the agent (`perf record -g`) during its first `cat`; `review`
-               (not in `all`) times `review report` over a million generated events";
+  bench [redirect|tcp-bulk|policy|audit|review|postgres|ssh|all] [--no-build] [--quick]
+        [--seconds N] [--rounds N] [--case TEXT] [--perf]
+               measure against the direct path (and pgbouncer for postgres) and print one
+               table (suite, measure, value, baseline, ratio, goal, met?), every figure a
+               median of interleaved rounds; writes target/bench/<suite>.json, .svg and .md
+               (`all`: bench.json, bench.svg, bench.md, with the machine's facts); `all` runs
+               redirect, policy, audit, postgres (masking included), ssh and review, and
+               takes --quick, --rounds and --seconds; --no-build measures the binaries
+               already built. redirect, tcp-bulk and audit: --rounds N (default 5, --quick:
+               3 with fewer connections and 64 MiB bulk transfers). postgres: --quick and
+               --seconds set pgbench -T (3 s, default 10), --rounds (default 3), --case runs
+               only the cases whose name contains TEXT, --perf records `perf record -a -g`
+               during each run (Debian's linux-perf). ssh: --quick moves 256 MiB instead of
+               1 GiB in one round (default 3) with 20 latency samples instead of 50, --perf
+               records the agent during its first `cat`. review times `review report` over a
+               million generated events (one run)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
