@@ -2,8 +2,9 @@
 //! its CA, people signing in against the real OpenID Provider (oidc-provider under Node.js)
 //! with the authorization code flow and PKCE, driven by an HTTP client with a cookie jar
 //! that fills the provider's forms as a browser would, and a psql client waiting on a
-//! statement through the real kernel redirect while an approver decides it in the console.
-//! Slots 196–199.
+//! statement through the real kernel redirect while an approver decides it in the console;
+//! and the same in Debian's headless Chromium (`portcullis_e2e::browser`), whose
+//! screenshots of each page are kept in `target/test-artifacts/console/`. Slots 196–199.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -16,6 +17,7 @@ use std::io::Write;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use portcullis_e2e::browser::{self, Browser as Chromium, Page as Tab};
 use portcullis_e2e::oidc::{self, html, OidcOptions, OidcProvider, OidcUser};
 use portcullis_e2e::postgres::{
     self as pg, client_command, PasswordAuth, PgOptions, Postgres, RunAs,
@@ -567,4 +569,173 @@ fn an_approver_decides_a_waiting_statement_in_the_console_and_psql_gets_its_answ
                 .unwrap()
                 .contains(&json!(format!("approval:{create}")))
     });
+}
+
+/// A Chromium page signed in to the console as `user`: the console's address sends it to
+/// the provider, whose login and consent forms it fills and submits as a person would;
+/// back at the console it lands on the home page.
+fn chromium_sign_in<'b>(browser: &'b Chromium, w: &World, user: &str) -> Tab<'b> {
+    let page = browser.page().unwrap();
+    page.goto(&format!("{}/approvals", w.console)).unwrap();
+    page.wait_for(
+        "document.querySelector('input[name=login]')",
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    page.fill("input[name=login]", user).unwrap();
+    page.fill("input[name=password]", "any password").unwrap();
+    page.click("button[type=submit]").unwrap();
+    // The consent page, then the console's callback, whose page moves on to `/`.
+    page.wait_for(
+        "document.querySelector('input[name=prompt][value=consent]') || location.pathname === '/'",
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    if page.url().unwrap().starts_with(w.provider.issuer()) {
+        page.click("button[type=submit]").unwrap();
+    }
+    page.wait_for(
+        &format!(
+            "location.href === {} && document.readyState === 'complete' && document.title.startsWith('Console')",
+            serde_json::to_string(&format!("{}/", w.console)).unwrap()
+        ),
+        Duration::from_secs(15),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", page.text().unwrap_or_default(), w.provider.log()));
+    page
+}
+
+fn shot(page: &Tab<'_>, name: &str) {
+    let path = browser::artifacts_dir("console").unwrap().join(name);
+    page.screenshot(&path).unwrap();
+    assert!(
+        std::fs::metadata(&path).unwrap().len() > 1000,
+        "{}",
+        path.display()
+    );
+}
+
+fn wait_for_text(page: &Tab<'_>, text: &str) {
+    page.wait_for(
+        &format!(
+            "document.readyState === 'complete' && document.body.innerText.includes({})",
+            serde_json::to_string(text).unwrap()
+        ),
+        Duration::from_secs(15),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", page.text().unwrap_or_default()));
+}
+
+#[test]
+fn in_chromium_an_approver_approves_a_waiting_statement_and_the_requester_is_refused() {
+    if !enabled()
+        || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite())
+        || !portcullis_e2e::prerequisites_met(browser::missing_prerequisite())
+    {
+        return;
+    }
+    let w = world("console-chromium", 198);
+    let alice = 48198;
+    login(&w, alice, "alice");
+    let ca = w.agent.dir.path().join("state/ca/ca.pem");
+
+    let bob_browser = Chromium::launch_trusting(&ca).unwrap();
+    let bob = chromium_sign_in(&bob_browser, &w, "bob");
+    // The session cookie as Chromium keeps it.
+    let cookies = bob.cookies().unwrap();
+    let session = cookies
+        .iter()
+        .find(|c| c.name == "__Host-portcullis-console")
+        .unwrap_or_else(|| panic!("{cookies:?}"));
+    assert!(session.secure && session.http_only, "{session:?}");
+    assert_eq!(session.same_site.as_deref(), Some("Strict"), "{session:?}");
+    shot(&bob, "home.png");
+
+    let psql = psql_script(
+        &w,
+        alice,
+        "CREATE TABLE chromium_t (id int);\n\
+         SELECT 'created', count(*) FROM pg_tables WHERE tablename = 'chromium_t';\n",
+    );
+    // The pending request shows on bob's approvals page (reloaded until it is there).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let request = loop {
+        bob.goto(&format!("{}/approvals", w.console)).unwrap();
+        let found = bob
+            .eval("(() => { const f = document.querySelector('form[action^=\"/approvals/\"]'); return f ? f.getAttribute('action').slice(11) : null; })()")
+            .unwrap();
+        if let Some(id) = found.as_str() {
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "{}", bob.text().unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    wait_for_text(&bob, "CREATE TABLE chromium_t (id int)");
+    shot(&bob, "approvals.png");
+
+    // alice, an approver herself, is refused her own request by the store.
+    let alice_browser = Chromium::launch_trusting(&ca).unwrap();
+    let own = chromium_sign_in(&alice_browser, &w, "alice");
+    own.goto(&format!("{}/approvals", w.console)).unwrap();
+    own.fill(&format!("#reason-{request}"), "it is mine")
+        .unwrap();
+    own.click(&format!(
+        "form[action=\"/approvals/{request}\"] button[value=approve]"
+    ))
+    .unwrap();
+    wait_for_text(
+        &own,
+        "you asked for this yourself; someone else must approve it",
+    );
+    shot(&own, "requester-refused.png");
+
+    bob.fill(&format!("#reason-{request}"), "looks right")
+        .unwrap();
+    bob.click(&format!(
+        "form[action=\"/approvals/{request}\"] button[value=approve]"
+    ))
+    .unwrap();
+    wait_for_text(&bob, &format!("Request {request} is now approved."));
+    shot(&bob, "approved.png");
+    let out = psql.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        stdout.contains("created|1"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // carol audits: the sessions list and the session's timeline with the statement.
+    let carol_browser = Chromium::launch_trusting(&ca).unwrap();
+    let carol = chromium_sign_in(&carol_browser, &w, "carol");
+    let opened = wait_event(&w.agent, "connection.opened", |e| {
+        e["identity"]["subject"] == "alice"
+    });
+    let id = opened["connection_id"].as_u64().unwrap();
+    carol.goto(&format!("{}/sessions", w.console)).unwrap();
+    shot(&carol, "sessions.png");
+    carol
+        .click(&format!("a[href^=\"/sessions/{id}?\"]"))
+        .unwrap();
+    wait_for_text(&carol, "CREATE TABLE chromium_t (id int)");
+    assert!(carol
+        .text()
+        .unwrap()
+        .contains(&format!("approval:{request}")));
+    shot(&carol, "timeline.png");
+
+    // No console page broke the CSP, threw or failed a load (the provider's own pages
+    // ask for web fonts, which Chromium kept off the network, and have no favicon).
+    // alice's refusal is a 403 page, which Chromium logs as a failed load.
+    let refusal = format!("{}/approvals/{request}", w.console);
+    for page in [&bob, &own, &carol] {
+        let ours: Vec<_> = page
+            .console_errors()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.url.is_empty() || e.url.starts_with(&w.console))
+            .filter(|e| !(e.url == refusal && e.text.contains("status of 403")))
+            .collect();
+        assert_eq!(ours, vec![], "{}", page.url().unwrap());
+    }
 }

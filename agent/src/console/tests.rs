@@ -249,7 +249,7 @@ async fn every_answer_carries_the_csp_no_framing_and_no_caching() {
         assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
         assert_eq!(headers[header::CACHE_CONTROL], "no-store");
         assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
-        assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
+        assert_eq!(headers[header::REFERRER_POLICY], "same-origin");
     }
     // No script may run, inline or loaded; nothing but the console's own stylesheet.
     assert!(CONTENT_SECURITY_POLICY.starts_with("default-src 'none';"));
