@@ -1774,9 +1774,10 @@ fn break_glass_is_refused_without_the_flag_without_a_reason_and_outside_the_grou
         .expect_refusal(&probe(&w, frank), w.slot.v4(1), "approval required");
 }
 
-/// Two bastions share one central PostgreSQL (not the target's: the agents' own connections
-/// to it must not be a protected destination): each agent's login role is a member of the
-/// insert-only group role the migration makes.
+/// Two bastions share one central PostgreSQL: each agent's login role is a member of the
+/// insert-only group role the migration makes. The central server is also a protected `tcp`
+/// target of both: the agents' own connections to it carry the exempt mark and are not
+/// redirected into themselves.
 const FLEET_DB: &str = "portcullis";
 
 /// `(name, slot, host, role)`: the agent's test name and slot, its bastion name in the log,
@@ -1804,7 +1805,8 @@ fn fleet_agent(
          migrate_url = \"postgres://postgres@127.0.0.1:{central}/{FLEET_DB}\"\n\
          migrate_password_file = \"{admin}\"\n\
          [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n\
+         [[target]]\nname = \"audit-db\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1\"\nport = {central}\n",
         iss = provider.issuer(),
         port = postgres.port(),
         central = central.port(),

@@ -130,7 +130,10 @@ pub fn run(
     }
     let (fleet, fleet_runner) = match &config.audit.central {
         Some(central) => {
-            let (fleet, runner) = crate::approvals::fleet::Fleet::new(central);
+            let (fleet, runner) = crate::approvals::fleet::Fleet::new(
+                central,
+                crate::audit::central::own_mark(&config),
+            );
             (Some(fleet), Some(runner))
         }
         None => (None, None),

@@ -56,12 +56,14 @@ pub struct Fleet {
 /// The task that writes the queue to the log and applies the log here.
 pub struct FleetRunner {
     host: String,
+    /// The exempt mark of the agent's own connections (`central::own_mark`).
+    mark: Option<u32>,
     central: CentralConfig,
     queue: mpsc::UnboundedReceiver<Queued>,
 }
 
 impl Fleet {
-    pub fn new(central: &CentralConfig) -> (Arc<Self>, FleetRunner) {
+    pub fn new(central: &CentralConfig, mark: Option<u32>) -> (Arc<Self>, FleetRunner) {
         let host = central::host_name(central);
         let (tx, rx) = mpsc::unbounded_channel();
         (
@@ -72,6 +74,7 @@ impl Fleet {
             }),
             FleetRunner {
                 host,
+                mark,
                 central: central.clone(),
                 queue: rx,
             },
@@ -179,7 +182,7 @@ impl FleetRunner {
         stop: &CancellationToken,
     ) -> Result<(), CentralError> {
         let (mut client, mut notes) =
-            timed(central::connect_listening(&self.central, tasks)).await??;
+            timed(central::connect_listening(&self.central, tasks, self.mark)).await??;
         timed(central::check_schema(&client)).await??;
         timed(client.batch_execute("LISTEN portcullis_approvals")).await??;
         timed(pull(&client, store, last_id, *caught_up)).await??;

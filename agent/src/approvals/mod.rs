@@ -1814,7 +1814,7 @@ mod tests {
             "url = \"postgres://bastion@127.0.0.1/portcullis\"\nhost_name = \"{host}\"\n"
         ))
         .unwrap();
-        let (fleet, _runner) = fleet::Fleet::new(&central);
+        let (fleet, _runner) = fleet::Fleet::new(&central, None);
         ApprovalStore::open(
             &dir.join(host),
             audit(&dir.join(host)),

@@ -155,9 +155,16 @@ pub fn start(config: &Config, audit: &Arc<AuditLog>, tasks: &TaskTracker, stop: 
         tasks: tasks.clone(),
         shipped_upto: 0,
         migrated: central.migrate_url.is_none(),
+        mark: own_mark(config),
         central,
     };
     tasks.spawn(shipper.run(stop));
+}
+
+/// The mark the agent's own connections to the central server carry (its upstream mark), so
+/// the redirect never takes them into the agent itself.
+pub(crate) fn own_mark(config: &Config) -> Option<u32> {
+    Some(config.proxy.upstream_mark).filter(|m| *m != 0)
 }
 
 pub(crate) fn host_name(central: &CentralConfig) -> String {
@@ -176,6 +183,8 @@ struct Shipper {
     tasks: TaskTracker,
     shipped_upto: u64,
     migrated: bool,
+    /// See [`own_mark`].
+    mark: Option<u32>,
 }
 
 impl Shipper {
@@ -243,6 +252,7 @@ impl Shipper {
                 &url,
                 self.central.migrate_password_file.as_deref(),
                 &self.tasks,
+                self.mark,
             )
             .await?;
             tracing::info!(version, "central audit schema is current");
@@ -256,6 +266,7 @@ impl Shipper {
                     &self.central.url,
                     self.central.password_file.as_deref(),
                     &self.tasks,
+                    self.mark,
                 )
                 .await?;
                 check_schema(&c).await?;
@@ -500,8 +511,9 @@ pub async fn migrate_with(
     url: &str,
     password_file: Option<&Path>,
     tasks: &TaskTracker,
+    mark: Option<u32>,
 ) -> Result<i32, CentralError> {
-    let mut client = connect(central, url, password_file, tasks).await?;
+    let mut client = connect(central, url, password_file, tasks, mark).await?;
     let tx = client.transaction().await?;
     // Serializes concurrent migrations (a fleet starting at once); released at commit.
     tx.execute("SELECT pg_advisory_xact_lock(7135680541)", &[])
@@ -543,7 +555,8 @@ pub async fn migrate(
     password_file: Option<&Path>,
 ) -> Result<i32, CentralError> {
     let tasks = TaskTracker::new();
-    let result = migrate_with(central, url, password_file, &tasks).await;
+    // Run by an administrator, not the agent: an ordinary connection.
+    let result = migrate_with(central, url, password_file, &tasks, None).await;
     tasks.close();
     tasks.wait().await;
     result
@@ -554,8 +567,9 @@ async fn connect(
     url: &str,
     password_file: Option<&Path>,
     tasks: &TaskTracker,
+    mark: Option<u32>,
 ) -> Result<Client, CentralError> {
-    connect_with(central, url, password_file, tasks, None).await
+    connect_with(central, url, password_file, tasks, None, mark).await
 }
 
 /// A connection as the agent's role whose notifications (`LISTEN`) arrive on the returned
@@ -563,6 +577,7 @@ async fn connect(
 pub(crate) async fn connect_listening(
     central: &CentralConfig,
     tasks: &TaskTracker,
+    mark: Option<u32>,
 ) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<String>), CentralError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let client = connect_with(
@@ -571,6 +586,7 @@ pub(crate) async fn connect_listening(
         central.password_file.as_deref(),
         tasks,
         Some(tx),
+        mark,
     )
     .await?;
     Ok((client, rx))
@@ -582,6 +598,7 @@ async fn connect_with(
     password_file: Option<&Path>,
     tasks: &TaskTracker,
     notifications: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    mark: Option<u32>,
 ) -> Result<Client, CentralError> {
     crate::config::check_central_url(url, central.tls).map_err(CentralError::Config)?;
     let mut config: tokio_postgres::Config = url
@@ -594,10 +611,29 @@ async fn connect_with(
         let password = read_password(path)?;
         config.password(password.expose());
     }
+    // The agent's own connection carries the exempt mark, so the kernel programs leave it
+    // alone even when the central server's address is also a protected target.
+    let own = match mark {
+        Some(mark) => dial_marked(&config, mark).await?,
+        None => None,
+    };
     let client = match central.tls {
         CentralTls::Require => {
             config.ssl_mode(SslMode::Require);
-            let tls = tls_connector(central.ca_file.as_deref())?;
+            let mut tls = tls_connector(central.ca_file.as_deref())?;
+            if let Some((stream, host)) = own {
+                let tls =
+                    tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+                        &mut tls, &host,
+                    )
+                    .map_err(|e| CentralError::Config(format!("TLS for {host}: {e}")))?;
+                let (client, connection) = config.connect_raw(stream, tls).await?;
+                match notifications {
+                    Some(tx) => tasks.spawn(drive_listening(connection, tx)),
+                    None => tasks.spawn(drive(connection)),
+                };
+                return Ok(client);
+            }
             let (client, connection) = config.connect(tls).await?;
             match notifications {
                 Some(tx) => tasks.spawn(drive_listening(connection, tx)),
@@ -607,6 +643,14 @@ async fn connect_with(
         }
         CentralTls::Disable => {
             config.ssl_mode(SslMode::Disable);
+            if let Some((stream, _)) = own {
+                let (client, connection) = config.connect_raw(stream, NoTls).await?;
+                match notifications {
+                    Some(tx) => tasks.spawn(drive_listening(connection, tx)),
+                    None => tasks.spawn(drive(connection)),
+                };
+                return Ok(client);
+            }
             let (client, connection) = config.connect(NoTls).await?;
             match notifications {
                 Some(tx) => tasks.spawn(drive_listening(connection, tx)),
@@ -627,6 +671,51 @@ where
     if let Err(e) = connection.await {
         tracing::debug!(error = %e, "central audit connection ended");
     }
+}
+
+/// Connects to the first TCP address of `config`'s hosts that answers, from a socket with
+/// `mark`; `None` when a host is a Unix socket (never redirected: the normal connect serves).
+async fn dial_marked(
+    config: &tokio_postgres::Config,
+    mark: u32,
+) -> Result<Option<(tokio::net::TcpStream, String)>, CentralError> {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let mut last = String::from("no host to connect to");
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        let name = match host {
+            Host::Tcp(name) => name,
+            Host::Unix(_) => return Ok(None),
+        };
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let addrs = match tokio::net::lookup_host((name.as_str(), port)).await {
+            Ok(a) => a,
+            Err(e) => {
+                last = format!("{name}: {e}");
+                continue;
+            }
+        };
+        for addr in addrs {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            };
+            let attempt = async {
+                let socket = socket?;
+                socket2::SockRef::from(&socket).set_mark(mark)?;
+                socket.connect(addr).await
+            };
+            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                Ok(Ok(stream)) => return Ok(Some((stream, name.clone()))),
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: connect timed out"),
+            }
+        }
+    }
+    Err(CentralError::Config(format!(
+        "cannot reach the central server: {last}"
+    )))
 }
 
 /// [`drive`], passing each notification's payload on; the channel closing (its reader
@@ -790,7 +879,7 @@ pub async fn verify_central(
     const PAGE: i64 = 5_000;
     let tasks = TaskTracker::new();
     let result = async {
-        let client = connect(central, url, password_file, &tasks).await?;
+        let client = connect(central, url, password_file, &tasks, None).await?;
         let mut verifier = CentralVerifier::default();
         let mut after: i64 = 0;
         loop {
