@@ -826,7 +826,10 @@ fn partial_whole(text: &[u8], keep_first: u32, keep_last: u32, out: &mut Vec<u8>
     let head_end = offset(keep_first);
     let tail_start = offset(total - keep_last);
     out.extend_from_slice(text.get(..head_end).unwrap_or_default());
-    out.resize(out.len().saturating_add(total - keep_first - keep_last), b'*');
+    out.resize(
+        out.len().saturating_add(total - keep_first - keep_last),
+        b'*',
+    );
     out.extend_from_slice(text.get(tail_start..).unwrap_or_default());
 }
 
