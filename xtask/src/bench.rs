@@ -555,8 +555,13 @@ fn measure(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
             o.rounds,
             bulk_bytes >> 20
         ));
-        detach(bin, config);
-        s.detached.push(connect_rate(closer, connects, limit)?);
+        // Detached goes first in even rounds and last in odd ones (after the agent stopped),
+        // so neither side of the pair always meets the machine in the same state.
+        let detached_first = round.is_multiple_of(2);
+        if detached_first {
+            detach(bin, config);
+            s.detached.push(connect_rate(closer, connects, limit)?);
+        }
         let mut agent = start_agent(bin, config)?;
         let pid = agent.id();
         let outcome = (|| -> Result<u64> {
@@ -611,6 +616,11 @@ fn measure(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
             .status();
         let _ = agent.wait();
         agent_ticks += outcome?;
+        if !detached_first {
+            detach(bin, config);
+            s.detached.push(connect_rate(closer, connects, limit)?);
+        }
+        s.print_round(round);
     }
     let n = o.rounds;
     let gib = (bulk_bytes * n) as f64 / f64::from(1u32 << 30);
@@ -710,6 +720,27 @@ struct RedirectSamples {
     new16: Pair,
     rss_idle_kib: Vec<f64>,
     rss_busy_kib: Vec<f64>,
+}
+
+impl RedirectSamples {
+    /// Each round's figures as they come: the spread behind the medians.
+    fn print_round(&self, round: usize) {
+        let at = |v: &[f64]| v.get(round).copied().unwrap_or(0.0);
+        let pair = |p: &Pair| format!("{:.0}/{:.0}", at(&p.proxy), at(&p.direct));
+        println!(
+            "  round {}: connect attached/detached {:.0}/{:.0} per s, round trips {} per s, \
+             bulk {} MiB/s, new {} per s, new x16 {} per s, RSS idle/held {:.0}/{:.0} KiB",
+            round + 1,
+            at(&self.attached),
+            at(&self.detached),
+            pair(&self.rr),
+            pair(&self.bulk),
+            pair(&self.new1),
+            pair(&self.new16),
+            at(&self.rss_idle_kib),
+            at(&self.rss_busy_kib),
+        );
+    }
 }
 
 /// Programs a stopped agent left attached (fail closed) are detached, so the next connect

@@ -488,10 +488,11 @@ pub fn svg(rows: &[Row], title: &str) -> String {
             row_h - 6.0,
             xml_escape(&format!("{} = {x:.3}", row.key))
         );
+        // The figure goes right of the bar and of its goal tick, so the tick never crosses it.
         let _ = writeln!(
             out,
             r#"<text x="{:.1}" y="{:.1}">{}{:.3}</text>"#,
-            x_of(*x) + 4.0,
+            x_of(goal.map_or(*x, |g| x.max(g))) + 4.0,
             y + 15.0,
             if *x > scale_max { "› " } else { "" },
             x
