@@ -645,6 +645,31 @@ fn the_requester_cannot_approve_herself_and_a_reader_or_a_forged_form_decides_no
         Value::Bool(false)
     );
 
+    // A script in the page cannot even send one: the CSP (no connect-src, so `'none'`)
+    // stops a fetch in the browser, and the console hears nothing of it.
+    let denied_before = w.agent.events_of("console.denied").len();
+    let scripted = open(&carol, &w, "/sessions");
+    let fetched = scripted
+        .eval(&format!(
+            "fetch('/approvals/{request}', {{method: 'POST', body: new URLSearchParams(\
+             {{decision: 'approve', reason: 'scripted'}})}}).then(r => 'sent: ' + r.status, e => 'refused: ' + e)"
+        ))
+        .unwrap();
+    assert_eq!(fetched, "refused: TypeError: Failed to fetch");
+    scripted
+        .wait_for_console_error(
+            "violates the following Content Security Policy directive",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    drop(scripted);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        w.agent.events_of("console.denied").len(),
+        denied_before,
+        "the fetch reached the console"
+    );
+
     // Forms the page never offered, sent from its context with carol's cookies: without a
     // CSRF token, with a wrong one, and with her own (then her role refuses it).
     page.goto(&format!("{}/sessions", w.console)).unwrap();
