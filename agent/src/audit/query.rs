@@ -485,6 +485,71 @@ fn sessions_page_within(
     })
 }
 
+/// Events an audit search found, newest first, with the seq each is stored at and its
+/// text as stored; and where the next (older) page starts.
+#[derive(Debug, Clone)]
+pub struct EventsPage {
+    pub events: Vec<(u64, Value, String)>,
+    /// The records read: `first..=last`.
+    pub scanned: (u64, u64),
+    /// `before` for the next page; `None` when the oldest stored record was reached.
+    pub older: Option<u64>,
+}
+
+/// Events `filter` keeps among at most `window` records before seq `before` (`None`: the
+/// newest); at most `limit` of them, the newest.
+pub fn events_page(
+    dir: &std::path::Path,
+    last_seq: u64,
+    before: Option<u64>,
+    filter: &Filter,
+    limit: usize,
+    window: u64,
+) -> Result<EventsPage, portcullis_audit_store::StoreError> {
+    let before = before
+        .unwrap_or(last_seq.saturating_add(1))
+        .min(last_seq.saturating_add(1));
+    let start = before.saturating_sub(window).max(1);
+    let reader = match portcullis_audit_store::Reader::from_seq(dir, start) {
+        Err(portcullis_audit_store::StoreError::Pruned {
+            first_available, ..
+        }) => portcullis_audit_store::Reader::from_seq(dir, first_available)?,
+        other => other?,
+    };
+    let mut found = Vec::new();
+    let mut first_read = None;
+    let mut last_read = start;
+    for record in reader {
+        let record = record?;
+        if record.seq >= before {
+            break;
+        }
+        first_read.get_or_insert(record.seq);
+        last_read = record.seq;
+        let Ok(event) = serde_json::from_str::<Value>(&record.event) else {
+            continue;
+        };
+        if filter.matches(&event, &record.event) {
+            found.push((record.seq, event, record.event));
+        }
+    }
+    found.reverse();
+    let first = first_read.unwrap_or(start);
+    let older = if found.len() > limit {
+        found.truncate(limit);
+        found.last().map(|(seq, _, _)| *seq)
+    } else if first > 1 {
+        Some(first)
+    } else {
+        None
+    };
+    Ok(EventsPage {
+        events: found,
+        scanned: (first, last_read),
+        older,
+    })
+}
+
 /// One session's events in order (what `sessions show` prints), read from seq `from` (its
 /// `connection.opened`, which the sessions list links with) to its `connection.closed`,
 /// and the times the agent started after it opened.
@@ -623,6 +688,30 @@ mod tests {
         let oldest = sessions_page_within(dir.path(), last, Some(10), &all, 50, 30).unwrap();
         assert_eq!(ids(&oldest), [3, 2, 1]);
         assert_eq!(oldest.older, None);
+    }
+
+    #[test]
+    fn an_audit_search_reads_a_bounded_window_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = sixty_sessions(dir.path());
+        let denied = Filter {
+            decision: Some("deny".into()),
+            ..Filter::default()
+        };
+        let seqs = |p: &EventsPage| p.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>();
+        // Within the last 30 records only session 60's denied statement (seq 179).
+        let page = events_page(dir.path(), last, None, &denied, 10, 30).unwrap();
+        assert_eq!(seqs(&page), [179]);
+        assert_eq!(page.scanned, (152, 181));
+        assert_eq!(page.older, Some(152));
+        let all = events_page(dir.path(), last, None, &denied, 10, 1_000).unwrap();
+        assert_eq!(seqs(&all), [179, 149, 119, 89, 59, 29]);
+        assert_eq!(all.older, None);
+        let two = events_page(dir.path(), last, None, &denied, 2, 1_000).unwrap();
+        assert_eq!(seqs(&two), [179, 149]);
+        let rest = events_page(dir.path(), last, two.older, &denied, 10, 1_000).unwrap();
+        assert_eq!(seqs(&rest), [119, 89, 59, 29]);
+        assert_eq!(rest.events[0].2, rest.events[0].1.to_string());
     }
 
     #[test]

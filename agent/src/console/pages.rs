@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::auth::{Roles, SignedIn};
 use crate::approvals::{ApprovalRequest, Asked, Grant};
-use crate::audit::query::{self, SessionFilter, SessionsPage};
+use crate::audit::query::{self, EventsPage, Filter, SessionFilter, SessionsPage};
 
 pub const STYLESHEET: &str = "\
 body{font-family:system-ui,sans-serif;margin:0;color:#111;background:#fff}\
@@ -61,7 +61,7 @@ pub fn page(title: &str, who: Option<&SignedIn>, body: &str) -> String {
             admin,
         } = s.roles;
         if auditor {
-            nav.push_str(r#"<a href="/sessions">Sessions</a>"#);
+            nav.push_str(r#"<a href="/sessions">Sessions</a><a href="/audit">Audit</a>"#);
         }
         if approver {
             nav.push_str(r#"<a href="/approvals">Approvals</a><a href="/grants">Grants</a>"#);
@@ -480,4 +480,159 @@ pub fn signed_in(who: &SignedIn) -> String {
         "<meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0; url=/\">",
         1,
     )
+}
+
+/// The audit search's filters as the form shows them and as links carry them.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct AuditQuery {
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub decision: String,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub since: String,
+    #[serde(default)]
+    pub until: String,
+    pub before: Option<u64>,
+}
+
+impl AuditQuery {
+    /// The filter of `portcullis audit search`, or which field cannot be read.
+    pub fn filter(&self, now_ms: u64) -> Result<Filter, String> {
+        let text = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+        let time = |name: &str, s: &str| {
+            text(s)
+                .map(|t| query::parse_time(&t, now_ms).map_err(|e| format!("{name}: {e}")))
+                .transpose()
+        };
+        Ok(Filter {
+            since_ms: time("since", &self.since)?,
+            until_ms: time("until", &self.until)?,
+            user: text(&self.user),
+            target: text(&self.target),
+            kind: text(&self.kind),
+            decision: text(&self.decision),
+            text: text(&self.text),
+            connection_id: None,
+        })
+    }
+
+    /// The query string of these filters (without `before`).
+    pub fn query(&self) -> String {
+        format!(
+            "user={}&target={}&kind={}&decision={}&text={}&since={}&until={}",
+            query_value(&self.user),
+            query_value(&self.target),
+            query_value(&self.kind),
+            query_value(&self.decision),
+            query_value(&self.text),
+            query_value(&self.since),
+            query_value(&self.until),
+        )
+    }
+}
+
+pub fn audit(who: &SignedIn, q: &AuditQuery, result: Result<EventsPage, String>) -> String {
+    let mut body = String::from(r#"<form method="get" action="/audit" role="search">"#);
+    body.push_str(&text_input(
+        "user",
+        "User",
+        &q.user,
+        "name, uid, subject or email",
+    ));
+    body.push_str(&text_input("target", "Target", &q.target, "target name"));
+    body.push_str(&text_input(
+        "kind",
+        "Event",
+        &q.kind,
+        "approval, statement.denied",
+    ));
+    body.push_str(&select(
+        "decision",
+        "Decision",
+        &q.decision,
+        &["allow", "deny", "approval"],
+    ));
+    body.push_str(&text_input(
+        "text",
+        "Text",
+        &q.text,
+        "any text of the event",
+    ));
+    body.push_str(&text_input(
+        "since",
+        "Since",
+        &q.since,
+        "2h, 7d, 2026-01-31",
+    ));
+    body.push_str(&text_input(
+        "until",
+        "Until",
+        &q.until,
+        "30m, 2026-02-01T12:00",
+    ));
+    body.push_str(r#" <button type="submit">Search</button></form>"#);
+    let found = match result {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = write!(body, r#"<p class="error" role="alert">{}</p>"#, esc(&e));
+            return page("Audit", Some(who), &body);
+        }
+    };
+    let before = q.before.map(|b| format!("&before={b}")).unwrap_or_default();
+    let _ = write!(
+        body,
+        r#"<p>{} events in records {} to {}. <a href="{}" download>Export them as NDJSON</a></p>"#,
+        found.events.len(),
+        found.scanned.0,
+        found.scanned.1,
+        esc(&format!("/audit.ndjson?{}{before}", q.query())),
+    );
+    body.push_str(
+        "<table><thead><tr><th scope=\"col\">Record</th><th scope=\"col\">Time (UTC)</th>\
+         <th scope=\"col\">Event</th><th scope=\"col\">Identity</th><th scope=\"col\">Target</th>\
+         <th scope=\"col\">Decision</th><th scope=\"col\">Reason</th></tr></thead><tbody>",
+    );
+    for (seq, e, _) in &found.events {
+        let s = |path: &str| {
+            e.pointer(path)
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .unwrap_or_else(|| "-".into())
+        };
+        let who = match s("/identity/email") {
+            w if w != "-" => w,
+            _ => s("/identity/subject"),
+        };
+        let kind = match e.get("connection_id").and_then(Value::as_u64) {
+            Some(id) => format!(
+                r#"<a href="/sessions/{id}?from=1">{}</a>"#,
+                esc(&s("/event"))
+            ),
+            None => esc(&s("/event")),
+        };
+        let _ = write!(
+            body,
+            "<tr><td>{seq}</td><td>{}</td><td>{kind}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&query::format_time(e.get("time_ms").and_then(Value::as_u64).unwrap_or(0))),
+            esc(&who),
+            esc(&s("/target")),
+            esc(&s("/decision")),
+            esc(&s("/reason")),
+        );
+    }
+    body.push_str("</tbody></table>");
+    if let Some(older) = found.older {
+        let _ = write!(
+            body,
+            r#"<p><a href="{}" rel="next">Older events</a></p>"#,
+            esc(&format!("/audit?{}&before={older}", q.query()))
+        );
+    }
+    page("Audit", Some(who), &body)
 }

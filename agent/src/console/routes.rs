@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use super::auth::{self, Auth, Callback, Roles, SignedIn, FLOW_COOKIE, SESSION_COOKIE};
-use super::pages::{self, SessionsQuery};
+use super::pages::{self, AuditQuery, SessionsQuery};
 use crate::approvals::{ApprovalError, ApprovalStore, Viewer};
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::ConsoleSettings;
@@ -47,6 +47,8 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/signout", post(sign_out))
         .route("/sessions", get(sessions))
         .route("/sessions/{id}", get(session))
+        .route("/audit", get(audit))
+        .route("/audit.ndjson", get(audit_export))
         .route("/approvals", get(approvals))
         .route("/approvals/{id}", post(decide))
         .route("/grants", get(grants))
@@ -374,6 +376,87 @@ async fn sessions(
         }
     };
     html(StatusCode::OK, pages::sessions(&who, &q, result))
+}
+
+/// Records one audit page reads back from its start at most, and one export.
+const AUDIT_PAGE_RECORDS: u64 = 20_000;
+const AUDIT_EXPORT_RECORDS: u64 = 200_000;
+/// Events one audit page shows at most, and one export holds.
+const AUDIT_PAGE_ROWS: usize = 100;
+const AUDIT_EXPORT_ROWS: usize = 100_000;
+
+async fn search(
+    state: &State,
+    q: &AuditQuery,
+    limit: usize,
+    window: u64,
+) -> Result<crate::audit::query::EventsPage, String> {
+    let filter = q.filter(crate::audit::now_ms())?;
+    let dir = state.audit.dir().to_path_buf();
+    let last = state.audit.last_seq();
+    let before = q.before;
+    tokio::task::spawn_blocking(move || {
+        crate::audit::query::events_page(&dir, last, before, &filter, limit, window)
+            .map_err(|e| format!("the audit trail cannot be read: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("reading the audit trail failed: {e}")))
+}
+
+async fn audit(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    let who = match state.reader(&headers, |r| r.auditor, "searching the audit trail") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let result = search(&state, &q, AUDIT_PAGE_ROWS, AUDIT_PAGE_RECORDS).await;
+    html(StatusCode::OK, pages::audit(&who, &q, result))
+}
+
+/// The events of a search as stored, one per line, oldest first (what `portcullis audit
+/// search --json` prints); `X-Portcullis-Older` names the `before` of the export that
+/// continues it.
+async fn audit_export(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    let who = match state.reader(&headers, |r| r.auditor, "exporting the audit trail") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    match search(&state, &q, AUDIT_EXPORT_ROWS, AUDIT_EXPORT_RECORDS).await {
+        Ok(found) => {
+            let mut body = String::new();
+            for (_, _, raw) in found.events.iter().rev() {
+                body.push_str(raw);
+                body.push('\n');
+            }
+            let mut r = (
+                [
+                    (header::CONTENT_TYPE, "application/x-ndjson"),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        "attachment; filename=\"portcullis-audit.ndjson\"",
+                    ),
+                ],
+                body,
+            )
+                .into_response();
+            if let Some(older) = found.older {
+                r.headers_mut()
+                    .insert("x-portcullis-older", HeaderValue::from(older));
+            }
+            r
+        }
+        Err(e) => html(
+            StatusCode::BAD_REQUEST,
+            pages::refusal("Export refused", Some(&who), &e),
+        ),
+    }
 }
 
 #[derive(serde::Deserialize)]

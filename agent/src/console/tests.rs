@@ -732,3 +732,52 @@ async fn an_approver_sees_grants_and_revokes_one_and_an_auditor_cannot() {
     assert_eq!(revoked.len(), 1, "{revoked:?}");
     assert_eq!(revoked[0]["identity"]["subject"], "bob");
 }
+
+#[tokio::test]
+async fn an_auditor_searches_and_exports_the_trail_and_an_approver_cannot() {
+    use crate::audit::{AuditEvent, EventKind};
+    let f = fixture();
+    for i in 0..3 {
+        let mut ev = AuditEvent::new(EventKind::ConnectionRefused)
+            .reason(format!("refused <script>alert({i})</script>"));
+        ev.target = Some("db".into());
+        f.state.audit.record(ev);
+    }
+    f.state
+        .audit
+        .record(AuditEvent::new(EventKind::AgentStarted).reason("started"));
+    f.state.audit.flush();
+    f.sign_in("s-carol", person("carol", &["audit"]));
+    f.sign_in("s-bob", person("bob", &["dba-leads"]));
+    let (status, _, page) = f
+        .get("/audit?kind=connection.refused&text=alert", Some("s-carol"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("3 events in records"), "{page}");
+    assert!(
+        page.contains("refused &lt;script&gt;alert(2)&lt;/script&gt;"),
+        "{page}"
+    );
+    assert!(!page.contains("<script>"), "{page}");
+    assert!(!page.contains("agent.started"), "{page}");
+    let (status, headers, body) = f
+        .get("/audit.ndjson?kind=connection.refused", Some("s-carol"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/x-ndjson");
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{body}");
+    // Oldest first, as stored.
+    assert_eq!(lines[0]["reason"], "refused <script>alert(0)</script>");
+    assert!(lines.iter().all(|e| e["event"] == "connection.refused"));
+    // A bad time is named, not guessed.
+    let (_, _, page) = f.get("/audit?since=yesterday", Some("s-carol")).await;
+    assert!(page.contains("since:"), "{page}");
+    for path in ["/audit", "/audit.ndjson"] {
+        let (status, _, _) = f.get(path, Some("s-bob")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+    }
+}
