@@ -182,6 +182,8 @@ struct Options<'a> {
     target_ssh: &'a str,
     /// The policy directory's masking.toml, if any.
     masking: &'a str,
+    /// The policy directory's approvals.toml, if any.
+    approvals: &'a str,
 }
 
 impl Default for Options<'_> {
@@ -193,6 +195,7 @@ impl Default for Options<'_> {
             base_policy: SSH_POLICY,
             target_ssh: "",
             masking: "",
+            approvals: "",
         }
     }
 }
@@ -236,6 +239,13 @@ impl World {
         std::fs::write(agent.dir.path().join("policies/extra.cedar"), o.policy).unwrap();
         if !o.masking.is_empty() {
             std::fs::write(agent.dir.path().join("policies/masking.toml"), o.masking).unwrap();
+        }
+        if !o.approvals.is_empty() {
+            std::fs::write(
+                agent.dir.path().join("policies/approvals.toml"),
+                o.approvals,
+            )
+            .unwrap();
         }
         agent.spawn();
         let user_ca = agent.dir.path().join("state/ssh/user_ca.pub");
@@ -2572,7 +2582,12 @@ fn approvals_enabled() -> bool {
 
 /// An SSH world whose identities come from the real provider; alice (the client account)
 /// and bob are logged in.
-fn approval_world(name: &str, n: u8, policy: &str) -> (World, portcullis_e2e::oidc::OidcProvider) {
+fn approval_world(
+    name: &str,
+    n: u8,
+    policy: &str,
+    approvals: &str,
+) -> (World, portcullis_e2e::oidc::OidcProvider) {
     use portcullis_e2e::oidc::{OidcOptions, OidcProvider, OidcUser};
     let provider = OidcProvider::start(OidcOptions {
         users: vec![
@@ -2592,6 +2607,7 @@ fn approval_world(name: &str, n: u8, policy: &str) -> (World, portcullis_e2e::oi
             identity: &identity,
             base_policy: APPROVAL_POLICY,
             policy,
+            approvals,
             ..Options::default()
         },
     );
@@ -2737,7 +2753,7 @@ fn an_ssh_command_waits_for_approval_then_runs_with_the_input_sent_meanwhile() {
     if !approvals_enabled() {
         return;
     }
-    let (w, _provider) = approval_world("ssh-appr-run", 186, "");
+    let (w, _provider) = approval_world("ssh-appr-run", 186, "", "");
     let marker = remote_marker("approved-186");
     let command = format!("touch {}; echo approve-me; cat", marker.display());
     let mut waiting = Waiting::spawn(w.ssh(&["127.0.0.1", &command]), b"typed while it waited\n");
@@ -2804,7 +2820,7 @@ fn a_denied_ssh_command_exits_1_with_the_reason_and_its_controlmaster_connection
     if !approvals_enabled() {
         return;
     }
-    let (w, _provider) = approval_world("ssh-appr-deny", 187, "");
+    let (w, _provider) = approval_world("ssh-appr-deny", 187, "", "");
     let control = w.client_dir("mux").join("%C").display().to_string();
     let mux = |cmd: &str| {
         let mut c = w.ssh(&[
@@ -2923,11 +2939,11 @@ fn a_denied_ssh_command_exits_1_with_the_reason_and_its_controlmaster_connection
 }
 
 #[test]
-fn an_ssh_client_gone_while_its_command_waits_withdraws_the_request() {
+fn a_waiting_ssh_command_whose_client_goes_is_withdrawn_and_one_not_approved_in_time_exits_1() {
     if !approvals_enabled() {
         return;
     }
-    let (w, _provider) = approval_world("ssh-appr-gone", 188, "");
+    let (w, _provider) = approval_world("ssh-appr-gone", 188, "", "timeout_seconds = 4\n");
     let marker = remote_marker("withdrawn-188");
     let control = w.client_dir("mux").join("%C").display().to_string();
     let mux_args = [
@@ -3000,8 +3016,30 @@ fn an_ssh_client_gone_while_its_command_waits_withdraws_the_request() {
         "{expired}"
     );
     assert_eq!(show_request(&w, BOB, &second)["state"], "withdrawn");
+
+    // Nobody decides: at the timeout the client is told and exits 1.
+    let started = Instant::now();
+    let mut waiting = Waiting::spawn(w.ssh(&["127.0.0.1", &command]), b"");
+    let (third, notice) = waiting.notice();
+    assert!(notice.contains("waits at most 4 s"), "{notice}");
+    let (code, stdout, stderr) = waiting.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "portcullis: approval request {third} expired: not approved within 4 s"
+        )),
+        "{stderr}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    let expired = w.wait_event("approval.expired", |e| e["request_id"] == third.as_str());
+    assert_eq!(expired["approval_state"], "expired", "{expired}");
+    w.wait_event("ssh.channel_denied", |e| {
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&format!("{third} expired")))
+    });
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!marker.exists(), "a withdrawn command ran");
+    assert!(!marker.exists(), "a withdrawn or expired command ran");
 }
 
 #[test]
@@ -3015,7 +3053,7 @@ fn an_interactive_shell_waits_for_approval_and_is_recorded_once_approved() {
 permit (principal, action == Portcullis::Action::"ssh_shell", resource)
 when { resource.protocol == "ssh" };
 "#;
-    let (w, _provider) = approval_world("ssh-appr-shell", 189, shells);
+    let (w, _provider) = approval_world("ssh-appr-shell", 189, shells, "");
     let mut waiting = Waiting::spawn(
         w.ssh(&["-tt", "127.0.0.1"]),
         b"echo shell-$((6*7)); exit 7\n",
