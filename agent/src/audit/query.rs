@@ -550,6 +550,9 @@ pub fn events_page(
     })
 }
 
+/// How far past a session's `connection.closed` its timeline still looks for its events.
+const AFTER_CLOSE_RECORDS: u64 = 1_000;
+
 /// One session's events in order (what `sessions show` prints), read from seq `from` (its
 /// `connection.opened`, which the sessions list links with) to its `connection.closed`,
 /// and the times the agent started after it opened.
@@ -570,17 +573,25 @@ pub fn session_events(
     };
     let mut events = Vec::new();
     let mut starts = Vec::new();
+    // Records read after the close: events written as the connection wound down (a
+    // recording's close, a statement's late event) may follow it closely, nothing later.
+    let mut after_close: Option<u64> = None;
     for record in reader {
         let record = record?;
+        if after_close.is_some_and(|n| n >= AFTER_CLOSE_RECORDS) {
+            break;
+        }
+        if let Some(n) = &mut after_close {
+            *n += 1;
+        }
         let Ok(event) = serde_json::from_str::<Value>(&record.event) else {
             continue;
         };
         if filter.matches(&event, &record.event) {
-            let closed = event.get("event").and_then(Value::as_str) == Some("connection.closed");
-            events.push(event);
-            if closed {
-                break;
+            if event.get("event").and_then(Value::as_str) == Some("connection.closed") {
+                after_close = Some(0);
             }
+            events.push(event);
         } else if event.get("event").and_then(Value::as_str) == Some("agent.started") {
             starts.extend(event.get("time_ms").and_then(Value::as_u64));
         }
@@ -712,6 +723,48 @@ mod tests {
         let rest = events_page(dir.path(), last, two.older, &denied, 10, 1_000).unwrap();
         assert_eq!(seqs(&rest), [119, 89, 59, 29]);
         assert_eq!(rest.events[0].2, rest.events[0].1.to_string());
+    }
+
+    #[test]
+    fn a_timeline_reads_from_its_opening_to_just_past_its_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = sixty_sessions(dir.path());
+        let kinds = |events: &[Value]| {
+            events
+                .iter()
+                .map(|e| e["event"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        let (events, _) = session_events(dir.path(), 7, 19).unwrap();
+        assert_eq!(
+            kinds(&events),
+            [
+                "connection.opened",
+                "statement.executed",
+                "connection.closed"
+            ]
+        );
+        // Session 25 closes in the last record of all, and is read that far.
+        let (events, _) = session_events(dir.path(), 25, 73).unwrap();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[2]["time_ms"], 25_500);
+        assert_eq!(last, 181);
+        // A recording's close written after the connection's still belongs to it.
+        let other = tempfile::tempdir().unwrap();
+        let (mut store, _) =
+            portcullis_audit_store::Store::open(other.path(), Default::default()).unwrap();
+        for e in [
+            json!({"event": "connection.opened", "connection_id": 9, "time_ms": 1}),
+            json!({"event": "connection.closed", "connection_id": 9, "time_ms": 2}),
+            json!({"event": "recording.closed", "connection_id": 9, "time_ms": 3}),
+        ] {
+            store.append(e.to_string().as_bytes()).unwrap();
+        }
+        let (events, _) = session_events(other.path(), 9, 1).unwrap();
+        assert_eq!(
+            kinds(&events),
+            ["connection.opened", "connection.closed", "recording.closed"]
+        );
     }
 
     #[test]
