@@ -10,7 +10,7 @@
     reason = "tests: a failure is a test failure"
 )]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -128,28 +128,7 @@ fn login(w: &World, uid: u32, user: &str) {
 
 /// Runs `portcullis login` as `uid` and finishes the device flow in "the browser" as `user`.
 fn login_to(agent: &Agent, provider: &OidcProvider, uid: u32, user: &str) {
-    let mut child = cli(agent, uid, &["login"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let url = loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
-        if let Some(url) = line
-            .trim()
-            .strip_prefix("(or open ")
-            .map(|rest| rest.trim_end_matches(" directly)").to_string())
-        {
-            break url;
-        }
-    };
-    provider.complete_device_flow(&url, user).unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "login of {user} as uid {uid}: {rest}");
+    provider.login(agent, uid, user);
 }
 
 /// Logs `uid` in as a CI workload whose token also claims the approver groups.
@@ -568,15 +547,7 @@ when { context.statement_class == "ddl" };
 /// Waits for an event of `kind` that `pick` chooses (statement events are written when the
 /// writer's next batch goes out).
 fn wait_event(agent: &Agent, kind: &str, pick: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let all = agent.events_of(kind);
-        if let Some(e) = all.iter().find(|e| pick(e)) {
-            return e.clone();
-        }
-        assert!(Instant::now() < deadline, "no such {kind}: {all:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    agent.wait_event(kind, pick)
 }
 
 /// Waits until `uid` sees a pending request other than those in `seen`; returns it.

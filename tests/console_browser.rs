@@ -160,43 +160,11 @@ fn psql_script(w: &World, uid: u32, script: &str) -> Child {
 
 /// `portcullis login` as `uid`, the device flow finished as `user`.
 fn login(w: &World, uid: u32, user: &str) {
-    use std::io::{BufRead, BufReader};
-    let mut child = w
-        .agent
-        .cli_as(uid, &["login"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let url = loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
-        if let Some(url) = line
-            .trim()
-            .strip_prefix("(or open ")
-            .map(|rest| rest.trim_end_matches(" directly)").to_string())
-        {
-            break url;
-        }
-    };
-    w.provider.complete_device_flow(&url, user).unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "login of {user} as uid {uid}: {rest}");
+    w.provider.login(&w.agent, uid, user);
 }
 
 fn wait_event(agent: &Agent, kind: &str, pick: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let all = agent.events_of(kind);
-        if let Some(e) = all.iter().find(|e| pick(e)) {
-            return e.clone();
-        }
-        assert!(Instant::now() < deadline, "no such {kind}: {all:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    agent.wait_event(kind, pick)
 }
 
 fn shot(page: &Page<'_>, name: &str) {

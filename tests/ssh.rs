@@ -2618,30 +2618,7 @@ fn approval_world(
 
 /// `portcullis login` as `uid`, the device flow finished in "the browser" as `user`.
 fn oidc_login(agent: &Agent, provider: &portcullis_e2e::oidc::OidcProvider, uid: u32, user: &str) {
-    use std::io::BufRead;
-    let mut child = agent
-        .cli_as(uid, &["login"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let url = loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
-        if let Some(url) = line
-            .trim()
-            .strip_prefix("(or open ")
-            .map(|rest| rest.trim_end_matches(" directly)").to_string())
-        {
-            break url;
-        }
-    };
-    provider.complete_device_flow(&url, user).unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "login of {user} as uid {uid}: {rest}");
+    provider.login(agent, uid, user);
 }
 
 /// `portcullis approvals …` as `uid`.

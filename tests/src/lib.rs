@@ -633,6 +633,20 @@ impl Agent {
     }
 
     /// Waits until `n` events of `kind` are written (events are written when connections end).
+    /// Waits (15 s) for an event of `kind` that `pick` chooses (events are written when the
+    /// writer's next batch goes out); a test failure when none comes.
+    pub fn wait_event(&self, kind: &str, pick: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let all = self.events_of(kind);
+            if let Some(e) = all.iter().find(|e| pick(e)) {
+                return e.clone();
+            }
+            assert!(Instant::now() < deadline, "no such {kind}: {all:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn wait_events(&self, kind: &str, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

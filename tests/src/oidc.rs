@@ -535,6 +535,39 @@ impl OidcProvider {
     /// Approves the login on the provider's pages as `user` would in a browser, starting
     /// from the `verification_uri_complete` the device authorization response gave.
     /// Returns once the provider shows its device sign-in success page.
+    /// Runs `portcullis login` as `uid` against `agent` and finishes its device flow in "the
+    /// browser" as `user`; panics (a test failure) when the login does not succeed.
+    #[allow(
+        clippy::unwrap_used,
+        clippy::panic,
+        reason = "a failed login fails the test"
+    )]
+    pub fn login(&self, agent: &crate::Agent, uid: u32, user: &str) {
+        let mut child = agent
+            .cli_as(uid, &["login"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let url = loop {
+            let mut line = String::new();
+            assert!(out.read_line(&mut line).unwrap() > 0, "login ended early");
+            if let Some(url) = line
+                .trim()
+                .strip_prefix("(or open ")
+                .map(|rest| rest.trim_end_matches(" directly)").to_string())
+            {
+                break url;
+            }
+        };
+        self.complete_device_flow(&url, user).unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "login of {user} as uid {uid}: {rest}");
+    }
+
     pub fn complete_device_flow(&self, verification_uri_complete: &str, user: &str) -> Result<()> {
         self.browse_device_flow(verification_uri_complete, user, Answer::Approve)
             .with_context(|| format!("device flow as {user}\n{}", self.log()))
