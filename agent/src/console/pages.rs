@@ -22,20 +22,11 @@ pre{white-space:pre-wrap;word-break:break-word;background:#f4f4f4;padding:.5rem}
 button{padding:.3rem .8rem}:focus{outline:3px solid #1a5fb4}\
 ";
 
-/// HTML-escapes text for element content and quoted attribute values.
+/// HTML-escapes text for element content and quoted attribute values, with control and
+/// bidi characters shown as `[U+XXXX]` so a hostile name cannot reorder the page around it:
+/// the access review's escaping, one function for every page the agent writes.
 pub fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    crate::review::html::escape(text)
 }
 
 /// Percent-encodes a query parameter's value (RFC 3986 unreserved characters pass).
