@@ -1069,7 +1069,8 @@ pub struct TargetConfig {
     /// it (connect again once approved); `true` holds it open, unanswered, until the
     /// request is decided or expires (approvals.toml `timeout_seconds`), then goes on or is
     /// refused. A PostgreSQL client is told which request it waits for (a NOTICE); a plain
-    /// TCP client hears nothing. SSH connections are always refused with the request named.
+    /// TCP client hears nothing. Refused on an SSH target: its connections are refused with
+    /// the request named (its commands and shells wait by themselves).
     #[serde(default)]
     pub wait_for_approval: bool,
 }
@@ -1622,6 +1623,15 @@ impl Config {
                 (_, None) => None,
             };
             let ssh = match (t.protocol, &t.ssh) {
+                (Protocol::Ssh, Some(_)) if t.wait_for_approval => {
+                    // Admission happens while the client authenticates, when nothing can be
+                    // shown to it; held silently it would look hung. Refused instead of
+                    // ignored, so nobody expects a wait that never comes.
+                    return Err((
+                        t.name.span(),
+                        format!("target[{i}] `{name}`: wait_for_approval is for postgres and tcp targets; an SSH connection that needs approval is refused naming the request (connect again once approved), and its commands and shells wait for approval by themselves"),
+                    ));
+                }
                 (Protocol::Ssh, Some(s)) => {
                     validate_ssh_target(s)
                         .map_err(|(span, m)| (span.unwrap_or_else(|| t.name.span()), format!("target[{i}].ssh.{m}")))?;
@@ -2156,6 +2166,10 @@ mod tests {
             (
                 "[target.ssh]\nknown_hosts_file = \"/k\"\nagent_forwarding = true\n",
                 "unknown field",
+            ),
+            (
+                "wait_for_approval = true\n[target.ssh]\nknown_hosts_file = \"/k\"\n",
+                "wait_for_approval is for postgres and tcp targets",
             ),
         ] {
             let err = parse(&format!("{target}{extra}")).unwrap_err();
