@@ -4,7 +4,8 @@
 //! that fills the provider's forms as a browser would, and a psql client waiting on a
 //! statement through the real kernel redirect while an approver decides it in the console;
 //! and the same in Debian's headless Chromium (`portcullis_e2e::browser`), whose
-//! screenshots of each page are kept in `target/test-artifacts/console/`. Slots 196–199.
+//! screenshots of each page are kept in `target/test-artifacts/console/`; an admin ending an
+//! open psql session from the live page. Slots 196–199.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -42,6 +43,7 @@ fn people(console: &str) -> OidcOptions {
             OidcUser::new("bob", &["dba-leads"]),
             OidcUser::new("carol", &["audit"]),
             OidcUser::new("erin", &["engineering"]),
+            OidcUser::new("pat", &["platform"]),
         ],
         // A web client: the authorization code grant with PKCE, no secret, its one
         // redirect URI the console's callback.
@@ -706,4 +708,125 @@ fn in_chromium_an_approver_approves_a_waiting_statement_and_the_requester_is_ref
             .collect();
         assert_eq!(ours, vec![], "{}", page.url().unwrap());
     }
+}
+
+#[test]
+fn an_admin_ends_an_open_psql_session_from_the_live_page_and_an_approver_cannot() {
+    if !enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let w = world("console-live", 199);
+    let alice = 48431;
+    login(&w, alice, "alice");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        w.postgres.port()
+    );
+    let mut psql = client_command(
+        "psql",
+        RunAs {
+            uid: Some(alice),
+            cgroup: Some(&w.cg.path),
+        },
+    )
+    .args(["-X", "-A", "-t", "-d", &conninfo])
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    stdin.write_all(b"SELECT 'before';\n").unwrap();
+    stdin.flush().unwrap();
+    let opened = wait_event(&w.agent, "connection.opened", |e| {
+        e["identity"]["subject"] == "alice"
+    });
+    let id = opened["connection_id"].as_u64().unwrap();
+
+    // An approver sees no live page, and a form for it is refused.
+    let bob = Browser::new(&w);
+    bob.sign_in(&w.provider, "bob");
+    assert_eq!(bob.get("/live").status, StatusCode::FORBIDDEN);
+    let bobs_csrf = bob
+        .get("/grants")
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .map(|rest| rest.split('"').next().unwrap().to_string())
+        .unwrap();
+    let action = format!("{}/live/{id}/end", w.console);
+    let refused = bob.post(
+        &action,
+        &[
+            ("csrf".into(), bobs_csrf),
+            ("reason".into(), "not mine to end".into()),
+        ],
+    );
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+
+    // The admin sees it, with its program, and ends it with a reason.
+    let pat = Browser::new(&w);
+    pat.sign_in(&w.provider, "pat");
+    let live = pat.get("/live");
+    assert_eq!(live.status, StatusCode::OK, "{}", live.body);
+    assert!(live.body.contains("psql"), "{}", live.body);
+    let form = html::forms(&live.body)
+        .into_iter()
+        .find(|f| f.action == format!("/live/{id}/end"))
+        .unwrap_or_else(|| panic!("no end form for {id}: {}", live.body));
+    let csrf = form.inputs.iter().find(|i| i.name == "csrf").unwrap();
+    // Without a reason, nothing ends.
+    let no_reason = pat.post(
+        &action,
+        &[
+            ("csrf".into(), csrf.value.clone()),
+            ("reason".into(), " ".into()),
+        ],
+    );
+    assert_eq!(
+        no_reason.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        no_reason.body
+    );
+    let ended = pat.post(
+        &action,
+        &[
+            ("csrf".into(), csrf.value.clone()),
+            ("reason".into(), "INC-77: runaway session".into()),
+        ],
+    );
+    assert_eq!(ended.status, StatusCode::OK, "{}", ended.body);
+    assert!(
+        ended.body.contains(&format!("Connection {id}")),
+        "{}",
+        ended.body
+    );
+
+    let closed = wait_event(&w.agent, "connection.closed", |e| {
+        e["connection_id"].as_u64() == Some(id)
+    });
+    let reason = closed["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("ended by pat")
+            && reason.contains("from the console: INC-77: runaway session"),
+        "{closed}"
+    );
+    let act = wait_event(&w.agent, "console.session_ended", |e| {
+        e["connection_id"].as_u64() == Some(id)
+    });
+    assert_eq!(act["identity"]["subject"], "pat", "{act}");
+    assert_eq!(act["reason"], "INC-77: runaway session", "{act}");
+    assert_eq!(act["target"], "db", "{act}");
+    // Refused attempts ended nothing and recorded no act.
+    assert_eq!(w.agent.events_of("console.session_ended").len(), 1);
+
+    // The client's next statement finds its connection gone.
+    stdin.write_all(b"SELECT 'after';\n").unwrap();
+    drop(stdin);
+    let out = psql.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("before"), "{stdout}");
+    assert!(!stdout.contains("after"), "{stdout}");
 }

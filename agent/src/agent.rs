@@ -149,7 +149,12 @@ pub fn run(
         },
     )?;
     let console =
-        crate::console::Console::prepare(&config, Arc::clone(&audit), Arc::clone(&approvals))?;
+        crate::console::Console::prepare(
+            &config,
+            Arc::clone(&audit),
+            Arc::clone(&approvals),
+            Arc::clone(&registry),
+        )?;
     let config = Arc::new(config);
     let targets = Arc::new(targets);
     let close_all = CancellationToken::new();

@@ -148,6 +148,11 @@ pub enum EventKind {
     /// without its CSRF token or from another origin. `reason` says which.
     #[serde(rename = "console.denied")]
     ConsoleDenied,
+    /// An admin ended an open connection from the console's live page; `identity` is the
+    /// admin, `connection_id` and `target` the connection, `reason` theirs. The connection's
+    /// own `connection.closed` names the admin too.
+    #[serde(rename = "console.session_ended")]
+    ConsoleSessionEnded,
 }
 
 /// One audit event. Flat, so SIEMs index it well; optional parts are omitted when empty.

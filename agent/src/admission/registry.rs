@@ -125,6 +125,15 @@ impl Registry {
         n
     }
 
+    /// Closes the one open connection `id` (an admin ended it); what it was, if it was open.
+    pub fn close_one(&self, id: u64, reason: &str) -> Option<ConnectionView> {
+        let open = self.lock();
+        let c = open.get(&id)?;
+        *c.close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+        c.cancel.cancel();
+        Some(c.view())
+    }
+
     /// Closes every open connection a grant let through; returns how many.
     pub fn close_grant(&self, grant_id: &str, reason: &str) -> usize {
         let open = self.lock();

@@ -66,6 +66,7 @@ impl Console {
         config: &Config,
         audit: Arc<AuditLog>,
         approvals: Arc<ApprovalStore>,
+        registry: Arc<crate::admission::Registry>,
     ) -> Result<Option<Self>, ConsoleError> {
         let Some(settings) = config.console() else {
             return Ok(None);
@@ -93,6 +94,7 @@ impl Console {
             auth,
             audit,
             approvals,
+            registry,
         });
         Ok(Some(Self {
             listener,

@@ -58,7 +58,7 @@ pub fn page(title: &str, who: Option<&SignedIn>, body: &str) -> String {
             nav.push_str(r#"<a href="/approvals">Approvals</a><a href="/grants">Grants</a>"#);
         }
         if admin {
-            nav.push_str(r#"<a href="/health">Health</a>"#);
+            nav.push_str(r#"<a href="/live">Live</a><a href="/health">Health</a>"#);
         }
         let _ = write!(
             nav,
@@ -429,6 +429,46 @@ pub fn grants(who: &SignedIn, grants: &[Grant], now_ms: u64, notice: Option<&str
     }
     body.push_str("</tbody></table>");
     page("Grants", Some(who), &body)
+}
+
+/// The connections open now (what `portcullis status` lists for root), each with a form to
+/// end it.
+pub fn live(
+    who: &SignedIn,
+    open: &[crate::admission::ConnectionView],
+    notice: Option<&str>,
+) -> String {
+    let mut body = String::new();
+    if let Some(n) = notice {
+        let _ = write!(body, r#"<p role="status">{}</p>"#, esc(n));
+    }
+    if open.is_empty() {
+        body.push_str("<p>No connection is open.</p>");
+    }
+    body.push_str(
+        "<table><thead><tr><th scope=\"col\">Connection</th><th scope=\"col\">Since (UTC)</th>\
+         <th scope=\"col\">Who</th><th scope=\"col\">Program</th><th scope=\"col\">Target</th>\
+         <th scope=\"col\">Bytes in / out</th><th scope=\"col\">End</th></tr></thead><tbody>",
+    );
+    for c in open {
+        let _ = write!(
+            body,
+            r#"<tr><td>{id}</td><td>{since}</td><td>{who_}</td><td>{comm} (pid {pid}, uid {uid})</td><td>{target} ({protocol})</td><td>{up} / {down}</td><td><form method="post" action="/live/{id}/end"><input type="hidden" name="csrf" value="{csrf}"><label for="end-{id}">Reason</label><input id="end-{id}" name="reason" required maxlength="1000"> <button type="submit">End</button></form></td></tr>"#,
+            id = c.id,
+            since = esc(&query::format_time(c.started_ms)),
+            who_ = esc(c.subject.as_deref().or(c.user.as_deref()).unwrap_or("-")),
+            comm = esc(&c.comm),
+            pid = c.pid,
+            uid = c.uid,
+            target = esc(&c.target),
+            protocol = esc(&c.protocol),
+            up = c.bytes_client_to_upstream,
+            down = c.bytes_upstream_to_client,
+            csrf = esc(&who.csrf),
+        );
+    }
+    body.push_str("</tbody></table>");
+    page("Live", Some(who), &body)
 }
 
 /// What an admin sees of the agent's health.

@@ -33,6 +33,8 @@ pub struct State {
     pub auth: Auth,
     pub audit: Arc<AuditLog>,
     pub approvals: Arc<ApprovalStore>,
+    /// The connections open now: the live page lists them and an admin may end one.
+    pub registry: Arc<crate::admission::Registry>,
 }
 
 type Shared = Extract<Arc<State>>;
@@ -54,6 +56,8 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/grants", get(grants))
         .route("/grants/{id}/revoke", post(revoke))
         .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/live/{id}/end", post(end_connection))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(16 * 1024))
         .layer(axum::middleware::map_response(security_headers))
@@ -607,6 +611,71 @@ async fn revoke(
             pages::refusal("Refused", Some(&who), &e.to_string()),
         ),
     }
+}
+
+async fn live(Extract(state): Shared, headers: HeaderMap) -> Response {
+    let who = match state.reader(&headers, |r| r.admin, "seeing open connections") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let mut open = state.registry.views(None);
+    open.sort_by_key(|c| c.started_ms);
+    html(StatusCode::OK, pages::live(&who, &open, None))
+}
+
+/// An admin ends one open connection, with a reason: the connection closes with
+/// `connection.closed` naming them, and `console.session_ended` records the act.
+async fn end_connection(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<Vec<(String, String)>>,
+) -> Response {
+    let who = match state.poster(&headers, &form, |r| r.admin, "ending a connection") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let reason = field(&form, "reason").trim().to_string();
+    let refused =
+        |status, message: &str| html(status, pages::refusal("Refused", Some(&who), message));
+    if reason.is_empty() {
+        return refused(
+            StatusCode::BAD_REQUEST,
+            "A reason is required to end a connection.",
+        );
+    }
+    if reason.len() > 1000 {
+        return refused(StatusCode::BAD_REQUEST, "A reason is at most 1000 bytes.");
+    }
+    let Ok(conn_id) = id.parse::<u64>() else {
+        return refused(StatusCode::NOT_FOUND, "No such open connection.");
+    };
+    let admin = crate::approvals::who(&who.identity);
+    let Some(ended) = state.registry.close_one(
+        conn_id,
+        &format!("ended by {admin} from the console: {reason}"),
+    ) else {
+        return refused(
+            StatusCode::NOT_FOUND,
+            "No such open connection (it may have ended already).",
+        );
+    };
+    let mut ev = AuditEvent::new(EventKind::ConsoleSessionEnded).reason(reason);
+    ev.identity = Some(who.identity.clone().into());
+    ev.connection_id = Some(ended.id);
+    ev.target = Some(ended.target.as_str().into());
+    ev.protocol = Some(ended.protocol.as_str().into());
+    state.audit.record(ev);
+    let notice = format!(
+        "Connection {} of {} to {} ended.",
+        ended.id,
+        ended.subject.as_deref().unwrap_or("uid"),
+        ended.target
+    );
+    let mut open = state.registry.views(None);
+    open.retain(|c| c.id != ended.id);
+    open.sort_by_key(|c| c.started_ms);
+    html(StatusCode::OK, pages::live(&who, &open, Some(&notice)))
 }
 
 async fn health(Extract(state): Shared, headers: HeaderMap) -> Response {

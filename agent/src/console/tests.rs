@@ -84,6 +84,7 @@ fn fixture_with(text: &str) -> Fixture {
             auth,
             audit,
             approvals,
+            registry: Arc::default(),
         }),
     }
 }
