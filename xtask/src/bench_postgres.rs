@@ -355,7 +355,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>> {
             Row::new(
                 "postgres",
                 "postgres.connect_p50",
-                "connection setup p50 (connect, login, SELECT 1, close)",
+                "connection setup p50 (psycopg: connect, login, SELECT 1), agent / direct",
                 a,
                 "ms",
                 options.rounds,
@@ -368,7 +368,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>> {
             Row::new(
                 "postgres",
                 "postgres.connect_p50_vs_pgbouncer",
-                "connection setup p50 (connect, login, SELECT 1, close)",
+                "connection setup p50 (psycopg: connect, login, SELECT 1), agent / pgbouncer",
                 a,
                 "ms",
                 options.rounds,
@@ -452,7 +452,7 @@ fn case_rows(cases: &[(&str, [Vec<Run>; 4])], rounds: usize) -> Vec<Row> {
             Row::new(
                 "postgres",
                 &format!("postgres.cpu_per_txn/{name}"),
-                &format!("{name}: CPU per transaction in the middle process"),
+                &format!("{name}: CPU per transaction, agent / pgbouncer"),
                 v,
                 "µs",
                 rounds,

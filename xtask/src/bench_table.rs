@@ -423,7 +423,13 @@ pub fn svg(rows: &[Row], title: &str) -> String {
         .iter()
         .filter_map(|r| r.chart_ratio().map(|(x, g, note)| (r, x, g, note)))
         .collect();
-    let label_w = 520.0;
+    // Wide enough for the longest label (about 6.6 px a character at 12 px), so none is cut.
+    let longest = bars
+        .iter()
+        .map(|(r, _, _, note)| r.suite.chars().count() + r.name.chars().count() + note.len() + 2)
+        .max()
+        .unwrap_or(0);
+    let label_w = (longest as f64 * 6.6 + 20.0).max(200.0);
     let plot_w = 420.0;
     let row_h = 22.0;
     let top = 50.0;
@@ -671,8 +677,12 @@ pub fn write(
         dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&json)? + "\n",
     )?;
+    let command = match stem {
+        "bench" => "cargo xtask bench".to_string(),
+        suite => format!("cargo xtask bench {suite}"),
+    };
     let title = format!(
-        "cargo xtask bench {stem}: {}, {} cores, {}",
+        "{command}: {}, {} cores, {}",
         machine.cpu_model, machine.cores, machine.date
     );
     std::fs::write(dir.join(format!("{stem}.svg")), svg(rows, &title))?;
@@ -861,6 +871,16 @@ mod tests {
             text.matches("<title>").count(),
             text.matches("</title>").count()
         );
+    }
+
+    #[test]
+    fn svg_labels_get_the_room_the_longest_one_needs() {
+        let long = "x".repeat(150);
+        let row = Row::new("postgres", "postgres.x", &long, 1.0, "TPS", 1).against(1.0, "a / b");
+        let text = svg(&[row], "t");
+        // 150 + "postgres: " characters at 6.6 px, plus the margin: the label's right edge.
+        let edge = (160.0_f64 * 6.6 + 20.0) - 8.0;
+        assert!(text.contains(&format!("<text x=\"{edge:.1}\"")), "{text}");
     }
 
     #[test]
