@@ -283,6 +283,8 @@ pub struct Machine {
     pub memory_kib: u64,
     pub date: String,
     pub commit: String,
+    /// The agent measured and when it was built: with `--no-build` it may predate `commit`.
+    pub agent: String,
 }
 
 impl Machine {
@@ -305,7 +307,11 @@ impl Machine {
             .args(["status", "--porcelain", "--untracked-files=no"])
             .current_dir(&root))
         .is_empty();
-        Self::from_sources(
+        let bin = crate::bench_postgres::agent_bin();
+        let built = out(Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ", "-r"])
+            .arg(&bin));
+        let mut machine = Self::from_sources(
             &file("/proc/sys/kernel/osrelease"),
             &file("/proc/cpuinfo"),
             &file("/proc/meminfo"),
@@ -315,7 +321,9 @@ impl Machine {
             } else {
                 commit
             },
-        )
+        );
+        machine.agent = format!("{} built {built}", bin.display());
+        machine
     }
 
     pub fn from_sources(
@@ -349,18 +357,20 @@ impl Machine {
             memory_kib,
             date: date.trim().to_string(),
             commit: commit.trim().to_string(),
+            agent: String::new(),
         }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "{} ({} cores), {:.1} GiB memory, Linux {}, {}, commit {}",
+            "{} ({} cores), {:.1} GiB memory, Linux {}, {}, commit {}, agent {}",
             self.cpu_model,
             self.cores,
             self.memory_kib as f64 / f64::from(1u32 << 20),
             self.kernel,
             self.date,
-            self.commit
+            self.commit,
+            self.agent
         )
     }
 }
@@ -374,6 +384,7 @@ pub fn to_json(machine: &Machine, rows: &[Row], failures: &[Failure]) -> Value {
             "memory_kib": machine.memory_kib,
             "date": machine.date,
             "commit": machine.commit,
+            "agent": machine.agent,
         },
         "rows": rows.iter().map(|r| json!({
             "suite": r.suite,
@@ -828,6 +839,7 @@ mod tests {
         assert_eq!(v["machine"]["kernel"], "6.1.0-26-amd64");
         assert_eq!(v["machine"]["date"], "2026-12-05T16:30:00Z");
         assert_eq!(v["machine"]["commit"], "abc123");
+        assert_eq!(v["machine"]["agent"], "");
         let r = &v["rows"][0];
         assert_eq!(r["suite"], "redirect");
         assert_eq!(r["key"], "redirect.connect_unprotected");
