@@ -148,15 +148,16 @@ pub fn run(
             fleet,
         },
     )?;
-    let console =
-        crate::console::Console::prepare(
-            &config,
-            Arc::clone(&audit),
-            Arc::clone(&approvals),
-            Arc::clone(&registry),
-        )?;
-    let config = Arc::new(config);
     let targets = Arc::new(targets);
+    let console = crate::console::Console::prepare(
+        &config,
+        Arc::clone(&audit),
+        Arc::clone(&approvals),
+        Arc::clone(&registry),
+        Arc::clone(&policies),
+        Arc::clone(&targets),
+    )?;
+    let config = Arc::new(config);
     let close_all = CancellationToken::new();
     let gate = Arc::new(crate::admission::Gate::new(
         Arc::clone(&config),

@@ -1381,14 +1381,6 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 .iter()
                 .find(|t| t.name == target)
                 .with_context(|| format!("no target named `{target}` in {}", config.display()))?;
-            let action = if sql.is_some() {
-                portcullis_policy::Action::Query
-            } else {
-                portcullis_policy::Action::ALL
-                    .into_iter()
-                    .find(|a| a.cedar_name() == action)
-                    .with_context(|| format!("unknown action `{action}`"))?
-            };
             let principal = match (user, service) {
                 (_, Some(name)) => portcullis_policy::Principal {
                     kind: portcullis_policy::PrincipalKind::Service,
@@ -1406,52 +1398,28 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 },
                 (None, None) => bail!("name the principal with --user or --service"),
             };
-            let now =
+            let time =
                 time.unwrap_or_else(|| i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0));
-            let mut context = crate::policy::base_context(&comm, uid, now);
-            context.statement_class = statement_class;
-            context.command = command;
-            context.tables = tables;
-            context.db_user = db_user;
-            context.db_name = db_name;
-            context.command_line = command_line;
-            let mut request = portcullis_policy::Request {
-                principal,
-                action,
-                target: crate::policy::target(t),
-                context,
-            };
-            let Some(sql) = sql else {
-                print!("{}", set.explain(&request));
-                return Ok(ExitCode::SUCCESS);
-            };
-            let statements = portcullis_sql::classify(&sql).map_err(|e| {
-                anyhow::anyhow!("the SQL does not parse, so the proxy refuses it: {e}")
-            })?;
-            for (i, statement) in statements.iter().enumerate() {
-                if statements.len() > 1 {
-                    println!("-- statement {}: {}", i + 1, statement.text);
-                }
-                // A DO block's statements are decided first, each on its own, as the proxy does.
-                for inner in statement.inner.iter() {
-                    println!("-- inside the DO block: {}", inner.text);
-                    request.context.statement_class = Some(inner.class.as_str().to_string());
-                    request.context.command = Some(inner.command.to_string());
-                    request.context.tables = inner.tables.to_vec();
-                    request.context.functions = inner.functions.to_vec();
-                    request.context.dynamic_sql = false;
-                    print!("{}", set.explain(&request));
-                }
-                if !statement.inner.is_empty() {
-                    println!("-- the DO block itself: {}", statement.text);
-                }
-                request.context.statement_class = Some(statement.class.as_str().to_string());
-                request.context.command = Some(statement.command.to_string());
-                request.context.tables = statement.tables.to_vec();
-                request.context.functions = statement.functions.to_vec();
-                request.context.dynamic_sql = statement.dynamic_sql;
-                print!("{}", set.explain(&request));
-            }
+            let text = crate::policy::explain(
+                &set,
+                t,
+                crate::policy::ExplainInput {
+                    principal: Some(principal),
+                    action,
+                    comm,
+                    uid,
+                    time,
+                    statement_class,
+                    command,
+                    tables,
+                    db_user,
+                    db_name,
+                    command_line,
+                    sql,
+                },
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
     }

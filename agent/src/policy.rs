@@ -466,3 +466,89 @@ mod tests {
         );
     }
 }
+
+/// What `portcullis policy explain` and the console's explain form ask about.
+#[derive(Debug, Default, Clone)]
+pub struct ExplainInput {
+    pub principal: Option<portcullis_policy::Principal>,
+    /// A Cedar action name (`connect`, `query`, `ssh_exec`, …); ignored with `sql`.
+    pub action: String,
+    pub comm: String,
+    pub uid: u32,
+    /// Unix time of the request.
+    pub time: i64,
+    pub statement_class: Option<String>,
+    pub command: Option<String>,
+    pub tables: Vec<String>,
+    pub db_user: Option<String>,
+    pub db_name: Option<String>,
+    pub command_line: Option<String>,
+    /// A SQL string, classified as the proxy does, one explanation per statement (and per
+    /// statement inside a DO block, decided first as the proxy decides them).
+    pub sql: Option<String>,
+}
+
+/// The decision for `input` on `target` under `set`, the policies that matched and why, as
+/// text: one code path for the CLI and the console.
+pub fn explain(
+    set: &portcullis_policy::PolicySet,
+    target: &ProtectedTarget,
+    input: ExplainInput,
+) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let action = if input.sql.is_some() {
+        portcullis_policy::Action::Query
+    } else {
+        portcullis_policy::Action::ALL
+            .into_iter()
+            .find(|a| a.cedar_name() == input.action)
+            .ok_or_else(|| format!("unknown action `{}`", input.action))?
+    };
+    let principal = input
+        .principal
+        .ok_or_else(|| "name the principal (a user's subject or a service)".to_string())?;
+    let mut context = base_context(&input.comm, input.uid, input.time);
+    context.statement_class = input.statement_class;
+    context.command = input.command;
+    context.tables = input.tables;
+    context.db_user = input.db_user;
+    context.db_name = input.db_name;
+    context.command_line = input.command_line;
+    let mut request = portcullis_policy::Request {
+        principal,
+        action,
+        target: self::target(target),
+        context,
+    };
+    let Some(sql) = input.sql else {
+        return Ok(set.explain(&request).to_string());
+    };
+    let statements = portcullis_sql::classify(&sql)
+        .map_err(|e| format!("the SQL does not parse, so the proxy refuses it: {e}"))?;
+    let mut out = String::new();
+    for (i, statement) in statements.iter().enumerate() {
+        if statements.len() > 1 {
+            let _ = writeln!(out, "-- statement {}: {}", i + 1, statement.text);
+        }
+        // A DO block's statements are decided first, each on its own, as the proxy does.
+        for inner in statement.inner.iter() {
+            let _ = writeln!(out, "-- inside the DO block: {}", inner.text);
+            request.context.statement_class = Some(inner.class.as_str().to_string());
+            request.context.command = Some(inner.command.to_string());
+            request.context.tables = inner.tables.to_vec();
+            request.context.functions = inner.functions.to_vec();
+            request.context.dynamic_sql = false;
+            let _ = write!(out, "{}", set.explain(&request));
+        }
+        if !statement.inner.is_empty() {
+            let _ = writeln!(out, "-- the DO block itself: {}", statement.text);
+        }
+        request.context.statement_class = Some(statement.class.as_str().to_string());
+        request.context.command = Some(statement.command.to_string());
+        request.context.tables = statement.tables.to_vec();
+        request.context.functions = statement.functions.to_vec();
+        request.context.dynamic_sql = statement.dynamic_sql;
+        let _ = write!(out, "{}", set.explain(&request));
+    }
+    Ok(out)
+}

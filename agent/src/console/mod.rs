@@ -67,6 +67,8 @@ impl Console {
         audit: Arc<AuditLog>,
         approvals: Arc<ApprovalStore>,
         registry: Arc<crate::admission::Registry>,
+        policies: Arc<crate::policy::Policies>,
+        targets: Arc<Vec<crate::config::ProtectedTarget>>,
     ) -> Result<Option<Self>, ConsoleError> {
         let Some(settings) = config.console() else {
             return Ok(None);
@@ -95,6 +97,8 @@ impl Console {
             audit,
             approvals,
             registry,
+            policies,
+            targets,
         });
         Ok(Some(Self {
             listener,

@@ -57,6 +57,9 @@ pub fn page(title: &str, who: Option<&SignedIn>, body: &str) -> String {
         if approver {
             nav.push_str(r#"<a href="/approvals">Approvals</a><a href="/grants">Grants</a>"#);
         }
+        if auditor || admin {
+            nav.push_str(r#"<a href="/explain">Explain</a>"#);
+        }
         if admin {
             nav.push_str(r#"<a href="/live">Live</a><a href="/health">Health</a>"#);
         }
@@ -429,6 +432,98 @@ pub fn grants(who: &SignedIn, grants: &[Grant], now_ms: u64, notice: Option<&str
     }
     body.push_str("</tbody></table>");
     page("Grants", Some(who), &body)
+}
+
+/// The explain form's fields (`portcullis policy explain`'s, the common ones).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct ExplainQuery {
+    #[serde(default)]
+    pub target: String,
+    /// `user` (default) or `service`.
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub subject: String,
+    #[serde(default)]
+    pub email: String,
+    /// Comma-separated.
+    #[serde(default)]
+    pub groups: String,
+    #[serde(default)]
+    pub action: String,
+    #[serde(default)]
+    pub comm: String,
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub sql: String,
+}
+
+/// The explain form, and the explanation when one was asked for.
+pub fn explain(
+    who: &SignedIn,
+    q: &ExplainQuery,
+    targets: &[String],
+    result: Option<Result<String, String>>,
+) -> String {
+    let mut body = String::from(r#"<form method="get" action="/explain">"#);
+    body.push_str(r#"<label for="target">Target</label><select id="target" name="target">"#);
+    for t in targets {
+        let selected = if *t == q.target { " selected" } else { "" };
+        let _ = write!(
+            body,
+            r#"<option value="{v}"{selected}>{v}</option>"#,
+            v = esc(t)
+        );
+    }
+    body.push_str("</select>");
+    body.push_str(r#"<label for="kind">Principal</label><select id="kind" name="kind">"#);
+    for (value, label) in [("user", "user"), ("service", "service")] {
+        let selected = if q.kind == value { " selected" } else { "" };
+        let _ = write!(
+            body,
+            r#"<option value="{value}"{selected}>{label}</option>"#
+        );
+    }
+    body.push_str("</select>");
+    body.push_str(&text_input(
+        "subject",
+        "Subject",
+        &q.subject,
+        "OIDC subject or service name",
+    ));
+    body.push_str(&text_input("email", "Email", &q.email, "optional"));
+    body.push_str(&text_input(
+        "groups",
+        "Groups",
+        &q.groups,
+        "dba-leads, security",
+    ));
+    body.push_str(r#"<label for="action">Action</label><select id="action" name="action">"#);
+    for a in portcullis_policy::Action::ALL {
+        let name = a.cedar_name();
+        let selected = if q.action == name { " selected" } else { "" };
+        let _ = write!(body, r#"<option value="{name}"{selected}>{name}</option>"#);
+    }
+    body.push_str("</select>");
+    body.push_str(&text_input("comm", "Program", &q.comm, "psql"));
+    body.push_str(&text_input("uid", "Unix uid", &q.uid, "1000"));
+    let _ = write!(
+        body,
+        r#"<label for="sql">SQL (classified as the proxy does; implies query)</label><textarea id="sql" name="sql" rows="4" cols="80">{}</textarea>"#,
+        esc(&q.sql)
+    );
+    body.push_str(r#" <button type="submit">Explain</button></form>"#);
+    match result {
+        None => {}
+        Some(Ok(text)) => {
+            let _ = write!(body, "<h2>Decision</h2><pre>{}</pre>", esc(&text));
+        }
+        Some(Err(e)) => {
+            let _ = write!(body, r#"<p class="error" role="alert">{}</p>"#, esc(&e));
+        }
+    }
+    page("Explain", Some(who), &body)
 }
 
 /// The connections open now (what `portcullis status` lists for root), each with a form to

@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use super::auth::{self, Auth, Callback, Roles, SignedIn, FLOW_COOKIE, SESSION_COOKIE};
-use super::pages::{self, AuditQuery, SessionsQuery};
+use super::pages::{self, AuditQuery, ExplainQuery, SessionsQuery};
 use crate::approvals::{ApprovalError, ApprovalStore, Viewer};
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::ConsoleSettings;
@@ -35,6 +35,9 @@ pub struct State {
     pub approvals: Arc<ApprovalStore>,
     /// The connections open now: the live page lists them and an admin may end one.
     pub registry: Arc<crate::admission::Registry>,
+    /// The policies in force and the configured targets, for the explain form.
+    pub policies: Arc<crate::policy::Policies>,
+    pub targets: Arc<Vec<crate::config::ProtectedTarget>>,
 }
 
 type Shared = Extract<Arc<State>>;
@@ -57,6 +60,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/grants/{id}/revoke", post(revoke))
         .route("/health", get(health))
         .route("/live", get(live))
+        .route("/explain", get(explain))
         .route("/live/{id}/end", post(end_connection))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(16 * 1024))
@@ -611,6 +615,92 @@ async fn revoke(
             pages::refusal("Refused", Some(&who), &e.to_string()),
         ),
     }
+}
+
+/// `policy explain` in the page: the decision the policies in force give a request, the
+/// policies that matched and why (the same function as the CLI's). Changes nothing.
+async fn explain(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Query(q): Query<ExplainQuery>,
+) -> Response {
+    let who = match state.reader(&headers, |r| r.auditor || r.admin, "explaining policy") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let names: Vec<String> = state.targets.iter().map(|t| t.name.clone()).collect();
+    let result = (!q.target.is_empty()).then(|| explain_text(&state, &q));
+    html(StatusCode::OK, pages::explain(&who, &q, &names, result))
+}
+
+/// Longest SQL the explain form classifies.
+const EXPLAIN_MAX_SQL: usize = 64 * 1024;
+
+fn explain_text(state: &State, q: &ExplainQuery) -> Result<String, String> {
+    if q.sql.len() > EXPLAIN_MAX_SQL {
+        return Err(format!("the SQL is over {EXPLAIN_MAX_SQL} bytes"));
+    }
+    let target = state
+        .targets
+        .iter()
+        .find(|t| t.name == q.target)
+        .ok_or_else(|| format!("no target named `{}`", q.target))?;
+    let subject = q.subject.trim();
+    if subject.is_empty() {
+        return Err("name the principal: a user's subject or a service's name".into());
+    }
+    let groups: Vec<String> = q
+        .groups
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let principal = if q.kind == "service" {
+        portcullis_policy::Principal {
+            kind: portcullis_policy::PrincipalKind::Service,
+            id: subject.to_owned(),
+            email: None,
+            name: Some(subject.to_owned()),
+            groups,
+        }
+    } else {
+        portcullis_policy::Principal {
+            kind: portcullis_policy::PrincipalKind::User,
+            id: subject.to_owned(),
+            email: Some(q.email.trim().to_owned()).filter(|e| !e.is_empty()),
+            name: None,
+            groups,
+        }
+    };
+    let uid = match q.uid.trim() {
+        "" => 1000,
+        u => u
+            .parse()
+            .map_err(|_| format!("uid `{u}` is not a number"))?,
+    };
+    let now = i64::try_from(crate::audit::now_ms() / 1000).unwrap_or(0);
+    crate::policy::explain(
+        &state.policies.current(),
+        target,
+        crate::policy::ExplainInput {
+            principal: Some(principal),
+            action: if q.action.is_empty() {
+                "connect".into()
+            } else {
+                q.action.clone()
+            },
+            comm: if q.comm.trim().is_empty() {
+                "psql".into()
+            } else {
+                q.comm.trim().to_owned()
+            },
+            uid,
+            time: now,
+            sql: Some(q.sql.clone()).filter(|s| !s.trim().is_empty()),
+            ..Default::default()
+        },
+    )
 }
 
 async fn live(Extract(state): Shared, headers: HeaderMap) -> Response {

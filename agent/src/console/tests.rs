@@ -25,7 +25,19 @@ use crate::config::Config;
 use crate::identity::{Identity, IdentityKind};
 
 const CONFIG: &str = "[identity]\nissuer = \"https://idp.example\"\n\
-    [console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"audit\"]\napprover_groups = [\"dba-leads\"]\n";
+    [console]\nlisten = \"127.0.0.1:9443\"\nauditor_groups = [\"audit\"]\napprover_groups = [\"dba-leads\"]\n\
+    [[target]]\nname = \"billing-db\"\nprotocol = \"tcp\"\naddress = \"10.0.0.7\"\nport = 5432\n";
+
+/// The policies the explain form is asked about.
+const POLICIES: &str = r#"
+@id("dba-reads")
+permit (principal in Portcullis::Group::"dba-leads", action == Portcullis::Action::"query", resource)
+when { context.statement_class == "read" };
+
+@id("no-drops")
+forbid (principal, action == Portcullis::Action::"query", resource)
+when { context.command == "DROP TABLE" };
+"#;
 
 struct NoConnections(Mutex<Vec<String>>);
 impl GrantEndListener for NoConnections {
@@ -60,7 +72,7 @@ fn fixture() -> Fixture {
 
 fn fixture_with(text: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let (config, _) = Config::parse(std::path::Path::new("/t.toml"), text).unwrap();
+    let (config, targets) = Config::parse(std::path::Path::new("/t.toml"), text).unwrap();
     let settings = config.console().unwrap();
     let (audit, _) = AuditLog::open(
         &crate::config::AuditConfig::default(),
@@ -77,6 +89,10 @@ fn fixture_with(text: &str) -> Fixture {
     )
     .unwrap();
     let auth = Auth::new(&config, &settings, None).unwrap();
+    let policy_dir = dir.path().join("policies");
+    std::fs::create_dir(&policy_dir).unwrap();
+    std::fs::write(policy_dir.join("p.cedar"), POLICIES).unwrap();
+    let policies = crate::policy::Policies::load(&policy_dir, Arc::clone(&audit)).unwrap();
     Fixture {
         _dir: dir,
         state: Arc::new(State {
@@ -85,6 +101,8 @@ fn fixture_with(text: &str) -> Fixture {
             audit,
             approvals,
             registry: Arc::default(),
+            policies,
+            targets: Arc::new(targets),
         }),
     }
 }
@@ -781,4 +799,65 @@ async fn an_auditor_searches_and_exports_the_trail_and_an_approver_cannot() {
         let (status, _, _) = f.get(path, Some("s-bob")).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
     }
+}
+
+#[tokio::test]
+async fn an_auditor_explains_a_decision_in_the_page_as_the_cli_does_and_an_approver_cannot() {
+    let f = fixture();
+    f.sign_in("aud", person("carol", &["audit"]));
+    f.sign_in("appr", person("bob", &["dba-leads"]));
+    let (auditor, approver) = ("aud", "appr");
+    // The form alone, then a question: a read by a DBA lead is allowed by `dba-reads`.
+    let (status, _, page) = f.get("/explain", Some(auditor)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains(r#"<option value="billing-db">"#), "{page}");
+    let asked = "/explain?target=billing-db&kind=user&subject=alice&groups=dba-leads&sql=SELECT+1%3B+DROP+TABLE+t%3B+%3Cscript%3E";
+    let (status, _, page) = f.get(asked, Some(auditor)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let set = f.state.policies.current();
+    let cli = crate::policy::explain(
+        &set,
+        &f.state.targets[0],
+        crate::policy::ExplainInput {
+            principal: Some(portcullis_policy::Principal {
+                kind: portcullis_policy::PrincipalKind::User,
+                id: "alice".into(),
+                email: None,
+                name: None,
+                groups: vec!["dba-leads".into()],
+            }),
+            action: "connect".into(),
+            comm: "psql".into(),
+            uid: 1000,
+            time: i64::try_from(crate::audit::now_ms() / 1000).unwrap(),
+            sql: Some("SELECT 1; DROP TABLE t; <script>".into()),
+            ..Default::default()
+        },
+    );
+    // The SQL does not parse (`<script>`): the page says so as the CLI would, escaped.
+    let Err(why) = cli else { panic!("{cli:?}") };
+    assert!(page.contains(&super::pages::esc(&why)), "{page}");
+    assert!(!page.contains("<script>"), "{page}");
+    let (_, _, page) = f
+        .get(
+            "/explain?target=billing-db&subject=alice&groups=dba-leads&sql=SELECT+1%3B+DROP+TABLE+t",
+            Some(auditor),
+        )
+        .await;
+    assert!(page.contains("dba-reads"), "{page}");
+    assert!(page.contains("no-drops"), "{page}");
+    // An unknown target or no principal is said, not guessed.
+    let (_, _, page) = f
+        .get("/explain?target=nope&subject=alice", Some(auditor))
+        .await;
+    assert!(page.contains("no target named `nope`"), "{page}");
+    let (_, _, page) = f.get("/explain?target=billing-db", Some(auditor)).await;
+    assert!(page.contains("name the principal"), "{page}");
+    // An approver who is neither auditor nor admin is refused, on the record.
+    let (status, _, _) = f.get("/explain", Some(approver)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(f
+        .events("console.denied")
+        .iter()
+        .any(|e| e["reason"].as_str().unwrap().contains("explaining policy")));
 }
