@@ -468,7 +468,7 @@ fn in_bench_cgroup<T>(f: impl FnOnce(&Path, &Path) -> Result<T>) -> Result<T> {
     if !crate::setup::is_root() {
         bail!("the redirect benchmark attaches eBPF programs and needs root");
     }
-    let bin = crate::bench_postgres::agent_bin();
+    let bin = crate::bench_common::agent_bin();
     if !bin.is_file() {
         bail!(
             "{} is missing (`cargo xtask bench` builds it)",

@@ -86,3 +86,22 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .and_then(|v| v.parse().ok())
         .context("no VmRSS")
 }
+
+/// The agent `cargo xtask bench` just built: `PORTCULLIS_BIN`, else release/portcullis in
+/// `CARGO_TARGET_DIR` (or `target/`).
+pub(crate) fn agent_bin() -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("PORTCULLIS_BIN") {
+        return std::path::PathBuf::from(bin);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .map(|t| {
+            if t.is_absolute() {
+                t
+            } else {
+                crate::root().join(t)
+            }
+        })
+        .unwrap_or_else(|| crate::root().join("target"));
+    target.join("release/portcullis")
+}

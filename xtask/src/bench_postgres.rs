@@ -26,7 +26,7 @@ use portcullis_e2e::postgres::{client_command, PasswordAuth, PgOptions, Postgres
 use portcullis_e2e::TestCgroup;
 
 use crate::bench_table::Row;
-use crate::{root, step};
+use crate::step;
 
 const ROLE: &str = "bench";
 const PASSWORD: &str = "bench-postgres-password";
@@ -205,7 +205,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>> {
     };
 
     step("the agent path: portcullis with a postgres target on the server's own address");
-    let agent = AgentPath::start(&agent_bin(), &pg);
+    let agent = AgentPath::start(&crate::bench_common::agent_bin(), &pg);
     let agent_endpoint = match &agent {
         Ok(a) => Ok(a.endpoint(&pg)),
         Err(e) => {
@@ -529,19 +529,6 @@ pub(crate) fn median(samples: &[f64]) -> Option<f64> {
     let mut s = samples.to_vec();
     s.sort_by(f64::total_cmp);
     s.get(s.len() / 2).copied()
-}
-
-/// The agent `cargo xtask bench` just built: `PORTCULLIS_BIN`, else release/portcullis in
-/// `CARGO_TARGET_DIR` (or `target/`).
-pub(crate) fn agent_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("PORTCULLIS_BIN") {
-        return PathBuf::from(bin);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root().join(t) })
-        .unwrap_or_else(|| root().join("target"));
-    target.join("release/portcullis")
 }
 
 /// pgbench with its output in files (a failing run can print a line per transaction),

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use portcullis_e2e::TestCgroup;
 
-use crate::bench_postgres::{agent_bin, clock_ticks_per_second, median, process_cpu_ticks};
+use crate::bench_common::agent_bin;
+use crate::bench_postgres::{clock_ticks_per_second, median, process_cpu_ticks};
 use crate::bench_table::Row;
 use crate::step;
 

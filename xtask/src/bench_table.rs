@@ -307,7 +307,7 @@ impl Machine {
             .args(["status", "--porcelain", "--untracked-files=no"])
             .current_dir(&root))
         .is_empty();
-        let bin = crate::bench_postgres::agent_bin();
+        let bin = crate::bench_common::agent_bin();
         let built = out(Command::new("date")
             .args(["-u", "+%Y-%m-%dT%H:%M:%SZ", "-r"])
             .arg(&bin));

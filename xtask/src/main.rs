@@ -79,7 +79,7 @@ fn main() -> Result<()> {
         "fuzz" => fuzz::run_all(fuzz::parse_seconds(rest)?, fuzz::Build::Full),
         "demo" => {
             if rest.iter().any(|a| a == "--no-build") {
-                return demo::run(&bench_postgres::agent_bin());
+                return demo::run(&bench_common::agent_bin());
             }
             setup::all()?;
             build_ebpf()?;
