@@ -19,11 +19,10 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::browser::{self, Browser as Chromium, Page as Tab};
-use portcullis_e2e::oidc::{self, html, OidcOptions, OidcProvider, OidcUser};
-use portcullis_e2e::postgres::{
-    self as pg, client_command, PasswordAuth, PgOptions, Postgres, RunAs,
-};
-use portcullis_e2e::{e2e_enabled, Agent, Slot, TestCgroup};
+use portcullis_e2e::console::{self as console_world, World};
+use portcullis_e2e::oidc::{self, html, OidcProvider, OidcUser};
+use portcullis_e2e::postgres::{self as pg, client_command, RunAs};
+use portcullis_e2e::{e2e_enabled, Agent, Slot};
 use reqwest::blocking::Client;
 use reqwest::{StatusCode, Url};
 use serde_json::{json, Value};
@@ -32,100 +31,20 @@ fn enabled() -> bool {
     e2e_enabled() && oidc::oidc_enabled()
 }
 
-const CONSOLE_CLIENT: &str = "portcullis-console";
-
-/// bob approves (dba-leads); carol audits; alice asks and is an approver herself; erin has
-/// no console role at all.
-fn people(console: &str) -> OidcOptions {
-    OidcOptions {
-        users: vec![
-            OidcUser::new("alice", &["engineering", "dba-leads"]),
-            OidcUser::new("bob", &["dba-leads"]),
-            OidcUser::new("carol", &["audit"]),
-            OidcUser::new("erin", &["engineering"]),
-            OidcUser::new("pat", &["platform"]),
-        ],
-        // A web client: the authorization code grant with PKCE, no secret, its one
-        // redirect URI the console's callback.
-        extra_clients: vec![json!({
-            "client_id": CONSOLE_CLIENT,
-            "token_endpoint_auth_method": "none",
-            "grant_types": ["authorization_code"],
-            "response_types": ["code"],
-            "redirect_uris": [format!("{console}/auth/callback")],
-        })],
-        ..OidcOptions::default()
-    }
+/// The people at the provider (roles: `audit` audits, `dba-leads` approves, `platform`
+/// administers).
+fn people() -> Vec<OidcUser> {
+    vec![
+        OidcUser::new("alice", &["engineering", "dba-leads"]),
+        OidcUser::new("bob", &["dba-leads"]),
+        OidcUser::new("carol", &["audit"]),
+        OidcUser::new("erin", &["engineering"]),
+        OidcUser::new("pat", &["platform"]),
+    ]
 }
 
-const STATEMENT_POLICIES: &str = r#"
-@id("connect")
-permit (principal, action == Portcullis::Action::"connect", resource);
-
-@id("read")
-permit (principal, action == Portcullis::Action::"query", resource)
-when { ["read", "transaction", "utility"].contains(context.statement_class) };
-
-@id("ddl-after-approval")
-@approval("dba-leads")
-permit (principal, action == Portcullis::Action::"query", resource)
-when { context.statement_class == "ddl" };
-"#;
-
-struct World {
-    provider: OidcProvider,
-    postgres: Postgres,
-    cg: TestCgroup,
-    agent: Agent,
-    /// `https://127.0.0.1:<slot's server port>`.
-    console: String,
-    _files: tempfile::TempDir,
-}
-
-/// A PostgreSQL target whose DDL needs dba-leads' approval, and the console on the slot's
-/// server port of 127.0.0.1.
 fn world(name: &str, slot: u8) -> World {
-    let slot = Slot::new(slot);
-    let console = format!("https://127.0.0.1:{}", slot.server_port);
-    let provider = OidcProvider::start(people(&console));
-    let postgres = Postgres::start_with(PgOptions {
-        tls: true,
-        ..PgOptions::default()
-    });
-    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
-    postgres.create_database("app", Some("app"));
-    let files = tempfile::tempdir().unwrap();
-    let creds = files.path().join("credentials.toml");
-    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let cg = TestCgroup::new(name);
-    let config = format!(
-        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
-         [console]\nlisten = \"127.0.0.1:{port}\"\nclient_id = \"{CONSOLE_CLIENT}\"\n\
-         auditor_groups = [\"audit\"]\napprover_groups = [\"dba-leads\"]\nadmin_groups = [\"platform\"]\n\
-         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {pg}\n\
-         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
-        iss = provider.issuer(),
-        port = slot.server_port,
-        pg = postgres.port(),
-        ca = postgres.ca_pem_path().display(),
-        creds = creds.display(),
-    );
-    let mut agent = Agent::prepare(name, slot, &cg, &[], Some(&config), &[]);
-    std::fs::write(
-        agent.dir.path().join("policies").join("e2e.cedar"),
-        STATEMENT_POLICIES,
-    )
-    .unwrap();
-    agent.spawn();
-    World {
-        provider,
-        postgres,
-        cg,
-        agent,
-        console,
-        _files: files,
-    }
+    console_world::world(name, slot, people())
 }
 
 struct Page {
@@ -285,30 +204,7 @@ fn next_pending(browser: &Browser, seen: &[String]) -> String {
 }
 
 fn psql_script(w: &World, uid: u32, script: &str) -> Child {
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-        w.postgres.port()
-    );
-    let mut psql = client_command(
-        "psql",
-        RunAs {
-            uid: Some(uid),
-            cgroup: Some(&w.cg.path),
-        },
-    )
-    .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
-    .env("PGCONNECT_TIMEOUT", "10")
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    psql.stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    psql
+    w.psql_script(uid, script)
 }
 
 /// Runs `portcullis login` as `uid` and finishes the device flow as `user`.

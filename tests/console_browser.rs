@@ -13,17 +13,14 @@
     reason = "tests: a failure is a test failure"
 )]
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::browser::{self, Browser, ConsoleError, Page};
-use portcullis_e2e::oidc::{self, OidcOptions, OidcProvider, OidcUser};
-use portcullis_e2e::postgres::{
-    self as pg, client_command, PasswordAuth, PgOptions, Postgres, RunAs,
-};
-use portcullis_e2e::{e2e_enabled, Agent, Slot, TestCgroup};
+use portcullis_e2e::console::{self as console_world, World};
+use portcullis_e2e::oidc::{self, OidcUser};
+use portcullis_e2e::postgres::{self as pg};
+use portcullis_e2e::{e2e_enabled, Agent};
 use serde_json::{json, Value};
 
 /// Root, eBPF, node, PostgreSQL, Chromium and certutil, or false when the test may skip
@@ -35,127 +32,22 @@ fn enabled() -> bool {
         && portcullis_e2e::prerequisites_met(browser::missing_prerequisite())
 }
 
-const CONSOLE_CLIENT: &str = "portcullis-console";
-
-/// bob approves and audits; carol only audits; alice asks and is an approver herself.
-fn people(console: &str) -> OidcOptions {
-    OidcOptions {
-        users: vec![
-            OidcUser::new("alice", &["engineering", "dba-leads"]),
-            OidcUser::new("bob", &["dba-leads", "audit"]),
-            OidcUser::new("carol", &["audit"]),
-        ],
-        extra_clients: vec![json!({
-            "client_id": CONSOLE_CLIENT,
-            "token_endpoint_auth_method": "none",
-            "grant_types": ["authorization_code"],
-            "response_types": ["code"],
-            "redirect_uris": [format!("{console}/auth/callback")],
-        })],
-        ..OidcOptions::default()
-    }
-}
-
-/// Reads pass, DDL waits for dba-leads, anything else (an INSERT) is denied.
-const STATEMENT_POLICIES: &str = r#"
-@id("connect")
-permit (principal, action == Portcullis::Action::"connect", resource);
-
-@id("read")
-permit (principal, action == Portcullis::Action::"query", resource)
-when { ["read", "transaction", "utility"].contains(context.statement_class) };
-
-@id("ddl-after-approval")
-@approval("dba-leads")
-permit (principal, action == Portcullis::Action::"query", resource)
-when { context.statement_class == "ddl" };
-"#;
-
-struct World {
-    provider: OidcProvider,
-    postgres: Postgres,
-    cg: TestCgroup,
-    agent: Agent,
-    /// `https://127.0.0.1:<slot's server port>`.
-    console: String,
-    _files: tempfile::TempDir,
-}
-
-impl World {
-    fn ca(&self) -> PathBuf {
-        self.agent.dir.path().join("state/ca/ca.pem")
-    }
+/// The people at the provider (roles: `audit` audits, `dba-leads` approves, `platform`
+/// administers).
+fn people() -> Vec<OidcUser> {
+    vec![
+        OidcUser::new("alice", &["engineering", "dba-leads"]),
+        OidcUser::new("bob", &["dba-leads", "audit"]),
+        OidcUser::new("carol", &["audit"]),
+    ]
 }
 
 fn world(name: &str, slot: u8) -> World {
-    let slot = Slot::new(slot);
-    let console = format!("https://127.0.0.1:{}", slot.server_port);
-    let provider = OidcProvider::start(people(&console));
-    let postgres = Postgres::start_with(PgOptions {
-        tls: true,
-        ..PgOptions::default()
-    });
-    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
-    postgres.create_database("app", Some("app"));
-    let files = tempfile::tempdir().unwrap();
-    let creds = files.path().join("credentials.toml");
-    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let cg = TestCgroup::new(name);
-    let config = format!(
-        "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
-         [console]\nlisten = \"127.0.0.1:{port}\"\nclient_id = \"{CONSOLE_CLIENT}\"\n\
-         auditor_groups = [\"audit\"]\napprover_groups = [\"dba-leads\"]\nadmin_groups = [\"platform\"]\n\
-         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {pg}\n\
-         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
-        iss = provider.issuer(),
-        port = slot.server_port,
-        pg = postgres.port(),
-        ca = postgres.ca_pem_path().display(),
-        creds = creds.display(),
-    );
-    let mut agent = Agent::prepare(name, slot, &cg, &[], Some(&config), &[]);
-    std::fs::write(
-        agent.dir.path().join("policies").join("e2e.cedar"),
-        STATEMENT_POLICIES,
-    )
-    .unwrap();
-    agent.spawn();
-    World {
-        provider,
-        postgres,
-        cg,
-        agent,
-        console,
-        _files: files,
-    }
+    console_world::world(name, slot, people())
 }
 
 fn psql_script(w: &World, uid: u32, script: &str) -> Child {
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-        w.postgres.port()
-    );
-    let mut psql = client_command(
-        "psql",
-        RunAs {
-            uid: Some(uid),
-            cgroup: Some(&w.cg.path),
-        },
-    )
-    .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
-    .env("PGCONNECT_TIMEOUT", "10")
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    psql.stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    psql
+    w.psql_script(uid, script)
 }
 
 /// `portcullis login` as `uid`, the device flow finished as `user`.

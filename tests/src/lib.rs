@@ -13,6 +13,7 @@
 )]
 
 pub mod browser;
+pub mod console;
 pub mod oidc;
 pub mod pgbouncer;
 pub mod postgres;
