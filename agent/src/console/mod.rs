@@ -99,6 +99,11 @@ impl Console {
             registry,
             policies,
             targets,
+            shipped_path: config
+                .audit
+                .central
+                .as_ref()
+                .map(|_| config.audit_shipped_path()),
         });
         Ok(Some(Self {
             listener,

@@ -572,6 +572,22 @@ pub struct Health {
     pub audit_failure: Option<String>,
     pub pending_requests: usize,
     pub signed_in: usize,
+    pub policies: crate::policy::PolicyStatus,
+    /// `None` without `[audit.central]`.
+    pub central: Option<CentralHealth>,
+}
+
+/// How far the central audit store is behind this host's trail.
+pub struct CentralHealth {
+    /// The last seq the central store committed (`None`: the progress could not be read).
+    pub shipped_upto: Option<u64>,
+    /// Records written here and not shipped yet.
+    pub behind: u64,
+    /// The unshipped backlog is over `spool_max_bytes`.
+    pub over_bound: bool,
+    /// New connections are refused until it drains (`on_spool_full = "refuse_connections"`).
+    pub refusing: bool,
+    pub error: Option<String>,
 }
 
 pub fn health(who: &SignedIn, h: &Health) -> String {
@@ -583,13 +599,52 @@ pub fn health(who: &SignedIn, h: &Health) -> String {
         "<table><tbody><tr><th scope=\"row\">Host</th><td>{}</td></tr>\
          <tr><th scope=\"row\">Audit store</th><td>{audit}; last record {}</td></tr>\
          <tr><th scope=\"row\">Pending approval requests</th><td>{}</td></tr>\
-         <tr><th scope=\"row\">People signed in to the console</th><td>{}</td></tr></tbody></table>",
+         <tr><th scope=\"row\">People signed in to the console</th><td>{}</td></tr>\
+         <tr><th scope=\"row\">Policies</th><td>{}</td></tr>\
+         <tr><th scope=\"row\">Central audit store</th><td>{}</td></tr></tbody></table>",
         esc(&portcullis_core::hostname()),
         h.last_seq,
         h.pending_requests,
         h.signed_in,
+        policies_health(&h.policies),
+        central_health(h.central.as_ref()),
     );
     page("Health", Some(who), &body)
+}
+
+fn policies_health(p: &crate::policy::PolicyStatus) -> String {
+    let mut out = format!(
+        "generation {}: {} policies from {}, loaded {}",
+        p.generation,
+        p.policies,
+        esc(&p.dir.display().to_string()),
+        esc(&query::format_time(p.loaded_at_ms)),
+    );
+    if let Some(e) = &p.last_error {
+        let _ = write!(
+            out,
+            r#"; <span class="error">the last reload was refused: {}</span>"#,
+            esc(e)
+        );
+    }
+    out
+}
+
+fn central_health(c: Option<&CentralHealth>) -> String {
+    let Some(c) = c else {
+        return "not configured".into();
+    };
+    let mut out = match (c.shipped_upto, &c.error) {
+        (Some(seq), _) => format!("shipped up to record {seq}; {} record(s) behind", c.behind),
+        (None, Some(e)) => format!(r#"<span class="error">progress unknown: {}</span>"#, esc(e)),
+        (None, None) => "progress unknown".into(),
+    };
+    if c.refusing {
+        out.push_str(r#"; <span class="error">backlog over its bound: new connections are refused until it drains</span>"#);
+    } else if c.over_bound {
+        out.push_str(r#"; <span class="error">backlog over its bound (connections go on: keep_enforcing)</span>"#);
+    }
+    out
 }
 
 /// After sign-in: a page of the console's own origin moves the browser on, so the

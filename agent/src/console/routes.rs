@@ -38,6 +38,8 @@ pub struct State {
     /// The policies in force and the configured targets, for the explain form.
     pub policies: Arc<crate::policy::Policies>,
     pub targets: Arc<Vec<crate::config::ProtectedTarget>>,
+    /// Where the central shipper keeps its progress, when `[audit.central]` is configured.
+    pub shipped_path: Option<std::path::PathBuf>,
 }
 
 type Shared = Extract<Arc<State>>;
@@ -785,6 +787,27 @@ async fn health(Extract(state): Shared, headers: HeaderMap) -> Response {
             .map(|f| format!("{} ({} events lost)", f.error, f.lost_events)),
         pending_requests: state.approvals.requests(&everyone, false).len(),
         signed_in: state.auth.signed_in(),
+        policies: state.policies.status(),
+        central: state.shipped_path.as_deref().map(|path| {
+            let last = state.audit.last_seq();
+            let spool = state.audit.spool();
+            match crate::audit::central::read_progress(path) {
+                Ok(shipped) => pages::CentralHealth {
+                    shipped_upto: Some(shipped),
+                    behind: last.saturating_sub(shipped),
+                    over_bound: spool.over_bound(),
+                    refusing: spool.refusing(),
+                    error: None,
+                },
+                Err(e) => pages::CentralHealth {
+                    shipped_upto: None,
+                    behind: 0,
+                    over_bound: spool.over_bound(),
+                    refusing: spool.refusing(),
+                    error: Some(e.to_string()),
+                },
+            }
+        }),
     };
     html(StatusCode::OK, pages::health(&who, &h))
 }

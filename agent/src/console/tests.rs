@@ -103,6 +103,7 @@ fn fixture_with(text: &str) -> Fixture {
             registry: Arc::default(),
             policies,
             targets: Arc::new(targets),
+            shipped_path: None,
         }),
     }
 }
@@ -217,6 +218,8 @@ async fn without_a_session_pages_go_to_sign_in_and_forms_are_refused() {
         "/approvals",
         "/grants",
         "/health",
+        "/live",
+        "/explain",
     ] {
         let (status, headers, _) = f.get(path, None).await;
         assert_eq!(status, StatusCode::SEE_OTHER, "{path}");
@@ -860,4 +863,48 @@ async fn an_auditor_explains_a_decision_in_the_page_as_the_cli_does_and_an_appro
         .events("console.denied")
         .iter()
         .any(|e| e["reason"].as_str().unwrap().contains("explaining policy")));
+}
+
+#[tokio::test]
+async fn an_admin_sees_the_policy_generation_and_how_far_the_central_store_is_behind() {
+    let config = CONFIG.replace(
+        "approver_groups = [\"dba-leads\"]\n",
+        "approver_groups = [\"dba-leads\"]\nadmin_groups = [\"platform\"]\n",
+    );
+    let mut f = fixture_with(&config);
+    let progress = f._dir.path().join("audit-shipped");
+    std::fs::write(&progress, "1\n").unwrap();
+    Arc::get_mut(&mut f.state).unwrap().shipped_path = Some(progress.clone());
+    for i in 0..3 {
+        f.state.audit.record(
+            crate::audit::AuditEvent::new(crate::audit::EventKind::AgentStarted)
+                .reason(format!("{i}")),
+        );
+    }
+    f.state.audit.flush();
+    let last = f.state.audit.last_seq();
+    assert!(last >= 3, "{last}");
+    f.sign_in("pat", person("pat", &["platform"]));
+    let (status, _, page) = f.get("/health", Some("pat")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("generation 1: 2 policies"), "{page}");
+    assert!(
+        page.contains(&format!(
+            "shipped up to record 1; {} record(s) behind",
+            last - 1
+        )),
+        "{page}"
+    );
+    // A progress file that cannot be read is said, not taken for zero.
+    std::fs::write(&progress, "garbage").unwrap();
+    let (_, _, page) = f.get("/health", Some("pat")).await;
+    assert!(page.contains("progress unknown"), "{page}");
+    // Without [audit.central], it says so.
+    let plain = fixture_with(&config);
+    plain.sign_in("pat", person("pat", &["platform"]));
+    let (_, _, page) = plain.get("/health", Some("pat")).await;
+    assert!(
+        page.contains("Central audit store</th><td>not configured"),
+        "{page}"
+    );
 }
