@@ -276,6 +276,27 @@ fn search_and_sessions_read_the_trail_back() {
         sessions.iter().all(|s| s["closed"]["reason"].is_string()),
         "{sessions:?}"
     );
+    // A page at a time, newest last; the older page is where the first one says.
+    let paged = Command::new(portcullis_e2e::agent_bin())
+        .args(["sessions", "list", "--limit", "2", "--json", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let newest: Vec<Value> = String::from_utf8_lossy(&paged.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(newest, sessions[1..], "the two newest, newest last");
+    let hint = String::from_utf8_lossy(&paged.stderr).to_string();
+    let before = hint
+        .split("--before ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no --before in {hint:?}"));
+    let oldest = cli(&[
+        "sessions", "list", "--limit", "2", "--before", before, "--json",
+    ]);
+    assert_eq!(oldest, sessions[..1]);
     let id = sessions[0]["opened"]["connection_id"]
         .as_u64()
         .unwrap()

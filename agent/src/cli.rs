@@ -308,7 +308,8 @@ struct SearchArgs {
 
 #[derive(Debug, Subcommand)]
 enum SessionsCommand {
-    /// Recorded connections, newest last.
+    /// Recorded connections, newest last: one page, read from a bounded window of the store
+    /// (the console's sessions page), so it answers as fast with a million events as with ten.
     List {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
@@ -318,6 +319,24 @@ enum SessionsCommand {
         user: Option<String>,
         #[arg(long)]
         target: Option<String>,
+        /// postgres, tcp or ssh.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Sessions with an event of this decision: allow, deny, approval.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Opened at or after: `2026-12-05`, `2026-12-05T10:00:00Z` or `2h` (ago).
+        #[arg(long)]
+        since: Option<String>,
+        /// Opened at or before (same forms).
+        #[arg(long)]
+        until: Option<String>,
+        /// Sessions opened before this record (the `--before` the previous page printed).
+        #[arg(long)]
+        before: Option<u64>,
+        /// At most this many sessions.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
         #[arg(long)]
         json: bool,
     },
@@ -1165,35 +1184,43 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
             dir,
             user,
             target,
+            protocol,
+            decision,
+            since,
+            until,
+            before,
+            limit,
             json,
         } => {
             let dir = audit_dir(&config, dir)?;
-            let filter = Filter {
+            let now = crate::audit::now_ms();
+            let time = |s: Option<String>| {
+                s.map(|s| crate::audit::query::parse_time(&s, now))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!(e))
+            };
+            let filter = crate::audit::query::SessionFilter {
                 user,
                 target,
-                kind: Some("connection.opened".into()),
-                ..Default::default()
+                protocol,
+                since_ms: time(since)?,
+                until_ms: time(until)?,
+                decision,
             };
-            let mut opened: Vec<serde_json::Value> = Vec::new();
-            let mut closed: std::collections::HashMap<u64, serde_json::Value> =
-                std::collections::HashMap::new();
-            let mut starts = Vec::new();
-            for_each_event(&dir, |event, raw| {
-                if filter.matches(event, raw) {
-                    opened.push(event.clone());
-                } else if event["event"] == "connection.closed" {
-                    if let Some(id) = event["connection_id"].as_u64() {
-                        closed.insert(id, event.clone());
-                    }
-                } else if event["event"] == "agent.started" {
-                    starts.extend(event["time_ms"].as_u64());
-                }
-            })?;
-            for o in &opened {
+            let read = |e| anyhow::anyhow!("reading {}: {e}", dir.display());
+            let last = crate::audit::query::last_seq(&dir).map_err(read)?;
+            let page =
+                crate::audit::query::sessions_page(&dir, last, before, &filter, limit.max(1))
+                    .map_err(read)?;
+            // The page is newest first; a list reads oldest first, newest last.
+            for row in page.rows.iter().rev() {
+                let o = &row.opened;
                 let id = o["connection_id"].as_u64().unwrap_or(0);
-                let c = closed.get(&id);
                 if json {
-                    println!("{}", serde_json::json!({"opened": o, "closed": c}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"seq": row.seq, "opened": o, "closed": row.closed, "end": row.end})
+                    );
                     continue;
                 }
                 let field = |path: &str| o.pointer(path).unwrap_or(&serde_json::Value::Null);
@@ -1201,9 +1228,8 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                     .as_str()
                     .or(field("/identity/subject").as_str())
                     .unwrap_or("-");
-                let end = session_end(o["time_ms"].as_u64().unwrap_or(0), c, &starts);
                 println!(
-                    "{id}  {}  {} ({}) pid {} {} -> {} [{}]: {end}",
+                    "{id}  {}  {} ({}) pid {} {} -> {} [{}]: {}",
                     format_time(o["time_ms"].as_u64().unwrap_or(0)),
                     field("/identity/user").as_str().unwrap_or("-"),
                     who,
@@ -1211,6 +1237,13 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                     field("/origin/comm").as_str().unwrap_or("-"),
                     field("/origin/destination").as_str().unwrap_or("-"),
                     o["target"].as_str().unwrap_or("-"),
+                    row.end,
+                );
+            }
+            if let Some(older) = page.older {
+                eprintln!(
+                    "older sessions: the same command with --before {older} (records {}..={} read)",
+                    page.scanned.0, page.scanned.1
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -344,6 +344,8 @@ pub struct SessionFilter {
 pub struct SessionRow {
     pub seq: u64,
     pub opened: Value,
+    /// Its `connection.closed`, when the page read it.
+    pub closed: Option<Value>,
     pub end: String,
 }
 
@@ -361,6 +363,30 @@ pub struct SessionsPage {
 /// decisions of its sessions: a page costs the same with a million events stored as with
 /// a thousand (issue 20).
 pub const PAGE_SCAN_RECORDS: u64 = 20_000;
+
+/// The seq of the newest record in `dir` (0 when it holds none): the last segment read
+/// from its first record, so it costs one segment, not the store.
+pub fn last_seq(dir: &std::path::Path) -> Result<u64, portcullis_audit_store::StoreError> {
+    let newest = std::fs::read_dir(dir)
+        .map_err(|source| portcullis_audit_store::StoreError::Io {
+            path: dir.to_path_buf(),
+            op: "list the audit store",
+            source,
+        })?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            portcullis_audit_store::parse_segment_file_name(&e.file_name().to_string_lossy())
+        })
+        .max();
+    let Some(first) = newest else {
+        return Ok(0);
+    };
+    let mut last = first.saturating_sub(1);
+    for record in portcullis_audit_store::Reader::from_seq(dir, first)? {
+        last = record?.seq;
+    }
+    Ok(last)
+}
 
 /// Sessions opened before seq `before` (`None`: the newest), scanning at most
 /// [`PAGE_SCAN_RECORDS`] records back from it and as many after it; at most `limit` rows.
@@ -474,6 +500,7 @@ fn sessions_page_within(
             SessionRow {
                 seq,
                 opened: o,
+                closed: c,
                 end,
             }
         })
@@ -648,6 +675,25 @@ mod tests {
             .unwrap()
             .seq
             .max(last)
+    }
+
+    #[test]
+    fn the_last_seq_is_read_from_the_newest_segment_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(last_seq(dir.path()).unwrap(), 0, "an empty store");
+        let last = sixty_sessions(dir.path());
+        // Small segments: several of them, and the answer is the store's last record.
+        let segments = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                portcullis_audit_store::parse_segment_file_name(
+                    &e.as_ref().unwrap().file_name().to_string_lossy(),
+                )
+                .is_some()
+            })
+            .count();
+        assert!(segments > 3, "{segments}");
+        assert_eq!(last_seq(dir.path()).unwrap(), last);
     }
 
     fn ids(page: &SessionsPage) -> Vec<u64> {
