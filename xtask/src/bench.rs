@@ -74,6 +74,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "policy" => vec![("policy", policy())],
         "audit" => vec![("audit", audit(&Options::parse(options)?))],
         "review" => vec![("review", review())],
+        "console" => vec![("console", console())],
         "postgres" => {
             let o = crate::bench_postgres::Options::parse(options)?;
             vec![("postgres", crate::bench_postgres::run(&o))]
@@ -84,7 +85,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         "all" => all(options)?,
         other => bail!(
-            "unknown benchmark `{other}` (redirect, tcp-bulk, policy, audit, review, postgres, ssh, all)"
+            "unknown benchmark `{other}` (redirect, tcp-bulk, policy, audit, review, console, postgres, ssh, all)"
         ),
     };
     let stem = if which == "all" { "bench" } else { which };
@@ -154,6 +155,7 @@ fn all(options: &[String]) -> Result<Vec<SuiteResult>> {
         ("postgres", crate::bench_postgres::run(&postgres)),
         ("ssh", crate::bench_ssh::run(&ssh)),
         ("review", review()),
+        ("console", console()),
     ])
 }
 
@@ -270,6 +272,31 @@ fn review() -> Result<Vec<Row>> {
     let rows = crate::bench_table::parse_review_lines(&out);
     if rows.is_empty() {
         bail!("the review bench printed no `review report over N events (…): … events/s` line");
+    }
+    Ok(rows)
+}
+
+/// The console's sessions page (and `portcullis sessions list`) over 1,000,000 events: p50
+/// and p99 of the newest page, a page deep in the past, a filtered page, and the store's
+/// last seq. Like `review`, the body is an ignored test of the agent, built for release.
+fn console() -> Result<Vec<Row>> {
+    step("sessions page over 1,000,000 events (newest, deep, filtered; p50 and p99)");
+    let out = crate::bench_table::run_capturing(&mut crate::cargo_cmd(&[
+        "test",
+        "--release",
+        "-p",
+        "portcullis-agent",
+        "--bin",
+        "portcullis",
+        "audit::query::tests::bench_sessions_page_over_a_million_events",
+        "--",
+        "--ignored",
+        "--exact",
+        "--nocapture",
+    ]))?;
+    let rows = crate::bench_table::parse_rows("console", &out)?;
+    if rows.is_empty() {
+        bail!("the sessions page bench printed no BENCH-ROW line");
     }
     Ok(rows)
 }

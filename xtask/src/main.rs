@@ -39,13 +39,13 @@ commands:
                build everything and show the redirect, the proxy, `portcullis status`, psql
                through the agent and ssh to a local sshd with its shell replayed; --no-build
                runs the agent already built (PORTCULLIS_BIN, else target/release/portcullis)
-  bench [redirect|tcp-bulk|policy|audit|review|postgres|ssh|all] [--no-build] [--quick]
+  bench [redirect|tcp-bulk|policy|audit|review|console|postgres|ssh|all] [--no-build] [--quick]
         [--seconds N] [--rounds N] [--case TEXT] [--perf]
                measure against the direct path (and pgbouncer for postgres) and print one
                table (suite, measure, value, baseline, ratio, goal, met?), every figure a
                median of interleaved rounds; writes target/bench/<suite>.json, .svg and .md
                (`all`: bench.json, bench.svg, bench.md, with the machine's facts); `all` runs
-               redirect, policy, audit, postgres (masking included), ssh and review, and
+               redirect, policy, audit, postgres (masking included), ssh, review and console, and
                takes --quick, --rounds and --seconds; --no-build measures the binaries
                already built. redirect, tcp-bulk and audit: --rounds N (default 5, --quick:
                3 with fewer connections and 64 MiB bulk transfers). postgres: --quick and
@@ -54,7 +54,8 @@ commands:
                during each run (Debian's linux-perf). ssh: --quick moves 256 MiB instead of
                1 GiB in one round (default 3) with 20 latency samples instead of 50, --perf
                records the agent during its first `cat`. review times `review report` over a
-               million generated events (one run)";
+               million generated events (one run); console times the sessions page (and
+               `sessions list`) over a million events: p50 and p99 of 41 runs";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

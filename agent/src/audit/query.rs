@@ -1054,4 +1054,100 @@ mod tests {
             "ended when the agent stopped without recording it (the agent started again at 1970-01-01 00:00:00)"
         );
     }
+
+    /// The body of `cargo xtask bench console` (ignored as a test): the console's sessions
+    /// page and `sessions list` over a store of 1,000,000 events (250,000 sessions of an
+    /// opened, two statements and a closed), newest page and pages deep in the past, with
+    /// and without a filter; prints `BENCH-ROW` lines of p50 and p99 in ms.
+    #[test]
+    #[ignore = "a benchmark: cargo xtask bench console"]
+    fn bench_sessions_page_over_a_million_events() {
+        use portcullis_audit_store::{Store, StoreOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let mut batch: Vec<String> = Vec::with_capacity(4_000);
+        for i in 1..=250_000u64 {
+            let user = ["alice", "bob", "carol", "dave"][(i % 4) as usize];
+            let t = 1_000 * i;
+            batch.push(
+                json!({"event": "connection.opened", "time_ms": t, "connection_id": i,
+                       "protocol": if i % 3 == 0 { "ssh" } else { "postgres" }, "target": "db",
+                       "identity": {"user": user, "subject": user, "uid": 1000 + i % 4}})
+                .to_string(),
+            );
+            for k in 1..=2 {
+                batch.push(
+                    json!({"event": "statement.executed", "time_ms": t + k, "connection_id": i,
+                           "decision": if i % 50 == 0 && k == 2 { "deny" } else { "allow" },
+                           "statement": "SELECT * FROM accounts WHERE id = $1"})
+                    .to_string(),
+                );
+            }
+            batch.push(
+                json!({"event": "connection.closed", "time_ms": t + 9, "connection_id": i,
+                       "duration_ms": 9, "bytes_client_to_upstream": 100,
+                       "bytes_upstream_to_client": 2000, "reason": "closed"})
+                .to_string(),
+            );
+            if batch.len() >= 4_000 {
+                let refs: Vec<&[u8]> = batch.iter().map(String::as_bytes).collect();
+                store.append_batch_buffered(&refs).unwrap();
+                batch.clear();
+            }
+        }
+        let refs: Vec<&[u8]> = batch.iter().map(String::as_bytes).collect();
+        store.append_batch_buffered(&refs).unwrap();
+        store.sync().unwrap();
+        drop(store);
+        let last = last_seq(dir.path()).unwrap();
+        assert_eq!(last, 1_000_000);
+        let cases: [(&str, &str, SessionFilter, Option<u64>); 4] = [
+            ("newest", "newest page", SessionFilter::default(), None),
+            (
+                "deep",
+                "a page 900,000 records back",
+                SessionFilter::default(),
+                Some(100_000),
+            ),
+            (
+                "filtered",
+                "newest page, one user's sessions with a denial",
+                SessionFilter {
+                    user: Some("bob".into()),
+                    decision: Some("deny".into()),
+                    ..SessionFilter::default()
+                },
+                None,
+            ),
+            (
+                "last_seq",
+                "the store's last seq (sessions list's first step)",
+                SessionFilter::default(),
+                None,
+            ),
+        ];
+        for (key, name, filter, before) in cases {
+            let mut ms: Vec<f64> = Vec::new();
+            for _ in 0..41 {
+                let started = std::time::Instant::now();
+                if key == "last_seq" {
+                    assert_eq!(last_seq(dir.path()).unwrap(), last);
+                } else {
+                    let page = sessions_page(dir.path(), last, before, &filter, 100).unwrap();
+                    assert!(!page.rows.is_empty() || key == "filtered", "{key}");
+                }
+                ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            ms.sort_by(f64::total_cmp);
+            let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+            for (stat, v) in [("p50", at(0.5)), ("p99", at(0.99))] {
+                println!(
+                    "BENCH-ROW {}",
+                    json!({"key": format!("console.sessions_page_{key}_{stat}"),
+                           "name": format!("sessions page over 1,000,000 events: {name}, {stat} (ms)"),
+                           "value": v, "unit": "ms", "rounds": ms.len()})
+                );
+            }
+        }
+    }
 }
