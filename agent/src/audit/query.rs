@@ -1144,7 +1144,7 @@ mod tests {
                 println!(
                     "BENCH-ROW {}",
                     json!({"key": format!("console.sessions_page_{key}_{stat}"),
-                           "name": format!("sessions page over 1,000,000 events: {name}, {stat} (ms)"),
+                           "name": format!("sessions page over 1,000,000 events: {name}, {stat}"),
                            "value": v, "unit": "ms", "rounds": ms.len()})
                 );
             }
