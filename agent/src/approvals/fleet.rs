@@ -27,6 +27,9 @@ use crate::config::CentralConfig;
 const POLL: Duration = Duration::from_secs(5);
 /// One write or read of the log that takes longer is treated as an outage.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a decider waits for the log: a write and a read back, within the 30 s the CLI
+/// waits for the agent's answer, so the approver hears this agent's words, not a timeout.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(25);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How far back a starting agent reads the log: longer than any request or grant lives
@@ -121,7 +124,7 @@ impl Fleet {
                 reply: Some(tx),
             })
             .map_err(|_| "the agent is stopping; nothing was decided".to_string())?;
-        match tokio::time::timeout(CALL_TIMEOUT * 3, rx).await {
+        match tokio::time::timeout(SUBMIT_TIMEOUT, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("the agent is stopping; nothing was decided".into()),
             Err(_) => Err(
