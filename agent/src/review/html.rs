@@ -34,7 +34,7 @@ dt{font-weight:bold}dd{margin:0 0 .5rem 1.5rem}a{color:#0645ad}\
 
 /// Characters that reorder or hide the text around them (Unicode bidi controls): shown as
 /// their code points, so a value cannot make a report read differently from what it holds.
-fn is_bidi_control(c: char) -> bool {
+pub(super) fn is_bidi_control(c: char) -> bool {
     matches!(
         c,
         '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'

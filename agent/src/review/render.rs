@@ -455,8 +455,22 @@ pub(super) fn chain_range(chain: &ChainRange) -> String {
 /// Where the signature part of a Markdown report starts: the signed body is what precedes it.
 pub const MARKDOWN_SIGNATURE_HEADING: &str = "## Signature\n";
 
+/// A value in a Markdown table: `|` escaped, line breaks as spaces, and control and bidi
+/// characters as `[U+XXXX]` (as the HTML report shows them), so a hostile statement or name
+/// cannot make the report read differently from what it holds.
 fn md_cell(s: &str) -> String {
-    s.replace('|', "\\|").replace(['\n', '\r'], " ")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '|' => out.push_str("\\|"),
+            '\n' | '\r' => out.push(' '),
+            c if c.is_control() || super::html::is_bidi_control(c) => {
+                let _ = write!(out, "[U+{:04X}]", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 pub fn markdown_body(report: &Report, chain: &ChainRange) -> String {
@@ -504,11 +518,20 @@ pub fn markdown_body(report: &Report, chain: &ChainRange) -> String {
 }
 
 /// One RFC 4180 field: quoted when it holds a comma, a quote or a line break.
+/// One RFC 4180 field. A value a spreadsheet would read as a formula (it starts with `=`,
+/// `+`, `-`, `@`, a tab or a carriage return: a statement or name any user can choose) is
+/// prefixed with `'`, which spreadsheets show as text; a lone `-` (no value) stays as it is.
 pub fn csv_field(s: &str) -> String {
+    let formula = s.len() > 1 && s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let s = if formula {
+        std::borrow::Cow::Owned(format!("'{s}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    };
     if s.contains([',', '"', '\r', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s.into_owned()
     }
 }
 

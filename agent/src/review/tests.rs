@@ -479,6 +479,15 @@ fn csv_is_rfc_4180_with_commas_quotes_and_line_breaks_kept() {
     assert_eq!(csv_field("a,b"), "\"a,b\"");
     assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
     assert_eq!(csv_field("plain"), "plain");
+    // What a spreadsheet would run as a formula is text; a lone "-" (no value) stays.
+    assert_eq!(
+        csv_field("=HYPERLINK(\"http://x\",\"y\")"),
+        "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""
+    );
+    assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+    assert_eq!(csv_field("+1"), "'+1");
+    assert_eq!(csv_field("-2+3"), "'-2+3");
+    assert_eq!(csv_field("-"), "-");
     let w = world(None);
     let out = w.run(Format::Csv, None);
     assert!(out.verified);
@@ -975,6 +984,26 @@ fn hostile_world() -> World {
         "statement_class": "read", "tables": ["billing.customers"]}),
     );
     world_of(&t, None)
+}
+
+#[test]
+fn markdown_and_csv_show_a_hostile_statement_as_what_it_holds() {
+    let w = hostile_world();
+    let md = w.run(Format::Markdown, None).text;
+    assert!(
+        !md.contains('\u{202e}'),
+        "a bidi override reached the Markdown: {md}"
+    );
+    assert!(md.contains("[U+202E]gnp.exe"), "{md}");
+    let csv = w.run(Format::Csv, None).text;
+    for row in parse_csv(&csv) {
+        for cell in row {
+            assert!(
+                !cell.starts_with(['=', '+', '@']),
+                "a cell a spreadsheet would run: {cell:?}"
+            );
+        }
+    }
 }
 
 #[test]
