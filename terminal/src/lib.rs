@@ -10,6 +10,8 @@
 //! - [`exec`]: what an SSH `exec` request asks to run: first word, argv of a simple command,
 //!   a flag for shell syntax nobody can decide before it runs, and the file-transfer commands
 //!   (`scp -t/-f`, git, `rsync --server`) recognised.
+//! - [`screen`]: what a terminal shows after some output, rebuilt as text, for replaying a
+//!   recording in a page without a script.
 //! - [`sftp`]: the SFTP packets of an `sftp` subsystem channel (OpenSSH's version 3), framed
 //!   and read without trusting their lengths, and the bytes a handle moved counted and hashed.
 
@@ -18,6 +20,7 @@ mod escape;
 pub mod exec;
 pub mod line;
 pub mod mask;
+pub mod screen;
 pub mod sftp;
 
 pub use asciicast::{Header, PlayOptions, Recorder, Recording};

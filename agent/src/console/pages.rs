@@ -298,14 +298,134 @@ pub fn timeline(who: &SignedIn, id: u64, events: &[Value], starts: &[u64]) -> St
     if let Some(opened) = opened {
         let _ = writeln!(text, "end: {}", query::session_end(opened, closed, starts));
     }
+    let recorded = events.iter().any(|e| {
+        e.get("event")
+            .and_then(Value::as_str)
+            .is_some_and(|k| k.starts_with("recording."))
+    });
     let body = if events.is_empty() {
         format!(
             r#"<p class="error" role="alert">No events of session {id} from that point of the audit trail.</p>"#
+        )
+    } else if recorded {
+        format!(
+            r#"<p><a href="/sessions/{id}/replay">Replay its terminal</a></p><pre>{}</pre>"#,
+            esc(&text)
         )
     } else {
         format!("<pre>{}</pre>", esc(&text))
     };
     page(&format!("Session {id}"), Some(who), &body)
+}
+
+/// What the replay page shows.
+pub struct Replay<'a> {
+    pub session: u64,
+    /// Which of the session's recordings, and all of their names (`42.0`, `42.1`).
+    pub number: usize,
+    pub recordings: &'a [String],
+    pub recording: &'a portcullis_terminal::Recording,
+    pub closed: bool,
+    /// The second shown; `None`: the end.
+    pub at: Option<f64>,
+}
+
+/// The terminal at a second of its recording, rebuilt on the server, with links to step
+/// through it: the page needs no script, so the console's CSP stays `script-src` none.
+pub fn replay(who: &SignedIn, r: &Replay<'_>) -> String {
+    use portcullis_terminal::asciicast::EventKind as Cast;
+    let rec = r.recording;
+    let end = rec.events.last().map_or(0.0, |e| e.time);
+    let at =
+        r.at.filter(|t| t.is_finite())
+            .unwrap_or(end)
+            .clamp(0.0, end);
+    let mut screen = portcullis_terminal::screen::Screen::new(rec.header.width, rec.header.height);
+    for e in rec.events.iter().take_while(|e| e.time <= at) {
+        match &e.kind {
+            Cast::Output(text) => screen.feed(text.as_bytes()),
+            Cast::Resize { columns, rows } => {
+                // Rebuilt at the new size from what it showed: the text is what matters.
+                let shown = screen.text();
+                screen = portcullis_terminal::screen::Screen::new(*columns, *rows);
+                screen.feed(shown.replace('\n', "\r\n").as_bytes());
+            }
+            _ => {}
+        }
+    }
+    let link = |t: f64, label: &str| {
+        format!(
+            r#"<a href="/sessions/{}/replay?n={}&amp;t={:.1}">{label}</a>"#,
+            r.session,
+            r.number,
+            t.clamp(0.0, end)
+        )
+    };
+    let mut body = String::new();
+    if r.recordings.len() > 1 {
+        body.push_str("<p>Recordings of this session: ");
+        for (i, name) in r.recordings.iter().enumerate() {
+            let _ = write!(
+                body,
+                r#"<a href="/sessions/{}/replay?n={i}">{}</a> "#,
+                r.session,
+                esc(name)
+            );
+        }
+        body.push_str("</p>");
+    }
+    let what = match (&rec.header.command, &rec.header.title) {
+        (Some(c), _) => format!("command <code>{}</code>", esc(c)),
+        (None, Some(t)) => format!("shell, {}", esc(t)),
+        (None, None) => "login shell".into(),
+    };
+    let _ = write!(
+        body,
+        r#"<p>Recording {} of session <a href="/sessions/{}">{}</a> ({what}, {}×{}): at {at:.1} s of {end:.1} s{}.</p>"#,
+        esc(r.recordings.get(r.number).map_or("?", String::as_str)),
+        r.session,
+        r.session,
+        rec.header.width,
+        rec.header.height,
+        if r.closed {
+            ""
+        } else {
+            "; still running, or the agent stopped before it ended"
+        },
+    );
+    let _ = write!(
+        body,
+        r#"<nav aria-label="Replay">{} {} {} {} {} {}</nav>"#,
+        link(0.0, "Start"),
+        link(at - 10.0, "−10 s"),
+        link(at - 1.0, "−1 s"),
+        link(at + 1.0, "+1 s"),
+        link(at + 10.0, "+10 s"),
+        link(end, "End"),
+    );
+    let _ = write!(
+        body,
+        r#"<pre class="screen" aria-label="The terminal at {at:.1} s">{}</pre>"#,
+        esc(&screen.text())
+    );
+    let markers: Vec<(f64, &str)> = rec.markers().collect();
+    if !markers.is_empty() {
+        body.push_str("<h2>Markers</h2><ul>");
+        for (t, label) in markers {
+            let _ = write!(
+                body,
+                "<li>{} {}</li>",
+                link(t, &format!("{t:.1} s")),
+                esc(label)
+            );
+        }
+        body.push_str("</ul>");
+    }
+    page(
+        &format!("Replay of session {}", r.session),
+        Some(who),
+        &body,
+    )
 }
 
 fn asked(r: &ApprovalRequest) -> String {

@@ -54,6 +54,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/signout", post(sign_out))
         .route("/sessions", get(sessions))
         .route("/sessions/{id}", get(session))
+        .route("/sessions/{id}/replay", get(replay))
         .route("/audit", get(audit))
         .route("/audit.ndjson", get(audit_export))
         .route("/approvals", get(approvals))
@@ -472,6 +473,105 @@ async fn audit_export(
 #[derive(serde::Deserialize)]
 struct From {
     from: Option<u64>,
+}
+
+/// Where in a recording the replay page stands: which of the session's recordings (`n`),
+/// and the second of it shown (`t`).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ReplayAt {
+    #[serde(default)]
+    pub n: usize,
+    #[serde(default)]
+    pub t: Option<f64>,
+}
+
+/// A session's terminal as it was at second `t` of its recording: the screen rebuilt on the
+/// server (no script in the page), with steps back and forth and the recording's markers.
+/// Read back from the audit store and verified against its chunk events, as `portcullis
+/// replay` reads it; a recording that does not match them is refused.
+async fn replay(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Query(at): Query<ReplayAt>,
+) -> Response {
+    let who = match state.reader(&headers, |r| r.auditor, "replaying sessions") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let dir = state.audit.dir().to_path_buf();
+    let read =
+        tokio::task::spawn_blocking(move || crate::audit::recording::read_back_session(&dir, id))
+            .await;
+    let recordings = match read {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            return html(
+                StatusCode::NOT_FOUND,
+                pages::refusal("No recording", Some(&who), &e.to_string()),
+            )
+        }
+        Err(e) => {
+            return html(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                pages::refusal("Unreadable", Some(&who), &e.to_string()),
+            )
+        }
+    };
+    let names: Vec<String> = recordings.iter().map(|(rid, _)| rid.to_string()).collect();
+    let Some((rid, chosen)) = recordings.into_iter().nth(at.n) else {
+        return html(
+            StatusCode::NOT_FOUND,
+            pages::refusal(
+                "No recording",
+                Some(&who),
+                &format!("session {id} has no recording {}", at.n),
+            ),
+        );
+    };
+    let session = match chosen {
+        Ok(s) => s,
+        Err(broken) => {
+            return html(
+                StatusCode::CONFLICT,
+                pages::refusal(
+                    "Recording refused",
+                    Some(&who),
+                    &format!("recording {rid} does not match its audit events: {broken}"),
+                ),
+            )
+        }
+    };
+    let recording = match String::from_utf8(session.bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|t| portcullis_terminal::Recording::parse(&t).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return html(
+                StatusCode::CONFLICT,
+                pages::refusal(
+                    "Recording unreadable",
+                    Some(&who),
+                    &format!("recording {rid}: {e}"),
+                ),
+            )
+        }
+    };
+    html(
+        StatusCode::OK,
+        pages::replay(
+            &who,
+            &pages::Replay {
+                session: id,
+                number: at.n,
+                recordings: &names,
+                recording: &recording,
+                closed: session.closed,
+                at: at.t,
+            },
+        ),
+    )
 }
 
 async fn session(

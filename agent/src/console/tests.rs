@@ -908,3 +908,67 @@ async fn an_admin_sees_the_policy_generation_and_how_far_the_central_store_is_be
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn an_auditor_replays_a_recorded_terminal_step_by_step_without_a_script() {
+    let f = fixture();
+    let recordings = crate::audit::recording::Recordings::new(Arc::clone(&f.state.audit));
+    let rec = recordings
+        .start(
+            77,
+            b"{\"version\":2,\"width\":40,\"height\":5,\"command\":\"bash -c 'ls; rm -rf x'\"}\n"
+                .to_vec(),
+            crate::config::RecordingFailure::Close,
+        )
+        .await
+        .unwrap();
+    for line in [
+        "[0.5,\"o\",\"$ ls\\r\\n\"]\n",
+        "[1.0,\"o\",\"notes.txt\\r\\n$ \"]\n",
+        "[2.0,\"m\",\"before rm\"]\n",
+        // A line editor's redraw and a hostile escape-laden name: shown as text, escaped.
+        "[3.0,\"o\",\"rm -rf <script>x\\u001b[31m\\r\\n\"]\n",
+        "[9.0,\"o\",\"\\u001b[2J\\u001b[Hcleared\"]\n",
+    ] {
+        rec.append(line.as_bytes().to_vec()).await.unwrap();
+    }
+    rec.finish().await.unwrap();
+    f.state.audit.flush();
+    f.sign_in("aud", person("carol", &["audit"]));
+    f.sign_in("appr", person("bob", &["dba-leads"]));
+
+    // The timeline links to the replay; the replay at 1 s shows what the terminal showed.
+    let (status, _, page) = f.get("/sessions/77", Some("aud")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains(r#"href="/sessions/77/replay""#), "{page}");
+    let (status, _, page) = f.get("/sessions/77/replay?t=1", Some("aud")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("$ ls\nnotes.txt\n$</pre>"), "{page}");
+    assert!(page.contains("at 1.0 s of 9.0 s"), "{page}");
+    assert!(
+        page.contains(r#"<a href="/sessions/77/replay?n=0&amp;t=2.0">+1 s</a>"#),
+        "{page}"
+    );
+    assert!(page.contains("before rm"), "{page}");
+    // At 3 s the hostile line is text; the colour sequence drew nothing.
+    let (_, _, page) = f.get("/sessions/77/replay?t=3", Some("aud")).await;
+    assert!(page.contains("$ rm -rf &lt;script&gt;x</pre>"), "{page}");
+    assert!(!page.contains("<script"), "{page}");
+    // The end (the default) shows the cleared screen.
+    let (_, _, page) = f.get("/sessions/77/replay", Some("aud")).await;
+    assert!(
+        page.contains(r#"aria-label="The terminal at 9.0 s">cleared</pre>"#),
+        "{page}"
+    );
+    // The page carries the console's CSP: no script at all.
+    let (_, headers, _) = f.get("/sessions/77/replay", Some("aud")).await;
+    assert_eq!(
+        headers[header::CONTENT_SECURITY_POLICY],
+        CONTENT_SECURITY_POLICY
+    );
+    // No recording: said. An approver who is not an auditor: refused.
+    let (status, _, page) = f.get("/sessions/78/replay", Some("aud")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{page}");
+    let (status, _, _) = f.get("/sessions/77/replay", Some("appr")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
