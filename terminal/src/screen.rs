@@ -73,11 +73,23 @@ impl Screen {
                     self.partial.clear();
                     self.put(c);
                 }
-                Err(e) if e.error_len().is_some() || self.partial.len() >= 4 => {
-                    self.partial.clear();
-                    self.put('\u{fffd}');
-                }
-                Err(_) => {}
+                // The held bytes are no character: one replacement for them, and what came
+                // after them (ASCII that ended a broken sequence) is taken again as itself.
+                Err(e) => match e.error_len() {
+                    Some(len) => {
+                        let rest = self
+                            .partial
+                            .split_off((e.valid_up_to() + len).min(self.partial.len()));
+                        self.partial.clear();
+                        self.put('\u{fffd}');
+                        rest.into_iter().for_each(|b| self.byte(b));
+                    }
+                    None if self.partial.len() >= 4 => {
+                        self.partial.clear();
+                        self.put('\u{fffd}');
+                    }
+                    None => {}
+                },
             }
             return;
         }
@@ -85,7 +97,11 @@ impl Screen {
             b'\r' => self.column = 0,
             b'\n' | 0x0b | 0x0c => self.line_feed(),
             0x08 => self.column = self.column.saturating_sub(1),
-            b'\t' => self.column = ((self.column / 8) + 1).saturating_mul(8).min(self.columns - 1),
+            b'\t' => {
+                self.column = ((self.column / 8) + 1)
+                    .saturating_mul(8)
+                    .min(self.columns - 1)
+            }
             0x20..=0x7e => self.put(char::from(b)),
             // BEL and the other C0 controls draw nothing.
             _ => {}
@@ -129,16 +145,21 @@ impl Screen {
             return;
         };
         // Private modes (`?25h`) and the like change no character.
-        if params.first().is_some_and(|p| !p.is_ascii_digit() && *p != b';') {
+        if params
+            .first()
+            .is_some_and(|p| !p.is_ascii_digit() && *p != b';')
+        {
             return;
         }
         let numbers: Vec<usize> = params
             .split(|b| *b == b';')
+            // Digits only, saturating: a number larger than any screen means "to the edge".
             .map(|p| {
-                std::str::from_utf8(p)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0)
+                p.iter()
+                    .filter(|b| b.is_ascii_digit())
+                    .fold(0usize, |n, b| {
+                        n.saturating_mul(10).saturating_add(usize::from(b - b'0'))
+                    })
             })
             .collect();
         let n = |i: usize, default: usize| {
@@ -151,8 +172,8 @@ impl Screen {
         let (rows, columns) = (self.rows, self.columns);
         match last {
             b'A' => self.row = self.row.saturating_sub(n(0, 1)),
-            b'B' => self.row = (self.row + n(0, 1)).min(rows - 1),
-            b'C' => self.column = (self.column + n(0, 1)).min(columns - 1),
+            b'B' => self.row = self.row.saturating_add(n(0, 1)).min(rows - 1),
+            b'C' => self.column = self.column.saturating_add(n(0, 1)).min(columns - 1),
             b'D' => self.column = self.column.saturating_sub(n(0, 1)),
             b'H' | b'f' => {
                 self.row = (n(0, 1) - 1).min(rows - 1);
@@ -218,16 +239,28 @@ mod tests {
             (b"$ lss\x08 \x08\r\x1b[K$ ls", "$ ls"),
             // Clear the screen and write at the top left.
             (b"old\r\nlines\x1b[2J\x1b[Hnew", "new"),
+            // Moves by more than any screen (or than a usize) stop at its edge.
+            (
+                b"a\x1b[99999999999999999999999Bb\x1b[18446744073709551615Cc",
+                "a\n\n\n\n b                 c",
+            ),
             // Cursor positioning (row 2, column 3) and moves.
             (b"\x1b[2;3Hx\x1b[Ay", "   y\n  x"),
             // UTF-8 split across feeds is still one character; an invalid byte is shown as such.
             ("héllo".as_bytes(), "héllo"),
             (b"a\xffb", "a\u{fffd}b"),
+            // A broken sequence does not swallow the letter that broke it.
+            (b"\xe6A", "\u{fffd}A"),
             // Private modes change no character.
             (b"\x1b[?25lhidden cursor\x1b[?25h", "hidden cursor"),
         ];
         for (bytes, want) in cases {
-            assert_eq!(shown(20, 5, bytes), *want, "{:?}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                shown(20, 5, bytes),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 

@@ -27,6 +27,7 @@ const TARGETS: &[(&str, &[&str])] = &[
             "guarded_line",
             "exec_classify",
             "sftp_packets",
+            "screen",
         ],
     ),
 ];
