@@ -80,6 +80,13 @@ impl Console {
             .map(read_secret)
             .transpose()?;
         let auth = auth::Auth::new(config, &settings, client_secret)?;
+        let signing_key = config
+            .audit
+            .signing_key_file
+            .as_deref()
+            .map(crate::audit::read_signing_key)
+            .transpose()
+            .map_err(|e| ConsoleError::Identity(e.to_string()))?;
         let listener =
             std::net::TcpListener::bind(settings.listen).map_err(|source| ConsoleError::Bind {
                 addr: settings.listen,
@@ -104,6 +111,7 @@ impl Console {
                 .central
                 .as_ref()
                 .map(|_| config.audit_shipped_path()),
+            signing_key,
         });
         Ok(Some(Self {
             listener,

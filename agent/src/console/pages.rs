@@ -57,6 +57,9 @@ pub fn page(title: &str, who: Option<&SignedIn>, body: &str) -> String {
         if approver {
             nav.push_str(r#"<a href="/approvals">Approvals</a><a href="/grants">Grants</a>"#);
         }
+        if auditor {
+            nav.push_str(r#"<a href="/review">Review</a>"#);
+        }
         if auditor || admin {
             nav.push_str(r#"<a href="/explain">Explain</a>"#);
         }
@@ -552,6 +555,53 @@ pub fn grants(who: &SignedIn, grants: &[Grant], now_ms: u64, notice: Option<&str
     }
     body.push_str("</tbody></table>");
     page("Grants", Some(who), &body)
+}
+
+/// The access review form's fields (`portcullis review report`'s).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct ReviewQuery {
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub to: String,
+    #[serde(default)]
+    pub target: String,
+    /// html (default), md, csv or json.
+    #[serde(default)]
+    pub format: String,
+}
+
+/// The access review form: the report is a download (docs/access-reviews.md).
+pub fn review(who: &SignedIn, q: &ReviewQuery, error: Option<&str>) -> String {
+    let mut body = String::new();
+    if let Some(e) = error {
+        let _ = write!(body, r#"<p class="error" role="alert">{}</p>"#, esc(e));
+    }
+    body.push_str(
+        "<p>The report of <code>portcullis review report</code> over this host's audit trail \
+         and the policies in force: who reached what, what they ran, approvals, masked reads, \
+         replayable sessions and least-privilege findings, each figure with its evidence, \
+         sealed to the verified chain.</p>",
+    );
+    body.push_str(r#"<form method="get" action="/review/report">"#);
+    body.push_str(&text_input("from", "From", &q.from, "2026-10-01"));
+    body.push_str(&text_input("to", "To", &q.to, "2026-12-31"));
+    body.push_str(&text_input("target", "Target", &q.target, "all"));
+    body.push_str(r#"<label for="format">Format</label><select id="format" name="format">"#);
+    for (value, label) in [
+        ("html", "HTML"),
+        ("md", "Markdown"),
+        ("csv", "CSV"),
+        ("json", "JSON"),
+    ] {
+        let selected = if q.format == value { " selected" } else { "" };
+        let _ = write!(
+            body,
+            r#"<option value="{value}"{selected}>{label}</option>"#
+        );
+    }
+    body.push_str(r#"</select> <button type="submit">Download the report</button></form>"#);
+    page("Access review", Some(who), &body)
 }
 
 /// The explain form's fields (`portcullis policy explain`'s, the common ones).

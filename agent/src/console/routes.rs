@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use super::auth::{self, Auth, Callback, Roles, SignedIn, FLOW_COOKIE, SESSION_COOKIE};
-use super::pages::{self, AuditQuery, ExplainQuery, SessionsQuery};
+use super::pages::{self, AuditQuery, ExplainQuery, ReviewQuery, SessionsQuery};
 use crate::approvals::{ApprovalError, ApprovalStore, Viewer};
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::ConsoleSettings;
@@ -40,6 +40,8 @@ pub struct State {
     pub targets: Arc<Vec<crate::config::ProtectedTarget>>,
     /// Where the central shipper keeps its progress, when `[audit.central]` is configured.
     pub shipped_path: Option<std::path::PathBuf>,
+    /// The audit signing key, which signs review reports as `portcullis review report` does.
+    pub signing_key: Option<portcullis_audit_store::SigningKey>,
 }
 
 type Shared = Extract<Arc<State>>;
@@ -64,6 +66,8 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/health", get(health))
         .route("/live", get(live))
         .route("/explain", get(explain))
+        .route("/review", get(review_form))
+        .route("/review/report", get(review_report))
         .route("/live/{id}/end", post(end_connection))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(16 * 1024))
@@ -733,6 +737,100 @@ async fn explain(
     let names: Vec<String> = state.targets.iter().map(|t| t.name.clone()).collect();
     let result = (!q.target.is_empty()).then(|| explain_text(&state, &q));
     html(StatusCode::OK, pages::explain(&who, &q, &names, result))
+}
+
+async fn review_form(Extract(state): Shared, headers: HeaderMap) -> Response {
+    let who = match state.reader(&headers, |r| r.auditor, "running access reviews") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    html(
+        StatusCode::OK,
+        pages::review(&who, &ReviewQuery::default(), None),
+    )
+}
+
+/// `portcullis review report` from the page: computed by the same `review::run` over this
+/// host's trail and the policies in force, sealed the same way, and sent as a download (the
+/// HTML report is a page of its own, with its own CSP, not one of the console's).
+/// `X-Portcullis-Verified` says whether the chain verified (an UNVERIFIED report says so
+/// inside too and is not signed).
+async fn review_report(
+    Extract(state): Shared,
+    headers: HeaderMap,
+    Query(q): Query<ReviewQuery>,
+) -> Response {
+    let who = match state.reader(&headers, |r| r.auditor, "running access reviews") {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let asked = q.clone();
+    let form_error = |message: String| {
+        html(
+            StatusCode::BAD_REQUEST,
+            pages::review(&who, &asked, Some(&message)),
+        )
+    };
+    let period = match crate::review::period(&q.from, &q.to) {
+        Ok(p) => p,
+        Err(e) => return form_error(e),
+    };
+    let format: crate::review::Format = match q.format.as_str() {
+        "" => crate::review::Format::Html,
+        f => match f.parse() {
+            Ok(f) => f,
+            Err(e) => return form_error(e),
+        },
+    };
+    let target = Some(q.target.trim().to_owned()).filter(|t| !t.is_empty());
+    let worker = Arc::clone(&state);
+    let made = tokio::task::spawn_blocking(move || {
+        let policies = worker.policies.current();
+        let targets: Vec<portcullis_policy::Target> =
+            worker.targets.iter().map(crate::policy::target).collect();
+        crate::review::run(
+            worker.audit.dir(),
+            &crate::review::PolicyView {
+                policies: Some(&policies),
+                targets: &targets,
+            },
+            &crate::review::Options {
+                period,
+                target: target.as_deref(),
+                stale_days: 30,
+                format,
+            },
+            worker.signing_key.as_ref(),
+        )
+    })
+    .await;
+    let rendered = match made {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return form_error(e.to_string()),
+        Err(e) => return form_error(e.to_string()),
+    };
+    let (kind, extension) = match format {
+        crate::review::Format::Html => ("text/html; charset=utf-8", "html"),
+        crate::review::Format::Markdown => ("text/markdown; charset=utf-8", "md"),
+        crate::review::Format::Csv => ("text/csv; charset=utf-8", "csv"),
+        crate::review::Format::Json => ("application/json", "json"),
+    };
+    let name = format!(
+        "attachment; filename=\"portcullis-review-{}-{}.{extension}\"",
+        q.from.trim(),
+        q.to.trim()
+    );
+    let mut response = (StatusCode::OK, rendered.text).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    if let Ok(v) = HeaderValue::from_str(&name) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    h.insert(
+        "x-portcullis-verified",
+        HeaderValue::from_static(if rendered.verified { "yes" } else { "no" }),
+    );
+    response
 }
 
 /// Longest SQL the explain form classifies.

@@ -104,6 +104,7 @@ fn fixture_with(text: &str) -> Fixture {
             policies,
             targets: Arc::new(targets),
             shipped_path: None,
+            signing_key: None,
         }),
     }
 }
@@ -970,5 +971,78 @@ async fn an_auditor_replays_a_recorded_terminal_step_by_step_without_a_script() 
     let (status, _, page) = f.get("/sessions/78/replay", Some("aud")).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{page}");
     let (status, _, _) = f.get("/sessions/77/replay", Some("appr")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn an_auditor_downloads_the_access_review_sealed_as_the_cli_makes_it() {
+    let f = fixture();
+    for i in 0..3 {
+        f.state.audit.record(
+            crate::audit::AuditEvent::new(crate::audit::EventKind::AgentStarted)
+                .reason(format!("{i}")),
+        );
+    }
+    f.state.audit.flush();
+    f.sign_in("aud", person("carol", &["audit"]));
+    f.sign_in("appr", person("bob", &["dba-leads"]));
+    let (status, _, page) = f.get("/review", Some("aud")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains(r#"action="/review/report""#), "{page}");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let (status, headers, report) = f
+        .get(
+            &format!("/review/report?from=2026-01-01&to={today}&format=html"),
+            Some("aud"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(headers["x-portcullis-verified"], "yes");
+    assert!(headers[header::CONTENT_DISPOSITION]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment; filename=\"portcullis-review-2026-01-01-"));
+    assert!(report.starts_with("<!DOCTYPE html>"), "{report}");
+    assert!(report.contains(r#"<section id="signature""#), "{report}");
+    // The same body `portcullis review report` computes over the same trail and policies.
+    let policies = f.state.policies.current();
+    let targets: Vec<portcullis_policy::Target> =
+        f.state.targets.iter().map(crate::policy::target).collect();
+    let cli = crate::review::run(
+        f.state.audit.dir(),
+        &crate::review::PolicyView {
+            policies: Some(&policies),
+            targets: &targets,
+        },
+        &crate::review::Options {
+            period: crate::review::period("2026-01-01", &today).unwrap(),
+            target: None,
+            stale_days: 30,
+            format: crate::review::Format::Html,
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(report, cli.text);
+    let (_, headers, csv) = f
+        .get(
+            &format!("/review/report?from=2026-01-01&to={today}&format=csv"),
+            Some("aud"),
+        )
+        .await;
+    assert!(headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    assert!(csv.starts_with("section,"), "{csv}");
+    // A wrong date is said on the form; an approver who is not an auditor is refused.
+    let (status, _, page) = f
+        .get("/review/report?from=yesterday&to=2026-12-31", Some("aud"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(page.contains("is not a date"), "{page}");
+    let (status, _, _) = f
+        .get("/review/report?from=2026-01-01&to=2026-12-31", Some("appr"))
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
