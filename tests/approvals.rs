@@ -1067,27 +1067,7 @@ fn psql_script(w: &PgWorld, uid: u32, script: &str) -> Child {
 
 /// [`psql_script`] to `postgres` from the cgroup `cg`.
 fn psql_in(postgres: &Postgres, cg: &TestCgroup, uid: u32, script: &str) -> Child {
-    let conninfo = conninfo(postgres);
-    let mut psql = client_command(
-        "psql",
-        RunAs {
-            uid: Some(uid),
-            cgroup: Some(&cg.path),
-        },
-    )
-    .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
-    .env("PGCONNECT_TIMEOUT", "10")
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    psql.stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    psql
+    pg::psql_app_script(postgres, &cg.path, uid, script)
 }
 
 #[test]

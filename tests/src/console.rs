@@ -10,14 +10,13 @@
     reason = "test harness: a failure is a test failure"
 )]
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Child;
 
 use serde_json::json;
 
 use crate::oidc::{OidcOptions, OidcProvider, OidcUser};
-use crate::postgres::{client_command, PasswordAuth, PgOptions, Postgres, RunAs};
+use crate::postgres::{PasswordAuth, PgOptions, Postgres};
 use crate::{Agent, Slot, TestCgroup};
 
 /// The console's client at the provider.
@@ -57,30 +56,7 @@ impl World {
     /// psql as `uid` through the redirect to the world's server, reading `script` from
     /// stdin (closed after it).
     pub fn psql_script(&self, uid: u32, script: &str) -> Child {
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-            self.postgres.port()
-        );
-        let mut psql = client_command(
-            "psql",
-            RunAs {
-                uid: Some(uid),
-                cgroup: Some(&self.cg.path),
-            },
-        )
-        .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-        psql.stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        psql
+        crate::postgres::psql_app_script(&self.postgres, &self.cg.path, uid, script)
     }
 }
 

@@ -833,6 +833,46 @@ pub fn client_command(program: &str, run_as: RunAs<'_>) -> Command {
     c
 }
 
+/// psql as `uid` from `cgroup` (through the agent's redirect) to `postgres`'s database `app`
+/// as the role `app`, in plaintext (the agent adds TLS upstream), reading `script` from stdin
+/// (closed after it), with `VERBOSITY=verbose` so SQLSTATEs show; its stdout and stderr piped.
+#[allow(
+    clippy::unwrap_used,
+    reason = "a psql that cannot start fails the test"
+)]
+pub fn psql_app_script(
+    postgres: &Postgres,
+    cgroup: &Path,
+    uid: u32,
+    script: &str,
+) -> std::process::Child {
+    use std::io::Write;
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        postgres.port()
+    );
+    let mut psql = client_command(
+        "psql",
+        RunAs {
+            uid: Some(uid),
+            cgroup: Some(cgroup),
+        },
+    )
+    .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-d", &conninfo])
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    psql.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    psql
+}
+
 /// Runs a client program to completion; `env` comes on top of this process's environment
 /// (`PGPASSWORD`, `PGSSLMODE`, …).
 pub fn run_client(program: &str, args: &[&str], env: &[(&str, &str)], run_as: RunAs<'_>) -> Output {

@@ -250,25 +250,31 @@ fn audit(o: &Options) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// `portcullis review report` over a generated trail of a million events (the tested quarter
-/// renamed round after round): the time of each format and of each phase. The agent is a
-/// binary crate, so the measure is one of its ignored tests, built for release; its lines
-/// `review report over N events (Format): … events/s` become the rows.
-fn review() -> Result<Vec<Row>> {
-    step("review report over 1,000,000 events (md, csv, json; verify, read, compute)");
-    let out = crate::bench_table::run_capturing(&mut crate::cargo_cmd(&[
+/// Runs one ignored test of the agent (a bench body: the agent is a binary crate), built for
+/// release; its output.
+fn agent_bench_test(name: &str) -> Result<String> {
+    crate::bench_table::run_capturing(&mut crate::cargo_cmd(&[
         "test",
         "--release",
         "-p",
         "portcullis-agent",
         "--bin",
         "portcullis",
-        "review::tests::bench_report_over_a_million_events",
+        name,
         "--",
         "--ignored",
         "--exact",
         "--nocapture",
-    ]))?;
+    ]))
+}
+
+/// `portcullis review report` over a generated trail of a million events (the tested quarter
+/// renamed round after round): the time of each format and of each phase. The agent is a
+/// binary crate, so the measure is one of its ignored tests, built for release; its lines
+/// `review report over N events (Format): … events/s` become the rows.
+fn review() -> Result<Vec<Row>> {
+    step("review report over 1,000,000 events (md, csv, json; verify, read, compute)");
+    let out = agent_bench_test("review::tests::bench_report_over_a_million_events")?;
     let rows = crate::bench_table::parse_review_lines(&out);
     if rows.is_empty() {
         bail!("the review bench printed no `review report over N events (…): … events/s` line");
@@ -281,19 +287,7 @@ fn review() -> Result<Vec<Row>> {
 /// last seq. Like `review`, the body is an ignored test of the agent, built for release.
 fn console() -> Result<Vec<Row>> {
     step("sessions page over 1,000,000 events (newest, deep, filtered; p50 and p99)");
-    let out = crate::bench_table::run_capturing(&mut crate::cargo_cmd(&[
-        "test",
-        "--release",
-        "-p",
-        "portcullis-agent",
-        "--bin",
-        "portcullis",
-        "audit::query::tests::bench_sessions_page_over_a_million_events",
-        "--",
-        "--ignored",
-        "--exact",
-        "--nocapture",
-    ]))?;
+    let out = agent_bench_test("audit::query::tests::bench_sessions_page_over_a_million_events")?;
     let rows = crate::bench_table::parse_rows("console", &out)?;
     if rows.is_empty() {
         bail!("the sessions page bench printed no BENCH-ROW line");
