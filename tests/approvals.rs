@@ -15,9 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::oidc::{self, craft_jwt, OidcOptions, OidcProvider, OidcUser, Signing, Ttls};
-use portcullis_e2e::postgres::{
-    self as pg, client_command, PasswordAuth, PgOptions, Postgres, RunAs,
-};
+use portcullis_e2e::postgres::{self as pg, client_command, PgOptions, Postgres, RunAs};
 use portcullis_e2e::{e2e_enabled, Agent, EchoServer, Held, Probe, Slot, Target, TestCgroup};
 use serde_json::{json, Value};
 
@@ -1017,16 +1015,8 @@ fn pg_world(name: &str, slot: u8, policies: &[(&str, &str)]) -> PgWorld {
 /// [`pg_world`] with `target_extra` (settings of the target `db`, one per line).
 fn pg_world_with(name: &str, slot: u8, policies: &[(&str, &str)], target_extra: &str) -> PgWorld {
     let provider = OidcProvider::start(people());
-    let postgres = Postgres::start_with(PgOptions {
-        tls: true,
-        ..PgOptions::default()
-    });
-    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
-    postgres.create_database("app", Some("app"));
     let files = tempfile::tempdir().unwrap();
-    let creds = files.path().join("credentials.toml");
-    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (postgres, creds) = pg::app_server(files.path());
     let cg = TestCgroup::new(name);
     let config = format!(
         "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
@@ -1782,12 +1772,8 @@ fn a_statement_waiting_on_one_bastion_is_approved_on_another_through_the_central
         return;
     }
     let provider = OidcProvider::start(people());
-    let postgres = Postgres::start_with(PgOptions {
-        tls: true,
-        ..PgOptions::default()
-    });
-    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
-    postgres.create_database("app", Some("app"));
+    let files = tempfile::tempdir().unwrap();
+    let (postgres, _creds) = pg::app_server(files.path());
     let central = Postgres::start_with(PgOptions::default());
     central.create_database(FLEET_DB, None);
     central.psql(
@@ -1796,10 +1782,6 @@ fn a_statement_waiting_on_one_bastion_is_approved_on_another_through_the_central
          CREATE ROLE bastion_a LOGIN PASSWORD 'bastion_a-secret' IN ROLE portcullis_writer; \
          CREATE ROLE bastion_b LOGIN PASSWORD 'bastion_b-secret' IN ROLE portcullis_writer",
     );
-    let files = tempfile::tempdir().unwrap();
-    let creds = files.path().join("credentials.toml");
-    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let (cg_a, a) = fleet_agent(
         ("appr-fleet-a", 14, "bastion-a", "bastion_a"),
         &provider,

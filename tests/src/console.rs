@@ -16,7 +16,7 @@ use std::process::Child;
 use serde_json::json;
 
 use crate::oidc::{OidcOptions, OidcProvider, OidcUser};
-use crate::postgres::{PasswordAuth, PgOptions, Postgres};
+use crate::postgres::Postgres;
 use crate::{Agent, Slot, TestCgroup};
 
 /// The console's client at the provider.
@@ -78,16 +78,8 @@ pub fn world(name: &str, slot: u8, users: Vec<OidcUser>) -> World {
         })],
         ..OidcOptions::default()
     });
-    let postgres = Postgres::start_with(PgOptions {
-        tls: true,
-        ..PgOptions::default()
-    });
-    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
-    postgres.create_database("app", Some("app"));
     let files = tempfile::tempdir().unwrap();
-    let creds = files.path().join("credentials.toml");
-    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (postgres, creds) = crate::postgres::app_server(files.path());
     let cg = TestCgroup::new(name);
     let config = format!(
         "[identity]\nissuer = \"{iss}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\

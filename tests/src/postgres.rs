@@ -833,6 +833,26 @@ pub fn client_command(program: &str, run_as: RunAs<'_>) -> Command {
     c
 }
 
+/// A PostgreSQL with TLS and the role and database `app` (password `app-secret`), and the
+/// agent's credentials file for that role (0600) in `dir`: the target most approval and
+/// console tests put behind the agent.
+#[allow(
+    clippy::unwrap_used,
+    reason = "a fixture that cannot be made fails the test"
+)]
+pub fn app_server(dir: &Path) -> (Postgres, PathBuf) {
+    let postgres = Postgres::start_with(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    });
+    postgres.create_role("app", "app-secret", PasswordAuth::Scram);
+    postgres.create_database("app", Some("app"));
+    let creds = dir.join("credentials.toml");
+    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
+    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    (postgres, creds)
+}
+
 /// psql as `uid` from `cgroup` (through the agent's redirect) to `postgres`'s database `app`
 /// as the role `app`, in plaintext (the agent adds TLS upstream), reading `script` from stdin
 /// (closed after it), with `VERBOSITY=verbose` so SQLSTATEs show; its stdout and stderr piped.

@@ -123,15 +123,23 @@ pub struct SessionsQuery {
     pub before: Option<u64>,
 }
 
+/// A form field as a filter: `None` when left empty.
+fn given(s: &str) -> Option<String> {
+    Some(s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// A time field (`2026-12-05`, `2h`, …) as Unix ms, or which field cannot be read.
+fn given_time(name: &str, s: &str, now_ms: u64) -> Result<Option<u64>, String> {
+    given(s)
+        .map(|t| query::parse_time(&t, now_ms).map_err(|e| format!("{name}: {e}")))
+        .transpose()
+}
+
 impl SessionsQuery {
     /// The audit filter, or which field cannot be read.
     pub fn filter(&self, now_ms: u64) -> Result<SessionFilter, String> {
-        let text = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
-        let time = |name: &str, s: &str| {
-            text(s)
-                .map(|t| query::parse_time(&t, now_ms).map_err(|e| format!("{name}: {e}")))
-                .transpose()
-        };
+        let text = given;
+        let time = |name: &str, s: &str| given_time(name, s, now_ms);
         let protocol = text(&self.protocol);
         if protocol
             .as_deref()
@@ -856,12 +864,8 @@ pub struct AuditQuery {
 impl AuditQuery {
     /// The filter of `portcullis audit search`, or which field cannot be read.
     pub fn filter(&self, now_ms: u64) -> Result<Filter, String> {
-        let text = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
-        let time = |name: &str, s: &str| {
-            text(s)
-                .map(|t| query::parse_time(&t, now_ms).map_err(|e| format!("{name}: {e}")))
-                .transpose()
-        };
+        let text = given;
+        let time = |name: &str, s: &str| given_time(name, s, now_ms);
         Ok(Filter {
             since_ms: time("since", &self.since)?,
             until_ms: time("until", &self.until)?,
