@@ -1073,6 +1073,12 @@ impl ApprovalStore {
 
     /// The requests `viewer` may see: root all; anyone else their own and those a group of
     /// theirs is asked to approve. Newest first.
+    /// The emergency group (`approvals.break_glass_group`), `None` when break-glass is off:
+    /// the console offers its form only to a requester in it (the decision checks again).
+    pub fn break_glass_group(&self) -> Option<&str> {
+        self.break_glass_group.as_deref()
+    }
+
     pub fn requests(&self, viewer: &Viewer, all: bool) -> Vec<ApprovalRequest> {
         let now = now_ms();
         let mut book = self.lock();

@@ -482,8 +482,41 @@ fn asked(r: &ApprovalRequest) -> String {
     }
 }
 
-/// Pending requests the person may see, each with approve and deny and a reason.
-pub fn approvals(who: &SignedIn, requests: &[ApprovalRequest], notice: Option<&str>) -> String {
+/// What the person may do with a request: approve or deny it with a reason; on their own
+/// request, break the glass when they are in the emergency group (`break_glass_group`),
+/// else nothing. The page only offers: `decide` checks each of these again.
+fn decision_form(who: &SignedIn, r: &ApprovalRequest, break_glass_group: Option<&str>) -> String {
+    use crate::approvals::duties::person;
+    let id = esc(&r.id);
+    let csrf = esc(&who.csrf);
+    let own = person(&r.requester).is_some() && person(&r.requester) == person(&who.identity);
+    if !own {
+        return format!(
+            r#"<form method="post" action="/approvals/{id}"><input type="hidden" name="csrf" value="{csrf}">
+<label for="reason-{id}">Your reason</label><input id="reason-{id}" name="reason" required maxlength="1000">
+<button type="submit" name="decision" value="approve">Approve</button>
+<button type="submit" name="decision" value="deny">Deny</button></form>"#
+        );
+    }
+    match break_glass_group {
+        Some(group) if who.identity.groups.iter().any(|g| g == group) => format!(
+            r#"<p>This is your own request: another approver decides it, or, in an emergency, you break the glass as a member of {group}. Breaking the glass approves it at once, alerts and is audited (<code>approval.break_glass</code>).</p>
+<form method="post" action="/approvals/{id}"><input type="hidden" name="csrf" value="{csrf}">
+<label for="reason-{id}">Why it cannot wait</label><input id="reason-{id}" name="reason" required maxlength="1000">
+<button type="submit" name="decision" value="break_glass">Break the glass</button></form>"#,
+            group = esc(group),
+        ),
+        _ => "<p>This is your own request: another approver decides it.</p>".into(),
+    }
+}
+
+/// Pending requests the person may see, each with what they may do with it.
+pub fn approvals(
+    who: &SignedIn,
+    requests: &[ApprovalRequest],
+    break_glass_group: Option<&str>,
+    notice: Option<&str>,
+) -> String {
     let mut body = String::new();
     if let Some(n) = notice {
         let _ = write!(body, r#"<p role="status">{}</p>"#, esc(n));
@@ -502,10 +535,7 @@ pub fn approvals(who: &SignedIn, requests: &[ApprovalRequest], notice: Option<&s
             r#"<section aria-labelledby="r-{id}"><h2 id="r-{id}">Request {id}</h2>
 <p>{requester} asks for {asked}</p><p>Reason: {reason}</p>
 <p>Needs: {required}; approved so far by: {counted}. Expires {expires} UTC.</p>
-<form method="post" action="/approvals/{id}"><input type="hidden" name="csrf" value="{csrf}">
-<label for="reason-{id}">Your reason</label><input id="reason-{id}" name="reason" required maxlength="1000">
-<button type="submit" name="decision" value="approve">Approve</button>
-<button type="submit" name="decision" value="deny">Deny</button></form></section>"#,
+{form}</section>"#,
             id = esc(&r.id),
             requester = esc(&crate::approvals::who(&r.requester)),
             asked = asked(r),
@@ -520,7 +550,7 @@ pub fn approvals(who: &SignedIn, requests: &[ApprovalRequest], notice: Option<&s
                 }
             }),
             expires = esc(&query::format_time(r.expires_ms)),
-            csrf = esc(&who.csrf),
+            form = decision_form(who, r, break_glass_group),
         );
     }
     page("Pending approvals", Some(who), &body)

@@ -618,7 +618,10 @@ async fn approvals(Extract(state): Shared, headers: HeaderMap) -> Response {
         Err(r) => return r,
     };
     let requests = state.approvals.requests(&viewer(&who), false);
-    html(StatusCode::OK, pages::approvals(&who, &requests, None))
+    html(
+        StatusCode::OK,
+        pages::approvals(&who, &requests, state.approvals.break_glass_group(), None),
+    )
 }
 
 async fn decide(
@@ -631,9 +634,13 @@ async fn decide(
         Ok(w) => w,
         Err(r) => return r,
     };
-    let approve = match field(&form, "decision") {
-        "approve" => true,
-        "deny" => false,
+    // `break_glass` is the CLI's `approve --break-glass`: the requester approving their own
+    // request as a member of the emergency group, with a reason; whether they may is the
+    // store's decision, as for the CLI.
+    let (approve, break_glass) = match field(&form, "decision") {
+        "approve" => (true, false),
+        "deny" => (false, false),
+        "break_glass" => (true, true),
         _ => {
             return html(
                 StatusCode::BAD_REQUEST,
@@ -645,7 +652,7 @@ async fn decide(
     // The CLI's own decision: segregation of duties, groups and quorum are the store's.
     match state
         .approvals
-        .decide(&id, &who.identity, approve, reason, false)
+        .decide(&id, &who.identity, approve, reason, break_glass)
         .await
     {
         Ok(r) => {
@@ -653,7 +660,12 @@ async fn decide(
             let requests = state.approvals.requests(&viewer(&who), false);
             html(
                 StatusCode::OK,
-                pages::approvals(&who, &requests, Some(&notice)),
+                pages::approvals(
+                    &who,
+                    &requests,
+                    state.approvals.break_glass_group(),
+                    Some(&notice),
+                ),
             )
         }
         Err(e) => {

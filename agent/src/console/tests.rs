@@ -71,6 +71,10 @@ fn fixture() -> Fixture {
 }
 
 fn fixture_with(text: &str) -> Fixture {
+    fixture_of(text, StoreOptions::default())
+}
+
+fn fixture_of(text: &str, options: StoreOptions) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (config, targets) = Config::parse(std::path::Path::new("/t.toml"), text).unwrap();
     let settings = config.console().unwrap();
@@ -85,7 +89,7 @@ fn fixture_with(text: &str) -> Fixture {
         &dir.path().join("approvals"),
         Arc::clone(&audit),
         Arc::new(NoConnections(Mutex::new(Vec::new()))),
-        StoreOptions::default(),
+        options,
     )
     .unwrap();
     let auth = Auth::new(&config, &settings, None).unwrap();
@@ -429,6 +433,135 @@ async fn the_requester_cannot_approve_their_own_request_in_the_console() {
     );
     assert_eq!(f.state_of(&id), "pending");
     assert!(f.events("approval.approved").is_empty());
+}
+
+#[tokio::test]
+async fn a_requester_in_the_break_glass_group_breaks_the_glass_on_their_own_request_and_nobody_else_can(
+) {
+    let f = fixture_of(
+        CONFIG,
+        StoreOptions {
+            break_glass_group: Some("oncall".into()),
+            ..StoreOptions::default()
+        },
+    );
+    let alice = f.sign_in("s-alice", person("alice", &["dba-leads", "oncall"]));
+    let bob = f.sign_in("s-bob", person("bob", &["dba-leads", "oncall"]));
+    let dave = f.sign_in("s-dave", person("dave", &["dba-leads"]));
+    let id = f.ask_statement(alice.identity.clone(), "DROP TABLE t");
+    let daves = f.ask_statement(dave.identity.clone(), "DROP TABLE u");
+    let glass = |csrf: &str, reason: &str| {
+        vec![
+            ("csrf".to_string(), csrf.to_string()),
+            ("decision".to_string(), "break_glass".to_string()),
+            ("reason".to_string(), reason.to_string()),
+        ]
+    };
+    let post = |path: String, session: &'static str, form: Vec<(String, String)>| {
+        let f = &f;
+        async move {
+            let form: Vec<(&str, &str)> =
+                form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            f.post(&path, Some(session), None, &form).await
+        }
+    };
+
+    // The page offers the glass on one's own request only, and only to the group's members.
+    let (_, _, page) = f.get("/approvals", Some("s-alice")).await;
+    assert!(page.contains(r#"value="break_glass""#), "{page}");
+    assert!(
+        page.contains("you break the glass as a member of oncall"),
+        "{page}"
+    );
+    let (_, _, page) = f.get("/approvals", Some("s-bob")).await;
+    assert!(!page.contains(r#"value="break_glass""#), "{page}");
+    let (_, _, page) = f.get("/approvals", Some("s-dave")).await;
+    assert!(!page.contains(r#"value="break_glass""#), "{page}");
+    assert!(page.contains("This is your own request: another approver decides it.</p>"));
+
+    // Whatever the page offers, the store decides: bob for alice, dave without the group,
+    // alice without a reason, and a form without the CSRF token are all refused.
+    let refusals = [
+        (
+            id.clone(),
+            "s-bob",
+            glass(&bob.csrf, "it is urgent"),
+            "approves only your own request",
+        ),
+        (
+            daves.clone(),
+            "s-dave",
+            glass(&dave.csrf, "it is urgent"),
+            "for members of `oncall` only",
+        ),
+        (
+            id.clone(),
+            "s-alice",
+            glass(&alice.csrf, "  "),
+            "breaking the glass needs a reason",
+        ),
+        (
+            id.clone(),
+            "s-alice",
+            glass("csrf-of-s-bob", "it is urgent"),
+            "does not carry your session&#39;s token",
+        ),
+    ];
+    for (request, session, form, why) in refusals {
+        let (status, _, body) = post(format!("/approvals/{request}"), session, form).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{session}: {body}");
+        assert!(body.contains(why), "{session}: {body}");
+        assert_eq!(f.state_of(&request), "pending", "{session}");
+    }
+    assert!(f.events("approval.break_glass").is_empty());
+    let denied = f.events("console.denied");
+    assert!(
+        denied.iter().any(|e| e["identity"]["subject"] == "bob"
+            && e["reason"]
+                .as_str()
+                .unwrap()
+                .contains("approves only your own request")),
+        "{denied:?}"
+    );
+
+    // Alice breaks the glass with a reason: approved at once, as the CLI's --break-glass.
+    let (status, _, body) = post(
+        format!("/approvals/{id}"),
+        "s-alice",
+        glass(&alice.csrf, "billing is down"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains(&format!("Request {id} is now approved.")),
+        "{body}"
+    );
+    assert_eq!(f.state_of(&id), "approved");
+    let broken = f.events("approval.break_glass");
+    assert_eq!(broken.len(), 1, "{broken:?}");
+    assert_eq!(broken[0]["identity"]["subject"], "alice");
+    let why = broken[0]["reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("break-glass by alice@example.test as a member of `oncall`")
+            && why.ends_with(": billing is down"),
+        "{why}"
+    );
+    assert!(f.events("approval.approved").is_empty());
+
+    // Without a configured group nobody breaks the glass, whatever their groups.
+    let off = fixture();
+    let carl = off.sign_in("s-carl", person("carl", &["dba-leads", "oncall"]));
+    let his = off.ask_statement(carl.identity.clone(), "DROP TABLE v");
+    let (_, _, page) = off.get("/approvals", Some("s-carl")).await;
+    assert!(!page.contains(r#"value="break_glass""#), "{page}");
+    let form = glass(&carl.csrf, "it is urgent");
+    let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (status, _, body) = off
+        .post(&format!("/approvals/{his}"), Some("s-carl"), None, &form)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("break-glass is not configured"), "{body}");
+    assert_eq!(off.state_of(&his), "pending");
 }
 
 #[tokio::test]
