@@ -339,7 +339,12 @@ pub struct Replay<'a> {
     pub closed: bool,
     /// The second shown; `None`: the end.
     pub at: Option<f64>,
+    /// Playing at this speed; anything but [`REPLAY_SPEEDS`] is paused.
+    pub play: Option<u32>,
 }
+
+/// The speeds a replay plays at: seconds of recording per second.
+pub const REPLAY_SPEEDS: [u32; 4] = [1, 2, 4, 8];
 
 /// The terminal at a second of its recording, rebuilt on the server, with links to step
 /// through it: the page needs no script, so the console's CSP stays `script-src` none.
@@ -404,9 +409,33 @@ pub fn replay(who: &SignedIn, r: &Replay<'_>) -> String {
             "; still running, or the agent stopped before it ended"
         },
     );
+    // Playing is the page asking the browser to load the next second of it (a meta refresh,
+    // no script): the CSP stays without script, and Pause is a plain link to this frame.
+    let speed = r.play.filter(|s| REPLAY_SPEEDS.contains(s));
+    let playing = speed.filter(|_| at < end);
+    let mut controls = String::new();
+    if playing.is_some() {
+        let _ = write!(
+            controls,
+            r#"<a href="/sessions/{}/replay?n={}&amp;t={at:.1}">Pause</a>"#,
+            r.session, r.number
+        );
+    }
+    for s in REPLAY_SPEEDS {
+        if playing == Some(s) {
+            let _ = write!(controls, " <strong>playing at {s}×</strong>");
+        } else {
+            let from = if at < end { at } else { 0.0 };
+            let _ = write!(
+                controls,
+                r#" <a href="/sessions/{}/replay?n={}&amp;t={from:.1}&amp;play={s}">Play at {s}×</a>"#,
+                r.session, r.number
+            );
+        }
+    }
     let _ = write!(
         body,
-        r#"<nav aria-label="Replay">{} {} {} {} {} {}</nav>"#,
+        r#"<nav aria-label="Play">{controls}</nav><nav aria-label="Replay">{} {} {} {} {} {}</nav>"#,
         link(0.0, "Start"),
         link(at - 10.0, "−10 s"),
         link(at - 1.0, "−1 s"),
@@ -432,11 +461,24 @@ pub fn replay(who: &SignedIn, r: &Replay<'_>) -> String {
         }
         body.push_str("</ul>");
     }
-    page(
+    let html = page(
         &format!("Replay of session {}", r.session),
         Some(who),
         &body,
-    )
+    );
+    match playing {
+        Some(s) => html.replacen(
+            "<meta charset=\"utf-8\">",
+            &format!(
+                "<meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"1; url=/sessions/{}/replay?n={}&amp;t={:.1}&amp;play={s}\">",
+                r.session,
+                r.number,
+                (at + f64::from(s)).min(end)
+            ),
+            1,
+        ),
+        None => html,
+    }
 }
 
 fn asked(r: &ApprovalRequest) -> String {

@@ -487,6 +487,9 @@ pub struct ReplayAt {
     pub n: usize,
     #[serde(default)]
     pub t: Option<f64>,
+    /// Playing at this speed (1, 2, 4 or 8 seconds of recording a second); absent: paused.
+    #[serde(default)]
+    pub play: Option<u32>,
 }
 
 /// A session's terminal as it was at second `t` of its recording: the screen rebuilt on the
@@ -573,6 +576,7 @@ async fn replay(
                 recording: &recording,
                 closed: session.closed,
                 at: at.t,
+                play: at.play,
             },
         ),
     )

@@ -1108,6 +1108,67 @@ async fn an_auditor_replays_a_recorded_terminal_step_by_step_without_a_script() 
 }
 
 #[tokio::test]
+async fn a_replay_plays_by_itself_a_second_a_step_at_the_chosen_speed_and_pauses_without_a_script()
+{
+    let f = fixture();
+    let recordings = crate::audit::recording::Recordings::new(Arc::clone(&f.state.audit));
+    let rec = recordings
+        .start(
+            78,
+            b"{\"version\":2,\"width\":40,\"height\":5}\n".to_vec(),
+            crate::config::RecordingFailure::Close,
+        )
+        .await
+        .unwrap();
+    for line in [
+        "[0.5,\"o\",\"$ date\\r\\n\"]\n",
+        "[4.0,\"o\",\"Sat Dec  5\\r\\n$ \"]\n",
+        "[6.0,\"o\",\"exit\"]\n",
+    ] {
+        rec.append(line.as_bytes().to_vec()).await.unwrap();
+    }
+    rec.finish().await.unwrap();
+    f.state.audit.flush();
+    f.sign_in("aud", person("carol", &["audit"]));
+
+    // Paused (the default): no refresh, and a link to play at each speed from here.
+    let (_, _, page) = f.get("/sessions/78/replay?t=1", Some("aud")).await;
+    assert!(!page.contains("http-equiv=\"refresh\""), "{page}");
+    assert!(
+        page.contains(r#"<a href="/sessions/78/replay?n=0&amp;t=1.0&amp;play=2">Play at 2×</a>"#),
+        "{page}"
+    );
+    // Playing at 2×: the browser is asked for the frame 2 s later in 1 s, Pause stays here.
+    let (status, headers, page) = f.get("/sessions/78/replay?t=1&play=2", Some("aud")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains(r#"<meta http-equiv="refresh" content="1; url=/sessions/78/replay?n=0&amp;t=3.0&amp;play=2">"#),
+        "{page}"
+    );
+    assert!(page.contains("<strong>playing at 2×</strong>"), "{page}");
+    assert!(
+        page.contains(r#"<a href="/sessions/78/replay?n=0&amp;t=1.0">Pause</a>"#),
+        "{page}"
+    );
+    assert!(page.contains("$ date</pre>"), "{page}");
+    assert_eq!(
+        headers[header::CONTENT_SECURITY_POLICY],
+        CONTENT_SECURITY_POLICY
+    );
+    // The last step stops at the end, and at the end it stops playing.
+    let (_, _, page) = f.get("/sessions/78/replay?t=5&play=2", Some("aud")).await;
+    assert!(page.contains("t=6.0&amp;play=2\">"), "{page}");
+    let (_, _, page) = f.get("/sessions/78/replay?t=6&play=2", Some("aud")).await;
+    assert!(!page.contains("http-equiv=\"refresh\""), "{page}");
+    assert!(page.contains("$ exit</pre>"), "{page}");
+    // A speed not offered plays nothing.
+    let (_, _, page) = f
+        .get("/sessions/78/replay?t=1&play=1000", Some("aud"))
+        .await;
+    assert!(!page.contains("http-equiv=\"refresh\""), "{page}");
+}
+
+#[tokio::test]
 async fn an_auditor_downloads_the_access_review_sealed_as_the_cli_makes_it() {
     let f = fixture();
     for i in 0..3 {
