@@ -4,7 +4,7 @@
 use crate::error::StoreError;
 use crate::format::{encode_seal_line, parse_line, Line, Seal};
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +15,9 @@ pub(crate) const FILE_MODE: u32 = 0o600;
 
 const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".jsonl";
+/// A sealed segment once compressed: the same lines, in one zstd frame, then the seal again in
+/// a skippable frame so that opening the store reads it without decompressing (`compress.rs`).
+const COMPRESSED_SUFFIX: &str = ".jsonl.zst";
 /// Twenty digits hold any u64, so names sort in sequence order as plain strings too.
 const SEQ_DIGITS: usize = 20;
 pub(crate) const ANCHOR_FILE: &str = "anchor.jsonl";
@@ -27,15 +30,28 @@ pub fn segment_file_name(first_seq: u64) -> String {
     format!("{SEGMENT_PREFIX}{first_seq:0SEQ_DIGITS$}{SEGMENT_SUFFIX}")
 }
 
-/// The first sequence number a segment file name declares, if the name is one of ours.
+/// The name of a sealed segment once compressed.
+pub fn compressed_segment_file_name(first_seq: u64) -> String {
+    format!("{SEGMENT_PREFIX}{first_seq:0SEQ_DIGITS$}{COMPRESSED_SUFFIX}")
+}
+
+/// The first sequence number a segment file name declares, if the name is one of ours, plain
+/// or compressed.
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
-    let digits = name
-        .strip_prefix(SEGMENT_PREFIX)?
-        .strip_suffix(SEGMENT_SUFFIX)?;
+    parse_segment_name(name).map(|(seq, _)| seq)
+}
+
+/// The first seq and whether the file is compressed.
+fn parse_segment_name(name: &str) -> Option<(u64, bool)> {
+    let rest = name.strip_prefix(SEGMENT_PREFIX)?;
+    let (digits, compressed) = match rest.strip_suffix(COMPRESSED_SUFFIX) {
+        Some(digits) => (digits, true),
+        None => (rest.strip_suffix(SEGMENT_SUFFIX)?, false),
+    };
     if digits.len() != SEQ_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    Some((digits.parse().ok()?, compressed))
 }
 
 #[derive(Debug, Clone)]
@@ -43,8 +59,12 @@ pub(crate) struct SegmentFile {
     pub first_seq: u64,
     pub path: PathBuf,
     pub name: String,
+    pub compressed: bool,
 }
 
+/// The segments, oldest first. A segment present both plain and compressed (a crash between
+/// the compressed file's rename and the plain one's removal) is listed once, plain: the plain
+/// file is the one the chain was written to, and the compressor redoes the rest.
 pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, StoreError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(StoreError::io(dir, "list directory"))? {
@@ -52,16 +72,65 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, StoreError> 
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        if let Some(first_seq) = parse_segment_file_name(&name) {
+        if let Some((first_seq, compressed)) = parse_segment_name(&name) {
             out.push(SegmentFile {
                 first_seq,
                 path: entry.path(),
                 name,
+                compressed,
             });
         }
     }
-    out.sort_by_key(|s| s.first_seq);
+    out.sort_by_key(|s| (s.first_seq, s.compressed));
+    out.dedup_by_key(|s| s.first_seq);
     Ok(out)
+}
+
+/// The lines of a segment, decompressed when it is compressed. A plain segment compressed
+/// since it was listed is read from its compressed file (the returned `SegmentFile` says
+/// which was opened).
+pub(crate) fn open_segment(
+    segment: &SegmentFile,
+) -> Result<(Box<dyn BufRead + Send>, SegmentFile), StoreError> {
+    let mut segment = segment.clone();
+    let file = match File::open(&segment.path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !segment.compressed => {
+            let name = compressed_segment_file_name(segment.first_seq);
+            let path = segment.path.with_file_name(&name);
+            let file =
+                File::open(&path).map_err(|_| StoreError::io(&segment.path, "open segment")(e))?;
+            segment = SegmentFile {
+                first_seq: segment.first_seq,
+                path,
+                name,
+                compressed: true,
+            };
+            file
+        }
+        Err(e) => return Err(StoreError::io(&segment.path, "open segment")(e)),
+    };
+    if !segment.compressed {
+        return Ok((Box::new(BufReader::new(file)), segment));
+    }
+    let decoder = zstd::stream::read::Decoder::new(file)
+        .map_err(StoreError::io(&segment.path, "start decompressing segment"))?;
+    Ok((Box::new(BufReader::new(decoder)), segment))
+}
+
+/// A read error in a segment: for a compressed one, the file does not decompress (its
+/// checksum fails, it was cut or edited), which is damage to the trail, not an I/O fault.
+pub(crate) fn read_error(segment: &SegmentFile, e: std::io::Error) -> StoreError {
+    if segment.compressed {
+        return StoreError::Corrupt {
+            segment: segment.path.clone(),
+            line: None,
+            reason: format!(
+                "the compressed segment does not decompress ({e}): it was altered or cut"
+            ),
+        };
+    }
+    StoreError::io(&segment.path, "read segment")(e)
 }
 
 /// Makes creates, renames and deletes in `dir` durable; fsync of a file covers only its data.
@@ -126,20 +195,14 @@ pub(crate) fn write_anchor(dir: &Path, seal: &Seal) -> Result<(), StoreError> {
     sync_dir(dir)
 }
 
-/// The seal at the end of a segment, if its last line is one. Reads only the tail.
-pub(crate) fn read_tail_seal(path: &Path) -> Result<Option<Seal>, StoreError> {
-    let mut file = File::open(path).map_err(StoreError::io(path, "open segment"))?;
-    let len = file
-        .metadata()
-        .map_err(StoreError::io(path, "stat segment"))?
-        .len();
-    let start = len.saturating_sub(SEAL_TAIL_WINDOW);
-    file.seek(SeekFrom::Start(start))
-        .map_err(StoreError::io(path, "seek segment"))?;
-    let mut tail = Vec::new();
-    file.take(SEAL_TAIL_WINDOW)
-        .read_to_end(&mut tail)
-        .map_err(StoreError::io(path, "read segment"))?;
+/// The seal at the end of a segment, if its last line is one (for a compressed segment: the
+/// copy in its trailer). Reads only the tail.
+pub(crate) fn read_tail_seal(segment: &SegmentFile) -> Result<Option<Seal>, StoreError> {
+    let path = &segment.path;
+    let (tail, start) = read_tail(path)?;
+    if segment.compressed {
+        return Ok(crate::compress::trailer_seal(&tail));
+    }
     let Some(body) = tail.strip_suffix(b"\n") else {
         return Ok(None);
     };
@@ -153,6 +216,23 @@ pub(crate) fn read_tail_seal(path: &Path) -> Result<Option<Seal>, StoreError> {
         Ok(Line::Seal(seal)) => Ok(Some(seal)),
         _ => Ok(None),
     }
+}
+
+/// The last `SEAL_TAIL_WINDOW` bytes of a file, and where they start.
+fn read_tail(path: &Path) -> Result<(Vec<u8>, u64), StoreError> {
+    let mut file = File::open(path).map_err(StoreError::io(path, "open segment"))?;
+    let len = file
+        .metadata()
+        .map_err(StoreError::io(path, "stat segment"))?
+        .len();
+    let start = len.saturating_sub(SEAL_TAIL_WINDOW);
+    file.seek(SeekFrom::Start(start))
+        .map_err(StoreError::io(path, "seek segment"))?;
+    let mut tail = Vec::new();
+    file.take(SEAL_TAIL_WINDOW)
+        .read_to_end(&mut tail)
+        .map_err(StoreError::io(path, "read segment"))?;
+    Ok((tail, start))
 }
 
 /// The segments still in the chain once those the prune anchor already covers are left out

@@ -7,12 +7,16 @@
 //! record is fsynced; `append_batch` group-commits. After a crash, [`Store::open`] cuts a torn
 //! tail and reports it. Retention never deletes what the central store has not acknowledged.
 //!
+//! Sealed segments can be compressed ([`compress_sealed`], zstd) without changing what the
+//! chain covers: readers, `verify` and recovery decompress.
+//!
 //! Beside the chain, the recording area ([`recording`]) keeps session recordings whose chunks'
 //! hashes the caller records as events, so the chain vouches for them too.
 //!
 //! Pure and synchronous (std, no async runtime): the agent wraps it on a blocking thread.
 //! `README.md` describes the on-disk format and the guarantees.
 
+mod compress;
 mod dir;
 mod encoded;
 mod error;
@@ -23,7 +27,8 @@ pub mod recording;
 mod store;
 mod verify;
 
-pub use dir::{parse_segment_file_name, segment_file_name};
+pub use compress::{compress_sealed, CompressedSegment};
+pub use dir::{compressed_segment_file_name, parse_segment_file_name, segment_file_name};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use encoded::{EncodedEvent, EventBytes, Fields, Key, ObjectWriter};
 pub use error::StoreError;

@@ -3,14 +3,13 @@
 //! `verify`'s job.
 
 use crate::dir::skip_pruned;
-use crate::dir::{list_segments, read_anchor, SegmentFile};
+use crate::dir::{list_segments, open_segment, read_anchor, read_error, SegmentFile};
 use crate::error::StoreError;
 use crate::format::{ChainHash, Line, MAX_LINE_BYTES};
 use crate::lines::{LineReader, RawLine};
 use crate::verify::{ChainState, SegmentChecker};
-use std::fs::File;
-use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::io::BufRead;
+use std::path::Path;
 
 /// One record as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,9 +23,9 @@ pub struct Record {
 }
 
 struct CurrentSegment {
-    path: PathBuf,
+    segment: SegmentFile,
     is_newest: bool,
-    lines: LineReader<BufReader<File>>,
+    lines: LineReader<Box<dyn BufRead + Send>>,
     checker: SegmentChecker<'static>,
 }
 
@@ -101,30 +100,31 @@ impl Reader {
                             ),
                         });
                     }
-                    let file = File::open(&segment.path)
-                        .map_err(StoreError::io(&segment.path, "open segment"))?;
+                    let (lines, segment) = open_segment(&segment)?;
                     self.current.insert(CurrentSegment {
                         is_newest: self.segments.len() == 0,
-                        lines: LineReader::new(BufReader::new(file), MAX_LINE_BYTES),
+                        lines: LineReader::new(lines, MAX_LINE_BYTES),
                         checker: SegmentChecker::new(Some(segment.first_seq), self.chain, None),
-                        path: segment.path,
+                        segment,
                     })
                 }
             };
             let corrupt = |line: Option<u64>, reason: String| StoreError::Corrupt {
-                segment: current.path.clone(),
+                segment: current.segment.path.clone(),
                 line,
                 reason,
             };
             let line = current
                 .lines
                 .next_line()
-                .map_err(StoreError::io(&current.path, "read segment"))?;
+                .map_err(|e| read_error(&current.segment, e))?;
+            // A compressed segment is sealed: it is never the one being written.
+            let writing = current.is_newest && !current.segment.compressed;
             match line {
                 None => {
                     current
                         .checker
-                        .finish(current.is_newest)
+                        .finish(writing)
                         .map_err(|r| corrupt(None, r.message))?;
                     self.chain = current.checker.state().or(self.chain);
                     self.current = None;
@@ -137,7 +137,7 @@ impl Reader {
                     number,
                     ..
                 }) => {
-                    if current.is_newest {
+                    if writing {
                         return Ok(None);
                     }
                     return Err(corrupt(Some(number), "segment ends mid-line".into()));

@@ -2,8 +2,8 @@
 //! retention. One `Store` per directory, enforced by a lock file.
 
 use crate::dir::{
-    list_segments, read_anchor, read_tail_seal, segment_file_name, skip_pruned, sync_dir,
-    write_anchor, SegmentFile, DIR_MODE, FILE_MODE, LOCK_FILE,
+    compressed_segment_file_name, list_segments, read_anchor, read_tail_seal, segment_file_name,
+    skip_pruned, sync_dir, write_anchor, SegmentFile, DIR_MODE, FILE_MODE, LOCK_FILE,
 };
 use crate::encoded::{EventBytes, MAX_EVENT_DEPTH};
 use crate::error::StoreError;
@@ -191,6 +191,8 @@ pub struct PruneReport {
 
 #[derive(Debug)]
 struct SegmentMeta {
+    first_seq: u64,
+    /// The plain file's path; once sealed, the segment may be compressed beside it.
     path: PathBuf,
     bytes: u64,
     seal: Option<Seal>,
@@ -279,7 +281,7 @@ impl Store {
         let kept = skip_pruned(&all, anchor.as_ref());
         let pruned = all.len().saturating_sub(kept.len());
         for segment in all.iter().take(pruned) {
-            remove_if_present(&segment.path)?;
+            remove_segment_files(dir, segment.first_seq)?;
             notes.push(IntegrityNote::PruneCompleted {
                 segment: segment.path.clone(),
             });
@@ -298,20 +300,21 @@ impl Store {
         };
         let mut segments = Vec::with_capacity(kept.len().saturating_add(1));
         for segment in older {
-            let seal = read_tail_seal(&segment.path)?.ok_or_else(|| StoreError::Corrupt {
-                segment: segment.path.clone(),
-                line: None,
-                reason: "segment is not the newest but does not end with a seal".into(),
-            })?;
-            chain = ChainState::after(&seal).ok_or(StoreError::SequenceExhausted)?;
-            segments.push(SegmentMeta {
-                path: segment.path.clone(),
-                bytes: file_len(&segment.path)?,
-                seal: Some(seal),
-            });
+            let meta = sealed_meta(dir, segment)?;
+            if let Some(seal) = &meta.seal {
+                chain = ChainState::after(seal).ok_or(StoreError::SequenceExhausted)?;
+            }
+            segments.push(meta);
         }
         let mut open = None;
-        if let Some(newest) = newest {
+        if let Some(newest) = newest.filter(|n| n.compressed) {
+            // Compressed means sealed; its records are not cut, whatever they hold.
+            let meta = sealed_meta(dir, newest)?;
+            if let Some(seal) = &meta.seal {
+                chain = ChainState::after(seal).ok_or(StoreError::SequenceExhausted)?;
+            }
+            segments.push(meta);
+        } else if let Some(newest) = newest {
             match recover_newest(dir, newest, opts.clock.now_ms(), &mut notes)? {
                 Newest::Removed => {}
                 Newest::Sealed(meta) => {
@@ -468,11 +471,17 @@ impl Store {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        let total: u64 = self.segments.iter().map(|s| s.bytes).sum();
-        let mut report = PruneReport {
-            kept_bytes: total,
-            ..PruneReport::default()
-        };
+        let mut report = PruneReport::default();
+        // Sealed segments shrink when compressed behind the store's back: retention by size
+        // counts what is on disk now.
+        let mut total = 0u64;
+        for segment in &mut self.segments {
+            if segment.seal.is_some() {
+                segment.bytes = segment_len(&self.dir, segment.first_seq)?;
+            }
+            total = total.saturating_add(segment.bytes);
+        }
+        report.kept_bytes = total;
         let mut doomed = 0usize;
         let mut last_doomed_seal = None;
         for segment in self
@@ -508,7 +517,7 @@ impl Store {
         // which `open` deletes and `verify` skips, never a chain with its start missing.
         write_anchor(&self.dir, &anchor)?;
         for segment in self.segments.drain(..doomed) {
-            remove_if_present(&segment.path)?;
+            remove_segment_files(&self.dir, segment.first_seq)?;
             report.deleted.push(segment.path);
         }
         sync_dir(&self.dir)?;
@@ -651,6 +660,7 @@ impl Store {
         // The new name must be durable before any record in it is acknowledged.
         sync_dir(&self.dir)?;
         self.segments.push(SegmentMeta {
+            first_seq,
             path: path.clone(),
             bytes: 0,
             seal: None,
@@ -828,6 +838,7 @@ fn recover_newest(
         return Ok(Newest::Removed);
     };
     let meta = SegmentMeta {
+        first_seq: segment.first_seq,
         path: path.clone(),
         bytes: kept_len,
         seal: checker.seal().cloned(),
@@ -895,10 +906,46 @@ fn remove_if_present(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-fn file_len(path: &Path) -> Result<u64, StoreError> {
-    fs::metadata(path)
+/// A segment that is not the newest (or is compressed): its seal, from its tail.
+fn sealed_meta(dir: &Path, segment: &SegmentFile) -> Result<SegmentMeta, StoreError> {
+    let seal = read_tail_seal(segment)?.ok_or_else(|| StoreError::Corrupt {
+        segment: segment.path.clone(),
+        line: None,
+        reason: if segment.compressed {
+            "compressed segment does not end with its seal trailer".into()
+        } else {
+            "segment is not the newest but does not end with a seal".into()
+        },
+    })?;
+    Ok(SegmentMeta {
+        first_seq: segment.first_seq,
+        path: dir.join(segment_file_name(segment.first_seq)),
+        bytes: segment_len(dir, segment.first_seq)?,
+        seal: Some(seal),
+    })
+}
+
+/// The size of a segment on disk, plain or compressed (the plain file while both exist).
+fn segment_len(dir: &Path, first_seq: u64) -> Result<u64, StoreError> {
+    let plain = dir.join(segment_file_name(first_seq));
+    match fs::metadata(&plain) {
+        Ok(m) => return Ok(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StoreError::io(&plain, "stat segment")(e)),
+    }
+    let compressed = dir.join(compressed_segment_file_name(first_seq));
+    fs::metadata(&compressed)
         .map(|m| m.len())
-        .map_err(StoreError::io(path, "stat segment"))
+        .map_err(StoreError::io(&compressed, "stat segment"))
+}
+
+/// Removes a segment in whichever forms it exists (plain, compressed, a compression's
+/// leftover temporary file).
+fn remove_segment_files(dir: &Path, first_seq: u64) -> Result<(), StoreError> {
+    let compressed = compressed_segment_file_name(first_seq);
+    remove_if_present(&dir.join(segment_file_name(first_seq)))?;
+    remove_if_present(&dir.join(&compressed))?;
+    remove_if_present(&dir.join(format!("{compressed}.tmp")))
 }
 
 fn len_u64(bytes: &[u8]) -> u64 {

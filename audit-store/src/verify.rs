@@ -1,13 +1,12 @@
 //! Checking the chain: the per-segment rules (sans-IO, shared by `verify`, the reader, recovery
 //! on open and the fuzz target) and the walk over a whole directory.
 
-use crate::dir::{list_segments, read_anchor};
+use crate::dir::{list_segments, open_segment, read_anchor, read_tail_seal};
 use crate::format::{parse_line, ChainHash, Line, Seal, MAX_LINE_BYTES};
 use crate::lines::{LineReader, RawLine};
 use ed25519_dalek::VerifyingKey;
 use std::fmt;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::path::Path;
 
 /// What kind of damage `verify` found.
@@ -45,6 +44,9 @@ pub enum BreakKind {
     DataAfterSeal,
     /// The prune anchor is unreadable or its signature is bad.
     AnchorInvalid,
+    /// A compressed segment does not decompress (its checksum fails, it was cut or edited),
+    /// or the seal copied into its trailer differs from the seal inside.
+    CompressedCorrupt,
 }
 
 /// Where and how the chain first breaks.
@@ -372,6 +374,7 @@ pub fn check_segment_bytes(
         &mut checker,
         LineReader::new(bytes, MAX_LINE_BYTES),
         "<bytes>",
+        BreakKind::Io,
     )?;
     Ok(SegmentSummary {
         records: checker.records(),
@@ -381,18 +384,25 @@ pub fn check_segment_bytes(
 }
 
 /// Feeds every line to `checker`; the first rule broken is returned with its place.
+/// `read_kind`: what a read error means (for a compressed segment, that it does not
+/// decompress).
 fn check_lines<R: BufRead>(
     checker: &mut SegmentChecker<'_>,
     mut lines: LineReader<R>,
     segment: &str,
+    read_kind: BreakKind,
 ) -> Result<(), ChainBreak> {
     loop {
         let line = lines.next_line().map_err(|e| ChainBreak {
-            kind: BreakKind::Io,
+            kind: read_kind,
             segment: Some(segment.to_owned()),
             line: None,
-            seq: None,
-            message: format!("read failed: {e}"),
+            seq: checker.expected_seq(),
+            message: if read_kind == BreakKind::CompressedCorrupt {
+                format!("the compressed segment does not decompress ({e}): it was altered or cut")
+            } else {
+                format!("read failed: {e}")
+            },
         })?;
         let (bytes, terminated, number) = match line {
             None => return Ok(()),
@@ -533,7 +543,7 @@ fn verify_into(
                 ),
             });
         }
-        let file = File::open(&segment.path).map_err(|e| ChainBreak {
+        let (lines, segment) = open_segment(segment).map_err(|e| ChainBreak {
             kind: BreakKind::Io,
             segment: Some(segment.name.clone()),
             line: None,
@@ -541,14 +551,24 @@ fn verify_into(
             message: format!("open failed: {e}"),
         })?;
         let mut checker = SegmentChecker::new(Some(segment.first_seq), Some(expect), key);
+        let read_kind = if segment.compressed {
+            BreakKind::CompressedCorrupt
+        } else {
+            BreakKind::Io
+        };
         check_lines(
             &mut checker,
-            LineReader::new(BufReader::new(file), MAX_LINE_BYTES),
+            LineReader::new(lines, MAX_LINE_BYTES),
             &segment.name,
+            read_kind,
         )?;
+        // Only a sealed segment is ever compressed, so one is never the segment being written.
         checker
-            .finish(is_newest)
+            .finish(is_newest && !segment.compressed)
             .map_err(|r| r.at(&segment.name, None))?;
+        if segment.compressed {
+            check_trailer(&segment, checker.seal())?;
+        }
         report.segments = report.segments.saturating_add(1);
         report.records = report.records.saturating_add(checker.records());
         if checker.seal().is_some() {
@@ -565,4 +585,32 @@ fn verify_into(
         }
     }
     Ok(())
+}
+
+/// The seal copied into a compressed segment's trailer (what opening the store trusts
+/// without decompressing) must be the seal inside.
+fn check_trailer(
+    segment: &crate::dir::SegmentFile,
+    inner: Option<&Seal>,
+) -> Result<(), ChainBreak> {
+    let trailer = read_tail_seal(segment).map_err(|e| ChainBreak {
+        kind: BreakKind::Io,
+        segment: Some(segment.name.clone()),
+        line: None,
+        seq: None,
+        message: format!("reading the trailer failed: {e}"),
+    })?;
+    if trailer.as_ref() == inner {
+        return Ok(());
+    }
+    Err(ChainBreak {
+        kind: BreakKind::CompressedCorrupt,
+        segment: Some(segment.name.clone()),
+        line: None,
+        seq: inner.map(|s| s.last_seq),
+        message: match trailer {
+            None => "the compressed segment has no seal trailer after its data: it was cut or edited".into(),
+            Some(_) => "the seal in the compressed segment's trailer differs from the seal inside: the trailer was edited".into(),
+        },
+    })
 }
