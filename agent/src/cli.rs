@@ -1264,9 +1264,13 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
             let mut opened_ms = None;
             let mut closed = None;
             let mut starts = Vec::new();
+            let mut files = Vec::new();
             for_each_event(&dir, |event, raw| {
                 if filter.matches(event, raw) {
                     n += 1;
+                    if event["event"] == "ssh.sftp" {
+                        files.push(event.clone());
+                    }
                     match event["event"].as_str() {
                         Some("connection.opened") => opened_ms = event["time_ms"].as_u64(),
                         Some("connection.closed") => closed = Some(event.clone()),
@@ -1296,6 +1300,13 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
                     println!("commands:");
                     for line in &commands {
                         println!("  {line}");
+                    }
+                }
+                let files = crate::audit::query::file_operations(&files);
+                if !files.is_empty() {
+                    println!("file operations:");
+                    for op in &files {
+                        println!("  {}", op.line());
                     }
                 }
                 for line in recording_lines(&dir, id) {

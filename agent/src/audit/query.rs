@@ -577,6 +577,93 @@ pub fn events_page(
     })
 }
 
+/// One SFTP operation of a session (scp of OpenSSH 9 and later speaks SFTP too), from its
+/// `ssh.sftp` event: a row of the console's file table and a line of `sessions show`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOperation {
+    pub time_ms: u64,
+    pub operation: String,
+    /// The path, and `-> the second path` of a rename or link.
+    pub path: String,
+    /// `open`'s flags as words.
+    pub flags: Option<String>,
+    /// The server's answer (and its message), or that the agent refused it.
+    pub status: String,
+    /// `close`: bytes read and written through the handle, each with its SHA-256.
+    pub read: Option<(u64, Option<String>)>,
+    pub written: Option<(u64, Option<String>)>,
+    /// Why a hash is missing.
+    pub note: Option<String>,
+}
+
+/// The session's file operations, in order, from its events.
+pub fn file_operations(events: &[Value]) -> Vec<FileOperation> {
+    let text = |e: &Value, key: &str| e.get(key).and_then(Value::as_str).map(str::to_owned);
+    events
+        .iter()
+        .filter(|e| e.get("event").and_then(Value::as_str) == Some("ssh.sftp"))
+        .filter_map(|e| {
+            let operation = text(e, "sftp_operation")?;
+            let mut path = text(e, "path").unwrap_or_else(|| "-".into());
+            if let Some(to) = text(e, "new_path") {
+                path.push_str(" -> ");
+                path.push_str(&to);
+            }
+            let status = match (text(e, "sftp_status"), text(e, "sftp_message")) {
+                (Some(s), Some(m)) if !m.is_empty() && m != s => format!("{s} ({m})"),
+                (Some(s), _) => s,
+                (None, _) if e.get("decision").and_then(Value::as_str) == Some("deny") => {
+                    "refused by policy".into()
+                }
+                (None, _) => "no answer from the server".into(),
+            };
+            let sized = |bytes: &str, hash: &str| {
+                e.get(bytes)
+                    .and_then(Value::as_u64)
+                    .map(|n| (n, text(e, hash)))
+            };
+            Some(FileOperation {
+                time_ms: e.get("time_ms").and_then(Value::as_u64).unwrap_or(0),
+                operation,
+                path,
+                flags: text(e, "open_flags"),
+                status,
+                read: sized("bytes_read", "read_sha256"),
+                written: sized("bytes_written", "write_sha256"),
+                note: text(e, "hash_note"),
+            })
+        })
+        .collect()
+}
+
+impl FileOperation {
+    /// `sessions show`'s line for it.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{} {} {}",
+            format_time(self.time_ms),
+            self.operation,
+            shortened(&self.path)
+        );
+        if let Some(f) = &self.flags {
+            line.push_str(&format!(" [{f}]"));
+        }
+        line.push_str(&format!(": {}", self.status));
+        for (what, sized) in [("read", &self.read), ("written", &self.written)] {
+            if let Some((n, hash)) = sized {
+                line.push_str(&format!(
+                    ", {n} bytes {what} (sha256 {})",
+                    hash.as_deref().unwrap_or("none")
+                ));
+            }
+        }
+        if let Some(n) = &self.note {
+            line.push_str(&format!(" ({n})"));
+        }
+        line
+    }
+}
+
 /// How far past a session's `connection.closed` its timeline still looks for its events.
 const AFTER_CLOSE_RECORDS: u64 = 1_000;
 

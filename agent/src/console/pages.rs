@@ -314,7 +314,7 @@ pub fn timeline(who: &SignedIn, id: u64, events: &[Value], starts: &[u64]) -> St
             .and_then(Value::as_str)
             .is_some_and(|k| k.starts_with("recording."))
     });
-    let body = if events.is_empty() {
+    let mut body = if events.is_empty() {
         format!(
             r#"<p class="error" role="alert">No events of session {id} from that point of the audit trail.</p>"#
         )
@@ -326,7 +326,48 @@ pub fn timeline(who: &SignedIn, id: u64, events: &[Value], starts: &[u64]) -> St
     } else {
         format!("<pre>{}</pre>", esc(&text))
     };
+    body.push_str(&file_operations(&query::file_operations(events)));
     page(&format!("Session {id}"), Some(who), &body)
+}
+
+/// A session's SFTP (and scp) operations as a table of their own: what was read or written
+/// where, the server's answer, and the SHA-256 of the bytes that went through.
+fn file_operations(ops: &[query::FileOperation]) -> String {
+    if ops.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "<section aria-labelledby=\"files\"><h2 id=\"files\">File operations</h2><table><thead><tr>\
+         <th scope=\"col\">Time (UTC)</th><th scope=\"col\">Operation</th><th scope=\"col\">Path</th>\
+         <th scope=\"col\">Result</th><th scope=\"col\">Read</th><th scope=\"col\">Written</th></tr></thead><tbody>",
+    );
+    let sized = |s: &Option<(u64, Option<String>)>| match s {
+        Some((n, Some(h))) => format!("{n} bytes<br><code>sha256 {}</code>", esc(h)),
+        Some((n, None)) => format!("{n} bytes"),
+        None => "-".into(),
+    };
+    for op in ops {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}{}</td><td>{}</td><td>{}{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&query::format_time(op.time_ms)),
+            esc(&op.operation),
+            op.flags
+                .as_deref()
+                .map(|f| format!(" ({})", esc(f)))
+                .unwrap_or_default(),
+            esc(&op.path),
+            esc(&op.status),
+            op.note
+                .as_deref()
+                .map(|n| format!("; {}", esc(n)))
+                .unwrap_or_default(),
+            sized(&op.read),
+            sized(&op.written),
+        );
+    }
+    out.push_str("</tbody></table></section>");
+    out
 }
 
 /// What the replay page shows.

@@ -1169,6 +1169,113 @@ async fn a_replay_plays_by_itself_a_second_a_step_at_the_chosen_speed_and_pauses
 }
 
 #[tokio::test]
+async fn a_sessions_sftp_operations_are_a_table_of_their_own_with_sizes_hashes_and_answers() {
+    use portcullis_core::event::SftpFields;
+    let f = fixture();
+    let sftp = |fields: SftpFields, decision: Option<crate::audit::Decision>| {
+        let mut ev = crate::audit::AuditEvent::new(crate::audit::EventKind::SshSftp);
+        ev.connection_id = Some(91);
+        ev.decision = decision;
+        ev.ssh = Some(Box::new(portcullis_core::event::SshFields {
+            sftp: Some(Box::new(fields)),
+            ..Default::default()
+        }));
+        f.state.audit.record(ev);
+    };
+    let mut opened = crate::audit::AuditEvent::new(crate::audit::EventKind::ConnectionOpened);
+    opened.connection_id = Some(91);
+    f.state.audit.record(opened);
+    sftp(
+        SftpFields {
+            sftp_operation: "close".into(),
+            path: Some("/home/alice/report<1>.csv".into()),
+            sftp_status: Some("ok".into()),
+            bytes_written: Some(1234),
+            write_sha256: Some("ab".repeat(32)),
+            ..SftpFields::default()
+        },
+        Some(crate::audit::Decision::Allow),
+    );
+    sftp(
+        SftpFields {
+            sftp_operation: "rename".into(),
+            path: Some("/tmp/a".into()),
+            new_path: Some("/tmp/b".into()),
+            sftp_status: Some("permission denied".into()),
+            ..SftpFields::default()
+        },
+        Some(crate::audit::Decision::Allow),
+    );
+    sftp(
+        SftpFields {
+            sftp_operation: "open".into(),
+            path: Some("/etc/shadow".into()),
+            open_flags: Some("read".into()),
+            ..SftpFields::default()
+        },
+        Some(crate::audit::Decision::Deny),
+    );
+    f.state.audit.flush();
+    f.sign_in("aud", person("carol", &["audit"]));
+    let (status, _, page) = f.get("/sessions/91", Some("aud")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains(r#"<h2 id="files">File operations</h2>"#),
+        "{page}"
+    );
+    let rows: Vec<&str> = page
+        .split("<tr><td>")
+        .skip(1)
+        .map(|r| r.split("</tr>").next().unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "{page}");
+    assert!(
+        rows[0].contains(
+            "<td>close</td><td>/home/alice/report&lt;1&gt;.csv</td><td>ok</td><td>-</td>"
+        ) && rows[0].contains(&format!(
+            "1234 bytes<br><code>sha256 {}</code>",
+            "ab".repeat(32)
+        )),
+        "{}",
+        rows[0]
+    );
+    assert!(
+        rows[1].contains("<td>rename</td><td>/tmp/a -&gt; /tmp/b</td><td>permission denied</td>"),
+        "{}",
+        rows[1]
+    );
+    assert!(
+        rows[2].contains("<td>open (read)</td><td>/etc/shadow</td><td>refused by policy</td>"),
+        "{}",
+        rows[2]
+    );
+    // `sessions show` prints the same substance, a line each.
+    let (events, _) = crate::audit::query::session_events(f.state.audit.dir(), 91, 1).unwrap();
+    let lines: Vec<String> = crate::audit::query::file_operations(&events)
+        .iter()
+        .map(crate::audit::query::FileOperation::line)
+        .collect();
+    assert!(
+        lines[0].ends_with(&format!(
+            " close /home/alice/report<1>.csv: ok, 1234 bytes written (sha256 {})",
+            "ab".repeat(32)
+        )),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].ends_with(" rename /tmp/a -> /tmp/b: permission denied"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].ends_with(" open /etc/shadow [read]: refused by policy"),
+        "{lines:?}"
+    );
+    // A session without file operations has no such table.
+    let (_, _, page) = f.get("/sessions/92", Some("aud")).await;
+    assert!(!page.contains("File operations"), "{page}");
+}
+
+#[tokio::test]
 async fn an_auditor_downloads_the_access_review_sealed_as_the_cli_makes_it() {
     let f = fixture();
     for i in 0..3 {
