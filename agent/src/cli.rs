@@ -35,6 +35,13 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Serve the web console for a fleet (root): every bastion's sessions, audit trail and
+    /// health read from the central audit store, and approvals decided through the fleet's
+    /// approval log. Proxies nothing; see docs/console.md.
+    Console {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
     /// Show the agent, its programs, the protected targets and open connections.
     Status {
         #[arg(long)]
@@ -462,6 +469,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             crate::agent::run(cfg, targets, &source)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Console { config } => {
+            let (cfg, targets) = Config::load(&config)?;
+            crate::console::fleet::run(cfg, targets)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json, socket } => {

@@ -109,3 +109,164 @@ pub fn world(name: &str, slot: u8, users: Vec<OidcUser>) -> World {
         _files: files,
     }
 }
+
+/// A page as an HTTP client got it.
+pub struct HttpPage {
+    pub url: reqwest::Url,
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+/// A console's visitor without a browser: cookies kept, the console's CA alone trusted,
+/// redirects followed on loopback only. Signs in through the provider's own forms.
+pub struct Http {
+    client: reqwest::blocking::Client,
+    pub console: String,
+}
+
+impl Http {
+    pub fn new(console: &str, ca: &std::path::Path) -> Self {
+        let ca = std::fs::read(ca).unwrap();
+        let policy = reqwest::redirect::Policy::custom(|attempt| {
+            let loopback = attempt
+                .url()
+                .host_str()
+                .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+                .is_some_and(|ip| ip.is_loopback());
+            if attempt.previous().len() > 10 {
+                attempt.error("too many redirects")
+            } else if !loopback {
+                attempt.error("redirect away from loopback")
+            } else {
+                attempt.follow()
+            }
+        });
+        let client = reqwest::blocking::Client::builder()
+            .cookie_store(true)
+            .redirect(policy)
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .timeout(std::time::Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Self {
+            client,
+            console: console.to_string(),
+        }
+    }
+
+    fn page(response: reqwest::blocking::Response) -> HttpPage {
+        HttpPage {
+            url: response.url().clone(),
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: response.text().unwrap(),
+        }
+    }
+
+    /// GET of a path of the console.
+    pub fn get(&self, path: &str) -> HttpPage {
+        Self::page(
+            self.client
+                .get(format!("{}{path}", self.console))
+                .send()
+                .unwrap(),
+        )
+    }
+
+    pub fn post(&self, url: &str, form: &[(String, String)]) -> HttpPage {
+        Self::page(self.client.post(url).form(form).send().unwrap())
+    }
+
+    /// Signs in as `user` through the provider's login and consent forms; the callback's
+    /// page.
+    pub fn sign_in(&self, provider: &OidcProvider, user: &str) -> HttpPage {
+        let mut page = self.get("/signin");
+        for _ in 0..5 {
+            if page.url.path() == "/auth/callback" {
+                return page;
+            }
+            assert!(
+                page.status.is_success(),
+                "{} {}: {}\n{}",
+                page.status,
+                page.url,
+                page.body,
+                provider.log()
+            );
+            let form = crate::oidc::html::forms(&page.body)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| panic!("no form at {}: {}", page.url, page.body));
+            let fields: Vec<(String, String)> = form
+                .inputs
+                .iter()
+                .map(|i| {
+                    let value = match (i.kind.as_str(), i.name.as_str()) {
+                        (_, "login") => user.to_string(),
+                        ("password", _) => "any password".to_string(),
+                        _ => i.value.clone(),
+                    };
+                    (i.name.clone(), value)
+                })
+                .collect();
+            let action = page.url.join(&form.action).unwrap();
+            page = self.post(action.as_str(), &fields);
+        }
+        panic!("no way back to the console: {} {}", page.url, page.body);
+    }
+
+    /// The form on the approvals page that decides `request`: its action and CSRF token.
+    pub fn decision_form(&self, request: &str) -> Option<(String, String)> {
+        let page = self.get("/approvals");
+        assert_eq!(page.status, reqwest::StatusCode::OK, "{}", page.body);
+        crate::oidc::html::forms(&page.body)
+            .into_iter()
+            .find(|f| f.action == format!("/approvals/{request}"))
+            .map(|f| {
+                let csrf = f.inputs.iter().find(|i| i.name == "csrf").unwrap();
+                (format!("{}{}", self.console, f.action), csrf.value.clone())
+            })
+    }
+
+    /// Approves (`approve`) or denies (`deny`) `request` with the page's own form.
+    pub fn decide(&self, request: &str, decision: &str, reason: &str) -> HttpPage {
+        let (action, csrf) = self
+            .decision_form(request)
+            .unwrap_or_else(|| panic!("request {request} is not on the approvals page"));
+        self.post(
+            &action,
+            &[
+                ("csrf".into(), csrf),
+                ("decision".into(), decision.into()),
+                ("reason".into(), reason.into()),
+            ],
+        )
+    }
+
+    /// The first request on the approvals page not in `seen`, waiting up to 30 s for one.
+    pub fn next_pending(&self, seen: &[String]) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let page = self.get("/approvals");
+            let found = crate::oidc::html::forms(&page.body)
+                .into_iter()
+                .find_map(|f| {
+                    f.action
+                        .strip_prefix("/approvals/")
+                        .map(str::to_string)
+                        .filter(|id| !seen.contains(id))
+                });
+            if let Some(id) = found {
+                return id;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no pending request: {}",
+                page.body
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}

@@ -84,7 +84,36 @@ GRANT INSERT, SELECT ON portcullis_approval_log TO portcullis_writer;
 GRANT USAGE ON SEQUENCE portcullis_approval_log_id_seq TO portcullis_writer;
 ",
     ),
+    (
+        3,
+        // The fleet console and fleet reviews read the store: a role that may read every
+        // column (and nothing else), and the indexes their pages walk, so a page costs the
+        // same with a million events as with a thousand: newest first over time, one host's
+        // connection by its id, and one host's agent starts.
+        r"
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'portcullis_reader') THEN
+        CREATE ROLE portcullis_reader NOLOGIN;
+    END IF;
+END $$;
+GRANT SELECT ON portcullis_audit_events, portcullis_approval_log, portcullis_schema_version
+    TO portcullis_reader;
+CREATE INDEX IF NOT EXISTS portcullis_audit_events_time
+    ON portcullis_audit_events (time_ms, host, seq);
+CREATE INDEX IF NOT EXISTS portcullis_audit_events_opened
+    ON portcullis_audit_events (time_ms, host, seq)
+    WHERE event->>'event' = 'connection.opened';
+CREATE INDEX IF NOT EXISTS portcullis_audit_events_connection
+    ON portcullis_audit_events (host, (event->>'connection_id'), seq);
+CREATE INDEX IF NOT EXISTS portcullis_audit_events_starts
+    ON portcullis_audit_events (host, seq)
+    WHERE event->>'event' = 'agent.started';
+",
+    ),
 ];
+
+/// The schema the fleet console and fleet reviews need (the reader role and its indexes).
+pub const CENTRAL_READER_SCHEMA_VERSION: i32 = 3;
 
 /// The schema version this agent needs.
 pub const CENTRAL_SCHEMA_VERSION: i32 = 2;
@@ -560,6 +589,38 @@ pub async fn migrate(
     tasks.close();
     tasks.wait().await;
     result
+}
+
+/// A connection for reading the store (the fleet console, fleet reviews): `[audit.central]`'s
+/// URL and password, whose role must also hold `portcullis_reader`, at schema version
+/// [`CENTRAL_READER_SCHEMA_VERSION`] or later.
+pub(crate) async fn connect_reader(
+    central: &CentralConfig,
+    tasks: &TaskTracker,
+    mark: Option<u32>,
+) -> Result<Client, CentralError> {
+    let client = connect(
+        central,
+        &central.url,
+        central.password_file.as_deref(),
+        tasks,
+        mark,
+    )
+    .await?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM portcullis_schema_version",
+            &[],
+        )
+        .await?;
+    let found: i32 = row.try_get(0)?;
+    if found < CENTRAL_READER_SCHEMA_VERSION {
+        return Err(CentralError::Config(format!(
+            "the central schema is version {found}; reading it for a fleet needs version \
+             {CENTRAL_READER_SCHEMA_VERSION}: run `portcullis audit central-migrate` as the schema owner"
+        )));
+    }
+    Ok(client)
 }
 
 async fn connect(

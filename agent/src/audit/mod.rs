@@ -5,6 +5,7 @@
 //! it and `portcullis audit export` prints it as NDJSON.
 
 pub mod central;
+pub mod central_read;
 pub mod query;
 mod queue;
 pub mod recording;

@@ -347,6 +347,8 @@ pub struct SessionRow {
     /// Its `connection.closed`, when the page read it.
     pub closed: Option<Value>,
     pub end: String,
+    /// On a fleet: the bastion's name in the central store (`audit.central.host_name`).
+    pub host: Option<String>,
 }
 
 /// A page of sessions, newest first, and where the next (older) page starts.
@@ -502,6 +504,7 @@ fn sessions_page_within(
                 opened: o,
                 closed: c,
                 end,
+                host: None,
             }
         })
         .collect();
@@ -521,6 +524,9 @@ pub struct EventsPage {
     pub scanned: (u64, u64),
     /// `before` for the next page; `None` when the oldest stored record was reached.
     pub older: Option<u64>,
+    /// On a fleet: each event's bastion in the central store, in the order of `events`
+    /// (empty on one host).
+    pub hosts: Vec<String>,
 }
 
 /// Events `filter` keeps among at most `window` records before seq `before` (`None`: the
@@ -574,6 +580,7 @@ pub fn events_page(
         events: found,
         scanned: (first, last_read),
         older,
+        hosts: Vec::new(),
     })
 }
 

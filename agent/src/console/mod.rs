@@ -10,6 +10,7 @@
 //! `pages` renders HTML, escaping every value; `routes` ties requests to both.
 
 mod auth;
+pub mod fleet;
 mod pages;
 mod routes;
 #[cfg(test)]
@@ -69,6 +70,7 @@ impl Console {
         registry: Arc<crate::admission::Registry>,
         policies: Arc<crate::policy::Policies>,
         targets: Arc<Vec<crate::config::ProtectedTarget>>,
+        central: Option<Arc<crate::audit::central_read::CentralTrail>>,
     ) -> Result<Option<Self>, ConsoleError> {
         let Some(settings) = config.console() else {
             return Ok(None);
@@ -112,6 +114,7 @@ impl Console {
                 .as_ref()
                 .map(|_| config.audit_shipped_path()),
             signing_key,
+            central,
         });
         Ok(Some(Self {
             listener,

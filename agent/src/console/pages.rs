@@ -120,7 +120,14 @@ pub struct SessionsQuery {
     pub until: String,
     #[serde(default)]
     pub decision: String,
+    /// A fleet console's host filter (the bastion's `audit.central.host_name`).
+    #[serde(default)]
+    pub host: String,
+    /// Where the page's records are: record seqs on one host, Unix ms on a fleet.
     pub before: Option<u64>,
+    /// Set by the fleet console: the form offers the host filter and links carry it.
+    #[serde(skip)]
+    pub fleet: bool,
 }
 
 /// A form field as a filter: `None` when left empty.
@@ -166,13 +173,14 @@ impl SessionsQuery {
 
     fn link(&self, before: u64) -> String {
         format!(
-            "/sessions?user={}&target={}&protocol={}&since={}&until={}&decision={}&before={before}",
+            "/sessions?user={}&target={}&protocol={}&since={}&until={}&decision={}&host={}&before={before}",
             query_value(&self.user),
             query_value(&self.target),
             query_value(&self.protocol),
             query_value(&self.since),
             query_value(&self.until),
             query_value(&self.decision),
+            query_value(&self.host),
         )
     }
 }
@@ -229,6 +237,9 @@ pub fn sessions(who: &SignedIn, q: &SessionsQuery, result: Result<SessionsPage, 
         &q.decision,
         &["allow", "deny", "approval"],
     ));
+    if q.fleet {
+        body.push_str(&text_input("host", "Host", &q.host, "bastion name"));
+    }
     body.push_str(r#" <button type="submit">Filter</button></form>"#);
     let page_of = match result {
         Ok(p) => p,
@@ -237,13 +248,21 @@ pub fn sessions(who: &SignedIn, q: &SessionsQuery, result: Result<SessionsPage, 
             return page("Sessions", Some(who), &body);
         }
     };
-    let _ = write!(
-        body,
-        "<p>{} sessions opened in records {} to {} of the audit trail.</p>",
-        page_of.rows.len(),
-        page_of.scanned.0,
-        page_of.scanned.1
-    );
+    if q.fleet {
+        let _ = write!(
+            body,
+            "<p>{} sessions of the fleet's central audit store, newest first.</p>",
+            page_of.rows.len(),
+        );
+    } else {
+        let _ = write!(
+            body,
+            "<p>{} sessions opened in records {} to {} of the audit trail.</p>",
+            page_of.rows.len(),
+            page_of.scanned.0,
+            page_of.scanned.1
+        );
+    }
     body.push_str(
         "<table><thead><tr><th scope=\"col\">Session</th><th scope=\"col\">Opened (UTC)</th>\
          <th scope=\"col\">User</th><th scope=\"col\">Identity</th><th scope=\"col\">Process</th>\
@@ -261,9 +280,10 @@ pub fn sessions(who: &SignedIn, q: &SessionsQuery, result: Result<SessionsPage, 
             e if e != "-" => e,
             _ => s("/identity/subject"),
         };
+        let on_host = esc(&host_param(row.host.as_deref()));
         let _ = write!(
             body,
-            r#"<tr><td><a href="/sessions/{id}?from={seq}">{id}</a></td><td>{time}</td><td>{user}</td><td>{who}</td><td>{comm} (pid {pid})</td><td>{target}</td><td>{protocol}</td><td>{end}</td></tr>"#,
+            r#"<tr><td><a href="/sessions/{id}?from={seq}{on_host}">{id}</a></td><td>{time}</td><td>{user}</td><td>{who}</td><td>{comm} (pid {pid})</td><td>{target}</td><td>{protocol}</td><td>{end}</td></tr>"#,
             seq = row.seq,
             time = esc(&query::format_time(
                 o.get("time_ms").and_then(Value::as_u64).unwrap_or(0)
@@ -286,6 +306,12 @@ pub fn sessions(who: &SignedIn, q: &SessionsQuery, result: Result<SessionsPage, 
         );
     }
     page("Sessions", Some(who), &body)
+}
+
+/// On a fleet, a session is named by its bastion too: the link's `&host=` parameter.
+fn host_param(host: Option<&str>) -> String {
+    host.map(|h| format!("&host={}", query_value(h)))
+        .unwrap_or_default()
 }
 
 /// One session's timeline: what `portcullis sessions show` prints, line for line.
@@ -866,6 +892,8 @@ pub struct Health {
     pub policies: crate::policy::PolicyStatus,
     /// `None` without `[audit.central]`.
     pub central: Option<CentralHealth>,
+    /// On a fleet console: the last event each bastion shipped, or why it cannot be read.
+    pub fleet: Option<Result<Vec<crate::audit::central_read::HostLast>, String>>,
 }
 
 /// How far the central audit store is behind this host's trail.
@@ -900,6 +928,10 @@ pub fn health(who: &SignedIn, h: &Health) -> String {
         policies_health(&h.policies),
         central_health(h.central.as_ref()),
     );
+    let body = match &h.fleet {
+        None => body,
+        Some(fleet) => format!("{body}{}", fleet_health(fleet, crate::audit::now_ms())),
+    };
     page("Health", Some(who), &body)
 }
 
@@ -918,6 +950,44 @@ fn policies_health(p: &crate::policy::PolicyStatus) -> String {
             esc(e)
         );
     }
+    out
+}
+
+/// Every bastion of the fleet with the last event it shipped: a host whose newest event is
+/// old has stopped shipping (or stopped), which is what an admin looks for first.
+fn fleet_health(
+    fleet: &Result<Vec<crate::audit::central_read::HostLast>, String>,
+    now_ms: u64,
+) -> String {
+    let hosts = match fleet {
+        Ok(h) => h,
+        Err(e) => {
+            return format!(
+                r#"<h2>Fleet</h2><p class="error" role="alert">{}</p>"#,
+                esc(e)
+            )
+        }
+    };
+    let mut out = format!(
+        "<h2>Fleet</h2><p>{} bastions have shipped events to the central store.</p>\
+         <table><thead><tr><th scope=\"col\">Host</th><th scope=\"col\">Last record</th>\
+         <th scope=\"col\">Recorded (UTC)</th><th scope=\"col\">Received (UTC)</th>\
+         <th scope=\"col\">Since the last event</th></tr></thead><tbody>",
+        hosts.len()
+    );
+    for h in hosts {
+        let _ = write!(
+            out,
+            r#"<tr><td><a href="/sessions?host={q}">{host}</a></td><td>{seq}</td><td>{time}</td><td>{received}</td><td>{ago} s</td></tr>"#,
+            q = esc(&query_value(&h.host)),
+            host = esc(&h.host),
+            seq = h.seq,
+            time = esc(&query::format_time(h.time_ms)),
+            received = esc(&query::format_time(h.received_ms)),
+            ago = now_ms.saturating_sub(h.time_ms) / 1000,
+        );
+    }
+    out.push_str("</tbody></table>");
     out
 }
 
@@ -971,7 +1041,14 @@ pub struct AuditQuery {
     pub since: String,
     #[serde(default)]
     pub until: String,
+    /// A fleet console's host filter.
+    #[serde(default)]
+    pub host: String,
+    /// Where the page's records are: record seqs on one host, Unix ms on a fleet.
     pub before: Option<u64>,
+    /// Set by the fleet console: the form offers the host filter and links carry it.
+    #[serde(skip)]
+    pub fleet: bool,
 }
 
 impl AuditQuery {
@@ -994,7 +1071,7 @@ impl AuditQuery {
     /// The query string of these filters (without `before`).
     pub fn query(&self) -> String {
         format!(
-            "user={}&target={}&kind={}&decision={}&text={}&since={}&until={}",
+            "user={}&target={}&kind={}&decision={}&text={}&since={}&until={}&host={}",
             query_value(&self.user),
             query_value(&self.target),
             query_value(&self.kind),
@@ -1002,6 +1079,7 @@ impl AuditQuery {
             query_value(&self.text),
             query_value(&self.since),
             query_value(&self.until),
+            query_value(&self.host),
         )
     }
 }
@@ -1045,6 +1123,9 @@ pub fn audit(who: &SignedIn, q: &AuditQuery, result: Result<EventsPage, String>)
         &q.until,
         "30m, 2026-02-01T12:00",
     ));
+    if q.fleet {
+        body.push_str(&text_input("host", "Host", &q.host, "bastion name"));
+    }
     body.push_str(r#" <button type="submit">Search</button></form>"#);
     let found = match result {
         Ok(p) => p,
@@ -1054,12 +1135,15 @@ pub fn audit(who: &SignedIn, q: &AuditQuery, result: Result<EventsPage, String>)
         }
     };
     let before = q.before.map(|b| format!("&before={b}")).unwrap_or_default();
+    let read = if q.fleet {
+        "of the fleet's central audit store, newest first".to_string()
+    } else {
+        format!("in records {} to {}", found.scanned.0, found.scanned.1)
+    };
     let _ = write!(
         body,
-        r#"<p>{} events in records {} to {}. <a href="{}" download>Export them as NDJSON</a></p>"#,
+        r#"<p>{} events {read}. <a href="{}" download>Export them as NDJSON</a></p>"#,
         found.events.len(),
-        found.scanned.0,
-        found.scanned.1,
         esc(&format!("/audit.ndjson?{}{before}", q.query())),
     );
     body.push_str(
@@ -1067,7 +1151,7 @@ pub fn audit(who: &SignedIn, q: &AuditQuery, result: Result<EventsPage, String>)
          <th scope=\"col\">Event</th><th scope=\"col\">Identity</th><th scope=\"col\">Target</th>\
          <th scope=\"col\">Decision</th><th scope=\"col\">Reason</th></tr></thead><tbody>",
     );
-    for (seq, e, _) in &found.events {
+    for (i, (seq, e, _)) in found.events.iter().enumerate() {
         let s = |path: &str| {
             e.pointer(path)
                 .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
@@ -1079,14 +1163,19 @@ pub fn audit(who: &SignedIn, q: &AuditQuery, result: Result<EventsPage, String>)
         };
         let kind = match e.get("connection_id").and_then(Value::as_u64) {
             Some(id) => format!(
-                r#"<a href="/sessions/{id}?from=1">{}</a>"#,
+                r#"<a href="/sessions/{id}?from=1{}">{}</a>"#,
+                esc(&host_param(found.hosts.get(i).map(String::as_str))),
                 esc(&s("/event"))
             ),
             None => esc(&s("/event")),
         };
         let _ = write!(
             body,
-            "<tr><td>{seq}</td><td>{}</td><td>{kind}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{kind}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            match found.hosts.get(i) {
+                Some(h) => format!("{} #{seq}", esc(h)),
+                None => seq.to_string(),
+            },
             esc(&query::format_time(e.get("time_ms").and_then(Value::as_u64).unwrap_or(0))),
             esc(&who),
             esc(&s("/target")),

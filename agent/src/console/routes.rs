@@ -42,6 +42,9 @@ pub struct State {
     pub shipped_path: Option<std::path::PathBuf>,
     /// The audit signing key, which signs review reports as `portcullis review report` does.
     pub signing_key: Option<portcullis_audit_store::SigningKey>,
+    /// On the fleet console (`portcullis console`): the fleet's trail in the central store,
+    /// which the sessions, audit and health pages read instead of this host's.
+    pub central: Option<Arc<crate::audit::central_read::CentralTrail>>,
 }
 
 type Shared = Extract<Arc<State>>;
@@ -370,14 +373,21 @@ async fn sign_out(
 async fn sessions(
     Extract(state): Shared,
     headers: HeaderMap,
-    Query(q): Query<SessionsQuery>,
+    Query(mut q): Query<SessionsQuery>,
 ) -> Response {
     let who = match state.reader(&headers, |r| r.auditor, "reading sessions") {
         Ok(w) => w,
         Err(r) => return r,
     };
+    q.fleet = state.central.is_some();
     let result = match q.filter(crate::audit::now_ms()) {
         Err(e) => Err(e),
+        Ok(filter) if q.fleet => match &state.central {
+            Some(c) => {
+                super::fleet::sessions(c, &filter, given(&q.host), q.before, PAGE_ROWS).await
+            }
+            None => Err("no central store".into()),
+        },
         Ok(filter) => {
             let dir = state.audit.dir().to_path_buf();
             let last = state.audit.last_seq();
@@ -407,6 +417,9 @@ async fn search(
     window: u64,
 ) -> Result<crate::audit::query::EventsPage, String> {
     let filter = q.filter(crate::audit::now_ms())?;
+    if let Some(central) = &state.central {
+        return super::fleet::search(central, &filter, given(&q.host), q.before, limit).await;
+    }
     let dir = state.audit.dir().to_path_buf();
     let last = state.audit.last_seq();
     let before = q.before;
@@ -421,12 +434,13 @@ async fn search(
 async fn audit(
     Extract(state): Shared,
     headers: HeaderMap,
-    Query(q): Query<AuditQuery>,
+    Query(mut q): Query<AuditQuery>,
 ) -> Response {
     let who = match state.reader(&headers, |r| r.auditor, "searching the audit trail") {
         Ok(w) => w,
         Err(r) => return r,
     };
+    q.fleet = state.central.is_some();
     let result = search(&state, &q, AUDIT_PAGE_ROWS, AUDIT_PAGE_RECORDS).await;
     html(StatusCode::OK, pages::audit(&who, &q, result))
 }
@@ -477,6 +491,13 @@ async fn audit_export(
 #[derive(serde::Deserialize)]
 struct From {
     from: Option<u64>,
+    /// On the fleet console: the bastion the session ran on.
+    host: Option<String>,
+}
+
+/// A form or link field, `None` when empty.
+fn given(s: &str) -> Option<&str> {
+    Some(s.trim()).filter(|s| !s.is_empty())
 }
 
 /// Where in a recording the replay page stands: which of the session's recordings (`n`),
@@ -506,6 +527,18 @@ async fn replay(
         Ok(w) => w,
         Err(r) => return r,
     };
+    if state.central.is_some() {
+        return html(
+            StatusCode::NOT_FOUND,
+            pages::refusal(
+                "Replay on the bastion",
+                Some(&who),
+                "Recordings stay on the bastion that made them; the central store holds their \
+                 chunk hashes only. Replay this session in that bastion's console, or with \
+                 `portcullis replay` there.",
+            ),
+        );
+    }
     let dir = state.audit.dir().to_path_buf();
     let read =
         tokio::task::spawn_blocking(move || crate::audit::recording::read_back_session(&dir, id))
@@ -592,8 +625,30 @@ async fn session(
         Ok(w) => w,
         Err(r) => return r,
     };
-    let dir = state.audit.dir().to_path_buf();
     let start = from.from.unwrap_or(1);
+    if let Some(central) = &state.central {
+        let Some(host) = from.host.as_deref().and_then(given) else {
+            return html(
+                StatusCode::BAD_REQUEST,
+                pages::refusal(
+                    "Which bastion?",
+                    Some(&who),
+                    "On the fleet console a session is named by its host too: open it from \
+                     the sessions list or an audit search.",
+                ),
+            );
+        };
+        return match super::fleet::session(central, host, id, start).await {
+            Ok((events, starts)) => {
+                html(StatusCode::OK, pages::timeline(&who, id, &events, &starts))
+            }
+            Err(e) => html(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::refusal("Unreadable", Some(&who), &e),
+            ),
+        };
+    }
+    let dir = state.audit.dir().to_path_buf();
     let read =
         tokio::task::spawn_blocking(move || crate::audit::query::session_events(&dir, id, start))
             .await;
@@ -926,7 +981,11 @@ async fn live(Extract(state): Shared, headers: HeaderMap) -> Response {
     };
     let mut open = state.registry.views(None);
     open.sort_by_key(|c| c.started_ms);
-    html(StatusCode::OK, pages::live(&who, &open, None))
+    let notice = state.central.is_some().then_some(
+        "This is the fleet console: it proxies nothing, so nothing is open here. Sessions still \
+         open on the bastions show as open in Sessions; an admin ends one in its bastion's console.",
+    );
+    html(StatusCode::OK, pages::live(&who, &open, notice))
 }
 
 /// An admin ends one open connection, with a reason: the connection closes with
@@ -1022,6 +1081,15 @@ async fn health(Extract(state): Shared, headers: HeaderMap) -> Response {
                 },
             }
         }),
+        fleet: match &state.central {
+            Some(c) => Some(c.hosts().await.map_err(|e| {
+                format!(
+                    "the central audit store cannot be read: {}",
+                    crate::audit::with_sources(&e)
+                )
+            })),
+            None => None,
+        },
     };
     html(StatusCode::OK, pages::health(&who, &h))
 }

@@ -109,6 +109,7 @@ fn fixture_of(text: &str, options: StoreOptions) -> Fixture {
             targets: Arc::new(targets),
             shipped_path: None,
             signing_key: None,
+            central: None,
         }),
     }
 }

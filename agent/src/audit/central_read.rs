@@ -1,0 +1,424 @@
+//! Reading a fleet's audit trail back from the central store: the fleet console's sessions,
+//! timelines, searches and health, and fleet access reviews.
+//!
+//! The same filters as the local store's (`query::Filter`, `query::SessionFilter`) decide
+//! what a page keeps, on the full events of the `event` column, so a page means the same on
+//! one host and on a fleet. SQL narrows the rows first (event type, time, host, target) and
+//! walks indexes of schema version 3 newest first; every page reads at most
+//! [`PAGE_SCAN_ROWS`] rows, so it costs the same with a million events as with a thousand.
+//!
+//! Pages are keyed by time: a page ends after all rows of its last millisecond, and the
+//! next one starts before that millisecond, so no row is shown twice or skipped.
+
+use serde_json::Value;
+use tokio_postgres::Client;
+use tokio_util::task::TaskTracker;
+
+use super::central::{self, CentralError};
+use super::query::{Filter, SessionFilter};
+use crate::config::CentralConfig;
+
+/// Rows one page reads at most before it stops (and says where the next one starts).
+pub const PAGE_SCAN_ROWS: usize = 20_000;
+/// Rows one query fetches while a page walks back.
+const BATCH: i64 = 500;
+/// Events one timeline holds at most.
+const TIMELINE_ROWS: i64 = 20_000;
+
+/// One event of the fleet's trail: the host that recorded it, its seq there, and the full
+/// event (with its `host` member, as every event carries).
+#[derive(Debug, Clone)]
+pub struct FleetEvent {
+    pub host: String,
+    pub seq: u64,
+    pub time_ms: u64,
+    pub event: Value,
+}
+
+/// A page of events newest first, and where the next (older) page starts.
+#[derive(Debug, Clone)]
+pub struct FleetPage {
+    pub events: Vec<FleetEvent>,
+    /// Rows read for this page.
+    pub scanned: usize,
+    /// `before` (Unix ms) for the next page; `None` when the oldest row was reached.
+    pub older: Option<u64>,
+}
+
+/// A fleet session of a sessions page: its `connection.opened`, and its close when the
+/// store holds one.
+#[derive(Debug, Clone)]
+pub struct FleetSession {
+    pub opened: FleetEvent,
+    pub closed: Option<Value>,
+    /// Without a close: when its host's agent started next, if it did (it was killed).
+    pub restarted_ms: Option<u64>,
+}
+
+/// The last event each host shipped.
+#[derive(Debug, Clone)]
+pub struct HostLast {
+    pub host: String,
+    pub seq: u64,
+    pub time_ms: u64,
+    /// When the central store received it (Unix ms).
+    pub received_ms: u64,
+}
+
+/// The fleet's trail as the central store holds it, read through one connection.
+pub struct CentralTrail {
+    client: Client,
+    _tasks: TaskTracker,
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// What SQL narrows a walk by, before the filter decides each row.
+#[derive(Debug, Default)]
+struct Narrow<'a> {
+    /// An event type (`connection.opened`) or its family (`connection`), as
+    /// `Filter::kind`; `connection.opened` alone is served by its partial index.
+    kind: Option<&'a str>,
+    host: Option<&'a str>,
+    target: Option<&'a str>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+}
+
+impl CentralTrail {
+    /// Connects as `[audit.central]`'s role, which must also hold `portcullis_reader`.
+    pub async fn connect(central: &CentralConfig, mark: Option<u32>) -> Result<Self, CentralError> {
+        let tasks = TaskTracker::new();
+        let client = central::connect_reader(central, &tasks, mark).await?;
+        // Refused here, at start, rather than on the first page an auditor opens. The
+        // agents' role may read `host`, `seq` and `hash`: the events are what it lacks.
+        client
+            .query(
+                "SELECT event, event_text FROM portcullis_audit_events LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(|e| {
+                CentralError::Config(format!(
+                    "the role cannot read portcullis_audit_events ({}); grant it portcullis_reader",
+                    super::with_sources(&e)
+                ))
+            })?;
+        Ok(Self {
+            client,
+            _tasks: tasks,
+        })
+    }
+
+    /// Rows newest first, at most `BATCH`, strictly older than `(time_ms, host, seq)`.
+    async fn batch(
+        &self,
+        narrow: &Narrow<'_>,
+        after: (i64, &str, i64),
+    ) -> Result<Vec<FleetEvent>, tokio_postgres::Error> {
+        // One statement for every combination: a NULL parameter leaves its condition out.
+        // `event->>'event' = $1` matches the partial index's predicate only when written
+        // as a literal, so the sessions walk has a statement of its own.
+        let sql_opened = "SELECT host, seq, time_ms, event FROM portcullis_audit_events
+             WHERE event->>'event' = 'connection.opened'
+               AND (time_ms, host, seq) < ($1, $2, $3)
+               AND ($4::text IS NULL OR host = $4)
+               AND ($5::text IS NULL OR event->>'target' = $5)
+               AND ($6::bigint IS NULL OR time_ms >= $6)
+               AND ($7::bigint IS NULL OR time_ms <= $7)
+             ORDER BY time_ms DESC, host DESC, seq DESC LIMIT $8";
+        let sql_any = "SELECT host, seq, time_ms, event FROM portcullis_audit_events
+             WHERE event IS NOT NULL
+               AND (time_ms, host, seq) < ($1, $2, $3)
+               AND ($4::text IS NULL OR host = $4)
+               AND ($5::text IS NULL OR event->>'target' = $5)
+               AND ($6::bigint IS NULL OR time_ms >= $6)
+               AND ($7::bigint IS NULL OR time_ms <= $7)
+               AND ($9::text IS NULL OR event->>'event' = $9
+                    OR starts_with(event->>'event', $9 || '.'))
+             ORDER BY time_ms DESC, host DESC, seq DESC LIMIT $8";
+        let since = narrow.since_ms.map(to_i64);
+        let until = narrow.until_ms.map(to_i64);
+        let rows = if narrow.kind == Some("connection.opened") {
+            self.client
+                .query(
+                    sql_opened,
+                    &[
+                        &after.0,
+                        &after.1,
+                        &after.2,
+                        &narrow.host,
+                        &narrow.target,
+                        &since,
+                        &until,
+                        &BATCH,
+                    ],
+                )
+                .await?
+        } else {
+            self.client
+                .query(
+                    sql_any,
+                    &[
+                        &after.0,
+                        &after.1,
+                        &after.2,
+                        &narrow.host,
+                        &narrow.target,
+                        &since,
+                        &until,
+                        &BATCH,
+                        &narrow.kind,
+                    ],
+                )
+                .await?
+        };
+        rows.into_iter().map(|r| row_event(&r)).collect()
+    }
+
+    /// Walks back from `before` (Unix ms; `None`: the newest), keeping what `keep` keeps,
+    /// until `limit` are kept or [`PAGE_SCAN_ROWS`] are read; then to the end of the last
+    /// millisecond read, so the next page can start before it.
+    async fn walk(
+        &self,
+        narrow: &Narrow<'_>,
+        before: Option<u64>,
+        limit: usize,
+        mut keep: impl FnMut(&FleetEvent) -> bool,
+    ) -> Result<FleetPage, tokio_postgres::Error> {
+        let mut at = (before.map_or(i64::MAX, to_i64), String::new(), 0i64);
+        let mut events = Vec::new();
+        let mut scanned = 0usize;
+        let mut stop_after: Option<u64> = None;
+        loop {
+            let batch = self.batch(narrow, (at.0, &at.1, at.2)).await?;
+            let ended = batch.len() < usize::try_from(BATCH).unwrap_or(usize::MAX);
+            for e in batch {
+                if stop_after.is_some_and(|t| e.time_ms != t) {
+                    return Ok(FleetPage {
+                        events,
+                        scanned,
+                        older: stop_after,
+                    });
+                }
+                scanned += 1;
+                at = (to_i64(e.time_ms), e.host.clone(), to_i64(e.seq));
+                let time = e.time_ms;
+                if keep(&e) {
+                    events.push(e);
+                }
+                if stop_after.is_none() && (events.len() >= limit || scanned >= PAGE_SCAN_ROWS) {
+                    stop_after = Some(time);
+                }
+            }
+            if ended {
+                return Ok(FleetPage {
+                    events,
+                    scanned,
+                    older: None,
+                });
+            }
+        }
+    }
+
+    /// The events `filter` keeps (and on `host`, when given), newest first.
+    pub async fn events_page(
+        &self,
+        filter: &Filter,
+        host: Option<&str>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<FleetPage, tokio_postgres::Error> {
+        let narrow = Narrow {
+            kind: filter.kind.as_deref(),
+            host,
+            target: filter.target.as_deref(),
+            since_ms: filter.since_ms,
+            until_ms: filter.until_ms,
+        };
+        self.walk(&narrow, before, limit, |e| {
+            filter.matches(&e.event, &e.event.to_string())
+        })
+        .await
+    }
+
+    /// Sessions `filter` keeps (and on `host`, when given), newest first, each with its
+    /// close when the store holds one.
+    pub async fn sessions_page(
+        &self,
+        filter: &SessionFilter,
+        host: Option<&str>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<FleetSession>, FleetPage), tokio_postgres::Error> {
+        let opened = Filter {
+            user: filter.user.clone(),
+            target: filter.target.clone(),
+            kind: Some("connection.opened".into()),
+            since_ms: filter.since_ms,
+            until_ms: filter.until_ms,
+            ..Filter::default()
+        };
+        let narrow = Narrow {
+            kind: Some("connection.opened"),
+            host,
+            target: filter.target.as_deref(),
+            since_ms: filter.since_ms,
+            until_ms: filter.until_ms,
+        };
+        let mut page = self
+            .walk(&narrow, before, limit, |e| {
+                opened.matches(&e.event, "")
+                    && filter
+                        .protocol
+                        .as_deref()
+                        .is_none_or(|p| e.event.get("protocol").and_then(Value::as_str) == Some(p))
+            })
+            .await?;
+        let mut sessions = Vec::with_capacity(page.events.len());
+        for o in std::mem::take(&mut page.events) {
+            let id = o
+                .event
+                .get("connection_id")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                .to_string();
+            if let Some(decision) = &filter.decision {
+                let decided = self
+                    .client
+                    .query_opt(
+                        "SELECT 1 FROM portcullis_audit_events
+                         WHERE host = $1 AND event->>'connection_id' = $2 AND seq >= $3
+                           AND event->>'decision' = $4 LIMIT 1",
+                        &[&o.host, &id, &to_i64(o.seq), decision],
+                    )
+                    .await?;
+                if decided.is_none() {
+                    continue;
+                }
+            }
+            let closed = self
+                .client
+                .query_opt(
+                    "SELECT event FROM portcullis_audit_events
+                     WHERE host = $1 AND event->>'connection_id' = $2 AND seq > $3
+                       AND event->>'event' = 'connection.closed'
+                     ORDER BY seq LIMIT 1",
+                    &[&o.host, &id, &to_i64(o.seq)],
+                )
+                .await?
+                .map(|r| r.try_get::<_, Value>(0))
+                .transpose()?;
+            let restarted_ms = match closed {
+                Some(_) => None,
+                None => self
+                    .client
+                    .query_opt(
+                        "SELECT time_ms FROM portcullis_audit_events
+                         WHERE host = $1 AND seq > $2 AND event->>'event' = 'agent.started'
+                         ORDER BY seq LIMIT 1",
+                        &[&o.host, &to_i64(o.seq)],
+                    )
+                    .await?
+                    .map(|r| r.try_get::<_, i64>(0).map(to_u64))
+                    .transpose()?,
+            };
+            sessions.push(FleetSession {
+                opened: o,
+                closed,
+                restarted_ms,
+            });
+        }
+        Ok((sessions, page))
+    }
+
+    /// One session's events in order (what `sessions show` prints), from its
+    /// `connection.opened` at `from` on `host`, and the times that host's agent started after.
+    pub async fn session_events(
+        &self,
+        host: &str,
+        connection_id: u64,
+        from: u64,
+    ) -> Result<(Vec<Value>, Vec<u64>), tokio_postgres::Error> {
+        let rows = self
+            .client
+            .query(
+                "SELECT event FROM portcullis_audit_events
+                 WHERE host = $1 AND event->>'connection_id' = $2 AND seq >= $3
+                 ORDER BY seq LIMIT $4",
+                &[
+                    &host,
+                    &connection_id.to_string(),
+                    &to_i64(from.max(1)),
+                    &TIMELINE_ROWS,
+                ],
+            )
+            .await?;
+        let events = rows
+            .iter()
+            .map(|r| r.try_get::<_, Value>(0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let starts = self
+            .client
+            .query(
+                "SELECT time_ms FROM portcullis_audit_events
+                 WHERE host = $1 AND seq > $2 AND event->>'event' = 'agent.started'
+                 ORDER BY seq LIMIT 16",
+                &[&host, &to_i64(from)],
+            )
+            .await?
+            .iter()
+            .map(|r| r.try_get::<_, i64>(0).map(to_u64))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((events, starts))
+    }
+
+    /// The last event of every host, by host name: one index probe per host, not a scan.
+    pub async fn hosts(&self) -> Result<Vec<HostLast>, tokio_postgres::Error> {
+        let rows = self
+            .client
+            .query(
+                "WITH RECURSIVE h(host) AS (
+                     (SELECT host FROM portcullis_audit_events ORDER BY host LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT e.host FROM portcullis_audit_events e
+                             WHERE e.host > h.host ORDER BY e.host LIMIT 1)
+                     FROM h WHERE h.host IS NOT NULL
+                 )
+                 SELECT h.host, l.seq, l.time_ms,
+                        (extract(epoch FROM l.received_at) * 1000)::bigint
+                 FROM h CROSS JOIN LATERAL (
+                     SELECT seq, time_ms, received_at FROM portcullis_audit_events e
+                     WHERE e.host = h.host ORDER BY seq DESC LIMIT 1
+                 ) l
+                 WHERE h.host IS NOT NULL ORDER BY h.host",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(HostLast {
+                    host: r.try_get(0)?,
+                    seq: to_u64(r.try_get(1)?),
+                    time_ms: to_u64(r.try_get(2)?),
+                    received_ms: to_u64(r.try_get(3)?),
+                })
+            })
+            .collect()
+    }
+}
+
+fn row_event(r: &tokio_postgres::Row) -> Result<FleetEvent, tokio_postgres::Error> {
+    Ok(FleetEvent {
+        host: r.try_get(0)?,
+        seq: to_u64(r.try_get(1)?),
+        time_ms: to_u64(r.try_get(2)?),
+        event: r.try_get(3)?,
+    })
+}
