@@ -41,6 +41,15 @@ const AGENT_PIN_DIR: &str = "/sys/fs/bpf/portcullis-bench-postgres";
 const AGENT_PROXY_PORT: u16 = 944;
 const LATENCY_SAMPLES: usize = 200;
 const IDLE_SESSIONS: usize = 1_000;
+/// `--case idle10k`: only the idle TLS sessions measurement ([`idle_tls_sessions`]).
+const IDLE_TLS_CASE: &str = "idle10k";
+/// The agent's redirect needs two descriptors per session (client and server side) plus
+/// its own files, sockets and BPF maps.
+const AGENT_SPARE_FDS: u64 = 512;
+/// A PostgreSQL backend, the agent's session and the client's, per idle session (measured:
+/// 1.4 MB proportional set size per backend).
+const BACKEND_KIB: u64 = 1_600;
+const MEMORY_SPARE_KIB: u64 = 4 << 20;
 
 pub struct Options {
     /// pgbench `-T` for every run.
@@ -52,6 +61,8 @@ pub struct Options {
     /// `--perf`: `perf record -a -g` during every run, into
     /// `/tmp/portcullis-bench-perf/<case>.<path>.data`, to see where the CPU goes.
     perf: bool,
+    /// `--sessions N`: idle TLS sessions the `idle10k` case holds (default 10,000).
+    sessions: usize,
 }
 
 impl Options {
@@ -64,6 +75,7 @@ impl Options {
             rounds: 3,
             case: None,
             perf: false,
+            sessions: 10_000,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -81,8 +93,9 @@ impl Options {
                     o.case = Some(it.next().cloned().context("--case needs part of a case name")?)
                 }
                 "--perf" => o.perf = true,
+                "--sessions" => o.sessions = usize::try_from(value("--sessions")?.min(100_000))?,
                 other => bail!(
-                    "unknown option `{other}` for the postgres bench (--quick, --seconds N, --rounds N, --case TEXT, --perf)"
+                    "unknown option `{other}` for the postgres bench (--quick, --seconds N, --rounds N, --case TEXT, --perf, --sessions N)"
                 ),
             }
         }
@@ -163,6 +176,9 @@ pub fn run(options: &Options) -> Result<Vec<Row>> {
     if !crate::setup::is_root() {
         bail!("the PostgreSQL bench runs the server as `postgres` and attaches eBPF programs: it needs root");
     }
+    if options.case.as_deref() == Some(IDLE_TLS_CASE) {
+        return idle_tls_sessions(options.sessions);
+    }
     let scratch = tempdir()?;
 
     step(&format!(
@@ -205,7 +221,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>> {
     };
 
     step("the agent path: portcullis with a postgres target on the server's own address");
-    let agent = AgentPath::start(&crate::bench_common::agent_bin(), &pg);
+    let agent = AgentPath::start(&crate::bench_common::agent_bin(), &pg, None);
     let agent_endpoint = match &agent {
         Ok(a) => Ok(a.endpoint(&pg)),
         Err(e) => {
@@ -411,6 +427,11 @@ pub fn run(options: &Options) -> Result<Vec<Row>> {
     drop(bouncer);
     drop(pg);
     let _ = std::fs::remove_dir_all(&scratch);
+
+    match idle_tls_sessions(options.sessions) {
+        Ok(rows) => table.extend(rows),
+        Err(e) => println!("idle TLS sessions: not measured: {e:#}"),
+    }
 
     // In-process, in release: the proxy applies the same Masker to every selected value.
     step("masking throughput (policy/benches/mask.rs)");
@@ -826,7 +847,9 @@ struct AgentPath {
 }
 
 impl AgentPath {
-    fn start(bin: &Path, pg: &Postgres) -> Result<Self> {
+    /// `upstream_ca`: TLS to the server, verified against this CA; None: plaintext, like
+    /// pgbouncer in this bench.
+    fn start(bin: &Path, pg: &Postgres, upstream_ca: Option<&Path>) -> Result<Self> {
         if !bin.is_file() {
             bail!(
                 "{} is missing (`cargo xtask bench` builds it)",
@@ -862,7 +885,8 @@ impl AgentPath {
             format!(
                 "state_dir = \"{state}\"\n\
                  [control]\nsocket = \"{socket}\"\n\
-                 [proxy]\nport = {AGENT_PROXY_PORT}\ndrain_timeout_secs = 5\n\
+                 # Held idle sessions must outlast the bench's hold.\n\
+                 [proxy]\nport = {AGENT_PROXY_PORT}\ndrain_timeout_secs = 5\nidle_timeout_secs = 3600\n\
                  [bpf]\ncgroup = \"{cgroup}\"\npin_dir = \"{AGENT_PIN_DIR}\"\n\
                  [policy]\ndir = \"{policies}\"\n\
                  # The data path is measured here, not the login: attribute to the Unix account.\n\
@@ -874,10 +898,14 @@ impl AgentPath {
                  [[target]]\nname = \"benchdb\"\nprotocol = \"postgres\"\n\
                  # The server's own address: the kernel redirects connects to it.\n\
                  address = \"127.0.0.1\"\nport = {port}\n\
-                 [target.postgres]\n\
-                 # Plaintext to the server, like pgbouncer in this bench.\n\
-                 tls = \"insecure-plaintext\"\n\
+                 [target.postgres]\n{tls}\
                  credentials_file = \"{credentials}\"\n{forward}",
+                tls = match upstream_ca {
+                    Some(ca) => format!("tls = \"verify-full\"\nca_file = \"{}\"\n", ca.display()),
+                    None => "# Plaintext to the server, like pgbouncer in this bench.\n\
+                             tls = \"insecure-plaintext\"\n"
+                        .to_string(),
+                },
                 state = dir.join("state").display(),
                 socket = dir.join("control.sock").display(),
                 cgroup = cgroup.path.display(),
@@ -1000,4 +1028,189 @@ impl Drop for AgentPath {
         let _ = std::fs::remove_dir_all(AGENT_PIN_DIR);
         // `cgroup` drops next: it kills what is left inside and removes the group.
     }
+}
+
+/// `--case idle10k`: `sessions` idle PostgreSQL sessions through the agent with TLS on both
+/// sides (the client verifies the agent's local CA, the agent verifies the server's), held
+/// by `xtask idle-client` in the agent's cgroup; the agent's RSS and CPU before, with them
+/// open, and after 10 s of holding them; then every one must still answer `SELECT 1`.
+/// The server is one of its own: `max_connections` sized for the run.
+fn idle_tls_sessions(requested: usize) -> Result<Vec<Row>> {
+    use std::io::{BufRead, Write};
+    let hard = crate::idle_client::raise_fd_limit()?;
+    // The agent inherits this limit; the unit's LimitNOFILE (131072) is far above it.
+    let fit = usize::try_from(hard.saturating_sub(AGENT_SPARE_FDS) / 2)?;
+    let mut sessions = requested.min(fit);
+    if sessions < requested {
+        println!(
+            "open-file hard limit {hard} here: the agent can hold at most {sessions} sessions (two descriptors each), not {requested}"
+        );
+    }
+    // Each session is also a PostgreSQL backend (about 1.4 MB of its own): on a shared
+    // machine the bench holds no more than what leaves others room.
+    let available = mem_available_kib()?;
+    let fit = usize::try_from(available.saturating_sub(MEMORY_SPARE_KIB) / BACKEND_KIB)?;
+    if fit < sessions {
+        println!(
+            "{} MiB available: at most {fit} sessions leave {} MiB to the rest of the machine, not {sessions}",
+            available / 1024,
+            MEMORY_SPARE_KIB / 1024
+        );
+        sessions = fit;
+    }
+    step(&format!(
+        "{sessions} idle sessions through the agent, TLS on both sides (PostgreSQL with max_connections = {})",
+        sessions + 20
+    ));
+    let scratch = tempdir()?;
+    let pg = Postgres::start_with(PgOptions {
+        tls: true,
+        require_tls: true,
+        max_connections: u32::try_from(sessions + 20)?,
+        shared_buffers: "128MB",
+        log_connections: false,
+    });
+    pg.create_role(ROLE, PASSWORD, PasswordAuth::Scram);
+    pg.create_database(DATABASE, Some(ROLE));
+    let agent = AgentPath::start(
+        &crate::bench_common::agent_bin(),
+        &pg,
+        Some(&pg.ca_pem_path()),
+    )?;
+    let pid = agent.child.id();
+    // The client runs as CLIENT_UID: it gets its own copy of the agent's CA certificate.
+    let ca = scratch.join("agent-ca.pem");
+    std::fs::copy(Path::new(AGENT_DIR).join("state/ca/ca.pem"), &ca)
+        .context("the agent's local CA certificate")?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644))?;
+    }
+    let limit = Duration::from_secs(600);
+    let mut cmd = Command::new(std::env::current_exe()?);
+    portcullis_e2e::exec_in_cgroup_as(&mut cmd, Some(&agent.cgroup.path), Some(CLIENT_UID));
+    let err_path = scratch.join("idle-tls.err");
+    let mut client = cmd
+        .arg("idle-client")
+        .arg(format!("127.0.0.1:{}", pg.port))
+        .args([ROLE, DATABASE])
+        .arg(&ca)
+        .arg(sessions.to_string())
+        .arg(limit.as_secs().to_string())
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&err_path)?)
+        .spawn()
+        .context("starting the idle TLS client")?;
+    let (Some(mut stdin), Some(stdout)) = (client.stdin.take(), client.stdout.take()) else {
+        bail!("the idle TLS client has no stdin/stdout");
+    };
+    let mut stdout = std::io::BufReader::new(stdout);
+    let mut line = String::new();
+    let rss_before = crate::bench_common::rss_kib(pid)?;
+    let cpu_before = process_cpu_ticks(pid)?;
+    let started = Instant::now();
+    // The client gives up by itself after `limit`, so this read ends.
+    stdout.read_line(&mut line)?;
+    let open: Option<usize> = line
+        .trim()
+        .strip_prefix("open ")
+        .and_then(|n| n.parse().ok());
+    let opening = started.elapsed();
+    let rss_open = crate::bench_common::rss_kib(pid)?;
+    let cpu_open = process_cpu_ticks(pid)?;
+    let hold = Duration::from_secs(10);
+    std::thread::sleep(hold);
+    let rss_held = crate::bench_common::rss_kib(pid)?;
+    let cpu_held = process_cpu_ticks(pid)?;
+    writeln!(stdin, "query")?;
+    line.clear();
+    stdout.read_line(&mut line)?;
+    let answered: Option<usize> = line
+        .trim()
+        .strip_prefix("answered ")
+        .and_then(|n| n.parse().ok());
+    let _ = writeln!(stdin, "close");
+    drop(stdin);
+    let status = wait_bounded(&mut client, Duration::from_secs(60))?;
+    let errors = std::fs::read_to_string(&err_path).unwrap_or_default();
+    drop(agent);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let Some(open) = open.filter(|n| *n > 0) else {
+        bail!(
+            "{status}: no session opened: {}",
+            last_line(errors.as_bytes())
+        );
+    };
+    if !errors.trim().is_empty() {
+        println!("idle TLS client: {}", errors.trim());
+    }
+    let hz = clock_ticks_per_second();
+    let per_session_kb = (rss_held as f64 - rss_before as f64) * 1024.0 / 1000.0 / open as f64;
+    let setup_ms = (cpu_open - cpu_before) as f64 * 1000.0 / hz / open as f64;
+    let idle_cpu = (cpu_held - cpu_open) as f64 / hz / hold.as_secs_f64() * 100.0;
+    let answered = answered.unwrap_or(0);
+    println!(
+        "agent VmRSS: {rss_before} KiB before, {rss_open} KiB with {open} TLS sessions open ({:.0} s to open), {rss_held} KiB after holding them {} s: {per_session_kb:.1} kB per session\n\
+         agent CPU: {setup_ms:.2} ms per session opened, {idle_cpu:.1} % of a core while they were idle; {answered} of {open} answered SELECT 1 afterwards",
+        opening.as_secs_f64(),
+        hold.as_secs()
+    );
+    let label = |what: &str| format!("{what} ({open} idle TLS sessions held)");
+    Ok(vec![
+        Row::new(
+            "postgres",
+            "postgres.rss_per_tls_session",
+            &label("agent RSS per idle session, TLS on both sides"),
+            per_session_kb,
+            "kB",
+            1,
+        ),
+        Row::new(
+            "postgres",
+            "postgres.rss_tls_sessions",
+            &label("agent RSS"),
+            rss_held as f64 * 1024.0 / 1e6,
+            "MB",
+            1,
+        )
+        .against(rss_before as f64 * 1024.0 / 1e6, "held / idle"),
+        Row::new(
+            "postgres",
+            "postgres.cpu_per_tls_session_setup",
+            &label("agent CPU per session opened (TLS handshake both sides, SCRAM upstream)"),
+            setup_ms,
+            "ms",
+            1,
+        ),
+        Row::new(
+            "postgres",
+            "postgres.cpu_tls_sessions_idle",
+            &label("agent CPU while the sessions are idle, % of a core"),
+            idle_cpu,
+            "%",
+            1,
+        ),
+        Row::new(
+            "postgres",
+            "postgres.tls_sessions_answering",
+            &label("held sessions that answer SELECT 1 afterwards"),
+            answered as f64,
+            "sessions",
+            1,
+        )
+        .against(open as f64, "answered / held"),
+    ])
+}
+
+fn mem_available_kib() -> Result<u64> {
+    std::fs::read_to_string("/proc/meminfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no MemAvailable in /proc/meminfo")
 }

@@ -8,6 +8,7 @@ mod bench_ssh;
 mod bench_table;
 mod demo;
 mod fuzz;
+mod idle_client;
 mod package;
 mod setup;
 
@@ -40,7 +41,7 @@ commands:
                through the agent and ssh to a local sshd with its shell replayed; --no-build
                runs the agent already built (PORTCULLIS_BIN, else target/release/portcullis)
   bench [redirect|tcp-bulk|policy|audit|review|console|postgres|ssh|all] [--no-build] [--quick]
-        [--seconds N] [--rounds N] [--case TEXT] [--perf]
+        [--seconds N] [--rounds N] [--case TEXT] [--perf] [--sessions N]
                measure against the direct path (and pgbouncer for postgres) and print one
                table (suite, measure, value, baseline, ratio, goal, met?), every figure a
                median of interleaved rounds; writes target/bench/<suite>.json, .svg and .md
@@ -51,8 +52,9 @@ commands:
                3 with fewer connections and 64 MiB bulk transfers). postgres: --quick and
                --seconds set pgbench -T (3 s, default 10), --rounds (default 3), --case runs
                only the cases whose name contains TEXT, --perf records `perf record -a -g`
-               during each run (Debian's linux-perf). ssh: --quick moves 256 MiB instead of
-               1 GiB in one round (default 3) with 20 latency samples instead of 50, --perf
+               during each run (Debian's linux-perf); --case idle10k runs only the idle
+               TLS sessions measure (--sessions N held, default 10,000). ssh: --quick moves
+               256 MiB instead of 1 GiB in one round (default 3) with 20 latency samples instead of 50, --perf
                records the agent during its first `cat`. review times `review report` over a
                million generated events (one run); console times the sessions page (and
                `sessions list`) over a million events: p50 and p99 of 41 runs";
@@ -108,6 +110,8 @@ fn main() -> Result<()> {
             }
             bench::run(&args)
         }
+        // Run by `bench postgres` inside the agent's cgroup, not by hand.
+        "idle-client" => idle_client::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

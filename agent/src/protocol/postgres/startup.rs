@@ -44,7 +44,15 @@ pub async fn run(
     let mut buf = BytesMut::new();
     let started = tokio::time::timeout(
         STARTUP_TIMEOUT,
-        client_startup(gate, shared, &incoming, Stream::Plain(client), &mut buf),
+        // Start-up and admission are boxed: their TLS handshakes and log-in are the largest
+        // futures of a connection, and inline they would size its task for the whole session.
+        Box::pin(client_startup(
+            gate,
+            shared,
+            &incoming,
+            Stream::Plain(client),
+            &mut buf,
+        )),
     )
     .await;
     let (mut client, startup) = match started {
@@ -78,7 +86,15 @@ pub async fn run(
     };
     let db_user = startup.user().unwrap_or_default().to_string();
     let db_name = startup.database().unwrap_or_default().to_string();
-    let result = admit(gate, shared, &incoming, &mut client, &startup, identity).await;
+    let result = Box::pin(admit(
+        gate,
+        shared,
+        &incoming,
+        &mut client,
+        &startup,
+        identity,
+    ))
+    .await;
     let mut admitted = match result {
         Ok(a) => a,
         Err((e, _, None, _)) => {

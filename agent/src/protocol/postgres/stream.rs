@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use portcullis_pgwire::{decode_frame, DecodeError, RawMessage};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Read this much at a time; also the granularity of backpressure.
@@ -130,9 +130,41 @@ pub async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> i
 }
 
 /// One read of up to [`READ_CHUNK`] bytes into `buf`; 0 at end of stream.
+///
+/// The read lands in the worker thread's scratch buffer and only what arrived is copied
+/// into `buf`: a session waiting for its peer holds no read buffer of its own (a 64 KiB
+/// one reserved before each wait, times two per session, was most of an idle session's
+/// memory), and [`release_if_drained`] can free `buf` between messages.
 pub async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
-    buf.reserve(READ_CHUNK);
-    stream.read_buf(buf).await
+    std::future::poll_fn(|cx| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let scratch = scratch.get_or_insert_with(|| vec![0u8; READ_CHUNK].into_boxed_slice());
+            let mut read = ReadBuf::new(scratch);
+            match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    buf.extend_from_slice(read.filled());
+                    Poll::Ready(Ok(read.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+    .await
+}
+
+thread_local! {
+    /// Filled and emptied within one poll, so a task moving between threads never sees
+    /// another's bytes.
+    static SCRATCH: std::cell::RefCell<Option<Box<[u8]>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Frees `buf`'s memory once everything in it was consumed, so an idle session keeps no
+/// buffer; the next [`fill`] allocates only what arrives.
+pub fn release_if_drained(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +174,7 @@ mod tests {
     use std::time::Duration;
 
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
@@ -167,6 +200,36 @@ mod tests {
             tokio_rustls::TlsConnector::from(Arc::new(client)),
             tokio_rustls::TlsAcceptor::from(Arc::new(server)),
         )
+    }
+
+    /// A session waiting for its peer keeps no read buffer: a read takes only what arrived
+    /// (not a 64 KiB reservation made before the wait), and a drained buffer is freed.
+    #[tokio::test]
+    async fn a_read_holds_only_what_arrived_and_a_drained_buffer_is_freed() {
+        let (mut near, mut far) = tokio::io::duplex(4096);
+        far.write_all(b"Q\0\0\0\x0dSELECT 1\0").await.unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(fill(&mut near, &mut buf).await.unwrap(), 14);
+        assert_eq!(&buf[..], b"Q\0\0\0\x0dSELECT 1\0");
+        assert!(buf.capacity() < 1024, "holds {} bytes", buf.capacity());
+        let message = buf.split();
+        release_if_drained(&mut buf);
+        assert_eq!(buf.capacity(), 0);
+        assert_eq!(
+            message.len(),
+            14,
+            "what was taken out is not freed with the buffer"
+        );
+        // Messages longer than one read still accumulate whole.
+        let long = vec![7u8; 3 * READ_CHUNK];
+        let writer = async { far.write_all(&long).await.unwrap() };
+        let reader = async {
+            while buf.len() < long.len() {
+                assert!(fill(&mut near, &mut buf).await.unwrap() <= READ_CHUNK);
+            }
+        };
+        tokio::join!(writer, reader);
+        assert!(buf[..] == long[..]);
     }
 
     /// The end of a burst over TLS reaches the peer although nothing is written after it:

@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::super::catalog::{Catalog, ColumnName, Lookup, Routine};
 use super::super::error::PgError;
-use super::super::stream::{fill, write_out, Stream};
+use super::super::stream::{fill, release_if_drained, write_out, Stream};
 use super::super::upstream::Upstream;
 use super::super::Shared;
 use super::{
@@ -134,7 +134,10 @@ pub async fn run(
     let why = loop {
         // What the machine waits for from the catalog, before anything more is read.
         while let Some(lookup) = machine.output().lookup.take() {
-            let answer = catalog_lookup(&est, &lookup).await;
+            // Boxed, like the approval wait below: a side connection's log-in is a large
+            // future, and inline it would make every session's task that large for its
+            // whole life, idle or not.
+            let answer = Box::pin(catalog_lookup(&est, &lookup)).await;
             machine.catalog_answer(answer, now());
             if !machine.is_paused() {
                 machine.on_client(&mut cbuf, now(), &gate.policies().current());
@@ -172,7 +175,7 @@ pub async fn run(
                     );
                     break "closed by the agent".into();
                 }
-                a = wait_for_approval(&est, ask, &mut client, &mut cbuf) => a,
+                a = Box::pin(wait_for_approval(&est, ask, &mut client, &mut cbuf)) => a,
             };
             let answer = match answer {
                 Ok(a) => a,
@@ -186,6 +189,14 @@ pub async fn run(
             }
             continue;
         }
+        // Waiting from here, maybe for hours: the session keeps no buffer while it waits
+        // (10,000 idle sessions would otherwise hold theirs); what the next read brings is
+        // allocated then.
+        release_if_drained(&mut cbuf);
+        release_if_drained(&mut sbuf);
+        let out = machine.output();
+        release_if_drained(&mut out.to_server);
+        release_if_drained(&mut out.to_client);
         tokio::select! {
             () = &mut cancelled => {
                 encode_error_response(
