@@ -350,6 +350,10 @@ enum SessionsCommand {
     /// One connection's timeline: every event about it, in order.
     Show {
         id: u64,
+        /// Read the trail from this record (1: the whole trail); by default from where the
+        /// connection's id says its events begin.
+        #[arg(long)]
+        from: Option<u64>,
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         #[arg(long)]
@@ -1189,7 +1193,7 @@ impl Drop for Keys {
 }
 
 fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
-    use crate::audit::query::{details, format_time, session_end, summary, Filter};
+    use crate::audit::query::{details, format_time, session_end, summary};
     match command {
         SessionsCommand::List {
             config,
@@ -1262,47 +1266,45 @@ fn sessions_command(command: SessionsCommand) -> anyhow::Result<ExitCode> {
         }
         SessionsCommand::Show {
             id,
+            from,
             config,
             dir,
             json,
         } => {
             let dir = audit_dir(&config, dir)?;
-            let filter = Filter {
-                connection_id: Some(id),
-                ..Default::default()
+            // Not from record 1: the id says where the session's events begin, so a session
+            // shows as fast among a million events as among a thousand.
+            let start = match from {
+                Some(f) => f,
+                None => crate::audit::query::session_start_seq(&dir, id)?,
             };
-            let mut n = 0;
+            let (records, starts) = crate::audit::query::session_records(&dir, id, start)?;
+            if records.is_empty() {
+                bail!(
+                    "no session {id} in {} from record {start} (where connection ids like it begin; --from 1 reads the whole trail)",
+                    dir.display()
+                );
+            }
             let mut commands = Vec::new();
             let mut opened_ms = None;
             let mut closed = None;
-            let mut starts = Vec::new();
             let mut files = Vec::new();
-            for_each_event(&dir, |event, raw| {
-                if filter.matches(event, raw) {
-                    n += 1;
-                    if event["event"] == "ssh.sftp" {
-                        files.push(event.clone());
-                    }
-                    match event["event"].as_str() {
-                        Some("connection.opened") => opened_ms = event["time_ms"].as_u64(),
-                        Some("connection.closed") => closed = Some(event.clone()),
-                        _ => {}
-                    }
-                    if json {
-                        println!("{raw}");
-                    } else {
-                        println!("{}", summary(event));
-                        for line in details(event) {
-                            println!("{line}");
-                        }
-                        commands.extend(ssh_command(event));
-                    }
-                } else if event["event"] == "agent.started" {
-                    starts.extend(event["time_ms"].as_u64());
+            for (event, raw) in &records {
+                match event["event"].as_str() {
+                    Some("connection.opened") => opened_ms = event["time_ms"].as_u64(),
+                    Some("connection.closed") => closed = Some(event.clone()),
+                    Some("ssh.sftp") => files.push(event.clone()),
+                    _ => {}
                 }
-            })?;
-            if n == 0 {
-                bail!("no session {id} in {}", dir.display());
+                if json {
+                    println!("{raw}");
+                } else {
+                    println!("{}", summary(event));
+                    for line in details(event) {
+                        println!("{line}");
+                    }
+                    commands.extend(ssh_command(event));
+                }
             }
             if !json {
                 if let Some(opened) = opened_ms {

@@ -366,8 +366,12 @@ pub struct SessionsPage {
 /// a thousand (issue 20).
 pub const PAGE_SCAN_RECORDS: u64 = 20_000;
 
-/// The seq of the newest record in `dir` (0 when it holds none): the last segment read
-/// from its first record, so it costs one segment, not the store.
+/// The seq of the newest record in `dir` (0 when it holds none), read from the tail of the
+/// newest segment: a few kB whatever the segment's size. The newest segment is always
+/// plain (only sealed ones are compressed); when its tail holds no whole line we can read
+/// (a record over the window, or the file was sealed and compressed meanwhile), the
+/// segment is read from its first record as before. Only the position is taken from the
+/// tail, never the content: a reader of events checks the chain.
 pub fn last_seq(dir: &std::path::Path) -> Result<u64, portcullis_audit_store::StoreError> {
     let newest = std::fs::read_dir(dir)
         .map_err(|source| portcullis_audit_store::StoreError::Io {
@@ -383,11 +387,59 @@ pub fn last_seq(dir: &std::path::Path) -> Result<u64, portcullis_audit_store::St
     let Some(first) = newest else {
         return Ok(0);
     };
+    let path = dir.join(portcullis_audit_store::segment_file_name(first));
+    if let Ok(Some(seq)) = tail_seq(&path) {
+        return Ok(seq.max(first.saturating_sub(1)));
+    }
     let mut last = first.saturating_sub(1);
     for record in portcullis_audit_store::Reader::from_seq(dir, first)? {
         last = record?.seq;
     }
     Ok(last)
+}
+
+/// The first read of a segment's tail; it grows fourfold while no whole line is in it.
+const TAIL_WINDOW: u64 = 16 * 1024;
+
+/// The seq of the last whole record (or seal) line of a segment file; `None` when it has
+/// none or the last one does not parse.
+fn tail_seq(path: &std::path::Path) -> std::io::Result<Option<u64>> {
+    use portcullis_audit_store::format::{parse_line, Line};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut window = TAIL_WINDOW;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        file.by_ref().take(len - start).read_to_end(&mut buf)?;
+        // What follows the last newline is a line being written; what precedes the first
+        // one is cut by the window (unless the window starts the file).
+        let whole = buf
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .and_then(|end| buf.get(..end))
+            .unwrap_or_default();
+        let mut lines = whole.split(|b| *b == b'\n');
+        if start > 0 {
+            lines.next();
+        }
+        if let Some(line) = lines.next_back() {
+            return Ok(match parse_line(line) {
+                Ok(Line::Record(r)) => Some(r.seq),
+                Ok(Line::Seal(seal)) => Some(seal.last_seq),
+                Err(_) => None,
+            });
+        }
+        if start == 0 {
+            return Ok(None);
+        }
+        window = window.saturating_mul(4);
+    }
 }
 
 /// Sessions opened before seq `before` (`None`: the newest), scanning at most
@@ -674,14 +726,98 @@ impl FileOperation {
 /// How far past a session's `connection.closed` its timeline still looks for its events.
 const AFTER_CLOSE_RECORDS: u64 = 1_000;
 
+/// Where to read a session's events from when only its id is known: the first seq of the
+/// segment before the last one whose first `connection.opened` has an id at or below it.
+/// Connection ids grow with time (the agent's start second, then a counter: proxy.rs), so
+/// the segments are searched by halves, a few first records each, not read from seq 1; the
+/// segment before is a margin for connections opened in another order than their ids were
+/// given. A clock set back between two runs of the agent could hide a session from this:
+/// `from = 1` (the console's link, `sessions show --from 1`) reads the whole trail.
+pub fn session_start_seq(
+    dir: &std::path::Path,
+    connection_id: u64,
+) -> Result<u64, portcullis_audit_store::StoreError> {
+    let mut firsts: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|source| portcullis_audit_store::StoreError::Io {
+            path: dir.to_path_buf(),
+            op: "list the audit store",
+            source,
+        })?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            portcullis_audit_store::parse_segment_file_name(&e.file_name().to_string_lossy())
+        })
+        .collect();
+    firsts.sort_unstable();
+    firsts.dedup();
+    // Whether the segment at `i` opens no session with a greater id first.
+    let at_or_before = |i: usize| -> Result<bool, portcullis_audit_store::StoreError> {
+        let Some(&first) = firsts.get(i) else {
+            return Ok(false);
+        };
+        let next = firsts.get(i + 1).copied().unwrap_or(u64::MAX);
+        let reader = match portcullis_audit_store::Reader::from_seq(dir, first) {
+            // Pruned away: older than anything kept.
+            Err(portcullis_audit_store::StoreError::Pruned { .. }) => return Ok(true),
+            other => other?,
+        };
+        for record in reader {
+            let record = record?;
+            if record.seq >= next {
+                break;
+            }
+            if !record.event.contains("\"connection.opened\"") {
+                continue;
+            }
+            let Ok(event) = serde_json::from_str::<Value>(&record.event) else {
+                continue;
+            };
+            if event.get("event").and_then(Value::as_str) == Some("connection.opened") {
+                if let Some(id) = event.get("connection_id").and_then(Value::as_u64) {
+                    return Ok(id <= connection_id);
+                }
+            }
+        }
+        Ok(true)
+    };
+    // The first segment whose first opened id is past `connection_id`, by halves.
+    let (mut low, mut high) = (0, firsts.len());
+    while low < high {
+        let mid = low + (high - low) / 2;
+        if at_or_before(mid)? {
+            low = mid + 1;
+        } else {
+            high = mid;
+        }
+    }
+    Ok(firsts
+        .get(low.saturating_sub(2))
+        .copied()
+        .unwrap_or(1)
+        .max(1))
+}
+
 /// One session's events in order (what `sessions show` prints), read from seq `from` (its
-/// `connection.opened`, which the sessions list links with) to its `connection.closed`,
-/// and the times the agent started after it opened.
+/// `connection.opened`, which the sessions list links with, or [`session_start_seq`]) to
+/// its `connection.closed`, and the times the agent started after it opened.
 pub fn session_events(
     dir: &std::path::Path,
     connection_id: u64,
     from: u64,
 ) -> Result<(Vec<Value>, Vec<u64>), portcullis_audit_store::StoreError> {
+    let (records, starts) = session_records(dir, connection_id, from)?;
+    Ok((records.into_iter().map(|(e, _)| e).collect(), starts))
+}
+
+/// A session's events, each with its text as stored, and the times the agent started.
+pub type SessionRecords = (Vec<(Value, String)>, Vec<u64>);
+
+/// [`session_events`] with each event's text as stored (`sessions show --json`).
+pub fn session_records(
+    dir: &std::path::Path,
+    connection_id: u64,
+    from: u64,
+) -> Result<SessionRecords, portcullis_audit_store::StoreError> {
     let reader = match portcullis_audit_store::Reader::from_seq(dir, from.max(1)) {
         Err(portcullis_audit_store::StoreError::Pruned {
             first_available, ..
@@ -712,7 +848,7 @@ pub fn session_events(
             if event.get("event").and_then(Value::as_str) == Some("connection.closed") {
                 after_close = Some(0);
             }
-            events.push(event);
+            events.push((event, record.event));
         } else if event.get("event").and_then(Value::as_str) == Some("agent.started") {
             starts.extend(event.get("time_ms").and_then(Value::as_u64));
         }
@@ -788,6 +924,107 @@ mod tests {
             .count();
         assert!(segments > 3, "{segments}");
         assert_eq!(last_seq(dir.path()).unwrap(), last);
+    }
+
+    #[test]
+    fn the_last_seq_is_read_from_the_newest_segments_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        sixty_sessions(dir.path());
+        let (mut store, _) = portcullis_audit_store::Store::open(
+            dir.path(),
+            portcullis_audit_store::StoreOptions {
+                max_segment_bytes: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut last = 0;
+        for i in 0..3 {
+            last = store
+                .append(json!({"event": "x", "i": i}).to_string().as_bytes())
+                .unwrap()
+                .seq;
+        }
+        drop(store);
+        let newest = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                portcullis_audit_store::parse_segment_file_name(&name).map(|s| (s, name))
+            })
+            .max()
+            .unwrap();
+        let path = dir.path().join(&newest.1);
+        // A line being written at the end is not a record yet.
+        let mut bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, [&bytes[..], b"{\"seq\":999,\"time"].concat()).unwrap();
+        assert_eq!(last_seq(dir.path()).unwrap(), last);
+        // Only the tail is read: a damaged first line of the segment does not matter to it
+        // (reading the segment from its start stops there; verify is what finds it).
+        bytes[2] = b'X';
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(last_seq(dir.path()).unwrap(), last);
+        // A last record longer than the first window is found by a wider one.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = portcullis_audit_store::Store::open(
+            dir.path(),
+            portcullis_audit_store::StoreOptions::default(),
+        )
+        .unwrap();
+        for n in [10, 3 * TAIL_WINDOW as usize, 20 * TAIL_WINDOW as usize] {
+            let seq = store
+                .append(
+                    json!({"event": "x", "pad": "p".repeat(n)})
+                        .to_string()
+                        .as_bytes(),
+                )
+                .unwrap()
+                .seq;
+            assert_eq!(last_seq(dir.path()).unwrap(), seq, "{n}");
+        }
+    }
+
+    #[test]
+    fn a_sessions_events_are_read_from_where_its_id_says_it_began_not_from_the_first_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = sixty_sessions(dir.path());
+        let opened_at = |id: u64| {
+            portcullis_audit_store::Reader::all(dir.path())
+                .unwrap()
+                .map(Result::unwrap)
+                .find(|r| {
+                    r.event.contains("connection.opened")
+                        && r.event.contains(&format!("\"connection_id\":{id},"))
+                })
+                .unwrap()
+                .seq
+        };
+        for id in 1..=60 {
+            let start = session_start_seq(dir.path(), id).unwrap();
+            assert!(start <= opened_at(id), "session {id} starts at {start}");
+            assert_eq!(
+                session_events(dir.path(), id, start).unwrap(),
+                session_events(dir.path(), id, 1).unwrap(),
+                "session {id}"
+            );
+        }
+        // Bounded: a late session is read from near its opening, a segment or two early.
+        let start = session_start_seq(dir.path(), 58).unwrap();
+        assert!(start > last / 2, "{start} of {last}");
+        assert!(opened_at(58) - start < 60, "{start} for {}", opened_at(58));
+        // An id past every session: nothing, read from near the end.
+        assert!(session_start_seq(dir.path(), 1_000).unwrap() > last / 2);
+        assert!(session_events(
+            dir.path(),
+            1_000,
+            session_start_seq(dir.path(), 1_000).unwrap()
+        )
+        .unwrap()
+        .0
+        .is_empty());
+        // An empty store: from the first record.
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(session_start_seq(empty.path(), 5).unwrap(), 1);
     }
 
     fn ids(page: &SessionsPage) -> Vec<u64> {
@@ -1195,7 +1432,7 @@ mod tests {
         drop(store);
         let last = last_seq(dir.path()).unwrap();
         assert_eq!(last, 1_000_000);
-        let cases: [(&str, &str, SessionFilter, Option<u64>); 4] = [
+        let cases: [(&str, &str, SessionFilter, Option<u64>); 5] = [
             ("newest", "newest page", SessionFilter::default(), None),
             (
                 "deep",
@@ -1219,6 +1456,12 @@ mod tests {
                 SessionFilter::default(),
                 None,
             ),
+            (
+                "timeline",
+                "one session's timeline 900,000 records back, from its id alone",
+                SessionFilter::default(),
+                None,
+            ),
         ];
         for (key, name, filter, before) in cases {
             let mut ms: Vec<f64> = Vec::new();
@@ -1226,6 +1469,10 @@ mod tests {
                 let started = std::time::Instant::now();
                 if key == "last_seq" {
                     assert_eq!(last_seq(dir.path()).unwrap(), last);
+                } else if key == "timeline" {
+                    let start = session_start_seq(dir.path(), 25_000).unwrap();
+                    let (events, _) = session_events(dir.path(), 25_000, start).unwrap();
+                    assert_eq!(events.len(), 4);
                 } else {
                     let page = sessions_page(dir.path(), last, before, &filter, 100).unwrap();
                     assert!(!page.rows.is_empty() || key == "filtered", "{key}");

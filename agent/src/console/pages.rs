@@ -342,7 +342,7 @@ pub fn timeline(who: &SignedIn, id: u64, events: &[Value], starts: &[u64]) -> St
     });
     let mut body = if events.is_empty() {
         format!(
-            r#"<p class="error" role="alert">No events of session {id} from that point of the audit trail.</p>"#
+            r#"<p class="error" role="alert">No events of session {id} from that point of the audit trail.</p><p><a href="/sessions/{id}?from=1">Read the whole trail for it</a> (slow on a long trail).</p>"#
         )
     } else if recorded {
         format!(
@@ -1162,9 +1162,10 @@ pub fn audit(who: &SignedIn, q: &AuditQuery, result: Result<EventsPage, String>)
             _ => s("/identity/subject"),
         };
         let kind = match e.get("connection_id").and_then(Value::as_u64) {
+            // No `from`: the timeline finds where the session began from its id.
             Some(id) => format!(
-                r#"<a href="/sessions/{id}?from=1{}">{}</a>"#,
-                esc(&host_param(found.hosts.get(i).map(String::as_str))),
+                r#"<a href="/sessions/{id}?{}">{}</a>"#,
+                esc(host_param(found.hosts.get(i).map(String::as_str)).trim_start_matches('&')),
                 esc(&s("/event"))
             ),
             None => esc(&s("/event")),

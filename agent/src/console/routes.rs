@@ -649,9 +649,18 @@ async fn session(
         };
     }
     let dir = state.audit.dir().to_path_buf();
-    let read =
-        tokio::task::spawn_blocking(move || crate::audit::query::session_events(&dir, id, start))
-            .await;
+    let asked = from.from.is_some();
+    let read = tokio::task::spawn_blocking(move || {
+        // Without a record to start from (a typed address, an older link), the session's id
+        // says where its events begin: never a read from record 1 unless asked.
+        let start = if asked {
+            start
+        } else {
+            crate::audit::query::session_start_seq(&dir, id)?
+        };
+        crate::audit::query::session_events(&dir, id, start)
+    })
+    .await;
     match read {
         Ok(Ok((events, starts))) => {
             html(StatusCode::OK, pages::timeline(&who, id, &events, &starts))
