@@ -329,7 +329,8 @@ fn retention_deletes_old_segments_and_the_chain_still_verifies() {
     let cg = TestCgroup::new("audit-retention");
     let _server = EchoServer::start(&[slot.v4(1)]);
     let v4 = slot.v4(1).ip().to_string();
-    let extra = "[insecure]\nunix_identity_only = true\n[audit]\nmax_segment_bytes = 4096\nretention_max_bytes = 16384\n";
+    // Plain segments: the sizes below are what retention counts, not shrunk by compression.
+    let extra = "[insecure]\nunix_identity_only = true\n[audit]\nmax_segment_bytes = 4096\nretention_max_bytes = 16384\ncompress_sealed_segments = false\n";
     let mut agent = Agent::start_with(
         "audit-retention",
         slot,
@@ -450,4 +451,315 @@ fn sealed_segments_are_signed_and_verify_only_with_the_right_key() {
         !out.status.success(),
         "another key must not verify the seals"
     );
+}
+
+/// Sealed segments are compressed within seconds of their seal, and every reader still sees
+/// whole events: statements run with psql through the real redirect are found by `audit
+/// search`, printed by `audit export` and verified by `audit verify` while the sealed segments
+/// on disk are zstd files.
+#[test]
+fn sealed_segments_are_compressed_and_search_export_and_verify_read_them_whole() {
+    use portcullis_e2e::postgres as pg;
+    if !e2e_enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let (postgres, creds) = pg::app_server(files.path());
+    let cg = TestCgroup::new("audit-zstd");
+    let config = format!(
+        "[insecure]\nunix_identity_only = true\nallow_plaintext_loopback = true\n\
+         [audit]\nmax_segment_bytes = 16384\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+        port = postgres.port(),
+        ca = postgres.ca_pem_path().display(),
+        creds = creds.display(),
+    );
+    let mut agent = Agent::prepare("audit-zstd", Slot::new(33), &cg, &[], Some(&config), &[]);
+    std::fs::write(
+        agent.dir.path().join("policies/e2e.cedar"),
+        "@id(\"allow-all\")\npermit (principal, action, resource);\n",
+    )
+    .unwrap();
+    agent.spawn();
+
+    const STATEMENTS: usize = 300;
+    let script: String = (0..STATEMENTS)
+        .map(|i| format!("SELECT 'marker-{i}' AS n;\n"))
+        .collect();
+    let out = pg::psql_app_script(&postgres, &cg.path, 47331, &script)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("marker-299"));
+    agent.wait_events("statement.executed", STATEMENTS);
+
+    // Every segment but the open one becomes a zstd file, and no plain copy stays beside it.
+    let audit = agent.dir.path().join("state/audit");
+    let names = || -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(&audit)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("segment-"))
+            .collect();
+        n.sort();
+        n
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = names();
+        let plain = all.iter().filter(|n| n.ends_with(".jsonl")).count();
+        let compressed = all.iter().filter(|n| n.ends_with(".jsonl.zst")).count();
+        if plain == 1 && compressed >= 3 && all.len() == plain + compressed {
+            assert!(all.last().unwrap().ends_with(".jsonl"), "{all:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sealed segments not compressed: {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut plain_bytes = 0;
+    let mut disk_bytes = 0;
+    for name in names() {
+        let bytes = std::fs::read(audit.join(&name)).unwrap();
+        disk_bytes += bytes.len();
+        if name.ends_with(".zst") {
+            assert_eq!(bytes[..4], [0x28, 0xb5, 0x2f, 0xfd], "{name}: a zstd frame");
+            plain_bytes += portcullis_audit_store::read_segment_file(&audit.join(&name))
+                .unwrap()
+                .len();
+        } else {
+            plain_bytes += bytes.len();
+        }
+    }
+    assert!(
+        disk_bytes * 2 < plain_bytes,
+        "{disk_bytes} bytes on disk for {plain_bytes} of lines"
+    );
+
+    let cli = |args: &[&str]| -> Vec<Value> {
+        let out = Command::new(portcullis_e2e::agent_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&agent.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let statements = |events: &[Value]| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["event"] == "statement.executed")
+            .map(|e| {
+                assert_eq!(e["target"], "db", "{e}");
+                assert_eq!(e["origin"]["uid"], 47331, "{e}");
+                e["statement"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let expected: Vec<String> = (0..STATEMENTS)
+        .map(|i| format!("SELECT 'marker-{i}' AS n"))
+        .collect();
+    let found = cli(&["audit", "search", "--type", "statement.executed", "--json"]);
+    assert_eq!(statements(&found), expected);
+    let exported = cli(&["audit", "export"]);
+    assert_eq!(statements(&exported), expected);
+    let verified = agent.verify_audit();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+}
+
+/// The audit trail's size on disk per statement event under `pgbench -S -c16` through the
+/// agent (goal: at most 150 bytes), and the statement events per second the writer took.
+/// Prints `BENCH-ROW` lines for `cargo xtask bench`'s table; asserts nothing about either
+/// figure. `PORTCULLIS_VOLUME_SECS` (default 60) is the run's length.
+#[test]
+#[ignore = "a measurement: run with --ignored (root, real eBPF, PostgreSQL)"]
+fn bench_audit_bytes_per_statement_event_under_pgbench() {
+    use portcullis_e2e::postgres as pg;
+    if !e2e_enabled() || !portcullis_e2e::prerequisites_met(pg::missing_prerequisite()) {
+        return;
+    }
+    let secs: u64 = std::env::var("PORTCULLIS_VOLUME_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let files = tempfile::tempdir().unwrap();
+    let (postgres, creds) = pg::app_server(files.path());
+    let cg = TestCgroup::new("audit-volume");
+    // Everything at its default but the target: segment size, age, compression.
+    let config = format!(
+        "[insecure]\nunix_identity_only = true\nallow_plaintext_loopback = true\n\
+         [limits]\nmax_open_per_uid = 100000\nmax_startup_per_uid = 100000\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+         [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
+        port = postgres.port(),
+        ca = postgres.ca_pem_path().display(),
+        creds = creds.display(),
+    );
+    let mut agent = Agent::prepare("audit-volume", Slot::new(34), &cg, &[], Some(&config), &[]);
+    std::fs::write(
+        agent.dir.path().join("policies/e2e.cedar"),
+        "@id(\"allow-all\")\npermit (principal, action, resource);\n",
+    )
+    .unwrap();
+    agent.spawn();
+    let port = postgres.port().to_string();
+    // The data set is loaded straight into the server: only the benchmark goes through.
+    let init = pg::run_client(
+        "pgbench",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "app",
+            "-i",
+            "-s",
+            "1",
+            "app",
+        ],
+        &[("PGPASSWORD", "app-secret"), ("PGSSLMODE", "require")],
+        pg::RunAs {
+            uid: None,
+            cgroup: None,
+        },
+    );
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let duration = secs.to_string();
+    let run = pg::run_client(
+        "pgbench",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "app",
+            "-S",
+            "-c",
+            "16",
+            "-j",
+            "2",
+            "-T",
+            &duration,
+            "app",
+        ],
+        &[("PGSSLMODE", "disable")],
+        pg::RunAs {
+            uid: Some(47341),
+            cgroup: Some(&cg.path),
+        },
+    );
+    let text = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(
+        run.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    println!("{text}");
+
+    // Everything written, every sealed segment compressed.
+    let audit = agent.dir.path().join("state/audit");
+    let segment_names = || -> Vec<String> {
+        std::fs::read_dir(&audit)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("segment-"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while segment_names()
+        .iter()
+        .filter(|n| n.ends_with(".jsonl"))
+        .count()
+        > 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            segment_names()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut statements = 0u64;
+    let mut events = 0u64;
+    let mut last_seq = 0u64;
+    for record in portcullis_audit_store::Reader::all(&audit).unwrap() {
+        let record = record.unwrap();
+        events += 1;
+        last_seq = record.seq;
+        if record.event.contains("\"event\":\"statement.executed\"") {
+            statements += 1;
+        }
+    }
+    let (mut sealed_bytes, mut open_bytes, mut open_name) = (0u64, 0u64, String::new());
+    for name in segment_names() {
+        let len = std::fs::metadata(audit.join(&name)).unwrap().len();
+        if name.ends_with(".zst") {
+            sealed_bytes += len;
+        } else {
+            open_bytes = len;
+            open_name = name;
+        }
+    }
+    // The open segment's events, to give the sealed ones' figure on its own.
+    let open_first = portcullis_audit_store::parse_segment_file_name(&open_name).unwrap_or(1);
+    let sealed_events = open_first.saturating_sub(1).max(1);
+    let total = (sealed_bytes + open_bytes) as f64 / statements.max(1) as f64;
+    let sealed = sealed_bytes as f64 / sealed_events as f64;
+    let rate = statements as f64 / secs as f64;
+    println!(
+        "audit volume: {statements} statement events of {events} (seq 1..={last_seq}) in {secs} s; \
+         {sealed_bytes} bytes sealed (compressed) + {open_bytes} bytes in the open segment = \
+         {total:.1} bytes per statement event; sealed alone {sealed:.1} bytes per event"
+    );
+    for (key, name, value, unit) in [
+        (
+            "audit.bytes_per_statement",
+            "audit trail on disk per statement event, pgbench -S -c16 (goal <= 150)",
+            total,
+            "B",
+        ),
+        (
+            "audit.bytes_per_event_sealed",
+            "audit trail per event in sealed (compressed) segments",
+            sealed,
+            "B",
+        ),
+        (
+            "audit.statement_events_sustained",
+            "statement events written, pgbench -S -c16",
+            rate,
+            "events/s",
+        ),
+    ] {
+        println!(
+            "BENCH-ROW {{\"key\":\"{key}\",\"name\":\"{name}\",\"value\":{value:.1},\"unit\":\"{unit}\",\"rounds\":1}}"
+        );
+    }
 }

@@ -180,19 +180,8 @@ impl Central {
 
 /// (seq, exact event text) of every record in the agent's local store.
 fn local_records(agent: &Agent) -> Vec<(u64, String)> {
-    let dir = agent.dir.path().join("state/audit");
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    segments.retain(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("segment-"))
-    });
-    segments.sort();
     let mut out = Vec::new();
-    for seg in segments {
-        let text = std::fs::read_to_string(&seg).unwrap_or_default();
+    for text in portcullis_e2e::segment_texts(&agent.dir.path().join("state/audit")) {
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;

@@ -637,21 +637,9 @@ fn a_full_audit_disk_refuses_connections_ends_sessions_and_recovers() {
 
 /// Every record's seq in the store, oldest first (read from the segments' record lines).
 fn stored_seqs(agent: &Agent) -> Vec<u64> {
-    let dir = agent.dir.path().join("state/audit");
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("segment-"))
-        })
-        .collect();
-    segments.sort();
     let mut seqs = Vec::new();
-    for segment in segments {
-        for line in std::fs::read_to_string(segment).unwrap_or_default().lines() {
+    for text in portcullis_e2e::segment_texts(&agent.dir.path().join("state/audit")) {
+        for line in text.lines() {
             if let Some(seq) = serde_json::from_str::<Value>(line)
                 .ok()
                 .and_then(|v| v["seq"].as_u64())
@@ -714,10 +702,12 @@ fn retention_keeps_what_a_stalled_shipper_has_not_acknowledged_through_a_flood()
     let v4 = slot.v4(1).ip().to_string();
     // The webhook points at a loopback port nobody listens on: the shipper is stalled.
     let port = portcullis_e2e::postgres::free_loopback_port(false);
+    // Plain segments: the store's size on disk is compared with retention_max_bytes below.
     let extra = format!(
         "[insecure]\nunix_identity_only = true\nallow_plaintext_loopback = true\n\
          [limits]\nsummary_interval_secs = 1\n\
          [audit]\nmax_segment_bytes = 4096\nretention_max_bytes = 16384\n\
+         compress_sealed_segments = false\n\
          [audit.webhook]\nurl = \"http://127.0.0.1:{port}/\"\n"
     );
     let mut agent = Agent::start_with(

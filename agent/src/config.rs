@@ -514,6 +514,11 @@ pub struct AuditConfig {
     /// ...or is this old.
     #[serde(default = "defaults::max_segment_age_secs")]
     pub max_segment_age_secs: u64,
+    /// Compress each sealed segment (zstd, `segment-N.jsonl.zst`) within seconds of its seal.
+    /// The chain covers the decompressed lines: `audit verify`, search, export and the
+    /// shippers read either form. Off: sealed segments stay plain JSON lines.
+    #[serde(default = "defaults::compress_sealed_segments")]
+    pub compress_sealed_segments: bool,
     /// Root-only file with an Ed25519 seed (64 hex characters): signs each sealed segment.
     #[serde(default)]
     pub signing_key_file: Option<PathBuf>,
@@ -543,6 +548,7 @@ impl Default for AuditConfig {
             dir: None,
             max_segment_bytes: defaults::max_segment_bytes(),
             max_segment_age_secs: defaults::max_segment_age_secs(),
+            compress_sealed_segments: defaults::compress_sealed_segments(),
             signing_key_file: None,
             retention_days: None,
             retention_max_bytes: None,
@@ -1289,6 +1295,9 @@ mod defaults {
     }
     pub fn max_segment_age_secs() -> u64 {
         3600
+    }
+    pub fn compress_sealed_segments() -> bool {
+        true
     }
     pub fn policy_dir() -> PathBuf {
         PathBuf::from("/etc/portcullis/policies")

@@ -215,7 +215,11 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests fail loudly")]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests fail loudly"
+)]
 mod tests {
     use super::*;
     use crate::format::ChainHash;

@@ -118,6 +118,25 @@ pub(crate) fn open_segment(
     Ok((Box::new(BufReader::new(decoder)), segment))
 }
 
+/// The lines of one segment file, plain or compressed (by its name), for tools that read
+/// segments as they are; the store's own readers check the chain as they go instead.
+pub fn read_segment_file(path: &Path) -> Result<Vec<u8>, StoreError> {
+    let compressed = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_segment_name)
+        .is_some_and(|(_, compressed)| compressed);
+    let bytes = fs::read(path).map_err(StoreError::io(path, "read segment"))?;
+    if !compressed {
+        return Ok(bytes);
+    }
+    zstd::stream::decode_all(&bytes[..]).map_err(|e| StoreError::Corrupt {
+        segment: path.to_path_buf(),
+        line: None,
+        reason: format!("the compressed segment does not decompress ({e}): it was altered or cut"),
+    })
+}
+
 /// A read error in a segment: for a compressed one, the file does not decompress (its
 /// checksum fails, it was cut or edited), which is damage to the trail, not an I/O fault.
 pub(crate) fn read_error(segment: &SegmentFile, e: std::io::Error) -> StoreError {

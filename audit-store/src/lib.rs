@@ -28,7 +28,9 @@ mod store;
 mod verify;
 
 pub use compress::{compress_sealed, CompressedSegment};
-pub use dir::{compressed_segment_file_name, parse_segment_file_name, segment_file_name};
+pub use dir::{
+    compressed_segment_file_name, parse_segment_file_name, read_segment_file, segment_file_name,
+};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use encoded::{EncodedEvent, EventBytes, Fields, Key, ObjectWriter};
 pub use error::StoreError;

@@ -280,6 +280,34 @@ fn bind_listener(addr: SocketAddr) -> TcpListener {
     s.into()
 }
 
+/// The lines of each segment of an audit store, oldest first, decompressed. Sealed segments
+/// are compressed beside the plain file, which goes after: each segment is read once, from
+/// the plain file while both exist, from the compressed one once it is gone (even between
+/// the listing and the read).
+pub fn segment_texts(dir: &Path) -> Vec<String> {
+    let mut seqs: Vec<u64> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| {
+                    portcullis_audit_store::parse_segment_file_name(e.file_name().to_str()?)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs.into_iter()
+        .map(|seq| {
+            let plain = dir.join(portcullis_audit_store::segment_file_name(seq));
+            let compressed = dir.join(portcullis_audit_store::compressed_segment_file_name(seq));
+            let bytes = portcullis_audit_store::read_segment_file(&plain)
+                .or_else(|_| portcullis_audit_store::read_segment_file(&compressed))
+                .unwrap_or_default();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .collect()
+}
+
 /// A running `portcullis agent`, started inside the test cgroup so that its own
 /// upstream connections pass the kernel hooks (and must be exempted by the mark).
 pub struct Agent {
@@ -550,19 +578,8 @@ impl Agent {
     /// Every event in the agent's audit store, oldest first (read straight from the
     /// segments; a line still being written is skipped).
     pub fn events(&self) -> Vec<Value> {
-        let dir = self.dir.path().join("state/audit");
-        let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        segments.retain(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("segment-"))
-        });
-        segments.sort();
         let mut out = Vec::new();
-        for seg in segments {
-            let text = std::fs::read_to_string(&seg).unwrap_or_default();
+        for text in segment_texts(&self.dir.path().join("state/audit")) {
             for line in text.lines() {
                 if let Ok(v) = serde_json::from_str::<Value>(line) {
                     if let Some(e) = v.get("event") {

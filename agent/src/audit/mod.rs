@@ -87,6 +87,8 @@ pub struct AuditLog {
     /// Set by the writer while the store cannot be written.
     health: Arc<WriteHealth>,
     on_write_failure: crate::config::OnWriteFailure,
+    /// Dropping it stops the compressor thread.
+    _compressor: std::sync::mpsc::Sender<()>,
 }
 
 /// Why the store cannot be written, since when, and what was lost meanwhile.
@@ -214,6 +216,14 @@ impl AuditLog {
             .name("portcullis-audit".into())
             .spawn(move || write_loop(&mut writer, &rx, &path, &written, &mut pruning))
             .map_err(|e| AuditError::Write(format!("starting the audit writer: {e}")))?;
+        let (compressor, stop) = std::sync::mpsc::channel();
+        if config.compress_sealed_segments {
+            let path = dir.to_path_buf();
+            std::thread::Builder::new()
+                .name("portcullis-audit-zstd".into())
+                .spawn(move || compress_loop(&path, &stop))
+                .map_err(|e| AuditError::Write(format!("starting the audit compressor: {e}")))?;
+        }
         Ok((
             Self {
                 dir: dir.to_path_buf(),
@@ -222,6 +232,7 @@ impl AuditLog {
                 spool: central::SpoolState::default(),
                 health,
                 on_write_failure: config.on_write_failure,
+                _compressor: compressor,
             },
             notes,
         ))
@@ -353,6 +364,33 @@ impl AuditLog {
 impl Drop for AuditLog {
     fn drop(&mut self) {
         self.queue.close();
+    }
+}
+
+/// How often sealed segments are looked for to compress.
+const COMPRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Compresses sealed segments (zstd) on a thread of its own, so the writer never waits for
+/// it: a sealed segment is never written again, and readers (search, export, the shippers)
+/// read either form. Stops when its `AuditLog` is dropped.
+fn compress_loop(dir: &Path, stop: &std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(COMPRESS_EVERY) {
+        match portcullis_audit_store::compress_sealed(dir) {
+            Ok(done) => {
+                for segment in done {
+                    tracing::debug!(
+                        segment = %segment.path.display(),
+                        plain = segment.plain_bytes,
+                        compressed = segment.compressed_bytes,
+                        "audit segment compressed"
+                    );
+                }
+            }
+            // Nothing is lost: the plain segment stays and is tried again on the next pass.
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "compressing a sealed audit segment failed");
+            }
+        }
     }
 }
 
