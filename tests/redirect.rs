@@ -565,7 +565,9 @@ fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
     }
 
     // Connections held until the agent answers, to the target whose upstream is down:
-    // each one is refused by the agent for that reason, attributed to its uid.
+    // each one is ended by the agent for that reason, attributed to its uid. The upstream
+    // is dialled while `connection.opened` is written, so each is recorded as opened and
+    // then closed, saying the upstream was unreachable.
     let dead_addr = slot.v4(2).to_string();
     let waiting = Probe {
         cgroup: &cg,
@@ -575,27 +577,32 @@ fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
     let answers = waiting.run(&["connect", &dead_addr, "--count", "200"]);
     assert_eq!(answers.len(), 200);
     assert!(answers.iter().all(|r| r["ok"] == false), "{answers:?}");
+    let ended = || -> Vec<Value> {
+        agent
+            .events_of("connection.closed")
+            .into_iter()
+            .filter(|e| e["origin"]["uid"] == 42101)
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.refusals_of(42101).len() < 200 && Instant::now() < deadline {
+    while ended().len() < 200 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let refused = agent.refusals_of(42101);
-    assert_eq!(
-        refused.len(),
-        200,
-        "one refusal per dead-upstream connection"
-    );
-    for ev in &refused {
+    let ended = ended();
+    assert_eq!(ended.len(), 200, "one end per dead-upstream connection");
+    assert!(agent.refusals_of(42101).is_empty());
+    for ev in &ended {
         assert_eq!(ev["origin"]["destination"], dead_addr.as_str(), "{ev}");
         let reason = ev["reason"].as_str().unwrap_or_default();
         assert!(
             reason.contains(&format!("upstream {dead_addr} unreachable")),
             "{ev}"
         );
+        assert_eq!(ev["bytes_client_to_upstream"], 0, "{ev}");
     }
     let ids: std::collections::HashSet<_> =
-        refused.iter().map(|e| e["connection_id"].clone()).collect();
-    assert_eq!(ids.len(), 200, "200 distinct refused connections");
+        ended.iter().map(|e| e["connection_id"].clone()).collect();
+    assert_eq!(ids.len(), 200, "200 distinct connections");
 
     // Churn: many short connections, half of them to a target whose upstream is down.
     // A churned client is gone before the agent reads most origins, so those refusals say
@@ -610,7 +617,7 @@ fn thousand_connections_from_fifty_uids_are_attributed_and_the_maps_drain() {
     let down = probe.run(&["churn", &dead_addr, "--count", "2000"]);
     assert_eq!(
         down[0]["ok"], 2000,
-        "the proxy accepts, then refuses for the dead upstream"
+        "the proxy accepts, then ends the connection for the dead upstream"
     );
     // Churned clients are mostly gone before their origin is read, and those refusals are
     // summarized per interval: wait for the agent to settle, not for one event each.
@@ -1234,5 +1241,181 @@ fn restart_under_load_never_lets_a_connection_go_direct() {
     assert!(
         lines.iter().any(|l| l["errno"] == ECONNREFUSED),
         "some were refused while the agent was down"
+    );
+}
+
+/// A loopback server that answers `peer=<address>\n` on accept, then keeps everything the
+/// connection sends until it ends: what reached the upstream, connection by connection.
+struct RecordingServer {
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl RecordingServer {
+    fn start(addr: SocketAddr) -> Self {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, r) = (accepted.clone(), received.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let peer = stream.peer_addr().unwrap();
+                    let _ = writeln!(stream, "peer={peer}");
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(20)))
+                        .unwrap();
+                    let mut got = Vec::new();
+                    // A reset (the agent closing with our greeting unread) ends it too.
+                    let _ = stream.read_to_end(&mut got);
+                    r.lock().unwrap().push(got);
+                });
+            }
+        });
+        Self { accepted, received }
+    }
+
+    /// What each finished connection sent, once every accepted one has finished.
+    fn all_received(&self) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.received.lock().unwrap().clone();
+            if got.len() == self.accepted.load(std::sync::atomic::Ordering::SeqCst) {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "upstream connections did not end"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A size-limited tmpfs, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs on {}", dir.display());
+        Self(dir.to_path_buf())
+    }
+
+    /// Fills the filesystem to the last block.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write(&block).is_ok_and(|n| n > 0) {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The upstream connect runs while `connection.opened` is being made durable, yet a
+/// connection whose event cannot be written gets nothing through: its upstream was dialled
+/// and is closed without one byte, while the connections recorded before the disk filled
+/// carry their bytes.
+#[test]
+fn an_opening_the_audit_store_cannot_record_dials_its_upstream_but_forwards_nothing() {
+    if !e2e_enabled() {
+        return;
+    }
+    let slot = Slot::new(44);
+    let cg = TestCgroup::new("overlap");
+    let upstream = RecordingServer::start(slot.v4(1));
+    let v4 = slot.v4(1).ip().to_string();
+    let mut agent = Agent::prepare(
+        "overlap",
+        slot,
+        &cg,
+        &[Target {
+            name: "db",
+            address: &v4,
+            port: slot.server_port,
+            upstream: None,
+        }],
+        None,
+        &[],
+    );
+    let disk = SmallDisk::mount(&agent.dir.path().join("state/audit"), "2m");
+    agent.spawn();
+    let probe = Probe {
+        cgroup: &cg,
+        uid: 41044,
+        netns: None,
+    };
+    assert_via_proxy(&probe.connect(slot.v4(1), &[]), "before the disk fills");
+    assert_eq!(agent.wait_events("connection.closed", 1).len(), 1);
+    assert_eq!(upstream.all_received(), vec![b"hello\n".to_vec()]);
+
+    disk.fill();
+    // Forty connections held open together: none closes meanwhile, so the first event
+    // that does not fit on the disk is an opening (the last page's slack takes a few).
+    let target = slot.v4(1).to_string();
+    let answers = probe.run(&["connect", &target, "--count", "40", "--hold-ms", "300"]);
+    assert_eq!(answers.len(), 40);
+    // Every connection that got an answer was recorded first: none went ahead of its
+    // event while the event was being written. (A refused one may have its event on disk
+    // too: a batch that failed half-way still holds the lines written before the error.)
+    let recorded: std::collections::HashSet<String> = agent
+        .events_of("connection.opened")
+        .iter()
+        .map(|e| canonical(e["client"].as_str().unwrap()))
+        .collect();
+    for r in answers.iter().filter(|r| r["ok"] == true) {
+        let client = canonical(r["local"].as_str().unwrap());
+        assert!(
+            recorded.contains(&client),
+            "{client} was answered without its connection.opened"
+        );
+    }
+    let forwarded = answers.iter().filter(|r| r["ok"] == true).count();
+    assert!(forwarded < 40, "no connection was refused on a full disk");
+    assert!(
+        agent
+            .log()
+            .contains("cannot record the connection; refusing it"),
+        "{}",
+        agent.log()
+    );
+
+    let received = upstream.all_received();
+    let after = received.get(1..).unwrap_or_default();
+    let carried = after.iter().filter(|b| !b.is_empty()).count();
+    assert!(
+        after.iter().all(|b| b.is_empty() || b == b"hello\n"),
+        "{after:?}"
+    );
+    assert_eq!(
+        carried, forwarded,
+        "bytes reached the upstream of a connection the agent could not record"
+    );
+    assert!(
+        after.len() > forwarded,
+        "no refused connection had its upstream dialled ({} dialled, {forwarded} forwarded)",
+        after.len()
     );
 }

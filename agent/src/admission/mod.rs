@@ -9,7 +9,9 @@
 //!    kernel programs leave alone;
 //! 4. [`Gate::open`]: a slot under `proxy.max_connections`, and `connection.opened` made
 //!    durable before any byte is forwarded; the returned [`OpenSession`] registers the
-//!    connection and records `connection.closed` however it ends.
+//!    connection and records `connection.closed` however it ends. [`Gate::open_connected`]
+//!    does the connect of step 3 and this at once, handing the upstream over only with
+//!    the session.
 //!
 //! A refusal at any step goes through [`Gate::record_refusal`]; the protocol answers it in
 //! its own wire format. Protocols use this module and never the proxy above them.
@@ -147,6 +149,21 @@ pub enum OpenError {
     /// `connection.opened` could not be made durable, and the audit settings fail closed.
     #[error("the audit store cannot record the connection: {0}")]
     Unrecorded(crate::audit::AuditError),
+}
+
+/// Why [`Gate::open_connected`] hands over no connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectedError {
+    /// Not opened: nothing recorded as opened, the upstream (if reached) closed unused.
+    #[error(transparent)]
+    Open(OpenError),
+    /// Opened and recorded, then the upstream could not be reached: the session has ended
+    /// (its `connection.closed` carries this reason).
+    #[error("upstream {addr} unreachable: {source}")]
+    Unreachable {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A target whose upstream is the proxy's own listener: following it would loop.
@@ -429,6 +446,47 @@ impl Gate {
                 std::io::ErrorKind::TimedOut,
                 "connect timed out",
             )),
+        }
+    }
+
+    /// [`Gate::connect_upstream`] and [`Gate::open`] at once: the upstream's handshake runs
+    /// while `connection.opened` is made durable, so a new connection waits for the longer
+    /// of the two instead of their sum. Still fail closed: the upstream socket is handed over
+    /// only with the open session, so when the event cannot be recorded the socket is closed
+    /// here, before any byte has moved either way. An upstream that cannot be reached after
+    /// the event is durable ends the session at once: its `connection.closed` says why.
+    pub async fn open_connected(
+        &self,
+        o: Opening<'_>,
+    ) -> Result<(OpenSession, TcpStream), ConnectedError> {
+        let addr = o.upstream;
+        let connecting = self.connect_upstream(addr);
+        let opening = self.open(o);
+        tokio::pin!(connecting, opening);
+        let mut connected = None;
+        let opened = loop {
+            tokio::select! {
+                // The SYN goes out first; the event is encoded and queued while it travels.
+                biased;
+                c = &mut connecting, if connected.is_none() => connected = Some(c),
+                // Polled to its end even when the connect failed: once queued, the event
+                // is written, and the session it returns records how the connection ended.
+                o = &mut opening => break o,
+            }
+        };
+        // Refused: a connect still under way is dropped, one made is closed, unused.
+        let mut session = opened.map_err(ConnectedError::Open)?;
+        let connected = match connected {
+            Some(c) => c,
+            None => connecting.await,
+        };
+        match connected {
+            Ok(upstream) => Ok((session, upstream)),
+            Err(source) => {
+                let e = ConnectedError::Unreachable { addr, source };
+                session.set_end(e.to_string());
+                Err(e)
+            }
         }
     }
 
