@@ -71,6 +71,13 @@ pub fn run(args: &[String]) -> Result<()> {
                 in_bench_cgroup(|bin, config| measure_bulk(bin, config, &o)),
             )]
         }
+        "tcp-connect" => {
+            let o = Options::parse(options)?;
+            vec![(
+                "redirect",
+                in_bench_cgroup(|bin, config| measure_connects(bin, config, &o)),
+            )]
+        }
         "policy" => vec![("policy", policy())],
         "audit" => vec![("audit", audit(&Options::parse(options)?))],
         "review" => vec![("review", review())],
@@ -85,7 +92,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         "all" => all(options)?,
         other => bail!(
-            "unknown benchmark `{other}` (redirect, tcp-bulk, policy, audit, review, console, postgres, ssh, all)"
+            "unknown benchmark `{other}` (redirect, tcp-bulk, tcp-connect, policy, audit, review, console, postgres, ssh, all)"
         ),
     };
     let stem = if which == "all" { "bench" } else { which };
@@ -805,6 +812,57 @@ fn measure_bulk(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
             "agent CPU per GiB forwarded",
             bulk.agent_ms_per_gib,
             "ms",
+            o.rounds,
+        ),
+    ])
+}
+
+/// Only the 16-client new-connection rounds of `redirect`, with the agent's CPU per
+/// connection, for work on the admission path.
+fn measure_connects(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
+    let mut agent = start_agent(bin, config)?;
+    let pid = agent.id();
+    let each = o.per_round(1_000, 50);
+    let measured = (|| -> Result<(Pair, f64)> {
+        let mut pair = Pair::default();
+        let (mut ticks, mut made) = (0u64, 0.0);
+        for round in 0..o.rounds {
+            let (p, d) = interleaved(
+                round,
+                || {
+                    let before = crate::bench_postgres::process_cpu_ticks(pid)?;
+                    let started = Instant::now();
+                    let rate = concurrent_connection_rate(PROTECTED.parse()?, 16, each, o.limit())?;
+                    made += rate * started.elapsed().as_secs_f64();
+                    ticks += crate::bench_postgres::process_cpu_ticks(pid)?.saturating_sub(before);
+                    Ok(rate)
+                },
+                || concurrent_connection_rate(DIRECT.parse()?, 16, each, o.limit()),
+            )?;
+            println!("  round {}: new x16 {p:.0}/{d:.0} per s", round + 1);
+            pair.push(p, d);
+        }
+        let cpu_us = ticks as f64 * 1e6 / crate::bench_postgres::clock_ticks_per_second();
+        Ok((pair, cpu_us / made.max(1.0)))
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = agent.wait();
+    let (pair, cpu_per_connection) = measured?;
+    Ok(vec![
+        pair.row(
+            "redirect.new_connections_16",
+            "new connections with 1 round trip, 16 clients",
+            "per s",
+            o.rounds,
+        ),
+        Row::new(
+            "redirect",
+            "redirect.cpu_per_connection",
+            "agent CPU per new connection, 16 clients",
+            cpu_per_connection,
+            "µs",
             o.rounds,
         ),
     ])

@@ -40,7 +40,7 @@ commands:
                build everything and show the redirect, the proxy, `portcullis status`, psql
                through the agent and ssh to a local sshd with its shell replayed; --no-build
                runs the agent already built (PORTCULLIS_BIN, else target/release/portcullis)
-  bench [redirect|tcp-bulk|policy|audit|review|console|postgres|ssh|all] [--no-build] [--quick]
+  bench [redirect|tcp-bulk|tcp-connect|policy|audit|review|console|postgres|ssh|all] [--no-build] [--quick]
         [--seconds N] [--rounds N] [--case TEXT] [--perf] [--sessions N]
                measure against the direct path (and pgbouncer for postgres) and print one
                table (suite, measure, value, baseline, ratio, goal, met?), every figure a
@@ -48,7 +48,7 @@ commands:
                (`all`: bench.json, bench.svg, bench.md, with the machine's facts); `all` runs
                redirect, policy, audit, postgres (masking included), ssh, review and console, and
                takes --quick, --rounds and --seconds; --no-build measures the binaries
-               already built. redirect, tcp-bulk and audit: --rounds N (default 5, --quick:
+               already built. redirect, tcp-bulk, tcp-connect, audit: --rounds N (default 5, --quick:
                3 with fewer connections and 64 MiB bulk transfers). postgres: --quick and
                --seconds set pgbench -T (3 s, default 10), --rounds (default 3), --case runs
                only the cases whose name contains TEXT, --perf records `perf record -a -g`
