@@ -10,7 +10,7 @@
     reason = "a benchmark fails loudly"
 )]
 
-use portcullis_audit_store::{verify, Store, StoreOptions};
+use portcullis_audit_store::{compress_sealed, verify, Store, StoreOptions};
 use std::time::Instant;
 
 fn event(i: usize) -> Vec<u8> {
@@ -102,4 +102,39 @@ fn main() {
         let against = (i > 0).then_some((each, "batched / fsync each"));
         bench_row(key, label, median(&rates[i]), against);
     }
+    let compressed: Vec<f64> = (0..ROUNDS)
+        .map(|_| compress_rate(1_280_000 / scale))
+        .collect();
+    bench_row(
+        "audit.compress",
+        "compress_sealed (zstd, after the seal)",
+        median(&compressed),
+        None,
+    );
+}
+
+/// Events/s of `compress_sealed` over one sealed segment of `total` events, read back after.
+fn compress_rate(total: usize) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut store, _) = Store::open(dir.path(), StoreOptions::default()).expect("open");
+    let events: Vec<Vec<u8>> = (0..total).map(event).collect();
+    for chunk in events.chunks(256) {
+        let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+        store.append_batch_buffered(&refs).expect("append_batch");
+    }
+    store.seal_current().expect("seal");
+    store.append(&event(0)).expect("open the next segment");
+    let start = Instant::now();
+    let done = compress_sealed(dir.path()).expect("compress");
+    let secs = start.elapsed().as_secs_f64();
+    let (plain, packed): (u64, u64) = done.iter().fold((0, 0), |(p, c), s| {
+        (p + s.plain_bytes, c + s.compressed_bytes)
+    });
+    println!(
+        "compress_sealed: {total} events, {plain} -> {packed} bytes ({:.1} bytes per event) in {secs:.3} s",
+        packed as f64 / total as f64
+    );
+    let report = verify(dir.path(), None);
+    assert!(report.ok, "{:?}", report.first_break);
+    total as f64 / secs
 }

@@ -158,7 +158,7 @@ fn write_compressed(plain: &Path, tmp: &Path, seal: &Seal) -> Result<([u8; 32], 
 }
 
 /// The skippable frame that carries the seal line.
-fn encode_trailer(out: &mut Vec<u8>, seal: &Seal) {
+pub fn encode_trailer(out: &mut Vec<u8>, seal: &Seal) {
     let mut line = Vec::with_capacity(512);
     encode_seal_line(&mut line, seal);
     out.extend_from_slice(&TRAILER_MAGIC);
@@ -167,8 +167,9 @@ fn encode_trailer(out: &mut Vec<u8>, seal: &Seal) {
 }
 
 /// The seal a compressed segment's trailer carries, from the file's last bytes; `None` when
-/// they do not end with a well-formed trailer.
-pub(crate) fn trailer_seal(tail: &[u8]) -> Option<Seal> {
+/// they do not end with a well-formed trailer. Never panics, whatever the bytes (the fuzz
+/// target `segment_reader` feeds it).
+pub fn trailer_seal(tail: &[u8]) -> Option<Seal> {
     // The trailer is last: the header whose length reaches exactly the end of the file.
     let start = (0..tail.len().saturating_sub(8)).rev().find(|&at| {
         tail.get(at..at.saturating_add(4)) == Some(&TRAILER_MAGIC[..])

@@ -27,7 +27,7 @@ pub mod recording;
 mod store;
 mod verify;
 
-pub use compress::{compress_sealed, CompressedSegment};
+pub use compress::{compress_sealed, encode_trailer, trailer_seal, CompressedSegment};
 pub use dir::{
     compressed_segment_file_name, parse_segment_file_name, read_segment_file, segment_file_name,
 };

@@ -254,6 +254,36 @@ fn audit(o: &Options) -> Result<Vec<Row>> {
         rows.extend(measure_central(bin, config, o)?);
         Ok(rows)
     })?);
+    rows.extend(measure_volume()?);
+    Ok(rows)
+}
+
+/// Bytes of audit trail on disk per statement event after 60 s of `pgbench -S -c16` through
+/// the agent with its default audit settings, and the statement events written per second:
+/// an ignored end-to-end test (tests/audit.rs, slot 34) run against the bench's agent binary,
+/// its `BENCH-ROW` lines read back.
+fn measure_volume() -> Result<Vec<Row>> {
+    step("audit volume: pgbench -S -c16 for 60 s through the agent, bytes on disk per statement event");
+    let bin = crate::bench_common::agent_bin();
+    let mut test = crate::cargo_cmd(&[
+        "test",
+        "-p",
+        "portcullis-e2e",
+        "--test",
+        "audit",
+        "bench_audit_bytes_per_statement_event_under_pgbench",
+        "--",
+        "--ignored",
+        "--exact",
+        "--nocapture",
+    ]);
+    test.env("PORTCULLIS_E2E", "required")
+        .env("PORTCULLIS_BIN", &bin);
+    let out = crate::bench_table::run_capturing(&mut test)?;
+    let rows = crate::bench_table::parse_rows("audit", &out)?;
+    if rows.is_empty() {
+        bail!("the audit volume bench printed no BENCH-ROW line");
+    }
     Ok(rows)
 }
 

@@ -49,6 +49,7 @@ const GOALS: &[(&str, Goal)] = &[
     ("postgres.cpu_per_txn", ratio_at_most(1.0)),
     ("postgres.connect_p50", ratio_at_most(1.0)),
     ("masking.whole_column", value(Bound::AtLeast, 300.0)),
+    ("audit.bytes_per_statement", value(Bound::AtMost, 150.0)),
     ("ssh.cat", ratio_at_least(0.80)),
     ("ssh.scp", ratio_at_least(0.80)),
     ("ssh.setup_p50", ratio_at_most(1.5)),

@@ -1,5 +1,6 @@
 //! Arbitrary bytes as a segment file: the parser must reject or accept, never panic, and never
-//! accept a segment whose records do not chain.
+//! accept a segment whose records do not chain; and as the tail of a compressed segment, whose
+//! seal trailer is read back only when it re-encodes to the same bytes.
 //!
 //! Run: `cd audit-store/fuzz && cargo +nightly fuzz run segment_reader`
 
@@ -7,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use portcullis_audit_store::format::{parse_line, Line};
-use portcullis_audit_store::{check_segment_bytes, SigningKey};
+use portcullis_audit_store::{check_segment_bytes, encode_trailer, trailer_seal, SigningKey};
 
 fuzz_target!(|data: &[u8]| {
     for line in data.split(|b| *b == b'\n') {
@@ -23,4 +24,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(summary.seal.map_or(true, |s| s.signature_is_valid(&key)));
     }
     let _ = check_segment_bytes(data, None);
+    // As the tail of a compressed segment: a seal is read only from a trailer that encodes
+    // back to exactly the bytes it was read from.
+    if let Some(seal) = trailer_seal(data) {
+        let mut trailer = Vec::new();
+        encode_trailer(&mut trailer, &seal);
+        assert!(data.ends_with(&trailer));
+    }
 });
