@@ -156,8 +156,8 @@ pub fn run(
         Arc::clone(&registry),
         Arc::clone(&policies),
         Arc::clone(&targets),
-    )?;
         None,
+    )?;
     let config = Arc::new(config);
     let close_all = CancellationToken::new();
     let gate = Arc::new(crate::admission::Gate::new(
