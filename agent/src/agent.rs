@@ -60,6 +60,7 @@ pub fn run(
     let postgres = crate::protocol::postgres::Shared::new(&config, &targets)
         .context("preparing the PostgreSQL targets")?
         .map(Arc::new);
+    let postgres_pools = postgres.clone();
     let ssh = crate::protocol::ssh::Shared::new(&config, &targets, Arc::clone(&audit))
         .context("preparing the SSH targets")?
         .map(Arc::new);
@@ -202,6 +203,11 @@ pub fn run(
             .tasks
             .spawn(Arc::clone(&identity).maintain(proxy.close_all.clone()));
         proxy.tasks.spawn(Arc::clone(&proxy).summarize_refusals());
+        if let Some(pg) = &postgres_pools {
+            proxy
+                .tasks
+                .spawn(Arc::clone(pg).maintain_pools(proxy.close_all.clone()));
+        }
         proxy
             .tasks
             .spawn(Arc::clone(&approvals).maintain(proxy.close_all.clone()));

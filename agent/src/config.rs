@@ -988,6 +988,30 @@ pub struct PostgresTargetConfig {
     /// the session.
     #[serde(default = "defaults::max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Keep the server sessions of ended client sessions, authenticated and reset with
+    /// `DISCARD ALL`, for the next client of the same database, role and start-up settings
+    /// (docs/postgres.md "Upstream pool"). Off when absent: every client gets a server
+    /// session of its own.
+    #[serde(default)]
+    #[schemars(with = "Option<PoolConfig>")]
+    pub pool: Option<Spanned<PoolConfig>>,
+}
+
+/// `pool = { size = 20, idle_timeout_secs = 300 }` in `[target.postgres]`: one pool per
+/// (database, role, start-up settings) of the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Most server sessions one pool holds, lent and idle together (1 to 10000).
+    pub size: u32,
+    /// An idle server session is closed (with a Terminate) after this many seconds (1 to
+    /// 86400).
+    #[serde(default = "defaults::pool_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// How long a client waits for a server session when the pool's `size` are all lent,
+    /// before it is refused with SQLSTATE 53300 (0 to 600; 0: refused at once).
+    #[serde(default = "defaults::pool_wait_secs")]
+    pub wait_secs: u64,
 }
 
 /// `[target.ssh]`: how the agent terminates SSH clients and logs in upstream.
@@ -1283,6 +1307,12 @@ mod defaults {
     }
     pub fn max_message_bytes() -> usize {
         64 * 1024 * 1024
+    }
+    pub fn pool_idle_timeout_secs() -> u64 {
+        300
+    }
+    pub fn pool_wait_secs() -> u64 {
+        5
     }
     pub fn ssh_certificate_minutes() -> u32 {
         5
@@ -1838,6 +1868,22 @@ fn validate_postgres_target(
     if pg.max_message_bytes < 1024 {
         return Err((0..0, "max_message_bytes: must be at least 1024".into()));
     }
+    if let Some(pool) = &pg.pool {
+        let p = pool.get_ref();
+        let at = |m: String| Err((pool.span(), format!("pool.{m}")));
+        if !(1..=10_000).contains(&p.size) {
+            return at(format!("size: {} is not between 1 and 10000", p.size));
+        }
+        if !(1..=86_400).contains(&p.idle_timeout_secs) {
+            return at(format!(
+                "idle_timeout_secs: {} is not between 1 and 86400",
+                p.idle_timeout_secs
+            ));
+        }
+        if p.wait_secs > 600 {
+            return at(format!("wait_secs: {} is above 600", p.wait_secs));
+        }
+    }
     Ok(())
 }
 
@@ -2141,6 +2187,42 @@ mod tests {
         Config::parse(Path::new("/etc/portcullis/portcullis.toml"), text)
             .map(|(_, t)| t)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_postgres_pool_is_off_by_default_and_its_errors_name_the_line() {
+        let target = "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"10.0.0.5\"\nport = 5432\n[target.postgres]\ncredentials_file = \"/etc/c\"\n";
+        let off = parse(target).unwrap();
+        assert_eq!(off[0].postgres.as_deref().unwrap().pool, None);
+        let on = parse(&format!("{target}pool = {{ size = 20 }}\n")).unwrap();
+        let pool = on[0].postgres.as_deref().unwrap().pool.clone().unwrap();
+        assert_eq!(
+            (
+                pool.get_ref().size,
+                pool.get_ref().idle_timeout_secs,
+                pool.get_ref().wait_secs
+            ),
+            (20, 300, 5)
+        );
+        for (pool, expected) in [
+            ("{ size = 0 }", "pool.size: 0 is not between 1 and 10000"),
+            (
+                "{ size = 2, idle_timeout_secs = 0 }",
+                "pool.idle_timeout_secs: 0",
+            ),
+            (
+                "{ size = 2, wait_secs = 601 }",
+                "pool.wait_secs: 601 is above 600",
+            ),
+            (
+                "{ size = 2, mode = \"transaction\" }",
+                "unknown field `mode`",
+            ),
+        ] {
+            let err = parse(&format!("{target}pool = {pool}\n")).unwrap_err();
+            assert!(err.contains(expected), "{pool}: {err}");
+            assert!(err.contains("portcullis.toml:8:"), "{pool}: {err}");
+        }
     }
 
     #[test]

@@ -197,6 +197,13 @@ pub struct AuditEvent {
     pub db_user: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub db_name: Option<Arc<str>>,
+    /// `connection.opened` of a PostgreSQL target with an upstream pool: whether the server
+    /// session was lent from the pool (it served an earlier client) or dialed for this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_pooled: Option<bool>,
+    /// The server's process id of a server session lent from the pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_pid: Option<u32>,
     /// How many occurrences this one event stands for, when more than one: the summary of
     /// the refusals of one uid (or of connections without an origin) in one interval.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -666,6 +673,8 @@ impl AuditEvent {
             policy_ids: Arc::from([]),
             db_user: None,
             db_name: None,
+            upstream_pooled: None,
+            backend_pid: None,
             count: None,
             recording_number: None,
             statement: None,

@@ -357,6 +357,17 @@ impl Gate {
     /// Admits a connection a protocol handler has authorized: takes a slot under the
     /// connection limit and records `connection.opened` durably before any byte is forwarded.
     pub async fn open(&self, o: Opening<'_>) -> Result<OpenSession, OpenError> {
+        self.open_upstream(o, None).await
+    }
+
+    /// [`Gate::open`] for a PostgreSQL session on a target with an upstream pool: its
+    /// `connection.opened` says whether the server session was lent from the pool (and
+    /// its process id) or dialed.
+    pub async fn open_upstream(
+        &self,
+        o: Opening<'_>,
+        pooled: Option<(bool, Option<u32>)>,
+    ) -> Result<OpenSession, OpenError> {
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
             return Err(OpenError::AtCapacity(self.config.proxy.max_connections));
         };
@@ -384,6 +395,10 @@ impl Gate {
         opened.policy_ids = o.policy_ids.into();
         opened.db_user = o.db_user.as_deref().map(Into::into);
         opened.db_name = o.db_name.as_deref().map(Into::into);
+        if let Some((reused, pid)) = pooled {
+            opened.upstream_pooled = Some(reused);
+            opened.backend_pid = pid;
+        }
         if let Err(e) = self.audit.record_durable(&opened).await {
             if !self.audit.keeps_enforcing_unaudited() {
                 tracing::error!(error = %e, "cannot record the connection; refusing it");

@@ -29,6 +29,11 @@ pub struct CancelTarget {
     /// Woken by a cancel of this session: a statement waiting for approval (not yet sent,
     /// so the server has nothing to cancel) stops waiting.
     pub interrupt: Arc<tokio::sync::Notify>,
+    /// Cloned, under the map's lock, by every lookup that forwards a cancel and held until
+    /// the server has taken it: a pooled server session is not lent again while a cancel
+    /// of its departed client can still land on it (`pool::cancels_finished`).
+    #[allow(dead_code, reason = "held for its reference count, never read")]
+    pub in_flight: Arc<()>,
 }
 
 #[derive(Default)]
@@ -112,6 +117,7 @@ mod tests {
             process_id: 42,
             secret_key: Bytes::from_static(&[1, 2, 3, 4]),
             interrupt: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -176,5 +182,24 @@ mod tests {
         drop(key);
         assert!(map.lookup(1000, pid, &secret).is_none(), "session ended");
         assert_eq!(map.len(), 0);
+    }
+
+    #[test]
+    fn a_cancel_on_its_way_is_counted_until_it_is_done() {
+        let map = CancelMap::default();
+        let t = target(1000);
+        let in_flight = Arc::clone(&t.in_flight);
+        let key = map.register(t).unwrap();
+        let forwarding = map
+            .lookup(1000, key.process_id(), &key.secret_key())
+            .unwrap();
+        drop(key);
+        assert_eq!(
+            Arc::strong_count(&in_flight),
+            2,
+            "the session's and the forward's"
+        );
+        drop(forwarding);
+        assert_eq!(Arc::strong_count(&in_flight), 1);
     }
 }

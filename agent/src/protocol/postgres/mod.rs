@@ -13,6 +13,7 @@ mod cancel;
 mod catalog;
 mod error;
 mod params;
+mod pool;
 mod session;
 mod startup;
 mod stream;
@@ -45,6 +46,8 @@ pub struct Shared {
     pub classifier: portcullis_sql::Classifier,
     pub cancels: CancelMap,
     pub catalog: catalog::Catalog,
+    /// Server sessions kept for the next client (targets with `pool`).
+    pools: pool::Pools,
     /// Upstream TLS per target id (`None`: plaintext, by explicit configuration).
     tls: HashMap<u32, Option<Arc<rustls::ClientConfig>>>,
     /// Keyed with the masking key, stable across restarts so hashed values stay joinable.
@@ -94,9 +97,25 @@ impl Shared {
             classifier: portcullis_sql::Classifier::new(16_384),
             cancels: CancelMap::default(),
             catalog: catalog::Catalog::default(),
+            pools: pool::Pools::default(),
             tls,
             maskers: session::Maskers::new(mask_key),
         }))
+    }
+
+    /// Closes idle pooled server sessions past their idle timeout, each second, and all of
+    /// them once `stop` is cancelled (after the drain: sessions still open then are closed
+    /// rather than kept).
+    pub async fn maintain_pools(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => self.pools.sweep(tokio::time::Instant::now(), false).await,
+            }
+        }
+        self.pools.sweep(tokio::time::Instant::now(), true).await;
     }
 
     fn upstream_tls(&self, target_id: u32) -> Option<&Arc<rustls::ClientConfig>> {

@@ -234,6 +234,9 @@ enum Paused {
         msg: RawMessage,
     },
 }
+/// The end reason of a session the client ended with Terminate.
+pub(super) const CLIENT_TERMINATED: &str = "the client ended the session";
+
 /// The injected statement text that fails in the server's parser; the name says why.
 const DENIED_MARKER: &str = "PORTCULLIS_DENIED_STATEMENT";
 
@@ -477,6 +480,11 @@ impl<'a> Session<'a> {
     /// Whether the server owes no reply: an idle session, not one running a long query.
     pub fn awaits_nothing(&self) -> bool {
         self.expect.is_empty()
+    }
+
+    /// The transaction status of the last ReadyForQuery.
+    pub fn transaction_status(&self) -> TransactionStatus {
+        self.txn
     }
 
     /// Whether a message waits for the catalog.

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use super::cancel::CancelTarget;
 use super::error::PgError;
 use super::params;
+use super::pool;
 use super::session;
 use super::stream::{fill, write_out, Stream};
 use super::upstream::{credential, establish};
@@ -118,6 +119,8 @@ pub async fn run(
     let Some(pg) = incoming.target.postgres.as_deref() else {
         return;
     };
+    let kept = std::sync::Mutex::new(None);
+    let pooled = admitted.pooled.take();
     let established = session::Established {
         gate,
         shared,
@@ -129,10 +132,35 @@ pub async fn run(
         max_len: pg.max_message_bytes,
         replication: startup.is_replication(),
         interrupt: &admitted.interrupt,
+        keep_server: pooled.as_ref().map(|_| &kept),
     };
     let end = session::run(established, client, buf, admitted.upstream).await;
     admitted.open.set_end(end);
+    // The client's cancel key goes before its server session can be lent again.
     drop(admitted.cancel_key);
+    drop(admitted.open);
+    let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let (Some(p), Some(k)) = (pooled, kept) {
+        let conn = super::upstream::Upstream {
+            stream: k.stream,
+            buf: k.buf,
+            parameters: p.parameters,
+            process_id: p.process_id,
+            secret_key: p.secret_key,
+        };
+        let cancels = pool::cancels_finished(p.in_flight);
+        shared.pools.give_back(p.slot, conn, k.end, cancels).await;
+    }
+}
+
+/// What a session on a pooled target keeps to give its server session back.
+struct PooledSession {
+    slot: pool::Slot,
+    parameters: Vec<(String, String)>,
+    process_id: u32,
+    secret_key: bytes::Bytes,
+    /// The cancel map's token of this session (see `CancelTarget::in_flight`).
+    in_flight: std::sync::Arc<()>,
 }
 
 /// The start of the client's side of a session: the protocol version agreed, and
@@ -215,6 +243,8 @@ struct Admitted<'s> {
     cancel_key: super::cancel::CancelKey<'s>,
     /// What a cancel of this session wakes (a statement waiting for approval).
     interrupt: std::sync::Arc<tokio::sync::Notify>,
+    /// On a target with an upstream pool (and not a replication connection).
+    pooled: Option<PooledSession>,
 }
 
 /// The error, the identity, the decision for the refusal event and the deciding policies.
@@ -319,7 +349,36 @@ async fn admit<'s>(
     // The opened event's fsync and the server's start-up (TCP, TLS, SCRAM) overlap: both must
     // be done before the client hears AuthenticationOk, so nothing is forwarded unrecorded.
     let upstream_startup = upstream_startup(startup, &settings);
+    // A replication connection's walsender cannot be reset: never pooled.
+    let pool_config = pg
+        .pool
+        .as_ref()
+        .filter(|_| !startup.is_replication())
+        .map(|p| p.get_ref());
+    let mut lent = None;
+    let mut reused = None;
+    if let Some(config) = pool_config {
+        let key = pool::PoolKey {
+            target_id: target.id,
+            upstream: upstream_addr,
+            startup: upstream_startup.params.clone(),
+        };
+        let borrowed = shared
+            .pools
+            .borrow(&key, config)
+            .await
+            .map_err(|e| fail(PgError::Capacity(e.to_string())))?;
+        let (slot, conn) = borrowed.into_slot();
+        lent = Some(slot);
+        reused = conn;
+    }
+    let pooled_note = lent
+        .as_ref()
+        .map(|_| (reused.is_some(), reused.as_ref().map(|u| u.process_id)));
     let server = async {
+        if let Some(conn) = reused {
+            return Ok(conn);
+        }
         let tcp = gate.connect_upstream(upstream_addr).await.map_err(|e| {
             super::upstream::UpstreamError::Io(std::io::Error::new(
                 e.kind(),
@@ -337,14 +396,17 @@ async fn admit<'s>(
         )
         .await
     };
-    let opening = gate.open(Opening {
-        incoming,
-        identity: &identity,
-        upstream: upstream_addr,
-        policy_ids,
-        db_user: Some(db_user.to_string()),
-        db_name: Some(db_name.to_string()),
-    });
+    let opening = gate.open_upstream(
+        Opening {
+            incoming,
+            identity: &identity,
+            upstream: upstream_addr,
+            policy_ids,
+            db_user: Some(db_user.to_string()),
+            db_name: Some(db_name.to_string()),
+        },
+        pooled_note,
+    );
     let (open, upstream) = tokio::join!(opening, server);
     drop(password);
     let mut open = open.map_err(|e| fail(PgError::Open(e)))?;
@@ -358,6 +420,7 @@ async fn admit<'s>(
         }
     };
     let interrupt = std::sync::Arc::new(tokio::sync::Notify::new());
+    let in_flight = std::sync::Arc::new(());
     let cancel_key = match shared.cancels.register(CancelTarget {
         uid: incoming.origin.uid,
         target_id: target.id,
@@ -365,6 +428,7 @@ async fn admit<'s>(
         process_id: upstream.process_id,
         secret_key: upstream.secret_key.clone(),
         interrupt: std::sync::Arc::clone(&interrupt),
+        in_flight: std::sync::Arc::clone(&in_flight),
     }) {
         Ok(k) => k,
         Err(_) => {
@@ -399,12 +463,20 @@ async fn admit<'s>(
         // The session loop sees the dead client at once and records how it ended.
         open.set_end(format!("client gone during start-up: {e}"));
     }
+    let pooled = lent.map(|slot| PooledSession {
+        slot,
+        parameters: upstream.parameters.clone(),
+        process_id: upstream.process_id,
+        secret_key: upstream.secret_key.clone(),
+        in_flight,
+    });
     Ok(Admitted {
         identity,
         open,
         upstream,
         cancel_key,
         interrupt,
+        pooled,
     })
 }
 
@@ -530,6 +602,17 @@ async fn forward_cancel(
                 tracing::warn!(error = %e, "forwarding a cancel request");
             } else {
                 tracing::info!(upstream = %t.upstream, "forwarded a cancel request");
+                // The server closes the connection once it has signalled the backend; until
+                // then `t` (its `in_flight` token) keeps a pooled backend from being lent.
+                let mut sink = [0u8; 16];
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
+                .await;
             }
         }
         Err(e) => {

@@ -180,7 +180,7 @@ impl<'a> Session<'a> {
             }
             FrontendMessage::Terminate => {
                 to_server.extend_from_slice(&msg.frame);
-                return Flow::End("the client ended the session".into());
+                return Flow::End(super::CLIENT_TERMINATED.into());
             }
             FrontendMessage::CopyData(_)
             | FrontendMessage::CopyDone

@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::super::catalog::{Catalog, ColumnName, Lookup, Routine};
 use super::super::error::PgError;
+use super::super::pool::{is_terminate, may_keep, SessionEnd};
 use super::super::stream::{fill, release_if_drained, write_out, Stream};
 use super::super::upstream::Upstream;
 use super::super::Shared;
@@ -77,7 +78,20 @@ pub struct Established<'a> {
     pub replication: bool,
     /// Woken by the client's CancelRequest: a statement waiting for approval stops waiting.
     pub interrupt: &'a tokio::sync::Notify,
+    /// The target pools server sessions: one the client left cleanly is handed back here,
+    /// unclosed, with how the session ended (`pool::may_keep` decides).
+    pub keep_server: Option<&'a std::sync::Mutex<Option<KeptServer>>>,
 }
+
+/// A server session the relay did not close, for the pool to reset and keep.
+pub struct KeptServer {
+    pub stream: Stream,
+    pub buf: BytesMut,
+    pub end: SessionEnd,
+}
+
+/// The end reason of a client that closed its side of the connection.
+const CLIENT_CLOSED: &str = "client closed the connection";
 
 /// Relays until either side ends; returns why, for `connection.closed`.
 pub async fn run(
@@ -227,7 +241,7 @@ pub async fn run(
                 last_traffic = tokio::time::Instant::now();
                 match r {
                     Err(e) => break format!("client read failed: {e}"),
-                    Ok(0) => break "client closed the connection".into(),
+                    Ok(0) => break CLIENT_CLOSED.into(),
                     Ok(_) => {
                         // Nothing more runs unaudited: the statement event of what the
                         // client sends now could not be written (`on_write_failure`).
@@ -254,18 +268,48 @@ pub async fn run(
             }
         }
     };
+    record(gate, shared, machine.output());
+    let kept = est
+        .keep_server
+        .and_then(|slot| Some(slot).zip(poolable_end(&mut machine, &why, &sbuf)));
     let out = machine.output();
-    record(gate, shared, out);
-    if !out.to_server.is_empty() {
-        let _ = write_out(&mut server, &out.to_server).await;
+    if kept.is_none() {
+        if !out.to_server.is_empty() {
+            let _ = write_out(&mut server, &out.to_server).await;
+        }
+        let _ = server.shutdown().await;
     }
-    let _ = server.shutdown().await;
     if !out.to_client.is_empty() {
         let _ = write_out(&mut client, &out.to_client).await;
     }
     let _ = client.shutdown().await;
     record(gate, shared, machine.end(&why, now()));
+    if let Some((slot, end)) = kept {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(KeptServer {
+            stream: server,
+            buf: sbuf,
+            end,
+        });
+    }
     why
+}
+
+/// How the session ended, when its server session may be reset and kept; its Terminate,
+/// the one message left for the server, is then not sent.
+fn poolable_end(machine: &mut Session<'_>, why: &str, sbuf: &BytesMut) -> Option<SessionEnd> {
+    let to_server = &mut machine.output().to_server;
+    let end = SessionEnd {
+        client_left: why == CLIENT_CLOSED || why == super::CLIENT_TERMINATED,
+        drained: sbuf.is_empty() && (to_server.is_empty() || is_terminate(to_server)),
+        transaction: machine.transaction_status(),
+        awaits_nothing: machine.awaits_nothing() && !machine.is_paused(),
+    };
+    if let Err(why) = may_keep(&end) {
+        tracing::info!(reason = why, "server session closed, not kept in the pool");
+        return None;
+    }
+    machine.output().to_server.clear();
+    Some(end)
 }
 
 fn count(counter: &std::sync::atomic::AtomicU64, n: usize) {
