@@ -218,7 +218,17 @@ pub(crate) fn write_anchor(dir: &Path, seal: &Seal) -> Result<(), StoreError> {
 /// copy in its trailer). Reads only the tail.
 pub(crate) fn read_tail_seal(segment: &SegmentFile) -> Result<Option<Seal>, StoreError> {
     let path = &segment.path;
-    let (tail, start) = read_tail(path)?;
+    let (tail, start) = match read_tail(path) {
+        // Compressed since it was listed: the compressor runs beside the store and readers.
+        Err(StoreError::Io { source, .. })
+            if !segment.compressed && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            let compressed = path.with_file_name(compressed_segment_file_name(segment.first_seq));
+            let (tail, _) = read_tail(&compressed)?;
+            return Ok(crate::compress::trailer_seal(&tail));
+        }
+        other => other?,
+    };
     if segment.compressed {
         return Ok(crate::compress::trailer_seal(&tail));
     }
@@ -278,6 +288,24 @@ pub(crate) fn skip_pruned<'a>(
 #[allow(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seal_is_read_from_the_compressed_file_when_the_listed_plain_one_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) =
+            crate::Store::open(dir.path(), crate::StoreOptions::default()).unwrap();
+        store.append(b"{\"n\":1}").unwrap();
+        let seal = store.seal_current().unwrap().unwrap();
+        store.append(b"{\"n\":2}").unwrap();
+        let listed = list_segments(dir.path()).unwrap();
+        let first = listed.first().unwrap().clone();
+        assert!(!first.compressed);
+        assert_eq!(crate::compress_sealed(dir.path()).unwrap().len(), 1);
+        assert!(!first.path.exists());
+        assert_eq!(read_tail_seal(&first).unwrap(), Some(seal));
+        let (_, opened) = open_segment(&first).unwrap();
+        assert!(opened.compressed, "read from {}", opened.name);
+    }
 
     #[test]
     fn segment_names_round_trip_and_sort_by_seq() {
