@@ -899,7 +899,13 @@ impl AgentPath {
                  # The server's own address: the kernel redirects connects to it.\n\
                  address = \"127.0.0.1\"\nport = {port}\n\
                  [target.postgres]\n{tls}\
-                 credentials_file = \"{credentials}\"\n{forward}",
+                 credentials_file = \"{credentials}\"\n{pool}{forward}",
+                // PORTCULLIS_BENCH_PG_POOL="{ size = 20 }": the agent path pools its server
+                // sessions (docs/postgres.md "Upstream pool"), for the `-C` case against
+                // pgbouncer's session pooling.
+                pool = std::env::var("PORTCULLIS_BENCH_PG_POOL")
+                    .map(|p| format!("pool = {p}\n"))
+                    .unwrap_or_default(),
                 tls = match upstream_ca {
                     Some(ca) => format!("tls = \"verify-full\"\nca_file = \"{}\"\n", ca.display()),
                     None => "# Plaintext to the server, like pgbouncer in this bench.\n\
