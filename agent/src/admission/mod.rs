@@ -593,3 +593,152 @@ impl Drop for WithdrawOnDrop<'_> {
         self.store.withdraw(self.id, self.why);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
+mod tests {
+    use super::*;
+
+    /// A gate as the agent wires it, over a real audit store in `dir`: the Unix identity, a
+    /// policy that lets everyone connect, one `tcp` target.
+    fn gate(dir: &std::path::Path) -> (Gate, ProtectedTarget) {
+        let policies = dir.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(
+            policies.join("connect.cedar"),
+            "@id(\"connect\")\npermit (principal, action == Portcullis::Action::\"connect\", resource);\n",
+        )
+        .unwrap();
+        let text = format!(
+            "state_dir = \"{}\"\n[insecure]\nunix_identity_only = true\n[policy]\ndir = \"{}\"\n\
+             [[target]]\nname = \"db\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1\"\nport = 9\n",
+            dir.join("state").display(),
+            policies.display()
+        );
+        let (config, targets) = Config::parse(&dir.join("portcullis.toml"), &text).unwrap();
+        let (audit, _) = AuditLog::open(&config.audit, &config.audit_dir(), Vec::new()).unwrap();
+        let audit = Arc::new(audit);
+        let policies = Policies::load(&config.policy.dir, Arc::clone(&audit)).unwrap();
+        let registry = Arc::new(Registry::default());
+        let identity = IdentityService::new(
+            &config,
+            dir,
+            Arc::clone(&audit),
+            Arc::clone(&registry) as Arc<dyn crate::identity::SessionEndListener>,
+            crate::limits::Limiter::new(config.limits.clone()),
+        )
+        .unwrap();
+        let approvals = ApprovalStore::open(
+            &dir.join("approvals"),
+            Arc::clone(&audit),
+            Arc::clone(&registry) as Arc<dyn crate::approvals::GrantEndListener>,
+            Default::default(),
+        )
+        .unwrap();
+        let gate = Gate::new(
+            Arc::new(config),
+            audit,
+            identity,
+            policies,
+            registry,
+            approvals,
+            CancellationToken::new(),
+        );
+        (gate, targets.into_iter().next().unwrap())
+    }
+
+    fn incoming(gate: &Gate, target: ProtectedTarget, id: u64) -> Incoming {
+        let limiter = crate::limits::Limiter::new(gate.config().limits.clone());
+        Incoming {
+            id,
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            origin: Origin {
+                pid: 1,
+                tid: 1,
+                uid: 0,
+                gid: 0,
+                comm: "test".into(),
+                cgroup_id: 0,
+                netns_cookie: 0,
+                socket_cookie: 0,
+                destination: "127.0.0.1:9".parse().unwrap(),
+                target_id: target.id,
+            },
+            target,
+            admission: limiter.admit(0, now_ms()).unwrap(),
+        }
+    }
+
+    /// Every event line the store holds so far.
+    fn trail(gate: &Gate) -> String {
+        gate.audit().flush();
+        let mut text = String::new();
+        for entry in std::fs::read_dir(gate.config().audit_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "jsonl") {
+                text.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+            }
+        }
+        text
+    }
+
+    /// Both done: the session and the connected upstream come back together, the opening
+    /// on disk; an upstream that refuses after the event is written ends the session, and
+    /// its `connection.closed` names the upstream.
+    #[tokio::test]
+    async fn open_connected_hands_over_both_or_ends_the_session_saying_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gate, target) = gate(dir.path());
+        let identity = gate
+            .resolve(&incoming(&gate, target.clone(), 1).origin)
+            .unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = listener.local_addr().unwrap();
+        let first = incoming(&gate, target.clone(), 1);
+        let opening = Opening {
+            incoming: &first,
+            identity: &identity,
+            upstream: up,
+            policy_ids: Vec::new(),
+            db_user: None,
+            db_name: None,
+        };
+        let (session, upstream) = gate.open_connected(opening).await.unwrap();
+        let (_, from) = listener.accept().await.unwrap();
+        assert_eq!(from, upstream.local_addr().unwrap());
+        assert_eq!(gate.registry().len(), 1);
+        assert!(trail(&gate).contains("\"event\":\"connection.opened\""));
+        drop(session);
+
+        drop(listener);
+        let second = incoming(&gate, target, 2);
+        let opening = Opening {
+            incoming: &second,
+            identity: &identity,
+            upstream: up,
+            policy_ids: Vec::new(),
+            db_user: None,
+            db_name: None,
+        };
+        let Err(e) = gate.open_connected(opening).await else {
+            panic!("connected to a closed port");
+        };
+        assert!(
+            matches!(e, ConnectedError::Unreachable { addr, .. } if addr == up),
+            "{e}"
+        );
+        assert_eq!(gate.registry().len(), 0);
+        let closed = trail(&gate)
+            .lines()
+            .filter(|l| l.contains("\"event\":\"connection.closed\""))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert_eq!(closed.len(), 2, "{closed:?}");
+        assert!(
+            closed[1].contains(&format!("upstream {up} unreachable")),
+            "{}",
+            closed[1]
+        );
+    }
+}
