@@ -281,6 +281,10 @@ struct ReviewArgs {
     /// The policies (default: from the config).
     #[arg(long)]
     policy_dir: Option<PathBuf>,
+    /// Review the whole fleet from the central store of `[audit.central]` (its role needs
+    /// portcullis_reader): every bastion's chain verified, evidence named `bastion#seq`.
+    #[arg(long, conflicts_with = "dir")]
+    central: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -972,20 +976,37 @@ fn review_report(args: ReviewArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Some(crate::audit::read_signing_key(path)?),
         None => None,
     };
-    let rendered = crate::review::run(
-        &dir,
-        &crate::review::PolicyView {
-            policies: policies.as_ref(),
-            targets: &targets,
-        },
-        &crate::review::Options {
-            period,
-            target: args.target.as_deref(),
-            stale_days: args.stale_days,
-            format,
-        },
-        key.as_ref(),
-    )?;
+    let view = crate::review::PolicyView {
+        policies: policies.as_ref(),
+        targets: &targets,
+    };
+    let options = crate::review::Options {
+        period,
+        target: args.target.as_deref(),
+        stale_days: args.stale_days,
+        format,
+    };
+    let rendered = if args.central {
+        let Some(central) = loaded
+            .as_ref()
+            .and_then(|(cfg, _)| cfg.audit.central.clone())
+        else {
+            bail!("--central reads the store of [audit.central]: configure it");
+        };
+        let mark = loaded
+            .as_ref()
+            .and_then(|(cfg, _)| crate::audit::central::own_mark(cfg));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let fleet = runtime.block_on(async {
+            let trail = crate::audit::central_read::CentralTrail::connect(&central, mark).await?;
+            anyhow::Ok(crate::review::read_fleet(&trail).await?)
+        })?;
+        crate::review::run_fleet(fleet, &view, &options, key.as_ref())?
+    } else {
+        crate::review::run(&dir, &view, &options, key.as_ref())?
+    };
     print!("{}", rendered.text);
     if rendered.verified {
         Ok(ExitCode::SUCCESS)

@@ -924,6 +924,16 @@ impl CentralVerifier {
         self.last_hash = Some(hash);
     }
 
+    /// Whether a row so far broke the chain (what follows it is not evidence).
+    pub fn broken(&self) -> bool {
+        self.report.first_break.is_some()
+    }
+
+    /// The hash of the last row that verified: the head of the chain read so far.
+    pub fn head(&self) -> Option<ChainHash> {
+        self.last_hash
+    }
+
     pub fn finish(self) -> CentralVerifyReport {
         self.report
     }

@@ -412,6 +412,46 @@ impl CentralTrail {
             })
             .collect()
     }
+
+    /// Every row `host` shipped, in seq order, as chain verification reads it, with its full
+    /// event; `each` sees them one at a time, so a host's trail is never all in memory as
+    /// rows.
+    pub async fn for_each_host_row(
+        &self,
+        host: &str,
+        mut each: impl FnMut(central::CentralRow, Option<Value>),
+    ) -> Result<(), tokio_postgres::Error> {
+        const PAGE: i64 = 5_000;
+        let mut after: i64 = 0;
+        loop {
+            let rows = self
+                .client
+                .query(
+                    "SELECT seq, time_ms, prev, hash, event_text, event FROM portcullis_audit_events
+                     WHERE host = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[&host, &after, &PAGE],
+                )
+                .await?;
+            let n = rows.len();
+            for row in rows {
+                let seq: i64 = row.try_get(0)?;
+                after = seq;
+                each(
+                    central::CentralRow {
+                        seq: to_u64(seq),
+                        time_ms: to_u64(row.try_get(1)?),
+                        prev: row.try_get(2)?,
+                        hash: row.try_get(3)?,
+                        event_text: row.try_get(4)?,
+                    },
+                    row.try_get(5)?,
+                );
+            }
+            if n < usize::try_from(PAGE).unwrap_or(usize::MAX) {
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn row_event(r: &tokio_postgres::Row) -> Result<FleetEvent, tokio_postgres::Error> {

@@ -863,25 +863,46 @@ async fn review_report(
         },
     };
     let target = Some(q.target.trim().to_owned()).filter(|t| !t.is_empty());
+    // On the fleet console: every bastion's chain from the central store, read first (the
+    // computing is the same, off the async threads).
+    let fleet = match &state.central {
+        Some(central) => match crate::review::read_fleet(central).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                return html(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    pages::refusal("Unreadable", Some(&who), &e.to_string()),
+                )
+            }
+        },
+        None => None,
+    };
     let worker = Arc::clone(&state);
     let made = tokio::task::spawn_blocking(move || {
         let policies = worker.policies.current();
         let targets: Vec<portcullis_policy::Target> =
             worker.targets.iter().map(crate::policy::target).collect();
-        crate::review::run(
-            worker.audit.dir(),
-            &crate::review::PolicyView {
-                policies: Some(&policies),
-                targets: &targets,
-            },
-            &crate::review::Options {
-                period,
-                target: target.as_deref(),
-                stale_days: 30,
-                format,
-            },
-            worker.signing_key.as_ref(),
-        )
+        let view = crate::review::PolicyView {
+            policies: Some(&policies),
+            targets: &targets,
+        };
+        let options = crate::review::Options {
+            period,
+            target: target.as_deref(),
+            stale_days: 30,
+            format,
+        };
+        match fleet {
+            Some(fleet) => {
+                crate::review::run_fleet(fleet, &view, &options, worker.signing_key.as_ref())
+            }
+            None => crate::review::run(
+                worker.audit.dir(),
+                &view,
+                &options,
+                worker.signing_key.as_ref(),
+            ),
+        }
     })
     .await;
     let rendered = match made {

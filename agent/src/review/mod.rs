@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use portcullis_audit_store::{ChainHash, SigningKey};
 
-pub use render::{ChainRange, Format, ReportSignature};
+pub use render::{ChainRange, Format, HostChain, ReportSignature};
 pub use report::{Inputs, Period, TrailEvent};
 
 /// Put before the body in the signed message, so a report signature can never pass for a
@@ -44,6 +44,8 @@ pub enum ReviewError {
     Json(#[from] serde_json::Error),
     #[error("the audit signing key cannot sign: {0}")]
     Key(String),
+    #[error("reading the central audit store: {0}")]
+    Central(String),
 }
 
 /// What `run` printed and whether it may be trusted.
@@ -214,18 +216,32 @@ pub fn run(
         verified,
         broken,
         seals_signature_checked: verdict.signatures_checked,
+        hosts: Vec::new(),
     };
-    let body = match options.format {
-        Format::Markdown => render::markdown_body(&report, &chain),
-        Format::Csv => render::csv_body(&report, &chain),
-        Format::Json => render::json_body(&report, &chain)?,
-        Format::Html => html::html_body(&report, &chain),
+    let head = trail.head.map(|(_, h)| h).filter(|_| verified);
+    seal(&report, &chain, head, options.format, key)
+}
+
+/// Renders `report` and seals it to `head` (the verified chain's head; `None`: the chain
+/// did not verify, and the report is marked so and not signed).
+fn seal(
+    report: &report::Report,
+    chain: &ChainRange,
+    head: Option<ChainHash>,
+    format: Format,
+    key: Option<&SigningKey>,
+) -> Result<Rendered, ReviewError> {
+    let body = match format {
+        Format::Markdown => render::markdown_body(report, chain),
+        Format::Csv => render::csv_body(report, chain),
+        Format::Json => render::json_body(report, chain)?,
+        Format::Html => html::html_body(report, chain),
     };
-    let signature = match (verified, trail.head) {
-        (true, Some((_, head))) => Some(sign(&body, &head, key)?),
-        _ => None,
+    let signature = match head {
+        Some(head) => Some(sign(&body, &head, key)?),
+        None => None,
     };
-    let text = match options.format {
+    let text = match format {
         Format::Markdown => format!("{body}{}", render::markdown_signature(signature.as_ref())),
         Format::Csv => format!("{body}{}", render::csv_signature(signature.as_ref())),
         Format::Html => format!("{body}{}", html::html_signature(signature.as_ref())),
@@ -239,6 +255,228 @@ pub fn run(
         text,
         verified: signature.is_some(),
     })
+}
+
+/// A fleet's trail made one: every bastion's chain verified on its own (what follows a
+/// break is not evidence), the events merged in time order and numbered 1, 2, … (evidence
+/// number `n` is `names[n - 1]`, `bastion#seq`), and the fleet's head: a hash over each
+/// bastion's name, last seq and head, which a fleet report is sealed to.
+pub struct FleetTrail {
+    events: Vec<TrailEvent>,
+    names: Vec<String>,
+    chains: Vec<HostChain>,
+    /// Records that are not events, and chains that broke.
+    problems: Vec<String>,
+    /// Sessions shown renumbered (not a problem with the trail).
+    renumbered: Vec<String>,
+    head: ChainHash,
+}
+
+/// Builds a [`FleetTrail`] from the central store's rows, one bastion after another, each
+/// in seq order, keeping the events and not the rows.
+pub struct FleetBuilder {
+    merged: Vec<(String, TrailEvent)>,
+    chains: Vec<HostChain>,
+    problems: Vec<String>,
+    head_input: Vec<u8>,
+    current: Option<(String, crate::audit::central::CentralVerifier)>,
+}
+
+impl Default for FleetBuilder {
+    fn default() -> Self {
+        Self {
+            merged: Vec::new(),
+            chains: Vec::new(),
+            problems: Vec::new(),
+            head_input: FLEET_HEAD_DOMAIN.to_vec(),
+            current: None,
+        }
+    }
+}
+
+impl FleetBuilder {
+    /// The rows that follow are `host`'s.
+    pub fn host(&mut self, host: &str) {
+        self.end_host();
+        self.current = Some((host.to_string(), Default::default()));
+    }
+
+    /// The next row of the current bastion, with its full event.
+    pub fn row(
+        &mut self,
+        row: &crate::audit::central::CentralRow,
+        event: Option<serde_json::Value>,
+    ) {
+        let Some((host, verifier)) = &mut self.current else {
+            return;
+        };
+        if verifier.broken() {
+            return;
+        }
+        verifier.accept(row);
+        if verifier.broken() {
+            return;
+        }
+        let parsed = match event {
+            Some(v) => serde_json::from_value::<TrailEvent>(v),
+            None => serde_json::from_str::<TrailEvent>(&row.event_text),
+        };
+        match parsed {
+            Ok(mut e) => {
+                e.seq = row.seq;
+                self.merged.push((host.clone(), e));
+            }
+            Err(e) => self
+                .problems
+                .push(format!("{host} record {} is not an event: {e}", row.seq)),
+        }
+    }
+
+    fn end_host(&mut self) {
+        let Some((host, verifier)) = self.current.take() else {
+            return;
+        };
+        let head = verifier.head();
+        let verdict = verifier.finish();
+        let broken = verdict
+            .first_break
+            .as_ref()
+            .map(|b| format!("seq {}: {}", b.seq, b.reason));
+        if let Some(b) = &broken {
+            self.problems
+                .push(format!("{host}: reading stopped at a bad record: {b}"));
+        }
+        let len = u32::try_from(host.len()).unwrap_or(u32::MAX);
+        self.head_input.extend_from_slice(&len.to_be_bytes());
+        self.head_input.extend_from_slice(host.as_bytes());
+        self.head_input
+            .extend_from_slice(&verdict.last_seq.unwrap_or(0).to_be_bytes());
+        self.head_input
+            .extend_from_slice(&head.map_or([0; 32], |h| h.0));
+        self.chains.push(HostChain {
+            host,
+            first_seq: verdict.first_seq,
+            last_seq: verdict.last_seq,
+            head_hash: head.map(|h| h.to_hex()),
+            verified: broken.is_none(),
+            broken,
+        });
+    }
+
+    pub fn finish(mut self) -> FleetTrail {
+        self.end_host();
+        let mut merged = std::mem::take(&mut self.merged);
+        merged.sort_by(|(ha, a), (hb, b)| {
+            (a.time_ms, ha.as_str(), a.seq).cmp(&(b.time_ms, hb.as_str(), b.seq))
+        });
+        // Session ids are each bastion's own; two bastions whose agents started in the same
+        // second can share one. The later bastion's is shown renumbered, and the report says so.
+        let mut owner: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+        let mut renamed: std::collections::HashMap<(String, u64), u64> =
+            std::collections::HashMap::new();
+        let mut renumbered = Vec::new();
+        let mut next_free = u64::MAX / 2;
+        let mut names = Vec::with_capacity(merged.len());
+        let mut events = Vec::with_capacity(merged.len());
+        for (n, (host, mut e)) in merged.into_iter().enumerate() {
+            names.push(format!("{host}#{}", e.seq));
+            e.seq = u64::try_from(n).unwrap_or(u64::MAX).saturating_add(1);
+            if let Some(id) = e.connection_id {
+                let first = owner.entry(id).or_insert_with(|| host.clone());
+                if *first != host {
+                    let shown = *renamed.entry((host.clone(), id)).or_insert_with(|| {
+                        next_free = next_free.saturating_add(1);
+                        renumbered.push(format!(
+                            "session {id} of {host} is shown as session {next_free}: {first} has a session with the same id"
+                        ));
+                        next_free
+                    });
+                    e.connection_id = Some(shown);
+                }
+            }
+            events.push(e);
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, &self.head_input);
+        let mut head = [0u8; 32];
+        head.copy_from_slice(digest.as_ref());
+        FleetTrail {
+            events,
+            names,
+            chains: self.chains,
+            problems: self.problems,
+            renumbered,
+            head: ChainHash(head),
+        }
+    }
+}
+
+/// Reads every bastion's rows from the central store into a [`FleetTrail`].
+pub async fn read_fleet(
+    trail: &crate::audit::central_read::CentralTrail,
+) -> Result<FleetTrail, ReviewError> {
+    let central = |e: tokio_postgres::Error| ReviewError::Central(crate::audit::with_sources(&e));
+    let mut builder = FleetBuilder::default();
+    for h in trail.hosts().await.map_err(central)? {
+        builder.host(&h.host);
+        trail
+            .for_each_host_row(&h.host, |row, event| builder.row(&row, event))
+            .await
+            .map_err(central)?;
+    }
+    Ok(builder.finish())
+}
+
+/// Put before the bastions' heads in the fleet's head, so it can never equal a record's hash.
+const FLEET_HEAD_DOMAIN: &[u8] = b"portcullis-fleet-head-v1\0";
+
+/// A fleet's review from the central store: one report over every bastion's events, each
+/// figure's evidence named `bastion#seq`, sealed to the fleet's head when every chain
+/// verified and every record is an event.
+pub fn run_fleet(
+    trail: FleetTrail,
+    policy: &PolicyView<'_>,
+    options: &Options<'_>,
+    key: Option<&SigningKey>,
+) -> Result<Rendered, ReviewError> {
+    let mut report = report::compute(
+        &trail.events,
+        &Inputs {
+            period: options.period,
+            target: options.target,
+            policies: policy.policies,
+            targets: policy.targets,
+            stale_days: options.stale_days,
+        },
+    );
+    report.notes.extend(trail.problems.iter().cloned());
+    report.notes.extend(trail.renumbered.iter().cloned());
+    report.evidence_names = Some(std::sync::Arc::new(trail.names));
+    let verified = !trail.chains.is_empty() && trail.problems.is_empty();
+    let broken = match trail.problems.first() {
+        Some(p) => Some(p.clone()),
+        None if trail.chains.is_empty() => Some("the central store holds no records".to_string()),
+        None => None,
+    };
+    let chain = ChainRange {
+        dir: "the central audit store".to_string(),
+        first_seq: None,
+        last_seq: None,
+        segments: 0,
+        first_segment: None,
+        last_segment: None,
+        head_hash: Some(trail.head.to_hex()),
+        verified,
+        broken,
+        seals_signature_checked: false,
+        hosts: trail.chains,
+    };
+    seal(
+        &report,
+        &chain,
+        verified.then_some(trail.head),
+        options.format,
+        key,
+    )
 }
 
 /// `--from`/`--to` dates (`2026-10-01`, UTC) as a period: `to` is included whole.

@@ -27,6 +27,22 @@ pub struct ChainRange {
     /// Where the chain breaks, as `audit verify` says it.
     pub broken: Option<String>,
     pub seals_signature_checked: bool,
+    /// A fleet's review: each bastion's chain as the central store holds it (empty on one
+    /// host, where the fields above say it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostChain>,
+}
+
+/// One bastion's chain in a fleet review: the seqs read, the head, and whether every hash
+/// and link verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostChain {
+    pub host: String,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub head_hash: Option<String>,
+    pub verified: bool,
+    pub broken: Option<String>,
 }
 
 /// How the body was sealed (absent when the chain did not verify).
@@ -73,7 +89,9 @@ pub(super) struct Row {
     pub(super) item: String,
     pub(super) count: String,
     pub(super) detail: String,
-    pub(super) evidence: Vec<u64>,
+    /// The records a figure was computed from, as the report names them (`seq` on one
+    /// host, `bastion#seq` on a fleet).
+    pub(super) evidence: Vec<String>,
 }
 
 /// A section of the Markdown and HTML reports: its key (the CSV `section` column and the
@@ -189,11 +207,29 @@ fn day(ms: u64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-pub(super) fn evidence_text(seqs: &[u64]) -> String {
+/// A record as the report names it: its seq, or on a fleet its bastion and seq there.
+pub(super) fn evidence_name(report: &Report, seq: u64) -> String {
+    let named = report.evidence_names.as_ref().and_then(|names| {
+        usize::try_from(seq)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| names.get(i))
+    });
+    match named {
+        Some(name) => name.clone(),
+        None => seq.to_string(),
+    }
+}
+
+fn refs(report: &Report, seqs: &[u64]) -> Vec<String> {
+    seqs.iter().map(|s| evidence_name(report, *s)).collect()
+}
+
+pub(super) fn evidence_text(seqs: &[String]) -> String {
     let mut out = seqs
         .iter()
         .take(EVIDENCE_SHOWN)
-        .map(u64::to_string)
+        .cloned()
         .collect::<Vec<_>>()
         .join(" ");
     if seqs.len() > EVIDENCE_SHOWN {
@@ -207,6 +243,7 @@ pub(super) fn evidence_text(seqs: &[u64]) -> String {
 }
 
 fn counted_rows(
+    report: &Report,
     rows: &mut Vec<Row>,
     section: &'static str,
     identity: &str,
@@ -221,7 +258,7 @@ fn counted_rows(
             item: format!("{what} {}", c.name),
             count: c.count.to_string(),
             detail: String::new(),
-            evidence: c.evidence.clone(),
+            evidence: refs(report, &c.evidence),
         });
     }
 }
@@ -238,19 +275,21 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
                 item: "connections".to_string(),
                 count: t.connections.to_string(),
                 detail: format!("first {}, last {}", time(t.first_ms), time(t.last_ms)),
-                evidence: t.evidence.clone(),
+                evidence: refs(report, &t.evidence),
             });
         }
         counted_rows(
+            report,
             &mut rows,
             "identity",
             id,
             "statements",
             &i.statement_classes,
         );
-        counted_rows(&mut rows, "identity", id, "ssh", &i.ssh_actions);
-        counted_rows(&mut rows, "identity", id, "denied", &i.denials);
+        counted_rows(report, &mut rows, "identity", id, "ssh", &i.ssh_actions);
+        counted_rows(report, &mut rows, "identity", id, "denied", &i.denials);
         counted_rows(
+            report,
             &mut rows,
             "identity",
             id,
@@ -258,6 +297,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
             &i.masked_reads,
         );
         counted_rows(
+            report,
             &mut rows,
             "identity",
             id,
@@ -276,7 +316,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
                 ),
                 count: String::new(),
                 detail: format!("{}; approvers: {}", r.state, r.approvers.join(", ")),
-                evidence: r.evidence.clone(),
+                evidence: refs(report, &r.evidence),
             });
         }
         for r in &i.break_glass {
@@ -287,7 +327,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
                 item: format!("break-glass {}", r.request_id),
                 count: String::new(),
                 detail: format!("self-approved by {}", r.approvers.join(", ")),
-                evidence: r.evidence.clone(),
+                evidence: refs(report, &r.evidence),
             });
         }
         for s in &i.recorded_sessions {
@@ -298,7 +338,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
                 item: format!("recorded session {}", s.session_id),
                 count: String::new(),
                 detail: String::new(),
-                evidence: s.evidence.clone(),
+                evidence: refs(report, &s.evidence),
             });
         }
     }
@@ -315,7 +355,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
                 u.policy_ids.join(", "),
                 u.statement
             ),
-            evidence: vec![u.seq],
+            evidence: refs(report, &[u.seq]),
         });
     }
     for (section, list) in [
@@ -342,7 +382,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
                         if p.break_glass { "; BREAK-GLASS" } else { "" }
                     )
                 },
-                evidence: vec![p.seq],
+                evidence: refs(report, &[p.seq]),
             });
         }
     }
@@ -358,7 +398,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
             } else {
                 format!("not replayable: {}", s.why)
             },
-            evidence: s.evidence.clone(),
+            evidence: refs(report, &s.evidence),
         });
     }
     for r in &report.production.reach {
@@ -369,7 +409,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
             item: r.decision.clone(),
             count: String::new(),
             detail: r.policy_ids.join(", "),
-            evidence: r.evidence.clone(),
+            evidence: refs(report, &r.evidence),
         });
     }
     for p in &report.findings.unused_permits {
@@ -391,7 +431,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
             item: r.decision.clone(),
             count: "0".to_string(),
             detail: format!("policies: {}", r.policy_ids.join(", ")),
-            evidence: r.evidence.clone(),
+            evidence: refs(report, &r.evidence),
         });
     }
     for s in &report.findings.stale_services {
@@ -402,7 +442,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
             item: "last seen".to_string(),
             count: String::new(),
             detail: time(s.last_seen_ms),
-            evidence: s.evidence.clone(),
+            evidence: refs(report, &s.evidence),
         });
     }
     for s in &report.findings.single_approver {
@@ -413,7 +453,7 @@ pub(super) fn rows(report: &Report) -> Vec<Row> {
             item: format!("always approved by {}", s.approver),
             count: s.requests.len().to_string(),
             detail: s.requests.join(", "),
-            evidence: s.evidence.clone(),
+            evidence: refs(report, &s.evidence),
         });
     }
     for g in &report.findings.groups_without_members_seen {
@@ -441,6 +481,34 @@ pub(super) fn chain_sentence(chain: &ChainRange) -> String {
 
 /// Which records were read: the store, the seqs and the segment files.
 pub(super) fn chain_range(chain: &ChainRange) -> String {
+    if !chain.hosts.is_empty() {
+        let hosts = chain
+            .hosts
+            .iter()
+            .map(|h| {
+                let range = match (h.first_seq, h.last_seq) {
+                    (Some(a), Some(b)) => format!("seq {a}..{b}"),
+                    _ => "no records".to_string(),
+                };
+                let state = match &h.broken {
+                    Some(b) => format!("BROKEN: {b}"),
+                    None => "verified".to_string(),
+                };
+                format!(
+                    "{} {range}, head {} ({state})",
+                    h.host,
+                    h.head_hash.as_deref().unwrap_or("-")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        return format!(
+            "{} of {} bastions: {hosts}; fleet head {}",
+            chain.dir,
+            chain.hosts.len(),
+            chain.head_hash.as_deref().unwrap_or("-")
+        );
+    }
     let range = match (chain.first_seq, chain.last_seq) {
         (Some(a), Some(b)) => format!("seq {a}..{b}"),
         _ => "no records".to_string(),
@@ -631,5 +699,44 @@ pub fn markdown_signature(signature: Option<&ReportSignature>) -> String {
 
 /// The JSON body: the report and the chain it read, compact (the signed bytes).
 pub fn json_body(report: &Report, chain: &ChainRange) -> Result<String, serde_json::Error> {
-    serde_json::to_string(&serde_json::json!({ "chain": chain, "review": report }))
+    let review = serde_json::to_value(report)?;
+    if report.evidence_names.is_none() {
+        return serde_json::to_string(&serde_json::json!({ "chain": chain, "review": review }));
+    }
+    // On a fleet the evidence numbers are the report's own: each one cited is named here by
+    // its bastion and its seq there.
+    let mut cited = std::collections::BTreeSet::new();
+    cited_evidence(&review, &mut cited);
+    let records: serde_json::Map<String, serde_json::Value> = cited
+        .into_iter()
+        .map(|n| (n.to_string(), evidence_name(report, n).into()))
+        .collect();
+    serde_json::to_string(&serde_json::json!({
+        "chain": chain,
+        "review": review,
+        "evidence_records": records,
+    }))
+}
+
+/// Every number in an `evidence` array of the report, and every listed event's `seq`.
+fn cited_evidence(value: &serde_json::Value, out: &mut std::collections::BTreeSet<u64>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("evidence", serde_json::Value::Array(items)) => {
+                        out.extend(items.iter().filter_map(serde_json::Value::as_u64));
+                    }
+                    ("seq", serde_json::Value::Number(n)) => out.extend(n.as_u64()),
+                    _ => cited_evidence(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for v in items {
+                cited_evidence(v, out);
+            }
+        }
+        _ => {}
+    }
 }

@@ -264,6 +264,9 @@ pub struct Report {
     pub findings: Findings,
     /// What a section could not compute (no policies loaded, ...).
     pub notes: Vec<String>,
+    /// On a fleet: evidence number `n` is the record `evidence_names[n - 1]` (`bastion#seq`).
+    #[serde(skip)]
+    pub evidence_names: Option<std::sync::Arc<Vec<String>>>,
 }
 
 /// `kind:name`, the name an auditor knows: the email of a person, the name of a service.
@@ -446,6 +449,7 @@ pub fn compute(events: &[TrailEvent], inputs: &Inputs<'_>) -> Report {
         identities,
         production,
         notes,
+        evidence_names: None,
     }
 }
 

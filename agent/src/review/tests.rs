@@ -1100,3 +1100,174 @@ fn html_has_every_section_the_seal_first_and_nothing_to_fetch_or_run() {
         .count();
     assert_eq!(html.matches("<tr id=").count(), md_rows);
 }
+
+/// The quarter split over two bastions as the central store holds them: connections with an
+/// even id (and events of no connection) on bastion-a, odd ones on bastion-b, each bastion's
+/// rows a chain of its own.
+fn fleet_rows(trail: &Trail) -> Vec<(String, Vec<crate::audit::central::CentralRow>)> {
+    let mut hosts: Vec<(String, Vec<crate::audit::central::CentralRow>)> = vec![
+        ("bastion-a".into(), Vec::new()),
+        ("bastion-b".into(), Vec::new()),
+    ];
+    for e in &trail.events {
+        let i = usize::from(e["connection_id"].as_u64().unwrap_or(0) % 2 == 1);
+        let rows = &mut hosts[i].1;
+        let prev = rows
+            .last()
+            .map_or(portcullis_audit_store::ChainHash::GENESIS, |r| {
+                portcullis_audit_store::ChainHash(r.hash.clone().try_into().unwrap())
+            });
+        let seq = rows.len() as u64 + 1;
+        let time_ms = e["time_ms"].as_u64().unwrap();
+        let text = e.to_string();
+        let hash =
+            portcullis_audit_store::format::record_hash(&prev, seq, time_ms, text.as_bytes());
+        rows.push(crate::audit::central::CentralRow {
+            seq,
+            time_ms,
+            prev: prev.0.to_vec(),
+            hash: hash.0.to_vec(),
+            event_text: text,
+        });
+    }
+    hosts
+}
+
+fn fleet_trail(hosts: &[(String, Vec<crate::audit::central::CentralRow>)]) -> super::FleetTrail {
+    let mut builder = super::FleetBuilder::default();
+    for (host, rows) in hosts {
+        builder.host(host);
+        for row in rows {
+            let event = serde_json::from_str(&row.event_text).ok();
+            builder.row(row, event);
+        }
+    }
+    builder.finish()
+}
+
+fn run_fleet_json(w: &World, trail: super::FleetTrail, key: Option<&SigningKey>) -> (Value, bool) {
+    let targets = targets();
+    let out = super::run_fleet(
+        trail,
+        &PolicyView {
+            policies: Some(&w.policies),
+            targets: &targets,
+        },
+        &Options {
+            period: period("2026-10-01", "2026-12-31").unwrap(),
+            target: None,
+            stale_days: 30,
+            format: Format::Json,
+        },
+        key,
+    )
+    .unwrap();
+    (serde_json::from_str(&out.text).unwrap(), out.verified)
+}
+
+/// The report without its evidence numbers (`evidence`, and the `seq` of a listed event),
+/// which are each trail's own.
+fn without_evidence(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "evidence" | "seq"))
+                .map(|(k, v)| (k.clone(), without_evidence(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_evidence).collect()),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn a_fleet_review_gives_the_single_trails_answers_with_evidence_named_by_bastion_and_seq() {
+    // In time order, as a fleet's events are merged, so lists come in the same order.
+    let mut quarter = quarter();
+    quarter.events.sort_by_key(|e| e["time_ms"].as_u64());
+    let w = world_of(&quarter, None);
+    let one: Value = serde_json::from_str(&w.run(Format::Json, None).text).unwrap();
+    let hosts = fleet_rows(&quarter);
+    let (fleet, verified) = run_fleet_json(&w, fleet_trail(&hosts), None);
+    assert!(verified, "{fleet}");
+    // Every figure is the one the same events give on one host.
+    assert_eq!(
+        without_evidence(&fleet["report"]["review"]),
+        without_evidence(&one["report"]["review"])
+    );
+    // Each cited record is named by its bastion and its seq there, and is that event.
+    let records = fleet["report"]["evidence_records"].as_object().unwrap();
+    assert!(!records.is_empty());
+    for name in records.values() {
+        let (host, seq) = name.as_str().unwrap().split_once('#').unwrap();
+        let rows = &hosts.iter().find(|(h, _)| h == host).unwrap().1;
+        assert!(rows.iter().any(|r| r.seq.to_string() == seq), "{name}");
+    }
+    // The chain part names both bastions, their heads, and the fleet's head it is sealed to.
+    let chain = &fleet["report"]["chain"];
+    assert_eq!(chain["hosts"].as_array().unwrap().len(), 2, "{chain}");
+    assert_eq!(chain["hosts"][0]["host"], "bastion-a");
+    assert_eq!(chain["hosts"][1]["verified"], true);
+    assert!(fleet["signature"]["digest"].is_string(), "{fleet}");
+}
+
+#[test]
+fn a_fleet_review_of_a_tampered_bastion_says_where_and_is_not_signed() {
+    let quarter = quarter();
+    let w = world_of(&quarter, None);
+    let mut hosts = fleet_rows(&quarter);
+    let row = &mut hosts[1].1[3];
+    row.event_text = row.event_text.replace("\"time_ms\"", "\"time_ms\" ");
+    let (fleet, verified) = run_fleet_json(&w, fleet_trail(&hosts), None);
+    assert!(!verified);
+    assert!(fleet["signature"].is_null(), "{fleet}");
+    let chain = &fleet["report"]["chain"];
+    assert_eq!(chain["verified"], false);
+    assert_eq!(chain["hosts"][0]["verified"], true);
+    assert_eq!(chain["hosts"][1]["verified"], false);
+    assert!(
+        chain["broken"]
+            .as_str()
+            .unwrap()
+            .starts_with("bastion-b: reading stopped at a bad record: seq 4"),
+        "{chain}"
+    );
+}
+
+#[test]
+fn two_bastions_sharing_a_session_id_are_told_apart_in_a_fleet_review() {
+    let mut t = Trail::new();
+    let opened = |time: u64, who: &str, uid: u32| {
+        json!({"event": "connection.opened", "time_ms": QUARTER_START_MS + time, "connection_id": 7,
+               "protocol": "postgres", "target": "prod-db", "identity": user(who, uid, &["dba"])})
+    };
+    t.events.push(opened(1_000, "alice", 1001));
+    t.events.push(opened(2_000, "bob", 1002));
+    // Both sessions have id 7: one on each bastion.
+    let mut hosts = Vec::new();
+    for (host, e) in [("bastion-a", &t.events[0]), ("bastion-b", &t.events[1])] {
+        let text = e.to_string();
+        let time_ms = e["time_ms"].as_u64().unwrap();
+        let prev = portcullis_audit_store::ChainHash::GENESIS;
+        let hash = portcullis_audit_store::format::record_hash(&prev, 1, time_ms, text.as_bytes());
+        hosts.push((
+            host.to_string(),
+            vec![crate::audit::central::CentralRow {
+                seq: 1,
+                time_ms,
+                prev: prev.0.to_vec(),
+                hash: hash.0.to_vec(),
+                event_text: text,
+            }],
+        ));
+    }
+    let w = world(None);
+    let (fleet, verified) = run_fleet_json(&w, fleet_trail(&hosts), None);
+    assert!(verified, "{fleet}");
+    let notes = fleet["report"]["review"]["notes"].to_string();
+    assert!(
+        notes.contains("session 7 of bastion-b is shown as session")
+            && notes.contains("bastion-a has a session with the same id"),
+        "{notes}"
+    );
+}
