@@ -11,7 +11,7 @@
     reason = "tests: a failure is a test failure"
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use portcullis_audit_store::{format::record_hash, ChainHash};

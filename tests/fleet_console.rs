@@ -230,7 +230,7 @@ fn the_fleet_console_shows_a_bastions_sessions_from_the_central_store_and_decide
     let dir = tempfile::tempdir().unwrap();
     let text = console_config(
         dir.path(),
-        &provider.issuer(),
+        provider.issuer(),
         console_port,
         &central,
         "writer_only",
@@ -255,7 +255,7 @@ fn the_fleet_console_shows_a_bastions_sessions_from_the_central_store_and_decide
     let dir = tempfile::tempdir().unwrap();
     let text = console_config(
         dir.path(),
-        &provider.issuer(),
+        provider.issuer(),
         console_port,
         &central,
         "fleet",
