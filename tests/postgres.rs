@@ -3533,3 +3533,58 @@ fn statements_inside_called_functions_are_decided_like_top_level_ones() {
         "{denied:#?}"
     );
 }
+
+/// A thousand sessions with TLS on both sides held idle through the agent (which frees every
+/// session's buffers while it waits) all still answer a query afterwards, each on its own
+/// connection. `cargo xtask bench postgres --case idle10k` holds ten times as many and
+/// measures what they cost.
+#[test]
+fn a_thousand_idle_tls_sessions_are_held_and_all_answer_afterwards() {
+    use std::io::{BufRead, Write};
+    if !e2e_enabled() {
+        return;
+    }
+    const SESSIONS: usize = 1_000;
+    // One uid opens them all: the per-uid limits (1,000 open, 64 in start-up, 200 a second)
+    // would measure themselves.
+    let f = PgFixture::with_identity(
+        "pg-idle-tls",
+        46,
+        "[insecure]\nunix_identity_only = true\n\
+         [limits]\nmax_open_per_uid = 2000\nmax_startup_per_uid = 2000\n\
+         new_connections_per_sec = 100000\nnew_connections_burst = 100000\n",
+    );
+    portcullis_e2e::idle_tls::raise_fd_limit().unwrap();
+    let mut client = client_at(
+        PathBuf::from(env!("CARGO_BIN_EXE_portcullis-idle-tls")),
+        f.run_as(ENGINEER),
+    )
+    .arg(format!("127.0.0.1:{}", f.pg.port()))
+    // md5 upstream: a SCRAM log-in in the debug build takes tens of milliseconds.
+    .args(["md5user", "app"])
+    .arg(&f.ca)
+    .args([SESSIONS.to_string(), "60".to_string()])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let open = line.trim().to_string();
+    // Held, and idle for a moment: every session's buffers are freed by now.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    writeln!(stdin, "query").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let answered = line.trim().to_string();
+    writeln!(stdin, "close").unwrap();
+    drop(stdin);
+    let out = client.wait_with_output().unwrap();
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(open, format!("open {SESSIONS}"), "{errors}");
+    assert_eq!(answered, format!("answered {SESSIONS}"), "{errors}");
+    assert!(out.status.success(), "{errors}");
+}

@@ -14,6 +14,7 @@
 
 pub mod browser;
 pub mod console;
+pub mod idle_tls;
 pub mod oidc;
 pub mod pgbouncer;
 pub mod postgres;

@@ -1043,7 +1043,7 @@ impl Drop for AgentPath {
 /// The server is one of its own: `max_connections` sized for the run.
 fn idle_tls_sessions(requested: usize) -> Result<Vec<Row>> {
     use std::io::{BufRead, Write};
-    let hard = crate::idle_client::raise_fd_limit()?;
+    let hard = portcullis_e2e::idle_tls::raise_fd_limit()?;
     // The agent inherits this limit; the unit's LimitNOFILE (131072) is far above it.
     let fit = usize::try_from(hard.saturating_sub(AGENT_SPARE_FDS) / 2)?;
     let mut sessions = requested.min(fit);

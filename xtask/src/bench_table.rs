@@ -45,6 +45,7 @@ const GOALS: &[(&str, Goal)] = &[
     ("redirect.rss_idle", value(Bound::AtMost, 25.0)),
     ("redirect.rss_per_connection", value(Bound::AtMost, 16.0)),
     ("postgres.rss_per_tls_session", value(Bound::AtMost, 16.0)),
+    ("postgres.tls_sessions_answering", ratio_at_least(1.0)),
     ("postgres.tps_vs_pgbouncer", ratio_at_least(1.0)),
     ("postgres.cpu_per_txn", ratio_at_most(1.0)),
     ("postgres.connect_p50", ratio_at_most(1.0)),

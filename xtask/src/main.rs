@@ -8,7 +8,6 @@ mod bench_ssh;
 mod bench_table;
 mod demo;
 mod fuzz;
-mod idle_client;
 mod package;
 mod setup;
 
@@ -111,7 +110,7 @@ fn main() -> Result<()> {
             bench::run(&args)
         }
         // Run by `bench postgres` inside the agent's cgroup, not by hand.
-        "idle-client" => idle_client::run(rest),
+        "idle-client" => portcullis_e2e::idle_tls::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

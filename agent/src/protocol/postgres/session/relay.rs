@@ -138,9 +138,11 @@ pub async fn run(
     // when it fires.
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
-    let idle_timer = tokio::time::sleep(idle);
+    let idle_timer = tokio::time::sleep(RELEASE_AFTER);
     tokio::pin!(idle_timer);
     let mut last_traffic = tokio::time::Instant::now();
+    // Whether the buffers were given back since the last traffic (`RELEASE_AFTER`).
+    let mut released = false;
     // Bytes that arrived with the start-up packet belong to the session.
     if !cbuf.is_empty() {
         machine.on_client(&mut cbuf, now(), &gate.policies().current());
@@ -203,14 +205,6 @@ pub async fn run(
             }
             continue;
         }
-        // Waiting from here, maybe for hours: the session keeps no buffer while it waits
-        // (10,000 idle sessions would otherwise hold theirs); what the next read brings is
-        // allocated then.
-        release_if_drained(&mut cbuf);
-        release_if_drained(&mut sbuf);
-        let out = machine.output();
-        release_if_drained(&mut out.to_server);
-        release_if_drained(&mut out.to_client);
         tokio::select! {
             () = &mut cancelled => {
                 encode_error_response(
@@ -223,6 +217,14 @@ pub async fn run(
                 // Idle means no traffic and nothing the server is still working on: a
                 // long query is not an idle session.
                 let now = tokio::time::Instant::now();
+                if now < last_traffic + RELEASE_AFTER {
+                    idle_timer.as_mut().reset(last_traffic + RELEASE_AFTER);
+                    continue;
+                }
+                if !released {
+                    release_buffers(&mut cbuf, &mut sbuf, machine.output());
+                    released = true;
+                }
                 if now < last_traffic + idle {
                     idle_timer.as_mut().reset(last_traffic + idle);
                 } else if machine.awaits_nothing() {
@@ -239,6 +241,9 @@ pub async fn run(
                 fill(&mut client, &mut cbuf).await
             } => {
                 last_traffic = tokio::time::Instant::now();
+                if std::mem::take(&mut released) {
+                    idle_timer.as_mut().reset(last_traffic + RELEASE_AFTER);
+                }
                 match r {
                     Err(e) => break format!("client read failed: {e}"),
                     Ok(0) => break CLIENT_CLOSED.into(),
@@ -258,6 +263,9 @@ pub async fn run(
             }
             r = fill(&mut server, &mut sbuf) => {
                 last_traffic = tokio::time::Instant::now();
+                if std::mem::take(&mut released) {
+                    idle_timer.as_mut().reset(last_traffic + RELEASE_AFTER);
+                }
                 match r {
                     Err(e) => break format!("server read failed: {e}"),
                     Ok(0) => break "the server closed the connection".into(),
@@ -310,6 +318,18 @@ fn poolable_end(machine: &mut Session<'_>, why: &str, sbuf: &BytesMut) -> Option
     }
     machine.output().to_server.clear();
     Some(end)
+}
+
+/// A session quiet this long gives its buffers back: one that waits (for hours, maybe, and
+/// 10,000 of them) holds none, what its next read brings is allocated then, and a busy
+/// session keeps its own, so its statements allocate no buffer each.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
+
+fn release_buffers(cbuf: &mut BytesMut, sbuf: &mut BytesMut, out: &mut Output) {
+    release_if_drained(cbuf);
+    release_if_drained(sbuf);
+    release_if_drained(&mut out.to_server);
+    release_if_drained(&mut out.to_client);
 }
 
 fn count(counter: &std::sync::atomic::AtomicU64, n: usize) {
