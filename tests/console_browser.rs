@@ -39,6 +39,7 @@ fn people() -> Vec<OidcUser> {
         OidcUser::new("alice", &["engineering", "dba-leads"]),
         OidcUser::new("bob", &["dba-leads", "audit"]),
         OidcUser::new("carol", &["audit"]),
+        OidcUser::new("dave", &["platform"]),
     ]
 }
 
@@ -202,8 +203,11 @@ fn assert_accessible(page: &Page<'_>, what: &str, allowed: &[&str]) {
   const unlabelled = [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
     .filter(e => e.labels.length === 0 && !e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby'))
     .map(e => e.outerHTML);
+  const landmarks = { banner: document.querySelectorAll('body > header').length,
+      main: document.querySelectorAll('main').length,
+      navigation: [...document.querySelectorAll('header nav')].map(n => n.getAttribute('aria-label')) };
   return { lang: document.documentElement.lang, title: document.title,
-           h1: document.querySelectorAll('h1').length, unlabelled, lowContrast };
+           h1: document.querySelectorAll('h1').length, unlabelled, lowContrast, landmarks };
 })()"#,
         )
         .unwrap();
@@ -215,6 +219,12 @@ fn assert_accessible(page: &Page<'_>, what: &str, allowed: &[&str]) {
         "{what}: {facts}"
     );
     assert_eq!(facts["h1"], 1, "{what}: {facts}");
+    // Landmarks: one banner, one main, and the console's navigation named as such.
+    assert_eq!(
+        facts["landmarks"],
+        json!({"banner": 1, "main": 1, "navigation": ["Console"]}),
+        "{what}: landmarks"
+    );
     assert_eq!(
         facts["unlabelled"],
         json!([]),
@@ -439,6 +449,20 @@ fn an_approver_signs_in_reads_a_psql_timeline_and_approves_a_waiting_statement_i
         e["request_id"] == request.as_str()
     });
     assert_eq!(approved["identity"]["subject"], "bob", "{approved}");
+
+    // The other pages meet the same basics: bob's as an auditor and approver, dave's as an
+    // admin.
+    for path in ["/audit", "/grants", "/review", "/explain"] {
+        let page = open(&bob, &w, path);
+        assert_accessible(&page, path, &[]);
+        shot(&page, &format!("{}.png", path.trim_start_matches('/')));
+    }
+    let dave = signed_in(&w, "dave");
+    for path in ["/live", "/health"] {
+        let page = open(&dave, &w, path);
+        assert_accessible(&page, path, &[]);
+        shot(&page, &format!("{}.png", path.trim_start_matches('/')));
+    }
 }
 
 #[test]

@@ -3078,3 +3078,144 @@ when { resource.protocol == "ssh" };
     let all: Value = serde_json::from_slice(&all.stdout).unwrap();
     assert_eq!(all.as_array().unwrap().len(), 1, "{all:#}");
 }
+
+// ---- The console replays an SSH recording in a real browser (slots 236 and 237) ----
+
+/// An SSH shell typed through the redirect is recorded; an auditor signed in to the console
+/// in headless Chromium (at the real provider's login form) opens the session's timeline,
+/// its replay shows the command's output, and Play steps through the recording by itself
+/// (a meta refresh, no script) until the output is on screen. Screenshots are kept in
+/// `target/test-artifacts/console/`. The world is slot 236's; the console listens on slot
+/// 237's server port.
+#[test]
+fn the_console_replays_an_ssh_recording_in_the_browser_and_plays_it_by_itself() {
+    use portcullis_e2e::browser::{self, Browser};
+    use portcullis_e2e::oidc::{OidcOptions, OidcProvider, OidcUser};
+    if !approvals_enabled() || !portcullis_e2e::prerequisites_met(browser::missing_prerequisite()) {
+        return;
+    }
+    let console_port = Slot::new(237).server_port;
+    let console = format!("https://127.0.0.1:{console_port}");
+    let provider = OidcProvider::start(OidcOptions {
+        users: vec![OidcUser::new("alice", &["engineering", "audit"])],
+        extra_clients: vec![serde_json::json!({
+            "client_id": "portcullis-console",
+            "token_endpoint_auth_method": "none",
+            "grant_types": ["authorization_code"],
+            "response_types": ["code"],
+            "redirect_uris": [format!("{console}/auth/callback")],
+        })],
+        ..OidcOptions::default()
+    });
+    let identity = format!(
+        "[identity]\nissuer = \"{}\"\nleeway_secs = 5\n[insecure]\nallow_plaintext_loopback = true\n\
+         [console]\nlisten = \"127.0.0.1:{console_port}\"\nclient_id = \"portcullis-console\"\n\
+         auditor_groups = [\"audit\"]\n",
+        provider.issuer()
+    );
+    let w = World::with(
+        "ssh-console-replay",
+        236,
+        Options {
+            identity: &identity,
+            ..Options::default()
+        },
+    );
+    oidc_login(&w.agent, &provider, w.client_uid, "alice");
+    let shell = typed_shell(&w, &["echo replayed-$((6*7))\n", "exit\n"]);
+    assert!(
+        text(&shell.stdout).contains("replayed-42"),
+        "{}\n{}",
+        text(&shell.stderr),
+        w.agent.log()
+    );
+    let id = shell_connection(&w);
+    w.wait_event("recording.closed", |e| e["connection_id"] == id);
+
+    let js = |s: &str| serde_json::to_string(s).unwrap();
+    let browser = Browser::launch_trusting(&w.agent.dir.path().join("state/ca/ca.pem")).unwrap();
+    let page = browser.page().unwrap();
+    page.goto(&format!("{console}/signin")).unwrap();
+    page.wait_for(
+        "document.querySelector('input[name=login]')",
+        Duration::from_secs(15),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", provider.log()));
+    page.fill("input[name=login]", "alice").unwrap();
+    page.fill("input[name=password]", "any password").unwrap();
+    page.click("button[type=submit]").unwrap();
+    let home = format!(
+        "location.origin === {} && location.pathname === '/'",
+        js(&console)
+    );
+    page.wait_for(
+        &format!("({home}) || document.querySelector('input[name=prompt][value=consent]')"),
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", provider.log()));
+    if page.eval(&home).unwrap() != Value::Bool(true) {
+        page.click("button[type=submit]").unwrap();
+    }
+    page.wait_for(
+        &format!("({home}) && document.readyState === 'complete'"),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let shot = |name: &str| {
+        page.screenshot(&browser::artifacts_dir("console").unwrap().join(name))
+            .unwrap();
+    };
+
+    // The timeline, found from the id alone, links to the replay.
+    page.goto(&format!("{console}/sessions/{id}")).unwrap();
+    page.wait_for(
+        "document.querySelector('a[href$=\"/replay\"]')",
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", page.text().unwrap_or_default()));
+    page.click("a[href$=\"/replay\"]").unwrap();
+    page.wait_for(
+        "document.querySelector('pre.screen') && document.readyState === 'complete'",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    shot("replay-ssh.png");
+    let screen = page
+        .eval("document.querySelector('pre.screen').innerText")
+        .unwrap();
+    assert!(
+        screen.as_str().unwrap().contains("replayed-42"),
+        "the replay's last screen: {screen}\n{}\n{}",
+        page.text().unwrap_or_default(),
+        std::fs::read_to_string(recording_file(&w, id)).unwrap_or_default()
+    );
+
+    // From the start, Play at 8× reaches the output by itself.
+    page.goto(&format!("{console}/sessions/{id}/replay?t=0"))
+        .unwrap();
+    page.wait_for(
+        "document.readyState === 'complete'",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let start = page
+        .eval("document.querySelector('pre.screen').innerText")
+        .unwrap();
+    assert!(!start.as_str().unwrap().contains("replayed-42"), "{start}");
+    page.click("a[href$=\"&play=8\"]").unwrap();
+    page.wait_for(
+        "location.search.includes('play=8') && document.querySelector('pre.screen') \
+         && document.querySelector('pre.screen').innerText.includes('replayed-42')",
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", page.text().unwrap_or_default()));
+    shot("replay-ssh-playing.png");
+    let errors: Vec<String> = page
+        .console_errors()
+        .unwrap()
+        .iter()
+        .filter(|e| e.url.starts_with(&console))
+        .map(ToString::to_string)
+        .collect();
+    assert!(errors.is_empty(), "the browser reported {errors:?}");
+}

@@ -830,6 +830,9 @@ pub fn session_records(
     };
     let mut events = Vec::new();
     let mut starts = Vec::new();
+    // Parsing is most of a record's cost: only a record whose text holds the id's digits
+    // (every encoding of the number does) or an agent start can matter.
+    let digits = connection_id.to_string();
     // Records read after the close: events written as the connection wound down (a
     // recording's close, a statement's late event) may follow it closely, nothing later.
     let mut after_close: Option<u64> = None;
@@ -840,6 +843,9 @@ pub fn session_records(
         }
         if let Some(n) = &mut after_close {
             *n += 1;
+        }
+        if !record.event.contains(&digits) && !record.event.contains("agent.started") {
+            continue;
         }
         let Ok(event) = serde_json::from_str::<Value>(&record.event) else {
             continue;

@@ -14,7 +14,7 @@ use crate::audit::query::{self, EventsPage, Filter, SessionFilter, SessionsPage}
 pub const STYLESHEET: &str = "\
 body{font-family:system-ui,sans-serif;margin:0;color:#111;background:#fff}\
 header{background:#1d2b3a;color:#fff;padding:.6rem 1rem;display:flex;gap:1rem;align-items:center}\
-header a{color:#fff}header form{margin-left:auto}\
+header a{color:#fff}header nav{display:flex;gap:1rem}header form{margin-left:auto}\
 main{padding:1rem}table{border-collapse:collapse;width:100%}\
 th,td{border-bottom:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}\
 pre{white-space:pre-wrap;word-break:break-word;background:#f4f4f4;padding:.5rem}\
@@ -65,6 +65,11 @@ pub fn page(title: &str, who: Option<&SignedIn>, body: &str) -> String {
         }
         if admin {
             nav.push_str(r#"<a href="/live">Live</a><a href="/health">Health</a>"#);
+        }
+        // A landmark of its own, so a screen reader lists the console's sections apart
+        // from the page's content.
+        if !nav.is_empty() {
+            nav = format!(r#"<nav aria-label="Console">{nav}</nav>"#);
         }
         let _ = write!(
             nav,
@@ -423,25 +428,46 @@ pub fn replay(who: &SignedIn, r: &Replay<'_>) -> String {
         r.at.filter(|t| t.is_finite())
             .unwrap_or(end)
             .clamp(0.0, end);
-    let mut screen = portcullis_terminal::screen::Screen::new(rec.header.width, rec.header.height);
+    // A client that sent no window size (`ssh -tt` with no terminal) gives 0×0: shown at
+    // the size a terminal assumes then, not in a one-cell screen.
+    let sized = |columns: u16, rows: u16| {
+        (
+            if columns == 0 { 80 } else { columns },
+            if rows == 0 { 24 } else { rows },
+        )
+    };
+    let (width, height) = sized(rec.header.width, rec.header.height);
+    let mut screen = portcullis_terminal::screen::Screen::new(width, height);
     for e in rec.events.iter().take_while(|e| e.time <= at) {
         match &e.kind {
             Cast::Output(text) => screen.feed(text.as_bytes()),
             Cast::Resize { columns, rows } => {
                 // Rebuilt at the new size from what it showed: the text is what matters.
                 let shown = screen.text();
-                screen = portcullis_terminal::screen::Screen::new(*columns, *rows);
+                let (columns, rows) = sized(*columns, *rows);
+                screen = portcullis_terminal::screen::Screen::new(columns, rows);
                 screen.feed(shown.replace('\n', "\r\n").as_bytes());
             }
             _ => {}
         }
     }
+    // A second in a link: tenths, but the end exactly (shortest form that reads back
+    // equal), or a link to the end would stop short of its last output and a replay
+    // playing to it would never arrive.
+    let second = |t: f64| {
+        let t = t.clamp(0.0, end);
+        if t >= end {
+            format!("{end}")
+        } else {
+            format!("{t:.1}")
+        }
+    };
     let link = |t: f64, label: &str| {
         format!(
-            r#"<a href="/sessions/{}/replay?n={}&amp;t={:.1}">{label}</a>"#,
+            r#"<a href="/sessions/{}/replay?n={}&amp;t={}">{label}</a>"#,
             r.session,
             r.number,
-            t.clamp(0.0, end)
+            second(t)
         )
     };
     let mut body = String::new();
@@ -468,8 +494,8 @@ pub fn replay(who: &SignedIn, r: &Replay<'_>) -> String {
         esc(r.recordings.get(r.number).map_or("?", String::as_str)),
         r.session,
         r.session,
-        rec.header.width,
-        rec.header.height,
+        width,
+        height,
         if r.closed {
             ""
         } else {
@@ -537,10 +563,10 @@ pub fn replay(who: &SignedIn, r: &Replay<'_>) -> String {
         Some(s) => html.replacen(
             "<meta charset=\"utf-8\">",
             &format!(
-                "<meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"1; url=/sessions/{}/replay?n={}&amp;t={:.1}&amp;play={s}\">",
+                "<meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"1; url=/sessions/{}/replay?n={}&amp;t={}&amp;play={s}\">",
                 r.session,
                 r.number,
-                (at + f64::from(s)).min(end)
+                second(at + f64::from(s))
             ),
             1,
         ),

@@ -1158,13 +1158,51 @@ async fn a_replay_plays_by_itself_a_second_a_step_at_the_chosen_speed_and_pauses
     );
     // The last step stops at the end, and at the end it stops playing.
     let (_, _, page) = f.get("/sessions/78/replay?t=5&play=2", Some("aud")).await;
-    assert!(page.contains("t=6.0&amp;play=2\">"), "{page}");
+    assert!(page.contains("t=6&amp;play=2\">"), "{page}");
     let (_, _, page) = f.get("/sessions/78/replay?t=6&play=2", Some("aud")).await;
     assert!(!page.contains("http-equiv=\"refresh\""), "{page}");
     assert!(page.contains("$ exit</pre>"), "{page}");
     // A speed not offered plays nothing.
     let (_, _, page) = f
         .get("/sessions/78/replay?t=1&play=1000", Some("aud"))
+        .await;
+    assert!(!page.contains("http-equiv=\"refresh\""), "{page}");
+}
+
+#[tokio::test]
+async fn a_recording_whose_client_sent_no_window_size_replays_at_80_by_24() {
+    // `ssh -tt` without a terminal asks for a pty of 0×0 (found in Chromium by the SSH
+    // replay test: the page showed an empty screen).
+    let f = fixture();
+    let recordings = crate::audit::recording::Recordings::new(Arc::clone(&f.state.audit));
+    let rec = recordings
+        .start(
+            79,
+            b"{\"version\":2,\"width\":0,\"height\":0}\n".to_vec(),
+            crate::config::RecordingFailure::Close,
+        )
+        .await
+        .unwrap();
+    rec.append(b"[0.5,\"o\",\"$ echo hi\\r\\nhi\\r\\n\"]\n".to_vec())
+        .await
+        .unwrap();
+    rec.append(b"[0.64,\"r\",\"0x0\"]\n".to_vec())
+        .await
+        .unwrap();
+    rec.finish().await.unwrap();
+    f.state.audit.flush();
+    f.sign_in("aud", person("carol", &["audit"]));
+    let (status, _, page) = f.get("/sessions/79/replay", Some("aud")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("(login shell, 80×24)"), "{page}");
+    assert!(page.contains(">$ echo hi\nhi</pre>"), "{page}");
+    // An end that is not a whole tenth: End and the last step of a playing replay go to it
+    // exactly, and there playing stops (rounded to 0.6 it reloaded 0.6 for ever).
+    let (_, _, page) = f.get("/sessions/79/replay?t=0&play=8", Some("aud")).await;
+    assert!(page.contains("t=0.64&amp;play=8\">"), "{page}");
+    assert!(page.contains(r#"t=0.64">End</a>"#), "{page}");
+    let (_, _, page) = f
+        .get("/sessions/79/replay?t=0.64&play=8", Some("aud"))
         .await;
     assert!(!page.contains("http-equiv=\"refresh\""), "{page}");
 }
