@@ -289,8 +289,8 @@ fn measure_volume() -> Result<Vec<Row>> {
 
 /// Runs one ignored test of the agent (a bench body: the agent is a binary crate), built for
 /// release; its output.
-fn agent_bench_test(name: &str) -> Result<String> {
-    crate::bench_table::run_capturing(&mut crate::cargo_cmd(&[
+fn agent_bench_test(name: &str, env: &[(&str, String)]) -> Result<String> {
+    let mut cmd = crate::cargo_cmd(&[
         "test",
         "--release",
         "-p",
@@ -302,7 +302,9 @@ fn agent_bench_test(name: &str) -> Result<String> {
         "--ignored",
         "--exact",
         "--nocapture",
-    ]))
+    ]);
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    crate::bench_table::run_capturing(&mut cmd)
 }
 
 /// `portcullis review report` over a generated trail of a million events (the tested quarter
@@ -311,7 +313,7 @@ fn agent_bench_test(name: &str) -> Result<String> {
 /// `review report over N events (Format): … events/s` become the rows.
 fn review() -> Result<Vec<Row>> {
     step("review report over 1,000,000 events (md, csv, json; verify, read, compute)");
-    let out = agent_bench_test("review::tests::bench_report_over_a_million_events")?;
+    let out = agent_bench_test("review::tests::bench_report_over_a_million_events", &[])?;
     let rows = crate::bench_table::parse_review_lines(&out);
     if rows.is_empty() {
         bail!("the review bench printed no `review report over N events (…): … events/s` line");
@@ -324,11 +326,42 @@ fn review() -> Result<Vec<Row>> {
 /// last seq. Like `review`, the body is an ignored test of the agent, built for release.
 fn console() -> Result<Vec<Row>> {
     step("sessions page over 1,000,000 events (newest, deep, filtered; p50 and p99)");
-    let out = agent_bench_test("audit::query::tests::bench_sessions_page_over_a_million_events")?;
-    let rows = crate::bench_table::parse_rows("console", &out)?;
+    let out = agent_bench_test(
+        "audit::query::tests::bench_sessions_page_over_a_million_events",
+        &[],
+    )?;
+    let mut rows = crate::bench_table::parse_rows("console", &out)?;
     if rows.is_empty() {
         bail!("the sessions page bench printed no BENCH-ROW line");
     }
+    // The fleet console's pages over a central store of the same size: the body migrates
+    // and fills this PostgreSQL as its superuser, then reads it as a reader role.
+    step("fleet console over 1,000,000 central events (newest, deep, filtered, timeline, hosts)");
+    use portcullis_e2e::postgres::{Postgres, SUPERUSER_PASSWORD};
+    const DB: &str = "portcullis";
+    let pg = Postgres::start(DB);
+    std::fs::create_dir_all(BENCH_DIR)?;
+    let pw = PathBuf::from(BENCH_DIR).join("central-admin.pw");
+    std::fs::write(&pw, SUPERUSER_PASSWORD)?;
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let out = agent_bench_test(
+        "audit::central_read::tests::bench_fleet_pages_over_a_million_events",
+        &[
+            (
+                "PORTCULLIS_BENCH_CENTRAL_ADMIN_URL",
+                format!("postgres://postgres@127.0.0.1:{}/{DB}", pg.port),
+            ),
+            (
+                "PORTCULLIS_BENCH_CENTRAL_ADMIN_PASSWORD_FILE",
+                pw.display().to_string(),
+            ),
+        ],
+    )?;
+    let fleet = crate::bench_table::parse_rows("console", &out)?;
+    if fleet.is_empty() {
+        bail!("the fleet console bench printed no BENCH-ROW line");
+    }
+    rows.extend(fleet);
     Ok(rows)
 }
 

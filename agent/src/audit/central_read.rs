@@ -462,3 +462,151 @@ fn row_event(r: &tokio_postgres::Row) -> Result<FleetEvent, tokio_postgres::Erro
         event: r.try_get(3)?,
     })
 }
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "a bench body: a failure is the bench failing"
+)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The fleet console's pages over a central store of 1,000,000 events (250,000 sessions
+    /// of four events on four bastions; every tenth session has a denial): p50 and p99 of
+    /// the newest sessions page, a page deep in the past, a filtered page, a timeline and
+    /// the health page's hosts. `cargo xtask bench console` starts the PostgreSQL and names
+    /// its superuser in `PORTCULLIS_BENCH_CENTRAL_ADMIN_URL` (password in
+    /// `PORTCULLIS_BENCH_CENTRAL_ADMIN_PASSWORD_FILE`); this migrates it, fills it, and
+    /// reads it as a role with `portcullis_reader` only.
+    #[test]
+    #[ignore = "a bench: cargo xtask bench console"]
+    fn bench_fleet_pages_over_a_million_events() {
+        let admin_url = std::env::var("PORTCULLIS_BENCH_CENTRAL_ADMIN_URL").unwrap();
+        let admin_pw = std::env::var("PORTCULLIS_BENCH_CENTRAL_ADMIN_PASSWORD_FILE").unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let reader_pw = files.path().join("reader.pw");
+        std::fs::write(&reader_pw, "bench-reader-secret").unwrap();
+        std::fs::set_permissions(
+            &reader_pw,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let reader_url = admin_url.replacen("postgres://postgres@", "postgres://bench_reader@", 1);
+        let central: CentralConfig = toml::from_str(&format!(
+            "url = \"{reader_url}\"\npassword_file = \"{}\"\ntls = \"disable\"\n",
+            reader_pw.display()
+        ))
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            central::migrate(&central, &admin_url, Some(std::path::Path::new(&admin_pw)))
+                .await
+                .unwrap();
+            let mut config: tokio_postgres::Config = admin_url.parse().unwrap();
+            config.password(std::fs::read_to_string(&admin_pw).unwrap().trim());
+            let (admin, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(connection);
+            let filled = std::time::Instant::now();
+            admin
+                .batch_execute(
+                    "DO $$ BEGIN
+                         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bench_reader') THEN
+                             CREATE ROLE bench_reader LOGIN PASSWORD 'bench-reader-secret'
+                                 IN ROLE portcullis_reader;
+                         END IF;
+                     END $$;
+                     TRUNCATE portcullis_audit_events;
+                     INSERT INTO portcullis_audit_events (host, seq, time_ms, prev, hash, event_text, event)
+                     SELECT 'bastion-' || (i % 4), (i / 4) * 4 + k + 1, t, z, z, e::text, e
+                     FROM generate_series(1, 250000) AS i, generate_series(0, 3) AS k,
+                          LATERAL (SELECT 1790812800000::bigint + (i * 4 + k)::bigint * 1000 AS t,
+                                          decode(repeat('00', 32), 'hex') AS z) AS c,
+                          LATERAL (SELECT CASE k
+                              WHEN 0 THEN jsonb_build_object('event', 'connection.opened', 'time_ms', t,
+                                  'connection_id', i, 'protocol', 'postgres', 'target', 'db', 'host', 'vm',
+                                  'identity', jsonb_build_object('user', 'user-' || (i % 50),
+                                      'subject', 'user-' || (i % 50), 'uid', 1000 + i % 50))
+                              WHEN 1 THEN jsonb_build_object('event', 'statement.executed', 'time_ms', t,
+                                  'connection_id', i, 'decision', 'allow', 'statement', 'SELECT 1')
+                              WHEN 2 THEN jsonb_build_object('event',
+                                  CASE WHEN i % 10 = 0 THEN 'statement.denied' ELSE 'statement.executed' END,
+                                  'time_ms', t, 'connection_id', i,
+                                  'decision', CASE WHEN i % 10 = 0 THEN 'deny' ELSE 'allow' END,
+                                  'statement', 'DELETE FROM t')
+                              ELSE jsonb_build_object('event', 'connection.closed', 'time_ms', t,
+                                  'connection_id', i, 'duration_ms', 3, 'bytes_client_to_upstream', 10,
+                                  'bytes_upstream_to_client', 20, 'reason', 'client closed')
+                          END AS e) AS ev;
+                     ANALYZE portcullis_audit_events;",
+                )
+                .await
+                .unwrap();
+            println!(
+                "filled 1,000,000 central events in {:.1} s",
+                filled.elapsed().as_secs_f64()
+            );
+            let trail = CentralTrail::connect(&central, None).await.unwrap();
+            let newest = trail.hosts().await.unwrap();
+            assert_eq!(newest.len(), 4, "{newest:?}");
+            let deep_ms = newest[0].time_ms.saturating_sub(900_000 * 1_000);
+            let cases: [(&str, &str, SessionFilter, Option<u64>); 3] = [
+                ("newest", "newest page", SessionFilter::default(), None),
+                ("deep", "a page 900,000 events back", SessionFilter::default(), Some(deep_ms)),
+                (
+                    "filtered",
+                    "one user's sessions with a denial",
+                    SessionFilter {
+                        user: Some("user-10".into()),
+                        decision: Some("deny".into()),
+                        ..SessionFilter::default()
+                    },
+                    None,
+                ),
+            ];
+            let mut results: Vec<(String, String, Vec<f64>)> = Vec::new();
+            for (key, name, filter, before) in cases {
+                let mut ms = Vec::new();
+                for _ in 0..41 {
+                    let started = std::time::Instant::now();
+                    let (rows, _) = trail.sessions_page(&filter, None, before, 50).await.unwrap();
+                    assert!(!rows.is_empty(), "{key}");
+                    ms.push(started.elapsed().as_secs_f64() * 1000.0);
+                }
+                results.push((key.into(), name.into(), ms));
+            }
+            let mut ms = Vec::new();
+            for _ in 0..41 {
+                let started = std::time::Instant::now();
+                let (events, _) = trail.session_events("bastion-2", 125_002, 1).await.unwrap();
+                assert_eq!(events.len(), 4, "{events:?}");
+                ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            results.push(("timeline".into(), "one session's timeline".into(), ms));
+            let mut ms = Vec::new();
+            for _ in 0..41 {
+                let started = std::time::Instant::now();
+                assert_eq!(trail.hosts().await.unwrap().len(), 4);
+                ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            results.push(("hosts".into(), "health: last event per host".into(), ms));
+            for (key, name, mut ms) in results {
+                ms.sort_by(f64::total_cmp);
+                let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+                for (stat, v) in [("p50", at(0.5)), ("p99", at(0.99))] {
+                    println!(
+                        "BENCH-ROW {}",
+                        json!({"key": format!("console.fleet_{key}_{stat}"),
+                               "name": format!("fleet console over 1,000,000 central events: {name}, {stat}"),
+                               "value": v, "unit": "ms", "rounds": ms.len()})
+                    );
+                }
+            }
+        });
+    }
+}
