@@ -1,9 +1,10 @@
 //! Reading a fleet's audit trail back from the central store: the fleet console's sessions,
 //! timelines, searches and health, and fleet access reviews.
 //!
-//! The same filters as the local store's (`query::Filter`, `query::SessionFilter`) decide
-//! what a page keeps, on the full events of the `event` column, so a page means the same on
-//! one host and on a fleet. SQL narrows the rows first (event type, time, host, target) and
+//! What a page shows is parsed from `event_text`, the bytes each row's hash covers; the
+//! `event` column (jsonb) only helps SQL find rows. The same filters as the local store's
+//! (`query::Filter`, `query::SessionFilter`) then decide what a page keeps, so a page means
+//! the same on one host and on a fleet. SQL narrows the rows first (event type, time, host, target) and
 //! walks indexes of schema version 3 newest first; every page reads at most
 //! [`PAGE_SCAN_ROWS`] rows, so it costs the same with a million events as with a thousand.
 //!
@@ -125,7 +126,7 @@ impl CentralTrail {
         // One statement for every combination: a NULL parameter leaves its condition out.
         // `event->>'event' = $1` matches the partial index's predicate only when written
         // as a literal, so the sessions walk has a statement of its own.
-        let sql_opened = "SELECT host, seq, time_ms, event FROM portcullis_audit_events
+        let sql_opened = "SELECT host, seq, time_ms, event_text FROM portcullis_audit_events
              WHERE event->>'event' = 'connection.opened'
                AND (time_ms, host, seq) < ($1, $2, $3)
                AND ($4::text IS NULL OR host = $4)
@@ -133,7 +134,7 @@ impl CentralTrail {
                AND ($6::bigint IS NULL OR time_ms >= $6)
                AND ($7::bigint IS NULL OR time_ms <= $7)
              ORDER BY time_ms DESC, host DESC, seq DESC LIMIT $8";
-        let sql_any = "SELECT host, seq, time_ms, event FROM portcullis_audit_events
+        let sql_any = "SELECT host, seq, time_ms, event_text FROM portcullis_audit_events
              WHERE event IS NOT NULL
                AND (time_ms, host, seq) < ($1, $2, $3)
                AND ($4::text IS NULL OR host = $4)
@@ -179,7 +180,11 @@ impl CentralTrail {
                 )
                 .await?
         };
-        rows.into_iter().map(|r| row_event(&r)).collect()
+        let mut events = Vec::with_capacity(rows.len());
+        for r in rows {
+            events.extend(row_event(&r)?);
+        }
+        Ok(events)
     }
 
     /// Walks back from `before` (Unix ms; `None`: the newest), keeping what `keep` keeps,
@@ -306,15 +311,16 @@ impl CentralTrail {
             let closed = self
                 .client
                 .query_opt(
-                    "SELECT event FROM portcullis_audit_events
+                    "SELECT event_text FROM portcullis_audit_events
                      WHERE host = $1 AND event->>'connection_id' = $2 AND seq > $3
                        AND event->>'event' = 'connection.closed'
                      ORDER BY seq LIMIT 1",
                     &[&o.host, &id, &to_i64(o.seq)],
                 )
                 .await?
-                .map(|r| r.try_get::<_, Value>(0))
-                .transpose()?;
+                .map(|r| r.try_get::<_, String>(0))
+                .transpose()?
+                .and_then(|text| serde_json::from_str(&text).ok());
             let restarted_ms = match closed {
                 Some(_) => None,
                 None => self
@@ -349,7 +355,7 @@ impl CentralTrail {
         let rows = self
             .client
             .query(
-                "SELECT event FROM portcullis_audit_events
+                "SELECT event_text FROM portcullis_audit_events
                  WHERE host = $1 AND event->>'connection_id' = $2 AND seq >= $3
                  ORDER BY seq LIMIT $4",
                 &[
@@ -360,10 +366,10 @@ impl CentralTrail {
                 ],
             )
             .await?;
-        let events = rows
-            .iter()
-            .map(|r| r.try_get::<_, Value>(0))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut events = Vec::with_capacity(rows.len());
+        for r in &rows {
+            events.extend(serde_json::from_str::<Value>(&r.try_get::<_, String>(0)?).ok());
+        }
         let starts = self
             .client
             .query(
@@ -413,13 +419,12 @@ impl CentralTrail {
             .collect()
     }
 
-    /// Every row `host` shipped, in seq order, as chain verification reads it, with its full
-    /// event; `each` sees them one at a time, so a host's trail is never all in memory as
-    /// rows.
+    /// Every row `host` shipped, in seq order, as chain verification reads it; `each` sees
+    /// them one at a time, so a host's trail is never all in memory as rows.
     pub async fn for_each_host_row(
         &self,
         host: &str,
-        mut each: impl FnMut(central::CentralRow, Option<Value>),
+        mut each: impl FnMut(central::CentralRow),
     ) -> Result<(), tokio_postgres::Error> {
         const PAGE: i64 = 5_000;
         let mut after: i64 = 0;
@@ -427,7 +432,7 @@ impl CentralTrail {
             let rows = self
                 .client
                 .query(
-                    "SELECT seq, time_ms, prev, hash, event_text, event FROM portcullis_audit_events
+                    "SELECT seq, time_ms, prev, hash, event_text FROM portcullis_audit_events
                      WHERE host = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                     &[&host, &after, &PAGE],
                 )
@@ -436,16 +441,13 @@ impl CentralTrail {
             for row in rows {
                 let seq: i64 = row.try_get(0)?;
                 after = seq;
-                each(
-                    central::CentralRow {
-                        seq: to_u64(seq),
-                        time_ms: to_u64(row.try_get(1)?),
-                        prev: row.try_get(2)?,
-                        hash: row.try_get(3)?,
-                        event_text: row.try_get(4)?,
-                    },
-                    row.try_get(5)?,
-                );
+                each(central::CentralRow {
+                    seq: to_u64(seq),
+                    time_ms: to_u64(row.try_get(1)?),
+                    prev: row.try_get(2)?,
+                    hash: row.try_get(3)?,
+                    event_text: row.try_get(4)?,
+                });
             }
             if n < usize::try_from(PAGE).unwrap_or(usize::MAX) {
                 return Ok(());
@@ -454,13 +456,17 @@ impl CentralTrail {
     }
 }
 
-fn row_event(r: &tokio_postgres::Row) -> Result<FleetEvent, tokio_postgres::Error> {
-    Ok(FleetEvent {
-        host: r.try_get(0)?,
-        seq: to_u64(r.try_get(1)?),
-        time_ms: to_u64(r.try_get(2)?),
-        event: r.try_get(3)?,
-    })
+/// A row as an event, parsed from `event_text`: the bytes its hash covers, which a
+/// bastion cannot make say something else than its chain does (the `event` column is only
+/// how SQL finds rows). `None` for a row whose text is not JSON.
+fn row_event(r: &tokio_postgres::Row) -> Result<Option<FleetEvent>, tokio_postgres::Error> {
+    let text: String = r.try_get(3)?;
+    Ok(serde_json::from_str(&text).ok().map(|event| FleetEvent {
+        host: r.try_get(0).unwrap_or_default(),
+        seq: to_u64(r.try_get(1).unwrap_or(0)),
+        time_ms: to_u64(r.try_get(2).unwrap_or(0)),
+        event,
+    }))
 }
 
 #[cfg(test)]

@@ -301,12 +301,10 @@ impl FleetBuilder {
         self.current = Some((host.to_string(), Default::default()));
     }
 
-    /// The next row of the current bastion, with its full event.
-    pub fn row(
-        &mut self,
-        row: &crate::audit::central::CentralRow,
-        event: Option<serde_json::Value>,
-    ) {
+    /// The next row of the current bastion. Its event is read from `event_text`, the bytes
+    /// the chain verifies, never from the `event` column, which a bastion could make say
+    /// something else.
+    pub fn row(&mut self, row: &crate::audit::central::CentralRow) {
         let Some((host, verifier)) = &mut self.current else {
             return;
         };
@@ -317,11 +315,7 @@ impl FleetBuilder {
         if verifier.broken() {
             return;
         }
-        let parsed = match event {
-            Some(v) => serde_json::from_value::<TrailEvent>(v),
-            None => serde_json::from_str::<TrailEvent>(&row.event_text),
-        };
-        match parsed {
+        match serde_json::from_str::<TrailEvent>(&row.event_text) {
             Ok(mut e) => {
                 e.seq = row.seq;
                 self.merged.push((host.clone(), e));
@@ -419,7 +413,7 @@ pub async fn read_fleet(
     for h in trail.hosts().await.map_err(central)? {
         builder.host(&h.host);
         trail
-            .for_each_host_row(&h.host, |row, event| builder.row(&row, event))
+            .for_each_host_row(&h.host, |row| builder.row(&row))
             .await
             .map_err(central)?;
     }

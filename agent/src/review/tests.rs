@@ -1138,8 +1138,7 @@ fn fleet_trail(hosts: &[(String, Vec<crate::audit::central::CentralRow>)]) -> su
     for (host, rows) in hosts {
         builder.host(host);
         for row in rows {
-            let event = serde_json::from_str(&row.event_text).ok();
-            builder.row(row, event);
+            builder.row(row);
         }
     }
     builder.finish()
