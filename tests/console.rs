@@ -19,12 +19,12 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_e2e::browser::{self, Browser as Chromium, Page as Tab};
-use portcullis_e2e::console::{self as console_world, World};
-use portcullis_e2e::oidc::{self, html, OidcProvider, OidcUser};
+use portcullis_e2e::console::{self as console_world, Http as Browser, HttpPage as Page, World};
+use portcullis_e2e::oidc::{self, html, OidcUser};
 use portcullis_e2e::postgres::{self as pg, client_command, RunAs};
 use portcullis_e2e::{e2e_enabled, Agent, Slot};
 use reqwest::blocking::Client;
-use reqwest::{StatusCode, Url};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 fn enabled() -> bool {
@@ -47,160 +47,9 @@ fn world(name: &str, slot: u8) -> World {
     console_world::world(name, slot, people())
 }
 
-struct Page {
-    url: Url,
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: String,
-}
-
-/// A browser's part: a cookie jar, the agent's CA as its only trust anchor, redirects
-/// followed on loopback only, and the provider's forms filled in.
-struct Browser {
-    client: Client,
-    console: String,
-}
-
-impl Browser {
-    fn new(w: &World) -> Self {
-        let ca = std::fs::read(w.agent.dir.path().join("state/ca/ca.pem")).unwrap();
-        let policy = reqwest::redirect::Policy::custom(|attempt| {
-            let loopback = attempt
-                .url()
-                .host_str()
-                .and_then(|h| h.parse::<std::net::IpAddr>().ok())
-                .is_some_and(|ip| ip.is_loopback());
-            if attempt.previous().len() > 10 {
-                attempt.error("too many redirects")
-            } else if !loopback {
-                attempt.error("redirect away from loopback")
-            } else {
-                attempt.follow()
-            }
-        });
-        let client = Client::builder()
-            .cookie_store(true)
-            .redirect(policy)
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
-        Self {
-            client,
-            console: w.console.clone(),
-        }
-    }
-
-    fn page(response: reqwest::blocking::Response) -> Page {
-        Page {
-            url: response.url().clone(),
-            status: response.status(),
-            headers: response.headers().clone(),
-            body: response.text().unwrap(),
-        }
-    }
-
-    fn get(&self, path: &str) -> Page {
-        Self::page(
-            self.client
-                .get(format!("{}{path}", self.console))
-                .send()
-                .unwrap(),
-        )
-    }
-
-    fn post(&self, url: &str, form: &[(String, String)]) -> Page {
-        Self::page(self.client.post(url).form(form).send().unwrap())
-    }
-
-    /// Signs in as `user` from the console's sign-in link: the provider's login form, its
-    /// consent form, then back at the console's callback, whose page is returned.
-    fn sign_in(&self, provider: &OidcProvider, user: &str) -> Page {
-        let mut page = self.get("/signin");
-        for _ in 0..5 {
-            if page.url.path() == "/auth/callback" {
-                return page;
-            }
-            assert!(
-                page.status.is_success(),
-                "{} {}: {}\n{}",
-                page.status,
-                page.url,
-                page.body,
-                provider.log()
-            );
-            let form = html::forms(&page.body)
-                .into_iter()
-                .next()
-                .unwrap_or_else(|| panic!("no form at {}: {}", page.url, page.body));
-            let fields: Vec<(String, String)> = form
-                .inputs
-                .iter()
-                .map(|i| {
-                    let value = match (i.kind.as_str(), i.name.as_str()) {
-                        (_, "login") => user.to_string(),
-                        ("password", _) => "any password".to_string(),
-                        _ => i.value.clone(),
-                    };
-                    (i.name.clone(), value)
-                })
-                .collect();
-            let action = page.url.join(&form.action).unwrap();
-            page = self.post(action.as_str(), &fields);
-        }
-        panic!("no way back to the console: {} {}", page.url, page.body);
-    }
-
-    /// The form on the approvals page that decides `request`: its action and CSRF token.
-    fn decision_form(&self, request: &str) -> Option<(String, String)> {
-        let page = self.get("/approvals");
-        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
-        html::forms(&page.body)
-            .into_iter()
-            .find(|f| f.action == format!("/approvals/{request}"))
-            .map(|f| {
-                let csrf = f.inputs.iter().find(|i| i.name == "csrf").unwrap();
-                (format!("{}{}", self.console, f.action), csrf.value.clone())
-            })
-    }
-
-    fn decide(&self, request: &str, decision: &str, reason: &str) -> Page {
-        let (action, csrf) = self
-            .decision_form(request)
-            .unwrap_or_else(|| panic!("request {request} is not on the approvals page"));
-        self.post(
-            &action,
-            &[
-                ("csrf".into(), csrf),
-                ("decision".into(), decision.into()),
-                ("reason".into(), reason.into()),
-            ],
-        )
-    }
-}
-
-/// The request ids on `browser`'s approvals page, waiting until one not in `seen` is there.
-fn next_pending(browser: &Browser, seen: &[String]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let page = browser.get("/approvals");
-        let found = html::forms(&page.body).into_iter().find_map(|f| {
-            f.action
-                .strip_prefix("/approvals/")
-                .map(str::to_string)
-                .filter(|id| !seen.contains(id))
-        });
-        if let Some(id) = found {
-            return id;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no pending request: {}",
-            page.body
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// A visitor of the world's console, trusting its CA alone.
+fn visitor(w: &World) -> Browser {
+    Browser::new(&w.console, &w.ca())
 }
 
 fn psql_script(w: &World, uid: u32, script: &str) -> Child {
@@ -243,7 +92,7 @@ fn signing_in_with_the_issuer_reaches_the_sessions_page_and_nobody_else_gets_in(
     );
 
     // Without a session every page sends the browser to sign in.
-    let browser = Browser::new(&w);
+    let browser = visitor(&w);
     let direct = Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .add_root_certificate(
@@ -315,7 +164,7 @@ fn signing_in_with_the_issuer_reaches_the_sessions_page_and_nobody_else_gets_in(
     assert_eq!(browser.get("/approvals").status, StatusCode::FORBIDDEN);
 
     // erin is nobody the console knows: refused at the callback, no session, recorded.
-    let stranger = Browser::new(&w);
+    let stranger = visitor(&w);
     let refused = stranger.sign_in(&w.provider, "erin");
     assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
     assert!(
@@ -347,10 +196,10 @@ fn an_approver_decides_a_waiting_statement_in_the_console_and_psql_gets_its_answ
     let w = world("console-approve", 197);
     let alice = 48197;
     login(&w, alice, "alice");
-    let bob = Browser::new(&w);
+    let bob = visitor(&w);
     assert_eq!(bob.sign_in(&w.provider, "bob").status, StatusCode::OK);
     // alice may approve for dba-leads, but not her own request.
-    let alice_browser = Browser::new(&w);
+    let alice_browser = visitor(&w);
     assert_eq!(
         alice_browser.sign_in(&w.provider, "alice").status,
         StatusCode::OK
@@ -364,7 +213,7 @@ fn an_approver_decides_a_waiting_statement_in_the_console_and_psql_gets_its_answ
          DROP TABLE console_t;\n\
          SELECT 'still here', count(*) FROM pg_tables WHERE tablename = 'console_t';\n",
     );
-    let create = next_pending(&bob, &[]);
+    let create = bob.next_pending(&[]);
     let page = bob.get("/approvals");
     assert!(
         page.body.contains("CREATE TABLE console_t (id int)"),
@@ -377,8 +226,10 @@ fn an_approver_decides_a_waiting_statement_in_the_console_and_psql_gets_its_answ
             .contains("console_t"),
         "the waiting statement ran"
     );
-    // The requester's own approval is refused by the store, as on the command line.
-    let own = alice_browser.decide(&create, "approve", "it is mine");
+    // The requester's page offers her no decision on her own request, and one she posts
+    // with her own token is refused by the store, as on the command line.
+    assert!(alice_browser.decision_form(&create).is_none());
+    let own = alice_browser.decide_unoffered(&create, "approve", "it is mine");
     assert_eq!(own.status, StatusCode::FORBIDDEN, "{}", own.body);
     assert!(
         own.body
@@ -395,7 +246,7 @@ fn an_approver_decides_a_waiting_statement_in_the_console_and_psql_gets_its_answ
         done.body
     );
 
-    let drop = next_pending(&bob, std::slice::from_ref(&create));
+    let drop = bob.next_pending(std::slice::from_ref(&create));
     let denied = bob.decide(&drop, "deny", "keep the table");
     assert_eq!(denied.status, StatusCode::OK, "{}", denied.body);
 
@@ -543,10 +394,19 @@ fn in_chromium_an_approver_approves_a_waiting_statement_and_the_requester_is_ref
     let alice_browser = Chromium::launch_trusting(&ca).unwrap();
     let own = chromium_sign_in(&alice_browser, &w, "alice");
     own.goto(&format!("{}/approvals", w.console)).unwrap();
-    own.fill(&format!("#reason-{request}"), "it is mine")
-        .unwrap();
-    own.click(&format!(
-        "form[action=\"/approvals/{request}\"] button[value=approve]"
+    wait_for_text(
+        &own,
+        "This is your own request: another approver decides it.",
+    );
+    // The page offers her nothing to click; a form she builds in it with her own token is
+    // the store's to refuse.
+    own.eval(&format!(
+        "(() => {{ const f = document.createElement('form'); f.method = 'post'; \
+         f.action = '/approvals/{request}'; \
+         const csrf = document.querySelector('form[action=\"/signout\"] input[name=csrf]').value; \
+         for (const [k, v] of [['csrf', csrf], ['decision', 'approve'], ['reason', 'it is mine']]) {{ \
+         const i = document.createElement('input'); i.type = 'hidden'; i.name = k; i.value = v; \
+         f.appendChild(i); }} document.body.appendChild(f); f.submit(); return true; }})()"
     ))
     .unwrap();
     wait_for_text(
@@ -641,7 +501,7 @@ fn an_admin_ends_an_open_psql_session_from_the_live_page_and_an_approver_cannot(
     let id = opened["connection_id"].as_u64().unwrap();
 
     // An approver sees no live page, and a form for it is refused.
-    let bob = Browser::new(&w);
+    let bob = visitor(&w);
     bob.sign_in(&w.provider, "bob");
     assert_eq!(bob.get("/live").status, StatusCode::FORBIDDEN);
     let bobs_csrf = bob
@@ -662,7 +522,7 @@ fn an_admin_ends_an_open_psql_session_from_the_live_page_and_an_approver_cannot(
     assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
 
     // The admin sees it, with its program, and ends it with a reason.
-    let pat = Browser::new(&w);
+    let pat = visitor(&w);
     pat.sign_in(&w.provider, "pat");
     let live = pat.get("/live");
     assert_eq!(live.status, StatusCode::OK, "{}", live.body);

@@ -479,12 +479,37 @@ fn the_requester_cannot_approve_herself_and_a_reader_or_a_forged_form_decides_no
         "CREATE TABLE refused_t (id int);\nSELECT 'after', 1;\n",
     );
 
-    // alice is an approver, but this request is hers: the server says no, and why.
+    // alice is an approver, but this request is hers: her page offers her no decision on
+    // it, and a form she builds in it with her own token is refused by the server, saying
+    // why.
+    let request = {
+        let bob = signed_in(&w, "bob");
+        let page = bob.page().unwrap();
+        next_pending(&page, &w, &[])
+    };
     let alice_browser = signed_in(&w, "alice");
-    let page = alice_browser.page().unwrap();
-    let request = next_pending(&page, &w, &[]);
-    decide_in_page(&page, &w, &request, "approve", "it is mine");
+    let page = open(&alice_browser, &w, "/approvals");
     let text = page.text().unwrap();
+    assert!(
+        text.contains("This is your own request: another approver decides it."),
+        "{text}"
+    );
+    let own_csrf = page
+        .eval("document.querySelector('form[action=\"/signout\"] input[name=csrf]').value")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    let text = forge(
+        &page,
+        &w,
+        &format!("/approvals/{request}"),
+        &[
+            ("csrf", &own_csrf),
+            ("decision", "approve"),
+            ("reason", "it is mine"),
+        ],
+    );
     assert!(
         text.contains("you asked for this yourself; someone else must approve it"),
         "{text}"

@@ -359,21 +359,7 @@ fn the_fleet_console_shows_a_bastions_sessions_from_the_central_store_and_decide
     alice_http.sign_in(&provider, "alice");
     // Her page offers her no form for it; her own token on a form she builds is refused.
     assert!(alice_http.decision_form(&request).is_none());
-    let mine = alice_http.get("/approvals");
-    let csrf = oidc::html::forms(&mine.body)
-        .into_iter()
-        .find(|f| f.action == "/signout")
-        .and_then(|f| f.inputs.into_iter().find(|i| i.name == "csrf"))
-        .unwrap()
-        .value;
-    let page = alice_http.post(
-        &format!("{}/approvals/{request}", console.url),
-        &[
-            ("csrf".into(), csrf),
-            ("decision".into(), "approve".into()),
-            ("reason".into(), "mine".into()),
-        ],
-    );
+    let page = alice_http.decide_unoffered(&request, "approve", "mine");
     assert_eq!(page.status, StatusCode::FORBIDDEN, "{}", page.body);
     assert!(page.body.contains("yourself"), "{}", page.body);
     let page = bob.decide(&request, "approve", "reviewed in the fleet console");

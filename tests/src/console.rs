@@ -217,6 +217,31 @@ impl Http {
         panic!("no way back to the console: {} {}", page.url, page.body);
     }
 
+    /// The session's CSRF token, as the sign-out form on every page carries it.
+    pub fn csrf(&self) -> String {
+        let page = self.get("/approvals");
+        crate::oidc::html::forms(&page.body)
+            .into_iter()
+            .find(|f| f.action == "/signout")
+            .and_then(|f| f.inputs.into_iter().find(|i| i.name == "csrf"))
+            .unwrap_or_else(|| panic!("no sign-out form: {}", page.body))
+            .value
+    }
+
+    /// A decision on `request` the page did not offer, posted with this session's own
+    /// token: what the server alone must refuse.
+    pub fn decide_unoffered(&self, request: &str, decision: &str, reason: &str) -> HttpPage {
+        let csrf = self.csrf();
+        self.post(
+            &format!("{}/approvals/{request}", self.console),
+            &[
+                ("csrf".into(), csrf),
+                ("decision".into(), decision.into()),
+                ("reason".into(), reason.into()),
+            ],
+        )
+    }
+
     /// The form on the approvals page that decides `request`: its action and CSRF token.
     pub fn decision_form(&self, request: &str) -> Option<(String, String)> {
         let page = self.get("/approvals");
