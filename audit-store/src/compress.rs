@@ -19,7 +19,7 @@ use crate::dir::{
     compressed_segment_file_name, list_segments, read_tail_seal, sync_dir, FILE_MODE,
 };
 use crate::error::StoreError;
-use crate::format::{encode_seal_line, parse_line, Line, Seal};
+use crate::format::{encode_trailer, Seal};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -29,8 +29,6 @@ use std::path::{Path, PathBuf};
 /// zstd's default level: about 400 MB/s of input on one core here, and audit lines repeat
 /// enough that higher levels gain little for several times the CPU.
 const LEVEL: i32 = 3;
-/// A skippable frame's magic (any of `0x184D2A50..=0x184D2A5F`), little-endian on disk.
-const TRAILER_MAGIC: [u8; 4] = 0x184D_2A5E_u32.to_le_bytes();
 
 /// One segment compressed by [`compress_sealed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,35 +155,6 @@ fn write_compressed(plain: &Path, tmp: &Path, seal: &Seal) -> Result<([u8; 32], 
     }
 }
 
-/// The skippable frame that carries the seal line.
-pub fn encode_trailer(out: &mut Vec<u8>, seal: &Seal) {
-    let mut line = Vec::with_capacity(512);
-    encode_seal_line(&mut line, seal);
-    out.extend_from_slice(&TRAILER_MAGIC);
-    out.extend_from_slice(&u32::try_from(line.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&line);
-}
-
-/// The seal a compressed segment's trailer carries, from the file's last bytes; `None` when
-/// they do not end with a well-formed trailer. Never panics, whatever the bytes (the fuzz
-/// target `segment_reader` feeds it).
-pub fn trailer_seal(tail: &[u8]) -> Option<Seal> {
-    // The trailer is last: the header whose length reaches exactly the end of the file.
-    let start = (0..tail.len().saturating_sub(8)).rev().find(|&at| {
-        tail.get(at..at.saturating_add(4)) == Some(&TRAILER_MAGIC[..])
-            && tail
-                .get(at.saturating_add(4)..at.saturating_add(8))
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .and_then(|b| usize::try_from(u32::from_le_bytes(b)).ok())
-                == Some(tail.len().saturating_sub(at).saturating_sub(8))
-    })?;
-    let line = tail.get(start.saturating_add(8)..)?.strip_suffix(b"\n")?;
-    match parse_line(line) {
-        Ok(Line::Seal(seal)) => Some(seal),
-        _ => None,
-    }
-}
-
 fn digest_of(mut reader: impl Read) -> io::Result<([u8; 32], u64)> {
     let mut hashing = Hashing {
         inner: &mut reader,
@@ -223,7 +192,7 @@ impl<R: Read> Read for Hashing<R> {
 )]
 mod tests {
     use super::*;
-    use crate::format::ChainHash;
+    use crate::format::{encode_seal_line, trailer_seal, ChainHash};
 
     fn seal() -> Seal {
         Seal {

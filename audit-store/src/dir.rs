@@ -225,12 +225,12 @@ pub(crate) fn read_tail_seal(segment: &SegmentFile) -> Result<Option<Seal>, Stor
         {
             let compressed = path.with_file_name(compressed_segment_file_name(segment.first_seq));
             let (tail, _) = read_tail(&compressed)?;
-            return Ok(crate::compress::trailer_seal(&tail));
+            return Ok(crate::format::trailer_seal(&tail));
         }
         other => other?,
     };
     if segment.compressed {
-        return Ok(crate::compress::trailer_seal(&tail));
+        return Ok(crate::format::trailer_seal(&tail));
     }
     let Some(body) = tail.strip_suffix(b"\n") else {
         return Ok(None);

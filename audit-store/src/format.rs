@@ -323,6 +323,40 @@ fn parse_seal(text: &str) -> Result<Seal, LineError> {
     })
 }
 
+/// The trailer of a compressed segment is a zstd skippable frame (any magic of
+/// `0x184D2A50..=0x184D2A5F`, little-endian on disk) holding a copy of the segment's seal
+/// line, so opening a store reads a seal without decompressing.
+const TRAILER_MAGIC: [u8; 4] = 0x184D_2A5E_u32.to_le_bytes();
+
+/// The skippable frame that carries the seal line.
+pub fn encode_trailer(out: &mut Vec<u8>, seal: &Seal) {
+    let mut line = Vec::with_capacity(512);
+    encode_seal_line(&mut line, seal);
+    out.extend_from_slice(&TRAILER_MAGIC);
+    out.extend_from_slice(&u32::try_from(line.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&line);
+}
+
+/// The seal a compressed segment's trailer carries, from the file's last bytes; `None` when
+/// they do not end with a well-formed trailer. Never panics, whatever the bytes (the fuzz
+/// target `segment_reader` feeds it).
+pub fn trailer_seal(tail: &[u8]) -> Option<Seal> {
+    // The trailer is last: the header whose length reaches exactly the end of the file.
+    let start = (0..tail.len().saturating_sub(8)).rev().find(|&at| {
+        tail.get(at..at.saturating_add(4)) == Some(&TRAILER_MAGIC[..])
+            && tail
+                .get(at.saturating_add(4)..at.saturating_add(8))
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .and_then(|b| usize::try_from(u32::from_le_bytes(b)).ok())
+                == Some(tail.len().saturating_sub(at).saturating_sub(8))
+    })?;
+    let line = tail.get(start.saturating_add(8)..)?.strip_suffix(b"\n")?;
+    match parse_line(line) {
+        Ok(Line::Seal(seal)) => Some(seal),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,

@@ -27,13 +27,14 @@ pub mod recording;
 mod store;
 mod verify;
 
-pub use compress::{compress_sealed, encode_trailer, trailer_seal, CompressedSegment};
+pub use compress::{compress_sealed, CompressedSegment};
 pub use dir::{
     compressed_segment_file_name, parse_segment_file_name, read_segment_file, segment_file_name,
 };
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use encoded::{EncodedEvent, EventBytes, Fields, Key, ObjectWriter};
 pub use error::StoreError;
+pub use format::{encode_trailer, trailer_seal};
 pub use format::{ChainHash, Seal};
 pub use reader::{Reader, Record};
 pub use store::{
