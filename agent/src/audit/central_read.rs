@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 use tokio_util::task::TaskTracker;
 
 use super::central::{self, CentralError};
-use super::query::{Filter, SessionFilter};
+use super::query::{Filter, SessionFilter, SessionRow};
 use crate::config::CentralConfig;
 
 /// Rows one page reads at most before it stops (and says where the next one starts).
@@ -44,16 +44,6 @@ pub struct FleetPage {
     pub scanned: usize,
     /// `before` (Unix ms) for the next page; `None` when the oldest row was reached.
     pub older: Option<u64>,
-}
-
-/// A fleet session of a sessions page: its `connection.opened`, and its close when the
-/// store holds one.
-#[derive(Debug, Clone)]
-pub struct FleetSession {
-    pub opened: FleetEvent,
-    pub closed: Option<Value>,
-    /// Without a close: when its host's agent started next, if it did (it was killed).
-    pub restarted_ms: Option<u64>,
 }
 
 /// The last event each host shipped.
@@ -261,7 +251,7 @@ impl CentralTrail {
         host: Option<&str>,
         before: Option<u64>,
         limit: usize,
-    ) -> Result<(Vec<FleetSession>, FleetPage), tokio_postgres::Error> {
+    ) -> Result<(Vec<SessionRow>, FleetPage), tokio_postgres::Error> {
         let opened = Filter {
             user: filter.user.clone(),
             target: filter.target.clone(),
@@ -321,8 +311,8 @@ impl CentralTrail {
                 .map(|r| r.try_get::<_, String>(0))
                 .transpose()?
                 .and_then(|text| serde_json::from_str(&text).ok());
-            let restarted_ms = match closed {
-                Some(_) => None,
+            let restarted_ms: Vec<u64> = match closed {
+                Some(_) => Vec::new(),
                 None => self
                     .client
                     .query_opt(
@@ -333,12 +323,17 @@ impl CentralTrail {
                     )
                     .await?
                     .map(|r| r.try_get::<_, i64>(0).map(to_u64))
-                    .transpose()?,
+                    .transpose()?
+                    .into_iter()
+                    .collect(),
             };
-            sessions.push(FleetSession {
-                opened: o,
+            let end = super::query::session_end(o.time_ms, closed.as_ref(), &restarted_ms);
+            sessions.push(SessionRow {
+                seq: o.seq,
+                opened: o.event,
                 closed,
-                restarted_ms,
+                end,
+                host: Some(o.host),
             });
         }
         Ok((sessions, page))

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::central_read::{CentralTrail, FleetPage};
-use crate::audit::query::{self, EventsPage, Filter, SessionFilter, SessionRow, SessionsPage};
+use crate::audit::query::{EventsPage, Filter, SessionFilter, SessionsPage};
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::{Config, ProtectedTarget};
 
@@ -34,27 +34,10 @@ pub async fn sessions(
     before: Option<u64>,
     limit: usize,
 ) -> Result<SessionsPage, String> {
-    let (sessions, page) = trail
+    let (rows, page) = trail
         .sessions_page(filter, host, before, limit)
         .await
         .map_err(|e| unreadable(&e))?;
-    let rows = sessions
-        .into_iter()
-        .map(|s| {
-            let end = query::session_end(
-                s.opened.time_ms,
-                s.closed.as_ref(),
-                &s.restarted_ms.into_iter().collect::<Vec<_>>(),
-            );
-            SessionRow {
-                seq: s.opened.seq,
-                opened: s.opened.event,
-                closed: s.closed,
-                end,
-                host: Some(s.opened.host),
-            }
-        })
-        .collect();
     Ok(SessionsPage {
         rows,
         scanned: (0, u64::try_from(page.scanned).unwrap_or(u64::MAX)),
