@@ -268,20 +268,42 @@ impl Pools {
             }
         };
         match kept {
-            Ok(()) => {
-                let (pid, target_id) = (conn.process_id, slot.pool.target_id);
-                slot.pool.keep(conn, slot.slot);
-                tracing::debug!(
-                    pid,
-                    idle = self.idle_count(target_id),
-                    "server session reset and kept in the pool"
-                );
-            }
+            Ok(()) => match self.keep_within_target(slot, conn) {
+                Ok(idle) => tracing::debug!(idle, "server session reset and kept in the pool"),
+                Err(conn) => {
+                    tracing::info!(
+                        pid = conn.process_id,
+                        "server session closed: its target already keeps pool.size idle sessions"
+                    );
+                    terminate(conn).await;
+                }
+            },
             Err(why) => {
                 tracing::info!(pid = conn.process_id, reason = %why, "server session closed, not kept in the pool");
                 terminate(conn).await;
             }
         }
+    }
+
+    /// Keeps `conn` idle in its pool unless its target already keeps `size` idle server
+    /// sessions across all its pools (one per start-up): a client that varies its start-up
+    /// (`application_name`, say) would otherwise leave `size` idle backends per variant on
+    /// the server. Counted and kept under one lock, so two returns cannot both pass the
+    /// bound. The number now idle for the target, or the session back to be closed.
+    fn keep_within_target(&self, slot: Slot, conn: Upstream) -> Result<usize, Upstream> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let target_id = slot.pool.target_id;
+        let idle: usize = inner
+            .by_key
+            .values()
+            .filter(|p| p.target_id == target_id)
+            .map(|p| p.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum();
+        if idle >= usize::try_from(slot.pool.config.size).unwrap_or(usize::MAX) {
+            return Err(conn);
+        }
+        slot.pool.keep(conn, slot.slot);
+        Ok(idle.saturating_add(1))
     }
 
     /// Closes the idle server sessions idle longer than their pool's `idle_timeout_secs`

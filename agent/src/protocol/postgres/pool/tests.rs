@@ -464,3 +464,45 @@ async fn a_cancel_on_its_way_holds_the_session_until_it_is_done() {
     assert!(started.elapsed() >= Duration::from_millis(40));
     released.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_target_keeps_at_most_size_idle_sessions_whatever_start_ups_its_clients_vary() {
+    let pools = Pools::default();
+    // Three start-ups (an application_name each) of one target whose pool size is 2.
+    let keyed = |name: &str| {
+        let mut k = key();
+        k.startup.push(("application_name".into(), name.into()));
+        k
+    };
+    let mut servers = Vec::new();
+    for (pid, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        let (slot, _) = pools
+            .borrow(&keyed(name), &config(2, 0))
+            .await
+            .unwrap()
+            .into_slot();
+        // Each one resets cleanly; the third is closed all the same: the target is at its
+        // bound.
+        let (conn, mut server) = session(pid).await;
+        let (_, ()) = tokio::join!(
+            answer_reset(&mut server, discarded()),
+            pools.give_back(slot, conn, clean_end(), async { true })
+        );
+        servers.push(server);
+    }
+    assert_eq!(
+        pools.idle_count(3),
+        2,
+        "at most pool.size idle for the target"
+    );
+    let mut rest = Vec::new();
+    servers[2].read_to_end(&mut rest).await.unwrap();
+    assert_eq!(
+        rest,
+        [b'X', 0, 0, 0, 4],
+        "the third closed with a Terminate"
+    );
+    // Its own pool has room again for the next client: nothing is held for it.
+    let lent = pools.borrow(&keyed("c"), &config(2, 0)).await.unwrap();
+    assert!(lent.reused.is_none(), "nothing kept for c");
+}
