@@ -269,8 +269,8 @@ impl Pools {
         };
         match kept {
             Ok(()) => match self.keep_within_target(slot, conn) {
-                Ok(idle) => tracing::debug!(idle, "server session reset and kept in the pool"),
-                Err(conn) => {
+                None => tracing::debug!("server session reset and kept in the pool"),
+                Some(conn) => {
                     tracing::info!(
                         pid = conn.process_id,
                         "server session closed: its target already keeps pool.size idle sessions"
@@ -289,8 +289,8 @@ impl Pools {
     /// sessions across all its pools (one per start-up): a client that varies its start-up
     /// (`application_name`, say) would otherwise leave `size` idle backends per variant on
     /// the server. Counted and kept under one lock, so two returns cannot both pass the
-    /// bound. The number now idle for the target, or the session back to be closed.
-    fn keep_within_target(&self, slot: Slot, conn: Upstream) -> Result<usize, Upstream> {
+    /// bound. The session back when it is not kept, to be closed.
+    fn keep_within_target(&self, slot: Slot, conn: Upstream) -> Option<Upstream> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let target_id = slot.pool.target_id;
         let idle: usize = inner
@@ -300,10 +300,10 @@ impl Pools {
             .map(|p| p.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
             .sum();
         if idle >= usize::try_from(slot.pool.config.size).unwrap_or(usize::MAX) {
-            return Err(conn);
+            return Some(conn);
         }
         slot.pool.keep(conn, slot.slot);
-        Ok(idle.saturating_add(1))
+        None
     }
 
     /// Closes the idle server sessions idle longer than their pool's `idle_timeout_secs`
@@ -337,7 +337,8 @@ impl Pools {
         }
     }
 
-    /// Idle server sessions of a target, for tests and the log.
+    /// Idle server sessions of a target.
+    #[cfg(test)]
     pub fn idle_count(&self, target_id: u32) -> usize {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner
