@@ -67,7 +67,9 @@ struct PoolsInner {
 
 /// One key's pool.
 pub struct Pool {
-    target_id: u32,
+    /// What the pool's sessions were started with; its role and database bound how many
+    /// sessions stay idle across start-up variants.
+    key: PoolKey,
     config: PoolConfig,
     /// One permit per server session, lent or idle: `size` of them.
     slots: Arc<Semaphore>,
@@ -199,7 +201,7 @@ impl Pools {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(inner.by_key.entry(key.clone()).or_insert_with(|| {
             Arc::new(Pool {
-                target_id: key.target_id,
+                key: key.clone(),
                 config: config.clone(),
                 slots: Arc::new(Semaphore::new(
                     usize::try_from(config.size).unwrap_or(usize::MAX),
@@ -286,18 +288,17 @@ impl Pools {
     }
 
     /// Keeps `conn` idle in its pool unless its target already keeps `size` idle server
-    /// sessions across all its pools (one per start-up): a client that varies its start-up
-    /// (`application_name`, say) would otherwise leave `size` idle backends per variant on
-    /// the server. Counted and kept under one lock, so two returns cannot both pass the
-    /// bound. The session back when it is not kept, to be closed.
+    /// sessions for the same server, role and database across all start-up variants: a
+    /// client that varies a setting (`application_name`, say) would otherwise leave `size`
+    /// idle backends per variant on the server. Counted and kept under one lock, so two
+    /// returns cannot both pass the bound. The session back when it is not kept.
     fn keep_within_target(&self, slot: Slot, conn: Upstream) -> Option<Upstream> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let target_id = slot.pool.target_id;
         let idle: usize = inner
             .by_key
-            .values()
-            .filter(|p| p.target_id == target_id)
-            .map(|p| p.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .iter()
+            .filter(|(k, _)| same_role(k, &slot.pool.key))
+            .map(|(_, p)| p.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
             .sum();
         if idle >= usize::try_from(slot.pool.config.size).unwrap_or(usize::MAX) {
             return Some(conn);
@@ -344,7 +345,7 @@ impl Pools {
         inner
             .by_key
             .values()
-            .filter(|p| p.target_id == target_id)
+            .filter(|p| p.key.target_id == target_id)
             .map(|p| p.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
             .sum()
     }
@@ -390,6 +391,20 @@ impl Pool {
             });
         self.returned.notify_one();
     }
+}
+
+/// Two start-ups for the same server, role and database (other settings may differ).
+fn same_role(a: &PoolKey, b: &PoolKey) -> bool {
+    let named = |k: &PoolKey, name: &str| {
+        k.startup
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    a.target_id == b.target_id
+        && a.upstream == b.upstream
+        && named(a, "user") == named(b, "user")
+        && named(a, "database") == named(b, "database")
 }
 
 /// An idle server session has nothing to say: anything readable (end of stream, a FATAL
