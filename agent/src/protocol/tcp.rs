@@ -649,6 +649,45 @@ mod tests {
         }
     }
 
+    /// Connections share the thread's scratch buffer: a short piece on one connection after
+    /// a long one on another forwards only its own bytes, never what the buffer held before.
+    #[tokio::test]
+    async fn a_piece_never_carries_another_connections_bytes_from_the_scratch_buffer() {
+        let run = |sent: Vec<u8>| async move {
+            let (mut client, from) = pair().await;
+            let (to, mut server) = pair().await;
+            let counter = AtomicU64::new(0);
+            let last_activity = AtomicU64::new(0);
+            let direction = Direction {
+                from: &from,
+                to: &to,
+                counter: &counter,
+                last_activity: &last_activity,
+                started: Instant::now(),
+            };
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let moving = async {
+                let r = direction.small_then_splice().await.unwrap();
+                socket2::SockRef::from(&to)
+                    .shutdown(std::net::Shutdown::Write)
+                    .unwrap();
+                r
+            };
+            let reading = async {
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            let (r, got) = tokio::join!(moving, reading);
+            assert_eq!(r, Spliced::Copied);
+            got
+        };
+        let secret = vec![b'S'; SMALL - 1];
+        assert_eq!(run(secret.clone()).await, secret);
+        assert_eq!(run(b"hi".to_vec()).await, b"hi");
+    }
+
     /// Megabytes both ways at once, each direction in writes of odd sizes: every byte
     /// arrives, in order, and is counted once.
     #[tokio::test]
