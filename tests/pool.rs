@@ -15,7 +15,7 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use portcullis_e2e::postgres::{run_client, PasswordAuth, PgOptions, Postgres, RunAs};
+use portcullis_e2e::postgres::{run_client, PasswordAuth, PgOptions, Postgres, RawSession, RunAs};
 use portcullis_e2e::{e2e_enabled, Agent, Slot, TestCgroup};
 use serde_json::Value;
 
@@ -342,121 +342,21 @@ fn a_backend_left_in_a_transaction_or_failed_one_is_closed_not_lent() {
     );
 }
 
-/// A raw protocol client: prints its BackendKeyData as JSON, then runs each stdin line as a
-/// simple query, printing `sent` and then `ok <value>` or `error <sqlstate>`. With `--key`
-/// it sends a CancelRequest with that pid and secret instead.
-const RAW_CLIENT: &str = r#"
-import json, socket, struct, sys
-port = int(sys.argv[1])
-if len(sys.argv) > 2:
-    pid, secret = int(sys.argv[2]), bytes.fromhex(sys.argv[3])
-    c = socket.create_connection(('127.0.0.1', port), timeout=10)
-    c.sendall(struct.pack('!III', 16, 80877102, pid) + secret)
-    c.recv(1)
-    sys.exit(0)
-s = socket.create_connection(('127.0.0.1', port), timeout=60)
-body = b'user\0app\0database\0app\0\0'
-s.sendall(struct.pack('!II', 8 + len(body), 196608) + body)
-buf = b''
-def message():
-    global buf
-    while True:
-        if len(buf) >= 5:
-            n = struct.unpack('!I', buf[1:5])[0]
-            if len(buf) >= n + 1:
-                m, buf = buf[:n + 1], buf[n + 1:]
-                return m[:1], m[5:]
-        data = s.recv(65536)
-        if not data:
-            raise SystemExit('closed')
-        buf += data
-while True:
-    t, b = message()
-    if t == b'K':
-        print(json.dumps({'pid': struct.unpack('!I', b[:4])[0], 'secret': b[4:].hex()}), flush=True)
-    if t == b'Z':
-        break
-for line in sys.stdin:
-    if line.strip() == 'quit':
-        s.sendall(b'X\0\0\0\4')
-        s.close()
-        print('bye', flush=True)
-        break
-    q = line.strip().encode() + b'\0'
-    s.sendall(b'Q' + struct.pack('!I', 4 + len(q)) + q)
-    print('sent', flush=True)
-    outcome = 'ok'
-    while True:
-        t, b = message()
-        if t == b'E':
-            outcome = 'error ' + [f[1:].decode() for f in b.split(b'\0') if f[:1] == b'C'][0]
-        if t == b'D':
-            outcome = 'ok ' + b[6:].decode()
-        if t == b'Z':
-            break
-    print(outcome, flush=True)
-"#;
-
-struct Raw {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-    key: Value,
+/// A raw protocol session as the client uid through the redirect
+/// ([`portcullis_e2e::postgres::RawSession`]).
+fn raw(f: &PoolFixture) -> RawSession {
+    RawSession::start(f.pg.port(), Some(&f.cg.path), Some(CLIENT))
 }
 
-impl Raw {
-    fn start(f: &PoolFixture) -> Self {
-        let mut command = std::process::Command::new(portcullis_e2e::postgres::python());
-        portcullis_e2e::exec_in_cgroup_as(&mut command, Some(&f.cg.path), Some(CLIENT));
-        let mut child = command
-            .args(["-c", RAW_CLIENT, &f.pg.port().to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut lines =
-            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-        let key: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-        Self {
-            child,
-            stdin,
-            lines,
-            key,
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        use std::io::Write;
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn next(&mut self) -> String {
-        self.lines.next().unwrap().unwrap()
-    }
-
-    fn quit(mut self) {
-        self.send("quit");
-        assert_eq!(self.next(), "bye");
-        self.child.wait().unwrap();
-    }
-}
-
+/// A CancelRequest with `key` as the client uid through the redirect.
 fn cancel_with(f: &PoolFixture, key: &Value) {
-    let mut command = std::process::Command::new(portcullis_e2e::postgres::python());
-    portcullis_e2e::exec_in_cgroup_as(&mut command, Some(&f.cg.path), Some(CLIENT));
-    let out = command
-        .args([
-            "-c",
-            RAW_CLIENT,
-            &f.pg.port().to_string(),
-            &key["pid"].to_string(),
-            key["secret"].as_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    portcullis_e2e::postgres::raw_cancel(
+        f.pg.port(),
+        Some(&f.cg.path),
+        Some(CLIENT),
+        key["pid"].as_u64().unwrap(),
+        key["secret"].as_str().unwrap(),
+    );
 }
 
 #[test]
@@ -465,26 +365,26 @@ fn a_cancel_with_a_departed_clients_key_never_cancels_the_next_clients_query() {
         return;
     }
     let f = PoolFixture::new("pg-pool-cancel", 37, "{ size = 1 }");
-    let a = Raw::start(&f);
+    let a = raw(&f);
     let a_key = a.key.clone();
     a.quit();
     settle();
-    let mut b = Raw::start(&f);
+    let mut b = raw(&f);
     assert_eq!(b.key["pid"], a_key["pid"], "B has A's pooled backend");
     assert_ne!(b.key["secret"], a_key["secret"], "with a key of its own");
     // A's key, from the same uid, while B's query runs: dropped.
     b.send("SELECT pg_sleep(2)");
-    assert_eq!(b.next(), "sent");
+    assert_eq!(b.line(), "sent");
     std::thread::sleep(Duration::from_millis(300));
     cancel_with(&f, &a_key);
-    assert_eq!(b.next(), "ok ", "B's query ran to its end");
+    assert_eq!(b.line(), "ok ", "B's query ran to its end");
     // B's own key cancels B's query on the pooled backend.
     b.send("SELECT pg_sleep(30)");
-    assert_eq!(b.next(), "sent");
+    assert_eq!(b.line(), "sent");
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     cancel_with(&f, &b.key);
-    assert_eq!(b.next(), "error 57014");
+    assert_eq!(b.line(), "error 57014");
     assert!(started.elapsed() < Duration::from_secs(20));
     b.quit();
 }

@@ -2932,92 +2932,21 @@ fn the_backend_pid_is_the_servers_and_cancels_still_check_uid_and_secret() {
     assert_eq!(got["notify"]["other"], got["backend"][1], "{got}");
     assert_ne!(got["backend"][0], got["backend"][1], "{got}");
 
-    // A raw session to drive cancels by hand: its key, then statements one by one from
-    // stdin, each answered `sent` and then `ok <value>` or `error <sqlstate>`.
-    let session = format!(
-        "import json, socket, struct, sys\n{}",
-        r#"
-s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=60)
-body = b'user\0app\0database\0app\0\0'
-s.sendall(struct.pack('!II', 8 + len(body), 196608) + body)
-buf = b''
-def message():
-    global buf
-    while True:
-        if len(buf) >= 5:
-            n = struct.unpack('!I', buf[1:5])[0]
-            if len(buf) >= n + 1:
-                m, buf = buf[:n + 1], buf[n + 1:]
-                return m[:1], m[5:]
-        data = s.recv(65536)
-        if not data:
-            raise SystemExit('closed')
-        buf += data
-while True:
-    t, b = message()
-    if t == b'K':
-        print(json.dumps({'pid': struct.unpack('!I', b[:4])[0], 'secret': b[4:].hex()}), flush=True)
-    if t == b'Z':
-        break
-for line in sys.stdin:
-    q = line.strip().encode() + b'\0'
-    s.sendall(b'Q' + struct.pack('!I', 4 + len(q)) + q)
-    print('sent', flush=True)
-    outcome = 'ok'
-    while True:
-        t, b = message()
-        if t == b'E':
-            outcome = 'error ' + [f[1:].decode() for f in b.split(b'\0') if f[:1] == b'C'][0]
-        if t == b'D':
-            outcome = 'ok ' + b[6:].decode()
-        if t == b'Z':
-            break
-    print(outcome, flush=True)
-"#
-    );
-    let mut command = std::process::Command::new(portcullis_e2e::postgres::python());
-    portcullis_e2e::exec_in_cgroup_as(&mut command, Some(&f.cg.path), Some(ENGINEER));
-    let mut child = command
-        .args(["-c", &session, &f.pg.port().to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    let mut next = || lines.next().unwrap().unwrap();
-    let mut run = |sql: &str| {
-        use std::io::Write;
-        writeln!(stdin, "{sql}").unwrap();
-        stdin.flush().unwrap();
-    };
-    let key: Value = serde_json::from_str(&next()).unwrap();
-    let pid = key["pid"].as_u64().unwrap();
-    let secret = key["secret"].as_str().unwrap().to_string();
-    run("SELECT pg_backend_pid()");
-    assert_eq!(next(), "sent");
+    // A raw session to drive cancels by hand: its key, then statements one by one, each
+    // answered `sent` and then `ok <value>` or `error <sqlstate>`.
+    let mut session =
+        portcullis_e2e::postgres::RawSession::start(f.pg.port(), Some(&f.cg.path), Some(ENGINEER));
+    let (pid, secret) = (session.pid(), session.secret());
+    session.send("SELECT pg_backend_pid()");
+    assert_eq!(session.line(), "sent");
     assert_eq!(
-        next(),
+        session.line(),
         format!("ok {pid}"),
         "BackendKeyData carries the server's pid"
     );
 
     let cancel = |uid: u32, secret: &str| {
-        let script = "import socket, struct, sys\n\
-             s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n\
-             s.sendall(struct.pack('!III', 16, 80877102, int(sys.argv[2])) + bytes.fromhex(sys.argv[3]))\n\
-             s.recv(1)\n";
-        let out = client_at(portcullis_e2e::postgres::python(), f.run_as(uid))
-            .args([
-                "-c",
-                script,
-                &f.pg.port().to_string(),
-                &pid.to_string(),
-                secret,
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
+        portcullis_e2e::postgres::raw_cancel(f.pg.port(), Some(&f.cg.path), Some(uid), pid, secret);
     };
     let dropped = || {
         f.agent
@@ -3031,11 +2960,11 @@ for line in sys.stdin:
     if wrong == 0 {
         wrong = 2;
     }
-    run("SELECT pg_sleep(4)");
-    assert_eq!(next(), "sent");
+    session.send("SELECT pg_sleep(4)");
+    assert_eq!(session.line(), "sent");
     cancel(READER, &secret);
     cancel(ENGINEER, &format!("{wrong:08x}"));
-    assert_eq!(next(), "ok ", "a refused cancel reached the server");
+    assert_eq!(session.line(), "ok ", "a refused cancel reached the server");
     for _ in 0..50 {
         if dropped() >= 2 {
             break;
@@ -3044,16 +2973,15 @@ for line in sys.stdin:
     }
     assert_eq!(dropped(), 2, "{}", f.agent.log());
     // From the same uid with the agent's secret: cancelled.
-    run("SELECT pg_sleep(60)");
-    assert_eq!(next(), "sent");
+    session.send("SELECT pg_sleep(60)");
+    assert_eq!(session.line(), "sent");
     std::thread::sleep(std::time::Duration::from_millis(300));
     cancel(ENGINEER, &secret);
-    assert_eq!(next(), "error 57014");
-    run("SELECT 'usable'");
-    assert_eq!(next(), "sent");
-    assert_eq!(next(), "ok usable");
-    drop(stdin);
-    child.wait().unwrap();
+    assert_eq!(session.line(), "error 57014");
+    session.send("SELECT 'usable'");
+    assert_eq!(session.line(), "sent");
+    assert_eq!(session.line(), "ok usable");
+    session.quit();
 }
 
 #[test]

@@ -918,3 +918,150 @@ pub fn python() -> PathBuf {
         )
     })
 }
+
+/// A raw protocol session (python3, no driver) on 127.0.0.1:`port` as user and database
+/// `app`: it prints its BackendKeyData as JSON, then runs each stdin line as a simple query,
+/// printing `sent` and then `ok <first column>` or `error <sqlstate>`. `quit` (or the end
+/// of stdin) sends a Terminate and prints `bye`.
+const RAW_SESSION: &str = r#"
+import json, socket, struct, sys
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=60)
+body = b'user\0app\0database\0app\0\0'
+s.sendall(struct.pack('!II', 8 + len(body), 196608) + body)
+buf = b''
+def message():
+    global buf
+    while True:
+        if len(buf) >= 5:
+            n = struct.unpack('!I', buf[1:5])[0]
+            if len(buf) >= n + 1:
+                m, buf = buf[:n + 1], buf[n + 1:]
+                return m[:1], m[5:]
+        data = s.recv(65536)
+        if not data:
+            raise SystemExit('closed')
+        buf += data
+while True:
+    t, b = message()
+    if t == b'K':
+        print(json.dumps({'pid': struct.unpack('!I', b[:4])[0], 'secret': b[4:].hex()}), flush=True)
+    if t == b'Z':
+        break
+for line in sys.stdin:
+    if line.strip() == 'quit':
+        break
+    q = line.strip().encode() + b'\0'
+    s.sendall(b'Q' + struct.pack('!I', 4 + len(q)) + q)
+    print('sent', flush=True)
+    outcome = 'ok'
+    while True:
+        t, b = message()
+        if t == b'E':
+            outcome = 'error ' + [f[1:].decode() for f in b.split(b'\0') if f[:1] == b'C'][0]
+        if t == b'D':
+            outcome = 'ok ' + b[6:].decode()
+        if t == b'Z':
+            break
+    print(outcome, flush=True)
+s.sendall(b'X\0\0\0\4')
+s.close()
+print('bye', flush=True)
+"#;
+
+/// A CancelRequest with `argv[2]` (pid) and `argv[3]` (secret, hex) to 127.0.0.1:`argv[1]`;
+/// it waits for the server (or the agent) to close.
+const RAW_CANCEL: &str = r#"
+import socket, struct, sys
+c = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)
+c.sendall(struct.pack('!III', 16, 80877102, int(sys.argv[2])) + bytes.fromhex(sys.argv[3]))
+c.recv(1)
+"#;
+
+/// [`RAW_SESSION`] run as `uid` in `cgroup`, so its connect meets the agent's kernel hooks.
+pub struct RawSession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// The BackendKeyData the session was given: `{"pid": …, "secret": "<hex>"}`.
+    pub key: serde_json::Value,
+}
+
+impl RawSession {
+    pub fn start(port: u16, cgroup: Option<&Path>, uid: Option<u32>) -> Self {
+        let mut command = Command::new(python());
+        crate::exec_in_cgroup_as(&mut command, cgroup, uid);
+        let mut child = command
+            .args(["-c", RAW_SESSION, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting the raw protocol session: {e}"));
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            panic!("the raw protocol session has no pipes");
+        };
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        let key = serde_json::from_str(&first)
+            .unwrap_or_else(|e| panic!("the session's first line is not its key ({e}): {first:?}"));
+        Self {
+            child,
+            stdin,
+            lines,
+            key,
+        }
+    }
+
+    /// The backend pid of the key.
+    pub fn pid(&self) -> u64 {
+        self.key["pid"].as_u64().unwrap_or_default()
+    }
+
+    /// The secret of the key, hex.
+    pub fn secret(&self) -> String {
+        self.key["secret"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Sends one line: a query, or `quit`.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}")
+            .and_then(|()| self.stdin.flush())
+            .unwrap_or_else(|e| panic!("writing to the raw protocol session: {e}"));
+    }
+
+    /// The next line it printed.
+    pub fn line(&mut self) -> String {
+        match self.lines.next() {
+            Some(Ok(line)) => line,
+            other => panic!("the raw protocol session ended: {other:?}"),
+        }
+    }
+
+    /// Ends the session with a Terminate and waits for the process.
+    pub fn quit(mut self) {
+        self.send("quit");
+        assert_eq!(self.line(), "bye");
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a CancelRequest for `pid` with `secret` (hex) as `uid` in `cgroup`.
+pub fn raw_cancel(port: u16, cgroup: Option<&Path>, uid: Option<u32>, pid: u64, secret: &str) {
+    let mut command = Command::new(python());
+    crate::exec_in_cgroup_as(&mut command, cgroup, uid);
+    let out = command
+        .args([
+            "-c",
+            RAW_CANCEL,
+            &port.to_string(),
+            &pid.to_string(),
+            secret,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("running the cancel request: {e}"));
+    assert!(
+        out.status.success(),
+        "the cancel request failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -473,7 +473,6 @@ fn row_event(r: &tokio_postgres::Row) -> Result<Option<FleetEvent>, tokio_postgr
 )]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     /// The fleet console's pages over a central store of 1,000,000 events (250,000 sessions
     /// of four events on four bastions; every tenth session has a denial): p50 and p99 of
@@ -596,17 +595,12 @@ mod tests {
                 ms.push(started.elapsed().as_secs_f64() * 1000.0);
             }
             results.push(("hosts".into(), "health: last event per host".into(), ms));
-            for (key, name, mut ms) in results {
-                ms.sort_by(f64::total_cmp);
-                let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
-                for (stat, v) in [("p50", at(0.5)), ("p99", at(0.99))] {
-                    println!(
-                        "BENCH-ROW {}",
-                        json!({"key": format!("console.fleet_{key}_{stat}"),
-                               "name": format!("fleet console over 1,000,000 central events: {name}, {stat}"),
-                               "value": v, "unit": "ms", "rounds": ms.len()})
-                    );
-                }
+            for (key, name, ms) in results {
+                crate::audit::print_latency_rows(
+                    &format!("console.fleet_{key}"),
+                    &format!("fleet console over 1,000,000 central events: {name}"),
+                    ms,
+                );
             }
         });
     }

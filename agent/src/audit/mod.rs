@@ -698,6 +698,28 @@ pub(crate) fn read_signing_key(
     Ok(portcullis_audit_store::SigningKey::from_bytes(&seed))
 }
 
+/// Prints the p50 and p99 of `ms` (one sample per run, milliseconds) as the `BENCH-ROW`
+/// lines `cargo xtask bench` reads from a bench body run as an ignored test: keys
+/// `<key>_p50` and `<key>_p99`, names `<name>, p50` and `<name>, p99`.
+#[cfg(test)]
+pub(crate) fn print_latency_rows(key: &str, name: &str, mut ms: Vec<f64>) {
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let last = ms.len().saturating_sub(1) as f64;
+        ms.get((last * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    for (stat, v) in [("p50", at(0.5)), ("p99", at(0.99))] {
+        println!(
+            "BENCH-ROW {}",
+            serde_json::json!({"key": format!("{key}_{stat}"),
+                   "name": format!("{name}, {stat}"),
+                   "value": v, "unit": "ms", "rounds": ms.len()})
+        );
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod public_key_tests {

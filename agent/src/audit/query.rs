@@ -1485,16 +1485,11 @@ mod tests {
                 }
                 ms.push(started.elapsed().as_secs_f64() * 1000.0);
             }
-            ms.sort_by(f64::total_cmp);
-            let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
-            for (stat, v) in [("p50", at(0.5)), ("p99", at(0.99))] {
-                println!(
-                    "BENCH-ROW {}",
-                    json!({"key": format!("console.sessions_page_{key}_{stat}"),
-                           "name": format!("sessions page over 1,000,000 events: {name}, {stat}"),
-                           "value": v, "unit": "ms", "rounds": ms.len()})
-                );
-            }
+            crate::audit::print_latency_rows(
+                &format!("console.sessions_page_{key}"),
+                &format!("sessions page over 1,000,000 events: {name}"),
+                ms,
+            );
         }
     }
 }
