@@ -26,9 +26,12 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// zstd's default level: about 400 MB/s of input on one core here, and audit lines repeat
-/// enough that higher levels gain little for several times the CPU.
-const LEVEL: i32 = 3;
+/// zstd's fastest regular level. Audit lines repeat so much (the same connection, identity
+/// and statement in line after line) that level 1 compresses them as well as the default
+/// level 3, at twice its speed: `zstd -b1 -e3` over 200,000 statement events shaped like the
+/// agent's, 1,397 MB/s and 18.9× at level 1 against 703 MB/s and 16.7× at level 3. The
+/// compressor runs in the agent's process, so its CPU is the agent's CPU per statement.
+const LEVEL: i32 = 1;
 
 /// One segment compressed by [`compress_sealed`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -400,7 +400,15 @@ fn measure_central(bin: &Path, config: &Path, o: &Options) -> Result<Vec<Row>> {
     let mut agent = start_agent(bin, &central)?;
     let rounds = o.rounds.min(3);
     let outcome = (|| -> Result<Vec<f64>> {
+        // The agent creates the table when it first reaches the store: until then, none.
         let count = || -> u64 {
+            let exists = pg.psql(
+                DB,
+                "SELECT to_regclass('portcullis_audit_events') IS NOT NULL",
+            );
+            if exists.trim() != "t" {
+                return 0;
+            }
             pg.psql(DB, "SELECT count(*) FROM portcullis_audit_events")
                 .trim()
                 .parse()
