@@ -124,6 +124,11 @@ impl PgFixture {
 
     /// `identity`: the agent's identity settings (empty: nobody has an identity).
     fn with_identity(name: &str, slot: u8, identity: &str) -> Self {
+        Self::with_settings(name, slot, identity, "")
+    }
+
+    /// Like [`PgFixture::with_identity`], with `proxy` added to the agent's `[proxy]` section.
+    fn with_settings(name: &str, slot: u8, identity: &str, proxy: &str) -> Self {
         let pg = Postgres::start_with(PgOptions {
             tls: true,
             ..PgOptions::default()
@@ -166,6 +171,11 @@ impl PgFixture {
             creds = creds.display(),
         );
         let mut agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&extra), &[]);
+        if !proxy.is_empty() {
+            let config = std::fs::read_to_string(&agent.config).unwrap();
+            let config = config.replacen("[proxy]\n", &format!("[proxy]\n{proxy}"), 1);
+            std::fs::write(&agent.config, config).unwrap();
+        }
         let policies = agent.dir.path().join("policies");
         std::fs::write(policies.join("pg.cedar"), POLICIES).unwrap();
         std::fs::write(policies.join("masking.toml"), MASKING).unwrap();
@@ -2982,6 +2992,58 @@ fn the_backend_pid_is_the_servers_and_cancels_still_check_uid_and_secret() {
     assert_eq!(session.line(), "sent");
     assert_eq!(session.line(), "ok usable");
     session.quit();
+}
+
+/// A session with no traffic for `proxy.idle_timeout_secs` is closed by the agent, and its
+/// `connection.closed` says why; a statement the server works on longer than that, with no
+/// byte either way meanwhile, is not idleness.
+#[test]
+fn an_idle_session_is_closed_and_a_long_statement_is_not_idle() {
+    if !e2e_enabled() {
+        return;
+    }
+    let f = PgFixture::with_settings(
+        "pg-idle",
+        47,
+        "[insecure]\nunix_identity_only = true\n",
+        "idle_timeout_secs = 2\n",
+    );
+    let mut session =
+        portcullis_e2e::postgres::RawSession::start(f.pg.port(), Some(&f.cg.path), Some(ENGINEER));
+    let pid = session.pid();
+    session.send("SELECT pg_sleep(5)");
+    assert_eq!(session.line(), "sent");
+    assert_eq!(
+        session.line(),
+        "ok ",
+        "a long statement was cut off as idle"
+    );
+    session.send("SELECT 'still open'");
+    assert_eq!(session.line(), "sent");
+    assert_eq!(session.line(), "ok still open");
+    let closed = f.wait_event("connection.closed", |e| {
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("idle timeout"))
+    });
+    assert_eq!(closed.len(), 1, "{closed:#?}");
+    // Its server backend is gone too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while f
+        .pg
+        .psql(
+            "app",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        )
+        .trim()
+        != "0"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend {pid} still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 #[test]
