@@ -2666,20 +2666,10 @@ port, params, query = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 s = socket.create_connection(('127.0.0.1', port), timeout=20)
 body = b''.join(k.encode() + b'\0' + v.encode() + b'\0' for k, v in params) + b'\0'
 s.sendall(struct.pack('!II', 8 + len(body), 196608) + body)
-buf = b''
-def message():
-    global buf
-    while True:
-        if len(buf) >= 5:
-            n = struct.unpack('!I', buf[1:5])[0]
-            if len(buf) >= n + 1:
-                m, buf = buf[:n + 1], buf[n + 1:]
-                return m[:1], m[5:]
-        data = s.recv(65536)
-        if not data:
-            print(json.dumps({'closed': repr(buf)}))
-            sys.exit(0)
-        buf += data
+def closed():
+    print(json.dumps({'closed': repr(buf)}))
+    sys.exit(0)
+{PY_MESSAGE_READER}
 def fields(body):
     return {chr(f[0]): f[1:].decode() for f in body.split(b'\0') if f}
 key = None
@@ -2717,7 +2707,16 @@ print(json.dumps({'key': key, 'rows': rows}))
 fn raw_startup(f: &PgFixture, uid: u32, params: &[(&str, &str)], query: &str) -> Value {
     let params = serde_json::to_string(params).unwrap();
     let out = client_at(portcullis_e2e::postgres::python(), f.run_as(uid))
-        .args(["-c", RAW_STARTUP, &f.pg.port().to_string(), &params, query])
+        .args([
+            "-c",
+            &RAW_STARTUP.replace(
+                "{PY_MESSAGE_READER}",
+                portcullis_e2e::postgres::PY_MESSAGE_READER,
+            ),
+            &f.pg.port().to_string(),
+            &params,
+            query,
+        ])
         .output()
         .unwrap();
     serde_json::from_str(stdout(&out).trim()).unwrap_or_else(|e| {

@@ -919,15 +919,10 @@ pub fn python() -> PathBuf {
     })
 }
 
-/// A raw protocol session (python3, no driver) on 127.0.0.1:`port` as user and database
-/// `app`: it prints its BackendKeyData as JSON, then runs each stdin line as a simple query,
-/// printing `sent` and then `ok <first column>` or `error <sqlstate>`. `quit` (or the end
-/// of stdin) sends a Terminate and prints `bye`.
-const RAW_SESSION: &str = r#"
-import json, socket, struct, sys
-s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=60)
-body = b'user\0app\0database\0app\0\0'
-s.sendall(struct.pack('!II', 8 + len(body), 196608) + body)
+/// Python for a raw protocol client: `message()` returns the next backend message of the
+/// socket `s` as (type, body), and calls the script's own `closed()` when the server (or
+/// the agent) closes first. Scripts define `s` and `closed` and put this after their imports.
+pub const PY_MESSAGE_READER: &str = r#"
 buf = b''
 def message():
     global buf
@@ -939,8 +934,22 @@ def message():
                 return m[:1], m[5:]
         data = s.recv(65536)
         if not data:
-            raise SystemExit('closed')
+            closed()
         buf += data
+"#;
+
+/// A raw protocol session (python3, no driver) on 127.0.0.1:`port` as user and database
+/// `app`: it prints its BackendKeyData as JSON, then runs each stdin line as a simple query,
+/// printing `sent` and then `ok <first column>` or `error <sqlstate>`. `quit` (or the end
+/// of stdin) sends a Terminate and prints `bye`.
+const RAW_SESSION: &str = r#"
+import json, socket, struct, sys
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=60)
+body = b'user\0app\0database\0app\0\0'
+s.sendall(struct.pack('!II', 8 + len(body), 196608) + body)
+def closed():
+    raise SystemExit('closed')
+{PY_MESSAGE_READER}
 while True:
     t, b = message()
     if t == b'K':
@@ -991,7 +1000,11 @@ impl RawSession {
         let mut command = Command::new(python());
         crate::exec_in_cgroup_as(&mut command, cgroup, uid);
         let mut child = command
-            .args(["-c", RAW_SESSION, &port.to_string()])
+            .args([
+                "-c",
+                &RAW_SESSION.replace("{PY_MESSAGE_READER}", PY_MESSAGE_READER),
+                &port.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -569,38 +569,46 @@ mod tests {
                 Spliced::Done,
             ),
         ] {
-            let (mut client, from) = pair().await;
-            let (to, mut server) = pair().await;
-            let counter = AtomicU64::new(0);
-            let last_activity = AtomicU64::new(0);
-            let direction = Direction {
-                from: &from,
-                to: &to,
-                counter: &counter,
-                last_activity: &last_activity,
-                started: Instant::now(),
-            };
             // All of it waits in the socket before the direction reads: the first read of
             // the large one fills the small buffer.
-            client.write_all(&sent).await.unwrap();
-            client.shutdown().await.unwrap();
-            let reading = async {
-                let mut got = Vec::new();
-                server.read_to_end(&mut got).await.unwrap();
-                got
-            };
-            let moving = async {
-                let r = direction.small_then_splice().await.unwrap();
-                socket2::SockRef::from(&to)
-                    .shutdown(std::net::Shutdown::Write)
-                    .unwrap();
-                r
-            };
-            let (r, got) = tokio::join!(moving, reading);
+            let (r, got, counted) = through_one_direction(&sent).await;
             assert_eq!(r, path, "{} bytes", sent.len());
             assert!(got == sent, "{} bytes arrived otherwise", sent.len());
-            assert_eq!(counter.load(Ordering::Relaxed), sent.len() as u64);
+            assert_eq!(counted, sent.len() as u64);
         }
+    }
+
+    /// Writes `sent` and a half-close into a direction's `from` before it reads, then runs
+    /// its small-pieces loop (splice after a full read) to the end: how it ended, what
+    /// arrived at the far side, and what it counted.
+    async fn through_one_direction(sent: &[u8]) -> (Spliced, Vec<u8>, u64) {
+        let (mut client, from) = pair().await;
+        let (to, mut server) = pair().await;
+        let counter = AtomicU64::new(0);
+        let last_activity = AtomicU64::new(0);
+        let direction = Direction {
+            from: &from,
+            to: &to,
+            counter: &counter,
+            last_activity: &last_activity,
+            started: Instant::now(),
+        };
+        client.write_all(sent).await.unwrap();
+        client.shutdown().await.unwrap();
+        let reading = async {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let moving = async {
+            let r = direction.small_then_splice().await.unwrap();
+            socket2::SockRef::from(&to)
+                .shutdown(std::net::Shutdown::Write)
+                .unwrap();
+            r
+        };
+        let (r, got) = tokio::join!(moving, reading);
+        (r, got, counter.load(Ordering::Relaxed))
     }
 
     /// A request answered, many times over on one connection, then closes both ways: each
@@ -653,39 +661,11 @@ mod tests {
     /// a long one on another forwards only its own bytes, never what the buffer held before.
     #[tokio::test]
     async fn a_piece_never_carries_another_connections_bytes_from_the_scratch_buffer() {
-        let run = |sent: Vec<u8>| async move {
-            let (mut client, from) = pair().await;
-            let (to, mut server) = pair().await;
-            let counter = AtomicU64::new(0);
-            let last_activity = AtomicU64::new(0);
-            let direction = Direction {
-                from: &from,
-                to: &to,
-                counter: &counter,
-                last_activity: &last_activity,
-                started: Instant::now(),
-            };
-            client.write_all(&sent).await.unwrap();
-            client.shutdown().await.unwrap();
-            let moving = async {
-                let r = direction.small_then_splice().await.unwrap();
-                socket2::SockRef::from(&to)
-                    .shutdown(std::net::Shutdown::Write)
-                    .unwrap();
-                r
-            };
-            let reading = async {
-                let mut got = Vec::new();
-                server.read_to_end(&mut got).await.unwrap();
-                got
-            };
-            let (r, got) = tokio::join!(moving, reading);
-            assert_eq!(r, Spliced::Copied);
-            got
-        };
         let secret = vec![b'S'; SMALL - 1];
-        assert_eq!(run(secret.clone()).await, secret);
-        assert_eq!(run(b"hi".to_vec()).await, b"hi");
+        let (r, got, _) = through_one_direction(&secret).await;
+        assert_eq!((r, got), (Spliced::Copied, secret));
+        let (r, got, _) = through_one_direction(b"hi").await;
+        assert_eq!((r, got), (Spliced::Copied, b"hi".to_vec()));
     }
 
     /// Megabytes both ways at once, each direction in writes of odd sizes: every byte
