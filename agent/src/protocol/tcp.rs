@@ -531,21 +531,33 @@ mod tests {
         assert_eq!(bytes.upstream_to_client.load(Ordering::Relaxed), 6);
     }
 
+    /// A direction's counters, for a test to build the direction on and read afterwards.
+    #[derive(Default)]
+    struct Progress {
+        counter: AtomicU64,
+        last_activity: AtomicU64,
+    }
+
+    impl Progress {
+        fn direction<'a>(&'a self, from: &'a TcpStream, to: &'a TcpStream) -> Direction<'a> {
+            Direction {
+                from,
+                to,
+                counter: &self.counter,
+                last_activity: &self.last_activity,
+                started: Instant::now(),
+            }
+        }
+    }
+
     /// TCP sockets splice on this kernel: the splice path is the one taken, not its
     /// fallback.
     #[tokio::test]
     async fn tcp_sockets_splice_here() {
         let (mut client, from) = pair().await;
         let (to, mut server) = pair().await;
-        let counter = AtomicU64::new(0);
-        let last_activity = AtomicU64::new(0);
-        let direction = Direction {
-            from: &from,
-            to: &to,
-            counter: &counter,
-            last_activity: &last_activity,
-            started: Instant::now(),
-        };
+        let progress = Progress::default();
+        let direction = progress.direction(&from, &to);
         client.write_all(b"spliced").await.unwrap();
         client.shutdown().await.unwrap();
         let pipe = Pipe::new().unwrap();
@@ -554,7 +566,7 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"spliced");
-        assert_eq!(counter.load(Ordering::Relaxed), 7);
+        assert_eq!(progress.counter.load(Ordering::Relaxed), 7);
     }
 
     /// A request and its answer in small pieces are copied without a pipe; a read that
@@ -584,15 +596,8 @@ mod tests {
     async fn through_one_direction(sent: &[u8]) -> (Spliced, Vec<u8>, u64) {
         let (mut client, from) = pair().await;
         let (to, mut server) = pair().await;
-        let counter = AtomicU64::new(0);
-        let last_activity = AtomicU64::new(0);
-        let direction = Direction {
-            from: &from,
-            to: &to,
-            counter: &counter,
-            last_activity: &last_activity,
-            started: Instant::now(),
-        };
+        let progress = Progress::default();
+        let direction = progress.direction(&from, &to);
         client.write_all(sent).await.unwrap();
         client.shutdown().await.unwrap();
         let reading = async {
@@ -608,7 +613,7 @@ mod tests {
             r
         };
         let (r, got) = tokio::join!(moving, reading);
-        (r, got, counter.load(Ordering::Relaxed))
+        (r, got, progress.counter.load(Ordering::Relaxed))
     }
 
     /// A request answered, many times over on one connection, then closes both ways: each
