@@ -500,19 +500,7 @@ mod tests {
     }
 
     async fn half_close_passes(mover: Mover) {
-        let (mut client, proxy_client_side) = pair().await;
-        let (proxy_upstream_side, mut server) = pair().await;
-        let bytes = ByteCounters::default();
-        let token = CancellationToken::new();
-        let fwd = forward_with(
-            proxy_client_side,
-            proxy_upstream_side,
-            &bytes,
-            Duration::from_secs(30),
-            token,
-            mover,
-        );
-        let io = async {
+        let (end, (), up, down) = forwarded(mover, |mut client, mut server| async move {
             client.write_all(b"hello").await.unwrap();
             client.shutdown().await.unwrap();
             let mut got = Vec::new();
@@ -524,11 +512,37 @@ mod tests {
             let mut back = Vec::new();
             client.read_to_end(&mut back).await.unwrap();
             assert_eq!(back, b"world!");
-        };
-        let (end, ()) = tokio::join!(fwd, io);
+        })
+        .await;
         assert!(matches!(end, End::Closed), "{mover:?}: {end}");
-        assert_eq!(bytes.client_to_upstream.load(Ordering::Relaxed), 5);
-        assert_eq!(bytes.upstream_to_client.load(Ordering::Relaxed), 6);
+        assert_eq!((up, down), (5, 6));
+    }
+
+    /// Forwards between a client and a server (`forward_with`, `mover`) while `talk` drives
+    /// them: how the forwarding ended, what `talk` returned, and the bytes counted up and
+    /// down.
+    async fn forwarded<R, F: std::future::Future<Output = R>>(
+        mover: Mover,
+        talk: impl FnOnce(TcpStream, TcpStream) -> F,
+    ) -> (End, R, u64, u64) {
+        let (client, proxy_client_side) = pair().await;
+        let (proxy_upstream_side, server) = pair().await;
+        let bytes = ByteCounters::default();
+        let fwd = forward_with(
+            proxy_client_side,
+            proxy_upstream_side,
+            &bytes,
+            Duration::from_secs(30),
+            CancellationToken::new(),
+            mover,
+        );
+        let (end, r) = tokio::join!(fwd, talk(client, server));
+        (
+            end,
+            r,
+            bytes.client_to_upstream.load(Ordering::Relaxed),
+            bytes.upstream_to_client.load(Ordering::Relaxed),
+        )
     }
 
     /// A direction's counters, for a test to build the direction on and read afterwards.
@@ -622,18 +636,7 @@ mod tests {
     #[tokio::test]
     async fn many_small_round_trips_each_arrive_after_a_drained_read() {
         for mover in [Mover::Splice, Mover::Copy] {
-            let (mut client, proxy_client_side) = pair().await;
-            let (proxy_upstream_side, mut server) = pair().await;
-            let bytes = ByteCounters::default();
-            let fwd = forward_with(
-                proxy_client_side,
-                proxy_upstream_side,
-                &bytes,
-                Duration::from_secs(30),
-                CancellationToken::new(),
-                mover,
-            );
-            let talk = async {
+            let talk = |mut client: TcpStream, mut server: TcpStream| async move {
                 let mut got = [0u8; 5];
                 for i in 0..2_000u32 {
                     let ask = format!("q{:04}", i % 10_000);
@@ -648,17 +651,15 @@ mod tests {
                 server.shutdown().await.unwrap();
                 assert_eq!(client.read(&mut got).await.unwrap(), 0);
             };
-            let bounded =
-                tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(fwd, talk).0 });
-            let end = bounded.await;
+            let bounded = tokio::time::timeout(Duration::from_secs(60), forwarded(mover, talk));
+            let ended = bounded.await;
             assert!(
-                end.is_ok(),
+                ended.is_ok(),
                 "{mover:?}: a piece or the close was never forwarded"
             );
-            let end = end.unwrap();
+            let (end, (), up, down) = ended.unwrap();
             assert!(matches!(end, End::Closed), "{mover:?}: {end}");
-            assert_eq!(bytes.client_to_upstream.load(Ordering::Relaxed), 10_000);
-            assert_eq!(bytes.upstream_to_client.load(Ordering::Relaxed), 2_000);
+            assert_eq!((up, down), (10_000, 2_000));
         }
     }
 
@@ -678,17 +679,6 @@ mod tests {
     #[tokio::test]
     async fn bulk_both_ways_arrives_whole_and_counted() {
         for mover in [Mover::Splice, Mover::Copy] {
-            let (client, proxy_client_side) = pair().await;
-            let (proxy_upstream_side, server) = pair().await;
-            let bytes = ByteCounters::default();
-            let fwd = forward_with(
-                proxy_client_side,
-                proxy_upstream_side,
-                &bytes,
-                Duration::from_secs(30),
-                CancellationToken::new(),
-                mover,
-            );
             let up: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
             let down: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
             let send_and_read = |mut s: TcpStream, out: Vec<u8>| async move {
@@ -705,16 +695,19 @@ mod tests {
                 n.unwrap();
                 got
             };
-            let (end, at_server, at_client) = tokio::join!(
-                fwd,
-                send_and_read(server, down.clone()),
-                send_and_read(client, up.clone()),
-            );
+            let (to_send_up, to_send_down) = (up.clone(), down.clone());
+            let (end, (at_server, at_client), counted_up, counted_down) =
+                forwarded(mover, |client, server| async move {
+                    tokio::join!(
+                        send_and_read(server, to_send_down),
+                        send_and_read(client, to_send_up),
+                    )
+                })
+                .await;
             assert!(matches!(end, End::Closed), "{mover:?}: {end}");
             assert!(at_server == up, "{mover:?}: the upstream got other bytes");
             assert!(at_client == down, "{mover:?}: the client got other bytes");
-            assert_eq!(bytes.client_to_upstream.load(Ordering::Relaxed), 5_000_000);
-            assert_eq!(bytes.upstream_to_client.load(Ordering::Relaxed), 3_000_000);
+            assert_eq!((counted_up, counted_down), (5_000_000, 3_000_000));
         }
     }
 
