@@ -84,6 +84,17 @@ fn discarded() -> Vec<BackendMessage> {
     ]
 }
 
+/// Gives `slot` back a session of backend `pid` its client left clean, the server answering
+/// the reset as `DISCARD ALL` does: the query the pool sent, and the server's end.
+async fn give_back_clean(pools: &Pools, slot: Slot, pid: u32) -> (Vec<u8>, TcpStream) {
+    let (conn, mut server) = session(pid).await;
+    let (query, ()) = tokio::join!(
+        answer_reset(&mut server, discarded()),
+        pools.give_back(slot, conn, clean_end(), async { true })
+    );
+    (query, server)
+}
+
 #[test]
 fn only_a_session_the_client_left_idle_and_drained_is_kept() {
     let clean = clean_end();
@@ -293,11 +304,7 @@ async fn a_kept_session_is_reset_with_discard_all_and_lent_again() {
         .await
         .unwrap()
         .into_slot();
-    let (conn, mut server) = session(41).await;
-    let (query, ()) = tokio::join!(
-        answer_reset(&mut server, discarded()),
-        pools.give_back(slot, conn, clean_end(), async { true })
-    );
+    let (query, _server) = give_back_clean(&pools, slot, 41).await;
     assert_eq!(&query[..1], b"Q");
     assert_eq!(&query[5..16], b"DISCARD ALL");
     assert_eq!(pools.idle_count(3), 1);
@@ -378,11 +385,7 @@ async fn idle_sessions_are_terminated_after_the_idle_timeout_and_at_shutdown() {
         );
     }
     for (pid, slot) in [1, 2].into_iter().zip(slots) {
-        let (conn, mut server) = session(pid).await;
-        let (_, ()) = tokio::join!(
-            answer_reset(&mut server, discarded()),
-            pools.give_back(slot, conn, clean_end(), async { true })
-        );
+        let (_, server) = give_back_clean(&pools, slot, pid).await;
         servers.push(server);
     }
     assert_eq!(pools.idle_count(3), 2);
@@ -438,11 +441,7 @@ async fn an_idle_session_the_server_closed_is_not_lent() {
         .await
         .unwrap()
         .into_slot();
-    let (conn, mut server) = session(8).await;
-    let (_, ()) = tokio::join!(
-        answer_reset(&mut server, discarded()),
-        pools.give_back(slot, conn, clean_end(), async { true })
-    );
+    let (_, server) = give_back_clean(&pools, slot, 8).await;
     // An administrator's pg_terminate_backend: a FATAL, then the end of the stream.
     drop(server);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -483,11 +482,7 @@ async fn a_target_keeps_at_most_size_idle_sessions_whatever_start_ups_its_client
             .into_slot();
         // Each one resets cleanly; the third is closed all the same: the target is at its
         // bound.
-        let (conn, mut server) = session(pid).await;
-        let (_, ()) = tokio::join!(
-            answer_reset(&mut server, discarded()),
-            pools.give_back(slot, conn, clean_end(), async { true })
-        );
+        let (_, server) = give_back_clean(&pools, slot, pid).await;
         servers.push(server);
     }
     assert_eq!(
