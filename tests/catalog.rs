@@ -69,22 +69,14 @@ impl CatalogFixture {
         }
         pg.psql("app", &sql);
         let files = tempfile::tempdir().unwrap();
-        let creds = files.path().join("credentials.toml");
-        std::fs::write(
-            &creds,
-            "[roles.app]\npassword = \"app-secret\"\n[roles.other]\npassword = \"other-secret\"\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let creds = portcullis_e2e::postgres::write_credentials(
+            files.path(),
+            &[("app", "app-secret"), ("other", "other-secret")],
+        );
         let cg = TestCgroup::new(name);
         let extra = format!(
-            "[insecure]\nunix_identity_only = true\n\
-             [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-             [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
-            port = pg.port(),
-            ca = pg.ca_pem_path().display(),
-            creds = creds.display(),
+            "[insecure]\nunix_identity_only = true\n{}",
+            pg.agent_target(&creds, "")
         );
         let mut agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&extra), &[]);
         let policies = agent.dir.path().join("policies");

@@ -362,22 +362,12 @@ impl PgSetup {
         pg.create_role("app", APP_PASSWORD, PasswordAuth::Scram);
         pg.create_database("app", Some("app"));
         let files = tempfile::tempdir().unwrap();
-        let creds = files.path().join("credentials.toml");
-        std::fs::write(
-            &creds,
-            format!("[roles.app]\npassword = \"{APP_PASSWORD}\"\n"),
-        )
-        .unwrap();
-        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let creds =
+            portcullis_e2e::postgres::write_credentials(files.path(), &[("app", APP_PASSWORD)]);
         let cg = TestCgroup::new(name);
         let extra = format!(
-            "[insecure]\nunix_identity_only = true\n{limits}\
-             [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-             [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n",
-            port = pg.port(),
-            ca = pg.ca_pem_path().display(),
-            creds = creds.display(),
+            "[insecure]\nunix_identity_only = true\n{limits}{}",
+            pg.agent_target(&creds, "")
         );
         let agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&extra), &[]);
         std::fs::write(

@@ -57,24 +57,14 @@ impl PoolFixture {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        let creds = files.path().join("credentials.toml");
-        std::fs::write(
-            &creds,
-            format!(
-                "[roles.app]\npassword = \"{APP_PASSWORD}\"\n[roles.boss]\npassword = \"{BOSS_PASSWORD}\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let creds = portcullis_e2e::postgres::write_credentials(
+            files.path(),
+            &[("app", APP_PASSWORD), ("boss", BOSS_PASSWORD)],
+        );
         let cg = TestCgroup::new(name);
         let extra = format!(
-            "[insecure]\nunix_identity_only = true\n\
-             [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-             [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\npool = {pool}\n",
-            port = pg.port(),
-            ca = pg.ca_pem_path().display(),
-            creds = creds.display(),
+            "[insecure]\nunix_identity_only = true\n{}",
+            pg.agent_target(&creds, &format!("pool = {pool}\n"))
         );
         let mut agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&extra), &[]);
         std::fs::write(agent.dir.path().join("policies").join("pg.cedar"), POLICIES).unwrap();

@@ -151,24 +151,19 @@ impl PgFixture {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        let creds = files.path().join("credentials.toml");
-        std::fs::write(
-            &creds,
-            format!(
-                "[roles.app]\npassword = \"{APP_PASSWORD}\"\n[roles.md5user]\npassword = \"md5-secret\"\n[roles.clearuser]\npassword = \"clear-secret\"\n[roles.repl]\npassword = \"repl-secret\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let creds = portcullis_e2e::postgres::write_credentials(
+            files.path(),
+            &[
+                ("app", APP_PASSWORD),
+                ("md5user", "md5-secret"),
+                ("clearuser", "clear-secret"),
+                ("repl", "repl-secret"),
+            ],
+        );
         let cg = TestCgroup::new(name);
         let extra = format!(
-            "{identity}\
-             [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
-             [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\nmax_message_bytes = 1048576\n",
-            port = pg.port(),
-            ca = pg.ca_pem_path().display(),
-            creds = creds.display(),
+            "{identity}{}",
+            pg.agent_target(&creds, "max_message_bytes = 1048576\n")
         );
         let mut agent = Agent::prepare(name, Slot::new(slot), &cg, &[], Some(&extra), &[]);
         if !proxy.is_empty() {

@@ -833,6 +833,37 @@ pub fn client_command(program: &str, run_as: RunAs<'_>) -> Command {
     c
 }
 
+/// Writes the agent's credentials file (0600) for `roles` (role, password) into `dir`.
+#[allow(
+    clippy::unwrap_used,
+    reason = "a fixture that cannot be made fails the test"
+)]
+pub fn write_credentials(dir: &Path, roles: &[(&str, &str)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let text: String = roles
+        .iter()
+        .map(|(role, password)| format!("[roles.{role}]\npassword = \"{password}\"\n"))
+        .collect();
+    let path = dir.join("credentials.toml");
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+impl Postgres {
+    /// The agent's config for a `postgres` target named `db` on this server (verified with
+    /// its CA, logging in with `credentials`), `more` lines added to its `[target.postgres]`.
+    pub fn agent_target(&self, credentials: &Path, more: &str) -> String {
+        format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1\"\nport = {port}\n\
+             [target.postgres]\nca_file = \"{ca}\"\ncredentials_file = \"{creds}\"\n{more}",
+            port = self.port,
+            ca = self.ca_pem_path().display(),
+            creds = credentials.display(),
+        )
+    }
+}
+
 /// A PostgreSQL with TLS and the role and database `app` (password `app-secret`), and the
 /// agent's credentials file for that role (0600) in `dir`: the target most approval and
 /// console tests put behind the agent.
@@ -847,9 +878,7 @@ pub fn app_server(dir: &Path) -> (Postgres, PathBuf) {
     });
     postgres.create_role("app", "app-secret", PasswordAuth::Scram);
     postgres.create_database("app", Some("app"));
-    let creds = dir.join("credentials.toml");
-    std::fs::write(&creds, "[roles.app]\npassword = \"app-secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let creds = write_credentials(dir, &[("app", "app-secret")]);
     (postgres, creds)
 }
 
