@@ -173,6 +173,19 @@ pub struct Options<'a> {
     pub format: Format,
 }
 
+impl Options<'_> {
+    /// What the report is computed from: these options and the policy in force.
+    fn inputs<'b>(&'b self, policy: &PolicyView<'b>) -> Inputs<'b> {
+        Inputs {
+            period: self.period,
+            target: self.target,
+            policies: policy.policies,
+            targets: policy.targets,
+            stale_days: self.stale_days,
+        }
+    }
+}
+
 /// Verifies the chain in `dir`, computes the review over it and renders it, sealed.
 pub fn run(
     dir: &Path,
@@ -184,16 +197,7 @@ pub fn run(
     let verdict = portcullis_audit_store::verify(dir, verifying.as_ref());
     let trail = read_trail(dir, verdict.last_seq.filter(|_| verdict.ok))?;
     let segments = segment_names(dir)?;
-    let mut report = report::compute(
-        &trail.events,
-        &Inputs {
-            period: options.period,
-            target: options.target,
-            policies: policy.policies,
-            targets: policy.targets,
-            stale_days: options.stale_days,
-        },
-    );
+    let mut report = report::compute(&trail.events, &options.inputs(policy));
     report.notes.extend(trail.problems.iter().cloned());
     let verified = verdict.ok
         && trail.problems.is_empty()
@@ -432,16 +436,7 @@ pub fn run_fleet(
     options: &Options<'_>,
     key: Option<&SigningKey>,
 ) -> Result<Rendered, ReviewError> {
-    let mut report = report::compute(
-        &trail.events,
-        &Inputs {
-            period: options.period,
-            target: options.target,
-            policies: policy.policies,
-            targets: policy.targets,
-            stale_days: options.stale_days,
-        },
-    );
+    let mut report = report::compute(&trail.events, &options.inputs(policy));
     report.notes.extend(trail.problems.iter().cloned());
     report.notes.extend(trail.renumbered.iter().cloned());
     report.evidence_names = Some(std::sync::Arc::new(trail.names));
